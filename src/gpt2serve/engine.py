@@ -1,0 +1,341 @@
+"""The generation engine: requests, KV-cache slots, the continuous-batching scheduler, the step loop.
+
+Requests wait in a bounded queue. A dedicated thread runs the step loop: between decode steps
+it retires finished or cancelled sequences, admits waiting requests into free cache slots
+(prefilling their prompts), then runs one batched decode step for every running sequence.
+Tokens go back to the asyncio side with `loop.call_soon_threadsafe`, so HTTP handlers never
+block; torch releases the GIL inside its kernels, so the server stays responsive meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from . import metrics
+from .model import GPT, KVCache
+from .sampling import SamplingError, SamplingParams, process_logits, sample, top_logprobs
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("gpt2serve.engine")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at --max_queue; the client should retry later."""
+
+
+class RequestTimeout(RuntimeError):
+    """The request waited in the queue longer than --request_timeout."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new work."""
+
+
+@dataclass
+class TokenEvent:
+    """One step of one sequence: a new token and the text it completed (may be empty)."""
+
+    index: int  # which of the request's n sequences
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+class Sequence:
+    def __init__(self, request: Request, index: int, generator: torch.Generator,
+                 detokenizer: IncrementalDetokenizer):
+        self.request, self.index, self.generator = request, index, generator
+        self.detokenizer = detokenizer
+        self.tokens: list[int] = []  # generated so far
+        self.text = ""  # detokenized generated text
+        self.emitted = 0  # characters of self.text already sent
+        self.slot = -1
+        self.finish_reason: str | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.tokens)
+
+
+class Request:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, max_new: int,
+                 loop: asyncio.AbstractEventLoop):
+        self.prompt_ids, self.params, self.max_new = prompt_ids, params, max_new
+        self.loop = loop
+        self.events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.cancelled = False
+        self.seqs: list[Sequence] = []
+
+    def emit(self, item: TokenEvent | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch_size: int = 32,
+                 max_queue: int = 256, request_timeout: float = 600.0,
+                 max_len: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.context = min(max_len or cfg.n_positions, cfg.n_positions)
+        self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache(cfg, max_batch_size, self.context, param.dtype, self.device)
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.request_timeout = request_timeout
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Sequence] = []  # running[i] lives in cache slot i
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        log.info("KV cache: %d slots x %d tokens, %.1f MiB (%s on %s)", max_batch_size,
+                 self.context, self.cache.nbytes / 2**20, param.dtype, self.device)
+
+    # ---- asyncio side ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gpt2serve-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(waiting requests, running sequences)."""
+        return len(self.waiting), len(self.running)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt; an empty one starts from <|endoftext|>, as GPT-2 was trained."""
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            if self.eos_id is None:
+                raise SamplingError("prompt is empty and the model has no <|endoftext|> token")
+            ids = [self.eos_id]
+        return ids
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Validate lengths for this engine; returns the number of new tokens to generate."""
+        if params.n > self.max_batch_size:
+            raise SamplingError(f"'n' {params.n} exceeds this server's --max_batch_size "
+                                f"{self.max_batch_size}")
+        return params.max_new_for(len(prompt_ids), self.context)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams
+                     ) -> AsyncIterator[TokenEvent]:
+        """Generate for one prompt; yields TokenEvents of all n sequences as they come.
+
+        Leaving the iteration early (client gone, task cancelled) cancels the request: its
+        sequences leave the batch at the next step."""
+        self.start()
+        max_new = self.check_prompt(prompt_ids, params)
+        request = Request(prompt_ids, params, max_new, asyncio.get_running_loop())
+        with self._wake:
+            if self._stopping:
+                raise EngineStopped("server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                metrics.REJECTED.inc()
+                raise QueueFull(f"queue is full ({self.max_queue} waiting requests)")
+            self.waiting.append(request)
+            metrics.QUEUE_DEPTH.set(len(self.waiting))
+            self._wake.notify()
+        remaining = params.n
+        try:
+            while remaining:
+                item = await request.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            if remaining:
+                request.cancelled = True
+                with self._wake:
+                    self._wake.notify()
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
+        """Generate for one prompt and return its n finished completions."""
+        out = [Completion(i, "", [], "") for i in range(params.n)]
+        async for ev in self.stream(prompt_ids, params):
+            c = out[ev.index]
+            c.text += ev.text
+            if ev.token_id is not None:
+                c.token_ids.append(ev.token_id)
+                if ev.logprob is not None:
+                    c.logprobs.append(ev.logprob)
+                    c.top_logprobs.append(ev.top_logprobs or [])
+            if ev.finish_reason:
+                c.finish_reason = ev.finish_reason
+        return out
+
+    # ---- engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not self._stopping and not self.waiting and not self.running:
+                    self._wake.wait()
+                if self._stopping and not self.running and not self.waiting:
+                    return
+            self._retire_cancelled()
+            self._admit()
+            if self.running:
+                self._decode()
+
+    def _retire_cancelled(self) -> None:
+        for seq in [s for s in self.running if s.request.cancelled]:
+            seq.finish_reason = "abort"
+        self._retire()
+        with self._wake:
+            kept = collections.deque(r for r in self.waiting if not r.cancelled)
+            self.waiting = kept
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._wake:
+                if not self.waiting:
+                    break
+                request = self.waiting[0]
+                expired = now - request.arrival > self.request_timeout
+                if not expired and len(self.running) + request.params.n > self.max_batch_size:
+                    break  # FIFO: the head of the queue waits for slots
+                self.waiting.popleft()
+                metrics.QUEUE_DEPTH.set(len(self.waiting))
+            if expired:
+                request.emit(RequestTimeout(
+                    f"waited more than {self.request_timeout:g}s for a free slot"))
+                continue
+            try:
+                self._prefill(request)
+            except Exception as e:  # a failing request must not take the engine down
+                log.exception("prefill failed")
+                self._drop(request)
+                request.emit(e)
+
+    def _prefill(self, request: Request) -> None:
+        params = request.params
+        prompt = torch.tensor(request.prompt_ids, device=self.device)
+        first = len(self.running)
+        logits = self.model.prefill(prompt, self.cache, first)
+        for i, gen in enumerate(params.generators()):
+            seq = Sequence(request, i, gen, IncrementalDetokenizer(self.tokenizer))
+            seq.slot = first + i
+            if i:
+                self.cache.move(first, seq.slot, len(request.prompt_ids))
+            request.seqs.append(seq)
+            self.running.append(seq)
+            self._advance(seq, logits.clone())
+        request.first_token_at = time.monotonic()
+        metrics.TIME_TO_FIRST_TOKEN.observe(request.first_token_at - request.arrival)
+        self._retire()
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        tokens = torch.tensor([s.tokens[-1] for s in self.running], device=self.device)
+        pos = torch.tensor([s.length - 1 for s in self.running], device=self.device)
+        try:
+            logits = self.model.decode_step(tokens, pos, self.cache)
+        except Exception as e:
+            log.exception("decode step failed")
+            for seq in self.running:
+                seq.request.emit(e)
+                seq.finish_reason = "error"
+            self._retire()
+            return
+        logits = logits.cpu()
+        for seq, row in zip(self.running, logits):
+            self._advance(seq, row)
+        metrics.BATCH_SIZE.observe(len(self.running))
+        metrics.TIME_PER_TOKEN.observe(time.perf_counter() - t0)
+        self._retire()
+
+    def _advance(self, seq: Sequence, raw: torch.Tensor) -> None:
+        """Sample one token for `seq` from its logits row, detokenize, check stops, emit."""
+        params, request = seq.request.params, seq.request
+        raw = raw.float().cpu()
+        history = None
+        if params.repetition_penalty != 1.0:
+            history = torch.tensor(request.prompt_ids + seq.tokens)
+        logits = process_logits(raw.clone(), params, history, seq.length, self.eos_id)
+        token = sample(logits, params, seq.generator)
+        logprob = top = None
+        if params.logprobs is not None:
+            logprob, top = top_logprobs(raw, token, params.logprobs)
+        metrics.TOKENS_GENERATED.inc()
+        if token == self.eos_id and not params.ignore_eos:
+            token = None  # EOS ends the sequence; it is not part of the text
+            seq.finish_reason = "stop"
+            seq.text += seq.detokenizer.flush()
+        else:
+            seq.tokens.append(token)
+            seq.text += seq.detokenizer.push(token)
+            if len(seq.tokens) >= request.max_new:
+                seq.finish_reason = "length"
+                seq.text += seq.detokenizer.flush()
+        self._check_stop_strings(seq)
+        hold = 0 if seq.finish_reason else max((len(s) for s in params.stop), default=1) - 1
+        end = max(seq.emitted, len(seq.text) - hold)
+        delta, seq.emitted = seq.text[seq.emitted:end], end
+        request.emit(TokenEvent(seq.index, token, delta, logprob, top, seq.finish_reason))
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence) -> None:
+        stops = seq.request.params.stop
+        if not stops:
+            return
+        # Only text that is new since the last emission (plus overlap) can hold a new match.
+        start = max(0, seq.emitted - max(len(s) for s in stops))
+        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
+            seq.emitted = min(seq.emitted, len(seq.text))
+            seq.finish_reason = "stop"
+
+    def _retire(self) -> None:
+        """Drop finished sequences and keep the rest packed in slots 0..B-1."""
+        done = [s for s in self.running if s.finish_reason]
+        if not done:
+            return
+        keep = [s for s in self.running if not s.finish_reason]
+        for new_slot, seq in enumerate(keep):
+            if seq.slot != new_slot:
+                self.cache.move(seq.slot, new_slot, seq.length - 1)
+                seq.slot = new_slot
+        self.running = keep
+        metrics.RUNNING.set(len(keep))
+
+    def _drop(self, request: Request) -> None:
+        for seq in request.seqs:
+            seq.finish_reason = seq.finish_reason or "error"
+        self._retire()

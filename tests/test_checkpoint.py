@@ -1,0 +1,119 @@
+"""Loading model folders: every supported layout, and one clear error for each broken one."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import GPT2_TOKENIZER, make_hf_model
+from gpt2serve import checkpoint
+from gpt2serve.checkpoint import CheckpointError
+from gpt2serve.model import KVCache
+
+
+def logits_of(folder, ids=(1, 2, 3, 4)):
+    model, _ = checkpoint.load(folder)
+    cache = KVCache(model.config, 1, 16, torch.float32, "cpu")
+    return model.prefill(torch.tensor(ids), cache, 0)
+
+
+@pytest.fixture
+def good(tmp_path, tiny_model):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    return folder
+
+
+def test_safetensors_and_bin_layouts_load_the_same_weights(tmp_path):
+    st = make_hf_model(tmp_path / "st", seed=3)
+    pt = make_hf_model(tmp_path / "pt", seed=3, safe_serialization=False)
+    assert (pt / "pytorch_model.bin").exists() and not (pt / "model.safetensors").exists()
+    torch.testing.assert_close(logits_of(st), logits_of(pt), atol=0, rtol=0)
+
+
+def test_aitextgen_layout(tmp_path):
+    folder = make_hf_model(tmp_path / "ait", tokenizer_file="aitextgen.tokenizer.json")
+    model, tokenizer = checkpoint.load(folder)
+    assert tokenizer.decode(tokenizer.encode("ROMEO: soft")) == "ROMEO: soft"
+    assert model.config.n_layer == 2
+
+
+@pytest.mark.skipif(not GPT2_TOKENIZER.exists(), reason="../shared/data not available")
+def test_vocab_and_merges_tokenizer_is_gpt2s(tmp_path):
+    folder = make_hf_model(tmp_path / "gpt2vocab", vocab_size=50257, n_embd=32, n_head=2,
+                           n_layer=1)
+    (folder / "tokenizer.json").unlink()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(GPT2_TOKENIZER / name, folder / name)
+    _, tokenizer = checkpoint.load(folder)
+    text = "Hello world, this is GPT-2."
+    assert tokenizer.encode(text) == [15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.eos_id == 50256
+
+
+def test_sharded_safetensors(tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_model, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    halves = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for shard, keys in halves.items():
+        save_file({k: state[k] for k in keys}, folder / shard)
+    weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    torch.testing.assert_close(logits_of(folder), logits_of(tiny_model), atol=0, rtol=0)
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+BROKEN = {
+    "missing config": (lambda f: (f / "config.json").unlink(), r"config.json: missing"),
+    "config not json": (lambda f: (f / "config.json").write_text("{nope"),
+                        r"config.json: not valid JSON"),
+    "not gpt2": (lambda f: _edit_config(f, model_type="llama"),
+                 r"config.json: model_type is 'llama'; only 'gpt2'"),
+    "heads do not divide": (lambda f: _edit_config(f, n_head=5),
+                            r"n_embd 64 is not divisible by n_head 5"),
+    "no weights": (lambda f: (f / "model.safetensors").unlink(), r"no weights found"),
+    "truncated weights": (lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:1000]), r"model.safetensors: not a valid safetensors"),
+    "shape mismatch": (lambda f: _edit_config(f, n_embd=128), r"model.safetensors: tensor '.*' has shape"),
+    "fewer layers in file": (lambda f: _edit_config(f, n_layer=3),
+                             r"model.safetensors: missing 12 GPT-2 tensors \(h\.2\."),
+    "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), r"no tokenizer found"),
+    "tokenizer bigger than vocab": (lambda f: _edit_config(f, vocab_size=100),
+                                    r"tokenizer has \d+ tokens but config.json vocab_size is 100"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_folder_gives_one_clear_error(good, case):
+    breaker, message = BROKEN[case]
+    breaker(good)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(good)
+
+
+def test_pickled_code_in_bin_is_refused(good):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (good / "model.safetensors").unlink()
+    torch.save({"x": Evil()}, good / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: cannot be read as plain tensors"):
+        checkpoint.load(good)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        checkpoint.load(tmp_path / "absent")

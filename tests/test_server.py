@@ -1,0 +1,145 @@
+"""The real server process over HTTP on loopback: every endpoint, payload shape and bad input."""
+
+import re
+
+import httpx
+import pytest
+
+from conftest import post
+
+MODEL = "aitextgen"
+
+
+def predict_url(server, model=MODEL):
+    return f"{server.url}/v1/models/{model}:predict"
+
+
+def test_health_and_model_endpoints(server):
+    assert httpx.get(f"{server.url}/").status_code == 200
+    assert httpx.get(f"{server.url}/v2/health/live").json() == {"live": True}
+    assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+    assert httpx.get(f"{server.url}/v1/models").json() == {"models": [MODEL]}
+    assert httpx.get(f"{server.url}/v1/models/{MODEL}").json() == {"name": MODEL, "ready": True}
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}/ready").json()["ready"] is True
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "gpt2serve_generated_tokens_total" in metrics
+    assert "request_predict_seconds" in metrics  # KServe's own
+
+
+def test_v1_instances_strings_and_objects(server):
+    body = {"instances": ["ROMEO:", {"prompt": "JULIET:", "max_length": 12, "n": 3, "seed": 1},
+                         {"text": "O Romeo", "max_new_tokens": 3}],
+            "parameters": {"max_new_tokens": 5, "seed": 7}}
+    r = post(predict_url(server), body)
+    assert r.status_code == 200, r.text
+    first, many, third = r.json()["predictions"]
+    assert first.startswith("ROMEO:") and len(first) > len("ROMEO:")
+    assert isinstance(many, list) and len(many) == 3
+    assert all(t.startswith("JULIET:") for t in many)
+    assert len(set(many)) > 1  # n sequences sample independently
+    assert third.startswith("O Romeo")
+
+
+def test_plain_curl_without_content_type_works(server):
+    r = httpx.post(predict_url(server), content='{"instances": ["ROMEO:"]}',
+                   headers={"content-type": "application/x-www-form-urlencoded"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0].startswith("ROMEO:")
+
+
+def test_seed_predictor_payload(server):
+    r = post(predict_url(server), {"text": "ROMEO:", "length": 10})
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"prediction"}
+    assert r.json()["prediction"].startswith("ROMEO:")
+
+
+def test_seeded_requests_repeat_exactly(server):
+    body = {"instances": [{"prompt": "ROMEO:", "seed": 42, "max_new_tokens": 20,
+                           "temperature": 1.0}]}
+    texts = {post(predict_url(server), body).json()["predictions"][0] for _ in range(3)}
+    assert len(texts) == 1
+    other = dict(body["instances"][0], seed=43)
+    assert post(predict_url(server), {"instances": [other]}).json()["predictions"][0] not in texts
+
+
+def test_greedy_is_deterministic_without_seed(server):
+    body = {"instances": [{"prompt": "JULIET:", "do_sample": False, "max_new_tokens": 15}]}
+    a, b = (post(predict_url(server), body).json() for _ in range(2))
+    assert a == b
+
+
+def test_stop_sequence_ends_text(server):
+    body = {"instances": [{"prompt": "ROMEO:", "seed": 5, "max_new_tokens": 60, "temperature": 1.0}]}
+    full = post(predict_url(server), body).json()["predictions"][0][len("ROMEO:"):]
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    body["instances"][0]["stop"] = stop
+    cut = post(predict_url(server), body).json()["predictions"][0][len("ROMEO:"):]
+    assert cut == full[:full.index(stop)]
+
+
+def test_v2_infer(server):
+    body = {"inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES",
+                        "data": ["ROMEO:", "JULIET:"]}],
+            "parameters": {"max_new_tokens": 4, "seed": 3}}
+    r = post(f"{server.url}/v2/models/{MODEL}/infer", body)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["name"] == "text_output" and out["datatype"] == "BYTES"
+    assert out["data"][0].startswith("ROMEO:") and out["data"][1].startswith("JULIET:")
+
+
+BAD_INPUTS = {
+    "malformed json": ('{"instances": [', "Unrecognized request format"),
+    "instances not a list": ({"instances": "ROMEO:"}, "instances"),
+    "empty instances": ({"instances": []}, "'instances' must be a non-empty list"),
+    "instance wrong type": ({"instances": [42]}, r"instances\[0\] must be a string"),
+    "prompt wrong type": ({"instances": [{"prompt": 5}]}, r"instances\[0\]: 'prompt' must be"),
+    "unknown param": ({"instances": [{"prompt": "a", "tempreature": 1}]},
+                      r"instances\[0\]: unknown parameter 'tempreature'"),
+    "unknown top-level": ({"instances": ["a"], "foo": 1}, "unknown top-level field"),
+    "bad temperature": ({"instances": ["a"], "parameters": {"temperature": -1}},
+                        r"'temperature' must be in"),
+    "temperature string": ({"instances": [{"prompt": "a", "temperature": "hot"}]},
+                           r"'temperature' must be a number"),
+    "top_p zero": ({"instances": [{"prompt": "a", "top_p": 0}]}, "'top_p' must be in"),
+    "n too big": ({"instances": [{"prompt": "a", "n": 1000}]}, r"'n' must be in \[1, 16\]"),
+    "n over batch": ({"instances": [{"prompt": "a", "n": 9}]}, r"exceeds this server's --max_batch_size"),
+    "both lengths": ({"instances": [{"prompt": "a", "max_length": 5, "max_new_tokens": 5}]},
+                     "either 'max_length' or 'max_new_tokens'"),
+    "length beyond context": ({"instances": [{"prompt": "a", "max_length": 5000}]},
+                              r"'max_length' 5000 exceeds the model's context of 128"),
+    "new tokens beyond context": ({"instances": [{"prompt": "a", "max_new_tokens": 500}]},
+                                  r"exceeds the model's context of 128"),
+    "prompt beyond context": ({"instances": ["ROMEO: " * 200]},
+                              r"prompt is \d+ tokens; the model's context is 128"),
+    "stop wrong type": ({"instances": [{"prompt": "a", "stop": [1]}]}, "'stop' must be"),
+    "seed negative": ({"instances": [{"prompt": "a", "seed": -1}]}, "'seed' must be"),
+    "bool as int": ({"instances": [{"prompt": "a", "top_k": True}]}, "'top_k' must be an integer"),
+    "no instances or text": ({"prompt": "a"}, "needs 'instances'"),
+    "seed payload bad length": ({"text": "a", "length": "long"}, "'max_length' must be an integer"),
+    "body not object": ('["a"]', "must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_400_naming_the_problem(server, case):
+    body, message = BAD_INPUTS[case]
+    r = post(predict_url(server), body)
+    assert r.status_code == 400, r.text
+    assert re.search(message, r.json()["error"]), r.text
+    # and the server keeps serving
+    assert post(predict_url(server), {"instances": [{"prompt": "a", "max_new_tokens": 2}]}
+                ).status_code == 200
+
+
+def test_unknown_model_is_404(server):
+    r = post(predict_url(server, "nope"), {"instances": ["a"]})
+    assert r.status_code == 404
+    assert "nope" in r.json()["error"]
+
+
+def test_v2_bad_input(server):
+    body = {"inputs": [{"name": "wrong", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}
+    r = post(f"{server.url}/v2/models/{MODEL}/infer", body)
+    assert r.status_code == 400 and "text_input" in r.json()["error"]
