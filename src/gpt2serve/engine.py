@@ -53,12 +53,24 @@ class TokenEvent:
 
 @dataclass
 class Completion:
+    """One finished sequence, accumulated from its TokenEvents."""
+
     index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    def add(self, ev: TokenEvent) -> None:
+        self.text += ev.text
+        if ev.token_id is not None:
+            self.token_ids.append(ev.token_id)
+            if ev.logprob is not None:
+                self.logprobs.append(ev.logprob)
+                self.top_logprobs.append(ev.top_logprobs or [])
+        if ev.finish_reason:
+            self.finish_reason = ev.finish_reason
 
 
 class Sequence:
@@ -149,12 +161,8 @@ class Engine:
                                 f"{self.max_batch_size}")
         return params.max_new_for(len(prompt_ids), self.context)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams
-                     ) -> AsyncIterator[TokenEvent]:
-        """Generate for one prompt; yields TokenEvents of all n sequences as they come.
-
-        Leaving the iteration early (client gone, task cancelled) cancels the request: its
-        sequences leave the batch at the next step."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request, or refuse it at once (SamplingError, QueueFull, EngineStopped)."""
         self.start()
         max_new = self.check_prompt(prompt_ids, params)
         request = Request(prompt_ids, params, max_new, asyncio.get_running_loop())
@@ -167,7 +175,14 @@ class Engine:
             self.waiting.append(request)
             metrics.QUEUE_DEPTH.set(len(self.waiting))
             self._wake.notify()
-        remaining = params.n
+        return request
+
+    async def events(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """TokenEvents of all n sequences of a submitted request, as they come.
+
+        Leaving the iteration early (client gone, task cancelled) cancels the request: its
+        sequences leave the batch at the next step."""
+        remaining = request.params.n
         try:
             while remaining:
                 item = await request.events.get()
@@ -178,23 +193,18 @@ class Engine:
                 yield item
         finally:
             if remaining:
-                request.cancelled = True
-                with self._wake:
-                    self._wake.notify()
+                self.cancel(request)
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled = True
+        with self._wake:
+            self._wake.notify()
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams) -> list[Completion]:
         """Generate for one prompt and return its n finished completions."""
-        out = [Completion(i, "", [], "") for i in range(params.n)]
-        async for ev in self.stream(prompt_ids, params):
-            c = out[ev.index]
-            c.text += ev.text
-            if ev.token_id is not None:
-                c.token_ids.append(ev.token_id)
-                if ev.logprob is not None:
-                    c.logprobs.append(ev.logprob)
-                    c.top_logprobs.append(ev.top_logprobs or [])
-            if ev.finish_reason:
-                c.finish_reason = ev.finish_reason
+        out = [Completion(i) for i in range(params.n)]
+        async for ev in self.events(self.submit(prompt_ids, params)):
+            out[ev.index].add(ev)
         return out
 
     # ---- engine thread --------------------------------------------------------------------
@@ -215,6 +225,7 @@ class Engine:
     def _retire_cancelled(self) -> None:
         for seq in [s for s in self.running if s.request.cancelled]:
             seq.finish_reason = "abort"
+            metrics.ABORTED.inc()
         self._retire()
         with self._wake:
             kept = collections.deque(r for r in self.waiting if not r.cancelled)

@@ -25,6 +25,8 @@ def serve(args: argparse.Namespace) -> None:
     import kserve
     from kserve.model_server import app
 
+    from .disconnect import CancelOnDisconnect
+    from .openai import openai_router
     from .predictor import GPT2Predictor
 
     t0 = time.monotonic()
@@ -39,6 +41,8 @@ def serve(args: argparse.Namespace) -> None:
     predictor = GPT2Predictor(args.model_name, engine)
     for exc in (QueueFull, RequestTimeout, EngineStopped):
         app.add_exception_handler(exc, _unavailable)
+    app.include_router(openai_router(engine, args.model_name))
+    app.add_middleware(CancelOnDisconnect)
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
                                 enable_grpc=args.enable_grpc, workers=1)
     server.start([predictor])

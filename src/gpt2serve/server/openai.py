@@ -1,0 +1,276 @@
+"""OpenAI-compatible completions at KServe's paths: `/openai/v1/completions`, `/openai/v1/models`.
+
+KServe 0.21's own OpenAI routes import vLLM's protocol types and are skipped without vLLM, so
+these are ours, modelled on the OpenAI API reference (legacy completions): `prompt` as a string,
+a list of strings or token ids, `max_tokens` (default 16), `temperature` (1), `top_p`, `n`,
+`stop`, `seed`, `echo`, `logprobs`, `stream` with server-sent events ending in `data: [DONE]`,
+and `usage`. GPT-2 has no chat template, so chat completions get a 400 saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..engine import Completion, Engine, Request, TokenEvent
+from ..sampling import SamplingError, SamplingParams
+
+# OpenAI field -> SamplingParams field; everything else is either handled here or refused.
+# `top_k`, `repetition_penalty` and `ignore_eos` are extensions that vLLM accepts too.
+MAPPED = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+          "n": "n", "stop": "stop", "seed": "seed", "logprobs": "logprobs", "top_k": "top_k",
+          "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos"}
+IGNORED = {"user", "model", "prompt", "stream", "stream_options", "echo", "best_of"}
+# Accepted only at their neutral value, since GPT-2 sampling here does not implement them.
+NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "suffix": None}
+
+
+class OpenAIError(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.status, self.kind = param, status, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(self), "type": self.kind,
+                                       "param": self.param, "code": None}},
+                            status_code=self.status)
+
+
+def openai_router(engine: Engine, model_name: str) -> APIRouter:
+    router = APIRouter(prefix="/openai/v1", tags=["OpenAI"])
+    created = int(time.time())
+
+    @router.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "gpt2serve"}]}
+
+    @router.post("/chat/completions")
+    async def chat_completions() -> JSONResponse:
+        return OpenAIError("GPT-2 has no chat template; use /openai/v1/completions with a "
+                           "text prompt", param="messages").response()
+
+    @router.post("/completions", response_model=None)
+    async def completions(request: HTTPRequest) -> Any:
+        try:
+            body = await _json_object(request)
+            if body.get("model", model_name) != model_name:
+                raise OpenAIError(f"model '{body['model']}' does not exist; this server has "
+                                  f"'{model_name}'", param="model", status=404,
+                                  kind="not_found_error")
+            call = CompletionCall(engine, model_name, body)
+            if call.stream:
+                return StreamingResponse(call.sse(call.submit()), media_type="text/event-stream")
+            return await call.run()
+        except OpenAIError as e:
+            return e.response()
+
+    return router
+
+
+async def _json_object(request: HTTPRequest) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OpenAIError(f"request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise OpenAIError("request body must be a JSON object")
+    return body
+
+
+class CompletionCall:
+    """One /completions request: validated fields, prompts as token ids, and the response."""
+
+    def __init__(self, engine: Engine, model_name: str, body: dict):
+        self.engine, self.model_name = engine, model_name
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        for name, neutral in NEUTRAL.items():
+            if body.get(name, neutral) not in (neutral, None):
+                raise OpenAIError(f"'{name}' is not supported by this server", param=name)
+        unknown = set(body) - set(MAPPED) - IGNORED - set(NEUTRAL)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise OpenAIError(f"unknown parameter '{name}'", param=name)
+        self.stream = _flag(body, "stream")
+        self.echo = _flag(body, "echo")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise OpenAIError("'stream_options' must be an object", param="stream_options")
+        self.include_usage = bool(options.get("include_usage"))
+        fields = {MAPPED[k]: v for k, v in body.items() if k in MAPPED}
+        fields.setdefault("max_new_tokens", 16)
+        fields.setdefault("temperature", 1.0)
+        try:
+            self.params = SamplingParams.from_dict({"top_k": 0, **fields})
+            if body.get("best_of") not in (None, self.params.n):
+                raise OpenAIError("'best_of' must equal 'n' when given", param="best_of")
+            self.prompts = [self._prompt_ids(p) for p in _prompt_list(body.get("prompt"))]
+            for ids in self.prompts:
+                engine.check_prompt(ids, self.params)
+        except SamplingError as e:
+            message = str(e).replace("'max_new_tokens'", "'max_tokens'")
+            raise OpenAIError(message, param=_param_of(message)) from None
+
+    def submit(self) -> list[Request]:
+        """Queue every prompt, before any response starts, so overload is a 503 and not a
+        broken stream; all or none."""
+        requests: list[Request] = []
+        try:
+            for ids in self.prompts:
+                requests.append(self.engine.submit(ids, self.params))
+        except BaseException:
+            for r in requests:
+                self.engine.cancel(r)
+            raise
+        return requests
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.engine.encode_prompt(prompt)
+        vocab = self.engine.tokenizer.vocab_size
+        if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise OpenAIError(f"token prompts must be non-empty lists of ids in [0, {vocab})",
+                              param="prompt")
+        return prompt
+
+    # ---- non-streaming ----
+
+    async def run(self) -> dict:
+        results = [[Completion(i) for i in range(self.params.n)]
+                   for _ in self.prompts]
+        async for p, ev in _merge(self.engine, self.submit()):
+            results[p][ev.index].add(ev)
+        choices = [self._choice(p, c) for p, cs in enumerate(results) for c in cs]
+        completion_tokens = sum(len(c.token_ids) for cs in results for c in cs)
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model_name, "choices": choices,
+                "usage": self._usage(completion_tokens)}
+
+    def _choice(self, p: int, c: Completion) -> dict:
+        prefix = self._prompt_text(p) if self.echo else ""
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = self._logprobs(c.token_ids, c.logprobs, c.top_logprobs, len(prefix))
+        return {"text": prefix + c.text, "index": p * self.params.n + c.index,
+                "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def _prompt_text(self, p: int) -> str:
+        return self.engine.tokenizer.decode(self.prompts[p])
+
+    def _logprobs(self, ids, logprobs, tops, offset: int) -> dict:
+        token_text = self.engine.tokenizer.token_text
+        texts = [token_text(t) for t in ids[:len(logprobs)]]
+        offsets = []
+        for t in texts:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": texts, "token_logprobs": logprobs,
+                "top_logprobs": [{token_text(i): lp for i, lp in top} for top in tops],
+                "text_offset": offsets}
+
+    def _usage(self, completion_tokens: int) -> dict:
+        prompt_tokens = sum(len(p) for p in self.prompts) * self.params.n
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    # ---- streaming ----
+
+    async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
+        completion_tokens = 0
+        if self.echo:
+            for p in range(len(self.prompts)):
+                for i in range(self.params.n):
+                    yield self._chunk(p * self.params.n + i, self._prompt_text(p), None, None)
+        async for p, ev in _merge(self.engine, requests):
+            completion_tokens += ev.token_id is not None
+            logprobs = None
+            if self.params.logprobs is not None and ev.logprob is not None:
+                logprobs = self._logprobs([ev.token_id], [ev.logprob], [ev.top_logprobs], 0)
+            if ev.text or ev.finish_reason or logprobs:
+                yield self._chunk(p * self.params.n + ev.index, ev.text, logprobs,
+                                  ev.finish_reason)
+        if self.include_usage:
+            usage = {"id": self.id, "object": "text_completion", "created": self.created,
+                     "model": self.model_name, "choices": [],
+                     "usage": self._usage(completion_tokens)}
+            yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, index: int, text: str, logprobs, finish_reason) -> str:
+        chunk = {"id": self.id, "object": "text_completion", "created": self.created,
+                 "model": self.model_name,
+                 "choices": [{"text": text, "index": index, "logprobs": logprobs,
+                              "finish_reason": finish_reason}]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+
+async def _merge(engine: Engine, requests: list[Request]
+                 ) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Events of several requests as they come, tagged with the request's index; leaving
+    early cancels them all."""
+    if len(requests) == 1:
+        async for ev in engine.events(requests[0]):
+            yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int) -> None:
+        try:
+            async for ev in engine.events(requests[p]):
+                queue.put_nowait((p, ev))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer below
+            queue.put_nowait((p, e))
+        queue.put_nowait((p, None))
+
+    tasks = [asyncio.create_task(pump(p)) for p in range(len(requests))]
+    try:
+        left = len(tasks)
+        while left:
+            p, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield p, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _prompt_list(prompt: Any) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
+            return prompt
+    raise OpenAIError("'prompt' must be a string, a list of strings or a list of token ids",
+                      param="prompt")
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise OpenAIError(f"'{name}' must be true or false", param=name)
+    return value
+
+
+def _param_of(message: str) -> str | None:
+    """The field a SamplingError names, in OpenAI's spelling."""
+    reverse = {v: k for k, v in MAPPED.items()}
+    if message.startswith("'"):
+        name = message.split("'")[1]
+        return reverse.get(name, name)
+    return None

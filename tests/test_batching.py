@@ -1,0 +1,208 @@
+"""Continuous batching over real HTTP: concurrency, seeds under batching, ordering, disconnects,
+backpressure, OpenAI completions through the official client."""
+
+import asyncio
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ServerProcess, make_hf_model, post
+
+MODEL = "aitextgen"
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """A wider model with a 1024-token context, so long requests take a while on CPU."""
+    return make_hf_model(tmp_path_factory.mktemp("long") / "m", n_positions=1024, n_embd=256,
+                         n_layer=4, n_head=4)
+
+
+@pytest.fixture(scope="module")
+def batch_server(long_model):
+    srv = ServerProcess("--model_dir", str(long_model), "--enable_grpc", "false",
+                        "--max_batch_size", "32", "--max_queue", "40")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1))
+
+
+async def _predict(client, url, instance):
+    r = await client.post(url, json={"instances": [instance]}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"][0]
+
+
+def test_concurrent_requests_complete_and_seeds_hold_under_batching(batch_server):
+    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
+    probe = {"prompt": "ROMEO:", "seed": 1234, "max_new_tokens": 24, "temperature": 1.0}
+    alone = post(url, {"instances": [probe]}).json()["predictions"][0]
+
+    async def crowd():
+        async with httpx.AsyncClient() as client:
+            others = [_predict(client, url, {"prompt": f"JULIET {i}:", "seed": i,
+                                             "max_new_tokens": 24 + i})
+                      for i in range(31)]
+            return await asyncio.gather(_predict(client, url, probe), *others)
+
+    before = metric(batch_server, "gpt2serve_batch_size_count")
+    probe_batched, *others = asyncio.run(crowd())
+    assert probe_batched == alone
+    assert all(o.startswith(f"JULIET {i}:") for i, o in enumerate(others))
+    steps = metric(batch_server, "gpt2serve_batch_size_count") - before
+    tokens = sum(24 + i for i in range(31)) + 24
+    assert steps < tokens / 4  # they really were decoded together
+
+
+def test_short_request_overtakes_a_long_one(batch_server):
+    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
+    done = {}
+
+    def run(name, n_tokens):
+        post(url, {"instances": [{"prompt": "a", "max_new_tokens": n_tokens,
+                                  "ignore_eos": True}]}, timeout=120)
+        done[name] = time.monotonic()
+
+    long = threading.Thread(target=run, args=("long", 1000))
+    long.start()
+    time.sleep(0.5)
+    run("short", 5)
+    long.join()
+    assert done["short"] < done["long"]
+
+
+def test_disconnect_frees_the_slots(batch_server):
+    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
+    aborted = metric(batch_server, "gpt2serve_aborted_sequences_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json={"instances": [{"prompt": "a", "max_new_tokens": 1000, "n": 8,
+                                             "ignore_eos": True}]}, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while metric(batch_server, "gpt2serve_running_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(batch_server, "gpt2serve_running_sequences") == 0
+    assert metric(batch_server, "gpt2serve_aborted_sequences_total") == aborted + 8
+
+
+def test_stream_disconnect_frees_the_slot(batch_server):
+    client = openai.OpenAI(base_url=f"{batch_server.url}/openai/v1", api_key="unused")
+    aborted = metric(batch_server, "gpt2serve_aborted_sequences_total")
+    stream = client.completions.create(model=MODEL, prompt="a", max_tokens=1000, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 10
+    while metric(batch_server, "gpt2serve_running_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(batch_server, "gpt2serve_aborted_sequences_total") == aborted + 1
+
+
+def test_full_queue_answers_503_with_retry_after(batch_server):
+    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
+    # 32 slots busy with n=16 x 2, then 40 queued, then the next is refused.
+    hold = {"prompt": "a", "max_new_tokens": 600, "n": 16, "ignore_eos": True}
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as client:
+            busy = [asyncio.create_task(client.post(url, json={"instances": [hold]}))
+                    for _ in range(2)]
+            await asyncio.sleep(1.0)
+            busy += [asyncio.create_task(client.post(url, json={"instances": ["a"]}))
+                     for _ in range(40)]
+            await asyncio.sleep(1.0)
+            t0 = time.monotonic()
+            refused = await client.post(url, json={"instances": ["a"]})
+            elapsed = time.monotonic() - t0
+            for task in busy:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
+            return refused, elapsed
+
+    refused, elapsed = asyncio.run(flood())
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "queue is full" in refused.json()["error"]
+    assert elapsed < 1.0
+
+
+@pytest.fixture
+def oai(server):
+    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused")
+
+
+def test_openai_models_and_completion(oai):
+    assert [m.id for m in oai.models.list()] == [MODEL]
+    r = oai.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=8, seed=3)
+    assert len(r.choices) == 1 and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = oai.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=8, seed=3)
+    assert again.choices[0].text == r.choices[0].text
+
+
+def test_openai_n_echo_stop_and_logprobs(oai):
+    r = oai.completions.create(model=MODEL, prompt=["ROMEO:", "JULIET:"], max_tokens=6, n=2,
+                               echo=True, logprobs=2, seed=9)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text.startswith("ROMEO:") and r.choices[3].text.startswith("JULIET:")
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    full = oai.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=40, seed=4,
+                                  temperature=1.0).choices[0].text
+    stop = full[10:12]
+    cut = oai.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=40, seed=4,
+                                 temperature=1.0, stop=[stop]).choices[0]
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_openai_streaming_matches_non_streaming(oai):
+    kwargs = dict(model=MODEL, prompt="ROMEO:", max_tokens=20, seed=21)
+    whole = oai.completions.create(**kwargs).choices[0].text
+    chunks = list(oai.completions.create(stream=True, stream_options={"include_usage": True},
+                                         **kwargs))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].usage.completion_tokens > 0
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_openai_raw_sse_ends_with_done(server):
+    with httpx.stream("POST", f"{server.url}/openai/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "a", "max_tokens": 3, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": MODEL, "prompt": "a", "max_tokens": 5000}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"model": MODEL, "prompt": 5}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "a", "presence_penalty": 1}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "a", "bogus": 1}, 400, "bogus"),
+    ({"model": "gpt-4", "prompt": "a"}, 404, "model"),
+])
+def test_openai_errors(server, body, status, param):
+    r = post(f"{server.url}/openai/v1/completions", body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_chat_completions_say_why_not(oai):
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
