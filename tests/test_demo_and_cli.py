@@ -1,0 +1,49 @@
+"""The embedded demo model and the `gpt2serve generate` command."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gpt2serve import checkpoint
+
+DEMO = checkpoint.DEMO_MODEL_DIR
+
+
+def test_demo_model_is_small_and_loads():
+    size = sum(f.stat().st_size for f in DEMO.iterdir())
+    assert size <= 20 * 2**20
+    model, tokenizer = checkpoint.load(None)
+    assert 2000 <= tokenizer.vocab_size <= 8192
+    assert model.config.n_layer >= 2
+
+
+def generate(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_generate_prints_shakespeare_shaped_text():
+    text = generate("ROMEO:", "--max-length", "120", "--seed", "1")
+    assert text.startswith("ROMEO:")
+    assert text == generate("ROMEO:", "--max-length", "120", "--seed", "1")
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) >= 3  # verse comes in lines
+    # A speaker's name alone on its line, in capitals, as in the play text: "JULIET:".
+    speakers = [line for line in lines[1:] if re.fullmatch(r"[A-Z][A-Za-z ]+:", line.strip())]
+    assert speakers, text
+
+
+def test_generate_options_and_errors():
+    three = generate("JULIET:", "--max-new-tokens", "10", "-n", "3", "--seed", "2")
+    assert three.count("JULIET:") == 3 and three.count("==========") == 2
+    bad = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
+                          "--temperature", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'temperature' must be in" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
+                              "--model_dir", "/nonexistent"], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "not a directory" in missing.stderr
