@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -17,12 +19,17 @@ import torch
 from common import NEW_TOKENS, ROOT, gpt2_124m, median_time, prompts
 
 
-def ours(folder: Path):
+WEIGHT_BYTES: dict[str, int] = {}
+
+
+def ours(folder: Path, quantize: str | None = None):
     from gpt2serve import checkpoint
     from gpt2serve.engine import Engine
+    from gpt2serve.quantize import weight_bytes
     from gpt2serve.sampling import SamplingParams
 
-    model, tokenizer = checkpoint.load(folder)
+    model, tokenizer = checkpoint.load(folder, quantize=quantize)
+    WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = weight_bytes(model)
     engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX)
     params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": NEW_TOKENS,
                                        "ignore_eos": True})
@@ -67,6 +74,39 @@ def ctranslate2_runner(folder: Path, compute_type: str):
     return run
 
 
+def llama_cpp_runner(folder: Path, ftype: str):
+    """llama.cpp through llama-cpp-python (batch 1 only), GGUF converted with its own script."""
+    import llama_cpp
+
+    gguf = ROOT / "bench" / "results" / "cache" / f"gpt2-124m-{ftype}.gguf"
+    if not gguf.exists():
+        script = os.environ.get("LLAMA_CPP_CONVERT")  # vendor/llama.cpp/convert_hf_to_gguf.py
+        if not script:
+            raise ImportError("set LLAMA_CPP_CONVERT to llama.cpp's convert_hf_to_gguf.py")
+        subprocess.run([sys.executable, script, str(folder), "--outfile", str(gguf),
+                        "--outtype", ftype], check=True, capture_output=True)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=torch.get_num_threads(),
+                          n_batch=64, verbose=False)
+
+    def run(batch):
+        if len(batch) != 1:
+            raise NotImplementedError("llama-cpp-python generates one sequence at a time")
+        llm.reset()
+        n = 0
+        for token in llm.generate(batch[0], top_k=1, temp=0.0, reset=True):
+            n += 1
+            if n == NEW_TOKENS:
+                break
+    return run
+
+
+def read_bandwidth() -> float:
+    """Bytes/s this machine reads from memory: a sum over a buffer far larger than caches."""
+    buf = torch.ones(256 * 2**20 // 4)
+    t = median_time(lambda: buf.sum(), 5)
+    return buf.nbytes / t
+
+
 PROMPT_MAX = 16 + NEW_TOKENS
 
 
@@ -79,9 +119,12 @@ def main() -> None:
     folder = gpt2_124m()
     runners = {
         "gpt2serve fp32": lambda: ours(folder),
+        "gpt2serve int8": lambda: ours(folder, "int8"),
         "transformers fp32": lambda: hf_generate(folder),
         "ctranslate2 fp32": lambda: ctranslate2_runner(folder, "float32"),
         "ctranslate2 int8": lambda: ctranslate2_runner(folder, "int8"),
+        "llama.cpp f32": lambda: llama_cpp_runner(folder, "f32"),
+        "llama.cpp q8_0": lambda: llama_cpp_runner(folder, "q8_0"),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus; GPT-2 124M fp32 random weights, 16-token prompts, "
@@ -98,15 +141,28 @@ def main() -> None:
         results[name] = {}
         for b in args.batches:
             batch = prompts(b)
-            t = median_time(lambda: run(batch), args.repeats)
+            try:
+                t = median_time(lambda: run(batch), args.repeats)
+            except NotImplementedError:
+                continue
             results[name][b] = b * NEW_TOKENS / t
             print(f"{name:24s} batch {b}: {results[name][b]:7.1f} tok/s", flush=True)
         del run
-    base = results.get("gpt2serve fp32", {})
-    print("\nratios (gpt2serve fp32 / peer):")
-    for name, by_batch in results.items():
-        cells = [f"batch {b}: {base[b] / v:.2f}x" for b, v in by_batch.items() if b in base]
-        print(f"  vs {name:22s} " + "  ".join(cells))
+    for ours_name in ("gpt2serve fp32", "gpt2serve int8"):
+        base = results.get(ours_name, {})
+        if not base:
+            continue
+        print(f"\nratios ({ours_name} / peer):")
+        for name, by_batch in results.items():
+            cells = [f"batch {b}: {base[b] / v:.2f}x" for b, v in by_batch.items() if b in base]
+            print(f"  vs {name:22s} " + "  ".join(cells))
+    bandwidth = read_bandwidth()
+    print(f"\nmemory read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum over 256 MiB)")
+    for name, nbytes in WEIGHT_BYTES.items():
+        if 1 in results.get(name, {}):
+            implied = nbytes * results[name][1]  # every weight once per token at batch 1
+            print(f"  {name}: {nbytes / 1e6:.0f} MB of weights per token, batch 1 streams "
+                  f"{implied / 1e9:.1f} GB/s = {implied / bandwidth:.0%} of measured bandwidth")
     out = ROOT / "bench" / "results" / "offline.json"
     out.write_text(json.dumps(results, indent=2))
 

@@ -96,15 +96,15 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def to_network_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF names -> this network's: drop the `transformer.` prefix; the tied `wte` becomes the
-    [D, V] LM head (model.py explains the layout)."""
+    """HF names -> this network's: drop the `transformer.` prefix; the tied `wte` [V, D]
+    becomes the head's [D, V] matrix (model.py explains the layout)."""
     out = {}
     for name, tensor in state.items():
         if name.endswith(IGNORED_SUFFIXES):
             continue
         name = name.removeprefix("transformer.")
         if name == "wte.weight":
-            name, tensor = "lm_head", tensor.t()
+            name, tensor = "head.weight_t", tensor.t()
         out[name] = tensor
     return out
 
@@ -144,8 +144,9 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
 
 
 def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Load a model folder (the embedded demo model when None)."""
+         device: str | torch.device = "cpu", quantize: str | None = None
+         ) -> tuple[GPT, Tokenizer]:
+    """Load a model folder (the embedded demo model when None), optionally quantized."""
     folder = Path(folder) if folder else DEMO_MODEL_DIR
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
@@ -161,4 +162,11 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
                               f"config.json vocab_size is {config.vocab_size}")
     state, source = read_state_dict(folder)
     model = build_model(config, state, source, dtype, torch.device(device))
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        try:
+            model = quantize_int8(model)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     return model, tokenizer

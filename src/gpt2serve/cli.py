@@ -32,6 +32,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="auto = cuda when available")
     p.add_argument("--dtype", choices=["auto", *checkpoint.DTYPES], default="auto",
                    help="auto = float16 on CUDA, float32 on CPU")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: per-channel int8 weights (CPU, float32 activations)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +91,8 @@ def generate(args: argparse.Namespace) -> int:
              "repetition_penalty", "n", "seed", "stop")
     params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
     device, dtype = checkpoint.resolve_device(args.device, args.dtype)
-    model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device)
+    model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
+                                       quantize=args.quantize)
     engine = Engine(model, tokenizer, max_batch_size=params.n)
     try:
         completions = asyncio.run(engine.complete(engine.encode_prompt(args.prompt), params))

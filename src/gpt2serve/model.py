@@ -3,8 +3,8 @@
 One file, nanoGPT style. Parameter names and layouts are Hugging Face's (`Conv1D` weights are
 [in, out]), so a checkpoint maps onto this module by dropping the `transformer.` prefix
 (see `checkpoint.py`). Matmuls run as `addmm(bias, x, W[in, out])`, which on CPU is the fast
-GEMV layout; the LM head keeps one contiguous [D, V] copy of the tied embedding for the same
-reason, and the token embedding reads rows out of its transpose, so the weight is stored once.
+GEMV layout; the tied embedding / LM head is stored once, as a contiguous [D, V] matrix, for
+the same reason (`TiedHead`).
 
 The cache holds `slots` sequences. The engine keeps running sequences packed in slots
 0..B-1, so decode attends over a plain slice of the cache with a per-row length mask.
@@ -127,6 +127,21 @@ class Block(nn.Module):
         return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
 
 
+class TiedHead(nn.Module):
+    """The token embedding and the LM head, which GPT-2 ties: one [D, V] matrix (see module
+    doc), read by rows of its transpose to embed and multiplied to get logits."""
+
+    def __init__(self, n_embd: int, vocab_size: int):
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.empty(n_embd, vocab_size))
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight_t.t())
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden @ self.weight_t
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -134,18 +149,17 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        # The tied token embedding, stored as the LM head's [D, V] matrix (see module doc).
-        self.lm_head = nn.Parameter(torch.empty(config.n_embd, config.vocab_size))
+        self.head = TiedHead(config.n_embd, config.vocab_size)
 
     def _run(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: slice,
              pos: Tensor | None, mask: Tensor | None) -> Tensor:
-        x = F.embedding(tokens, self.lm_head.t()) + self.wpe(positions)
+        x = self.head.embed(tokens) + self.wpe(positions)
         for block in self.h:
             x = block(x, cache, slots, pos, mask)
         return self.ln_f(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return (hidden @ self.lm_head).float()
+        return self.head(hidden).float()
 
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, cache: KVCache, slot: int,

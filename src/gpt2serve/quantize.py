@@ -1,0 +1,93 @@
+"""`--quantize int8`: int8 weights with per-channel scales, on CPU.
+
+Every linear layer and the tied embedding / LM head are quantized once, at load. Matmuls run
+through fbgemm's dynamic int8 kernel (`quantized::linear_dynamic`: activations are quantized
+per call, per tensor; weights per output channel), which measured fastest here among the CPU
+options (see ../shared/design-notes.md and bench/). The embedding reads its rows from the same
+int8 matrix as the head, so the weights are held once, in a quarter of the fp32 bytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .model import GPT, Conv1D, TiedHead
+
+# fbgemm's int8 kernels can saturate on x86 without AVX-512 VNNI unless weights use 7 bits of
+# range for the u8*s8 multiply-add; `reduce_range` does the same for activations, as
+# torch.ao's dynamic quantization does on x86.
+REDUCE_RANGE = True
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: w [out, in] -> (qweight, scales [out])."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    with warnings.catch_warnings():
+        # Quantized tensor types are deprecated in favour of torchao, but fbgemm's packed
+        # kernels, still the fastest int8 path on CPU here, take nothing else (torch 2.13).
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.quantize_per_channel(w, scales.double(),
+                                       torch.zeros(w.shape[0], dtype=torch.long),
+                                       axis=0, dtype=torch.qint8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for Conv1D: y = x @ W + b with W held as packed per-channel int8."""
+
+    def __init__(self, conv: Conv1D):
+        super().__init__()
+        q, _ = quantize_rows(conv.weight.detach().t())
+        self._packed = torch.ops.quantized.linear_prepack(q, conv.bias.detach().float())
+        self.out_features = conv.weight.shape[1]
+        self.nbytes = q.numel() + conv.bias.nbytes
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), self._packed,
+                                               REDUCE_RANGE)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8TiedHead(nn.Module):
+    """Drop-in for TiedHead: int8 [V, D] rows with per-row scales serve both the logits
+    (fbgemm) and the embedding (rows dequantized on lookup)."""
+
+    def __init__(self, head: TiedHead):
+        super().__init__()
+        q, scales = quantize_rows(head.weight_t.detach().t())
+        self._packed = torch.ops.quantized.linear_prepack(q, None)
+        self.register_buffer("rows", q.int_repr())
+        self.register_buffer("scales", scales)
+        self.nbytes = self.rows.nbytes + scales.nbytes
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.rows[tokens].float() * self.scales[tokens].unsqueeze(-1)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        y = torch.ops.quantized.linear_dynamic(hidden.reshape(-1, hidden.shape[-1]),
+                                               self._packed, REDUCE_RANGE)
+        return y.view(*hidden.shape[:-1], -1)
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Replace the model's weights by int8 in place; CPU and float32 activations only."""
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        raise ValueError("--quantize int8 runs on CPU with float32 activations "
+                         f"(got {param.device.type}/{str(param.dtype).removeprefix('torch.')})")
+    for block in model.h:
+        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
+                             (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+            setattr(parent, name, Int8Linear(getattr(parent, name)))
+    model.head = Int8TiedHead(model.head)
+    return model
+
+
+def weight_bytes(model: GPT) -> int:
+    """Bytes of weights one decode step streams: float parameters plus the int8 matrices."""
+    return (sum(p.nbytes for p in model.parameters())
+            + sum(m.nbytes for m in model.modules() if isinstance(m, (Int8Linear, Int8TiedHead))))
