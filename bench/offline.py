@@ -25,11 +25,10 @@ WEIGHT_BYTES: dict[str, int] = {}
 def ours(folder: Path, quantize: str | None = None):
     from gpt2serve import checkpoint
     from gpt2serve.engine import Engine
-    from gpt2serve.quantize import weight_bytes
     from gpt2serve.sampling import SamplingParams
 
     model, tokenizer = checkpoint.load(folder, quantize=quantize)
-    WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = weight_bytes(model)
+    WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes()
     engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX)
     params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": NEW_TOKENS,
                                        "ignore_eos": True})

@@ -17,7 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import packing
 from .model import ACTIVATIONS, GPT, GPTConfig
+from .quantize import quantize_int8
 from .tokenizer import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
@@ -161,12 +163,13 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
         raise CheckpointError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {config.vocab_size}")
     state, source = read_state_dict(folder)
-    model = build_model(config, state, source, dtype, torch.device(device))
+    device = torch.device(device)
+    model = build_model(config, state, source, dtype, device)
     if quantize == "int8":
-        from .quantize import quantize_int8
-
         try:
             model = quantize_int8(model)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+    elif device.type == "cpu" and dtype == torch.float32 and packing.available():
+        model = packing.pack_fp32(model)
     return model, tokenizer

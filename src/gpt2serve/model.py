@@ -161,6 +161,12 @@ class GPT(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(hidden).float()
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights a decode step streams. Layers swapped in by packing.py and
+        quantize.py hold theirs outside parameters and report them as `nbytes`."""
+        return (sum(p.nbytes for p in self.parameters())
+                + sum(getattr(m, "nbytes", 0) for m in self.modules()))
+
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, cache: KVCache, slot: int,
                 all_logits: bool = False) -> Tensor:

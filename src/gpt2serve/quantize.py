@@ -85,9 +85,3 @@ def quantize_int8(model: GPT) -> GPT:
             setattr(parent, name, Int8Linear(getattr(parent, name)))
     model.head = Int8TiedHead(model.head)
     return model
-
-
-def weight_bytes(model: GPT) -> int:
-    """Bytes of weights one decode step streams: float parameters plus the int8 matrices."""
-    return (sum(p.nbytes for p in model.parameters())
-            + sum(m.nbytes for m in model.modules() if isinstance(m, (Int8Linear, Int8TiedHead))))

@@ -1,0 +1,76 @@
+"""Fast FP32 on CPU: the linear layers and the LM head in oneDNN's packed weight format.
+
+A decode step at small batch is a chain of matrix-vector products that must stream every
+weight from memory. Measured on this project's CPU machine (GPT-2 124M shapes, weights far
+larger than the caches, bench/ and docs/benchmarks.md): `addmm` with HF's [in, out] layout
+reached about 21 GB/s, oneDNN's inner product on weights reordered once at load about 40 GB/s,
+which is the machine's read bandwidth, and it keeps that up to batch 32. Results are the same
+fp32 arithmetic (differences of 1e-6, from summation order).
+
+The packed head cannot be indexed by token, so the embedding keeps its own [V, D] rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .model import GPT, Conv1D, TiedHead
+
+# oneDNN picks a blocked layout for an expected batch size; 32 measured as fast as the best
+# choice at every batch from 1 to 32.
+BATCH_HINT = 32
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def _pack(weight_out_in: Tensor) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), BATCH_HINT)
+
+
+class PackedLinear(nn.Module):
+    """Drop-in for Conv1D (y = x @ W + b) with W packed for oneDNN."""
+
+    def __init__(self, conv: Conv1D):
+        super().__init__()
+        weight = conv.weight.detach()
+        self.register_buffer("packed", _pack(weight.t()), persistent=False)
+        self.register_buffer("bias", conv.bias.detach().clone(), persistent=False)
+        self.out_features = weight.shape[1]
+        self.nbytes = weight.nbytes + self.bias.nbytes
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed,
+                                               self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class PackedHead(nn.Module):
+    """Drop-in for TiedHead: packed [V, D] for the logits, plain [V, D] rows to embed."""
+
+    def __init__(self, head: TiedHead):
+        super().__init__()
+        rows = head.weight_t.detach().t().contiguous()
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("packed", _pack(rows), persistent=False)
+        self.nbytes = rows.nbytes
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return nn.functional.embedding(tokens, self.rows)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(hidden.reshape(-1, hidden.shape[-1]),
+                                               self.packed, None, "none", [], "")
+        return y.view(*hidden.shape[:-1], -1)
+
+
+def pack_fp32(model: GPT) -> GPT:
+    """Swap the model's matmul weights for oneDNN-packed ones, in place."""
+    for block in model.h:
+        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
+                             (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+            setattr(parent, name, PackedLinear(getattr(parent, name)))
+    model.head = PackedHead(model.head)
+    return model
