@@ -43,7 +43,8 @@ def prompts(count: int, tokens: int = PROMPT_TOKENS) -> list[list[int]]:
 
     tok = Tokenizer.from_dir(SHARED / "gpt2-tokenizer")
     ids = tok.encode((SHARED / "tinyshakespeare.txt").read_text()[:200_000])
-    return [ids[i * 997: i * 997 + tokens] for i in range(count)]
+    stride = (len(ids) - tokens) // count
+    return [ids[i * stride: i * stride + tokens] for i in range(count)]
 
 
 def median_time(fn, repeats: int) -> float:

@@ -95,6 +95,25 @@ async def run_level(call, url, model, concurrency, duration, tokens, prompt_list
     return level
 
 
+async def ttft_under_load(call, url, model, prompt_list, background: int = 15,
+                          probes: int = 10) -> tuple[float, float]:
+    """p50 time to first token of a short request alone, then while `background` long
+    requests stream (the steady state a new user meets on a busy replica)."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        alone = [(await call(client, url, prompt_list[0], 4, model))[1] for _ in range(probes)]
+        hogs = [asyncio.create_task(call(client, url, prompt_list[i + 1], 400, model))
+                for i in range(background)]
+        await asyncio.sleep(3.0)  # let them all reach the decode batch
+        busy = []
+        for _ in range(probes):
+            busy.append((await call(client, url, prompt_list[0], 4, model))[1])
+            await asyncio.sleep(0.1)
+        for task in hogs:
+            task.cancel()
+        await asyncio.gather(*hogs, return_exceptions=True)
+    return statistics.median(alone), statistics.median(busy)
+
+
 def start(cmd, url_ready, env=None) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **(env or {})})
@@ -111,12 +130,15 @@ def start(cmd, url_ready, env=None) -> subprocess.Popen:
     raise TimeoutError(f"{cmd[:3]} did not start")
 
 
-def servers(folder, extra_args):
+def servers(folder, extra_args, with_int8: bool):
     py = sys.executable
-    yield ("gpt2serve", [py, "-m", "gpt2serve.cli", "serve", "--model_dir", str(folder),
-                         "--http_port", "8401", "--enable_grpc", "false", *extra_args],
-           "http://127.0.0.1:8401/v1/models/aitextgen", openai_stream,
-           "http://127.0.0.1:8401/openai/v1/completions", MODEL)
+    variants = [("gpt2serve fp32", [])] + ([("gpt2serve int8", ["--quantize", "int8"])]
+                                           if with_int8 else [])
+    for name, flags in variants:
+        yield (name, [py, "-m", "gpt2serve.cli", "serve", "--model_dir", str(folder),
+                      "--http_port", "8401", "--enable_grpc", "false", *flags, *extra_args],
+               "http://127.0.0.1:8401/v1/models/aitextgen", openai_stream,
+               "http://127.0.0.1:8401/openai/v1/completions", MODEL)
     yield ("transformers one-at-a-time",
            [py, str(ROOT / "bench" / "hf_baseline_server.py"), "--model_dir", str(folder),
             "--http_port", "8402"],
@@ -137,12 +159,14 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--server-args", nargs="*", default=[], help="extra flags for our server")
+    p.add_argument("--int8", action="store_true", help="also run our server with --quantize int8")
     p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks-throughput.png"))
     args = p.parse_args()
     folder = gpt2_124m()
     prompt_list = prompts(64)
     results: dict[str, list[dict]] = {}
-    for name, cmd, ready, call, url, model in servers(folder, args.server_args):
+    ttft: dict[str, dict] = {}
+    for name, cmd, ready, call, url, model in servers(folder, args.server_args, args.int8):
         proc = start(cmd, ready)
         try:
             asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))
@@ -152,26 +176,28 @@ def main() -> None:
                                               prompt_list))
                 rows.append(level.row())
                 print(f"{name:28s} {json.dumps(rows[-1])}", flush=True)
+            if call is openai_stream:
+                alone, busy = asyncio.run(ttft_under_load(call, url, model, prompt_list))
+                ttft[name] = {"alone_s": round(alone, 4), "with_15_streams_s": round(busy, 4)}
+                print(f"{name:28s} time to first token: alone {alone * 1000:.0f} ms, while 15 "
+                      f"others stream {busy * 1000:.0f} ms ({busy / alone:.2f}x)", flush=True)
             results[name] = rows
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     report(results, args)
+    (ROOT / "bench" / "results" / "ttft.json").write_text(json.dumps(ttft, indent=2))
 
 
 def report(results: dict[str, list[dict]], args) -> None:
-    ours = {r["concurrency"]: r for r in results["gpt2serve"]}
-    for peer, rows in results.items():
-        if peer == "gpt2serve":
-            continue
-        cells = [f"c={r['concurrency']}: {ours[r['concurrency']]['tok_s'] / r['tok_s']:.2f}x"
-                 for r in rows if r["tok_s"]]
-        print(f"aggregate tok/s, gpt2serve / {peer}: " + "  ".join(cells))
-    alone = ours[min(ours)]["p50_ttft_s"]
-    busiest = ours[max(ours)]
-    print(f"gpt2serve p50 time to first token: alone {alone * 1000:.0f} ms, with "
-          f"{busiest['concurrency']} clients {busiest['p50_ttft_s'] * 1000:.0f} ms "
-          f"({busiest['p50_ttft_s'] / alone:.2f}x)")
+    for ours_name in [n for n in results if n.startswith("gpt2serve")]:
+        ours = {r["concurrency"]: r for r in results[ours_name]}
+        for peer, rows in results.items():
+            if peer.startswith("gpt2serve"):
+                continue
+            cells = [f"c={r['concurrency']}: {ours[r['concurrency']]['tok_s'] / r['tok_s']:.2f}x"
+                     for r in rows if r["tok_s"] and r["concurrency"] in ours]
+            print(f"aggregate tok/s, {ours_name} / {peer}: " + "  ".join(cells))
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "serving.json").write_text(json.dumps(results, indent=2))
     try:

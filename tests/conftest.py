@@ -57,6 +57,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_hf_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory) -> Path:
+    """A wider model with a 1024-token context, so long requests take a while on CPU."""
+    return make_hf_model(tmp_path_factory.mktemp("long") / "m", n_positions=1024, n_embd=256,
+                         n_layer=4, n_head=4)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,13 +82,15 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
 
-    def wait_ready(self, model: str = "aitextgen", timeout: float = 60) -> float:
+    def wait_ready(self, model: str = "aitextgen", timeout: float = 60,
+                   headers: dict | None = None) -> float:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}")
             try:
-                if httpx.get(f"{self.url}/v1/models/{model}", timeout=1).status_code == 200:
+                r = httpx.get(f"{self.url}/v1/models/{model}", timeout=1, headers=headers)
+                if r.status_code == 200:
                     return time.monotonic() - t0
             except httpx.TransportError:
                 pass

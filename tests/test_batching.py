@@ -10,16 +10,9 @@ import httpx
 import openai
 import pytest
 
-from conftest import ServerProcess, make_hf_model, post
+from conftest import ServerProcess, post
 
 MODEL = "aitextgen"
-
-
-@pytest.fixture(scope="module")
-def long_model(tmp_path_factory):
-    """A wider model with a 1024-token context, so long requests take a while on CPU."""
-    return make_hf_model(tmp_path_factory.mktemp("long") / "m", n_positions=1024, n_embd=256,
-                         n_layer=4, n_head=4)
 
 
 @pytest.fixture(scope="module")

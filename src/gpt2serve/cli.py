@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for a slot before new ones get 503")
     s.add_argument("--request_timeout", type=float, default=600.0,
                    help="seconds a request may wait for a slot before it gets 503")
+    s.add_argument("--max_body_bytes", type=int, default=1 << 20,
+                   help="larger request bodies get 413")
+    s.add_argument("--max_instances", type=int, default=64,
+                   help="prompts per request (V1 instances, V2 data, OpenAI prompt list)")
+    s.add_argument("--max_n", type=int, default=16, help="sequences per prompt")
+    s.add_argument("--max_prompt_chars", type=int, default=32768,
+                   help="longer prompts are refused before tokenizing")
+    s.add_argument("--api_key", default=os.environ.get("GPT2SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $GPT2SERVE_API_KEY; "
+                        "health and metrics stay open)")
+    s.add_argument("--shutdown_grace", type=float, default=25.0,
+                   help="seconds SIGTERM waits for accepted requests to finish; keep it below "
+                        "the pod's terminationGracePeriodSeconds")
 
     g = sub.add_parser("generate", help="generate text from a prompt and print it",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -107,7 +107,8 @@ class Request:
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch_size: int = 32,
                  max_queue: int = 256, request_timeout: float = 600.0,
-                 max_len: int | None = None):
+                 max_len: int | None = None, max_n: int = 16,
+                 max_prompt_chars: int = 32768):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.context = min(max_len or cfg.n_positions, cfg.n_positions)
@@ -117,10 +118,12 @@ class Engine:
         self.cache = KVCache(cfg, max_batch_size, self.context, param.dtype, self.device)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.request_timeout = request_timeout
+        self.max_n, self.max_prompt_chars = min(max_n, max_batch_size), max_prompt_chars
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Sequence] = []  # running[i] lives in cache slot i
         self._wake = threading.Condition()
-        self._stopping = False
+        self._draining = False  # refuse new work, finish what was accepted
+        self._stopping = False  # abort everything and end the step loop
         self._thread: threading.Thread | None = None
         log.info("KV cache: %d slots x %d tokens, %.1f MiB (%s on %s)", max_batch_size,
                  self.context, self.cache.nbytes / 2**20, param.dtype, self.device)
@@ -133,9 +136,29 @@ class Engine:
                                             daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def drain(self) -> None:
+        """Graceful shutdown, first half: new requests get EngineStopped (503), accepted ones
+        (running or queued) carry on."""
         with self._wake:
-            self._stopping = True
+            self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is running or queued, or `timeout` passes; True if idle."""
+        deadline = time.monotonic() + timeout
+        while self.waiting or self.running:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        """End the step loop; whatever is still running or queued fails with EngineStopped."""
+        with self._wake:
+            self._draining = self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -147,6 +170,10 @@ class Engine:
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt; an empty one starts from <|endoftext|>, as GPT-2 was trained."""
+        if len(text) > self.max_prompt_chars:
+            # Checked before tokenizing, which costs time in proportion to the text.
+            raise SamplingError(f"prompt is {len(text)} characters; this server takes at most "
+                                f"{self.max_prompt_chars} (--max_prompt_chars)")
         ids = self.tokenizer.encode(text)
         if not ids:
             if self.eos_id is None:
@@ -156,9 +183,8 @@ class Engine:
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Validate lengths for this engine; returns the number of new tokens to generate."""
-        if params.n > self.max_batch_size:
-            raise SamplingError(f"'n' {params.n} exceeds this server's --max_batch_size "
-                                f"{self.max_batch_size}")
+        if params.n > self.max_n:
+            raise SamplingError(f"'n' must be in [1, {self.max_n}], got {params.n}")
         return params.max_new_for(len(prompt_ids), self.context)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -167,9 +193,11 @@ class Engine:
         max_new = self.check_prompt(prompt_ids, params)
         request = Request(prompt_ids, params, max_new, asyncio.get_running_loop())
         with self._wake:
-            if self._stopping:
+            if self._draining:
                 raise EngineStopped("server is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            # Requests that free slots will take at the next step do not count as queued.
+            free_slots = max(0, self.max_batch_size - len(self.running))
+            if len(self.waiting) >= self.max_queue + free_slots:
                 metrics.REJECTED.inc()
                 raise QueueFull(f"queue is full ({self.max_queue} waiting requests)")
             self.waiting.append(request)
@@ -215,12 +243,27 @@ class Engine:
             with self._wake:
                 while not self._stopping and not self.waiting and not self.running:
                     self._wake.wait()
-                if self._stopping and not self.running and not self.waiting:
+                if self._stopping:
+                    stopped = EngineStopped("server stopped")
+                    self._fail_running(stopped)
+                    for request in self.waiting:
+                        request.emit(stopped)
+                    self.waiting.clear()
                     return
-            self._retire_cancelled()
-            self._admit()
-            if self.running:
-                self._decode()
+            try:
+                self._retire_cancelled()
+                self._admit()
+                if self.running:
+                    self._decode()
+            except Exception as e:  # a failed step costs the running batch, never the server
+                log.exception("engine step failed")
+                self._fail_running(e)
+
+    def _fail_running(self, error: Exception) -> None:
+        for request in {id(s.request): s.request for s in self.running}.values():
+            request.emit(error)
+            self._mark_failed(request)
+        self._retire()
 
     def _retire_cancelled(self) -> None:
         for seq in [s for s in self.running if s.request.cancelled]:
@@ -251,7 +294,8 @@ class Engine:
                 self._prefill(request)
             except Exception as e:  # a failing request must not take the engine down
                 log.exception("prefill failed")
-                self._drop(request)
+                self._mark_failed(request)
+                self._retire()
                 request.emit(e)
 
     def _prefill(self, request: Request) -> None:
@@ -275,18 +319,16 @@ class Engine:
         t0 = time.perf_counter()
         tokens = torch.tensor([s.tokens[-1] for s in self.running], device=self.device)
         pos = torch.tensor([s.length - 1 for s in self.running], device=self.device)
-        try:
-            logits = self.model.decode_step(tokens, pos, self.cache)
-        except Exception as e:
-            log.exception("decode step failed")
-            for seq in self.running:
-                seq.request.emit(e)
-                seq.finish_reason = "error"
-            self._retire()
-            return
-        logits = logits.cpu()
+        logits = self.model.decode_step(tokens, pos, self.cache).cpu()
         for seq, row in zip(self.running, logits):
-            self._advance(seq, row)
+            if seq.finish_reason:
+                continue  # a sibling sequence failed below
+            try:
+                self._advance(seq, row)
+            except Exception as e:  # fails this request alone
+                log.exception("sampling failed")
+                seq.request.emit(e)
+                self._mark_failed(seq.request)
         metrics.BATCH_SIZE.observe(len(self.running))
         metrics.TIME_PER_TOKEN.observe(time.perf_counter() - t0)
         self._retire()
@@ -346,7 +388,7 @@ class Engine:
         self.running = keep
         metrics.RUNNING.set(len(keep))
 
-    def _drop(self, request: Request) -> None:
+    @staticmethod
+    def _mark_failed(request: Request) -> None:
         for seq in request.seqs:
             seq.finish_reason = seq.finish_reason or "error"
-        self._retire()

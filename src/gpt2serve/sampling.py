@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-MAX_N = 16
+MAX_N = 128  # an absolute bound; servers set a lower one (--max_n)
 MAX_STOP = 8
 MAX_LOGPROBS = 5
 DEFAULT_MAX_LENGTH = 256

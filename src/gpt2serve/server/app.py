@@ -25,7 +25,8 @@ def serve(args: argparse.Namespace) -> None:
     import kserve
     from kserve.model_server import app
 
-    from .disconnect import CancelOnDisconnect
+    from . import shutdown
+    from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect
     from .openai import openai_router
     from .predictor import GPT2Predictor
 
@@ -34,16 +35,31 @@ def serve(args: argparse.Namespace) -> None:
     model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
                                        quantize=args.quantize)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
-                    max_queue=args.max_queue, request_timeout=args.request_timeout)
+                    max_queue=args.max_queue, request_timeout=args.request_timeout,
+                    max_n=args.max_n, max_prompt_chars=args.max_prompt_chars)
     log.info("loaded %s (%d layers, %d dims, vocab %d) on %s/%s%s in %.2fs",
              args.model_dir or "the embedded demo model", model.config.n_layer,
              model.config.n_embd, model.config.vocab_size, device, dtype,
              " int8" if args.quantize == "int8" else "", time.monotonic() - t0)
-    predictor = GPT2Predictor(args.model_name, engine)
+    predictor = GPT2Predictor(args.model_name, engine, max_instances=args.max_instances)
     for exc in (QueueFull, RequestTimeout, EngineStopped):
         app.add_exception_handler(exc, _unavailable)
-    app.include_router(openai_router(engine, args.model_name))
+
+    @app.get("/v2/health/ready")
+    async def ready() -> ORJSONResponse:
+        # Replaces KServe's server-level check (always true) with the model's own state, so
+        # readiness turns false as soon as a drain starts.
+        ok = predictor.ready and not engine.draining
+        return ORJSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    app.include_router(openai_router(engine, args.model_name, args.max_instances))
+    # Starlette runs the last added middleware first: auth, then the body limit, then
+    # cancel-on-disconnect around the handlers.
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes)
+    if args.api_key:
+        app.add_middleware(BearerAuth, api_key=args.api_key)
+    shutdown.install(predictor, engine, args.shutdown_grace)
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
                                 enable_grpc=args.enable_grpc, workers=1)
     server.start([predictor])

@@ -44,7 +44,7 @@ class OpenAIError(Exception):
                             status_code=self.status)
 
 
-def openai_router(engine: Engine, model_name: str) -> APIRouter:
+def openai_router(engine: Engine, model_name: str, max_prompts: int = 64) -> APIRouter:
     router = APIRouter(prefix="/openai/v1", tags=["OpenAI"])
     created = int(time.time())
 
@@ -66,7 +66,7 @@ def openai_router(engine: Engine, model_name: str) -> APIRouter:
                 raise OpenAIError(f"model '{body['model']}' does not exist; this server has "
                                   f"'{model_name}'", param="model", status=404,
                                   kind="not_found_error")
-            call = CompletionCall(engine, model_name, body)
+            call = CompletionCall(engine, model_name, body, max_prompts)
             if call.stream:
                 return StreamingResponse(call.sse(call.submit()), media_type="text/event-stream")
             return await call.run()
@@ -89,7 +89,7 @@ async def _json_object(request: HTTPRequest) -> dict:
 class CompletionCall:
     """One /completions request: validated fields, prompts as token ids, and the response."""
 
-    def __init__(self, engine: Engine, model_name: str, body: dict):
+    def __init__(self, engine: Engine, model_name: str, body: dict, max_prompts: int = 64):
         self.engine, self.model_name = engine, model_name
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         for name, neutral in NEUTRAL.items():
@@ -112,7 +112,11 @@ class CompletionCall:
             self.params = SamplingParams.from_dict({"top_k": 0, **fields})
             if body.get("best_of") not in (None, self.params.n):
                 raise OpenAIError("'best_of' must equal 'n' when given", param="best_of")
-            self.prompts = [self._prompt_ids(p) for p in _prompt_list(body.get("prompt"))]
+            prompts = _prompt_list(body.get("prompt"))
+            if len(prompts) > max_prompts:
+                raise OpenAIError(f"'prompt' has {len(prompts)} prompts; this server takes at "
+                                  f"most {max_prompts} per request", param="prompt")
+            self.prompts = [self._prompt_ids(p) for p in prompts]
             for ids in self.prompts:
                 engine.check_prompt(ids, self.params)
         except SamplingError as e:

@@ -27,9 +27,10 @@ V2_INPUT, V2_OUTPUT = "text_input", "text_output"
 
 
 class GPT2Predictor(kserve.Model):
-    def __init__(self, name: str, engine: Engine):
+    def __init__(self, name: str, engine: Engine, max_instances: int = 64):
         super().__init__(name)
         self.generator = engine  # not `self.engine`: kserve.Model uses that name for a flag
+        self.max_instances = max_instances
         self.ready = True
 
     def start(self) -> None:
@@ -65,6 +66,7 @@ class GPT2Predictor(kserve.Model):
         instances, shared = payload["instances"], payload.get("parameters") or {}
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("'instances' must be a non-empty list")
+        self._check_count(len(instances), "'instances'")
         if not isinstance(shared, dict):
             raise InvalidInput("'parameters' must be an object")
         jobs = [self._parse_instance(i, inst, shared) for i, inst in enumerate(instances)]
@@ -109,11 +111,17 @@ class GPT2Predictor(kserve.Model):
         prompts = list(_flatten(tensor.data))
         if not prompts or not all(isinstance(p, (str, bytes)) for p in prompts):
             raise InvalidInput(f"input '{V2_INPUT}' must hold one or more strings")
+        self._check_count(len(prompts), f"input '{V2_INPUT}'")
         params = to_params(dict(request.parameters or {}), where="parameters")
         results = await asyncio.gather(*(self.generate(_text(p), params) for p in prompts))
         texts = [t for texts in results for t in texts]
         output = InferOutput(V2_OUTPUT, shape=[len(texts)], datatype="BYTES", data=texts)
         return InferResponse(request.id or str(uuid.uuid4()), self.name, [output])
+
+    def _check_count(self, count: int, what: str) -> None:
+        if count > self.max_instances:
+            raise InvalidInput(f"{what} has {count} prompts; this server takes at most "
+                               f"{self.max_instances} per request (--max_instances)")
 
     async def generate(self, prompt: str, params: SamplingParams) -> list[str]:
         """prompt + continuation for each of the n sequences."""

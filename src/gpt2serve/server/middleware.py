@@ -1,0 +1,125 @@
+"""ASGI middlewares around KServe's app: bearer-token auth, a request body limit, and
+cancelling a handler whose client went away."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+
+# Kubernetes probes and Prometheus scrapes never carry the API key.
+PUBLIC_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics"})
+
+
+async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BearerAuth:
+    """`Authorization: Bearer <key>` on every route but the public ones; constant-time check."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return await _send_json(send, 401, {"error": "missing or wrong API key"},
+                                        ((b"www-authenticate", b"Bearer"),))
+        return await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a body over `max_bytes`, by its Content-Length or, when chunked, as it arrives.
+
+    The body is read here, at most `max_bytes` of it, and handed on whole: every route reads
+    its body completely anyway, and nothing behind this can be made to buffer more."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        too_big = {"error": f"request body exceeds {self.max_bytes} bytes (--max_body_bytes)"}
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await _send_json(send, 413, too_big)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await _send_json(send, 413, too_big)
+            more = message.get("more_body", False)
+        first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal first
+            if first is not None:
+                message, first = first, None
+                return message
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class CancelOnDisconnect:
+    """Cancel a request's handler when its client goes away, so its sequences leave the batch.
+
+    Starlette stops a streaming response when the client disconnects, but a plain
+    request/response handler (KServe's V1/V2 predict, non-streaming completions) runs to the
+    end for nobody, holding KV-cache slots. This reads the connection after the body has
+    arrived and cancels the handler on `http.disconnect`; the engine then drops the request's
+    sequences at its next step.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_read = asyncio.Event()
+        disconnected = asyncio.Event()
+
+        async def app_receive():
+            if body_read.is_set():
+                # After the body the watcher owns the connection; report its disconnect.
+                await disconnected.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+                body_read.set()
+            elif not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        handler = asyncio.create_task(self.app(scope, app_receive, send))
+
+        async def watch():
+            await body_read.wait()
+            if not disconnected.is_set():
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                disconnected.set()
+            if not handler.done():
+                handler.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not disconnected.is_set():
+                raise  # cancelled from outside (shutdown), not by us
+        finally:
+            watcher.cancel()

@@ -1,0 +1,271 @@
+"""Hostile input, overload, faults and shutdown, against the real server process."""
+
+import asyncio
+import json
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ServerProcess, post
+
+MODEL = "aitextgen"
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model):
+    """Small limits and an API key."""
+    srv = ServerProcess("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_body_bytes", "4096", "--max_instances", "4", "--max_n", "3",
+                        "--max_prompt_chars", "500", "--api_key", KEY)
+    try:
+        srv.wait_ready(headers={"authorization": f"Bearer {KEY}"})
+        yield srv
+    finally:
+        srv.stop()
+
+
+def auth_post(srv, path, body, key=KEY, **kw):
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(srv.url + path, content=data, headers=headers, timeout=60, **kw)
+
+
+PREDICT = f"/v1/models/{MODEL}:predict"
+
+
+def test_auth_required_except_on_probes(guarded):
+    assert auth_post(guarded, PREDICT, {"instances": ["a"]}, key=None).status_code == 401
+    r = auth_post(guarded, PREDICT, {"instances": ["a"]}, key="wrong")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert auth_post(guarded, PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 2}]}
+                     ).status_code == 200
+    for path in ("/", "/v2/health/live", "/v2/health/ready", "/metrics"):
+        assert httpx.get(guarded.url + path).status_code == 200, path
+    assert httpx.get(f"{guarded.url}/v1/models").status_code == 401
+    client = openai.OpenAI(base_url=f"{guarded.url}/openai/v1", api_key=KEY)
+    assert client.completions.create(model=MODEL, prompt="a", max_tokens=2).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{guarded.url}/openai/v1", api_key="nope").models.list()
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"instances": ["a" * 5000]}, 413, "exceeds 4096 bytes"),
+    ({"instances": ["a"] * 5}, 400, "at most 4 per request"),
+    ({"instances": ["b" * 600]}, 400, "at most 500 .--max_prompt_chars"),
+    ({"instances": [{"prompt": "a", "n": 4}]}, 400, r"'n' must be in \[1, 3\]"),
+])
+def test_input_limits(guarded, body, status, message):
+    r = auth_post(guarded, PREDICT, body)
+    assert r.status_code == status, r.text
+    assert re.search(message, r.json()["error"])
+
+
+def test_chunked_body_over_the_limit_is_413(guarded):
+    def chunks():
+        for _ in range(10):
+            yield b'{"instances": ["' + b"a" * 1000
+
+    r = httpx.post(guarded.url + PREDICT, content=chunks(), timeout=30,
+                   headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413
+
+
+def test_openai_prompt_list_limit(guarded):
+    r = auth_post(guarded, "/openai/v1/completions",
+                  {"model": MODEL, "prompt": ["a"] * 5, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+# ---- fuzzing -------------------------------------------------------------------------------
+
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+param_names = st.sampled_from(["max_length", "max_new_tokens", "min_length", "temperature",
+                               "do_sample", "top_k", "top_p", "repetition_penalty", "n",
+                               "num_return_sequences", "seed", "stop", "ignore_eos",
+                               "logprobs", "text", "prompt", "length", "bogus"])
+params = st.dictionaries(param_names, junk, max_size=5)
+prompts = st.text(max_size=60) | junk
+v1_bodies = st.one_of(
+    st.fixed_dictionaries({"instances": st.lists(prompts | params, max_size=3)},
+                          optional={"parameters": params | junk}),
+    st.fixed_dictionaries({"text": prompts}, optional={"length": junk}),
+    junk)
+openai_names = st.sampled_from(["prompt", "max_tokens", "temperature", "top_p", "n", "stop",
+                                "seed", "echo", "logprobs", "stream", "best_of", "suffix",
+                                "presence_penalty", "logit_bias", "user", "model", "top_k"])
+openai_bodies = st.dictionaries(openai_names, junk | st.text(max_size=30), max_size=6)
+
+
+def _json(body) -> str:
+    return json.dumps(body, allow_nan=True)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny_model):
+    srv = ServerProcess("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_batch_size", "8")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+FUZZ_COUNT = 150
+FUZZED = {"v1": 0, "openai": 0}
+
+
+@settings(max_examples=FUZZ_COUNT, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(body=v1_bodies)
+def test_fuzz_v1_payloads_never_5xx(fuzz_server, body):
+    r = post(f"{fuzz_server.url}{PREDICT}", _json(body))
+    FUZZED["v1"] += 1
+    assert r.status_code < 500, (body, r.text)
+
+
+@settings(max_examples=FUZZ_COUNT, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(body=openai_bodies)
+def test_fuzz_openai_payloads_never_5xx(fuzz_server, body):
+    body.setdefault("model", MODEL)
+    body.setdefault("prompt", "a")
+    r = post(f"{fuzz_server.url}/openai/v1/completions", _json(body))
+    FUZZED["openai"] += 1
+    assert r.status_code < 500, (body, r.text)
+
+
+def test_after_fuzzing_the_server_serves_and_memory_is_back(fuzz_server):
+    base = rss_kb(fuzz_server.proc.pid)
+    for _ in range(3):  # what fuzzing did must not keep growing with more traffic
+        for body in ({"instances": ["ROMEO:" * 40] * 4}, {"instances": [{"prompt": "a", "n": 8}]}):
+            assert post(f"{fuzz_server.url}{PREDICT}", body).status_code == 200
+    after = rss_kb(fuzz_server.proc.pid)
+    assert after - base < 64 * 1024, (base, after)
+    assert httpx.get(f"{fuzz_server.url}/v2/health/ready").status_code == 200
+
+
+# ---- overload ------------------------------------------------------------------------------
+
+def test_overload_every_request_answered_none_lost(long_overload_server):
+    """8x the engine's capacity at once: accepted requests complete, the rest get 503 fast."""
+    srv = long_overload_server
+    url = f"{srv.url}{PREDICT}"
+    total = 64  # 4 slots + 4 queue places = capacity 8
+
+    async def one(client, i):
+        t0 = time.perf_counter()
+        try:
+            r = await client.post(url, json={"instances": [{"prompt": f"a{i}",
+                                  "max_new_tokens": 100, "ignore_eos": True}]})
+            return r.status_code, time.perf_counter() - t0, r
+        except httpx.HTTPError as e:  # would be a lost request
+            return type(e).__name__, time.perf_counter() - t0, None
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=total)) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(total)))
+
+    results = asyncio.run(flood())
+    by_status = {}
+    for status, _, _ in results:
+        by_status[status] = by_status.get(status, 0) + 1
+    ok = [(t, r) for s, t, r in results if s == 200]
+    refused = [t for s, t, _ in results if s == 503]
+    assert set(by_status) <= {200, 503}, by_status  # nothing lost, no other error
+    assert len(ok) >= 8 and refused
+    assert all(len(r.json()["predictions"][0]) > 2 for _, r in ok)
+    assert max(refused) < 1.0
+    p95 = statistics.quantiles([t for t, _ in ok], n=20)[-1]
+    assert p95 < 30
+    print(f"\noverload: {total} requests, statuses {by_status}, accepted p95 {p95:.2f}s, "
+          f"503 max {max(refused) * 1000:.0f} ms")
+
+
+@pytest.fixture
+def long_overload_server(tiny_model):
+    srv = ServerProcess("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_batch_size", "4", "--max_queue", "4")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+# ---- faults --------------------------------------------------------------------------------
+
+def test_sigterm_drains_in_flight_work_then_exits_0(long_model):
+    srv = ServerProcess("--model_dir", str(long_model), "--enable_grpc", "false",
+                        "--max_batch_size", "4", "--shutdown_grace", "20")
+    srv.wait_ready()
+    url = f"{srv.url}{PREDICT}"
+    body = {"instances": [{"prompt": "a", "max_new_tokens": 300, "ignore_eos": True}]}
+    out = {}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60) as client:
+            inflight = [asyncio.create_task(client.post(url, json=body)) for _ in range(6)]
+            await asyncio.sleep(0.3)
+            t0 = time.perf_counter()
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.1)
+            out["ready"] = (await client.get(f"{srv.url}/v2/health/ready")).status_code
+            late = await client.post(url, json=body)
+            out["late"] = (late.status_code, late.headers.get("retry-after"))
+            out["inflight"] = [r.status_code for r in await asyncio.gather(*inflight)]
+            out["texts"] = [len(r.json()["predictions"][0]) for r in
+                            [t.result() for t in inflight]]
+            out["t0"] = t0
+
+    asyncio.run(scenario())
+    code = srv.proc.wait(timeout=30)
+    drain = time.perf_counter() - out["t0"]
+    srv.stop()
+    assert out["ready"] == 503
+    assert out["late"][0] == 503
+    assert out["inflight"] == [200] * 6
+    assert min(out["texts"]) > 300  # all finished in full, not cut short
+    assert code == 0
+    print(f"\nSIGTERM: 6 in flight all completed, process exited 0 after {drain:.2f}s")
+
+
+def test_corrupt_model_fails_fast_with_a_clear_message(tmp_path, tiny_model):
+    import shutil
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_model, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "serve", "--model_dir",
+                          str(folder), "--enable_grpc", "false", "--http_port", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "model.safetensors: not a valid safetensors file" in run.stderr
+    assert time.perf_counter() - t0 < 30
