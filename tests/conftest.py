@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -108,18 +109,25 @@ class ServerProcess:
             self.log.close()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    srv = ServerProcess("--model_dir", str(tiny_model), "--enable_grpc", "false",
-                        "--max_batch_size", "8")
+@contextlib.contextmanager
+def running_server(*args: str, headers: dict | None = None):
+    """A ready server process for the duration of the block."""
+    srv = ServerProcess(*args)
     try:
-        srv.wait_ready()
+        srv.wait_ready(headers=headers)
         yield srv
     finally:
         srv.stop()
 
 
-def post(url: str, body, **kw) -> httpx.Response:
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_batch_size", "8") as srv:
+        yield srv
+
+
+def post(url: str, body, headers: dict | None = None, **kw) -> httpx.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(url, content=data, headers={"content-type": "application/json"},
-                      timeout=kw.pop("timeout", 60), **kw)
+    return httpx.post(url, content=data, timeout=kw.pop("timeout", 60),
+                      headers={"content-type": "application/json", **(headers or {})}, **kw)

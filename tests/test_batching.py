@@ -10,20 +10,16 @@ import httpx
 import openai
 import pytest
 
-from conftest import ServerProcess, post
+from conftest import post, running_server
 
 MODEL = "aitextgen"
 
 
 @pytest.fixture(scope="module")
 def batch_server(long_model):
-    srv = ServerProcess("--model_dir", str(long_model), "--enable_grpc", "false",
-                        "--max_batch_size", "32", "--max_queue", "40")
-    try:
-        srv.wait_ready()
+    with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
+                        "--max_batch_size", "32", "--max_queue", "40") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def metric(server, name: str) -> float:

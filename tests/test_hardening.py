@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ServerProcess, post
+from conftest import ServerProcess, post, running_server
 
 MODEL = "aitextgen"
 KEY = "test-key-123"
@@ -25,22 +25,15 @@ KEY = "test-key-123"
 @pytest.fixture(scope="module")
 def guarded(tiny_model):
     """Small limits and an API key."""
-    srv = ServerProcess("--model_dir", str(tiny_model), "--enable_grpc", "false",
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
                         "--max_body_bytes", "4096", "--max_instances", "4", "--max_n", "3",
-                        "--max_prompt_chars", "500", "--api_key", KEY)
-    try:
-        srv.wait_ready(headers={"authorization": f"Bearer {KEY}"})
+                        "--max_prompt_chars", "500", "--api_key", KEY,
+                        headers={"authorization": f"Bearer {KEY}"}) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
-def auth_post(srv, path, body, key=KEY, **kw):
-    headers = {"content-type": "application/json"}
-    if key:
-        headers["authorization"] = f"Bearer {key}"
-    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(srv.url + path, content=data, headers=headers, timeout=60, **kw)
+def auth_post(srv, path, body, key=KEY):
+    return post(srv.url + path, body, headers={"authorization": f"Bearer {key}"} if key else {})
 
 
 PREDICT = f"/v1/models/{MODEL}:predict"
@@ -127,13 +120,9 @@ def rss_kb(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model):
-    srv = ServerProcess("--model_dir", str(tiny_model), "--enable_grpc", "false",
-                        "--max_batch_size", "8")
-    try:
-        srv.wait_ready()
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_batch_size", "8") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 FUZZ_COUNT = 150
@@ -209,13 +198,9 @@ def test_overload_every_request_answered_none_lost(long_overload_server):
 
 @pytest.fixture
 def long_overload_server(tiny_model):
-    srv = ServerProcess("--model_dir", str(tiny_model), "--enable_grpc", "false",
-                        "--max_batch_size", "4", "--max_queue", "4")
-    try:
-        srv.wait_ready()
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_batch_size", "4", "--max_queue", "4") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 # ---- faults --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ The cache holds `slots` sequences. The engine keeps running sequences packed in 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +161,16 @@ class GPT(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(hidden).float()
+
+    def swap_matmuls(self, linear: Callable[[Conv1D], nn.Module],
+                     head: Callable[[TiedHead], nn.Module]) -> None:
+        """Replace every Conv1D and the tied head by other implementations of the same
+        product (packing.py, quantize.py)."""
+        for block in self.h:
+            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
+                                 (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                setattr(parent, name, linear(getattr(parent, name)))
+        self.head = head(self.head)
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step streams. Layers swapped in by packing.py and

@@ -68,9 +68,5 @@ class PackedHead(nn.Module):
 
 def pack_fp32(model: GPT) -> GPT:
     """Swap the model's matmul weights for oneDNN-packed ones, in place."""
-    for block in model.h:
-        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
-                             (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-            setattr(parent, name, PackedLinear(getattr(parent, name)))
-    model.head = PackedHead(model.head)
+    model.swap_matmuls(PackedLinear, PackedHead)
     return model

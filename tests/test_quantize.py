@@ -1,0 +1,80 @@
+"""int8 quality gate, teacher-forced over a fixed text (issue: top-1 agreement on the trained
+demo model, relative logit error on a random-weight model whose logits are nearly flat)."""
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+from gpt2serve import checkpoint
+from gpt2serve.model import KVCache
+
+# Romeo and Juliet, Act II Scene II (public domain).
+TEXT = """ROMEO:
+He jests at scars that never felt a wound.
+But, soft! what light through yonder window breaks?
+It is the east, and Juliet is the sun.
+Arise, fair sun, and kill the envious moon,
+Who is already sick and pale with grief,
+That thou her maid art far more fair than she:
+Be not her maid, since she is envious;
+Her vestal livery is but sick and green
+And none but fools do wear it; cast it off.
+It is my lady, O, it is my love!
+O, that she knew she were!
+She speaks yet she says nothing: what of that?
+Her eye discourses; I will answer it.
+
+JULIET:
+O Romeo, Romeo! wherefore art thou Romeo?
+Deny thy father and refuse thy name;
+Or, if thou wilt not, be but sworn my love,
+And I'll no longer be a Capulet.
+
+ROMEO:
+Shall I hear more, or shall I speak at this?
+
+JULIET:
+'Tis but thy name that is my enemy;
+Thou art thyself, though not a Montague.
+What's Montague? it is nor hand, nor foot,
+Nor arm, nor face, nor any other part
+Belonging to a man. O, be some other name!
+What's in a name? that which we call a rose
+By any other name would smell as sweet;
+"""
+
+
+def teacher_forced_logits(folder, quantize, ids):
+    model, _ = checkpoint.load(folder, quantize=quantize)
+    cache = KVCache(model.config, 1, len(ids), torch.float32, "cpu")
+    return model.prefill(torch.tensor(ids), cache, 0, all_logits=True)
+
+
+def test_int8_keeps_the_demo_models_choices():
+    model, tokenizer = checkpoint.load(None)
+    ids = tokenizer.encode(TEXT)[:model.config.n_positions]
+    assert len(ids) > 200
+    fp32 = teacher_forced_logits(None, None, ids)
+    int8 = teacher_forced_logits(None, "int8", ids)
+    agreement = (fp32.argmax(-1) == int8.argmax(-1)).float().mean().item()
+    print(f"\ndemo model, {len(ids)} tokens: int8 top-1 agreement with fp32 {agreement:.1%}")
+    assert agreement >= 0.97
+
+
+def test_int8_relative_logit_error_on_random_weights(tmp_path):
+    folder = make_hf_model(tmp_path / "random", n_embd=256, n_layer=4, n_head=4,
+                           n_positions=256)
+    ids = torch.randint(0, 400, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    fp32 = teacher_forced_logits(folder, None, ids)
+    int8 = teacher_forced_logits(folder, "int8", ids)
+    error = ((int8 - fp32).norm() / fp32.norm()).item()
+    print(f"\nrandom model: int8 relative logit error {error:.2%}")
+    assert error <= 0.05
+
+
+def test_int8_memory_and_refusals(tiny_model):
+    fp32, _ = checkpoint.load(tiny_model)
+    int8, _ = checkpoint.load(tiny_model, quantize="int8")
+    assert int8.weight_bytes() < 0.4 * fp32.weight_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="int8 runs on CPU with float32"):
+        checkpoint.load(tiny_model, dtype=torch.bfloat16, quantize="int8")
