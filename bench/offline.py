@@ -82,8 +82,10 @@ def llama_cpp_runner(folder: Path, ftype: str):
         script = os.environ.get("LLAMA_CPP_CONVERT")  # vendor/llama.cpp/convert_hf_to_gguf.py
         if not script:
             raise ImportError("set LLAMA_CPP_CONVERT to llama.cpp's convert_hf_to_gguf.py")
+        here = Path(script).parent  # the script imports `conversion` and `gguf` beside it
+        env = {**os.environ, "PYTHONPATH": f"{here / 'gguf-py'}{os.pathsep}{here}"}
         subprocess.run([sys.executable, script, str(folder), "--outfile", str(gguf),
-                        "--outtype", ftype], check=True, capture_output=True)
+                        "--outtype", ftype], check=True, capture_output=True, env=env)
     llm = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=torch.get_num_threads(),
                           n_batch=64, verbose=False)
 

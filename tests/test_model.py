@@ -79,3 +79,24 @@ def test_greedy_generation_is_token_for_token_identical(pair):
                                 do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         assert completion.token_ids == expected
         assert completion.finish_reason == "length"
+
+
+def test_batched_prefill_of_ragged_prompts_matches_each_alone(pair):
+    """Right-padded prompts prefilled in one pass: each row's last-token logits and its cache
+    (checked by a decode step) are those of the prompt alone."""
+    ours, _, ref = pair
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, ours.config.vocab_size, (n,)) for n in (7, 19, 1, 12)]
+    lengths = torch.tensor([len(p) for p in prompts])
+    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        padded[row, :len(p)] = p
+    cache = KVCache(ours.config, slots=4, max_len=64, dtype=torch.float32, device="cpu")
+    last = ours.prefill(padded, cache, 0, lengths)
+    nxt = torch.tensor([5, 6, 7, 8])
+    step = ours.decode_step(nxt, lengths, cache)
+    for row, p in enumerate(prompts):
+        with torch.no_grad():
+            expected = ref(torch.cat([p, nxt[row:row + 1]])[None]).logits[0]
+        torch.testing.assert_close(last[row], expected[-2], atol=1e-4, rtol=0)
+        torch.testing.assert_close(step[row], expected[-1], atol=1e-4, rtol=0)

@@ -26,6 +26,10 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("gpt2serve.engine")
 
+# Prompts prefilled in one forward pass are padded to the longest; this bounds padded tokens
+# per pass (activation memory and the time other sequences wait for their next token).
+PREFILL_TOKEN_BUDGET = 4096
+
 
 class QueueFull(RuntimeError):
     """The waiting queue is at --max_queue; the client should retry later."""
@@ -275,44 +279,63 @@ class Engine:
             self.waiting = kept
 
     def _admit(self) -> None:
+        """Move waiting requests into free slots, FIFO, and prefill them together."""
         now = time.monotonic()
-        while True:
-            with self._wake:
-                if not self.waiting:
-                    break
+        batch, expired, free = [], [], self.max_batch_size - len(self.running)
+        with self._wake:
+            while self.waiting:
                 request = self.waiting[0]
-                expired = now - request.arrival > self.request_timeout
-                if not expired and len(self.running) + request.params.n > self.max_batch_size:
-                    break  # FIFO: the head of the queue waits for slots
-                self.waiting.popleft()
-                metrics.QUEUE_DEPTH.set(len(self.waiting))
-            if expired:
-                request.emit(RequestTimeout(
-                    f"waited more than {self.request_timeout:g}s for a free slot"))
-                continue
-            try:
-                self._prefill(request)
-            except Exception as e:  # a failing request must not take the engine down
-                log.exception("prefill failed")
+                if now - request.arrival > self.request_timeout:
+                    expired.append(self.waiting.popleft())
+                    continue
+                longest = max([len(request.prompt_ids)] + [len(r.prompt_ids) for r in batch])
+                if request.params.n > free or (
+                        batch and (len(batch) + 1) * longest > PREFILL_TOKEN_BUDGET):
+                    break  # the head of the queue waits for slots (or the next round)
+                batch.append(self.waiting.popleft())
+                free -= request.params.n
+            metrics.QUEUE_DEPTH.set(len(self.waiting))
+        for request in expired:
+            request.emit(RequestTimeout(
+                f"waited more than {self.request_timeout:g}s for a free slot"))
+        if not batch:
+            return
+        try:
+            self._prefill(batch)
+        except Exception as e:  # failing requests must not take the engine down
+            log.exception("prefill failed")
+            for request in batch:
                 self._mark_failed(request)
-                self._retire()
                 request.emit(e)
+            self._retire()
 
-    def _prefill(self, request: Request) -> None:
-        params = request.params
-        prompt = torch.tensor(request.prompt_ids, device=self.device)
+    def _prefill(self, batch: list[Request]) -> None:
+        """One forward pass over the batch's prompts; each request's first sequence goes to
+        the next slot in order, its siblings (n > 1) after all of them, sharing its prompt."""
         first = len(self.running)
-        logits = self.model.prefill(prompt, self.cache, first)
-        for i, gen in enumerate(params.generators()):
-            seq = Sequence(request, i, gen, IncrementalDetokenizer(self.tokenizer))
-            seq.slot = first + i
-            if i:
-                self.cache.move(first, seq.slot, len(request.prompt_ids))
-            request.seqs.append(seq)
+        lengths = [len(r.prompt_ids) for r in batch]
+        tokens = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+        for row, request in enumerate(batch):
+            tokens[row, :lengths[row]] = torch.tensor(request.prompt_ids)
+        logits = self.model.prefill(tokens.to(self.device), self.cache, first,
+                                    torch.tensor(lengths, device=self.device)).cpu()
+        seqs = []
+        for row, request in enumerate(batch):
+            for i, gen in enumerate(request.params.generators()):
+                seq = Sequence(request, i, gen, IncrementalDetokenizer(self.tokenizer))
+                request.seqs.append(seq)
+                seqs.append((seq, row))
+        seqs.sort(key=lambda item: item[0].index > 0)  # first sequences keep slots first..
+        for seq, row in seqs:
+            seq.slot = len(self.running)
+            if seq.index:
+                self.cache.move(first + row, seq.slot, lengths[row])
             self.running.append(seq)
-            self._advance(seq, logits.clone())
-        request.first_token_at = time.monotonic()
-        metrics.TIME_TO_FIRST_TOKEN.observe(request.first_token_at - request.arrival)
+            self._advance(seq, logits[row].clone())
+        now = time.monotonic()
+        for request in batch:
+            request.first_token_at = now
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
         self._retire()
 
     def _decode(self) -> None:

@@ -179,13 +179,25 @@ class GPT(nn.Module):
                 + sum(getattr(m, "nbytes", 0) for m in self.modules()))
 
     @torch.inference_mode()
-    def prefill(self, tokens: Tensor, cache: KVCache, slot: int,
+    def prefill(self, tokens: Tensor, cache: KVCache, slot: int, lengths: Tensor | None = None,
                 all_logits: bool = False) -> Tensor:
-        """Run a prompt tokens [T] into `slot`; logits [V] of the last position ([T, V] if asked)."""
-        T = tokens.shape[0]
-        positions = torch.arange(T, device=tokens.device)
-        hidden = self._run(tokens[None], positions[None], cache, slice(slot, slot + 1), None, None)
-        return self.logits(hidden[0] if all_logits else hidden[0, -1])
+        """Run N prompts, right-padded to tokens [N, T] (or one, [T]), into slots slot..slot+N-1.
+
+        Right padding needs no mask: under causal attention a prompt's tokens never see the
+        padding after them, and the garbage it leaves in the cache lies past the prompt, where
+        decode overwrites it before it is ever attended to. Returns the logits at each prompt's
+        last token, [N, V] ([V] for one prompt), or at every position [N, T, V] if asked."""
+        single = tokens.dim() == 1
+        tokens = tokens[None] if single else tokens
+        N, T = tokens.shape
+        positions = torch.arange(T, device=tokens.device).expand(N, T)
+        hidden = self._run(tokens, positions, cache, slice(slot, slot + N), None, None)
+        if not all_logits:
+            last = (lengths - 1 if lengths is not None
+                    else torch.full((N,), T - 1, device=tokens.device))
+            hidden = hidden[torch.arange(N, device=tokens.device), last]
+        logits = self.logits(hidden)
+        return logits[0] if single else logits
 
     @torch.inference_mode()
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
