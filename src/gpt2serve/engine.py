@@ -100,12 +100,14 @@ class Request:
         self.loop = loop
         self.events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self.arrival = time.monotonic()
-        self.first_token_at: float | None = None
         self.cancelled = False
         self.seqs: list[Sequence] = []
 
     def emit(self, item: TokenEvent | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # its event loop is closed: nobody is listening any more
+            self.cancelled = True
 
 
 class Engine:
@@ -334,7 +336,6 @@ class Engine:
             self._advance(seq, logits[row].clone())
         now = time.monotonic()
         for request in batch:
-            request.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
         self._retire()
 
@@ -400,16 +401,14 @@ class Engine:
 
     def _retire(self) -> None:
         """Drop finished sequences and keep the rest packed in slots 0..B-1."""
-        done = [s for s in self.running if s.finish_reason]
-        if not done:
-            return
         keep = [s for s in self.running if not s.finish_reason]
-        for new_slot, seq in enumerate(keep):
-            if seq.slot != new_slot:
-                self.cache.move(seq.slot, new_slot, seq.length - 1)
-                seq.slot = new_slot
-        self.running = keep
-        metrics.RUNNING.set(len(keep))
+        if len(keep) != len(self.running):
+            for new_slot, seq in enumerate(keep):
+                if seq.slot != new_slot:
+                    self.cache.move(seq.slot, new_slot, seq.length - 1)
+                    seq.slot = new_slot
+            self.running = keep
+        metrics.RUNNING.set(len(self.running))
 
     @staticmethod
     def _mark_failed(request: Request) -> None:
