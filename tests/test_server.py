@@ -143,3 +143,10 @@ def test_v2_bad_input(server):
     body = {"inputs": [{"name": "wrong", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}
     r = post(f"{server.url}/v2/models/{MODEL}/infer", body)
     assert r.status_code == 400 and "text_input" in r.json()["error"]
+
+
+def test_model_versions_are_a_400_not_kserves_501(server):
+    r = httpx.get(f"{server.url}/v2/models/{MODEL}/versions/1/ready")
+    assert r.status_code == 400 and "versions are not supported" in r.json()["error"]
+    r = httpx.get(f"{server.url}/v2/models/{MODEL}", params={"model_version": "2"})
+    assert r.status_code == 400

@@ -26,7 +26,7 @@ def serve(args: argparse.Namespace) -> None:
     from kserve.model_server import app
 
     from . import shutdown
-    from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect
+    from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect, NoModelVersions
     from .openai import openai_router
     from .predictor import GPT2Predictor
 
@@ -53,9 +53,10 @@ def serve(args: argparse.Namespace) -> None:
         return ORJSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
-    # Starlette runs the last added middleware first: auth, then the body limit, then
-    # cancel-on-disconnect around the handlers.
+    # Starlette runs the last added middleware first: auth, the body limit, model versions,
+    # then cancel-on-disconnect around the handlers.
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(NoModelVersions)
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)

@@ -34,6 +34,21 @@ class BearerAuth:
         return await self.app(scope, receive, send)
 
 
+class NoModelVersions:
+    """400 for KServe V2's model versions (`/versions/...`, `?model_version=`), which this
+    single-version server does not have; the SDK would answer them 501."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v2/models/") and (
+                "/versions/" in scope["path"] or b"model_version=" in scope["query_string"]):
+            return await _send_json(send, 400, {"error": "model versions are not supported: "
+                                                "each server serves one version"})
+        return await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """413 for a body over `max_bytes`, by its Content-Length or, when chunked, as it arrives.
 

@@ -32,6 +32,22 @@ IGNORED = {"user", "model", "prompt", "stream", "stream_options", "echo", "best_
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "suffix": None}
 
 
+_NUMBER, _INT = {"type": "number"}, {"type": "integer"}
+_STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+# The request body as the OpenAI reference describes it, for /openapi.json (the handler
+# validates by hand, to answer OpenAI-style errors naming the field).
+COMPLETIONS_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "required": ["prompt"], "properties": {
+        "model": {"type": "string"},
+        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                             {"type": "array", "items": _INT}]},
+        "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "n": _INT,
+        "stop": _STOP, "seed": _INT, "echo": {"type": "boolean"}, "logprobs": _INT,
+        "stream": {"type": "boolean"}, "stream_options": {"type": "object"},
+        "best_of": _INT, "user": {"type": "string"}, "top_k": _INT,
+        "repetition_penalty": _NUMBER, "ignore_eos": {"type": "boolean"}}}}}}}
+
+
 class OpenAIError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400,
                  kind: str = "invalid_request_error"):
@@ -58,7 +74,7 @@ def openai_router(engine: Engine, model_name: str, max_prompts: int = 64) -> API
         return OpenAIError("GPT-2 has no chat template; use /openai/v1/completions with a "
                            "text prompt", param="messages").response()
 
-    @router.post("/completions", response_model=None)
+    @router.post("/completions", response_model=None, openapi_extra=COMPLETIONS_SCHEMA)
     async def completions(request: HTTPRequest) -> Any:
         try:
             body = await _json_object(request)
