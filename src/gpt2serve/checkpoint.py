@@ -10,6 +10,7 @@ reported as one CheckpointError naming the file and what is wrong with it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -143,6 +144,17 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
     if dtype == "auto":
         return dev, torch.float16 if dev.type == "cuda" else torch.float32
     return dev, DTYPES[dtype]
+
+
+def resolve_threads(threads: int | None, quantize: str | None) -> int:
+    """Intra-op threads for the engine: as asked, else every core for float matmuls and half
+    of them (at least one) for int8. fbgemm's int8 matmuls are small enough that splitting
+    them costs more than it gains: on 2 cores, one thread gave 150 tok/s at batch 1 and 574
+    at batch 8 against 121 and 520 with two (docs/benchmarks.md), and leaves a core to HTTP."""
+    if threads:
+        return threads
+    cores = os.cpu_count() or 1
+    return max(1, cores // 2) if quantize == "int8" else cores
 
 
 def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,

@@ -35,6 +35,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="auto = float16 on CUDA, float32 on CPU")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: per-channel int8 weights (CPU, float32 activations)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (default: all cores; half of them with int8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,12 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> int:
+    import torch
+
     from .engine import Engine
 
     names = ("max_length", "max_new_tokens", "min_length", "temperature", "top_k", "top_p",
              "repetition_penalty", "n", "seed", "stop")
     params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
     device, dtype = checkpoint.resolve_device(args.device, args.dtype)
+    torch.set_num_threads(checkpoint.resolve_threads(args.threads, args.quantize))
     model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
                                        quantize=args.quantize)
     engine = Engine(model, tokenizer, max_batch_size=params.n)
