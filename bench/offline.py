@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -99,12 +100,27 @@ def llama_cpp_runner(folder: Path, ftype: str):
         if len(batch) != 1:
             raise NotImplementedError("llama-cpp-python generates one sequence at a time")
         llm.reset()
-        n = 0
-        for token in llm.generate(batch[0], top_k=1, temp=0.0, reset=True):
-            n += 1
+        tokens = llm.generate(batch[0], top_k=1, temp=0.0, reset=True)
+        for n, _ in enumerate(tokens, start=1):
             if n == NEW_TOKENS:
                 break
     return run
+
+
+def measure(make, args) -> dict:
+    """Median tokens/s of one engine at each batch size, in this process."""
+    try:
+        run = make()
+    except ImportError as e:
+        return {"skipped": str(e)}
+    tok_s = {}
+    for b in args.batches:
+        try:
+            t = median_time(functools.partial(run, prompts(b)), args.repeats)
+        except NotImplementedError:
+            continue
+        tok_s[b] = b * NEW_TOKENS / t
+    return {"tok_s": tok_s, "weight_bytes": next(iter(WEIGHT_BYTES.values()), None)}
 
 
 def read_bandwidth() -> float:
@@ -122,6 +138,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--only", nargs="*", default=None, help="subset of runner names")
+    p.add_argument("--runner", help=argparse.SUPPRESS)  # internal: measure one, print JSON
     args = p.parse_args()
     folder = gpt2_124m()
     runners = {
@@ -133,28 +150,34 @@ def main() -> None:
         "llama.cpp f32": lambda: llama_cpp_runner(folder, "f32"),
         "llama.cpp q8_0": lambda: llama_cpp_runner(folder, "q8_0"),
     }
+    if args.runner:
+        print("RESULT " + json.dumps(measure(runners[args.runner], args)))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus; GPT-2 124M fp32 random weights, 16-token prompts, "
-          f"{NEW_TOKENS} new tokens, median of {args.repeats}")
+          f"{NEW_TOKENS} new tokens, median of {args.repeats}, each engine in a fresh process")
     results: dict[str, dict[int, float]] = {}
-    for name, make in runners.items():
+    for name in runners:
         if args.only and name not in args.only:
             continue
-        try:
-            run = make()
-        except ImportError as e:
-            print(f"{name}: skipped ({e})")
+        # A fresh process per engine: threads one runtime leaves spinning slowed the next one
+        # (llama.cpp measured 123-140 tok/s after the others in one process, 207-216 alone).
+        child = subprocess.run(
+            [sys.executable, __file__, "--runner", name, "--repeats", str(args.repeats),
+             "--batches", *map(str, args.batches)], capture_output=True, text=True)
+        lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            print(f"{name}: failed\n{child.stderr[-2000:]}")
             continue
-        results[name] = {}
-        for b in args.batches:
-            batch = prompts(b)
-            try:
-                t = median_time(lambda: run(batch), args.repeats)
-            except NotImplementedError:
-                continue
-            results[name][b] = b * NEW_TOKENS / t
-            print(f"{name:24s} batch {b}: {results[name][b]:7.1f} tok/s", flush=True)
-        del run
+        outcome = json.loads(lines[-1][len("RESULT "):])
+        if "skipped" in outcome:
+            print(f"{name}: skipped ({outcome['skipped']})")
+            continue
+        results[name] = {int(b): v for b, v in outcome["tok_s"].items()}
+        if outcome.get("weight_bytes"):
+            WEIGHT_BYTES[name] = outcome["weight_bytes"]
+        for b, v in results[name].items():
+            print(f"{name:24s} batch {b}: {v:7.1f} tok/s", flush=True)
     for ours_name in ("gpt2serve fp32", "gpt2serve int8"):
         base = results.get(ours_name, {})
         if not base:

@@ -4,8 +4,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from gpt2serve import checkpoint
 
 DEMO = checkpoint.DEMO_MODEL_DIR

@@ -8,7 +8,6 @@ import logging
 import time
 
 import torch
-
 from fastapi.responses import ORJSONResponse
 
 from .. import checkpoint

@@ -31,7 +31,6 @@ IGNORED = {"user", "model", "prompt", "stream", "stream_options", "echo", "best_
 # Accepted only at their neutral value, since GPT-2 sampling here does not implement them.
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "suffix": None}
 
-
 _NUMBER, _INT = {"type": "number"}, {"type": "integer"}
 _STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 # The request body as the OpenAI reference describes it, for /openapi.json (the handler
