@@ -85,6 +85,20 @@ def test_disconnect_frees_the_slots(batch_server):
     assert metric(batch_server, "gpt2serve_aborted_sequences_total") == aborted + 8
 
 
+def test_disconnect_around_prefill_frees_the_slot(batch_server):
+    """A long prompt and a client that gives up after 50 ms: gone while queued or prefilling."""
+    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
+    aborted = metric(batch_server, "gpt2serve_aborted_sequences_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json={"instances": [{"prompt": "ROMEO: " * 250, "max_new_tokens": 200,
+                                             "ignore_eos": True}]}, timeout=0.05)
+    deadline = time.monotonic() + 10
+    while metric(batch_server, "gpt2serve_running_sequences") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(batch_server, "gpt2serve_running_sequences") == 0
+    assert metric(batch_server, "gpt2serve_aborted_sequences_total") == aborted + 1
+
+
 def test_stream_disconnect_frees_the_slot(batch_server):
     client = openai.OpenAI(base_url=f"{batch_server.url}/openai/v1", api_key="unused")
     aborted = metric(batch_server, "gpt2serve_aborted_sequences_total")

@@ -150,3 +150,12 @@ def test_model_versions_are_a_400_not_kserves_501(server):
     assert r.status_code == 400 and "versions are not supported" in r.json()["error"]
     r = httpx.get(f"{server.url}/v2/models/{MODEL}", params={"model_version": "2"})
     assert r.status_code == 400
+
+
+def test_vanishing_temperature_is_greedy_not_a_500(server):
+    """Dividing logits by 1e-300 overflowed to NaN inside the sampler (a 500, found by review)."""
+    greedy = {"prompt": "ROMEO:", "max_new_tokens": 8, "do_sample": False}
+    tiny = {"prompt": "ROMEO:", "max_new_tokens": 8, "temperature": 1e-300, "top_k": 0}
+    r = post(predict_url(server), {"instances": [tiny, greedy]})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0] == r.json()["predictions"][1]

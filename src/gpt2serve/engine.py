@@ -333,7 +333,7 @@ class Engine:
             if seq.index:
                 self.cache.move(first + row, seq.slot, lengths[row])
             self.running.append(seq)
-            self._advance(seq, logits[row].clone())
+            self._advance_or_fail(seq, logits[row])
         now = time.monotonic()
         for request in batch:
             metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
@@ -345,17 +345,21 @@ class Engine:
         pos = torch.tensor([s.length - 1 for s in self.running], device=self.device)
         logits = self.model.decode_step(tokens, pos, self.cache).cpu()
         for seq, row in zip(self.running, logits):
-            if seq.finish_reason:
-                continue  # a sibling sequence failed below
-            try:
-                self._advance(seq, row)
-            except Exception as e:  # fails this request alone
-                log.exception("sampling failed")
-                seq.request.emit(e)
-                self._mark_failed(seq.request)
+            self._advance_or_fail(seq, row)
         metrics.BATCH_SIZE.observe(len(self.running))
         metrics.TIME_PER_TOKEN.observe(time.perf_counter() - t0)
         self._retire()
+
+    def _advance_or_fail(self, seq: Sequence, raw: torch.Tensor) -> None:
+        """_advance, where an error fails this sequence's request alone."""
+        if seq.finish_reason:
+            return  # a sibling sequence already failed
+        try:
+            self._advance(seq, raw)
+        except Exception as e:
+            log.exception("sampling failed")
+            seq.request.emit(e)
+            self._mark_failed(seq.request)
 
     def _advance(self, seq: Sequence, raw: torch.Tensor) -> None:
         """Sample one token for `seq` from its logits row, detokenize, check stops, emit."""

@@ -19,6 +19,7 @@ MAX_N = 128  # an absolute bound; servers set a lower one (--max_n)
 MAX_STOP = 8
 MAX_LOGPROBS = 5
 DEFAULT_MAX_LENGTH = 256
+GREEDY_BELOW = 1e-5  # temperatures under this mean greedy decoding
 
 
 class SamplingError(ValueError):
@@ -60,7 +61,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0.0
+        # As vLLM: a temperature this small is greedy; dividing by it would overflow to inf.
+        return not self.do_sample or self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         self.max_length = _int(self, "max_length", 1, optional=True)
