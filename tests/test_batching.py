@@ -72,31 +72,33 @@ def test_short_request_overtakes_a_long_one(batch_server):
     assert done["short"] < done["long"]
 
 
-def test_disconnect_frees_the_slots(batch_server):
-    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
-    aborted = metric(batch_server, "gpt2serve_aborted_sequences_total")
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url, json={"instances": [{"prompt": "a", "max_new_tokens": 1000, "n": 8,
-                                             "ignore_eos": True}]}, timeout=1.0)
+def assert_slots_freed(server, aborted_before: float, sequences: int) -> None:
     deadline = time.monotonic() + 10
-    while metric(batch_server, "gpt2serve_running_sequences") and time.monotonic() < deadline:
+    while metric(server, "gpt2serve_running_sequences") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert metric(batch_server, "gpt2serve_running_sequences") == 0
-    assert metric(batch_server, "gpt2serve_aborted_sequences_total") == aborted + 8
+    assert metric(server, "gpt2serve_running_sequences") == 0
+    assert metric(server, "gpt2serve_aborted_sequences_total") == aborted_before + sequences
+
+
+def abandoned_predict(server, instance: dict, timeout: float) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/models/{MODEL}:predict", json={"instances": [instance]},
+                   timeout=timeout)
+
+
+def test_disconnect_frees_the_slots(batch_server):
+    aborted = metric(batch_server, "gpt2serve_aborted_sequences_total")
+    abandoned_predict(batch_server, {"prompt": "a", "max_new_tokens": 1000, "n": 8,
+                                     "ignore_eos": True}, timeout=1.0)
+    assert_slots_freed(batch_server, aborted, 8)
 
 
 def test_disconnect_around_prefill_frees_the_slot(batch_server):
     """A long prompt and a client that gives up after 50 ms: gone while queued or prefilling."""
-    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
     aborted = metric(batch_server, "gpt2serve_aborted_sequences_total")
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url, json={"instances": [{"prompt": "ROMEO: " * 250, "max_new_tokens": 200,
-                                             "ignore_eos": True}]}, timeout=0.05)
-    deadline = time.monotonic() + 10
-    while metric(batch_server, "gpt2serve_running_sequences") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(batch_server, "gpt2serve_running_sequences") == 0
-    assert metric(batch_server, "gpt2serve_aborted_sequences_total") == aborted + 1
+    abandoned_predict(batch_server, {"prompt": "ROMEO: " * 250, "max_new_tokens": 200,
+                                     "ignore_eos": True}, timeout=0.05)
+    assert_slots_freed(batch_server, aborted, 1)
 
 
 def test_stream_disconnect_frees_the_slot(batch_server):
@@ -106,10 +108,7 @@ def test_stream_disconnect_frees_the_slot(batch_server):
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
-    deadline = time.monotonic() + 10
-    while metric(batch_server, "gpt2serve_running_sequences") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(batch_server, "gpt2serve_aborted_sequences_total") == aborted + 1
+    assert_slots_freed(batch_server, aborted, 1)
 
 
 def test_full_queue_answers_503_with_retry_after(batch_server):
