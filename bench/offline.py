@@ -28,23 +28,19 @@ def ours(folder: Path, quantize: str | None = None):
     from gpt2serve.engine import Engine
     from gpt2serve.sampling import SamplingParams
 
+    threads = checkpoint.resolve_threads(None, quantize)  # set up as `gpt2serve serve` does
+    torch.set_num_threads(1)
     model, tokenizer = checkpoint.load(folder, quantize=quantize)
     WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes()
-    threads = checkpoint.resolve_threads(None, quantize)  # what `gpt2serve serve` would use
-    engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX)
+    engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX, threads=threads)
     params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": NEW_TOKENS,
                                        "ignore_eos": True})
 
     def run(batch):
         async def go():
             return await asyncio.gather(*(engine.complete(p, params) for p in batch))
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            for (c,) in asyncio.run(go()):
-                assert len(c.token_ids) == NEW_TOKENS
-        finally:
-            torch.set_num_threads(before)
+        for (c,) in asyncio.run(go()):
+            assert len(c.token_ids) == NEW_TOKENS
     return run
 
 

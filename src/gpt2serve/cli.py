@@ -109,10 +109,11 @@ def generate(args: argparse.Namespace) -> int:
              "repetition_penalty", "n", "seed", "stop")
     params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
     device, dtype = checkpoint.resolve_device(args.device, args.dtype)
-    torch.set_num_threads(checkpoint.resolve_threads(args.threads, args.quantize))
+    threads = checkpoint.resolve_threads(args.threads, args.quantize)
+    torch.set_num_threads(1)  # this thread only sets up; the engine's thread computes
     model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
                                        quantize=args.quantize)
-    engine = Engine(model, tokenizer, max_batch_size=params.n)
+    engine = Engine(model, tokenizer, max_batch_size=params.n, threads=threads)
     try:
         completions = asyncio.run(engine.complete(engine.encode_prompt(args.prompt), params))
     finally:

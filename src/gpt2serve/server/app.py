@@ -33,16 +33,17 @@ def serve(args: argparse.Namespace) -> None:
 
     t0 = time.monotonic()
     device, dtype = checkpoint.resolve_device(args.device, args.dtype)
-    torch.set_num_threads(checkpoint.resolve_threads(args.threads, args.quantize))
+    threads = checkpoint.resolve_threads(args.threads, args.quantize)
+    torch.set_num_threads(1)  # this thread only sets up; the engine's thread computes
     model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
                                        quantize=args.quantize)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    max_n=args.max_n, max_prompt_chars=args.max_prompt_chars)
+                    max_n=args.max_n, max_prompt_chars=args.max_prompt_chars, threads=threads)
     log.info("loaded %s (%d layers, %d dims, vocab %d) on %s/%s%s, %d threads, in %.2fs",
              args.model_dir or "the embedded demo model", model.config.n_layer,
              model.config.n_embd, model.config.vocab_size, device, dtype,
-             " int8" if args.quantize == "int8" else "", torch.get_num_threads(),
+             " int8" if args.quantize == "int8" else "", threads,
              time.monotonic() - t0)
     predictor = GPT2Predictor(args.model_name, engine, max_instances=args.max_instances)
     for exc in (QueueFull, RequestTimeout, EngineStopped):
