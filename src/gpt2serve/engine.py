@@ -284,8 +284,10 @@ class Engine:
             metrics.ABORTED.inc()
         self._retire()
         with self._wake:
-            kept = collections.deque(r for r in self.waiting if not r.cancelled)
-            self.waiting = kept
+            gone = [r for r in self.waiting if r.cancelled]
+            if gone:
+                metrics.ABORTED.inc(sum(r.params.n for r in gone))
+                self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
 
     def _admit(self) -> None:
         """Move waiting requests into free slots, FIFO, and prefill them together."""

@@ -6,7 +6,7 @@ QUEUE_DEPTH = Gauge("gpt2serve_queue_depth", "Requests waiting for a KV-cache sl
 RUNNING = Gauge("gpt2serve_running_sequences", "Sequences in the running batch")
 REJECTED = Counter("gpt2serve_rejected_requests_total", "Requests refused because the queue was full")
 ABORTED = Counter("gpt2serve_aborted_sequences_total",
-                  "Sequences dropped before finishing because their client went away")
+                  "Sequences dropped, queued or running, because their client went away")
 TOKENS_GENERATED = Counter("gpt2serve_generated_tokens_total", "Tokens generated")
 BATCH_SIZE = Histogram("gpt2serve_batch_size", "Sequences per decode step",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
