@@ -28,7 +28,7 @@ def ours(folder: Path, quantize: str | None = None):
     from gpt2serve.engine import Engine
     from gpt2serve.sampling import SamplingParams
 
-    threads = checkpoint.resolve_threads(None, quantize)  # set up as `gpt2serve serve` does
+    threads = checkpoint.resolve_threads(None)  # set up as `gpt2serve serve` does
     torch.set_num_threads(1)
     model, tokenizer = checkpoint.load(folder, quantize=quantize)
     WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes()

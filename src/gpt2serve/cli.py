@@ -36,7 +36,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: per-channel int8 weights (CPU, float32 activations)")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op CPU threads (default: all cores; half of them with int8)")
+                   help="intra-op CPU threads (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +109,7 @@ def generate(args: argparse.Namespace) -> int:
              "repetition_penalty", "n", "seed", "stop")
     params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
     device, dtype = checkpoint.resolve_device(args.device, args.dtype)
-    threads = checkpoint.resolve_threads(args.threads, args.quantize)
+    threads = checkpoint.resolve_threads(args.threads)
     torch.set_num_threads(1)  # this thread only sets up; the engine's thread computes
     model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
                                        quantize=args.quantize)

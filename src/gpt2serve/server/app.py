@@ -33,7 +33,7 @@ def serve(args: argparse.Namespace) -> None:
 
     t0 = time.monotonic()
     device, dtype = checkpoint.resolve_device(args.device, args.dtype)
-    threads = checkpoint.resolve_threads(args.threads, args.quantize)
+    threads = checkpoint.resolve_threads(args.threads)
     torch.set_num_threads(1)  # this thread only sets up; the engine's thread computes
     model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
                                        quantize=args.quantize)
