@@ -2,9 +2,10 @@
 
 One file, nanoGPT style. Parameter names and layouts are Hugging Face's (`Conv1D` weights are
 [in, out]), so a checkpoint maps onto this module by dropping the `transformer.` prefix
-(see `checkpoint.py`). Matmuls run as `addmm(bias, x, W[in, out])`, which on CPU is the fast
-GEMV layout; the tied embedding / LM head is stored once, as a contiguous [D, V] matrix, for
-the same reason (`TiedHead`).
+(see `checkpoint.py`). Matmuls run as `addmm(bias, x, W[in, out])` on 2-D activations
+[tokens, features], which on CPU is the fast GEMV layout; the tied embedding / LM head is
+stored once, as a contiguous [D, V] matrix, for the same reason (`TiedHead`). packing.py and
+quantize.py swap in faster kernels for the same products.
 
 The cache holds `slots` sequences. The engine keeps running sequences packed in slots
 0..B-1, so decode attends over a plain slice of the cache with a per-row length mask.
@@ -54,26 +55,28 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values for `slots` sequences of up to `max_len` tokens, allocated once."""
+    """Keys and values for `slots` sequences of up to `max_len` tokens, allocated once.
+
+    Layout [layer, slot, position, 2 * n_embd]: a token's key and value lie side by side, as
+    the fused QKV projection produces them, so one copy stores both and attention reads them
+    through a strided view."""
 
     def __init__(self, config: GPTConfig, slots: int, max_len: int, dtype, device):
-        shape = (config.n_layer, slots, config.n_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (config.n_layer, slots, max_len, 2 * config.n_embd)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_len = slots, max_len
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.kv.nbytes
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy one sequence's entries to another slot (used to keep running slots packed)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.kv[:, dst, :length] = self.kv[:, src, :length]
 
 
 class Conv1D(nn.Module):
-    """Hugging Face's GPT-2 linear layer: weight [in, out], y = x @ W + b."""
+    """Hugging Face's GPT-2 linear layer: weight [in, out], y = x @ W + b, on x [tokens, in]."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
@@ -81,11 +84,14 @@ class Conv1D(nn.Module):
         self.bias = nn.Parameter(torch.empty(n_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(
-            *x.shape[:-1], -1)
+        return torch.addmm(self.bias, x, self.weight)
 
 
 class Block(nn.Module):
+    """One transformer layer. Activations are 2-D, [tokens, n_embd], so every matmul is a
+    plain 2-D product; attention alone sees sequences (a decode step runs ~15 small ops per
+    layer, and at batch 1 int8 their Python and dispatch cost is a quarter of the step)."""
+
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         d = config.n_embd
@@ -98,33 +104,38 @@ class Block(nn.Module):
         self.mlp.c_fc = Conv1D(d, config.mlp_dim)
         self.mlp.c_proj = Conv1D(config.mlp_dim, d)
         self.act = ACTIVATIONS[config.activation_function]
-        self.n_head, self.layer_idx = config.n_head, layer_idx
+        self.n_head, self.head_dim = config.n_head, config.head_dim
         scale = 1.0 / math.sqrt(config.head_dim) if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
         self.scale = scale
 
-    def forward(self, x: Tensor, cache: KVCache, slots: slice, pos: Tensor | None,
-                mask: Tensor | None) -> Tensor:
-        """x: [B, T, D]. Prefill (pos None): T new tokens at positions 0..T-1 of one slot.
-        Decode: T == 1, the token of row b goes to position pos[b] of slot b."""
-        B, T, D = x.shape
-        H = self.n_head
-        q, k, v = self.attn.c_attn(self.ln_1(x)).split(D, dim=2)
-        q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
-        ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        if pos is None:
-            ck[slots, :, :T] = k
-            cv[slots, :, :T] = v
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            rows = torch.arange(B, device=x.device)
-            ck[rows, :, pos] = k[:, :, 0]
-            cv[rows, :, pos] = v[:, :, 0]
-            L = mask.shape[-1]
-            y = F.scaled_dot_product_attention(
-                q, ck[:B, :, :L], cv[:B, :, :L], attn_mask=mask, scale=self.scale)
-        x = x + self.attn.c_proj(y.transpose(1, 2).reshape(B, T, D))
+    def prefill(self, x: Tensor, kv: Tensor, slots: slice, N: int, T: int) -> Tensor:
+        """x: [N * T, D], N prompts of T tokens at positions 0..T-1, cached in `slots`."""
+        D, H = x.shape[1], self.n_head
+        qkv = self.attn.c_attn(self.ln_1(x)).view(N, T, 3 * D)
+        kv[slots, :T] = qkv[..., D:]
+        q, k, v = (t.view(N, T, H, self.head_dim).transpose(1, 2) for t in qkv.split(D, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self._rest(x, y.transpose(1, 2).reshape(N * T, D))
+
+    def decode(self, x: Tensor, kv: Tensor, index: Tensor, L: int,
+               mask: Tensor | None) -> Tensor:
+        """x: [B, D], one token of each of slots 0..B-1; `index` is slot * max_len + position
+        of each; each attends to positions 0..L-1 of its slot where `mask` [B, 1, 1, L] is
+        true (all of them without a mask)."""
+        B, D = x.shape
+        H, hd = self.n_head, self.head_dim
+        qkv = self.attn.c_attn(self.ln_1(x))
+        kv.view(-1, 2 * D).index_copy_(0, index, qkv[:, D:])
+        k, v = kv[:B, :L].view(B, L, 2, H, hd).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[:, :D].view(B, H, 1, hd), k, v,
+                                           attn_mask=mask, scale=self.scale)
+        return self._rest(x, y.reshape(B, D))
+
+    def _rest(self, x: Tensor, y: Tensor) -> Tensor:
+        """Attention output projection, then the MLP, each with its residual."""
+        x = x + self.attn.c_proj(y)
         return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
 
 
@@ -151,13 +162,6 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.head = TiedHead(config.n_embd, config.vocab_size)
-
-    def _run(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: slice,
-             pos: Tensor | None, mask: Tensor | None) -> Tensor:
-        x = self.head.embed(tokens) + self.wpe(positions)
-        for block in self.h:
-            x = block(x, cache, slots, pos, mask)
-        return self.ln_f(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(hidden).float()
@@ -190,19 +194,30 @@ class GPT(nn.Module):
         single = tokens.dim() == 1
         tokens = tokens[None] if single else tokens
         N, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device).expand(N, T)
-        hidden = self._run(tokens, positions, cache, slice(slot, slot + N), None, None)
-        if not all_logits:
+        positions = torch.arange(T, device=tokens.device).repeat(N)
+        x = self.head.embed(tokens.reshape(-1)) + self.wpe(positions)
+        slots = slice(slot, slot + N)
+        for block, kv in zip(self.h, cache.kv):
+            x = block.prefill(x, kv, slots, N, T)
+        hidden = self.ln_f(x).view(N, T, -1)
+        if all_logits:
+            logits = self.logits(hidden.view(N * T, -1)).view(N, T, -1)
+        else:
             last = (lengths - 1 if lengths is not None
                     else torch.full((N,), T - 1, device=tokens.device))
-            hidden = hidden[torch.arange(N, device=tokens.device), last]
-        logits = self.logits(hidden)
+            logits = self.logits(hidden[torch.arange(N, device=tokens.device), last])
         return logits[0] if single else logits
 
     @torch.inference_mode()
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
         """One token for each of slots 0..B-1: tokens [B] at positions pos [B] -> logits [B, V]."""
+        B = tokens.shape[0]
+        index = torch.arange(B, device=pos.device) * cache.max_len + pos
         L = int(pos.max()) + 1
-        mask = (torch.arange(L, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
-        hidden = self._run(tokens[:, None], pos[:, None], cache, slice(None), pos, mask)
-        return self.logits(hidden[:, 0])
+        mask = None  # a lone sequence attends to all L positions
+        if B > 1:
+            mask = (torch.arange(L, device=pos.device) <= pos[:, None])[:, None, None, :]
+        x = self.head.embed(tokens) + self.wpe(pos)
+        for block, kv in zip(self.h, cache.kv):
+            x = block.decode(x, kv, index, L, mask)
+        return self.logits(self.ln_f(x))

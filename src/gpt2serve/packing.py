@@ -38,13 +38,10 @@ class PackedLinear(nn.Module):
         weight = conv.weight.detach()
         self.register_buffer("packed", _pack(weight.t()), persistent=False)
         self.register_buffer("bias", conv.bias.detach().clone(), persistent=False)
-        self.out_features = weight.shape[1]
         self.nbytes = weight.nbytes + self.bias.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed,
-                                               self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class PackedHead(nn.Module):
@@ -61,9 +58,7 @@ class PackedHead(nn.Module):
         return nn.functional.embedding(tokens, self.rows)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(hidden.reshape(-1, hidden.shape[-1]),
-                                               self.packed, None, "none", [], "")
-        return y.view(*hidden.shape[:-1], -1)
+        return torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
 
 
 def pack_fp32(model: GPT) -> GPT:

@@ -56,13 +56,10 @@ class Int8Linear(nn.Module):
         super().__init__()
         q, _ = quantize_rows(conv.weight.detach().t())
         self._packed = torch.ops.quantized.linear_prepack(q, conv.bias.detach().float())
-        self.out_features = conv.weight.shape[1]
         self.nbytes = q.numel() + conv.bias.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), self._packed,
-                                               REDUCE_RANGE)
-        return y.view(*x.shape[:-1], self.out_features)
+        return torch.ops.quantized.linear_dynamic(x, self._packed, REDUCE_RANGE)
 
 
 class Int8TiedHead(nn.Module):
@@ -81,9 +78,7 @@ class Int8TiedHead(nn.Module):
         return self.rows[tokens].float() * self.scales[tokens].unsqueeze(-1)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        y = torch.ops.quantized.linear_dynamic(hidden.reshape(-1, hidden.shape[-1]),
-                                               self._packed, REDUCE_RANGE)
-        return y.view(*hidden.shape[:-1], -1)
+        return torch.ops.quantized.linear_dynamic(hidden, self._packed, REDUCE_RANGE)
 
 
 def quantize_int8(model: GPT) -> GPT:
