@@ -57,12 +57,12 @@ class GPTConfig:
 class KVCache:
     """Keys and values for `slots` sequences of up to `max_len` tokens, allocated once.
 
-    Layout [layer, slot, position, 2 * n_embd]: a token's key and value lie side by side, as
-    the fused QKV projection produces them, so one copy stores both and attention reads them
-    through a strided view."""
+    Layout [layer, slot, key|value, head, position, head_dim]: attention reads each head's
+    keys as one contiguous run (a token-major layout read them 1.6x slower at 400 tokens),
+    and a decode step stores all new keys and values of a layer with one `index_copy_`."""
 
     def __init__(self, config: GPTConfig, slots: int, max_len: int, dtype, device):
-        shape = (config.n_layer, slots, max_len, 2 * config.n_embd)
+        shape = (config.n_layer, slots, 2, config.n_head, max_len, config.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.slots, self.max_len = slots, max_len
 
@@ -72,7 +72,14 @@ class KVCache:
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy one sequence's entries to another slot (used to keep running slots packed)."""
-        self.kv[:, dst, :length] = self.kv[:, src, :length]
+        self.kv[:, dst, ..., :length, :] = self.kv[:, src, ..., :length, :]
+
+    def rows(self, pos: Tensor) -> Tensor:
+        """Where slots 0..B-1 store the key and value of each head for a token at pos [B]:
+        row numbers in one layer's cache viewed as [slots * 2 * heads * max_len, head_dim]."""
+        B, per_slot = pos.shape[0], 2 * self.kv.shape[3]
+        first = torch.arange(B * per_slot, device=pos.device).view(B, per_slot) * self.max_len
+        return (first + pos[:, None]).view(-1)
 
 
 class Conv1D(nn.Module):
@@ -113,22 +120,21 @@ class Block(nn.Module):
     def prefill(self, x: Tensor, kv: Tensor, slots: slice, N: int, T: int) -> Tensor:
         """x: [N * T, D], N prompts of T tokens at positions 0..T-1, cached in `slots`."""
         D, H = x.shape[1], self.n_head
-        qkv = self.attn.c_attn(self.ln_1(x)).view(N, T, 3 * D)
-        kv[slots, :T] = qkv[..., D:]
-        q, k, v = (t.view(N, T, H, self.head_dim).transpose(1, 2) for t in qkv.split(D, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        qkv = self.attn.c_attn(self.ln_1(x)).view(N, T, 3, H, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv[slots, ..., :T, :] = qkv[1:].transpose(0, 1)
+        y = F.scaled_dot_product_attention(*qkv, is_causal=True, scale=self.scale)
         return self._rest(x, y.transpose(1, 2).reshape(N * T, D))
 
-    def decode(self, x: Tensor, kv: Tensor, index: Tensor, L: int,
+    def decode(self, x: Tensor, kv: Tensor, rows: Tensor, L: int,
                mask: Tensor | None) -> Tensor:
-        """x: [B, D], one token of each of slots 0..B-1; `index` is slot * max_len + position
-        of each; each attends to positions 0..L-1 of its slot where `mask` [B, 1, 1, L] is
-        true (all of them without a mask)."""
+        """x: [B, D], one token of each of slots 0..B-1, stored at `rows` (KVCache.rows); each
+        attends to positions 0..L-1 of its slot where `mask` [B, 1, 1, L] is true (all of
+        them without a mask)."""
         B, D = x.shape
         H, hd = self.n_head, self.head_dim
         qkv = self.attn.c_attn(self.ln_1(x))
-        kv.view(-1, 2 * D).index_copy_(0, index, qkv[:, D:])
-        k, v = kv[:B, :L].view(B, L, 2, H, hd).permute(2, 0, 3, 1, 4)
+        kv.view(-1, hd).index_copy_(0, rows, qkv[:, D:].reshape(-1, hd))
+        k, v = kv[:B, ..., :L, :].unbind(1)
         y = F.scaled_dot_product_attention(qkv[:, :D].view(B, H, 1, hd), k, v,
                                            attn_mask=mask, scale=self.scale)
         return self._rest(x, y.reshape(B, D))
@@ -209,15 +215,22 @@ class GPT(nn.Module):
         return logits[0] if single else logits
 
     @torch.inference_mode()
-    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache) -> Tensor:
-        """One token for each of slots 0..B-1: tokens [B] at positions pos [B] -> logits [B, V]."""
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache,
+                    between_layers: Callable[[], None] | None = None) -> Tensor:
+        """One token for each of slots 0..B-1: tokens [B] at positions pos [B] -> logits [B, V].
+
+        `between_layers`, if given, runs after each layer: it may use the model on slots past
+        B-1 (the engine prefills newly arrived prompts there, so that they wait for one layer
+        of the step in flight rather than all of it)."""
         B = tokens.shape[0]
-        index = torch.arange(B, device=pos.device) * cache.max_len + pos
+        rows = cache.rows(pos)
         L = int(pos.max()) + 1
         mask = None  # a lone sequence attends to all L positions
         if B > 1:
             mask = (torch.arange(L, device=pos.device) <= pos[:, None])[:, None, None, :]
         x = self.head.embed(tokens) + self.wpe(pos)
         for block, kv in zip(self.h, cache.kv):
-            x = block.decode(x, kv, index, L, mask)
+            x = block.decode(x, kv, rows, L, mask)
+            if between_layers is not None:
+                between_layers()
         return self.logits(self.ln_f(x))
