@@ -55,6 +55,31 @@ def test_concurrent_requests_complete_and_seeds_hold_under_batching(batch_server
     assert steps < tokens / 4  # they really were decoded together
 
 
+def test_requests_joining_a_running_batch_match_their_output_alone(batch_server):
+    """Newcomers are prefilled between the layers of the decode step in flight, into the
+    slots after the batch, and their siblings (n > 1) are copied there: none of it may touch
+    the running sequences' cache, nor theirs."""
+    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
+    long = {"prompt": "KING HENRY:", "seed": 7, "n": 2, "max_new_tokens": 300,
+            "temperature": 1.0, "ignore_eos": True}
+    joiners = [{"prompt": f"{name}:", "seed": i, "n": 3, "max_new_tokens": 20,
+                "temperature": 0.8, "ignore_eos": True}
+               for i, name in enumerate(["ROMEO", "JULIET", "NURSE", "TYBALT"])]
+    alone = [post(url, {"instances": [body]}).json()["predictions"][0]
+             for body in [long, *joiners]]
+
+    async def staggered():
+        async with httpx.AsyncClient() as client:
+            first = asyncio.create_task(_predict(client, url, long))
+            late = []
+            for body in joiners:
+                await asyncio.sleep(0.03)
+                late.append(asyncio.create_task(_predict(client, url, body)))
+            return await asyncio.gather(first, *late)
+
+    assert asyncio.run(staggered()) == alone
+
+
 def test_short_request_overtakes_a_long_one(batch_server):
     url = f"{batch_server.url}/v1/models/{MODEL}:predict"
     done = {}

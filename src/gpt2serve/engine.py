@@ -266,6 +266,7 @@ class Engine:
             try:
                 self._retire_cancelled()
                 self._admit()
+                self._retire()
                 if self.running:
                     self._decode()
             except Exception as e:  # a failed step costs the running batch, never the server
@@ -318,7 +319,6 @@ class Engine:
             for request in batch:
                 self._mark_failed(request)
                 request.emit(e)
-            self._retire()
 
     def _prefill(self, batch: list[Request]) -> None:
         """One forward pass over the batch's prompts; each request's first sequence goes to
@@ -346,16 +346,28 @@ class Engine:
         now = time.monotonic()
         for request in batch:
             metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
-        self._retire()
 
     def _decode(self) -> None:
+        """One decode step for the running batch. Requests that arrive meanwhile are admitted
+        once, between two of its layers (into the slots after the batch): a newcomer's first
+        token waits for one layer of the step in flight, not the whole step, while requests
+        arriving together still share a prefill at the next step."""
         t0 = time.perf_counter()
-        tokens = torch.tensor([s.tokens[-1] for s in self.running], device=self.device)
-        pos = torch.tensor([s.length - 1 for s in self.running], device=self.device)
-        logits = self.model.decode_step(tokens, pos, self.cache).cpu()
-        for seq, row in zip(self.running, logits):
+        batch = list(self.running)
+        admitted = False
+
+        def admit_arrivals() -> None:  # nothing may be retired here: slots stay as they are
+            nonlocal admitted
+            if not admitted and self.waiting and len(self.running) < self.max_batch_size:
+                admitted = True
+                self._admit()
+
+        tokens = torch.tensor([s.tokens[-1] for s in batch], device=self.device)
+        pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
+        logits = self.model.decode_step(tokens, pos, self.cache, admit_arrivals).cpu()
+        for seq, row in zip(batch, logits):
             self._advance_or_fail(seq, row)
-        metrics.BATCH_SIZE.observe(len(self.running))
+        metrics.BATCH_SIZE.observe(len(batch))
         metrics.TIME_PER_TOKEN.observe(time.perf_counter() - t0)
         self._retire()
 
