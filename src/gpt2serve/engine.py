@@ -2,9 +2,11 @@
 
 Requests wait in a bounded queue. A dedicated thread runs the step loop: between decode steps
 it retires finished or cancelled sequences, admits waiting requests into free cache slots
-(prefilling their prompts), then runs one batched decode step for every running sequence.
-Tokens go back to the asyncio side with `loop.call_soon_threadsafe`, so HTTP handlers never
-block; torch releases the GIL inside its kernels, so the server stays responsive meanwhile.
+(prefilling their prompts), then runs one batched decode step for every running sequence;
+requests that arrive during that step are prefilled between two of its layers. A step's tokens
+go back to the asyncio side together (`Outbox`, one `loop.call_soon_threadsafe`), so HTTP
+handlers never block; torch releases the GIL inside its kernels, so the server stays
+responsive meanwhile.
 """
 
 from __future__ import annotations
@@ -103,11 +105,33 @@ class Request:
         self.cancelled = False
         self.seqs: list[Sequence] = []
 
-    def emit(self, item: TokenEvent | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # its event loop is closed: nobody is listening any more
-            self.cancelled = True
+
+class Outbox:
+    """What the step thread has for the asyncio side, handed over in one call per event loop
+    when flushed: a call per event woke the server's loop once per token of every stream."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Request, TokenEvent | BaseException]] = []
+
+    def put(self, request: Request, item: TokenEvent | BaseException) -> None:
+        self._items.append((request, item))
+
+    def flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request, item in self._items:
+            by_loop.setdefault(request.loop, []).append((request, item))
+        self._items = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # its event loop is closed: nobody is listening any more
+                for request, _ in items:
+                    request.cancelled = True
+
+
+def _deliver(items: list[tuple[Request, TokenEvent | BaseException]]) -> None:
+    for request, item in items:
+        request.events.put_nowait(item)
 
 
 class Engine:
@@ -136,6 +160,7 @@ class Engine:
         self._draining = False  # refuse new work, finish what was accepted
         self._stopping = False  # abort everything and end the step loop
         self._thread: threading.Thread | None = None
+        self._outbox = Outbox()  # touched by the step thread only
         log.info("KV cache: %d slots x %d tokens, %.1f MiB (%s on %s)", max_batch_size,
                  self.context, self.cache.nbytes / 2**20, param.dtype, self.device)
 
@@ -260,8 +285,9 @@ class Engine:
                     stopped = EngineStopped("server stopped")
                     self._fail_running(stopped)
                     for request in self.waiting:
-                        request.emit(stopped)
+                        self._outbox.put(request, stopped)
                     self.waiting.clear()
+                    self._outbox.flush()
                     return
             try:
                 self._retire_cancelled()
@@ -272,10 +298,11 @@ class Engine:
             except Exception as e:  # a failed step costs the running batch, never the server
                 log.exception("engine step failed")
                 self._fail_running(e)
+            self._outbox.flush()
 
     def _fail_running(self, error: Exception) -> None:
         for request in {id(s.request): s.request for s in self.running}.values():
-            request.emit(error)
+            self._outbox.put(request, error)
             self._mark_failed(request)
         self._retire()
 
@@ -308,7 +335,7 @@ class Engine:
                 free -= request.params.n
             metrics.QUEUE_DEPTH.set(len(self.waiting))
         for request in expired:
-            request.emit(RequestTimeout(
+            self._outbox.put(request, RequestTimeout(
                 f"waited more than {self.request_timeout:g}s for a free slot"))
         if not batch:
             return
@@ -318,7 +345,7 @@ class Engine:
             log.exception("prefill failed")
             for request in batch:
                 self._mark_failed(request)
-                request.emit(e)
+                self._outbox.put(request, e)
 
     def _prefill(self, batch: list[Request]) -> None:
         """One forward pass over the batch's prompts; each request's first sequence goes to
@@ -343,6 +370,7 @@ class Engine:
                 self.cache.move(first + row, seq.slot, lengths[row])
             self.running.append(seq)
             self._advance_or_fail(seq, logits[row])
+        self._outbox.flush()  # first tokens go out now, even if a decode step is in flight
         now = time.monotonic()
         for request in batch:
             metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
@@ -379,7 +407,7 @@ class Engine:
             self._advance(seq, raw)
         except Exception as e:
             log.exception("sampling failed")
-            seq.request.emit(e)
+            self._outbox.put(seq.request, e)
             self._mark_failed(seq.request)
 
     def _advance(self, seq: Sequence, raw: torch.Tensor) -> None:
@@ -409,7 +437,8 @@ class Engine:
         hold = 0 if seq.finish_reason else max((len(s) for s in params.stop), default=1) - 1
         end = max(seq.emitted, len(seq.text) - hold)
         delta, seq.emitted = seq.text[seq.emitted:end], end
-        request.emit(TokenEvent(seq.index, token, delta, logprob, top, seq.finish_reason))
+        self._outbox.put(request, TokenEvent(seq.index, token, delta, logprob, top,
+                                             seq.finish_reason))
 
     @staticmethod
     def _check_stop_strings(seq: Sequence) -> None:
