@@ -14,5 +14,6 @@ TIME_TO_FIRST_TOKEN = Histogram(
     "gpt2serve_time_to_first_token_seconds", "Arrival to first generated token",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 TIME_PER_TOKEN = Histogram(
-    "gpt2serve_time_per_output_token_seconds", "Duration of one decode step (one token per sequence), prefills admitted during it included",
+    "gpt2serve_time_per_output_token_seconds",
+    "Duration of one decode step (one token per sequence), prefills admitted during it included",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

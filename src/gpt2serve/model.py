@@ -120,9 +120,10 @@ class Block(nn.Module):
     def prefill(self, x: Tensor, kv: Tensor, slots: slice, N: int, T: int) -> Tensor:
         """x: [N * T, D], N prompts of T tokens at positions 0..T-1, cached in `slots`."""
         D, H = x.shape[1], self.n_head
-        qkv = self.attn.c_attn(self.ln_1(x)).view(N, T, 3, H, self.head_dim).permute(2, 0, 3, 1, 4)
-        kv[slots, ..., :T, :] = qkv[1:].transpose(0, 1)
-        y = F.scaled_dot_product_attention(*qkv, is_causal=True, scale=self.scale)
+        qkv = self.attn.c_attn(self.ln_1(x)).view(N, T, 3, H, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [N, H, T, head_dim]
+        kv[slots, ..., :T, :] = qkv[:, :, 1:].permute(0, 2, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self._rest(x, y.transpose(1, 2).reshape(N * T, D))
 
     def decode(self, x: Tensor, kv: Tensor, rows: Tensor, L: int,
