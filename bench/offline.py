@@ -28,9 +28,8 @@ def ours(folder: Path, quantize: str | None = None):
     from gpt2serve.engine import Engine
     from gpt2serve.sampling import SamplingParams
 
-    threads = checkpoint.resolve_threads(None)  # set up as `gpt2serve serve` does
-    torch.set_num_threads(1)
-    model, tokenizer = checkpoint.load(folder, quantize=quantize)
+    # Set up as `gpt2serve serve` does.
+    model, tokenizer, threads = checkpoint.load_for_engine(folder, "cpu", "float32", quantize)
     WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes()
     engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX, threads=threads)
     params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": NEW_TOKENS,

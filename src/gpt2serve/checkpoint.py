@@ -181,3 +181,16 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
     elif device.type == "cpu" and dtype == torch.float32 and packing.available():
         model = packing.pack_fp32(model)
     return model, tokenizer
+
+
+def load_for_engine(folder: str | Path | None, device: str = "auto", dtype: str = "auto",
+                    quantize: str | None = None, threads: int | None = None
+                    ) -> tuple[GPT, Tokenizer, int]:
+    """Load as a process that runs an Engine should: this thread sets up on one intra-op
+    thread and the engine's step thread computes on the returned count (see Engine: an
+    OpenMP team left by the loading thread slowed every step of the other thread)."""
+    dev, dt = resolve_device(device, dtype)
+    engine_threads = resolve_threads(threads)
+    torch.set_num_threads(1)
+    model, tokenizer = load(folder, dtype=dt, device=dev, quantize=quantize)
+    return model, tokenizer, engine_threads

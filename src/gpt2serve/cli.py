@@ -101,18 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import torch
-
     from .engine import Engine
 
     names = ("max_length", "max_new_tokens", "min_length", "temperature", "top_k", "top_p",
              "repetition_penalty", "n", "seed", "stop")
     params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
-    device, dtype = checkpoint.resolve_device(args.device, args.dtype)
-    threads = checkpoint.resolve_threads(args.threads)
-    torch.set_num_threads(1)  # this thread only sets up; the engine's thread computes
-    model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
-                                       quantize=args.quantize)
+    model, tokenizer, threads = checkpoint.load_for_engine(
+        args.model_dir, args.device, args.dtype, args.quantize, args.threads)
     engine = Engine(model, tokenizer, max_batch_size=params.n, threads=threads)
     try:
         completions = asyncio.run(engine.complete(engine.encode_prompt(args.prompt), params))

@@ -149,10 +149,10 @@ class Engine:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.request_timeout = request_timeout
         self.max_n, self.max_prompt_chars = min(max_n, max_batch_size), max_prompt_chars
-        # Intra-op threads for the step thread. A server should build the model and the engine
-        # on one thread (torch.set_num_threads(1)) and let the step thread have the cores: an
-        # OpenMP team left by the loading thread slowed every step of another thread (fp32
-        # GPT-2 124M decode step 14.2-14.7 ms against 9.6-10.1 ms without it, 2 cores).
+        # Intra-op threads for the step thread. Build the model on a thread set to one
+        # (checkpoint.load_for_engine) and let the step thread have the cores: an OpenMP team
+        # left by the loading thread slowed every step of another thread (fp32 GPT-2 124M
+        # decode step 14.2-14.7 ms against 9.6-10.1 ms without it, 2 cores).
         self.threads = threads
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Sequence] = []  # running[i] lives in cache slot i

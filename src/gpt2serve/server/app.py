@@ -7,7 +7,6 @@ import argparse
 import logging
 import time
 
-import torch
 from fastapi.responses import ORJSONResponse
 
 from .. import checkpoint
@@ -32,17 +31,15 @@ def serve(args: argparse.Namespace) -> None:
     from .predictor import GPT2Predictor
 
     t0 = time.monotonic()
-    device, dtype = checkpoint.resolve_device(args.device, args.dtype)
-    threads = checkpoint.resolve_threads(args.threads)
-    torch.set_num_threads(1)  # this thread only sets up; the engine's thread computes
-    model, tokenizer = checkpoint.load(args.model_dir, dtype=dtype, device=device,
-                                       quantize=args.quantize)
+    model, tokenizer, threads = checkpoint.load_for_engine(
+        args.model_dir, args.device, args.dtype, args.quantize, args.threads)
+    param = next(model.parameters())
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_queue=args.max_queue, request_timeout=args.request_timeout,
                     max_n=args.max_n, max_prompt_chars=args.max_prompt_chars, threads=threads)
     log.info("loaded %s (%d layers, %d dims, vocab %d) on %s/%s%s, %d threads, in %.2fs",
              args.model_dir or "the embedded demo model", model.config.n_layer,
-             model.config.n_embd, model.config.vocab_size, device, dtype,
+             model.config.n_embd, model.config.vocab_size, param.device, param.dtype,
              " int8" if args.quantize == "int8" else "", threads,
              time.monotonic() - t0)
     predictor = GPT2Predictor(args.model_name, engine, max_instances=args.max_instances)
