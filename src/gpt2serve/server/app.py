@@ -25,7 +25,7 @@ def serve(args: argparse.Namespace) -> None:
     import kserve
     from kserve.model_server import app
 
-    from . import shutdown
+    from . import playground, shutdown
     from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect, NoModelVersions
     from .openai import openai_router
     from .predictor import GPT2Predictor
@@ -54,6 +54,7 @@ def serve(args: argparse.Namespace) -> None:
         return ORJSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
+    playground.add_routes(app, engine)
     # Starlette runs the last added middleware first: auth, the body limit, model versions,
     # then cancel-on-disconnect around the handlers.
     app.add_middleware(CancelOnDisconnect)
@@ -62,6 +63,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     shutdown.install(predictor, engine, args.shutdown_grace)
+    log.info("playground: http://localhost:%d/playground", args.http_port)
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
                                 enable_grpc=args.enable_grpc, workers=1)
     server.start([predictor])
