@@ -25,7 +25,7 @@ WEIGHT_BYTES: dict[str, int] = {}
 
 def ours(folder: Path, quantize: str | None = None):
     from gpt2serve import checkpoint
-    from gpt2serve.engine import Engine
+    from gpt2serve.engine import Engine, Prompt
     from gpt2serve.sampling import SamplingParams
 
     # Set up as `gpt2serve serve` does.
@@ -36,9 +36,7 @@ def ours(folder: Path, quantize: str | None = None):
                                        "ignore_eos": True})
 
     def run(batch):
-        async def go():
-            return await asyncio.gather(*(engine.complete(p, params) for p in batch))
-        for (c,) in asyncio.run(go()):
+        for (c,) in asyncio.run(engine.complete([Prompt(p, params) for p in batch])):
             assert len(c.token_ids) == NEW_TOKENS
     return run
 

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import make_hf_model
 from gpt2serve import checkpoint
-from gpt2serve.engine import Engine
+from gpt2serve.engine import Engine, Prompt
 from gpt2serve.model import KVCache
 from gpt2serve.sampling import SamplingParams
 
@@ -63,15 +63,13 @@ def test_ragged_batch_decode_matches_each_sequence_alone(pair):
 def test_greedy_generation_is_token_for_token_identical(pair):
     ours, tokenizer, ref = pair
     engine = Engine(ours, tokenizer, max_batch_size=4)
-    params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 64,
-                                       "ignore_eos": True})
     prompts = [[3, 17, 42, 5], [100, 7], [9, 9, 9, 9, 9, 9, 9, 1]]
-
-    async def run():
-        return await asyncio.gather(*(engine.complete(p, params) for p in prompts))
-
+    # min_length blocks EOS as transformers' min_new_tokens does
+    calls = [Prompt(p, SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 64,
+                                                 "min_length": len(p) + 64}))
+             for p in prompts]
     try:
-        results = asyncio.run(run())
+        results = asyncio.run(engine.complete(calls))
     finally:
         engine.stop()
     for prompt, (completion,) in zip(prompts, results):

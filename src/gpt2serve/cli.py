@@ -36,7 +36,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: per-channel int8 weights (CPU, float32 activations)")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op CPU threads (default: all cores)")
+                   help="intra-op CPU threads (default: the container's CPU limit, else all "
+                        "cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from .engine import Engine, Prompt
 
     names = ("max_length", "max_new_tokens", "min_length", "temperature", "top_k", "top_p",
              "repetition_penalty", "n", "seed", "stop")
@@ -110,7 +111,8 @@ def generate(args: argparse.Namespace) -> int:
         args.model_dir, args.device, args.dtype, args.quantize, args.threads)
     engine = Engine(model, tokenizer, max_batch_size=params.n, threads=threads)
     try:
-        completions = asyncio.run(engine.complete(engine.encode_prompt(args.prompt), params))
+        prompt = Prompt(engine.encode_prompt(args.prompt), params)
+        (completions,) = asyncio.run(engine.complete([prompt]))
     finally:
         engine.stop()
     print("\n==========\n".join(args.prompt + c.text for c in completions))
