@@ -58,8 +58,9 @@ class KVCache:
     """Keys and values for `slots` sequences of up to `max_len` tokens, allocated once.
 
     Layout [layer, slot, key|value, head, position, head_dim]: attention reads each head's
-    keys as one contiguous run (a token-major layout read them 1.6x slower at 400 tokens),
-    and a decode step stores all new keys and values of a layer with one `index_copy_`."""
+    keys as one contiguous run (a token-major layout read them markedly slower; figures in
+    docs/benchmarks.md), and a decode step stores all new keys and values of a layer with one
+    `index_copy_`."""
 
     def __init__(self, config: GPTConfig, slots: int, max_len: int, dtype, device):
         shape = (config.n_layer, slots, 2, config.n_head, max_len, config.head_dim)
@@ -96,8 +97,8 @@ class Conv1D(nn.Module):
 
 class Block(nn.Module):
     """One transformer layer. Activations are 2-D, [tokens, n_embd], so every matmul is a
-    plain 2-D product; attention alone sees sequences (a decode step runs ~15 small ops per
-    layer, and at batch 1 int8 their Python and dispatch cost is a quarter of the step)."""
+    plain 2-D product; attention alone sees sequences. Each op of a decode layer costs Python
+    and dispatch time that, at batch 1, is a sizeable share of the step: keep them few."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()

@@ -2,9 +2,9 @@
 
 Every linear layer and the tied embedding / LM head are quantized once, at load. Matmuls run
 through fbgemm's dynamic int8 kernel (`quantized::linear_dynamic`: activations are quantized
-per call, per tensor; weights per output channel), which measured fastest here among the CPU
-options (see ../shared/design-notes.md and bench/). The embedding reads its rows from the same
-int8 matrix as the head, so the weights are held once, in a quarter of the fp32 bytes.
+per call, per tensor; weights per output channel), the fastest of the CPU options compared in
+docs/benchmarks.md. The embedding reads its rows from the same int8 matrix as the head, so
+the weights are held once, in a quarter of the fp32 bytes.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ def _has_vnni() -> bool:
 # Without VNNI, fbgemm multiplies u8 activations by s8 weights in pairs summed into int16
 # (vpmaddubsw), which saturates when 2 * 255 * |w| > 32767. torch.ao avoids that by giving
 # activations 7 bits (`reduce_range`); weights of 7 bits (|w| <= 63) avoid it too and keep
-# more accuracy: teacher-forced on the demo model, top-1 agreement with fp32 was 96.1% with
-# 7-bit activations, 97.7% with 7-bit weights, 98.4% with 8 bits of each on a VNNI CPU.
+# more accuracy (top-1 agreement with fp32 in docs/benchmarks.md, "int8 quality").
 WEIGHT_LEVELS = 127 if _has_vnni() else 63
 REDUCE_RANGE = False
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..sampling import SamplingParams
@@ -56,20 +57,33 @@ class Sampler:
         """One token for each row of logits [B, V] (any float dtype, on the model's device)."""
         raw = logits.float()
         logits = self._penalise(raw, rows)
-        tokens = logits.argmax(-1)
+        tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         plain = [i for i, r in enumerate(rows) if not r.params.greedy and _unfiltered(r.params)]
         filtered = [i for i, r in enumerate(rows)
                     if not r.params.greedy and not _unfiltered(r.params)]
+        if greedy:
+            self._put(tokens, greedy, self._take(logits, greedy).argmax(-1))
         for group in (plain, filtered):  # each group is one batched pass
             if group:
-                index = torch.tensor(group, device=self.device)
                 picked = [rows[i] for i in group]
-                ids, probs = self.candidates(logits[index], [r.params for r in picked])
+                ids, probs = self.candidates(self._take(logits, group),
+                                             [r.params for r in picked])
                 u = torch.tensor([torch.rand((), generator=r.generator).item() for r in picked],
                                  device=self.device)
-                tokens[index] = draw(ids, probs, u)
+                self._put(tokens, group, draw(ids, probs, u))
         self._remember(rows, tokens)
         return self._to_host(raw, tokens, rows)
+
+    def _take(self, x: Tensor, index: list[int]) -> Tensor:
+        """Rows `index` of x; x itself when that is all of them (no copy)."""
+        return x if len(index) == x.shape[0] else x[torch.tensor(index, device=self.device)]
+
+    def _put(self, x: Tensor, index: list[int], values: Tensor) -> None:
+        if len(index) == x.shape[0]:
+            x.copy_(values)
+        else:
+            x[torch.tensor(index, device=self.device)] = values
 
     # ---- transforms ---------------------------------------------------------------------
 
@@ -98,30 +112,40 @@ class Sampler:
         """Temperature, top-k and top-p for sampling rows [S, V]: candidate token ids [S, K]
         and their probabilities [S, K] (zero where filtered out; each row sums to 1)."""
         S, V = logits.shape
-        temperature = torch.tensor([p.temperature for p in params], device=self.device)
-        logits = logits / temperature[:, None]
+        temperature = torch.tensor([p.temperature for p in params], device=self.device)[:, None]
         if all(_unfiltered(p) for p in params):  # the whole vocabulary is the candidate set
-            return torch.arange(V, device=self.device).expand(S, V), logits.softmax(-1)
+            return torch.arange(V, device=self.device).expand(S, V), (logits / temperature
+                                                                      ).softmax(-1)
         ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
-        ids, probs, fits = self._top_k_top_p(logits, params, ks, max(k or TOP_P_CANDIDATES
-                                                                      for k in ks))
-        if not fits:  # a nucleus wider than the candidates: redo over the whole vocabulary
-            ids, probs, _ = self._top_k_top_p(logits, params, ks, V)
+        ids, probs, short = self._top_k_top_p(logits, temperature, params, ks,
+                                              max(k or TOP_P_CANDIDATES for k in ks))
+        if short is not None:  # nuclei wider than the candidates: those rows take them all
+            rows = short.nonzero().flatten().tolist()
+            wide_ids, wide_probs, _ = self._top_k_top_p(
+                logits[short], temperature[short], [params[i] for i in rows],
+                [ks[i] for i in rows], V)
+            pad = (0, V - ids.shape[1])
+            ids, probs = F.pad(ids, pad), F.pad(probs, pad)
+            ids[short], probs[short] = wide_ids, wide_probs
         return ids, probs / probs.sum(-1, keepdim=True)
 
-    def _top_k_top_p(self, logits: Tensor, params: list[SamplingParams], ks: list[int],
-                     K: int) -> tuple[Tensor, Tensor, bool]:
-        """Filter within the K most likely tokens of each row; False if a row without top-k
-        needs more than K tokens for its top-p (its candidates hold less than top_p)."""
+    def _top_k_top_p(self, logits: Tensor, temperature: Tensor, params: list[SamplingParams],
+                     ks: list[int], K: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Filter within the K most likely tokens of each row. Also returns which rows without
+        top-k need more than K tokens for their top-p (None if none): their K candidates
+        hold less than top_p of the mass."""
         K = min(K, logits.shape[1])
+        # Dividing by a positive temperature keeps the order: select first, divide K values.
         values, ids = torch.topk(logits, K)
+        values = values / temperature
         rank = torch.arange(K, device=self.device)
         in_top_k = rank < torch.tensor([k or K for k in ks], device=self.device)[:, None]
         # Rows with top-k normalise over their k candidates (transformers applies top-p to
         # the top-k-filtered distribution); the others over the whole vocabulary.
+        total = values.masked_fill(~in_top_k, -math.inf).logsumexp(-1, keepdim=True)
         has_k = torch.tensor([k > 0 for k in ks], device=self.device)[:, None]
-        total = torch.where(has_k, values.masked_fill(~in_top_k, -math.inf).logsumexp(
-            -1, keepdim=True), logits.logsumexp(-1, keepdim=True))
+        if not all(ks):
+            total = torch.where(has_k, total, (logits / temperature).logsumexp(-1, keepdim=True))
         probs = (values - total).exp().masked_fill(~in_top_k, 0.0)
         top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params],
                              device=self.device)[:, None]
@@ -130,9 +154,9 @@ class Sampler:
         above = probs.cumsum(-1) - probs
         probs = probs.masked_fill((above >= top_p) & (rank > 0), 0.0)
         if K == logits.shape[1] or all(ks):
-            return ids, probs, True
+            return ids, probs, None
         short = (probs.sum(-1) < top_p[:, 0]) & ~has_k[:, 0]
-        return ids, probs, not bool(short.any())
+        return ids, probs, short if bool(short.any()) else None
 
     # ---- state and output ---------------------------------------------------------------
 
