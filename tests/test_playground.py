@@ -264,6 +264,28 @@ def test_server_error_is_shown(srv, page):
     assert shown.is_displayed() and f"Server answered 400: {expected}" == shown.text
 
 
+@pytest.mark.parametrize("tail, message", [
+    ('data: {"error": {"message": "engine failed", "type": "server_error"}}\n\n',
+     "engine failed"),
+    ("", "the stream ended before it finished ([DONE] missing)"),
+], ids=["error event", "cut short"])
+def test_a_stream_that_fails_shows_why(page, tail, message):
+    """The server answers 200 and then fails mid-stream: the page keeps what came and says why.
+    (The page's fetch is replaced here, since the server gives no way to fail on purpose.)"""
+    chunk = {"choices": [{"text": " Good morrow", "index": 0, "finish_reason": None}]}
+    page.execute_script("""
+        const body = arguments[0];
+        window.fetch = async () => new Response(new ReadableStream({start(c) {
+            c.enqueue(new TextEncoder().encode(body)); c.close(); }}),
+            {status: 200, headers: {"Content-Type": "text/event-stream"}});""",
+                        f"data: {json.dumps(chunk)}\n\n{tail}")
+    type_into(page, "prompt", "ROMEO:")
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) == "error")
+    assert el(page, "error").text == message
+    assert samples(page) == [" Good morrow"]
+
+
 def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
     page.refresh()
     assert el(page, "api_key").get_attribute("value") == KEY  # from local storage
