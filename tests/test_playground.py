@@ -268,17 +268,21 @@ def test_server_error_is_shown(srv, page):
     ('data: {"error": {"message": "engine failed", "type": "server_error"}}\n\n',
      "engine failed"),
     ("", "the stream ended before it finished ([DONE] missing)"),
-], ids=["error event", "cut short"])
+    (None, "The stream broke: network error"),
+], ids=["error event", "cut short", "connection lost"])
 def test_a_stream_that_fails_shows_why(page, tail, message):
     """The server answers 200 and then fails mid-stream: the page keeps what came and says why.
     (The page's fetch is replaced here, since the server gives no way to fail on purpose.)"""
     chunk = {"choices": [{"text": " Good morrow", "index": 0, "finish_reason": None}]}
     page.execute_script("""
-        const body = arguments[0];
-        window.fetch = async () => new Response(new ReadableStream({start(c) {
-            c.enqueue(new TextEncoder().encode(body)); c.close(); }}),
+        const [body, lost] = arguments;
+        let pulls = 0;
+        window.fetch = async () => new Response(new ReadableStream({pull(c) {
+            if (pulls++ === 0) c.enqueue(new TextEncoder().encode(body));
+            else if (lost) c.error(new TypeError("network error"));
+            else c.close(); }}),
             {status: 200, headers: {"Content-Type": "text/event-stream"}});""",
-                        f"data: {json.dumps(chunk)}\n\n{tail}")
+                        f"data: {json.dumps(chunk)}\n\n{tail or ''}", tail is None)
     type_into(page, "prompt", "ROMEO:")
     el(page, "generate").click()
     wait(page, lambda d: state(d) == "error")

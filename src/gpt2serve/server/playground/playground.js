@@ -107,11 +107,13 @@ async function generate() {
   showError("");
   setState("streaming", "Generating…");
   updateStats(t);
+  let answered = false;
   let finished = false;
   try {
     const r = await fetch("/openai/v1/completions", { method: "POST", headers: headers(),
                                                      body: toJSON(body), signal: controller.signal });
     if (!r.ok) throw new Error(await responseError(r));
+    answered = true;
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     for (;;) {
@@ -134,7 +136,8 @@ async function generate() {
     if (e.name === "AbortError") {
       setState("stopped", "Stopped");
     } else {
-      showError(e.message);
+      // A connection cut mid-stream (the server failed after answering 200) is a TypeError.
+      showError(answered && e instanceof TypeError ? `The stream broke: ${e.message}` : e.message);
       setState("error", "Error");
     }
   } finally {
