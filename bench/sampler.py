@@ -51,16 +51,18 @@ def main() -> None:
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
     B_max = max(args.batches)
-    cache = KVCache(model.config, B_max, 128, torch.float32, torch.device("cpu"))
+    cache, blocks = KVCache.for_sequences(model.config, B_max, 128, torch.float32,
+                                          torch.device("cpu"))
     ids = prompts(B_max)
-    model.prefill(torch.tensor(ids), cache, 0)
+    model.prefill(torch.tensor(ids), cache, blocks)
     sampler = Sampler(model.config.vocab_size, tokenizer.eos_id, torch.device("cpu"))
     print(f"torch {torch.__version__}, {threads} threads, {host_isa()}; GPT-2 124M "
           f"{args.quantize or 'fp32'}, 16-token prompts, median of {args.repeats}")
     for B in args.batches:
         tokens, pos = torch.tensor([p[-1] for p in ids[:B]]), torch.full((B,), 16)
-        step = median_ms(lambda: model.decode_step(tokens, pos, cache), args.repeats)
-        logits = model.decode_step(tokens, pos, cache)
+        step = median_ms(lambda: model.decode_step(tokens, pos, cache, blocks[:B]),
+                         args.repeats)
+        logits = model.decode_step(tokens, pos, cache, blocks[:B])
         cells = []
         for name, spec in MODES.items():
             params = SamplingParams.from_dict({**spec, "seed": 0})

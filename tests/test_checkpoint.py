@@ -14,8 +14,8 @@ from gpt2serve.model import KVCache
 
 def logits_of(folder, ids=(1, 2, 3, 4)):
     model, _ = checkpoint.load(folder)
-    cache = KVCache(model.config, 1, 16, torch.float32, "cpu")
-    return model.prefill(torch.tensor(ids), cache, 0)
+    cache, blocks = KVCache.for_sequences(model.config, 1, 16, torch.float32, "cpu")
+    return model.prefill(torch.tensor(ids), cache, blocks[0])
 
 
 @pytest.fixture

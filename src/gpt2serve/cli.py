@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .download import DownloadError
+from .engine.kv_cache import KVBudgetError, parse_size
 from .sampling import SamplingError, SamplingParams
 
 
@@ -24,6 +25,13 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -52,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc_port", type=int, default=8081)
     s.add_argument("--enable_grpc", type=_bool, default=True)
     s.add_argument("--max_batch_size", type=int, default=32,
-                   help="sequences decoded together; sizes the preallocated KV cache")
+                   help="sequences decoded together at most")
+    s.add_argument("--kv_cache_memory", type=_size, default=None,
+                   help="KV-cache budget: bytes, or e.g. 600MiB, 4GiB (default: max_batch_size "
+                        "full-context sequences, capped at 60%% of the memory left after "
+                        "the weights on CPU, 90%% of free GPU memory on CUDA)")
+    s.add_argument("--max_prefill_tokens", type=int, default=512,
+                   help="prompt tokens read per prefill pass at most; beside running streams "
+                        "the engine reads fewer, as many as cost about one decode step")
     s.add_argument("--max_queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 503")
     s.add_argument("--request_timeout", type=float, default=600.0,
@@ -146,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {args.src} -> {args.out} ({args.dtype})")
             return 0
         return generate(args)
-    except (checkpoint.CheckpointError, SamplingError, DownloadError) as e:
+    except (checkpoint.CheckpointError, SamplingError, DownloadError, KVBudgetError) as e:
         print(f"gpt2serve: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,6 @@
-"""What the process may use: the container's CPU quota and whether this torch build has kernels
-for the GPU it was given. Both are small pure decisions with thin readers around them, so they
-can be tested without a container or a GPU."""
+"""What the process may use: the container's CPU quota and free memory, and whether this torch
+build has kernels for the GPU it was given. Each is a small pure decision with thin readers
+around it, so it can be tested without a container or a GPU."""
 
 from __future__ import annotations
 
@@ -51,6 +51,26 @@ def default_threads(root: Path = CGROUP_ROOT) -> int:
         cores = os.cpu_count() or 1
     limit = cgroup_cpu_limit(root)
     return cores if limit is None else max(1, min(cores, math.floor(limit)))
+
+
+def memory_available(root: Path = CGROUP_ROOT, meminfo: Path = Path("/proc/meminfo")
+                     ) -> int | None:
+    """Bytes this process could still allocate: the kernel's MemAvailable, or what is left
+    under the container's memory limit (cgroup v2 memory.max - memory.current, v1
+    limit_in_bytes - usage_in_bytes) when that is less. None if neither can be read."""
+    found = []
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            found.append(int(line.split()[1]) * 1024)
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes",
+                                    "memory/memory.usage_in_bytes")):
+        limit, usage = _read(root / limit_file), _read(root / usage_file)
+        # v1 writes "unlimited" as a huge number, v2 as "max"
+        if limit and usage and limit.isdigit() and int(limit) < 2**60:
+            found.append(max(0, int(limit) - int(usage)))
+            break
+    return min(found) if found else None
 
 
 def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:

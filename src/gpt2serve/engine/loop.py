@@ -1,8 +1,10 @@
 """The engine: the step loop on its own thread, and the asyncio API the front ends call.
 
-A step retires finished or cancelled sequences, prefills the requests the scheduler admits,
-then runs one batched decode step for every running sequence; requests that arrive during that
-step are prefilled between two of its layers. After each forward pass the sampler picks one
+A step retires finished or cancelled sequences, then runs one batched decode step for every
+running sequence; between its first two layers it reads one chunk of the prompts waiting to
+be prefilled (scheduler.py), sized to cost about what a decode step does, so a newcomer waits
+for one layer rather than a step, and a long prompt does not stall the streams. With nothing
+to decode, a step is a prefill pass alone. After each forward pass the sampler picks one
 token per sequence, and each sequence turns its token into text. A step's events go back to
 the asyncio side together (`Outbox`, one `loop.call_soon_threadsafe`), so HTTP handlers never
 block; torch releases the GIL inside its kernels, so the server stays responsive meanwhile.
@@ -19,14 +21,22 @@ from typing import AsyncIterator
 import torch
 
 from .. import metrics
-from ..model import GPT, KVCache
+from ..model import GPT
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
+from . import kv_cache
 from .sampler import Sampler
 from .scheduler import EngineStopped, RequestTimeout, Scheduler
 from .sequence import Completion, Prompt, Request, Sequence, TokenEvent
 
 log = logging.getLogger("gpt2serve.engine")
+
+MIN_CHUNK = 16  # prompt tokens read beside a decode step, at the least
+
+
+def _average(mean: float, value: float) -> float:
+    """An exponential moving average; the first value starts it."""
+    return value if not mean else 0.8 * mean + 0.2 * value
 
 
 class Outbox:
@@ -61,17 +71,21 @@ class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch_size: int = 32,
                  max_queue: int = 256, request_timeout: float = 600.0,
                  max_len: int | None = None, max_n: int = 16,
-                 max_prompt_chars: int = 32768, threads: int | None = None):
+                 max_prompt_chars: int = 32768, threads: int | None = None,
+                 kv_cache_memory: int | None = None, block_size: int = 16,
+                 max_prefill_tokens: int = 512):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.context = min(max_len or cfg.n_positions, cfg.n_positions)
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
         param = next(model.parameters())
         self.device = param.device
-        self.cache = KVCache(cfg, max_batch_size, self.context, param.dtype, self.device)
+        self.cache = kv_cache.allocate(cfg, param.dtype, self.device, block_size,
+                                       kv_cache_memory, max_batch_size * self.context,
+                                       self.context)
         self.scheduler = Scheduler(self.cache, max_batch_size, max_queue, request_timeout)
         self.sampler = Sampler(cfg.vocab_size, self.eos_id, self.device)
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.max_n, self.max_prompt_chars = min(max_n, max_batch_size), max_prompt_chars
         # Intra-op threads for the step thread. The model is built on a thread set to one
         # (checkpoint.load_for_engine) so that no OpenMP team left by loading competes with
@@ -80,8 +94,8 @@ class Engine:
         self._stopping = False  # abort everything and end the step loop
         self._thread: threading.Thread | None = None
         self._outbox = Outbox()  # touched by the step thread only
-        log.info("KV cache: %d slots x %d tokens, %.1f MiB (%s on %s)", max_batch_size,
-                 self.context, self.cache.nbytes / 2**20, param.dtype, self.device)
+        self._step_seconds = 0.0  # a decode step's time, without the prefill inside it
+        self._token_seconds = 0.0  # a prefill pass's time per (padded) token
 
     # ---- asyncio side ---------------------------------------------------------------------
 
@@ -104,7 +118,7 @@ class Engine:
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is running or queued, or `timeout` passes; True if idle."""
         deadline = time.monotonic() + timeout
-        while self.scheduler.waiting or self.scheduler.running:
+        while self.scheduler.busy:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
@@ -120,8 +134,8 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(waiting requests, running sequences)."""
-        return len(self.scheduler.waiting), len(self.scheduler.running)
+        """(waiting requests, running sequences, those whose prompt is being read included)."""
+        return len(self.scheduler.waiting), self.scheduler.sequences
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt; an empty one starts from <|endoftext|>, as GPT-2 was trained."""
@@ -141,7 +155,15 @@ class Engine:
         try:
             if prompt.params.n > self.max_n:
                 raise SamplingError(f"'n' must be in [1, {self.max_n}], got {prompt.params.n}")
-            return prompt.params.max_new_for(len(prompt.ids), self.context)
+            max_new = prompt.params.max_new_for(len(prompt.ids), self.context)
+            blocks = self.scheduler.blocks_needed(len(prompt.ids), max_new, prompt.params.n)
+            if blocks > self.cache.num_blocks:
+                size = self.cache.block_size
+                raise SamplingError(
+                    f"'n' {prompt.params.n} sequences of up to {len(prompt.ids) + max_new} "
+                    f"tokens need {blocks * size} tokens of KV cache; this server holds "
+                    f"{self.cache.num_blocks * size} (--kv_cache_memory)")
+            return max_new
         except SamplingError as e:
             raise SamplingError(f"{prompt.name}: {e}" if prompt.name else str(e)) from None
 
@@ -196,11 +218,11 @@ class Engine:
         sched = self.scheduler
         while True:
             with sched.cond:
-                while not self._stopping and not sched.waiting and not sched.running:
+                while not self._stopping and not sched.busy:
                     sched.cond.wait()
             if self._stopping:
                 stopped = EngineStopped("server stopped")
-                self._fail(sched.running, stopped)
+                self._fail(stopped)
                 for request in sched.take_all_waiting():
                     self._outbox.put(request, stopped)
                 self._outbox.flush()
@@ -208,79 +230,109 @@ class Engine:
             try:
                 sched.drop_cancelled()
                 sched.retire()
-                self._admit()
-                sched.retire()  # sequences that ended on their first token
                 if sched.running:
                     self._decode()
+                else:
+                    self._prefill(self.max_prefill_tokens)
             except Exception as e:  # a failed step costs the running batch, never the server
                 log.exception("engine step failed")
-                self._fail(sched.running, e)
+                self._fail(e)
             self._outbox.flush()
 
-    def _fail(self, seqs: list[Sequence], error: Exception) -> None:
-        """Fail the requests of these sequences (each once), then retire them."""
-        for request in {id(s.request): s.request for s in seqs}.values():
+    def _fail(self, error: Exception) -> None:
+        """Fail every request running or being prefilled (each once)."""
+        sched = self.scheduler
+        for request in {id(s.request): s.request for s in sched.running}.values():
             if not all(s.finish_reason for s in request.seqs):
                 self._outbox.put(request, error)
             request.fail()
-        self.scheduler.retire()
+        sched.retire()
+        for request in list(sched.prefilling):
+            sched.drop_prefilling(request)
+            self._outbox.put(request, error)
 
-    def _admit(self) -> None:
-        batch, expired = self.scheduler.next_prefill()
+    def _chunk_budget(self) -> int:
+        """Prompt tokens to read beside a decode step: about as many as cost what the step
+        costs, so the running streams' gaps at most double while a long prompt is read."""
+        if not self._token_seconds:
+            return MIN_CHUNK
+        fit = int(self._step_seconds / self._token_seconds)
+        return max(MIN_CHUNK, min(self.max_prefill_tokens, fit))
+
+    def _prefill(self, budget: int) -> float:
+        """One prefill pass over the next prompt chunks; prompts read to their end start
+        their sequences with a first token. Returns the seconds it took."""
+        sched = self.scheduler
+        chunks, expired = sched.next_chunks(budget)
         for request in expired:
             self._outbox.put(request, RequestTimeout(
-                f"waited more than {self.scheduler.request_timeout:g}s for a free slot"))
-        if not batch:
-            return
+                f"waited more than {sched.request_timeout:g}s for a free slot"))
+        if not chunks:
+            return 0.0
+        t0 = time.perf_counter()
+        width = max(c.length for c in chunks)
+        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+        for row, c in enumerate(chunks):
+            tokens[row, :c.length] = torch.tensor(c.request.prompt_ids[c.start:c.start + c.length])
         try:
-            self._prefill(batch)
+            logits = self.model.prefill(
+                tokens.to(self.device), self.cache, self._table([c.request.blocks for c in chunks]),
+                torch.tensor([c.start for c in chunks], device=self.device),
+                torch.tensor([c.length for c in chunks], device=self.device))
         except Exception as e:  # failing requests must not take the engine down
             log.exception("prefill failed")
-            for request in batch:
-                request.fail()
-                self._outbox.put(request, e)
-
-    def _prefill(self, batch: list[Request]) -> None:
-        """One forward pass over the batch's prompts, into the slots after the running ones;
-        then every new sequence (siblings share their prompt's logits) gets its first token."""
-        first = len(self.scheduler.running)
-        lengths = [len(r.prompt_ids) for r in batch]
-        tokens = torch.zeros(len(batch), max(lengths), dtype=torch.long)
-        for row, request in enumerate(batch):
-            tokens[row, :lengths[row]] = torch.tensor(request.prompt_ids)
-        logits = self.model.prefill(tokens.to(self.device), self.cache, first,
-                                    torch.tensor(lengths, device=self.device))
-        placed = self.scheduler.place(batch, [r.start(self.tokenizer, self.eos_id)
-                                              for r in batch])
-        rows = torch.tensor([row for _, row in placed], device=self.device)
-        self._sample(logits[rows], [seq for seq, _ in placed])
-        self._outbox.flush()  # first tokens go out now, even if a decode step is in flight
-        now = time.monotonic()
-        for request in batch:
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
+            for c in chunks:
+                sched.drop_prefilling(c.request)
+                self._outbox.put(c.request, e)
+            return time.perf_counter() - t0
+        seqs, rows = [], []
+        for row, c in enumerate(chunks):
+            sched.read(c)
+            if c.last:
+                started = c.request.start(self.tokenizer, self.eos_id)
+                sched.start(c.request, started)
+                seqs += started
+                rows += [row] * len(started)
+        if seqs:
+            self._sample(logits[torch.tensor(rows, device=self.device)], seqs)
+            self._outbox.flush()  # first tokens go out now, even if a decode step is in flight
+            now = time.monotonic()
+            for request in {id(s.request): s.request for s in seqs}.values():
+                metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
+        seconds = time.perf_counter() - t0
+        self._token_seconds = _average(self._token_seconds, seconds / (len(chunks) * width))
+        return seconds
 
     def _decode(self) -> None:
-        """One decode step for the running batch. Requests that arrive meanwhile are admitted
-        once, between two of its layers (into the slots after the batch): a newcomer's first
-        token waits for one layer of the step in flight, not the whole step, while requests
-        arriving together still share a prefill at the next step."""
+        """One decode step for the running batch, with one prefill pass between its first
+        two layers if prompts are waiting (newcomers join the batch at the next step)."""
         t0 = time.perf_counter()
         sched = self.scheduler
         batch = list(sched.running)
-        admitted = False
+        sched.grow(batch)
+        prefill_seconds = None
 
-        def admit_arrivals() -> None:  # nothing may be retired here: slots stay as they are
-            nonlocal admitted
-            if not admitted and sched.waiting and len(sched.running) < sched.max_batch_size:
-                admitted = True
-                self._admit()
+        def prefill_between_layers() -> None:  # nothing may be retired here
+            nonlocal prefill_seconds
+            if prefill_seconds is None and (sched.waiting or sched.prefilling):
+                prefill_seconds = self._prefill(self._chunk_budget())
 
         tokens = torch.tensor([s.tokens[-1] for s in batch], device=self.device)
         pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
-        logits = self.model.decode_step(tokens, pos, self.cache, admit_arrivals)
+        logits = self.model.decode_step(tokens, pos, self.cache,
+                                        self._table([s.blocks for s in batch]),
+                                        prefill_between_layers)
         self._sample(logits, batch)
+        seconds = time.perf_counter() - t0
+        self._step_seconds = _average(self._step_seconds, seconds - (prefill_seconds or 0.0))
         metrics.BATCH_SIZE.observe(len(batch))
-        metrics.TIME_PER_TOKEN.observe(time.perf_counter() - t0)
+        metrics.TIME_PER_TOKEN.observe(seconds)
+
+    def _table(self, block_lists: list[list[int]]) -> torch.Tensor:
+        """Block tables [N, widest] (padding points at block 0 and is never attended to)."""
+        width = max(map(len, block_lists))
+        return torch.tensor([b + [0] * (width - len(b)) for b in block_lists],
+                            device=self.device)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """A token for each sequence from its row of logits, in one batched pass. Should that

@@ -76,6 +76,8 @@ class Request:
         self.arrival = time.monotonic()
         self.cancelled = False
         self.seqs: list[Sequence] = []
+        self.blocks: list[int] = []  # the prompt's KV-cache blocks, once admitted
+        self.prefilled = 0  # prompt tokens read so far
 
     def start(self, tokenizer: Tokenizer, eos_id: int | None) -> list[Sequence]:
         """Its n sequences, each with its own random stream."""
@@ -97,7 +99,8 @@ class Sequence:
         self.tokens: list[int] = []  # generated so far
         self.text = ""  # detokenized generated text
         self.emitted = 0  # characters of self.text already sent
-        self.slot = -1
+        self.blocks: list[int] = []  # block table: the KV-cache blocks of its positions
+        self.promised = 0  # blocks reserved for its growth, not yet in `blocks`
         self.finish_reason: str | None = None
         self.seen: Tensor | None = None  # the sampler's repetition-penalty state
 
