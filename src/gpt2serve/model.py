@@ -5,7 +5,8 @@ One file, nanoGPT style. Parameter names and layouts are Hugging Face's (`Conv1D
 (see `checkpoint.py`). Matmuls run as `addmm(bias, x, W[in, out])` on 2-D activations
 [tokens, features], which on CPU is the fast GEMV layout; the tied embedding / LM head is
 stored once, as a contiguous [D, V] matrix, for the same reason (`TiedHead`). packing.py and
-quantize.py swap in faster kernels for the same products.
+quantize.py hold drop-ins for `Conv1D` and `TiedHead` with faster kernels for the same
+products, which checkpoint.py puts in place as it loads.
 
 The KV cache is a pool of fixed-size blocks; each sequence reads and writes it through its
 block table (a row of block ids), which the engine keeps (engine/kv_cache.py). Prefill takes
@@ -217,16 +218,6 @@ class GPT(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(hidden).float()
-
-    def swap_matmuls(self, linear: Callable[[Conv1D], nn.Module],
-                     head: Callable[[TiedHead], nn.Module]) -> None:
-        """Replace every Conv1D and the tied head by other implementations of the same
-        product (packing.py, quantize.py)."""
-        for block in self.h:
-            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
-                                 (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-                setattr(parent, name, linear(getattr(parent, name)))
-        self.head = head(self.head)
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step streams. Layers swapped in by packing.py and

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .model import GPT, Conv1D, TiedHead
+from .model import Conv1D, TiedHead
 
 # oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
 # at every batch from 1 to 32.
@@ -58,9 +58,3 @@ class PackedHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
-
-
-def pack_fp32(model: GPT) -> GPT:
-    """Swap the model's matmul weights for oneDNN-packed ones, in place."""
-    model.swap_matmuls(PackedLinear, PackedHead)
-    return model

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .model import GPT, Conv1D, TiedHead
+from .model import Conv1D, TiedHead
 
 
 def _has_vnni() -> bool:
@@ -37,7 +37,9 @@ REDUCE_RANGE = False
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8: w [out, in] -> (qweight, scales [out])."""
     w = w.float()
-    scales = (w.abs().amax(dim=1) / WEIGHT_LEVELS).clamp(min=1e-12)
+    # the largest |w| of each row, without an |w| copy of the matrix (loading's peak memory)
+    scales = (torch.linalg.vector_norm(w, ord=float("inf"), dim=1) / WEIGHT_LEVELS
+              ).clamp(min=1e-12)
     with warnings.catch_warnings():
         # Quantized tensor types are deprecated in favour of torchao, but fbgemm's packed
         # kernels, still the fastest int8 path on CPU here, take nothing else (torch 2.13).
@@ -78,13 +80,3 @@ class Int8TiedHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return torch.ops.quantized.linear_dynamic(hidden, self._packed, REDUCE_RANGE)
-
-
-def quantize_int8(model: GPT) -> GPT:
-    """Replace the model's weights by int8 in place; CPU and float32 activations only."""
-    param = next(model.parameters())
-    if param.device.type != "cpu" or param.dtype != torch.float32:
-        raise ValueError("--quantize int8 runs on CPU with float32 activations "
-                         f"(got {param.device.type}/{str(param.dtype).removeprefix('torch.')})")
-    model.swap_matmuls(Int8Linear, Int8TiedHead)
-    return model
