@@ -116,6 +116,7 @@ def _gather(kv: Tensor, blocks: Tensor, L: int) -> tuple[Tensor, Tensor]:
     """Keys and values [N, H, L, head_dim] at positions 0..L-1 of the sequences whose block
     tables are blocks [N, width], from one layer's cache."""
     two, H, _, bs, hd = kv.shape
+    blocks = blocks[:, :-(-L // bs)]  # only the blocks that hold positions 0..L-1
     N, width = blocks.shape
     g = kv.index_select(2, blocks.flatten()).view(two, H, N, width * bs, hd)
     k, v = g[..., :L, :].transpose(1, 2).unbind(0)
