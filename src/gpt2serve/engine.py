@@ -360,7 +360,8 @@ class Engine:
         seqs = []
         for row, request in enumerate(batch):
             for i, gen in enumerate(request.params.generators()):
-                seq = Sequence(request, i, gen, IncrementalDetokenizer(self.tokenizer))
+                detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids)
+                seq = Sequence(request, i, gen, detok)
                 request.seqs.append(seq)
                 seqs.append((seq, row))
         seqs.sort(key=lambda item: item[0].index > 0)  # first sequences keep slots first..
