@@ -89,6 +89,7 @@ class Sequence:
         self.emitted = 0  # characters of self.text already sent
         self.slot = -1
         self.finish_reason: str | None = None
+        self.last_token_at: float | None = None  # monotonic; inter-token latency
 
     @property
     def length(self) -> int:
@@ -168,7 +169,7 @@ class Engine:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="gpt2serve-engine",
+            self._thread = threading.Thread(target=self._loop_or_die, name="gpt2serve-engine",
                                             daemon=True)
             self._thread.start()
 
@@ -191,13 +192,20 @@ class Engine:
             time.sleep(0.05)
         return True
 
-    def stop(self) -> None:
-        """End the step loop; whatever is still running or queued fails with EngineStopped."""
+    def stop(self, timeout: float = 30) -> None:
+        """End the step loop; whatever is still running or queued fails with EngineStopped.
+        Waits up to `timeout` seconds for the step in flight to end."""
         with self._wake:
             self._draining = self._stopping = True
             self._wake.notify()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
+
+    @property
+    def alive(self) -> bool:
+        """False once the step thread has ended without being stopped: nothing accepted can
+        finish any more, so liveness must fail and the pod be restarted."""
+        return self._stopping or self._thread is None or self._thread.is_alive()
 
     @property
     def load(self) -> tuple[int, int]:
@@ -231,6 +239,8 @@ class Engine:
         with self._wake:
             if self._draining:
                 raise EngineStopped("server is shutting down")
+            if not self.alive:
+                raise EngineStopped("the engine's step thread has died")
             # Requests that free slots will take at the next step do not count as queued.
             free_slots = max(0, self.max_batch_size - len(self.running))
             if len(self.waiting) >= self.max_queue + free_slots:
@@ -254,6 +264,8 @@ class Engine:
                     raise item
                 if item.finish_reason is not None:
                     remaining -= 1
+                    if not remaining:
+                        metrics.E2E_REQUEST_LATENCY.observe(time.monotonic() - request.arrival)
                 yield item
         finally:
             if remaining:
@@ -272,6 +284,23 @@ class Engine:
         return out
 
     # ---- engine thread --------------------------------------------------------------------
+
+    def _loop_or_die(self) -> None:
+        """The step loop; should anything end it but stop() (a BaseException: the loop
+        isolates Exceptions), fail what was accepted rather than leave it waiting forever.
+        `alive` turns false, so liveness fails and the pod is restarted."""
+        try:
+            self._loop()
+        except BaseException as e:
+            log.critical("the engine's step thread died: %r", e)
+            died = EngineStopped("the engine's step thread has died")
+            with self._wake:
+                requests = [r for r in self.waiting] + [s.request for s in self.running]
+                self.waiting.clear()
+            for request in {id(r): r for r in requests}.values():
+                self._outbox.put(request, died)
+            self._outbox.flush()
+            raise
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -333,6 +362,8 @@ class Engine:
                     break  # the head of the queue waits for slots (or the next round)
                 batch.append(self.waiting.popleft())
                 free -= request.params.n
+                metrics.REQUEST_QUEUE_TIME.observe(now - request.arrival)
+                metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
             metrics.QUEUE_DEPTH.set(len(self.waiting))
         for request in expired:
             self._outbox.put(request, RequestTimeout(
@@ -424,6 +455,10 @@ class Engine:
         if params.logprobs is not None:
             logprob, top = top_logprobs(raw, token, params.logprobs)
         metrics.TOKENS_GENERATED.inc()
+        now = time.monotonic()
+        if seq.last_token_at is not None:
+            metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
+        seq.last_token_at = now
         if token == self.eos_id and not params.ignore_eos:
             token = None  # EOS ends the sequence; it is not part of the text
             seq.finish_reason = "stop"
