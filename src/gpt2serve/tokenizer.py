@@ -41,8 +41,13 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary's symbol for a token (byte-level: 'Ġworld'), as HF's
+        convert_ids_to_tokens."""
+        return self._tok.id_to_token(token_id)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (may be a partial UTF-8 character, shown as U+FFFD)."""

@@ -29,6 +29,7 @@ def serve(args: argparse.Namespace) -> None:
     from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect, NoModelVersions
     from .openai import openai_router
     from .predictor import GPT2Predictor
+    from .tokenize import tokenize_router
 
     t0 = time.monotonic()
     model, tokenizer, threads = checkpoint.load_for_engine(
@@ -54,6 +55,8 @@ def serve(args: argparse.Namespace) -> None:
         return ORJSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
+    app.include_router(tokenize_router(engine, args.model_name))
+    app.include_router(tokenize_router(engine, args.model_name, prefix="/openai/v1"))
     # Starlette runs the last added middleware first: auth, the body limit, model versions,
     # then cancel-on-disconnect around the handlers.
     app.add_middleware(CancelOnDisconnect)
