@@ -25,7 +25,7 @@ def serve(args: argparse.Namespace) -> None:
     import kserve
     from kserve.model_server import app
 
-    from . import shutdown
+    from . import grpc_v2, shutdown
     from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect, NoModelVersions
     from .openai import openai_router
     from .predictor import GPT2Predictor
@@ -65,6 +65,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     shutdown.install(predictor, engine, args.shutdown_grace)
+    grpc_v2.install()
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
                                 enable_grpc=args.enable_grpc, workers=1)
     server.start([predictor])
