@@ -26,6 +26,7 @@ def serve(args: argparse.Namespace) -> None:
     from kserve.model_server import app
 
     from . import grpc_v2, shutdown
+    from .generate import generate_router
     from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect, NoModelVersions
     from .openai import openai_router
     from .predictor import GPT2Predictor
@@ -55,6 +56,7 @@ def serve(args: argparse.Namespace) -> None:
         return ORJSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
+    app.include_router(generate_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name, prefix="/openai/v1"))
     # Starlette runs the last added middleware first: auth, the body limit, model versions,
