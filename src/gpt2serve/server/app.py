@@ -27,7 +27,8 @@ def serve(args: argparse.Namespace) -> None:
 
     from . import grpc_v2, shutdown
     from .generate import generate_router
-    from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect, NoModelVersions
+    from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
+                             NoModelVersions)
     from .openai import openai_router
     from .predictor import GPT2Predictor
     from .tokenize import tokenize_router
@@ -60,8 +61,9 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(tokenize_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name, prefix="/openai/v1"))
     # Starlette runs the last added middleware first: auth, the body limit, model versions,
-    # then cancel-on-disconnect around the handlers.
+    # non-finite JSON, then cancel-on-disconnect around the handlers.
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(FiniteJSON)
     app.add_middleware(NoModelVersions)
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes)
     if args.api_key:
