@@ -70,6 +70,10 @@ def serve(args: argparse.Namespace) -> None:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     shutdown.install(predictor, engine, args.shutdown_grace)
     grpc_v2.install()
+    # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told
+    # to exit (30 s by default). Our drain has finished or failed every request by then, so
+    # this only bounds the last responses' writing; the drain itself is --shutdown_grace.
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
-                                enable_grpc=args.enable_grpc, workers=1)
+                                enable_grpc=args.enable_grpc, workers=1,
+                                grace_period=shutdown.WRITE_OUT_SECONDS)
     server.start([predictor])
