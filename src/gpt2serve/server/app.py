@@ -27,6 +27,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from . import grpc_v2, shutdown
     from .generate import generate_router
+    from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
                              NoModelVersions)
     from .openai import openai_router
@@ -49,13 +50,8 @@ def serve(args: argparse.Namespace) -> None:
     for exc in (QueueFull, RequestTimeout, EngineStopped):
         app.add_exception_handler(exc, _unavailable)
 
-    @app.get("/v2/health/ready")
-    async def ready() -> ORJSONResponse:
-        # Replaces KServe's server-level check (always true) with the model's own state, so
-        # readiness turns false as soon as a drain starts.
-        ok = predictor.ready and not engine.draining
-        return ORJSONResponse({"ready": ok}, status_code=200 if ok else 503)
-
+    # Our routes are added before ModelServer adds KServe's, so ours win where paths meet.
+    app.include_router(health_router(predictor, engine))
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
     app.include_router(generate_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name))
