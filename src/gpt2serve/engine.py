@@ -157,6 +157,7 @@ class Engine:
         self.threads = threads
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Sequence] = []  # running[i] lives in cache slot i
+        self._prefilling: list[Request] = []  # out of `waiting`, not yet `running`
         self._wake = threading.Condition()
         self._draining = False  # refuse new work, finish what was accepted
         self._stopping = False  # abort everything and end the step loop
@@ -186,11 +187,13 @@ class Engine:
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is running or queued, or `timeout` passes; True if idle."""
         deadline = time.monotonic() + timeout
-        while self.waiting or self.running:
+        while True:
+            with self._wake:  # a request moves from `waiting` to `_prefilling` under it
+                if not (self.waiting or self._prefilling or self.running):
+                    return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
-        return True
 
     def stop(self, timeout: float = 30) -> None:
         """End the step loop; whatever is still running or queued fails with EngineStopped.
@@ -295,7 +298,8 @@ class Engine:
             log.critical("the engine's step thread died: %r", e)
             died = EngineStopped("the engine's step thread has died")
             with self._wake:
-                requests = [r for r in self.waiting] + [s.request for s in self.running]
+                requests = [*self.waiting, *self._prefilling,
+                            *(s.request for s in self.running)]
                 self.waiting.clear()
             for request in {id(r): r for r in requests}.values():
                 self._outbox.put(request, died)
@@ -365,6 +369,7 @@ class Engine:
                 metrics.REQUEST_QUEUE_TIME.observe(now - request.arrival)
                 metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
             metrics.QUEUE_DEPTH.set(len(self.waiting))
+            self._prefilling = batch  # so that wait_idle does not see an idle engine
         for request in expired:
             self._outbox.put(request, RequestTimeout(
                 f"waited more than {self.request_timeout:g}s for a free slot"))
@@ -377,6 +382,8 @@ class Engine:
             for request in batch:
                 self._mark_failed(request)
                 self._outbox.put(request, e)
+        finally:
+            self._prefilling = []
 
     def _prefill(self, batch: list[Request]) -> None:
         """One forward pass over the batch's prompts; each request's first sequence goes to
