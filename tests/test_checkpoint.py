@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,8 +16,8 @@ from gpt2serve.model import KVCache
 
 def logits_of(folder, ids=(1, 2, 3, 4)):
     model, _ = checkpoint.load(folder)
-    cache = KVCache(model.config, 1, 16, torch.float32, "cpu")
-    return model.prefill(torch.tensor(ids), cache, 0)
+    cache, blocks = KVCache.for_sequences(model.config, 1, 16, torch.float32, "cpu")
+    return model.prefill(torch.tensor(ids), cache, blocks[0])
 
 
 @pytest.fixture
@@ -117,3 +119,61 @@ def test_pickled_code_in_bin_is_refused(good):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         checkpoint.load(tmp_path / "absent")
+
+
+LOAD_AND_MEASURE = """
+import ctypes, sys, threading, time, torch
+from gpt2serve import checkpoint
+
+def anon_kib():  # anonymous memory: tensors, not the code pages a first kernel call maps
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+peak, done = 0, False
+def watch():
+    global peak
+    while not done:
+        peak = max(peak, anon_kib())
+        time.sleep(0.001)
+
+torch.set_num_threads(1)
+quantize = sys.argv[3] if sys.argv[3] != "none" else None
+# a first, tiny model pays the fixed costs (kernels' first use, JIT code, the tokenizer library)
+checkpoint.load(sys.argv[1], quantize=quantize)
+base = anon_kib()
+watcher = threading.Thread(target=watch)
+watcher.start()
+model, _ = checkpoint.load(sys.argv[2], quantize=quantize)
+done = True
+watcher.join()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # what is still free in the heap is not held
+print(base, peak, anon_kib())
+"""
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_loading_holds_little_more_than_the_final_weights(tmp_path, tiny_model, quantize):
+    """Tensors are read one at a time and turned into their final form (oneDNN-packed fp32 or
+    int8) before the next: the peak while loading stays near what the model holds after."""
+    folder = make_hf_model(tmp_path / "m", vocab_size=8000, n_embd=256, n_layer=24, n_head=8)
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(tiny_model), str(folder),
+                          quantize],
+                         capture_output=True, text=True, check=True)
+    base, peak, steady = map(int, out.stdout.split())
+    assert steady - base > 20_000  # the model is really in memory (KiB)
+    assert peak - base <= 1.15 * (steady - base), (base, peak, steady)
+
+
+def test_safetensors_offsets_outside_the_file_are_refused(good):
+    path = good / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [start + len(data), end + len(data)]
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' has offsets"):
+        checkpoint.load(good)

@@ -1,10 +1,13 @@
 """Deployment, verified offline: Dockerfile lint, manifests against KServe's CRD schemas and
-Kubernetes' own, a simulated pod started exactly as the ServingRuntime says, `download` against
-a local Hub, `convert` of an OpenAI TensorFlow checkpoint written here."""
+Kubernetes' own, the points a cluster would fail on (shared storage, GPU placement, restricted
+Pod Security, Knative and KEDA settings, names and images the docs use), a simulated pod started
+exactly as the ServingRuntime says, `download` against a local Hub, `convert` of an OpenAI
+TensorFlow checkpoint written here, and the container-limit helpers."""
 
 import http.server
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -22,6 +25,7 @@ from conftest import SHARED, ServerProcess, free_port, make_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
+DOCS = (ROOT / "docs" / "deploy.md").read_text()
 CRDS = SHARED / "kserve-crds"
 
 
@@ -38,10 +42,99 @@ def current_manifests() -> dict:
             if not d["apiVersion"].startswith("serving.kubeflow.org")}
 
 
+DOCS_MANIFESTS = current_manifests()
+LEGACY = next(d for p, d in manifests() if d["apiVersion"].startswith("serving.kubeflow.org"))
+RUNTIMES = {n: d for (k, n), d in DOCS_MANIFESTS.items() if k == "ServingRuntime"}
+ISVCS = {n: d for (k, n), d in DOCS_MANIFESTS.items() if k == "InferenceService"}
+
+
+def runtime_of(isvc: dict) -> dict:
+    return RUNTIMES[isvc["spec"]["predictor"]["model"]["runtime"]]
+
+
+def serving_container(isvc: dict) -> dict:
+    """The kserve-container as KServe builds it: the runtime's container with the
+    InferenceService's model fields laid over it (args appended)."""
+    base = runtime_of(isvc)["spec"]["containers"][0]
+    model = isvc["spec"]["predictor"]["model"]
+    merged = {**base, **{k: v for k, v in model.items()
+                         if k not in ("modelFormat", "runtime", "storageUri", "args")}}
+    merged["args"] = base.get("args", []) + model.get("args", [])
+    return merged
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """The value argparse would see last for --name=value."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    return values[-1] if values else None
+
+
+def quantity(q: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "m": 1e-3}
+    for u, f in units.items():
+        if str(q).endswith(u):
+            return float(q[:-len(u)]) * f
+    return float(q)
+
+
+def pods() -> list[tuple[str, dict, list[dict]]]:
+    """(what, pod-level spec, containers) for every pod the current manifests create."""
+    out = []
+    for name, isvc in ISVCS.items():
+        pred = isvc["spec"]["predictor"]
+        out.append((f"InferenceService {name}", pred, [serving_container(isvc)]))
+    job = DOCS_MANIFESTS[("Job", "gpt2-prep")]["spec"]["template"]["spec"]
+    out.append(("Job gpt2-prep", job, job["containers"]))
+    return out
+
+
+# ---- image ---------------------------------------------------------------------------------
+
 def test_dockerfile_lints_clean():
     out = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
+
+DOCKER_BUILDS = re.findall(r"^\$ docker build (.*?) \.$", DOCS.replace("\\\n", ""), re.M)
+
+
+def built_tags() -> dict[str, str]:
+    """tag -> the docker build arguments docs/deploy.md uses for it."""
+    tags = {}
+    for line in DOCKER_BUILDS:
+        m = re.search(r"-t \$REGISTRY/gpt2serve:(\S+)", line)
+        tags[m.group(1)] = line
+    return tags
+
+
+def test_dockerfile_variants():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    # No nvidia/cuda base: the torch wheels carry their CUDA libraries.
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", dockerfile, re.M).group(1)
+    assert base.startswith("python:") and not re.search(r"^FROM nvidia", dockerfile, re.M | re.I)
+    assert re.search(r"^FROM \$\{PYTHON_IMAGE\}$", dockerfile, re.M)
+    tags = built_tags()
+    assert set(tags) == {"0.1.0", "0.1.0-cu126", "0.1.0-cpu"}
+    assert "--build-arg" not in tags["0.1.0"]  # PyPI's torch: CUDA 13, sm_75 and newer
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126" in tags["0.1.0-cu126"]
+    assert "REQUIRE_CUDA_ARCH=sm_70" in tags["0.1.0-cu126"]  # the build fails without V100 kernels
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in tags["0.1.0-cpu"]
+    for arg in ("TORCH_INDEX_URL", "REQUIRE_CUDA_ARCH"):
+        assert re.search(rf"^ARG {arg}=", dockerfile, re.M)
+
+
+def test_the_image_build_check_fails_without_the_arch():
+    """The Dockerfile's arch check, run with this machine's torch (CPU: empty arch list)."""
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", "")
+    code = re.search(r'python3 -c "(import sys, torch;.*?)"', dockerfile).group(1)
+    for required, rc in (("sm_70", 1), ("", 0)):
+        run = subprocess.run([sys.executable, "-c", code.replace("${REQUIRE_CUDA_ARCH}", required)],
+                             capture_output=True, text=True)
+        assert run.returncode == rc, run.stderr
+        assert "arch list" in run.stdout
+
+
+# ---- schemas -------------------------------------------------------------------------------
 
 def crd_schema(kind: str, version: str) -> dict:
     plural = {"InferenceService": "inferenceservices", "ServingRuntime": "servingruntimes",
@@ -70,50 +163,318 @@ def test_core_resources_validate(path, doc):
     kubernetes_validate.validate(doc, "1.30", strict=True)
 
 
+def test_serving_pods_validate_as_kubernetes_pods():
+    """The pods KServe will build, checked against Kubernetes' Pod schema (the CRDs leave
+    some container fields loose)."""
+    import kubernetes_validate
+
+    for what, spec, containers in pods():
+        pod_spec = {k: v for k, v in spec.items() if k in (
+            "securityContext", "serviceAccountName", "imagePullSecrets", "tolerations",
+            "affinity", "restartPolicy", "volumes")}
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+               "spec": {**pod_spec, "containers": containers}}
+        kubernetes_validate.validate(pod, "1.30", strict=True)
+
+
+# ---- how the pieces fit --------------------------------------------------------------------
+
 def test_the_manifests_fit_together():
-    docs = current_manifests()
-    runtime = docs[("ServingRuntime", "gpt2serve")]
-    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
-    for (kind, _), d in docs.items():
-        if kind == "InferenceService":
-            pred = d["spec"]["predictor"]
-            assert pred["model"]["runtime"] == "gpt2serve"
-            assert pred["model"]["modelFormat"]["name"] in formats
-            assert pred["containerConcurrency"] > 1  # continuous batching
-            assert d["metadata"]["annotations"]["autoscaling.knative.dev/metric"] == "concurrency"
-    pvc = docs[("PersistentVolumeClaim", "gpt2-models")]
-    job = docs[("Job", "gpt2-xl-prep")]
-    claim = job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
-    assert claim == pvc["metadata"]["name"]
-    uri = docs[("InferenceService", "aitextgen")]["spec"]["predictor"]["model"]["storageUri"]
-    assert uri == "pvc://gpt2-models/gpt2-xl" and "/models/gpt2-xl" in job["spec"]["template"][
-        "spec"]["containers"][0]["args"][0]
+    pvc = DOCS_MANIFESTS[("PersistentVolumeClaim", "gpt2-models")]
+    job = DOCS_MANIFESTS[("Job", "gpt2-prep")]["spec"]["template"]["spec"]
+    assert job["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    mount = job["containers"][0]["volumeMounts"][0]["mountPath"]
+    script = job["containers"][0]["args"][0]
+    for name, isvc in ISVCS.items():
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["modelFormat"]["name"] in {
+            f["name"] for f in runtime_of(isvc)["spec"]["supportedModelFormats"]}
+        uri = model["storageUri"]
+        if uri.startswith("pvc://"):
+            claim, folder = uri[len("pvc://"):].split("/", 1)
+            assert claim == pvc["metadata"]["name"], name
+            assert f"--out {mount}/{folder} " in script, f"the Job does not write {uri}"
+    # one runtime answers a bare `modelFormat: gpt2`, so KServe never has to choose
+    assert sum(f.get("autoSelect", False) for r in RUNTIMES.values()
+               for f in r["spec"]["supportedModelFormats"]) == 1
 
 
-def test_pod_simulation(tmp_path, tiny_model):
-    """Start the server with the ServingRuntime's args against a folder laid out as the storage
-    initializer leaves /mnt/models, probe it where the YAML says, send sample.json."""
-    docs = current_manifests()
-    container = docs[("ServingRuntime", "gpt2serve")]["spec"]["containers"][0]
-    isvc = docs[("InferenceService", "aitextgen")]
-    name = isvc["metadata"]["name"]
+def test_model_storage_is_shared_across_nodes():
+    pvc = DOCS_MANIFESTS[("PersistentVolumeClaim", "gpt2-models")]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    # The one-node alternative is documented where the volume is made.
+    assert "ReadWriteOnce with all replicas on one node" in DOCS
+
+
+def test_gpu_placement():
+    for name, rt in RUNTIMES.items():
+        spec, res = rt["spec"], rt["spec"]["containers"][0]["resources"]
+        assert "nodeSelector" not in spec  # a GPU Operator label would leave pods Pending elsewhere
+        if "nvidia.com/gpu" in res["limits"]:
+            assert {"key": "nvidia.com/gpu", "operator": "Exists",
+                    "effect": "NoSchedule"} in spec["tolerations"], name
+    for isvc in ISVCS.values():
+        assert "nodeSelector" not in isvc["spec"]["predictor"]
+    v100 = RUNTIMES["gpt2serve-v100"]["spec"]
+    assert v100["containers"][0]["image"].endswith(":0.1.0-cu126")
+    terms = v100["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    values = [v for t in terms for e in t["matchExpressions"] for v in e["values"]]
+    assert values and all("V100" in v for v in values)
+    # CUDA 13 wheels start at sm_75: the default runtime must not be pinned to V100s.
+    assert RUNTIMES["gpt2serve"]["spec"]["containers"][0]["image"].endswith(":0.1.0")
+    assert "affinity" not in RUNTIMES["gpt2serve"]["spec"]
+
+
+def test_restricted_pod_security_everywhere():
+    """The restricted Pod Security Standard's container rules, on every pod incl. the Job."""
+    for what, spec, containers in pods():
+        pod_sc = spec.get("securityContext", {})
+        for c in containers:
+            sc = c.get("securityContext", {})
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, what
+            assert sc.get("runAsUser", pod_sc.get("runAsUser", 1)) != 0, what
+            assert sc.get("allowPrivilegeEscalation") is False, what
+            assert "ALL" in sc.get("capabilities", {}).get("drop", []), what
+            assert set(sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, what
+            assert not sc.get("privileged", False), what
+            seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+            assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), what
+        # Containers KServe and Knative inject (storage initializer, queue-proxy) inherit the
+        # pod-level fields, so those are set on the pod as well.
+        if what.startswith("InferenceService"):
+            assert pod_sc.get("runAsNonRoot") is True and \
+                pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", what
+        assert not any("hostPath" in v for v in spec.get("volumes", [])), what
+
+
+def test_api_key_comes_from_a_secret(monkeypatch):
+    containers = [rt["spec"]["containers"][0] for rt in RUNTIMES.values()]
+    containers += LEGACY["spec"]["predictor"]["containers"]
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        ref = env["GPT2SERVE_API_KEY"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("gpt2serve-api-key", "api-key")
+        assert not ref.get("optional", False)  # a missing Secret must not mean an open server
+        assert not any(a.startswith("--api_key") for a in c["args"])  # never in the pod spec
+    assert "kubectl create secret generic gpt2serve-api-key --from-literal=api-key=" in DOCS
+    # ... and the server reads that variable.
+    from gpt2serve.cli import build_parser
+
+    monkeypatch.setenv("GPT2SERVE_API_KEY", "k3y")
+    assert build_parser().parse_args(["serve"]).api_key == "k3y"
+
+
+def test_s3_copy_has_ephemeral_storage():
+    s3 = [i for i in ISVCS.values() if i["spec"]["predictor"]["model"]["storageUri"].startswith("s3://")]
+    assert s3
+    for isvc in s3:
+        res = serving_container(isvc)["resources"]
+        # fp16 gpt2-xl is 3.2 GB on disk; the copy goes to an emptyDir on the node
+        assert quantity(res["requests"]["ephemeral-storage"]) >= 4 * 2**30
+        assert quantity(res["limits"]["ephemeral-storage"]) >= quantity(
+            res["requests"]["ephemeral-storage"])
+
+
+def test_cpu_node_service_runs_int8():
+    cpu = [i for i in ISVCS.values() if flag(serving_container(i)["args"], "device") == "cpu"]
+    assert cpu
+    for isvc in cpu:
+        c = serving_container(isvc)
+        assert flag(c["args"], "quantize") == "int8"
+        assert flag(c["args"], "threads") is None  # taken from the CPU limit (cgroup quota)
+        assert "nvidia.com/gpu" not in c["resources"]["limits"]
+        assert float(c["resources"]["limits"]["cpu"]).is_integer()
+        assert int(isvc["spec"]["predictor"]["scaleTarget"]) == int(flag(c["args"], "max_batch_size"))
+
+
+def mode(isvc: dict) -> str:
+    return isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+
+
+def test_knative_services():
+    knative = [i for i in ISVCS.values() if mode(i) == "Knative"]
+    assert len(knative) >= 3
+    for isvc in knative:
+        name, pred, ann = isvc["metadata"]["name"], isvc["spec"]["predictor"], isvc["metadata"]["annotations"]
+        args = serving_container(isvc)["args"]
+        deadline = ann["serving.knative.dev/progress-deadline"]
+        assert deadline.endswith("s") and int(deadline[:-1]) > 600, name  # Knative's default
+        assert ann["autoscaling.knative.dev/target-utilization-percentage"] == "70"
+        assert ann["serving.kserve.io/enable-prometheus-scraping"] == "true"
+        assert pred["scaleMetric"] == "concurrency"
+        assert pred["scaleTarget"] == int(flag(args, "max_batch_size"))
+        # A hard limit below what our server queues would hold requests in queue-proxy
+        # before our 503 backpressure could act.
+        cc = pred["containerConcurrency"]
+        assert cc == 0 or cc >= int(flag(args, "max_batch_size")) + int(flag(args, "max_queue"))
+        # Retention only means something on a service that scales to zero.
+        retention = "autoscaling.knative.dev/scale-to-zero-pod-retention-period" in ann
+        assert retention == (pred["minReplicas"] == 0), name
+        assert pred["maxReplicas"] == 10
+        assert pred["minReplicas"] in (0, 3), name
+    assert sum(i["spec"]["predictor"]["minReplicas"] == 3 for i in knative) >= 2
+
+
+def test_standard_mode_scales_with_keda_on_our_metrics():
+    from gpt2serve import metrics
+
+    std = [i for i in ISVCS.values() if mode(i) == "Standard"]
+    assert len(std) == 1
+    isvc = std[0]
+    name, pred, ann = isvc["metadata"]["name"], isvc["spec"]["predictor"], isvc["metadata"]["annotations"]
+    assert ann["serving.kserve.io/autoscalerClass"] == "keda"
+    assert not any(k.startswith(("autoscaling.knative.dev", "serving.knative.dev")) for k in ann)
+    assert "containerConcurrency" not in pred and "scaleMetric" not in pred
+    assert (pred["minReplicas"], pred["maxReplicas"]) == (3, 10)
+    (metric,) = pred["autoScaling"]["metrics"]
+    assert metric["type"] == "External" and metric["external"]["metric"]["backend"] == "prometheus"
+    query = metric["external"]["metric"]["query"]
+    for gauge in (metrics.RUNNING, metrics.QUEUE_DEPTH):  # names the server really exports
+        assert f"{gauge._name}{{" in query
+    # Standard-mode pods are named <isvc>-predictor-<hash>
+    assert set(re.findall(r'pod=~"([^"]+)"', query)) == {f"{name}-predictor-.*"}
+    threshold = int(metric["external"]["target"]["value"])
+    assert 0 < threshold <= int(flag(serving_container(isvc)["args"], "max_batch_size"))
+    # Scraping points at our container, not at queue-proxy's port (none in Standard mode).
+    port = serving_container(isvc)["ports"][0]["containerPort"]
+    assert ann["serving.kserve.io/enable-prometheus-scraping"] == "false"
+    assert (ann["prometheus.io/scrape"], ann["prometheus.io/port"]) == ("true", str(port))
+
+
+def test_probes_are_what_knative_accepts():
+    for rt in RUNTIMES.values():
+        c = rt["spec"]["containers"][0]
+        port = c["ports"][0]["containerPort"]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert c[probe]["httpGet"]["port"] == port  # Knative >= 1.1 accepts only this port
+    assert "Knative Serving 1.15" in DOCS  # the startupProbe's minimum, named
+
+
+def test_legacy_manifest_is_what_knative_of_its_era_accepts():
+    pred = LEGACY["spec"]["predictor"]
+    (c,) = pred["containers"]
+    assert "startupProbe" not in c
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "port" not in c.get(probe, {}).get("httpGet", {}), probe
+    assert set(c["securityContext"]) <= {"runAsUser", "runAsGroup"}
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"])
+    assert (pred["minReplicas"], pred["maxReplicas"]) == (3, 10)
+    terms = pred["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["Tesla_V100"]
+    assert c["image"].endswith(":0.1.0-cu126")  # V100 kernels
+    assert flag(c["args"], "model_name") == LEGACY["metadata"]["name"]
+    assert pred["imagePullSecrets"] == [{"name": "registry-credentials"}]
+
+
+# ---- the docs, as written ------------------------------------------------------------------
+
+def images() -> list[str]:
+    found = []
+    for _, d in manifests():
+        text = yaml.safe_dump(d)
+        found += re.findall(r"image: (\S+)", text)
+    return found
+
+
+def test_images_use_the_docs_registry_variable():
+    assert len(re.findall(r"^\$ export REGISTRY=", DOCS, re.M)) == 1
+    tags = built_tags()
+    refs = images()
+    assert refs
+    for ref in refs:
+        repo, tag = ref.rsplit(":", 1)
+        assert repo == "REGISTRY/gpt2serve" and tag in tags, ref
+    assert "ghcr.io/example" not in DOCS
+    # Every file with an image goes through the one substitution when applied.
+    for path in DEPLOY.rglob("*.yaml"):
+        rel = path.relative_to(ROOT).as_posix()
+        lines = [ln for ln in DOCS.splitlines() if rel in ln and "kubectl apply" in ln]
+        if "REGISTRY/" in path.read_text():
+            assert lines, f"docs never apply {rel}"
+            for ln in lines:
+                assert f'sed "s|REGISTRY/|$REGISTRY/|" {rel} | kubectl apply -f -' in ln, ln
+    for tag in tags:
+        assert f"docker push $REGISTRY/gpt2serve:{tag}" in DOCS
+
+
+def test_docs_call_the_services_by_their_names():
+    names = set(ISVCS) | {LEGACY["metadata"]["name"]}
+    called = re.findall(r"/v1/models/([\w-]+):predict", DOCS)
+    called += re.findall(r'"model": "([\w-]+)"', DOCS)
+    called += re.findall(r"inferenceservice[ /]([\w-]+)", DOCS)
+    called += re.findall(r"Host: ([\w-]+)\.default\.", DOCS)
+    called += re.findall(r"svc/([\w-]+)-predictor", DOCS)
+    assert called and set(called) <= names, set(called) - names
+    assert set(ISVCS) <= set(called)  # each service has its own call in the docs
+    for rt in RUNTIMES.values():  # the served model name is the InferenceService's
+        assert "--model_name={{.Name}}" in rt["spec"]["containers"][0]["args"]
+
+
+def test_docs_name_the_minimum_versions():
+    for needle in ("KServe 0.16", "Knative Serving 1.15", "KEDA", "driver >= 580",
+                   "driver >= 525", "70%"):
+        assert needle in DOCS, needle
+    # PVC models are mounted, not copied
+    assert "mounts the PVC read-only" in DOCS
+
+
+# Parameters of the GPT-2 family (HF configs): layers, n_embd, parameter count.
+GPT2_SIZES = {"gpt2": (12, 768, 124_439_808), "gpt2-medium": (24, 1024, 354_823_168),
+              "gpt2-large": (36, 1280, 774_030_080), "gpt2-xl": (48, 1600, 1_557_611_200)}
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def test_sizing_table_matches_the_formula():
+    """Each row: weights per dtype, and the KV cache the engine preallocates:
+    2 (k, v) x layers x slots x 1024 positions x n_embd x bytes per value."""
+    for model, (layers, embd, params) in GPT2_SIZES.items():
+        row = re.search(rf"^\| `{model}` \|(.*)$", DOCS, re.M)
+        assert row, model
+        cells = [c.strip() for c in row.group(1).split("|")]
+        assert cells[0] == f"{params / 1e6:.0f}M", (model, cells)
+        assert cells[1] == gb(params * 4) and cells[2] == gb(params * 2), (model, cells)
+        for slots, col in ((16, 3), (32, 4)):
+            assert cells[col] == gb(2 * layers * slots * 1024 * embd * 2), (model, slots, cells)
+
+
+# ---- the pod, simulated --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["aitextgen", "aitextgen-cpu"])
+def test_pod_simulation(tmp_path, tiny_model, name):
+    """Start the server with exactly the args and env KServe gives the container, against a
+    folder laid out as /mnt/models, the API key from the 'Secret'; probe it where the YAML says,
+    scrape what KEDA's query reads, send sample.json with and without the key."""
+    isvc = ISVCS[name]
+    container = serving_container(isvc)
     mnt = tmp_path / "mnt" / "models"
     shutil.copytree(tiny_model, mnt)
     port = free_port()
     args = [a.replace("{{.Name}}", name).replace("/mnt/models", str(mnt))
-            for a in container["args"] + isvc["spec"]["predictor"]["model"]["args"]]
-    # Only differences from the pod: no GPU here, and a free port instead of 8080.
-    args += ["--device=cpu", "--dtype=float32", f"--http_port={port}"]
-    env = {e["name"]: e["value"] for e in container.get("env", [])}
+            for a in container["args"]]
+    if flag(args, "device") == "cuda":  # only difference from the pod: no GPU here
+        args += ["--device=cpu", "--dtype=float32"]
+    args += [f"--http_port={port}"]  # and a free port instead of 8080
+    env = {e["name"]: e.get("value", "test-key") for e in container["env"]}  # valueFrom: the Secret
     srv = ServerProcess(*args, env=env)
     srv.port, srv.url = port, f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer test-key"}
     try:
-        srv.wait_ready(model=name)
+        srv.wait_ready(model=name, headers=auth)
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             path = container[probe]["httpGet"]["path"]
-            assert httpx.get(srv.url + path).status_code == 200, probe
+            assert httpx.get(srv.url + path).status_code == 200, probe  # no key: kubelet has none
+        scrape = httpx.get(srv.url + "/metrics")
+        assert scrape.status_code == 200
+        assert "gpt2serve_running_sequences" in scrape.text and "gpt2serve_queue_depth" in scrape.text
         sample = (DEPLOY / "kserve" / "sample.json").read_text()
-        r = httpx.post(f"{srv.url}/v1/models/{name}:predict", content=sample, timeout=60)
+        url = f"{srv.url}/v1/models/{name}:predict"
+        assert httpx.post(url, content=sample, timeout=60).status_code == 401
+        r = httpx.post(url, content=sample, timeout=60, headers=auth)
         assert r.status_code == 200, r.text
         assert r.json()["predictions"][0].startswith("ROMEO:")
     finally:
@@ -264,3 +625,84 @@ def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
     small = GPT2LMHeadModel.from_pretrained(half, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(small(ids).logits, ref(ids).logits, atol=2e-2, rtol=0)
+
+
+# ---- what the container gives us: CPU quota, GPU architecture --------------------------------
+
+def _cgroup(root: Path, files: dict) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    return root
+
+
+@pytest.mark.parametrize("files,limit", [
+    ({"cpu.max": "400000 100000"}, 4.0),                      # v2, limits.cpu: 4
+    ({"cpu.max": "150000 100000"}, 1.5),                      # v2, limits.cpu: 1500m
+    ({"cpu.max": "max 100000"}, None),                        # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "100000"}, 2.0),  # v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "50000",
+      "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 0.5),       # v1, combined controller
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),  # v1, no limit
+    ({}, None),                                               # no cgroup files at all
+])
+def test_cgroup_cpu_limit(tmp_path, files, limit):
+    from gpt2serve import hardware
+
+    assert hardware.cgroup_cpu_limit(_cgroup(tmp_path, files)) == limit
+
+
+def test_default_threads_follow_the_cpu_limit(tmp_path, monkeypatch):
+    from gpt2serve import hardware
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert hardware.default_threads(_cgroup(tmp_path / "a", {"cpu.max": "400000 100000"})) == 4
+    # rounded down: 2.5 CPUs of quota run 2 threads, and at least one
+    assert hardware.default_threads(_cgroup(tmp_path / "b", {"cpu.max": "250000 100000"})) == 2
+    assert hardware.default_threads(_cgroup(tmp_path / "c", {"cpu.max": "50000 100000"})) == 1
+    # never more than the cores we may run on, and all of them without a limit
+    assert hardware.default_threads(_cgroup(tmp_path / "d", {"cpu.max": "6400000 100000"})) == 16
+    assert hardware.default_threads(_cgroup(tmp_path / "e", {"cpu.max": "max 100000"})) == 16
+
+
+def test_resolve_threads_uses_the_cgroup_only_without_a_flag(monkeypatch):
+    from gpt2serve import checkpoint, hardware
+
+    monkeypatch.setattr(hardware, "default_threads", lambda root=None: 3)
+    assert checkpoint.resolve_threads(None) == 3
+    assert checkpoint.resolve_threads(7) == 7
+
+
+CU130 = "sm_75 sm_80 sm_86 sm_90 sm_100 sm_120".split()  # torch 2.13.0 from PyPI, as built
+CU126 = "sm_50 sm_60 sm_70 sm_75 sm_80 sm_86 sm_90".split()
+
+
+@pytest.mark.parametrize("cap,archs,tag", [
+    ((7, 0), CU130, "gpt2serve:0.1.0-cu126"),   # V100 on the default image: the seed's failure
+    ((6, 1), CU130, "gpt2serve:0.1.0-cu126"),   # Pascal
+    ((7, 0), CU126, None),
+    ((8, 9), CU130, None),                       # L4 runs sm_86 cubins
+    ((9, 0), CU126, None),
+    ((10, 0), CU126, "gpt2serve:0.1.0"),         # Blackwell needs the CUDA 13 image
+    ((12, 1), CU130, None),                      # same major as sm_120
+    ((9, 0), ["sm_80", "sm_90a"], None),
+    ((9, 2), ["sm_80", "sm_90a"], "gpt2serve:0.1.0"),  # arch-specific cubins run on 9.0 only
+    ((10, 0), ["sm_80", "compute_90"], None),    # PTX is compiled by the driver for newer GPUs
+])
+def test_gpu_image_hint(cap, archs, tag):
+    from gpt2serve import hardware
+
+    hint = hardware.gpu_image_hint(cap, archs, "Tesla V100-SXM2-16GB")
+    if tag is None:
+        assert hint is None
+    else:
+        assert f"use the image tagged {tag} " in hint and f"sm_{cap[0]}{cap[1]}" in hint
+        assert "\n" not in hint
+
+
+def test_the_hint_names_tags_the_docs_build():
+    from gpt2serve import hardware
+
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for tag in (hardware.DEFAULT_GPU_TAG, hardware.LEGACY_GPU_TAG):
+        assert f"$REGISTRY/gpt2serve:{tag} " in docs

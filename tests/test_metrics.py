@@ -12,7 +12,7 @@ import pytest
 
 from conftest import post, running_server
 from gpt2serve import checkpoint
-from gpt2serve.engine import Engine, EngineStopped
+from gpt2serve.engine import Engine, EngineStopped, Prompt
 from gpt2serve.sampling import SamplingParams
 
 MODEL = "aitextgen"
@@ -111,17 +111,18 @@ def test_liveness_fails_and_work_fails_cleanly_when_the_step_thread_dies(tiny_mo
     long = SamplingParams.from_dict({"max_new_tokens": 100, "ignore_eos": True})
 
     async def scenario():
-        request = engine.submit(tokenizer.encode("ROMEO:"), long)
-        first = await anext(engine.events(request))  # the step loop is running
+        requests = engine.submit([Prompt(tokenizer.encode("ROMEO:"), long)])
+        events = engine.stream(requests)
+        _, first = await anext(events)  # the step loop is running
         assert first.token_id is not None
         assert engine.alive and liveness(engine, {"live": True}, {"live": False}).status_code == 200
         kill_thread(engine._thread)
         engine._thread.join(timeout=10)
         with pytest.raises(EngineStopped, match="step thread has died"):
-            async for _ in engine.events(request):  # fails, does not wait forever
+            async for _ in events:  # fails, does not wait forever
                 pass
         with pytest.raises(EngineStopped, match="step thread has died"):
-            engine.submit(tokenizer.encode("JULIET:"), long)
+            engine.submit([Prompt(tokenizer.encode("JULIET:"), long)])
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert not engine.alive

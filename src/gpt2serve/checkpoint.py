@@ -9,18 +9,19 @@ reported as one CheckpointError naming the file and what is wrong with it.
 
 from __future__ import annotations
 
+import ctypes
 import json
-import os
+import math
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from torch import nn
 
-from . import packing
-from .model import ACTIVATIONS, GPT, GPTConfig
-from .quantize import quantize_int8
+from . import hardware, packing
+from .model import ACTIVATIONS, GPT, Conv1D, GPTConfig, TiedHead
+from .quantize import Int8Linear, Int8TiedHead
 from .tokenizer import Tokenizer
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
@@ -65,70 +66,180 @@ def read_config(folder: Path) -> GPTConfig:
     return config
 
 
-def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """Tensors by HF name, and the file they came from (for error messages)."""
-    if (folder / SAFETENSORS).is_file():
-        return _load_safetensors(folder / SAFETENSORS), folder / SAFETENSORS
-    if (folder / SAFETENSORS_INDEX).is_file():
-        index = folder / SAFETENSORS_INDEX
+class SafetensorsFile:
+    """The tensors of one .safetensors file, read one at a time with plain reads.
+
+    Not mmap: the pages of a mapped file count in this process's resident memory once read,
+    so mapping a checkpoint while converting it would hold it twice at the peak. Here a
+    tensor's bytes are held only until the network has turned them into their final form.
+    The header is checked as the safetensors library does: known dtypes, sizes that match
+    the shapes, and offsets inside the file."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        self.path, size = path, path.stat().st_size
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        state = {}
-        for shard in shards:
-            state.update(_load_safetensors(folder / shard))
-        return state, index
-    if (folder / TORCH_BIN).is_file():
-        path = folder / TORCH_BIN
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), path
-        except Exception as e:  # torch raises many types for a bad or unsafe file
-            raise CheckpointError(f"{path}: cannot be read as plain tensors ({e})") from None
-    raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS}, "
-                          f"{SAFETENSORS_INDEX}, {TORCH_BIN})")
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= min(size - 8, 100 * 2**20):
+                    raise ValueError(f"header length {n} does not fit the file")
+                header = json.loads(f.read(n))
+            self.base = 8 + n
+            self.entries = {}
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = self.DTYPES[meta["dtype"]]
+                shape, (start, end) = tuple(meta["shape"]), meta["data_offsets"]
+                if (end - start != math.prod(shape) * dtype.itemsize
+                        or not 0 <= start <= end <= size - self.base):
+                    raise ValueError(f"tensor '{name}' has offsets that do not fit its shape "
+                                     "or the file")
+                self.entries[name] = (dtype, shape, start)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, start = self.entries[name]
+        buf = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + start)
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{self.path}: ends inside tensor '{name}'")
+                done += got
+        return buf.view(dtype).view(shape)
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+class Weights:
+    """A folder's tensors by this network's names, read on demand: HF names lose their
+    `transformer.` prefix, and the tied `wte` [V, D] becomes the head's [D, V] matrix
+    (model.py explains the layout). `.bin` files are read with torch.load(weights_only=True)."""
+
+    def __init__(self, folder: Path):
+        self.where: dict[str, tuple[object, str]] = {}  # network name -> (file, its name)
+        if (folder / SAFETENSORS).is_file():
+            self.source = folder / SAFETENSORS
+            self._add(SafetensorsFile(self.source))
+        elif (folder / SAFETENSORS_INDEX).is_file():
+            self.source = folder / SAFETENSORS_INDEX
+            try:
+                weight_map = json.loads(self.source.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{self.source}: not a safetensors index ({e})") from None
+            for shard in shards:
+                self._add(SafetensorsFile(folder / shard))
+        elif (folder / TORCH_BIN).is_file():
+            self.source = folder / TORCH_BIN
+            try:
+                state = torch.load(self.source, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for a bad or unsafe file
+                raise CheckpointError(f"{self.source}: cannot be read as plain tensors "
+                                      f"({e})") from None
+            self._add(_TensorDict(state))
+        else:
+            raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS}, "
+                                  f"{SAFETENSORS_INDEX}, {TORCH_BIN})")
+
+    def _add(self, file) -> None:
+        for name in file.entries:
+            if not name.endswith(IGNORED_SUFFIXES):
+                self.where[network_name(name)] = (file, name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, key = self.where[name]
+        shape = tuple(file.shape(key))
+        return shape[::-1] if name == "head.weight_t" else shape
+
+    def get(self, name: str) -> torch.Tensor:
+        file, key = self.where[name]
+        tensor = file.get(key)
+        return tensor.t() if name == "head.weight_t" else tensor
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor under its file's own name (gpt2serve convert)."""
+        return {key: file.get(key) for file, key in self.where.values()}
 
 
-def to_network_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF names -> this network's: drop the `transformer.` prefix; the tied `wte` [V, D]
-    becomes the head's [D, V] matrix (model.py explains the layout)."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith(IGNORED_SUFFIXES):
-            continue
-        name = name.removeprefix("transformer.")
-        if name == "wte.weight":
-            name, tensor = "head.weight_t", tensor.t()
-        out[name] = tensor
-    return out
+class _TensorDict:
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.entries = state
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.entries[name]
 
 
-def build_model(config: GPTConfig, state: dict[str, torch.Tensor], source: Path,
-                dtype: torch.dtype, device: torch.device) -> GPT:
+def network_name(hf_name: str) -> str:
+    name = hf_name.removeprefix("transformer.")
+    return "head.weight_t" if name == "wte.weight" else name
+
+
+def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device: torch.device,
+                linear: Callable | None = None, head: Callable | None = None) -> GPT:
+    """The network, its parameters read one at a time. Each matmul layer is handed to
+    `linear` (the head to `head`) as soon as its parameters are in, so its checkpoint form is
+    dropped before the next is read: loading holds little more than the final weights."""
     with torch.device("meta"):
         model = GPT(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    tensors = to_network_names(state)
-    missing = sorted(set(expected) - set(tensors))
+    params = list(model.named_parameters())
+    missing = sorted(name for name, _ in params if name not in weights.where)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise CheckpointError(f"{source}: missing {len(missing)} GPT-2 tensors ({shown})")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(f"{source}: tensor '{name}' has shape "
-                                  f"{tuple(tensors[name].shape)}, config.json implies {shape}")
-    params = {n: tensors[n].to(device=device, dtype=dtype).contiguous() for n in expected}
-    model.load_state_dict(params, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+        raise CheckpointError(f"{weights.source}: missing {len(missing)} GPT-2 tensors ({shown})")
+    for name, p in params:
+        if weights.shape(name) != tuple(p.shape):
+            raise CheckpointError(f"{weights.source}: tensor '{name}' has shape "
+                                  f"{weights.shape(name)}, config.json implies {tuple(p.shape)}")
+    # The head first: its conversion makes copies of the largest tensor, best made while
+    # nothing else is held yet.
+    for name, _ in sorted(params, key=lambda item: not item[0].startswith("head.")):
+        owner_name, _, param_name = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        tensor = weights.get(name).to(device=device, dtype=dtype)
+        if not (isinstance(owner, TiedHead) and head is not None):
+            tensor = tensor.contiguous()  # (the head's drop-ins read it as the file's rows)
+        owner._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
+        if any(p.is_meta for p in owner.parameters(recurse=False)):
+            continue
+        if isinstance(owner, Conv1D) and linear is not None:
+            parent_name, _, attr = owner_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, linear(owner))
+        elif isinstance(owner, TiedHead) and head is not None:
+            model.head = head(owner)
+        else:
+            continue
+        del owner
+        _return_freed_memory()
+    return model.eval()
+
+
+def _return_freed_memory() -> None:
+    """Give the memory of the tensors just dropped back to the OS. glibc keeps freed chunks in
+    its heap for reuse, and tensors of a dozen sizes read and converted in turn left the heap
+    fragmented: a GPT-2 shape held 1.4x its weights after loading until trimmed."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # glibc only
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -147,10 +258,11 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
 
 
 def resolve_threads(threads: int | None) -> int:
-    """Intra-op threads for the engine: as asked, else every core. fbgemm's int8 matmuls split
+    """Intra-op threads for the engine: as asked, else every core the container's CPU limit
+    allows (a pod sees all of the node's cores in os.cpu_count()). fbgemm's int8 matmuls split
     well too: GPT-2 124M's 49 of them took 3.4 ms on 2 threads against 4.3 ms on one at
     batch 1, and 6.2 against 11.1 ms at batch 16."""
-    return threads or os.cpu_count() or 1
+    return threads or hardware.default_threads()
 
 
 def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
@@ -170,17 +282,16 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {config.vocab_size}")
-    state, source = read_state_dict(folder)
     device = torch.device(device)
-    model = build_model(config, state, source, dtype, device)
+    linear = head = None  # the matmul layers' final form: as read, int8 or oneDNN-packed
     if quantize == "int8":
-        try:
-            model = quantize_int8(model)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
+        if device.type != "cpu" or dtype != torch.float32:
+            raise CheckpointError("--quantize int8 runs on CPU with float32 activations (got "
+                                  f"{device.type}/{str(dtype).removeprefix('torch.')})")
+        linear, head = Int8Linear, Int8TiedHead
     elif device.type == "cpu" and dtype == torch.float32 and packing.available():
-        model = packing.pack_fp32(model)
-    return model, tokenizer
+        linear, head = packing.PackedLinear, packing.PackedHead
+    return build_model(config, Weights(folder), dtype, device, linear, head), tokenizer
 
 
 def load_for_engine(folder: str | Path | None, device: str = "auto", dtype: str = "auto",
@@ -190,6 +301,8 @@ def load_for_engine(folder: str | Path | None, device: str = "auto", dtype: str 
     thread and the engine's step thread computes on the returned count (see Engine: an
     OpenMP team left by the loading thread slowed every step of the other thread)."""
     dev, dt = resolve_device(device, dtype)
+    if dev.type == "cuda":
+        hardware.check_cuda_device(dev)
     engine_threads = resolve_threads(threads)
     torch.set_num_threads(1)
     model, tokenizer = load(folder, dtype=dt, device=dev, quantize=quantize)

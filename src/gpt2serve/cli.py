@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .download import DownloadError
+from .engine.kv_cache import KVBudgetError, parse_size
 from .sampling import SamplingError, SamplingParams
 
 
@@ -24,6 +25,13 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -36,7 +44,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: per-channel int8 weights (CPU, float32 activations)")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op CPU threads (default: all cores)")
+                   help="intra-op CPU threads (default: the container's CPU limit, else all "
+                        "cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc_port", type=int, default=8081)
     s.add_argument("--enable_grpc", type=_bool, default=True)
     s.add_argument("--max_batch_size", type=int, default=32,
-                   help="sequences decoded together; sizes the preallocated KV cache")
+                   help="sequences decoded together at most")
+    s.add_argument("--kv_cache_memory", type=_size, default=None,
+                   help="KV-cache budget: bytes, or e.g. 600MiB, 4GiB (default: max_batch_size "
+                        "full-context sequences, capped at 60%% of the memory left after "
+                        "the weights on CPU, 90%% of free GPU memory on CUDA)")
+    s.add_argument("--max_prefill_tokens", type=int, default=512,
+                   help="prompt tokens read per prefill pass at most; beside running streams "
+                        "the engine reads fewer, as many as cost about one decode step")
     s.add_argument("--max_queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 503")
     s.add_argument("--request_timeout", type=float, default=600.0,
@@ -101,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from .engine import Engine, Prompt
 
     names = ("max_length", "max_new_tokens", "min_length", "temperature", "top_k", "top_p",
              "repetition_penalty", "n", "seed", "stop")
@@ -110,7 +126,8 @@ def generate(args: argparse.Namespace) -> int:
         args.model_dir, args.device, args.dtype, args.quantize, args.threads)
     engine = Engine(model, tokenizer, max_batch_size=params.n, threads=threads)
     try:
-        completions = asyncio.run(engine.complete(engine.encode_prompt(args.prompt), params))
+        prompt = Prompt(engine.encode_prompt(args.prompt), params)
+        (completions,) = asyncio.run(engine.complete([prompt]))
     finally:
         engine.stop()
     print("\n==========\n".join(args.prompt + c.text for c in completions))
@@ -144,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {args.src} -> {args.out} ({args.dtype})")
             return 0
         return generate(args)
-    except (checkpoint.CheckpointError, SamplingError, DownloadError) as e:
+    except (checkpoint.CheckpointError, SamplingError, DownloadError, KVBudgetError) as e:
         print(f"gpt2serve: error: {e}", file=sys.stderr)
         return 2
 

@@ -31,7 +31,7 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     else:
         checkpoint.read_config(src)  # validates, with a clear error
         config = json.loads((src / "config.json").read_text())
-        state, _ = checkpoint.read_state_dict(src)
+        state = checkpoint.Weights(src).hf_state_dict()
     tokenizer = Tokenizer.from_dir(src)
     tensors = {}
     for name, tensor in state.items():

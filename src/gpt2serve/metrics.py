@@ -17,6 +17,10 @@ TIME_PER_TOKEN = Histogram(
     "gpt2serve_time_per_output_token_seconds",
     "Duration of one decode step (one token per sequence), prefills admitted during it included",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+KV_CACHE_USAGE = Gauge("gpt2serve_kv_cache_usage_ratio",
+                       "Share of the KV cache's blocks held by sequences, 0 to 1")
+KV_CACHE_CAPACITY = Gauge("gpt2serve_kv_cache_capacity_tokens",
+                          "Tokens the KV cache holds (blocks x block size)")
 
 # Serving latencies, named and bucketed as vLLM's (vllm:e2e_request_latency_seconds, ...).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)

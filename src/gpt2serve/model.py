@@ -1,14 +1,16 @@
-"""The GPT-2 network: config, blocks, a preallocated KV cache, prefill and decode.
+"""The GPT-2 network: config, blocks, a paged KV cache, prefill and decode.
 
 One file, nanoGPT style. Parameter names and layouts are Hugging Face's (`Conv1D` weights are
 [in, out]), so a checkpoint maps onto this module by dropping the `transformer.` prefix
 (see `checkpoint.py`). Matmuls run as `addmm(bias, x, W[in, out])` on 2-D activations
 [tokens, features], which on CPU is the fast GEMV layout; the tied embedding / LM head is
 stored once, as a contiguous [D, V] matrix, for the same reason (`TiedHead`). packing.py and
-quantize.py swap in faster kernels for the same products.
+quantize.py hold drop-ins for `Conv1D` and `TiedHead` with faster kernels for the same
+products, which checkpoint.py puts in place as it loads.
 
-The cache holds `slots` sequences. The engine keeps running sequences packed in slots
-0..B-1, so decode attends over a plain slice of the cache with a per-row length mask.
+The KV cache is a pool of fixed-size blocks; each sequence reads and writes it through its
+block table (a row of block ids), which the engine keeps (engine/kv_cache.py). Prefill takes
+chunks of prompts at any offset, so a long prompt can be read a piece per step.
 """
 
 from __future__ import annotations
@@ -55,31 +57,69 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values for `slots` sequences of up to `max_len` tokens, allocated once.
+    """Keys and values of every sequence, in `num_blocks` blocks of `block_size` positions.
 
-    Layout [layer, slot, key|value, head, position, head_dim]: attention reads each head's
-    keys as one contiguous run (a token-major layout read them 1.6x slower at 400 tokens),
-    and a decode step stores all new keys and values of a layer with one `index_copy_`."""
+    Layout [layer, key|value, head, block, position, head_dim]. Attention gathers a batch's
+    blocks with one `index_select` per layer along the block dimension, so that each
+    (sequence, head) comes out as one contiguous run of positions: the layout attention reads
+    fastest (a token-major one was markedly slower; docs/benchmarks.md). A layer stores the new
+    keys and values of all its tokens with one `index_copy_`."""
 
-    def __init__(self, config: GPTConfig, slots: int, max_len: int, dtype, device):
-        shape = (config.n_layer, slots, 2, config.n_head, max_len, config.head_dim)
+    def __init__(self, config: GPTConfig, num_blocks: int, block_size: int, dtype, device):
+        shape = (config.n_layer, 2, config.n_head, num_blocks, block_size, config.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots, self.max_len = slots, max_len
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @classmethod
+    def for_sequences(cls, config: GPTConfig, count: int, max_len: int, dtype, device,
+                      block_size: int = 16) -> tuple[KVCache, Tensor]:
+        """A cache for `count` sequences of up to `max_len` tokens, and their block tables
+        [count, blocks each] (sequence i owns a run of blocks): for tests and benchmarks."""
+        per_seq = -(-max_len // block_size)
+        cache = cls(config, count * per_seq, block_size, dtype, device)
+        return cache, torch.arange(count * per_seq, device=device).view(count, per_seq)
+
+    @staticmethod
+    def block_bytes(config: GPTConfig, block_size: int, dtype: torch.dtype) -> int:
+        return config.n_layer * 2 * config.n_embd * block_size * dtype.itemsize
 
     @property
     def nbytes(self) -> int:
         return self.kv.nbytes
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy one sequence's entries to another slot (used to keep running slots packed)."""
-        self.kv[:, dst, ..., :length, :] = self.kv[:, src, ..., :length, :]
+    def slots(self, blocks: Tensor, pos: Tensor) -> Tensor:
+        """Cache slots (block * block_size + offset) of positions pos [N, T] (or [N]) of
+        the sequences whose block tables are blocks [N, width]."""
+        flat = pos if pos.dim() == 2 else pos[:, None]
+        index = (flat // self.block_size).clamp(max=blocks.shape[1] - 1)
+        slots = blocks.gather(1, index) * self.block_size + flat % self.block_size
+        return slots if pos.dim() == 2 else slots[:, 0]
 
-    def rows(self, pos: Tensor) -> Tensor:
-        """Where slots 0..B-1 store the key and value of each head for a token at pos [B]:
-        row numbers in one layer's cache viewed as [slots * 2 * heads * max_len, head_dim]."""
-        B, per_slot = pos.shape[0], 2 * self.kv.shape[3]
-        first = torch.arange(B * per_slot, device=pos.device).view(B, per_slot) * self.max_len
-        return (first + pos[:, None]).view(-1)
+    def rows(self, slots: Tensor) -> Tensor:
+        """Where the key and value of each head go for tokens at `slots` [N]: row numbers in
+        one layer's cache viewed as [2 * heads * num_blocks * block_size, head_dim], in the
+        order [key|value, head, token]."""
+        heads = torch.arange(self.kv.shape[1] * self.kv.shape[2], device=slots.device)
+        return (heads[:, None] * (self.num_blocks * self.block_size) + slots).view(-1)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.kv[:, :, :, dst] = self.kv[:, :, :, src]
+
+
+def _store(kv: Tensor, rows: Tensor, new_kv: Tensor) -> None:
+    """Write new keys and values [N, 2, H, head_dim] at `rows` (KVCache.rows)."""
+    kv.view(-1, kv.shape[-1]).index_copy_(0, rows, new_kv.permute(1, 2, 0, 3).reshape(
+        -1, kv.shape[-1]))
+
+
+def _gather(kv: Tensor, blocks: Tensor, L: int) -> tuple[Tensor, Tensor]:
+    """Keys and values [N, H, L, head_dim] at positions 0..L-1 of the sequences whose block
+    tables are blocks [N, width], from one layer's cache."""
+    two, H, _, bs, hd = kv.shape
+    N, width = blocks.shape
+    g = kv.index_select(2, blocks.flatten()).view(two, H, N, width * bs, hd)
+    k, v = g[..., :L, :].transpose(1, 2).unbind(0)
+    return k, v
 
 
 class Conv1D(nn.Module):
@@ -96,8 +136,8 @@ class Conv1D(nn.Module):
 
 class Block(nn.Module):
     """One transformer layer. Activations are 2-D, [tokens, n_embd], so every matmul is a
-    plain 2-D product; attention alone sees sequences (a decode step runs ~15 small ops per
-    layer, and at batch 1 int8 their Python and dispatch cost is a quarter of the step)."""
+    plain 2-D product; attention alone sees sequences. Each op of a decode layer costs Python
+    and dispatch time that, at batch 1, is a sizeable share of the step: keep them few."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -117,25 +157,31 @@ class Block(nn.Module):
             scale /= layer_idx + 1
         self.scale = scale
 
-    def prefill(self, x: Tensor, kv: Tensor, slots: slice, N: int, T: int) -> Tensor:
-        """x: [N * T, D], N prompts of T tokens at positions 0..T-1, cached in `slots`."""
-        D, H = x.shape[1], self.n_head
-        qkv = self.attn.c_attn(self.ln_1(x)).view(N, T, 3, H, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [N, H, T, head_dim]
-        kv[slots, ..., :T, :] = qkv[:, :, 1:].permute(0, 2, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+    def prefill(self, x: Tensor, kv: Tensor, rows: Tensor, valid: Tensor | None,
+                blocks: Tensor, L: int, mask: Tensor, N: int, T: int) -> Tensor:
+        """x: [N * T, D], chunks of N prompts (right-padded to T tokens). The keys and values
+        of the tokens that are not padding (`valid`, all when None) are stored at `rows`;
+        each chunk then attends to its sequence's first L positions through `blocks`
+        [N, width] where mask [N, 1, T, L] allows."""
+        D, H, hd = x.shape[1], self.n_head, self.head_dim
+        qkv = self.attn.c_attn(self.ln_1(x)).view(N * T, 3, H, hd)
+        new_kv = qkv[:, 1:] if valid is None else qkv[valid, 1:]
+        _store(kv, rows, new_kv)
+        k, v = _gather(kv, blocks, L)
+        q = qkv[:, 0].view(N, T, H, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self._rest(x, y.transpose(1, 2).reshape(N * T, D))
 
-    def decode(self, x: Tensor, kv: Tensor, rows: Tensor, L: int,
+    def decode(self, x: Tensor, kv: Tensor, rows: Tensor, blocks: Tensor, L: int,
                mask: Tensor | None) -> Tensor:
-        """x: [B, D], one token of each of slots 0..B-1, stored at `rows` (KVCache.rows); each
-        attends to positions 0..L-1 of its slot where `mask` [B, 1, 1, L] is true (all of
-        them without a mask)."""
+        """x: [B, D], one token of each of B sequences, stored at `rows` (KVCache.rows); each
+        attends to its first L positions through `blocks` [B, width] where mask [B, 1, 1, L]
+        allows (all of them without a mask)."""
         B, D = x.shape
         H, hd = self.n_head, self.head_dim
         qkv = self.attn.c_attn(self.ln_1(x))
-        kv.view(-1, hd).index_copy_(0, rows, qkv[:, D:].reshape(-1, hd))
-        k, v = kv[:B, ..., :L, :].unbind(1)
+        _store(kv, rows, qkv[:, D:].view(B, 2, H, hd))
+        k, v = _gather(kv, blocks, L)
         y = F.scaled_dot_product_attention(qkv[:, :D].view(B, H, 1, hd), k, v,
                                            attn_mask=mask, scale=self.scale)
         return self._rest(x, y.reshape(B, D))
@@ -173,16 +219,6 @@ class GPT(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(hidden).float()
 
-    def swap_matmuls(self, linear: Callable[[Conv1D], nn.Module],
-                     head: Callable[[TiedHead], nn.Module]) -> None:
-        """Replace every Conv1D and the tied head by other implementations of the same
-        product (packing.py, quantize.py)."""
-        for block in self.h:
-            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
-                                 (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-                setattr(parent, name, linear(getattr(parent, name)))
-        self.head = head(self.head)
-
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step streams. Layers swapped in by packing.py and
         quantize.py hold theirs outside parameters and report them as `nbytes`."""
@@ -190,48 +226,57 @@ class GPT(nn.Module):
                 + sum(getattr(m, "nbytes", 0) for m in self.modules()))
 
     @torch.inference_mode()
-    def prefill(self, tokens: Tensor, cache: KVCache, slot: int, lengths: Tensor | None = None,
+    def prefill(self, tokens: Tensor, cache: KVCache, blocks: Tensor,
+                start: Tensor | None = None, lengths: Tensor | None = None,
                 all_logits: bool = False) -> Tensor:
-        """Run N prompts, right-padded to tokens [N, T] (or one, [T]), into slots slot..slot+N-1.
+        """Read chunks of N prompts: tokens [N, T], right-padded ([T] for one), where row n
+        holds lengths[n] tokens at positions start[n].. (default: all T, from 0), cached
+        through the block tables blocks [N, width]. Returns the logits at each row's last
+        token [N, V] ([V] for one), or at every position [N, T, V] if asked.
 
-        Right padding needs no mask: under causal attention a prompt's tokens never see the
-        padding after them, and the garbage it leaves in the cache lies past the prompt, where
-        decode overwrites it before it is ever attended to. Returns the logits at each prompt's
-        last token, [N, V] ([V] for one prompt), or at every position [N, T, V] if asked."""
+        Padding is neither cached nor attended to by real tokens; a chunk attends to what
+        earlier chunks of its prompt cached."""
         single = tokens.dim() == 1
-        tokens = tokens[None] if single else tokens
+        tokens, blocks = (tokens[None], blocks[None]) if single else (tokens, blocks)
         N, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device).repeat(N)
-        x = self.head.embed(tokens.reshape(-1)) + self.wpe(positions)
-        slots = slice(slot, slot + N)
+        dev = tokens.device
+        start = torch.zeros(N, dtype=torch.long, device=dev) if start is None else start
+        lengths = torch.full((N,), T, device=dev) if lengths is None else lengths
+        offsets = torch.arange(T, device=dev)
+        pos = start[:, None] + offsets  # [N, T]
+        valid = None if bool((lengths == T).all()) else (offsets < lengths[:, None]).flatten()
+        slots = cache.slots(blocks, pos).flatten()
+        rows = cache.rows(slots if valid is None else slots[valid])
+        L = int((start + lengths).max())
+        mask = (torch.arange(L, device=dev) <= pos[:, :, None])[:, None]  # causal [N, 1, T, L]
+        x = (self.head.embed(tokens.flatten())
+             + self.wpe(pos.clamp(max=self.config.n_positions - 1).flatten()))
         for block, kv in zip(self.h, cache.kv):
-            x = block.prefill(x, kv, slots, N, T)
+            x = block.prefill(x, kv, rows, valid, blocks, L, mask, N, T)
         hidden = self.ln_f(x).view(N, T, -1)
         if all_logits:
             logits = self.logits(hidden.view(N * T, -1)).view(N, T, -1)
         else:
-            last = (lengths - 1 if lengths is not None
-                    else torch.full((N,), T - 1, device=tokens.device))
-            logits = self.logits(hidden[torch.arange(N, device=tokens.device), last])
+            logits = self.logits(hidden[torch.arange(N, device=dev), lengths - 1])
         return logits[0] if single else logits
 
     @torch.inference_mode()
-    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache,
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, blocks: Tensor,
                     between_layers: Callable[[], None] | None = None) -> Tensor:
-        """One token for each of slots 0..B-1: tokens [B] at positions pos [B] -> logits [B, V].
+        """One token for each of B sequences: tokens [B] at positions pos [B], cached through
+        block tables blocks [B, width] -> logits [B, V].
 
-        `between_layers`, if given, runs after each layer: it may use the model on slots past
-        B-1 (the engine prefills newly arrived prompts there, so that they wait for one layer
-        of the step in flight rather than all of it)."""
-        B = tokens.shape[0]
-        rows = cache.rows(pos)
+        `between_layers`, if given, runs after each layer: it may use the model on other
+        sequences (the engine prefills newly arrived prompts there, so that they wait for one
+        layer of the step in flight rather than all of it)."""
+        rows = cache.rows(cache.slots(blocks, pos))
         L = int(pos.max()) + 1
         mask = None  # a lone sequence attends to all L positions
-        if B > 1:
+        if tokens.shape[0] > 1:
             mask = (torch.arange(L, device=pos.device) <= pos[:, None])[:, None, None, :]
         x = self.head.embed(tokens) + self.wpe(pos)
         for block, kv in zip(self.h, cache.kv):
-            x = block.decode(x, kv, rows, L, mask)
+            x = block.decode(x, kv, rows, blocks, L, mask)
             if between_layers is not None:
                 between_layers()
         return self.logits(self.ln_f(x))

@@ -1,11 +1,10 @@
 """Fast FP32 on CPU: the linear layers and the LM head in oneDNN's packed weight format.
 
 A decode step at small batch is a chain of matrix-vector products that must stream every
-weight from memory. Measured on this project's CPU machine (GPT-2 124M shapes, weights far
-larger than the caches, bench/ and docs/benchmarks.md): `addmm` with HF's [in, out] layout
-reached about 21 GB/s, oneDNN's inner product on weights reordered once at load about 40 GB/s,
-which is the machine's read bandwidth, and it keeps that up to batch 32. Results are the same
-fp32 arithmetic (differences of 1e-6, from summation order).
+weight from memory. `addmm` with HF's [in, out] layout streams them at about half the
+machine's read bandwidth; oneDNN's inner product on weights reordered once at load reaches
+it, up to batch 32 (docs/benchmarks.md). Results are the same fp32 arithmetic, up to
+summation order.
 
 The packed head cannot be indexed by token, so the embedding keeps its own [V, D] rows.
 """
@@ -15,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .model import GPT, Conv1D, TiedHead
+from .model import Conv1D, TiedHead
 
-# oneDNN picks a blocked layout for an expected batch size; 32 measured as fast as the best
-# choice at every batch from 1 to 32.
+# oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
+# at every batch from 1 to 32.
 BATCH_HINT = 32
 
 
@@ -59,9 +58,3 @@ class PackedHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
-
-
-def pack_fp32(model: GPT) -> GPT:
-    """Swap the model's matmul weights for oneDNN-packed ones, in place."""
-    model.swap_matmuls(PackedLinear, PackedHead)
-    return model

@@ -2,9 +2,9 @@
 
 Every linear layer and the tied embedding / LM head are quantized once, at load. Matmuls run
 through fbgemm's dynamic int8 kernel (`quantized::linear_dynamic`: activations are quantized
-per call, per tensor; weights per output channel), which measured fastest here among the CPU
-options (see ../shared/design-notes.md and bench/). The embedding reads its rows from the same
-int8 matrix as the head, so the weights are held once, in a quarter of the fp32 bytes.
+per call, per tensor; weights per output channel), the fastest of the CPU options compared in
+docs/benchmarks.md. The embedding reads its rows from the same int8 matrix as the head, so
+the weights are held once, in a quarter of the fp32 bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .model import GPT, Conv1D, TiedHead
+from .model import Conv1D, TiedHead
 
 
 def _has_vnni() -> bool:
@@ -29,8 +29,7 @@ def _has_vnni() -> bool:
 # Without VNNI, fbgemm multiplies u8 activations by s8 weights in pairs summed into int16
 # (vpmaddubsw), which saturates when 2 * 255 * |w| > 32767. torch.ao avoids that by giving
 # activations 7 bits (`reduce_range`); weights of 7 bits (|w| <= 63) avoid it too and keep
-# more accuracy: teacher-forced on the demo model, top-1 agreement with fp32 was 96.1% with
-# 7-bit activations, 97.7% with 7-bit weights, 98.4% with 8 bits of each on a VNNI CPU.
+# more accuracy (top-1 agreement with fp32 in docs/benchmarks.md, "int8 quality").
 WEIGHT_LEVELS = 127 if _has_vnni() else 63
 REDUCE_RANGE = False
 
@@ -38,7 +37,9 @@ REDUCE_RANGE = False
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8: w [out, in] -> (qweight, scales [out])."""
     w = w.float()
-    scales = (w.abs().amax(dim=1) / WEIGHT_LEVELS).clamp(min=1e-12)
+    # the largest |w| of each row, without an |w| copy of the matrix (loading's peak memory)
+    scales = (torch.linalg.vector_norm(w, ord=float("inf"), dim=1) / WEIGHT_LEVELS
+              ).clamp(min=1e-12)
     with warnings.catch_warnings():
         # Quantized tensor types are deprecated in favour of torchao, but fbgemm's packed
         # kernels, still the fastest int8 path on CPU here, take nothing else (torch 2.13).
@@ -79,13 +80,3 @@ class Int8TiedHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return torch.ops.quantized.linear_dynamic(hidden, self._packed, REDUCE_RANGE)
-
-
-def quantize_int8(model: GPT) -> GPT:
-    """Replace the model's weights by int8 in place; CPU and float32 activations only."""
-    param = next(model.parameters())
-    if param.device.type != "cpu" or param.dtype != torch.float32:
-        raise ValueError("--quantize int8 runs on CPU with float32 activations "
-                         f"(got {param.device.type}/{str(param.dtype).removeprefix('torch.')})")
-    model.swap_matmuls(Int8Linear, Int8TiedHead)
-    return model

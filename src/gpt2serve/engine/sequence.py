@@ -1,0 +1,148 @@
+"""Requests and their sequences: tokens in, text out.
+
+A `Request` is one prompt of a client's call; the prompts of one call share an event queue, so
+they are queued, streamed and cancelled together. Each request runs `n` `Sequence`s. A sequence
+takes the sampler's tokens one at a time and says what text to emit: it detokenizes
+incrementally, ends at EOS, at its length or at a stop string, and holds back the text that
+could still turn out to begin a stop string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..sampling import SamplingParams
+from ..tokenizer import IncrementalDetokenizer, Tokenizer
+from .sampler import Sampled
+
+
+@dataclass
+class Prompt:
+    """What a front end hands the engine: token ids, validated parameters, and how errors
+    should name this prompt (e.g. "instances[2]"; empty for a call with one prompt)."""
+
+    ids: list[int]
+    params: SamplingParams
+    name: str = ""
+
+
+@dataclass
+class TokenEvent:
+    """One step of one sequence: a new token and the text it completed (may be empty)."""
+
+    index: int  # which of the request's n sequences
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+
+
+@dataclass
+class Completion:
+    """One finished sequence, accumulated from its TokenEvents."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    def add(self, ev: TokenEvent) -> None:
+        self.text += ev.text
+        if ev.token_id is not None:
+            self.token_ids.append(ev.token_id)
+            if ev.logprob is not None:
+                self.logprobs.append(ev.logprob)
+                self.top_logprobs.append(ev.top_logprobs or [])
+        if ev.finish_reason:
+            self.finish_reason = ev.finish_reason
+
+
+class Request:
+    """One prompt of a call. `index` is its place in the call; `events` is the call's queue,
+    which receives (index, TokenEvent) pairs, or an exception that ends the whole call."""
+
+    def __init__(self, prompt: Prompt, index: int, max_new: int, events: asyncio.Queue,
+                 loop: asyncio.AbstractEventLoop):
+        self.prompt_ids, self.params, self.max_new = prompt.ids, prompt.params, max_new
+        self.index, self.events, self.loop = index, events, loop
+        self.arrival = time.monotonic()
+        self.cancelled = False
+        self.seqs: list[Sequence] = []
+        self.blocks: list[int] = []  # the prompt's KV-cache blocks, once admitted
+        self.prefilled = 0  # prompt tokens read so far
+
+    def start(self, tokenizer: Tokenizer, eos_id: int | None) -> list[Sequence]:
+        """Its n sequences, each with its own random stream. Their detokenizers start from
+        the prompt's last tokens (a token-id prompt may end inside a UTF-8 character)."""
+        self.seqs = [Sequence(self, i, gen, IncrementalDetokenizer(tokenizer, self.prompt_ids),
+                              eos_id)
+                     for i, gen in enumerate(self.params.generators())]
+        return self.seqs
+
+    def fail(self) -> None:
+        for seq in self.seqs:
+            seq.finish_reason = seq.finish_reason or "error"
+
+
+class Sequence:
+    def __init__(self, request: Request, index: int, generator: torch.Generator,
+                 detokenizer: IncrementalDetokenizer, eos_id: int | None):
+        self.request, self.index, self.generator = request, index, generator
+        self.params: SamplingParams = request.params
+        self.detokenizer, self.eos_id = detokenizer, eos_id
+        self.tokens: list[int] = []  # generated so far
+        self.text = ""  # detokenized generated text
+        self.emitted = 0  # characters of self.text already sent
+        self.blocks: list[int] = []  # block table: the KV-cache blocks of its positions
+        self.promised = 0  # blocks reserved for its growth, not yet in `blocks`
+        self.finish_reason: str | None = None
+        self.seen: Tensor | None = None  # the sampler's repetition-penalty state
+        self.last_token_at: float | None = None  # monotonic; for the inter-token latency
+
+    @property
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.tokens)
+
+    def history(self) -> list[int]:
+        return self.request.prompt_ids + self.tokens
+
+    def append(self, sampled: Sampled) -> TokenEvent:
+        """Take the next token; returns what to emit, with finish_reason set if it ended."""
+        token: int | None = sampled.token
+        if token == self.eos_id and not self.params.ignore_eos:
+            token = None  # EOS ends the sequence; it is not part of the text
+            self.finish_reason = "stop"
+            self.text += self.detokenizer.flush()
+        else:
+            self.tokens.append(token)
+            self.text += self.detokenizer.push(token)
+            if len(self.tokens) >= self.request.max_new:
+                self.finish_reason = "length"
+                self.text += self.detokenizer.flush()
+        self._check_stop_strings()
+        # Text that may be the start of a stop string waits until it cannot be.
+        hold = 0 if self.finish_reason else max(map(len, self.params.stop), default=1) - 1
+        end = max(self.emitted, len(self.text) - hold)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return TokenEvent(self.index, token, delta, sampled.logprob, sampled.top_logprobs,
+                          self.finish_reason)
+
+    def _check_stop_strings(self) -> None:
+        stops = self.params.stop
+        if not stops:
+            return
+        # Only text that is new since the last emission (plus overlap) can hold a new match.
+        start = max(0, self.emitted - max(map(len, stops)))
+        hits = [i for i in (self.text.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.emitted = min(self.emitted, len(self.text))
+            self.finish_reason = "stop"

@@ -1,0 +1,118 @@
+"""What the process may use: the container's CPU quota and free memory, and whether this torch
+build has kernels for the GPU it was given. Each is a small pure decision with thin readers
+around it, so it can be tested without a container or a GPU."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger("gpt2serve.hardware")
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# The image tags docs/deploy.md builds: CUDA 12.6 wheels still carry Maxwell..Volta (sm_50..70);
+# the default CUDA 13 wheels start at Turing (sm_75).
+LEGACY_GPU_TAG, DEFAULT_GPU_TAG = "0.1.0-cu126", "0.1.0"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs the container may use by its CFS quota (a pod's `limits.cpu`), None if unlimited.
+    cgroup v2 writes `cpu.max` as "QUOTA PERIOD" or "max PERIOD"; v1 has cfs_quota_us (-1 when
+    unlimited) and cfs_period_us under cpu/ or cpu,cpuacct/."""
+    v2 = _read(root / "cpu.max")
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+        if quota == "max" or not period:
+            return None
+        return int(quota) / int(period)
+    for sub in ("cpu", "cpu,cpuacct"):
+        quota, period = _read(root / sub / "cpu.cfs_quota_us"), _read(root / sub / "cpu.cfs_period_us")
+        if quota is not None and period is not None:
+            return None if int(quota) <= 0 else int(quota) / int(period)
+    return None
+
+
+def default_threads(root: Path = CGROUP_ROOT) -> int:
+    """Threads when --threads is not given: the CPU limit rounded down (at least 1), never more
+    than the cores we may run on. Rounded down because an OpenMP team larger than the quota gets
+    throttled mid-step, and every thread of a matmul then waits for the throttled one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(root)
+    return cores if limit is None else max(1, min(cores, math.floor(limit)))
+
+
+def memory_available(root: Path = CGROUP_ROOT, meminfo: Path = Path("/proc/meminfo")
+                     ) -> int | None:
+    """Bytes this process could still allocate: the kernel's MemAvailable, or what is left
+    under the container's memory limit (cgroup v2 memory.max - memory.current, v1
+    limit_in_bytes - usage_in_bytes) when that is less. None if neither can be read."""
+    found = []
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            found.append(int(line.split()[1]) * 1024)
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes",
+                                    "memory/memory.usage_in_bytes")):
+        limit, usage = _read(root / limit_file), _read(root / usage_file)
+        # v1 writes "unlimited" as a huge number, v2 as "max"
+        if limit and usage and limit.isdigit() and int(limit) < 2**60:
+            found.append(max(0, int(limit) - int(usage)))
+            break
+    return min(found) if found else None
+
+
+def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a device of this compute capability can run this build's kernels: an sm_XY
+    cubin runs on the same major version with an equal or higher minor (sm_80 on sm_86), and
+    compute_XY PTX is compiled by the driver for any equal or newer device. `sm_90a`-style
+    arch-specific cubins run only on that exact device."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, num = arch.partition("_")
+        exact = num.endswith("a")
+        num = num.rstrip("af")
+        if not num.isdigit():
+            continue
+        a_major, a_minor = int(num[:-1]), int(num[-1])
+        if kind == "sm" and (a_major, a_minor) == (major, minor):
+            return True
+        if kind == "sm" and not exact and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def gpu_image_hint(capability: tuple[int, int], arch_list: list[str], name: str = "GPU"
+                   ) -> str | None:
+    """One line naming the image to use when this torch build has no kernels for the device,
+    else None. An empty arch list means a build without CUDA, which cannot get here."""
+    if not arch_list or arch_supported(capability, arch_list):
+        return None
+    sm = f"sm_{capability[0]}{capability[1]}"
+    tag = LEGACY_GPU_TAG if capability < (7, 5) else DEFAULT_GPU_TAG
+    return (f"{name} ({sm}) has no kernels in this image's torch (built for "
+            f"{' '.join(arch_list)}): use the image tagged gpt2serve:{tag} instead "
+            f"(docs/deploy.md, 'Images')")
+
+
+def check_cuda_device(device) -> None:
+    """Log one clear line before the first kernel fails with 'no kernel image is available'."""
+    import torch
+
+    hint = gpu_image_hint(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list(),
+                          torch.cuda.get_device_name(device))
+    if hint:
+        log.error(hint)

@@ -1,0 +1,394 @@
+"""The playground page (`GET /playground`) in a real headless Chromium, against a real server
+process serving the embedded demo model with an API key.
+
+The browser is Debian's `chromium` driven through `chromium-driver` (`make test` installs both
+when it runs as root); Selenium is given both paths, so it downloads nothing. Where no Chromium
+can be found the browser tests skip, and the others here still run. Screenshots go to
+test-artifacts/ (or $GPT2SERVE_TEST_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import free_port, post, running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("GPT2SERVE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+AXE_DIR = ROOT / "build" / "npm"
+AXE_VERSION = "4.14.1"  # the Makefile installs the same
+AXE_JS = AXE_DIR / "node_modules" / "axe-core" / "axe.min.js"
+KEY = "playground-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MODEL = "aitextgen"
+DESKTOP, PHONE = (1280, 900), (390, 844)
+
+
+def find(*names: str) -> str | None:
+    for name in names:
+        path = shutil.which(name) or (name if os.access(name, os.X_OK) else None)
+        if path:
+            return path
+    return None
+
+
+CHROMIUM = find("/usr/bin/chromium", "chromium", "chromium-browser")
+CHROMEDRIVER = find("/usr/bin/chromedriver", "chromedriver")
+NO_BROWSER = ("no headless Chromium: install Debian's chromium and chromium-driver "
+              "(`make test` does, as root)")
+
+
+@pytest.fixture(scope="module")
+def srv():
+    with running_server("--enable_grpc", "false", "--max_batch_size", "8", "--api_key", KEY,
+                        headers=AUTH) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip(NO_BROWSER)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--lang=en-US", f"--window-size={DESKTOP[0]},{DESKTOP[1]}",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(arg)
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield d
+    finally:
+        d.quit()
+
+
+@pytest.fixture
+def page(srv, driver):
+    """The page, fresh, at desktop width, with the API key typed in (it is kept in storage)."""
+    driver.set_window_size(*DESKTOP)
+    driver.get(f"{srv.url}/playground")
+    driver.execute_script("localStorage.clear()")
+    driver.refresh()
+    type_into(driver, "api_key", KEY + "\t")  # the change event stores it and reloads the model
+    wait(driver, lambda d: MODEL in d.find_element("id", "model").text)
+    return driver
+
+
+def el(driver, id_: str):
+    return driver.find_element("id", id_)
+
+
+def type_into(driver, id_: str, text: str) -> None:
+    field = el(driver, id_)
+    field.clear()
+    field.send_keys(text)
+
+
+def wait(driver, condition, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+
+
+def state(driver) -> str:
+    return el(driver, "status").get_attribute("data-state")
+
+
+def samples(driver) -> list[str]:
+    return [e.get_attribute("textContent")
+            for e in driver.find_elements("css selector", ".sample .generated")]
+
+
+def set_params(driver, **values) -> None:
+    for name, value in values.items():
+        type_into(driver, name, str(value))
+
+
+def aborted(srv) -> float:
+    text = httpx.get(f"{srv.url}/metrics").text
+    return float(re.search(r"^gpt2serve_aborted_sequences_total (\S+)$", text, re.M).group(1))
+
+
+def screenshot(driver, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    assert driver.save_screenshot(str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+# ---- without a browser ----
+
+def test_page_and_assets_load_without_the_key(srv):
+    r = httpx.get(f"{srv.url}/playground")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    blob = json.loads(re.search(r'<script id="settings" type="application/json">(.*?)</script>',
+                                r.text).group(1))
+    assert blob["context"] == 256 and blob["max_n"] == 8  # the demo model; --max_batch_size 8
+    assert MODEL not in r.text  # the model's name comes from the API, with the key
+    for name, kind in (("playground.js", "text/javascript"), ("playground.css", "text/css")):
+        asset = httpx.get(f"{srv.url}/playground/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+    assert not re.search(r'(src|href)="(https?:)?//', r.text)  # nothing from elsewhere
+    assert httpx.get(f"{srv.url}/playground/other.js").status_code == 401  # only those open
+    assert httpx.get(f"{srv.url}/openai/v1/models").status_code == 401
+    assert "/playground" not in httpx.get(f"{srv.url}/openapi.json", headers=AUTH).text
+
+
+def test_limits_on_the_page_are_the_servers(srv):
+    """Each bound the page shows is accepted by the server and one step past it is refused."""
+    blob = json.loads(re.search(r'application/json">(.*?)</script>',
+                                httpx.get(f"{srv.url}/playground").text).group(1))
+    url = f"{srv.url}/openai/v1/completions"
+    base = {"prompt": "A", "max_tokens": 1, "stop": [" ", "\n"]}  # short either way
+    for name, (lo, hi) in blob["limits"].items():
+        if name in ("top_p", "repetition_penalty"):  # (lo, hi]
+            inside, outside = [hi], [lo, hi + 0.01]
+        else:
+            inside = [lo] + ([hi] if hi is not None else [])
+            outside = [lo - 1] + ([hi + 1] if hi is not None else [])
+        for value in inside:
+            # An empty prompt is one token (<|endoftext|>), so max_tokens may be context - 1.
+            r = post(url, {**base, name: value, "prompt": ""}, AUTH)
+            assert r.status_code == 200, (name, value, r.text)
+        for value in outside:
+            r = post(url, {**base, name: value}, AUTH)
+            assert r.status_code == 400, (name, value, r.text)
+
+
+def test_serve_logs_the_playground_url(tiny_model, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gpt2serve.cli", "serve", "--model_dir",
+                                 str(tiny_model), "--http_port", str(port), "--grpc_port",
+                                 str(free_port()), "--enable_grpc", "false"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while f"http://localhost:{port}/playground" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ---- in the browser ----
+
+def test_generate_streams_text_then_finishes(srv, page):
+    type_into(page, "prompt", "ROMEO:")
+    set_params(page, max_tokens=120, seed=11)
+    el(page, "ignore_eos").click()  # all 120 tokens, whatever the model samples
+    el(page, "generate").click()
+    lengths = []
+    while state(page) in ("idle", "streaming"):
+        got = samples(page)
+        if got and got[0] and (not lengths or len(got[0]) != lengths[-1]):
+            lengths.append(len(got[0]))
+        time.sleep(0.05)
+    assert state(page) == "done", el(page, "error").text
+    final = samples(page)[0]
+    # Seen while streaming: some text, then more, then more (at least two updates).
+    assert lengths == sorted(lengths) and len(lengths) >= 3, lengths
+    assert lengths[-1] <= len(final)
+    assert el(page, "generate").is_enabled() and not el(page, "stop").is_enabled()
+    assert re.fullmatch(r"\d+ ms", el(page, "ttft").text)
+    assert float(el(page, "tps").text) > 0
+    assert el(page, "ntokens").text == "120"  # the server's usage count
+    # What streamed is what the server generates for these parameters (same seed, V1 route).
+    body = {"instances": [{"prompt": "ROMEO:", "max_new_tokens": 120, "seed": 11,
+                           "temperature": 0.7, "top_k": 50, "top_p": 1.0,
+                           "repetition_penalty": 1.0, "ignore_eos": True}]}
+    r = post(f"{srv.url}/v1/models/{MODEL}:predict", body, AUTH)
+    assert r.json()["predictions"][0] == "ROMEO:" + final
+
+
+def test_stop_cancels_on_the_server(srv, page):
+    before = aborted(srv)
+    type_into(page, "prompt", "JULIET:")
+    set_params(page, max_tokens=250, n=4)
+    el(page, "ignore_eos").click()  # so all 4 run 250 tokens unless stopped
+    el(page, "generate").click()
+    wait(page, lambda d: len("".join(samples(d))) > 0)
+    assert state(page) == "streaming"
+    el(page, "stop").click()
+    wait(page, lambda d: state(d) == "stopped", 10)
+    stopped_at = samples(page)
+    deadline = time.monotonic() + 15
+    while aborted(srv) < before + 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert aborted(srv) == before + 4  # the server dropped all four sequences
+    assert int(el(page, "ntokens").text) < 4 * 250
+    time.sleep(0.5)
+    assert samples(page) == stopped_at and el(page, "status").text == "Stopped"
+    assert not el(page, "error").is_displayed()
+
+
+def test_two_samples_stream_side_by_side(page):
+    type_into(page, "prompt", "KING:")
+    set_params(page, n=2, max_tokens=40, seed=3)
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    assert state(page) == "done"
+    columns = page.find_elements("css selector", ".sample")
+    assert len(columns) == 2
+    a, b = samples(page)
+    assert a and b and a != b
+    left, right = columns[0].rect, columns[1].rect
+    assert abs(left["y"] - right["y"]) < 1 and right["x"] >= left["x"] + left["width"]
+
+
+def test_server_error_is_shown(srv, page):
+    type_into(page, "prompt", "ROMEO:")
+    set_params(page, temperature=-1)
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    assert state(page) == "error"
+    expected = post(f"{srv.url}/openai/v1/completions",
+                    {"prompt": "ROMEO:", "temperature": -1}, AUTH).json()["error"]["message"]
+    assert "temperature" in expected
+    shown = el(page, "error")
+    assert shown.is_displayed() and f"Server answered 400: {expected}" == shown.text
+
+
+@pytest.mark.parametrize("tail, message", [
+    ('data: {"error": {"message": "engine failed", "type": "server_error"}}\n\n',
+     "engine failed"),
+    ("", "the stream ended before it finished ([DONE] missing)"),
+    (None, "The stream broke: network error"),
+], ids=["error event", "cut short", "connection lost"])
+def test_a_stream_that_fails_shows_why(page, tail, message):
+    """The server answers 200 and then fails mid-stream: the page keeps what came and says why.
+    (The page's fetch is replaced here, since the server gives no way to fail on purpose.)"""
+    chunk = {"choices": [{"text": " Good morrow", "index": 0, "finish_reason": None}]}
+    page.execute_script("""
+        const [body, lost] = arguments;
+        let pulls = 0;
+        window.fetch = async () => new Response(new ReadableStream({pull(c) {
+            if (pulls++ === 0) c.enqueue(new TextEncoder().encode(body));
+            else if (lost) c.error(new TypeError("network error"));
+            else c.close(); }}),
+            {status: 200, headers: {"Content-Type": "text/event-stream"}});""",
+                        f"data: {json.dumps(chunk)}\n\n{tail or ''}", tail is None)
+    type_into(page, "prompt", "ROMEO:")
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) == "error")
+    assert el(page, "error").text == message
+    assert samples(page) == [" Good morrow"]
+
+
+def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
+    page.refresh()
+    assert el(page, "api_key").get_attribute("value") == KEY  # from local storage
+    type_into(page, "api_key", "\t")
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) == "error")
+    assert el(page, "error").text == "Server answered 401: missing or wrong API key"
+    wait(page, lambda d: "missing or wrong API key" in d.find_element("id", "model").text, 10)
+
+
+def test_copy_as_curl_gives_requests_that_repeat_the_page(srv, page):
+    type_into(page, "prompt", "It's ROMEO:")  # a quote, for the shell quoting
+    set_params(page, max_tokens=30, seed=9223372036854775000, top_k=40, stop_strings="zz\\n")
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    assert state(page) == "done", el(page, "error").text
+    shown = samples(page)[0]
+    el(page, "curl").click()
+    wait(page, lambda d: d.find_element("id", "curl-text").is_displayed())
+    text = el(page, "curl-text").get_attribute("textContent")
+    v1, openai = text.split("\n\n")
+    assert ":predict" in v1 and "/openai/v1/completions" in openai
+    assert '"seed":9223372036854775000' in v1 and '"stop":["zz\\n"]' in v1
+    env = {**os.environ, "GPT2SERVE_API_KEY": KEY}
+    out = subprocess.run(["bash", "-c", v1], capture_output=True, text=True, env=env,
+                         timeout=60, check=True).stdout
+    assert json.loads(out)["predictions"][0] == "It's ROMEO:" + shown
+    out = subprocess.run(["bash", "-c", openai], capture_output=True, text=True, env=env,
+                         timeout=60, check=True).stdout
+    events = [json.loads(line[6:]) for line in out.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(c["text"] for e in events for c in e["choices"]) == shown
+
+
+def test_phone_width_is_usable(page):
+    page.set_window_size(*PHONE)
+    width = page.execute_script("return window.innerWidth")
+    assert page.execute_script("return document.documentElement.scrollWidth") <= width
+    for id_ in ("prompt", "generate", "stop", "curl", "max_tokens", "temperature", "n", "seed",
+                "stop_strings", "api_key"):
+        r = el(page, id_).rect
+        assert 0 <= r["x"] and r["x"] + r["width"] <= width, id_
+    type_into(page, "prompt", "ROMEO:")
+    set_params(page, max_tokens=20, n=2)
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    assert state(page) == "done"
+    a, b = page.find_elements("css selector", ".sample")
+    assert b.rect["y"] >= a.rect["y"] + a.rect["height"]  # stacked, not squeezed
+    # The samples come right under the buttons, before the settings, with Stop in reach.
+    assert el(page, "generate").rect["y"] < a.rect["y"] < el(page, "max_tokens").rect["y"]
+    assert page.execute_script("return document.documentElement.scrollWidth") <= width
+    screenshot(page, "playground-phone")
+
+
+@pytest.fixture(scope="module")
+def axe_js() -> str:
+    if not AXE_JS.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("no npm to install axe-core for the accessibility lint")
+        subprocess.run([npm, "install", "--prefix", str(AXE_DIR), "--no-save", "--no-audit",
+                        "--no-fund", "--silent", f"axe-core@{AXE_VERSION}"],
+                       check=True, timeout=300)
+    return AXE_JS.read_text()
+
+
+@pytest.mark.parametrize("size", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_accessibility_lint(page, axe_js, size):
+    """axe-core's WCAG 2.1 A/AA rules and best practices (labels, contrast, landmarks...) over
+    the page with samples, an error and the curl box showing."""
+    page.set_window_size(*size)
+    type_into(page, "prompt", "ROMEO:")
+    set_params(page, n=2, max_tokens=20)
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    el(page, "curl").click()
+    page.execute_script("document.getElementById('error').textContent = 'an error';"
+                        "document.getElementById('error').hidden = false;")
+    page.execute_script(axe_js)
+    result = page.execute_async_script(
+        "const done = arguments[0];"
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a',"
+        " 'wcag21aa', 'best-practice']}}).then(r => done({violations: r.violations.map("
+        "v => ({id: v.id, nodes: v.nodes.map(n => n.target.join(' '))})),"
+        " passes: r.passes.map(p => p.id)}), e => done({error: String(e)}));")
+    assert "error" not in result, result
+    assert result["violations"] == []
+    for rule in ("label", "color-contrast", "button-name", "html-has-lang", "landmark-one-main"):
+        assert rule in result["passes"]  # these rules ran and found nothing wrong
+
+
+def test_screenshot_of_a_generation(page):
+    type_into(page, "prompt", "ROMEO:")
+    set_params(page, n=2, max_tokens=120, seed=1)
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    assert state(page) == "done"
+    path = screenshot(page, "playground")
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") == page.execute_script("return window.innerWidth")
