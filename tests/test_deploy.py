@@ -430,16 +430,16 @@ def gb(n: float) -> str:
 
 
 def test_sizing_table_matches_the_formula():
-    """Each row: weights per dtype, and the KV cache the engine preallocates:
-    2 (k, v) x layers x slots x 1024 positions x n_embd x bytes per value."""
+    """Each row: weights per dtype, and the KV cache of one full-context sequence:
+    2 (k, v) x layers x 1024 positions x n_embd x bytes per value."""
     for model, (layers, embd, params) in GPT2_SIZES.items():
         row = re.search(rf"^\| `{model}` \|(.*)$", DOCS, re.M)
         assert row, model
         cells = [c.strip() for c in row.group(1).split("|")]
         assert cells[0] == f"{params / 1e6:.0f}M", (model, cells)
         assert cells[1] == gb(params * 4) and cells[2] == gb(params * 2), (model, cells)
-        for slots, col in ((16, 3), (32, 4)):
-            assert cells[col] == gb(2 * layers * slots * 1024 * embd * 2), (model, slots, cells)
+        for nbytes, col in ((2, 3), (4, 4)):
+            assert cells[col] == f"{2 * layers * 1024 * embd * nbytes / 1e6:.1f} MB", (model, cells)
 
 
 # ---- the pod, simulated --------------------------------------------------------------------

@@ -118,12 +118,16 @@ def machine_budget(device: torch.device) -> int | None:
 
 def allocate(config: GPTConfig, dtype: torch.dtype, device: torch.device, block_size: int,
              budget: int | None, wanted_tokens: int, context: int) -> KVCache:
-    """The cache for `budget` bytes (default: `wanted_tokens`' worth, as far as the machine
-    allows); KVBudgetError when it cannot hold one full-context sequence."""
+    """The cache for `budget` bytes, never more than `wanted_tokens` (the most that
+    --max_batch_size sequences can hold); by default as much of that as the machine allows.
+    KVBudgetError when it cannot hold one full-context sequence."""
     per_block = KVCache.block_bytes(config, block_size, dtype)
+    usable = -(-wanted_tokens // block_size) * per_block
     source = "--kv_cache_memory"
+    if budget is not None and budget > usable:
+        budget, source = usable, "--kv_cache_memory, capped at --max_batch_size full sequences"
     if budget is None:
-        budget, source = -(-wanted_tokens // block_size) * per_block, "--max_batch_size"
+        budget, source = usable, "--max_batch_size"
         allowed = machine_budget(device)
         if allowed is not None and allowed < budget:
             share = GPU_MEMORY_SHARE if device.type == "cuda" else CPU_MEMORY_SHARE
