@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import math
 import re
 import signal
 import statistics
@@ -134,7 +135,7 @@ def fuzz_server(tiny_model):
 
 
 FUZZ_COUNT = 150
-FUZZED = {"v1": 0, "openai": 0}
+FUZZED = {"v1": 0, "openai": 0, "v2": 0, "generate": 0, "tokenizer": 0, "non-finite": 0}
 
 
 @settings(max_examples=FUZZ_COUNT, deadline=None, derandomize=True,
@@ -157,9 +158,127 @@ def test_fuzz_openai_payloads_never_5xx(fuzz_server, body):
     assert r.status_code < 500, (body, r.text)
 
 
+def strict_json(text: str):
+    """The response as JSON, refusing NaN / Infinity: an error must never echo one."""
+    def refuse(constant):
+        raise AssertionError(f"response holds {constant}: {text[:200]}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def assert_answered(r, body) -> None:
+    assert r.status_code < 500, (body, r.text)
+    assert "internal server error" not in r.text, (body, r.text)  # nor inside a stream
+    if r.headers.get("content-type", "").startswith("application/json"):
+        strict_json(r.text)
+    else:
+        for line in r.text.splitlines():
+            if line.startswith("data: {"):
+                strict_json(line[len("data: "):])
+
+
+v2_bodies = st.one_of(
+    st.fixed_dictionaries({"inputs": st.lists(st.fixed_dictionaries(
+        {"name": st.sampled_from(["text_input", "x"]) | junk,
+         "datatype": st.sampled_from(["BYTES", "FP32"]) | junk,
+         "shape": st.lists(st.integers(-2, 4), max_size=2) | junk,
+         "data": st.lists(prompts, max_size=3) | junk},
+        optional={"parameters": params | junk}), max_size=2)},
+        optional={"parameters": params | junk, "id": junk, "outputs": junk}),
+    junk)
+generate_bodies = st.one_of(
+    st.fixed_dictionaries({"text_input": prompts},
+                          optional={"parameters": params | junk,
+                                    "exclude_input_in_output": junk, "bogus": junk}),
+    junk)
+tokenizer_bodies = st.dictionaries(
+    st.sampled_from(["model", "prompt", "tokens", "messages", "add_special_tokens",
+                     "return_token_strs", "bogus"]),
+    junk | st.text(max_size=30) | st.lists(st.integers(-5, 500), max_size=8), max_size=4)
+fuzz_settings = settings(max_examples=100, deadline=None, derandomize=True,
+                         suppress_health_check=list(HealthCheck))
+
+
+@fuzz_settings
+@given(body=v2_bodies)
+def test_fuzz_v2_infer_never_5xx(fuzz_server, body):
+    r = post(f"{fuzz_server.url}/v2/models/{MODEL}/infer", _json(body))
+    FUZZED["v2"] += 1
+    assert_answered(r, body)
+
+
+@fuzz_settings
+@given(body=generate_bodies, route=st.sampled_from(["generate", "generate_stream"]))
+def test_fuzz_v2_generate_never_5xx(fuzz_server, body, route):
+    r = post(f"{fuzz_server.url}/v2/models/{MODEL}/{route}", _json(body))
+    FUZZED["generate"] += 1
+    assert_answered(r, body)
+
+
+@fuzz_settings
+@given(body=tokenizer_bodies, path=st.sampled_from(
+    ["/tokenize", "/detokenize", "/openai/v1/tokenize", "/openai/v1/detokenize"]))
+def test_fuzz_tokenizer_routes_never_5xx(fuzz_server, body, path):
+    r = post(f"{fuzz_server.url}{path}", _json(body))
+    FUZZED["tokenizer"] += 1
+    assert_answered(r, body)
+
+
+EVERY_POST_ROUTE = [PREDICT, f"/v2/models/{MODEL}/infer", f"/v2/models/{MODEL}/generate",
+                    f"/v2/models/{MODEL}/generate_stream", "/openai/v1/completions",
+                    "/openai/v1/chat/completions", "/tokenize", "/detokenize",
+                    "/openai/v1/tokenize", "/openai/v1/detokenize"]
+NON_FINITE = [math.nan, math.inf, -math.inf]
+
+
+@st.composite
+def with_a_non_finite_number(draw):
+    """A body of any route's shape with NaN, Infinity or -Infinity put somewhere in it."""
+    body = draw(st.one_of(v1_bodies, v2_bodies, generate_bodies, openai_bodies,
+                          tokenizer_bodies))
+    bad = draw(st.sampled_from(NON_FINITE))
+    if isinstance(body, dict) and body and draw(st.booleans()):
+        body[draw(st.sampled_from(sorted(body, key=str)))] = bad
+    elif isinstance(body, dict):
+        body[draw(st.text(max_size=8))] = bad
+    else:
+        body = [body, bad]
+    return body
+
+
+@settings(max_examples=FUZZ_COUNT, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(body=with_a_non_finite_number(), path=st.sampled_from(EVERY_POST_ROUTE),
+       content_type=st.sampled_from(["application/json", "text/plain"]))
+def test_fuzz_non_finite_numbers_are_a_400_on_every_route(fuzz_server, body, path,
+                                                         content_type):
+    r = post(f"{fuzz_server.url}{path}", _json(body), headers={"content-type": content_type})
+    FUZZED["non-finite"] += 1
+    assert r.status_code == 400, (path, body, r.text)
+    assert_answered(r, body)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+@pytest.mark.parametrize("path", EVERY_POST_ROUTE)
+def test_non_finite_literals_are_a_400_that_echoes_none(fuzz_server, path, literal):
+    """The issue's case: V2 infer answered 500 'Out of range float values are not JSON
+    compliant' as its validation error echoed the number."""
+    body = ('{"inputs": [{"name": "text_input", "shape": %s, "datatype": "BYTES", '
+            '"data": ["a"]}], "prompt": "a", "text_input": "a", "tokens": [1], '
+            '"instances": ["a"], "parameters": {"temperature": %s}}' % (literal, literal))
+    r = post(f"{fuzz_server.url}{path}", body)
+    assert r.status_code == 400, r.text
+    error = strict_json(r.text)["error"]
+    message = error["message"] if isinstance(error, dict) else error
+    assert "NaN, Infinity" in message
+
+
 def test_schemathesis_finds_no_server_error_on_any_route(fuzz_server):
     """Every operation of our /openapi.json, KServe's and ours, fuzzed from its schema. The
     model-repository load/unload routes are left out: unloading the one model is what they do."""
+    paths = httpx.get(f"{fuzz_server.url}/openapi.json").json()["paths"]
+    for path in ("/v2/models/{model_name}/generate", "/v2/models/{model_name}/generate_stream",
+                 "/tokenize", "/detokenize", "/openai/v1/tokenize", "/openai/v1/detokenize"):
+        assert path in paths  # the new routes are fuzzed too
     run = subprocess.run(
         ["schemathesis", "run", f"{fuzz_server.url}/openapi.json", "--checks",
          "not_a_server_error", "--max-examples", "30", "--workers", "1", "--seed", "1",
@@ -229,16 +348,24 @@ def long_overload_server(tiny_model):
 
 def test_sigterm_drains_in_flight_work_then_exits_0(long_model):
     srv = ServerProcess("--model_dir", str(long_model), "--enable_grpc", "false",
-                        "--max_batch_size", "4", "--shutdown_grace", "20")
+                        "--max_batch_size", "4", "--shutdown_grace", "60")
     srv.wait_ready()
     url = f"{srv.url}{PREDICT}"
     body = {"instances": [{"prompt": "a", "max_new_tokens": 300, "ignore_eos": True}]}
     out = {}
 
     async def scenario():
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=90) as client:
             inflight = [asyncio.create_task(client.post(url, json=body)) for _ in range(6)]
             await asyncio.sleep(0.3)
+            # all six accepted (a loaded machine may take longer than 0.3 s to get them there)
+            for _ in range(300):
+                metrics = (await client.get(f"{srv.url}/metrics")).text
+                accepted = sum(float(m) for m in re.findall(
+                    r"^gpt2serve_(?:running_sequences|queue_depth) ([0-9.]+)$", metrics, re.M))
+                if accepted == 6:
+                    break
+                await asyncio.sleep(0.1)
             t0 = time.perf_counter()
             srv.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.1)

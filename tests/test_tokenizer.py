@@ -42,3 +42,19 @@ def test_flush_returns_an_incomplete_tail(gpt2):
 def test_folder_without_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_a_prompt_ending_inside_a_character_is_completed_by_the_continuation(gpt2):
+    """'中' is bytes e4 b8 ad; a token-id prompt may end after e4. The continuation's first
+    tokens finish the character: seeded with the prompt's tail (as vLLM does) it reads '中文',
+    not a U+FFFD for each of its bytes."""
+    e4, b8, ad = (gpt2._tok.token_to_id(c) for c in "ä¸Ń")  # GPT-2's byte-level symbols
+    prompt = gpt2.encode("Hello ") + [e4]
+    generated = [b8, ad, *gpt2.encode("文")]
+    unseeded = IncrementalDetokenizer(gpt2)
+    assert "".join(unseeded.push(i) for i in generated) == "\ufffd\ufffd文"
+    seeded = IncrementalDetokenizer(gpt2, prompt)
+    deltas = [seeded.push(i) for i in generated] + [seeded.flush()]
+    assert "".join(deltas) == "中文"
+    # Nothing generated: the prompt's own unfinished byte is not part of the continuation.
+    assert IncrementalDetokenizer(gpt2, prompt).flush() == ""

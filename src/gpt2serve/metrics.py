@@ -21,3 +21,20 @@ KV_CACHE_USAGE = Gauge("gpt2serve_kv_cache_usage_ratio",
                        "Share of the KV cache's blocks held by sequences, 0 to 1")
 KV_CACHE_CAPACITY = Gauge("gpt2serve_kv_cache_capacity_tokens",
                           "Tokens the KV cache holds (blocks x block size)")
+
+# Serving latencies, named and bucketed as vLLM's (vllm:e2e_request_latency_seconds, ...).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+PROMPT_TOKENS = Counter("gpt2serve_prompt_tokens_total",
+                        "Prompt tokens prefilled (once per request, whatever its n)")
+REQUEST_QUEUE_TIME = Histogram(
+    "gpt2serve_request_queue_time_seconds", "Arrival to admission into the running batch",
+    buckets=LATENCY_BUCKETS)
+E2E_REQUEST_LATENCY = Histogram(
+    "gpt2serve_e2e_request_latency_seconds",
+    "Arrival to the last token of a request's last sequence (requests that finished)",
+    buckets=LATENCY_BUCKETS)
+INTER_TOKEN_LATENCY = Histogram(
+    "gpt2serve_inter_token_latency_seconds",
+    "Time between two consecutive tokens of one sequence",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+             0.75, 1, 2.5, 5))

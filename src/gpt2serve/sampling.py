@@ -145,7 +145,8 @@ def _int(params, name, lo, hi=None, optional=False):
 
 def _float(params, name, lo, hi):
     value = _check_type(params, name, (int, float), "a number")
-    if not math.isfinite(value) or not lo <= value <= hi:
+    # The range first: math.isfinite overflows on an int beyond a double (10**400).
+    if not lo <= value <= hi or not math.isfinite(value):
         raise SamplingError(f"'{name}' must be in [{lo}, {hi}], got {value}")
     return float(value)
 

@@ -41,8 +41,13 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary's symbol for a token (byte-level: 'Ġworld'), as HF's
+        convert_ids_to_tokens."""
+        return self._tok.id_to_token(token_id)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (may be a partial UTF-8 character, shown as U+FFFD)."""
@@ -61,18 +66,32 @@ def _read(*paths: Path) -> HFTokenizer:
     return tok
 
 
+# Prompt tokens an IncrementalDetokenizer starts from (vLLM's
+# INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET): more than the 3 bytes a UTF-8 character can
+# leave unfinished, one byte-level token each at worst.
+SEED_TOKENS = 5
+
+
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas that never split a UTF-8 character.
 
     Byte-level BPE tokens can end mid-character; decoding a short window of recent tokens
     (as TGI and vLLM do) and holding back text that ends in U+FFFD keeps each delta whole.
+
+    It starts from the prompt's last tokens, as vLLM does: a prompt of token ids may end
+    inside a character, and the generated tokens that finish it must yield that character
+    ('中'), not U+FFFD for each of their bytes. The character then belongs to the
+    continuation, where it was completed.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | tuple = ()):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        for token_id in list(prompt_ids)[-SEED_TOKENS:]:
+            self.push(token_id)  # the prompt's own text is not ours to emit
+        self._seeded = len(self.ids)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -86,6 +105,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is held back at the end of the sequence (an incomplete character)."""
+        if len(self.ids) == self._seeded:
+            return ""  # nothing generated: a partial character held back is the prompt's
         prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         rest = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(prefix_text):]
         self.prefix_offset = self.read_offset = len(self.ids)

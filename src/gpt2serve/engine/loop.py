@@ -101,7 +101,7 @@ class Engine:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="gpt2serve-engine",
+            self._thread = threading.Thread(target=self._loop_or_die, name="gpt2serve-engine",
                                             daemon=True)
             self._thread.start()
 
@@ -118,19 +118,28 @@ class Engine:
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is running or queued, or `timeout` passes; True if idle."""
         deadline = time.monotonic() + timeout
-        while self.scheduler.busy:
+        while True:
+            with self.scheduler.cond:  # a request moves from `waiting` to `prefilling` under it
+                if not self.scheduler.busy:
+                    return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
-        return True
 
-    def stop(self) -> None:
-        """End the step loop; whatever is still running or queued fails with EngineStopped."""
+    def stop(self, timeout: float = 30) -> None:
+        """End the step loop; whatever is still running or queued fails with EngineStopped.
+        Waits up to `timeout` seconds for the step in flight to end."""
         with self.scheduler.cond:
             self.scheduler.closed = self._stopping = True
             self.scheduler.cond.notify()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
+
+    @property
+    def alive(self) -> bool:
+        """False once the step thread has ended without being stopped: nothing accepted can
+        finish any more, so liveness must fail and the pod be restarted."""
+        return self._stopping or self._thread is None or self._thread.is_alive()
 
     @property
     def load(self) -> tuple[int, int]:
@@ -171,6 +180,8 @@ class Engine:
         """Validate every prompt of a call, then queue all of them or none: SamplingError
         (naming the prompt), QueueFull or EngineStopped leave nothing behind."""
         self.start()
+        if not self.alive:
+            raise EngineStopped("the engine's step thread has died")
         max_new = [self.check(p) for p in prompts]
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -185,6 +196,7 @@ class Engine:
         An error in any of them ends the call. Leaving the iteration early (client gone,
         task cancelled, error) cancels all of them: they leave the batch at the next step."""
         remaining = sum(r.params.n for r in requests)
+        running = [r.params.n for r in requests]  # each request's unfinished sequences
         try:
             while remaining:
                 index, item = await requests[0].events.get()
@@ -192,6 +204,10 @@ class Engine:
                     raise item
                 if item.finish_reason is not None:
                     remaining -= 1
+                    running[index] -= 1
+                    if not running[index]:
+                        metrics.E2E_REQUEST_LATENCY.observe(
+                            time.monotonic() - requests[index].arrival)
                 yield index, item
         finally:
             if remaining:
@@ -210,6 +226,21 @@ class Engine:
         return out
 
     # ---- step thread ----------------------------------------------------------------------
+
+    def _loop_or_die(self) -> None:
+        """The step loop; should anything but stop() end it (a BaseException: the loop
+        isolates Exceptions), fail what was accepted rather than leave it waiting forever.
+        `alive` turns false, so liveness fails and the pod is restarted."""
+        try:
+            self._loop()
+        except BaseException as e:
+            log.critical("the engine's step thread died: %r", e)
+            died = EngineStopped("the engine's step thread has died")
+            self._fail(died)
+            for request in self.scheduler.take_all_waiting():
+                self._outbox.put(request, died)
+            self._outbox.flush()
+            raise
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -287,12 +318,12 @@ class Engine:
             return time.perf_counter() - t0
         seqs, rows = [], []
         for row, c in enumerate(chunks):
-            sched.read(c)
-            if c.last:
+            if c.last:  # running before it leaves `prefilling`: never idle in between
                 started = c.request.start(self.tokenizer, self.eos_id)
                 sched.start(c.request, started)
                 seqs += started
                 rows += [row] * len(started)
+            sched.read(c)
         if seqs:
             self._sample(logits[torch.tensor(rows, device=self.device)], seqs)
             self._outbox.flush()  # first tokens go out now, even if a decode step is in flight
@@ -353,5 +384,9 @@ class Engine:
                 seqs[0].request.fail()
             return
         metrics.TOKENS_GENERATED.inc(len(seqs))
+        now = time.monotonic()
         for seq, s in zip(seqs, sampled):
+            if seq.last_token_at is not None:
+                metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
+            seq.last_token_at = now
             self._outbox.put(seq.request, seq.append(s))

@@ -113,6 +113,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Waiting requests become prefilling, FIFO, while their sequences and blocks fit."""
+        now = time.monotonic()
         with self.cond:
             while self.waiting:
                 request = self.waiting[0]
@@ -124,6 +125,8 @@ class Scheduler:
                     break  # the head of the queue waits for blocks to be freed
                 request.blocks = blocks
                 self.prefilling.append(self.waiting.popleft())
+                metrics.REQUEST_QUEUE_TIME.observe(now - request.arrival)
+                metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
             metrics.QUEUE_DEPTH.set(len(self.waiting))
 
     def _expire(self) -> list[Request]:

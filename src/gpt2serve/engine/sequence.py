@@ -80,8 +80,10 @@ class Request:
         self.prefilled = 0  # prompt tokens read so far
 
     def start(self, tokenizer: Tokenizer, eos_id: int | None) -> list[Sequence]:
-        """Its n sequences, each with its own random stream."""
-        self.seqs = [Sequence(self, i, gen, IncrementalDetokenizer(tokenizer), eos_id)
+        """Its n sequences, each with its own random stream. Their detokenizers start from
+        the prompt's last tokens (a token-id prompt may end inside a UTF-8 character)."""
+        self.seqs = [Sequence(self, i, gen, IncrementalDetokenizer(tokenizer, self.prompt_ids),
+                              eos_id)
                      for i, gen in enumerate(self.params.generators())]
         return self.seqs
 
@@ -103,6 +105,7 @@ class Sequence:
         self.promised = 0  # blocks reserved for its growth, not yet in `blocks`
         self.finish_reason: str | None = None
         self.seen: Tensor | None = None  # the sampler's repetition-penalty state
+        self.last_token_at: float | None = None  # monotonic; for the inter-token latency
 
     @property
     def length(self) -> int:

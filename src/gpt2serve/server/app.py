@@ -25,10 +25,14 @@ def serve(args: argparse.Namespace) -> None:
     import kserve
     from kserve.model_server import app
 
-    from . import playground, shutdown
-    from .middleware import BearerAuth, BodyLimit, CancelOnDisconnect, NoModelVersions
+    from . import grpc_v2, playground, shutdown
+    from .generate import generate_router
+    from .health import health_router
+    from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
+                             NoModelVersions)
     from .openai import openai_router
     from .predictor import GPT2Predictor
+    from .tokenize import tokenize_router
 
     t0 = time.monotonic()
     model, tokenizer, threads = checkpoint.load_for_engine(
@@ -48,24 +52,28 @@ def serve(args: argparse.Namespace) -> None:
     for exc in (QueueFull, RequestTimeout, EngineStopped):
         app.add_exception_handler(exc, _unavailable)
 
-    @app.get("/v2/health/ready")
-    async def ready() -> ORJSONResponse:
-        # Replaces KServe's server-level check (always true) with the model's own state, so
-        # readiness turns false as soon as a drain starts.
-        ok = predictor.ready and not engine.draining
-        return ORJSONResponse({"ready": ok}, status_code=200 if ok else 503)
-
+    # Our routes are added before ModelServer adds KServe's, so ours win where paths meet.
+    app.include_router(health_router(predictor, engine))
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
+    app.include_router(generate_router(engine, args.model_name))
+    app.include_router(tokenize_router(engine, args.model_name))
+    app.include_router(tokenize_router(engine, args.model_name, prefix="/openai/v1"))
     playground.add_routes(app, engine)
     # Starlette runs the last added middleware first: auth, the body limit, model versions,
-    # then cancel-on-disconnect around the handlers.
+    # non-finite JSON, then cancel-on-disconnect around the handlers.
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(FiniteJSON)
     app.add_middleware(NoModelVersions)
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     shutdown.install(predictor, engine, args.shutdown_grace)
+    grpc_v2.install()
     log.info("playground: http://localhost:%d/playground", args.http_port)
+    # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told
+    # to exit (30 s by default). Our drain has finished or failed every request by then, so
+    # this only bounds the last responses' writing; the drain itself is --shutdown_grace.
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
-                                enable_grpc=args.enable_grpc, workers=1)
+                                enable_grpc=args.enable_grpc, workers=1,
+                                grace_period=shutdown.WRITE_OUT_SECONDS)
     server.start([predictor])

@@ -1,11 +1,12 @@
-"""ASGI middlewares around KServe's app: bearer-token auth, a request body limit, and
-cancelling a handler whose client went away."""
+"""ASGI middlewares around KServe's app: bearer-token auth, a request body limit, refusing
+non-finite JSON numbers, and cancelling a handler whose client went away."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import math
 
 # Kubernetes probes and Prometheus scrapes never carry the API key, nor does a browser opening
 # the playground page (the page sends the key it is given with its API calls).
@@ -77,16 +78,85 @@ class BodyLimit:
             if size > self.max_bytes:
                 return await _send_json(send, 413, too_big)
             more = message.get("more_body", False)
-        first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return await self.app(scope, _replay(b"".join(chunks), receive), send)
 
-        async def replay():
-            nonlocal first
-            if first is not None:
-                message, first = first, None
-                return message
-            return await receive()
 
-        return await self.app(scope, replay, send)
+def _replay(body: bytes, receive):
+    """An ASGI receive that hands over `body` whole, then the connection's own messages."""
+    first = {"type": "http.request", "body": body, "more_body": False}
+
+    async def replay():
+        nonlocal first
+        if first is not None:
+            message, first = first, None
+            return message
+        return await receive()
+
+    return replay
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject(_constant: str):
+    raise _NonFinite
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e400: beyond a double, Python's parser makes it inf
+        raise _NonFinite
+    return value
+
+
+def has_non_finite_number(raw: bytes) -> bool:
+    """True if `raw` is JSON but for NaN / Infinity / -Infinity literals or numbers beyond a
+    double. Anything else that is not JSON is for the route to judge."""
+    try:
+        json.loads(raw, parse_constant=_reject, parse_float=_finite)
+    except _NonFinite:
+        return True
+    except (ValueError, RecursionError):
+        pass
+    return False
+
+
+class FiniteJSON:
+    """400 for a request body with NaN, Infinity or -Infinity (which JSON does not have but
+    Python's parser accepts) or a number beyond a double, on every route. Let through, they
+    reached error messages that could not be serialised (a 500) or sampling as NaN.
+
+    Runs inside BodyLimit, so the body it parses is bounded; KServe's binary tensor extension
+    is checked on its JSON header only."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        header = dict(scope["headers"]).get(b"inference-header-content-length", b"")
+        json_part = body[:int(header)] if header.isdigit() else body
+        if has_non_finite_number(json_part):
+            message = ("request body is not valid JSON: NaN, Infinity and numbers beyond a "
+                       "double are not JSON numbers")
+            error = ({"message": message, "type": "invalid_request_error", "param": None,
+                      "code": 400} if _openai_shaped(scope["path"]) else message)
+            return await _send_json(send, 400, {"error": error})
+        return await self.app(scope, _replay(body, receive), send)
+
+
+def _openai_shaped(path: str) -> bool:
+    return path.startswith("/openai/") or path in ("/tokenize", "/detokenize")
 
 
 class CancelOnDisconnect:

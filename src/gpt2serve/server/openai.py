@@ -4,7 +4,13 @@ KServe 0.21's own OpenAI routes import vLLM's protocol types and are skipped wit
 these are ours, modelled on the OpenAI API reference (legacy completions): `prompt` as a string,
 a list of strings or token ids, `max_tokens` (default 16), `temperature` (1), `top_p`, `n`,
 `stop`, `seed`, `echo`, `logprobs`, `stream` with server-sent events ending in `data: [DONE]`,
-and `usage`. GPT-2 has no chat template, so chat completions get a 400 saying so.
+and `usage`. A field sent as null takes its OpenAI default. GPT-2 has no chat template, so chat
+completions get a 400 saying so.
+
+Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` with the HTTP
+status as `code` (as vLLM). Once a stream has started its status is sent, so a failure after
+that (a queue timeout, the shutdown's grace ending) is an event of that shape followed by
+`data: [DONE]`, as vLLM does; the `openai` client raises it as an APIError.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError, SamplingParams
+from .errors import failure
 
 # OpenAI field -> SamplingParams field; everything else is either handled here or refused.
 # `top_k`, `repetition_penalty` and `ignore_eos` are extensions that vLLM accepts too.
@@ -52,10 +59,22 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.param, self.status, self.kind = param, status, kind
 
+    @classmethod
+    def of(cls, exc: Exception) -> OpenAIError:
+        """Any failure as the client should see it."""
+        if isinstance(exc, OpenAIError):
+            return exc
+        status, message = failure(exc)
+        kinds = {400: "invalid_request_error", 503: "service_unavailable_error"}
+        return cls(message, status=status, kind=kinds.get(status, "server_error"))
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.status}}
+
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(self), "type": self.kind,
-                                       "param": self.param, "code": None}},
-                            status_code=self.status)
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def openai_router(engine: Engine, model_name: str, max_prompts: int = 64) -> APIRouter:
@@ -75,22 +94,26 @@ def openai_router(engine: Engine, model_name: str, max_prompts: int = 64) -> API
     @router.post("/completions", response_model=None, openapi_extra=COMPLETIONS_SCHEMA)
     async def completions(request: HTTPRequest) -> Any:
         try:
-            body = await _json_object(request)
-            if body.get("model", model_name) != model_name:
-                raise OpenAIError(f"model '{body['model']}' does not exist; this server has "
-                                  f"'{model_name}'", param="model", status=404,
-                                  kind="not_found_error")
+            body = await json_object(request)
+            check_model(body, model_name)
             call = CompletionCall(engine, model_name, body, max_prompts)
             if call.stream:
                 return StreamingResponse(call.sse(call.submit()), media_type="text/event-stream")
             return await call.run()
-        except OpenAIError as e:
-            return e.response()
+        except Exception as e:  # noqa: BLE001 - every failure in OpenAI's error shape
+            return OpenAIError.of(e).response()
 
     return router
 
 
-async def _json_object(request: HTTPRequest) -> dict:
+def check_model(body: dict, model_name: str) -> None:
+    """`model` names this server's model; absent or null means it (as vLLM)."""
+    if body.get("model") not in (None, model_name):
+        raise OpenAIError(f"model '{body['model']}' does not exist; this server has "
+                          f"'{model_name}'", param="model", status=404, kind="not_found_error")
+
+
+async def json_object(request: HTTPRequest) -> dict:
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -119,11 +142,11 @@ class CompletionCall:
         if not isinstance(options, dict):
             raise OpenAIError("'stream_options' must be an object", param="stream_options")
         self.include_usage = bool(options.get("include_usage"))
-        fields = {MAPPED[k]: v for k, v in body.items() if k in MAPPED}
-        fields.setdefault("max_new_tokens", 16)
-        fields.setdefault("temperature", 1.0)
+        # null means the OpenAI default, not ours (aitextgen's max_length 256, temperature 0.7)
+        fields = {MAPPED[k]: v for k, v in body.items() if k in MAPPED and v is not None}
         try:
-            self.params = SamplingParams.from_dict({"top_k": 0, **fields})
+            self.params = SamplingParams.from_dict(
+                {"max_new_tokens": 16, "temperature": 1.0, "top_k": 0, **fields})
             if body.get("best_of") not in (None, self.params.n):
                 raise OpenAIError("'best_of' must equal 'n' when given", param="best_of")
             prompts = _prompt_list(body.get("prompt"))
@@ -187,7 +210,8 @@ class CompletionCall:
                 "text_offset": offsets}
 
     def _usage(self, completion_tokens: int) -> dict:
-        prompt_tokens = sum(len(p) for p in self.prompts) * self.params.n
+        # Each prompt counts once, however many sequences continue it (OpenAI, vLLM).
+        prompt_tokens = sum(len(p) for p in self.prompts)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
@@ -199,14 +223,19 @@ class CompletionCall:
             for p in range(len(self.prompts)):
                 for i in range(self.params.n):
                     yield self._chunk(p * self.params.n + i, self._prompt_text(p), None, None)
-        async for p, ev in self.engine.stream(requests):
-            completion_tokens += ev.token_id is not None
-            logprobs = None
-            if self.params.logprobs is not None and ev.logprob is not None:
-                logprobs = self._logprobs([ev.token_id], [ev.logprob], [ev.top_logprobs], 0)
-            if ev.text or ev.finish_reason or logprobs:
-                yield self._chunk(p * self.params.n + ev.index, ev.text, logprobs,
-                                  ev.finish_reason)
+        try:
+            async for p, ev in self.engine.stream(requests):
+                completion_tokens += ev.token_id is not None
+                logprobs = None
+                if self.params.logprobs is not None and ev.logprob is not None:
+                    logprobs = self._logprobs([ev.token_id], [ev.logprob], [ev.top_logprobs], 0)
+                if ev.text or ev.finish_reason or logprobs:
+                    yield self._chunk(p * self.params.n + ev.index, ev.text, logprobs,
+                                      ev.finish_reason)
+        except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
+            yield f"data: {json.dumps(OpenAIError.of(e).body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         if self.include_usage:
             usage = {"id": self.id, "object": "text_completion", "created": self.created,
                      "model": self.model_name, "choices": [],
@@ -223,6 +252,8 @@ class CompletionCall:
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:
+    if prompt is None:
+        return [""]  # OpenAI: no prompt starts a new document (<|endoftext|>)
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt:

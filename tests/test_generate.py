@@ -1,0 +1,114 @@
+"""KServe V2's generate extension (`/v2/models/<name>/generate`, `/generate_stream`) over real
+HTTP against the real server process."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from conftest import post, running_server
+
+MODEL = "aitextgen"
+PARAMS = {"seed": 5, "max_new_tokens": 24, "temperature": 1.0, "ignore_eos": True}
+
+
+def generate(srv, body, model=MODEL):
+    return post(f"{srv.url}/v2/models/{model}/generate", body)
+
+
+def stream_events(srv, body, model=MODEL) -> list[dict]:
+    with httpx.stream("POST", f"{srv.url}/v2/models/{model}/generate_stream", json=body,
+                      timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    return [json.loads(line[len("data: "):]) for line in lines]
+
+
+def test_generate_answers_model_name_and_text_output_as_v2_infer(server):
+    r = generate(server, {"text_input": "ROMEO:", "parameters": PARAMS})
+    assert r.status_code == 200, r.text
+    assert r.json().keys() == {"model_name", "text_output"}
+    assert r.json()["model_name"] == MODEL
+    text = r.json()["text_output"]
+    infer = post(f"{server.url}/v2/models/{MODEL}/infer", {
+        "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                    "data": ["ROMEO:"]}], "parameters": PARAMS})
+    assert text == infer.json()["outputs"][0]["data"][0]  # prompt + continuation, as infer
+    bare = generate(server, {"text_input": "ROMEO:", "parameters": PARAMS,
+                             "exclude_input_in_output": True}).json()["text_output"]
+    assert text == "ROMEO:" + bare and bare
+
+
+def test_stream_deltas_concatenate_to_the_generated_text(server):
+    whole = generate(server, {"text_input": "JULIET:", "parameters": PARAMS,
+                              "exclude_input_in_output": True}).json()["text_output"]
+    events = stream_events(server, {"text_input": "JULIET:", "parameters": PARAMS})
+    assert len(events) > 3
+    assert all(e["model_name"] == MODEL for e in events)
+    assert "".join(e["text_output"] for e in events) == whole
+    assert [e["done"] for e in events] == [False] * (len(events) - 1) + [True]
+
+
+@pytest.mark.parametrize("route", ["generate", "generate_stream"])
+@pytest.mark.parametrize("body,model,status,message", [
+    ({"text_input": "a", "parameters": {"temperature": -1}}, MODEL, 400, "'temperature'"),
+    ({"text_input": "a", "parameters": {"tempreature": 1}}, MODEL, 400, "unknown parameter"),
+    ({"text_input": "a", "parameters": {"n": 2}}, MODEL, 400, "'n' must be 1"),
+    ({"text_input": "a", "parameters": {"max_new_tokens": 5000}}, MODEL, 400, "context"),
+    ({"text_input": 5}, MODEL, 400, "'text_input' must be a string"),
+    ({"parameters": {}}, MODEL, 400, "'text_input' must be a string"),
+    ({"text_input": "a", "bogus": 1}, MODEL, 400, "unknown field"),
+    ({"text_input": "a", "parameters": []}, MODEL, 400, "'parameters' must be an object"),
+    ({"text_input": "a"}, "nope", 404, "nope"),
+])
+def test_errors_are_those_of_v2_infer(server, route, body, model, status, message):
+    r = post(f"{server.url}/v2/models/{model}/{route}", body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_a_stream_cannot_include_its_prompt(server):
+    r = post(f"{server.url}/v2/models/{MODEL}/generate_stream",
+             {"text_input": "a", "exclude_input_in_output": False})
+    assert r.status_code == 400 and "cannot be false" in r.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def one_slot(long_model):
+    with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
+                        "--max_batch_size", "1", "--max_queue", "1",
+                        "--request_timeout", "0.5") as srv:
+        yield srv
+
+
+def test_overload_and_a_failure_inside_a_stream(one_slot):
+    """A stream's 200 is sent when it starts, while it waits for a slot: a queue timeout then
+    arrives as the protocol's error object, and the stream ends cleanly. Beyond the queue,
+    a 503 as V2 infer's."""
+    long = {"text_input": "a", "parameters": {"max_new_tokens": 900, "ignore_eos": True}}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60) as client:
+            busy = asyncio.create_task(
+                client.post(f"{one_slot.url}/v2/models/{MODEL}/generate", json=long))
+            await asyncio.sleep(0.3)
+            lines = []
+            async with client.stream("POST", f"{one_slot.url}/v2/models/{MODEL}/generate_stream",
+                                     json={"text_input": "b"}) as r:
+                assert r.status_code == 200
+                full = client.post(f"{one_slot.url}/v2/models/{MODEL}/generate", json=long)
+                refused = await full  # the slot is busy and the one queue place taken
+                async for line in r.aiter_lines():
+                    if line:
+                        lines.append(line)
+            busy.cancel()
+            return lines, refused
+
+    lines, refused = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "queue is full" in refused.json()["error"]
+    assert len(lines) == 1
+    assert "waited more than 0.5s" in json.loads(lines[0][len("data: "):])["error"]

@@ -1,0 +1,191 @@
+"""KServe V2 over gRPC against the real server process, with kserve's generated stubs: BYTES in
+and out, parameters of every kind, errors as status codes, overload, cancellation."""
+
+import re
+import struct
+import time
+
+import grpc
+import httpx
+import pytest
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from conftest import free_port, post, running_server
+
+MODEL = "aitextgen"
+
+
+def grpc_server(model_dir, *args):
+    port = free_port()
+    srv = running_server("--model_dir", str(model_dir), "--enable_grpc", "true",
+                         "--grpc_port", str(port), *args)
+    return srv, port
+
+
+@pytest.fixture(scope="module")
+def rpc(tiny_model):
+    cm, port = grpc_server(tiny_model, "--max_batch_size", "8")
+    with cm as srv, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        srv.stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        yield srv
+
+
+# The Open Inference Protocol's InferParameter has double_param (4) and uint64_param (5), as
+# Triton's clients send them; kserve 0.21's stubs lack both, so they are written as raw wire
+# bytes here: field 4 as a little-endian double, field 5 as a varint.
+def double_param(value: float) -> bytes:
+    return b"\x21" + struct.pack("<d", value)
+
+
+def uint64_param(value: int) -> bytes:
+    assert value < 128  # one varint byte
+    return b"\x28" + bytes([value])
+
+
+def set_params(target, params: dict) -> None:
+    for name, value in params.items():
+        if isinstance(value, bytes):
+            target[name].MergeFromString(value)
+        elif isinstance(value, bool):
+            target[name].bool_param = value
+        elif isinstance(value, int):
+            target[name].int64_param = value
+        else:
+            target[name].string_param = value
+
+
+def infer_request(prompts, model=MODEL, params=None, input_params=None, datatype="BYTES",
+                  name="text_input"):
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name=name, datatype=datatype, shape=[len(prompts)],
+        contents=pb.InferTensorContents(bytes_contents=[p.encode() for p in prompts]))
+    set_params(tensor.parameters, input_params or {})
+    request = pb.ModelInferRequest(model_name=model, inputs=[tensor])
+    set_params(request.parameters, params or {})
+    return request
+
+
+def texts(response) -> list[str]:
+    out = response.outputs[0]
+    assert out.name == "text_output" and out.datatype == "BYTES"
+    assert list(out.shape) == [len(out.contents.bytes_contents)]
+    return [b.decode() for b in out.contents.bytes_contents]
+
+
+def rest_texts(srv, prompts, params) -> list[str]:
+    body = {"inputs": [{"name": "text_input", "shape": [len(prompts)], "datatype": "BYTES",
+                        "data": prompts}], "parameters": params}
+    r = post(f"{srv.url}/v2/models/{MODEL}/infer", body)
+    assert r.status_code == 200, r.text
+    return r.json()["outputs"][0]["data"]
+
+
+def test_parameters_of_every_kind_mean_what_they_mean_over_rest(rpc):
+    """Each kind of InferParameter reaches sampling as a plain value: the text is the one REST
+    gives for the same JSON parameters."""
+    params = {"seed": 7, "max_new_tokens": uint64_param(9), "temperature": double_param(1.3),
+              "top_p": double_param(0.9), "do_sample": True, "stop": "zzz"}
+    got = texts(rpc.stub.ModelInfer(infer_request(["ROMEO:", "JULIET:"], params=params),
+                                    timeout=60))
+    want = rest_texts(rpc, ["ROMEO:", "JULIET:"],
+                      {"seed": 7, "max_new_tokens": 9, "temperature": 1.3, "top_p": 0.9,
+                       "do_sample": True, "stop": "zzz"})
+    assert got == want
+    assert got[0].startswith("ROMEO:") and got[1].startswith("JULIET:")
+    # and the values matter: another temperature, another text
+    params["temperature"] = double_param(0.2)
+    assert texts(rpc.stub.ModelInfer(infer_request(["ROMEO:", "JULIET:"], params=params),
+                                     timeout=60)) != got
+
+
+def test_input_level_parameters_override_request_level_ones(rpc):
+    request = infer_request(["ROMEO:"], params={"seed": 3, "max_new_tokens": 40},
+                            input_params={"max_new_tokens": 2, "do_sample": False,
+                                          "content_type": "str"})
+    short = texts(rpc.stub.ModelInfer(request, timeout=60))[0]
+    assert short == rest_texts(rpc, ["ROMEO:"], {"max_new_tokens": 2, "do_sample": False})[0]
+
+
+@pytest.mark.parametrize("request_args,code,message", [
+    (dict(params={"temperature": "hot"}), grpc.StatusCode.INVALID_ARGUMENT,
+     "'temperature' must be a number"),
+    (dict(params={"max_new_tokens": double_param(2.5)}), grpc.StatusCode.INVALID_ARGUMENT,
+     "'max_new_tokens' must be an integer"),
+    (dict(params={"tempreature": double_param(1.0)}), grpc.StatusCode.INVALID_ARGUMENT,
+     "unknown parameter 'tempreature'"),
+    (dict(input_params={"n": 1000}), grpc.StatusCode.INVALID_ARGUMENT, "'n' must be in"),
+    (dict(name="prompt"), grpc.StatusCode.INVALID_ARGUMENT, "needs a BYTES input"),
+    (dict(datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, "datatype BYTES"),
+    (dict(model="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+])
+def test_errors_are_grpc_status_codes(rpc, request_args, code, message):
+    with pytest.raises(grpc.RpcError) as e:
+        rpc.stub.ModelInfer(infer_request(["ROMEO:"], **request_args), timeout=60)
+    assert e.value.code() == code, e.value.details()
+    assert re.search(message, e.value.details())
+    assert texts(rpc.stub.ModelInfer(infer_request(["a"], params={"max_new_tokens": 2}),
+                                     timeout=60))  # and the server keeps serving
+
+
+def test_health_rpcs(rpc):
+    assert rpc.stub.ServerLive(pb.ServerLiveRequest()).live
+    assert rpc.stub.ServerReady(pb.ServerReadyRequest()).ready
+    assert rpc.stub.ModelReady(pb.ModelReadyRequest(name=MODEL)).ready
+
+
+# ---- overload and cancellation -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_slot_rpc(long_model):
+    cm, port = grpc_server(long_model, "--max_batch_size", "1", "--max_queue", "0")
+    with cm as srv, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        srv.stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        yield srv
+
+
+LONG = {"max_new_tokens": 900, "ignore_eos": True}
+
+
+def metric(srv, name: str) -> float:
+    text = httpx.get(f"{srv.url}/metrics").text
+    return float(re.search(rf"^{name} ([0-9.e+]+)$", text, re.M).group(1))
+
+
+def wait_for(predicate, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_overload_is_unavailable_and_cancelling_frees_the_slot(one_slot_rpc):
+    srv = one_slot_rpc
+    aborted = metric(srv, "gpt2serve_aborted_sequences_total")
+    busy = srv.stub.ModelInfer.future(infer_request(["a"], params=LONG), timeout=120)
+    assert wait_for(lambda: metric(srv, "gpt2serve_running_sequences") == 1)
+    with pytest.raises(grpc.RpcError) as e:
+        srv.stub.ModelInfer(infer_request(["b"], params={"max_new_tokens": 2}), timeout=60)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "queue is full" in e.value.details()
+
+    busy.cancel()  # the client gives up: the engine drops the sequence at its next step
+    assert busy.cancelled()
+    assert wait_for(lambda: metric(srv, "gpt2serve_running_sequences") == 0)
+    assert wait_for(lambda: metric(srv, "gpt2serve_aborted_sequences_total") == aborted + 1)
+    assert texts(srv.stub.ModelInfer(infer_request(["b"], params={"max_new_tokens": 2}),
+                                     timeout=60))
+
+
+def test_deadline_exceeded_frees_the_slot(one_slot_rpc):
+    srv = one_slot_rpc
+    aborted = metric(srv, "gpt2serve_aborted_sequences_total")
+    with pytest.raises(grpc.RpcError) as e:
+        srv.stub.ModelInfer(infer_request(["a"], params=LONG), timeout=0.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: metric(srv, "gpt2serve_aborted_sequences_total") == aborted + 1)
+    assert metric(srv, "gpt2serve_running_sequences") == 0

@@ -1,0 +1,132 @@
+"""Serving metrics read from /metrics over HTTP, and liveness that follows the engine's step
+thread."""
+
+import asyncio
+import ctypes
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import post, running_server
+from gpt2serve import checkpoint
+from gpt2serve.engine import Engine, EngineStopped, Prompt
+from gpt2serve.sampling import SamplingParams
+
+MODEL = "aitextgen"
+
+
+def scrape(srv) -> dict[str, float]:
+    text = httpx.get(f"{srv.url}/metrics").text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(gpt2serve_[a-z0-9_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", text,
+                                 re.M)}
+
+
+def delta(before, after, name) -> float:
+    return after[name] - before.get(name, 0.0)
+
+
+@pytest.fixture(scope="module")
+def one_slot(tiny_model):
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_batch_size", "1") as srv:
+        yield srv
+
+
+def test_serving_metrics(one_slot):
+    srv = one_slot
+    client = openai.OpenAI(base_url=f"{srv.url}/openai/v1", api_key="unused")
+    before = scrape(srv)
+    tokens = 40
+    kwargs = dict(model=MODEL, max_tokens=tokens, extra_body={"ignore_eos": True})
+    first = client.completions.create(prompt="ROMEO: O Romeo", **kwargs)
+    chunks = list(client.completions.create(prompt="JULIET:", stream=True,
+                                            stream_options={"include_usage": True},
+                                            **kwargs))
+    after = scrape(srv)
+    prompt_tokens = first.usage.prompt_tokens + chunks[-1].usage.prompt_tokens
+    assert delta(before, after, "gpt2serve_prompt_tokens_total") == prompt_tokens
+    assert delta(before, after, "gpt2serve_e2e_request_latency_seconds_count") == 2
+    assert delta(before, after, "gpt2serve_request_queue_time_seconds_count") == 2
+    # one gap between each two consecutive tokens of each sequence
+    assert delta(before, after, "gpt2serve_inter_token_latency_seconds_count") == 2 * (tokens - 1)
+    e2e = delta(before, after, "gpt2serve_e2e_request_latency_seconds_sum")
+    itl = delta(before, after, "gpt2serve_inter_token_latency_seconds_sum")
+    assert 0 < itl < e2e
+    assert after['gpt2serve_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
+        after["gpt2serve_inter_token_latency_seconds_count"]
+
+
+def test_queue_time_is_the_wait_for_a_slot(one_slot):
+    """One slot: the second request waits for the first to finish."""
+    srv = one_slot
+    before = scrape(srv)
+    body = {"instances": [{"prompt": "a", "max_new_tokens": 120, "ignore_eos": True}]}
+
+    async def two():
+        async with httpx.AsyncClient(timeout=60) as client:
+            t0 = time.monotonic()
+            first = asyncio.create_task(client.post(f"{srv.url}/v1/models/{MODEL}:predict",
+                                                    json=body))
+            await asyncio.sleep(0.05)
+            second = await client.post(f"{srv.url}/v1/models/{MODEL}:predict", json=body)
+            assert (await first).status_code == second.status_code == 200
+            return time.monotonic() - t0
+
+    both = asyncio.run(two())
+    after = scrape(srv)
+    queued = delta(before, after, "gpt2serve_request_queue_time_seconds_sum")
+    e2e = delta(before, after, "gpt2serve_e2e_request_latency_seconds_sum")
+    # the second waited about as long as the first ran (half of both, minus the head start)
+    assert both / 2 - 0.3 < queued < e2e, (queued, e2e, both)
+
+
+def test_liveness_answers_on_both_kserve_paths(one_slot):
+    assert httpx.get(f"{one_slot.url}/").json() == {"status": "alive"}
+    assert httpx.get(f"{one_slot.url}/v2/health/live").json() == {"live": True}
+
+
+# ---- liveness when the step thread dies --------------------------------------------------
+
+def kill_thread(thread, exc=SystemExit) -> None:
+    """Raise `exc` inside `thread` at its next bytecode, as an uncaught error in the step loop
+    would end it (the loop isolates Exceptions, not BaseExceptions)."""
+    done = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                      ctypes.py_object(exc))
+    assert done == 1
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_liveness_fails_and_work_fails_cleanly_when_the_step_thread_dies(tiny_model):
+    """No request can kill the step thread (the loop catches every Exception), so it is
+    killed from outside here, on a real engine with a real model; /v2/health/live and `/`
+    are health.liveness() over this same engine."""
+    from gpt2serve.server.health import liveness
+
+    model, tokenizer = checkpoint.load(str(tiny_model))
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    long = SamplingParams.from_dict({"max_new_tokens": 100, "ignore_eos": True})
+
+    async def scenario():
+        requests = engine.submit([Prompt(tokenizer.encode("ROMEO:"), long)])
+        events = engine.stream(requests)
+        _, first = await anext(events)  # the step loop is running
+        assert first.token_id is not None
+        assert engine.alive and liveness(engine, {"live": True}, {"live": False}).status_code == 200
+        kill_thread(engine._thread)
+        engine._thread.join(timeout=10)
+        with pytest.raises(EngineStopped, match="step thread has died"):
+            async for _ in events:  # fails, does not wait forever
+                pass
+        with pytest.raises(EngineStopped, match="step thread has died"):
+            engine.submit([Prompt(tokenizer.encode("JULIET:"), long)])
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert not engine.alive
+    response = liveness(engine, {"live": True}, {"live": False})
+    assert response.status_code == 503
+    assert b'"live":false' in response.body
+    engine.stop(timeout=1)

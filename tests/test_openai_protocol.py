@@ -1,0 +1,182 @@
+"""OpenAI-protocol details against the real server, through the official `openai` client:
+usage counts, null fields, failures inside a started stream, token-id prompts that end inside
+a UTF-8 character, and vLLM's /tokenize and /detokenize."""
+
+import json
+import shutil
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import GPT2_TOKENIZER, post, running_server
+
+MODEL = "aitextgen"
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+
+
+def test_usage_counts_each_prompt_once_whatever_n(oai):
+    one = oai.completions.create(model=MODEL, prompt="ROMEO: O", max_tokens=3, seed=1)
+    three = oai.completions.create(model=MODEL, prompt="ROMEO: O", max_tokens=3, n=3, seed=1)
+    assert one.usage.prompt_tokens > 1
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # not x n (issue 12)
+    assert three.usage.total_tokens == three.usage.prompt_tokens + three.usage.completion_tokens
+    two_prompts = oai.completions.create(model=MODEL, prompt=["ROMEO: O", "ROMEO: O"],
+                                         max_tokens=2, n=2, seed=1)
+    assert two_prompts.usage.prompt_tokens == 2 * one.usage.prompt_tokens
+    chunks = list(oai.completions.create(model=MODEL, prompt="ROMEO: O", max_tokens=3, n=3,
+                                         seed=1, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == one.usage.prompt_tokens
+
+
+def test_null_fields_take_the_openai_defaults(oai):
+    """The client sends None as JSON null. null must mean OpenAI's default: max_tokens 16,
+    temperature 1, top_k off (vLLM), not the server's aitextgen defaults (256, 0.7, 50)."""
+    common = dict(model=MODEL, prompt="JULIET:", seed=11, extra_body={"ignore_eos": True})
+    nulls = oai.completions.create(max_tokens=None, temperature=None, top_p=None, n=None,
+                                   stop=None, logprobs=None, echo=None,
+                                   **{**common, "extra_body": {"ignore_eos": True,
+                                                               "top_k": None}})
+    assert nulls.usage.completion_tokens == 16
+    explicit = oai.completions.create(max_tokens=16, temperature=1.0, top_p=1.0, **common)
+    assert nulls.choices[0].text == explicit.choices[0].text
+    aitextgen = oai.completions.create(max_tokens=16, temperature=0.7,
+                                       **{**common, "extra_body": {"ignore_eos": True,
+                                                                   "top_k": 50}})
+    assert aitextgen.choices[0].text != nulls.choices[0].text
+    # model null means the served model, as in vLLM; a missing prompt starts a new document
+    r = post(f"{oai.base_url}completions", {"model": None, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def one_slot(long_model):
+    """One slot and a short queue timeout: a second prompt waits, and expires mid-stream."""
+    with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
+                        "--max_batch_size", "1", "--request_timeout", "0.5") as srv:
+        yield srv
+
+
+def test_a_failure_inside_a_started_stream_is_an_error_event_then_done(one_slot):
+    body = {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 600, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{one_slot.url}/openai/v1/completions", json=body,
+                      timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: "):])["error"]
+    assert error["code"] == 503 and "waited more than 0.5s" in error["message"]
+    assert error["type"] == "service_unavailable_error"
+    texts = [json.loads(x[6:])["choices"][0]["text"] for x in lines[:-2]]
+    assert "".join(texts)  # the first prompt had streamed before the second one expired
+
+    client = openai.OpenAI(base_url=f"{one_slot.url}/openai/v1", api_key="unused",
+                           max_retries=0)
+    stream = client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=600,
+                                       stream=True, extra_body={"ignore_eos": True})
+    got = []
+    with pytest.raises(openai.APIError, match="waited more than 0.5s"):
+        for chunk in stream:
+            got.append(chunk.choices[0].text)
+    assert "".join(got)
+
+
+def test_queue_timeout_without_a_stream_is_a_503_in_openai_shape(one_slot):
+    r = post(f"{one_slot.url}/openai/v1/completions",
+             {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 600, "ignore_eos": True})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "service_unavailable_error"
+
+
+# ---- token-id prompts that end inside a character ---------------------------------------
+
+def make_scripted_gpt2(folder, prompt_len: int, continuation: list[int]):
+    """A real GPT-2 checkpoint with GPT-2's tokenizer whose greedy continuation of any prompt
+    of `prompt_len` tokens is `continuation`: blocks zeroed, so the last hidden state is
+    token + position embedding; position p's embedding points at the token to predict there
+    and outweighs the input token's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_embd = 64
+    positions = range(prompt_len - 1, prompt_len - 1 + len(continuation))
+    cfg = GPT2Config(vocab_size=50257, n_positions=32, n_embd=n_embd, n_layer=1, n_head=4,
+                     bos_token_id=50256, eos_token_id=50256)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" not in name:
+                p.zero_()
+        wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+        for dim, (pos, token) in enumerate(zip(positions, continuation)):
+            wte[token, dim] = 1.0
+            wpe[pos, dim] = 10.0
+    model.save_pretrained(folder)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(GPT2_TOKENIZER / name, folder / name)
+    return folder
+
+
+def test_token_prompt_ending_inside_a_character_continues_it(tmp_path):
+    if not GPT2_TOKENIZER.exists():
+        pytest.skip("../shared/data/gpt2-tokenizer not available")
+    from gpt2serve.tokenizer import Tokenizer
+
+    gpt2 = Tokenizer.from_dir(GPT2_TOKENIZER)
+    e4, b8, ad = (gpt2._tok.token_to_id(c) for c in "ä¸Ń")  # GPT-2's byte-level symbols
+    prompt = gpt2.encode("Hello ") + [e4]  # ends after the first byte of '中' (e4 b8 ad)
+    continuation = [b8, ad, *gpt2.encode("文"), gpt2.eos_id]
+    folder = make_scripted_gpt2(tmp_path / "gpt2", len(prompt), continuation)
+    with running_server("--model_dir", str(folder), "--enable_grpc", "false",
+                        "--max_batch_size", "2") as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/openai/v1", api_key="unused")
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+        assert r.choices[0].text == "中文"  # was '\ufffd\ufffd文'
+        assert r.choices[0].finish_reason == "stop"
+        deltas = [c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=10, temperature=0, stream=True)]
+        assert "".join(deltas) == "中文" and not any("\ufffd" in d for d in deltas)
+
+
+# ---- /tokenize and /detokenize (vLLM's shapes) --------------------------------------------
+
+@pytest.mark.parametrize("prefix", ["", "/openai/v1"])
+def test_tokenize_and_detokenize_round_trip(server, prefix):
+    text = "ROMEO: héllo wörld"
+    r = post(f"{server.url}{prefix}/tokenize", {"model": MODEL, "prompt": text,
+                                                "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert set(out) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert out["count"] == len(out["tokens"]) == len(out["token_strs"]) > 1
+    assert out["max_model_len"] == 128  # the tiny model's context
+    assert "".join(out["token_strs"]).replace("Ġ", " ") != text  # byte-level symbols
+    # the same ids the completions route counts for this prompt
+    usage = post(f"{server.url}/openai/v1/completions",
+                 {"prompt": text, "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == out["count"]
+    plain = post(f"{server.url}{prefix}/tokenize", {"prompt": text}).json()
+    assert plain["tokens"] == out["tokens"] and "token_strs" not in plain
+    back = post(f"{server.url}{prefix}/detokenize", {"tokens": out["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/tokenize", {"model": "gpt-4", "prompt": "a"}, 404, "model"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "bogus": 1}, 400, "bogus"),
+    ("/detokenize", {"tokens": [10 ** 6]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("/openai/v1/detokenize", {"tokens": [-1]}, 400, "tokens"),
+])
+def test_tokenizer_route_errors(server, path, body, status, param):
+    r = post(f"{server.url}{path}", body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["code"] == status
