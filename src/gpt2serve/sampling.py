@@ -18,6 +18,8 @@ import torch
 MAX_N = 128  # an absolute bound; servers set a lower one (--max_n)
 MAX_STOP = 8
 MAX_LOGPROBS = 5
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
 DEFAULT_MAX_LENGTH = 256
 GREEDY_BELOW = 1e-5  # temperatures under this mean greedy decoding
 
@@ -41,6 +43,13 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    # OpenAI's and vLLM's; penalties count generated tokens only, as theirs do
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0  # EOS and stop_token_ids are blocked until this many new tokens
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
 
     ALIASES = {"num_return_sequences": "n", "stop_sequences": "stop"}
 
@@ -89,6 +98,25 @@ class SamplingParams:
             raise SamplingError(f"'stop' must be a non-empty string or a list of at most "
                                 f"{MAX_STOP} non-empty strings")
         self.stop = stop
+        self.presence_penalty = _float(self, "presence_penalty", -2.0, 2.0)
+        self.frequency_penalty = _float(self, "frequency_penalty", -2.0, 2.0)
+        self.logit_bias = _logit_bias(self.logit_bias)
+        self.min_tokens = _int(self, "min_tokens", 0)
+        ids = self.stop_token_ids
+        if (not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+            raise SamplingError(f"'stop_token_ids' must be a list of at most "
+                                f"{MAX_STOP_TOKEN_IDS} token ids")
+        self.include_stop_str_in_output = _bool(self, "include_stop_str_in_output")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the sampler must count this sequence's generated tokens."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    def token_ids(self) -> list[int]:
+        """Every token id the parameters name (checked against the vocabulary)."""
+        return [*self.logit_bias, *self.stop_token_ids]
 
     def max_new_for(self, prompt_len: int, context: int) -> int:
         """New tokens to generate for a prompt of `prompt_len` tokens in a `context` window."""
@@ -153,3 +181,20 @@ def _float(params, name, lo, hi):
 
 def _bool(params, name):
     return _check_type(params, name, (bool,), "true or false")
+
+
+def _logit_bias(raw) -> dict[int, float]:
+    """OpenAI's map of token id (a JSON key, so a string) to a bias in [-100, 100]."""
+    if not isinstance(raw, dict) or len(raw) > MAX_LOGIT_BIAS:
+        raise SamplingError(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} "
+                            "token ids to biases")
+    out = {}
+    for key, bias in raw.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else key
+        if (not isinstance(token, int) or isinstance(token, bool) or token < 0
+                or isinstance(bias, bool) or not isinstance(bias, (int, float))
+                or not -100 <= bias <= 100):
+            raise SamplingError(f"'logit_bias' maps token ids to numbers in [-100, 100], "
+                                f"got {key!r:.20}: {bias!r:.20}")
+        out[token] = float(bias)
+    return out

