@@ -232,8 +232,10 @@ def test_openai_n_echo_stop_and_logprobs(oai):
     assert r.choices[0].text.startswith("ROMEO:") and r.choices[3].text.startswith("JULIET:")
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
-    assert all(v <= 0 for v in lp.token_logprobs)
-    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    # with echo, the prompt's tokens come first; nothing precedes the first to score it
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
     full = oai.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=40, seed=4,
                                   temperature=1.0).choices[0].text
     stop = full[10:12]
@@ -266,7 +268,8 @@ def test_openai_raw_sse_ends_with_done(server):
     ({"model": MODEL, "prompt": "a", "max_tokens": 5000}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": 5}, 400, "prompt"),
-    ({"model": MODEL, "prompt": "a", "presence_penalty": 1}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "a", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "a", "suffix": "b"}, 400, "suffix"),
     ({"model": MODEL, "prompt": "a", "bogus": 1}, 400, "bogus"),
     ({"model": "gpt-4", "prompt": "a"}, 404, "model"),
 ])

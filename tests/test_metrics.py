@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import post, running_server
+from conftest import running_server
 from gpt2serve import checkpoint
 from gpt2serve.engine import Engine, EngineStopped, Prompt
 from gpt2serve.sampling import SamplingParams

@@ -17,7 +17,7 @@ the stream ends. KServe 0.21 has no generate routes, so these clash with none of
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
@@ -27,7 +27,7 @@ from kserve.errors import InvalidInput, ModelNotFound
 from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError
 from .errors import failure
-from .predictor import to_params
+from .predictor import json_object, to_params
 
 _PARAMS = {"type": "object", "description": "sampling parameters, as V2 infer's"}
 SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -67,7 +67,7 @@ class GenerateCall:
 
     def __init__(self, engine: Engine, model_name: str, raw: bytes, stream: bool):
         self.engine, self.model_name = engine, model_name
-        body = _json_object(raw)
+        body = json_object(raw)
         unknown = set(body) - {"text_input", "parameters", "exclude_input_in_output"}
         if unknown:
             raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -110,13 +110,3 @@ class GenerateCall:
 
 def _event(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"request body is not valid JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return body

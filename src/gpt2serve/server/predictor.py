@@ -58,10 +58,7 @@ class GPT2Predictor(kserve.Model):
         if isinstance(payload, (bytes, str)):
             # KServe passes the body through undecoded when the client did not send
             # `Content-Type: application/json` (plain `curl -d`); it is still JSON to us.
-            try:
-                payload = json.loads(payload)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InvalidInput(f"request body is not valid JSON ({e})") from None
+            payload = json_object(payload)
         if not isinstance(payload, dict):
             raise InvalidInput("request body must be a JSON object")
         if "instances" in payload:
@@ -151,6 +148,16 @@ class GPT2Predictor(kserve.Model):
         except SamplingError as e:
             raise InvalidInput(str(e)) from None
         return [[text + c.text for c in cs] for (text, _, _), cs in zip(jobs, completions)]
+
+
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return body
 
 
 def to_params(fields: dict, where: str = "") -> SamplingParams:
