@@ -11,7 +11,7 @@ it, in each sampling mode one after the other on the same server process: greedy
 defaults (temperature 0.7, top_k 50) and the defaults with top_p 0.9; it prints each mode's
 throughput as a ratio of greedy's.
 
-    python bench/serving.py --sampling [--levels 16] [--int8]
+    python bench/serving.py --sampling [--levels 16] [--rounds 3] [--int8]
 """
 
 from __future__ import annotations
@@ -111,14 +111,19 @@ def sampling_modes(args) -> None:
         try:
             asyncio.run(v1_sampling({})(httpx.AsyncClient(timeout=600), url, texts[0], 4, MODEL))
             for c in args.levels:
-                tok_s = {}
-                for mode, fields in SAMPLING_MODES.items():
-                    level = asyncio.run(run_level(v1_sampling(fields), url, MODEL, c,
-                                                  args.duration, args.tokens, texts))
-                    tok_s[mode] = level.throughput
-                    print(f"{name:16s} c={c:2d} {mode:10s} {json.dumps(level.row())}", flush=True)
-                print(f"{name:16s} c={c:2d} vs greedy: " + "  ".join(
-                    f"{m} {v / tok_s['greedy']:.2f}x" for m, v in tok_s.items()), flush=True)
+                tok_s: dict[str, list[float]] = {mode: [] for mode in SAMPLING_MODES}
+                # Rounds of every mode in turn, so that the machine's drift hits all alike.
+                for r in range(args.rounds):
+                    for mode, fields in SAMPLING_MODES.items():
+                        level = asyncio.run(run_level(v1_sampling(fields), url, MODEL, c,
+                                                      args.duration, args.tokens, texts))
+                        tok_s[mode].append(level.throughput)
+                        print(f"{name:16s} c={c:2d} round {r} {mode:10s} "
+                              f"{json.dumps(level.row())}", flush=True)
+                median = {m: statistics.median(v) for m, v in tok_s.items()}
+                print(f"{name:16s} c={c:2d} median tok/s " + "  ".join(
+                    f"{m} {v:.1f}" for m, v in median.items()) + "; vs greedy: " + "  ".join(
+                    f"{m} {v / median['greedy']:.2f}x" for m, v in median.items()), flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -221,6 +226,7 @@ def main() -> None:
                    help="print ratios and plot from bench/results/serving.json, run nothing")
     p.add_argument("--sampling", action="store_true",
                    help="our server only, greedy vs the V1 sampling defaults vs top_p 0.9")
+    p.add_argument("--rounds", type=int, default=3, help="with --sampling: rounds of the modes")
     args = p.parse_args()
     print(host_isa())
     if args.sampling:
