@@ -98,9 +98,13 @@ class KVCache:
     def rows(self, slots: Tensor) -> Tensor:
         """Where the key and value of each head go for tokens at `slots` [N]: row numbers in
         one layer's cache viewed as [2 * heads * num_blocks * block_size, head_dim], in the
-        order [key|value, head, token]."""
+        order [token, key|value, head] of the attention's own qkv output."""
         heads = torch.arange(self.kv.shape[1] * self.kv.shape[2], device=slots.device)
-        return (heads[:, None] * (self.num_blocks * self.block_size) + slots).view(-1)
+        return (slots[:, None] + heads * (self.num_blocks * self.block_size)).view(-1)
+
+    def used(self, blocks: Tensor, L: int) -> Tensor:
+        """The block ids [N * width] that hold positions 0..L-1 of tables blocks [N, _]."""
+        return blocks[:, :-(-L // self.block_size)].flatten()
 
     def copy_block(self, src: int, dst: int) -> None:
         self.kv[:, :, :, dst] = self.kv[:, :, :, src]
@@ -108,19 +112,15 @@ class KVCache:
 
 def _store(kv: Tensor, rows: Tensor, new_kv: Tensor) -> None:
     """Write new keys and values [N, 2, H, head_dim] at `rows` (KVCache.rows)."""
-    kv.view(-1, kv.shape[-1]).index_copy_(0, rows, new_kv.permute(1, 2, 0, 3).reshape(
-        -1, kv.shape[-1]))
+    kv.view(-1, kv.shape[-1]).index_copy_(0, rows, new_kv.reshape(-1, kv.shape[-1]))
 
 
-def _gather(kv: Tensor, blocks: Tensor, L: int) -> tuple[Tensor, Tensor]:
-    """Keys and values [N, H, L, head_dim] at positions 0..L-1 of the sequences whose block
-    tables are blocks [N, width], from one layer's cache."""
+def _gather(kv: Tensor, used: Tensor, N: int, L: int) -> tuple[Tensor, Tensor]:
+    """Keys and values [N, H, L, head_dim] at positions 0..L-1 of N sequences, from one
+    layer's cache and the blocks they use (KVCache.used)."""
     two, H, _, bs, hd = kv.shape
-    blocks = blocks[:, :-(-L // bs)]  # only the blocks that hold positions 0..L-1
-    N, width = blocks.shape
-    g = kv.index_select(2, blocks.flatten()).view(two, H, N, width * bs, hd)
-    k, v = g[..., :L, :].transpose(1, 2).unbind(0)
-    return k, v
+    g = kv.index_select(2, used).view(two, H, N, -1, hd)
+    return g[0, :, :, :L].transpose(0, 1), g[1, :, :, :L].transpose(0, 1)
 
 
 class Conv1D(nn.Module):
@@ -159,30 +159,30 @@ class Block(nn.Module):
         self.scale = scale
 
     def prefill(self, x: Tensor, kv: Tensor, rows: Tensor, valid: Tensor | None,
-                blocks: Tensor, L: int, mask: Tensor, N: int, T: int) -> Tensor:
+                used: Tensor, L: int, mask: Tensor, N: int, T: int) -> Tensor:
         """x: [N * T, D], chunks of N prompts (right-padded to T tokens). The keys and values
         of the tokens that are not padding (`valid`, all when None) are stored at `rows`;
-        each chunk then attends to its sequence's first L positions through `blocks`
-        [N, width] where mask [N, 1, T, L] allows."""
+        each chunk then attends to its sequence's first L positions, in the blocks `used`
+        (KVCache.used), where mask [N, 1, T, L] allows."""
         D, H, hd = x.shape[1], self.n_head, self.head_dim
         qkv = self.attn.c_attn(self.ln_1(x)).view(N * T, 3, H, hd)
         new_kv = qkv[:, 1:] if valid is None else qkv[valid, 1:]
         _store(kv, rows, new_kv)
-        k, v = _gather(kv, blocks, L)
+        k, v = _gather(kv, used, N, L)
         q = qkv[:, 0].view(N, T, H, hd).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self._rest(x, y.transpose(1, 2).reshape(N * T, D))
 
-    def decode(self, x: Tensor, kv: Tensor, rows: Tensor, blocks: Tensor, L: int,
+    def decode(self, x: Tensor, kv: Tensor, rows: Tensor, used: Tensor, L: int,
                mask: Tensor | None) -> Tensor:
         """x: [B, D], one token of each of B sequences, stored at `rows` (KVCache.rows); each
-        attends to its first L positions through `blocks` [B, width] where mask [B, 1, 1, L]
-        allows (all of them without a mask)."""
+        attends to its first L positions, in the blocks `used` (KVCache.used), where mask
+        [B, 1, 1, L] allows (all of them without a mask)."""
         B, D = x.shape
         H, hd = self.n_head, self.head_dim
         qkv = self.attn.c_attn(self.ln_1(x))
-        _store(kv, rows, qkv[:, D:].view(B, 2, H, hd))
-        k, v = _gather(kv, blocks, L)
+        _store(kv, rows, qkv[:, D:])
+        k, v = _gather(kv, used, B, L)
         y = F.scaled_dot_product_attention(qkv[:, :D].view(B, H, 1, hd), k, v,
                                            attn_mask=mask, scale=self.scale)
         return self._rest(x, y.reshape(B, D))
@@ -252,8 +252,9 @@ class GPT(nn.Module):
         mask = (torch.arange(L, device=dev) <= pos[:, :, None])[:, None]  # causal [N, 1, T, L]
         x = (self.head.embed(tokens.flatten())
              + self.wpe(pos.clamp(max=self.config.n_positions - 1).flatten()))
+        used = cache.used(blocks, L)
         for block, kv in zip(self.h, cache.kv):
-            x = block.prefill(x, kv, rows, valid, blocks, L, mask, N, T)
+            x = block.prefill(x, kv, rows, valid, used, L, mask, N, T)
         hidden = self.ln_f(x).view(N, T, -1)
         if all_logits:
             logits = self.logits(hidden.view(N * T, -1)).view(N, T, -1)
@@ -275,9 +276,10 @@ class GPT(nn.Module):
         mask = None  # a lone sequence attends to all L positions
         if tokens.shape[0] > 1:
             mask = (torch.arange(L, device=pos.device) <= pos[:, None])[:, None, None, :]
+        used = cache.used(blocks, L)
         x = self.head.embed(tokens) + self.wpe(pos)
         for block, kv in zip(self.h, cache.kv):
-            x = block.decode(x, kv, rows, blocks, L, mask)
+            x = block.decode(x, kv, rows, used, L, mask)
             if between_layers is not None:
                 between_layers()
         return self.logits(self.ln_f(x))
