@@ -259,9 +259,8 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.dev
 
 def resolve_threads(threads: int | None) -> int:
     """Intra-op threads for the engine: as asked, else every core the container's CPU limit
-    allows (a pod sees all of the node's cores in os.cpu_count()). fbgemm's int8 matmuls split
-    well too: GPT-2 124M's 49 of them took 3.4 ms on 2 threads against 4.3 ms on one at
-    batch 1, and 6.2 against 11.1 ms at batch 16."""
+    allows (a pod sees all of the node's cores in os.cpu_count()). fbgemm's int8 matmuls
+    split well across them too (docs/benchmarks.md, "Design measurements")."""
     return threads or hardware.default_threads()
 
 
