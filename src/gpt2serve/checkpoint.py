@@ -231,15 +231,14 @@ def _return_freed_memory() -> None:
     """Give the memory of the tensors just dropped back to the OS. glibc keeps freed chunks in
     its heap for reuse, and tensors of a dozen sizes read and converted in turn left the heap
     fragmented: a GPT-2 shape held 1.4x its weights after loading until trimmed."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim  # glibc only
-except (OSError, AttributeError):
-    _LIBC = None
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _MALLOC_TRIM = None
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

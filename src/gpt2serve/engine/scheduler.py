@@ -190,8 +190,8 @@ class Scheduler:
     def drop_prefilling(self, request: Request) -> None:
         """A request leaves before its sequences start: its blocks and promise go back."""
         self.prefilling.remove(request)
-        prompt_blocks, growth = self.blocks.need(len(request.prompt_ids), request.max_new,
-                                                 request.params.n)
+        _, growth = self.blocks.need(len(request.prompt_ids), request.max_new,
+                                     request.params.n)
         self.blocks.release(request.blocks, growth)
 
     def retire(self) -> None:
