@@ -216,10 +216,8 @@ class Sampler:
         if not asked:
             return [Sampled(t) for t in tokens.tolist()]
         index = torch.tensor(asked, device=raw.device)
-        logp = raw[index].log_softmax(-1)
-        chosen = logp.gather(1, tokens[index, None])
         k = max(rows[i].params.logprobs for i in asked)
-        top_v, top_i = logp.topk(k) if k else (logp[:, :0], logp[:, :0].long())
+        chosen, top_v, top_i = _logprobs(raw[index], tokens[index], k)
         # float64 holds every token id exactly
         packed = torch.cat([tokens.double(), chosen.double().flatten(),
                             top_v.double().flatten(), top_i.double().flatten()]).tolist()
@@ -237,11 +235,19 @@ def prompt_logprobs(logits: Tensor, next_ids: list[int], k: int
                     ) -> list[tuple[float, list[tuple[int, float]]]]:
     """The model's log-probability of each next prompt token from the logits [T, V] before
     it, with the k likeliest tokens there; one host transfer."""
-    logp = logits[:len(next_ids)].float().log_softmax(-1)
-    chosen = logp.gather(1, torch.tensor(next_ids, device=logp.device)[:, None])[:, 0]
-    top_v, top_i = logp.topk(k) if k else (logp[:, :0], logp[:, :0].long())
+    chosen, top_v, top_i = _logprobs(logits[:len(next_ids)],
+                                     torch.tensor(next_ids, device=logits.device), k)
     chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
     return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_i, top_v)]
+
+
+def _logprobs(logits: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of logits [N, V]: the log-probability of ids [N], and the k likeliest tokens'
+    log-probabilities and ids [N, k]."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, ids[:, None])[:, 0]
+    top_v, top_i = logp.topk(k) if k else (logp[:, :0], logp[:, :0].long())
+    return chosen, top_v, top_i
 
 
 def draw(ids: Tensor, probs: Tensor, u: Tensor) -> Tensor:

@@ -98,8 +98,8 @@ class Scheduler:
     def next_chunks(self, budget: int) -> tuple[list[Chunk], list[Request]]:
         """Prompt chunks for one prefill pass of at most `budget` tokens, counting the padding
         to the pass's widest chunk; and the requests that waited past the timeout."""
+        expired = self._expire()  # before admission: a request past its timeout gets a 503
         self._admit()
-        expired = self._expire()
         chunks: list[Chunk] = []
         width = 0
         for request in self.prefilling:

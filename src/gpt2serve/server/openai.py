@@ -214,9 +214,8 @@ class CompletionCall:
         """The prompt's tokens and their logprobs; the first token has none (nothing came
         before it), as in OpenAI's legacy completions."""
         scored = self.requests[p].prompt_logprobs
-        out = self._logprobs(self.prompts[p], [None] + [lp for lp, _ in scored],
-                             [None] + [top for _, top in scored], 0)
-        return out
+        return self._logprobs(self.prompts[p], [None] + [lp for lp, _ in scored],
+                              [None] + [top for _, top in scored], 0)
 
     def _prompt_text(self, p: int) -> str:
         return self.engine.tokenizer.decode(self.prompts[p])
