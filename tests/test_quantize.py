@@ -1,11 +1,15 @@
 """int8 quality gate, teacher-forced over a fixed text (issue: top-1 agreement on the trained
 demo model, relative logit error on a random-weight model whose logits are nearly flat)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from conftest import make_hf_model
-from gpt2serve import checkpoint
+from gpt2serve import checkpoint, hardware
 from gpt2serve.model import KVCache
 
 # Romeo and Juliet, Act II Scene II (public domain).
@@ -78,3 +82,63 @@ def test_int8_memory_and_refusals(tiny_model):
     assert int8.weight_bytes() < 0.4 * fp32.weight_bytes()
     with pytest.raises(checkpoint.CheckpointError, match="int8 runs on CPU with float32"):
         checkpoint.load(tiny_model, dtype=torch.bfloat16, quantize="int8")
+
+
+VNNI_HOST = {"avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+
+
+@pytest.mark.parametrize("flags, env, levels", [
+    (VNNI_HOST, {}, 127),
+    (VNNI_HOST, {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}, 63),
+    (VNNI_HOST, {"FBGEMM_ENABLE_INSTRUCTIONS": "avx512"}, 63),      # AVX-512 without VNNI
+    (VNNI_HOST, {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX512_E1"}, 127),
+    (VNNI_HOST, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, 127),               # does not reach fbgemm
+    ({"avx2", "avx_vnni"}, {}, 63),                                  # no fbgemm AVX-VNNI kernel
+    ({"avx2"}, {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX512_E1"}, 63),     # can't force up
+    (set(), {}, 63),
+])
+def test_int8_weight_range_follows_the_kernel_that_will_run(flags, env, levels):
+    assert hardware.int8_weight_levels(flags, env) == levels
+
+
+def _python(code: str, env: dict) -> str:
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_int8_under_an_avx2_cap_uses_7_bit_weights_and_passes_the_quality_gates():
+    """What `bench/offline.py --isa avx2` runs: every library capped at AVX2 in a fresh
+    process (the caps are read once, at start). On a VNNI host the kernel loses VNNI there."""
+    cap = hardware.AVX2_CAP_ENV
+    assert _python("from gpt2serve import quantize; print(quantize.WEIGHT_LEVELS)", cap) == "63"
+    gates = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "demo_models_choices or relative_logit_error"],
+        env={**os.environ, **cap}, capture_output=True, text=True)
+    assert gates.returncode == 0, gates.stdout[-3000:]
+    assert "2 passed" in gates.stdout
+
+
+SATURATION_CHECK = """
+import warnings, torch
+warnings.simplefilter("ignore")
+K, N, level = 256, 64, {level}
+q = torch.quantize_per_channel(torch.ones(N, K), torch.full((N,), 1 / level, dtype=torch.double),
+                               torch.zeros(N, dtype=torch.long), 0, torch.qint8)
+x = torch.ones(1, K)  # every activation quantizes to 255
+x[0, 0] = 0
+y = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(q, None), False)
+print(((y - x.sum()).abs().max() / x.sum()).item())
+"""
+
+
+@pytest.mark.skipif(hardware.fbgemm_isa() != "avx512_vnni", reason="needs a VNNI host")
+def test_the_fbgemm_cap_reaches_the_kernel():
+    """FBGEMM_ENABLE_INSTRUCTIONS=AVX2 really takes VNNI away (8-bit weights saturate) and
+    7-bit weights stay exact there; ONEDNN_MAX_CPU_ISA alone leaves VNNI on."""
+    error = lambda level, env: float(_python(SATURATION_CHECK.format(level=level), env))
+    assert error(127, {}) < 1e-5
+    assert error(127, {"ONEDNN_MAX_CPU_ISA": "AVX2"}) < 1e-5
+    assert error(127, {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}) > 0.1
+    assert error(63, {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}) < 1e-5

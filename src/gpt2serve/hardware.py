@@ -116,3 +116,80 @@ def check_cuda_device(device) -> None:
                           torch.cuda.get_device_name(device))
     if hint:
         log.error(hint)
+
+
+# --- The CPU's vector ISA, as each kernel library will use it ------------------------------
+# Kernel libraries dispatch on CPUID at run time, and each has its own cap. An AVX2 cap for all
+# of them (what `bench/offline.py --isa avx2` sets), checked on an AVX-512 + VNNI host:
+AVX2_CAP_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",          # torch's own vectorized kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",           # oneDNN: torch's and OpenVINO's copies
+    "OV_CPU_MAX_ISA": "AVX2",               # OpenVINO's own CPU kernels (with the one above)
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",   # fbgemm: our int8 matmuls
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",      # MKL sgemm (no effect seen on an AMD host)
+    "CT2_FORCE_CPU_ISA": "AVX2",            # CTranslate2
+}
+
+# fbgemm's FBGEMM_ENABLE_INSTRUCTIONS values, and which of them each detected ISA allows
+# (fbgemm src/Utils.cc, fbgemmInstructionSet: a forced ISA the CPU lacks is ignored).
+_FBGEMM_FORCED = {"AVX2": "avx2", "AVX512": "avx512", "AVX512_E1": "avx512_vnni",
+                  "AVX512_256": "avx512_ymm", "AVX512_E1_256": "avx512_vnni_ymm"}
+_FBGEMM_ALLOWED = {
+    "avx2": {"avx2"},
+    "avx512": {"avx512", "avx512_ymm", "avx2"},
+    "avx512_vnni": {"avx512_vnni", "avx512_vnni_ymm", "avx512", "avx512_ymm", "avx2"},
+}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as the kernel reports them (empty where there is no cpuinfo)."""
+    for line in (_read(cpuinfo) or "").splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def fbgemm_isa(flags: set[str] | None = None, env=None) -> str | None:
+    """The ISA fbgemm's int8 GEMMs will run with: what it detects (AVX-512 VNNI, AVX-512, AVX2;
+    AVX-VNNI without AVX-512 counts as plain AVX2, fbgemm has no kernel for it), lowered by
+    FBGEMM_ENABLE_INSTRUCTIONS. None where fbgemm has no x86 kernel at all. ONEDNN_MAX_CPU_ISA
+    does not reach fbgemm (measured: VNNI stays on under it). `quantized::linear_dynamic` runs
+    fbgemm under torch's default quantized engine on x86 ("x86"), which quantize.py keeps."""
+    flags = cpu_flags() if flags is None else flags
+    env = os.environ if env is None else env
+    if "avx512_vnni" in flags:
+        detected = "avx512_vnni"
+    elif {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        detected = "avx512"
+    elif "avx2" in flags:
+        detected = "avx2"
+    else:
+        return None
+    forced = _FBGEMM_FORCED.get(env.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper())
+    return forced if forced in _FBGEMM_ALLOWED[detected] else detected
+
+
+def int8_weight_levels(flags: set[str] | None = None, env=None) -> int:
+    """Largest |w| of our int8 weights. Without VNNI, fbgemm multiplies u8 activations by s8
+    weights in pairs summed into int16 (vpmaddubsw), which saturates once 2 * 255 * |w| >
+    32767: 7-bit weights (63) avoid that. With VNNI (vpdpbusd sums into int32) all 8 bits
+    (127) are exact. Decided by the kernel that will run, so a capped fbgemm gets 63."""
+    isa = fbgemm_isa(flags, env)
+    return 127 if isa is not None and "vnni" in isa else 63
+
+
+def isa_caps(env=None) -> dict[str, str]:
+    """The ISA cap variables set in this environment (those of AVX2_CAP_ENV)."""
+    env = os.environ if env is None else env
+    return {k: env[k] for k in AVX2_CAP_ENV if k in env}
+
+
+def host_isa(flags: set[str] | None = None) -> str:
+    """One line: the CPU's widest vector ISA and VNNI, before any cap."""
+    flags = cpu_flags() if flags is None else flags
+    isa = ("AVX512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+           else "AVX2" if "avx2" in flags else "no AVX2")
+    vnni = (" +VNNI" if "avx512_vnni" in flags and isa == "AVX512"
+            else " +AVX-VNNI" if "avx_vnni" in flags else "")
+    bf16 = " +BF16" if "avx512_bf16" in flags else ""
+    return f"{isa}{vnni}{bf16}"

@@ -10,27 +10,21 @@ the weights are held once, in a quarter of the fp32 bytes.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from . import hardware
 from .model import Conv1D, TiedHead
-
-
-def _has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 # Without VNNI, fbgemm multiplies u8 activations by s8 weights in pairs summed into int16
 # (vpmaddubsw), which saturates when 2 * 255 * |w| > 32767. torch.ao avoids that by giving
 # activations 7 bits (`reduce_range`); weights of 7 bits (|w| <= 63) avoid it too and keep
-# more accuracy (top-1 agreement with fp32 in docs/benchmarks.md, "int8 quality").
-WEIGHT_LEVELS = 127 if _has_vnni() else 63
+# more accuracy (top-1 agreement with fp32 in docs/benchmarks.md, "int8 quality"). VNNI is
+# what fbgemm will use, not what the CPU has: FBGEMM_ENABLE_INSTRUCTIONS=AVX2 takes it away on
+# a VNNI host, and AVX-VNNI without AVX-512 has no fbgemm kernel (hardware.int8_weight_levels).
+WEIGHT_LEVELS = hardware.int8_weight_levels()
 REDUCE_RANGE = False
 
 
