@@ -8,6 +8,7 @@ Prompts: 16-token windows of tiny Shakespeare. Generation: fixed length, end-of-
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import time
@@ -57,15 +58,25 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def host_isa() -> str:
-    """The CPU's vector ISA as the kernels see it: torch's dispatch level, and VNNI."""
+def host_isa(engine_env: dict | None = None) -> str:
+    """The CPU's vector ISA (hardware.host_isa: CPUID flags, before any cap), torch's dispatch
+    level in this process, and the ISA caps the engines run under: those of `engine_env` (the
+    environment given to engine processes) or else of this process."""
     import torch
 
-    flags = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    vnni = "avx512_vnni" in flags or "avx_vnni" in flags
-    return f"ISA {torch.backends.cpu.get_cpu_capability()}{' +VNNI' if vnni else ''}"
+    from gpt2serve import hardware
+
+    line = f"ISA {hardware.host_isa()} (torch kernels {torch.backends.cpu.get_cpu_capability()})"
+    caps = hardware.isa_caps(os.environ if engine_env is None else engine_env)
+    if caps:
+        line += "; engines capped: " + " ".join(f"{k}={v}" for k, v in caps.items())
+    return line
+
+
+def read_bandwidth() -> float:
+    """Bytes/s this machine reads from memory: a sum over a buffer far larger than caches."""
+    import torch
+
+    buf = torch.ones(256 * 2**20 // 4)
+    t = median_time(lambda: buf.sum(), 5)
+    return buf.nbytes / t

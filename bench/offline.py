@@ -1,7 +1,14 @@
-"""Offline generation speed: our engine vs transformers `generate` vs CTranslate2, same model,
-same prompts, same run. Prints median tokens/s at batch 1 and 8 and the ratios to ours.
+"""Offline generation speed: our engine vs transformers `generate`, CTranslate2, llama.cpp and
+OpenVINO GenAI, same model, same prompts, same run. Prints median tokens/s at batch 1 and 8 and
+the ratios to ours.
 
-    python bench/offline.py [--repeats 3] [--batches 1 8]
+    python bench/offline.py [--repeats 3] [--batches 1 8] [--isa avx2]
+                            [--openvino-python bench/results/openvino-venv/bin/python]
+
+`--isa avx2` caps every engine at AVX2 (hardware.AVX2_CAP_ENV, each engine a fresh process
+started with the caps) to stand in for an AVX2-only server on an AVX-512 one; llama.cpp has no
+run-time cap and is skipped there unless its build has no AVX-512. OpenVINO runs in its own
+venv (docs/openvino-and-isa.md) through bench/openvino_runner.py.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from common import NEW_TOKENS, ROOT, gpt2_124m, host_isa, median_time, prompts
+from common import (NEW_TOKENS, ROOT, gpt2_124m, host_isa, median_time, prompts,
+                    read_bandwidth)
 
 
 WEIGHT_BYTES: dict[str, int] = {}
+ISA_NOTE: dict[str, str] = {}  # what an in-process engine says about the ISA it runs with
 
 
 def ours(folder: Path, mode: dict, quantize: str | None = None):
@@ -31,6 +40,7 @@ def ours(folder: Path, mode: dict, quantize: str | None = None):
     # Set up as `gpt2serve serve` does.
     model, tokenizer, threads = checkpoint.load_for_engine(folder, "cpu", "float32", quantize)
     WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes()
+    ISA_NOTE["gpt2serve"] = torch_isa()
     engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX, threads=threads)
     params = SamplingParams.from_dict({**mode, "max_new_tokens": NEW_TOKENS,
                                        "ignore_eos": True, "seed": 0})
@@ -45,6 +55,7 @@ def hf_generate(folder: Path, mode: dict):
     from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    ISA_NOTE["transformers"] = torch_isa()
 
     def run(batch):
         with torch.inference_mode():
@@ -92,6 +103,13 @@ def llama_cpp_runner(folder: Path, mode: dict, ftype: str):
         env = {**os.environ, "PYTHONPATH": f"{here / 'gguf-py'}{os.pathsep}{here}"}
         subprocess.run([sys.executable, script, str(folder), "--outfile", str(gguf),
                         "--outtype", ftype], check=True, capture_output=True, env=env)
+    from gpt2serve import hardware
+
+    info = llama_cpp.llama_print_system_info().decode()
+    ISA_NOTE["llama.cpp"] = " ".join(f for f in info.split(" | ") if f.endswith("= 1"))
+    if hardware.isa_caps() and "AVX512 = 1" in info:
+        raise ImportError("llama.cpp has no run-time ISA cap and this build uses AVX-512: "
+                          "build it with GGML_NATIVE=OFF GGML_AVX2=ON GGML_AVX512=OFF")
     llm = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=torch.get_num_threads(),
                           n_batch=64, verbose=False)
 
@@ -122,14 +140,38 @@ def measure(make, args) -> dict:
         except NotImplementedError:
             continue
         tok_s[b] = b * NEW_TOKENS / t
-    return {"tok_s": tok_s, "weight_bytes": next(iter(WEIGHT_BYTES.values()), None)}
+    return {"tok_s": tok_s, "weight_bytes": next(iter(WEIGHT_BYTES.values()), None),
+            "isa": next(iter(ISA_NOTE.values()), None)}
 
 
-def read_bandwidth() -> float:
-    """Bytes/s this machine reads from memory: a sum over a buffer far larger than caches."""
-    buf = torch.ones(256 * 2**20 // 4)
-    t = median_time(lambda: buf.sum(), 5)
-    return buf.nbytes / t
+def torch_isa() -> str:
+    from gpt2serve import hardware
+
+    return (f"torch kernels {torch.backends.cpu.get_cpu_capability()}, fbgemm int8 "
+            f"{hardware.fbgemm_isa()} (weights |w| <= {hardware.int8_weight_levels()})")
+
+
+# OpenVINO settings, each run by bench/openvino_runner.py in --openvino-python: (exported
+# weights, CPU plugin properties). "fp32" and "int8 w-only" are set as we run (f32 arithmetic
+# and KV cache, weights-only int8); "fp32 default" and "int8" as OpenVINO defaults on this
+# host (bf16 arithmetic where the CPU has AVX512_BF16; u8 KV cache; int8 also quantizes
+# activations dynamically in groups of 32).
+F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+OPENVINO = {
+    "openvino fp32": ("fp32", F32),
+    "openvino fp32 default": ("fp32", {}),
+    "openvino int8": ("int8", {}),
+    "openvino int8 w-only": ("int8", {**F32, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}),
+}
+
+
+def openvino_command(name: str, folder: Path, mode: dict, args) -> list[str]:
+    weights, properties = OPENVINO[name]
+    cmd = [args.openvino_python, str(Path(__file__).with_name("openvino_runner.py")),
+           "--hf-folder", str(folder), "--weights", weights,
+           "--properties", json.dumps(properties), "--mode", json.dumps(mode),
+           "--threads", str(torch.get_num_threads()), "--repeats", str(args.repeats)]
+    return cmd + (["--check-greedy"] if not mode.get("do_sample", True) else [])
 
 
 PROMPT_MAX = 16 + NEW_TOKENS
@@ -146,6 +188,12 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--only", nargs="*", default=None, help="subset of runner names")
     p.add_argument("--sampling", choices=list(MODES), default="greedy")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: cap every engine at AVX2 (hardware.AVX2_CAP_ENV)")
+    p.add_argument("--openvino-python", default=os.environ.get("OPENVINO_PYTHON"),
+                   help="python of a venv with openvino-genai and optimum-intel "
+                        "(docs/openvino-and-isa.md); OpenVINO is skipped without it")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "offline.json")
     p.add_argument("--runner", help=argparse.SUPPRESS)  # internal: measure one, print JSON
     args = p.parse_args()
     mode = MODES[args.sampling]
@@ -162,20 +210,36 @@ def main() -> None:
     if args.runner:
         print("RESULT " + json.dumps(measure(runners[args.runner], args)))
         return
+    from gpt2serve import hardware
+
+    # The caps reach each engine through the environment of its fresh process: oneDNN, fbgemm,
+    # MKL and torch read theirs once, at start.
+    env = {**os.environ, **(hardware.AVX2_CAP_ENV if args.isa == "avx2" else {})}
+    bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cpus, {host_isa()}; GPT-2 124M fp32 random weights, 16-token "
+          f"{os.cpu_count()} cpus, {host_isa(env)}; measured read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s; GPT-2 124M fp32 random weights, 16-token "
           f"prompts, {NEW_TOKENS} new tokens, {args.sampling} ({mode}), median of "
-          f"{args.repeats}, each engine in a fresh process")
+          f"{args.repeats}, each engine in a fresh process", flush=True)
     results: dict[str, dict[int, float]] = {}
-    for name in runners:
+    effective: dict[str, str] = {}
+    for name in [*runners, *OPENVINO]:
         if args.only and name not in args.only:
             continue
+        if name in OPENVINO:
+            if not args.openvino_python:
+                print(f"{name}: skipped (no --openvino-python: a venv with openvino-genai and "
+                      f"optimum-intel, docs/openvino-and-isa.md)")
+                continue
+            cmd = openvino_command(name, folder, mode, args)
+            stdin = json.dumps({b: prompts(b) for b in args.batches})
+        else:
+            cmd = [sys.executable, __file__, "--runner", name, "--repeats", str(args.repeats),
+                   "--sampling", args.sampling, "--batches", *map(str, args.batches)]
+            stdin = None
         # A fresh process per engine: threads one runtime leaves spinning slowed the next one
         # (llama.cpp measured 123-140 tok/s after the others in one process, 207-216 alone).
-        child = subprocess.run(
-            [sys.executable, __file__, "--runner", name, "--repeats", str(args.repeats),
-             "--sampling", args.sampling, "--batches", *map(str, args.batches)],
-            capture_output=True, text=True)
+        child = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
             print(f"{name}: failed\n{child.stderr[-2000:]}")
@@ -187,8 +251,13 @@ def main() -> None:
         results[name] = {int(b): v for b, v in outcome["tok_s"].items()}
         if outcome.get("weight_bytes"):
             WEIGHT_BYTES[name] = outcome["weight_bytes"]
+        if outcome.get("isa"):
+            effective[name] = outcome["isa"]
         for b, v in results[name].items():
             print(f"{name:24s} batch {b}: {v:7.1f} tok/s", flush=True)
+        if "greedy_vs_transformers" in outcome:
+            print(f"{name:24s} greedy tokens equal to transformers': "
+                  f"{outcome['greedy_vs_transformers']}", flush=True)
     for ours_name in ("gpt2serve fp32", "gpt2serve int8"):
         base = results.get(ours_name, {})
         if not base:
@@ -197,15 +266,17 @@ def main() -> None:
         for name, by_batch in results.items():
             cells = [f"batch {b}: {base[b] / v:.2f}x" for b, v in by_batch.items() if b in base]
             print(f"  vs {name:22s} " + "  ".join(cells))
-    bandwidth = read_bandwidth()
+    if effective:
+        print("\nISA in the engine processes:")
+        for name, isa in effective.items():
+            print(f"  {name:22s} {isa}")
     print(f"\nmemory read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum over 256 MiB)")
     for name, nbytes in WEIGHT_BYTES.items():
         if 1 in results.get(name, {}):
             implied = nbytes * results[name][1]  # every weight once per token at batch 1
             print(f"  {name}: {nbytes / 1e6:.0f} MB of weights per token, batch 1 streams "
                   f"{implied / 1e9:.1f} GB/s = {implied / bandwidth:.0%} of measured bandwidth")
-    out = ROOT / "bench" / "results" / "offline.json"
-    out.write_text(json.dumps(results, indent=2))
+    args.out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
