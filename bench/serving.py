@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from common import ROOT, gpt2_124m, host_isa, prompts
+from common import ROOT, gpt2_124m, host_isa, prompts, read_bandwidth
 
 MODEL = "aitextgen"
 
@@ -107,7 +107,7 @@ def sampling_modes(args) -> None:
     texts = [tok.decode(p) for p in prompts(64)]
     url = "http://127.0.0.1:8401/v1/models/aitextgen:predict"
     for name, cmd, ready, *_ in servers(folder, args.server_args, args.int8, None, peers=False):
-        proc = start(cmd, ready)
+        proc = start(cmd, ready, caps(args))
         try:
             asyncio.run(v1_sampling({})(httpx.AsyncClient(timeout=600), url, texts[0], 4, MODEL))
             for c in args.levels:
@@ -169,6 +169,13 @@ async def ttft_under_load(call, url, model, prompt_list, background: int = 15,
     return statistics.median(alone), statistics.median(busy)
 
 
+def caps(args) -> dict[str, str]:
+    """The ISA caps every server process starts with (`--isa avx2`: hardware.AVX2_CAP_ENV)."""
+    from gpt2serve import hardware
+
+    return hardware.AVX2_CAP_ENV if args.isa == "avx2" else {}
+
+
 def start(cmd, url_ready, env=None) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **(env or {})})
@@ -227,8 +234,11 @@ def main() -> None:
     p.add_argument("--sampling", action="store_true",
                    help="our server only, greedy vs the V1 sampling defaults vs top_p 0.9")
     p.add_argument("--rounds", type=int, default=3, help="with --sampling: rounds of the modes")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: start every server capped at AVX2 (hardware.AVX2_CAP_ENV)")
     args = p.parse_args()
-    print(host_isa())
+    print(f"{host_isa({**os.environ, **caps(args)})}; measured read bandwidth "
+          f"{read_bandwidth() / 1e9:.1f} GB/s")
     if args.sampling:
         sampling_modes(args)
         return
@@ -241,7 +251,7 @@ def main() -> None:
     ttft: dict[str, dict] = {}
     for name, cmd, ready, call, url, model in servers(folder, args.server_args, args.int8,
                                                       args.vllm_python):
-        proc = start(cmd, ready)
+        proc = start(cmd, ready, caps(args))
         try:
             asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))
             rows = []
