@@ -3,6 +3,7 @@ too small fails at start-up, capacity is counted in tokens rather than full-cont
 n > 1 siblings share their prompt, and a long prompt does not stall running streams."""
 
 import asyncio
+import gc
 import json
 import statistics
 import subprocess
@@ -13,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from conftest import post, running_server
+from conftest import make_hf_model, post, running_server
 from test_batching import metric
 
 MODEL = "aitextgen"
@@ -80,9 +81,21 @@ def test_siblings_share_their_prompt_and_each_matches_a_lone_sequence(budget_ser
     assert metric(budget_server, "gpt2serve_kv_cache_usage_ratio") == 0
 
 
-async def _stream_gaps(client, url, started) -> list[float]:
-    """Seconds between the tokens of one OpenAI stream (logprobs make every token a chunk)."""
-    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 400, "ignore_eos": True,
+@pytest.fixture(scope="module")
+def wide_server(tmp_path_factory):
+    """A model wide enough that a decode step of 8 streams is mostly matmuls (about 10 ms
+    here), as GPT-2's is: on the 4-layer test model a step is a few ms of op overhead, and
+    a millisecond-scale hiccup of the machine looks like a stall."""
+    model = make_hf_model(tmp_path_factory.mktemp("wide") / "m", n_positions=1024, n_embd=512,
+                          n_layer=8, n_head=8)
+    with running_server("--model_dir", str(model), "--enable_grpc", "false",
+                        "--kv_cache_memory", "256MiB") as srv:
+        yield srv
+
+
+async def _stream_times(client, url, started) -> list[float]:
+    """When each token of one OpenAI stream arrived (logprobs make every token a chunk)."""
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 250, "ignore_eos": True,
             "logprobs": 0, "stream": True}
     times = []
     async with client.stream("POST", url, json=body) as r:
@@ -91,32 +104,43 @@ async def _stream_gaps(client, url, started) -> list[float]:
                 times.append(time.perf_counter())
                 if len(times) == 20:
                     started.set()
-    return [b - a for a, b in zip(times, times[1:])]
+    return times
 
 
-def test_a_long_prompt_does_not_stall_running_streams(budget_server):
+def test_a_long_prompt_does_not_stall_running_streams(wide_server):
     """8 streams decode; a 900-token prompt arrives. Read in chunks beside the decode steps,
-    it leaves every stream's longest gap within 4x its median gap (one pass took 23x)."""
-    url = f"{budget_server.url}/openai/v1/completions"
+    it leaves every stream's longest gap while it is read within 4x the stream's median gap
+    (one pass took 23x). Gaps away from the prompt are the machine's, not the scheduler's."""
+    url = f"{wide_server.url}/openai/v1/completions"
     long_prompt = [3 + i % 300 for i in range(900)]
 
     async def scenario():
         async with httpx.AsyncClient(timeout=300) as client:
             started = [asyncio.Event() for _ in range(8)]
-            streams = [asyncio.create_task(_stream_gaps(client, url, s)) for s in started]
+            streams = [asyncio.create_task(_stream_times(client, url, s)) for s in started]
             for s in started:
                 await s.wait()
             t0 = time.perf_counter()
             r = await client.post(url, json={"model": MODEL, "prompt": long_prompt,
                                              "max_tokens": 1})
-            long_took = time.perf_counter() - t0
+            t1 = time.perf_counter()
             assert r.status_code == 200, r.text
-            return await asyncio.gather(*streams), long_took
+            return await asyncio.gather(*streams), t0, t1
 
-    gaps, long_took = asyncio.run(scenario())
-    ratios = [max(g) / statistics.median(g) for g in gaps]
-    print(json.dumps({"long_prompt_s": round(long_took, 3),
-                      "median_gap_ms": [round(statistics.median(g) * 1e3, 2) for g in gaps],
+    gc.disable()  # the gaps are the server's: a collection in this process would add its own
+    try:
+        streams, t0, t1 = asyncio.run(scenario())
+    finally:
+        gc.enable()
+    medians, worst = [], []
+    for times in streams:
+        assert times[-1] > t1  # the stream ran all the while the prompt was read
+        gaps = [(a, b - a) for a, b in zip(times, times[1:])]
+        medians.append(statistics.median(g for _, g in gaps))
+        worst.append(max(g for a, g in gaps if a < t1 and a + g > t0))  # overlapping the read
+    ratios = [w / m for w, m in zip(worst, medians)]
+    print(json.dumps({"long_prompt_s": round(t1 - t0, 3),
+                      "median_gap_ms": [round(m * 1e3, 2) for m in medians],
                       "max_over_median": [round(r, 2) for r in ratios]}))
-    assert long_took > 10 * max(statistics.median(g) for g in gaps)  # it did overlap them
+    assert t1 - t0 > 10 * max(medians)  # it took many steps: the streams did run beside it
     assert max(ratios) <= 4

@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "full-context sequences, capped at 60%% of the memory left after "
                         "the weights on CPU, 90%% of free GPU memory on CUDA)")
     s.add_argument("--max_prefill_tokens", type=int, default=512,
-                   help="prompt tokens read per prefill pass at most; beside running streams "
-                        "the engine reads fewer, as many as cost about one decode step")
+                   help="prompt tokens read per step at most; beside running streams the "
+                        "engine reads fewer, as many as keep a step within about 1.5 "
+                        "decode steps' time")
     s.add_argument("--max_queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 503")
     s.add_argument("--request_timeout", type=float, default=600.0,

@@ -9,8 +9,9 @@ quantize.py hold drop-ins for `Conv1D` and `TiedHead` with faster kernels for th
 products, which checkpoint.py puts in place as it loads.
 
 The KV cache is a pool of fixed-size blocks; each sequence reads and writes it through its
-block table (a row of block ids), which the engine keeps (engine/kv_cache.py). Prefill takes
-chunks of prompts at any offset, so a long prompt can be read a piece per step.
+block table (a row of block ids), which the engine keeps (engine/kv_cache.py). A forward pass
+reads `Group`s of rows: decode tokens, and chunks of prompts at any offset, so a long prompt
+can be read a piece per step in the same pass as the running sequences' next tokens.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class KVCache:
         shape = (config.n_layer, 2, config.n_head, num_blocks, block_size, config.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self._gathered = torch.empty(0, dtype=dtype, device=device)
 
     @classmethod
     def for_sequences(cls, config: GPTConfig, count: int, max_len: int, dtype, device,
@@ -106,6 +108,14 @@ class KVCache:
         """The block ids [N * width] that hold positions 0..L-1 of tables blocks [N, _]."""
         return blocks[:, :-(-L // self.block_size)].flatten()
 
+    def gathered(self, blocks: int) -> Tensor:
+        """Room for one layer's keys and values in `blocks` blocks, reused by every gather
+        (model._gather): a forward pass attends one group at a time."""
+        numel = self.kv[0, :, :, :blocks].numel()
+        if self._gathered.numel() < numel:
+            self._gathered = torch.empty(numel, dtype=self.kv.dtype, device=self.kv.device)
+        return self._gathered[:numel]
+
     def copy_block(self, src: int, dst: int) -> None:
         self.kv[:, :, :, dst] = self.kv[:, :, :, src]
 
@@ -115,12 +125,46 @@ def _store(kv: Tensor, rows: Tensor, new_kv: Tensor) -> None:
     kv.view(-1, kv.shape[-1]).index_copy_(0, rows, new_kv.reshape(-1, kv.shape[-1]))
 
 
-def _gather(kv: Tensor, used: Tensor, N: int, L: int) -> tuple[Tensor, Tensor]:
+def _gather(kv: Tensor, used: Tensor, N: int, L: int, out: Tensor) -> tuple[Tensor, Tensor]:
     """Keys and values [N, H, L, head_dim] at positions 0..L-1 of N sequences, from one
-    layer's cache and the blocks they use (KVCache.used)."""
+    layer's cache and the blocks they use (KVCache.used), copied into `out` (KVCache.gathered):
+    a fresh tensor each time would be a fresh mapping of tens of MB, and at a long context
+    its page faults cost more than the copy."""
     two, H, _, bs, hd = kv.shape
-    g = kv.index_select(2, used).view(two, H, N, -1, hd)
+    g = torch.index_select(kv, 2, used, out=out.view(two, H, used.shape[0], bs, hd))
+    g = g.view(two, H, N, -1, hd)
     return g[0, :, :, :L].transpose(0, 1), g[1, :, :, :L].transpose(0, 1)
+
+
+class Group:
+    """The next T tokens of each of N sequences (T = 1 when decoding; chunks of different
+    lengths are right-padded to T) as a forward pass reads them: their positions, where their
+    keys and values go in the cache, and what each attends to. A pass may carry several
+    groups (the engine's decode rows beside prompt chunks): they share every matmul, so the
+    weights are read once for all of them, and attend separately.
+
+    tokens [N, T]; start [N], each row's first position; blocks [N, width], block tables;
+    lengths [N], the real (unpadded) tokens of each row, all T when None."""
+
+    def __init__(self, cache: KVCache, tokens: Tensor, start: Tensor, blocks: Tensor,
+                 lengths: Tensor | None = None):
+        self.tokens = tokens
+        self.N, self.T = tokens.shape
+        self.size = self.N * self.T
+        dev = tokens.device
+        offsets = torch.arange(self.T, device=dev)
+        self.pos = start[:, None] + offsets  # [N, T]
+        if lengths is not None and bool((lengths == self.T).all()):
+            lengths = None
+        self.valid = None if lengths is None else (offsets < lengths[:, None]).flatten()
+        slots = cache.slots(blocks, self.pos).flatten()
+        self.rows = cache.rows(slots if self.valid is None else slots[self.valid])
+        self.L = int(self.pos.max()) + 1 if lengths is None else int((start + lengths).max())
+        self.mask = None  # a lone token attends to all L positions
+        if self.size > 1:  # causal [N, 1, T, L]; padding positions are never attended to
+            self.mask = (torch.arange(self.L, device=dev) <= self.pos[:, :, None])[:, None]
+        self.used = cache.used(blocks, self.L)
+        self.gathered = cache.gathered(self.used.shape[0])
 
 
 class Conv1D(nn.Module):
@@ -158,34 +202,26 @@ class Block(nn.Module):
             scale /= layer_idx + 1
         self.scale = scale
 
-    def prefill(self, x: Tensor, kv: Tensor, rows: Tensor, valid: Tensor | None,
-                used: Tensor, L: int, mask: Tensor, N: int, T: int) -> Tensor:
-        """x: [N * T, D], chunks of N prompts (right-padded to T tokens). The keys and values
-        of the tokens that are not padding (`valid`, all when None) are stored at `rows`;
-        each chunk then attends to its sequence's first L positions, in the blocks `used`
-        (KVCache.used), where mask [N, 1, T, L] allows."""
-        D, H, hd = x.shape[1], self.n_head, self.head_dim
-        qkv = self.attn.c_attn(self.ln_1(x)).view(N * T, 3, H, hd)
-        new_kv = qkv[:, 1:] if valid is None else qkv[valid, 1:]
-        _store(kv, rows, new_kv)
-        k, v = _gather(kv, used, N, L)
-        q = qkv[:, 0].view(N, T, H, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self._rest(x, y.transpose(1, 2).reshape(N * T, D))
-
-    def decode(self, x: Tensor, kv: Tensor, rows: Tensor, used: Tensor, L: int,
-               mask: Tensor | None) -> Tensor:
-        """x: [B, D], one token of each of B sequences, stored at `rows` (KVCache.rows); each
-        attends to its first L positions, in the blocks `used` (KVCache.used), where mask
-        [B, 1, 1, L] allows (all of them without a mask)."""
-        B, D = x.shape
-        H, hd = self.n_head, self.head_dim
+    def run(self, x: Tensor, kv: Tensor, groups: list[Group]) -> Tensor:
+        """x: [tokens, D], the rows of `groups` one after another. Every matmul takes all
+        the rows at once; each group stores its keys and values and attends on its own.
+        (Called directly rather than through nn.Module's __call__, whose hooks machinery
+        costs time per layer that a batch-1 decode step feels.)"""
         qkv = self.attn.c_attn(self.ln_1(x))
-        _store(kv, rows, qkv[:, D:])
-        k, v = _gather(kv, used, B, L)
-        y = F.scaled_dot_product_attention(qkv[:, :D].view(B, H, 1, hd), k, v,
-                                           attn_mask=mask, scale=self.scale)
-        return self._rest(x, y.reshape(B, D))
+        if len(groups) == 1:
+            return self._rest(x, self._attend(qkv, kv, groups[0]))
+        parts = qkv.split([g.size for g in groups])
+        return self._rest(x, torch.cat([self._attend(q, kv, g) for q, g in zip(parts, groups)]))
+
+    def _attend(self, qkv: Tensor, kv: Tensor, g: Group) -> Tensor:
+        """Store the group's new keys and values (not its padding), then attend: each
+        sequence to its first g.L positions, where g.mask allows."""
+        D = qkv.shape[1] // 3
+        _store(kv, g.rows, qkv[:, D:] if g.valid is None else qkv[g.valid, D:])
+        k, v = _gather(kv, g.used, g.N, g.L, g.gathered)
+        q = qkv[:, :D].view(g.N, g.T, self.n_head, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=self.scale)
+        return y.transpose(1, 2).reshape(g.size, D)
 
     def _rest(self, x: Tensor, y: Tensor) -> Tensor:
         """Attention output projection, then the MLP, each with its residual."""
@@ -218,13 +254,39 @@ class GPT(nn.Module):
         self.head = TiedHead(config.n_embd, config.vocab_size)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return self.head(hidden).float()
+        """Logits [rows, V] (fp32) at hidden states [rows, D] from `forward`."""
+        return self.head(self.ln_f(hidden)).float()
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step streams. Layers swapped in by packing.py and
         quantize.py hold theirs outside parameters and report them as `nbytes`."""
         return (sum(p.nbytes for p in self.parameters())
                 + sum(getattr(m, "nbytes", 0) for m in self.modules()))
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, groups: list[Group],
+                join: Callable[[], Group | None] | None = None) -> list[Tensor]:
+        """One pass over the rows of `groups` -> their hidden states [group.size, D] each,
+        for `logits`.
+
+        `join`, if given, is asked after each layer for a group that arrived meanwhile (the
+        engine's newly arrived prompts) until it gives one: that group runs the layers done
+        so far on its own, then joins the others for the rest, so that it waits for one
+        layer of the pass in flight rather than all of it."""
+        x = torch.cat([self._embed(g) for g in groups])
+        for i, (block, kv) in enumerate(zip(self.h, cache.kv)):
+            x = block.run(x, kv, groups)
+            late = join() if join is not None else None
+            if late is not None:
+                y = self._embed(late)
+                for caught_up, kv_done in zip(self.h[:i + 1], cache.kv[:i + 1]):
+                    y = caught_up.run(y, kv_done, [late])
+                x, groups, join = torch.cat([x, y]), [*groups, late], None
+        return list(x.split([g.size for g in groups]))
+
+    def _embed(self, g: Group) -> Tensor:
+        return (self.head.embed(g.tokens.flatten())
+                + self.wpe(g.pos.clamp(max=self.config.n_positions - 1).flatten()))
 
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, cache: KVCache, blocks: Tensor,
@@ -240,46 +302,18 @@ class GPT(nn.Module):
         single = tokens.dim() == 1
         tokens, blocks = (tokens[None], blocks[None]) if single else (tokens, blocks)
         N, T = tokens.shape
-        dev = tokens.device
-        start = torch.zeros(N, dtype=torch.long, device=dev) if start is None else start
-        lengths = torch.full((N,), T, device=dev) if lengths is None else lengths
-        offsets = torch.arange(T, device=dev)
-        pos = start[:, None] + offsets  # [N, T]
-        valid = None if bool((lengths == T).all()) else (offsets < lengths[:, None]).flatten()
-        slots = cache.slots(blocks, pos).flatten()
-        rows = cache.rows(slots if valid is None else slots[valid])
-        L = int((start + lengths).max())
-        mask = (torch.arange(L, device=dev) <= pos[:, :, None])[:, None]  # causal [N, 1, T, L]
-        x = (self.head.embed(tokens.flatten())
-             + self.wpe(pos.clamp(max=self.config.n_positions - 1).flatten()))
-        used = cache.used(blocks, L)
-        for block, kv in zip(self.h, cache.kv):
-            x = block.prefill(x, kv, rows, valid, used, L, mask, N, T)
-        hidden = self.ln_f(x).view(N, T, -1)
+        start = torch.zeros(N, dtype=torch.long, device=tokens.device) if start is None else start
+        hidden = self.forward(cache, [Group(cache, tokens, start, blocks, lengths)])[0]
         if all_logits:
-            logits = self.logits(hidden.view(N * T, -1)).view(N, T, -1)
+            logits = self.logits(hidden).view(N, T, -1)
         else:
-            logits = self.logits(hidden[torch.arange(N, device=dev), lengths - 1])
+            last = torch.full((N,), T, device=tokens.device) if lengths is None else lengths
+            logits = self.logits(hidden.view(N, T, -1)[torch.arange(N), last - 1])
         return logits[0] if single else logits
 
     @torch.inference_mode()
-    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache, blocks: Tensor,
-                    between_layers: Callable[[], None] | None = None) -> Tensor:
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache,
+                    blocks: Tensor) -> Tensor:
         """One token for each of B sequences: tokens [B] at positions pos [B], cached through
-        block tables blocks [B, width] -> logits [B, V].
-
-        `between_layers`, if given, runs after each layer: it may use the model on other
-        sequences (the engine prefills newly arrived prompts there, so that they wait for one
-        layer of the step in flight rather than all of it)."""
-        rows = cache.rows(cache.slots(blocks, pos))
-        L = int(pos.max()) + 1
-        mask = None  # a lone sequence attends to all L positions
-        if tokens.shape[0] > 1:
-            mask = (torch.arange(L, device=pos.device) <= pos[:, None])[:, None, None, :]
-        used = cache.used(blocks, L)
-        x = self.head.embed(tokens) + self.wpe(pos)
-        for block, kv in zip(self.h, cache.kv):
-            x = block.decode(x, kv, rows, used, L, mask)
-            if between_layers is not None:
-                between_layers()
-        return self.logits(self.ln_f(x))
+        block tables blocks [B, width] -> logits [B, V]."""
+        return self.logits(self.forward(cache, [Group(cache, tokens[:, None], pos, blocks)])[0])

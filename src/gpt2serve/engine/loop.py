@@ -1,10 +1,11 @@
 """The engine: the step loop on its own thread, and the asyncio API the front ends call.
 
-A step retires finished or cancelled sequences, then runs one batched decode step for every
-running sequence; between its first two layers it reads one chunk of the prompts waiting to
-be prefilled (scheduler.py), sized to cost about what a decode step does, so a newcomer waits
-for one layer rather than a step, and a long prompt does not stall the streams. With nothing
-to decode, a step is a prefill pass alone. After each forward pass the sampler picks one
+A step retires finished or cancelled sequences, then runs one forward pass over the next
+token of every running sequence and the next chunk of the prompts being read (scheduler.py),
+side by side, so the weights are read once for both. Beside a decode step a chunk is sized to
+add about what the step costs, so a long prompt does not stall the streams; prompts that
+arrive during a pass join it after the layer in flight. With nothing to decode, a pass reads
+prompts alone, up to `max_prefill_tokens`. After each forward pass the sampler picks one
 token per sequence, and each sequence turns its token into text. A step's events go back to
 the asyncio side together (`Outbox`, one `loop.call_soon_threadsafe`), so HTTP handlers never
 block; torch releases the GIL inside its kernels, so the server stays responsive meanwhile.
@@ -21,17 +22,18 @@ from typing import AsyncIterator
 import torch
 
 from .. import metrics
-from ..model import GPT
+from ..model import GPT, Group
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
 from . import kv_cache
 from .sampler import Sampler, prompt_logprobs
-from .scheduler import EngineStopped, RequestTimeout, Scheduler
+from .scheduler import Chunk, EngineStopped, RequestTimeout, Scheduler
 from .sequence import Completion, Prompt, Request, Sequence, TokenEvent
 
 log = logging.getLogger("gpt2serve.engine")
 
 MIN_CHUNK = 16  # prompt tokens read beside a decode step, at the least
+STEP_STRETCH = 1.5  # a decode step with a prompt chunk in it aims at this many steps' time
 
 
 def _average(mean: float, value: float) -> float:
@@ -94,8 +96,8 @@ class Engine:
         self._stopping = False  # abort everything and end the step loop
         self._thread: threading.Thread | None = None
         self._outbox = Outbox()  # touched by the step thread only
-        self._step_seconds = 0.0  # a decode step's time, without the prefill inside it
-        self._token_seconds = 0.0  # a prefill pass's time per (padded) token
+        self._step_seconds = 0.0  # a decode step's time, with no prompt chunk in it
+        self._chunk_tokens = MIN_CHUNK  # prompt tokens to read beside a decode step
 
     # ---- asyncio side ---------------------------------------------------------------------
 
@@ -267,10 +269,7 @@ class Engine:
             try:
                 sched.drop_cancelled()
                 sched.retire()
-                if sched.running:
-                    self._decode()
-                else:
-                    self._prefill(self.max_prefill_tokens)
+                self._step()
             except Exception as e:  # a failed step costs the running batch, never the server
                 log.exception("engine step failed")
                 self._fail(e)
@@ -288,99 +287,117 @@ class Engine:
             sched.drop_prefilling(request)
             self._outbox.put(request, error)
 
-    def _chunk_budget(self) -> int:
-        """Prompt tokens to read beside a decode step: about as many as cost what the step
-        costs, so the running streams' gaps at most double while a long prompt is read."""
-        if not self._token_seconds:
-            return MIN_CHUNK
-        fit = int(self._step_seconds / self._token_seconds)
-        return max(MIN_CHUNK, min(self.max_prefill_tokens, fit))
-
-    def _prefill(self, budget: int) -> float:
-        """One prefill pass over the next prompt chunks; prompts read to their end start
-        their sequences with a first token. Returns the seconds it took."""
-        sched = self.scheduler
-        chunks, expired = sched.next_chunks(budget)
-        for request in expired:
-            self._outbox.put(request, RequestTimeout(
-                f"waited more than {sched.request_timeout:g}s for a free slot"))
-        if not chunks:
-            return 0.0
-        t0 = time.perf_counter()
-        width = max(c.length for c in chunks)
-        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
-        for row, c in enumerate(chunks):
-            tokens[row, :c.length] = torch.tensor(c.request.prompt_ids[c.start:c.start + c.length])
-        scored = any(c.request.wants_prompt_logprobs is not None for c in chunks)
-        lengths = torch.tensor([c.length for c in chunks], device=self.device)
-        try:
-            logits = self.model.prefill(
-                tokens.to(self.device), self.cache, self._table([c.request.blocks for c in chunks]),
-                torch.tensor([c.start for c in chunks], device=self.device), lengths,
-                all_logits=scored)
-            if scored:
-                self._score_prompts(chunks, logits)
-                logits = logits[torch.arange(len(chunks), device=self.device), lengths - 1]
-        except Exception as e:  # failing requests must not take the engine down
-            log.exception("prefill failed")
-            for c in chunks:
-                sched.drop_prefilling(c.request)
-                self._outbox.put(c.request, e)
-            return time.perf_counter() - t0
-        seqs, rows = [], []
-        for row, c in enumerate(chunks):
-            if c.last:  # running before it leaves `prefilling`: never idle in between
-                started = c.request.start(self.tokenizer, self.eos_id)
-                sched.start(c.request, started)
-                seqs += started
-                rows += [row] * len(started)
-            sched.read(c)
-        if seqs:
-            self._sample(logits[torch.tensor(rows, device=self.device)], seqs)
-            self._outbox.flush()  # first tokens go out now, even if a decode step is in flight
-            now = time.monotonic()
-            for request in {id(s.request): s.request for s in seqs}.values():
-                metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
-        seconds = time.perf_counter() - t0
-        self._token_seconds = _average(self._token_seconds, seconds / (len(chunks) * width))
-        return seconds
-
-    @staticmethod
-    def _score_prompts(chunks: list, logits: torch.Tensor) -> None:
-        """Log-probabilities of the prompt tokens that follow each chunk's positions, for the
-        requests that asked (OpenAI's echo with logprobs)."""
-        for row, c in enumerate(chunks):
-            request = c.request
-            if request.wants_prompt_logprobs is None:
-                continue
-            following = request.prompt_ids[c.start + 1:c.start + c.length + 1]
-            request.prompt_logprobs += prompt_logprobs(logits[row], following,
-                                                       request.wants_prompt_logprobs)
-
-    def _decode(self) -> None:
-        """One decode step for the running batch, with one prefill pass between its first
-        two layers if prompts are waiting (newcomers join the batch at the next step)."""
+    def _step(self) -> None:
+        """One forward pass: the next token of every running sequence and the next chunk of
+        the prompts being read, side by side (the weights are read once for both). Prompts
+        that arrive during the pass join it after the layer in flight (`GPT.forward`)."""
         t0 = time.perf_counter()
         sched = self.scheduler
         batch = list(sched.running)
         sched.grow(batch)
-        prefill_seconds = None
+        groups = []
+        if batch:
+            tokens = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
+            pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
+            groups.append(Group(self.cache, tokens, pos, self._table([s.blocks for s in batch])))
+        budget = self._chunk_tokens if batch else self.max_prefill_tokens
+        chunks: list[Chunk] = []
 
-        def prefill_between_layers() -> None:  # nothing may be retired here
-            nonlocal prefill_seconds
-            if prefill_seconds is None and (sched.waiting or sched.prefilling):
-                prefill_seconds = self._prefill(self._chunk_budget())
+        def take_chunks() -> Group | None:  # nothing may be retired here
+            nonlocal chunks
+            chunks = self._next_chunks(budget)
+            return self._chunk_group(chunks) if chunks else None
 
-        tokens = torch.tensor([s.tokens[-1] for s in batch], device=self.device)
-        pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
-        logits = self.model.decode_step(tokens, pos, self.cache,
-                                        self._table([s.blocks for s in batch]),
-                                        prefill_between_layers)
-        self._sample(logits, batch)
+        join = None
+        if sched.waiting or sched.prefilling:
+            group = take_chunks()
+            groups += [group] if group else []
+        if batch and not chunks:
+            join = lambda: take_chunks() if sched.waiting else None  # noqa: E731
+        if not groups:
+            return
+        hidden = self.model.forward(self.cache, groups, join)
+        self._finish_step(batch, chunks, hidden)
         seconds = time.perf_counter() - t0
-        self._step_seconds = _average(self._step_seconds, seconds - (prefill_seconds or 0.0))
+        if batch and not chunks:
+            self._step_seconds = _average(self._step_seconds, seconds)
+        elif batch and join is None:
+            self._size_chunks(seconds)
         metrics.BATCH_SIZE.observe(len(batch))
-        metrics.TIME_PER_TOKEN.observe(seconds)
+        if batch:
+            metrics.TIME_PER_TOKEN.observe(seconds)
+
+    def _size_chunks(self, seconds: float) -> None:
+        """Prompt tokens to read beside the next decode step (padding included): a quarter
+        more while a step with a chunk takes at most STEP_STRETCH decode steps, less in
+        proportion when it takes longer. Streams then wait at most about that much longer
+        for a token while a long prompt is read, whatever the model, machine or context;
+        growing by steps bounds what one noisy measurement can cost."""
+        target = STEP_STRETCH * self._step_seconds
+        if seconds <= target:
+            grown = int(self._chunk_tokens * 1.25)
+        else:
+            grown = int(self._chunk_tokens * max(0.5, target / seconds))
+        self._chunk_tokens = max(MIN_CHUNK, min(self.max_prefill_tokens, grown))
+
+    def _next_chunks(self, budget: int) -> list[Chunk]:
+        chunks, expired = self.scheduler.next_chunks(budget)
+        for request in expired:
+            self._outbox.put(request, RequestTimeout(
+                f"waited more than {self.scheduler.request_timeout:g}s for a free slot"))
+        return chunks
+
+    def _chunk_group(self, chunks: list[Chunk]) -> Group:
+        width = max(c.length for c in chunks)
+        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+        for row, c in enumerate(chunks):
+            tokens[row, :c.length] = torch.tensor(c.request.prompt_ids[c.start:c.start + c.length])
+        return Group(self.cache, tokens.to(self.device),
+                     torch.tensor([c.start for c in chunks], device=self.device),
+                     self._table([c.request.blocks for c in chunks]),
+                     torch.tensor([c.length for c in chunks], device=self.device))
+
+    def _finish_step(self, batch: list[Sequence], chunks: list[Chunk],
+                     hidden: list[torch.Tensor]) -> None:
+        """Logits for the rows that need them, in one product: every decode row, the last
+        row of each prompt read to its end, and every row of a prompt whose tokens are to
+        be scored (OpenAI's echo with logprobs). Then prompts read to their end start their
+        sequences, and the batch and the new sequences are sampled together."""
+        picked = [hidden[0]] if batch else []
+        scored, last_rows = [], []
+        if chunks:
+            rows = hidden[-1].view(len(chunks), -1, hidden[-1].shape[-1])
+            offset = len(batch)
+            for row, c in enumerate(chunks):
+                if c.request.wants_prompt_logprobs is not None:
+                    picked.append(rows[row, :c.length])
+                    scored.append((c, offset))
+                    offset += c.length
+                elif c.last:
+                    picked.append(rows[row, c.length - 1:c.length])
+                    offset += 1
+                last_rows.append(offset - 1)
+        logits = self.model.logits(torch.cat(picked)) if picked else None
+        for c, offset in scored:
+            request = c.request
+            following = request.prompt_ids[c.start + 1:c.start + c.length + 1]
+            request.prompt_logprobs += prompt_logprobs(logits[offset:offset + c.length],
+                                                       following, request.wants_prompt_logprobs)
+        seqs, rows = list(batch), list(range(len(batch)))
+        started = []
+        for c, row in zip(chunks, last_rows):
+            if c.last:  # running before it leaves `prefilling`: never idle in between
+                new = c.request.start(self.tokenizer, self.eos_id)
+                self.scheduler.start(c.request, new)
+                seqs += new
+                rows += [row] * len(new)
+                started.append(c.request)
+            self.scheduler.read(c)
+        if seqs:
+            self._sample(logits[torch.tensor(rows, device=self.device)], seqs)
+        now = time.monotonic()
+        for request in started:
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
 
     def _table(self, block_lists: list[list[int]]) -> torch.Tensor:
         """Block tables [N, widest] (padding points at block 0 and is never attended to)."""
