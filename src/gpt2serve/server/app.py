@@ -4,6 +4,7 @@ ModelServer, and run it."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import time
 
@@ -73,6 +74,11 @@ def serve(args: argparse.Namespace) -> None:
     # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told
     # to exit (30 s by default). Our drain has finished or failed every request by then, so
     # this only bounds the last responses' writing; the drain itself is --shutdown_grace.
+    # What exists now (torch, kserve, the model's modules) lives as long as the server. Frozen,
+    # it is out of the collector's sight, so a full collection scans only what requests made:
+    # unfrozen, full collections every second or two paused every stream for 20-230 ms.
+    gc.collect()
+    gc.freeze()
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
                                 enable_grpc=args.enable_grpc, workers=1,
                                 grace_period=shutdown.WRITE_OUT_SECONDS)
