@@ -13,6 +13,7 @@ import ctypes
 import json
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -190,9 +191,9 @@ def network_name(hf_name: str) -> str:
 
 def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device: torch.device,
                 linear: Callable | None = None, head: Callable | None = None) -> GPT:
-    """The network, its parameters read one at a time. Each matmul layer is handed to
-    `linear` (the head to `head`) as soon as its parameters are in, so its checkpoint form is
-    dropped before the next is read: loading holds little more than the final weights."""
+    """The network, read module by module. Each matmul layer is handed to `linear` (the head
+    to `head`) as soon as its parameters are in, so its checkpoint form is dropped right
+    away: loading holds little more than the final weights."""
     with torch.device("meta"):
         model = GPT(config)
     params = list(model.named_parameters())
@@ -204,26 +205,42 @@ def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device:
         if weights.shape(name) != tuple(p.shape):
             raise CheckpointError(f"{weights.source}: tensor '{name}' has shape "
                                   f"{weights.shape(name)}, config.json implies {tuple(p.shape)}")
+    by_owner: dict[str, list[str]] = {}
+    for name, _ in params:
+        by_owner.setdefault(name.rpartition(".")[0], []).append(name)
     # The head first: its conversion makes copies of the largest tensor, best made while
     # nothing else is held yet.
-    for name, _ in sorted(params, key=lambda item: not item[0].startswith("head.")):
-        owner_name, _, param_name = name.rpartition(".")
+    owners = sorted(by_owner, key=lambda owner: not owner.startswith("head"))
+
+    def read(owner_name: str) -> nn.Module:
+        """The module with its tensors read, in its final form."""
         owner = model.get_submodule(owner_name)
-        tensor = weights.get(name).to(device=device, dtype=dtype)
-        if not (isinstance(owner, TiedHead) and head is not None):
-            tensor = tensor.contiguous()  # (the head's drop-ins read it as the file's rows)
-        owner._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
-        if any(p.is_meta for p in owner.parameters(recurse=False)):
-            continue
+        for name in by_owner[owner_name]:
+            tensor = weights.get(name).to(device=device, dtype=dtype)
+            if not (isinstance(owner, TiedHead) and head is not None):
+                tensor = tensor.contiguous()  # (the head's drop-ins read it as the file's rows)
+            owner._parameters[name.rpartition(".")[2]] = nn.Parameter(tensor,
+                                                                      requires_grad=False)
         if isinstance(owner, Conv1D) and linear is not None:
+            return linear(owner)
+        if isinstance(owner, TiedHead) and head is not None:
+            return head(owner)
+        return owner
+
+    # Modules are read and converted on every core, each worker on one intra-op thread: a
+    # thread-per-tensor split of the copies and oneDNN reorders, with no OpenMP team left
+    # behind (see load_for_engine). At most `workers` modules are in their checkpoint form.
+    workers = hardware.default_threads()
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        for owner_name, module in zip(owners, pool.map(read, owners)):
             parent_name, _, attr = owner_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, linear(owner))
-        elif isinstance(owner, TiedHead) and head is not None:
-            model.head = head(owner)
-        else:
-            continue
-        del owner
-        _return_freed_memory()
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if module is not getattr(parent, attr):
+                setattr(parent, attr, module)
+                _return_freed_memory()
+    finally:  # on an error, stop at once rather than read the rest
+        pool.shutdown(cancel_futures=True)
     return model.eval()
 
 
