@@ -321,7 +321,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         if batch and not chunks:
             self._step_seconds = _average(self._step_seconds, seconds)
-        elif batch and join is None:
+        elif batch and join is None:  # (a chunk that joined late also ran layers alone)
             self._size_chunks(seconds)
         metrics.BATCH_SIZE.observe(len(batch))
         if batch:
