@@ -4,22 +4,29 @@ the ratios to ours.
 
     python bench/offline.py [--repeats 3] [--batches 1 8] [--isa avx2]
                             [--openvino-python bench/results/openvino-venv/bin/python]
+                            [--llama-cpp-avx2 bench/results/llama-cpp-avx2]
 
 `--isa avx2` caps every engine at AVX2 (hardware.AVX2_CAP_ENV, each engine a fresh process
 started with the caps) to stand in for an AVX2-only server on an AVX-512 one; llama.cpp has no
-run-time cap and is skipped there unless its build has no AVX-512. OpenVINO runs in its own
-venv (docs/openvino-and-isa.md) through bench/openvino_runner.py.
+run-time cap, so there its processes import a second llama-cpp-python built for AVX2 only
+(`--llama-cpp-avx2`, first on their PYTHONPATH), and a build that reports AVX-512 is skipped.
+The llama.cpp rows need LLAMA_CPP_CONVERT (the sdist's vendor/llama.cpp/convert_hf_to_gguf.py)
+to make their GGUF files once. Both builds and CTranslate2: docs/peers-setup.md. OpenVINO runs
+in its own venv (docs/openvino-and-isa.md) through bench/openvino_runner.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -67,14 +74,56 @@ def hf_generate(folder: Path, mode: dict):
     return run
 
 
+def peer_threads() -> int:
+    """The peers' threads: what our engine computes on when set up as `gpt2serve serve` is
+    (checkpoint.load_for_engine: hardware.default_threads, the cores the CPU limit allows)."""
+    from gpt2serve import checkpoint
+
+    return checkpoint.resolve_threads(None)
+
+
+@contextlib.contextmanager
+def stderr_lines():
+    """What native code writes to fd 2 inside the block, as a list of lines (filled at exit)."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            lines.extend(f.read().decode(errors="replace").splitlines())
+
+
 def ctranslate2_runner(folder: Path, mode: dict, compute_type: str):
     import ctranslate2
 
     out = ROOT / "bench" / "results" / "cache" / "ct2-gpt2-124m"
     if not (out / "model.bin").exists():
         ctranslate2.converters.TransformersConverter(str(folder)).convert(str(out), force=True)
-    generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type,
-                                      intra_threads=torch.get_num_threads())
+    threads = peer_threads()
+    # CTranslate2 logs the ISA it dispatches to (CT2_FORCE_CPU_ISA caps it) when it loads a
+    # model at info level: catch that from its stderr.
+    level = ctranslate2.get_log_level()
+    with stderr_lines() as log:
+        ctranslate2.set_log_level(logging.INFO)
+        generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type,
+                                          intra_threads=threads)
+        ctranslate2.set_log_level(level)
+    said = dict(ln.split("[info]  - ", 1)[1].split(": ", 1) for ln in log
+                if "[info]  - " in ln and ": " in ln.split("[info]  - ", 1)[1])
+    # Its GEMMs run in its own oneDNN (3.1), which ONEDNN_MAX_CPU_ISA caps (ONEDNN_VERBOSE:
+    # AVX-512 + VNNI + BF16 uncapped on an AVX-512 host, AVX2 capped).
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "uncapped")
+    ISA_NOTE["ctranslate2"] = (
+        f"CT2 kernels {said.get('Selected ISA', '?')}, SGEMM "
+        f"{said.get('SGEMM backend', '?').split(' ')[0]}, GEMM_S8 "
+        f"{said.get('GEMM_S8 backend', '?').split(' ')[0]} (oneDNN {onednn}); "
+        f"{threads} threads, {generator.compute_type}")
     vocab = json.loads((folder / "vocab.json").read_text())
     token_of = {i: t for t, i in vocab.items()}
 
@@ -91,7 +140,9 @@ def ctranslate2_runner(folder: Path, mode: dict, compute_type: str):
 
 
 def llama_cpp_runner(folder: Path, mode: dict, ftype: str):
-    """llama.cpp through llama-cpp-python (batch 1 only), GGUF converted with its own script."""
+    """llama.cpp through llama-cpp-python (batch 1 only), GGUF converted with its own script.
+    The build is whichever `llama_cpp` this process imports: under --isa avx2 the parent puts
+    the AVX2-only one first on PYTHONPATH (--llama-cpp-avx2)."""
     import llama_cpp
 
     gguf = ROOT / "bench" / "results" / "cache" / f"gpt2-124m-{ftype}.gguf"
@@ -106,11 +157,18 @@ def llama_cpp_runner(folder: Path, mode: dict, ftype: str):
     from gpt2serve import hardware
 
     info = llama_cpp.llama_print_system_info().decode()
-    ISA_NOTE["llama.cpp"] = " ".join(f for f in info.split(" | ") if f.endswith("= 1"))
-    if hardware.isa_caps() and "AVX512 = 1" in info:
-        raise ImportError("llama.cpp has no run-time ISA cap and this build uses AVX-512: "
-                          "build it with GGML_NATIVE=OFF GGML_AVX2=ON GGML_AVX512=OFF")
-    llm = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=torch.get_num_threads(),
+    flags = [f.split(" = ")[0].split(": ")[-1].strip() for f in info.split("|")
+             if f.strip().endswith("= 1")]
+    build = Path(llama_cpp.__file__).parent.parent
+    threads = peer_threads()
+    ISA_NOTE["llama.cpp"] = f"ggml {' '.join(flags)}; {threads} threads; llama_cpp from {build}"
+    wide = [f for f in flags if f.startswith(("AVX512", "AMX", "AVX_VNNI"))]
+    if hardware.isa_caps() and wide:
+        raise ImportError(f"llama.cpp has no run-time ISA cap and the build in {build} uses "
+                          f"{' '.join(wide)}: give --llama-cpp-avx2 an AVX2-only build "
+                          f"(docs/peers-setup.md)")
+    # Every thread on both phases (n_threads_batch defaults to os.cpu_count(), not the limit).
+    llm = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=threads, n_threads_batch=threads,
                           n_batch=64, verbose=False)
 
     def run(batch):
@@ -193,6 +251,10 @@ def main() -> None:
     p.add_argument("--openvino-python", default=os.environ.get("OPENVINO_PYTHON"),
                    help="python of a venv with openvino-genai and optimum-intel "
                         "(docs/openvino-and-isa.md); OpenVINO is skipped without it")
+    p.add_argument("--llama-cpp-avx2", type=Path, default=os.environ.get("LLAMA_CPP_AVX2"),
+                   help="folder holding an AVX2-only llama-cpp-python (pip install --target; "
+                        "docs/peers-setup.md) that the llama.cpp rows import under --isa avx2 "
+                        "(env LLAMA_CPP_AVX2; default bench/results/llama-cpp-avx2 if there)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "offline.json")
     p.add_argument("--runner", help=argparse.SUPPRESS)  # internal: measure one, print JSON
     args = p.parse_args()
@@ -215,6 +277,16 @@ def main() -> None:
     # The caps reach each engine through the environment of its fresh process: oneDNN, fbgemm,
     # MKL and torch read theirs once, at start.
     env = {**os.environ, **(hardware.AVX2_CAP_ENV if args.isa == "avx2" else {})}
+    # llama.cpp picks its kernels at build time: capped, its processes import the AVX2 build.
+    llama_env = env
+    if args.isa == "avx2":
+        avx2_build = args.llama_cpp_avx2 or ROOT / "bench" / "results" / "llama-cpp-avx2"
+        if not (Path(avx2_build) / "llama_cpp").is_dir():
+            if args.llama_cpp_avx2:
+                p.error(f"--llama-cpp-avx2 {avx2_build}: no llama_cpp package there")
+        else:
+            path = [str(Path(avx2_build).resolve()), env.get("PYTHONPATH", "")]
+            llama_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus, {host_isa(env)}; measured read bandwidth "
@@ -239,7 +311,8 @@ def main() -> None:
             stdin = None
         # A fresh process per engine: threads one runtime leaves spinning slowed the next one
         # (llama.cpp measured 123-140 tok/s after the others in one process, 207-216 alone).
-        child = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env)
+        child = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                               env=llama_env if name.startswith("llama.cpp") else env)
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
             print(f"{name}: failed\n{child.stderr[-2000:]}")
