@@ -276,23 +276,18 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, groups: list[Group],
-                join: Callable[[], Group | None] | None = None) -> list[Tensor]:
+                between_layers: Callable[[], None] | None = None) -> list[Tensor]:
         """One pass over the rows of `groups` -> their hidden states [group.size, D] each,
         for `logits`.
 
-        `join`, if given, is asked after each layer for a group that arrived meanwhile (the
-        engine's newly arrived prompts) until it gives one: that group runs the layers done
-        so far on its own, then joins the others for the rest, so that it waits for one
-        layer of the pass in flight rather than all of it."""
+        `between_layers`, if given, runs after each layer: it may use the model on other
+        sequences (the engine reads newly arrived prompts there, so that they wait for one
+        layer of the pass in flight rather than all of it)."""
         x = torch.cat([self._embed(g) for g in groups])
-        for i, (block, kv) in enumerate(zip(self.h, cache.kv)):
+        for block, kv in zip(self.h, cache.kv):
             x = block.run(x, kv, groups)
-            late = join() if join is not None else None
-            if late is not None:
-                y = self._embed(late)
-                for caught_up, kv_done in zip(self.h[:i + 1], cache.kv[:i + 1]):
-                    y = caught_up.run(y, kv_done, [late])
-                x, groups, join = torch.cat([x, y]), [*groups, late], None
+            if between_layers is not None:
+                between_layers()
         return list(x.split([g.size for g in groups]))
 
     def _embed(self, g: Group) -> Tensor:

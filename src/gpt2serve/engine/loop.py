@@ -3,9 +3,10 @@
 A step retires finished or cancelled sequences, then runs one forward pass over the next
 token of every running sequence and the next chunk of the prompts being read (scheduler.py),
 side by side, so the weights are read once for both. Beside a decode step a chunk is sized to
-add about what the step costs, so a long prompt does not stall the streams; prompts that
-arrive during a pass join it after the layer in flight. With nothing to decode, a pass reads
-prompts alone, up to `max_prefill_tokens`. After each forward pass the sampler picks one
+add about half of what the step costs, so a long prompt does not stall the streams. Short
+prompts that arrive during a pass are read whole between two of its layers, in a pass of
+their own, so a newcomer waits for one layer rather than a step. With nothing to decode, a
+pass reads prompts alone, up to `max_prefill_tokens`. After each forward pass the sampler picks one
 token per sequence, and each sequence turns its token into text. A step's events go back to
 the asyncio side together (`Outbox`, one `loop.call_soon_threadsafe`), so HTTP handlers never
 block; torch releases the GIL inside its kernels, so the server stays responsive meanwhile.
@@ -289,8 +290,10 @@ class Engine:
 
     def _step(self) -> None:
         """One forward pass: the next token of every running sequence and the next chunk of
-        the prompts being read, side by side (the weights are read once for both). Prompts
-        that arrive during the pass join it after the layer in flight (`GPT.forward`)."""
+        the prompts being read, side by side (the weights are read once for both). Short
+        prompts that arrive during the pass are read whole in a pass of their own between
+        two of its layers, and their first tokens go out at once: they wait for one layer,
+        not for the step."""
         t0 = time.perf_counter()
         sched = self.scheduler
         batch = list(sched.running)
@@ -301,27 +304,30 @@ class Engine:
             pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
             groups.append(Group(self.cache, tokens, pos, self._table([s.blocks for s in batch])))
         budget = self._chunk_tokens if batch else self.max_prefill_tokens
-        chunks: list[Chunk] = []
-
-        def take_chunks() -> Group | None:  # nothing may be retired here
-            nonlocal chunks
-            chunks = self._next_chunks(budget)
-            return self._chunk_group(chunks) if chunks else None
-
-        join = None
-        if sched.waiting or sched.prefilling:
-            group = take_chunks()
-            groups += [group] if group else []
-        if batch and not chunks:
-            join = lambda: take_chunks() if sched.waiting else None  # noqa: E731
+        chunks = self._next_chunks(budget) if sched.waiting or sched.prefilling else []
+        if chunks:
+            groups.append(self._chunk_group(chunks))
         if not groups:
             return
-        hidden = self.model.forward(self.cache, groups, join)
+        newcomers_seconds = 0.0
+
+        def read_newcomers() -> None:  # once per step; nothing may be retired here
+            nonlocal newcomers_seconds
+            if sched.waiting and not newcomers_seconds:
+                t = time.perf_counter()
+                newcomers = self._next_chunks(budget, whole_new_prompts=True)
+                if newcomers:
+                    group = self._chunk_group(newcomers)
+                    self._finish_step([], newcomers, self.model.forward(self.cache, [group]))
+                    self._outbox.flush()
+                newcomers_seconds = time.perf_counter() - t
+
+        hidden = self.model.forward(self.cache, groups, read_newcomers if batch else None)
         self._finish_step(batch, chunks, hidden)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - newcomers_seconds
         if batch and not chunks:
             self._step_seconds = _average(self._step_seconds, seconds)
-        elif batch and join is None:  # (a chunk that joined late also ran layers alone)
+        elif batch:
             self._size_chunks(seconds)
         metrics.BATCH_SIZE.observe(len(batch))
         if batch:
@@ -340,8 +346,8 @@ class Engine:
             grown = int(self._chunk_tokens * max(0.5, target / seconds))
         self._chunk_tokens = max(MIN_CHUNK, min(self.max_prefill_tokens, grown))
 
-    def _next_chunks(self, budget: int) -> list[Chunk]:
-        chunks, expired = self.scheduler.next_chunks(budget)
+    def _next_chunks(self, budget: int, whole_new_prompts: bool = False) -> list[Chunk]:
+        chunks, expired = self.scheduler.next_chunks(budget, whole_new_prompts)
         for request in expired:
             self._outbox.put(request, RequestTimeout(
                 f"waited more than {self.scheduler.request_timeout:g}s for a free slot"))

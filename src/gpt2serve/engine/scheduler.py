@@ -95,15 +95,20 @@ class Scheduler:
 
     # ---- called from the step thread -----------------------------------------------------
 
-    def next_chunks(self, budget: int) -> tuple[list[Chunk], list[Request]]:
-        """Prompt chunks for one prefill pass of at most `budget` tokens, counting the padding
-        to the pass's widest chunk; and the requests that waited past the timeout."""
+    def next_chunks(self, budget: int, whole_new_prompts: bool = False
+                    ) -> tuple[list[Chunk], list[Request]]:
+        """Prompt chunks for one pass of at most `budget` tokens, counting the padding to the
+        pass's widest chunk; and the requests that waited past the timeout. With
+        `whole_new_prompts`, only prompts admitted now that fit whole (read between two
+        layers of a step, whose own chunks are already taken)."""
         expired = self._expire()  # before admission: a request past its timeout gets a 503
-        self._admit()
+        admitted = self._admit()
         chunks: list[Chunk] = []
         width = 0
-        for request in self.prefilling:
+        for request in admitted if whole_new_prompts else self.prefilling:
             left = len(request.prompt_ids) - request.prefilled
+            if whole_new_prompts and left > (width if chunks else budget):
+                continue  # read from the next step on, in chunks beside the decode rows
             if not chunks:
                 width = min(left, budget)
             elif (len(chunks) + 1) * width > budget:
@@ -111,9 +116,11 @@ class Scheduler:
             chunks.append(Chunk(request, request.prefilled, min(left, width)))
         return chunks, expired
 
-    def _admit(self) -> None:
-        """Waiting requests become prefilling, FIFO, while their sequences and blocks fit."""
+    def _admit(self) -> list[Request]:
+        """Waiting requests become prefilling, FIFO, while their sequences and blocks fit;
+        the ones admitted."""
         now = time.monotonic()
+        admitted = []
         with self.cond:
             while self.waiting:
                 request = self.waiting[0]
@@ -125,9 +132,11 @@ class Scheduler:
                     break  # the head of the queue waits for blocks to be freed
                 request.blocks = blocks
                 self.prefilling.append(self.waiting.popleft())
+                admitted.append(request)
                 metrics.REQUEST_QUEUE_TIME.observe(now - request.arrival)
                 metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
             metrics.QUEUE_DEPTH.set(len(self.waiting))
+        return admitted
 
     def _expire(self) -> list[Request]:
         now = time.monotonic()
