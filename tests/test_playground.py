@@ -117,6 +117,16 @@ def set_params(driver, **values) -> None:
         type_into(driver, name, str(value))
 
 
+def generate(driver, prompt: str, **params) -> str:
+    """Type a prompt, set the parameters, press Generate and wait for the run to end; the
+    state it ended in."""
+    type_into(driver, "prompt", prompt)
+    set_params(driver, **params)
+    el(driver, "generate").click()
+    wait(driver, lambda d: state(d) != "streaming")
+    return state(driver)
+
+
 def aborted(srv) -> float:
     text = httpx.get(f"{srv.url}/metrics").text
     return float(re.search(r"^gpt2serve_aborted_sequences_total (\S+)$", text, re.M).group(1))
@@ -238,11 +248,7 @@ def test_stop_cancels_on_the_server(srv, page):
 
 
 def test_two_samples_stream_side_by_side(page):
-    type_into(page, "prompt", "KING:")
-    set_params(page, n=2, max_tokens=40, seed=3)
-    el(page, "generate").click()
-    wait(page, lambda d: state(d) != "streaming")
-    assert state(page) == "done"
+    assert generate(page, "KING:", n=2, max_tokens=40, seed=3) == "done"
     columns = page.find_elements("css selector", ".sample")
     assert len(columns) == 2
     a, b = samples(page)
@@ -252,11 +258,7 @@ def test_two_samples_stream_side_by_side(page):
 
 
 def test_server_error_is_shown(srv, page):
-    type_into(page, "prompt", "ROMEO:")
-    set_params(page, temperature=-1)
-    el(page, "generate").click()
-    wait(page, lambda d: state(d) != "streaming")
-    assert state(page) == "error"
+    assert generate(page, "ROMEO:", temperature=-1) == "error"
     expected = post(f"{srv.url}/openai/v1/completions",
                     {"prompt": "ROMEO:", "temperature": -1}, AUTH).json()["error"]["message"]
     assert "temperature" in expected
@@ -301,11 +303,9 @@ def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
 
 
 def test_copy_as_curl_gives_requests_that_repeat_the_page(srv, page):
-    type_into(page, "prompt", "It's ROMEO:")  # a quote, for the shell quoting
-    set_params(page, max_tokens=30, seed=9223372036854775000, top_k=40, stop_strings="zz\\n")
-    el(page, "generate").click()
-    wait(page, lambda d: state(d) != "streaming")
-    assert state(page) == "done", el(page, "error").text
+    ended = generate(page, "It's ROMEO:",  # a quote, for the shell quoting
+                     max_tokens=30, seed=9223372036854775000, top_k=40, stop_strings="zz\\n")
+    assert ended == "done", el(page, "error").text
     shown = samples(page)[0]
     el(page, "curl").click()
     wait(page, lambda d: d.find_element("id", "curl-text").is_displayed())
@@ -332,11 +332,7 @@ def test_phone_width_is_usable(page):
                 "stop_strings", "api_key"):
         r = el(page, id_).rect
         assert 0 <= r["x"] and r["x"] + r["width"] <= width, id_
-    type_into(page, "prompt", "ROMEO:")
-    set_params(page, max_tokens=20, n=2)
-    el(page, "generate").click()
-    wait(page, lambda d: state(d) != "streaming")
-    assert state(page) == "done"
+    assert generate(page, "ROMEO:", max_tokens=20, n=2) == "done"
     a, b = page.find_elements("css selector", ".sample")
     assert b.rect["y"] >= a.rect["y"] + a.rect["height"]  # stacked, not squeezed
     # The samples come right under the buttons, before the settings, with Stop in reach.
@@ -362,10 +358,7 @@ def test_accessibility_lint(page, axe_js, size):
     """axe-core's WCAG 2.1 A/AA rules and best practices (labels, contrast, landmarks...) over
     the page with samples, an error and the curl box showing."""
     page.set_window_size(*size)
-    type_into(page, "prompt", "ROMEO:")
-    set_params(page, n=2, max_tokens=20)
-    el(page, "generate").click()
-    wait(page, lambda d: state(d) != "streaming")
+    generate(page, "ROMEO:", n=2, max_tokens=20)
     el(page, "curl").click()
     page.execute_script("document.getElementById('error').textContent = 'an error';"
                         "document.getElementById('error').hidden = false;")
@@ -383,11 +376,7 @@ def test_accessibility_lint(page, axe_js, size):
 
 
 def test_screenshot_of_a_generation(page):
-    type_into(page, "prompt", "ROMEO:")
-    set_params(page, n=2, max_tokens=120, seed=1)
-    el(page, "generate").click()
-    wait(page, lambda d: state(d) != "streaming")
-    assert state(page) == "done"
+    assert generate(page, "ROMEO:", n=2, max_tokens=120, seed=1) == "done"
     path = screenshot(page, "playground")
     png = path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
