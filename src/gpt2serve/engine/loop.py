@@ -370,19 +370,20 @@ class Engine:
         be scored (OpenAI's echo with logprobs). Then prompts read to their end start their
         sequences, and the batch and the new sequences are sampled together."""
         picked = [hidden[0]] if batch else []
-        scored, last_rows = [], []
+        scored, first_token_rows = [], {}  # chunk index -> its last row's logits
         if chunks:
-            rows = hidden[-1].view(len(chunks), -1, hidden[-1].shape[-1])
+            chunk_hidden = hidden[-1].view(len(chunks), -1, hidden[-1].shape[-1])
             offset = len(batch)
             for row, c in enumerate(chunks):
                 if c.request.wants_prompt_logprobs is not None:
-                    picked.append(rows[row, :c.length])
+                    picked.append(chunk_hidden[row, :c.length])
                     scored.append((c, offset))
                     offset += c.length
                 elif c.last:
-                    picked.append(rows[row, c.length - 1:c.length])
+                    picked.append(chunk_hidden[row, c.length - 1:c.length])
                     offset += 1
-                last_rows.append(offset - 1)
+                if c.last:
+                    first_token_rows[row] = offset - 1
         logits = self.model.logits(torch.cat(picked)) if picked else None
         for c, offset in scored:
             request = c.request
@@ -391,12 +392,12 @@ class Engine:
                                                        following, request.wants_prompt_logprobs)
         seqs, rows = list(batch), list(range(len(batch)))
         started = []
-        for c, row in zip(chunks, last_rows):
+        for row, c in enumerate(chunks):
             if c.last:  # running before it leaves `prefilling`: never idle in between
                 new = c.request.start(self.tokenizer, self.eos_id)
                 self.scheduler.start(c.request, new)
                 seqs += new
-                rows += [row] * len(new)
+                rows += [first_token_rows[row]] * len(new)
                 started.append(c.request)
             self.scheduler.read(c)
         if seqs:
