@@ -91,12 +91,10 @@ class KVCache:
         return self.kv.nbytes
 
     def slots(self, blocks: Tensor, pos: Tensor) -> Tensor:
-        """Cache slots (block * block_size + offset) of positions pos [N, T] (or [N]) of
-        the sequences whose block tables are blocks [N, width]."""
-        flat = pos if pos.dim() == 2 else pos[:, None]
-        index = (flat // self.block_size).clamp(max=blocks.shape[1] - 1)
-        slots = blocks.gather(1, index) * self.block_size + flat % self.block_size
-        return slots if pos.dim() == 2 else slots[:, 0]
+        """Cache slots (block * block_size + offset) [N, T] of positions pos [N, T] of the
+        sequences whose block tables are blocks [N, width]."""
+        index = (pos // self.block_size).clamp(max=blocks.shape[1] - 1)
+        return blocks.gather(1, index) * self.block_size + pos % self.block_size
 
     def rows(self, slots: Tensor) -> Tensor:
         """Where the key and value of each head go for tokens at `slots` [N]: row numbers in
