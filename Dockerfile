@@ -38,10 +38,21 @@ sys.exit('${REQUIRE_CUDA_ARCH}' not in archs and bool('${REQUIRE_CUDA_ARCH}'))"
 
 WORKDIR /app
 COPY pyproject.toml README.md constraints-cpu.txt ./
+COPY setup.py ./
 COPY src ./src
 # The constraints pin kserve and friends to the versions CI tests; torch==2.13.0 in them also
-# matches the +cu126 / +cpu builds installed above, so nothing is replaced.
-RUN pip install -c constraints-cpu.txt . && rm -rf /app/src
+# matches the +cu126 / +cpu builds installed above, so nothing is replaced. gcc builds our C
+# kernels (setup.py) and leaves with its headers; libgomp1, their OpenMP runtime's soname,
+# stays (torch's own copy is what they use once torch is loaded). The import check fails the
+# build if the kernels were skipped. Not pinned: bookworm's security updates replace the exact
+# versions, and the compiler leaves the image anyway.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 \
+    && pip install -c constraints-cpu.txt . \
+    && python3 -c "import torch, gpt2serve._kernels" \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* /app/src
 
 RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin gpt2serve
 USER 1000

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -65,7 +67,8 @@ class KVCache:
     blocks with one `index_select` per layer along the block dimension, so that each
     (sequence, head) comes out as one contiguous run of positions: the layout attention reads
     fastest (a token-major one was markedly slower; docs/benchmarks.md). A layer stores the new
-    keys and values of all its tokens with one `index_copy_`."""
+    keys and values of all its tokens with one `index_copy_`. On CPU, decode rows do both in
+    place instead, block by block, in one C call per layer (kernels.py)."""
 
     def __init__(self, config: GPTConfig, num_blocks: int, block_size: int, dtype, device):
         shape = (config.n_layer, 2, config.n_head, num_blocks, block_size, config.head_dim)
@@ -163,6 +166,13 @@ class Group:
         dev = tokens.device
         offsets = torch.arange(self.T, device=dev)
         self.pos = start[:, None] + offsets  # [N, T]
+        # Decode rows on CPU attend in place, through the block tables (kernels.py); the
+        # rest below is what the torch ops need.
+        self.in_place = (self.T == 1 and lengths is None
+                         and kernels.runs_decode_attention(cache.kv))
+        if self.in_place:
+            self.start, self.blocks = start.contiguous(), blocks.contiguous()
+            return
         if lengths is not None and bool((lengths == self.T).all()):
             lengths = None
         self.valid = None if lengths is None else (offsets < lengths[:, None]).flatten()
@@ -225,6 +235,8 @@ class Block(nn.Module):
     def _attend(self, qkv: Tensor, kv: Tensor, g: Group) -> Tensor:
         """Store the group's new keys and values (not its padding), then attend: each
         sequence to its first g.L positions, where g.mask allows."""
+        if g.in_place:
+            return kernels.decode_attention(qkv, kv, g.blocks, g.start, self.scale)
         D = qkv.shape[1] // 3
         _store(kv, g.rows, qkv[:, D:] if g.valid is None else qkv[g.valid, D:])
         k, v = _gather(kv, g.used, g.N, g.L, g.gathered)

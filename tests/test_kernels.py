@@ -1,0 +1,96 @@
+"""Our C kernels (kernels.py, _kernels.c) against the torch ops they replace, on a real model's
+weights and a paged cache handed out the way the engine hands it out (tables out of order,
+siblings sharing their prompt's blocks)."""
+
+import shutil
+import sysconfig
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+from gpt2serve import checkpoint, kernels
+from gpt2serve.model import KVCache
+
+
+def test_pip_install_built_the_kernels_where_a_compiler_is():
+    if shutil.which(sysconfig.get_config_var("CC").split()[0]) is None:
+        pytest.skip("no C compiler: the install skips the kernels and torch ops run")
+    assert kernels._kernels is not None, "`pip install` did not build gpt2serve._kernels"
+    assert kernels.runs_decode_attention(torch.zeros(1))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = make_hf_model(tmp_path_factory.mktemp("k") / "m", n_layer=2, n_head=4, n_embd=64,
+                           n_positions=256)
+    return checkpoint.load(folder)[0]
+
+
+def decode(model, use_kernels: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill four ragged prompts (rows 2 and 3 are siblings sharing row 2's prompt blocks),
+    then decode 40 steps; -> (every step's logits, the cache)."""
+    monkeypatch.setattr(kernels, "ENABLED", use_kernels and kernels._kernels is not None)
+    torch.manual_seed(0)
+    cfg, bs = model.config, 8
+    cache = KVCache(cfg, 64, bs, torch.float32, "cpu")
+    blocks = torch.randperm(64)[:4 * 12].view(4, 12)  # out of order, as a pool hands them out
+    lengths = torch.tensor([1, 19, 16, 16])
+    blocks[3, :2] = blocks[2, :2]  # the sibling reads its prompt from the same two blocks
+    tokens = torch.randint(0, cfg.vocab_size, (4, 19))
+    model.prefill(tokens[:3], cache, blocks[:3], lengths=lengths[:3])
+    pos, steps = lengths.clone(), []
+    for _ in range(40):
+        steps.append(model.decode_step(torch.randint(0, cfg.vocab_size, (4,)), pos, cache,
+                                       blocks))
+        pos += 1
+    return torch.stack(steps), cache.kv
+
+
+@pytest.mark.skipif(kernels._kernels is None, reason="kernels not built (no C compiler)")
+def test_decode_attention_matches_torch_ops(model, monkeypatch):
+    assert kernels.ENABLED  # not turned off in the environment of the test run
+    ours, our_cache = decode(model, True, monkeypatch)
+    ref, ref_cache = decode(model, False, monkeypatch)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # The first layer's keys and values come from the embeddings alone: stored bit for bit.
+    torch.testing.assert_close(our_cache[0], ref_cache[0], atol=0, rtol=0)
+    torch.testing.assert_close(our_cache, ref_cache, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(kernels._kernels is None, reason="kernels not built (no C compiler)")
+@pytest.mark.parametrize("block_size, head_dim", [(16, 64), (4, 24)])
+def test_decode_attention_against_attention_written_out(block_size, head_dim):
+    """Random queries and cache entries of unit scale (sharp attention), sequences from one
+    position to several blocks long: stores at pos, softmax(q.k * scale) @ v over 0..pos."""
+    torch.manual_seed(1)
+    heads, num_blocks, width = 3, 40, 9
+    kv = torch.randn(2, heads, num_blocks, block_size, head_dim)
+    blocks = torch.randperm(num_blocks)[:4 * width].view(4, width)
+    pos = torch.tensor([0, block_size - 1, block_size, width * block_size - 1])
+    D = heads * head_dim
+    qkv = torch.randn(4, 3 * D) * 2
+    expected_kv = kv.clone()
+    out = torch.empty(4, D)
+    for n in range(4):
+        slot_block, offset = blocks[n, pos[n] // block_size], pos[n] % block_size
+        new = qkv[n, D:].view(2, heads, head_dim)
+        expected_kv[:, :, slot_block, offset] = new
+        k, v = (expected_kv[i][:, blocks[n]].reshape(heads, -1, head_dim)[:, :pos[n] + 1]
+                for i in (0, 1))
+        q = qkv[n, :D].view(heads, 1, head_dim)
+        weights = torch.softmax(q @ k.transpose(1, 2) * 0.3, dim=-1)
+        out[n] = (weights @ v).reshape(D)
+    got = kernels.decode_attention(qkv, kv, blocks, pos, 0.3)
+    torch.testing.assert_close(kv, expected_kv, atol=0, rtol=0)
+    torch.testing.assert_close(got, out, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_refuses_rows_it_cannot_address():
+    if kernels._kernels is None:
+        pytest.skip("kernels not built (no C compiler)")
+    kv = torch.zeros(2, 2, 4, 8, 16)
+    qkv = torch.zeros(3, 96)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.decode_attention(qkv[:, ::2], kv, torch.zeros(3, 1, dtype=torch.long),
+                                 torch.zeros(3, dtype=torch.long), 0.25)
