@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model
-from gpt2serve import checkpoint, kernels
+from gpt2serve import checkpoint, hardware, kernels
 from gpt2serve.model import KVCache
 
 
@@ -94,3 +94,36 @@ def test_decode_attention_refuses_rows_it_cannot_address():
     with pytest.raises(ValueError, match="contiguous"):
         kernels.decode_attention(qkv[:, ::2], kv, torch.zeros(3, 1, dtype=torch.long),
                                  torch.zeros(3, dtype=torch.long), 0.25)
+
+
+def int8_written_out(x, q, scales, bias):
+    """What kernels.int8_linear computes: each row of x to u8 with its own scale and zero
+    point (its range stretched to hold 0), products summed exactly, then scaled."""
+    lo, hi = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
+    scale = (hi - lo) / 255
+    zero = torch.round(-lo / scale)
+    xq = (torch.round(x / scale[:, None]) + zero[:, None]).clamp(0, 255)
+    dots = (xq.double() - zero[:, None].double()) @ q.double().t()
+    return (dots.float() * scale[:, None] * scales) + bias
+
+
+@pytest.mark.skipif(not kernels.INT8_RUNS, reason="no int8 kernel here (not built, or no AVX2)")
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("m, k, n", [(1, 768, 2304), (3, 100, 7), (4, 64, 50257)])
+def test_int8_linear_against_the_arithmetic_written_out(vnni, m, k, n):
+    """Odd sizes on purpose: k not a multiple of 32, n not of 4 (padding), one row and more."""
+    if vnni and hardware.fbgemm_isa() != "avx512_vnni":
+        pytest.skip("needs a VNNI host")
+    torch.manual_seed(m)
+    levels = 127 if vnni else 63  # the AVX2 kernel's weights hold 7 bits (quantize.py)
+    q = torch.randint(-levels, levels + 1, (n, k), dtype=torch.int8)
+    q[0] = levels  # a row at full scale against activations at 255: no int16 saturation
+    scales, bias = torch.rand(n) / 100, torch.randn(n)
+    x = torch.randn(m, k) * 3
+    x[0] = x[0].abs()  # a row with no negative value: zero point 0
+    packed, sums = kernels.pack_int8(q)
+    padded_scales = torch.cat([scales, torch.zeros(sums.shape[0] - n)])
+    got = kernels.int8_linear(x, packed, sums, padded_scales, bias, n, vnni)
+    torch.testing.assert_close(got, int8_written_out(x, q, scales, bias), atol=1e-3, rtol=1e-4)
+    assert torch.equal(kernels.packed_int8_rows(packed, torch.tensor([n - 1, 0]))[:, :k],
+                       q[[n - 1, 0]])

@@ -48,31 +48,42 @@ By any other name would smell as sweet;
 """
 
 
-def teacher_forced_logits(folder, quantize, ids):
+def teacher_forced_logits(folder, quantize, ids, how):
+    """Logits at every position of ids: read as one prompt (fbgemm's GEMM for int8), or one
+    token per decode step (our small-batch kernel, kernels.int8_linear)."""
     model, _ = checkpoint.load(folder, quantize=quantize)
     cache, blocks = KVCache.for_sequences(model.config, 1, len(ids), torch.float32, "cpu")
-    return model.prefill(torch.tensor(ids), cache, blocks[0], all_logits=True)
+    ids = torch.tensor(ids)
+    if how == "prompt":
+        return model.prefill(ids, cache, blocks[0], all_logits=True)
+    first = model.prefill(ids[:1], cache, blocks[0])
+    steps = [model.decode_step(ids[t:t + 1], torch.tensor([t]), cache, blocks)[0]
+             for t in range(1, len(ids))]
+    return torch.stack([first, *steps])
 
 
-def test_int8_keeps_the_demo_models_choices():
+@pytest.mark.parametrize("how", ["prompt", "decode"])
+def test_int8_keeps_the_demo_models_choices(how):
     model, tokenizer = checkpoint.load(None)
     ids = tokenizer.encode(TEXT)[:model.config.n_positions]
     assert len(ids) > 200
-    fp32 = teacher_forced_logits(None, None, ids)
-    int8 = teacher_forced_logits(None, "int8", ids)
+    fp32 = teacher_forced_logits(None, None, ids, how)
+    int8 = teacher_forced_logits(None, "int8", ids, how)
     agreement = (fp32.argmax(-1) == int8.argmax(-1)).float().mean().item()
-    print(f"\ndemo model, {len(ids)} tokens: int8 top-1 agreement with fp32 {agreement:.1%}")
+    print(f"\ndemo model, {len(ids)} tokens, {how}: int8 top-1 agreement with fp32 "
+          f"{agreement:.1%}")
     assert agreement >= 0.97
 
 
-def test_int8_relative_logit_error_on_random_weights(tmp_path):
+@pytest.mark.parametrize("how", ["prompt", "decode"])
+def test_int8_relative_logit_error_on_random_weights(tmp_path, how):
     folder = make_hf_model(tmp_path / "random", n_embd=256, n_layer=4, n_head=4,
                            n_positions=256)
     ids = torch.randint(0, 400, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    fp32 = teacher_forced_logits(folder, None, ids)
-    int8 = teacher_forced_logits(folder, "int8", ids)
+    fp32 = teacher_forced_logits(folder, None, ids, how)
+    int8 = teacher_forced_logits(folder, "int8", ids, how)
     error = ((int8 - fp32).norm() / fp32.norm()).item()
-    print(f"\nrandom model: int8 relative logit error {error:.2%}")
+    print(f"\nrandom model, {how}: int8 relative logit error {error:.2%}")
     assert error <= 0.05
 
 
@@ -117,7 +128,7 @@ def test_int8_under_an_avx2_cap_uses_7_bit_weights_and_passes_the_quality_gates(
          "-k", "demo_models_choices or relative_logit_error"],
         env={**os.environ, **cap}, capture_output=True, text=True)
     assert gates.returncode == 0, gates.stdout[-3000:]
-    assert "2 passed" in gates.stdout
+    assert "4 passed" in gates.stdout
 
 
 SATURATION_CHECK = """

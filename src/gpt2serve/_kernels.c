@@ -17,6 +17,7 @@ AVX2+FMA and baseline x86-64 and picks one at load from CPUID.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -128,10 +129,170 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- int8 matmul: y = x @ W^T * scales + bias, x fp32 [m, k], W int8 [n, k] ----------------
+
+Each row of x is quantized to u8 with its own scale and zero point (asymmetric, the range
+stretched to hold 0), then multiplied by the int8 weights in int32: vpdpbusd where the CPU
+has AVX-512 VNNI, else vpmaddubsw + vpmaddwd, whose int16 pair sums cannot saturate because
+such weights hold 7 bits (quantize.py). Weight rows are padded to a multiple of 32 bytes with
+zeros. Threads split the weight rows, so each streams its share of W once for all of x's rows
+(up to MAX_ROWS, the decode batch sizes this serves; beyond that fbgemm's GEMM is faster). */
+
+typedef struct {
+    const uint8_t *xq;      /* [m, k_padded] */
+    const float *x_scale;   /* [m] */
+    const int32_t *x_zero;  /* [m] */
+    const int8_t *w;        /* [n, k_padded] */
+    const float *w_scale;   /* [n] */
+    const int32_t *w_sum;   /* [n] sum of each weight row */
+    const float *bias;      /* [n] or NULL */
+    float *y;               /* [m, n] */
+    int64_t m, n, k_padded;
+} int8_args;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+static inline int32_t hsum_epi32(__m256i v) __attribute__((target("avx2")));
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline void finish(const int8_args *a, int64_t row, int64_t o, int32_t dot) {
+    float v = (float)(dot - a->x_zero[row] * a->w_sum[o]) * a->x_scale[row] * a->w_scale[o];
+    a->y[row * a->n + o] = a->bias ? v + a->bias[o] : v;
+}
+
+/* Four weight rows by two x rows at a time: 8 accumulators, 4 weight and 2 x registers. */
+#define INT8_BODY(DOT)                                                                        \
+    const int64_t kp = a->k_padded;                                                          \
+    for (int64_t o = o0; o < o1; o += 4) {                                                   \
+        const int64_t rows = a->n - o < 4 ? a->n - o : 4;                                    \
+        const int8_t *w = a->w + o * kp; /* four rows, interleaved by 32 bytes */            \
+        for (int64_t b = 0; b < a->m; b += 2) {                                              \
+            const uint8_t *x0 = a->xq + b * kp, *x1 = a->xq + (b + 1 < a->m ? b + 1 : b) * kp; \
+            __m256i acc[2][4];                                                                \
+            for (int r = 0; r < 4; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_si256();      \
+            for (int64_t i = 0; i < kp; i += 32) {                                           \
+                const __m256i xa = _mm256_loadu_si256((const __m256i *)(x0 + i));            \
+                const __m256i xb = _mm256_loadu_si256((const __m256i *)(x1 + i));            \
+                for (int r = 0; r < 4; ++r) {                                                 \
+                    const __m256i wr = _mm256_loadu_si256((const __m256i *)(w + 4 * i + 32 * r)); \
+                    acc[0][r] = DOT(acc[0][r], xa, wr);                                       \
+                    acc[1][r] = DOT(acc[1][r], xb, wr);                                       \
+                }                                                                             \
+            }                                                                                 \
+            for (int r = 0; r < rows; ++r) {                                                  \
+                finish(a, b, o + r, hsum_epi32(acc[0][r]));                                   \
+                if (b + 1 < a->m) finish(a, b + 1, o + r, hsum_epi32(acc[1][r]));            \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+__attribute__((target("avx2,fma"))) static inline __m256i dot_avx2(__m256i acc, __m256i x,
+                                                                     __m256i w) {
+    const __m256i pairs = _mm256_maddubs_epi16(x, w);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+__attribute__((target("avx512vnni,avx512vl,avx2"))) static inline __m256i dot_vnni(
+    __m256i acc, __m256i x, __m256i w) {
+    return _mm256_dpbusd_epi32(acc, x, w);
+}
+
+__attribute__((target("avx2,fma"))) static void int8_rows_avx2(const int8_args *a, int64_t o0,
+                                                              int64_t o1) {
+    INT8_BODY(dot_avx2)
+}
+
+__attribute__((target("avx512vnni,avx512vl,avx2,fma"))) static void int8_rows_vnni(
+    const int8_args *a, int64_t o0, int64_t o1) {
+    INT8_BODY(dot_vnni)
+}
+#define HAVE_INT8 1
+#else
+#define HAVE_INT8 0
+#endif
+
+/* Row b of x [m, k] -> u8 [k_padded] (zeros past k), its scale and zero point. */
+static void quantize_row(const float *x, int64_t k, int64_t k_padded, uint8_t *q,
+                         float *scale, int32_t *zero) {
+    float lo = 0.f, hi = 0.f;
+    for (int64_t i = 0; i < k; ++i) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    const float s = hi > lo ? (hi - lo) / 255.f : 1.f;
+    const int32_t z = (int32_t)nearbyintf(-lo / s);
+    const float inv = 1.f / s;
+    for (int64_t i = 0; i < k; ++i) {
+        const float v = nearbyintf(x[i] * inv) + (float)z;
+        q[i] = (uint8_t)(v < 0.f ? 0.f : v > 255.f ? 255.f : v);
+    }
+    for (int64_t i = k; i < k_padded; ++i) q[i] = 0;
+    *scale = s;
+    *zero = z;
+}
+
+static PyObject *int8_linear(PyObject *self, PyObject *args) {
+    unsigned long long x, w, w_scale, w_sum, bias, y;
+    int64_t k;
+    int8_args a;
+    int vnni;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLp", &x, &w, &w_scale, &w_sum, &bias, &y, &a.m, &k,
+                          &a.n, &a.k_padded, &vnni))
+        return NULL;
+#if HAVE_INT8
+    a.w = (const int8_t *)(uintptr_t)w;
+    a.w_scale = (const float *)(uintptr_t)w_scale;
+    a.w_sum = (const int32_t *)(uintptr_t)w_sum;
+    a.bias = (const float *)(uintptr_t)bias;
+    a.y = (float *)(uintptr_t)y;
+    uint8_t *xq = malloc((size_t)(a.m * a.k_padded));
+    float *x_scale = malloc(sizeof(float) * (size_t)a.m);
+    int32_t *x_zero = malloc(sizeof(int32_t) * (size_t)a.m);
+    if (!xq || !x_scale || !x_zero) {
+        free(xq), free(x_scale), free(x_zero);
+        return PyErr_NoMemory();
+    }
+    a.xq = xq, a.x_scale = x_scale, a.x_zero = x_zero;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t b = 0; b < a.m; ++b)
+        quantize_row((const float *)(uintptr_t)x + b * k, k, a.k_padded, xq + b * a.k_padded,
+                     x_scale + b, x_zero + b);
+#pragma omp parallel
+    {
+        /* whole groups of four rows per thread */
+        const int64_t groups = (a.n + 3) / 4;
+        const int threads = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t g0 = groups * t / threads, g1 = groups * (t + 1) / threads;
+        const int64_t o0 = g0 * 4, o1 = g1 * 4 < a.n ? g1 * 4 : a.n;
+        if (o0 < o1) {
+            if (vnni)
+                int8_rows_vnni(&a, o0, o1);
+            else
+                int8_rows_avx2(&a, o0, o1);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(xq), free(x_scale), free(x_zero);
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "int8_linear needs an x86-64 build");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(qkv, kv, blocks, pos, out, n, heads, head_dim, num_blocks, block_size, "
      "width, qkv_stride, scale): addresses of contiguous fp32/int64 tensors (kernels.py)"},
+    {"int8_linear", int8_linear, METH_VARARGS,
+     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k_padded, vnni): "
+     "addresses of contiguous tensors (kernels.py)"},
     {NULL, NULL, 0, NULL},
 };
 

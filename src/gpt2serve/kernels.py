@@ -1,10 +1,14 @@
 """Our own CPU kernels (_kernels.c, built by `pip install`), and when they run.
 
-`decode_attention` replaces, for a step's decode rows, what model.Block._attend does with torch
-ops (store, gather, scaled-dot-product attention): same arithmetic in fp32, up to summation
-order. It runs on CPU with an fp32 cache when the module was built; everywhere else (CUDA,
-fp16/bf16, no compiler at install) the torch ops run. GPT2SERVE_C_KERNELS=0 turns it off, to
-compare the two (bench/offline.py) or to rule it out.
+- `decode_attention` replaces, for a step's decode rows, what model.Block._attend does with
+  torch ops (store, gather, scaled-dot-product attention): same arithmetic in fp32, up to
+  summation order. It runs on CPU with an fp32 cache.
+- `int8_linear` replaces fbgemm's dynamic int8 matmul (quantize.py) for the few rows of a
+  small decode batch.
+
+Where the module was not built (no compiler at install) or cannot run (not x86-64, CUDA,
+fp16/bf16), the torch ops run. GPT2SERVE_C_KERNELS=0 turns them off, to compare
+(bench/offline.py) or to rule them out.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from . import hardware
 
 try:
     from . import _kernels
@@ -45,3 +51,49 @@ def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
                               out.data_ptr(), n, heads, head_dim, num_blocks, block_size,
                               blocks.shape[1], qkv.stride(0), scale)
     return out
+
+
+# int8 matmuls (quantize.py): ours at up to this many rows, fbgemm's beyond. Ours streams the
+# weights at the machine's read bandwidth where a decode step at batch 1 is bound by it, but its
+# cost grows with every row, and fbgemm's GEMM blocking wins from about 6 rows on
+# (docs/benchmarks.md, "int8 kernels").
+INT8_MAX_ROWS = 4
+# The int8 kernel's instructions: VNNI exactly when fbgemm uses it, since that decides the
+# weights' range (hardware.int8_weight_levels: 7 bits without VNNI, where vpmaddubsw's int16
+# pair sums would otherwise saturate); AVX2 needed either way.
+INT8_VNNI = hardware.int8_weight_levels() == 127
+INT8_RUNS = ENABLED and hardware.fbgemm_isa() is not None
+
+
+def pack_int8(q: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 weights q [n, k] -> (the layout int8_linear reads, each row's sum [n4] int32).
+    Rows are padded with zeros to a multiple of 32 bytes and of 4 rows, and groups of four
+    rows are interleaved 32 bytes at a time, so that each thread reads one sequential stream
+    (four separate rows of a few hundred bytes each were too short for the hardware
+    prefetcher: 17 GB/s against 34 interleaved)."""
+    n, k = q.shape
+    n4, kp = -(-n // 4) * 4, -(-k // 32) * 32
+    padded = torch.zeros(n4, kp, dtype=torch.int8)
+    padded[:n, :k] = q
+    sums = padded.sum(1, dtype=torch.int32)
+    return padded.view(n4 // 4, 4, kp // 32, 32).transpose(1, 2).contiguous(), sums
+
+
+def packed_int8_rows(packed: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` of a pack_int8 matrix, as int8 [len(index), k_padded]."""
+    groups, chunks, four, width = packed.shape
+    return packed[index // 4, :, index % 4].reshape(-1, chunks * width)
+
+
+def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: Tensor | None,
+                n: int, vnni: bool = INT8_VNNI) -> Tensor:
+    """x [m, k] fp32 @ W.T * scales + bias -> [m, n], W as pack_int8 made it; scales [n4] and
+    bias [n] fp32. Each row of x is quantized to u8 on its own (its scale and zero point).
+    Without `vnni`, W must hold 7-bit values (|w| <= 63)."""
+    m, k = x.shape
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    _kernels.int8_linear(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), sums.data_ptr(),
+                         0 if bias is None else bias.data_ptr(), y.data_ptr(), m, k, n,
+                         packed.shape[1] * packed.shape[3], vnni)
+    return y

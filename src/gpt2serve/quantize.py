@@ -1,10 +1,13 @@
 """`--quantize int8`: int8 weights with per-channel scales, on CPU.
 
-Every linear layer and the tied embedding / LM head are quantized once, at load. Matmuls run
-through fbgemm's dynamic int8 kernel (`quantized::linear_dynamic`: activations are quantized
-per call, per tensor; weights per output channel), the fastest of the CPU options compared in
-docs/benchmarks.md. The embedding reads its rows from the same int8 matrix as the head, so
-the weights are held once, in a quarter of the fp32 bytes.
+Every linear layer and the tied embedding / LM head are quantized once, at load. Activations
+are quantized per call to u8. A decode step of a few sequences runs our own kernel
+(kernels.int8_linear: each row of activations with its own scale, weights streamed at the
+machine's read bandwidth); more rows, prompts above all, run fbgemm's dynamic int8 GEMM
+(`quantized::linear_dynamic`: activations per tensor, weights per output channel), the
+fastest of the CPU options compared in docs/benchmarks.md for those. Each layer therefore
+holds its int8 weights twice, once in each kernel's layout; the embedding reads its rows from
+the head's copy in our layout.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from . import hardware
+from . import hardware, kernels
 from .model import Conv1D, TiedHead
 
 
@@ -44,33 +47,59 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
+class _SmallBatch:
+    """The weights in kernels.int8_linear's layout, for decode steps of a few rows."""
+
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
+        self.packed, self.sums = kernels.pack_int8(q.int_repr())
+        self.scales = torch.zeros(self.sums.shape[0])
+        self.scales[:q.shape[0]] = scales
+        self.bias, self.n = bias, q.shape[0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return kernels.int8_linear(x, self.packed, self.sums, self.scales, self.bias, self.n)
+
+
 class Int8Linear(nn.Module):
     """Drop-in for Conv1D: y = x @ W + b with W held as packed per-channel int8."""
 
     def __init__(self, conv: Conv1D):
         super().__init__()
-        q, _ = quantize_rows(conv.weight.detach().t())
-        self._packed = torch.ops.quantized.linear_prepack(q, conv.bias.detach().float())
+        q, scales = quantize_rows(conv.weight.detach().t())
+        bias = conv.bias.detach().float().contiguous()
+        self._packed = torch.ops.quantized.linear_prepack(q, bias)
+        self._small = _SmallBatch(q, scales, bias) if kernels.INT8_RUNS else None
         self.nbytes = q.numel() + conv.bias.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._small is not None and x.shape[0] <= kernels.INT8_MAX_ROWS:
+            return self._small(x)
         return torch.ops.quantized.linear_dynamic(x, self._packed, REDUCE_RANGE)
 
 
 class Int8TiedHead(nn.Module):
     """Drop-in for TiedHead: int8 [V, D] rows with per-row scales serve both the logits
-    (fbgemm) and the embedding (rows dequantized on lookup)."""
+    and the embedding (rows dequantized on lookup)."""
 
     def __init__(self, head: TiedHead):
         super().__init__()
         q, scales = quantize_rows(head.weight_t.detach().t())
         self._packed = torch.ops.quantized.linear_prepack(q, None)
-        self.register_buffer("rows", q.int_repr())
+        self._small = _SmallBatch(q, scales, None) if kernels.INT8_RUNS else None
+        if self._small is None:
+            self.register_buffer("rows", q.int_repr())
         self.register_buffer("scales", scales)
-        self.nbytes = self.rows.nbytes + scales.nbytes
+        self.nbytes = q.numel() + scales.nbytes
+        self.n_embd = q.shape[1]
 
     def embed(self, tokens: Tensor) -> Tensor:
-        return self.rows[tokens].float() * self.scales[tokens].unsqueeze(-1)
+        if self._small is None:
+            rows = self.rows[tokens]
+        else:
+            rows = kernels.packed_int8_rows(self._small.packed, tokens)[:, :self.n_embd]
+        return rows.float() * self.scales[tokens].unsqueeze(-1)
 
     def forward(self, hidden: Tensor) -> Tensor:
+        if self._small is not None and hidden.shape[0] <= kernels.INT8_MAX_ROWS:
+            return self._small(hidden)
         return torch.ops.quantized.linear_dynamic(hidden, self._packed, REDUCE_RANGE)

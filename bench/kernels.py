@@ -1,0 +1,117 @@
+"""Our C kernels against the torch ops they replace, on GPT-2 124M's shapes, cache-cold.
+
+    python bench/kernels.py [--rows 1 2 4 6 8 16] [--repeats 20]
+
+int8 matmuls: the 48 layer matrices of 12 layers and the LM head, each called once per pass as a
+decode step does (so every weight comes from memory, not from cache): kernels.int8_linear vs
+fbgemm's `quantized::linear_dynamic`, per number of rows. This is what sets
+kernels.INT8_MAX_ROWS. Decode attention: kernels.decode_attention vs the torch ops of
+model.Block._attend (store, gather, scaled-dot-product attention), 12 layers, per batch size
+and context length. Run it under the AVX2 cap with `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` (and the
+rest of hardware.AVX2_CAP_ENV) in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from common import host_isa, median_time, read_bandwidth
+
+LAYER_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) per layer
+HEAD = (768, 50257)
+
+
+class Int8Matrix:
+    """One random weight matrix, quantized as quantize.py does, in both kernels' layouts."""
+
+    def __init__(self, k: int, n: int):
+        from gpt2serve import kernels, quantize
+
+        q, scales = quantize.quantize_rows(torch.randn(n, k) * 0.05)
+        self.bias = torch.randn(n)
+        self.fbgemm = torch.ops.quantized.linear_prepack(q, self.bias)
+        self.packed, self.sums = kernels.pack_int8(q.int_repr())
+        self.scales = torch.zeros(self.sums.shape[0])
+        self.scales[:n] = scales
+        self.k, self.n = k, n
+
+    def ours(self, x):
+        from gpt2serve import kernels
+
+        return kernels.int8_linear(x, self.packed, self.sums, self.scales, self.bias, self.n)
+
+    def theirs(self, x):
+        return torch.ops.quantized.linear_dynamic(x, self.fbgemm, False)
+
+
+def int8_matmuls(rows: list[int], repeats: int) -> None:
+    from gpt2serve import kernels
+
+    layers = [Int8Matrix(k, n) for _ in range(12) for k, n in LAYER_SHAPES]
+    head = Int8Matrix(*HEAD)
+    weight_mb = sum(m.k * m.n for m in layers) / 1e6
+    print(f"int8 matmuls, 12 layers ({weight_mb:.0f} MB) + LM head ({head.k * head.n / 1e6:.0f} "
+          f"MB), ms per pass (median of {repeats}); ours {'VNNI' if kernels.INT8_VNNI else 'AVX2'}")
+    print(f"{'rows':>5} {'fbgemm layers':>14} {'ours layers':>12} {'fbgemm head':>12} "
+          f"{'ours head':>10}  layers ours/fbgemm speed")
+    for m in rows:
+        xs = {k: torch.randn(m, k) for k in (768, 3072)}
+        t = {name: median_time(lambda: [getattr(w, name)(xs[w.k]) for w in layers], repeats)
+             for name in ("theirs", "ours")}
+        h = {name: median_time(lambda: getattr(head, name)(xs[768]), repeats)
+             for name in ("theirs", "ours")}
+        print(f"{m:5d} {t['theirs'] * 1e3:14.2f} {t['ours'] * 1e3:12.2f} "
+              f"{h['theirs'] * 1e3:12.2f} {h['ours'] * 1e3:10.2f}  {t['theirs'] / t['ours']:.2f}x"
+              f"  ({weight_mb / 1e3 / t['ours']:.1f} GB/s ours)")
+
+
+def decode_attention(batches: list[int], contexts: list[int], repeats: int) -> None:
+    from gpt2serve import kernels
+    from gpt2serve.model import Block, GPTConfig, Group, KVCache
+
+    cfg = GPTConfig()
+    block = Block(cfg, 0)  # its _attend: the torch ops, or ours for groups that allow it
+    print("\ndecode attention, 12 layers of GPT-2 124M, ms per step (median of "
+          f"{repeats}): torch ops (gather + SDPA) vs ours, in place")
+    for n in batches:
+        for context in contexts:
+            cache, blocks = KVCache.for_sequences(cfg, n, context + 1, torch.float32, "cpu")
+            blocks = blocks.flatten()[torch.randperm(blocks.numel())].view(blocks.shape)
+            qkv = torch.randn(n, 3 * cfg.n_embd)
+            pos = torch.full((n,), context)
+            times = {}
+            for enabled in (False, True):
+                kernels.ENABLED = enabled
+                group = Group(cache, torch.zeros(n, 1, dtype=torch.long), pos, blocks)
+                times[enabled] = median_time(
+                    lambda: [block._attend(qkv, kv, group) for kv in cache.kv], repeats)
+            print(f"  batch {n:2d}, context {context:4d}: torch {times[False] * 1e3:6.2f}  "
+                  f"ours {times[True] * 1e3:6.2f}  {times[False] / times[True]:.2f}x")
+    kernels.ENABLED = True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 6, 8, 16])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1000])
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    from gpt2serve import hardware, kernels
+
+    if not kernels.ENABLED:
+        p.error("gpt2serve._kernels is not built here (or GPT2SERVE_C_KERNELS=0)")
+    torch.set_num_threads(hardware.default_threads())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"{host_isa()}; fbgemm {hardware.fbgemm_isa()}; measured read bandwidth "
+          f"{read_bandwidth() / 1e9:.1f} GB/s")
+    if kernels.INT8_RUNS:
+        int8_matmuls(args.rows, args.repeats)
+    decode_attention(args.batches, args.contexts, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
