@@ -91,7 +91,7 @@ def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: T
     bias [n] fp32. Each row of x is quantized to u8 on its own (its scale and zero point).
     Without `vnni`, W must hold 7-bit values (|w| <= 63)."""
     m, k = x.shape
-    x = x.contiguous()
+    x = x.to(torch.float32).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     _kernels.int8_linear(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), sums.data_ptr(),
                          0 if bias is None else bias.data_ptr(), y.data_ptr(), m, k, n,
