@@ -134,17 +134,19 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
 Each row of x is quantized to u8 with its own scale and zero point (asymmetric, the range
 stretched to hold 0), then multiplied by the int8 weights in int32: vpdpbusd where the CPU
 has AVX-512 VNNI, else vpmaddubsw + vpmaddwd, whose int16 pair sums cannot saturate because
-such weights hold 7 bits (quantize.py). Weight rows are padded to a multiple of 32 bytes with
-zeros. Threads split the weight rows, so each streams its share of W once for all of x's rows
-(up to MAX_ROWS, the decode batch sizes this serves; beyond that fbgemm's GEMM is faster). */
+such weights hold 7 bits (quantize.py). W comes in kernels.pack_int8's layout: rows padded with
+zeros to a multiple of 32 bytes and of four rows, each group of four interleaved 32 bytes at a
+time. Threads split the groups, so each streams its share of W once for all of x's rows (up to
+kernels.INT8_MAX_ROWS, the decode batch sizes this serves; beyond that fbgemm's GEMM is
+faster). Sums stay within int32: 255 * 127 * k for k up to 66,000. */
 
 typedef struct {
     const uint8_t *xq;      /* [m, k_padded] */
     const float *x_scale;   /* [m] */
     const int32_t *x_zero;  /* [m] */
-    const int8_t *w;        /* [n, k_padded] */
-    const float *w_scale;   /* [n] */
-    const int32_t *w_sum;   /* [n] sum of each weight row */
+    const int8_t *w;        /* [n4 / 4, k_padded / 32, 4, 32] (kernels.pack_int8) */
+    const float *w_scale;   /* [n4] */
+    const int32_t *w_sum;   /* [n4] sum of each weight row */
     const float *bias;      /* [n] or NULL */
     float *y;               /* [m, n] */
     int64_t m, n, k_padded;
