@@ -6,6 +6,8 @@ grace + 5 s (it took 36 s with a grace of 3: uvicorn waited its own 30 s)."""
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -118,3 +120,26 @@ async def _scenario(srv, stub) -> dict:
         except grpc.RpcError as e:
             out["long_grpc"] = e.code()
     return out
+
+
+@pytest.mark.parametrize("when", ["Setting max asyncio worker threads", "Starting uvicorn",
+                                  "Uvicorn running"])
+def test_sigterm_during_start_up_ends_the_process(tiny_model, tmp_path, when):
+    """Kubernetes may stop a pod that is still starting. Between KServe installing its signal
+    handlers and uvicorn installing its own, SIGTERM used to reach KServe's, which stops
+    nothing that serves HTTP, and the process ran on until SIGKILL."""
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gpt2serve.cli", "serve", "--model_dir",
+                                 str(tiny_model), "--http_port", str(free_port()),
+                                 "--enable_grpc", "false"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while when not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

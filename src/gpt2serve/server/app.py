@@ -82,4 +82,5 @@ def serve(args: argparse.Namespace) -> None:
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
                                 enable_grpc=args.enable_grpc, workers=1,
                                 grace_period=shutdown.WRITE_OUT_SECONDS)
+    shutdown.exit_before_serving(server, engine)
     server.start([predictor])

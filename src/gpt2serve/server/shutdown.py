@@ -11,12 +11,16 @@ those last responses to be written, so the process ends, with status 0, within a
 `grace` + 1 s of the signal. A second signal exits at once.
 
 uvicorn owns the signal handlers while it serves (KServe's ModelServer runs it), so the hook
-is its `Server.handle_exit`; this process runs exactly one such server.
+is its `Server.handle_exit`; this process runs exactly one such server. Before uvicorn puts its
+handlers in place, ModelServer's own are there, and with one worker they stop nothing that
+serves HTTP: a SIGTERM in that window used to leave the process running until SIGKILL. Nothing
+can have been accepted yet then, so `exit_before_serving` makes such a signal end the process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -56,3 +60,17 @@ def install(predictor, engine: Engine, grace: float) -> None:
         threading.Thread(target=finish, name="gpt2serve-drain", daemon=True).start()
 
     uvicorn.Server.handle_exit = handle_exit
+
+
+def exit_before_serving(model_server, engine: Engine) -> None:
+    """A signal that reaches KServe's handler (installed by ModelServer.start, replaced by
+    uvicorn's while it serves, back after) ends the process at once: before serving nothing
+    has been accepted, and after it the drain above has already run."""
+
+    def stop(sig: int) -> None:
+        log.info("signal %d while not serving HTTP: exiting", sig)
+        engine.stop(timeout=STEP_WAIT_SECONDS)
+        logging.shutdown()
+        os._exit(0)
+
+    model_server.stop = stop  # ModelServer's handlers call self.stop(sig)
