@@ -2,7 +2,10 @@
 weights and a paged cache handed out the way the engine hands it out (tables out of order,
 siblings sharing their prompt's blocks)."""
 
+import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -59,8 +62,9 @@ def test_decode_attention_matches_torch_ops(model, monkeypatch):
 
 
 @pytest.mark.skipif(kernels._kernels is None, reason="kernels not built (no C compiler)")
+@pytest.mark.parametrize("isa", range(kernels.ATTENTION_ISA + 1))  # each variant this CPU runs
 @pytest.mark.parametrize("block_size, head_dim", [(16, 64), (4, 24)])
-def test_decode_attention_against_attention_written_out(block_size, head_dim):
+def test_decode_attention_against_attention_written_out(block_size, head_dim, isa):
     """Random queries and cache entries of unit scale (sharp attention), sequences from one
     position to several blocks long: stores at pos, softmax(q.k * scale) @ v over 0..pos."""
     torch.manual_seed(1)
@@ -81,7 +85,7 @@ def test_decode_attention_against_attention_written_out(block_size, head_dim):
         q = qkv[n, :D].view(heads, 1, head_dim)
         weights = torch.softmax(q @ k.transpose(1, 2) * 0.3, dim=-1)
         out[n] = (weights @ v).reshape(D)
-    got = kernels.decode_attention(qkv, kv, blocks, pos, 0.3)
+    got = kernels.decode_attention(qkv, kv, blocks, pos, 0.3, isa)
     torch.testing.assert_close(kv, expected_kv, atol=0, rtol=0)
     torch.testing.assert_close(got, out, atol=1e-5, rtol=1e-5)
 
@@ -127,3 +131,13 @@ def test_int8_linear_against_the_arithmetic_written_out(vnni, m, k, n):
     torch.testing.assert_close(got, int8_written_out(x, q, scales, bias), atol=1e-3, rtol=1e-4)
     assert torch.equal(kernels.packed_int8_rows(packed, torch.tensor([n - 1, 0]))[:, :k],
                        q[[n - 1, 0]])
+
+
+def test_the_kernels_follow_the_isa_caps():
+    """Under `bench/offline.py --isa avx2`'s caps an AVX-512 host runs our AVX2 code: attention
+    follows torch's cap, int8 fbgemm's."""
+    code = "from gpt2serve import kernels; print(kernels.ATTENTION_ISA, kernels.INT8_VNNI)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **hardware.AVX2_CAP_ENV}, check=True)
+    expected_attention = min(kernels.ATTENTION_ISA, 1)
+    assert out.stdout.split() == [str(expected_attention), "False"]

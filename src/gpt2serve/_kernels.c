@@ -9,8 +9,9 @@ layer, which at batch 1 to 8 cost more than the arithmetic.
 
 Plain C with OpenMP: the module links libgomp by soname, so once torch is imported it shares
 torch's OpenMP runtime and thread count (torch.set_num_threads) instead of starting a second
-team. Built by `pip install` (setup.py); gcc's target_clones compiles the loops for AVX-512,
-AVX2+FMA and baseline x86-64 and picks one at load from CPUID.
+team. Built by `pip install` (setup.py). Each kernel is compiled for more than one instruction
+set and the caller names the one to run (kernels.py, from the cap the ISA benchmarks set:
+torch's for attention, fbgemm's for int8), so that an AVX-512 host capped at AVX2 runs AVX2 code.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -19,10 +20,12 @@ AVX2+FMA and baseline x86-64 and picks one at load from CPUID.
 #include <stdlib.h>
 #include <omp.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define X86 1
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define VECTOR_CLONES
+#define X86 0
 #endif
 
 /* Cache layout of one layer: [key|value, head, block, position in block, head_dim]. */
@@ -42,8 +45,9 @@ static inline float *cache_row(const decode_args *a, int64_t key_or_value, int64
                     + offset) * a->head_dim;
 }
 
-VECTOR_CLONES
-static void attend_one(const decode_args *a, int64_t seq, int64_t head, float *scores) {
+/* Compiled into each ISA's variant below, where the compiler vectorizes it for that ISA. */
+static inline __attribute__((always_inline)) void attend_one(const decode_args *a, int64_t seq,
+                                                             int64_t head, float *scores) {
     const int64_t hd = a->head_dim, d_model = a->heads * hd, bs = a->block_size;
     const int64_t *table = a->blocks + seq * a->width;
     const int64_t p = a->pos[seq], length = p + 1;
@@ -88,7 +92,27 @@ static void attend_one(const decode_args *a, int64_t seq, int64_t head, float *s
     }
 }
 
-static int decode_attention_run(const decode_args *a) {
+static void attend_baseline(const decode_args *a, int64_t seq, int64_t head, float *scores) {
+    attend_one(a, seq, head, scores);
+}
+#if X86
+TARGET_AVX2 static void attend_avx2(const decode_args *a, int64_t seq, int64_t head,
+                                    float *scores) {
+    attend_one(a, seq, head, scores);
+}
+TARGET_AVX512 static void attend_avx512(const decode_args *a, int64_t seq, int64_t head,
+                                        float *scores) {
+    attend_one(a, seq, head, scores);
+}
+#endif
+
+/* isa: 2 AVX-512, 1 AVX2 + FMA, 0 baseline (anything else: baseline) */
+static int decode_attention_run(const decode_args *a, int isa) {
+    void (*attend)(const decode_args *, int64_t, int64_t, float *) = attend_baseline;
+#if X86
+    if (isa == 2) attend = attend_avx512;
+    if (isa == 1) attend = attend_avx2;
+#endif
     int64_t longest = 0;
     for (int64_t i = 0; i < a->n; ++i) longest = a->pos[i] + 1 > longest ? a->pos[i] + 1 : longest;
     int failed = 0;
@@ -101,7 +125,7 @@ static int decode_attention_run(const decode_args *a) {
         }
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < a->n * a->heads; ++item)
-            if (scores != NULL) attend_one(a, item / a->heads, item % a->heads, scores);
+            if (scores != NULL) attend(a, item / a->heads, item % a->heads, scores);
         free(scores);
     }
     return failed;
@@ -111,9 +135,10 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     unsigned long long qkv, kv, blocks, pos, out;
     decode_args a;
     double scale;
-    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLd", &qkv, &kv, &blocks, &pos, &out, &a.n,
+    int isa;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLdi", &qkv, &kv, &blocks, &pos, &out, &a.n,
                           &a.heads, &a.head_dim, &a.num_blocks, &a.block_size, &a.width,
-                          &a.qkv_stride, &scale))
+                          &a.qkv_stride, &scale, &isa))
         return NULL;
     a.qkv = (const float *)(uintptr_t)qkv;
     a.kv = (float *)(uintptr_t)kv;
@@ -123,7 +148,7 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     a.scale = (float)scale;
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = decode_attention_run(&a);
+    failed = decode_attention_run(&a, isa);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -152,7 +177,7 @@ typedef struct {
     int64_t m, n, k_padded;
 } int8_args;
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if X86
 #include <immintrin.h>
 
 static inline int32_t hsum_epi32(__m256i v) __attribute__((target("avx2")));
@@ -291,7 +316,8 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(qkv, kv, blocks, pos, out, n, heads, head_dim, num_blocks, block_size, "
-     "width, qkv_stride, scale): addresses of contiguous fp32/int64 tensors (kernels.py)"},
+     "width, qkv_stride, scale, isa): addresses of contiguous fp32/int64 tensors; isa 2 "
+     "AVX-512, 1 AVX2, 0 baseline (kernels.py)"},
     {"int8_linear", int8_linear, METH_VARARGS,
      "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k_padded, vnni): "
      "addresses of contiguous tensors (kernels.py)"},

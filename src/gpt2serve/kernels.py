@@ -28,6 +28,11 @@ except ImportError:  # built without a C compiler: torch ops only
 
 ENABLED = _kernels is not None and os.environ.get("GPT2SERVE_C_KERNELS", "1") != "0"
 
+# The instructions decode_attention runs: those of torch's own vectorized kernels, which
+# ATEN_CPU_CAPABILITY caps (bench/offline.py --isa avx2 sets it): 2 AVX-512, 1 AVX2, 0 neither.
+ATTENTION_ISAS = {"AVX512": 2, "AVX2": 1}
+ATTENTION_ISA = ATTENTION_ISAS.get(torch.backends.cpu.get_cpu_capability(), 0)
+
 
 def runs_decode_attention(kv: Tensor) -> bool:
     """Whether decode_attention serves a cache like kv (one layer, or all of them)."""
@@ -35,7 +40,7 @@ def runs_decode_attention(kv: Tensor) -> bool:
 
 
 def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
-                     scale: float) -> Tensor:
+                     scale: float, isa: int = ATTENTION_ISA) -> Tensor:
     """Attention of one new token for each of N sequences -> [N, D].
 
     qkv [N, 3D]: their queries, keys and values (c_attn's output, rows contiguous); kv: one
@@ -50,7 +55,7 @@ def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
     out = torch.empty(n, heads * head_dim, dtype=qkv.dtype)
     _kernels.decode_attention(qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(), pos.data_ptr(),
                               out.data_ptr(), n, heads, head_dim, num_blocks, block_size,
-                              blocks.shape[1], qkv.stride(0), scale)
+                              blocks.shape[1], qkv.stride(0), scale, isa)
     return out
 
 
