@@ -62,7 +62,7 @@ def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
 # int8 matmuls (quantize.py): ours at up to this many rows, fbgemm's beyond. Ours streams the
 # weights at the machine's read bandwidth where a decode step at batch 1 is bound by it, but its
 # cost grows with every row, and fbgemm's GEMM blocking wins from about 6 rows on
-# (docs/benchmarks.md, "int8 kernels").
+# (docs/benchmarks.md, "Our own CPU kernels"; bench/kernels.py).
 INT8_MAX_ROWS = 4
 # The int8 kernel's instructions: VNNI exactly when fbgemm uses it, since that decides the
 # weights' range (hardware.int8_weight_levels: 7 bits without VNNI, where vpmaddubsw's int16
