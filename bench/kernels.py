@@ -28,23 +28,12 @@ class Int8Matrix:
     """One random weight matrix, quantized as quantize.py does, in both kernels' layouts."""
 
     def __init__(self, k: int, n: int):
-        from gpt2serve import kernels, quantize
+        from gpt2serve import quantize
 
         q, scales = quantize.quantize_rows(torch.randn(n, k) * 0.05)
-        self.bias = torch.randn(n)
-        self.fbgemm = torch.ops.quantized.linear_prepack(q, self.bias)
-        self.packed, self.sums = kernels.pack_int8(q.int_repr())
-        self.scales = torch.zeros(self.sums.shape[0])
-        self.scales[:n] = scales
+        matmul = quantize.Int8Matmul(q, scales, torch.randn(n))
+        self.ours, self.theirs = matmul.small_batch, matmul.large_batch
         self.k, self.n = k, n
-
-    def ours(self, x):
-        from gpt2serve import kernels
-
-        return kernels.int8_linear(x, self.packed, self.sums, self.scales, self.bias, self.n)
-
-    def theirs(self, x):
-        return torch.ops.quantized.linear_dynamic(x, self.fbgemm, False)
 
 
 def int8_matmuls(rows: list[int], repeats: int) -> None:

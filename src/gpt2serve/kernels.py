@@ -87,10 +87,10 @@ def pack_int8(q: Tensor) -> tuple[Tensor, Tensor]:
     return padded.view(n4 // 4, 4, kp // 32, 32).transpose(1, 2).contiguous(), sums
 
 
-def packed_int8_rows(packed: Tensor, index: Tensor) -> Tensor:
-    """Rows `index` of a pack_int8 matrix, as int8 [len(index), k_padded]."""
+def packed_int8_rows(packed: Tensor, index: Tensor, k: int) -> Tensor:
+    """Rows `index` of a pack_int8 matrix of k columns, as int8 [len(index), k]."""
     groups, chunks, four, width = packed.shape
-    return packed[index // 4, :, index % 4].reshape(-1, chunks * width)
+    return packed[index // 4, :, index % 4].reshape(-1, chunks * width)[:, :k]
 
 
 def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: Tensor | None,

@@ -47,59 +47,65 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-class _SmallBatch:
-    """The weights in kernels.int8_linear's layout, for decode steps of a few rows."""
+class Int8Matmul:
+    """x @ W.T * scales (+ bias) for per-row int8 W [n, k], in both kernels' layouts: ours
+    for up to kernels.INT8_MAX_ROWS rows of x, fbgemm's beyond (and everywhere ours cannot
+    run: then `packed` is None)."""
 
     def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
-        self.packed, self.sums = kernels.pack_int8(q.int_repr())
-        self.scales = torch.zeros(self.sums.shape[0])
-        self.scales[:q.shape[0]] = scales
-        self.bias, self.n = bias, q.shape[0]
+        self.fbgemm = torch.ops.quantized.linear_prepack(q, bias)
+        self.packed = None
+        if kernels.INT8_RUNS:
+            self.packed, self.sums = kernels.pack_int8(q.int_repr())
+            self.scales = torch.zeros(self.sums.shape[0])  # padded like the rows
+            self.scales[:q.shape[0]] = scales
+            self.bias, self.n = bias, q.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.packed is not None and x.shape[0] <= kernels.INT8_MAX_ROWS:
+            return self.small_batch(x)
+        return self.large_batch(x)
+
+    def small_batch(self, x: Tensor) -> Tensor:
         return kernels.int8_linear(x, self.packed, self.sums, self.scales, self.bias, self.n)
+
+    def large_batch(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.fbgemm, REDUCE_RANGE)
 
 
 class Int8Linear(nn.Module):
-    """Drop-in for Conv1D: y = x @ W + b with W held as packed per-channel int8."""
+    """Drop-in for Conv1D: y = x @ W + b with W held as per-channel int8 (Int8Matmul)."""
 
     def __init__(self, conv: Conv1D):
         super().__init__()
         q, scales = quantize_rows(conv.weight.detach().t())
-        bias = conv.bias.detach().float().contiguous()
-        self._packed = torch.ops.quantized.linear_prepack(q, bias)
-        self._small = _SmallBatch(q, scales, bias) if kernels.INT8_RUNS else None
+        self.matmul = Int8Matmul(q, scales, conv.bias.detach().float().contiguous())
         self.nbytes = q.numel() + conv.bias.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._small is not None and x.shape[0] <= kernels.INT8_MAX_ROWS:
-            return self._small(x)
-        return torch.ops.quantized.linear_dynamic(x, self._packed, REDUCE_RANGE)
+        return self.matmul(x)
 
 
 class Int8TiedHead(nn.Module):
     """Drop-in for TiedHead: int8 [V, D] rows with per-row scales serve both the logits
-    and the embedding (rows dequantized on lookup)."""
+    and the embedding (rows dequantized on lookup, from our kernel's copy where it has one)."""
 
     def __init__(self, head: TiedHead):
         super().__init__()
         q, scales = quantize_rows(head.weight_t.detach().t())
-        self._packed = torch.ops.quantized.linear_prepack(q, None)
-        self._small = _SmallBatch(q, scales, None) if kernels.INT8_RUNS else None
-        if self._small is None:
+        self.matmul = Int8Matmul(q, scales, None)
+        if self.matmul.packed is None:
             self.register_buffer("rows", q.int_repr())
         self.register_buffer("scales", scales)
         self.nbytes = q.numel() + scales.nbytes
         self.n_embd = q.shape[1]
 
     def embed(self, tokens: Tensor) -> Tensor:
-        if self._small is None:
+        if self.matmul.packed is None:
             rows = self.rows[tokens]
         else:
-            rows = kernels.packed_int8_rows(self._small.packed, tokens)[:, :self.n_embd]
+            rows = kernels.packed_int8_rows(self.matmul.packed, tokens, self.n_embd)
         return rows.float() * self.scales[tokens].unsqueeze(-1)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        if self._small is not None and hidden.shape[0] <= kernels.INT8_MAX_ROWS:
-            return self._small(hidden)
-        return torch.ops.quantized.linear_dynamic(hidden, self._packed, REDUCE_RANGE)
+        return self.matmul(hidden)
