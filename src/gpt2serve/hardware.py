@@ -130,6 +130,9 @@ AVX2_CAP_ENV = {
     "CT2_FORCE_CPU_ISA": "AVX2",            # CTranslate2
 }
 
+# The AVX-512 subsets fbgemm's and torch's AVX-512 kernels need (x86-64-v4 without CD).
+AVX512_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+
 # fbgemm's FBGEMM_ENABLE_INSTRUCTIONS values, and which of them each detected ISA allows
 # (fbgemm src/Utils.cc, fbgemmInstructionSet: a forced ISA the CPU lacks is ignored).
 _FBGEMM_FORCED = {"AVX2": "avx2", "AVX512": "avx512", "AVX512_E1": "avx512_vnni",
@@ -159,7 +162,7 @@ def fbgemm_isa(flags: set[str] | None = None, env=None) -> str | None:
     env = os.environ if env is None else env
     if "avx512_vnni" in flags:
         detected = "avx512_vnni"
-    elif {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+    elif AVX512_FLAGS <= flags:
         detected = "avx512"
     elif "avx2" in flags:
         detected = "avx2"
@@ -187,7 +190,7 @@ def isa_caps(env=None) -> dict[str, str]:
 def host_isa(flags: set[str] | None = None) -> str:
     """One line: the CPU's widest vector ISA and VNNI, before any cap."""
     flags = cpu_flags() if flags is None else flags
-    isa = ("AVX512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    isa = ("AVX512" if AVX512_FLAGS <= flags
            else "AVX2" if "avx2" in flags else "no AVX2")
     vnni = (" +VNNI" if "avx512_vnni" in flags and isa == "AVX512"
             else " +AVX-VNNI" if "avx_vnni" in flags else "")
