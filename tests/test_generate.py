@@ -80,7 +80,7 @@ def test_a_stream_cannot_include_its_prompt(server):
 def one_slot(long_model):
     with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
                         "--max_batch_size", "1", "--max_queue", "1",
-                        "--request_timeout", "0.5") as srv:
+                        "--request_timeout", "0.25") as srv:
         yield srv
 
 
@@ -88,13 +88,14 @@ def test_overload_and_a_failure_inside_a_stream(one_slot):
     """A stream's 200 is sent when it starts, while it waits for a slot: a queue timeout then
     arrives as the protocol's error object, and the stream ends cleanly. Beyond the queue,
     a 503 as V2 infer's."""
-    long = {"text_input": "a", "parameters": {"max_new_tokens": 900, "ignore_eos": True}}
+    # 1,000 tokens took 0.84 s on a 2-core test machine: "b" waits past its 0.25 s
+    long = {"text_input": "a", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}
 
     async def scenario():
         async with httpx.AsyncClient(timeout=60) as client:
             busy = asyncio.create_task(
                 client.post(f"{one_slot.url}/v2/models/{MODEL}/generate", json=long))
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.15)  # `busy` takes the slot first
             lines = []
             async with client.stream("POST", f"{one_slot.url}/v2/models/{MODEL}/generate_stream",
                                      json={"text_input": "b"}) as r:
@@ -111,4 +112,4 @@ def test_overload_and_a_failure_inside_a_stream(one_slot):
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert "queue is full" in refused.json()["error"]
     assert len(lines) == 1
-    assert "waited more than 0.5s" in json.loads(lines[0][len("data: "):])["error"]
+    assert "waited more than 0.25s" in json.loads(lines[0][len("data: "):])["error"]
