@@ -62,7 +62,7 @@ def test_decode_attention_matches_torch_ops(model, monkeypatch):
 
 
 @pytest.mark.skipif(kernels._kernels is None, reason="kernels not built (no C compiler)")
-@pytest.mark.parametrize("isa", range(kernels.ATTENTION_ISA + 1))  # each variant this CPU runs
+@pytest.mark.parametrize("isa", range(kernels.VECTOR_ISA + 1))  # each variant this CPU runs
 @pytest.mark.parametrize("block_size, head_dim", [(16, 64), (4, 24)])
 def test_decode_attention_against_attention_written_out(block_size, head_dim, isa):
     """Random queries and cache entries of unit scale (sharp attention), sequences from one
@@ -133,11 +133,61 @@ def test_int8_linear_against_the_arithmetic_written_out(vnni, m, k, n):
                        q[[n - 1, 0]])
 
 
+@pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
+@pytest.mark.parametrize("isa", range(1, kernels.VECTOR_ISA + 1))  # each variant this CPU runs
+@pytest.mark.parametrize("m, k, n", [(1, 768, 2304), (3, 5, 17), (9, 64, 50257), (300, 3072, 40)])
+def test_linear_f32_against_float64(m, k, n, isa):
+    """Odd sizes on purpose: n not a multiple of 16 (the last panel's padding), more rows than
+    a tile holds (9: AVX-512's 8 and one), and enough rows and inputs (300 x 3072) to take
+    panels a group at a time. Without bias too."""
+    torch.manual_seed(m)
+    w, bias, x = torch.randn(k, n), torch.randn(n), torch.randn(m, k)
+    panels = kernels.pack_f32(w)
+    assert panels.shape == (-(-n // 16), k, 16)
+    ref = x.double() @ w.double()
+    got = kernels.linear_f32(x, panels, bias, n, isa)
+    torch.testing.assert_close(got.double(), ref + bias.double(), atol=1e-4 * k ** 0.5,
+                               rtol=1e-5)
+    torch.testing.assert_close(kernels.linear_f32(x, panels, None, n, isa).double(), ref,
+                               atol=1e-4 * k ** 0.5, rtol=1e-5)
+    index = torch.tensor([n - 1, 0, n // 2])  # the tied embedding reads columns as rows
+    assert torch.equal(kernels.f32_columns(panels, index), w.t()[index])
+
+
+def thp_mode() -> str | None:
+    try:
+        setting = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return setting.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
+@pytest.mark.skipif(thp_mode() not in ("always", "madvise"),
+                    reason="transparent huge pages are off on this kernel")
+def test_packed_weights_sit_in_huge_pages():
+    """Weights read at 34 GB/s from 2 MiB pages against 28 from 4 KiB ones: the kernel must
+    really back them with huge pages (a shared anonymous map, say, is left with 4 KiB)."""
+    packed = kernels.pack_f32(torch.randn(768, 8192))  # 24 MiB
+    address = packed.data_ptr()
+    with open("/proc/self/smaps") as smaps:
+        lines = smaps.read().splitlines()
+    for i, line in enumerate(lines):
+        span = line.split()[0]
+        if line[0].isdigit() or line[0] in "abcdef":  # a mapping's first line: start-end ...
+            start, end = (int(a, 16) for a in span.split("-"))
+            if start <= address < end:
+                fields = dict(f.split(":", 1) for f in lines[i + 1:i + 25] if ":" in f)
+                assert int(fields["AnonHugePages"].split()[0]) >= 16 * 1024, fields
+                return
+    raise AssertionError("the packed weights' mapping is not in /proc/self/smaps")
+
+
 def test_the_kernels_follow_the_isa_caps():
     """Under `bench/offline.py --isa avx2`'s caps an AVX-512 host runs our AVX2 code: attention
-    follows torch's cap, int8 fbgemm's."""
-    code = "from gpt2serve import kernels; print(kernels.ATTENTION_ISA, kernels.INT8_VNNI)"
+    and the fp32 matmuls follow torch's cap, int8 fbgemm's."""
+    code = "from gpt2serve import kernels; print(kernels.VECTOR_ISA, kernels.INT8_VNNI)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, **hardware.AVX2_CAP_ENV}, check=True)
-    expected_attention = min(kernels.ATTENTION_ISA, 1)
+    expected_attention = min(kernels.VECTOR_ISA, 1)
     assert out.stdout.split() == [str(expected_attention), "False"]

@@ -5,6 +5,8 @@
   summation order. It runs on CPU with an fp32 cache.
 - `int8_linear` replaces fbgemm's dynamic int8 matmul (quantize.py) for the few rows of a
   small decode batch.
+- `linear_f32` replaces oneDNN's fp32 inner product (packing.py) for every fp32 linear layer
+  and the LM head, on weights laid out by `pack_f32` in huge pages.
 
 Where the module was not built (no compiler at install) or cannot run (not x86-64, CUDA,
 fp16/bf16), the torch ops run. GPT2SERVE_C_KERNELS=0 turns them off, to compare
@@ -13,7 +15,10 @@ fp16/bf16), the torch ops run. GPT2SERVE_C_KERNELS=0 turns them off, to compare
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
+import threading
 
 import numpy as np
 import torch
@@ -28,10 +33,11 @@ except ImportError:  # built without a C compiler: torch ops only
 
 ENABLED = _kernels is not None and os.environ.get("GPT2SERVE_C_KERNELS", "1") != "0"
 
-# The instructions decode_attention runs: those of torch's own vectorized kernels, which
-# ATEN_CPU_CAPABILITY caps (bench/offline.py --isa avx2 sets it): 2 AVX-512, 1 AVX2, 0 neither.
-ATTENTION_ISAS = {"AVX512": 2, "AVX2": 1}
-ATTENTION_ISA = ATTENTION_ISAS.get(torch.backends.cpu.get_cpu_capability(), 0)
+# The instructions decode_attention and linear_f32 run: those of torch's own vectorized
+# kernels, which ATEN_CPU_CAPABILITY caps (bench/offline.py --isa avx2 sets it): 2 AVX-512,
+# 1 AVX2, 0 neither.
+VECTOR_ISAS = {"AVX512": 2, "AVX2": 1}
+VECTOR_ISA = VECTOR_ISAS.get(torch.backends.cpu.get_cpu_capability(), 0)
 
 
 def runs_decode_attention(kv: Tensor) -> bool:
@@ -40,7 +46,7 @@ def runs_decode_attention(kv: Tensor) -> bool:
 
 
 def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
-                     scale: float, isa: int = ATTENTION_ISA) -> Tensor:
+                     scale: float, isa: int = VECTOR_ISA) -> Tensor:
     """Attention of one new token for each of N sequences -> [N, D].
 
     qkv [N, 3D]: their queries, keys and values (c_attn's output, rows contiguous); kv: one
@@ -57,6 +63,43 @@ def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
                               out.data_ptr(), n, heads, head_dim, num_blocks, block_size,
                               blocks.shape[1], qkv.stride(0), scale, isa)
     return out
+
+
+class _HugePages:
+    """Memory for weights in transparent huge pages, handed out from 64 MiB anonymous maps
+    advised MADV_HUGEPAGE (used where the kernel's THP setting is `madvise` or `always`).
+    Streaming a matrix through 4 KiB pages stops the hardware prefetcher at every page
+    boundary and misses the TLB every 64 cache lines: GPT-2 124M's fp32 weights read at 28
+    GB/s in 4 KiB pages against 34 in 2 MiB ones (docs/benchmarks.md). A map is zeroed by the
+    kernel as it is first written, and what no tensor took of it is never touched."""
+
+    CHUNK = 64 << 20
+    HUGE = 2 << 20
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.chunk, self.used = None, 0
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        nbytes = -(-math.prod(shape) * dtype.itemsize // 64) * 64  # whole cache lines
+        with self.lock:
+            if self.chunk is None or self.used + nbytes > self.chunk.numel():
+                self.chunk, self.used = self._map(max(self.CHUNK, nbytes)), 0
+            start, self.used = self.used, self.used + nbytes
+            return self.chunk[start:start + nbytes].view(dtype).view(shape)
+
+    def _map(self, nbytes: int) -> Tensor:
+        # private: a shared anonymous map is shmem, which THP leaves alone by default
+        mapped = mmap.mmap(-1, nbytes + self.HUGE,
+                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            mapped.madvise(mmap.MADV_HUGEPAGE)
+        buffer = torch.frombuffer(mapped, dtype=torch.uint8)
+        skip = -buffer.data_ptr() % self.HUGE
+        return buffer[skip:skip + nbytes]
+
+
+_huge_pages = _HugePages()
 
 
 # int8 matmuls (quantize.py): ours at up to this many rows, fbgemm's beyond. Ours streams the
@@ -84,7 +127,9 @@ def pack_int8(q: Tensor) -> tuple[Tensor, Tensor]:
     # numpy's int8 -> int32 row sums run 15x faster than torch's here (1.6 against 25 ms for
     # a 6400 x 1600 matrix): start-up makes one per matrix
     sums = torch.from_numpy(padded.numpy().sum(1, dtype=np.int32))
-    return padded.view(n4 // 4, 4, kp // 32, 32).transpose(1, 2).contiguous(), sums
+    packed = _huge_pages.empty((n4 // 4, kp // 32, 4, 32), torch.int8)
+    packed.copy_(padded.view(n4 // 4, 4, kp // 32, 32).transpose(1, 2))
+    return packed, sums
 
 
 def packed_int8_rows(packed: Tensor, index: Tensor, k: int) -> Tensor:
@@ -104,4 +149,40 @@ def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: T
     _kernels.int8_linear(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), sums.data_ptr(),
                          0 if bias is None else bias.data_ptr(), y.data_ptr(), m, k, n,
                          packed.shape[1] * packed.shape[3], vnni)
+    return y
+
+
+# fp32 matmuls (packing.py): ours wherever AVX2 runs, oneDNN's elsewhere.
+F32_RUNS = ENABLED and VECTOR_ISA >= 1
+PANEL = 16  # outputs per panel of pack_f32's layout (_kernels.c)
+
+
+
+
+def pack_f32(w: Tensor) -> Tensor:
+    """fp32 weights w [k, n] (Conv1D's [in, out]) -> the panels linear_f32 reads,
+    [ceil(n / 16), k, 16], zeros past n, in huge pages."""
+    k, n = w.shape
+    full = n // PANEL
+    panels = _huge_pages.empty((-(-n // PANEL), k, PANEL), torch.float32)
+    panels[:full] = w[:, :full * PANEL].reshape(k, full, PANEL).transpose(0, 1)
+    if n % PANEL:
+        panels[full].zero_()
+        panels[full, :, :n % PANEL] = w[:, full * PANEL:]
+    return panels
+
+
+def f32_columns(panels: Tensor, index: Tensor) -> Tensor:
+    """Columns `index` of a pack_f32 matrix, as rows [len(index), k] (the tied embedding)."""
+    return panels[index // PANEL, :, index % PANEL]
+
+
+def linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, n: int,
+               isa: int = VECTOR_ISA) -> Tensor:
+    """x [m, k] @ W + bias -> [m, n], W as pack_f32 laid it out; bias [n] fp32."""
+    m, k = x.shape
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    _kernels.linear_f32(x.data_ptr(), panels.data_ptr(),
+                        0 if bias is None else bias.data_ptr(), y.data_ptr(), m, k, n, isa)
     return y

@@ -1,12 +1,12 @@
-"""Fast FP32 on CPU: the linear layers and the LM head in oneDNN's packed weight format.
+"""Fast FP32 on CPU: the linear layers and the LM head, their weights laid out once, at load,
+for the kernel that multiplies them.
 
 A decode step at small batch is a chain of matrix-vector products that must stream every
 weight from memory. `addmm` with HF's [in, out] layout streams them at about half the
-machine's read bandwidth; oneDNN's inner product on weights reordered once at load reaches
-it, up to batch 32 (docs/benchmarks.md). Results are the same fp32 arithmetic, up to
-summation order.
-
-The packed head cannot be indexed by token, so the embedding keeps its own [V, D] rows.
+machine's read bandwidth. Where AVX2 runs, our kernel (kernels.linear_f32) reads panels of
+16 outputs from huge pages, one sequential stream per thread, for decode steps and prompts
+alike; elsewhere oneDNN's inner product on weights it reordered (docs/benchmarks.md compares
+them). Results are the same fp32 arithmetic, up to summation order.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .model import Conv1D, TiedHead
 
 # oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
@@ -22,39 +23,57 @@ BATCH_HINT = 32
 
 
 def available() -> bool:
-    return torch.backends.mkldnn.is_available()
+    return kernels.F32_RUNS or torch.backends.mkldnn.is_available()
 
 
-def _pack(weight_out_in: Tensor) -> Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), BATCH_HINT)
+class Fp32Matmul:
+    """x @ W + bias for W [k, n] (Conv1D's layout), in our kernel's panels or oneDNN's
+    packed layout (see module doc)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        self.bias, self.n = bias, weight.shape[1]
+        if kernels.F32_RUNS:
+            self.panels = kernels.pack_f32(weight)
+        else:
+            self.panels = None
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(),
+                                                                  BATCH_HINT)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.panels is not None:
+            return kernels.linear_f32(x, self.panels, self.bias, self.n)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for Conv1D (y = x @ W + b) with W packed for oneDNN."""
+    """Drop-in for Conv1D (y = x @ W + b) with W laid out for its kernel."""
 
     def __init__(self, conv: Conv1D):
         super().__init__()
         weight = conv.weight.detach()
-        self.register_buffer("packed", _pack(weight.t()), persistent=False)
-        self.register_buffer("bias", conv.bias.detach().clone(), persistent=False)
-        self.nbytes = weight.nbytes + self.bias.nbytes
+        self.matmul = Fp32Matmul(weight, conv.bias.detach().clone())
+        self.nbytes = weight.nbytes + conv.bias.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self.matmul(x)
 
 
 class PackedHead(nn.Module):
-    """Drop-in for TiedHead: packed [V, D] for the logits, plain [V, D] rows to embed."""
+    """Drop-in for TiedHead: the logits from the laid-out matrix, which also gives the
+    embedding's rows where it is ours; oneDNN's packed one cannot be indexed by token, so
+    there the embedding keeps a plain [V, D] copy."""
 
     def __init__(self, head: TiedHead):
         super().__init__()
-        rows = head.weight_t.detach().t().contiguous()
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("packed", _pack(rows), persistent=False)
-        self.nbytes = rows.nbytes
+        weight = head.weight_t.detach()
+        self.matmul = Fp32Matmul(weight, None)
+        self.rows = None if self.matmul.panels is not None else weight.t().contiguous()
+        self.nbytes = weight.nbytes
 
     def embed(self, tokens: Tensor) -> Tensor:
+        if self.rows is None:
+            return kernels.f32_columns(self.matmul.panels, tokens)
         return nn.functional.embedding(tokens, self.rows)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none", [], "")
+        return self.matmul(hidden)
