@@ -2,7 +2,7 @@
 OpenVINO GenAI, same model, same prompts, same run. Prints median tokens/s at batch 1 and 8 and
 the ratios to ours.
 
-    python bench/offline.py [--repeats 3] [--batches 1 8] [--isa avx2]
+    python bench/offline.py [--repeats 3] [--rounds 3] [--batches 1 8] [--isa avx2]
                             [--openvino-python bench/results/openvino-venv/bin/python]
                             [--llama-cpp-avx2 bench/results/llama-cpp-avx2]
 
@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -243,6 +244,11 @@ MODES = {"greedy": {"do_sample": False},
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every engine this many times, in turn, the order reversed every "
+                        "other round, and report the median: the read bandwidth of these "
+                        "machines drifts by a third over minutes, so engines measured minutes "
+                        "apart in one round may not compare")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--only", nargs="*", default=None, help="subset of runner names")
     p.add_argument("--sampling", choices=list(MODES), default="greedy")
@@ -293,16 +299,15 @@ def main() -> None:
           f"{bandwidth / 1e9:.1f} GB/s; GPT-2 124M fp32 random weights, 16-token "
           f"prompts, {NEW_TOKENS} new tokens, {args.sampling} ({mode}), median of "
           f"{args.repeats}, each engine in a fresh process", flush=True)
-    results: dict[str, dict[int, float]] = {}
     effective: dict[str, str] = {}
-    for name in [*runners, *OPENVINO]:
-        if args.only and name not in args.only:
-            continue
+
+    def run_engine(name: str) -> dict[int, float] | None:
+        """One fresh process measuring one engine -> tok/s by batch (None: skipped/failed)."""
         if name in OPENVINO:
             if not args.openvino_python:
                 print(f"{name}: skipped (no --openvino-python: a venv with openvino-genai and "
                       f"optimum-intel, docs/openvino-and-isa.md)")
-                continue
+                return None
             cmd = openvino_command(name, folder, mode, args)
             stdin = json.dumps({b: prompts(b) for b in args.batches})
         else:
@@ -316,21 +321,42 @@ def main() -> None:
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
             print(f"{name}: failed\n{child.stderr[-2000:]}")
-            continue
+            return None
         outcome = json.loads(lines[-1][len("RESULT "):])
         if "skipped" in outcome:
             print(f"{name}: skipped ({outcome['skipped']})")
-            continue
-        results[name] = {int(b): v for b, v in outcome["tok_s"].items()}
+            return None
         if outcome.get("weight_bytes"):
             WEIGHT_BYTES[name] = outcome["weight_bytes"]
         if outcome.get("isa"):
             effective[name] = outcome["isa"]
-        for b, v in results[name].items():
-            print(f"{name:24s} batch {b}: {v:7.1f} tok/s", flush=True)
         if "greedy_vs_transformers" in outcome:
             print(f"{name:24s} greedy tokens equal to transformers': "
                   f"{outcome['greedy_vs_transformers']}", flush=True)
+        return {int(b): v for b, v in outcome["tok_s"].items()}
+
+    names = [n for n in [*runners, *OPENVINO] if not args.only or n in args.only]
+    rounds: dict[str, list[dict[int, float]]] = {}
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {r + 1} of {args.rounds}: measured read bandwidth "
+                  f"{read_bandwidth() / 1e9:.1f} GB/s", flush=True)
+        for name in names if r % 2 == 0 else names[::-1]:
+            if r and name not in rounds:
+                continue  # skipped or failed in the first round
+            measured = run_engine(name)
+            if measured is None:
+                continue
+            rounds.setdefault(name, []).append(measured)
+            for b, v in measured.items():
+                print(f"{name:24s} batch {b}: {v:7.1f} tok/s", flush=True)
+    results = {name: {b: statistics.median(m[b] for m in runs if b in m) for b in runs[0]}
+               for name, runs in rounds.items()}
+    if args.rounds > 1:
+        print(f"\nmedian of {args.rounds} rounds:")
+        for name, by_batch in results.items():
+            for b, v in by_batch.items():
+                print(f"{name:24s} batch {b}: {v:7.1f} tok/s")
     for ours_name in ("gpt2serve fp32", "gpt2serve int8"):
         base = results.get(ours_name, {})
         if not base:
