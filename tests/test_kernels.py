@@ -154,6 +154,52 @@ def test_linear_f32_against_float64(m, k, n, isa):
     assert torch.equal(kernels.f32_columns(panels, index), w.t()[index])
 
 
+@pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
+@pytest.mark.parametrize("isa", range(1, kernels.VECTOR_ISA + 1))
+@pytest.mark.parametrize("m, k, n", [(1, 768, 3072), (9, 64, 40), (40, 3072, 768)])
+def test_linear_f32_fuses_layer_norm_gelu_and_residual(m, k, n, isa):
+    """The ops FusedBlock hands the kernel, against torch's: the layer norm of the input,
+    GELU's tanh form on the sum (rows at 10x scale: tanh saturated, and around 0), the
+    residual added last."""
+    torch.manual_seed(k)
+    ln = torch.nn.LayerNorm(k)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    w, bias = torch.randn(k, n) / k ** 0.5, torch.randn(n)
+    x, residual = torch.randn(m, k) * 3 + 1, torch.randn(m, n)
+    bias[:n // 2] *= 10
+    panels = kernels.pack_f32(w)
+    with torch.no_grad():
+        normed = torch.nn.functional.layer_norm(x, (k,), ln.weight, ln.bias, ln.eps)
+        ref = torch.nn.functional.gelu(normed @ w + bias, approximate="tanh") + residual
+        got = kernels.linear_f32(x, panels, bias, n, isa, ln=ln, gelu=True, residual=residual)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_fused_blocks_match_the_ops_they_replace(model):
+    """Through a real model: prompts and decode steps with every Block's FusedBlock, and
+    with the torch ops it replaces."""
+    if model.h[0].fused is None:
+        pytest.skip("no fused blocks here (no fp32 kernel)")
+    torch.manual_seed(1)
+    cfg, fused = model.config, [b.fused for b in model.h]
+    tokens = torch.randint(0, cfg.vocab_size, (3, 30))
+    blocks = torch.arange(3 * 8).view(3, 8)
+    logits = {}
+    for name in ("fused", "ops"):
+        for block, f in zip(model.h, fused):
+            block.fused = f if name == "fused" else None
+        cache = KVCache(cfg, 32, 8, torch.float32, "cpu")
+        steps = [model.prefill(tokens[:, :20], cache, blocks)]
+        for i in range(20, 30):
+            steps.append(model.decode_step(tokens[:, i], torch.full((3,), i), cache, blocks))
+        logits[name] = torch.stack(steps)
+    for block, f in zip(model.h, fused):
+        block.fused = f
+    torch.testing.assert_close(logits["fused"], logits["ops"], atol=1e-5, rtol=1e-5)
+
+
 def thp_mode() -> str | None:
     try:
         setting = open("/sys/kernel/mm/transparent_hugepage/enabled").read()

@@ -329,12 +329,48 @@ tile hide each other's latency without spilling. The tile is plain C that the co
 vectorizes for each target; it ran as fast as intrinsics written out (bench/kernels.py). */
 
 typedef struct {
-    const float *x;    /* [m, k] */
-    const float *w;    /* [panels, k, 16] */
-    const float *bias; /* [n] or NULL */
-    float *y;          /* [m, n] */
+    const float *x;        /* [m, k]: the input, or its rows layer-normed (below) */
+    const float *w;        /* [panels, k, 16] */
+    const float *bias;     /* [n] or NULL */
+    const float *residual; /* [m, n] added to the output, or NULL */
+    float *y;              /* [m, n] */
     int64_t m, k, n;
+    int gelu;              /* the output through GELU's tanh form (before the residual) */
 } f32_args;
+
+/* GELU, tanh form (GPT-2's gelu_new), on 16 values. tanh as Eigen's rational approximation
+(a few ulp in fp32; the libm call does not vectorize and cost more than the matmul's row). */
+static inline __attribute__((always_inline)) void gelu_tanh16(float *v) {
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) {
+        float u = 0.7978845608f * (v[j] + 0.044715f * v[j] * v[j] * v[j]);
+        u = u < -7.90531110763549805f ? -7.90531110763549805f : u;
+        u = u > 7.90531110763549805f ? 7.90531110763549805f : u;
+        const float u2 = u * u;
+        float p = u2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+        p = u2 * p + -8.60467152213735e-11f;
+        p = u2 * p + 5.12229709037114e-08f;
+        p = u2 * p + 1.48572235717979e-05f;
+        p = u2 * p + 6.37261928875436e-04f;
+        p = u2 * p + 4.89352455891786e-03f;
+        p = u * p;
+        float q = u2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+        q = u2 * q + 2.26843463243900e-03f;
+        q = u2 * q + 4.89352518554385e-03f;
+        v[j] = 0.5f * v[j] * (1.f + p / q);
+    }
+}
+
+/* LayerNorm of one row of k values (mean and variance summed in double). */
+static void layer_norm_row(const float *x, int64_t k, const float *weight, const float *bias,
+                           float eps, float *out) {
+    double sum = 0., squares = 0.;
+    for (int64_t i = 0; i < k; ++i) sum += x[i];
+    const double mean = sum / (double)k;
+    for (int64_t i = 0; i < k; ++i) squares += (x[i] - mean) * (x[i] - mean);
+    const float m = (float)mean, rstd = (float)(1. / sqrt(squares / (double)k + eps));
+    for (int64_t i = 0; i < k; ++i) out[i] = (x[i] - m) * rstd * weight[i] + bias[i];
+}
 
 #define F32_GROUP_BYTES (256 * 1024)
 #define F32_FEW_ROWS 16
@@ -379,8 +415,16 @@ static inline __attribute__((always_inline)) void f32_tile(const f32_args *a, in
     }
     const int64_t col = panel * 16, cols = a->n - col < 16 ? a->n - col : 16;
     for (int r = 0; r < rows; ++r) {
+        if (a->bias)
+            for (int64_t j = 0; j < cols; ++j) acc[r][j] += a->bias[col + j];
+        if (a->gelu) gelu_tanh16(acc[r]);
         float *y = a->y + (row + r) * a->n + col;
-        for (int64_t j = 0; j < cols; ++j) y[j] = acc[r][j] + (a->bias ? a->bias[col + j] : 0.f);
+        if (a->residual) {
+            const float *res = a->residual + (row + r) * a->n + col;
+            for (int64_t j = 0; j < cols; ++j) y[j] = acc[r][j] + res[j];
+        } else {
+            for (int64_t j = 0; j < cols; ++j) y[j] = acc[r][j];
+        }
     }
 }
 
@@ -424,20 +468,31 @@ F32_PANELS(f32_panels_avx2, TARGET_AVX2, 4)
 #endif
 
 static PyObject *linear_f32(PyObject *self, PyObject *args) {
-    unsigned long long x, w, bias, y;
+    unsigned long long x, w, bias, y, ln_weight, ln_bias, normed, residual;
+    double ln_eps;
     f32_args a;
     int isa;
-    if (!PyArg_ParseTuple(args, "KKKKLLLi", &x, &w, &bias, &y, &a.m, &a.k, &a.n, &isa))
+    if (!PyArg_ParseTuple(args, "KKKKLLLiKKdKKp", &x, &w, &bias, &y, &a.m, &a.k, &a.n, &isa,
+                          &ln_weight, &ln_bias, &ln_eps, &normed, &residual, &a.gelu))
         return NULL;
 #if X86
     if (isa == 1 || isa == 2) {
-        a.x = (const float *)(uintptr_t)x;
+        const float *input = (const float *)(uintptr_t)x;
+        a.x = ln_weight ? (const float *)(uintptr_t)normed : input;
         a.w = (const float *)(uintptr_t)w;
         a.bias = (const float *)(uintptr_t)bias;
+        a.residual = (const float *)(uintptr_t)residual;
         a.y = (float *)(uintptr_t)y;
         Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel
         {
+            if (ln_weight) {
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < a.m; ++r)
+                    layer_norm_row(input + r * a.k, a.k, (const float *)(uintptr_t)ln_weight,
+                                   (const float *)(uintptr_t)ln_bias, (float)ln_eps,
+                                   (float *)(uintptr_t)normed + r * a.k);
+            } /* (the loop's end is a barrier: every row normed before any panel) */
             const int64_t panels = (a.n + 15) / 16;
             const int threads = omp_get_num_threads(), t = omp_get_thread_num();
             const int64_t p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
@@ -463,8 +518,9 @@ static PyMethodDef methods[] = {
      "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k_padded, vnni): "
      "addresses of contiguous tensors (kernels.py)"},
     {"linear_f32", linear_f32, METH_VARARGS,
-     "linear_f32(x, w, bias, y, m, k, n, isa): addresses of contiguous fp32 tensors, bias 0 "
-     "for none; isa 2 AVX-512, 1 AVX2 (kernels.py)"},
+     "linear_f32(x, w, bias, y, m, k, n, isa, ln_weight, ln_bias, ln_eps, normed, residual, "
+     "gelu): addresses of contiguous fp32 tensors, 0 for none; isa 2 AVX-512, 1 AVX2 "
+     "(kernels.py)"},
     {NULL, NULL, 0, NULL},
 };
 

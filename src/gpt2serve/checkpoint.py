@@ -306,7 +306,10 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
         linear, head = Int8Linear, Int8TiedHead
     elif device.type == "cpu" and dtype == torch.float32 and packing.available():
         linear, head = packing.PackedLinear, packing.PackedHead
-    return build_model(config, Weights(folder), dtype, device, linear, head), tokenizer
+    model = build_model(config, Weights(folder), dtype, device, linear, head)
+    if linear is packing.PackedLinear:
+        packing.fuse_blocks(model)
+    return model, tokenizer
 
 
 def load_for_engine(folder: str | Path | None, device: str = "auto", dtype: str = "auto",

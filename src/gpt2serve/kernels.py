@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import hardware
 
@@ -178,11 +178,23 @@ def f32_columns(panels: Tensor, index: Tensor) -> Tensor:
 
 
 def linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, n: int,
-               isa: int = VECTOR_ISA) -> Tensor:
-    """x [m, k] @ W + bias -> [m, n], W as pack_f32 laid it out; bias [n] fp32."""
+               isa: int = VECTOR_ISA, ln: nn.LayerNorm | None = None, gelu: bool = False,
+               residual: Tensor | None = None) -> Tensor:
+    """x [m, k] @ W + bias -> [m, n], W as pack_f32 laid it out; bias [n] fp32. Fused with
+    it, the ops around a matmul in a GPT-2 layer: `ln` normalizes x's rows first, `gelu`
+    (tanh form) is applied to the sum, and `residual` [m, n] is added last."""
     m, k = x.shape
     x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    _kernels.linear_f32(x.data_ptr(), panels.data_ptr(),
-                        0 if bias is None else bias.data_ptr(), y.data_ptr(), m, k, n, isa)
+    normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
+    if residual is not None and not residual.is_contiguous():
+        residual = residual.contiguous()
+    _kernels.linear_f32(x.data_ptr(), panels.data_ptr(), _address(bias), y.data_ptr(), m, k,
+                        n, isa, 0 if ln is None else ln.weight.data_ptr(),
+                        0 if ln is None else ln.bias.data_ptr(), 0.0 if ln is None else ln.eps,
+                        _address(normed), _address(residual), gelu)
     return y
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()

@@ -220,17 +220,23 @@ class Block(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
         self.scale = scale
+        self.fused: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None
 
     def run(self, x: Tensor, kv: Tensor, groups: list[Group]) -> Tensor:
         """x: [tokens, D], the rows of `groups` one after another. Every matmul takes all
         the rows at once; each group stores its keys and values and attends on its own.
         (Called directly rather than through nn.Module's __call__, whose hooks machinery
         costs time per layer that a batch-1 decode step feels.)"""
-        qkv = self.attn.c_attn(self.ln_1(x))
+        if self.fused is not None:  # packing.FusedBlock: the same ops, fewer calls
+            return self.fused(x, lambda qkv: self.attend(qkv, kv, groups))
+        return self._rest(x, self.attend(self.attn.c_attn(self.ln_1(x)), kv, groups))
+
+    def attend(self, qkv: Tensor, kv: Tensor, groups: list[Group]) -> Tensor:
+        """c_attn's output for the rows of `groups` -> attention's output [tokens, D]."""
         if len(groups) == 1:
-            return self._rest(x, self._attend(qkv, kv, groups[0]))
+            return self._attend(qkv, kv, groups[0])
         parts = qkv.split([g.size for g in groups])
-        return self._rest(x, torch.cat([self._attend(q, kv, g) for q, g in zip(parts, groups)]))
+        return torch.cat([self._attend(q, kv, g) for q, g in zip(parts, groups)])
 
     def _attend(self, qkv: Tensor, kv: Tensor, g: Group) -> Tensor:
         """Store the group's new keys and values (not its padding), then attend: each

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .model import Conv1D, TiedHead
+from .model import GPT, Block, Conv1D, TiedHead
 
 # oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
 # at every batch from 1 to 32.
@@ -39,9 +39,10 @@ class Fp32Matmul:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(),
                                                                   BATCH_HINT)
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, **fused) -> Tensor:
+        """`fused`: what kernels.linear_f32 does around the product (ours only)."""
         if self.panels is not None:
-            return kernels.linear_f32(x, self.panels, self.bias, self.n)
+            return kernels.linear_f32(x, self.panels, self.bias, self.n, **fused)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
@@ -77,3 +78,30 @@ class PackedHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.matmul(hidden)
+
+
+# The activations that are GELU's tanh form, which kernels.linear_f32 applies itself.
+TANH_GELU = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
+
+
+class FusedBlock:
+    """A Block's small ops done inside the calls of its matmuls to our kernel: each layer
+    norm as its matmul reads its input, GELU and the residual adds as their matmul writes
+    its output. Five calls a layer instead of a dozen ops: at batch 1 those ops and the
+    Python around them took a sixth of a decode step (docs/benchmarks.md)."""
+
+    def __init__(self, block: Block):
+        self.ln_1, self.ln_2 = block.ln_1, block.ln_2
+        self.c_attn, self.attn_proj = block.attn.c_attn.matmul, block.attn.c_proj.matmul
+        self.c_fc, self.mlp_proj = block.mlp.c_fc.matmul, block.mlp.c_proj.matmul
+
+    def __call__(self, x: Tensor, attend) -> Tensor:
+        x = self.attn_proj(attend(self.c_attn(x, ln=self.ln_1)), residual=x)
+        return self.mlp_proj(self.c_fc(x, ln=self.ln_2, gelu=True), residual=x)
+
+
+def fuse_blocks(model: GPT) -> None:
+    """Give every block a FusedBlock where our kernel serves its matmuls."""
+    if kernels.F32_RUNS and model.config.activation_function in TANH_GELU:
+        for block in model.h:
+            block.fused = FusedBlock(block)

@@ -401,7 +401,9 @@ class Engine:
                 started.append(c.request)
             self.scheduler.read(c)
         if seqs:
-            self._sample(logits[torch.tensor(rows, device=self.device)], seqs)
+            if rows != list(range(len(logits))):  # (a decode step's rows are all in order)
+                logits = logits[torch.tensor(rows, device=self.device)]
+            self._sample(logits, seqs)
         now = time.monotonic()
         for request in started:
             metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
