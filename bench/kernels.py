@@ -1,6 +1,11 @@
 """Our C kernels against the torch ops they replace, on GPT-2 124M's shapes, cache-cold.
 
-    python bench/kernels.py [--rows 1 2 4 6 8 16] [--repeats 20]
+    python bench/kernels.py [--rows 1 2 4 6 8 16] [--prompt-rows 128 512] [--repeats 20]
+
+fp32 matmuls: the same 48 matrices and the head, kernels.linear_f32 on pack_f32's panels (in
+huge pages, and the same panels copied to ordinary 4 KiB pages) vs oneDNN's inner product on
+its packed weights (packing.py's layout where our kernel does not run), per number of rows:
+decode batches, and prompt chunks (--prompt-rows, in GFLOP/s).
 
 int8 matmuls: the 48 layer matrices of 12 layers and the LM head, each called once per pass as a
 decode step does (so every weight comes from memory, not from cache): kernels.int8_linear vs
@@ -57,6 +62,40 @@ def int8_matmuls(rows: list[int], repeats: int) -> None:
               f"  ({weight_mb / 1e3 / t['ours']:.1f} GB/s ours)")
 
 
+def fp32_matmuls(rows: list[int], repeats: int) -> None:
+    from gpt2serve import kernels, packing
+
+    shapes = [shape for _ in range(12) for shape in LAYER_SHAPES] + [HEAD]
+    weights = [torch.randn(k, n) * 0.02 for k, n in shapes]
+    biases = [torch.randn(n) for _, n in shapes]
+    ours = [kernels.pack_f32(w) for w in weights]
+    small_pages = [p.clone() for p in ours]  # torch's allocator: 4 KiB pages here
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), packing.BATCH_HINT)
+              for w in weights]
+    del weights
+    nbytes = sum(k * n * 4 for k, n in shapes)
+    print(f"\nfp32 matmuls, 12 layers + LM head ({nbytes / 1e6:.0f} MB), ms per pass (median of "
+          f"{repeats}, fewer past 16 rows); ours {('AVX2', 'AVX-512')[kernels.VECTOR_ISA - 1]}")
+    print(f"{'rows':>5} {'oneDNN':>8} {'ours':>8} {'ours 4K':>8}  ours/oneDNN speed, ours GB/s "
+          f"(GFLOP/s past 16 rows), huge/4K pages")
+    for m in rows:
+        xs = {k: torch.randn(m, k) for k in (768, 3072)}
+        runs = {
+            "onednn": lambda: [torch.ops.mkldnn._linear_pointwise(xs[k], w, b, "none", [], "")
+                               for (k, n), w, b in zip(shapes, onednn, biases)],
+            "ours": lambda: [kernels.linear_f32(xs[k], p, b, n)
+                             for (k, n), p, b in zip(shapes, ours, biases)],
+            "4k": lambda: [kernels.linear_f32(xs[k], p, b, n)
+                           for (k, n), p, b in zip(shapes, small_pages, biases)],
+        }
+        t = {name: median_time(run, repeats if m <= 16 else max(3, repeats // 5))
+             for name, run in runs.items()}
+        rate = (f"{nbytes / t['ours'] / 1e9:5.1f} GB/s" if m <= 16 else
+                f"{2 * m * nbytes / 4 / t['ours'] / 1e9:5.0f} GFLOP/s")
+        print(f"{m:5d} {t['onednn'] * 1e3:8.2f} {t['ours'] * 1e3:8.2f} {t['4k'] * 1e3:8.2f}  "
+              f"{t['onednn'] / t['ours']:.2f}x  {rate}  {t['4k'] / t['ours']:.2f}x")
+
+
 def decode_attention(batches: list[int], contexts: list[int], repeats: int) -> None:
     from gpt2serve import kernels
     from gpt2serve.model import Block, GPTConfig, Group, KVCache
@@ -85,6 +124,7 @@ def decode_attention(batches: list[int], contexts: list[int], repeats: int) -> N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 6, 8, 16])
+    p.add_argument("--prompt-rows", type=int, nargs="*", default=[128, 512])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1000])
     p.add_argument("--repeats", type=int, default=20)
@@ -97,6 +137,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"{host_isa()}; fbgemm {hardware.fbgemm_isa()}; measured read bandwidth "
           f"{read_bandwidth() / 1e9:.1f} GB/s")
+    if kernels.F32_RUNS:
+        fp32_matmuls(args.rows + args.prompt_rows, args.repeats)
     if kernels.INT8_RUNS:
         int8_matmuls(args.rows, args.repeats)
     decode_attention(args.batches, args.contexts, args.repeats)

@@ -135,11 +135,12 @@ def test_int8_linear_against_the_arithmetic_written_out(vnni, m, k, n):
 
 @pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
 @pytest.mark.parametrize("isa", range(1, kernels.VECTOR_ISA + 1))  # each variant this CPU runs
-@pytest.mark.parametrize("m, k, n", [(1, 768, 2304), (3, 5, 17), (9, 64, 50257), (300, 3072, 40)])
+@pytest.mark.parametrize("m, k, n", [(1, 768, 2304), (3, 5, 17), (9, 64, 50257), (301, 3072, 40)])
 def test_linear_f32_against_float64(m, k, n, isa):
-    """Odd sizes on purpose: n not a multiple of 16 (the last panel's padding), more rows than
-    a tile holds (9: AVX-512's 8 and one), and enough rows and inputs (300 x 3072) to take
-    panels a group at a time. Without bias too."""
+    """Odd sizes on purpose: n not a multiple of 16 (the last panel's padding), a decode
+    step's rows over more than one tile (9: AVX-512's 8 and one, AVX2's 4, 4 and one), and a
+    prompt's (301 x 3072: AVX2's 6-row tiles and a short one, panels a group at a time).
+    Without bias too."""
     torch.manual_seed(m)
     w, bias, x = torch.randn(k, n), torch.randn(n), torch.randn(m, k)
     panels = kernels.pack_f32(w)

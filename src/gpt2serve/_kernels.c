@@ -321,12 +321,14 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
 
 W comes as kernels.pack_f32 lays it out: panels of 16 outputs, [ceil(n / 16), k, 16], each
 panel the 16 weights of one input after another (zeros past n). Threads split the panels, so
-each reads one sequential stream of W, once for all of x's rows when they fit a block of
-F32_BLOCK_BYTES (in L2); more rows go block by block, W's panels then coming from the caches
-for every block's tiles. A tile is R rows x 16 outputs summed in R x 16 registers over the k
-inputs: R up to 8 with AVX-512 (one zmm a row), 4 with AVX2 (two ymm), so that the FMAs of a
-tile hide each other's latency without spilling. The tile is plain C that the compiler
-vectorizes for each target; it ran as fast as intrinsics written out (bench/kernels.py). */
+each reads one sequential stream of W, once for all of x's rows (f32_panels says in what
+order). A tile is R rows x 16 outputs summed in R x 16 registers over the k inputs: R up to 8
+with AVX-512 (one zmm a row); with AVX2 (two ymm a row) 4 for a decode step's few rows and 6
+for more (12 of the 16 registers: prompts 1.09-1.11x oneDNN where 4 rows were 0.95-1.00x),
+so that the FMAs of a tile hide each other's latency without spilling. The tile is plain C
+that the compiler vectorizes for each target; it ran as fast as intrinsics written out. Around
+the product, optionally: the rows' LayerNorm before it, GELU and a residual add after it
+(packing.FusedBlock). bench/kernels.py measures it against oneDNN. */
 
 typedef struct {
     const float *x;        /* [m, k]: the input, or its rows layer-normed (below) */
@@ -465,6 +467,7 @@ once, and x's rows come from the caches once per group. */
 #if X86
 F32_PANELS(f32_panels_avx512, TARGET_AVX512, 8)
 F32_PANELS(f32_panels_avx2, TARGET_AVX2, 4)
+F32_PANELS(f32_panels_avx2_6, TARGET_AVX2, 6)
 #endif
 
 static PyObject *linear_f32(PyObject *self, PyObject *args) {
@@ -498,6 +501,8 @@ static PyObject *linear_f32(PyObject *self, PyObject *args) {
             const int64_t p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
             if (isa == 2)
                 f32_panels_avx512(&a, p0, p1);
+            else if (a.m > F32_FEW_ROWS)
+                f32_panels_avx2_6(&a, p0, p1);
             else
                 f32_panels_avx2(&a, p0, p1);
         }
