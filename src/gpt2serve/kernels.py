@@ -158,8 +158,6 @@ F32_RUNS = ENABLED and VECTOR_ISA >= 1
 PANEL = 16  # outputs per panel of pack_f32's layout (_kernels.c)
 
 
-
-
 def pack_f32(w: Tensor) -> Tensor:
     """fp32 weights w [k, n] (Conv1D's [in, out]) -> the panels linear_f32 reads,
     [ceil(n / 16), k, 16], zeros past n, in huge pages."""
