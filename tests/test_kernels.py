@@ -2,6 +2,8 @@
 weights and a paged cache handed out the way the engine hands it out (tables out of order,
 siblings sharing their prompt's blocks)."""
 
+import errno
+import mmap
 import os
 import shutil
 import subprocess
@@ -228,6 +230,24 @@ def test_packed_weights_sit_in_huge_pages():
                 assert int(fields["AnonHugePages"].split()[0]) >= 16 * 1024, fields
                 return
     raise AssertionError("the packed weights' mapping is not in /proc/self/smaps")
+
+
+@pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
+def test_weights_load_where_the_kernel_has_no_huge_pages(monkeypatch):
+    """A kernel built without transparent huge pages answers MADV_HUGEPAGE with EINVAL: the
+    weights then sit in ordinary pages, and loading goes on."""
+    class NoHugePages(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(mmap, "mmap", NoHugePages)
+    w = torch.randn(64, 40)
+    # a fresh allocator, which maps now (the module's may have a map to hand out already)
+    panels = kernels._HugePages().empty((3, 64, 16), torch.float32)
+    panels.copy_(kernels.pack_f32(w))
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(kernels.linear_f32(x, panels, None, 40), x @ w,
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_the_kernels_follow_the_isa_caps():

@@ -72,7 +72,8 @@ class _HugePages:
     boundary and misses the TLB every 64 cache lines: int8 decode at batch 1 ran 1.13x faster
     from 2 MiB pages, fp32 matmuls 1.03-1.23x capped at AVX2 and 1.00-1.04x natively, where
     linear_f32's own prefetch does most of it (docs/benchmarks.md). A map is zeroed by the
-    kernel as it is first written, and what no tensor took of it is never touched."""
+    kernel as it is first written, and what no tensor took of it is never touched; the one
+    being handed out stays referenced for the next tensor (at most 64 MiB)."""
 
     CHUNK = 64 << 20
     HUGE = 2 << 20
@@ -93,8 +94,10 @@ class _HugePages:
         # private: a shared anonymous map is shmem, which THP leaves alone by default
         mapped = mmap.mmap(-1, nbytes + self.HUGE,
                            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
             mapped.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # no THP in this kernel (EINVAL) or platform
+            pass
         buffer = torch.frombuffer(mapped, dtype=torch.uint8)
         skip = -buffer.data_ptr() % self.HUGE
         return buffer[skip:skip + nbytes]
