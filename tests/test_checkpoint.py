@@ -154,8 +154,9 @@ print(base, peak, anon_kib())
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_loading_holds_little_more_than_the_final_weights(tmp_path, tiny_model, quantize):
-    """Tensors are read one at a time and turned into their final form (oneDNN-packed fp32 or
-    int8) before the next: the peak while loading stays near what the model holds after."""
+    """Tensors are read one at a time and turned into their final form (fp32 laid out for its
+    kernel, or int8) before the next: the peak while loading stays near what the model holds
+    after."""
     folder = make_hf_model(tmp_path / "m", vocab_size=8000, n_embd=256, n_layer=24, n_head=8)
     out = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(tiny_model), str(folder),
                           quantize],

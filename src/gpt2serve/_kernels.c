@@ -15,7 +15,8 @@ Plain C with OpenMP: the module links libgomp by soname, so once torch is import
 torch's OpenMP runtime and thread count (torch.set_num_threads) instead of starting a second
 team. Built by `pip install` (setup.py). Each kernel is compiled for more than one instruction
 set and the caller names the one to run (kernels.py, from the cap the ISA benchmarks set:
-torch's for attention, fbgemm's for int8), so that an AVX-512 host capped at AVX2 runs AVX2 code.
+torch's for attention and fp32, fbgemm's for int8), so that an AVX-512 host capped at AVX2
+runs AVX2 code.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -228,7 +228,7 @@ def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device:
         return owner
 
     # Modules are read and converted on every core, each worker on one intra-op thread: a
-    # thread-per-tensor split of the copies and oneDNN reorders, with no OpenMP team left
+    # thread-per-tensor split of the copies and weight layouts, with no OpenMP team left
     # behind (see load_for_engine). At most `workers` modules are in their checkpoint form.
     workers = hardware.default_threads()
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
@@ -298,7 +298,7 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
         raise CheckpointError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {config.vocab_size}")
     device = torch.device(device)
-    linear = head = None  # the matmul layers' final form: as read, int8 or oneDNN-packed
+    linear = head = None  # the matmul layers' final form: as read, int8 or laid out for fp32
     if quantize == "int8":
         if device.type != "cpu" or dtype != torch.float32:
             raise CheckpointError("--quantize int8 runs on CPU with float32 activations (got "

@@ -40,6 +40,11 @@ VECTOR_ISAS = {"AVX512": 2, "AVX2": 1}
 VECTOR_ISA = VECTOR_ISAS.get(torch.backends.cpu.get_cpu_capability(), 0)
 
 
+def _address(t: Tensor | None) -> int:
+    """A tensor's address for _kernels, 0 for none."""
+    return 0 if t is None else t.data_ptr()
+
+
 def runs_decode_attention(kv: Tensor) -> bool:
     """Whether decode_attention serves a cache like kv (one layer, or all of them)."""
     return ENABLED and kv.device.type == "cpu" and kv.dtype == torch.float32
@@ -151,7 +156,7 @@ def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: T
     x = x.to(torch.float32).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     _kernels.int8_linear(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), sums.data_ptr(),
-                         0 if bias is None else bias.data_ptr(), y.data_ptr(), m, k, n,
+                         _address(bias), y.data_ptr(), m, k, n,
                          packed.shape[1] * packed.shape[3], vnni)
     return y
 
@@ -197,6 +202,3 @@ def linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, n: int,
                         _address(normed), _address(residual), gelu)
     return y
 
-
-def _address(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()

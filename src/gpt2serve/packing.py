@@ -43,6 +43,8 @@ class Fp32Matmul:
         """`fused`: what kernels.linear_f32 does around the product (ours only)."""
         if self.panels is not None:
             return kernels.linear_f32(x, self.panels, self.bias, self.n, **fused)
+        if fused:  # (fuse_blocks gives FusedBlocks only where our kernel runs)
+            raise ValueError(f"oneDNN's matmul cannot also do {sorted(fused)}")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
