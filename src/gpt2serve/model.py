@@ -137,13 +137,15 @@ def _store(kv: Tensor, rows: Tensor, new_kv: Tensor) -> None:
     kv.view(-1, kv.shape[-1]).index_copy_(0, rows, new_kv.reshape(-1, kv.shape[-1]))
 
 
-def _gather(kv: Tensor, used: Tensor, N: int, L: int, out: Tensor) -> tuple[Tensor, Tensor]:
+def _gather(kv: Tensor, used: Tensor, N: int, L: int,
+            out: Tensor | None) -> tuple[Tensor, Tensor]:
     """Keys and values [N, H, L, head_dim] at positions 0..L-1 of N sequences, from one
-    layer's cache and the blocks they use (KVCache.used), copied into `out` (KVCache.gathered):
-    a fresh tensor each time would be a fresh mapping of tens of MB, and at a long context
-    its page faults cost more than the copy."""
+    layer's cache and the blocks they use (KVCache.used), copied into `out` (KVCache.gathered)
+    if given: a fresh tensor each time would be a fresh mapping of tens of MB on CPU, and at
+    a long context its page faults cost more than the copy."""
     two, H, _, bs, hd = kv.shape
-    g = torch.index_select(kv, 2, used, out=out.view(two, H, used.shape[0], bs, hd))
+    g = (torch.index_select(kv, 2, used) if out is None
+         else torch.index_select(kv, 2, used, out=out.view(two, H, used.shape[0], bs, hd)))
     g = g.view(two, H, N, -1, hd)
     return g[0, :, :, :L].transpose(0, 1), g[1, :, :, :L].transpose(0, 1)
 
@@ -156,10 +158,13 @@ class Group:
     weights are read once for all of them, and attend separately.
 
     tokens [N, T]; start [N], each row's first position; blocks [N, width], block tables;
-    lengths [N], the real (unpadded) tokens of each row, all T when None."""
+    lengths [N], the real (unpadded) tokens of each row, all T when None. `span`, for decode
+    rows only, fixes the positions attended to at 0..span-1, masked past each row's own: then
+    no shape depends on the values of `start` and nothing waits for the device (a CUDA graph's
+    step, engine/cuda_graphs.py)."""
 
     def __init__(self, cache: KVCache, tokens: Tensor, start: Tensor, blocks: Tensor,
-                 lengths: Tensor | None = None):
+                 lengths: Tensor | None = None, span: int | None = None):
         self.tokens = tokens
         self.N, self.T = tokens.shape
         self.size = self.N * self.T
@@ -168,7 +173,7 @@ class Group:
         self.pos = start[:, None] + offsets  # [N, T]
         # Decode rows on CPU attend in place, through the block tables (kernels.py); the
         # rest below is what the torch ops need.
-        self.in_place = (self.T == 1 and lengths is None
+        self.in_place = (self.T == 1 and lengths is None and span is None
                          and kernels.runs_decode_attention(cache.kv))
         if self.in_place:
             self.start, self.blocks = start.contiguous(), blocks.contiguous()
@@ -178,12 +183,17 @@ class Group:
         self.valid = None if lengths is None else (offsets < lengths[:, None]).flatten()
         slots = cache.slots(blocks, self.pos).flatten()
         self.rows = cache.rows(slots if self.valid is None else slots[self.valid])
-        self.L = int(self.pos.max()) + 1 if lengths is None else int((start + lengths).max())
+        if span is not None:
+            self.L = span
+        else:
+            self.L = int(self.pos.max()) + 1 if lengths is None else int((start + lengths).max())
         self.mask = None  # a lone token attends to all L positions
-        if self.size > 1:  # causal [N, 1, T, L]; padding positions are never attended to
+        if self.size > 1 or span is not None:  # causal [N, 1, T, L]; padding never attended to
             self.mask = (torch.arange(self.L, device=dev) <= self.pos[:, :, None])[:, None]
         self.used = cache.used(blocks, self.L)
-        self.gathered = cache.gathered(self.used.shape[0])
+        # A graph keeps the addresses it was captured with, so its gathers get memory of
+        # their own (from the graph's pool) rather than the shared buffer, which may move.
+        self.gathered = None if span is not None else cache.gathered(self.used.shape[0])
 
 
 class Conv1D(nn.Module):
@@ -335,7 +345,8 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache,
-                    blocks: Tensor) -> Tensor:
+                    blocks: Tensor, span: int | None = None) -> Tensor:
         """One token for each of B sequences: tokens [B] at positions pos [B], cached through
-        block tables blocks [B, width] -> logits [B, V]."""
-        return self.logits(self.forward(cache, [Group(cache, tokens[:, None], pos, blocks)])[0])
+        block tables blocks [B, width] -> logits [B, V]. `span`: see Group."""
+        group = Group(cache, tokens[:, None], pos, blocks, span=span)
+        return self.logits(self.forward(cache, [group])[0])

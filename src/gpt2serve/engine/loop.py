@@ -27,6 +27,7 @@ from ..model import GPT, Group
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
 from . import kv_cache
+from .cuda_graphs import DecodeGraphs
 from .sampler import Sampler, prompt_logprobs
 from .scheduler import Chunk, EngineStopped, RequestTimeout, Scheduler
 from .sequence import Completion, Prompt, Request, Sequence, TokenEvent
@@ -76,7 +77,7 @@ class Engine:
                  max_len: int | None = None, max_n: int = 16,
                  max_prompt_chars: int = 32768, threads: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16,
-                 max_prefill_tokens: int = 512):
+                 max_prefill_tokens: int = 512, cuda_graphs: bool = True):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.context = min(max_len or cfg.n_positions, cfg.n_positions)
@@ -90,6 +91,7 @@ class Engine:
         self.sampler = Sampler(cfg.vocab_size, self.eos_id, self.device)
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.max_n, self.max_prompt_chars = min(max_n, max_batch_size), max_prompt_chars
+        self.graphs = self._decode_graphs() if cuda_graphs and self.device.type == "cuda" else None
         # Intra-op threads for the step thread. The model is built on a thread set to one
         # (checkpoint.load_for_engine) so that no OpenMP team left by loading competes with
         # the step thread's.
@@ -98,7 +100,21 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._outbox = Outbox()  # touched by the step thread only
         self._step_seconds = 0.0  # a decode step's time, with no prompt chunk in it
-        self._chunk_tokens = MIN_CHUNK  # prompt tokens to read beside a decode step
+        # Prompt tokens to read beside a decode step. With CUDA graphs, any step with a
+        # prompt chunk runs eagerly and costs several graph steps whatever its size (launches,
+        # not tokens, take the time), so shrinking the chunk would only slow prompts down:
+        # it stays at the most.
+        self._chunk_tokens = max_prefill_tokens if self.graphs is not None else MIN_CHUNK
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """Decode steps as CUDA graphs, their padding rows cached in a block taken for good
+        (None when the cache cannot spare one beside a full-context sequence)."""
+        blocks = self.scheduler.blocks
+        if blocks.available <= blocks.blocks_for(self.context):
+            log.info("CUDA graphs off: the KV cache has no block to spare for padding rows")
+            return None
+        scratch = blocks.admit(1, 0)[0]
+        return DecodeGraphs(self.model, self.cache, self.max_batch_size, self.context, scratch)
 
     # ---- asyncio side ---------------------------------------------------------------------
 
@@ -298,17 +314,18 @@ class Engine:
         sched = self.scheduler
         batch = list(sched.running)
         sched.grow(batch)
+        budget = self._chunk_tokens if batch else self.max_prefill_tokens
+        chunks = self._next_chunks(budget) if sched.waiting or sched.prefilling else []
+        if not batch and not chunks:
+            return
+        graphed = self.graphs is not None and not chunks
         groups = []
-        if batch:
+        if batch and not graphed:
             tokens = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
             pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
             groups.append(Group(self.cache, tokens, pos, self._table([s.blocks for s in batch])))
-        budget = self._chunk_tokens if batch else self.max_prefill_tokens
-        chunks = self._next_chunks(budget) if sched.waiting or sched.prefilling else []
         if chunks:
             groups.append(self._chunk_group(chunks))
-        if not groups:
-            return
         newcomers_seconds = 0.0
 
         def read_newcomers() -> None:  # once per step; nothing may be retired here
@@ -322,12 +339,18 @@ class Engine:
                     self._outbox.flush()
                 newcomers_seconds = time.perf_counter() - t
 
-        hidden = self.model.forward(self.cache, groups, read_newcomers if batch else None)
-        self._finish_step(batch, chunks, hidden)
+        if graphed:  # prompts that arrived wait for the step, not a layer: it is short
+            logits = self.graphs.run([s.tokens[-1] for s in batch],
+                                     [s.length - 1 for s in batch], [s.blocks for s in batch])
+            read_newcomers()
+            self._sample(logits, batch)
+        else:
+            hidden = self.model.forward(self.cache, groups, read_newcomers if batch else None)
+            self._finish_step(batch, chunks, hidden)
         seconds = time.perf_counter() - t0 - newcomers_seconds
         if batch and not chunks:
             self._step_seconds = _average(self._step_seconds, seconds)
-        elif batch:
+        elif batch and self.graphs is None:
             self._size_chunks(seconds)
         metrics.BATCH_SIZE.observe(len(batch))
         if batch:

@@ -1,0 +1,73 @@
+"""The fixed-shape decode steps that engine/cuda_graphs.py captures as CUDA graphs, run
+eagerly on CPU (capture=False): padded batches and spans give each row the logits and the
+cache writes of an ordinary decode step, and padding rows write to their scratch block only.
+The capture itself needs a GPU: bench/gpu.py checks it there (greedy generations identical to
+transformers, decode time)."""
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+from gpt2serve import checkpoint
+from gpt2serve.engine.cuda_graphs import DecodeGraphs
+from gpt2serve.model import KVCache
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = make_hf_model(tmp_path_factory.mktemp("graphs") / "m", n_positions=256, seed=5)
+    return checkpoint.load(folder)[0]
+
+
+def filled_cache(model, lengths: list[int], block_size: int = 8):
+    """A cache holding prompts of `lengths`, each in blocks handed out shuffled, and the spare
+    blocks left over. Returns (cache, tables, spare, next tokens)."""
+    torch.manual_seed(3)
+    need = [-(-(n + 1) // block_size) for n in lengths]  # room for the decode step's token
+    order = torch.randperm(sum(need) + 2).tolist()
+    cache = KVCache(model.config, len(order), block_size, torch.float32, "cpu")
+    tables = [[order.pop() for _ in range(k)] for k in need]
+    for n, table in zip(lengths, tables):
+        ids = torch.randint(0, model.config.vocab_size, (n,))
+        model.prefill(ids, cache, torch.tensor(table))
+    return cache, tables, order, torch.randint(0, model.config.vocab_size, (len(lengths),))
+
+
+@pytest.mark.parametrize("lengths", [[5, 30, 17], [120], [3, 200, 64, 9, 1]])
+def test_padded_fixed_shape_step_matches_an_ordinary_decode_step(model, lengths):
+    cache, tables, spare, tokens = filled_cache(model, lengths)
+    scratch = spare[0]
+    expected_cache = KVCache(model.config, cache.num_blocks, cache.block_size, torch.float32,
+                             "cpu")
+    expected_cache.kv.copy_(cache.kv)
+    before = cache.kv.clone()
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    pos = torch.tensor(lengths)
+    expected = model.decode_step(tokens, pos, expected_cache, padded)
+
+    graphs = DecodeGraphs(model, cache, max_batch_size=8, context=256, scratch_block=scratch,
+                          capture=False)
+    got = graphs.run(tokens.tolist(), lengths, tables)
+
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # The same slots written, with the same keys and values (to rounding: on CPU the ordinary
+    # step attends in our C kernel, the fixed-shape one through torch's ops).
+    others = [b for b in range(cache.num_blocks) if b != scratch]
+    written, expected_written = (c.kv[:, :, :, others] != before[:, :, :, others]
+                                 for c in (cache, expected_cache))
+    assert expected_written.any() and torch.equal(written, expected_written)
+    torch.testing.assert_close(cache.kv[:, :, :, others], expected_cache.kv[:, :, :, others],
+                               atol=1e-5, rtol=0)
+    padding_rows = next(b for b in graphs.batch_sizes if b >= len(lengths)) - len(lengths)
+    written = bool(cache.kv[:, :, :, scratch].abs().sum() > 0)
+    assert written == (padding_rows > 0)
+
+
+def test_shapes_are_bucketed(model):
+    cache, tables, spare, tokens = filled_cache(model, [5, 100, 7])
+    graphs = DecodeGraphs(model, cache, max_batch_size=6, context=256, scratch_block=spare[0],
+                          capture=False)
+    assert graphs.batch_sizes == [1, 2, 4, 6]
+    assert graphs.spans == [64, 128, 256]
+    assert graphs.run(tokens.tolist(), [5, 100, 7], tables).shape == (3, model.config.vocab_size)
