@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; BENCH_SHARED_DATA names another copy (a machine the
+# checkout was copied to without it).
+SHARED = Path(os.environ.get("BENCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CACHE = ROOT / "bench" / "results" / "cache"
 PROMPT_TOKENS, NEW_TOKENS = 16, 64
 

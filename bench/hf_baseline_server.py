@@ -16,7 +16,10 @@ from transformers import GPT2LMHeadModel
 class HFBaseline(kserve.Model):
     def __init__(self, name: str, model_dir: str):
         super().__init__(name)
-        self.model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+        # As the reference recipe loads it: float16 on a GPU, float32 on CPU.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         self.ready = True
 
     def predict(self, payload: dict, headers=None) -> dict:
@@ -24,7 +27,7 @@ class HFBaseline(kserve.Model):
         # generates, so requests are served strictly one after another.
         out = []
         for inst in payload["instances"]:
-            ids = torch.tensor([inst["prompt"]])
+            ids = torch.tensor([inst["prompt"]], device=self.device)
             n = inst["max_new_tokens"]
             with torch.inference_mode():
                 gen = self.model.generate(ids, max_new_tokens=n, min_new_tokens=n,

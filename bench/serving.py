@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -177,11 +178,13 @@ def caps(args) -> dict[str, str]:
 
 
 def start(cmd, url_ready, env=None) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log = tempfile.TemporaryFile("w+")  # the server's output, shown if it fails to start
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})})
     for _ in range(1200):
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:3]} exited with {proc.returncode}")
+            log.seek(0)
+            raise RuntimeError(f"{cmd[:3]} exited with {proc.returncode}:\n{log.read()[-3000:]}")
         try:
             if httpx.get(url_ready, timeout=1).status_code == 200:
                 return proc
@@ -194,8 +197,10 @@ def start(cmd, url_ready, env=None) -> subprocess.Popen:
 
 def servers(folder, extra_args, with_int8: bool, vllm_python: str | None, peers: bool = True):
     py = sys.executable
-    variants = [("gpt2serve fp32", [])] + ([("gpt2serve int8", ["--quantize", "int8"])]
-                                           if with_int8 else [])
+    import torch
+    default = "gpt2serve fp16" if torch.cuda.is_available() else "gpt2serve fp32"  # --dtype auto
+    variants = [(default, [])] + ([("gpt2serve int8", ["--quantize", "int8"])]
+                                  if with_int8 else [])
     for name, flags in variants:
         yield (name, [py, "-m", "gpt2serve.cli", "serve", "--model_dir", str(folder),
                       "--http_port", "8401", "--enable_grpc", "false", *flags, *extra_args],
@@ -297,7 +302,10 @@ def report(results: dict[str, list[dict]], args) -> None:
                 label=name)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("aggregate tokens/s")
-    ax.set_title(f"GPT-2 124M (random weights), 2-core CPU, {args.tokens} tokens/request")
+    import torch
+    machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
+               else f"{os.cpu_count()}-core CPU")
+    ax.set_title(f"GPT-2 124M (random weights), {machine}, {args.tokens} tokens/request")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
