@@ -1,21 +1,31 @@
 """The fixed-shape decode steps that engine/cuda_graphs.py captures as CUDA graphs, run
-eagerly on CPU (capture=False): padded batches and spans give each row the logits and the
-cache writes of an ordinary decode step, and padding rows write to their scratch block only.
-The capture itself needs a GPU: bench/gpu.py checks it there (greedy generations identical to
-transformers, decode time)."""
+uncaptured on CPU (capture=False): padded batches and spans give each row the logits and the
+cache writes of an ordinary decode step, padding rows write to their scratch block only, and
+the engine's branch for them generates what the eager engine does. The capture itself needs a
+GPU: bench/gpu.py checks it there (greedy generations identical to transformers, decode
+time)."""
+
+import asyncio
 
 import pytest
 import torch
 
 from conftest import make_hf_model
 from gpt2serve import checkpoint
+from gpt2serve.engine import Engine, Prompt
 from gpt2serve.engine.cuda_graphs import DecodeGraphs
 from gpt2serve.model import KVCache
+from gpt2serve.sampling import SamplingParams
+from gpt2serve.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = make_hf_model(tmp_path_factory.mktemp("graphs") / "m", n_positions=256, seed=5)
+def folder(tmp_path_factory):
+    return make_hf_model(tmp_path_factory.mktemp("graphs") / "m", n_positions=256, seed=5)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
     return checkpoint.load(folder)[0]
 
 
@@ -71,3 +81,42 @@ def test_shapes_are_bucketed(model):
     assert graphs.batch_sizes == [1, 2, 4, 6]
     assert graphs.spans == [64, 128, 256]
     assert graphs.run(tokens.tolist(), [5, 100, 7], tables).shape == (3, model.config.vocab_size)
+
+
+def run_engine(model, tokenizer, cuda_graphs, arrivals):
+    """Generate for (delay seconds, prompt ids, params) arrivals on one engine; the tokens of
+    every completion, in order."""
+    engine = Engine(model, tokenizer, max_batch_size=6, max_len=128, cuda_graphs=cuda_graphs)
+
+    async def one(delay, ids, params):
+        await asyncio.sleep(delay)
+        return [c.token_ids for c in (await engine.complete([Prompt(ids, params)]))[0]]
+
+    async def crowd():
+        return await asyncio.gather(*(one(*a) for a in arrivals))
+
+    try:
+        return engine, asyncio.run(crowd())
+    finally:
+        engine.stop()
+
+
+def test_engine_with_fixed_shape_steps_generates_what_the_eager_engine_does(model, folder):
+    """The engine's graphed branch (run uncaptured on CPU): prompts arriving while others
+    decode, ragged lengths, siblings (n > 1), greedy and seeded sampling; and the scratch
+    block is never handed to a sequence."""
+    tokenizer = Tokenizer.from_dir(folder)
+    torch.manual_seed(7)
+    vocab = model.config.vocab_size
+    greedy = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 20,
+                                       "ignore_eos": True})
+    seeded = SamplingParams.from_dict({"temperature": 1.0, "top_k": 40, "max_new_tokens": 30,
+                                       "ignore_eos": True, "seed": 11, "n": 2})
+    arrivals = [(0.0, torch.randint(0, vocab, (5,)).tolist(), greedy),
+                (0.0, torch.randint(0, vocab, (40,)).tolist(), seeded),
+                (0.02, torch.randint(0, vocab, (70,)).tolist(), greedy),
+                (0.05, torch.randint(0, vocab, (3,)).tolist(), seeded)]
+    _, eager = run_engine(model, tokenizer, False, arrivals)
+    engine, fixed = run_engine(model, tokenizer, True, arrivals)
+    assert engine.graphs is not None and fixed == eager
+    assert engine.graphs.scratch not in engine.scheduler.blocks._free

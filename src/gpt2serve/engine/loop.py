@@ -77,7 +77,9 @@ class Engine:
                  max_len: int | None = None, max_n: int = 16,
                  max_prompt_chars: int = 32768, threads: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16,
-                 max_prefill_tokens: int = 512, cuda_graphs: bool = True):
+                 max_prefill_tokens: int = 512, cuda_graphs: bool | None = None):
+        """`cuda_graphs`: replay decode steps as CUDA graphs (engine/cuda_graphs.py); None
+        means on CUDA. True on CPU runs the same padded fixed-shape steps, uncaptured (tests)."""
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.context = min(max_len or cfg.n_positions, cfg.n_positions)
@@ -91,7 +93,9 @@ class Engine:
         self.sampler = Sampler(cfg.vocab_size, self.eos_id, self.device)
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.max_n, self.max_prompt_chars = min(max_n, max_batch_size), max_prompt_chars
-        self.graphs = self._decode_graphs() if cuda_graphs and self.device.type == "cuda" else None
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.graphs = self._decode_graphs() if cuda_graphs else None
         # Intra-op threads for the step thread. The model is built on a thread set to one
         # (checkpoint.load_for_engine) so that no OpenMP team left by loading competes with
         # the step thread's.
@@ -114,7 +118,8 @@ class Engine:
             log.info("CUDA graphs off: the KV cache has no block to spare for padding rows")
             return None
         scratch = blocks.admit(1, 0)[0]
-        return DecodeGraphs(self.model, self.cache, self.max_batch_size, self.context, scratch)
+        return DecodeGraphs(self.model, self.cache, self.max_batch_size, self.context, scratch,
+                            capture=self.device.type == "cuda")
 
     # ---- asyncio side ---------------------------------------------------------------------
 
