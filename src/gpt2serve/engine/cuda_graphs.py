@@ -10,7 +10,7 @@ captured shapes: its batch to the next of BATCH_SIZES, the positions it attends 
 next power of two (model.Group's `span`; positions past a row's own are masked). Padding
 rows read token 0 at position 0 and write their keys and values to a block of their own,
 which the engine takes from the cache for good; their logits are dropped. Each shape is
-captured when first needed (a few eager passes, tens of ms) and all share one memory pool:
+captured when first needed (two eager passes, then the capture) and all share one memory pool:
 a step's outputs are consumed before the next step replays.
 """
 
