@@ -88,6 +88,24 @@ def test_ragged_batch_decode_matches_each_sequence_alone(pair):
         torch.testing.assert_close(row, expected, atol=1e-4, rtol=0)
 
 
+def test_a_batch_may_gather_more_blocks_than_the_cache_holds(pair):
+    """Block tables are padded to the batch's longest, so a long prompt beside short ones
+    gathers rows x widest blocks, more than a small cache has: each still gets its logits."""
+    ours, _, ref = pair
+    torch.manual_seed(6)
+    prompts = [torch.randint(0, ours.config.vocab_size, (n,)) for n in (16, 3, 2)]
+    cache = KVCache(ours.config, 6, 4, torch.float32, "cpu")  # 4 + 1 + 1 blocks
+    tables = torch.tensor([[0, 1, 2, 3], [4, 0, 0, 0], [5, 0, 0, 0]])
+    tokens = torch.zeros(3, 16, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        tokens[row, :len(p)] = p
+    last = ours.prefill(tokens, cache, tables, lengths=torch.tensor([len(p) for p in prompts]))
+    for row, p in zip(last, prompts):
+        with torch.no_grad():
+            expected = ref(p[None]).logits[0, -1]
+        torch.testing.assert_close(row, expected, atol=1e-4, rtol=0)
+
+
 def test_greedy_generation_is_token_for_token_identical(pair):
     ours, tokenizer, ref = pair
     engine = Engine(ours, tokenizer, max_batch_size=4)

@@ -112,8 +112,9 @@ class KVCache:
 
     def gathered(self, blocks: int) -> Tensor:
         """Room for one layer's keys and values in `blocks` blocks, reused by every gather
-        (model._gather): a forward pass attends one group at a time."""
-        numel = self.kv[0, :, :, :blocks].numel()
+        (model._gather): a forward pass attends one group at a time. A batch's tables are
+        padded to its longest, so it may gather more blocks than the cache has."""
+        numel = self.kv[0, :, :, :1].numel() * blocks  # (blocks may exceed num_blocks)
         if self._gathered.numel() < numel:
             self._gathered = torch.empty(numel, dtype=self.kv.dtype, device=self.kv.device)
         return self._gathered[:numel]
