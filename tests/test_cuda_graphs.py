@@ -15,7 +15,7 @@ from gpt2serve import checkpoint
 from gpt2serve.engine import Engine, Prompt
 from gpt2serve.engine.cuda_graphs import DecodeGraphs
 from gpt2serve.model import KVCache
-from gpt2serve.sampling import SamplingParams
+from gpt2serve.sampling import SamplingError, SamplingParams
 from gpt2serve.tokenizer import Tokenizer
 
 
@@ -120,3 +120,18 @@ def test_engine_with_fixed_shape_steps_generates_what_the_eager_engine_does(mode
     engine, fixed = run_engine(model, tokenizer, True, arrivals)
     assert engine.graphs is not None and fixed == eager
     assert engine.graphs.scratch not in engine.scheduler.blocks._free
+
+
+def test_a_request_needing_the_scratch_block_is_refused_not_left_waiting(model, folder):
+    """With graphs the cache has one block fewer for sequences: a request that needs every
+    block of the cache gets the 400 error at once rather than waiting for the block forever."""
+    block_bytes = KVCache.block_bytes(model.config, 16, torch.float32)
+    engine = Engine(model, Tokenizer.from_dir(folder), max_batch_size=4, cuda_graphs=True,
+                    kv_cache_memory=20 * block_bytes)
+    assert engine.cache.num_blocks == 20 and engine.graphs is not None
+    # Two sequences of 8 + 153 - 1 = 160 positions: 10 blocks each, sharing none.
+    params = SamplingParams.from_dict({"max_new_tokens": 153, "n": 2})
+    with pytest.raises(SamplingError, match="holds 304"):
+        engine.check(Prompt(list(range(8)), params))
+    engine.check(Prompt(list(range(8)), SamplingParams.from_dict({"max_new_tokens": 137,
+                                                                  "n": 2})))
