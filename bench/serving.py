@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import torch
 
 from common import ROOT, gpt2_124m, host_isa, prompts, read_bandwidth
 
@@ -197,7 +198,6 @@ def start(cmd, url_ready, env=None) -> subprocess.Popen:
 
 def servers(folder, extra_args, with_int8: bool, vllm_python: str | None, peers: bool = True):
     py = sys.executable
-    import torch
     default = "gpt2serve fp16" if torch.cuda.is_available() else "gpt2serve fp32"  # --dtype auto
     variants = [(default, [])] + ([("gpt2serve int8", ["--quantize", "int8"])]
                                   if with_int8 else [])
@@ -302,7 +302,6 @@ def report(results: dict[str, list[dict]], args) -> None:
                 label=name)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("aggregate tokens/s")
-    import torch
     machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
                else f"{os.cpu_count()}-core CPU")
     ax.set_title(f"GPT-2 124M (random weights), {machine}, {args.tokens} tokens/request")

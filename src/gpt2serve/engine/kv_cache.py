@@ -69,6 +69,14 @@ class BlockManager:
         self.promised -= unused_promise
         self._report()
 
+    def set_aside(self) -> int:
+        """A block out of the pool for good (the CUDA graphs' scratch block): capacity and
+        usage count the others."""
+        block = self._take()
+        self.num_blocks -= 1
+        self._report()
+        return block
+
     def _take(self) -> int:
         block = self._free.pop()
         self._refs[block] = 1

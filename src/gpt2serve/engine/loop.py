@@ -96,8 +96,6 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.graphs = self._decode_graphs() if cuda_graphs else None
-        # The blocks sequences can have (the graphs' scratch block is not one of them).
-        self.sequence_blocks = self.cache.num_blocks - (self.graphs is not None)
         # Intra-op threads for the step thread. The model is built on a thread set to one
         # (checkpoint.load_for_engine) so that no OpenMP team left by loading competes with
         # the step thread's.
@@ -119,7 +117,7 @@ class Engine:
         if blocks.available <= blocks.blocks_for(self.context):
             log.info("CUDA graphs off: the KV cache has no block to spare for padding rows")
             return None
-        scratch = blocks.admit(1, 0)[0]
+        scratch = blocks.set_aside()
         return DecodeGraphs(self.model, self.cache, self.max_batch_size, self.context, scratch,
                             capture=self.device.type == "cuda")
 
@@ -198,12 +196,13 @@ class Engine:
                                         f"has {vocab}")
             max_new = prompt.params.max_new_for(len(prompt.ids), self.context)
             blocks = self.scheduler.blocks_needed(len(prompt.ids), max_new, prompt.params.n)
-            if blocks > self.sequence_blocks:
+            capacity = self.scheduler.blocks.num_blocks  # (without a scratch block)
+            if blocks > capacity:
                 size = self.cache.block_size
                 raise SamplingError(
                     f"'n' {prompt.params.n} sequences of up to {len(prompt.ids) + max_new} "
                     f"tokens need {blocks * size} tokens of KV cache; this server holds "
-                    f"{self.sequence_blocks * size} (--kv_cache_memory)")
+                    f"{capacity * size} (--kv_cache_memory)")
             return max_new
         except SamplingError as e:
             raise SamplingError(f"{prompt.name}: {e}" if prompt.name else str(e)) from None
