@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -51,6 +52,58 @@ def make_hf_model(folder: Path, *, vocab_size: int = 400, safe_serialization: bo
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
     write_tokenizer(folder, tokenizer_file, vocab_size)
     return folder
+
+
+def filled_cache(model, lengths: list[int], block_size: int = 8):
+    """A cache holding prompts of `lengths`, each in blocks handed out shuffled, and the spare
+    blocks left over. Returns (cache, tables, spare, next tokens)."""
+    from gpt2serve.model import KVCache
+
+    torch.manual_seed(3)
+    need = [-(-(n + 1) // block_size) for n in lengths]  # room for the decode step's token
+    order = torch.randperm(sum(need) + 2).tolist()
+    cache = KVCache(model.config, len(order), block_size, torch.float32, "cpu")
+    tables = [[order.pop() for _ in range(k)] for k in need]
+    for n, table in zip(lengths, tables):
+        ids = torch.randint(0, model.config.vocab_size, (n,))
+        model.prefill(ids, cache, torch.tensor(table))
+    return cache, tables, order, torch.randint(0, model.config.vocab_size, (len(lengths),))
+
+
+def mixed_arrivals(vocab: int) -> list[tuple]:
+    """(delay seconds, prompt ids, params) for run_engine: ragged prompts arriving while others
+    decode, greedy and seeded top-k sampling with siblings (n = 2)."""
+    from gpt2serve.sampling import SamplingParams
+
+    torch.manual_seed(7)
+    greedy = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 20,
+                                       "ignore_eos": True})
+    seeded = SamplingParams.from_dict({"temperature": 1.0, "top_k": 40, "max_new_tokens": 30,
+                                       "ignore_eos": True, "seed": 11, "n": 2})
+    return [(0.0, torch.randint(0, vocab, (5,)).tolist(), greedy),
+            (0.0, torch.randint(0, vocab, (40,)).tolist(), seeded),
+            (0.02, torch.randint(0, vocab, (70,)).tolist(), greedy),
+            (0.05, torch.randint(0, vocab, (3,)).tolist(), seeded)]
+
+
+def run_engine(model, tokenizer, arrivals, **engine_args):
+    """Generate for (delay seconds, prompt ids, params) arrivals on one engine; the engine and
+    the tokens of every completion, in order."""
+    from gpt2serve.engine import Engine, Prompt
+
+    engine = Engine(model, tokenizer, max_batch_size=6, max_len=128, **engine_args)
+
+    async def one(delay, ids, params):
+        await asyncio.sleep(delay)
+        return [c.token_ids for c in (await engine.complete([Prompt(ids, params)]))[0]]
+
+    async def crowd():
+        return await asyncio.gather(*(one(*a) for a in arrivals))
+
+    try:
+        return engine, asyncio.run(crowd())
+    finally:
+        engine.stop()
 
 
 @pytest.fixture(scope="session")

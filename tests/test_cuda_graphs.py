@@ -5,12 +5,10 @@ the engine's branch for them generates what the eager engine does. The capture i
 GPU: bench/gpu.py checks it there (greedy generations identical to transformers, decode
 time)."""
 
-import asyncio
-
 import pytest
 import torch
 
-from conftest import make_hf_model
+from conftest import filled_cache, make_hf_model, mixed_arrivals, run_engine
 from gpt2serve import checkpoint
 from gpt2serve.engine import Engine, Prompt
 from gpt2serve.engine.cuda_graphs import DecodeGraphs
@@ -27,20 +25,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(folder):
     return checkpoint.load(folder)[0]
-
-
-def filled_cache(model, lengths: list[int], block_size: int = 8):
-    """A cache holding prompts of `lengths`, each in blocks handed out shuffled, and the spare
-    blocks left over. Returns (cache, tables, spare, next tokens)."""
-    torch.manual_seed(3)
-    need = [-(-(n + 1) // block_size) for n in lengths]  # room for the decode step's token
-    order = torch.randperm(sum(need) + 2).tolist()
-    cache = KVCache(model.config, len(order), block_size, torch.float32, "cpu")
-    tables = [[order.pop() for _ in range(k)] for k in need]
-    for n, table in zip(lengths, tables):
-        ids = torch.randint(0, model.config.vocab_size, (n,))
-        model.prefill(ids, cache, torch.tensor(table))
-    return cache, tables, order, torch.randint(0, model.config.vocab_size, (len(lengths),))
 
 
 @pytest.mark.parametrize("lengths", [[5, 30, 17], [120], [3, 200, 64, 9, 1]])
@@ -83,41 +67,14 @@ def test_shapes_are_bucketed(model):
     assert graphs.run(tokens.tolist(), [5, 100, 7], tables).shape == (3, model.config.vocab_size)
 
 
-def run_engine(model, tokenizer, cuda_graphs, arrivals):
-    """Generate for (delay seconds, prompt ids, params) arrivals on one engine; the tokens of
-    every completion, in order."""
-    engine = Engine(model, tokenizer, max_batch_size=6, max_len=128, cuda_graphs=cuda_graphs)
-
-    async def one(delay, ids, params):
-        await asyncio.sleep(delay)
-        return [c.token_ids for c in (await engine.complete([Prompt(ids, params)]))[0]]
-
-    async def crowd():
-        return await asyncio.gather(*(one(*a) for a in arrivals))
-
-    try:
-        return engine, asyncio.run(crowd())
-    finally:
-        engine.stop()
-
-
 def test_engine_with_fixed_shape_steps_generates_what_the_eager_engine_does(model, folder):
     """The engine's graphed branch (run uncaptured on CPU): prompts arriving while others
     decode, ragged lengths, siblings (n > 1), greedy and seeded sampling; and the scratch
     block is never handed to a sequence."""
     tokenizer = Tokenizer.from_dir(folder)
-    torch.manual_seed(7)
-    vocab = model.config.vocab_size
-    greedy = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 20,
-                                       "ignore_eos": True})
-    seeded = SamplingParams.from_dict({"temperature": 1.0, "top_k": 40, "max_new_tokens": 30,
-                                       "ignore_eos": True, "seed": 11, "n": 2})
-    arrivals = [(0.0, torch.randint(0, vocab, (5,)).tolist(), greedy),
-                (0.0, torch.randint(0, vocab, (40,)).tolist(), seeded),
-                (0.02, torch.randint(0, vocab, (70,)).tolist(), greedy),
-                (0.05, torch.randint(0, vocab, (3,)).tolist(), seeded)]
-    _, eager = run_engine(model, tokenizer, False, arrivals)
-    engine, fixed = run_engine(model, tokenizer, True, arrivals)
+    arrivals = mixed_arrivals(model.config.vocab_size)
+    _, eager = run_engine(model, tokenizer, arrivals, cuda_graphs=False, decode_plan=False)
+    engine, fixed = run_engine(model, tokenizer, arrivals, cuda_graphs=True)
     assert engine.graphs is not None and fixed == eager
     assert engine.graphs.scratch not in engine.scheduler.blocks._free
 

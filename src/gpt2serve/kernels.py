@@ -15,10 +15,12 @@ fp16/bf16), the torch ops run. GPT2SERVE_C_KERNELS=0 turns them off, to compare
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -58,17 +60,24 @@ def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
     layer of the cache, [2, H, num_blocks, block_size, head_dim], contiguous; blocks [N, width]
     int64 block tables; pos [N] int64, each token's position. The new keys and values are
     written at pos first; each query then attends to positions 0..pos of its sequence."""
-    two, heads, num_blocks, block_size, head_dim = kv.shape
-    n = qkv.shape[0]
-    if qkv.stride(1) != 1 or not (kv.is_contiguous() and blocks.is_contiguous()
-                                  and pos.is_contiguous()):
-        raise ValueError("decode_attention takes contiguous rows")
-    out = torch.empty(n, heads * head_dim, dtype=qkv.dtype)
-    _kernels.decode_attention(qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(), pos.data_ptr(),
-                              out.data_ptr(), n, heads, head_dim, num_blocks, block_size,
-                              blocks.shape[1], qkv.stride(0), scale, isa)
+    out = torch.empty(qkv.shape[0], kv.shape[1] * kv.shape[4], dtype=qkv.dtype)
+    bind_decode_attention(qkv, kv, blocks, pos, scale, out, isa)()
     return out
 
+
+def bind_decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor, scale: float,
+                          out: Tensor, isa: int = VECTOR_ISA) -> Callable[[], None]:
+    """decode_attention into `out` [N, D], as a call of no arguments on these tensors' memory:
+    made once, it can be called for every step that refills them (engine/decode_plan.py).
+    The caller keeps the tensors alive."""
+    two, heads, num_blocks, block_size, head_dim = kv.shape
+    if qkv.stride(1) != 1 or not (kv.is_contiguous() and blocks.is_contiguous()
+                                  and pos.is_contiguous() and out.is_contiguous()):
+        raise ValueError("decode_attention takes contiguous rows")
+    return functools.partial(_kernels.decode_attention, qkv.data_ptr(), kv.data_ptr(),
+                             blocks.data_ptr(), pos.data_ptr(), out.data_ptr(), qkv.shape[0],
+                             heads, head_dim, num_blocks, block_size, blocks.shape[1],
+                             qkv.stride(0), scale, isa)
 
 class _HugePages:
     """Memory for weights in transparent huge pages, handed out from 64 MiB anonymous maps
@@ -191,14 +200,25 @@ def linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, n: int,
     it, the ops around a matmul in a GPT-2 layer: `ln` normalizes x's rows first, `gelu`
     (tanh form) is applied to the sum, and `residual` [m, n] is added last."""
     m, k = x.shape
-    x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
-    if residual is not None and not residual.is_contiguous():
-        residual = residual.contiguous()
-    _kernels.linear_f32(x.data_ptr(), panels.data_ptr(), _address(bias), y.data_ptr(), m, k,
-                        n, isa, 0 if ln is None else ln.weight.data_ptr(),
-                        0 if ln is None else ln.bias.data_ptr(), 0.0 if ln is None else ln.eps,
-                        _address(normed), _address(residual), gelu)
+    bind_linear_f32(x.contiguous(), panels, bias, y, isa, ln, gelu,
+                    None if residual is None else residual.contiguous(), normed)()
     return y
 
+
+def bind_linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, y: Tensor,
+                    isa: int = VECTOR_ISA, ln: nn.LayerNorm | None = None, gelu: bool = False,
+                    residual: Tensor | None = None, normed: Tensor | None = None
+                    ) -> Callable[[], None]:
+    """linear_f32 into y [m, n], as a call of no arguments on these tensors' memory (see
+    bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
+    needed with `ln`."""
+    m, k = x.shape
+    if ln is not None and normed is None:
+        raise ValueError("linear_f32 with a layer norm needs room for the normed rows")
+    return functools.partial(
+        _kernels.linear_f32, x.data_ptr(), panels.data_ptr(), _address(bias), y.data_ptr(), m,
+        k, y.shape[1], isa, 0 if ln is None else ln.weight.data_ptr(),
+        0 if ln is None else ln.bias.data_ptr(), 0.0 if ln is None else ln.eps,
+        _address(normed), _address(residual), gelu)

@@ -47,6 +47,11 @@ class Fp32Matmul:
             raise ValueError(f"oneDNN's matmul cannot also do {sorted(fused)}")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def bind(self, x: Tensor, y: Tensor, **fused):
+        """This product into y, as a call bound to x's and y's memory (ours only; see
+        kernels.bind_linear_f32)."""
+        return kernels.bind_linear_f32(x, self.panels, self.bias, y, **fused)
+
 
 class PackedLinear(nn.Module):
     """Drop-in for Conv1D (y = x @ W + b) with W laid out for its kernel."""

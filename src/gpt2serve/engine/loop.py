@@ -28,6 +28,7 @@ from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
 from . import kv_cache
 from .cuda_graphs import DecodeGraphs
+from .decode_plan import DecodePlan
 from .sampler import Sampler, prompt_logprobs
 from .scheduler import Chunk, EngineStopped, RequestTimeout, Scheduler
 from .sequence import Completion, Prompt, Request, Sequence, TokenEvent
@@ -77,9 +78,12 @@ class Engine:
                  max_len: int | None = None, max_n: int = 16,
                  max_prompt_chars: int = 32768, threads: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16,
-                 max_prefill_tokens: int = 512, cuda_graphs: bool | None = None):
+                 max_prefill_tokens: int = 512, cuda_graphs: bool | None = None,
+                 decode_plan: bool = True):
         """`cuda_graphs`: replay decode steps as CUDA graphs (engine/cuda_graphs.py); None
-        means on CUDA. True on CPU runs the same padded fixed-shape steps, uncaptured (tests)."""
+        means on CUDA. True on CPU runs the same padded fixed-shape steps, uncaptured (tests).
+        `decode_plan`: without graphs, replay decode steps' kernel calls where our fp32 CPU
+        kernels serve the model (engine/decode_plan.py)."""
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.context = min(max_len or cfg.n_positions, cfg.n_positions)
@@ -96,6 +100,9 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.graphs = self._decode_graphs() if cuda_graphs else None
+        self.plan = (DecodePlan(model, self.cache, max_batch_size, self.context)
+                     if decode_plan and self.graphs is None
+                     and DecodePlan.serves(model, self.cache) else None)
         # Intra-op threads for the step thread. The model is built on a thread set to one
         # (checkpoint.load_for_engine) so that no OpenMP team left by loading competes with
         # the step thread's.
@@ -324,9 +331,11 @@ class Engine:
         chunks = self._next_chunks(budget) if sched.waiting or sched.prefilling else []
         if not batch and not chunks:
             return
+        # Decode-only steps replay a fixed step: a CUDA graph, or on CPU a plan of kernel calls.
         graphed = self.graphs is not None and not chunks
+        planned = self.plan is not None and not chunks
         groups = []
-        if batch and not graphed:
+        if batch and not (graphed or planned):
             tokens = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
             pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
             groups.append(Group(self.cache, tokens, pos, self._table([s.blocks for s in batch])))
@@ -345,11 +354,14 @@ class Engine:
                     self._outbox.flush()
                 newcomers_seconds = time.perf_counter() - t
 
+        rows = ([s.tokens[-1] for s in batch], [s.length - 1 for s in batch],
+                [s.blocks for s in batch])
         if graphed:  # prompts that arrived wait for the step, not a layer: it is short
-            logits = self.graphs.run([s.tokens[-1] for s in batch],
-                                     [s.length - 1 for s in batch], [s.blocks for s in batch])
+            logits = self.graphs.run(*rows)
             read_newcomers()
             self._sample(logits, batch)
+        elif planned:
+            self._sample(self.plan.run(*rows, read_newcomers), batch)
         else:
             hidden = self.model.forward(self.cache, groups, read_newcomers if batch else None)
             self._finish_step(batch, chunks, hidden)

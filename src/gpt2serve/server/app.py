@@ -44,7 +44,8 @@ def serve(args: argparse.Namespace) -> None:
                     max_n=args.max_n, max_prompt_chars=args.max_prompt_chars, threads=threads,
                     kv_cache_memory=args.kv_cache_memory,
                     max_prefill_tokens=args.max_prefill_tokens,
-                    cuda_graphs=False if args.enforce_eager else None)
+                    cuda_graphs=False if args.enforce_eager else None,
+                    decode_plan=not args.enforce_eager)
     log.info("loaded %s (%d layers, %d dims, vocab %d) on %s/%s%s, %d threads, in %.2fs",
              args.model_dir or "the embedded demo model", model.config.n_layer,
              model.config.n_embd, model.config.vocab_size, param.device, param.dtype,

@@ -1,0 +1,86 @@
+"""Decode steps replayed as a plan of our fp32 kernels' calls (engine/decode_plan.py): the same
+logits and cache writes as an eager decode step, to the bit, whatever batch sizes follow one
+another; the engine's planned branch generates what the eager engine does; and models our
+fp32 kernels do not serve get no plan."""
+
+import pytest
+import torch
+
+from conftest import filled_cache, make_hf_model, mixed_arrivals, run_engine
+from gpt2serve import checkpoint, kernels
+from gpt2serve.engine.decode_plan import DecodePlan
+from gpt2serve.model import KVCache
+from gpt2serve.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.skipif(not kernels.F32_RUNS,
+                                reason="needs our fp32 kernels (AVX2, built, enabled)")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # 3 layers, and scaled attention per layer: each layer's calls are bound to its own scale
+    return make_hf_model(tmp_path_factory.mktemp("plan") / "m", n_positions=256, n_layer=3,
+                         scale_attn_by_inverse_layer_idx=True, seed=9)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return checkpoint.load(folder)[0]
+
+
+def eager_step(model, cache, tables, lengths, tokens):
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    return model.decode_step(tokens, torch.tensor(lengths), cache, padded)
+
+
+def test_a_planned_step_is_the_eager_step_to_the_bit(model):
+    """Batches of 3, 1, then 3 rows again (its calls reused): each step's logits and the
+    whole cache afterwards equal the eager step's, from the same cache."""
+    plan_cache, tables, _, _ = filled_cache(model, [5, 130, 17])
+    eager_cache = KVCache(model.config, plan_cache.num_blocks, plan_cache.block_size,
+                          torch.float32, "cpu")
+    eager_cache.kv.copy_(plan_cache.kv)
+    plan = DecodePlan(model, plan_cache, max_batch_size=4, context=256)
+    lengths = [5, 130, 17]
+    for rows in ([0, 1, 2], [1], [0, 1, 2]):
+        tokens = torch.randint(0, model.config.vocab_size, (len(rows),))
+        picked = [tables[r] for r in rows]
+        at = [lengths[r] for r in rows]
+        expected = eager_step(model, eager_cache, picked, at, tokens)
+        got = plan.run(tokens.tolist(), at, picked)
+        assert torch.equal(got, expected)
+        assert torch.equal(plan_cache.kv, eager_cache.kv)
+        for r in rows:
+            lengths[r] += 1
+    assert sorted(plan._layers) == [1, 3]
+
+
+def test_between_layers_runs_after_each_layer(model):
+    cache, tables, _, tokens = filled_cache(model, [9])
+    plan = DecodePlan(model, cache, max_batch_size=1, context=256)
+    calls = []
+    plan.run(tokens.tolist(), [9], tables, lambda: calls.append(1))
+    assert len(calls) == model.config.n_layer
+
+
+def test_engine_with_a_plan_generates_what_the_eager_engine_does(model, folder):
+    """Prompts arriving while others decode (read between the plan's layers), ragged lengths,
+    siblings, greedy and seeded sampling."""
+    tokenizer = Tokenizer.from_dir(folder)
+    arrivals = mixed_arrivals(model.config.vocab_size)
+    eager_engine, eager = run_engine(model, tokenizer, arrivals, decode_plan=False)
+    engine, planned = run_engine(model, tokenizer, arrivals)
+    assert eager_engine.plan is None and engine.plan is not None
+    assert planned == eager
+    assert 1 in engine.plan._layers  # the last request decoded alone at the end
+
+
+def test_only_models_our_fp32_kernels_serve_get_a_plan(folder, tmp_path):
+    tokenizer = Tokenizer.from_dir(folder)
+    int8, _ = checkpoint.load(folder, quantize="int8")
+    relu_folder = make_hf_model(tmp_path / "relu", activation_function="relu")
+    relu, relu_tokenizer = checkpoint.load(relu_folder)
+    for m, tok in ((int8, tokenizer), (relu, relu_tokenizer)):
+        engine, _ = run_engine(m, tok, [])
+        assert engine.plan is None
