@@ -60,6 +60,9 @@ class Sampler:
         """One token for each row of logits [B, V] (any float dtype, on the model's device)."""
         raw = logits.float()
         logits = self._penalise(raw, rows)
+        if logits is raw and all(r.params.greedy and r.params.logprobs is None for r in rows):
+            # Greedy decoding with nothing to apply or report: the argmax is all there is.
+            return [Sampled(t) for t in raw.argmax(-1).tolist()]
         tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         plain = [i for i, r in enumerate(rows) if not r.params.greedy and _unfiltered(r.params)]
