@@ -46,12 +46,20 @@ def _average(mean: float, value: float) -> float:
 
 class Outbox:
     """What the step thread has for the asyncio side, handed over in one call per event loop
-    when flushed: a call per event woke the server's loop once per token of every stream."""
+    when flushed: a call per event woke the server's loop once per token of every stream.
+    A call that is not streamed gets its events when a sequence ends (or fails): waking its
+    loop for each token cost the step thread the GIL while that loop ran (1% of a batch-1
+    CPU step, docs/benchmarks.md)."""
 
     def __init__(self) -> None:
         self._items: list[tuple[Request, TokenEvent | BaseException]] = []
 
     def put(self, request: Request, item: TokenEvent | BaseException) -> None:
+        if not request.streamed and isinstance(item, TokenEvent) and not item.finish_reason:
+            request.held.append(item)
+            return
+        self._items += [(request, held) for held in request.held]
+        request.held.clear()
         self._items.append((request, item))
 
     def flush(self) -> None:
@@ -214,16 +222,18 @@ class Engine:
         except SamplingError as e:
             raise SamplingError(f"{prompt.name}: {e}" if prompt.name else str(e)) from None
 
-    def submit(self, prompts: list[Prompt]) -> list[Request]:
+    def submit(self, prompts: list[Prompt], streamed: bool = True) -> list[Request]:
         """Validate every prompt of a call, then queue all of them or none: SamplingError
-        (naming the prompt), QueueFull or EngineStopped leave nothing behind."""
+        (naming the prompt), QueueFull or EngineStopped leave nothing behind. `streamed`
+        False: the caller wants whole completions, and each sequence's events come together
+        when it ends."""
         self.start()
         if not self.alive:
             raise EngineStopped("the engine's step thread has died")
         max_new = [self.check(p) for p in prompts]
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        requests = [Request(p, i, m, events, loop)
+        requests = [Request(p, i, m, events, loop, streamed)
                     for i, (p, m) in enumerate(zip(prompts, max_new))]
         self.scheduler.add(requests)
         return requests
@@ -259,7 +269,7 @@ class Engine:
     async def complete(self, prompts: list[Prompt]) -> list[list[Completion]]:
         """Generate for a call's prompts; the n finished completions of each."""
         out = [[Completion(i) for i in range(p.params.n)] for p in prompts]
-        async for p, ev in self.stream(self.submit(prompts)):
+        async for p, ev in self.stream(self.submit(prompts, streamed=False)):
             out[p][ev.index].add(ev)
         return out
 

@@ -68,12 +68,16 @@ class Completion:
 
 class Request:
     """One prompt of a call. `index` is its place in the call; `events` is the call's queue,
-    which receives (index, TokenEvent) pairs, or an exception that ends the whole call."""
+    which receives (index, TokenEvent) pairs, or an exception that ends the whole call. A
+    call that is not `streamed` wants whole completions: its events are held on the step
+    thread (`held`) and handed over when a sequence ends (engine.loop.Outbox)."""
 
     def __init__(self, prompt: Prompt, index: int, max_new: int, events: asyncio.Queue,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, streamed: bool = True):
         self.prompt_ids, self.params, self.max_new = prompt.ids, prompt.params, max_new
         self.index, self.events, self.loop = index, events, loop
+        self.streamed = streamed
+        self.held: list[TokenEvent] = []
         self.arrival = time.monotonic()
         self.cancelled = False
         self.seqs: list[Sequence] = []

@@ -66,7 +66,7 @@ class GenerateCall:
     """One generate request: its prompt as token ids and its sampling parameters."""
 
     def __init__(self, engine: Engine, model_name: str, raw: bytes, stream: bool):
-        self.engine, self.model_name = engine, model_name
+        self.engine, self.model_name, self.stream = engine, model_name, stream
         body = json_object(raw)
         unknown = set(body) - {"text_input", "parameters", "exclude_input_in_output"}
         if unknown:
@@ -96,7 +96,7 @@ class GenerateCall:
 
     def submit(self) -> list[Request]:
         """Queued before any response starts, so overload is a 503, not a broken stream."""
-        return self.engine.submit([self.prompt])
+        return self.engine.submit([self.prompt], streamed=self.stream)
 
     async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
         try:

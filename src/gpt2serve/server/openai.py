@@ -175,7 +175,7 @@ class CompletionCall:
         # echo with logprobs scores the prompt too, as OpenAI's legacy completions did
         scored = self.params.logprobs if self.echo else None
         self.requests = self.engine.submit([Prompt(ids, self.params, prompt_logprobs=scored)
-                                            for ids in self.prompts])
+                                            for ids in self.prompts], streamed=self.stream)
         return self.requests
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:

@@ -1,0 +1,47 @@
+"""How the engine hands a call's events to its event loop: a streamed call token by token, a
+call that wants whole completions (V1 predict, non-streaming OpenAI and generate) each
+sequence's events together when it ends, the same events either way."""
+
+import asyncio
+
+import pytest
+
+from gpt2serve import checkpoint
+from gpt2serve.engine import Engine, Prompt
+from gpt2serve.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    model, tokenizer = checkpoint.load(tiny_model)
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    yield engine
+    engine.stop()
+
+
+def first_event_and_rest(engine, streamed: bool):
+    """Submit a 40-token call with two sequences; when its first event arrives, whether both
+    sequences had ended and how many events were already queued; then all its events."""
+    params = SamplingParams.from_dict({"temperature": 1.0, "seed": 3, "n": 2,
+                                       "max_new_tokens": 40, "ignore_eos": True})
+
+    async def run():
+        requests = engine.submit([Prompt([5, 6, 7], params)], streamed=streamed)
+        events = engine.stream(requests)
+        first = await anext(events)
+        ended = all(s.finish_reason for s in requests[0].seqs)
+        queued = requests[0].events.qsize()
+        return ended, queued, [first] + [ev async for ev in events]
+
+    return asyncio.run(run())
+
+
+def test_a_call_that_is_not_streamed_gets_each_sequence_whole(engine):
+    ended, queued, whole = first_event_and_rest(engine, streamed=False)
+    # Both sequences end in the same step, and all their 80 events come in one hand-over.
+    assert ended and queued == 79
+    _, _, streamed = first_event_and_rest(engine, streamed=True)
+    by_sequence = [[(ev.token_id, ev.text, ev.finish_reason) for _, ev in events
+                    if ev.index == i] for events in (whole, streamed) for i in (0, 1)]
+    assert by_sequence[:2] == by_sequence[2:]  # the same events, in the same order
+    assert [len(events) for events in by_sequence] == [40] * 4
