@@ -177,7 +177,13 @@ def test_linear_f32_fuses_layer_norm_gelu_and_residual(m, k, n, isa):
         normed = torch.nn.functional.layer_norm(x, (k,), ln.weight, ln.bias, ln.eps)
         ref = torch.nn.functional.gelu(normed @ w + bias, approximate="tanh") + residual
         got = kernels.linear_f32(x, panels, bias, n, isa, ln=ln, gelu=True, residual=residual)
+        # Strided views of the same input and residual: copied, and held through the call.
+        strided = [torch.stack([t, torch.full_like(t, 7.0)], -1)[..., 0] for t in (x, residual)]
+        assert not any(t.is_contiguous() for t in strided)
+        got_strided = kernels.linear_f32(strided[0], panels, bias, n, isa, ln=ln, gelu=True,
+                                         residual=strided[1])
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    assert torch.equal(got_strided, got)
 
 
 def test_fused_blocks_match_the_ops_they_replace(model):

@@ -79,6 +79,7 @@ def bind_decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor, 
                              heads, head_dim, num_blocks, block_size, blocks.shape[1],
                              qkv.stride(0), scale, isa)
 
+
 class _HugePages:
     """Memory for weights in transparent huge pages, handed out from 64 MiB anonymous maps
     advised MADV_HUGEPAGE (used where the kernel's THP setting is `madvise` or `always`).
@@ -200,10 +201,12 @@ def linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, n: int,
     it, the ops around a matmul in a GPT-2 layer: `ln` normalizes x's rows first, `gelu`
     (tanh form) is applied to the sum, and `residual` [m, n] is added last."""
     m, k = x.shape
+    # (held here: the bound call has their addresses only)
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
-    bind_linear_f32(x.contiguous(), panels, bias, y, isa, ln, gelu,
-                    None if residual is None else residual.contiguous(), normed)()
+    bind_linear_f32(x, panels, bias, y, isa, ln, gelu, residual, normed)()
     return y
 
 
