@@ -351,21 +351,22 @@ def test_sigterm_drains_in_flight_work_then_exits_0(long_model):
                         "--max_batch_size", "4", "--shutdown_grace", "60")
     srv.wait_ready()
     url = f"{srv.url}{PREDICT}"
-    body = {"instances": [{"prompt": "a", "max_new_tokens": 300, "ignore_eos": True}]}
+    # Long enough to be running when the signal comes: four run at a time, two wait.
+    body = {"instances": [{"prompt": "a", "max_new_tokens": 1000, "ignore_eos": True}]}
     out = {}
 
     async def scenario():
         async with httpx.AsyncClient(timeout=90) as client:
             inflight = [asyncio.create_task(client.post(url, json=body)) for _ in range(6)]
-            await asyncio.sleep(0.3)
-            # all six accepted (a loaded machine may take longer than 0.3 s to get them there)
-            for _ in range(300):
+            # all six accepted (a loaded machine may take a while to get them there)
+            for _ in range(1500):
                 metrics = (await client.get(f"{srv.url}/metrics")).text
                 accepted = sum(float(m) for m in re.findall(
                     r"^gpt2serve_(?:running_sequences|queue_depth) ([0-9.]+)$", metrics, re.M))
                 if accepted == 6:
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.02)
+            assert accepted == 6
             t0 = time.perf_counter()
             srv.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.1)
