@@ -11,6 +11,8 @@ them). Results are the same fp32 arithmetic, up to summation order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -47,7 +49,7 @@ class Fp32Matmul:
             raise ValueError(f"oneDNN's matmul cannot also do {sorted(fused)}")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
-    def bind(self, x: Tensor, y: Tensor, **fused):
+    def bind(self, x: Tensor, y: Tensor, **fused) -> Callable[[], None]:
         """This product into y, as a call bound to x's and y's memory (ours only; see
         kernels.bind_linear_f32)."""
         return kernels.bind_linear_f32(x, self.panels, self.bias, y, **fused)
