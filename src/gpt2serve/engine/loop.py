@@ -344,11 +344,13 @@ class Engine:
         # Decode-only steps replay a fixed step: a CUDA graph, or on CPU a plan of kernel calls.
         graphed = self.graphs is not None and not chunks
         planned = self.plan is not None and not chunks
+        tokens, positions, tables = ([s.tokens[-1] for s in batch],
+                                     [s.length - 1 for s in batch], [s.blocks for s in batch])
         groups = []
         if batch and not (graphed or planned):
-            tokens = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
-            pos = torch.tensor([s.length - 1 for s in batch], device=self.device)
-            groups.append(Group(self.cache, tokens, pos, self._table([s.blocks for s in batch])))
+            groups.append(Group(self.cache, torch.tensor(tokens, device=self.device)[:, None],
+                                torch.tensor(positions, device=self.device),
+                                self._table(tables)))
         if chunks:
             groups.append(self._chunk_group(chunks))
         newcomers_seconds = 0.0
@@ -364,14 +366,12 @@ class Engine:
                     self._outbox.flush()
                 newcomers_seconds = time.perf_counter() - t
 
-        rows = ([s.tokens[-1] for s in batch], [s.length - 1 for s in batch],
-                [s.blocks for s in batch])
         if graphed:  # prompts that arrived wait for the step, not a layer: it is short
-            logits = self.graphs.run(*rows)
+            logits = self.graphs.run(tokens, positions, tables)
             read_newcomers()
             self._sample(logits, batch)
         elif planned:
-            self._sample(self.plan.run(*rows, read_newcomers), batch)
+            self._sample(self.plan.run(tokens, positions, tables, read_newcomers), batch)
         else:
             hidden = self.model.forward(self.cache, groups, read_newcomers if batch else None)
             self._finish_step(batch, chunks, hidden)
