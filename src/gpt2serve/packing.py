@@ -109,6 +109,17 @@ class FusedBlock:
         x = self.attn_proj(attend(self.c_attn(x, ln=self.ln_1)), residual=x)
         return self.mlp_proj(self.c_fc(x, ln=self.ln_2, gelu=True), residual=x)
 
+    def bind(self, x: Tensor, after_attention: Tensor, normed: Tensor, qkv: Tensor,
+             attended: Tensor, mlp: Tensor, attend: Callable[[], None]
+             ) -> list[Callable[[], None]]:
+        """The calls of __call__, bound to buffers (engine/decode_plan.py): the layer reads x
+        and leaves its output there; `attend` is attention bound from qkv to attended."""
+        return [self.c_attn.bind(x, qkv, ln=self.ln_1, normed=normed),
+                attend,
+                self.attn_proj.bind(attended, after_attention, residual=x),
+                self.c_fc.bind(after_attention, mlp, ln=self.ln_2, gelu=True, normed=normed),
+                self.mlp_proj.bind(mlp, x, residual=after_attention)]
+
 
 def fuse_blocks(model: GPT) -> None:
     """Give every block a FusedBlock where our kernel serves its matmuls."""

@@ -62,21 +62,14 @@ class DecodePlan:
         return self.model.logits(self.x[0, :n])
 
     def _bind(self, n: int) -> list[list[Callable[[], None]]]:
-        """Each layer's five calls for n rows (FusedBlock's, in its order): the layer reads
-        x[0] and leaves its output there."""
+        """Each layer's calls for n rows (FusedBlock.bind): a layer reads x[0] and leaves its
+        output there."""
         x, normed = self.x[:, :n], self.normed[:n]
         qkv, attended, mlp = self.qkv[:n], self.attended[:n], self.mlp[:n]
         tables, positions = self.tables[:n], self.positions[:n]
-        layers = []
-        for block, kv in zip(self.model.h, self.cache.kv):
-            f = block.fused
-            layers.append([
-                f.c_attn.bind(x[0], qkv, ln=f.ln_1, normed=normed),
-                kernels.bind_decode_attention(qkv, kv, tables, positions, block.scale,
-                                              attended),
-                f.attn_proj.bind(attended, x[1], residual=x[0]),
-                f.c_fc.bind(x[1], mlp, ln=f.ln_2, gelu=True, normed=normed),
-                f.mlp_proj.bind(mlp, x[0], residual=x[1]),
-            ])
+        layers = [block.fused.bind(x[0], x[1], normed, qkv, attended, mlp,
+                                   kernels.bind_decode_attention(qkv, kv, tables, positions,
+                                                                 block.scale, attended))
+                  for block, kv in zip(self.model.h, self.cache.kv)]
         self._layers[n] = layers
         return layers
