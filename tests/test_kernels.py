@@ -104,13 +104,15 @@ def test_decode_attention_refuses_rows_it_cannot_address():
 
 def int8_written_out(x, q, scales, bias):
     """What kernels.int8_linear computes: each row of x to u8 with its own scale and zero
-    point (its range stretched to hold 0), products summed exactly, then scaled."""
+    point (its range stretched to hold 0), products summed exactly, then scaled. Also the
+    norm of each row of x minus what its u8 values stand for."""
     lo, hi = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
     scale = (hi - lo) / 255
     zero = torch.round(-lo / scale)
     xq = (torch.round(x / scale[:, None]) + zero[:, None]).clamp(0, 255)
     dots = (xq.double() - zero[:, None].double()) @ q.double().t()
-    return (dots.float() * scale[:, None] * scales) + bias
+    error = (x.double() - scale[:, None].double() * (xq.double() - zero[:, None])).norm(dim=1)
+    return (dots.float() * scale[:, None] * scales) + bias, error.float()
 
 
 @pytest.mark.skipif(not kernels.INT8_RUNS, reason="no int8 kernel here (not built, or no AVX2)")
@@ -129,8 +131,12 @@ def test_int8_linear_against_the_arithmetic_written_out(vnni, m, k, n):
     x[0] = x[0].abs()  # a row with no negative value: zero point 0
     packed, sums = kernels.pack_int8(q)
     padded_scales = torch.cat([scales, torch.zeros(sums.shape[0] - n)])
-    got = kernels.int8_linear(x, packed, sums, padded_scales, bias, n, vnni)
-    torch.testing.assert_close(got, int8_written_out(x, q, scales, bias), atol=1e-3, rtol=1e-4)
+    error = torch.empty(m)
+    got = kernels.int8_linear(x, packed, sums, padded_scales, bias, n, vnni, x_error=error)
+    expected, expected_error = int8_written_out(x, q, scales, bias)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(error, expected_error, rtol=1e-5, atol=0)
+    assert bool((error > 0).all())
     assert torch.equal(kernels.packed_int8_rows(packed, torch.tensor([n - 1, 0]), k),
                        q[[n - 1, 0]])
 

@@ -249,9 +249,11 @@ __attribute__((target("avx512vnni,avx512vl,avx2,fma"))) static void int8_rows_vn
 #define HAVE_INT8 0
 #endif
 
-/* Row b of x [m, k] -> u8 [k_padded] (zeros past k), its scale and zero point. */
+/* Row b of x [m, k] -> u8 [k_padded] (zeros past k), its scale and zero point; and where
+`error` is not NULL, the Euclidean norm of x minus what the u8 values stand for,
+scale * (q - zero), summed in double (packing.HeadScreen bounds its logits with it). */
 static void quantize_row(const float *x, int64_t k, int64_t k_padded, uint8_t *q,
-                         float *scale, int32_t *zero) {
+                         float *scale, int32_t *zero, float *error) {
     float lo = 0.f, hi = 0.f;
     for (int64_t i = 0; i < k; ++i) {
         lo = x[i] < lo ? x[i] : lo;
@@ -267,15 +269,23 @@ static void quantize_row(const float *x, int64_t k, int64_t k_padded, uint8_t *q
     for (int64_t i = k; i < k_padded; ++i) q[i] = 0;
     *scale = s;
     *zero = z;
+    if (error) {
+        double squares = 0.;
+        for (int64_t i = 0; i < k; ++i) {
+            const double d = (double)x[i] - (double)s * ((double)q[i] - (double)z);
+            squares += d * d;
+        }
+        *error = (float)sqrt(squares);
+    }
 }
 
 static PyObject *int8_linear(PyObject *self, PyObject *args) {
-    unsigned long long x, w, w_scale, w_sum, bias, y;
+    unsigned long long x, w, w_scale, w_sum, bias, y, x_error;
     int64_t k;
     int8_args a;
     int vnni;
-    if (!PyArg_ParseTuple(args, "KKKKKKLLLLp", &x, &w, &w_scale, &w_sum, &bias, &y, &a.m, &k,
-                          &a.n, &a.k_padded, &vnni))
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLpK", &x, &w, &w_scale, &w_sum, &bias, &y, &a.m,
+                          &k, &a.n, &a.k_padded, &vnni, &x_error))
         return NULL;
 #if HAVE_INT8
     a.w = (const int8_t *)(uintptr_t)w;
@@ -294,7 +304,8 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (int64_t b = 0; b < a.m; ++b)
         quantize_row((const float *)(uintptr_t)x + b * k, k, a.k_padded, xq + b * a.k_padded,
-                     x_scale + b, x_zero + b);
+                     x_scale + b, x_zero + b,
+                     x_error ? (float *)(uintptr_t)x_error + b : NULL);
 #pragma omp parallel
     {
         /* whole groups of four rows per thread */
@@ -537,8 +548,8 @@ static PyMethodDef methods[] = {
      "width, qkv_stride, scale, isa): addresses of contiguous fp32/int64 tensors; isa 2 "
      "AVX-512, 1 AVX2, 0 baseline (kernels.py)"},
     {"int8_linear", int8_linear, METH_VARARGS,
-     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k_padded, vnni): "
-     "addresses of contiguous tensors (kernels.py)"},
+     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k_padded, vnni, x_error): "
+     "addresses of contiguous tensors, 0 for none (kernels.py)"},
     {"linear_f32", linear_f32, METH_VARARGS,
      "linear_f32(x, w, bias, y, m, k, n, isa, ln_weight, ln_bias, ln_eps, normed, residual, "
      "gelu): addresses of contiguous fp32 tensors, 0 for none; isa 2 AVX-512, 1 AVX2 "

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode steps' time")
     s.add_argument("--enforce_eager", action="store_true",
                    help="run each decode step op by op: on CUDA no CUDA graph, on CPU no "
-                        "replayed plan of kernel calls (to compare, or to rule them out)")
+                        "replayed plan of kernel calls nor int8 screen of the LM head (to "
+                        "compare, or to rule them out)")
     s.add_argument("--max_queue", type=int, default=256,
                    help="requests waiting for a slot before new ones get 503")
     s.add_argument("--request_timeout", type=float, default=600.0,

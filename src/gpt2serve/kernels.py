@@ -158,16 +158,20 @@ def packed_int8_rows(packed: Tensor, index: Tensor, k: int) -> Tensor:
 
 
 def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: Tensor | None,
-                n: int, vnni: bool = INT8_VNNI) -> Tensor:
+                n: int, vnni: bool = INT8_VNNI, x_error: Tensor | None = None) -> Tensor:
     """x [m, k] fp32 @ W.T * scales + bias -> [m, n], W as pack_int8 made it; scales [n4] and
     bias [n] fp32. Each row of x is quantized to u8 on its own (its scale and zero point).
-    Without `vnni`, W must hold 7-bit values (|w| <= 63)."""
+    Without `vnni`, W must hold 7-bit values (|w| <= 63). `x_error` [m] fp32, if given,
+    receives the Euclidean norm of each row of x minus its quantized form."""
     m, k = x.shape
     x = x.to(torch.float32).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
+    if x_error is not None and not (x_error.dtype == torch.float32
+                                    and x_error.is_contiguous() and x_error.numel() == m):
+        raise ValueError("x_error takes one contiguous fp32 value per row of x")
     _kernels.int8_linear(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), sums.data_ptr(),
                          _address(bias), y.data_ptr(), m, k, n,
-                         packed.shape[1] * packed.shape[3], vnni)
+                         packed.shape[1] * packed.shape[3], vnni, _address(x_error))
     return y
 
 

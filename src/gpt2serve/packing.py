@@ -6,17 +6,19 @@ weight from memory. `addmm` with HF's [in, out] layout streams them at about hal
 machine's read bandwidth. Where AVX2 runs, our kernel (kernels.linear_f32) reads panels of
 16 outputs from huge pages, one sequential stream per thread, for decode steps and prompts
 alike; elsewhere oneDNN's inner product on weights it reordered (docs/benchmarks.md compares
-them). Results are the same fp32 arithmetic, up to summation order.
+them). Results are the same fp32 arithmetic, up to summation order. Greedy decode steps can
+skip most of the LM head's fp32 logits (HeadScreen) and still pick the same tokens.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, quantize
 from .model import GPT, Block, Conv1D, TiedHead
 
 # oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
@@ -71,7 +73,8 @@ class PackedLinear(nn.Module):
 class PackedHead(nn.Module):
     """Drop-in for TiedHead: the logits from the laid-out matrix, which also gives the
     embedding's rows where it is ours; oneDNN's packed one cannot be indexed by token, so
-    there the embedding keeps a plain [V, D] copy."""
+    there the embedding keeps a plain [V, D] copy. Where our kernels run, greedy decoding can
+    find the argmax without all the logits (`screen`)."""
 
     def __init__(self, head: TiedHead):
         super().__init__()
@@ -79,6 +82,9 @@ class PackedHead(nn.Module):
         self.matmul = Fp32Matmul(weight, None)
         self.rows = None if self.matmul.panels is not None else weight.t().contiguous()
         self.nbytes = weight.nbytes
+        self.screen = (HeadScreen(self.matmul.panels, weight.shape[1])
+                       if self.matmul.panels is not None and kernels.INT8_RUNS
+                       and bool(torch.isfinite(weight).all()) else None)
 
     def embed(self, tokens: Tensor) -> Tensor:
         if self.rows is None:
@@ -87,6 +93,76 @@ class PackedHead(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.matmul(hidden)
+
+
+class HeadScreen:
+    """The argmax of the fp32 logits, exactly, from an int8 copy of the LM head and the fp32
+    logits of a few candidates. At batch 1 the head is a third of the weights a GPT-2 124M
+    decode step streams (154 of 497 MB); its int8 copy is a quarter of that.
+
+    The int8 logit s_i of head row w_i bounds the fp32 one f_i: with h the hidden state and h'
+    and w_i' what their int8 forms stand for,
+        |f_i - s_i| <= |(h - h')·w_i| + |h'·(w_i - w_i')| + rounding
+                    <= |h - h'| |w_i| + (|h| + |h - h'|) |w_i - w_i'| + rounding   (Cauchy-Schwarz)
+    where |h - h'| comes from the int8 kernel, |w_i| and |w_i - w_i'| are measured at load,
+    and rounding is the fp32 dot product's (at most k·u·|h||w_i|, u = 2^-24) and s_i's own
+    (a few u·|s_i|). Every row whose upper bound reaches the largest lower bound is a
+    candidate; the argmax is one of them. Their panels' fp32 logits come from the kernel and
+    row count the full head uses, so they are the full head's to the bit, and the first
+    largest among them is the first largest of the full row: the same token, ties included.
+    A trained model's bound leaves one or two candidates, random weights a handful
+    (docs/benchmarks.md); where more than a quarter of the panels would be recomputed, the
+    full head runs instead (`argmax` returns None)."""
+
+    U = 2.0 ** -24  # fp32's unit roundoff
+
+    def __init__(self, panels: Tensor, n: int):
+        self.panels, self.n = panels, n
+        k = panels.shape[1]
+        q = torch.empty(n, k, dtype=torch.int8)
+        scales, self.norms, self.errors = torch.empty(n), torch.empty(n), torch.empty(n)
+        for i in range(0, n, 256):  # a few rows at a time: loading's peak memory
+            chunk = slice(i, min(i + 256, n))
+            w = kernels.f32_columns(panels, torch.arange(chunk.start, chunk.stop))
+            qw, scales[chunk] = quantize.quantize_rows(w)
+            q[chunk] = qw.int_repr()
+            w = w.double()  # |w_i| and |w_i - w_i'| in float64
+            self.norms[chunk] = w.norm(dim=1)
+            self.errors[chunk] = (w - q[chunk].double() * scales[chunk, None].double()).norm(dim=1)
+        self.packed, self.sums = kernels.pack_int8(q)
+        self.scales = torch.zeros(self.sums.shape[0])  # padded like the packed rows
+        self.scales[:n] = scales
+        self.gamma = k * self.U / (1 - k * self.U)  # the fp32 dot product's relative error
+        self.max_panels = panels.shape[0] // 4
+        self.nbytes = self.packed.nbytes + 4 * self.scales.numel() + 8 * n
+
+    def argmax(self, h: Tensor) -> list[int] | None:
+        """The index of each row's largest logit (the first, on ties) for layer-normed hidden
+        states h [m, D], or None where the screen leaves too many candidates (or h is not
+        finite)."""
+        m = h.shape[0]
+        # More rows than our int8 kernel serves cost more to screen than to compute in full
+        # (docs/benchmarks.md).
+        if m > kernels.INT8_MAX_ROWS or not bool(torch.isfinite(h).all()):
+            return None
+        h = h.contiguous()
+        error = torch.empty(m)
+        s = kernels.int8_linear(h, self.packed, self.sums, self.scales, None, self.n,
+                                x_error=error)
+        norm = torch.linalg.vector_norm(h, dim=1)
+        # fp32 rounding of the bound itself and of s +- bound: the 1.001 and 8u|s| cover it
+        bound = torch.outer(error + self.gamma * norm, self.norms)
+        bound.addcmul_((norm + error)[:, None], self.errors[None]).add_(s.abs(), alpha=8 * self.U)
+        bound.mul_(1.001)
+        floor = (s - bound).amax(1, keepdim=True)
+        panels = torch.unique((s + bound >= floor).nonzero()[:, 1] // kernels.PANEL)
+        if len(panels) > self.max_panels:
+            return None
+        exact = kernels.linear_f32(h, self.panels.index_select(0, panels), None,
+                                   len(panels) * kernels.PANEL)
+        ids = (panels[:, None] * kernels.PANEL + torch.arange(kernels.PANEL)).flatten()
+        exact[:, ids >= self.n] = -math.inf  # the last panel's padding
+        return ids[exact.numpy().argmax(1)].tolist()
 
 
 # The activations that are GELU's tanh form, which kernels.linear_f32 applies itself.

@@ -46,8 +46,9 @@ class DecodePlan:
     @torch.inference_mode()
     def run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
             between_layers: Callable[[], None] | None = None) -> Tensor:
-        """Logits [n, V] of n decode rows: token i at positions[i], cached through the block
-        table tables[i]. `between_layers` as in GPT.forward."""
+        """Hidden states [n, D] of n decode rows, for GPT.logits (or the head's screen): token
+        i at positions[i], cached through the block table tables[i]. `between_layers` as in
+        GPT.forward. The rows are the plan's buffer, overwritten by the next run."""
         n = len(tokens)
         width = self.tables.shape[1]
         self.tables[:n] = torch.tensor([t + [0] * (width - len(t)) for t in tables])
@@ -59,7 +60,7 @@ class DecodePlan:
                 call()
             if between_layers is not None:
                 between_layers()
-        return self.model.logits(self.x[0, :n])
+        return self.x[0, :n]
 
     def _bind(self, n: int) -> list[list[Callable[[], None]]]:
         """Each layer's calls for n rows (FusedBlock.bind): a layer reads x[0] and leaves its

@@ -59,12 +59,11 @@ class Sampler:
     def sample(self, logits: Tensor, rows: list[Row]) -> list[Sampled]:
         """One token for each row of logits [B, V] (any float dtype, on the model's device)."""
         raw = logits.float()
-        logits = self._penalise(raw, rows)
-        if logits is raw and all(r.params.greedy and r.params.logprobs is None for r in rows):
-            # Greedy decoding with nothing to apply or report: the argmax is all there is.
-            # On CPU numpy's (vectorized) takes 4 us over GPT-2's 50257 logits, torch's 44.
+        if self.argmax_only(rows):
+            # On CPU numpy's argmax (vectorized) takes 4 us over GPT-2's 50257 logits, torch's 44.
             picked = raw.numpy().argmax(-1) if raw.device.type == "cpu" else raw.argmax(-1)
             return [Sampled(t) for t in picked.tolist()]
+        logits = self._penalise(raw, rows)
         tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         plain = [i for i, r in enumerate(rows) if not r.params.greedy and _unfiltered(r.params)]
@@ -83,6 +82,13 @@ class Sampler:
         self._remember(rows, tokens)
         return self._to_host(raw, tokens, rows)
 
+    def argmax_only(self, rows: list[Row]) -> bool:
+        """Whether each row's token is the argmax of its logits as the model gives them: greedy
+        decoding with nothing to apply (_penalise) or report. The engine may then have the
+        model find the argmax without all the logits (packing.HeadScreen)."""
+        return all(r.params.greedy and r.params.logprobs is None and not self._adjusts(r)
+                   for r in rows)
+
     def _take(self, x: Tensor, index: list[int]) -> Tensor:
         """Rows `index` of x; x itself when that is all of them (no copy)."""
         return x if len(index) == x.shape[0] else x[torch.tensor(index, device=self.device)]
@@ -97,13 +103,12 @@ class Sampler:
 
     def _penalise(self, logits: Tensor, rows: list[Row]) -> Tensor:
         """Biases, penalties and blocked tokens, on a copy only where a row has them."""
+        if not any(self._adjusts(r) for r in rows):
+            return logits
         biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
         repeated = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
         counted = [i for i, r in enumerate(rows) if r.params.penalised]
-        blocked = [i for i, r in enumerate(rows) if len(r.tokens) < r.params.min_tokens
-                   or (self.eos_id is not None and r.length < r.params.min_length)]
-        if not (biased or repeated or counted or blocked):
-            return logits
+        blocked = [i for i, r in enumerate(rows) if self._blocks_eos(r)]
         logits = logits.clone()
         if biased:
             rows_, ids, bias = [], [], []
@@ -136,6 +141,17 @@ class Sampler:
                 ids.append(self.eos_id)
             logits[i, self._index(ids)] = -math.inf
         return logits
+
+    def _adjusts(self, row: Row) -> bool:
+        """Whether _penalise changes the row's logits."""
+        p = row.params
+        return (bool(p.logit_bias) or p.repetition_penalty != 1.0 or p.penalised
+                or self._blocks_eos(row))
+
+    def _blocks_eos(self, row: Row) -> bool:
+        """Whether the row may not end yet (min_tokens, min_length)."""
+        return (len(row.tokens) < row.params.min_tokens
+                or (self.eos_id is not None and row.length < row.params.min_length))
 
     def _index(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -1,0 +1,113 @@
+"""Greedy decoding's argmax from the LM head's int8 screen (packing.HeadScreen): the token the
+full fp32 head gives, ties and near-ties included, or None where the screen cannot decide;
+and the engine's greedy steps through it generate what the eager engine does."""
+
+import pytest
+import torch
+
+from conftest import make_hf_model, run_engine
+from gpt2serve import checkpoint, kernels, metrics
+from gpt2serve.model import TiedHead
+from gpt2serve.packing import PackedHead
+from gpt2serve.sampling import SamplingParams
+from gpt2serve.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.skipif(not (kernels.F32_RUNS and kernels.INT8_RUNS),
+                                reason="needs our fp32 and int8 kernels (AVX2, built, enabled)")
+
+
+def packed_head(weight_t: torch.Tensor) -> PackedHead:
+    head = TiedHead(*weight_t.shape)
+    head.weight_t.data.copy_(weight_t)
+    return PackedHead(head)
+
+
+def full_argmax(head: PackedHead, h: torch.Tensor) -> list[int]:
+    """What the sampler takes from the full head's logits: numpy's argmax, the first on ties."""
+    return head(h).numpy().argmax(1).tolist()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_the_screen_picks_the_full_heads_token_through_ties_and_near_ties(rows):
+    """Each row's hidden state points at a head row that has a twin: equal (a tie, the twin
+    before or after it) or off by less than int8 can tell apart, so that the int8 logits often
+    rank the pair the wrong way round. The screen must still pick what the fp32 head picks."""
+    torch.manual_seed(rows)
+    D, V = 64, 1000
+    weight_t = torch.randn(D, V)
+    targets = torch.randperm(V)[:2 * 40].view(40, 2)
+    for i, (a, b) in enumerate(targets.tolist()):
+        offset = 0.0 if i % 4 == 0 else 2e-3 * (1 + i % 3)
+        weight_t[:, b] = weight_t[:, a] + offset * torch.randn(D)
+    head = packed_head(weight_t)
+    assert head.screen is not None
+    inverted = 0
+    for trial in range(0, 40, rows):
+        picks = targets[trial:trial + rows, 0]
+        h = weight_t[:, picks].t() * 3 + 0.3 * torch.randn(len(picks), D)
+        expected = full_argmax(head, h)
+        assert head.screen.argmax(h) == expected
+        int8 = kernels.int8_linear(h, head.screen.packed, head.screen.sums, head.screen.scales,
+                                   None, V)
+        inverted += sum(a != b for a, b in zip(int8.argmax(1).tolist(), expected))
+    assert inverted >= 3  # the int8 logits alone would have picked wrongly
+
+
+def test_the_screen_declines_what_it_cannot_decide():
+    torch.manual_seed(0)
+    D, V = 32, 800
+    head = packed_head(torch.randn(D, 1).expand(D, V).contiguous())  # every logit equal
+    h = torch.randn(1, D)
+    assert head.screen.argmax(h) is None
+    assert full_argmax(head, h) == [0]
+    head = packed_head(torch.randn(D, V))
+    assert head.screen.argmax(torch.full((1, D), float("nan"))) is None
+    assert head.screen.argmax(torch.randn(kernels.INT8_MAX_ROWS + 1, D)) is None
+    h = torch.randn(kernels.INT8_MAX_ROWS, D)
+    assert head.screen.argmax(h) == full_argmax(head, h)
+
+
+def test_no_screen_for_a_head_that_is_not_finite():
+    weight_t = torch.randn(16, 100)
+    weight_t[3, 7] = float("inf")
+    assert packed_head(weight_t).screen is None
+
+
+def screened_steps() -> float:
+    return metrics.HEAD_SCREEN.labels("decided")._value.get()
+
+
+def test_greedy_steps_through_the_screen_generate_what_the_eager_engine_does(tmp_path):
+    """Greedy requests decoding alone and together, arriving while others decode; one with a
+    repetition penalty and one with min_tokens, which the screen must leave to the sampler."""
+    folder = make_hf_model(tmp_path / "m", n_layer=2, n_embd=96, n_head=4, vocab_size=3000,
+                           seed=5)
+    model, tokenizer = checkpoint.load(folder)[0], Tokenizer.from_dir(folder)
+    torch.manual_seed(1)
+    greedy = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 24,
+                                       "ignore_eos": True})
+    penalised = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 24,
+                                          "repetition_penalty": 1.3})
+    at_least = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 24,
+                                         "min_tokens": 20})
+    prompt = lambda n: torch.randint(0, 3000, (n,)).tolist()  # noqa: E731
+    arrivals = [(0.0, prompt(5), greedy), (0.0, prompt(30), greedy),
+                (0.03, prompt(9), penalised), (0.06, prompt(2), at_least),
+                (0.09, prompt(12), greedy)]
+    _, eager = run_engine(model, tokenizer, arrivals, decode_plan=False)
+    before = screened_steps()
+    engine, screened = run_engine(model, tokenizer, arrivals)
+    assert engine.plan is not None
+    assert screened == eager
+    assert screened_steps() - before >= 10
+
+
+def test_the_last_panels_padding_is_never_picked():
+    """All logits negative, the largest in the last panel (padded with zero columns)."""
+    torch.manual_seed(2)
+    D, V = 32, 1000  # 62 full panels and 8 columns in the last
+    weight_t = -torch.rand(D, V)
+    weight_t[:, V - 2] *= 0.01
+    head = packed_head(weight_t)
+    h = torch.rand(2, D) + 0.1
+    assert head.screen.argmax(h) == full_argmax(head, h) == [V - 2, V - 2]
