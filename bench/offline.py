@@ -47,8 +47,8 @@ def ours(folder: Path, mode: dict, quantize: str | None = None):
 
     # Set up as `gpt2serve serve` does.
     model, tokenizer, threads = checkpoint.load_for_engine(folder, "cpu", "float32", quantize)
-    WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes(
-        greedy=not mode.get("do_sample", True))
+    # (every mode is greedy or top-k, which the head's screen serves at batch 1)
+    WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes(screened=True)
     ISA_NOTE["gpt2serve"] = torch_isa()
     engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX, threads=threads)
     params = SamplingParams.from_dict({**mode, "max_new_tokens": NEW_TOKENS,

@@ -1,6 +1,7 @@
-"""Greedy decoding's argmax from the LM head's int8 screen (packing.HeadScreen): the token the
-full fp32 head gives, ties and near-ties included, or None where the screen cannot decide;
-and the engine's greedy steps through it generate what the eager engine does."""
+"""The LM head's int8 screen (packing.HeadScreen): the argmax the full fp32 head gives, ties
+and near-ties included, and each row's k largest logits, or None where the screen cannot
+decide; and the engine's greedy and top-k steps through it generate what the eager engine
+does."""
 
 import pytest
 import torch
@@ -27,6 +28,12 @@ def full_argmax(head: PackedHead, h: torch.Tensor) -> list[int]:
     return head(h).numpy().argmax(1).tolist()
 
 
+def screened_argmax(head: PackedHead, h: torch.Tensor) -> list[int] | None:
+    """The same from the screen's logits for greedy rows."""
+    logits = head.screen.logits(h, [1] * h.shape[0])
+    return None if logits is None else logits.numpy().argmax(1).tolist()
+
+
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_the_screen_picks_the_full_heads_token_through_ties_and_near_ties(rows):
     """Each row's hidden state points at a head row that has a twin: equal (a tie, the twin
@@ -46,11 +53,33 @@ def test_the_screen_picks_the_full_heads_token_through_ties_and_near_ties(rows):
         picks = targets[trial:trial + rows, 0]
         h = weight_t[:, picks].t() * 3 + 0.3 * torch.randn(len(picks), D)
         expected = full_argmax(head, h)
-        assert head.screen.argmax(h) == expected
+        assert screened_argmax(head, h) == expected
         int8 = kernels.int8_linear(h, head.screen.packed, head.screen.sums, head.screen.scales,
                                    None, V)
         inverted += sum(a != b for a, b in zip(int8.argmax(1).tolist(), expected))
     assert inverted >= 3  # the int8 logits alone would have picked wrongly
+
+
+def test_the_screen_gives_each_rows_k_largest_logits_as_the_full_head_does():
+    """Rows wanting their 1, 7, 50 and 3 largest logits, from a head whose rows come in twins
+    (equal, or off by less than int8 can tell apart) so that the k-th largest has near-ties
+    beside it: each row's k largest values, and which tokens reach the k-th, are the full
+    head's; every logit the screen gives is the full head's to the bit."""
+    torch.manual_seed(4)
+    D, V = 64, 2000
+    weight_t = torch.randn(D, V)
+    weight_t[:, 1000:] = weight_t[:, :1000] + 1e-3 * torch.randn(D, 1000) * (torch.rand(1000) > 0.3)
+    head = packed_head(weight_t)
+    ks = [1, 7, 50, 3]
+    for trial in range(5):
+        h = torch.randn(len(ks), D) * (1 + trial)
+        full, screened = head(h), head.screen.logits(h, ks)
+        given = torch.isfinite(screened)
+        assert torch.equal(screened[given], full[given])
+        for row, k in enumerate(ks):
+            top = full[row].topk(k).values
+            assert torch.equal(screened[row].topk(k).values, top)
+            assert torch.equal(screened[row] >= top[-1], full[row] >= top[-1])
 
 
 def test_the_screen_declines_what_it_cannot_decide():
@@ -58,13 +87,13 @@ def test_the_screen_declines_what_it_cannot_decide():
     D, V = 32, 800
     head = packed_head(torch.randn(D, 1).expand(D, V).contiguous())  # every logit equal
     h = torch.randn(1, D)
-    assert head.screen.argmax(h) is None
+    assert screened_argmax(head, h) is None
     assert full_argmax(head, h) == [0]
     head = packed_head(torch.randn(D, V))
-    assert head.screen.argmax(torch.full((1, D), float("nan"))) is None
-    assert head.screen.argmax(torch.randn(kernels.INT8_MAX_ROWS + 1, D)) is None
+    assert screened_argmax(head, torch.full((1, D), float("nan"))) is None
+    assert screened_argmax(head, torch.randn(kernels.INT8_MAX_ROWS + 1, D)) is None
     h = torch.randn(kernels.INT8_MAX_ROWS, D)
-    assert head.screen.argmax(h) == full_argmax(head, h)
+    assert screened_argmax(head, h) == full_argmax(head, h)
 
 
 def test_no_screen_for_a_head_that_is_not_finite():
@@ -77,9 +106,10 @@ def screened_steps() -> float:
     return metrics.HEAD_SCREEN.labels("decided")._value.get()
 
 
-def test_greedy_steps_through_the_screen_generate_what_the_eager_engine_does(tmp_path):
-    """Greedy requests decoding alone and together, arriving while others decode; one with a
-    repetition penalty and one with min_tokens, which the screen must leave to the sampler."""
+def test_steps_through_the_screen_generate_what_the_eager_engine_does(tmp_path):
+    """Greedy and seeded top-k requests (siblings too) decoding alone and together, arriving
+    while others decode; one with a repetition penalty, one with min_tokens and one with top-p
+    but no top-k, which the screen must leave to the full head."""
     folder = make_hf_model(tmp_path / "m", n_layer=2, n_embd=96, n_head=4, vocab_size=3000,
                            seed=5)
     model, tokenizer = checkpoint.load(folder)[0], Tokenizer.from_dir(folder)
@@ -90,10 +120,15 @@ def test_greedy_steps_through_the_screen_generate_what_the_eager_engine_does(tmp
                                           "repetition_penalty": 1.3})
     at_least = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 24,
                                          "min_tokens": 20})
+    top_k = SamplingParams.from_dict({"temperature": 0.8, "top_k": 20, "top_p": 0.9,
+                                      "max_new_tokens": 24, "ignore_eos": True, "seed": 3,
+                                      "n": 2})
+    nucleus = SamplingParams.from_dict({"temperature": 0.8, "top_k": 0, "top_p": 0.9,
+                                        "max_new_tokens": 24, "ignore_eos": True, "seed": 4})
     prompt = lambda n: torch.randint(0, 3000, (n,)).tolist()  # noqa: E731
-    arrivals = [(0.0, prompt(5), greedy), (0.0, prompt(30), greedy),
+    arrivals = [(0.0, prompt(5), greedy), (0.0, prompt(30), top_k),
                 (0.03, prompt(9), penalised), (0.06, prompt(2), at_least),
-                (0.09, prompt(12), greedy)]
+                (0.09, prompt(12), greedy), (0.12, prompt(4), nucleus)]
     _, eager = run_engine(model, tokenizer, arrivals, decode_plan=False)
     before = screened_steps()
     engine, screened = run_engine(model, tokenizer, arrivals)
@@ -110,4 +145,4 @@ def test_the_last_panels_padding_is_never_picked():
     weight_t[:, V - 2] *= 0.01
     head = packed_head(weight_t)
     h = torch.rand(2, D) + 0.1
-    assert head.screen.argmax(h) == full_argmax(head, h) == [V - 2, V - 2]
+    assert screened_argmax(head, h) == full_argmax(head, h) == [V - 2, V - 2]

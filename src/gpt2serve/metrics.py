@@ -18,10 +18,10 @@ TIME_PER_TOKEN = Histogram(
     "Duration of one decode step (one token per sequence), prefills admitted during it included",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 HEAD_SCREEN = Counter(
-    "gpt2serve_greedy_head_screen_steps_total",
-    "Greedy CPU decode steps whose LM head was screened in int8 (packing.HeadScreen), by "
-    "outcome: 'decided' took the argmax from the fp32 logits of a few candidates, 'full' "
-    "found too many and computed every logit",
+    "gpt2serve_head_screen_steps_total",
+    "Greedy or top-k CPU decode steps whose LM head was screened in int8 (packing.HeadScreen), "
+    "by outcome: 'decided' computed in fp32 only the logits that can be among each row's k "
+    "largest, 'full' found too many candidates and computed every logit",
     ["outcome"])
 KV_CACHE_USAGE = Gauge("gpt2serve_kv_cache_usage_ratio",
                        "Share of the KV cache's blocks held by sequences, 0 to 1")

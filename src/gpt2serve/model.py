@@ -295,14 +295,15 @@ class GPT(nn.Module):
         """Logits [rows, V] (fp32) at hidden states [rows, D] from `forward`."""
         return self.head(self.ln_f(hidden)).float()
 
-    def weight_bytes(self, greedy: bool = False) -> int:
+    def weight_bytes(self, screened: bool = False) -> int:
         """Bytes of weights a decode step streams. Layers swapped in by packing.py and
-        quantize.py hold theirs outside parameters and report them as `nbytes`. A `greedy`
-        step of a few rows reads the head's int8 screen instead of the head, where it has one
-        (packing.HeadScreen; its few candidates' fp32 rows are not counted)."""
+        quantize.py hold theirs outside parameters and report them as `nbytes`. A
+        `screened` step (greedy or top-k, a few rows) reads the head's int8 screen instead of
+        the head, where it has one (packing.HeadScreen; its candidates' fp32 rows are not
+        counted)."""
         total = (sum(p.nbytes for p in self.parameters())
                  + sum(getattr(m, "nbytes", 0) for m in self.modules()))
-        screen = getattr(self.head, "screen", None) if greedy else None
+        screen = getattr(self.head, "screen", None) if screened else None
         return total if screen is None else total - self.head.nbytes + screen.nbytes
 
     @torch.inference_mode()

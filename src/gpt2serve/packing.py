@@ -6,8 +6,8 @@ weight from memory. `addmm` with HF's [in, out] layout streams them at about hal
 machine's read bandwidth. Where AVX2 runs, our kernel (kernels.linear_f32) reads panels of
 16 outputs from huge pages, one sequential stream per thread, for decode steps and prompts
 alike; elsewhere oneDNN's inner product on weights it reordered (docs/benchmarks.md compares
-them). Results are the same fp32 arithmetic, up to summation order. Greedy decode steps can
-skip most of the LM head's fp32 logits (HeadScreen) and still pick the same tokens.
+them). Results are the same fp32 arithmetic, up to summation order. Greedy and top-k decode
+steps skip the LM head's fp32 logits that cannot be among the k largest (HeadScreen).
 """
 
 from __future__ import annotations
@@ -96,9 +96,10 @@ class PackedHead(nn.Module):
 
 
 class HeadScreen:
-    """The argmax of the fp32 logits, exactly, from an int8 copy of the LM head and the fp32
-    logits of a few candidates. At batch 1 the head is a third of the weights a GPT-2 124M
-    decode step streams (154 of 497 MB); its int8 copy is a quarter of that.
+    """Each row's k largest fp32 logits, exactly, from an int8 copy of the LM head and the fp32
+    logits of a few candidates: what greedy decoding (k = 1) and top-k sampling read. At batch
+    1 the head is a third of the weights a GPT-2 124M decode step streams (154 of 497 MB); its
+    int8 copy is a quarter of that.
 
     The int8 logit s_i of head row w_i bounds the fp32 one f_i: with h the hidden state and h'
     and w_i' what their int8 forms stand for,
@@ -106,13 +107,14 @@ class HeadScreen:
                     <= |h - h'| |w_i| + (|h| + |h - h'|) |w_i - w_i'| + rounding   (Cauchy-Schwarz)
     where |h - h'| comes from the int8 kernel, |w_i| and |w_i - w_i'| are measured at load,
     and rounding is the fp32 dot product's (at most k·u·|h||w_i|, u = 2^-24) and s_i's own
-    (a few u·|s_i|). Every row whose upper bound reaches the largest lower bound is a
-    candidate; the argmax is one of them. Their panels' fp32 logits come from the kernel and
-    row count the full head uses, so they are the full head's to the bit, and the first
-    largest among them is the first largest of the full row: the same token, ties included.
-    A trained model's bound leaves one or two candidates, random weights a handful
+    (a few u·|s_i|). Every token whose upper bound reaches the k-th largest lower bound is a
+    candidate, and every token whose logit is among the k largest (or equals the k-th) is one.
+    The candidates' panels get their fp32 logits from the kernel and row count the full head
+    uses, so they are the full head's to the bit; the other logits are -inf. The first largest
+    logit is then the full row's, and so is each of the k largest values. For greedy decoding
+    of a trained model the bound leaves one or two candidates, of random weights a handful
     (docs/benchmarks.md); where more than a quarter of the panels would be recomputed, the
-    full head runs instead (`argmax` returns None)."""
+    full head runs instead (`logits` returns None)."""
 
     U = 2.0 ** -24  # fp32's unit roundoff
 
@@ -136,10 +138,10 @@ class HeadScreen:
         self.max_panels = panels.shape[0] // 4
         self.nbytes = self.packed.nbytes + 4 * self.scales.numel() + 8 * n
 
-    def argmax(self, h: Tensor) -> list[int] | None:
-        """The index of each row's largest logit (the first, on ties) for layer-normed hidden
-        states h [m, D], or None where the screen leaves too many candidates (or h is not
-        finite)."""
+    def logits(self, h: Tensor, ks: list[int]) -> Tensor | None:
+        """Logits [m, V] for layer-normed hidden states h [m, D], exact wherever they can be
+        among row i's ks[i] largest and -inf where they cannot; None where the screen leaves
+        too many candidates (or h is not finite)."""
         m = h.shape[0]
         # More rows than our int8 kernel serves cost more to screen than to compute in full
         # (docs/benchmarks.md).
@@ -154,15 +156,21 @@ class HeadScreen:
         bound = torch.outer(error + self.gamma * norm, self.norms)
         bound.addcmul_((norm + error)[:, None], self.errors[None]).add_(s.abs(), alpha=8 * self.U)
         bound.mul_(1.001)
-        floor = (s - bound).amax(1, keepdim=True)
+        low = s - bound
+        if max(ks) == 1:
+            floor = low.amax(1, keepdim=True)
+        else:  # each row's k-th largest lower bound
+            floor = low.topk(max(ks)).values.gather(1, torch.tensor(ks)[:, None] - 1)
         panels = torch.unique((s + bound >= floor).nonzero()[:, 1] // kernels.PANEL)
         if len(panels) > self.max_panels:
             return None
         exact = kernels.linear_f32(h, self.panels.index_select(0, panels), None,
                                    len(panels) * kernels.PANEL)
         ids = (panels[:, None] * kernels.PANEL + torch.arange(kernels.PANEL)).flatten()
-        exact[:, ids >= self.n] = -math.inf  # the last panel's padding
-        return ids[exact.numpy().argmax(1)].tolist()
+        real = ids < self.n  # (the last panel's padding is not a token)
+        logits = torch.full((m, self.n), -math.inf)
+        logits[:, ids[real]] = exact[:, real]
+        return logits
 
 
 # The activations that are GELU's tanh form, which kernels.linear_f32 applies itself.

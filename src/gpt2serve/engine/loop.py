@@ -29,7 +29,7 @@ from ..tokenizer import Tokenizer
 from . import kv_cache
 from .cuda_graphs import DecodeGraphs
 from .decode_plan import DecodePlan
-from .sampler import Sampled, Sampler, prompt_logprobs
+from .sampler import Sampler, prompt_logprobs
 from .scheduler import Chunk, EngineStopped, RequestTimeout, Scheduler
 from .sequence import Completion, Prompt, Request, Sequence, TokenEvent
 
@@ -466,17 +466,17 @@ class Engine:
                             device=self.device)
 
     def _sample_planned(self, hidden: torch.Tensor, batch: list[Sequence]) -> None:
-        """Tokens for a planned decode step's rows. Where each row wants the argmax and nothing
-        else, the head's screen finds it without computing every logit
-        (packing.HeadScreen): the same tokens, from a quarter of the head's bytes."""
+        """Tokens for a planned decode step's rows. Where each row's token depends on its k
+        largest logits alone (greedy decoding, top-k sampling), the head's screen computes
+        just those (packing.HeadScreen): the same logits for the sampler, from a quarter of
+        the head's bytes."""
         screen = self.model.head.screen
-        if screen is not None and self.sampler.argmax_only(batch):
-            picked = screen.argmax(self.model.ln_f(hidden))
-            metrics.HEAD_SCREEN.labels("decided" if picked is not None else "full").inc()
-            if picked is not None:
-                self._emit(batch, [Sampled(t) for t in picked])
-                return
-        self._sample(self.model.logits(hidden), batch)
+        ks = self.sampler.largest_needed(batch) if screen is not None else None
+        logits = None
+        if ks is not None:
+            logits = screen.logits(self.model.ln_f(hidden), ks)
+            metrics.HEAD_SCREEN.labels("decided" if logits is not None else "full").inc()
+        self._sample(self.model.logits(hidden) if logits is None else logits, batch)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """A token for each sequence from its row of logits, in one batched pass. Should that
@@ -496,10 +496,6 @@ class Engine:
                 self._outbox.put(seqs[0].request, e)
                 seqs[0].request.fail()
             return
-        self._emit(seqs, sampled)
-
-    def _emit(self, seqs: list[Sequence], sampled: list[Sampled]) -> None:
-        """Each sequence's new token out to its request."""
         metrics.TOKENS_GENERATED.inc(len(seqs))
         now = time.monotonic()
         for seq, s in zip(seqs, sampled):

@@ -84,10 +84,27 @@ class Sampler:
 
     def argmax_only(self, rows: list[Row]) -> bool:
         """Whether each row's token is the argmax of its logits as the model gives them: greedy
-        decoding with nothing to apply (_penalise) or report. The engine may then have the
-        model find the argmax without all the logits (packing.HeadScreen)."""
+        decoding with nothing to apply (_penalise) or report."""
         return all(r.params.greedy and r.params.logprobs is None and not self._adjusts(r)
                    for r in rows)
+
+    def largest_needed(self, rows: list[Row]) -> list[int] | None:
+        """How many of its largest logits each row's token depends on (the values, and which
+        tokens have them): 1 for greedy decoding, k for sampling from the top k, where the row
+        has nothing to apply (_penalise) or report; None where a row needs every logit. The
+        engine may then have the model compute just those (packing.HeadScreen)."""
+        ks = []
+        for r in rows:
+            p = r.params
+            if p.logprobs is not None or self._adjusts(r):
+                return None
+            if p.greedy:
+                ks.append(1)
+            elif 0 < p.top_k < self.vocab_size:  # (top-p, if any, applies within the top k)
+                ks.append(p.top_k)
+            else:
+                return None
+        return ks
 
     def _take(self, x: Tensor, index: list[int]) -> Tensor:
         """Rows `index` of x; x itself when that is all of them (no copy)."""
