@@ -66,14 +66,15 @@ def test_the_screen_gives_each_rows_k_largest_logits_as_the_full_head_does():
     beside it: each row's k largest values, and which tokens reach the k-th, are the full
     head's; every logit the screen gives is the full head's to the bit."""
     torch.manual_seed(4)
-    D, V = 64, 2000
+    D, V = 64, 8000
     weight_t = torch.randn(D, V)
-    weight_t[:, 1000:] = weight_t[:, :1000] + 1e-3 * torch.randn(D, 1000) * (torch.rand(1000) > 0.3)
+    weight_t[:, 4000:] = weight_t[:, :4000] + 1e-3 * torch.randn(D, 4000) * (torch.rand(4000) > 0.3)
     head = packed_head(weight_t)
     ks = [1, 7, 50, 3]
     for trial in range(5):
         h = torch.randn(len(ks), D) * (1 + trial)
         full, screened = head(h), head.screen.logits(h, ks)
+        assert screened is not None
         given = torch.isfinite(screened)
         assert torch.equal(screened[given], full[given])
         for row, k in enumerate(ks):
