@@ -165,6 +165,24 @@ def test_linear_f32_against_float64(m, k, n, isa):
 
 @pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
 @pytest.mark.parametrize("isa", range(1, kernels.VECTOR_ISA + 1))
+@pytest.mark.parametrize("m", [1, 2, 3, 9])
+def test_linear_f32_on_some_panels_gives_those_columns_of_the_whole_to_the_bit(m, isa):
+    """packing.HeadScreen recomputes its candidates' panels, named in any order (the last,
+    padded one and one named twice too), and relies on getting the full product's values."""
+    torch.manual_seed(m)
+    k, n = 96, 1000  # 63 panels, the last with 8 columns
+    w, x = torch.randn(k, n), torch.randn(m, k)
+    panels = kernels.pack_f32(w)
+    whole = torch.nn.functional.pad(kernels.linear_f32(x, panels, None, n, isa), (0, 8))
+    ids = torch.tensor([62, 0, 17, 17, 40, 1])
+    got = kernels.linear_f32(x, panels, None, 16 * len(ids), isa, panel_ids=ids)
+    assert torch.equal(got.view(m, len(ids), 16), whole.view(m, 63, 16)[:, ids])
+    with pytest.raises(ValueError, match="panel_ids"):
+        kernels.linear_f32(x, panels, None, 32, isa, panel_ids=torch.tensor([0, 63]))
+
+
+@pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
+@pytest.mark.parametrize("isa", range(1, kernels.VECTOR_ISA + 1))
 @pytest.mark.parametrize("m, k, n", [(1, 768, 3072), (9, 64, 40), (40, 3072, 768)])
 def test_linear_f32_fuses_layer_norm_gelu_and_residual(m, k, n, isa):
     """The ops FusedBlock hands the kernel, against torch's: the layer norm of the input,

@@ -340,11 +340,14 @@ for more (12 of the 16 registers: prompts 1.09-1.11x oneDNN where 4 rows were 0.
 so that the FMAs of a tile hide each other's latency without spilling. The tile is plain C
 that the compiler vectorizes for each target; it ran as fast as intrinsics written out. Around
 the product, optionally: the rows' LayerNorm before it, GELU and a residual add after it
-(packing.FusedBlock). bench/kernels.py measures it against oneDNN. */
+(packing.FusedBlock). Or some of W's panels only, named in a list: output panel p is then W's
+panel panels[p] (packing.HeadScreen's candidates). bench/kernels.py measures it against
+oneDNN. */
 
 typedef struct {
     const float *x;        /* [m, k]: the input, or its rows layer-normed (below) */
     const float *w;        /* [panels, k, 16] */
+    const int64_t *panels; /* [n / 16]: the panels of W to multiply, or NULL for all */
     const float *bias;     /* [n] or NULL */
     const float *residual; /* [m, n] added to the output, or NULL */
     float *y;              /* [m, n] */
@@ -413,7 +416,7 @@ static inline __attribute__((always_inline)) void f32_tile(const f32_args *a, in
     const int64_t k = a->k;
     const int to_l1 = a->m <= F32_L1_PREFETCH_ROWS;
     const float *restrict x = a->x + row * k;
-    const float *restrict w = a->w + panel * k * 16;
+    const float *restrict w = a->w + (a->panels ? a->panels[panel] : panel) * k * 16;
     float acc[8][16];
     for (int r = 0; r < rows; ++r)
         for (int j = 0; j < 16; ++j) acc[r][j] = 0.f;
@@ -476,7 +479,9 @@ once, and x's rows come from the caches once per group. */
             const int64_t g1 = g0 + group < p1 ? g0 + group : p1;                              \
             for (int64_t r = 0; r < a->m; r += ROWS)                                           \
                 for (int64_t p = g0; p < g1; ++p) {                                            \
-                    const char *next = (const char *)(a->w + (p + 1) * k * 16)                 \
+                    const int64_t after = !a->panels ? p + 1                                   \
+                                          : a->panels[p + 1 < p1 ? p + 1 : p];                 \
+                    const char *next = (const char *)(a->w + after * k * 16)                   \
                                        + (few ? r / tile_rows * k * next_step : 0);            \
                     switch (a->m - r < ROWS ? a->m - r : ROWS) {                               \
                     case 1: f32_tile(a, r, 1, p, next, next_step); break;                      \
@@ -499,18 +504,19 @@ F32_PANELS(f32_panels_avx2_6, TARGET_AVX2, 6)
 #endif
 
 static PyObject *linear_f32(PyObject *self, PyObject *args) {
-    unsigned long long x, w, bias, y, ln_weight, ln_bias, normed, residual;
+    unsigned long long x, w, bias, y, ln_weight, ln_bias, normed, residual, panels;
     double ln_eps;
     f32_args a;
     int isa;
-    if (!PyArg_ParseTuple(args, "KKKKLLLiKKdKKp", &x, &w, &bias, &y, &a.m, &a.k, &a.n, &isa,
-                          &ln_weight, &ln_bias, &ln_eps, &normed, &residual, &a.gelu))
+    if (!PyArg_ParseTuple(args, "KKKKLLLiKKdKKpK", &x, &w, &bias, &y, &a.m, &a.k, &a.n, &isa,
+                          &ln_weight, &ln_bias, &ln_eps, &normed, &residual, &a.gelu, &panels))
         return NULL;
 #if X86
     if (isa == 1 || isa == 2) {
         const float *input = (const float *)(uintptr_t)x;
         a.x = ln_weight ? (const float *)(uintptr_t)normed : input;
         a.w = (const float *)(uintptr_t)w;
+        a.panels = (const int64_t *)(uintptr_t)panels;
         a.bias = (const float *)(uintptr_t)bias;
         a.residual = (const float *)(uintptr_t)residual;
         a.y = (float *)(uintptr_t)y;
@@ -552,7 +558,7 @@ static PyMethodDef methods[] = {
      "addresses of contiguous tensors, 0 for none (kernels.py)"},
     {"linear_f32", linear_f32, METH_VARARGS,
      "linear_f32(x, w, bias, y, m, k, n, isa, ln_weight, ln_bias, ln_eps, normed, residual, "
-     "gelu): addresses of contiguous fp32 tensors, 0 for none; isa 2 AVX-512, 1 AVX2 "
+     "gelu, panels): addresses of contiguous fp32 tensors, 0 for none; isa 2 AVX-512, 1 AVX2 "
      "(kernels.py)"},
     {NULL, NULL, 0, NULL},
 };

@@ -200,24 +200,31 @@ def f32_columns(panels: Tensor, index: Tensor) -> Tensor:
 
 def linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, n: int,
                isa: int = VECTOR_ISA, ln: nn.LayerNorm | None = None, gelu: bool = False,
-               residual: Tensor | None = None) -> Tensor:
+               residual: Tensor | None = None, panel_ids: Tensor | None = None) -> Tensor:
     """x [m, k] @ W + bias -> [m, n], W as pack_f32 laid it out; bias [n] fp32. Fused with
     it, the ops around a matmul in a GPT-2 layer: `ln` normalizes x's rows first, `gelu`
-    (tanh form) is applied to the sum, and `residual` [m, n] is added last."""
+    (tanh form) is applied to the sum, and `residual` [m, n] is added last. `panel_ids`
+    (int64): multiply these panels of W only, n = 16 per panel, in their order."""
     m, k = x.shape
+    if panel_ids is not None:
+        if n != PANEL * len(panel_ids) or not (
+                panel_ids.dtype == torch.long and panel_ids.is_contiguous()
+                and (not len(panel_ids) or 0 <= int(panel_ids.min()) <= int(panel_ids.max())
+                     < panels.shape[0])):
+            raise ValueError("panel_ids: contiguous int64 ids of W's panels, 16 outputs each")
     # (held here: the bound call has their addresses only)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
-    bind_linear_f32(x, panels, bias, y, isa, ln, gelu, residual, normed)()
+    bind_linear_f32(x, panels, bias, y, isa, ln, gelu, residual, normed, panel_ids)()
     return y
 
 
 def bind_linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, y: Tensor,
                     isa: int = VECTOR_ISA, ln: nn.LayerNorm | None = None, gelu: bool = False,
-                    residual: Tensor | None = None, normed: Tensor | None = None
-                    ) -> Callable[[], None]:
+                    residual: Tensor | None = None, normed: Tensor | None = None,
+                    panel_ids: Tensor | None = None) -> Callable[[], None]:
     """linear_f32 into y [m, n], as a call of no arguments on these tensors' memory (see
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
@@ -228,4 +235,4 @@ def bind_linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, y: Tensor,
         _kernels.linear_f32, x.data_ptr(), panels.data_ptr(), _address(bias), y.data_ptr(), m,
         k, y.shape[1], isa, 0 if ln is None else ln.weight.data_ptr(),
         0 if ln is None else ln.bias.data_ptr(), 0.0 if ln is None else ln.eps,
-        _address(normed), _address(residual), gelu)
+        _address(normed), _address(residual), gelu, _address(panel_ids))

@@ -164,8 +164,8 @@ class HeadScreen:
         panels = torch.unique((s + bound >= floor).nonzero()[:, 1] // kernels.PANEL)
         if len(panels) > self.max_panels:
             return None
-        exact = kernels.linear_f32(h, self.panels.index_select(0, panels), None,
-                                   len(panels) * kernels.PANEL)
+        exact = kernels.linear_f32(h, self.panels, None, len(panels) * kernels.PANEL,
+                                   panel_ids=panels)
         ids = (panels[:, None] * kernels.PANEL + torch.arange(kernels.PANEL)).flatten()
         real = ids < self.n  # (the last panel's padding is not a token)
         logits = torch.full((m, self.n), -math.inf)
