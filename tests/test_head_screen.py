@@ -92,8 +92,8 @@ def test_the_screen_declines_what_it_cannot_decide():
     assert full_argmax(head, h) == [0]
     head = packed_head(torch.randn(D, V))
     assert screened_argmax(head, torch.full((1, D), float("nan"))) is None
-    assert screened_argmax(head, torch.randn(kernels.INT8_MAX_ROWS + 1, D)) is None
-    h = torch.randn(kernels.INT8_MAX_ROWS, D)
+    assert screened_argmax(head, torch.randn(head.screen.max_rows + 1, D)) is None
+    h = torch.randn(head.screen.max_rows, D)
     assert screened_argmax(head, h) == full_argmax(head, h)
 
 

@@ -21,7 +21,8 @@ HEAD_SCREEN = Counter(
     "gpt2serve_head_screen_steps_total",
     "Greedy or top-k CPU decode steps whose LM head was screened in int8 (packing.HeadScreen), "
     "by outcome: 'decided' computed in fp32 only the logits that can be among each row's k "
-    "largest, 'full' found too many candidates and computed every logit",
+    "largest, 'full' found too many candidates (or a hidden state not finite) and computed "
+    "every logit",
     ["outcome"])
 KV_CACHE_USAGE = Gauge("gpt2serve_kv_cache_usage_ratio",
                        "Share of the KV cache's blocks held by sequences, 0 to 1")

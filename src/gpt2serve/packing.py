@@ -73,8 +73,8 @@ class PackedLinear(nn.Module):
 class PackedHead(nn.Module):
     """Drop-in for TiedHead: the logits from the laid-out matrix, which also gives the
     embedding's rows where it is ours; oneDNN's packed one cannot be indexed by token, so
-    there the embedding keeps a plain [V, D] copy. Where our kernels run, greedy decoding can
-    find the argmax without all the logits (`screen`)."""
+    there the embedding keeps a plain [V, D] copy. Where our kernels run, greedy and top-k
+    decode steps need not compute every logit (`screen`)."""
 
     def __init__(self, head: TiedHead):
         super().__init__()
@@ -106,22 +106,25 @@ class HeadScreen:
         |f_i - s_i| <= |(h - h')·w_i| + |h'·(w_i - w_i')| + rounding
                     <= |h - h'| |w_i| + (|h| + |h - h'|) |w_i - w_i'| + rounding   (Cauchy-Schwarz)
     where |h - h'| comes from the int8 kernel, |w_i| and |w_i - w_i'| are measured at load,
-    and rounding is the fp32 dot product's (at most k·u·|h||w_i|, u = 2^-24) and s_i's own
-    (a few u·|s_i|). Every token whose upper bound reaches the k-th largest lower bound is a
+    and rounding is the fp32 dot product's (at most D·u·|h||w_i| over D inputs, u = 2^-24)
+    and s_i's own (a few u·|s_i|). Every token whose upper bound reaches the k-th largest lower bound is a
     candidate, and every token whose logit is among the k largest (or equals the k-th) is one.
     The candidates' panels get their fp32 logits from the kernel and row count the full head
     uses, so they are the full head's to the bit; the other logits are -inf. The first largest
-    logit is then the full row's, and so is each of the k largest values. For greedy decoding
-    of a trained model the bound leaves one or two candidates, of random weights a handful
-    (docs/benchmarks.md); where more than a quarter of the panels would be recomputed, the
-    full head runs instead (`logits` returns None)."""
+    logit is then the full row's, and so is each of the k largest values (where two of them
+    tie exactly, the order torch.topk gives them is its own either way). For greedy decoding
+    the bound leaves one to a few candidates; top-k 50 leaves hundreds (docs/benchmarks.md).
+    Where more than a quarter of the panels would be recomputed, the full head runs instead
+    (`logits` returns None), and so it does for more than `max_rows` rows: beyond the rows
+    our int8 kernel serves, screening cost more than it saved."""
 
     U = 2.0 ** -24  # fp32's unit roundoff
+    max_rows = kernels.INT8_MAX_ROWS
 
     def __init__(self, panels: Tensor, n: int):
         self.panels, self.n = panels, n
-        k = panels.shape[1]
-        q = torch.empty(n, k, dtype=torch.int8)
+        d = panels.shape[1]
+        q = torch.empty(n, d, dtype=torch.int8)
         scales, self.norms, self.errors = torch.empty(n), torch.empty(n), torch.empty(n)
         for i in range(0, n, 256):  # a few rows at a time: loading's peak memory
             chunk = slice(i, min(i + 256, n))
@@ -134,7 +137,7 @@ class HeadScreen:
         self.packed, self.sums = kernels.pack_int8(q)
         self.scales = torch.zeros(self.sums.shape[0])  # padded like the packed rows
         self.scales[:n] = scales
-        self.gamma = k * self.U / (1 - k * self.U)  # the fp32 dot product's relative error
+        self.gamma = d * self.U / (1 - d * self.U)  # the fp32 dot product's relative error
         self.max_panels = panels.shape[0] // 4
         self.nbytes = self.packed.nbytes + 4 * self.scales.numel() + 8 * n
 
@@ -143,9 +146,7 @@ class HeadScreen:
         among row i's ks[i] largest and -inf where they cannot; None where the screen leaves
         too many candidates (or h is not finite)."""
         m = h.shape[0]
-        # More rows than our int8 kernel serves cost more to screen than to compute in full
-        # (docs/benchmarks.md).
-        if m > kernels.INT8_MAX_ROWS or not bool(torch.isfinite(h).all()):
+        if m > self.max_rows or not bool(torch.isfinite(h).all()):
             return None
         h = h.contiguous()
         error = torch.empty(m)

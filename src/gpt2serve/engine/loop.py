@@ -471,7 +471,8 @@ class Engine:
         just those (packing.HeadScreen): the same logits for the sampler, from a quarter of
         the head's bytes."""
         screen = self.model.head.screen
-        ks = self.sampler.largest_needed(batch) if screen is not None else None
+        tried = screen is not None and len(batch) <= screen.max_rows
+        ks = self.sampler.largest_needed(batch) if tried else None
         logits = None
         if ks is not None:
             logits = screen.logits(self.model.ln_f(hidden), ks)
