@@ -97,6 +97,20 @@ def test_the_screen_declines_what_it_cannot_decide():
     assert screened_argmax(head, h) == full_argmax(head, h)
 
 
+def test_the_screen_rests_after_declining_steps_in_a_row():
+    """Flat logits: every greedy step declines. After REST_AFTER of them the screen sits out
+    REST_STEPS greedy steps, then tries again; other ks are not affected."""
+    torch.manual_seed(5)
+    D, V = 32, 800
+    head = packed_head(torch.randn(D, 1).expand(D, V).contiguous())
+    screen, h = head.screen, torch.randn(1, D)
+    for _ in range(screen.REST_AFTER):
+        assert screen.promising([1])
+        assert screen.logits(h, [1]) is None
+    assert [screen.promising([1]) for _ in range(screen.REST_STEPS)] == [False] * screen.REST_STEPS
+    assert screen.promising([5]) and screen.promising([1])
+
+
 def test_no_screen_for_a_head_that_is_not_finite():
     weight_t = torch.randn(16, 100)
     weight_t[3, 7] = float("inf")

@@ -114,12 +114,15 @@ class HeadScreen:
     logit is then the full row's, and so is each of the k largest values (where two of them
     tie exactly, the order torch.topk gives them is its own either way). For greedy decoding
     the bound leaves one to a few candidates; top-k 50 leaves hundreds (docs/benchmarks.md).
-    Where more than a quarter of the panels would be recomputed, the full head runs instead
-    (`logits` returns None), and so it does for more than `max_rows` rows: beyond the rows
-    our int8 kernel serves, screening cost more than it saved."""
+    Where more than half the panels would be recomputed (the int8 copy and those cost three
+    quarters of the head), the full head runs instead (`logits` returns None), and so it does
+    for more than `max_rows` rows: beyond the rows our int8 kernel serves, screening cost more
+    than it saved. After REST_AFTER such declines in a row for the same k (flat logits, a
+    large k), the screen sits out REST_STEPS steps of that k (`promising`), then tries again."""
 
     U = 2.0 ** -24  # fp32's unit roundoff
     max_rows = kernels.INT8_MAX_ROWS
+    REST_AFTER, REST_STEPS = 4, 256
 
     def __init__(self, panels: Tensor, n: int):
         self.panels, self.n = panels, n
@@ -138,8 +141,20 @@ class HeadScreen:
         self.scales = torch.zeros(self.sums.shape[0])  # padded like the packed rows
         self.scales[:n] = scales
         self.gamma = d * self.U / (1 - d * self.U)  # the fp32 dot product's relative error
-        self.max_panels = panels.shape[0] // 4
+        self.max_panels = panels.shape[0] // 2
         self.nbytes = self.packed.nbytes + 4 * self.scales.numel() + 8 * n
+        # by a step's largest k: declines in a row, and steps left to sit out
+        self._declines: dict[int, int] = {}
+        self._resting: dict[int, int] = {}
+
+    def promising(self, ks: list[int]) -> bool:
+        """Whether to screen a step whose rows want their ks largest logits: not while the
+        screen rests after declining steps of the same largest k."""
+        k = max(ks)
+        if self._resting.get(k):
+            self._resting[k] -= 1
+            return False
+        return True
 
     def logits(self, h: Tensor, ks: list[int]) -> Tensor | None:
         """Logits [m, V] for layer-normed hidden states h [m, D], exact wherever they can be
@@ -163,8 +178,13 @@ class HeadScreen:
         else:  # each row's k-th largest lower bound
             floor = low.topk(max(ks)).values.gather(1, torch.tensor(ks)[:, None] - 1)
         panels = torch.unique((s + bound >= floor).nonzero()[:, 1] // kernels.PANEL)
+        k = max(ks)
         if len(panels) > self.max_panels:
+            self._declines[k] = self._declines.get(k, 0) + 1
+            if self._declines[k] == self.REST_AFTER:
+                self._declines[k], self._resting[k] = 0, self.REST_STEPS
             return None
+        self._declines[k] = 0
         exact = kernels.linear_f32(h, self.panels, None, len(panels) * kernels.PANEL,
                                    panel_ids=panels)
         ids = (panels[:, None] * kernels.PANEL + torch.arange(kernels.PANEL)).flatten()

@@ -474,7 +474,7 @@ class Engine:
         tried = screen is not None and len(batch) <= screen.max_rows
         ks = self.sampler.largest_needed(batch) if tried else None
         logits = None
-        if ks is not None:
+        if ks is not None and screen.promising(ks):
             logits = screen.logits(self.model.ln_f(hidden), ks)
             metrics.HEAD_SCREEN.labels("decided" if logits is not None else "full").inc()
         self._sample(self.model.logits(hidden) if logits is None else logits, batch)
