@@ -4,9 +4,10 @@
   torch ops (store, gather, scaled-dot-product attention): same arithmetic in fp32, up to
   summation order. It runs on CPU with an fp32 cache.
 - `int8_linear` replaces fbgemm's dynamic int8 matmul (quantize.py) for the few rows of a
-  small decode batch.
+  small decode batch, and multiplies the fp32 head's int8 copy (packing.HeadScreen).
 - `linear_f32` replaces oneDNN's fp32 inner product (packing.py) for every fp32 linear layer
-  and the LM head, on weights laid out by `pack_f32` in huge pages.
+  and the LM head, on weights laid out by `pack_f32` in huge pages; or for some of a
+  matrix's panels only (HeadScreen's candidates).
 
 Where the module was not built (no compiler at install) or cannot run (not x86-64, CUDA,
 fp16/bf16), the torch ops run. GPT2SERVE_C_KERNELS=0 turns them off, to compare
