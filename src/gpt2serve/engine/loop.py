@@ -468,11 +468,11 @@ class Engine:
     def _sample_planned(self, hidden: torch.Tensor, batch: list[Sequence]) -> None:
         """Tokens for a planned decode step's rows. Where each row's token depends on its k
         largest logits alone (greedy decoding, top-k sampling), the head's screen computes
-        just those (packing.HeadScreen): the same logits for the sampler, from a quarter of
-        the head's bytes."""
+        just those (packing.HeadScreen): the same k largest logits for the sampler, from the
+        head's int8 copy and the few panels that can hold them."""
         screen = self.model.head.screen
-        tried = screen is not None and len(batch) <= screen.max_rows
-        ks = self.sampler.largest_needed(batch) if tried else None
+        fits = screen is not None and len(batch) <= screen.max_rows
+        ks = self.sampler.largest_needed(batch) if fits else None
         logits = None
         if ks is not None and screen.promising(ks):
             logits = screen.logits(self.model.ln_f(hidden), ks)
