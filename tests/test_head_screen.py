@@ -122,34 +122,37 @@ def screened_steps() -> float:
 
 
 def test_steps_through_the_screen_generate_what_the_eager_engine_does(tmp_path):
-    """Greedy and seeded top-k requests (siblings too) decoding alone and together, arriving
-    while others decode; one with a repetition penalty, one with min_tokens and one with top-p
-    but no top-k, which the screen must leave to the full head."""
+    """A greedy request decoding alone, seeded top-k siblings alone (every decode step
+    screened), then both amid requests the screen must leave to the full head: one with a
+    repetition penalty, one with min_tokens, one with top-p but no top-k. The batches these
+    make depend on timing; the tokens must not."""
     folder = make_hf_model(tmp_path / "m", n_layer=2, n_embd=96, n_head=4, vocab_size=3000,
                            seed=5)
     model, tokenizer = checkpoint.load(folder)[0], Tokenizer.from_dir(folder)
     torch.manual_seed(1)
     greedy = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 24,
                                        "ignore_eos": True})
+    top_k = SamplingParams.from_dict({"temperature": 0.8, "top_k": 20, "top_p": 0.9,
+                                      "max_new_tokens": 24, "ignore_eos": True, "seed": 3,
+                                      "n": 2})
     penalised = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 24,
                                           "repetition_penalty": 1.3})
     at_least = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 24,
                                          "min_tokens": 20})
-    top_k = SamplingParams.from_dict({"temperature": 0.8, "top_k": 20, "top_p": 0.9,
-                                      "max_new_tokens": 24, "ignore_eos": True, "seed": 3,
-                                      "n": 2})
     nucleus = SamplingParams.from_dict({"temperature": 0.8, "top_k": 0, "top_p": 0.9,
                                         "max_new_tokens": 24, "ignore_eos": True, "seed": 4})
     prompt = lambda n: torch.randint(0, 3000, (n,)).tolist()  # noqa: E731
-    arrivals = [(0.0, prompt(5), greedy), (0.0, prompt(30), top_k),
-                (0.03, prompt(9), penalised), (0.06, prompt(2), at_least),
-                (0.09, prompt(12), greedy), (0.12, prompt(4), nucleus)]
-    _, eager = run_engine(model, tokenizer, arrivals, decode_plan=False)
-    before = screened_steps()
-    engine, screened = run_engine(model, tokenizer, arrivals)
-    assert engine.plan is not None
-    assert screened == eager
-    assert screened_steps() - before >= 10
+    mixed = [(0.0, prompt(5), greedy), (0.0, prompt(30), top_k),
+             (0.03, prompt(9), penalised), (0.06, prompt(2), at_least),
+             (0.09, prompt(12), greedy), (0.12, prompt(4), nucleus)]
+    for arrivals, fewest in (([(0.0, prompt(5), greedy)], 23),  # a step per token after the 1st
+                             ([(0.0, prompt(7), top_k)], 23), (mixed, 1)):
+        _, eager = run_engine(model, tokenizer, arrivals, decode_plan=False)
+        before = screened_steps()
+        engine, screened = run_engine(model, tokenizer, arrivals)
+        assert engine.plan is not None
+        assert screened == eager
+        assert screened_steps() - before >= fewest
 
 
 def test_the_last_panels_padding_is_never_picked():

@@ -107,9 +107,9 @@ class HeadScreen:
                     <= |h - h'| |w_i| + (|h| + |h - h'|) |w_i - w_i'| + rounding   (Cauchy-Schwarz)
     where |h - h'| comes from the int8 kernel, |w_i| and |w_i - w_i'| are measured at load,
     and rounding is the fp32 dot product's (at most D·u·|h||w_i| over D inputs, u = 2^-24)
-    and s_i's own (a few u·|s_i|). Every token whose upper bound reaches the k-th largest lower bound is a
-    candidate, and every token whose logit is among the k largest (or equals the k-th) is one.
-    The candidates' panels get their fp32 logits from the kernel and row count the full head
+    and s_i's own (a few u·|s_i|). Every token whose upper bound reaches the k-th largest
+    lower bound is a candidate, and every token whose logit is among the k largest (or equals
+    the k-th) is one. The candidates' panels get their fp32 logits from the kernel and row count the full head
     uses, so they are the full head's to the bit; the other logits are -inf. The first largest
     logit is then the full row's, and so is each of the k largest values (where two of them
     tie exactly, the order torch.topk gives them is its own either way). For greedy decoding
@@ -174,13 +174,12 @@ class HeadScreen:
         bound = torch.outer(error + self.gamma * norm, self.norms)
         bound.addcmul_((norm + error)[:, None], self.errors[None]).add_(s.abs(), alpha=8 * self.U)
         bound.mul_(1.001)
-        low = s - bound
-        if max(ks) == 1:
+        low, k = s - bound, max(ks)
+        if k == 1:
             floor = low.amax(1, keepdim=True)
         else:  # each row's k-th largest lower bound
-            floor = low.topk(max(ks)).values.gather(1, torch.tensor(ks)[:, None] - 1)
+            floor = low.topk(k).values.gather(1, torch.tensor(ks)[:, None] - 1)
         panels = torch.unique((s + bound >= floor).nonzero()[:, 1] // kernels.PANEL)
-        k = max(ks)
         if len(panels) > self.max_panels:
             self._declines[k] = self._declines.get(k, 0) + 1
             if self._declines[k] == self.REST_AFTER:
