@@ -85,8 +85,7 @@ class Sampler:
     def argmax_only(self, rows: list[Row]) -> bool:
         """Whether each row's token is the argmax of its logits as the model gives them: greedy
         decoding with nothing to apply (_penalise) or report."""
-        return all(r.params.greedy and r.params.logprobs is None and not self._adjusts(r)
-                   for r in rows)
+        return all(r.params.greedy for r in rows) and self.largest_needed(rows) is not None
 
     def largest_needed(self, rows: list[Row]) -> list[int] | None:
         """How many of its largest logits each row's token depends on (the values, and which
