@@ -146,13 +146,14 @@ def fidelity(name: str, folder: Path, length: int) -> dict:
 def greedy_match(model, folder: Path, ref, ids: torch.Tensor) -> str:
     """Our engine's greedy tokens against `generate` (float32), 4 prompts x 48 tokens:
     'k/4' prompts identical, and the first differing step of the others."""
-    from gpt2serve.engine import Engine, Prompt
+    from gpt2serve.engine import Engine, EngineConfig, Prompt
     from gpt2serve.sampling import SamplingParams
     from gpt2serve.tokenizer import Tokenizer
 
     prompts_ = ids[:, :16]
     new = 48
-    engine = Engine(model, Tokenizer.from_dir(folder), max_batch_size=4, max_len=16 + new)
+    engine = Engine(model, Tokenizer.from_dir(folder),
+                    EngineConfig(max_batch_size=4, max_model_len=16 + new))
     params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": new,
                                        "ignore_eos": True})
     try:
@@ -186,11 +187,12 @@ def ms_per_step(generate, batch: list[list[int]], repeats: int) -> float:
 
 
 def ours_generator(model, tokenizer, max_batch: int, cuda_graphs: bool):
-    from gpt2serve.engine import Engine, Prompt
+    from gpt2serve.engine import Engine, EngineConfig, Prompt
     from gpt2serve.sampling import SamplingParams
 
-    engine = Engine(model, tokenizer, max_batch_size=max_batch, max_len=16 + 16 + STEPS,
-                    cuda_graphs=cuda_graphs)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=max_batch,
+                                                   max_model_len=16 + 16 + STEPS),
+                    runner="cuda-graphs" if cuda_graphs else "eager")
 
     def generate(batch, n):
         params = SamplingParams.from_dict({"do_sample": False, "max_new_tokens": n,

@@ -113,7 +113,8 @@ def decode_attention(batches: list[int], contexts: list[int], repeats: int) -> N
             times = {}
             for enabled in (False, True):
                 kernels.ENABLED = enabled
-                group = Group(cache, torch.zeros(n, 1, dtype=torch.long), pos, blocks)
+                group = Group(cache, torch.zeros(n, 1, dtype=torch.long), pos, blocks,
+                              in_place=kernels.runs_decode_attention(cache.kv))
                 times[enabled] = median_time(
                     lambda: [block._attend(qkv, kv, group) for kv in cache.kv], repeats)
             print(f"  batch {n:2d}, context {context:4d}: torch {times[False] * 1e3:6.2f}  "

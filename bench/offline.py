@@ -42,7 +42,7 @@ ISA_NOTE: dict[str, str] = {}  # what an in-process engine says about the ISA it
 
 def ours(folder: Path, mode: dict, quantize: str | None = None):
     from gpt2serve import checkpoint
-    from gpt2serve.engine import Engine, Prompt
+    from gpt2serve.engine import Engine, EngineConfig, Prompt
     from gpt2serve.sampling import SamplingParams
 
     # Set up as `gpt2serve serve` does.
@@ -50,10 +50,12 @@ def ours(folder: Path, mode: dict, quantize: str | None = None):
     # Greedy batch-1 steps read the head's int8 screen and a few candidates' panels. Top-k
     # steps read the screen and hundreds of panels besides (docs/benchmarks.md), so there
     # the whole head's bytes are the closer figure.
-    WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes(
-        screened=not mode.get("do_sample", True))
     ISA_NOTE["gpt2serve"] = torch_isa()
-    engine = Engine(model, tokenizer, max_batch_size=8, max_len=PROMPT_MAX, threads=threads)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, max_model_len=PROMPT_MAX,
+                                                   threads=threads))
+    screen = getattr(engine.runner, "screen", None)
+    WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes(
+        screen if not mode.get("do_sample", True) else None)
     params = SamplingParams.from_dict({**mode, "max_new_tokens": NEW_TOKENS,
                                        "ignore_eos": True, "seed": 0})
 

@@ -86,12 +86,13 @@ def mixed_arrivals(vocab: int) -> list[tuple]:
             (0.05, torch.randint(0, vocab, (3,)).tolist(), seeded)]
 
 
-def run_engine(model, tokenizer, arrivals, **engine_args):
-    """Generate for (delay seconds, prompt ids, params) arrivals on one engine; the engine and
-    the tokens of every completion, in order."""
-    from gpt2serve.engine import Engine, Prompt
+def run_engine(model, tokenizer, arrivals, runner: str | None = None):
+    """Generate for (delay seconds, prompt ids, params) arrivals on one engine (`runner` as
+    Engine's); the engine and the tokens of every completion, in order."""
+    from gpt2serve.engine import Engine, EngineConfig, Prompt
 
-    engine = Engine(model, tokenizer, max_batch_size=6, max_len=128, **engine_args)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=6, max_model_len=128),
+                    runner=runner)
 
     async def one(delay, ids, params):
         await asyncio.sleep(delay)

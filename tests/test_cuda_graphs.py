@@ -10,7 +10,7 @@ import torch
 
 from conftest import filled_cache, make_hf_model, mixed_arrivals, run_engine
 from gpt2serve import checkpoint
-from gpt2serve.engine import Engine, Prompt
+from gpt2serve.engine import Engine, EngineConfig, Prompt
 from gpt2serve.engine.cuda_graphs import DecodeGraphs
 from gpt2serve.model import KVCache
 from gpt2serve.sampling import SamplingError, SamplingParams
@@ -73,19 +73,20 @@ def test_engine_with_fixed_shape_steps_generates_what_the_eager_engine_does(mode
     block is never handed to a sequence."""
     tokenizer = Tokenizer.from_dir(folder)
     arrivals = mixed_arrivals(model.config.vocab_size)
-    _, eager = run_engine(model, tokenizer, arrivals, cuda_graphs=False, decode_plan=False)
-    engine, fixed = run_engine(model, tokenizer, arrivals, cuda_graphs=True)
-    assert engine.graphs is not None and fixed == eager
-    assert engine.graphs.scratch not in engine.scheduler.blocks._free
+    _, eager = run_engine(model, tokenizer, arrivals, runner="eager")
+    engine, fixed = run_engine(model, tokenizer, arrivals, runner="cuda-graphs")
+    assert engine.runner.name == "cuda-graphs" and fixed == eager
+    assert engine.runner.graphs.scratch not in engine.scheduler.blocks._free
 
 
 def test_a_request_needing_the_scratch_block_is_refused_not_left_waiting(model, folder):
     """With graphs the cache has one block fewer for sequences: a request that needs every
     block of the cache gets the 400 error at once rather than waiting for the block forever."""
     block_bytes = KVCache.block_bytes(model.config, 16, torch.float32)
-    engine = Engine(model, Tokenizer.from_dir(folder), max_batch_size=4, cuda_graphs=True,
-                    kv_cache_memory=20 * block_bytes)
-    assert engine.cache.num_blocks == 20 and engine.graphs is not None
+    engine = Engine(model, Tokenizer.from_dir(folder),
+                    EngineConfig(max_batch_size=4, kv_cache_memory=20 * block_bytes),
+                    runner="cuda-graphs")
+    assert engine.cache.num_blocks == 20 and engine.runner.name == "cuda-graphs"
     # Two sequences of 8 + 153 - 1 = 160 positions: 10 blocks each, sharing none.
     params = SamplingParams.from_dict({"max_new_tokens": 153, "n": 2})
     with pytest.raises(SamplingError, match="holds 304"):

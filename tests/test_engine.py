@@ -7,14 +7,14 @@ import asyncio
 import pytest
 
 from gpt2serve import checkpoint
-from gpt2serve.engine import Engine, Prompt
+from gpt2serve.engine import Engine, EngineConfig, Prompt
 from gpt2serve.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     model, tokenizer = checkpoint.load(tiny_model)
-    engine = Engine(model, tokenizer, max_batch_size=4)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=4))
     yield engine
     engine.stop()
 

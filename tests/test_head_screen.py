@@ -9,7 +9,7 @@ import torch
 from conftest import make_hf_model, run_engine
 from gpt2serve import checkpoint, kernels, metrics
 from gpt2serve.model import TiedHead
-from gpt2serve.packing import PackedHead
+from gpt2serve.packing import HeadScreen, PackedHead
 from gpt2serve.sampling import SamplingParams
 from gpt2serve.tokenizer import Tokenizer
 
@@ -18,9 +18,12 @@ pytestmark = pytest.mark.skipif(not (kernels.F32_RUNS and kernels.INT8_RUNS),
 
 
 def packed_head(weight_t: torch.Tensor) -> PackedHead:
+    """A PackedHead with its screen as the plan runner makes it (as `head.screen`)."""
     head = TiedHead(*weight_t.shape)
     head.weight_t.data.copy_(weight_t)
-    return PackedHead(head)
+    packed = PackedHead(head)
+    packed.screen = HeadScreen.of(packed)
+    return packed
 
 
 def full_argmax(head: PackedHead, h: torch.Tensor) -> list[int]:
@@ -147,10 +150,10 @@ def test_steps_through_the_screen_generate_what_the_eager_engine_does(tmp_path):
              (0.09, prompt(12), greedy), (0.12, prompt(4), nucleus)]
     for arrivals, fewest in (([(0.0, prompt(5), greedy)], 23),  # a step per token after the 1st
                              ([(0.0, prompt(7), top_k)], 23), (mixed, 1)):
-        _, eager = run_engine(model, tokenizer, arrivals, decode_plan=False)
+        _, eager = run_engine(model, tokenizer, arrivals, runner="eager")
         before = screened_steps()
         engine, screened = run_engine(model, tokenizer, arrivals)
-        assert engine.plan is not None
+        assert engine.runner.name == "plan"
         assert screened == eager
         assert screened_steps() - before >= fewest
 

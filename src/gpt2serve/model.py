@@ -162,21 +162,23 @@ class Group:
     lengths [N], the real (unpadded) tokens of each row, all T when None. `span`, for decode
     rows only, fixes the positions attended to at 0..span-1, masked past each row's own: then
     no shape depends on the values of `start` and nothing waits for the device (a CUDA graph's
-    step, engine/cuda_graphs.py)."""
+    step, engine/cuda_graphs.py). `in_place`, for decode rows only: store and attend through
+    the block tables in one call (kernels.decode_attention), where the caller found that it
+    serves the cache (engine/runner.py)."""
 
     def __init__(self, cache: KVCache, tokens: Tensor, start: Tensor, blocks: Tensor,
-                 lengths: Tensor | None = None, span: int | None = None):
+                 lengths: Tensor | None = None, span: int | None = None,
+                 in_place: bool = False):
         self.tokens = tokens
         self.N, self.T = tokens.shape
         self.size = self.N * self.T
         dev = tokens.device
         offsets = torch.arange(self.T, device=dev)
         self.pos = start[:, None] + offsets  # [N, T]
-        # Decode rows on CPU attend in place, through the block tables (kernels.py); the
-        # rest below is what the torch ops need.
-        self.in_place = (self.T == 1 and lengths is None and span is None
-                         and kernels.runs_decode_attention(cache.kv))
-        if self.in_place:
+        if in_place and (self.T != 1 or lengths is not None or span is not None):
+            raise ValueError("only decode rows (one token each, no span) attend in place")
+        self.in_place = in_place
+        if self.in_place:  # the rest below is what the torch ops need
             self.start, self.blocks = start.contiguous(), blocks.contiguous()
             return
         if lengths is not None and bool((lengths == self.T).all()):
@@ -295,15 +297,13 @@ class GPT(nn.Module):
         """Logits [rows, V] (fp32) at hidden states [rows, D] from `forward`."""
         return self.head(self.ln_f(hidden)).float()
 
-    def weight_bytes(self, screened: bool = False) -> int:
+    def weight_bytes(self, screen=None) -> int:
         """Bytes of weights a decode step streams. Layers swapped in by packing.py and
-        quantize.py hold theirs outside parameters and report them as `nbytes`. A
-        `screened` step (greedy or top-k, a few rows) reads the head's int8 screen instead of
-        the head, where it has one (packing.HeadScreen; its candidates' fp32 rows are not
-        counted)."""
+        quantize.py hold theirs outside parameters and report them as `nbytes`. A step that
+        reads the head's int8 `screen` (packing.HeadScreen: greedy or top-k, a few rows)
+        reads it instead of the head (its candidates' fp32 rows are not counted)."""
         total = (sum(p.nbytes for p in self.parameters())
                  + sum(getattr(m, "nbytes", 0) for m in self.modules()))
-        screen = getattr(self.head, "screen", None) if screened else None
         return total if screen is None else total - self.head.nbytes + screen.nbytes
 
     @torch.inference_mode()
@@ -351,8 +351,8 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: KVCache,
-                    blocks: Tensor, span: int | None = None) -> Tensor:
+                    blocks: Tensor, span: int | None = None, in_place: bool = False) -> Tensor:
         """One token for each of B sequences: tokens [B] at positions pos [B], cached through
-        block tables blocks [B, width] -> logits [B, V]. `span`: see Group."""
-        group = Group(cache, tokens[:, None], pos, blocks, span=span)
+        block tables blocks [B, width] -> logits [B, V]. `span`, `in_place`: see Group."""
+        group = Group(cache, tokens[:, None], pos, blocks, span=span, in_place=in_place)
         return self.logits(self.forward(cache, [group])[0])

@@ -74,7 +74,7 @@ class PackedHead(nn.Module):
     """Drop-in for TiedHead: the logits from the laid-out matrix, which also gives the
     embedding's rows where it is ours; oneDNN's packed one cannot be indexed by token, so
     there the embedding keeps a plain [V, D] copy. Where our kernels run, greedy and top-k
-    decode steps need not compute every logit (`screen`)."""
+    decode steps need not compute every logit (HeadScreen.of)."""
 
     def __init__(self, head: TiedHead):
         super().__init__()
@@ -82,9 +82,7 @@ class PackedHead(nn.Module):
         self.matmul = Fp32Matmul(weight, None)
         self.rows = None if self.matmul.panels is not None else weight.t().contiguous()
         self.nbytes = weight.nbytes
-        self.screen = (HeadScreen(self.matmul.panels, weight.shape[1])
-                       if self.matmul.panels is not None and kernels.INT8_RUNS
-                       and bool(torch.isfinite(weight).all()) else None)
+        self.finite = bool(torch.isfinite(weight).all())
 
     def embed(self, tokens: Tensor) -> Tensor:
         if self.rows is None:
@@ -123,6 +121,15 @@ class HeadScreen:
     U = 2.0 ** -24  # fp32's unit roundoff
     max_rows = kernels.INT8_MAX_ROWS
     REST_AFTER, REST_STEPS = 4, 256
+
+    @classmethod
+    def of(cls, head: nn.Module) -> HeadScreen | None:
+        """A screen of a PackedHead in our kernel's panels, where our int8 kernel runs and the
+        head is finite (the bound needs finite norms); None elsewhere."""
+        if (not isinstance(head, PackedHead) or head.matmul.panels is None
+                or not kernels.INT8_RUNS or not head.finite):
+            return None
+        return cls(head.matmul.panels, head.matmul.n)
 
     def __init__(self, panels: Tensor, n: int):
         self.panels, self.n = panels, n

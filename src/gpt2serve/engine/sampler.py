@@ -56,13 +56,27 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_id: int | None, device: torch.device):
         self.vocab_size, self.eos_id, self.device = vocab_size, eos_id, device
 
-    def sample(self, logits: Tensor, rows: list[Row]) -> list[Sampled]:
-        """One token for each row of logits [B, V] (any float dtype, on the model's device)."""
+    def uniforms(self, rows: list[Row]) -> list[float | None]:
+        """The uniform number each sampling row draws from its own generator for this token
+        (None for greedy rows). Drawn apart from `sample` so that a retry of the same token
+        draws nothing new."""
+        return [None if r.params.greedy else torch.rand((), generator=r.generator).item()
+                for r in rows]
+
+    @torch.inference_mode()
+    def sample(self, logits: Tensor, rows: list[Row],
+               uniforms: list[float | None] | None = None) -> list[Sampled]:
+        """One token for each row of logits [B, V] (any float dtype, on the model's device),
+        with `uniforms` (drawn here if not given). Always in inference mode, whatever the
+        caller's: the rows' penalty state is made and updated here alone, so it can never
+        be an inference tensor updated outside that mode."""
         raw = logits.float()
         if self.argmax_only(rows):
             # On CPU numpy's argmax (vectorized) takes 4 us over GPT-2's 50257 logits, torch's 44.
             picked = raw.numpy().argmax(-1) if raw.device.type == "cpu" else raw.argmax(-1)
             return [Sampled(t) for t in picked.tolist()]
+        if uniforms is None:
+            uniforms = self.uniforms(rows)
         logits = self._penalise(raw, rows)
         tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -73,14 +87,13 @@ class Sampler:
             self._put(tokens, greedy, self._take(logits, greedy).argmax(-1))
         for group in (plain, filtered):  # each group is one batched pass
             if group:
-                picked = [rows[i] for i in group]
                 ids, probs = self.candidates(self._take(logits, group),
-                                             [r.params for r in picked])
-                u = torch.tensor([torch.rand((), generator=r.generator).item() for r in picked],
-                                 device=self.device)
+                                             [rows[i].params for i in group])
+                u = torch.tensor([uniforms[i] for i in group], device=self.device)
                 self._put(tokens, group, draw(ids, probs, u))
-        self._remember(rows, tokens)
-        return self._to_host(raw, tokens, rows)
+        sampled = self._to_host(raw, tokens, rows)
+        self._remember(rows, tokens)  # last: a pass that failed has changed no row's state
+        return sampled
 
     def argmax_only(self, rows: list[Row]) -> bool:
         """Whether each row's token is the argmax of its logits as the model gives them: greedy

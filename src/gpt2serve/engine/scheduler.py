@@ -1,11 +1,12 @@
-"""Who runs: the waiting queue, admission under the KV-cache budget, chunked prefill, and
-retirement.
+"""Who runs each step: the waiting queue, admission under the KV-cache budget, chunked
+prefill and its budget, and the state changes a step's outcome makes (reads, starts, retirement).
 
 Admission is FIFO: the head of the queue waits until its n sequences fit under
 --max_batch_size and the blocks it may need are available (kv_cache.BlockManager). Admitted
 prompts are read in chunks: each prefill pass takes at most a token budget, the prompts that
 were already being read first, so a long prompt is read a piece per step while the running
-sequences keep decoding. A prompt read to its end starts its n sequences.
+sequences keep decoding. A prompt read to its end starts its n sequences. Beside a decode
+step the budget is sized to add about half of what the step costs (ChunkBudget).
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import metrics
 from ..model import KVCache
+from ..sampling import SamplingError
+from ..tokenizer import Tokenizer
 from .kv_cache import BlockManager
 from .sequence import Request, Sequence
+
+MIN_CHUNK = 16  # prompt tokens read beside a decode step, at the least
+STEP_STRETCH = 1.5  # a decode step with a prompt chunk in it aims at this many steps' time
 
 
 class QueueFull(RuntimeError):
@@ -31,6 +37,14 @@ class RequestTimeout(RuntimeError):
 
 class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new work."""
+
+
+class EngineError(RuntimeError):
+    """A step failed this request for a reason of the engine's own (a bug): the log has the
+    details, the client only that it was an internal error."""
+
+    def __init__(self) -> None:
+        super().__init__("internal error")
 
 
 @dataclass
@@ -46,11 +60,67 @@ class Chunk:
         return self.start + self.length == len(self.request.prompt_ids)
 
 
+@dataclass
+class ScheduledStep:
+    """One forward pass: the next token of each running sequence in `decode`, then the
+    prompt pieces in `chunks`. `started` holds the sequences of the prompts this step reads to
+    their end, which take their first token from their prompt's last row; `expired`, the
+    requests that waited past the timeout (they get an error, not a slot)."""
+
+    decode: list[Sequence]
+    chunks: list[Chunk]
+    started: list[Sequence] = field(default_factory=list)
+    expired: list[Request] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[Sequence]:
+        """The sequences sampled after the pass, in the order of their rows of logits."""
+        return self.decode + self.started
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.chunks)
+
+
+def _average(mean: float, value: float) -> float:
+    """An exponential moving average; the first value starts it."""
+    return value if not mean else 0.8 * mean + 0.2 * value
+
+
+class ChunkBudget:
+    """Prompt tokens to read beside the next decode step (padding included): a quarter more
+    while a step with a chunk takes at most STEP_STRETCH decode steps, less in proportion
+    when it takes longer. Streams then wait at most about that much longer for a token while
+    a long prompt is read, whatever the model, machine or context; growing by steps bounds
+    what one noisy measurement can cost. `adaptive` False keeps it at the most (with CUDA
+    graphs a step with a prompt chunk runs eagerly and costs several graph steps whatever
+    its size: launches, not tokens, take the time)."""
+
+    def __init__(self, max_prefill_tokens: int, adaptive: bool):
+        self.max_tokens, self.adaptive = max_prefill_tokens, adaptive
+        self.beside_decode = MIN_CHUNK if adaptive else max_prefill_tokens
+        self.step_seconds = 0.0  # a decode step's time, with no prompt chunk in it
+
+    def tokens(self, decoding: bool) -> int:
+        return self.beside_decode if decoding else self.max_tokens
+
+    def observe(self, step: ScheduledStep, seconds: float) -> None:
+        if step.decode and not step.chunks:
+            self.step_seconds = _average(self.step_seconds, seconds)
+        elif step.decode and self.adaptive:
+            target = STEP_STRETCH * self.step_seconds
+            if seconds <= target:
+                grown = int(self.beside_decode * 1.25)
+            else:
+                grown = int(self.beside_decode * max(0.5, target / seconds))
+            self.beside_decode = max(MIN_CHUNK, min(self.max_tokens, grown))
+
+
 class Scheduler:
-    def __init__(self, cache: KVCache, max_batch_size: int, max_queue: int,
-                 request_timeout: float):
-        self.cache = cache
-        self.blocks = BlockManager(cache.num_blocks, cache.block_size)
+    def __init__(self, cache: KVCache, blocks: BlockManager, tokenizer: Tokenizer,
+                 eos_id: int | None, max_batch_size: int, max_queue: int,
+                 request_timeout: float, budget: ChunkBudget):
+        self.cache, self.blocks, self.budget = cache, blocks, budget
+        self.tokenizer, self.eos_id = tokenizer, eos_id
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.request_timeout = request_timeout
         self.waiting: collections.deque[Request] = collections.deque()
@@ -63,8 +133,16 @@ class Scheduler:
 
     # ---- called from the asyncio side ----------------------------------------------------
 
-    def blocks_needed(self, prompt_len: int, max_new: int, n: int) -> int:
-        return sum(self.blocks.need(prompt_len, max_new, n))
+    def check_capacity(self, prompt_len: int, max_new: int, n: int) -> None:
+        """SamplingError if the request could never be admitted: it needs more blocks than
+        the cache has for sequences (a block set aside for CUDA graphs is not one of them)."""
+        blocks = sum(self.blocks.need(prompt_len, max_new, n))
+        if blocks > self.blocks.num_blocks:
+            size = self.cache.block_size
+            raise SamplingError(
+                f"'n' {n} sequences of up to {prompt_len + max_new} tokens need "
+                f"{blocks * size} tokens of KV cache; this server holds "
+                f"{self.blocks.num_blocks * size} (--kv_cache_memory)")
 
     def add(self, requests: list[Request]) -> None:
         """Queue all of a call's requests, or none (EngineStopped, QueueFull)."""
@@ -95,13 +173,59 @@ class Scheduler:
 
     # ---- called from the step thread -----------------------------------------------------
 
-    def next_chunks(self, budget: int, whole_new_prompts: bool = False
-                    ) -> tuple[list[Chunk], list[Request]]:
+    def schedule(self) -> ScheduledStep:
+        """The next step: every running sequence (each given the block its next position
+        falls in) and prompt chunks under the budget."""
+        decode = list(self.running)
+        self.grow(decode)
+        return self._step(decode, self.budget.tokens(bool(decode)), whole_new_prompts=False)
+
+    def schedule_newcomers(self, budget: int) -> ScheduledStep:
+        """A pass of prompts admitted now that fit whole within `budget`, read between two
+        layers of a step (whose own chunks are already taken)."""
+        return self._step([], budget, whole_new_prompts=True)
+
+    def _step(self, decode: list[Sequence], budget: int, whole_new_prompts: bool
+              ) -> ScheduledStep:
+        # before admission: a request past its timeout gets a 503
+        expired = self._expire() if self.waiting else []
+        chunks = (self.next_chunks(budget, whole_new_prompts)
+                  if self.waiting or self.prefilling else [])
+        started = [s for c in chunks if c.last
+                   for s in c.request.start(self.tokenizer, self.eos_id)]
+        return ScheduledStep(decode, chunks, started, expired)
+
+    def update(self, step: ScheduledStep, prompt_logprobs: list[tuple[Request, list]] = (),
+               failed: list[Sequence] = ()) -> None:
+        """A step's pass ran: its chunks were read, and prompts read to their end start their
+        sequences (running before they leave `prefilling`: never idle in between). Scored
+        prompt tokens are added to their requests; a sequence that failed fails its request."""
+        for chunk in step.chunks:
+            if chunk.last:
+                self.start(chunk.request, chunk.request.seqs)
+            self.read(chunk)
+        for request, scored in prompt_logprobs:
+            request.prompt_logprobs += scored
+        for seq in failed:
+            seq.request.fail()
+
+    def abort(self, waiting: bool = False) -> list[Request]:
+        """Every request running or being prefilled leaves (its sequences marked failed),
+        and every waiting one if asked; those still owed an answer, each once."""
+        told = [r for r in {id(s.request): s.request for s in self.running}.values()
+                if not all(s.finish_reason for s in r.seqs)]
+        for seq in self.running:
+            seq.request.fail()
+        self.retire()
+        for request in list(self.prefilling):
+            self.drop_prefilling(request)
+            told.append(request)
+        return told + (self.take_all_waiting() if waiting else [])
+
+    def next_chunks(self, budget: int, whole_new_prompts: bool = False) -> list[Chunk]:
         """Prompt chunks for one pass of at most `budget` tokens, counting the padding to the
-        pass's widest chunk; and the requests that waited past the timeout. With
-        `whole_new_prompts`, only prompts admitted now that fit whole (read between two
-        layers of a step, whose own chunks are already taken)."""
-        expired = self._expire()  # before admission: a request past its timeout gets a 503
+        pass's widest chunk. With `whole_new_prompts`, only prompts admitted now that fit
+        whole."""
         admitted = self._admit()
         chunks: list[Chunk] = []
         width = 0
@@ -114,7 +238,7 @@ class Scheduler:
             elif (len(chunks) + 1) * width > budget:
                 break
             chunks.append(Chunk(request, request.prefilled, min(left, width)))
-        return chunks, expired
+        return chunks
 
     def _admit(self) -> list[Request]:
         """Waiting requests become prefilling, FIFO, while their sequences and blocks fit;

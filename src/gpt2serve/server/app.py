@@ -11,7 +11,7 @@ import time
 from fastapi.responses import ORJSONResponse
 
 from .. import checkpoint
-from ..engine import Engine, EngineStopped, QueueFull, RequestTimeout
+from ..engine import Engine, EngineConfig, EngineStopped, QueueFull, RequestTimeout
 
 log = logging.getLogger("gpt2serve.server")
 
@@ -39,13 +39,7 @@ def serve(args: argparse.Namespace) -> None:
     model, tokenizer, threads = checkpoint.load_for_engine(
         args.model_dir, args.device, args.dtype, args.quantize, args.threads)
     param = next(model.parameters())
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
-                    max_queue=args.max_queue, request_timeout=args.request_timeout,
-                    max_n=args.max_n, max_prompt_chars=args.max_prompt_chars, threads=threads,
-                    kv_cache_memory=args.kv_cache_memory,
-                    max_prefill_tokens=args.max_prefill_tokens,
-                    cuda_graphs=False if args.enforce_eager else None,
-                    decode_plan=not args.enforce_eager)
+    engine = Engine(model, tokenizer, EngineConfig.from_args(args, threads=threads))
     log.info("loaded %s (%d layers, %d dims, vocab %d) on %s/%s%s, %d threads, in %.2fs",
              args.model_dir or "the embedded demo model", model.config.n_layer,
              model.config.n_embd, model.config.vocab_size, param.device, param.dtype,

@@ -1,0 +1,82 @@
+"""What an Engine is configured with: one dataclass that the CLI's flags, the server and the
+README's flag table are all derived from or checked against (tests/engine/test_config.py).
+
+Each field's metadata holds its flag's help; `add_flags` makes the `serve` flags from the fields
+and `from_args` reads them back, so no layer forwards the settings one by one."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
+
+
+def _flag(help: str, parse: Callable[[str], Any] | None = None, **kw: Any) -> dict:
+    return {"help": help, "parse": parse, **kw}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = field(default=32, metadata=_flag(
+        "sequences decoded together at most"))
+    max_model_len: int | None = field(default=None, metadata=_flag(
+        "tokens per sequence at most, prompt included (default: the model's context)"))
+    kv_cache_memory: int | None = field(default=None, metadata=_flag(
+        "KV-cache budget: bytes, or e.g. 600MiB, 4GiB (default: max_batch_size full-context "
+        "sequences, capped at 60%% of the memory left after the weights on CPU, 90%% of free "
+        "GPU memory on CUDA)", parse="size"))
+    block_size: int = field(default=16, metadata=_flag(
+        "positions per KV-cache block"))
+    max_prefill_tokens: int = field(default=512, metadata=_flag(
+        "prompt tokens read per step at most; beside running streams the engine reads fewer, "
+        "as many as keep a step within about 1.5 decode steps' time"))
+    enforce_eager: bool = field(default=False, metadata=_flag(
+        "run every step op by op through the model (the eager runner): on CUDA no CUDA graph, "
+        "on CPU no replayed plan of kernel calls nor int8 screen of the LM head (to compare, "
+        "or to rule them out)", action="store_true"))
+    max_queue: int = field(default=256, metadata=_flag(
+        "requests waiting for a slot before new ones get 503"))
+    request_timeout: float = field(default=600.0, metadata=_flag(
+        "seconds a request may wait for a slot before it gets 503"))
+    max_n: int = field(default=16, metadata=_flag("sequences per prompt"))
+    max_prompt_chars: int = field(default=32768, metadata=_flag(
+        "longer prompts are refused before tokenizing"))
+    threads: int | None = field(default=None, metadata=_flag(
+        "intra-op CPU threads (default: the container's CPU limit, else all cores)"))
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "block_size", "max_prefill_tokens", "max_n",
+                     "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "threads", "kv_cache_memory"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue < 0 or self.request_timeout <= 0:
+            raise ValueError("max_queue must be >= 0 and request_timeout > 0")
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser,
+                  size: Callable[[str], int], names: tuple[str, ...] | None = None) -> None:
+        """`--<field>` for each field (those in `names` only, if given); `size` parses byte
+        sizes (kv_cache.parse_size)."""
+        for f in fields(cls):
+            if names is not None and f.name not in names:
+                continue
+            meta = f.metadata
+            if meta.get("action"):
+                parser.add_argument(f"--{f.name}", action=meta["action"], help=meta["help"])
+                continue
+            parse = size if meta.get("parse") == "size" else _type_of(f)
+            parser.add_argument(f"--{f.name}", type=parse, default=f.default, help=meta["help"])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+        """The fields that `args` has (flags made by add_flags), with `overrides` on top."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **overrides})
+
+
+def _type_of(f) -> Callable[[str], Any]:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    return float if kind.startswith("float") else int

@@ -1,0 +1,56 @@
+"""EngineConfig, the `serve` flags and the README's flag table cannot drift apart."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from gpt2serve.cli import ENGINE_FLAGS, build_parser
+from gpt2serve.engine import EngineConfig
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def serve_parser():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return sub.choices["serve"]
+
+
+def test_every_engine_setting_is_a_serve_flag_read_back_as_given():
+    names = {f.name for f in fields(EngineConfig)}
+    assert set(ENGINE_FLAGS) | {"threads"} == names
+    args = serve_parser().parse_args([])
+    assert EngineConfig.from_args(args) == EngineConfig()
+    args = serve_parser().parse_args(["--max_batch_size", "3", "--kv_cache_memory", "2MiB",
+                                      "--enforce_eager", "--max_model_len", "64",
+                                      "--request_timeout", "1.5", "--threads", "2"])
+    config = EngineConfig.from_args(args)
+    assert (config.max_batch_size, config.kv_cache_memory, config.enforce_eager,
+            config.max_model_len, config.request_timeout, config.threads) == (
+        3, 2 << 20, True, 64, 1.5, 2)
+
+
+def test_the_readme_flag_table_lists_exactly_the_serve_flags():
+    text = README.read_text()
+    table = text[text.index("| flag | default |"):]
+    table = table[:table.index("\n\n")]
+    documented = set(re.findall(r"`--(\w+)`", table))
+    flags = {opt[2:] for a in serve_parser()._actions for opt in a.option_strings
+             if opt.startswith("--") and "-" not in opt[2:] and opt != "--help"}
+    assert documented == flags, (documented - flags, flags - documented)
+    for name in ENGINE_FLAGS:  # and each engine setting's default, as the dataclass has it
+        default = next(f.default for f in fields(EngineConfig) if f.name == name)
+        row = next(line for line in table.splitlines() if f"`--{name}`" in line)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert f"| {default:g} |" in row, row
+
+
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"block_size": 0},
+                                 {"max_model_len": 0}, {"request_timeout": 0}])
+def test_settings_out_of_range_are_refused(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        EngineConfig(**bad)

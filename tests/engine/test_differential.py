@@ -1,0 +1,259 @@
+"""Every runner this machine has against the eager reference, on random mixes of requests.
+
+A seeded generator draws mixes that use every sampling feature (greedy, top-k, top-p,
+temperature, the repetition, presence and frequency penalties, logit_bias, min_tokens, stop
+strings and token ids, logprobs, echo's prompt logprobs, n > 1 with seeds, long prompts read in
+chunks) and their arrivals: the step each call arrives before, or the layer of a step's pass it
+arrives after. Each mix runs on every runner with the schedule fixed (stepped.py), batched and
+chunked as that schedule makes it; the reference runs each call alone on the eager runner,
+its prompt read whole. Tokens, text and finish reasons must be the same, and log-probabilities
+within TOLERANCE (the runners' arithmetic differs in summation order only), except where a
+sequence took another token at a near tie, which is checked by recomputing that draw. int8
+weights are held to less (INT8_AGREEMENT).
+
+The demo model is a trained one, so its logits are far from ties: a token that differs is a bug,
+not rounding. MIXES mixes run in `make test`; GPT2SERVE_DIFFERENTIAL_MIXES runs more.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from gpt2serve import checkpoint, kernels
+from gpt2serve.engine import Engine, EngineConfig, Prompt
+from gpt2serve.engine.sampler import Sampler
+from gpt2serve.model import KVCache
+from gpt2serve.sampling import SamplingError, SamplingParams
+from stepped import Arrival, Outcome, run_schedule
+
+MIXES = int(os.environ.get("GPT2SERVE_DIFFERENTIAL_MIXES", 200))
+TOLERANCE = 2e-3  # log-probabilities, and a near tie's margin (near_tie)
+# int8 weights: a pass of more than kernels.INT8_MAX_ROWS rows quantizes its activations with
+# one scale for all of them (fbgemm), so a sequence's logits depend on its batch neighbours
+# (0.08 at most over a decode step of 5 rows against 1, more beside a prompt chunk) and its
+# tokens may too. Its mixes must run without errors, and most sequences (measured: about 80%)
+# give the reference's tokens.
+INT8_AGREEMENT = 0.6
+
+TEXT = """ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet
+is the sun. Arise, fair sun, and kill the envious moon, who is already sick and pale with
+grief, that thou her maid art far more fair than she.
+JULIET: O Romeo, Romeo! wherefore art thou Romeo? Deny thy father and refuse thy name; or, if
+thou wilt not, be but sworn my love, and I'll no longer be a Capulet.
+KING RICHARD III: Now is the winter of our discontent made glorious summer by this sun of
+York; and all the clouds that lour'd upon our house in the deep bosom of the ocean buried.
+"""
+
+# (name, weights, runner): every runner against the reference of its weights
+RUNNERS = [("eager", "fp32", "eager"), ("plan", "fp32", "plan"),
+           ("plan-unscreened", "fp32", "plan-unscreened"),
+           ("cuda-graphs-uncaptured", "fp32", "cuda-graphs"), ("int8", "int8", "eager")]
+
+
+@pytest.fixture(scope="module")
+def models():
+    fp32, tokenizer = checkpoint.load(None)
+    int8, _ = checkpoint.load(None, quantize="int8")
+    return {"fp32": fp32, "int8": int8}, tokenizer
+
+
+def draw_params(rng: random.Random, vocab: int) -> dict:
+    p: dict = {"max_new_tokens": rng.randint(1, 8), "seed": rng.randrange(2**31)}
+    if rng.random() < 0.3:
+        p["temperature"] = 0
+    else:
+        p["temperature"] = rng.choice([0.6, 1.0, 1.4])
+        p["top_k"] = rng.choice([0, 0, 5, 40])
+        p["top_p"] = rng.choice([1.0, 1.0, 0.9, 0.6])
+    if rng.random() < 0.25:
+        p["repetition_penalty"] = rng.choice([1.3, 0.8])
+    if rng.random() < 0.2:
+        p["presence_penalty"] = rng.choice([0.5, -0.5])
+    if rng.random() < 0.2:
+        p["frequency_penalty"] = 0.4
+    if rng.random() < 0.2:
+        p["logit_bias"] = {str(rng.randrange(vocab)): rng.choice([-5.0, 5.0, 100.0])}
+    if rng.random() < 0.2:
+        p["min_tokens"] = rng.randint(1, 4)
+    if rng.random() < 0.2:
+        p["stop"] = [rng.choice(["e", " the", "\n", "."])]
+    if rng.random() < 0.15:
+        p["stop_token_ids"] = [rng.randrange(vocab)]
+    if rng.random() < 0.25:
+        p["logprobs"] = rng.choice([0, 1, 3])
+    if rng.random() < 0.2:
+        p["n"] = rng.choice([2, 3])
+    if rng.random() < 0.1:
+        p["ignore_eos"] = True
+    return p
+
+
+def draw_mix(rng: random.Random, ids: list[int], vocab: int) -> list[Arrival]:
+    mix = []
+    for _ in range(rng.randint(2, 6)):
+        length = rng.randint(1, 24) if rng.random() < 0.7 else rng.randint(60, 180)
+        start = rng.randrange(len(ids) - length)
+        raw = draw_params(rng, vocab)
+        try:
+            params = SamplingParams.from_dict(raw)
+        except SamplingError:  # a combination the API refuses (e.g. greedy with n > 1)
+            params = SamplingParams.from_dict({**raw, "n": 1})
+        echo = rng.choice([1, 2]) if rng.random() < 0.15 else None
+        layer = rng.randrange(4) if rng.random() < 0.3 else None
+        mix.append(Arrival(rng.randint(0, 6), Prompt(ids[start:start + length], params,
+                                                      prompt_logprobs=echo),
+                           layer=layer, streamed=rng.random() < 0.5))
+    return mix
+
+
+def reference(engine: Engine, mix: list[Arrival]) -> list[Outcome]:
+    """Each call alone, its prompt read whole."""
+    return [run_schedule(engine, [Arrival(0, a.prompt)])[0] for a in mix]
+
+
+@dataclass
+class History:
+    """A sequence as the sampler reads it (sampler.Row), rebuilt to recompute one draw."""
+
+    params: SamplingParams
+    prompt: list[int]
+    tokens: list[int]
+    generator: None = None
+    seen: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.tokens)
+
+    def history(self) -> list[int]:
+        return self.prompt + self.tokens
+
+
+def near_tie(model, prompt: Prompt, index: int, before: list[int], got: int, want: int,
+             tolerance: float) -> bool:
+    """Whether the reference's draw of the token after `before` (sequence `index`) was within
+    `tolerance` of giving `got` instead of `want`: for greedy rows, the two logits (after
+    penalties) that close; for sampling rows, its uniform number that close (in probability
+    mass) to `got`'s interval of the inverse CDF. Anything else is a bug, not rounding."""
+    ids = prompt.ids + before
+    cache, tables = KVCache.for_sequences(model.config, 1, len(ids), torch.float32, "cpu")
+    raw = model.prefill(torch.tensor(ids), cache, tables[0])[None].float()
+    sampler = Sampler(model.config.vocab_size, 0, torch.device("cpu"))
+    row = History(prompt.params, prompt.ids, before)
+    logits = sampler._penalise(raw, [row])[0]
+    if prompt.params.greedy:
+        return abs(float(logits[got] - logits[want])) <= tolerance * max(1, abs(float(logits[want])))
+    candidates, probs = sampler.candidates(logits[None], [prompt.params])
+    cdf = probs[0].cumsum(-1)
+    generator = prompt.params.generators()[index]
+    for _ in range(len(before) + 1):  # a sampling row draws once per token
+        u = torch.rand((), generator=generator).item()
+    x = u * float(cdf[-1])
+    at = (candidates[0] == got).nonzero()
+    if not len(at):
+        return False
+    at = int(at[0])
+    low, high = (float(cdf[at - 1]) if at else 0.0), float(cdf[at])
+    return max(low - x, x - high, 0.0) <= tolerance
+
+
+def assert_same(model, prompt: Prompt, got: Outcome, want: Outcome, where: str,
+                tolerance: float) -> int:
+    """The same outcome, up to where a near tie (see near_tie) made a sequence choose
+    another token: from there on it is not compared. Returns how many sequences did."""
+    assert got.error is None and want.error is None, (where, got.error, want.error)
+    ties = 0
+    for i, (g, w) in enumerate(zip(got.completions, want.completions, strict=True)):
+        same = next((t for t, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b),
+                    None)
+        if same is not None:
+            assert near_tie(model, prompt, i, w.token_ids[:same], g.token_ids[same],
+                            w.token_ids[same], tolerance), f"{where}: sequence {i}, token {same}"
+            ties += 1
+        else:
+            assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text,
+                                                              w.finish_reason), where
+            same = len(g.token_ids)
+        assert len(g.logprobs) == len(w.logprobs) or same < len(g.token_ids), where
+        for a, b in list(zip(g.logprobs, w.logprobs))[:same]:
+            assert a == pytest.approx(b, abs=tolerance), where
+        for a, b in list(zip(g.top_logprobs, w.top_logprobs))[:same]:
+            assert_top_close(a, b, tolerance, where)
+    assert len(got.prompt_logprobs) == len(want.prompt_logprobs), where
+    for (a, top_a), (b, top_b) in zip(got.prompt_logprobs, want.prompt_logprobs):
+        assert a == pytest.approx(b, abs=tolerance), where
+        assert_top_close(top_a, top_b, tolerance, where)
+    return ties
+
+
+def assert_top_close(got: list[tuple[int, float]], want: list[tuple[int, float]],
+                     tolerance: float, where: str) -> None:
+    """The same k likeliest tokens with close log-probabilities, except that tokens within
+    `tolerance` of the k-th may trade places."""
+    assert len(got) == len(want), where
+    if not want:
+        return
+    g, w = dict(got), dict(want)
+    cutoff = min(w.values())
+    for token, value in w.items():
+        if token in g:
+            assert g[token] == pytest.approx(value, abs=tolerance), where
+        else:
+            assert value - cutoff <= tolerance, where
+    for token in g.keys() - w.keys():
+        assert cutoff - g[token] <= tolerance, where
+
+
+def engines(by_weights: dict, tokenizer, config: EngineConfig) -> list[tuple[str, str, Engine]]:
+    """(name, weights, engine) for each of RUNNERS this machine has."""
+    out = []
+    for name, weights, runner in RUNNERS:
+        try:
+            out.append((name, weights, Engine(by_weights[weights], tokenizer, config,
+                                              runner=runner, threaded=False)))
+        except ValueError as e:  # the runner declines: say so, run the others
+            assert "runner cannot serve" in str(e), e
+    return out
+
+
+@pytest.mark.parametrize("chunk", [range(0, MIXES // 2), range(MIXES // 2, MIXES)],
+                         ids=["first-half", "second-half"])
+def test_every_runner_generates_what_the_eager_reference_does_alone(models, chunk):
+    by_weights, tokenizer = models
+    ids = tokenizer.encode(TEXT * 2)
+    vocab = by_weights["fp32"].config.vocab_size
+    references = {w: Engine(m, tokenizer, EngineConfig(max_batch_size=3), runner="eager",
+                            threaded=False) for w, m in by_weights.items()}
+    # Small chunks and blocks, and a KV budget that makes calls wait for blocks.
+    config = EngineConfig(max_batch_size=8, max_prefill_tokens=32, block_size=8,
+                          kv_cache_memory=160 * 8 * 2 * 4 * 256 * 4)
+    runners = engines(by_weights, tokenizer, config)
+    if kernels.F32_RUNS:
+        assert {"plan", "plan-unscreened"} <= {name for name, _, _ in runners}
+    ties, int8_same = collections.Counter(), collections.Counter()
+    for seed in chunk:
+        mix = draw_mix(random.Random(seed), ids, vocab)
+        want = {w: reference(e, mix) for w, e in references.items()}
+        for name, weights, engine in runners:
+            got = run_schedule(engine, mix)
+            for i, (g, w) in enumerate(zip(got, want[weights])):
+                where = f"mix {seed}, runner {name}, call {i}: {mix[i]}"
+                if weights == "int8":
+                    assert g.error is None and w.error is None, (where, g.error, w.error)
+                    int8_same.update(a.token_ids == b.token_ids
+                                     for a, b in zip(g.completions, w.completions))
+                else:
+                    ties[name] += assert_same(by_weights[weights], mix[i].prompt, g, w, where,
+                                              TOLERANCE)
+    print("sequences that took another token at a near tie, by runner:", dict(ties),
+          "; int8 sequences with the reference's tokens:", dict(int8_same))
+    assert sum(ties.values()) <= len(chunk) // 10  # near ties are rare in a trained model
+    if int8_same:
+        assert int8_same[True] >= INT8_AGREEMENT * sum(int8_same.values())
