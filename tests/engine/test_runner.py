@@ -1,14 +1,19 @@
-"""The runner's sampling dispatch: a batched pass that fails is retried row by row with the
-uniform numbers its rows had already drawn, so only the failing row fails and its
+"""Runners: each switch (--enforce_eager, --quantize, GPT2SERVE_C_KERNELS) maps to one, named
+in the log; and the sampling dispatch: a batched pass that fails is retried row by row with
+the uniform numbers its rows had already drawn, so only the failing row fails and its
 neighbours' tokens are the ones they would have drawn anyway."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import torch
 
-from gpt2serve import checkpoint
+from gpt2serve import checkpoint, kernels
+from gpt2serve.engine import Engine, EngineConfig
 from gpt2serve.engine.runner import EagerRunner, StepOutput
 from gpt2serve.engine.sampler import Sampler
 from gpt2serve.engine.sequence import Prompt, Request
@@ -45,3 +50,20 @@ def test_a_failed_batched_pass_fails_only_its_bad_row_and_changes_no_other_draw(
     assert [s.index for s in broken.rows] == [0, 0]  # (each row is its request's first)
     assert len(broken.failed) == 1 and broken.failed[0][0].params.repetition_penalty == 1.3
     assert [s.token for s in broken.sampled] == [clean.sampled[0].token, clean.sampled[2].token]
+
+
+def test_each_switch_maps_to_one_runner_which_the_log_names():
+    fp32, tokenizer = checkpoint.load(None)
+    int8, _ = checkpoint.load(None, quantize="int8")
+    config = EngineConfig(max_batch_size=2)
+    fastest = "plan" if kernels.F32_RUNS else "eager"
+    assert Engine(fp32, tokenizer, config, threaded=False).runner.name == fastest
+    eager = EngineConfig(max_batch_size=2, enforce_eager=True)
+    assert Engine(fp32, tokenizer, eager, threaded=False).runner.name == "eager"
+    assert Engine(int8, tokenizer, config, threaded=False).runner.name == "eager"
+    for env, runner in (({}, fastest), ({"GPT2SERVE_C_KERNELS": "0"}, "eager")):
+        done = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "ROMEO:",
+                               "--max-new-tokens", "2"], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"runner: {runner} (" in done.stderr
