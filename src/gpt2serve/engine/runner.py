@@ -85,8 +85,8 @@ class EagerRunner:
         return out
 
     def decode(self, seqs: list[Sequence], between_layers: BetweenLayers) -> Tensor:
-        """Logits [B, V] of a decode-only step (which rows' logits need to be exact: see
-        the plan runner)."""
+        """Logits [B, V] of a decode-only step's rows. A runner may leave -inf where a row's
+        sampling cannot pick the token (the plan runner's screen)."""
         hidden = self.model.forward(self.cache, [self._decode_group(seqs)], between_layers)
         return self.model.logits(hidden[0])
 
