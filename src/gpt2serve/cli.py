@@ -22,8 +22,8 @@ from .sampling import SamplingError, SamplingParams
 
 # The EngineConfig fields `serve` takes as flags (threads is a model flag: loading uses it too).
 ENGINE_FLAGS = ("max_batch_size", "max_model_len", "kv_cache_memory", "block_size",
-                "max_prefill_tokens", "enforce_eager", "max_queue", "request_timeout", "max_n",
-                "max_prompt_chars")
+                "max_prefill_tokens", "enable_prefix_caching", "enforce_eager", "max_queue",
+                "request_timeout", "max_n", "max_prompt_chars")
 
 
 def _bool(text: str) -> bool:
@@ -50,7 +50,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="auto = float16 on CUDA, float32 on CPU")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: per-channel int8 weights (CPU, float32 activations)")
-    EngineConfig.add_flags(p, _size, names=("threads",))
+    EngineConfig.add_flags(p, {}, names=("threads",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http_port", type=int, default=8080)
     s.add_argument("--grpc_port", type=int, default=8081)
     s.add_argument("--enable_grpc", type=_bool, default=True)
-    EngineConfig.add_flags(s, _size, names=ENGINE_FLAGS)
+    EngineConfig.add_flags(s, {"size": _size, "bool": _bool}, names=ENGINE_FLAGS)
     s.add_argument("--max_body_bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413")
     s.add_argument("--max_instances", type=int, default=64,

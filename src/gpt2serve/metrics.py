@@ -31,6 +31,10 @@ KV_CACHE_CAPACITY = Gauge("gpt2serve_kv_cache_capacity_tokens",
 
 # Serving latencies, named and bucketed as vLLM's (vllm:e2e_request_latency_seconds, ...).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+PREFIX_CACHE_QUERIES = Counter("gpt2serve_prefix_cache_queries_total",
+                               "Prompt tokens looked up in the prefix cache")
+PREFIX_CACHE_HITS = Counter("gpt2serve_prefix_cache_hits_total",
+                            "Prompt tokens found in the prefix cache (not read again)")
 PROMPT_TOKENS = Counter("gpt2serve_prompt_tokens_total",
                         "Prompt tokens prefilled (once per request, whatever its n)")
 REQUEST_QUEUE_TIME = Histogram(

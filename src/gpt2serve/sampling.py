@@ -22,6 +22,7 @@ MAX_LOGIT_BIAS = 300  # OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
 DEFAULT_MAX_LENGTH = 256
 GREEDY_BELOW = 1e-5  # temperatures under this mean greedy decoding
+MAX_SALT = 256  # characters of a cache_salt
 
 
 class SamplingError(ValueError):
@@ -50,6 +51,8 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are blocked until this many new tokens
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
+    # vLLM's: requests with different salts never share cached prompt blocks (engine/kv_cache.py)
+    cache_salt: str | None = None
 
     ALIASES = {"num_return_sequences": "n", "stop_sequences": "stop"}
 
@@ -108,6 +111,9 @@ class SamplingParams:
             raise SamplingError(f"'stop_token_ids' must be a list of at most "
                                 f"{MAX_STOP_TOKEN_IDS} token ids")
         self.include_stop_str_in_output = _bool(self, "include_stop_str_in_output")
+        salt = self.cache_salt
+        if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT):
+            raise SamplingError(f"'cache_salt' must be a string of 1 to {MAX_SALT} characters")
 
     @property
     def penalised(self) -> bool:

@@ -3,13 +3,14 @@
 A seeded generator draws mixes that use every sampling feature (greedy, top-k, top-p,
 temperature, the repetition, presence and frequency penalties, logit_bias, min_tokens, stop
 strings and token ids, logprobs, echo's prompt logprobs, n > 1 with seeds, long prompts read in
-chunks) and their arrivals: the step each call arrives before, or the layer of a step's pass it
-arrives after. Each mix runs on every runner with the schedule fixed (stepped.py), batched and
-chunked as that schedule makes it; the reference runs each call alone on the eager runner,
-its prompt read whole. Tokens, text and finish reasons must be the same, and log-probabilities
-within TOLERANCE (the runners' arithmetic differs in summation order only), except where a
-sequence took another token at a near tie, which is checked by recomputing that draw. int8
-weights are held to less (INT8_AGREEMENT).
+chunks, prompts that start as earlier ones do, read from the prefix cache) and their arrivals:
+the step each call arrives before, or the layer of a step's pass it arrives after. Each mix
+runs on every runner with the schedule fixed (stepped.py), batched and chunked as that
+schedule makes it; the reference runs each call alone on the eager runner, its prompt read
+whole, nothing from the prefix cache. Tokens, text and finish reasons must be the same, and
+log-probabilities within TOLERANCE (the runners' arithmetic differs in summation order only),
+except where a sequence took another token at a near tie, which is checked by recomputing that
+draw. int8 weights are held to less (INT8_AGREEMENT).
 
 The demo model is a trained one, so its logits are far from ties: a token that differs is a bug,
 not rounding. MIXES mixes run in `make test`; GPT2SERVE_DIFFERENTIAL_MIXES runs more.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from gpt2serve import checkpoint, kernels
+from gpt2serve import checkpoint, kernels, metrics
 from gpt2serve.engine import Engine, EngineConfig, Prompt
 from gpt2serve.engine.sampler import Sampler
 from gpt2serve.model import KVCache
@@ -99,6 +100,10 @@ def draw_mix(rng: random.Random, ids: list[int], vocab: int) -> list[Arrival]:
     for _ in range(rng.randint(2, 6)):
         length = rng.randint(1, 24) if rng.random() < 0.7 else rng.randint(60, 180)
         start = rng.randrange(len(ids) - length)
+        prompt = ids[start:start + length]
+        if mix and rng.random() < 0.3:  # a prefix read before (the prefix cache's hits)
+            before = rng.choice(mix).prompt.ids
+            prompt = before[:rng.randint(1, len(before))] + prompt[:rng.randint(0, 24)]
         raw = draw_params(rng, vocab)
         try:
             params = SamplingParams.from_dict(raw)
@@ -106,8 +111,7 @@ def draw_mix(rng: random.Random, ids: list[int], vocab: int) -> list[Arrival]:
             params = SamplingParams.from_dict({**raw, "n": 1})
         echo = rng.choice([1, 2]) if rng.random() < 0.15 else None
         layer = rng.randrange(4) if rng.random() < 0.3 else None
-        mix.append(Arrival(rng.randint(0, 6), Prompt(ids[start:start + length], params,
-                                                      prompt_logprobs=echo),
+        mix.append(Arrival(rng.randint(0, 6), Prompt(prompt, params, prompt_logprobs=echo),
                            layer=layer, streamed=rng.random() < 0.5))
     return mix
 
@@ -229,8 +233,9 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, chun
     by_weights, tokenizer = models
     ids = tokenizer.encode(TEXT * 2)
     vocab = by_weights["fp32"].config.vocab_size
-    references = {w: Engine(m, tokenizer, EngineConfig(max_batch_size=3), runner="eager",
-                            threaded=False) for w, m in by_weights.items()}
+    cold = EngineConfig(max_batch_size=3, enable_prefix_caching=False)
+    references = {w: Engine(m, tokenizer, cold, runner="eager", threaded=False)
+                  for w, m in by_weights.items()}
     # Small chunks and blocks, and a KV budget that makes calls wait for blocks.
     config = EngineConfig(max_batch_size=8, max_prefill_tokens=32, block_size=8,
                           kv_cache_memory=160 * 8 * 2 * 4 * 256 * 4)
@@ -238,6 +243,7 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, chun
     if kernels.F32_RUNS:
         assert {"plan", "plan-unscreened"} <= {name for name, _, _ in runners}
     ties, int8_same = collections.Counter(), collections.Counter()
+    hits = metrics.PREFIX_CACHE_HITS._value.get()
     for seed in chunk:
         mix = draw_mix(random.Random(seed), ids, vocab)
         want = {w: reference(e, mix) for w, e in references.items()}
@@ -255,5 +261,6 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, chun
     print("sequences that took another token at a near tie, by runner:", dict(ties),
           "; int8 sequences with the reference's tokens:", dict(int8_same))
     assert sum(ties.values()) <= len(chunk) // 10  # near ties are rare in a trained model
+    assert metrics.PREFIX_CACHE_HITS._value.get() > hits  # prefixes were read from the cache
     if int8_same:
         assert int8_same[True] >= INT8_AGREEMENT * sum(int8_same.values())

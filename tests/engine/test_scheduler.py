@@ -5,6 +5,7 @@ cancellation, and the chunk budget's controller; the steps' outputs are made by 
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 import torch
@@ -36,10 +37,16 @@ def scheduler(tokenizer, blocks: int = 64, max_batch_size: int = 8, max_queue: i
                      max_queue, timeout, ChunkBudget(budget, adaptive=True))
 
 
-def request(prompt_len: int, max_new: int = 4, n: int = 1) -> Request:
-    params = SamplingParams.from_dict({"max_new_tokens": max_new, "n": n, "seed": 1})
-    return Request(Prompt(list(range(1, prompt_len + 1)), params), 0, max_new,
-                   asyncio.Queue(), None)
+PROMPTS = itertools.count(1)
+
+
+def request(prompt_len: int, max_new: int = 4, n: int = 1, ids: list[int] | None = None,
+            **params) -> Request:
+    """A call of one prompt: `ids`, or prompt_len ids no other prompt starts with."""
+    params = SamplingParams.from_dict({"max_new_tokens": max_new, "n": n, "seed": 1, **params})
+    first = next(PROMPTS) * 1000
+    ids = ids if ids is not None else list(range(first, first + prompt_len))
+    return Request(Prompt(ids, params), 0, max_new, asyncio.Queue(), None)
 
 
 def finish(sched: Scheduler, step: ScheduledStep, token: int = 7) -> None:
@@ -189,3 +196,79 @@ def test_the_chunk_budget_grows_while_steps_stay_short_and_shrinks_when_not():
     fixed = ChunkBudget(512, adaptive=False)
     fixed.observe(decode, 0.01), fixed.observe(mixed, 1.0)
     assert fixed.tokens(True) == 512
+
+
+def read_whole(sched: Scheduler, r: Request) -> list[tuple[int, int]]:
+    """Steps until r's prompt is read; the (start, length) of its chunks."""
+    chunks = []
+    while r in sched.prefilling or r in sched.waiting:
+        step = sched.schedule()
+        chunks += [(c.start, c.length) for c in step.chunks if c.request is r]
+        finish(sched, step)
+    return chunks
+
+
+@pytest.mark.parametrize("length, cached", [(40, 32), (32, 24), (7, 0)])
+def test_a_repeated_prompt_reads_only_what_the_cache_lacks_and_always_its_last_token(
+        tokenizer, length, cached):
+    sched = scheduler(tokenizer, budget=64)
+    ids = list(range(100, 100 + length))
+    first = request(length, ids=ids)
+    sched.add([first])
+    assert read_whole(sched, first) == [(0, length)] and first.cached_tokens == 0
+    again = request(length, ids=ids + [])
+    sched.add([again])
+    assert read_whole(sched, again) == [(cached, length - cached)]
+    assert again.cached_tokens == cached
+    assert again.blocks[:cached // BLOCK] == first.blocks[:cached // BLOCK]
+
+
+def test_salts_echo_and_the_switch_keep_prompts_from_the_cache(tokenizer):
+    ids = list(range(100, 140))
+    sched = scheduler(tokenizer, budget=64)
+    first = request(40, ids=ids, cache_salt="tenant-a")
+    sched.add([first])
+    read_whole(sched, first)
+    other = request(40, ids=ids, cache_salt="tenant-b")
+    unsalted = request(40, ids=ids)
+    same = request(40, ids=ids, cache_salt="tenant-a")
+    scored = request(40, ids=ids, cache_salt="tenant-a")
+    scored.wants_prompt_logprobs = 1  # echo with logprobs scores every prompt token
+    for r in (other, unsalted, same, scored):
+        sched.add([r])
+        read_whole(sched, r)
+    assert [r.cached_tokens for r in (other, unsalted, same, scored)] == [0, 0, 32, 0]
+    off = scheduler(tokenizer, budget=64)
+    off.prefix_caching = False
+    for _ in range(2):
+        r = request(40, ids=ids)
+        off.add([r])
+        read_whole(off, r)
+        assert r.cached_tokens == 0
+
+
+def test_eviction_takes_idle_cached_blocks_least_recent_first_never_held_ones(tokenizer):
+    sched = scheduler(tokenizer, blocks=12, budget=64)
+    a, b = list(range(100, 125)), list(range(200, 225))  # 4 blocks each, 3 of them full
+    ra = request(25, max_new=1, ids=a)
+    sched.add([ra])
+    read_whole(sched, ra)
+    held = request(25, max_new=1, ids=b)  # stays running: its blocks are held
+    sched.add([held])
+    read_whole(sched, held)
+    ra.seqs[0].finish_reason = "stop"
+    sched.retire()  # a's 3 full blocks are idle and cached, its last one free
+    assert sched.blocks.available == 12 - 4
+    big = request(50, max_new=1)  # 7 blocks: the free 5, then the 2 idle ones released first
+    sched.add([big])
+    read_whole(sched, big)
+    assert not set(big.blocks) & set(held.blocks)
+    again_a, again_b = request(25, max_new=1, ids=a), request(25, max_new=1, ids=b)
+    sched.add([again_b])
+    read_whole(sched, again_b)
+    assert again_b.cached_tokens == 24  # the held prompt's blocks were never evicted
+    big.seqs[0].finish_reason = "stop"
+    sched.retire()
+    sched.add([again_a])
+    read_whole(sched, again_a)
+    assert again_a.cached_tokens == 0  # a's first blocks were evicted, so the chain is gone

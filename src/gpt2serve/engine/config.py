@@ -30,6 +30,10 @@ class EngineConfig:
     max_prefill_tokens: int = field(default=512, metadata=_flag(
         "prompt tokens read per step at most; beside running streams the engine reads fewer, "
         "as many as keep a step within about 1.5 decode steps' time"))
+    enable_prefix_caching: bool = field(default=True, metadata=_flag(
+        "keep the KV blocks of prompts read, and let a prompt that starts the same way reuse "
+        "them instead of reading that part again (a request's cache_salt keeps tenants apart)",
+        parse="bool"))
     enforce_eager: bool = field(default=False, metadata=_flag(
         "run every step op by op through the model (the eager runner): on CUDA no CUDA graph, "
         "on CPU no replayed plan of kernel calls nor int8 screen of the LM head (to compare, "
@@ -56,10 +60,10 @@ class EngineConfig:
             raise ValueError("max_queue must be >= 0 and request_timeout > 0")
 
     @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser,
-                  size: Callable[[str], int], names: tuple[str, ...] | None = None) -> None:
-        """`--<field>` for each field (those in `names` only, if given); `size` parses byte
-        sizes (kv_cache.parse_size)."""
+    def add_flags(cls, parser: argparse.ArgumentParser, parsers: dict[str, Callable],
+                  names: tuple[str, ...] | None = None) -> None:
+        """`--<field>` for each field (those in `names` only, if given); `parsers` holds the
+        parsers that fields name ("size": bytes, "bool": true or false)."""
         for f in fields(cls):
             if names is not None and f.name not in names:
                 continue
@@ -67,7 +71,7 @@ class EngineConfig:
             if meta.get("action"):
                 parser.add_argument(f"--{f.name}", action=meta["action"], help=meta["help"])
                 continue
-            parse = size if meta.get("parse") == "size" else _type_of(f)
+            parse = parsers[meta["parse"]] if meta.get("parse") else _type_of(f)
             parser.add_argument(f"--{f.name}", type=parse, default=f.default, help=meta["help"])
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Blocks of the paged KV cache: which sequence holds which, and what has been promised.
+"""Blocks of the paged KV cache: which sequence holds which, what has been promised, and which
+hold a prompt prefix that a later request may reuse.
 
 The cache (model.KVCache) is a pool of fixed-size blocks; a sequence's block table lists the
 blocks holding its positions in order. Blocks are allocated as a sequence grows and freed
@@ -9,12 +10,21 @@ A request is admitted only when every block it may need is available: its prompt
 each sequence's growth up to its token limit as a reservation. So a running sequence never
 waits for a block and nothing is ever preempted; the cost is that a sequence that stops early
 held a promise it did not use, which is returned when it ends.
+
+Prefix caching (vLLM v1's design): a full block of prompt tokens, once read, is known by a key
+chained over its tokens, every token before it and the request's cache salt
+(`prefix_keys`). A new request takes the longest run of known blocks its prompt starts with
+and reads only the rest. Known blocks that no sequence holds stay in the cache, counted as
+available, and are evicted least recently used first when a block is needed.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 
+import numpy as np
 import torch
 
 from .. import hardware, metrics
@@ -23,12 +33,30 @@ from ..model import GPTConfig, KVCache
 log = logging.getLogger("gpt2serve.engine")
 
 
+def prefix_keys(tokens: list[int], block_size: int, salt: str | None = None) -> list[bytes]:
+    """The key of each full block of `tokens`: a digest of the previous block's key, the
+    salt and the block's tokens, so two blocks share a key only if everything up to their
+    end is the same (SHA-256: a collision would hand a request another prompt's keys and
+    values)."""
+    keys, previous = [], (salt or "").encode()
+    full = len(tokens) // block_size * block_size
+    ids = np.asarray(tokens[:full], dtype=np.int64)
+    for start in range(0, full, block_size):
+        previous = hashlib.sha256(previous + ids[start:start + block_size].tobytes()).digest()
+        keys.append(previous)
+    return keys
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
         self.promised = 0  # blocks reserved for growth, not yet allocated
+        self._by_key: dict[bytes, int] = {}  # known prompt blocks
+        self._key_of: dict[int, bytes] = {}
+        # known blocks no sequence holds, least recently released first
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -43,14 +71,37 @@ class BlockManager:
 
     @property
     def available(self) -> int:
-        return len(self._free) - self.promised
+        return len(self._free) + len(self._idle) - self.promised
 
-    def admit(self, prompt_blocks: int, growth: int) -> list[int] | None:
-        """The prompt's blocks, with growth reserved; None if they are not all available."""
-        if prompt_blocks + growth > self.available:
+    def cached(self, keys: list[bytes]) -> list[int]:
+        """The known blocks that the prompt with these block keys starts with."""
+        blocks = []
+        for key in keys:
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def admit(self, prompt_blocks: int, growth: int, cached: list[int] = ()
+              ) -> list[int] | None:
+        """The prompt's blocks, its first ones `cached` (shared), with growth reserved; None
+        if they are not all available."""
+        idle = sum(1 for b in cached if not self._refs[b])  # (they stop being available)
+        if prompt_blocks - len(cached) + idle + growth > self.available:
             return None
+        for block in cached:  # first, so that taking the others cannot evict them
+            if not self._refs[block]:
+                del self._idle[block]
+            self._refs[block] += 1
         self.promised += growth
-        return [self._take() for _ in range(prompt_blocks)]
+        return list(cached) + [self._take() for _ in range(prompt_blocks - len(cached))]
+
+    def remember(self, block: int, key: bytes) -> None:
+        """A block now holds the prompt prefix `key` names (unless another block already
+        does, e.g. one read at the same time by another request)."""
+        if key not in self._by_key and block not in self._key_of:
+            self._by_key[key], self._key_of[block] = block, key
 
     def grow(self) -> int:
         """A block from a reservation made at admission."""
@@ -65,7 +116,10 @@ class BlockManager:
         for b in blocks:
             self._refs[b] -= 1
             if not self._refs[b]:
-                self._free.append(b)
+                if b in self._key_of:
+                    self._idle[b] = None  # kept, until its room is needed
+                else:
+                    self._free.append(b)
         self.promised -= unused_promise
         self._report()
 
@@ -78,13 +132,17 @@ class BlockManager:
         return block
 
     def _take(self) -> int:
-        block = self._free.pop()
+        if self._free:
+            block = self._free.pop()
+        else:  # evict the known block released longest ago
+            block, _ = self._idle.popitem(last=False)
+            del self._by_key[self._key_of.pop(block)]
         self._refs[block] = 1
         self._report()
         return block
 
     def _report(self) -> None:
-        metrics.KV_CACHE_USAGE.set(1 - len(self._free) / self.num_blocks)
+        metrics.KV_CACHE_USAGE.set(1 - (len(self._free) + len(self._idle)) / self.num_blocks)
 
 
 class KVBudgetError(ValueError):

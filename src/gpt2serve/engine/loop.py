@@ -64,7 +64,8 @@ class Engine:
                              adaptive=self.runner.name != "cuda-graphs")
         self.scheduler = Scheduler(self.cache, blocks, tokenizer, self.eos_id,
                                    config.max_batch_size, config.max_queue,
-                                   config.request_timeout, budget)
+                                   config.request_timeout, budget,
+                                   config.enable_prefix_caching)
         self.max_n = min(config.max_n, config.max_batch_size)
         self.max_prompt_chars = config.max_prompt_chars
         self.threaded = threaded

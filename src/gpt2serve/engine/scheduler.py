@@ -20,7 +20,7 @@ from .. import metrics
 from ..model import KVCache
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
-from .kv_cache import BlockManager
+from .kv_cache import BlockManager, prefix_keys
 from .sequence import Request, Sequence
 
 MIN_CHUNK = 16  # prompt tokens read beside a decode step, at the least
@@ -118,8 +118,9 @@ class ChunkBudget:
 class Scheduler:
     def __init__(self, cache: KVCache, blocks: BlockManager, tokenizer: Tokenizer,
                  eos_id: int | None, max_batch_size: int, max_queue: int,
-                 request_timeout: float, budget: ChunkBudget):
+                 request_timeout: float, budget: ChunkBudget, prefix_caching: bool = True):
         self.cache, self.blocks, self.budget = cache, blocks, budget
+        self.prefix_caching = prefix_caching
         self.tokenizer, self.eos_id = tokenizer, eos_id
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.request_timeout = request_timeout
@@ -250,17 +251,33 @@ class Scheduler:
                 request = self.waiting[0]
                 if self.sequences + request.params.n > self.max_batch_size:
                     break
+                hits = self._cached_prefix(request)
                 blocks = self.blocks.admit(*self.blocks.need(
-                    len(request.prompt_ids), request.max_new, request.params.n))
+                    len(request.prompt_ids), request.max_new, request.params.n), hits)
                 if blocks is None:
                     break  # the head of the queue waits for blocks to be freed
                 request.blocks = blocks
+                request.prefilled = request.cached_tokens = len(hits) * self.cache.block_size
+                metrics.PREFIX_CACHE_QUERIES.inc(len(request.prompt_ids))
+                metrics.PREFIX_CACHE_HITS.inc(request.cached_tokens)
                 self.prefilling.append(self.waiting.popleft())
                 admitted.append(request)
                 metrics.REQUEST_QUEUE_TIME.observe(now - request.arrival)
                 metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
             metrics.QUEUE_DEPTH.set(len(self.waiting))
         return admitted
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks a request's prompt starts with, at most all but the one holding
+        its last token (always read: its logits give the first new token); none for a
+        prompt whose every token is scored (echo with logprobs needs every row's logits)."""
+        if not self.prefix_caching or request.wants_prompt_logprobs is not None:
+            return []
+        size = self.cache.block_size
+        if not request.prefix_keys:  # (once: the head of the queue may wait many steps)
+            request.prefix_keys = prefix_keys(request.prompt_ids, size,
+                                              request.params.cache_salt)
+        return self.blocks.cached(request.prefix_keys[:(len(request.prompt_ids) - 1) // size])
 
     def _expire(self) -> list[Request]:
         now = time.monotonic()
@@ -272,7 +289,12 @@ class Scheduler:
         return expired
 
     def read(self, chunk: Chunk) -> None:
-        """A chunk was prefilled; at its prompt's end the request leaves `prefilling`."""
+        """A chunk was prefilled: the prompt blocks it filled join the prefix cache, and at
+        its prompt's end the request leaves `prefilling`."""
+        request, size = chunk.request, self.cache.block_size
+        for i in range(request.prefilled // size,
+                       min((request.prefilled + chunk.length) // size, len(request.prefix_keys))):
+            self.blocks.remember(request.blocks[i], request.prefix_keys[i])
         chunk.request.prefilled += chunk.length
         if chunk.last:
             self.prefilling.remove(chunk.request)

@@ -83,6 +83,8 @@ class Request:
         self.seqs: list[Sequence] = []
         self.blocks: list[int] = []  # the prompt's KV-cache blocks, once admitted
         self.prefilled = 0  # prompt tokens read so far
+        self.cached_tokens = 0  # of which taken from the prefix cache
+        self.prefix_keys: list[bytes] = []  # its full prompt blocks' (kv_cache.prefix_keys)
         self.wants_prompt_logprobs = prompt.prompt_logprobs
         # (logprob, top) of each prompt token after the first, filled as chunks are read
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
