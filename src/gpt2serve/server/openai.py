@@ -37,7 +37,7 @@ MAPPED = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p":
           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
           "logit_bias": "logit_bias", "min_tokens": "min_tokens",
           "stop_token_ids": "stop_token_ids",
-          "include_stop_str_in_output": "include_stop_str_in_output"}
+          "include_stop_str_in_output": "include_stop_str_in_output", "cache_salt": "cache_salt"}
 IGNORED = {"user", "model", "prompt", "stream", "stream_options", "echo", "best_of"}
 # Accepted only at their neutral value: GPT-2 completions here have no insertion mode.
 NEUTRAL = {"suffix": None}
@@ -236,7 +236,9 @@ class CompletionCall:
         # Each prompt counts once, however many sequences continue it (OpenAI, vLLM).
         prompt_tokens = sum(len(p) for p in self.prompts)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {  # read from the prefix cache, as OpenAI reports it
+                    "cached_tokens": sum(r.cached_tokens for r in self.requests)}}
 
     # ---- streaming ----
 
