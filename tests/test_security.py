@@ -325,3 +325,45 @@ def test_without_a_key_everything_but_the_repository_is_open(default):
     assert v1(default).status_code == 200
     assert call(default, "ModelInfer", infer_request())[0] == grpc.StatusCode.OK
     assert json.loads(httpx.get(f"{default.url}/v2/models/{MODEL}").text)["inputs"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded(tiny_model):
+    """The line drawn for liveness: an unload alone keeps it (above); a dead step thread is
+    what fails it, unloaded or not, and `load` refuses to bring such a model back. In
+    process, on a real engine: the thread is killed from outside, as no request can."""
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine
+    from gpt2serve.server.control import NotLoadable, ServedModels
+    from gpt2serve.server.grpc_v2 import GPT2Servicer
+    from gpt2serve.server.health import liveness
+    from gpt2serve.server.predictor import GPT2Predictor
+    from test_metrics import kill_thread
+
+    model, tokenizer = checkpoint.load(str(tiny_model))
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    models = ServedModels(enabled=True)
+    predictor = GPT2Predictor(MODEL, engine)
+    models.update(predictor)
+    predictor.start()
+    servicer = GPT2Servicer.__new__(GPT2Servicer)
+    servicer.models = models
+
+    def live() -> tuple:
+        grpc_live = asyncio.run(servicer.ServerLive(pb.ServerLiveRequest(), None)).live
+        return grpc_live, liveness(engine, {}, {}).status_code
+
+    try:
+        models.do_unload(MODEL)
+        assert live() == (True, 200)
+        models.do_load(MODEL)
+        models.do_unload(MODEL)
+        kill_thread(engine._thread)
+        engine.scheduler.wake()  # it dies at its next bytecode: wake it from its wait
+        engine._thread.join(timeout=10)
+        assert live() == (False, 503)
+        with pytest.raises(NotLoadable, match="engine has died"):
+            models.do_load(MODEL)
+        assert models.is_unloaded(MODEL) and not predictor.ready
+    finally:
+        engine.stop(timeout=1)
