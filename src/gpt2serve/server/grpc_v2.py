@@ -267,10 +267,12 @@ def _parsed(behaviour, deserialize, method: str):
 
 
 class GPT2GRPCServer(GRPCServer):
-    """KServe's GRPCServer, started with our servicer and interceptors."""
+    """KServe's GRPCServer, started with our servicer and interceptors, and the same bound
+    on a request's size as REST's (--max_body_bytes; RESOURCE_EXHAUSTED beyond it)."""
 
     api_key: str | None = None
     models: ServedModels | None = None
+    max_receive: int | None = None
 
     async def start(self, max_workers):
         servicer = GPT2Servicer(self._data_plane, self._model_repository_extension)
@@ -283,7 +285,7 @@ class GPT2GRPCServer(GRPCServer):
                 ("grpc.max_send_message_length",
                  self._kwargs.get("grpc_max_send_message_length")),
                 ("grpc.max_receive_message_length",
-                 self._kwargs.get("grpc_max_receive_message_length")),
+                 self.max_receive or self._kwargs.get("grpc_max_receive_message_length")),
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
@@ -293,6 +295,7 @@ class GPT2GRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
-def install(models: ServedModels, api_key: str | None) -> None:
+def install(models: ServedModels, api_key: str | None, max_receive: int | None = None) -> None:
     GPT2GRPCServer.api_key, GPT2GRPCServer.models = api_key, models
+    GPT2GRPCServer.max_receive = max_receive
     kserve_model_server.GRPCServer = GPT2GRPCServer
