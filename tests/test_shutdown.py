@@ -13,6 +13,7 @@ import time
 import grpc
 import httpx
 import pytest
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from conftest import ServerProcess, free_port, make_hf_model
@@ -57,6 +58,7 @@ def test_sigterm_bounded_by_the_grace_on_every_protocol(slow_model):
     # refused once the drain started
     assert out["late_v1"] == 503
     assert out["late_grpc"] == grpc.StatusCode.UNAVAILABLE
+    assert out["ready_grpc"] == [True, False]  # gRPC readiness follows the drain, as HTTP's
     # still running when the grace ended: clean errors, never a cut connection
     assert out["long_v1"][0] == 503 and "server stopped" in out["long_v1"][1]
     assert out["long_grpc"] == grpc.StatusCode.UNAVAILABLE
@@ -96,9 +98,11 @@ async def _scenario(srv, stub) -> dict:
             predict, json={"instances": [{"prompt": "a", **SHORT}]}))
         short_grpc = stub.ModelInfer.future(infer_request(["b"], params=SHORT), timeout=60)
         await asyncio.sleep(0.2)  # accepted, and (on this machine) still running
+        out["ready_grpc"] = [stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready]
         srv.proc.send_signal(signal.SIGTERM)
         out["sigterm_at"] = time.monotonic()
         await asyncio.sleep(0.3)
+        out["ready_grpc"].append(stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready)
         late = await client.post(predict, json={"instances": [{"prompt": "a", **SHORT}]})
         out["late_v1"] = late.status_code
         try:

@@ -70,8 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_instances", type=int, default=64,
                    help="prompts per request (V1 instances, V2 data, OpenAI prompt list)")
     s.add_argument("--api_key", default=os.environ.get("GPT2SERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $GPT2SERVE_API_KEY; "
-                        "health and metrics stay open)")
+                   help="require 'Authorization: Bearer KEY' on REST and gRPC (default: "
+                        "$GPT2SERVE_API_KEY; health, metrics and the playground page stay "
+                        "open)")
+    s.add_argument("--enable_model_repository", type=_bool, nargs="?", const=True,
+                   default=False,
+                   help="serve KServe's model repository extension (POST "
+                        "/v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|"
+                        "Unload) behind --api_key; unload is reversible. Off: 404 / "
+                        "UNIMPLEMENTED")
     s.add_argument("--shutdown_grace", type=float, default=25.0,
                    help="seconds SIGTERM waits for accepted requests to finish; keep it below "
                         "the pod's terminationGracePeriodSeconds")

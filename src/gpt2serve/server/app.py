@@ -27,6 +27,7 @@ def serve(args: argparse.Namespace) -> None:
     from kserve.model_server import app
 
     from . import grpc_v2, playground, shutdown
+    from .control import ServedModels, UnloadedGate, repository_router
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
@@ -51,21 +52,28 @@ def serve(args: argparse.Namespace) -> None:
 
     # Our routes are added before ModelServer adds KServe's, so ours win where paths meet.
     app.include_router(health_router(predictor, engine))
+    # KServe's repository routes are never reached: ours answer 404 unless
+    # --enable_model_repository, and unload reversibly when it is on (control.py).
+    models = ServedModels(enabled=args.enable_model_repository)
+    app.include_router(repository_router(models))
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
     app.include_router(generate_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name, prefix="/openai/v1"))
     playground.add_routes(app, engine)
     # Starlette runs the last added middleware first: auth, the body limit, model versions,
-    # non-finite JSON, then cancel-on-disconnect around the handlers.
+    # non-finite JSON, the unloaded model's routes, then cancel-on-disconnect around the
+    # handlers.
     app.add_middleware(CancelOnDisconnect)
+    if args.enable_model_repository:
+        app.add_middleware(UnloadedGate, models=models, model_name=args.model_name)
     app.add_middleware(FiniteJSON)
     app.add_middleware(NoModelVersions)
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     shutdown.install(predictor, engine, args.shutdown_grace)
-    grpc_v2.install()
+    grpc_v2.install(models, args.api_key, args.max_body_bytes)
     log.info("playground: http://localhost:%d/playground", args.http_port)
     # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told
     # to exit (30 s by default). Our drain has finished or failed every request by then, so
@@ -77,6 +85,7 @@ def serve(args: argparse.Namespace) -> None:
     gc.freeze()
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,
                                 enable_grpc=args.enable_grpc, workers=1,
+                                registered_models=models,
                                 grace_period=shutdown.WRITE_OUT_SECONDS)
     shutdown.exit_before_serving(server, engine)
     server.start([predictor])

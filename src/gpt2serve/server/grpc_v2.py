@@ -1,29 +1,59 @@
-"""KServe's gRPC V2 servicer with what this server needs on top.
+"""KServe's gRPC V2 server with what this server needs on top.
 
+- One guard in front of every method (`RequestGuard`, an interceptor): the API key, checked
+  by auth.py as REST's middleware does (UNAUTHENTICATED without it; ServerLive and
+  ServerReady stay open, as the HTTP probes), and the request's protobuf parsed here, so a
+  malformed message, or a `string` field that is not UTF-8, is INVALID_ARGUMENT (gRPC's own
+  parsing answered UNKNOWN).
+- ModelInfer reads the request itself (`infer_request`): `text_input` as BYTES in `contents`
+  or in `raw_input_contents` (the binary tensor extension: elements each preceded by their
+  length, 4 bytes little-endian; what KServe's and Triton's clients send by default), with
+  its shape checked against the data, duplicate or unknown inputs and unknown requested
+  outputs refused. Raw inputs get raw outputs back, as KServe's SDK and Triton do.
 - Parameters as plain Python values. KServe 0.21 hands request-level `InferParameter`s to the
   model as protobuf messages (so `max_new_tokens` arrived as `int64_param: 6` and was refused)
   and converts input-level ones without `double_param`/`uint64_param`, which its own proto
   lacks but the Open Inference Protocol's (and Triton's clients) send as fields 4 and 5: they
   came through as unknown fields and were dropped. Here every parameter is read against the
-  protocol's full `InferParameter`.
+  protocol's full `InferParameter`; a NaN or infinite double is INVALID_ARGUMENT.
 - Overload and shutdown (queue full, queue timeout, drain, grace over) are UNAVAILABLE, as
   their HTTP 503; the SDK answered INTERNAL.
-- ServerLive is false once a model's engine has lost its step thread, as `/v2/health/live`.
+- ServerLive is false once a model's engine has lost its step thread, as `/v2/health/live`
+  (an unloaded model counts too: unloading does not make a dead engine alive); ServerReady
+  follows `/v2/health/ready` (the SDK's was always true).
+- RepositoryModelLoad/Unload go to control.py: UNIMPLEMENTED unless
+  `--enable_model_repository`, reversible when on (the SDK's answered UNKNOWN,
+  `'ModelNotReady' object has no attribute 'reason'`, once the model was gone).
 
-ModelServer builds its servicer itself; `install()` swaps in this subclass before it starts.
+ModelServer builds its gRPC server itself; `install()` swaps in this module's before it
+starts.
 """
 
 from __future__ import annotations
 
+import math
+from concurrent import futures
+
+import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from grpc_interceptor.exceptions import Unavailable
+from google.protobuf.message import DecodeError
+from grpc import aio
+from grpc_interceptor.exceptions import Unavailable, Unimplemented
+from kserve import model_server as kserve_model_server
+from kserve.errors import InvalidInput, ModelNotReady, ServerNotLive, ServerNotReady
+from kserve.logging import logger as kserve_logger
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-from kserve.protocol.grpc import server as kserve_grpc_server
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
-from kserve.protocol.infer_type import InferRequest, InferResponse
+from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from kserve.utils.utils import to_headers
 
+from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
+from .control import NotLoadable, RepositoryOff, ServedModels
 from .errors import UNAVAILABLE
+from .predictor import V2_INPUT, V2_OUTPUT
 
 
 def _oip_parameter_class():
@@ -50,36 +80,222 @@ OIPParameter = _oip_parameter_class()
 
 
 def plain_parameters(parameters) -> dict:
-    """A map of InferParameters -> {name: bool | int | str | float}; an empty one -> None."""
+    """A map of InferParameters -> {name: bool | int | str | float}; an empty one -> {}."""
     out = {}
     for name, parameter in parameters.items():
         full = OIPParameter.FromString(parameter.SerializeToString())
         kind = full.WhichOneof("parameter_choice")
-        out[name] = getattr(full, kind) if kind else None
+        value = getattr(full, kind) if kind else None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(f"parameter '{name}' must be a finite number, got {value}")
+        out[name] = value
     return out
 
 
+def split_bytes(raw: bytes, name: str) -> list[bytes]:
+    """The elements of a BYTES tensor in the binary tensor extension: each is its length
+    (4 bytes, little-endian) followed by that many bytes."""
+    out, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise InvalidInput(f"raw contents of input '{name}' end inside an element's "
+                               "4-byte length")
+        size = int.from_bytes(raw[at:at + 4], "little")
+        at += 4
+        if at + size > len(raw):
+            raise InvalidInput(f"raw contents of input '{name}': an element of {size} bytes "
+                               f"runs past the end ({len(raw) - at} left)")
+        out.append(raw[at:at + size])
+        at += size
+    return out
+
+
+_CONTENT_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
+                   "uint64_contents", "fp32_contents", "fp64_contents")
+
+
+def infer_request(request: pb.ModelInferRequest) -> InferRequest:
+    """The InferRequest the predictor takes, from a ModelInferRequest checked here: the one
+    input `text_input`, BYTES, its elements in `contents` or `raw_input_contents`, as many as
+    its shape says."""
+    if request.model_version:
+        raise InvalidInput("model versions are not supported: each server serves one version")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents; "
+                           "give one raw content per input, or none")
+    seen, inputs = set(), []
+    for k, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in seen:
+            raise InvalidInput(f"input '{name}' is given twice")
+        seen.add(name)
+        if name != V2_INPUT:
+            raise InvalidInput(f"unknown input '{name}': this model needs a BYTES input "
+                               f"named '{V2_INPUT}' and no other")
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(f"input '{V2_INPUT}' must have datatype BYTES")
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input '{name}' has both contents and raw_input_contents")
+            data = split_bytes(raw[k], name)
+        else:
+            if any(len(getattr(tensor.contents, f)) for f in _CONTENT_FIELDS):
+                raise InvalidInput(f"input '{V2_INPUT}' must hold its strings in "
+                                   "bytes_contents")
+            data = list(tensor.contents.bytes_contents)
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input '{name}' has a negative dimension in shape {shape}")
+        count = math.prod(shape)
+        if count != len(data):
+            raise InvalidInput(f"input '{name}' has shape {shape} ({count} elements) but "
+                               f"{len(data)} elements of data")
+        inputs.append(InferInput(name, shape, "BYTES", data=data,
+                                 parameters=plain_parameters(tensor.parameters) or None))
+    for output in request.outputs:
+        if output.name != V2_OUTPUT:
+            raise InvalidInput(f"unknown requested output '{output.name}': this model gives "
+                               f"'{V2_OUTPUT}'")
+    return InferRequest(request.model_name, inputs, request_id=request.id or None,
+                        parameters=plain_parameters(request.parameters))
+
+
+def raw_outputs(response: pb.ModelInferResponse) -> pb.ModelInferResponse:
+    """The same response with each BYTES output in raw_output_contents, length-prefixed."""
+    for output in response.outputs:
+        elements = output.contents.bytes_contents
+        response.raw_output_contents.append(
+            b"".join(len(e).to_bytes(4, "little") + e for e in elements))
+        output.ClearField("contents")
+    return response
+
+
 class GPT2Servicer(InferenceServicer):
+    models: ServedModels  # set by GPT2GRPCServer
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        self.validate_grpc_request(request)
-        infer_request = InferRequest.from_grpc(request)
-        infer_request.parameters = plain_parameters(request.parameters)
-        for tensor, raw in zip(infer_request.inputs, request.inputs):
-            tensor.parameters = plain_parameters(raw.parameters) or None
+        infer = infer_request(request)
         try:
             response, _ = await self._data_plane.infer(
-                request=infer_request, headers=to_headers(context),
-                model_name=request.model_name)
+                request=infer, headers=to_headers(context), model_name=request.model_name)
         except UNAVAILABLE as e:
             raise Unavailable(str(e)) from None  # the SDK's interceptor makes it the status
         if isinstance(response, InferResponse):
-            return response.to_grpc()
+            response = response.to_grpc()
+            return raw_outputs(response) if request.raw_input_contents else response
         return response
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
-        models = self._data_plane.model_registry.get_models().values()
-        return pb.ServerLiveResponse(live=all(getattr(m, "alive", True) for m in models))
+        return pb.ServerLiveResponse(
+            live=all(getattr(m, "alive", True) for m in self.models.all_models()))
+
+    async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        """As `/v2/health/ready` (the SDK's was always true): false while draining, once the
+        engine has died, or while the model is unloaded."""
+        models = self.models.all_models()
+        return pb.ServerReadyResponse(ready=bool(models) and all(
+            m.ready and m.alive and not m.generator.draining for m in models))
+
+    async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
+        self._repository(self.models.do_load, request.model_name)
+        return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
+
+    async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
+        self._repository(self.models.do_unload, request.model_name)
+        return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
+
+    @staticmethod
+    def _repository(action, name: str) -> None:
+        try:
+            action(name)
+        except RepositoryOff as e:
+            raise Unimplemented(str(e)) from None
+        except NotLoadable as e:
+            raise Unavailable(str(e)) from None
 
 
-def install() -> None:
-    kserve_grpc_server.InferenceServicer = GPT2Servicer
+class ExceptionToStatus(ExceptionToStatusInterceptor):
+    """The SDK's mapping of exceptions to status codes, without its AttributeError on the
+    exceptions that have no `reason` (ModelNotReady, ServerNotReady, ServerNotLive)."""
+
+    async def handle_exception(self, ex, request_or_iterator, context, method_name):
+        if isinstance(ex, (ModelNotReady, ServerNotReady, ServerNotLive)):
+            kserve_logger.info("unavailable: %s, grpc_method: %s", ex, method_name)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(ex))
+        if isinstance(ex, NotImplementedError):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(ex) or "not implemented")
+        await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+class RequestGuard(aio.ServerInterceptor):
+    """Outermost on every method: the API key, then the request's parsing."""
+
+    def __init__(self, api_key: str | None):
+        self.api_key = api_key
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not handler.unary_unary:  # unknown method: UNIMPLEMENTED
+            return handler
+        if self.api_key and details.method not in PUBLIC_RPCS:
+            given = [v for k, v in (details.invocation_metadata or ())
+                     if k == "authorization"]
+            if not (len(given) == 1 and authorized(given[0], self.api_key)):
+                return grpc.unary_unary_rpc_method_handler(_unauthenticated)
+        return grpc.unary_unary_rpc_method_handler(
+            _parsed(handler.unary_unary, handler.request_deserializer, details.method),
+            response_serializer=handler.response_serializer)
+
+
+async def _unauthenticated(_request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY)
+
+
+def _parsed(behaviour, deserialize, method: str):
+    async def parse_then_call(raw: bytes, context):
+        try:
+            request = deserialize(raw) if deserialize else raw
+        except DecodeError:
+            # A truncated or garbled message, or a string field that is not UTF-8.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"malformed {method.rsplit('/', 1)[-1]} request: not a valid "
+                                "protobuf message (string fields must be UTF-8)")
+        return await behaviour(request, context)
+
+    return parse_then_call
+
+
+class GPT2GRPCServer(GRPCServer):
+    """KServe's GRPCServer, started with our servicer and interceptors, and the same bound
+    on a request's size as REST's (--max_body_bytes; RESOURCE_EXHAUSTED beyond it)."""
+
+    api_key: str | None = None
+    models: ServedModels | None = None
+    max_receive: int | None = None
+
+    async def start(self, max_workers):
+        servicer = GPT2Servicer(self._data_plane, self._model_repository_extension)
+        servicer.models = self.models
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(RequestGuard(self.api_key), LoggingInterceptor(),
+                          ExceptionToStatus()),
+            options=[
+                ("grpc.max_send_message_length",
+                 self._kwargs.get("grpc_max_send_message_length")),
+                ("grpc.max_receive_message_length",
+                 self.max_receive or self._kwargs.get("grpc_max_receive_message_length")),
+            ],
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        self._server.add_insecure_port(f"[::]:{self._port}")
+        kserve_logger.info("Starting gRPC server on [::]:%d", self._port)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+def install(models: ServedModels, api_key: str | None, max_receive: int | None = None) -> None:
+    GPT2GRPCServer.api_key, GPT2GRPCServer.models = api_key, models
+    GPT2GRPCServer.max_receive = max_receive
+    kserve_model_server.GRPCServer = GPT2GRPCServer

@@ -4,14 +4,10 @@ non-finite JSON numbers, and cancelling a handler whose client went away."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 
-# Kubernetes probes and Prometheus scrapes never carry the API key, nor does a browser opening
-# the playground page (the page sends the key it is given with its API calls).
-PUBLIC_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/playground",
-                          "/playground/playground.js", "/playground/playground.css"})
+from .auth import MISSING_KEY, PUBLIC_PATHS, authorized
 
 
 async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
@@ -22,17 +18,26 @@ async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None
     await send({"type": "http.response.body", "body": payload})
 
 
+def _error(path: str, status: int, message: str) -> dict:
+    """An error body: OpenAI's shape (HTTP status as `code`, as vLLM) on the OpenAI and
+    tokenizer routes, KServe's `{"error": message}` elsewhere."""
+    if _openai_shaped(path):
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": status}}
+    return {"error": message}
+
+
 class BearerAuth:
-    """`Authorization: Bearer <key>` on every route but the public ones; constant-time check."""
+    """`Authorization: Bearer <key>` on every route but the public ones (auth.py says which,
+    and does the check the gRPC server does too)."""
 
     def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.api_key = app, api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                return await _send_json(send, 401, {"error": "missing or wrong API key"},
+            if not authorized(dict(scope["headers"]).get(b"authorization"), self.api_key):
+                return await _send_json(send, 401, _error(scope["path"], 401, MISSING_KEY),
                                         ((b"www-authenticate", b"Bearer"),))
         return await self.app(scope, receive, send)
 
@@ -64,7 +69,8 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
-        too_big = {"error": f"request body exceeds {self.max_bytes} bytes (--max_body_bytes)"}
+        too_big = _error(scope["path"], 413,
+                         f"request body exceeds {self.max_bytes} bytes (--max_body_bytes)")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await _send_json(send, 413, too_big)
@@ -149,9 +155,7 @@ class FiniteJSON:
         if has_non_finite_number(json_part):
             message = ("request body is not valid JSON: NaN, Infinity and numbers beyond a "
                        "double are not JSON numbers")
-            error = ({"message": message, "type": "invalid_request_error", "param": None,
-                      "code": 400} if _openai_shaped(scope["path"]) else message)
-            return await _send_json(send, 400, {"error": error})
+            return await _send_json(send, 400, _error(scope["path"], 400, message))
         return await self.app(scope, _replay(body, receive), send)
 
 

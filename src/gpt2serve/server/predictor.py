@@ -44,6 +44,14 @@ class GPT2Predictor(kserve.Model):
         # would turn readiness back on during a drain; this model is loaded once, at start.
         return self.ready
 
+    def get_input_types(self) -> list[dict]:
+        """V2 model metadata (REST `GET /v2/models/{name}`, gRPC ModelMetadata): one BYTES
+        input of one or more prompts."""
+        return [{"name": V2_INPUT, "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": V2_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
+
     @property
     def alive(self) -> bool:
         return self.generator.alive

@@ -1,0 +1,38 @@
+"""The one API-key check, for every entry point: the REST middleware (middleware.BearerAuth)
+and the gRPC server's interceptor (grpc_v2.RequestGuard) both call `authorized`.
+
+`Authorization: Bearer <key>` (HTTP header, or gRPC metadata `authorization`): the scheme is
+case-insensitive (RFC 7235: `bearer`, `BEARER`), the key is compared in constant time
+(hmac.compare_digest, on bytes, so a non-ASCII header cannot raise).
+
+Open without the key, on purpose: liveness and readiness (Kubernetes probes carry no key),
+`/metrics` (Prometheus scrapes carry none either; it holds counts and latencies, no prompt or
+text), and the playground page and its static files (the page has no data; it sends the key
+the user types with each API call). Everything else, on both protocols, needs the key,
+including the model-repository routes when `--enable_model_repository` turns them on.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+PUBLIC_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/playground",
+                          "/playground/playground.js", "/playground/playground.css"})
+# gRPC's liveness and readiness, the twins of /v2/health/live and /v2/health/ready.
+PUBLIC_RPCS = frozenset({"/inference.GRPCInferenceService/ServerLive",
+                         "/inference.GRPCInferenceService/ServerReady"})
+
+MISSING_KEY = "missing or wrong API key"
+
+
+def authorized(value: str | bytes | None, api_key: str) -> bool:
+    """True when `value` (an Authorization header or metadata value) is `Bearer <api_key>`,
+    whatever the case of the scheme."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    scheme, _, token = value.strip().partition(b" ")
+    # Compare even when the scheme is wrong, so the time taken says nothing about the key.
+    same = hmac.compare_digest(token.strip(), api_key.encode("utf-8"))
+    return scheme.lower() == b"bearer" and same

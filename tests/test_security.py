@@ -1,0 +1,375 @@
+"""The API key on every entry point, REST and gRPC, and the model-repository control plane:
+off by default, behind the key when on, and reversible. Real server processes on loopback,
+real grpcio and KServe's own gRPC client."""
+
+import asyncio
+import json
+
+import grpc
+import httpx
+import numpy as np
+import openai
+import pytest
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from conftest import free_port, post, running_server
+
+MODEL = "aitextgen"
+KEY = "s3cret"
+AUTH = {"authorization": f"Bearer {KEY}"}
+AUTH_METADATA = (("authorization", f"Bearer {KEY}"),)
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+OPEN_RPCS = {"ServerLive", "ServerReady"}
+OPEN_PATHS = {"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/playground",
+              "/playground/playground.js", "/playground/playground.css"}
+
+
+def with_grpc(*args):
+    """A running server with gRPC on; yields it with `.channel` and `.stub`."""
+    port = free_port()
+    cm = running_server(*args, "--grpc_port", str(port),
+                        headers=AUTH if "--api_key" in args else None)
+
+    class Served:
+        def __enter__(self):
+            self.srv = cm.__enter__()
+            self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            grpc.channel_ready_future(self.channel).result(timeout=30)
+            self.srv.channel, self.srv.grpc_address = self.channel, f"127.0.0.1:{port}"
+            self.srv.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+            return self.srv
+
+        def __exit__(self, *exc):
+            self.channel.close()
+            return cm.__exit__(*exc)
+
+    return Served()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model):
+    """--api_key and --enable_model_repository, a small body limit."""
+    with with_grpc("--model_dir", str(tiny_model), "--api_key", KEY,
+                   "--enable_model_repository", "--max_body_bytes", "4096") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def default(tiny_model):
+    """The defaults: no key, no model repository."""
+    with with_grpc("--model_dir", str(tiny_model)) as srv:
+        yield srv
+
+
+def call(srv, method: str, request=b"", metadata=None):
+    """`method` with a serialized request (default: the empty message); (code, details)."""
+    data = request if isinstance(request, bytes) else request.SerializeToString()
+    try:
+        srv.channel.unary_unary(f"/inference.GRPCInferenceService/{method}")(
+            data, timeout=30, metadata=metadata)
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+
+
+def infer_request(prompt="ROMEO:", **params) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents \
+        .bytes_contents.append(prompt.encode())
+    request.parameters["max_new_tokens"].int64_param = params.get("max_new_tokens", 3)
+    return request
+
+
+def example_request(method: str):
+    """A request each method would accept from a client with the key."""
+    if method == "ModelInfer":
+        return infer_request()
+    message = getattr(pb, SERVICE.methods_by_name[method].input_type.name)()
+    for name in ("name", "model_name"):
+        if name in message.DESCRIPTOR.fields_by_name:
+            setattr(message, name, MODEL)
+    return message
+
+
+# ---- the key on every route --------------------------------------------------------------
+
+def rest_routes(srv) -> list[tuple[str, str]]:
+    """(method, path) of every route the server describes, and those it does not (model
+    versions, the playground's files, the schema itself)."""
+    schema = httpx.get(f"{srv.url}/openapi.json", headers=AUTH, timeout=10).json()
+    routes = {(m.upper(), p.replace("{model_name}", MODEL).replace("{model_version}", "1"))
+              for p, item in schema["paths"].items() for m in item}
+    routes |= {("GET", "/openapi.json"), ("GET", "/playground"),
+               ("GET", "/playground/playground.js"), ("GET", "/playground/playground.css"),
+               ("POST", f"/v2/models/{MODEL}/versions/1/infer"),
+               ("GET", f"/v2/models/{MODEL}/versions/1"),
+               ("POST", f"/v2/repository/models/{MODEL}/load"),
+               ("POST", f"/v2/repository/models/{MODEL}/unload")}
+    return sorted(routes)
+
+
+def test_no_rest_route_answers_without_the_key_but_probes_metrics_and_playground(guarded):
+    routes = rest_routes(guarded)
+    assert len(routes) >= 28
+    for method, path in routes:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY},
+                        {"authorization": f"Basic {KEY}"}, {"authorization": "Bearer"},
+                        {"authorization": f"Bearer {KEY}x"}, {"authorization": f"Bearer\t{KEY}"}):
+            r = httpx.request(method, guarded.url + path, headers=headers, timeout=30,
+                              content=b"{}" if method == "POST" else None)
+            if path in OPEN_PATHS:
+                assert r.status_code == 200, (method, path, r.status_code)
+            else:
+                assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
+                assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(f"{guarded.url}/v2/repository/models/{MODEL}/unload").status_code == 401
+    assert httpx.get(f"{guarded.url}/v2/health/ready").status_code == 200  # still loaded
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_scheme_is_case_insensitive_on_both_protocols(guarded, scheme):
+    headers = {"authorization": f"{scheme} {KEY}"}
+    r = post(f"{guarded.url}/v1/models/{MODEL}:predict",
+             {"instances": [{"prompt": "a", "max_new_tokens": 2}]}, headers=headers)
+    assert r.status_code == 200, r.text
+    response = guarded.stub.ModelInfer(infer_request(), metadata=tuple(headers.items()),
+                                       timeout=30)
+    assert response.outputs[0].contents.bytes_contents[0].startswith(b"ROMEO:")
+
+
+def test_no_grpc_method_answers_without_the_key_but_the_probes(guarded):
+    """It did: with --api_key, ModelInfer with no metadata generated text, and
+    RepositoryModelUnload unloaded the model."""
+    assert len(SERVICE.methods) == 8
+    for method in SERVICE.methods:
+        request = example_request(method.name)
+        for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", KEY),),
+                         (("authorization", f"Basic {KEY}"),), (("x-api-key", KEY),),
+                         (("authorization", f"Bearer {KEY}"), ("authorization", "Bearer x"))):
+            code, details = call(guarded, method.name, request, metadata)
+            if method.name in OPEN_RPCS:
+                assert code == grpc.StatusCode.OK, (method.name, code, details)
+            else:
+                assert code == grpc.StatusCode.UNAUTHENTICATED, (method.name, metadata, code)
+                assert details == "missing or wrong API key"
+        # garbage is refused for the key, before it is parsed
+        if method.name not in OPEN_RPCS:
+            assert call(guarded, method.name, b"\xff\xff")[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert guarded.stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready  # not unloaded
+    for method in ("ModelReady", "ModelMetadata", "ModelInfer", "ServerMetadata"):
+        code, details = call(guarded, method, example_request(method),
+                             (("authorization", f"Bearer {KEY}"),))
+        assert code == grpc.StatusCode.OK, (method, details)
+
+
+def test_kserve_grpc_client_needs_the_key(guarded):
+    async def ask(headers):
+        client = InferenceGRPCClient(guarded.grpc_address)
+        try:
+            tensor = InferInput("text_input", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([b"ROMEO:"], dtype=object))
+            request = InferRequest(model_name=MODEL, infer_inputs=[tensor],
+                                   parameters={"max_new_tokens": 3})
+            return await client.infer(request, headers=headers)
+        finally:
+            await client.close()
+
+    with pytest.raises(grpc.RpcError) as e:
+        asyncio.run(ask(None))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    response = asyncio.run(ask((("authorization", f"bearer {KEY}"),)))
+    assert response.outputs[0].as_numpy()[0].startswith(b"ROMEO:")
+
+
+def is_openai_error(body: dict, code: int) -> bool:
+    error = body["error"]
+    return (set(error) == {"message", "type", "param", "code"} and error["code"] == code
+            and isinstance(error["message"], str) and error["type"] == "invalid_request_error")
+
+
+def test_401_and_413_on_openai_routes_are_openai_errors_and_grpc_has_the_same_limit(guarded):
+    for path in ("/openai/v1/completions", "/openai/v1/tokenize", "/tokenize"):
+        r = post(guarded.url + path, {"model": MODEL, "prompt": "a"})
+        assert r.status_code == 401 and is_openai_error(r.json(), 401), r.text
+        r = post(guarded.url + path, {"model": MODEL, "prompt": "a" * 5000}, headers=AUTH)
+        assert r.status_code == 413 and is_openai_error(r.json(), 413), r.text
+        assert "4096 bytes" in r.json()["error"]["message"]
+    r = httpx.get(f"{guarded.url}/openai/v1/models", timeout=10)
+    assert r.status_code == 401 and is_openai_error(r.json(), 401)
+    # the official client reads them as what they are
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=f"{guarded.url}/openai/v1", api_key="nope", max_retries=0) \
+            .completions.create(model=MODEL, prompt="a", max_tokens=2)
+    assert e.value.body["message"] == "missing or wrong API key"
+    with pytest.raises(openai.APIStatusError) as e:
+        openai.OpenAI(base_url=f"{guarded.url}/openai/v1", api_key=KEY, max_retries=0) \
+            .completions.create(model=MODEL, prompt="a" * 5000, max_tokens=2)
+    assert e.value.status_code == 413 and "4096 bytes" in e.value.body["message"]
+    # gRPC has the same bound (it took up to KServe's 8 MiB)
+    code, details = call(guarded, "ModelInfer", infer_request("a" * 5000), (AUTH_METADATA))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    code, details = call(guarded, "ModelInfer", infer_request("a" * 3000), AUTH_METADATA)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "context" in details  # read, judged
+    # KServe's routes keep KServe's shape
+    r = post(f"{guarded.url}/v1/models/{MODEL}:predict", {"instances": ["a" * 5000]},
+             headers=AUTH)
+    assert r.status_code == 413 and isinstance(r.json()["error"], str)
+    r = post(f"{guarded.url}/v1/models/{MODEL}:predict", {"instances": ["a"]})
+    assert r.status_code == 401 and r.json() == {"error": "missing or wrong API key"}
+
+
+# ---- the control plane -------------------------------------------------------------------
+
+def v1(srv, headers=None) -> httpx.Response:
+    return post(f"{srv.url}/v1/models/{MODEL}:predict",
+                {"instances": [{"prompt": "ROMEO:", "max_new_tokens": 2}]}, headers=headers)
+
+
+def serving_everywhere(srv, headers=None) -> dict:
+    """Status of each inference route: V1, V2 infer, generate, OpenAI, gRPC."""
+    metadata = tuple((headers or {}).items()) or None
+    v2 = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                      "data": ["ROMEO:"]}], "parameters": {"max_new_tokens": 2}}
+    return {
+        "v1": v1(srv, headers).status_code,
+        "v2": post(f"{srv.url}/v2/models/{MODEL}/infer", v2, headers=headers).status_code,
+        "generate": post(f"{srv.url}/v2/models/{MODEL}/generate",
+                         {"text_input": "ROMEO:", "parameters": {"max_new_tokens": 2}},
+                         headers=headers).status_code,
+        "openai": post(f"{srv.url}/openai/v1/completions",
+                       {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 2},
+                       headers=headers).status_code,
+        "grpc": call(srv, "ModelInfer", infer_request(), metadata)[0].name,
+        "metadata": httpx.get(f"{srv.url}/v2/models/{MODEL}", headers=headers).status_code,
+    }
+
+
+UP = {"v1": 200, "v2": 200, "generate": 200, "openai": 200, "grpc": "OK", "metadata": 200}
+UNLOADED = {"v1": 404, "v2": 404, "generate": 404, "openai": 404, "grpc": "NOT_FOUND",
+            "metadata": 404}
+
+
+def probes(srv, headers=None) -> tuple:
+    return (httpx.get(f"{srv.url}/v2/health/live").status_code,
+            httpx.get(f"{srv.url}/v2/health/ready").status_code,
+            srv.stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live,
+            srv.stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready)
+
+
+def test_repository_routes_are_off_by_default(default):
+    """The repro: with no flag, one unauthenticated POST unloaded the model for good (200,
+    then /load 503 and predictions 404). Off, both protocols answer as for a route the
+    server does not have, and nothing changes."""
+    for action in ("unload", "load"):
+        r = httpx.post(f"{default.url}/v2/repository/models/{MODEL}/{action}", timeout=10)
+        assert r.status_code == 404 and "--enable_model_repository" in r.json()["error"]
+    for method, request in (("RepositoryModelUnload", pb.RepositoryModelUnloadRequest),
+                            ("RepositoryModelLoad", pb.RepositoryModelLoadRequest)):
+        code, details = call(default, method, request(model_name=MODEL))
+        assert code == grpc.StatusCode.UNIMPLEMENTED and "--enable_model_repository" in details
+    assert serving_everywhere(default) == UP
+    assert probes(default) == (200, 200, True, True)
+    spec = httpx.get(f"{default.url}/openapi.json").json()
+    assert "post" in spec["paths"]["/v2/repository/models/{model_name}/load"]  # the SDK's,
+    # registered after ours and never reached: the 404 above came from ours
+
+
+def test_an_unload_over_rest_is_reversible_and_liveness_stays(guarded):
+    assert serving_everywhere(guarded, AUTH) == UP
+    r = httpx.post(f"{guarded.url}/v2/repository/models/{MODEL}/unload", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"name": MODEL, "unload": True}
+    try:
+        assert serving_everywhere(guarded, AUTH) == UNLOADED
+        r = post(f"{guarded.url}/openai/v1/completions", {"model": MODEL, "prompt": "a"},
+                 headers=AUTH)
+        assert r.json()["error"]["type"] == "not_found_error" and "load" in r.text
+        # not ready, but alive: `load` reverses this, a restart would not be needed
+        assert probes(guarded) == (200, 503, True, False)
+        # a second unload changes nothing; an unknown model is 404
+        assert httpx.post(f"{guarded.url}/v2/repository/models/{MODEL}/unload",
+                          headers=AUTH).status_code == 200
+        assert httpx.post(f"{guarded.url}/v2/repository/models/nope/load",
+                          headers=AUTH).status_code == 404
+    finally:
+        r = httpx.post(f"{guarded.url}/v2/repository/models/{MODEL}/load", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"name": MODEL, "load": True}
+    assert serving_everywhere(guarded, AUTH) == UP
+    assert probes(guarded) == (200, 200, True, True)
+    # loading what is loaded is a no-op
+    assert httpx.post(f"{guarded.url}/v2/repository/models/{MODEL}/load",
+                      headers=AUTH).status_code == 200
+    assert v1(guarded, AUTH).status_code == 200
+
+
+def test_an_unload_over_grpc_is_reversible(guarded):
+    """RepositoryModelLoad answered UNKNOWN ('ModelNotReady' object has no attribute
+    'reason') once the model was unloaded."""
+    key = (("authorization", f"Bearer {KEY}"),)
+    unload = guarded.stub.RepositoryModelUnload(
+        pb.RepositoryModelUnloadRequest(model_name=MODEL), metadata=key, timeout=10)
+    assert unload.isUnloaded and unload.model_name == MODEL
+    try:
+        assert serving_everywhere(guarded, AUTH) == UNLOADED
+        assert call(guarded, "ModelReady", pb.ModelReadyRequest(name=MODEL),
+                    key)[0] == grpc.StatusCode.NOT_FOUND
+        assert call(guarded, "RepositoryModelLoad", pb.RepositoryModelLoadRequest(
+            model_name="nope"), key)[0] == grpc.StatusCode.NOT_FOUND
+        assert probes(guarded) == (200, 503, True, False)
+    finally:
+        load = guarded.stub.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name=MODEL), metadata=key, timeout=10)
+    assert load.isLoaded and load.model_name == MODEL
+    assert serving_everywhere(guarded, AUTH) == UP
+    assert guarded.stub.ModelReady(pb.ModelReadyRequest(name=MODEL), metadata=key).ready
+    assert probes(guarded) == (200, 200, True, True)
+
+
+def test_without_a_key_everything_but_the_repository_is_open(default):
+    """No --api_key: nothing asks for one (and the repository stays off)."""
+    assert v1(default).status_code == 200
+    assert call(default, "ModelInfer", infer_request())[0] == grpc.StatusCode.OK
+    assert json.loads(httpx.get(f"{default.url}/v2/models/{MODEL}").text)["inputs"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded(tiny_model):
+    """The line drawn for liveness: an unload alone keeps it (above); a dead step thread is
+    what fails it, unloaded or not, and `load` refuses to bring such a model back. In
+    process, on a real engine: the thread is killed from outside, as no request can."""
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine
+    from gpt2serve.server.control import NotLoadable, ServedModels
+    from gpt2serve.server.grpc_v2 import GPT2Servicer
+    from gpt2serve.server.health import liveness
+    from gpt2serve.server.predictor import GPT2Predictor
+    from test_metrics import kill_thread
+
+    model, tokenizer = checkpoint.load(str(tiny_model))
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    models = ServedModels(enabled=True)
+    predictor = GPT2Predictor(MODEL, engine)
+    models.update(predictor)
+    predictor.start()
+    servicer = GPT2Servicer.__new__(GPT2Servicer)
+    servicer.models = models
+
+    def live() -> tuple:
+        grpc_live = asyncio.run(servicer.ServerLive(pb.ServerLiveRequest(), None)).live
+        return grpc_live, liveness(engine, {}, {}).status_code
+
+    try:
+        models.do_unload(MODEL)
+        assert live() == (True, 200)
+        models.do_load(MODEL)
+        models.do_unload(MODEL)
+        kill_thread(engine._thread)
+        engine.scheduler.wake()  # it dies at its next bytecode: wake it from its wait
+        engine._thread.join(timeout=10)
+        assert live() == (False, 503)
+        with pytest.raises(NotLoadable, match="engine has died"):
+            models.do_load(MODEL)
+        assert models.is_unloaded(MODEL) and not predictor.ready
+    finally:
+        engine.stop(timeout=1)
