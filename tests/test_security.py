@@ -339,7 +339,7 @@ def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded
     what fails it, unloaded or not, and `load` refuses to bring such a model back. In
     process, on a real engine: the thread is killed from outside, as no request can."""
     from gpt2serve import checkpoint
-    from gpt2serve.engine import Engine
+    from gpt2serve.engine import Engine, EngineConfig
     from gpt2serve.server.control import NotLoadable, ServedModels
     from gpt2serve.server.grpc_v2 import GPT2Servicer
     from gpt2serve.server.health import liveness
@@ -347,7 +347,7 @@ def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded
     from test_metrics import kill_thread
 
     model, tokenizer = checkpoint.load(str(tiny_model))
-    engine = Engine(model, tokenizer, max_batch_size=2)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=2))
     models = ServedModels(enabled=True)
     predictor = GPT2Predictor(MODEL, engine)
     models.update(predictor)
