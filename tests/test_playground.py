@@ -218,6 +218,7 @@ def test_generate_streams_text_then_finishes(srv, page):
     assert re.fullmatch(r"\d+ ms", el(page, "ttft").text)
     assert float(el(page, "tps").text) > 0
     assert el(page, "ntokens").text == "120"  # the server's usage count
+    assert re.fullmatch(r"\d+% of \d+", el(page, "cached").text)  # prefix-cache hit rate
     # What streamed is what the server generates for these parameters (same seed, V1 route).
     body = {"instances": [{"prompt": "ROMEO:", "max_new_tokens": 120, "seed": 11,
                            "temperature": 0.7, "top_k": 50, "top_p": 1.0,

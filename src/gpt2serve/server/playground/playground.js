@@ -151,7 +151,11 @@ async function generate() {
 
 function onEvent(event, columns, t) {
   if (event.error) throw new Error(errorText(event) || JSON.stringify(event.error));
-  if (event.usage) t.tokens = event.usage.completion_tokens;
+  if (event.usage) {
+    t.tokens = event.usage.completion_tokens;
+    t.prompt = event.usage.prompt_tokens;
+    t.cached = (event.usage.prompt_tokens_details || {}).cached_tokens || 0;
+  }
   for (const choice of event.choices || []) {
     const column = columns[choice.index];
     if (!column) continue;
@@ -198,6 +202,8 @@ function updateStats(t) {
   const seconds = t.first === null ? 0 : ((controller ? performance.now() : t.last) - t.first) / 1000;
   $("tps").textContent = t.tokens > 1 && seconds > 0 ? ((t.tokens - 1) / seconds).toFixed(1) : "–";
   $("ntokens").textContent = String(t.tokens);
+  // The prefix cache's hit rate for this prompt: tokens not read again
+  $("cached").textContent = t.prompt ? `${Math.round(100 * t.cached / t.prompt)}% of ${t.prompt}` : "–";
 }
 
 function setState(state, label) {
