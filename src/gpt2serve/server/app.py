@@ -27,6 +27,7 @@ def serve(args: argparse.Namespace) -> None:
     from kserve.model_server import app
 
     from . import grpc_v2, playground, shutdown
+    from .errors import HideInternalErrors
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
@@ -70,6 +71,7 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
+    app.add_middleware(HideInternalErrors)  # outermost of ours: no internal message leaks
     shutdown.install(predictor, engine, args.shutdown_grace)
     grpc_v2.install()
     log.info("playground: http://localhost:%d/playground", args.http_port)
