@@ -35,6 +35,7 @@ def serve(args: argparse.Namespace) -> None:
     from .openai import openai_router
     from .predictor import GPT2Predictor
     from .tokenize import tokenize_router
+    from .v2_infer import infer_router
 
     t0 = time.monotonic()
     model, tokenizer, threads = checkpoint.load_for_engine(
@@ -60,6 +61,7 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(health_router(predictor, engine))
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
     app.include_router(generate_router(engine, args.model_name))
+    app.include_router(infer_router(predictor))  # before KServe's /infer, so ours answers
     app.include_router(tokenize_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name, prefix="/openai/v1"))
     playground.add_routes(app, engine)
