@@ -20,8 +20,8 @@ from typing import Any
 # every later walk over a body (ours, pydantic's, KServe's) far from the recursion limit.
 MAX_DEPTH = 64
 
-# A lone surrogate can only come from a \uD800-\uDFFF escape (raw UTF-8 cannot encode one).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A lone surrogate can only come from a \uD800-\uDFFF escape: strict UTF-8 cannot encode one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class BadJSON(ValueError):
@@ -63,6 +63,12 @@ def _float(literal: str) -> float:
 
 def parse(raw: bytes | str) -> Any:
     """The JSON value of a request body, or BadJSON saying why it is not one we take."""
+    text_given = isinstance(raw, str)  # may hold surrogates itself, not only escapes
+    if isinstance(raw, bytes):
+        try:  # strictly: json.loads(bytes) would pass UTF-8-encoded surrogates (ED A0 80)
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadJSON("request body is not valid UTF-8", syntax=True) from None
     try:
         value = json.loads(raw, parse_constant=_constant, parse_float=_float,
                            object_pairs_hook=_pairs)
@@ -70,14 +76,11 @@ def parse(raw: bytes | str) -> Any:
         raise
     except RecursionError:
         raise BadJSON(f"request body nests deeper than {MAX_DEPTH} levels") from None
-    except UnicodeDecodeError:
-        raise BadJSON("request body is not valid UTF-8", syntax=True) from None
     except json.JSONDecodeError as e:
         raise BadJSON(f"request body is not valid JSON ({e})", syntax=True) from None
     except ValueError:  # an integer with more digits than int() converts (4300)
         raise BadJSON("request body is not valid JSON: a number has too many digits") from None
-    raw_bytes = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    _walk(value, check_strings=bool(_SURROGATE_ESCAPE.search(raw_bytes)))
+    _walk(value, check_strings=text_given or bool(_SURROGATE_ESCAPE.search(raw)))
     return value
 
 
