@@ -299,7 +299,8 @@ SEGMENTS = st.one_of(st.sampled_from([MODEL, "other", "%ff", "%ed%a0%80", "%00",
     ("POST", "/v1/models/{}:predict"), ("POST", "/v2/models/{}/infer"),
     ("POST", "/v2/models/{}/generate"), ("POST", "/v2/models/{}/generate_stream"),
     ("GET", "/v1/models/{}"), ("GET", "/v2/models/{}/ready"), ("GET", "/openai/v1/models"),
-    ("GET", "/v2/models/{}"), ("POST", "/v2/models/{}/versions/1/infer")]))
+    ("GET", "/v2/models/{}"), ("POST", "/v2/models/{}/versions/1/infer"),
+    ("GET", "/playground/{}")]))
 def test_hostile_model_names_in_paths_never_get_a_5xx(fuzzed, name, route):
     method, template = route
     raw = b'{"instances": ["a"], "text_input": "a", "parameters": {"max_new_tokens": 1}}'

@@ -503,6 +503,8 @@ V2_BAD = {
     "no data": ({"inputs": [{k: v for k, v in TENSOR.items() if k != "data"}]},
                 "'data' is missing"),
     "id not a string": ({"inputs": [TENSOR], "id": 5}, "'id' must be a string"),
+    "model_name not a string": ({"inputs": [TENSOR], "model_name": []},
+                                "'model_name' must be a string"),
     "parameters a list": ({"inputs": [TENSOR], "parameters": ["stop"]},
                           "'parameters' must be an object"),
     "unknown field": ({"inputs": [TENSOR], "input": []}, "unknown field 'input'"),
@@ -541,3 +543,30 @@ def test_v2_infer_nested_data_and_kserve_binary_extension(demo):
     r = httpx.post(demo.url + INFER, content=header + data[:-1], timeout=60, headers={
         "inference-header-content-length": str(len(header))})
     assert r.status_code == 400 and "binary_data_size" in r.json()["error"]
+
+
+def test_v2_infer_with_kserves_own_rest_client_json_and_binary(demo):
+    """KServe's InferenceRESTClient at its defaults: it sends `model_name` in the body, and
+    with binary_data the strings after the JSON header; a list parameter goes through."""
+    import asyncio
+
+    import numpy as np
+    from kserve import InferenceRESTClient, RESTConfig
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    async def infer(binary: bool):
+        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0))
+        tensor = InferInput("text_input", [2], "BYTES")
+        tensor.set_data_from_numpy(np.array([b"ROMEO:", "日本".encode()], dtype=object),
+                                   binary_data=binary)
+        request = InferRequest(model_name=MODEL, infer_inputs=[tensor],
+                               parameters={"max_new_tokens": 3, "temperature": 0,
+                                           "stop": ["zz"]})
+        return await client.infer(demo.url, request, model_name=MODEL)
+
+    json_answer, binary_answer = asyncio.run(infer(False)), asyncio.run(infer(True))
+    for answer in (json_answer, binary_answer):
+        (output,) = answer.outputs
+        assert output.name == "text_output" and output.shape == [2]
+        assert output.data[0].startswith("ROMEO:") and output.data[1].startswith("日本")
+    assert json_answer.outputs[0].data == binary_answer.outputs[0].data  # greedy: the same

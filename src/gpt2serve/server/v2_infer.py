@@ -9,7 +9,8 @@ duplicate input silently win and ignored unknown requested outputs. This route i
 before KServe's (ours win where paths meet) and answers all of that with a 400 naming the
 field:
 
-- the body is an object of `id` (string), `parameters` (object: the sampling parameters,
+- the body is an object of `id` and `model_name` (strings; the path names the model; KServe's
+  client sends `model_name`), `parameters` (object: the sampling parameters,
   whose values may be strings, numbers, booleans, lists and objects), `inputs`, `outputs`;
 - `inputs` holds exactly one input, `text_input`, datatype `BYTES`, `shape` a list of
   non-negative integers whose product is the number of strings in `data` (flat, or nested
@@ -85,10 +86,12 @@ def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
         raise InvalidInput(str(e)) from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
-    _only(body, {"id", "parameters", "inputs", "outputs"}, "request body")
+    # KServe's own REST client also sends `model_name`; the path names the model.
+    _only(body, {"id", "model_name", "parameters", "inputs", "outputs"}, "request body")
+    for name in ("id", "model_name"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise InvalidInput(f"'{name}' must be a string")
     request_id = body.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
     parameters = _parameters(body.get("parameters"), "parameters")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
