@@ -115,9 +115,12 @@ def test_a_surrogate_pair_is_text(demo, oai):
 @pytest.mark.parametrize("name", list(ROUTES))
 def test_json_nested_1000_deep_is_a_400(demo, name):
     """The issue's repro: 500 RecursionError on /tokenize, the OpenAI route and generate."""
-    path, template, _ = ROUTES[name]
+    path, template, field = ROUTES[name]
+    top = re.split(r"\\|'", field.strip("'"))[0]  # the top-level field it is in
     r = post(demo.url + path, template % ("[" * 1000 + "]" * 1000))
-    assert_400(r, name, "nests deeper than 64 levels")
+    assert_400(r, name, f"'{top}' nests deeper than 64 levels")
+    if path.startswith("/openai/") or path == "/tokenize":
+        assert r.json()["error"]["param"] == top
 
 
 @pytest.mark.parametrize("name", list(ROUTES))

@@ -75,7 +75,9 @@ def parse(raw: bytes | str) -> Any:
     except BadJSON:
         raise
     except RecursionError:
-        raise BadJSON(f"request body nests deeper than {MAX_DEPTH} levels") from None
+        field = _deep_field(raw)
+        where = f"'{field}' " if field else "request body "
+        raise BadJSON(f"{where}nests deeper than {MAX_DEPTH} levels", field) from None
     except json.JSONDecodeError as e:
         raise BadJSON(f"request body is not valid JSON ({e})", syntax=True) from None
     except ValueError:  # an integer with more digits than int() converts (4300)
@@ -111,6 +113,26 @@ def _walk(value: Any, check_strings: bool) -> None:
         elif check_strings and isinstance(item, str) and _lone_surrogate(item):
             raise BadJSON(f"'{path or 'the body'}' holds a lone UTF-16 surrogate escape "
                           "(\\ud800-\\udfff without its pair), which is not text", _top(path))
+
+
+_TOKENS = re.compile(r'"((?:[^"\\]|\\.)*)"(\s*:)?|[\[\]{}]')
+
+
+def _deep_field(text: str) -> str | None:
+    """The top-level field in which a body too deep for the parser first nests past
+    MAX_DEPTH; scans only up to that point."""
+    depth, field = 0, None
+    for token in _TOKENS.finditer(text):
+        char = token.group(0)
+        if char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return field
+        elif char in "]}":
+            depth -= 1
+        elif token.group(2) and depth == 1:
+            field = token.group(1).encode("utf-8", "backslashreplace").decode()[:40]
+    return None
 
 
 def _lone_surrogate(text: str) -> bool:
