@@ -533,7 +533,7 @@ def test_v2_infer_nested_data_and_kserve_binary_extension(demo):
     r = post(demo.url + INFER, nested)
     assert r.status_code == 200 and len(r.json()["outputs"][0]["data"]) == 2
     # the binary tensor extension: a JSON header, then length-prefixed strings
-    data = b"".join(struct.pack("<I", len(s)) + s for s in ("ROMEO:".encode(), "日本".encode()))
+    data = b"".join(struct.pack("<I", len(s)) + s for s in (b"ROMEO:", "日本".encode()))
     header = json.dumps({"inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(data)}}],
                          "parameters": {"max_new_tokens": 2}}).encode()
