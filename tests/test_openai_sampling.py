@@ -45,9 +45,12 @@ def test_logit_bias_forces_and_forbids_tokens(oai):
 def test_min_tokens_holds_eos_back_and_ignore_eos_generates_past_it(oai):
     eos_first = {str(EOS): 100}
     assert complete(oai, max_tokens=8, logit_bias=eos_first).finish_reason == "stop"
-    assert complete(oai, max_tokens=8, logit_bias=eos_first, logprobs=0).logprobs.tokens == []
+    # end-of-text is a completion token with its logprob, as in OpenAI's and vLLM's answers
+    assert complete(oai, max_tokens=8, logit_bias=eos_first, logprobs=0).logprobs.tokens == [
+        "<|endoftext|>"]
     held = complete(oai, max_tokens=8, logit_bias=eos_first, min_tokens=5, logprobs=0)
-    assert len(held.logprobs.tokens) == 5 and held.finish_reason == "stop"
+    assert len(held.logprobs.tokens) == 6 and held.finish_reason == "stop"
+    assert held.logprobs.tokens[-1] == "<|endoftext|>"
     past = complete(oai, max_tokens=6, logit_bias=eos_first, ignore_eos=True, logprobs=0)
     # vLLM's meaning: EOS no longer ends the sequence; it is generated like any token
     assert past.finish_reason == "length" and len(past.logprobs.tokens) == 6
@@ -106,7 +109,10 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(oai, tiny_mod
         expected = ref(torch.tensor([ids])).logits[0].log_softmax(-1)
     for i in range(1, len(ids)):
         assert lp.token_logprobs[i] == pytest.approx(float(expected[i - 1, ids[i]]), abs=1e-4)
-        assert len(lp.top_logprobs[i]) == 2
+        # the 2 likeliest, and the prompt's own token when it is not one of them (OpenAI)
+        assert lp.tokens[i] in lp.top_logprobs[i]
+        assert len(lp.top_logprobs[i]) == 2 + (lp.token_logprobs[i] < sorted(
+            lp.top_logprobs[i].values())[-2] - 1e-6)
         assert max(lp.top_logprobs[i].values()) == pytest.approx(
             float(expected[i - 1].max()), abs=1e-4)
     assert all(isinstance(x, float) and math.isfinite(x) for x in lp.token_logprobs[1:])

@@ -103,7 +103,8 @@ BAD_INPUTS = {
     "temperature string": ({"instances": [{"prompt": "a", "temperature": "hot"}]},
                            r"'temperature' must be a number"),
     "top_p zero": ({"instances": [{"prompt": "a", "top_p": 0}]}, "'top_p' must be in"),
-    "n too big": ({"instances": [{"prompt": "a", "n": 1000}]}, r"'n' must be in \[1, 128\]"),
+    # one range, the server's, whatever the n (issue 24: n > 128 said [1, 128])
+    "n too big": ({"instances": [{"prompt": "a", "n": 1000}]}, r"'n' must be in \[1, 8\]"),
     "n over batch": ({"instances": [{"prompt": "a", "n": 9}]}, r"'n' must be in \[1, 8\]"),
     "both lengths": ({"instances": [{"prompt": "a", "max_length": 5, "max_new_tokens": 5}]},
                      "either 'max_length' or 'max_new_tokens'"),

@@ -57,8 +57,10 @@ class SamplingParams:
     ALIASES = {"num_return_sequences": "n", "stop_sequences": "stop"}
 
     @classmethod
-    def from_dict(cls, raw: dict, **defaults) -> SamplingParams:
-        """Build from request fields; unknown names and bad values raise SamplingError."""
+    def from_dict(cls, raw: dict, max_n: int = MAX_N, **defaults) -> SamplingParams:
+        """Build from request fields; unknown names and bad values raise SamplingError.
+        `max_n` is the server's limit on `n`, so that every refusal of an `n` states the same
+        range."""
         known = {f.name for f in fields(cls)}
         values = dict(defaults)
         for key, value in raw.items():
@@ -68,7 +70,7 @@ class SamplingParams:
             if value is not None:
                 values[name] = value
         params = cls(**values)
-        params.validate()
+        params.validate(max_n)
         return params
 
     @property
@@ -76,7 +78,7 @@ class SamplingParams:
         # As vLLM: a temperature this small is greedy; dividing by it would overflow to inf.
         return not self.do_sample or self.temperature < GREEDY_BELOW
 
-    def validate(self) -> None:
+    def validate(self, max_n: int = MAX_N) -> None:
         self.max_length = _int(self, "max_length", 1, optional=True)
         self.max_new_tokens = _int(self, "max_new_tokens", 1, optional=True)
         if self.max_length is not None and self.max_new_tokens is not None:
@@ -84,14 +86,16 @@ class SamplingParams:
         self.min_length = _int(self, "min_length", 0)
         self.temperature = _float(self, "temperature", 0.0, 100.0)
         self.do_sample = _bool(self, "do_sample")
-        self.top_k = _int(self, "top_k", 0)
+        self.top_k = _int(self, "top_k", -1)
+        if self.top_k == -1:
+            self.top_k = 0  # vLLM's "disabled", which clients send; 0 is aitextgen's
         self.top_p = _float(self, "top_p", 0.0, 1.0)
         if self.top_p == 0.0:
             raise SamplingError("'top_p' must be in (0, 1]")
         self.repetition_penalty = _float(self, "repetition_penalty", 0.0, 100.0)
         if self.repetition_penalty == 0.0:
             raise SamplingError("'repetition_penalty' must be > 0")
-        self.n = _int(self, "n", 1, MAX_N)
+        self.n = _int(self, "n", 1, min(max_n, MAX_N))
         self.seed = _int(self, "seed", 0, 2**63 - 1, optional=True)
         self.ignore_eos = _bool(self, "ignore_eos")
         self.logprobs = _int(self, "logprobs", 0, MAX_LOGPROBS, optional=True)

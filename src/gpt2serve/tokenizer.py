@@ -24,6 +24,7 @@ class Tokenizer:
         self._tok = tokenizer
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size()
+        self._byte_table: list[bytes] | None = None
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> Tokenizer:
@@ -52,6 +53,40 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (may be a partial UTF-8 character, shown as U+FFFD)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to decoded text: b"" for a special token (decode skips
+        them), else its byte-level symbols as bytes (may be part of a UTF-8 character)."""
+        if self._byte_table is None:
+            self._byte_table = self._bytes_of_every_token()
+        return self._byte_table[token_id] if 0 <= token_id < len(self._byte_table) else b""
+
+    def _bytes_of_every_token(self) -> list[bytes]:
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        table = []
+        for i in range(self.vocab_size):
+            symbol = self._tok.id_to_token(i)
+            if i in special or symbol is None:
+                table.append(b"")
+            elif all(c in byte_of for c in symbol):
+                table.append(bytes(byte_of[c] for c in symbol))
+            else:  # not a byte-level symbol (an added plain token): its text
+                table.append(self.token_text(i).encode("utf-8"))
+        return table
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as the printable character its BPE symbols
+    spell it with (openai/gpt-2 encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = dict(zip(printable, map(chr, printable))), 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def _read(*paths: Path) -> HFTokenizer:

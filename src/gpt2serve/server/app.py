@@ -28,6 +28,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from . import grpc_v2, playground, shutdown
     from .control import ServedModels, UnloadedGate, repository_router
+    from .errors import HideInternalErrors
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
@@ -35,6 +36,7 @@ def serve(args: argparse.Namespace) -> None:
     from .openai import openai_router
     from .predictor import GPT2Predictor
     from .tokenize import tokenize_router
+    from .v2_infer import infer_router
 
     t0 = time.monotonic()
     model, tokenizer, threads = checkpoint.load_for_engine(
@@ -58,6 +60,7 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(repository_router(models))
     app.include_router(openai_router(engine, args.model_name, args.max_instances))
     app.include_router(generate_router(engine, args.model_name))
+    app.include_router(infer_router(predictor))  # before KServe's /infer, so ours answers
     app.include_router(tokenize_router(engine, args.model_name))
     app.include_router(tokenize_router(engine, args.model_name, prefix="/openai/v1"))
     playground.add_routes(app, engine)
@@ -72,6 +75,7 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
+    app.add_middleware(HideInternalErrors)  # outermost of ours: no internal message leaks
     shutdown.install(predictor, engine, args.shutdown_grace)
     grpc_v2.install(models, args.api_key, args.max_body_bytes)
     log.info("playground: http://localhost:%d/playground", args.http_port)

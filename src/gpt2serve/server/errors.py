@@ -3,6 +3,7 @@ message that names no internals."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from kserve.errors import InvalidInput
@@ -22,5 +23,71 @@ def failure(exc: BaseException) -> tuple[int, str]:
         return 503, str(exc)
     if isinstance(exc, (SamplingError, InvalidInput)):
         return 400, str(exc)
-    log.error("request failed: %r", exc)
-    return 500, "internal server error"
+    log.error("request failed: %r", exc, exc_info=exc)
+    return 500, INTERNAL
+
+
+INTERNAL = "internal error"
+# 503 is ours (overload, shutdown) or KServe's "not ready": a message written for clients.
+_SAID_TO_CLIENTS = frozenset({503})
+
+
+def _openai_shaped(path: str) -> bool:
+    return path.startswith("/openai/") or path in ("/tokenize", "/detokenize")
+
+
+def internal_error_body(path: str, status: int = 500) -> bytes:
+    if _openai_shaped(path):
+        error: object = {"message": INTERNAL, "type": "server_error", "param": None,
+                         "code": status}
+    else:
+        error = INTERNAL
+    return json.dumps({"error": error}).encode()
+
+
+class HideInternalErrors:
+    """No internal message reaches a response body, on any route.
+
+    An exception no handler expected becomes a 500 whose body says only "internal error"
+    (OpenAI's error shape on the OpenAI routes); the log keeps its traceback. Without this the
+    KServe SDK's catch-all handler answers `{"error": "<ExceptionType> : <message>"}` (as on
+    V1 predict), and its InferenceError and NotImplementedError handlers echo the message too:
+    any 5xx body but 503's (ours and KServe's "not ready", written for clients) is replaced."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+        hidden: int | None = None  # the status of a 5xx response being replaced
+
+        async def guarded_send(message):
+            nonlocal started, hidden
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                if status >= 500 and status not in _SAID_TO_CLIENTS:
+                    hidden = status
+                    return
+            elif hidden is not None and message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    await _send(send, hidden, internal_error_body(scope["path"], hidden))
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # the status is sent; the server closes the connection
+            await _send(send, 500, internal_error_body(scope["path"]))
+
+
+async def _send(send, status: int, payload: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})

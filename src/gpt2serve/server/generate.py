@@ -85,7 +85,7 @@ class GenerateCall:
         parameters = {} if parameters is None else parameters
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be an object")
-        self.params = to_params(parameters, where="parameters")
+        self.params = to_params(parameters, "parameters", engine.max_n)
         if self.params.n != 1:
             raise InvalidInput("parameters: 'n' must be 1 here (one text_output)")
         try:

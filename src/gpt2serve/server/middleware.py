@@ -1,11 +1,13 @@
 """ASGI middlewares around KServe's app: bearer-token auth, a request body limit, refusing
-non-finite JSON numbers, and cancelling a handler whose client went away."""
+JSON no route can take (non-finite numbers, lone surrogates, deep nesting, duplicate keys),
+and cancelling a handler whose client went away."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
+
+from . import jsonbody
 
 from .auth import MISSING_KEY, PUBLIC_PATHS, authorized
 
@@ -18,11 +20,11 @@ async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None
     await send({"type": "http.response.body", "body": payload})
 
 
-def _error(path: str, status: int, message: str) -> dict:
+def _error(path: str, status: int, message: str, param: str | None = None) -> dict:
     """An error body: OpenAI's shape (HTTP status as `code`, as vLLM) on the OpenAI and
     tokenizer routes, KServe's `{"error": message}` elsewhere."""
     if _openai_shaped(path):
-        return {"error": {"message": message, "type": "invalid_request_error", "param": None,
+        return {"error": {"message": message, "type": "invalid_request_error", "param": param,
                           "code": status}}
     return {"error": message}
 
@@ -101,40 +103,17 @@ def _replay(body: bytes, receive):
     return replay
 
 
-class _NonFinite(ValueError):
-    pass
-
-
-def _reject(_constant: str):
-    raise _NonFinite
-
-
-def _finite(literal: str) -> float:
-    value = float(literal)
-    if not math.isfinite(value):  # 1e400: beyond a double, Python's parser makes it inf
-        raise _NonFinite
-    return value
-
-
-def has_non_finite_number(raw: bytes) -> bool:
-    """True if `raw` is JSON but for NaN / Infinity / -Infinity literals or numbers beyond a
-    double. Anything else that is not JSON is for the route to judge."""
-    try:
-        json.loads(raw, parse_constant=_reject, parse_float=_finite)
-    except _NonFinite:
-        return True
-    except (ValueError, RecursionError):
-        pass
-    return False
-
-
 class FiniteJSON:
-    """400 for a request body with NaN, Infinity or -Infinity (which JSON does not have but
-    Python's parser accepts) or a number beyond a double, on every route. Let through, they
-    reached error messages that could not be serialised (a 500) or sampling as NaN.
+    """400 for a request body that is JSON no route can take, on every route, before any
+    handler: NaN, Infinity or -Infinity (which JSON does not have but Python's parser accepts)
+    or a number beyond a double, a lone UTF-16 surrogate escape, nesting deeper than
+    jsonbody.MAX_DEPTH, a duplicate key, an integer too long to convert (jsonbody.parse). Let
+    through, they reached handlers as 500s: error messages that could not be serialised,
+    NaN in sampling, the tokenizer's TypeError, RecursionError. The message names the field.
 
-    Runs inside BodyLimit, so the body it parses is bounded; KServe's binary tensor extension
-    is checked on its JSON header only."""
+    A body that is not JSON at all is left to its route, which says so. Runs inside
+    BodyLimit, so the body it parses is bounded; KServe's binary tensor extension is checked
+    on its JSON header only."""
 
     def __init__(self, app):
         self.app = app
@@ -152,10 +131,11 @@ class FiniteJSON:
         body = b"".join(chunks)
         header = dict(scope["headers"]).get(b"inference-header-content-length", b"")
         json_part = body[:int(header)] if header.isdigit() else body
-        if has_non_finite_number(json_part):
-            message = ("request body is not valid JSON: NaN, Infinity and numbers beyond a "
-                       "double are not JSON numbers")
-            return await _send_json(send, 400, _error(scope["path"], 400, message))
+        try:
+            jsonbody.parse(json_part)
+        except jsonbody.BadJSON as e:
+            if not e.syntax:
+                return await _send_json(send, 400, _error(scope["path"], 400, str(e), e.param))
         return await self.app(scope, _replay(body, receive), send)
 
 

@@ -15,6 +15,7 @@ that (a queue timeout, the shutdown's grace ending) is an event of that shape fo
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -24,8 +25,9 @@ from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engine import Completion, Engine, Prompt, Request
+from ..engine import Engine, Prompt, Request, TokenEvent
 from ..sampling import SamplingError, SamplingParams
+from . import jsonbody
 from .errors import failure
 
 # OpenAI field -> SamplingParams field; everything else is either handled here or refused.
@@ -124,9 +126,9 @@ def check_model(body: dict, model_name: str) -> None:
 
 async def json_object(request: HTTPRequest) -> dict:
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OpenAIError(f"request body is not valid JSON ({e})") from None
+        body = jsonbody.parse(await request.body())
+    except jsonbody.BadJSON as e:
+        raise OpenAIError(str(e), param=e.param) from None
     if not isinstance(body, dict):
         raise OpenAIError("request body must be a JSON object")
     return body
@@ -147,15 +149,13 @@ class CompletionCall:
             raise OpenAIError(f"unknown parameter '{name}'", param=name)
         self.stream = _flag(body, "stream")
         self.echo = _flag(body, "echo")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise OpenAIError("'stream_options' must be an object", param="stream_options")
-        self.include_usage = bool(options.get("include_usage"))
+        self.include_usage = _stream_options(body.get("stream_options"), self.stream)
         # null means the OpenAI default, not ours (aitextgen's max_length 256, temperature 0.7)
         fields = {MAPPED[k]: v for k, v in body.items() if k in MAPPED and v is not None}
         try:
             self.params = SamplingParams.from_dict(
-                {"max_new_tokens": 16, "temperature": 1.0, "top_k": 0, **fields})
+                {"max_new_tokens": 16, "temperature": 1.0, "top_k": 0, **fields},
+                max_n=engine.max_n)
             if body.get("best_of") not in (None, self.params.n):
                 raise OpenAIError("'best_of' must equal 'n' when given", param="best_of")
             prompts = _prompt_list(body.get("prompt"))
@@ -190,21 +190,21 @@ class CompletionCall:
     # ---- non-streaming ----
 
     async def run(self) -> dict:
-        results = [[Completion(i) for i in range(self.params.n)]
-                   for _ in self.prompts]
+        results = [[Choice(i) for i in range(self.params.n)] for _ in self.prompts]
         async for p, ev in self.engine.stream(self.submit()):
-            results[p][ev.index].add(ev)
+            results[p][ev.index].add(ev, self.engine.eos_id)
         choices = [self._choice(p, c) for p, cs in enumerate(results) for c in cs]
         completion_tokens = sum(len(c.token_ids) for cs in results for c in cs)
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model_name, "choices": choices,
                 "usage": self._usage(completion_tokens)}
 
-    def _choice(self, p: int, c: Completion) -> dict:
+    def _choice(self, p: int, c: Choice) -> dict:
         prefix = self._prompt_text(p) if self.echo else ""
         logprobs = None
         if self.params.logprobs is not None:
-            logprobs = self._logprobs(c.token_ids, c.logprobs, c.top_logprobs, len(prefix))
+            offsets = TextOffsets(self.engine.tokenizer, len(prefix))
+            logprobs = self._logprobs(c.token_ids, c.logprobs, c.top_logprobs, offsets)
             if self.echo:
                 logprobs = _join(self._prompt_logprobs(p), logprobs)
         return {"text": prefix + c.text, "index": p * self.params.n + c.index,
@@ -215,22 +215,29 @@ class CompletionCall:
         before it), as in OpenAI's legacy completions."""
         scored = self.requests[p].prompt_logprobs
         return self._logprobs(self.prompts[p], [None] + [lp for lp, _ in scored],
-                              [None] + [top for _, top in scored], 0)
+                              [None] + [top for _, top in scored],
+                              TextOffsets(self.engine.tokenizer, 0))
 
     def _prompt_text(self, p: int) -> str:
         return self.engine.tokenizer.decode(self.prompts[p])
 
-    def _logprobs(self, ids, logprobs, tops, offset: int) -> dict:
+    def _logprobs(self, ids, logprobs, tops, offsets: TextOffsets) -> dict:
+        """OpenAI's logprobs object for tokens `ids`: each token's text, its logprob, the
+        `logprobs` likeliest tokens with the token itself always among them (so an entry may
+        have logprobs + 1 items, as OpenAI's), and its offset in characters in the text."""
         token_text = self.engine.tokenizer.token_text
-        texts = [token_text(t) for t in ids[:len(logprobs)]]
-        offsets = []
-        for t in texts:
-            offsets.append(offset)
-            offset += len(t)
-        return {"tokens": texts, "token_logprobs": logprobs,
-                "top_logprobs": [None if top is None else {token_text(i): lp for i, lp in top}
-                                 for top in tops],
-                "text_offset": offsets}
+        ids = ids[:len(logprobs)]
+        top_logprobs = []
+        for token, lp, top in zip(ids, logprobs, tops):
+            if top is None:
+                top_logprobs.append(None)
+                continue
+            entry = {token_text(i): value for i, value in top}
+            if token not in (i for i, _ in top):
+                entry[token_text(token)] = lp
+            top_logprobs.append(entry)
+        return {"tokens": [token_text(t) for t in ids], "token_logprobs": list(logprobs),
+                "top_logprobs": top_logprobs, "text_offset": [offsets.add(t) for t in ids]}
 
     def _usage(self, completion_tokens: int) -> dict:
         # Each prompt counts once, however many sequences continue it (OpenAI, vLLM).
@@ -244,23 +251,27 @@ class CompletionCall:
 
     async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
         completion_tokens = 0
-        echoed: set[int] = set()
+        n, tokenizer = self.params.n, self.engine.tokenizer
+        offsets: dict[int, TextOffsets] = {}  # per choice, over the whole stream
         try:
             async for p, ev in self.engine.stream(requests):
-                if self.echo and p not in echoed:  # once its prompt is read (and scored)
-                    echoed.add(p)
-                    scored = (self._prompt_logprobs(p) if self.params.logprobs is not None
-                              else None)
-                    for i in range(self.params.n):
-                        yield self._chunk(p * self.params.n + i, self._prompt_text(p), scored,
-                                          None)
-                completion_tokens += ev.token_id is not None
+                if p * n not in offsets:  # the prompt's first event: it is read (and scored)
+                    prefix = self._prompt_text(p) if self.echo else ""
+                    for i in range(n):
+                        offsets[p * n + i] = TextOffsets(tokenizer, len(prefix))
+                    if self.echo:
+                        scored = (self._prompt_logprobs(p) if self.params.logprobs is not None
+                                  else None)
+                        for i in range(n):
+                            yield self._chunk(p * n + i, prefix, scored, None)
+                token = _token_of(ev, self.engine.eos_id)
+                completion_tokens += token is not None
                 logprobs = None
-                if self.params.logprobs is not None and ev.logprob is not None:
-                    logprobs = self._logprobs([ev.token_id], [ev.logprob], [ev.top_logprobs], 0)
+                if self.params.logprobs is not None and token is not None:
+                    logprobs = self._logprobs([token], [ev.logprob], [ev.top_logprobs or []],
+                                              offsets[p * n + ev.index])
                 if ev.text or ev.finish_reason or logprobs:
-                    yield self._chunk(p * self.params.n + ev.index, ev.text, logprobs,
-                                      ev.finish_reason)
+                    yield self._chunk(p * n + ev.index, ev.text, logprobs, ev.finish_reason)
         except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
             yield f"data: {json.dumps(OpenAIError.of(e).body())}\n\n"
             yield "data: [DONE]\n\n"
@@ -273,11 +284,81 @@ class CompletionCall:
         yield "data: [DONE]\n\n"
 
     def _chunk(self, index: int, text: str, logprobs, finish_reason) -> str:
+        # "usage": null on every chunk but the last one's (OpenAI, vLLM)
         chunk = {"id": self.id, "object": "text_completion", "created": self.created,
                  "model": self.model_name,
                  "choices": [{"text": text, "index": index, "logprobs": logprobs,
-                              "finish_reason": finish_reason}]}
+                              "finish_reason": finish_reason}],
+                 "usage": None}
         return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _token_of(ev: TokenEvent, eos_id: int | None) -> int | None:
+    """The token a sequence took at this event, end-of-text included: the engine reports
+    end-of-text as an event with no token (it adds no text) that finishes with "stop"; as
+    OpenAI and vLLM, it is a completion token with a logprob like any other."""
+    if ev.token_id is not None:
+        return ev.token_id
+    return eos_id if ev.finish_reason == "stop" else None
+
+
+class Choice:
+    """One choice of a non-streamed completion, accumulated from its events; unlike the
+    engine's Completion it keeps the end-of-text token (counted, and scored with logprobs)."""
+
+    def __init__(self, index: int):
+        self.index, self.text, self.finish_reason = index, "", ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+
+    def add(self, ev: TokenEvent, eos_id: int | None) -> None:
+        self.text += ev.text
+        token = _token_of(ev, eos_id)
+        if token is not None:
+            self.token_ids.append(token)
+            if ev.logprob is not None:
+                self.logprobs.append(ev.logprob)
+                self.top_logprobs.append(ev.top_logprobs or [])
+        if ev.finish_reason:
+            self.finish_reason = ev.finish_reason
+
+
+class TextOffsets:
+    """`text_offset` as OpenAI defines it: where each token starts in the choice's text, in
+    characters, continuing across a stream's chunks. Token bytes go through a UTF-8 decoder:
+    a token that starts inside a multi-byte character is at the character it completes, and
+    special tokens (end-of-text) add nothing, as the decoded text has none of them."""
+
+    def __init__(self, tokenizer, start: int):
+        self.tokenizer, self.offset = tokenizer, start
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, token_id: int) -> int:
+        at = self.offset
+        self.offset += len(self.decoder.decode(self.tokenizer.token_bytes(token_id)))
+        return at
+
+
+def _stream_options(options: Any, stream: bool) -> bool:
+    """Whether to send a final usage chunk: `stream_options` only with `stream: true`, and
+    `include_usage` a JSON boolean (OpenAI's rules)."""
+    if options is None:
+        return False
+    if not stream:
+        raise OpenAIError("'stream_options' is only allowed when 'stream' is true",
+                          param="stream_options")
+    if not isinstance(options, dict):
+        raise OpenAIError("'stream_options' must be an object", param="stream_options")
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:
+        raise OpenAIError(f"unknown parameter 'stream_options.{unknown[0][:40]}'",
+                          param="stream_options")
+    usage = options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise OpenAIError("'stream_options.include_usage' must be true or false",
+                          param="stream_options")
+    return bool(usage)
 
 
 def _join(first: dict, second: dict) -> dict:

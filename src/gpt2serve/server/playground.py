@@ -36,9 +36,10 @@ def settings(engine) -> dict:
         "defaults": {"max_tokens": min(PAGE_MAX_TOKENS, engine.context - 1),
                      "temperature": d["temperature"], "top_k": d["top_k"], "top_p": d["top_p"],
                      "repetition_penalty": d["repetition_penalty"], "n": d["n"]},
-        # [low, high]; an open end is null. top_p and repetition_penalty exclude 0.
+        # [low, high]; an open end is null. top_p and repetition_penalty exclude 0; top_k -1
+        # is vLLM's "off", as 0 is.
         "limits": {"max_tokens": [1, engine.context - 1], "temperature": [0, 100],
-                   "top_k": [0, None], "top_p": [0, 1], "repetition_penalty": [0, 100],
+                   "top_k": [-1, None], "top_p": [0, 1], "repetition_penalty": [0, 100],
                    "n": [1, engine.max_n], "seed": [0, 2**63 - 1]},
     }
 

