@@ -5,6 +5,7 @@ the cache can only cost (hashing each prompt's blocks). Prints throughput and ti
 token p50 per server, and the ratios.
 
     python bench/prefix.py [--rounds 2] [--duration 60] [--clients 16] [--isa avx2]
+                           [--workloads "shared prefix" "no shared prefix"]
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds per measurement")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--isa", choices=["native", "avx2"], default="native")
+    p.add_argument("--workloads", nargs="+", choices=["shared prefix", "no shared prefix"],
+                   default=["shared prefix", "no shared prefix"])
     args = p.parse_args()
     folder = gpt2_124m()
     print(f"{host_isa({**os.environ, **caps(args)})}; measured read bandwidth "
@@ -46,8 +49,10 @@ def main() -> None:
     url = "http://127.0.0.1:8401/openai/v1/completions"
     results: dict[tuple[str, str], list[dict]] = {}
     for workload, prompts in workloads(50257, 4000).items():
+        if workload not in args.workloads:
+            continue
         for r in range(args.rounds):
-            for caching in ("on", "off"):
+            for caching in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 cmd = [sys.executable, "-m", "gpt2serve.cli", "serve", "--model_dir",
                        str(folder), "--http_port", "8401", "--enable_grpc", "false",
                        "--max_batch_size", str(args.clients),
@@ -66,7 +71,7 @@ def main() -> None:
                 results.setdefault((workload, caching), []).append(row)
                 print(f"{workload:16s} caching {caching:3s} round {r} {json.dumps(row)}",
                       flush=True)
-    for workload in ("shared prefix", "no shared prefix"):
+    for workload in args.workloads:
         on, off = results[(workload, "on")], results[(workload, "off")]
         tok_s = [statistics.median(x["tok_s"] for x in rows) for rows in (on, off)]
         ttft = [statistics.median(x["p50_ttft_s"] for x in rows) for rows in (on, off)]

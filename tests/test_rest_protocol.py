@@ -573,3 +573,9 @@ def test_v2_infer_with_kserves_own_rest_client_json_and_binary(demo):
         assert output.name == "text_output" and output.shape == [2]
         assert output.data[0].startswith("ROMEO:") and output.data[1].startswith("日本")
     assert json_answer.outputs[0].data == binary_answer.outputs[0].data  # greedy: the same
+
+
+def test_explain_is_a_400_not_the_sdks_501(demo):
+    """No explainer runs beside GPT-2: KServe's `:explain` route answered 501."""
+    r = post(f"{demo.url}/v1/models/{MODEL}:explain", {"instances": ["ROMEO:"]})
+    assert r.status_code == 400 and "no explainer" in r.text, r.text

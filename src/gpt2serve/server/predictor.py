@@ -60,6 +60,10 @@ class GPT2Predictor(kserve.Model):
         self.ready = False
         self.generator.stop()
 
+    async def explain(self, payload: Any, headers: dict[str, str] | None = None):
+        """`:explain`: a 400, not the SDK's 501 (no explainer is deployed beside GPT-2)."""
+        raise InvalidInput("this model has no explainer: use :predict")
+
     async def predict(self, payload: Any, headers: dict[str, str] | None = None):
         if isinstance(payload, InferRequest):
             return await self._infer_v2(payload)
