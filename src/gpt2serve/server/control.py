@@ -135,11 +135,13 @@ def repository_router(models: ServedModels) -> APIRouter:
 
 class UnloadedGate:
     """404 for the routes that reach the engine without KServe's registry (OpenAI
-    completions, V2 generate and generate_stream) while the served model is unloaded."""
+    completions, V2 infer, generate and generate_stream) while the served model is
+    unloaded."""
 
     def __init__(self, app, models: ServedModels, model_name: str):
         self.app, self.models, self.name = app, models, model_name
-        self.paths = {"/openai/v1/completions", f"/v2/models/{model_name}/generate",
+        self.paths = {"/openai/v1/completions", f"/v2/models/{model_name}/infer",
+                      f"/v2/models/{model_name}/generate",
                       f"/v2/models/{model_name}/generate_stream"}
 
     async def __call__(self, scope, receive, send):
