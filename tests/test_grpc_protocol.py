@@ -18,7 +18,8 @@ from kserve import InferenceGRPCClient, InferInput, InferRequest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from conftest import free_port, post, running_server
+from conftest import free_port, running_server
+from test_grpc import rest_texts
 
 MODEL = "aitextgen"
 SERVICE = "/inference.GRPCInferenceService/"
@@ -51,14 +52,6 @@ def call_raw(srv, method: str, data: bytes, timeout: float = 30):
         return grpc.StatusCode.OK, "", call(data, timeout=timeout)
     except grpc.RpcError as e:
         return e.code(), e.details(), None
-
-
-def rest_texts(srv, prompts, params) -> list[str]:
-    body = {"inputs": [{"name": "text_input", "shape": [len(prompts)], "datatype": "BYTES",
-                        "data": prompts}], "parameters": params}
-    r = post(f"{srv.url}/v2/models/{MODEL}/infer", body)
-    assert r.status_code == 200, r.text
-    return r.json()["outputs"][0]["data"]
 
 
 def length_prefixed(*elements: bytes) -> bytes:

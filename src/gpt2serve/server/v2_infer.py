@@ -32,8 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
-from . import jsonbody
-from .predictor import V2_INPUT, V2_OUTPUT, GPT2Predictor
+from .predictor import V2_INPUT, V2_OUTPUT, GPT2Predictor, json_object
 
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
     "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -80,12 +79,7 @@ def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
         json_part, binary = raw[:int(json_length)], raw[int(json_length):]
     else:
         json_part, binary = raw, b""
-    try:
-        body = jsonbody.parse(json_part)
-    except jsonbody.BadJSON as e:
-        raise InvalidInput(str(e)) from None
-    if not isinstance(body, dict):
-        raise InvalidInput("request body must be a JSON object")
+    body = json_object(json_part)
     # KServe's own REST client also sends `model_name`; the path names the model.
     _only(body, {"id", "model_name", "parameters", "inputs", "outputs"}, "request body")
     for name in ("id", "model_name"):
