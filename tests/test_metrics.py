@@ -116,8 +116,9 @@ def test_liveness_fails_and_work_fails_cleanly_when_the_step_thread_dies(tiny_mo
         _, first = await anext(events)  # the step loop is running
         assert first.token_id is not None
         assert engine.alive and liveness(engine, {"live": True}, {"live": False}).status_code == 200
-        kill_thread(engine._thread)
-        engine._thread.join(timeout=10)
+        thread = engine.loop._thread
+        kill_thread(thread)
+        thread.join(timeout=10)
         with pytest.raises(EngineStopped, match="step thread has died"):
             async for _ in events:  # fails, does not wait forever
                 pass

@@ -336,40 +336,44 @@ def test_without_a_key_everything_but_the_repository_is_open(default):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded(tiny_model):
     """The line drawn for liveness: an unload alone keeps it (above); a dead step thread is
-    what fails it, unloaded or not, and `load` refuses to bring such a model back. In
-    process, on a real engine: the thread is killed from outside, as no request can."""
-    from gpt2serve import checkpoint
-    from gpt2serve.engine import Engine, EngineConfig
-    from gpt2serve.server.control import NotLoadable, ServedModels
+    what fails it, and `load` refuses to bring a model back onto it. In process, on a real
+    repository: the thread is killed from outside, as no request can."""
+    from gpt2serve.engine import EngineConfig
     from gpt2serve.server.grpc_v2 import GPT2Servicer
     from gpt2serve.server.health import liveness
     from gpt2serve.server.predictor import GPT2Predictor
+    from gpt2serve.server.repository import LoadFailed, Repository, settings_of
     from test_metrics import kill_thread
 
-    model, tokenizer = checkpoint.load(str(tiny_model))
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=2))
-    models = ServedModels(enabled=True)
-    predictor = GPT2Predictor(MODEL, engine)
-    models.update(predictor)
-    predictor.start()
+    repository = Repository(str(tiny_model), MODEL, settings_of("cpu", "auto", "none", 1),
+                            EngineConfig(max_batch_size=2), enable_control=True,
+                            make_predictor=lambda name, repo: GPT2Predictor(name, repo))
+    repository.start("all")
     servicer = GPT2Servicer.__new__(GPT2Servicer)
-    servicer.models = models
+    servicer.models = repository
 
-    def live() -> tuple:
-        grpc_live = asyncio.run(servicer.ServerLive(pb.ServerLiveRequest(), None)).live
-        return grpc_live, liveness(engine, {}, {}).status_code
+    async def live() -> tuple:
+        grpc_live = (await servicer.ServerLive(pb.ServerLiveRequest(), None)).live
+        return grpc_live, liveness(repository, {}, {}).status_code
+
+    async def scenario():
+        await repository.unload(MODEL)
+        assert await live() == (True, 200)
+        await repository.load(MODEL)
+        thread = repository.loop._thread
+        kill_thread(thread)
+        with repository.loop.cond:
+            repository.loop.cond.notify_all()  # it dies at its next bytecode: wake it
+        thread.join(timeout=10)
+        assert await live() == (False, 503)
+        await repository.unload(MODEL)
+        assert await live() == (False, 503)
+        with pytest.raises(LoadFailed, match="step thread has died"):
+            await repository.load(MODEL)
+        (entry,) = repository.index()
+        assert entry["state"] == "UNAVAILABLE" and "step thread has died" in entry["reason"]
 
     try:
-        models.do_unload(MODEL)
-        assert live() == (True, 200)
-        models.do_load(MODEL)
-        models.do_unload(MODEL)
-        kill_thread(engine._thread)
-        engine.scheduler.wake()  # it dies at its next bytecode: wake it from its wait
-        engine._thread.join(timeout=10)
-        assert live() == (False, 503)
-        with pytest.raises(NotLoadable, match="engine has died"):
-            models.do_load(MODEL)
-        assert models.is_unloaded(MODEL) and not predictor.ready
+        asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     finally:
-        engine.stop(timeout=1)
+        repository.stop(timeout=1)

@@ -41,9 +41,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_dir", "--model-dir", default=None,
-                   help="model folder (HF or aitextgen layout); default: the embedded demo model")
+def _add_model_flags(p: argparse.ArgumentParser,
+                     folder_help: str = "model folder (HF, aitextgen or converted-OpenAI "
+                                        "layout); default: the embedded demo model") -> None:
+    p.add_argument("--model_dir", "--model-dir", default=None, help=folder_help)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = cuda when available")
     p.add_argument("--dtype", choices=["auto", *checkpoint.DTYPES], default="auto",
@@ -59,8 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the KServe model server",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--model_name", default="aitextgen", help="name in /v1/models/<name>")
-    _add_model_flags(s)
+    s.add_argument("--model_name", default="aitextgen",
+                   help="name in /v1/models/<name> of a single model folder (a repository's "
+                        "models are named after their folders)")
+    _add_model_flags(s, "model folder (HF, aitextgen or converted-OpenAI layout), or a "
+                        "repository: a folder of model folders, each served under its folder's "
+                        "name; default: the embedded demo model")
+    s.add_argument("--load_models", default="all",
+                   help="what a repository loads at start: all (as many as fit "
+                        "--memory_budget), none, or names a,b,c; the rest load on their first "
+                        "request or on the repository API's load")
+    s.add_argument("--memory_budget", type=_size, default=None,
+                   help="bytes that loaded models' weights and KV caches may hold together, e.g. "
+                        "4GiB; a load past it unloads idle models least recently used first, "
+                        "then drains busy ones (default in a repository: 80%% of the memory the "
+                        "container may use at start on CPU, 90%% of the GPU's free memory; for "
+                        "a single model, none)")
+    s.add_argument("--load_timeout", type=float, default=30.0,
+                   help="seconds a request waits for its model to load before it gets 503 "
+                        "with Retry-After")
     s.add_argument("--http_port", type=int, default=8080)
     s.add_argument("--grpc_port", type=int, default=8081)
     s.add_argument("--enable_grpc", type=_bool, default=True)
@@ -75,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "open)")
     s.add_argument("--enable_model_repository", type=_bool, nargs="?", const=True,
                    default=False,
-                   help="serve KServe's model repository extension (POST "
+                   help="serve the V2 model repository extension (POST /v2/repository/index, "
                         "/v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|"
-                        "Unload) behind --api_key; unload is reversible. Off: 404 / "
-                        "UNIMPLEMENTED")
+                        "Unload) behind --api_key for a single model folder; a repository "
+                        "folder turns it on. Off: 404 / UNIMPLEMENTED")
     s.add_argument("--shutdown_grace", type=float, default=25.0,
                    help="seconds SIGTERM waits for accepted requests to finish; keep it below "
                         "the pod's terminationGracePeriodSeconds")

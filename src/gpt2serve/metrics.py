@@ -1,51 +1,104 @@
-"""Engine metrics, exported on the server's Prometheus `/metrics` next to KServe's own."""
+"""Engine metrics, exported on the server's Prometheus `/metrics` next to KServe's own.
+
+Every series carries a `model` label: a server may serve many models (server/repository.py),
+and each model's engine reports through its own `ModelMetrics`."""
 
 from prometheus_client import Counter, Gauge, Histogram
 
-QUEUE_DEPTH = Gauge("gpt2serve_queue_depth", "Requests waiting for a KV-cache slot")
-RUNNING = Gauge("gpt2serve_running_sequences", "Sequences in the running batch")
-REJECTED = Counter("gpt2serve_rejected_requests_total", "Requests refused because the queue was full")
+MODEL = ("model",)
+
+QUEUE_DEPTH = Gauge("gpt2serve_queue_depth", "Requests waiting for a KV-cache slot", MODEL)
+RUNNING = Gauge("gpt2serve_running_sequences", "Sequences in the running batch", MODEL)
+REJECTED = Counter("gpt2serve_rejected_requests_total",
+                   "Requests refused because the queue was full", MODEL)
 ABORTED = Counter("gpt2serve_aborted_sequences_total",
-                  "Sequences dropped, queued or running, because their client went away")
-TOKENS_GENERATED = Counter("gpt2serve_generated_tokens_total", "Tokens generated")
-BATCH_SIZE = Histogram("gpt2serve_batch_size", "Sequences per decode step",
+                  "Sequences dropped, queued or running, because their client went away", MODEL)
+TOKENS_GENERATED = Counter("gpt2serve_generated_tokens_total", "Tokens generated", MODEL)
+BATCH_SIZE = Histogram("gpt2serve_batch_size", "Sequences per decode step", MODEL,
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 TIME_TO_FIRST_TOKEN = Histogram(
-    "gpt2serve_time_to_first_token_seconds", "Arrival to first generated token",
+    "gpt2serve_time_to_first_token_seconds", "Arrival to first generated token", MODEL,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 TIME_PER_TOKEN = Histogram(
     "gpt2serve_time_per_output_token_seconds",
     "Duration of one decode step (one token per sequence), prefills admitted during it included",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+    MODEL, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 HEAD_SCREEN = Counter(
     "gpt2serve_head_screen_steps_total",
     "Greedy or top-k CPU decode steps whose LM head was screened in int8 (packing.HeadScreen), "
     "by outcome: 'decided' computed in fp32 only the logits that can be among each row's k "
     "largest, 'full' found too many candidates (or a hidden state not finite) and computed "
     "every logit",
-    ["outcome"])
+    ("model", "outcome"))
 KV_CACHE_USAGE = Gauge("gpt2serve_kv_cache_usage_ratio",
-                       "Share of the KV cache's blocks held by sequences, 0 to 1")
+                       "Share of the KV cache's blocks held by sequences, 0 to 1", MODEL)
 KV_CACHE_CAPACITY = Gauge("gpt2serve_kv_cache_capacity_tokens",
-                          "Tokens the KV cache holds (blocks x block size)")
+                          "Tokens the KV cache holds (blocks x block size)", MODEL)
 
 # Serving latencies, named and bucketed as vLLM's (vllm:e2e_request_latency_seconds, ...).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 PREFIX_CACHE_QUERIES = Counter("gpt2serve_prefix_cache_queries_total",
-                               "Prompt tokens looked up in the prefix cache")
+                               "Prompt tokens looked up in the prefix cache", MODEL)
 PREFIX_CACHE_HITS = Counter("gpt2serve_prefix_cache_hits_total",
-                            "Prompt tokens found in the prefix cache (not read again)")
+                            "Prompt tokens found in the prefix cache (not read again)", MODEL)
 PROMPT_TOKENS = Counter("gpt2serve_prompt_tokens_total",
-                        "Prompt tokens prefilled (once per request, whatever its n)")
+                        "Prompt tokens prefilled (once per request, whatever its n)", MODEL)
 REQUEST_QUEUE_TIME = Histogram(
     "gpt2serve_request_queue_time_seconds", "Arrival to admission into the running batch",
-    buckets=LATENCY_BUCKETS)
+    MODEL, buckets=LATENCY_BUCKETS)
 E2E_REQUEST_LATENCY = Histogram(
     "gpt2serve_e2e_request_latency_seconds",
     "Arrival to the last token of a request's last sequence (requests that finished)",
-    buckets=LATENCY_BUCKETS)
+    MODEL, buckets=LATENCY_BUCKETS)
 INTER_TOKEN_LATENCY = Histogram(
     "gpt2serve_inter_token_latency_seconds",
-    "Time between two consecutive tokens of one sequence",
+    "Time between two consecutive tokens of one sequence", MODEL,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
              0.75, 1, 2.5, 5))
+
+# Server-level: the memory budget that loaded models share (server/repository.py).
+MODELS_LOADED = Gauge("gpt2serve_models_loaded", "Models loaded and serving")
+MODEL_MEMORY = Gauge("gpt2serve_model_memory_bytes",
+                     "Bytes a loaded model holds: weights and its KV cache", MODEL)
+MEMORY_BUDGET = Gauge("gpt2serve_memory_budget_bytes",
+                      "Bytes that loaded models' weights and KV caches may hold together")
+MODEL_LOADS = Counter("gpt2serve_model_loads_total", "Model loads, by outcome",
+                      ("model", "outcome"))
+MODEL_UNLOADS = Counter("gpt2serve_model_unloads_total",
+                        "Model unloads, by reason: 'request' (the repository API) or 'memory' "
+                        "(least recently used, to make room)", ("model", "reason"))
+MODEL_LOAD_SECONDS = Histogram("gpt2serve_model_load_seconds",
+                               "Reading a model and building its engine", MODEL,
+                               buckets=(0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 10, 30, 60, 120))
+
+_PER_MODEL = {"queue_depth": QUEUE_DEPTH, "running": RUNNING, "rejected": REJECTED,
+              "aborted": ABORTED, "tokens_generated": TOKENS_GENERATED,
+              "batch_size": BATCH_SIZE, "time_to_first_token": TIME_TO_FIRST_TOKEN,
+              "time_per_token": TIME_PER_TOKEN, "kv_cache_usage": KV_CACHE_USAGE,
+              "kv_cache_capacity": KV_CACHE_CAPACITY,
+              "prefix_cache_queries": PREFIX_CACHE_QUERIES,
+              "prefix_cache_hits": PREFIX_CACHE_HITS, "prompt_tokens": PROMPT_TOKENS,
+              "request_queue_time": REQUEST_QUEUE_TIME,
+              "e2e_request_latency": E2E_REQUEST_LATENCY,
+              "inter_token_latency": INTER_TOKEN_LATENCY}
+_GAUGES = (QUEUE_DEPTH, RUNNING, KV_CACHE_USAGE, KV_CACHE_CAPACITY, MODEL_MEMORY)
+
+
+class ModelMetrics:
+    """One model's series: each metric of _PER_MODEL under its key, its `model` label set."""
+
+    def __init__(self, model: str = ""):
+        self.model = model
+        for key, metric in _PER_MODEL.items():
+            setattr(self, key, metric.labels(model))
+        self.head_screen = {outcome: HEAD_SCREEN.labels(model, outcome)
+                            for outcome in ("decided", "full")}
+
+    def forget(self) -> None:
+        """Drop the gauges of an unloaded model: a level it no longer has is not zero, it is
+        absent (counters and histograms stay: Prometheus expects them to only grow)."""
+        for gauge in _GAUGES:
+            try:
+                gauge.remove(self.model)
+            except KeyError:
+                pass

@@ -22,9 +22,10 @@ class EngineConfig:
     max_model_len: int | None = field(default=None, metadata=_flag(
         "tokens per sequence at most, prompt included (default: the model's context)"))
     kv_cache_memory: int | None = field(default=None, metadata=_flag(
-        "KV-cache budget: bytes, or e.g. 600MiB, 4GiB (default: max_batch_size full-context "
-        "sequences, capped at 60%% of the memory left after the weights on CPU, 90%% of free "
-        "GPU memory on CUDA)", parse="size"))
+        "KV-cache budget of each model: bytes, or e.g. 600MiB, 4GiB (default: max_batch_size "
+        "full-context sequences, capped at 60%% of the memory left after the weights on CPU, "
+        "90%% of free GPU memory on CUDA; in a repository, 1/16 of --memory_budget)",
+        parse="size"))
     block_size: int = field(default=16, metadata=_flag(
         "positions per KV-cache block"))
     max_prefill_tokens: int = field(default=512, metadata=_flag(

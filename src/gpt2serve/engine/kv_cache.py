@@ -48,8 +48,10 @@ def prefix_keys(tokens: list[int], block_size: int, salt: str | None = None) -> 
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int,
+                 model_metrics: metrics.ModelMetrics | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.metrics = model_metrics or metrics.ModelMetrics()
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
         self.promised = 0  # blocks reserved for growth, not yet allocated
@@ -142,7 +144,7 @@ class BlockManager:
         return block
 
     def _report(self) -> None:
-        metrics.KV_CACHE_USAGE.set(1 - (len(self._free) + len(self._idle)) / self.num_blocks)
+        self.metrics.kv_cache_usage.set(1 - (len(self._free) + len(self._idle)) / self.num_blocks)
 
 
 class KVBudgetError(ValueError):
@@ -207,7 +209,6 @@ def allocate(config: GPTConfig, dtype: torch.dtype, device: torch.device, block_
             f"of {str(dtype).removeprefix('torch.')}: give more with --kv_cache_memory, or a "
             f"machine with more memory")
     cache = KVCache(config, num_blocks, block_size, dtype, device)
-    metrics.KV_CACHE_CAPACITY.set(num_blocks * block_size)
     log.info("KV cache: %.0f MiB (%s) on %s, %s: %d blocks of %d tokens = %d tokens, "
              "%.1f full-context (%d-token) sequences", cache.nbytes / 2**20, source, device,
              str(dtype).removeprefix("torch."), num_blocks, block_size,

@@ -9,15 +9,15 @@ layers, in a pass of their own, so a newcomer waits for one layer rather than a 
 events go back to the asyncio side together (outbox.py), so HTTP handlers never block; torch
 releases the GIL inside its kernels, so the server stays responsive meanwhile.
 
-The whole step runs in torch's inference mode, on the step thread or, for tests that fix the
-schedule (arrivals by step number), on the caller's (`threaded=False`, `step()`).
+The whole step runs in torch's inference mode, on the step thread (step_loop.py: one
+model's, or shared by every model a server has loaded) or, for tests that fix the schedule
+(arrivals by step number), on the caller's (`threaded=False`, `step()`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import AsyncIterator, Callable
 
@@ -35,19 +35,25 @@ from .sampler import Sampler
 from .scheduler import (ChunkBudget, EngineError, EngineStopped, RequestTimeout,
                         ScheduledStep, Scheduler)
 from .sequence import Completion, Prompt, Request, TokenEvent
+from .step_loop import StepLoop
 
 log = logging.getLogger("gpt2serve.engine")
 
 
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
-                 runner: str | None = None, threaded: bool = True):
+                 runner: str | None = None, threaded: bool = True, name: str = "",
+                 loop: StepLoop | None = None):
         """`runner` forces one of runner.RUNNERS (tests, benchmarks); by default the fastest
         that serves the model (runner.choose_runner). `threaded` False: no step thread;
-        the caller runs each step (`step()`)."""
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        the caller runs each step (`step()`). `name` labels the metrics. `loop`: the step
+        thread shared with other engines (a server's models); by default one of its own."""
+        self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
+        self.metrics = metrics.ModelMetrics(name)
         cfg = model.config
         self.context = min(config.max_model_len or cfg.n_positions, cfg.n_positions)
+        self.threaded = threaded
+        self.loop = (loop or StepLoop(config.threads)) if threaded else None
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
         param = next(model.parameters())
         self.device = param.device
@@ -55,7 +61,8 @@ class Engine:
                                        config.kv_cache_memory,
                                        config.max_batch_size * self.context, self.context)
         sampler = Sampler(cfg.vocab_size, self.eos_id, self.device)
-        blocks = kv_cache.BlockManager(self.cache.num_blocks, self.cache.block_size)
+        blocks = kv_cache.BlockManager(self.cache.num_blocks, self.cache.block_size,
+                                       self.metrics)
         self.runner: EagerRunner = choose_runner(model, self.cache, sampler, blocks,
                                                  config.max_batch_size, self.context,
                                                  config.enforce_eager, runner)
@@ -65,21 +72,19 @@ class Engine:
         self.scheduler = Scheduler(self.cache, blocks, tokenizer, self.eos_id,
                                    config.max_batch_size, config.max_queue,
                                    config.request_timeout, budget,
-                                   config.enable_prefix_caching)
+                                   config.enable_prefix_caching,
+                                   cond=None if self.loop is None else self.loop.cond)
+        self.metrics.kv_cache_capacity.set(blocks.num_blocks * blocks.block_size)
         self.max_n = min(config.max_n, config.max_batch_size)
         self.max_prompt_chars = config.max_prompt_chars
-        self.threaded = threaded
-        self._stopping = False  # abort everything and end the step loop
-        self._thread: threading.Thread | None = None
+        self._stopping = False  # abort everything and leave the step loop
         self._outbox = Outbox()  # touched by the step thread only
 
     # ---- asyncio side ---------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None and self.threaded:
-            self._thread = threading.Thread(target=self._loop_or_die, name="gpt2serve-engine",
-                                            daemon=True)
-            self._thread.start()
+        if self.loop is not None and not self._stopping:
+            self.loop.attach(self)
 
     def drain(self) -> None:
         """Graceful shutdown, first half: new requests get EngineStopped (503), accepted ones
@@ -107,15 +112,25 @@ class Engine:
         Waits up to `timeout` seconds for the step in flight to end."""
         with self.scheduler.cond:
             self.scheduler.closed = self._stopping = True
-            self.scheduler.cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout)
+            attached = self.loop is not None and self in self.loop.engines
+            if not attached:
+                self._fail(EngineStopped("server stopped"), waiting=True)
+        if attached:
+            self.loop.detach(self, timeout)
 
     @property
     def alive(self) -> bool:
         """False once the step thread has ended without being stopped: nothing accepted can
         finish any more, so liveness must fail and the pod be restarted."""
-        return self._stopping or self._thread is None or self._thread.is_alive()
+        return self._stopping or self.loop is None or not self.loop.died
+
+    @property
+    def memory_bytes(self) -> int:
+        """What unloading this engine frees: its weights (the LM head's int8 screen
+        included) and its KV cache."""
+        screen = getattr(self.runner, "screen", None)
+        return (self.model.weight_bytes() + (screen.nbytes if screen is not None else 0)
+                + self.cache.nbytes)
 
     @property
     def load(self) -> tuple[int, int]:
@@ -184,7 +199,7 @@ class Engine:
                     remaining -= 1
                     running[index] -= 1
                     if not running[index]:
-                        metrics.E2E_REQUEST_LATENCY.observe(
+                        self.metrics.e2e_request_latency.observe(
                             time.monotonic() - requests[index].arrival)
                 yield index, item
         finally:
@@ -205,31 +220,6 @@ class Engine:
 
     # ---- step thread ----------------------------------------------------------------------
 
-    def _loop_or_die(self) -> None:
-        """The step loop; should anything but stop() end it (a BaseException: the loop
-        isolates Exceptions), fail what was accepted rather than leave it waiting forever.
-        `alive` turns false, so liveness fails and the pod is restarted."""
-        try:
-            with torch.inference_mode():
-                if self.config.threads:
-                    torch.set_num_threads(self.config.threads)
-                self._loop()
-        except BaseException as e:
-            log.critical("the engine's step thread died: %r", e)
-            self._fail(EngineStopped("the engine's step thread has died"), waiting=True)
-            raise
-
-    def _loop(self) -> None:
-        sched = self.scheduler
-        while True:
-            with sched.cond:
-                while not self._stopping and not sched.busy:
-                    sched.cond.wait()
-            if self._stopping:
-                self._fail(EngineStopped("server stopped"), waiting=True)
-                return
-            self._step()
-
     def step(self, arrivals: Callable[[], None] | None = None) -> None:
         """One step on the caller's thread (`threaded=False`), so that tests fix the schedule:
         they submit arrivals between steps, and `arrivals` runs between two layers of the
@@ -237,9 +227,11 @@ class Engine:
         with torch.inference_mode():
             self._step(arrivals)
 
-    def _step(self, arrivals: Callable[[], None] | None = None) -> None:
+    def _step(self, arrivals: Callable[[], None] | None = None,
+              neighbours: list[Engine] = ()) -> None:
         """Retire what ended, then run the next step; a failure costs the requests in it,
-        never the engine."""
+        never the engine. Prompts that arrive for this engine or its `neighbours` (the
+        other engines of its StepLoop) during the pass are read between two of its layers."""
         sched = self.scheduler
         try:
             sched.drop_cancelled()
@@ -248,14 +240,15 @@ class Engine:
             step = sched.schedule()
             self._expire(step)
             if step:
-                newcomers = _Newcomers(self, sched.budget.tokens(bool(step.decode)), arrivals)
+                newcomers = _Newcomers(self, sched.budget.tokens(bool(step.decode)), arrivals,
+                                       neighbours)
                 out = self.runner.execute(step, newcomers.read)
                 self._deliver(step, out)
                 seconds = time.perf_counter() - t0 - newcomers.seconds
                 sched.budget.observe(step, seconds)
-                metrics.BATCH_SIZE.observe(len(step.decode))
+                self.metrics.batch_size.observe(len(step.decode))
                 if step.decode:
-                    metrics.TIME_PER_TOKEN.observe(seconds)
+                    self.metrics.time_per_token.observe(seconds)
         except Exception:  # a failed step costs the running batch, never the server
             log.exception("engine step failed")
             self._fail(EngineError())
@@ -272,15 +265,22 @@ class Engine:
         self.scheduler.update(step, out.prompt_logprobs, [seq for seq, _ in out.failed])
         for seq, _ in out.failed:
             self._outbox.put(seq.request, EngineError())
-        metrics.TOKENS_GENERATED.inc(len(out.rows))
+        self.metrics.tokens_generated.inc(len(out.rows))
         now = time.monotonic()
         for seq, sampled in zip(out.rows, out.sampled):
             if seq.last_token_at is not None:
-                metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
+                self.metrics.inter_token_latency.observe(now - seq.last_token_at)
             seq.last_token_at = now
             self._outbox.put(seq.request, seq.append(sampled))
         for request in {id(s.request): s.request for s in step.started}.values():
-            metrics.TIME_TO_FIRST_TOKEN.observe(now - request.arrival)
+            self.metrics.time_to_first_token.observe(now - request.arrival)
+
+    def _read_newcomers(self, budget: int) -> None:
+        step = self.scheduler.schedule_newcomers(budget)
+        self._expire(step)
+        if step:
+            self._deliver(step, self.runner.execute(step))
+        self._outbox.flush()
 
     def _fail(self, error: Exception, waiting: bool = False) -> None:
         """Fail every request running or being prefilled, and waiting if asked."""
@@ -290,22 +290,28 @@ class Engine:
 
 
 class _Newcomers:
-    """Prompts that arrive during a step's pass, read whole in a pass of their own between two
-    of its layers (once per step), their first tokens sent at once."""
+    """Prompts that arrive during a step's pass, for its engine or a neighbour, read whole in
+    a pass of their own between two of its layers (once per step), their first tokens sent
+    at once."""
 
-    def __init__(self, engine: Engine, budget: int, arrivals: Callable[[], None] | None):
-        self.engine, self.budget, self.arrivals, self.seconds = engine, budget, arrivals, 0.0
+    def __init__(self, engine: Engine, budget: int, arrivals: Callable[[], None] | None,
+                 neighbours: list[Engine] = ()):
+        self.engine, self.budget, self.arrivals = engine, budget, arrivals
+        self.neighbours, self.seconds = neighbours, 0.0
 
     def read(self) -> None:  # nothing may be retired here
-        engine = self.engine
         if self.arrivals is not None:
             self.arrivals()
-        if self.seconds or not engine.scheduler.waiting:
+        if self.seconds:
             return
         t = time.perf_counter()
-        step = engine.scheduler.schedule_newcomers(self.budget)
-        engine._expire(step)
-        if step:
-            engine._deliver(step, engine.runner.execute(step))
-        engine._outbox.flush()
+        if self.engine.scheduler.waiting:
+            self.engine._read_newcomers(self.budget)
+        for other in self.neighbours:
+            if other.scheduler.waiting and not other._stopping:
+                try:  # the neighbour's failure is its own, not this step's
+                    other._read_newcomers(other.scheduler.budget.tokens(True))
+                except Exception:
+                    log.exception("engine step failed")
+                    other._fail(EngineError())
         self.seconds = time.perf_counter() - t

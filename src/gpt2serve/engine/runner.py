@@ -184,10 +184,13 @@ class PlanRunner(EagerRunner):
     name = "plan"
 
     def __init__(self, model: GPT, cache: KVCache, sampler: Sampler, max_batch_size: int,
-                 context: int, screen: bool = True):
+                 context: int, screen: bool = True,
+                 screen_outcomes: dict | None = None):
         super().__init__(model, cache, sampler)
         self.plan = DecodePlan(model, cache, max_batch_size, context)
         self.screen = HeadScreen.of(model.head) if screen else None
+        # the model's gpt2serve_head_screen_steps_total counters, by outcome
+        self.screen_outcomes = screen_outcomes or metrics.ModelMetrics().head_screen
 
     @classmethod
     def declines(cls, model: GPT, cache: KVCache) -> str | None:
@@ -212,7 +215,7 @@ class PlanRunner(EagerRunner):
             ks = self.sampler.largest_needed(seqs)
             if ks is not None and screen.promising(ks):
                 logits = screen.logits(self.model.ln_f(hidden), ks)
-                metrics.HEAD_SCREEN.labels("decided" if logits is not None else "full").inc()
+                self.screen_outcomes["decided" if logits is not None else "full"].inc()
                 if logits is not None:
                     return logits
         return self.model.logits(hidden)
@@ -266,7 +269,7 @@ def choose_runner(model: GPT, cache: KVCache, sampler: Sampler, blocks: BlockMan
         if why := PlanRunner.declines(model, cache):
             raise ValueError(f"the plan runner cannot serve this model: {why}")
         return PlanRunner(model, cache, sampler, max_batch_size, context,
-                          screen=name == "plan")
+                          screen=name == "plan", screen_outcomes=blocks.metrics.head_screen)
     if blocks.available <= blocks.blocks_for(context):
         raise ValueError("CUDA graphs need a KV-cache block to spare for padding rows")
     return CudaGraphRunner(model, cache, sampler, max_batch_size, context, blocks.set_aside())

@@ -16,7 +16,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .. import metrics
 from ..model import KVCache
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
@@ -118,8 +117,10 @@ class ChunkBudget:
 class Scheduler:
     def __init__(self, cache: KVCache, blocks: BlockManager, tokenizer: Tokenizer,
                  eos_id: int | None, max_batch_size: int, max_queue: int,
-                 request_timeout: float, budget: ChunkBudget, prefix_caching: bool = True):
+                 request_timeout: float, budget: ChunkBudget, prefix_caching: bool = True,
+                 cond: threading.Condition | None = None):
         self.cache, self.blocks, self.budget = cache, blocks, budget
+        self.metrics = blocks.metrics
         self.prefix_caching = prefix_caching
         self.tokenizer, self.eos_id = tokenizer, eos_id
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
@@ -128,8 +129,8 @@ class Scheduler:
         self.prefilling: list[Request] = []  # admitted, prompt partly read
         self.running: list[Sequence] = []
         # Guards `waiting` and `closed` (the asyncio side adds, the step thread takes) and
-        # wakes the step thread.
-        self.cond = threading.Condition()
+        # wakes the step thread; the StepLoop's, shared by the engines it steps.
+        self.cond = cond or threading.Condition()
         self.closed = False
 
     # ---- called from the asyncio side ----------------------------------------------------
@@ -153,15 +154,15 @@ class Scheduler:
             # Requests that free sequence slots will take at the next step do not count.
             free = max(0, self.max_batch_size - self.sequences)
             if len(self.waiting) + len(requests) > self.max_queue + free:
-                metrics.REJECTED.inc()
+                self.metrics.rejected.inc()
                 raise QueueFull(f"queue is full ({self.max_queue} waiting requests)")
             self.waiting.extend(requests)
-            metrics.QUEUE_DEPTH.set(len(self.waiting))
-            self.cond.notify()
+            self.metrics.queue_depth.set(len(self.waiting))
+            self.cond.notify_all()
 
     def wake(self) -> None:
         with self.cond:
-            self.cond.notify()
+            self.cond.notify_all()
 
     @property
     def sequences(self) -> int:
@@ -258,13 +259,13 @@ class Scheduler:
                     break  # the head of the queue waits for blocks to be freed
                 request.blocks = blocks
                 request.prefilled = request.cached_tokens = len(hits) * self.cache.block_size
-                metrics.PREFIX_CACHE_QUERIES.inc(len(request.prompt_ids))
-                metrics.PREFIX_CACHE_HITS.inc(request.cached_tokens)
+                self.metrics.prefix_cache_queries.inc(len(request.prompt_ids))
+                self.metrics.prefix_cache_hits.inc(request.cached_tokens)
                 self.prefilling.append(self.waiting.popleft())
                 admitted.append(request)
-                metrics.REQUEST_QUEUE_TIME.observe(now - request.arrival)
-                metrics.PROMPT_TOKENS.inc(len(request.prompt_ids))
-            metrics.QUEUE_DEPTH.set(len(self.waiting))
+                self.metrics.request_queue_time.observe(now - request.arrival)
+                self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            self.metrics.queue_depth.set(len(self.waiting))
         return admitted
 
     def _cached_prefix(self, request: Request) -> list[int]:
@@ -285,7 +286,7 @@ class Scheduler:
             expired = [r for r in self.waiting if now - r.arrival > self.request_timeout]
             if expired:
                 self.waiting = collections.deque(r for r in self.waiting if r not in expired)
-                metrics.QUEUE_DEPTH.set(len(self.waiting))
+                self.metrics.queue_depth.set(len(self.waiting))
         return expired
 
     def read(self, chunk: Chunk) -> None:
@@ -316,7 +317,7 @@ class Scheduler:
                     self.cache.copy_block(request.blocks[-1], seq.blocks[-1])
             seq.promised = prompt_blocks + growth - len(seq.blocks)
             self.running.append(seq)
-        metrics.RUNNING.set(len(self.running))
+        self.metrics.running.set(len(self.running))
 
     def grow(self, seqs: list[Sequence]) -> None:
         """Give each sequence the block its next position falls in, if it lacks it."""
@@ -331,16 +332,16 @@ class Scheduler:
         for seq in self.running:
             if seq.request.cancelled and not seq.finish_reason:
                 seq.finish_reason = "abort"
-                metrics.ABORTED.inc()
+                self.metrics.aborted.inc()
         for request in [r for r in self.prefilling if r.cancelled]:
             self.drop_prefilling(request)
-            metrics.ABORTED.inc(request.params.n)
+            self.metrics.aborted.inc(request.params.n)
         with self.cond:
             gone = [r for r in self.waiting if r.cancelled]
             if gone:
-                metrics.ABORTED.inc(sum(r.params.n for r in gone))
+                self.metrics.aborted.inc(sum(r.params.n for r in gone))
                 self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
-                metrics.QUEUE_DEPTH.set(len(self.waiting))
+                self.metrics.queue_depth.set(len(self.waiting))
 
     def drop_prefilling(self, request: Request) -> None:
         """A request leaves before its sequences start: its blocks and promise go back."""
@@ -358,10 +359,10 @@ class Scheduler:
             else:
                 keep.append(seq)
         self.running = keep
-        metrics.RUNNING.set(len(self.running))
+        self.metrics.running.set(len(self.running))
 
     def take_all_waiting(self) -> list[Request]:
         with self.cond:
             waiting, self.waiting = list(self.waiting), collections.deque()
-            metrics.QUEUE_DEPTH.set(0)
+            self.metrics.queue_depth.set(0)
         return waiting

@@ -9,12 +9,19 @@ Open without the key, on purpose: liveness and readiness (Kubernetes probes carr
 `/metrics` (Prometheus scrapes carry none either; it holds counts and latencies, no prompt or
 text), and the playground page and its static files (the page has no data; it sends the key
 the user types with each API call). Everything else, on both protocols, needs the key,
-including the model-repository routes when `--enable_model_repository` turns them on.
+including the model-repository routes (control.py).
+
+One exception: KServe's model agent, a container in the same pod, calls `load` and `unload`
+(`POST /v2/repository/models/NAME/load|unload`) on localhost with no key. Those two are open
+to a connection from the loopback address that carries no `X-Forwarded-For` or `Forwarded`
+header: queue-proxy and the agent's own proxy also connect from localhost, but they forward
+outside traffic and add those headers.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 
 PUBLIC_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics", "/playground",
                           "/playground/playground.js", "/playground/playground.css"})
@@ -23,6 +30,15 @@ PUBLIC_RPCS = frozenset({"/inference.GRPCInferenceService/ServerLive",
                          "/inference.GRPCInferenceService/ServerReady"})
 
 MISSING_KEY = "missing or wrong API key"
+AGENT_PATH = re.compile(r"/v2/repository/models/[^/]+/(load|unload)")
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+def from_local_agent(path: str, client: tuple | None, headers: dict) -> bool:
+    """A repository load or unload from a container of this pod (KServe's model agent)."""
+    return (AGENT_PATH.fullmatch(path) is not None and client is not None
+            and client[0] in LOOPBACK
+            and b"x-forwarded-for" not in headers and b"forwarded" not in headers)
 
 
 def authorized(value: str | bytes | None, api_key: str) -> bool:

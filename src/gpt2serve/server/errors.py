@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import logging
 
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotFound
 
 from ..engine import EngineStopped, QueueFull, RequestTimeout
 from ..sampling import SamplingError
+from .repository import ModelUnavailable, ModelUnloaded
 
 log = logging.getLogger("gpt2serve.server")
 
 # Refusals a client should retry later or elsewhere: 503 with Retry-After, gRPC UNAVAILABLE.
-UNAVAILABLE = (QueueFull, RequestTimeout, EngineStopped)
+UNAVAILABLE = (QueueFull, RequestTimeout, EngineStopped, ModelUnavailable)
+# No such model, or one unloaded through the repository API: 404, gRPC NOT_FOUND.
+NOT_FOUND = (ModelNotFound, ModelUnloaded)
 
 
 def failure(exc: BaseException) -> tuple[int, str]:
@@ -23,6 +26,8 @@ def failure(exc: BaseException) -> tuple[int, str]:
         return 503, str(exc)
     if isinstance(exc, (SamplingError, InvalidInput)):
         return 400, str(exc)
+    if isinstance(exc, NOT_FOUND):
+        return 404, str(exc)
     log.error("request failed: %r", exc, exc_info=exc)
     return 500, INTERNAL
 

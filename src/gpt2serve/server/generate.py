@@ -22,12 +22,13 @@ from typing import AsyncIterator
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
-from kserve.errors import InvalidInput, ModelNotFound
+from kserve.errors import InvalidInput
 
 from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError
 from .errors import failure
 from .predictor import json_object, to_params
+from .repository import Repository
 
 _PARAMS = {"type": "object", "description": "sampling parameters, as V2 infer's"}
 SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -36,13 +37,14 @@ SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"sc
         "exclude_input_in_output": {"type": "boolean"}}}}}}}
 
 
-def generate_router(engine: Engine, served_name: str) -> APIRouter:
+def generate_router(repository: Repository) -> APIRouter:
     router = APIRouter(prefix="/v2/models/{model_name}", tags=["V2 generate"])
 
     @router.post("/generate", openapi_extra=SCHEMA)
     async def generate(model_name: str, request: HTTPRequest) -> dict:
-        _check_name(model_name, served_name)
-        call = GenerateCall(engine, model_name, await request.body(), stream=False)
+        raw = await request.body()
+        engine = await repository.engine(model_name)
+        call = GenerateCall(engine, model_name, raw, stream=False)
         out = Completion(0)
         async for _, ev in engine.stream(call.submit()):
             out.add(ev)
@@ -50,16 +52,11 @@ def generate_router(engine: Engine, served_name: str) -> APIRouter:
 
     @router.post("/generate_stream", response_model=None, openapi_extra=SCHEMA)
     async def generate_stream(model_name: str, request: HTTPRequest) -> StreamingResponse:
-        _check_name(model_name, served_name)
-        call = GenerateCall(engine, model_name, await request.body(), stream=True)
+        raw = await request.body()
+        call = GenerateCall(await repository.engine(model_name), model_name, raw, stream=True)
         return StreamingResponse(call.sse(call.submit()), media_type="text/event-stream")
 
     return router
-
-
-def _check_name(name: str, served_name: str) -> None:
-    if name != served_name:
-        raise ModelNotFound(name)  # 404, as V2 infer
 
 
 class GenerateCall:

@@ -18,12 +18,12 @@
   protocol's full `InferParameter`; a NaN or infinite double is INVALID_ARGUMENT.
 - Overload and shutdown (queue full, queue timeout, drain, grace over) are UNAVAILABLE, as
   their HTTP 503; the SDK answered INTERNAL.
-- ServerLive is false once a model's engine has lost its step thread, as `/v2/health/live`
-  (an unloaded model counts too: unloading does not make a dead engine alive); ServerReady
-  follows `/v2/health/ready` (the SDK's was always true).
-- RepositoryModelLoad/Unload go to control.py: UNIMPLEMENTED unless
-  `--enable_model_repository`, reversible when on (the SDK's answered UNKNOWN,
-  `'ModelNotReady' object has no attribute 'reason'`, once the model was gone).
+- ServerLive is false once the engines' step thread has died, as `/v2/health/live`;
+  ServerReady follows `/v2/health/ready` (the SDK's was always true).
+- RepositoryModelLoad/Unload go to the repository (repository.py, as control.py's REST
+  routes): UNIMPLEMENTED while the extension is off (the SDK's answered UNKNOWN,
+  `'ModelNotReady' object has no attribute 'reason'`, once the model was gone). A model
+  unloaded through them is NOT_FOUND until loaded again.
 
 ModelServer builds its gRPC server itself; `install()` swaps in this module's before it
 starts.
@@ -38,7 +38,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from grpc import aio
-from grpc_interceptor.exceptions import Unavailable, Unimplemented
+from grpc_interceptor.exceptions import NotFound, Unavailable, Unimplemented
 from kserve import model_server as kserve_model_server
 from kserve.errors import InvalidInput, ModelNotReady, ServerNotLive, ServerNotReady
 from kserve.logging import logger as kserve_logger
@@ -51,9 +51,9 @@ from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from kserve.utils.utils import to_headers
 
 from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
-from .control import NotLoadable, RepositoryOff, ServedModels
-from .errors import UNAVAILABLE
+from .errors import NOT_FOUND, UNAVAILABLE
 from .predictor import V2_INPUT, V2_OUTPUT
+from .repository import Repository, RepositoryOff
 
 
 def _oip_parameter_class():
@@ -172,7 +172,7 @@ def raw_outputs(response: pb.ModelInferResponse) -> pb.ModelInferResponse:
 
 
 class GPT2Servicer(InferenceServicer):
-    models: ServedModels  # set by GPT2GRPCServer
+    models: Repository  # set by GPT2GRPCServer
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         infer = infer_request(request)
@@ -181,37 +181,36 @@ class GPT2Servicer(InferenceServicer):
                 request=infer, headers=to_headers(context), model_name=request.model_name)
         except UNAVAILABLE as e:
             raise Unavailable(str(e)) from None  # the SDK's interceptor makes it the status
+        except NOT_FOUND as e:
+            raise NotFound(str(e)) from None
         if isinstance(response, InferResponse):
             response = response.to_grpc()
             return raw_outputs(response) if request.raw_input_contents else response
         return response
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(
-            live=all(getattr(m, "alive", True) for m in self.models.all_models()))
+        return pb.ServerLiveResponse(live=self.models.alive)
 
     async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
         """As `/v2/health/ready` (the SDK's was always true): false while draining, once the
-        engine has died, or while the model is unloaded."""
-        models = self.models.all_models()
-        return pb.ServerReadyResponse(ready=bool(models) and all(
-            m.ready and m.alive and not m.generator.draining for m in models))
+        step thread has died, or while no model is servable."""
+        return pb.ServerReadyResponse(ready=self.models.ready)
 
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
-        self._repository(self.models.do_load, request.model_name)
+        await self._repository(self.models.load, request.model_name)
         return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
 
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
-        self._repository(self.models.do_unload, request.model_name)
+        await self._repository(self.models.unload, request.model_name)
         return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
     @staticmethod
-    def _repository(action, name: str) -> None:
+    async def _repository(action, name: str) -> None:
         try:
-            action(name)
+            await action(name)
         except RepositoryOff as e:
             raise Unimplemented(str(e)) from None
-        except NotLoadable as e:
+        except UNAVAILABLE as e:
             raise Unavailable(str(e)) from None
 
 
@@ -271,7 +270,7 @@ class GPT2GRPCServer(GRPCServer):
     on a request's size as REST's (--max_body_bytes; RESOURCE_EXHAUSTED beyond it)."""
 
     api_key: str | None = None
-    models: ServedModels | None = None
+    models: Repository | None = None
     max_receive: int | None = None
 
     async def start(self, max_workers):
@@ -295,7 +294,7 @@ class GPT2GRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
-def install(models: ServedModels, api_key: str | None, max_receive: int | None = None) -> None:
+def install(models: Repository, api_key: str | None, max_receive: int | None = None) -> None:
     GPT2GRPCServer.api_key, GPT2GRPCServer.models = api_key, models
     GPT2GRPCServer.max_receive = max_receive
     kserve_model_server.GRPCServer = GPT2GRPCServer

@@ -1,39 +1,39 @@
-"""Probes, in place of KServe's (registered first, so they win): liveness follows the engine's
-step thread, readiness the model and the drain."""
+"""Probes, in place of KServe's (registered first, so they win): liveness follows the step
+thread, readiness the models and the drain."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from ..engine import Engine
+from .repository import Repository
 
 
-def liveness(engine: Engine, alive_body: dict, dead_body: dict) -> JSONResponse:
+def liveness(repository: Repository, alive_body: dict, dead_body: dict) -> JSONResponse:
     """200 while the step thread runs; 503 once it has died (nothing accepted can finish, so
     the kubelet should restart the container). KServe's own probes always answer alive."""
-    if engine.alive:
+    if repository.alive:
         return JSONResponse(alive_body)
     return JSONResponse({**dead_body, "error": "the engine's step thread has died"},
                           status_code=503)
 
 
-def health_router(predictor, engine: Engine) -> APIRouter:
+def health_router(repository: Repository) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/")
     async def root() -> JSONResponse:
-        return liveness(engine, {"status": "alive"}, {"status": "dead"})
+        return liveness(repository, {"status": "alive"}, {"status": "dead"})
 
     @router.get("/v2/health/live")
     async def live() -> JSONResponse:
-        return liveness(engine, {"live": True}, {"live": False})
+        return liveness(repository, {"live": True}, {"live": False})
 
     @router.get("/v2/health/ready")
     async def ready() -> JSONResponse:
-        # Replaces KServe's server-level check (always true) with the model's own state, so
+        # Replaces KServe's server-level check (always true) with the models' own state, so
         # readiness turns false as soon as a drain starts.
-        ok = predictor.ready and not engine.draining and engine.alive
+        ok = repository.ready
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     return router

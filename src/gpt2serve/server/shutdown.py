@@ -26,7 +26,7 @@ import time
 
 import uvicorn
 
-from ..engine import Engine
+from .repository import Repository
 
 log = logging.getLogger("gpt2serve.server")
 
@@ -34,26 +34,25 @@ WRITE_OUT_SECONDS = 2  # for the last responses once the engine has stopped
 STEP_WAIT_SECONDS = 2  # for the step in flight to end when the engine is stopped
 
 
-def install(predictor, engine: Engine, grace: float) -> None:
+def install(repository: Repository, grace: float) -> None:
     exit_now = uvicorn.Server.handle_exit
 
     def handle_exit(server, sig, frame):
-        if engine.draining:
+        if repository.shutting_down:
             return exit_now(server, sig, frame)
-        predictor.ready = False
-        engine.drain()
-        waiting, running = engine.load
+        repository.drain()
+        waiting, running = repository.pending()
         log.info("signal %d: draining %d running and %d queued requests (up to %gs)",
                  sig, running, waiting, grace)
 
         def finish():
             t0 = time.monotonic()
-            idle = engine.wait_idle(grace)
+            idle = repository.wait_idle(grace)
             if not idle:
-                waiting, running = engine.load
+                waiting, running = repository.pending()
                 log.info("grace period over: failing %d running and %d queued requests",
                          running, waiting)
-            engine.stop(timeout=STEP_WAIT_SECONDS)
+            repository.stop(timeout=STEP_WAIT_SECONDS)
             log.info("drained in %.2fs", time.monotonic() - t0)
             exit_now(server, sig, frame)
 
@@ -62,14 +61,14 @@ def install(predictor, engine: Engine, grace: float) -> None:
     uvicorn.Server.handle_exit = handle_exit
 
 
-def exit_before_serving(model_server, engine: Engine) -> None:
+def exit_before_serving(model_server, repository: Repository) -> None:
     """A signal that reaches KServe's handler (installed by ModelServer.start, replaced by
     uvicorn's while it serves, back after) ends the process at once: before serving nothing
     has been accepted, and after it the drain above has already run."""
 
     def stop(sig: int) -> None:
         log.info("signal %d while not serving HTTP: exiting", sig)
-        engine.stop(timeout=STEP_WAIT_SECONDS)
+        repository.stop(timeout=STEP_WAIT_SECONDS)
         logging.shutdown()
         os._exit(0)
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 
-from ..engine import Engine
-from .openai import OpenAIError, check_model, json_object
+from .openai import OpenAIError, json_object, model_of
+from .repository import Repository
 
 _TOKENIZE = {"type": "object", "required": ["prompt"], "properties": {
     "model": {"type": "string"}, "prompt": {"type": "string"},
@@ -31,15 +31,16 @@ def _schema(schema: dict) -> dict:
                             "content": {"application/json": {"schema": schema}}}}
 
 
-def tokenize_router(engine: Engine, model_name: str, prefix: str = "") -> APIRouter:
+def tokenize_router(repository: Repository, prefix: str = "") -> APIRouter:
+    """The model's tokenizer (the model is loaded first, if it is not)."""
     router = APIRouter(prefix=prefix, tags=["tokenizer"])
-    tokenizer = engine.tokenizer
 
     @router.post("/tokenize", response_model=None, openapi_extra=_schema(_TOKENIZE))
     async def tokenize(request: HTTPRequest):
         try:
-            body = await _body(request, model_name, {"prompt", "messages", "add_special_tokens",
-                                                     "return_token_strs"})
+            body, engine = await _body(request, repository, {
+                "prompt", "messages", "add_special_tokens", "return_token_strs"})
+            tokenizer = engine.tokenizer
             if "messages" in body:
                 raise OpenAIError("GPT-2 has no chat template; tokenize a 'prompt'",
                                   param="messages")
@@ -55,13 +56,14 @@ def tokenize_router(engine: Engine, model_name: str, prefix: str = "") -> APIRou
             if _flag(body, "return_token_strs"):
                 out["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
             return out
-        except OpenAIError as e:
-            return e.response()
+        except Exception as e:  # noqa: BLE001 - every failure in OpenAI's error shape
+            return OpenAIError.of(e).response()
 
     @router.post("/detokenize", response_model=None, openapi_extra=_schema(_DETOKENIZE))
     async def detokenize(request: HTTPRequest):
         try:
-            body = await _body(request, model_name, {"tokens"})
+            body, engine = await _body(request, repository, {"tokens"})
+            tokenizer = engine.tokenizer
             ids, vocab = body.get("tokens"), tokenizer.vocab_size
             if not isinstance(ids, list) or not all(
                     isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
@@ -70,20 +72,21 @@ def tokenize_router(engine: Engine, model_name: str, prefix: str = "") -> APIRou
                                   param="tokens")
             # Special tokens are shown, as vLLM's detokenize (HF decode's default).
             return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}
-        except OpenAIError as e:
-            return e.response()
+        except Exception as e:  # noqa: BLE001 - every failure in OpenAI's error shape
+            return OpenAIError.of(e).response()
 
     return router
 
 
-async def _body(request: HTTPRequest, model_name: str, fields: set[str]) -> dict:
+async def _body(request: HTTPRequest, repository: Repository, fields: set[str]):
+    """The request's fields and its model's engine."""
     body = await json_object(request)
-    check_model(body, model_name)
+    name = model_of(body, repository)
     unknown = set(body) - fields - {"model"}
     if unknown:
         name = sorted(unknown)[0]
         raise OpenAIError(f"unknown parameter '{name}'", param=name)
-    return body
+    return body, await repository.engine(name)
 
 
 def _flag(body: dict, name: str) -> bool:

@@ -32,7 +32,8 @@ from fastapi.responses import JSONResponse, Response
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
-from .predictor import V2_INPUT, V2_OUTPUT, GPT2Predictor, json_object
+from .predictor import V2_INPUT, V2_OUTPUT, json_object
+from .repository import ModelUnloaded, Repository
 
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
     "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -48,12 +49,15 @@ SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"sc
 MAX_DIMS = 8
 
 
-def infer_router(predictor: GPT2Predictor) -> APIRouter:
+def infer_router(repository: Repository) -> APIRouter:
     router = APIRouter(prefix="/v2/models/{model_name}", tags=["V2"])
 
     @router.post("/infer", response_model=None, openapi_extra=SCHEMA)
     async def infer(model_name: str, request: HTTPRequest) -> Response:
-        if model_name != predictor.name:
+        predictor = repository.models.get(model_name)
+        if predictor is None:
+            if model_name in repository.entries:
+                raise ModelUnloaded(model_name)
             raise ModelNotFound(model_name)
         if not predictor.ready:
             raise ModelNotReady(model_name)

@@ -33,6 +33,7 @@ function setUp() {
   });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("curl").addEventListener("click", showCurl);
+  $("model-picker").addEventListener("change", pickModel);
   loadModel();
 }
 
@@ -43,17 +44,35 @@ function headers() {
   return h;
 }
 
+// The server's models, from /openai/v1/models, in the picker; each has its own context.
+let models = [];
+
 async function loadModel() {
-  const context = `context ${settings.context} tokens`;
+  const picker = $("model-picker");
   try {
     const r = await fetch("/openai/v1/models", { headers: headers() });
     if (!r.ok) throw new Error(await responseError(r));
-    modelName = (await r.json()).data[0].id;
-    $("model").textContent = `Model: ${modelName} · ${context}`;
+    models = (await r.json()).data;
+    if (!models.length) throw new Error("the server has no model to serve");
+    const keep = models.some((m) => m.id === modelName) ? modelName : models[0].id;
+    picker.replaceChildren(...models.map((m) => new Option(m.id, m.id, false, m.id === keep)));
+    picker.disabled = models.length < 2;
+    pickModel();
   } catch (e) {
     modelName = null;
-    $("model").textContent = `Model: unknown (${e.message}) · ${context}`;
+    picker.replaceChildren();
+    picker.disabled = true;
+    $("model").textContent = `Model: unknown (${e.message}) · context ${settings.context} tokens`;
   }
+}
+
+function pickModel() {
+  modelName = $("model-picker").value;
+  const model = models.find((m) => m.id === modelName);
+  const context = model && model.max_model_len ? model.max_model_len : settings.context;
+  $("max_tokens").max = context - 1;
+  $("max_tokens-hint").textContent = `[1, ${context - 1}], default ${settings.defaults.max_tokens}`;
+  $("model").textContent = `Model: ${modelName} · context ${context} tokens`;
 }
 
 // ---- the request, as the controls say ----

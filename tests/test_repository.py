@@ -1,0 +1,254 @@
+"""Many models in one server, over HTTP and gRPC against a real server process: a repository
+folder of real model folders (distinct random weights), the V2 repository extension (index,
+load, unload), the memory budget's least-recently-used unloading, routing by name on every
+protocol, the `model` label on the metrics, and an unload under load losing no accepted
+request."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+
+import grpc
+import httpx
+import pytest
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+from conftest import ServerProcess, make_hf_model, post
+
+NAMES = ("alpha", "beta", "gamma")
+KV = 256 * 1024
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    for seed, name in enumerate(NAMES):
+        make_hf_model(root / name, seed=seed + 1)
+    (root / "notes").mkdir()  # not a model folder: ignored
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_bytes(repo):
+    """What one loaded model holds (weights and its KV cache), measured on a real engine."""
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine, EngineConfig
+
+    model, tokenizer = checkpoint.load(repo / "alpha")
+    engine = Engine(model, tokenizer, EngineConfig(kv_cache_memory=KV), threaded=False)
+    return engine.memory_bytes
+
+
+@pytest.fixture(scope="module")
+def references(repo):
+    """Each model's greedy text, served alone by a single-model server."""
+    texts = {}
+    for name in NAMES:
+        srv = ServerProcess("--model_dir", str(repo / name), "--enable_grpc", "false")
+        try:
+            srv.wait_ready()
+            texts[name] = v1(srv, "aitextgen", "ROMEO:").json()["predictions"][0]
+        finally:
+            srv.stop()
+    return texts
+
+
+@pytest.fixture(scope="module")
+def two_fit(repo, model_bytes):
+    """A server whose budget holds two of the three models; alpha loads at start."""
+    grpc_port = None
+    srv = ServerProcess("--model_dir", str(repo), "--load_models", "alpha",
+                        "--memory_budget", str(int(model_bytes * 2.5)),
+                        "--kv_cache_memory", str(KV), "--max_batch_size", "8")
+    try:
+        srv.wait_ready("alpha")
+        grpc_port = int(srv.proc.args[srv.proc.args.index("--grpc_port") + 1])
+        srv.grpc_port = grpc_port
+        yield srv
+    finally:
+        srv.stop()
+
+
+def v1(srv, name: str, prompt: str, **params) -> httpx.Response:
+    return post(f"{srv.url}/v1/models/{name}:predict",
+                {"instances": [{"prompt": prompt, **GREEDY, **params}]})
+
+
+def index(srv) -> dict[str, str]:
+    r = httpx.post(f"{srv.url}/v2/repository/index", timeout=30)
+    assert r.status_code == 200, r.text
+    return {m["name"]: m["state"] for m in r.json()}
+
+
+def metric(srv, name: str, **labels) -> float:
+    """The sum of the series of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
+        m = re.match(rf"^{name}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_index_load_at_start_and_on_first_request(two_fit, references):
+    assert index(two_fit) == {"alpha": "READY", "beta": "UNAVAILABLE", "gamma": "UNAVAILABLE"}
+    r = httpx.post(f"{two_fit.url}/v2/repository/index", json={"ready": True})
+    assert [m["name"] for m in r.json()] == ["alpha"]
+    # beta loads on its first request, and answers with its own weights' text
+    r = v1(two_fit, "beta", "ROMEO:")
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0] == references["beta"]
+    assert index(two_fit)["beta"] == "READY"
+    assert v1(two_fit, "alpha", "ROMEO:").json()["predictions"][0] == references["alpha"]
+    assert len(set(references.values())) == len(NAMES)  # the models do differ
+    assert v1(two_fit, "delta", "ROMEO:").status_code == 404
+    assert httpx.post(f"{two_fit.url}/v2/repository/models/delta/load").status_code == 404
+
+
+def test_a_load_past_the_budget_unloads_the_least_recently_used_idle_model(two_fit,
+                                                                            references):
+    for name in ("alpha", "beta"):  # both loaded; beta used last
+        assert v1(two_fit, name, "ROMEO:").status_code == 200
+    unloads = metric(two_fit, "gpt2serve_model_unloads_total", model="alpha", reason="memory")
+    assert v1(two_fit, "gamma", "ROMEO:").json()["predictions"][0] == references["gamma"]
+    assert index(two_fit) == {"alpha": "UNAVAILABLE", "beta": "READY", "gamma": "READY"}
+    assert metric(two_fit, "gpt2serve_model_unloads_total", model="alpha",
+                  reason="memory") == unloads + 1
+    assert metric(two_fit, "gpt2serve_models_loaded") == 2
+    assert (metric(two_fit, "gpt2serve_model_memory_bytes", model="beta")
+            + metric(two_fit, "gpt2serve_model_memory_bytes", model="gamma")
+            <= metric(two_fit, "gpt2serve_memory_budget_bytes"))
+    # and alpha comes back the same, unloading beta (now the least recently used)
+    assert v1(two_fit, "alpha", "ROMEO:").json()["predictions"][0] == references["alpha"]
+    assert index(two_fit) == {"alpha": "READY", "beta": "UNAVAILABLE", "gamma": "READY"}
+
+
+def test_every_protocol_routes_by_name(two_fit, references):
+    name, prompt = "gamma", "ROMEO:"
+    expected = references[name]
+    r = post(f"{two_fit.url}/v2/models/{name}/infer", {
+        "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": [prompt]}],
+        "parameters": GREEDY})
+    assert r.json()["outputs"][0]["data"] == [expected]
+    r = post(f"{two_fit.url}/v2/models/{name}/generate",
+             {"text_input": prompt, "parameters": GREEDY})
+    assert r.json() == {"model_name": name, "text_output": expected}
+    r = post(f"{two_fit.url}/openai/v1/completions",
+             {"model": name, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+              "ignore_eos": True})
+    assert r.json()["model"] == name and prompt + r.json()["choices"][0]["text"] == expected
+    r = post(f"{two_fit.url}/openai/v1/completions", {"prompt": prompt})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # several: say which
+    r = post(f"{two_fit.url}/openai/v1/completions", {"model": "delta", "prompt": prompt})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    listed = httpx.get(f"{two_fit.url}/openai/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == list(NAMES)
+    assert all(m["max_model_len"] == 128 for m in listed)
+    r = post(f"{two_fit.url}/tokenize", {"model": name, "prompt": prompt})
+    assert r.status_code == 200 and r.json()["count"] >= 1
+    r = post(f"{two_fit.url}/v1/models/{name}:predict", {"instances": [prompt]})
+    assert r.status_code == 200
+    with grpc.insecure_channel(f"127.0.0.1:{two_fit.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name=name, inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="text_input", datatype="BYTES", shape=[1],
+            contents=pb.InferTensorContents(bytes_contents=[prompt.encode()]))])
+        for key, value in GREEDY.items():
+            field = "bool_param" if isinstance(value, bool) else "int64_param"
+            request.parameters[key].CopyFrom(pb.InferParameter(**{field: value}))
+        reply = stub.ModelInfer(request, timeout=60)
+        assert reply.outputs[0].contents.bytes_contents == [expected.encode()]
+    # every series carries its model
+    assert metric(two_fit, "gpt2serve_generated_tokens_total", model=name) > 0
+    assert metric(two_fit, "gpt2serve_time_to_first_token_seconds_count", model=name) > 0
+
+
+def test_unloading_under_load_loses_no_accepted_request(two_fit):
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"instances": [{"prompt": "a", "max_new_tokens": 100, "ignore_eos": True}]}
+            running = [asyncio.create_task(client.post(
+                f"{two_fit.url}/v1/models/alpha:predict", json=body)) for _ in range(3)]
+            while metric(two_fit, "gpt2serve_running_sequences", model="alpha") < 1:
+                await asyncio.sleep(0.02)
+            unload = await client.post(f"{two_fit.url}/v2/repository/models/alpha/unload")
+            assert unload.status_code == 200 and unload.json() == {"name": "alpha",
+                                                                 "unload": True}
+            for r in await asyncio.gather(*running):  # accepted before the unload: finished
+                assert r.status_code == 200, r.text
+            after = await client.post(f"{two_fit.url}/v1/models/alpha:predict", json=body)
+            assert after.status_code == 404
+            r = await client.post(f"{two_fit.url}/openai/v1/completions",
+                                  json={"model": "alpha", "prompt": "a"})
+            assert r.status_code == 404 and "unloaded" in r.json()["error"]["message"]
+
+    assert v1(two_fit, "alpha", "ROMEO:").status_code == 200
+    asyncio.run(scenario())
+    assert index(two_fit)["alpha"] == "UNAVAILABLE"
+    assert "alpha" not in [m["id"] for m in httpx.get(
+        f"{two_fit.url}/openai/v1/models").json()["data"]]
+    r = httpx.post(f"{two_fit.url}/v2/repository/models/alpha/load", timeout=60)
+    assert r.status_code == 200 and r.json() == {"name": "alpha", "load": True}
+    assert index(two_fit)["alpha"] == "READY"
+    assert v1(two_fit, "alpha", "ROMEO:").status_code == 200
+
+
+def test_a_folder_added_while_serving_is_found(two_fit, repo):
+    shutil.copytree(repo / "beta", repo / "delta")
+    try:
+        assert v1(two_fit, "delta", "ROMEO:").status_code == 200
+        assert index(two_fit)["delta"] == "READY"
+        # removed, then unloaded (as KServe's agent does): gone from the index
+        shutil.rmtree(repo / "delta")
+        r = httpx.post(f"{two_fit.url}/v2/repository/models/delta/unload", timeout=60)
+        assert r.status_code == 200
+        assert "delta" not in index(two_fit)
+    finally:
+        shutil.rmtree(repo / "delta", ignore_errors=True)
+
+
+def test_the_repository_api_stays_behind_the_key_but_for_the_local_agent(repo):
+    srv = ServerProcess("--model_dir", str(repo), "--load_models", "none",
+                        "--api_key", "sekrit", "--enable_grpc", "false")
+    key = {"Authorization": "Bearer sekrit"}
+    try:
+        srv.wait_ready("alpha", headers=key)
+        assert httpx.post(f"{srv.url}/v2/repository/index").status_code == 401
+        forwarded = {"X-Forwarded-For": "203.0.113.9"}  # outside traffic through a proxy
+        r = httpx.post(f"{srv.url}/v2/repository/models/beta/load", headers=forwarded)
+        assert r.status_code == 401
+        # KServe's model agent: same pod, loopback, no key, no forwarding header
+        r = httpx.post(f"{srv.url}/v2/repository/models/beta/load", timeout=60)
+        assert r.status_code == 200
+        r = httpx.post(f"{srv.url}/v2/repository/index", headers=key)
+        assert {m["name"]: m["state"] for m in r.json()}["beta"] == "READY"
+        assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_an_empty_repository_is_ready(tmp_path):
+    srv = ServerProcess("--model_dir", str(tmp_path), "--enable_grpc", "false")
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{srv.url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert srv.proc.poll() is None
+            import time
+            time.sleep(0.1)
+        assert httpx.post(f"{srv.url}/v2/repository/index").json() == []
+        make_hf_model(tmp_path / "late")
+        assert v1(srv, "late", "ROMEO:").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_a_single_model_keeps_the_repository_api_off(server):
+    assert httpx.post(f"{server.url}/v2/repository/index").status_code == 404
