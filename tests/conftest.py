@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -179,6 +180,17 @@ def server(tiny_model):
     with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
                         "--max_batch_size", "8") as srv:
         yield srv
+
+
+def metric(srv, name: str, **labels) -> float:
+    """The sum of the series of `name` on the server's /metrics whose labels include
+    `labels` (every engine series carries its `model`)."""
+    total = 0.0
+    for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
+        m = re.match(rf"^{name}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
 
 
 def post(url: str, body, headers: dict | None = None, **kw) -> httpx.Response:

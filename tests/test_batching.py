@@ -2,7 +2,6 @@
 backpressure, OpenAI completions through the official client."""
 
 import asyncio
-import re
 import threading
 import time
 
@@ -10,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import post, running_server
+from conftest import metric, post, running_server
 
 MODEL = "aitextgen"
 
@@ -22,10 +21,6 @@ def batch_server(long_model):
         yield srv
 
 
-def metric(server, name: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
-    return float(match.group(1))
 
 
 async def _predict(client, url, instance):

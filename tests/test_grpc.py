@@ -6,12 +6,11 @@ import struct
 import time
 
 import grpc
-import httpx
 import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from conftest import free_port, post, running_server
+from conftest import free_port, metric, post, running_server
 
 MODEL = "aitextgen"
 
@@ -149,9 +148,6 @@ def one_slot_rpc(long_model):
 LONG = {"max_new_tokens": 900, "ignore_eos": True}
 
 
-def metric(srv, name: str) -> float:
-    text = httpx.get(f"{srv.url}/metrics").text
-    return float(re.search(rf"^{name} ([0-9.e+]+)$", text, re.M).group(1))
 
 
 def wait_for(predicate, timeout=10.0) -> bool:

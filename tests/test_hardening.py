@@ -362,7 +362,8 @@ def test_sigterm_drains_in_flight_work_then_exits_0(long_model):
             for _ in range(1500):
                 metrics = (await client.get(f"{srv.url}/metrics")).text
                 accepted = sum(float(m) for m in re.findall(
-                    r"^gpt2serve_(?:running_sequences|queue_depth) ([0-9.]+)$", metrics, re.M))
+                    r"^gpt2serve_(?:running_sequences|queue_depth)\{[^}]*\} ([0-9.]+)$", metrics,
+                    re.M))
                 if accepted == 6:
                     break
                 await asyncio.sleep(0.02)

@@ -121,7 +121,7 @@ def test_no_screen_for_a_head_that_is_not_finite():
 
 
 def screened_steps() -> float:
-    return metrics.HEAD_SCREEN.labels("decided")._value.get()
+    return metrics.HEAD_SCREEN.labels("", "decided")._value.get()  # engines named ""
 
 
 def test_steps_through_the_screen_generate_what_the_eager_engine_does(tmp_path):

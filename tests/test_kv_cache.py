@@ -14,8 +14,7 @@ import time
 import httpx
 import pytest
 
-from conftest import make_hf_model, post, running_server
-from test_batching import metric
+from conftest import make_hf_model, metric, post, running_server
 
 MODEL = "aitextgen"
 

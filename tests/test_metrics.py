@@ -16,13 +16,21 @@ from gpt2serve.engine import Engine, EngineConfig, EngineStopped, Prompt
 from gpt2serve.sampling import SamplingParams
 
 MODEL = "aitextgen"
+SERVER_LEVEL = ("gpt2serve_models_loaded", "gpt2serve_memory_budget_bytes")
 
 
 def scrape(srv) -> dict[str, float]:
+    """Every gpt2serve_ series, keyed as written but for the `model` label, which each engine
+    series must carry, naming the server's one model."""
     text = httpx.get(f"{srv.url}/metrics").text
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r"^(gpt2serve_[a-z0-9_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", text,
-                                 re.M)}
+    series = {}
+    for m in re.finditer(r"^(gpt2serve_[a-z0-9_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", text, re.M):
+        name, labels = m.group(1), (m.group(2) or "").split(",")
+        if not name.startswith(SERVER_LEVEL):
+            assert f'model="{MODEL}"' in labels, m.group(0)
+        labels = ",".join(label for label in labels if label and not label.startswith("model="))
+        series[f"{name}{{{labels}}}" if labels else name] = float(m.group(3))
+    return series
 
 
 def delta(before, after, name) -> float:

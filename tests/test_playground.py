@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port, post, running_server
+from conftest import free_port, metric, post, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("GPT2SERVE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -128,8 +128,7 @@ def generate(driver, prompt: str, **params) -> str:
 
 
 def aborted(srv) -> float:
-    text = httpx.get(f"{srv.url}/metrics").text
-    return float(re.search(r"^gpt2serve_aborted_sequences_total (\S+)$", text, re.M).group(1))
+    return metric(srv, "gpt2serve_aborted_sequences_total", model=MODEL)
 
 
 def screenshot(driver, name: str) -> Path:

@@ -12,7 +12,7 @@ import re
 import httpx
 import pytest
 
-from conftest import post, running_server
+from conftest import metric, post, running_server
 
 MODEL = "aitextgen"
 BLOCK = 16
@@ -51,8 +51,7 @@ def cached(response: dict) -> int:
 
 
 def hits(server) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    return float(re.search(r"^gpt2serve_prefix_cache_hits_total (\S+)", text, re.M).group(1))
+    return metric(server, "gpt2serve_prefix_cache_hits_total", model="aitextgen")
 
 
 @pytest.mark.parametrize("start, length", [(0, 5 * BLOCK), (100, 5 * BLOCK + 7), (200, 150)])

@@ -7,8 +7,8 @@ request."""
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
+import time
 
 import grpc
 import httpx
@@ -16,7 +16,7 @@ import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from conftest import ServerProcess, make_hf_model, post
+from conftest import ServerProcess, make_hf_model, metric, post
 
 NAMES = ("alpha", "beta", "gamma")
 KV = 256 * 1024
@@ -60,14 +60,12 @@ def references(repo):
 @pytest.fixture(scope="module")
 def two_fit(repo, model_bytes):
     """A server whose budget holds two of the three models; alpha loads at start."""
-    grpc_port = None
     srv = ServerProcess("--model_dir", str(repo), "--load_models", "alpha",
                         "--memory_budget", str(int(model_bytes * 2.5)),
                         "--kv_cache_memory", str(KV), "--max_batch_size", "8")
     try:
         srv.wait_ready("alpha")
-        grpc_port = int(srv.proc.args[srv.proc.args.index("--grpc_port") + 1])
-        srv.grpc_port = grpc_port
+        srv.grpc_port = int(srv.proc.args[srv.proc.args.index("--grpc_port") + 1])
         yield srv
     finally:
         srv.stop()
@@ -82,16 +80,6 @@ def index(srv) -> dict[str, str]:
     r = httpx.post(f"{srv.url}/v2/repository/index", timeout=30)
     assert r.status_code == 200, r.text
     return {m["name"]: m["state"] for m in r.json()}
-
-
-def metric(srv, name: str, **labels) -> float:
-    """The sum of the series of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
-        m = re.match(rf"^{name}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
-        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
 
 
 def test_index_load_at_start_and_on_first_request(two_fit, references):
@@ -241,7 +229,6 @@ def test_an_empty_repository_is_ready(tmp_path):
             except httpx.TransportError:
                 pass
             assert srv.proc.poll() is None
-            import time
             time.sleep(0.1)
         assert httpx.post(f"{srv.url}/v2/repository/index").json() == []
         make_hf_model(tmp_path / "late")
