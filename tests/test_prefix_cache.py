@@ -7,7 +7,6 @@ gives the same texts as a server without caching, with no error."""
 from __future__ import annotations
 
 import asyncio
-import re
 
 import httpx
 import pytest
