@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,18 @@ DOCS_MANIFESTS = current_manifests()
 LEGACY = next(d for p, d in manifests() if d["apiVersion"].startswith("serving.kubeflow.org"))
 RUNTIMES = {n: d for (k, n), d in DOCS_MANIFESTS.items() if k == "ServingRuntime"}
 ISVCS = {n: d for (k, n), d in DOCS_MANIFESTS.items() if k == "InferenceService"}
+TRAINED = {n: d for (k, n), d in DOCS_MANIFESTS.items() if k == "TrainedModel"}
+
+
+def is_multi_model(isvc: dict) -> bool:
+    """KServe's rule (IsMMSPredictor): a predictor without storageUri, storageUris or storage
+    is a multi-model server, gets the model agent and takes TrainedModels."""
+    model = isvc["spec"]["predictor"]["model"]
+    return not ({"storageUri", "storage"} & set(model) or "storageUris" in isvc["spec"]["predictor"])
+
+
+SINGLE = {n: d for n, d in ISVCS.items() if not is_multi_model(d)}
+MULTI = {n: d for n, d in ISVCS.items() if is_multi_model(d)}
 
 
 def runtime_of(isvc: dict) -> dict:
@@ -136,10 +149,39 @@ def test_the_image_build_check_fails_without_the_arch():
 
 # ---- schemas -------------------------------------------------------------------------------
 
+# TrainedModel (serving.kserve.io/v1alpha1), written from KServe's Go type (TrainedModelSpec:
+# all three model fields required, memory a Kubernetes quantity) for as long as its CRD is not
+# among ../shared/data/kserve-crds; the CRD is used instead once it is there. Unknown fields
+# are refused here, where the API server would drop them without a word.
+_QUANTITY = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+TRAINEDMODEL_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "serving.kserve.io/v1alpha1"},
+        "kind": {"const": "TrainedModel"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object", "required": ["inferenceService", "model"],
+            "additionalProperties": False,
+            "properties": {
+                "inferenceService": {"type": "string"},
+                "model": {
+                    "type": "object", "required": ["storageUri", "framework", "memory"],
+                    "additionalProperties": False,
+                    "properties": {"storageUri": {"type": "string"},
+                                   "framework": {"type": "string"},
+                                   "memory": {"type": ["string", "integer"],
+                                              "pattern": _QUANTITY}}}}}}}
+
+
 def crd_schema(kind: str, version: str) -> dict:
     plural = {"InferenceService": "inferenceservices", "ServingRuntime": "servingruntimes",
-              "ClusterServingRuntime": "clusterservingruntimes"}[kind]
-    crd = yaml.safe_load((CRDS / f"serving.kserve.io_{plural}.yaml").read_text())
+              "ClusterServingRuntime": "clusterservingruntimes",
+              "TrainedModel": "trainedmodels"}[kind]
+    path = CRDS / f"serving.kserve.io_{plural}.yaml"
+    if kind == "TrainedModel" and not path.exists():
+        return TRAINEDMODEL_SCHEMA
+    crd = yaml.safe_load(path.read_text())
     return next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]
                 if v["name"] == version)
 
@@ -189,7 +231,7 @@ def test_the_manifests_fit_together():
         model = isvc["spec"]["predictor"]["model"]
         assert model["modelFormat"]["name"] in {
             f["name"] for f in runtime_of(isvc)["spec"]["supportedModelFormats"]}
-        uri = model["storageUri"]
+        uri = model.get("storageUri", "")
         if uri.startswith("pvc://"):
             claim, folder = uri[len("pvc://"):].split("/", 1)
             assert claim == pvc["metadata"]["name"], name
@@ -266,7 +308,7 @@ def test_api_key_comes_from_a_secret(monkeypatch):
 
 
 def test_s3_copy_has_ephemeral_storage():
-    s3 = [i for i in ISVCS.values() if i["spec"]["predictor"]["model"]["storageUri"].startswith("s3://")]
+    s3 = [i for i in SINGLE.values() if i["spec"]["predictor"]["model"]["storageUri"].startswith("s3://")]
     assert s3
     for isvc in s3:
         res = serving_container(isvc)["resources"]
@@ -277,7 +319,8 @@ def test_s3_copy_has_ephemeral_storage():
 
 
 def test_cpu_node_service_runs_int8():
-    cpu = [i for i in ISVCS.values() if flag(serving_container(i)["args"], "device") == "cpu"]
+    # The repository runtime keeps float32: its models load while it serves (test_multi_model_*).
+    cpu = [i for i in SINGLE.values() if flag(serving_container(i)["args"], "device") == "cpu"]
     assert cpu
     for isvc in cpu:
         c = serving_container(isvc)
@@ -319,7 +362,7 @@ def test_knative_services():
 def test_standard_mode_scales_with_keda_on_our_metrics():
     from gpt2serve import metrics
 
-    std = [i for i in ISVCS.values() if mode(i) == "Standard"]
+    std = [i for i in SINGLE.values() if mode(i) == "Standard"]
     assert len(std) == 1
     isvc = std[0]
     name, pred, ann = isvc["metadata"]["name"], isvc["spec"]["predictor"], isvc["metadata"]["annotations"]
@@ -368,6 +411,185 @@ def test_legacy_manifest_is_what_knative_of_its_era_accepts():
     assert pred["imagePullSecrets"] == [{"name": "registry-credentials"}]
 
 
+# ---- many models in one service: KServe's multi-model serving -------------------------------
+
+AGENT_PROTOCOLS = ("s3://", "gs://", "https://", "http://")  # what KServe's model agent pulls
+AGENT_PORT = 8080  # the agent posts load and unload to localhost:8080, whatever the runtime says
+
+
+def budget_of(isvc: dict) -> int:
+    from gpt2serve.engine.kv_cache import parse_size
+
+    return parse_size(flag(serving_container(isvc)["args"], "memory_budget"))
+
+
+def test_multi_model_service_is_what_kserve_serves_trained_models_on():
+    assert MULTI
+    for name, isvc in MULTI.items():
+        pred, ann = isvc["spec"]["predictor"], isvc["metadata"]["annotations"]
+        runtime, c = runtime_of(isvc), serving_container(isvc)
+        args = c["args"]
+        # A repository at the agent's emptyDir, each folder served under its own name,
+        # on the port the agent calls.
+        assert flag(args, "model_dir") == "/mnt/models", name
+        assert flag(args, "model_name") is None, name
+        assert flag(args, "http_port") == str(AGENT_PORT) == str(c["ports"][0]["containerPort"])
+        # Loaded by the agent, or by a first request after a container restart.
+        assert flag(args, "load_models") == "none", name
+        # `multiModel: true` marks ModelMesh runtimes (its gRPC model-runtime API, which we do
+        # not serve): KServe's own multi-model serving does not need it.
+        assert not runtime["spec"].get("multiModel", False), name
+        # The budget leaves at least 1 GiB under the container's limit for what it does not
+        # count (interpreter, torch, tokenizers, activations).
+        limit = quantity(c["resources"]["limits"]["memory"])
+        assert budget_of(isvc) + 2**30 <= limit, name
+        assert c["resources"]["requests"]["memory"] == c["resources"]["limits"]["memory"]
+        # KServe checks TrainedModels' memory against the limit on the InferenceService's own
+        # model spec (without one, against KServe's default), not against the runtime's.
+        own = pred["model"]["resources"]
+        assert quantity(own["limits"]["memory"]) == limit, name
+        # The agent's copies are ephemeral storage; a TrainedModel's files are no larger than
+        # its memory, so a limit of at least the memory limit holds all that KServe admits.
+        eph = quantity(own["limits"]["ephemeral-storage"])
+        assert quantity(own["requests"]["ephemeral-storage"]) <= eph and eph >= limit, name
+        # Standard mode, a fixed number of replicas, our metrics scraped on our port.
+        assert mode(isvc) == "Standard" and ann["serving.kserve.io/autoscalerClass"] == "none"
+        assert pred["minReplicas"] == pred["maxReplicas"] >= 1
+        assert ann["serving.kserve.io/enable-prometheus-scraping"] == "false"
+        assert (ann["prometheus.io/scrape"], ann["prometheus.io/port"]) == ("true", str(AGENT_PORT))
+        # The agent downloads with the predictor's service account.
+        account = DOCS_MANIFESTS[("ServiceAccount", pred["serviceAccountName"])]
+        assert account["secrets"], name
+
+
+def test_trained_models_fit_their_service():
+    assert TRAINED
+    for name, tm in TRAINED.items():
+        spec, model = tm["spec"], tm["spec"]["model"]
+        assert re.fullmatch(r"[a-zA-Z0-9_-]+", name)  # KServe's webhook refuses other names
+        # On a single-model service a TrainedModel stays not Ready (IsNotMMSPredictor).
+        isvc = MULTI[spec["inferenceService"]]
+        assert model["storageUri"].startswith(AGENT_PROTOCOLS), name  # pvc:// is not one
+        # The agent lists the S3/GCS prefix: without the slash, gpt2-x would also take gpt2-x-v2/.
+        assert model["storageUri"].endswith("/"), name
+        assert model["framework"] == isvc["spec"]["predictor"]["model"]["modelFormat"]["name"]
+        # A fine-tuned 124M in float32: the memory declared covers its weights (its file), and
+        # one model fits the budget.
+        assert GPT2_SIZES["gpt2"][2] * 4 <= quantity(model["memory"]) < budget_of(isvc), name
+    for svc, isvc in MULTI.items():
+        declared = sum(quantity(tm["spec"]["model"]["memory"]) for tm in TRAINED.values()
+                       if tm["spec"]["inferenceService"] == svc)
+        # Past the limit, KServe leaves a TrainedModel not Ready (MemoryResourceNotAvailable).
+        assert declared <= quantity(isvc["spec"]["predictor"]["model"]["resources"]["limits"]["memory"])
+
+
+def test_repository_sizing_note_matches_the_runtime():
+    (isvc,) = MULTI.values()
+    from gpt2serve.engine.kv_cache import parse_size
+
+    args = serving_container(isvc)["args"]
+    budget, kv = budget_of(isvc), parse_size(flag(args, "kv_cache_memory"))
+    limit = quantity(isvc["spec"]["predictor"]["model"]["resources"]["limits"]["memory"])
+    (memory,) = {quantity(tm["spec"]["model"]["memory"]) for tm in TRAINED.values()}
+    layers, embd, params = GPT2_SIZES["gpt2"]
+    weights, block = params * 4, 2 * layers * embd * 4 * 16  # fp32, blocks of 16 tokens
+    blocks, loaded = kv // block, params * 4 + kv
+    note = " ".join(DOCS[DOCS.index("### Sizing a repository"):DOCS.index("## Autoscaling")].split())
+    assert f"| weights, fp32 | {weights / 2**20:.1f} MiB " in note
+    assert (f"| {kv / 2**20:.0f} MiB: {blocks} blocks of 16 tokens = {blocks * 16:,} tokens, "
+            f"{blocks * 16 / 1024:.1f} full-context sequences |") in note
+    assert f"| together | {loaded / 2**20:.1f} MiB |" in note
+    assert (f"holds {budget // loaded} such models loaded at once ({budget / 2**30:.0f} GiB / "
+            f"{loaded / 2**20:.1f} MiB = {budget / loaded:.1f})") in note
+    assert f"The container's limit, {limit / 2**30:.0f}Gi, is the budget plus " \
+           f"{(limit - budget) / 2**30:.0f} GiB" in note
+    assert f"so {limit // memory:.0f} fit under {limit / 2**30:.0f}Gi" in note
+    assert f"cap the service at {limit // loaded:.0f} TrainedModels" in note
+    full = 2 * layers * 1024 * embd * 4  # the default cache: --max_batch_size full sequences
+    batch = int(flag(args, "max_batch_size"))
+    assert f"{batch * full / 1e9:.1f} GB for {batch}) would hold {20 * batch * full / 1e9:.0f} GB" \
+        in note
+
+
+def _supports_repositories() -> bool:
+    import contextlib
+    import io
+
+    from gpt2serve.cli import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            build_parser().parse_args(["serve", "--memory_budget=1GiB", "--load_models=none"])
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _supports_repositories(), reason="the server has no repository flags yet")
+def test_multi_model_pod_simulation(tmp_path):
+    """The multi-model pod as KServe runs it: our container with the runtime's args and an
+    empty /mnt/models, Ready with no model; then the agent's calls exactly as it makes them
+    (pkg/agent/puller.go): the folder downloaded with a SUCCESS.<sha256> file, POST load with
+    the body {} and no key; on delete, the folder removed first, then POST unload."""
+    isvc = next(iter(MULTI.values()))
+    container = serving_container(isvc)
+    mnt = tmp_path / "mnt" / "models"
+    mnt.mkdir(parents=True)
+    port = free_port()
+    args = [a.replace("/mnt/models", str(mnt)) for a in container["args"]]
+    args = [a for a in args if not a.startswith(("--memory_budget=", "--kv_cache_memory="))]
+    args += ["--memory_budget=1GiB", "--kv_cache_memory=8MiB", f"--http_port={port}"]
+    env = {e["name"]: e.get("value", "test-key") for e in container["env"]}
+    srv = ServerProcess(*args, env=env)
+    srv.port, srv.url = port, f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer test-key"}
+    name = next(iter(TRAINED))
+    try:
+        ready = container["readinessProbe"]["httpGet"]["path"]
+        for _ in range(600):
+            assert srv.proc.poll() is None, "the server exited with an empty repository"
+            try:
+                if httpx.get(srv.url + ready, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("not Ready with an empty repository: KServe would place no TrainedModel")
+        # The agent's download, then its load.
+        make_hf_model(mnt / name)
+        (mnt / name / f"SUCCESS.{'0' * 64}").write_text(json.dumps(
+            TRAINED[name]["spec"]["model"]))
+        agent = f"http://localhost:{port}/v2/repository/models/{name}"
+        r = httpx.post(f"{agent}/load", content="{}",
+                       headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text
+        index = httpx.post(f"{srv.url}/v2/repository/index", headers=auth, timeout=10).json()
+        assert {"name": name, "state": "READY"}.items() <= next(
+            m for m in index if m["name"] == name).items()
+        # The agent's own proxy forwards from 127.0.0.1 too, with X-Forwarded-For: the key it is.
+        proxied = httpx.post(f"{agent}/load", content="{}", timeout=60,
+                             headers={"content-type": "application/json",
+                                      "x-forwarded-for": "10.0.0.7"})
+        assert proxied.status_code == 401
+        sample = (DEPLOY / "kserve" / "sample.json").read_text()
+        r = httpx.post(f"{srv.url}/v1/models/{name}:predict", content=sample, headers=auth,
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["predictions"][0].startswith("ROMEO:"), r.text
+        # kubectl delete trainedmodel: the folder goes first, then the unload.
+        shutil.rmtree(mnt / name)
+        r = httpx.post(f"{agent}/unload", content="{}",
+                       headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{srv.url}/v1/models/{name}:predict", content=sample, headers=auth,
+                       timeout=60)
+        assert r.status_code == 404, r.text
+        index = httpx.post(f"{srv.url}/v2/repository/index", headers=auth, timeout=10).json()
+        assert name not in {m["name"] for m in index}
+    finally:
+        srv.stop()
+
+
 # ---- the docs, as written ------------------------------------------------------------------
 
 def images() -> list[str]:
@@ -400,16 +622,16 @@ def test_images_use_the_docs_registry_variable():
 
 
 def test_docs_call_the_services_by_their_names():
-    names = set(ISVCS) | {LEGACY["metadata"]["name"]}
+    names = set(ISVCS) | {LEGACY["metadata"]["name"]} | set(TRAINED)  # TrainedModels: served names
     called = re.findall(r"/v1/models/([\w-]+):predict", DOCS)
     called += re.findall(r'"model": "([\w-]+)"', DOCS)
     called += re.findall(r"inferenceservice[ /]([\w-]+)", DOCS)
     called += re.findall(r"Host: ([\w-]+)\.default\.", DOCS)
     called += re.findall(r"svc/([\w-]+)-predictor", DOCS)
     assert called and set(called) <= names, set(called) - names
-    assert set(ISVCS) <= set(called)  # each service has its own call in the docs
-    for rt in RUNTIMES.values():  # the served model name is the InferenceService's
-        assert "--model_name={{.Name}}" in rt["spec"]["containers"][0]["args"]
+    assert set(ISVCS) | set(TRAINED) <= set(called)  # each service and model has its own call
+    for isvc in SINGLE.values():  # the served model name is the InferenceService's
+        assert "--model_name={{.Name}}" in runtime_of(isvc)["spec"]["containers"][0]["args"]
 
 
 def test_docs_name_the_minimum_versions():

