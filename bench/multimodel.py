@@ -1,0 +1,260 @@
+"""Many models in one server: a repository of 20 GPT-2 124M-shape folders (random weights,
+each distinct) under a 4 GiB memory budget.
+
+  cycle     requests cycle over all 20 models (each load past the budget unloads the least
+            recently used): errors, whether each model answers its own greedy text every time,
+            and the cold load time of a model (gpt2serve_model_load_seconds);
+  hot       16 clients on one model, then 16 clients spread over 4 loaded models, in the same
+            run: tok/s and the ratio;
+  fair      time to first token of a lone request to model B, alone and while model A serves
+            16 streams;
+  loops     (--compare-loops, in process) the same fairness and throughput with one step thread
+            for both models (what the server does) and with one engine thread per model, the
+            cores split between them.
+
+    python bench/multimodel.py [--models 20] [--budget 4GiB] [--duration 30] [--compare-loops]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import re
+import shutil
+import statistics
+import sys
+import time
+
+import httpx
+
+from common import CACHE, SHARED, gpt2_124m, host_isa, prompts, read_bandwidth
+from serving import openai_stream, run_level, start
+
+PORT = 8411
+URL = f"http://127.0.0.1:{PORT}"
+
+
+def repository(count: int):
+    """`count` folders of GPT-2 124M's shape, each its own seeded random weights."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base = gpt2_124m()
+    root = CACHE / f"repository-{count}"
+    with safe_open(base / "model.safetensors", "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    for i in range(count):
+        folder = root / f"gpt2-{i:02d}"
+        if (folder / "model.safetensors").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(1000 + i)
+        tensors = {}
+        for name, shape in shapes.items():
+            if name.endswith((".bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                t = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+            else:
+                t = torch.randn(shape, generator=g) * 0.02
+            tensors[name] = t.contiguous()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        for name in ("config.json", "vocab.json", "merges.txt"):
+            shutil.copy(base / name, folder / name)
+    return root
+
+
+def metric_values(name: str) -> dict[str, float]:
+    """model -> value of a per-model series on the server's /metrics."""
+    out = {}
+    for line in httpx.get(f"{URL}/metrics").text.splitlines():
+        m = re.match(rf'^{name}\{{.*model="([^"]+)".*\}} ([0-9.e+-]+)$', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+async def greedy(client, model: str, prompt: str) -> str:
+    r = await client.post(f"{URL}/v1/models/{model}:predict", json={"instances": [{
+        "prompt": prompt, "max_new_tokens": 8, "temperature": 0, "ignore_eos": True}]})
+    r.raise_for_status()
+    return r.json()["predictions"][0]
+
+
+async def cycle(names: list[str], passes: int, prompt: str) -> dict:
+    errors, texts = 0, {}
+    mismatched = set()
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as client:
+        for _ in range(passes):
+            for name in names:
+                try:
+                    text = await greedy(client, name, prompt)
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
+                if texts.setdefault(name, text) != text:
+                    mismatched.add(name)
+    loads = metric_values("gpt2serve_model_load_seconds_sum")
+    counts = metric_values("gpt2serve_model_load_seconds_count")
+    per_load = [loads[m] / counts[m] for m in loads if counts.get(m)]
+    return {"requests": passes * len(names), "errors": errors,
+            "distinct_texts": len(set(texts.values())), "models": len(names),
+            "same_text_on_every_visit": not mismatched, "loads": int(sum(counts.values())),
+            "load_s_median": round(statistics.median(per_load), 3),
+            "load_s_max": round(max(per_load), 3), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+async def spread(models: list[str], clients: int, duration: float, tokens: int,
+                 prompt_list: list[str]) -> float:
+    """tok/s of `clients` streaming clients whose requests go round the `models`."""
+    turn = itertools.cycle(models)
+
+    async def call(client, url, prompt, n, _model):
+        return await openai_stream(client, url, prompt, n, next(turn))
+
+    level = await run_level(call, f"{URL}/openai/v1/completions", None, clients, duration,
+                            tokens, prompt_list)
+    return level.throughput
+
+
+async def fair(a: str, b: str, prompt_list: list[str], probes: int = 8) -> dict:
+    url = f"{URL}/openai/v1/completions"
+    async with httpx.AsyncClient(timeout=600) as client:
+        alone = [(await openai_stream(client, url, prompt_list[0], 4, b))[1]
+                 for _ in range(probes)]
+        hogs = [asyncio.create_task(openai_stream(client, url, prompt_list[i + 1], 2000, a))
+                for i in range(16)]
+        await asyncio.sleep(3.0)
+        busy = []
+        for _ in range(probes):
+            busy.append((await openai_stream(client, url, prompt_list[0], 4, b))[1])
+            await asyncio.sleep(0.2)
+        for hog in hogs:
+            hog.cancel()
+        await asyncio.gather(*hogs, return_exceptions=True)
+    return {"ttft_b_alone_ms": round(1000 * statistics.median(alone), 1),
+            "ttft_b_beside_16_on_a_ms": round(1000 * statistics.median(busy), 1),
+            "ratio": round(statistics.median(busy) / statistics.median(alone), 2)}
+
+
+def compare_loops(folder, threads: int, prompt_ids: list[list[int]]) -> dict:
+    """In process, two engines of the same model: model A with 16 streams, B's lone requests;
+    on one shared step thread, then on one thread each with the cores split."""
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine, EngineConfig, Prompt
+    from gpt2serve.engine.step_loop import StepLoop
+    from gpt2serve.sampling import SamplingParams
+
+    long = SamplingParams.from_dict({"max_new_tokens": 2000, "ignore_eos": True,
+                                     "temperature": 0})
+    short = SamplingParams.from_dict({"max_new_tokens": 1, "temperature": 0})
+
+    def engines(shared: bool):
+        import torch
+        torch.set_num_threads(1)
+        loop = StepLoop(threads) if shared else None
+        out = []
+        for name in ("A", "B"):
+            model, tok = checkpoint.load(folder)
+            config = EngineConfig(max_batch_size=16, threads=threads if shared else
+                                  max(1, threads // 2), kv_cache_memory=600 * 2**20)
+            out.append(Engine(model, tok, config, name=name, loop=loop))
+        return out
+
+    async def measure(a, b) -> dict:
+        async def first_token(engine, ids, params):
+            t0 = time.perf_counter()
+            async for _ in engine.stream(engine.submit([Prompt(ids, params)])):
+                return time.perf_counter() - t0
+
+        alone = [await first_token(b, prompt_ids[0], short) for _ in range(8)]
+        tokens = 0
+
+        async def hog(ids):
+            nonlocal tokens
+            async for _ in a.stream(a.submit([Prompt(ids, long)])):
+                tokens += 1
+
+        hogs = [asyncio.create_task(hog(prompt_ids[i + 1])) for i in range(16)]
+        await asyncio.sleep(3.0)
+        t0, start_tokens = time.perf_counter(), tokens
+        busy = []
+        for _ in range(8):
+            busy.append(await first_token(b, prompt_ids[0], short))
+            await asyncio.sleep(0.2)
+        a_rate = (tokens - start_tokens) / (time.perf_counter() - t0)
+        for h in hogs:
+            h.cancel()
+        await asyncio.gather(*hogs, return_exceptions=True)
+        return {"ttft_b_alone_ms": round(1000 * statistics.median(alone), 1),
+                "ttft_b_beside_16_on_a_ms": round(1000 * statistics.median(busy), 1),
+                "a_tok_s_meanwhile": round(a_rate, 1)}
+
+    results = {}
+    for shared in (True, False):
+        a, b = engines(shared)
+        try:
+            results["one step thread" if shared else "a thread per model"] = asyncio.run(
+                measure(a, b))
+        finally:
+            a.stop()
+            b.stop()
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=int, default=20)
+    p.add_argument("--budget", default="4GiB")
+    p.add_argument("--kv", default="256MiB", help="--kv_cache_memory per model")
+    p.add_argument("--passes", type=int, default=2, help="rounds of the 20-model cycle")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per throughput run")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compare-loops", action="store_true")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    root = repository(args.models)
+    names = sorted(d.name for d in root.iterdir())[:args.models]
+    ids = prompts(40)
+    from gpt2serve.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(SHARED / "gpt2-tokenizer")
+    texts = [tok.decode(i) for i in ids]
+    print(f"{host_isa()}; measured read bandwidth {read_bandwidth() / 1e9:.1f} GB/s; "
+          f"{args.models} GPT-2 124M-shape fp32 models, budget {args.budget}, "
+          f"{args.kv} KV each, {args.threads} threads", flush=True)
+    results: dict = {}
+    for f in root.iterdir():  # warm the page cache, as the issue's figure asks
+        (f / "model.safetensors").read_bytes()
+    cmd = [sys.executable, "-m", "gpt2serve.cli", "serve", "--model_dir", str(root),
+           "--http_port", str(PORT), "--enable_grpc", "false", "--memory_budget", args.budget,
+           "--kv_cache_memory", args.kv, "--max_batch_size", "16", "--load_models", "none",
+           "--threads", str(args.threads), "--load_timeout", "120"]
+    proc = start(cmd, f"{URL}/v2/health/ready")
+    try:
+        results["cycle"] = asyncio.run(cycle(names, args.passes, texts[0]))
+        print("cycle:", json.dumps(results["cycle"]), flush=True)
+        one = asyncio.run(spread(names[:1], 16, args.duration, args.tokens, texts))
+        four = asyncio.run(spread(names[:4], 16, args.duration, args.tokens, texts))
+        one_again = asyncio.run(spread(names[:1], 16, args.duration, args.tokens, texts))
+        base = statistics.mean([one, one_again])
+        results["hot"] = {"one_model_tok_s": round(base, 1), "four_models_tok_s": round(four, 1),
+                          "ratio": round(four / base, 2)}
+        print("hot:", json.dumps(results["hot"]), flush=True)
+        results["fair"] = asyncio.run(fair(names[0], names[1], texts))
+        print("fair:", json.dumps(results["fair"]), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    if args.compare_loops:
+        results["loops"] = compare_loops(gpt2_124m(), args.threads, ids)
+        print("loops:", json.dumps(results["loops"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
