@@ -243,7 +243,7 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, chun
     if kernels.F32_RUNS:
         assert {"plan", "plan-unscreened"} <= {name for name, _, _ in runners}
     ties, int8_same = collections.Counter(), collections.Counter()
-    hits = metrics.PREFIX_CACHE_HITS._value.get()
+    hits = metrics.PREFIX_CACHE_HITS.labels("")._value.get()
     for seed in chunk:
         mix = draw_mix(random.Random(seed), ids, vocab)
         want = {w: reference(e, mix) for w, e in references.items()}
@@ -261,6 +261,6 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, chun
     print("sequences that took another token at a near tie, by runner:", dict(ties),
           "; int8 sequences with the reference's tokens:", dict(int8_same))
     assert sum(ties.values()) <= len(chunk) // 10  # near ties are rare in a trained model
-    assert metrics.PREFIX_CACHE_HITS._value.get() > hits  # prefixes were read from the cache
+    assert metrics.PREFIX_CACHE_HITS.labels("")._value.get() > hits  # prefixes were read from the cache
     if int8_same:
         assert int8_same[True] >= INT8_AGREEMENT * sum(int8_same.values())

@@ -302,16 +302,18 @@ class _Newcomers:
     def read(self) -> None:  # nothing may be retired here
         if self.arrivals is not None:
             self.arrivals()
-        if self.seconds:
+        waiting = [e for e in (self.engine, *self.neighbours)
+                   if e.scheduler.waiting and not e._stopping]
+        if self.seconds or not waiting:
             return
         t = time.perf_counter()
-        if self.engine.scheduler.waiting:
-            self.engine._read_newcomers(self.budget)
-        for other in self.neighbours:
-            if other.scheduler.waiting and not other._stopping:
-                try:  # the neighbour's failure is its own, not this step's
-                    other._read_newcomers(other.scheduler.budget.tokens(True))
-                except Exception:
-                    log.exception("engine step failed")
-                    other._fail(EngineError())
+        for engine in waiting:
+            if engine is self.engine:
+                engine._read_newcomers(self.budget)
+                continue
+            try:  # a neighbour's failure is its own, not this step's
+                engine._read_newcomers(engine.scheduler.budget.tokens(True))
+            except Exception:
+                log.exception("engine step failed")
+                engine._fail(EngineError())
         self.seconds = time.perf_counter() - t
