@@ -220,12 +220,14 @@ class Engine:
 
     # ---- step thread ----------------------------------------------------------------------
 
-    def step(self, arrivals: Callable[[], None] | None = None) -> None:
+    def step(self, arrivals: Callable[[], None] | None = None,
+             neighbours: list[Engine] = ()) -> None:
         """One step on the caller's thread (`threaded=False`), so that tests fix the schedule:
         they submit arrivals between steps, and `arrivals` runs between two layers of the
-        step's pass (where prompts that arrive during a pass are read), and may submit more."""
+        step's pass (where prompts that arrive during a pass, for this engine or its
+        `neighbours`, are read), and may submit more."""
         with torch.inference_mode():
-            self._step(arrivals)
+            self._step(arrivals, neighbours)
 
     def _step(self, arrivals: Callable[[], None] | None = None,
               neighbours: list[Engine] = ()) -> None:

@@ -44,6 +44,7 @@ from kserve.model_repository import ModelRepository
 
 from .. import checkpoint, hardware, metrics
 from ..engine import Engine, EngineConfig
+from ..engine.kv_cache import KVBudgetError
 from ..engine.step_loop import StepLoop
 from ..model import KVCache
 
@@ -107,6 +108,7 @@ class Entry:
     measured: int | None = None  # what its last load held
     last_used: float = 0.0
     held: bool = False  # unloaded through the API
+    waiters: int = 0  # requests waiting in `engine()` for it: not idle, though not yet queued
     loading: asyncio.Task | None = None
 
 
@@ -215,6 +217,14 @@ class Repository(ModelRepository):
         if entry is None:
             raise ModelNotFound(name)
         deadline = time.monotonic() + self.load_timeout
+        entry.waiters += 1
+        try:
+            return await self._wait_for(entry, deadline)
+        finally:
+            entry.waiters -= 1
+
+    async def _wait_for(self, entry: Entry, deadline: float) -> Engine:
+        name = entry.name
         while True:
             if entry.held:
                 raise ModelUnloaded(name)
@@ -393,7 +403,7 @@ class Repository(ModelRepository):
             if not loaded:
                 raise ModelUnavailable("the memory budget is held by models loading or "
                                        "unloading; try again")
-            idle = [e for e in loaded if not e.engine.scheduler.busy]
+            idle = [e for e in loaded if not e.engine.scheduler.busy and not e.waiters]
             await self._unload((idle or loaded)[0], "memory")
 
     async def _unload(self, entry: Entry, reason: str) -> None:
@@ -485,7 +495,11 @@ def default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * GPU_BUDGET_SHARE)
-    return int(hardware.memory_available() * CPU_BUDGET_SHARE)
+    available = hardware.memory_available()
+    if available is None:
+        raise KVBudgetError("cannot tell how much memory this container may use: give "
+                            "--memory_budget")
+    return int(available * CPU_BUDGET_SHARE)
 
 
 def settings_of(device: str, dtype: str, quantize: str, threads: int | None) -> LoadSettings:
