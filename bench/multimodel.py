@@ -8,11 +8,12 @@ each distinct) under a 4 GiB memory budget.
             run: tok/s and the ratio;
   fair      time to first token of a lone request to model B, alone and while model A serves
             16 streams;
-  loops     (--compare-loops, in process) the same fairness and throughput with one step thread
+  loops     (in process) the same fairness and throughput with one step thread
             for both models (what the server does) and with one engine thread per model, the
             cores split between them.
 
-    python bench/multimodel.py [--models 20] [--budget 4GiB] [--duration 30] [--compare-loops]
+    python bench/multimodel.py [--models 20] [--budget 4GiB] [--duration 30]
+                               [--parts cycle hot fair loops]
 """
 
 from __future__ import annotations
@@ -119,24 +120,56 @@ async def spread(models: list[str], clients: int, duration: float, tokens: int,
     return level.throughput
 
 
-async def fair(a: str, b: str, prompt_list: list[str], probes: int = 8) -> dict:
-    url = f"{URL}/openai/v1/completions"
-    async with httpx.AsyncClient(timeout=600) as client:
-        alone = [(await openai_stream(client, url, prompt_list[0], 4, b))[1]
-                 for _ in range(probes)]
-        hogs = [asyncio.create_task(openai_stream(client, url, prompt_list[i + 1], 2000, a))
-                for i in range(16)]
-        await asyncio.sleep(3.0)
-        busy = []
-        for _ in range(probes):
-            busy.append((await openai_stream(client, url, prompt_list[0], 4, b))[1])
-            await asyncio.sleep(0.2)
-        for hog in hogs:
-            hog.cancel()
-        await asyncio.gather(*hogs, return_exceptions=True)
+HOG_TOKENS = 200  # 16 such streams fit a 256 MiB KV cache of GPT-2 124M
+
+
+async def beside_hogs(hog, probe, generated, probes: int = 8
+                      ) -> tuple[list[float], list[float], float]:
+    """TTFTs of `probe()` alone, then while 16 clients keep streams on the other model
+    (`hog()`, each client asking again as soon as its stream ends); and the other model's
+    tok/s meanwhile (`generated()`: its tokens so far)."""
+    alone = [await probe() for _ in range(probes)]
+    stop = asyncio.Event()
+
+    async def client():
+        while not stop.is_set():
+            await hog()
+
+    hogs = [asyncio.create_task(client()) for _ in range(16)]
+    await asyncio.sleep(3.0)  # all 16 streaming
+    t0, before = time.perf_counter(), await generated()
+    busy = []
+    for _ in range(probes):
+        busy.append(await probe())
+        await asyncio.sleep(0.2)
+    rate = (await generated() - before) / (time.perf_counter() - t0)
+    stop.set()
+    await asyncio.gather(*hogs)
+    return alone, busy, rate
+
+
+def ttft_row(alone: list[float], busy: list[float], rate: float) -> dict:
     return {"ttft_b_alone_ms": round(1000 * statistics.median(alone), 1),
             "ttft_b_beside_16_on_a_ms": round(1000 * statistics.median(busy), 1),
-            "ratio": round(statistics.median(busy) / statistics.median(alone), 2)}
+            "ratio": round(statistics.median(busy) / statistics.median(alone), 2),
+            "a_tok_s_meanwhile": round(rate, 1)}
+
+
+async def fair(a: str, b: str, prompt_list: list[str]) -> dict:
+    url = f"{URL}/openai/v1/completions"
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def probe():
+            return (await openai_stream(client, url, prompt_list[0], 4, b))[1]
+
+        async def hog():
+            return (await openai_stream(client, url, prompt_list[1], HOG_TOKENS, a))[2]
+
+        async def generated():
+            return (await asyncio.to_thread(metric_values,
+                                            "gpt2serve_generated_tokens_total")).get(a, 0.0)
+
+        await probe()  # b loaded
+        return ttft_row(*await beside_hogs(hog, probe, generated))
 
 
 def compare_loops(folder, threads: int, prompt_ids: list[list[int]]) -> dict:
@@ -147,7 +180,7 @@ def compare_loops(folder, threads: int, prompt_ids: list[list[int]]) -> dict:
     from gpt2serve.engine.step_loop import StepLoop
     from gpt2serve.sampling import SamplingParams
 
-    long = SamplingParams.from_dict({"max_new_tokens": 2000, "ignore_eos": True,
+    long = SamplingParams.from_dict({"max_new_tokens": HOG_TOKENS, "ignore_eos": True,
                                      "temperature": 0})
     short = SamplingParams.from_dict({"max_new_tokens": 1, "temperature": 0})
 
@@ -159,38 +192,24 @@ def compare_loops(folder, threads: int, prompt_ids: list[list[int]]) -> dict:
         for name in ("A", "B"):
             model, tok = checkpoint.load(folder)
             config = EngineConfig(max_batch_size=16, threads=threads if shared else
-                                  max(1, threads // 2), kv_cache_memory=600 * 2**20)
+                                  max(1, threads // 2), kv_cache_memory=256 * 2**20)
             out.append(Engine(model, tok, config, name=name, loop=loop))
         return out
 
     async def measure(a, b) -> dict:
-        async def first_token(engine, ids, params):
+        async def probe():
             t0 = time.perf_counter()
-            async for _ in engine.stream(engine.submit([Prompt(ids, params)])):
+            async for _ in b.stream(b.submit([Prompt(prompt_ids[0], short)])):
                 return time.perf_counter() - t0
 
-        alone = [await first_token(b, prompt_ids[0], short) for _ in range(8)]
-        tokens = 0
+        async def hog():
+            async for _ in a.stream(a.submit([Prompt(prompt_ids[1], long)])):
+                pass
 
-        async def hog(ids):
-            nonlocal tokens
-            async for _ in a.stream(a.submit([Prompt(ids, long)])):
-                tokens += 1
+        async def generated():
+            return a.metrics.tokens_generated._value.get()
 
-        hogs = [asyncio.create_task(hog(prompt_ids[i + 1])) for i in range(16)]
-        await asyncio.sleep(3.0)
-        t0, start_tokens = time.perf_counter(), tokens
-        busy = []
-        for _ in range(8):
-            busy.append(await first_token(b, prompt_ids[0], short))
-            await asyncio.sleep(0.2)
-        a_rate = (tokens - start_tokens) / (time.perf_counter() - t0)
-        for h in hogs:
-            h.cancel()
-        await asyncio.gather(*hogs, return_exceptions=True)
-        return {"ttft_b_alone_ms": round(1000 * statistics.median(alone), 1),
-                "ttft_b_beside_16_on_a_ms": round(1000 * statistics.median(busy), 1),
-                "a_tok_s_meanwhile": round(a_rate, 1)}
+        return ttft_row(*await beside_hogs(hog, probe, generated))
 
     results = {}
     for shared in (True, False):
@@ -213,7 +232,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds per throughput run")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compare-loops", action="store_true")
+    p.add_argument("--parts", nargs="+", choices=["cycle", "hot", "fair", "loops"],
+                   default=["cycle", "hot", "fair", "loops"])
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     root = repository(args.models)
@@ -234,21 +254,26 @@ def main() -> None:
            "--threads", str(args.threads), "--load_timeout", "120"]
     proc = start(cmd, f"{URL}/v2/health/ready")
     try:
-        results["cycle"] = asyncio.run(cycle(names, args.passes, texts[0]))
-        print("cycle:", json.dumps(results["cycle"]), flush=True)
-        one = asyncio.run(spread(names[:1], 16, args.duration, args.tokens, texts))
-        four = asyncio.run(spread(names[:4], 16, args.duration, args.tokens, texts))
-        one_again = asyncio.run(spread(names[:1], 16, args.duration, args.tokens, texts))
-        base = statistics.mean([one, one_again])
-        results["hot"] = {"one_model_tok_s": round(base, 1), "four_models_tok_s": round(four, 1),
-                          "ratio": round(four / base, 2)}
-        print("hot:", json.dumps(results["hot"]), flush=True)
-        results["fair"] = asyncio.run(fair(names[0], names[1], texts))
-        print("fair:", json.dumps(results["fair"]), flush=True)
+        if "cycle" in args.parts:
+            results["cycle"] = asyncio.run(cycle(names, args.passes, texts[0]))
+            print("cycle:", json.dumps(results["cycle"]), flush=True)
+        if "hot" in args.parts:
+            asyncio.run(cycle(names[:4], 1, texts[0]))  # the four loaded, before timing
+            one = asyncio.run(spread(names[:1], 16, args.duration, args.tokens, texts))
+            four = asyncio.run(spread(names[:4], 16, args.duration, args.tokens, texts))
+            one_again = asyncio.run(spread(names[:1], 16, args.duration, args.tokens, texts))
+            base = statistics.mean([one, one_again])
+            results["hot"] = {"one_model_tok_s": round(base, 1),
+                              "four_models_tok_s": round(four, 1),
+                              "ratio": round(four / base, 2)}
+            print("hot:", json.dumps(results["hot"]), flush=True)
+        if "fair" in args.parts:
+            results["fair"] = asyncio.run(fair(names[0], names[1], texts))
+            print("fair:", json.dumps(results["fair"]), flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    if args.compare_loops:
+    if "loops" in args.parts:
         results["loops"] = compare_loops(gpt2_124m(), args.threads, ids)
         print("loops:", json.dumps(results["loops"]), flush=True)
     if args.json:
