@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
 
-from . import kernels, quantize
+from . import hardware, kernels, quantize
 from .model import GPT, Block, Conv1D, TiedHead
 
 # oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
@@ -136,9 +137,9 @@ class HeadScreen:
         d = panels.shape[1]
         q = torch.empty(n, d, dtype=torch.int8)
         scales, self.norms, self.errors = torch.empty(n), torch.empty(n), torch.empty(n)
-        step = max(1, (1 << 20) // d)  # rows of 4 MiB at a time: loading's peak memory
-        for i in range(0, n, step):
-            chunk = slice(i, min(i + step, n))
+
+        def screen(start: int) -> None:
+            chunk = slice(start, min(start + step, n))
             w = kernels.f32_columns(panels, torch.arange(chunk.start, chunk.stop))
             qw, scales[chunk] = quantize.quantize_rows(w)
             q[chunk] = qw.int_repr()
@@ -146,6 +147,14 @@ class HeadScreen:
             self.norms[chunk] = torch.linalg.vector_norm(w, dim=1)
             w -= q[chunk] * scales[chunk, None]
             self.errors[chunk] = torch.linalg.vector_norm(w, dim=1)
+
+        # Rows of 4 MiB at a time (loading's peak memory), on every core, each worker on one
+        # intra-op thread as checkpoint.build_model's: a model loaded while others serve is
+        # ready the sooner.
+        step = max(1, (1 << 20) // d)
+        with ThreadPoolExecutor(hardware.default_threads(), initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            list(pool.map(screen, range(0, n, step)))
         self.packed, self.sums = kernels.pack_int8(q)
         self.scales = torch.zeros(self.sums.shape[0])  # padded like the packed rows
         self.scales[:n] = scales
