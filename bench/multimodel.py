@@ -8,12 +8,14 @@ each distinct) under a 4 GiB memory budget.
             run: tok/s and the ratio;
   fair      time to first token of a lone request to model B, alone and while model A serves
             16 streams;
+  engines   (in process) four engines on one step thread: tok/s of one model with 16 streams,
+            four models with 4 each, one model with 4 (what a step at batch 4 costs);
   loops     (in process) the same fairness and throughput with one step thread
             for both models (what the server does) and with one engine thread per model, the
             cores split between them.
 
     python bench/multimodel.py [--models 20] [--budget 4GiB] [--duration 30]
-                               [--parts cycle hot fair loops]
+                               [--parts cycle hot fair engines loops]
 """
 
 from __future__ import annotations
@@ -223,6 +225,45 @@ def compare_loops(folder, threads: int, prompt_ids: list[list[int]]) -> dict:
     return results
 
 
+def hot_engines(folders: list, threads: int, prompt_ids: list[list[int]], tokens: int) -> dict:
+    """In process, without HTTP: tok/s of one model with 16 streams, of four models with 4
+    each, and of one model with 4, all on one step thread."""
+    import torch
+
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine, EngineConfig, Prompt
+    from gpt2serve.engine.step_loop import StepLoop
+    from gpt2serve.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    loop = StepLoop(threads)
+    config = EngineConfig(max_batch_size=16, kv_cache_memory=256 * 2**20)
+    engines = [Engine(*checkpoint.load(f), config, name=f.name, loop=loop) for f in folders]
+    params = SamplingParams.from_dict({"max_new_tokens": tokens, "ignore_eos": True,
+                                       "temperature": 0})
+
+    async def rate(chosen, streams: int) -> float:
+        t0, count = time.perf_counter(), 0
+
+        async def one(engine, first: int):
+            nonlocal count
+            ids = prompt_ids[first:first + streams]
+            async for _ in engine.stream(engine.submit([Prompt(i, params) for i in ids])):
+                count += 1
+
+        await asyncio.gather(*(one(e, 4 * k) for k, e in enumerate(chosen)))
+        return count / (time.perf_counter() - t0)
+
+    runs = {"one model, 16 streams": (engines[:1], 16), "four models, 4 streams each":
+            (engines, 4), "one model, 4 streams": (engines[:1], 4)}
+    try:
+        rates = {name: [asyncio.run(rate(*run)) for _ in range(3)] for name, run in runs.items()}
+    finally:
+        for engine in engines:
+            engine.stop()
+    return {name: round(statistics.median(r), 1) for name, r in rates.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=int, default=20)
@@ -232,8 +273,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds per throughput run")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parts", nargs="+", choices=["cycle", "hot", "fair", "loops"],
-                   default=["cycle", "hot", "fair", "loops"])
+    p.add_argument("--parts", nargs="+", choices=["cycle", "hot", "fair", "engines", "loops"],
+                   default=["cycle", "hot", "fair", "engines", "loops"])
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     root = repository(args.models)
@@ -273,6 +314,10 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    if "engines" in args.parts:
+        results["engines"] = hot_engines([root / n for n in names[:4]], args.threads, ids,
+                                         args.tokens)
+        print("engines:", json.dumps(results["engines"]), flush=True)
     if "loops" in args.parts:
         results["loops"] = compare_loops(gpt2_124m(), args.threads, ids)
         print("loops:", json.dumps(results["loops"]), flush=True)
