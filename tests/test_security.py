@@ -110,21 +110,30 @@ def rest_routes(srv) -> list[tuple[str, str]]:
     return sorted(routes)
 
 
+# What a request from outside the pod carries when it reaches the server on loopback, through
+# queue-proxy or KServe's agent proxy (from elsewhere it does not come from loopback at all).
+OUTSIDE = {"x-forwarded-for": "203.0.113.7"}
+
+
 def test_no_rest_route_answers_without_the_key_but_probes_metrics_and_playground(guarded):
+    """Every route but the probes, metrics and the playground's files needs the key from
+    outside the pod. (Repository load and unload from the pod itself, KServe's model agent,
+    do not: test_repository.py.)"""
     routes = rest_routes(guarded)
     assert len(routes) >= 28
     for method, path in routes:
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY},
                         {"authorization": f"Basic {KEY}"}, {"authorization": "Bearer"},
                         {"authorization": f"Bearer {KEY}x"}, {"authorization": f"Bearer\t{KEY}"}):
-            r = httpx.request(method, guarded.url + path, headers=headers, timeout=30,
-                              content=b"{}" if method == "POST" else None)
+            r = httpx.request(method, guarded.url + path, headers={**headers, **OUTSIDE},
+                              timeout=30, content=b"{}" if method == "POST" else None)
             if path in OPEN_PATHS:
                 assert r.status_code == 200, (method, path, r.status_code)
             else:
                 assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
                 assert r.headers["www-authenticate"] == "Bearer"
-    assert httpx.post(f"{guarded.url}/v2/repository/models/{MODEL}/unload").status_code == 401
+    assert httpx.post(f"{guarded.url}/v2/repository/models/{MODEL}/unload",
+                      headers=OUTSIDE).status_code == 401
     assert httpx.get(f"{guarded.url}/v2/health/ready").status_code == 200  # still loaded
 
 
