@@ -55,6 +55,8 @@ def sh(cmd: list[str], timeout: float, log: Path, env: dict | None = None) -> No
 
 def probe(python: Path, code: str) -> str:
     """What `code` prints in `python` (a version, say); Skip if it fails."""
+    if not python.exists():
+        raise Skip(f"{python} is not there")
     done = subprocess.run([str(python), "-c", code], capture_output=True, text=True,
                           cwd=ROOT / "bench")
     if done.returncode:
@@ -84,7 +86,8 @@ def base(d: Path, log: Path) -> dict:
         sh(pip(py, f"matplotlib=={pins().get('matplotlib', '3.11.2')}"), TIMEOUT_S["base"], log)
         version = probe(py, "import matplotlib; print(matplotlib.__version__)")
     if not list((ROOT / "src" / "gpt2serve").glob("_kernels*.so")):
-        sh([str(py), "setup.py", "-q", "build_ext", "--inplace"], TIMEOUT_S["base"], log)
+        # The system's setuptools: a new venv's own is too old for pyproject.toml's license.
+        sh([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], TIMEOUT_S["base"], log)
     return {"python": str(py), "version": f"matplotlib {version}"}
 
 
