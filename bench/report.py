@@ -60,6 +60,10 @@ def skipped_line(r: dict) -> str:
         f"{LABEL.get(n, n)} ({why})" for n, why in skipped.items()) + ".\n"
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else ""
 
@@ -98,9 +102,9 @@ def serving_table(r: dict) -> str:
     for name, levels in r["levels"].items():
         for i, lv in enumerate(levels):
             rows.append([LABEL.get(name, name) if i == 0 else "", str(lv["concurrency"]),
-                         f"{lv['tok_s']:.1f}", f"{lv['p50_ttft_s'] * 1000:.0f} ms",
-                         f"{lv.get('p95_ttft_s', float('nan')) * 1000:.0f} ms",
-                         f"{lv['p50_latency_s']:.3f} s", f"{lv['p95_latency_s']:.3f} s"])
+                         f"{lv['tok_s']:.1f}", duration(lv["p50_ttft_s"]),
+                         duration(lv["p95_ttft_s"]) if "p95_ttft_s" in lv else "",
+                         duration(lv["p50_latency_s"]), duration(lv["p95_latency_s"])])
     text = (f"{machine_line(r)}\nGPT-2 124M, {r['prompt_tokens']}-token prompts, "
             f"{r['new_tokens']} new greedy tokens a request, each client in a closed loop for "
             f"{r['duration_s']:g} s a level; ours and vLLM through their OpenAI streaming "
@@ -111,7 +115,7 @@ def serving_table(r: dict) -> str:
     peers = [n for n in r["levels"] if not n.startswith("gpt2serve")]
     if ours and peers:
         levels = [lv["concurrency"] for lv in r["levels"][ours[0]]]
-        rows = [["tok/s, ours / peer", *[f"{c} clients" for c in levels]],
+        rows = [["tok/s, ours / peer", *[f"{c} client{'s' if c > 1 else ''}" for c in levels]],
                 ["---"] + ["---:"] * len(levels)]
         for o in ours:
             by_c = {lv["concurrency"]: lv["tok_s"] for lv in r["levels"][o]}
@@ -125,11 +129,11 @@ def serving_table(r: dict) -> str:
 
 def long_prompt_table(r: dict) -> str:
     ttft = r.get("ttft_under_load") or {}
-    rows = [["server", "TTFT alone", "TTFT while 15 long requests stream", "ratio"],
+    rows = [["server", "TTFT alone", "TTFT while 15 long requests stream", "while / alone"],
             ["---", "---:", "---:", "---:"]]
     for name, t in ttft.items():
-        rows.append([LABEL.get(name, name), f"{t['alone_s'] * 1000:.0f} ms",
-                     f"{t['with_15_streams_s'] * 1000:.0f} ms",
+        rows.append([LABEL.get(name, name), duration(t["alone_s"]),
+                     duration(t["with_15_streams_s"]),
                      ratio(t["with_15_streams_s"], t["alone_s"])])
     return (f"{machine_line(r)}\nMedian of 10 short requests (4 new tokens) alone, then while "
             f"15 requests of 400 tokens stream.\n\n"
@@ -203,7 +207,7 @@ def plots(offline: dict | None, serving: dict | None) -> None:
         fig.savefig(ROOT / "docs" / "bench-throughput.png", dpi=110)
         plt.close(fig)
 
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(9, 4.2))
         for i, (name, rows) in enumerate(serving["levels"].items()):
             color = f"C{i}"
             xs = [r["concurrency"] for r in rows]
@@ -220,7 +224,7 @@ def plots(offline: dict | None, serving: dict | None) -> None:
         ax.set_xticks(sorted({r["concurrency"] for rows in serving["levels"].values()
                               for r in rows}))
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         fig.savefig(ROOT / "docs" / "bench-ttft.png", dpi=110)
         plt.close(fig)
@@ -234,7 +238,8 @@ def plots(offline: dict | None, serving: dict | None) -> None:
         colors = ["C0" if n in OURS else "C7" for n in names]
         ax.barh(range(len(names)), [tok[n] for n in names], color=colors)
         for i, n in enumerate(names):
-            ax.text(tok[n], i, f" {tok[n]:.0f}", va="center", fontsize=8)
+            ax.text(tok[n] - 2, i, f"{tok[n]:.0f}", va="center", ha="right", fontsize=8,
+                    color="white", fontweight="bold")
             if bw and n in nbytes:
                 ceiling = bw * 1e9 / nbytes[n]
                 ax.plot([ceiling, ceiling], [i - 0.4, i + 0.4], color="C3", linewidth=2.5,
@@ -244,7 +249,7 @@ def plots(offline: dict | None, serving: dict | None) -> None:
         ax.set_yticklabels([LABEL.get(n, n).replace("`", "") for n in names], fontsize=8)
         ax.set_xlabel("tokens/s at batch 1 (greedy, 64 new tokens)")
         cap = offline["machine"].get("cap", "none")
-        ax.set_title(f"GPT-2 124M on {offline['machine']['cpu'].split('@')[0].strip()}, "
+        ax.set_title(f"GPT-2 124M, batch 1\n{offline['machine']['cpu'].split('@')[0].strip()}, "
                      f"{offline['machine']['threads']} threads"
                      f"{'' if cap == 'none' else ', capped at AVX2'}"
                      + (f", {bw} GB/s read" if bw else ""), fontsize=10)
