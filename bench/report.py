@@ -57,7 +57,7 @@ def skipped_line(r: dict) -> str:
     if not skipped:
         return ""
     return "\nNot in this table: " + "; ".join(
-        f"{LABEL.get(n, n)} ({why})" for n, why in skipped.items()) + ".\n"
+        f"{LABEL.get(n, n)}: {why}" for n, why in skipped.items()) + ".\n"
 
 
 def duration(seconds: float) -> str:
