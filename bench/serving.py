@@ -5,6 +5,7 @@ p50/p95 latency and p50/p95 time to first token per concurrency level and the ra
 writes them to bench/results/serving.json (bench/report.py makes the tables and plots).
 
     python bench/serving.py [--levels 1 4 8 16] [--duration 20] [--tokens 32] [--int8]
+                            [--rounds 3]
 
 `--sampling` instead measures our server alone, through V1 `:predict` as aitextgen's users call
 it, in each sampling mode one after the other on the same server process: greedy, the V1
@@ -117,7 +118,7 @@ def sampling_modes(args) -> None:
             for c in args.levels:
                 tok_s: dict[str, list[float]] = {mode: [] for mode in SAMPLING_MODES}
                 # Rounds of every mode in turn, so that the machine's drift hits all alike.
-                for r in range(args.rounds):
+                for r in range(args.rounds or 3):
                     for mode, fields in SAMPLING_MODES.items():
                         level = asyncio.run(run_level(v1_sampling(fields), url, MODEL, c,
                                                       args.duration, args.tokens, texts))
@@ -241,7 +242,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     p.add_argument("--sampling", action="store_true",
                    help="our server only, greedy vs the V1 sampling defaults vs top_p 0.9")
-    p.add_argument("--rounds", type=int, default=3, help="with --sampling: rounds of the modes")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of every server in turn (the order reversed every other round), "
+                        "each figure the median of the rounds (default 1); with --sampling: "
+                        "rounds of the modes (default 3)")
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="avx2: start every server capped at AVX2 (hardware.AVX2_CAP_ENV)")
     args = p.parse_args()
@@ -253,41 +257,63 @@ def main() -> None:
         return
     folder = gpt2_124m()
     prompt_list = prompts(64)
-    results: dict[str, list[dict]] = {}
-    ttft: dict[str, dict] = {}
+    runs: dict[str, list[list[dict]]] = {}
+    probes: dict[str, list[tuple[float, float]]] = {}
     skipped: dict[str, str] = {}
-    for name, cmd, ready, call, url, model in servers(folder, args.server_args, args.int8,
-                                                      args.vllm_python, skipped=skipped):
-        try:
-            proc = start(cmd, ready, caps(args))
-        except (RuntimeError, TimeoutError) as e:
-            if name.startswith("gpt2serve"):
-                raise
-            skipped[name] = f"did not start: {str(e).strip().splitlines()[-1][:300]}"
-            print(f"{name}: skipped ({skipped[name]})", flush=True)
-            continue
-        try:
-            asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))
-            rows = []
-            for c in args.levels:
-                level = asyncio.run(run_level(call, url, model, c, args.duration, args.tokens,
-                                              prompt_list))
-                rows.append(level.row())
-                print(f"{name:28s} {json.dumps(rows[-1])}", flush=True)
-            if call is openai_stream:
-                alone, busy = asyncio.run(ttft_under_load(call, url, model, prompt_list))
-                ttft[name] = {"alone_s": round(alone, 4), "with_15_streams_s": round(busy, 4)}
-                print(f"{name:28s} time to first token: alone {alone * 1000:.0f} ms, while 15 "
-                      f"others stream {busy * 1000:.0f} ms ({busy / alone:.2f}x)", flush=True)
-            results[name] = rows
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    entries = list(servers(folder, args.server_args, args.int8, args.vllm_python,
+                           skipped=skipped))
+    rounds = args.rounds or 1
+    for r in range(rounds):
+        if rounds > 1:
+            print(f"round {r + 1} of {rounds}", flush=True)
+        # The order reversed every other round, as offline.py does: this VM's speed drifts.
+        for name, cmd, ready, call, url, model in entries if r % 2 == 0 else entries[::-1]:
+            if name in skipped:
+                continue
+            try:
+                proc = start(cmd, ready, caps(args))
+            except (RuntimeError, TimeoutError) as e:
+                if name.startswith("gpt2serve"):
+                    raise
+                skipped[name] = f"did not start: {str(e).strip().splitlines()[-1][:300]}"
+                print(f"{name}: skipped ({skipped[name]})", flush=True)
+                continue
+            try:
+                asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))
+                rows = []
+                for c in args.levels:
+                    level = asyncio.run(run_level(call, url, model, c, args.duration,
+                                                  args.tokens, prompt_list))
+                    rows.append(level.row())
+                    print(f"{name:28s} {json.dumps(rows[-1])}", flush=True)
+                runs.setdefault(name, []).append(rows)
+                if call is openai_stream:
+                    alone, busy = asyncio.run(ttft_under_load(call, url, model, prompt_list))
+                    probes.setdefault(name, []).append((alone, busy))
+                    print(f"{name:28s} time to first token: alone {alone * 1000:.0f} ms, while "
+                          f"15 others stream {busy * 1000:.0f} ms ({busy / alone:.2f}x)",
+                          flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    # Each figure the median of the rounds.
+    results = {name: [{k: (statistics.median(rs[i][k] for rs in rows) if k != "concurrency"
+                           else v) for k, v in row.items()} for i, row in enumerate(rows[0])]
+               for name, rows in runs.items()}
+    ttft = {name: {"alone_s": round(statistics.median(a for a, _ in ps), 4),
+                   "with_15_streams_s": round(statistics.median(b for _, b in ps), 4)}
+            for name, ps in probes.items()}
+    if rounds > 1:
+        print(f"\nmedian of {rounds} rounds:")
+        for name, rows in results.items():
+            for row in rows:
+                print(f"{name:28s} {json.dumps(row)}")
     ratios(results)
     write_result(args.out, {
         "benchmark": "serving", "model": "GPT-2 124M, random weights, real vocabulary",
         "prompt_tokens": 16, "new_tokens": args.tokens, "duration_s": args.duration,
-        "isa_cap": args.isa, "levels": results, "ttft_under_load": ttft, "skipped": skipped},
+        "rounds": rounds, "isa_cap": args.isa, "levels": results, "ttft_under_load": ttft,
+        "skipped": skipped},
         machine(bandwidth, {**os.environ, **caps(args)}),
         {"vllm": vllm_version(args.vllm_python)} if "vllm" in results else None)
 
