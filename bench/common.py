@@ -24,16 +24,16 @@ PROMPT_TOKENS, NEW_TOKENS = 16, 64
 
 def gpt2_124m(folder: Path = CACHE / "gpt2-124m-random") -> Path:
     """Write the benchmark model once (about 500 MB) and reuse it."""
-    if (folder / "model.safetensors").exists():
+    if (folder / "model.safetensors").exists() and (folder / "merges.txt").exists():
         return folder
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):  # first: without them the folder is not done
+        shutil.copy(SHARED / "gpt2-tokenizer" / name, folder / name)
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(SHARED / "gpt2-tokenizer" / name, folder / name)
     config = json.loads((folder / "config.json").read_text())
     config["n_ctx"] = config["n_positions"]  # llama.cpp's converter reads n_ctx
     (folder / "config.json").write_text(json.dumps(config, indent=2))

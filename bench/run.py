@@ -63,6 +63,10 @@ def main() -> None:
                    default=os.environ.get("BENCH_MODE", "short"))
     p.add_argument("--skip-setup", action="store_true", help="use the peers set up before")
     args = p.parse_args()
+    shared = Path(os.environ.get("BENCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    if not (shared / "gpt2-tokenizer").is_dir() or not (shared / "tinyshakespeare.txt").exists():
+        sys.exit(f"{shared} has no gpt2-tokenizer/ and tinyshakespeare.txt (the benchmark's "
+                 f"vocabulary and prompts): set BENCH_SHARED_DATA to a folder that has them")
     t_start = time.perf_counter()
     RESULTS.mkdir(parents=True, exist_ok=True)
     peers_dir = Path(os.environ.get("BENCH_PEERS_DIR", RESULTS / "peers")).resolve()
