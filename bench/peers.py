@@ -171,8 +171,8 @@ def main() -> None:
     for name, setup in [("base", base)] + [(n, SETUP[n]) for n in args.peers]:
         log = d / f"{name.replace('.', '-')}.log"
         t0 = time.perf_counter()
-        print(f"setting up {name} (log: {log.relative_to(ROOT) if log.is_relative_to(ROOT) else log})",
-              flush=True)
+        shown = log.relative_to(ROOT) if log.is_relative_to(ROOT) else log
+        print(f"setting up {name} (log: {shown})", flush=True)
         try:
             status[name] = {"ok": True, **setup(d, log)}
         except Skip as e:

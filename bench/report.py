@@ -81,7 +81,8 @@ def offline_table(r: dict) -> str:
     rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
     for name, by in tok.items():
         ours = tok.get(counterpart(name), {})
-        rows.append([LABEL.get(name, name), *[f"{by[b]:.1f}" if b in by else "—" for b in batches],
+        rows.append([LABEL.get(name, name),
+                     *[f"{by[b]:.1f}" if b in by else "—" for b in batches],
                      *["" if name in OURS else ratio(ours.get(b), by.get(b)) for b in batches]])
     table = "\n".join("| " + " | ".join(c) + " |" for c in rows)
     streamed = [f"{LABEL.get(n, n)} {nbytes / 1e6:.0f} MB a token, {nbytes * tok[n][1] / 1e9:.1f}"
@@ -164,16 +165,17 @@ def headline(offline: dict | None, serving: dict | None) -> str:
         at = {n: next((lv for lv in rows if lv["concurrency"] == top), None)
               for n, rows in levels.items()}
         for ours in [n for n in levels if n.startswith("gpt2serve")]:
-            peers = [f"{LABEL.get(n, n)} {lv['tok_s']:.1f}: ours {ratio(at[ours]['tok_s'], lv['tok_s'])}"
-                     for n, lv in at.items() if not n.startswith("gpt2serve") and lv]
+            peers = [f"{LABEL.get(n, n)} {lv['tok_s']:.1f}: ours "
+                     f"{ratio(at[ours]['tok_s'], lv['tok_s'])}" for n, lv in at.items()
+                     if not n.startswith("gpt2serve") and lv]
             lines.append(f"| server, {top} clients, {ours.split()[1]} | {at[ours]['tok_s']:.1f}"
                          f" tok/s | {'; '.join(peers) or 'none set up'} |")
     return "\n".join(lines) + "\n"
 
 
 def replace_block(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(<!-- /bench:{re.escape(name)} -->)",
-                         re.S)
+    key = re.escape(name)
+    pattern = re.compile(rf"(<!-- bench:{key} -->\n).*?(<!-- /bench:{key} -->)", re.S)
     if not pattern.search(text):
         print(f"docs/benchmarks.md has no block {name}: not written")
         return text

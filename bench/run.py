@@ -32,25 +32,26 @@ OFFLINE_ENGINES = ["gpt2serve fp32", "gpt2serve int8", "transformers fp32", "ctr
 
 def steps(mode: str) -> list[tuple[str, list[str], str | None]]:
     """(name, arguments of a script in bench/, the JSON it writes or None: a .log)."""
+    out = lambda name: ["--out", str(RESULTS / f"{name}.json")]  # noqa: E731
     if mode == "short":
         return [("offline greedy", ["offline.py", "--repeats", "2", "--only", *OFFLINE_ENGINES,
-                                    "--out", "results/offline-greedy.json"], "offline-greedy"),
+                                    *out("offline-greedy")], "offline-greedy"),
                 ("serving", ["serving.py", "--levels", "1", "4", "16", "--duration", "5",
-                             "--int8", "--out", "results/serving.json"], "serving")]
+                             "--int8", *out("serving")], "serving")]
     offline = ["offline.py", "--repeats", "3"]
+    defaults = [*offline, "--rounds", "2", "--sampling", "defaults"]
     return [
-        ("offline greedy", [*offline, "--rounds", "3", "--out", "results/offline-greedy.json"],
+        ("offline greedy", [*offline, "--rounds", "3", *out("offline-greedy")],
          "offline-greedy"),
-        ("offline greedy, AVX2 cap", [*offline, "--rounds", "3", "--isa", "avx2", "--out",
-                                      "results/offline-greedy-avx2.json"], "offline-greedy-avx2"),
-        ("offline sampling defaults", [*offline, "--rounds", "2", "--sampling", "defaults",
-                                       "--out", "results/offline-defaults.json"],
+        ("offline greedy, AVX2 cap", [*offline, "--rounds", "3", "--isa", "avx2",
+                                      *out("offline-greedy-avx2")], "offline-greedy-avx2"),
+        ("offline sampling defaults", [*defaults, *out("offline-defaults")],
          "offline-defaults"),
-        ("offline sampling defaults, AVX2 cap", [
-            *offline, "--rounds", "2", "--sampling", "defaults", "--isa", "avx2", "--out",
-            "results/offline-defaults-avx2.json"], "offline-defaults-avx2"),
+        ("offline sampling defaults, AVX2 cap", [*defaults, "--isa", "avx2",
+                                                 *out("offline-defaults-avx2")],
+         "offline-defaults-avx2"),
         ("serving", ["serving.py", "--levels", "1", "4", "8", "16", "--duration", "15", "--int8",
-                     "--rounds", "3", "--out", "results/serving.json"], "serving"),
+                     "--rounds", "3", *out("serving")], "serving"),
         ("prefix caching", ["prefix.py", "--rounds", "2", "--duration", "45"], None),
         ("int8 quality", ["quality.py"], None),
         ("GPT-2 1.5B", ["large.py"], None),
