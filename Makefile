@@ -23,3 +23,14 @@ browser:
 
 test: install browser
 	python3 -m pytest -q
+
+# The benchmarks (bench/run.py): set up the peers that install here under bench/results/peers,
+# run the standard set into bench/results/*.json, rewrite docs/benchmarks.md's tables and the
+# plots. BENCH_MODE=short (a few minutes once the peers are set up) or full.
+BENCH_MODE ?= short
+.PHONY: bench bench-full
+bench:
+	python3 bench/run.py --mode $(BENCH_MODE)
+
+bench-full:
+	python3 bench/run.py --mode full

@@ -7,7 +7,7 @@ compile it, the install goes on and gpt2serve runs the same arithmetic with torc
 from setuptools import Extension, setup
 
 # -ffp-contract=fast: ISO C mode (-std=c11) otherwise keeps every a * b + c as a multiply and an
-# add, and the fp32 matmul ran at 200 GFLOP/s instead of 225 on two cores (bench/kernels.py).
+# add instead of one FMA, and the fp32 matmul runs slower (docs/benchmarks.md, bench/kernels.py).
 setup(ext_modules=[Extension(
     "gpt2serve._kernels", ["src/gpt2serve/_kernels.c"],
     extra_compile_args=["-O3", "-fopenmp", "-std=c11", "-ffp-contract=fast"],

@@ -24,16 +24,16 @@ PROMPT_TOKENS, NEW_TOKENS = 16, 64
 
 def gpt2_124m(folder: Path = CACHE / "gpt2-124m-random") -> Path:
     """Write the benchmark model once (about 500 MB) and reuse it."""
-    if (folder / "model.safetensors").exists():
+    if (folder / "model.safetensors").exists() and (folder / "merges.txt").exists():
         return folder
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):  # first: without them the folder is not done
+        shutil.copy(SHARED / "gpt2-tokenizer" / name, folder / name)
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(SHARED / "gpt2-tokenizer" / name, folder / name)
     config = json.loads((folder / "config.json").read_text())
     config["n_ctx"] = config["n_positions"]  # llama.cpp's converter reads n_ctx
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -82,3 +82,66 @@ def read_bandwidth() -> float:
     buf = torch.ones(256 * 2**20 // 4)
     t = median_time(lambda: buf.sum(), 5)
     return buf.nbytes / t
+
+
+def cpu_model() -> str:
+    """The CPU's name as /proc/cpuinfo gives it (or the platform's word for it)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(bandwidth: float | None = None, engine_env: dict | None = None) -> dict:
+    """What a result was measured on: the fields every table of docs/benchmarks.md names."""
+    import torch
+
+    from gpt2serve import hardware
+
+    caps = hardware.isa_caps(os.environ if engine_env is None else engine_env)
+    out = {"cpu": cpu_model(), "isa": hardware.host_isa(),
+           "cap": " ".join(f"{k}={v}" for k, v in caps.items()) or "none",
+           "torch_kernels": torch.backends.cpu.get_cpu_capability(),
+           "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    if bandwidth is not None:
+        out["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def versions(**peers: str) -> dict:
+    """Python, torch, transformers and gpt2serve's versions, and any peer's given."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "kserve", "gpt2serve"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {**out, **peers}
+
+
+def write_result(path: Path, data: dict, machine_info: dict, peer_versions: dict | None = None
+                 ) -> None:
+    """One benchmark's JSON under bench/results/: the command that made it (as run from the
+    repository root), the machine, the versions and the figures; bench/report.py turns it
+    into a table of docs/benchmarks.md."""
+    import shlex
+    import sys
+
+    script = Path(sys.argv[0]).resolve()
+    where = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    argv = [a.replace(str(ROOT) + os.sep, "") for a in sys.argv[1:]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": shlex.join(["python", str(where), *argv]),
+                                "machine": machine_info,
+                                "versions": versions(**(peer_versions or {})), **data},
+                               indent=2) + "\n")

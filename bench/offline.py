@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-from common import (NEW_TOKENS, ROOT, gpt2_124m, host_isa, median_time, prompts,
-                    read_bandwidth)
+from common import (NEW_TOKENS, ROOT, gpt2_124m, host_isa, machine, median_time, prompts,
+                    read_bandwidth, write_result)
 
 
 WEIGHT_BYTES: dict[str, int] = {}
 ISA_NOTE: dict[str, str] = {}  # what an in-process engine says about the ISA it runs with
+VERSION: dict[str, str] = {}  # the engine's package and version, for the results' JSON
 
 
 def ours(folder: Path, mode: dict, quantize: str | None = None):
@@ -51,6 +52,7 @@ def ours(folder: Path, mode: dict, quantize: str | None = None):
     # steps read the screen and hundreds of panels besides (docs/benchmarks.md), so there
     # the whole head's bytes are the closer figure.
     ISA_NOTE["gpt2serve"] = torch_isa()
+    VERSION["gpt2serve"] = package_version("gpt2serve")
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, max_model_len=PROMPT_MAX,
                                                    threads=threads))
     screen = getattr(engine.runner, "screen", None)
@@ -70,6 +72,7 @@ def hf_generate(folder: Path, mode: dict):
 
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
     ISA_NOTE["transformers"] = torch_isa()
+    VERSION["transformers"] = package_version("transformers")
 
     def run(batch):
         with torch.inference_mode():
@@ -113,6 +116,7 @@ def ctranslate2_runner(folder: Path, mode: dict, compute_type: str):
     if not (out / "model.bin").exists():
         ctranslate2.converters.TransformersConverter(str(folder)).convert(str(out), force=True)
     threads = peer_threads()
+    VERSION["ctranslate2"] = ctranslate2.__version__
     # CTranslate2 logs the ISA it dispatches to (CT2_FORCE_CPU_ISA caps it) when it loads a
     # model at info level: catch that from its stderr.
     level = ctranslate2.get_log_level()
@@ -168,6 +172,7 @@ def llama_cpp_runner(folder: Path, mode: dict, ftype: str):
              if f.strip().endswith("= 1")]
     build = Path(llama_cpp.__file__).parent.parent
     threads = peer_threads()
+    VERSION["llama-cpp-python"] = llama_cpp.__version__
     ISA_NOTE["llama.cpp"] = f"ggml {' '.join(flags)}; {threads} threads; llama_cpp from {build}"
     wide = [f for f in flags if f.startswith(("AVX512", "AMX", "AVX_VNNI"))]
     if hardware.isa_caps() and wide:
@@ -206,7 +211,17 @@ def measure(make, args) -> dict:
             continue
         tok_s[b] = b * NEW_TOKENS / t
     return {"tok_s": tok_s, "weight_bytes": next(iter(WEIGHT_BYTES.values()), None),
-            "isa": next(iter(ISA_NOTE.values()), None)}
+            "isa": next(iter(ISA_NOTE.values()), None),
+            "version": " ".join(f"{k} {v}" for k, v in VERSION.items()) or None}
+
+
+def package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def torch_isa() -> str:
@@ -306,13 +321,16 @@ def main() -> None:
           f"prompts, {NEW_TOKENS} new tokens, {args.sampling} ({mode}), median of "
           f"{args.repeats}, each engine in a fresh process", flush=True)
     effective: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    engine_versions: dict[str, str] = {}
 
     def run_engine(name: str) -> dict[int, float] | None:
         """One fresh process measuring one engine -> tok/s by batch (None: skipped/failed)."""
         if name in OPENVINO:
             if not args.openvino_python:
-                print(f"{name}: skipped (no --openvino-python: a venv with openvino-genai and "
-                      f"optimum-intel, docs/openvino-and-isa.md)")
+                skipped[name] = ("no --openvino-python: a venv with openvino-genai and "
+                                 "optimum-intel, docs/openvino-and-isa.md")
+                print(f"{name}: skipped ({skipped[name]})")
                 return None
             cmd = openvino_command(name, folder, mode, args)
             stdin = json.dumps({b: prompts(b) for b in args.batches})
@@ -327,11 +345,16 @@ def main() -> None:
         lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
             print(f"{name}: failed\n{child.stderr[-2000:]}")
+            tail = [ln for ln in child.stderr.splitlines() if ln.strip()][-1:]
+            skipped[name] = "failed: " + " ".join(tail)[:300]
             return None
         outcome = json.loads(lines[-1][len("RESULT "):])
         if "skipped" in outcome:
             print(f"{name}: skipped ({outcome['skipped']})")
+            skipped[name] = outcome["skipped"]
             return None
+        if outcome.get("version"):
+            engine_versions[name] = outcome["version"]
         if outcome.get("weight_bytes"):
             WEIGHT_BYTES[name] = outcome["weight_bytes"]
         if outcome.get("isa"):
@@ -381,7 +404,14 @@ def main() -> None:
             implied = nbytes * results[name][1]  # every weight once per token at batch 1
             print(f"  {name}: {nbytes / 1e6:.0f} MB of weights per token, batch 1 streams "
                   f"{implied / 1e9:.1f} GB/s = {implied / bandwidth:.0%} of measured bandwidth")
-    args.out.write_text(json.dumps(results, indent=2))
+    write_result(args.out, {
+        "benchmark": "offline", "sampling": args.sampling, "mode": mode, "isa_cap": args.isa,
+        "model": "GPT-2 124M, random weights, real vocabulary",
+        "prompt_tokens": 16, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
+        "rounds": args.rounds, "tok_s": results,
+        "weight_bytes": {n: b for n, b in WEIGHT_BYTES.items() if n in results},
+        "engine_isa": effective, "engine_versions": engine_versions, "skipped": skipped},
+        machine(bandwidth, env))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ def main() -> None:
     if args.weights == "fp32" and resolved["INFERENCE_PRECISION_HINT"].startswith("bf16"):
         weight_bytes //= 2  # fp32 weights are held and read as bf16 under a bf16 hint
     result = {"tok_s": tok_s, "weight_bytes": weight_bytes,
-              "isa": "OpenVINO " + json.dumps(resolved)}
+              "isa": "OpenVINO " + json.dumps(resolved),
+              "version": f"openvino-genai {ov_genai.__version__}"}
     if args.check_greedy:
         result["greedy_vs_transformers"] = greedy_agreement(args.hf_folder, pipe,
                                                             prompts[min(prompts)][0])

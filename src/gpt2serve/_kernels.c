@@ -336,8 +336,7 @@ panel the 16 weights of one input after another (zeros past n). Threads split th
 each reads one sequential stream of W, once for all of x's rows (f32_panels says in what
 order). A tile is R rows x 16 outputs summed in R x 16 registers over the k inputs: R up to 8
 with AVX-512 (one zmm a row); with AVX2 (two ymm a row) 4 for a decode step's few rows and 6
-for more (12 of the 16 registers: prompts 1.09-1.11x oneDNN where 4 rows were 0.95-1.00x),
-so that the FMAs of a tile hide each other's latency without spilling. The tile is plain C
+for more (12 of the 16 registers; 4-row tiles left prompts behind oneDNN), so that the FMAs of a tile hide each other's latency without spilling. The tile is plain C
 that the compiler vectorizes for each target; it ran as fast as intrinsics written out. Around
 the product, optionally: the rows' LayerNorm before it, GELU and a residual add after it
 (packing.FusedBlock). Or some of W's panels only, named in a list: output panel p is then W's
@@ -394,12 +393,9 @@ static void layer_norm_row(const float *x, int64_t k, const float *weight, const
 #define F32_L1_PREFETCH_ROWS 2
 
 /* Where the next panel is prefetched to. A product of one or two rows does one or two FMAs a
-cache line, too few to hide an L2 hit on each line: prefetched into L1 instead, the 12 layers
-and the head streamed 1.19-1.27x faster at one row, 1.10x (AVX2) and 1.18x (AVX-512) at two
-(AMD EPYC, the two hints alternating in one process; 1.02-1.04x at one row while neighbours
-held the memory bus). With more rows, L1 holds the rows of x that every panel reuses: into L1
-ran 1.02x (AVX2) to 1.09x at 3 rows, and 0.70x (AVX2) to 0.87x (AVX-512) at 8; those
-prefetch into L2. */
+cache line, too few to hide an L2 hit on each line, so they prefetch into L1. With more rows,
+L1 holds the rows of x that every panel reuses, and prefetching into it slowed the product:
+those prefetch into L2 (docs/benchmarks.md, "Why it is fast", compares the two). */
 static inline __attribute__((always_inline)) void prefetch_panel(const char *line, int to_l1) {
     if (to_l1)
         __builtin_prefetch(line, 0, 3);
@@ -423,7 +419,7 @@ static inline __attribute__((always_inline)) void f32_tile(const f32_args *a, in
     int64_t i = 0;
     if (rows == 1) {
         /* one row: two sums over alternate inputs, so that each FMA does not wait for the
-        one before it (a single chain of FMA latencies streamed 2-4% slower) */
+        one before it (a single chain of FMA latencies streamed more slowly) */
         float odd[16];
         for (int j = 0; j < 16; ++j) odd[j] = 0.f;
         for (; i + 2 <= k; i += 2, w += 32) {
@@ -465,7 +461,7 @@ static inline __attribute__((always_inline)) void f32_tile(const f32_args *a, in
 A decode step's few rows (up to F32_FEW_ROWS) take each panel through all their tiles while it
 sits in L1/L2, and each tile prefetches its share of the next panel, so that memory streams
 evenly through every tile (prefetching it all in the first tile left memory idle during the
-others: AVX2 at 8 rows ran 1.4x slower than at 1). More rows go through panels in groups
+others, and AVX2 at 8 rows ran far slower than at 1). More rows go through panels in groups
 that fit F32_GROUP_BYTES (in L2), each group through every tile: W is still read from memory
 once, and x's rows come from the caches once per group. */
 #define F32_PANELS(NAME, TARGET, ROWS)                                                        \

@@ -232,7 +232,8 @@ def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device:
     # behind (see load_for_engine). Each module takes its final form as soon as its worker is
     # done, whatever the order, so at most `workers` modules are in their checkpoint form: in
     # order, the checkpoint forms of modules done after a slow one (the head, with its int8
-    # screen) were held until it was done, 1.3-1.7x the final weights at the peak.
+    # screen) were held until it was done, well above the final weights at the peak
+    # (docs/benchmarks.md, "Why it is fast").
     workers = hardware.default_threads()
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
     try:
@@ -252,7 +253,7 @@ def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device:
 def _return_freed_memory() -> None:
     """Give the memory of the tensors just dropped back to the OS. glibc keeps freed chunks in
     its heap for reuse, and tensors of a dozen sizes read and converted in turn left the heap
-    fragmented: a GPT-2 shape held 1.4x its weights after loading until trimmed."""
+    fragmented, holding far more than the weights after loading until trimmed."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

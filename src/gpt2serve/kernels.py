@@ -85,9 +85,9 @@ class _HugePages:
     """Memory for weights in transparent huge pages, handed out from 64 MiB anonymous maps
     advised MADV_HUGEPAGE (used where the kernel's THP setting is `madvise` or `always`).
     Streaming a matrix through 4 KiB pages stops the hardware prefetcher at every page
-    boundary and misses the TLB every 64 cache lines: int8 decode at batch 1 ran 1.13x faster
-    from 2 MiB pages, fp32 matmuls 1.03-1.23x capped at AVX2 and 1.00-1.04x natively, where
-    linear_f32's own prefetch does most of it (docs/benchmarks.md). A map is zeroed by the
+    boundary and misses the TLB every 64 cache lines. int8 decode gains most (its kernel does
+    not prefetch), fp32 matmuls less, since linear_f32's own prefetch covers most page changes
+    (docs/benchmarks.md, "Why it is fast"). A map is zeroed by the
     kernel as it is first written, and what no tensor took of it is never touched; the one
     being handed out stays referenced for the next tensor (at most 64 MiB)."""
 
@@ -138,14 +138,14 @@ def pack_int8(q: Tensor) -> tuple[Tensor, Tensor]:
     """int8 weights q [n, k] -> (the layout int8_linear reads, each row's sum [n4] int32).
     Rows are padded with zeros to a multiple of 32 bytes and of 4 rows, and groups of four
     rows are interleaved 32 bytes at a time, so that each thread reads one sequential stream
-    (four separate rows of a few hundred bytes each were too short for the hardware
-    prefetcher: 17 GB/s against 34 interleaved)."""
+    (four separate rows of a few hundred bytes each are too short a stream for the hardware
+    prefetcher; docs/benchmarks.md compares the two)."""
     n, k = q.shape
     n4, kp = -(-n // 4) * 4, -(-k // 32) * 32
     padded = torch.zeros(n4, kp, dtype=torch.int8)
     padded[:n, :k] = q
-    # numpy's int8 -> int32 row sums run 15x faster than torch's here (1.6 against 25 ms for
-    # a 6400 x 1600 matrix): start-up makes one per matrix
+    # numpy's int8 -> int32 row sums are far faster than torch's (docs/benchmarks.md):
+    # start-up makes one per matrix
     sums = torch.from_numpy(padded.numpy().sum(1, dtype=np.int32))
     packed = _huge_pages.empty((n4 // 4, kp // 32, 4, 32), torch.int8)
     packed.copy_(padded.view(n4 // 4, 4, kp // 32, 32).transpose(1, 2))

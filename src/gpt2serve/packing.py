@@ -2,7 +2,7 @@
 for the kernel that multiplies them.
 
 A decode step at small batch is a chain of matrix-vector products that must stream every
-weight from memory. `addmm` with HF's [in, out] layout streams them at about half the
+weight from memory. `addmm` with HF's [in, out] layout streams them well below the
 machine's read bandwidth. Where AVX2 runs, our kernel (kernels.linear_f32) reads panels of
 16 outputs from huge pages, one sequential stream per thread, for decode steps and prompts
 alike; elsewhere oneDNN's inner product on weights it reordered (docs/benchmarks.md compares
@@ -97,8 +97,8 @@ class PackedHead(nn.Module):
 class HeadScreen:
     """Each row's k largest fp32 logits, exactly, from an int8 copy of the LM head and the fp32
     logits of a few candidates: what greedy decoding (k = 1) and top-k sampling read. At batch
-    1 the head is a third of the weights a GPT-2 124M decode step streams (154 of 497 MB); its
-    int8 copy is a quarter of that.
+    1 the tied head is a large share of the weights a GPT-2 decode step streams, and its int8
+    copy a quarter of the head.
 
     The int8 logit s_i of head row w_i bounds the fp32 one f_i: with h the hidden state and h'
     and w_i' what their int8 forms stand for,
@@ -218,9 +218,8 @@ TANH_GELU = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 class FusedBlock:
     """A Block's small ops done inside the calls of its matmuls to our kernel: each layer
     norm as its matmul reads its input, GELU and the residual adds as their matmul writes
-    its output. Five calls a layer instead of a dozen ops, which with the Python around
-    them cost about 1 ms of GPT-2 124M's 13.5 ms batch-1 decode step: +4-5.5% tok/s
-    (docs/benchmarks.md)."""
+    its output. Five calls a layer instead of a dozen ops, whose dispatch and Python were a
+    measurable share of a batch-1 decode step (docs/benchmarks.md, "Why it is fast")."""
 
     def __init__(self, block: Block):
         self.ln_1, self.ln_2 = block.ln_1, block.ln_2

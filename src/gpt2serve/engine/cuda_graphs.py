@@ -1,9 +1,9 @@
 """Decode steps replayed as CUDA graphs.
 
 On a GPU, a decode step is some 15 small kernels a layer, and at batch 1 to 32 launching
-them one by one from Python takes far longer than running them: GPT-2 1.5B in float16 on an
-H200 took 10.3 ms a step eagerly, against 0.74 ms to read its weights (docs/benchmarks.md,
-bench/gpu.py). A CUDA graph launches a whole step, head included, at once.
+them one by one from Python takes far longer than running them: an eager step is many times
+the time it takes to read the weights (docs/benchmarks.md, "On a GPU"; bench/gpu.py). A CUDA
+graph launches a whole step, head included, at once.
 
 A graph replays fixed shapes on fixed addresses, so a step is padded up to one of a few
 captured shapes: its batch to the next of BATCH_SIZES, the positions it attends to to the

@@ -4,8 +4,8 @@ With our fp32 kernels (packing.FusedBlock), a decode step of GPT-2 124M is 61 ca
 _kernels.c. Made eagerly, each call also allocates its outputs, checks its inputs and turns
 tensors into addresses, in Python, and meanwhile no weight streams from memory. A plan binds
 those calls once per batch size to buffers of its own (kernels.bind_*); a step refills the
-buffers and replays them: 4-7% more tokens/s at batch 1 and 3-5% at batch 8 in the engine
-(docs/benchmarks.md). The arithmetic is the eager step's, call for call, so the logits are
+buffers and replays them (what that gains: docs/benchmarks.md, "Why it is fast"). The
+arithmetic is the eager step's, call for call, so the logits are
 the same to the bit.
 """
 

@@ -13,8 +13,8 @@ class Outbox:
     """What the step thread has for the asyncio side, handed over in one call per event loop
     when flushed: a call per event woke the server's loop once per token of every stream.
     A call that is not streamed gets its events when a sequence ends (or fails): waking its
-    loop for each token cost the step thread the GIL while that loop ran (1% of a batch-1
-    CPU step, docs/benchmarks.md)."""
+    loop for each token cost the step thread the GIL while that loop ran
+    (docs/benchmarks.md, "Why it is fast")."""
 
     def __init__(self) -> None:
         self._items: list[tuple[Request, TokenEvent | BaseException]] = []

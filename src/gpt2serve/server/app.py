@@ -85,7 +85,7 @@ def serve(args: argparse.Namespace) -> None:
     # this only bounds the last responses' writing; the drain itself is --shutdown_grace.
     # What exists now (torch, kserve, the models' modules) lives as long as the server. Frozen,
     # it is out of the collector's sight, so a full collection scans only what requests made:
-    # unfrozen, full collections every second or two paused every stream for 20-230 ms.
+    # unfrozen, each full collection scanned all of it and paused every stream.
     gc.collect()
     gc.freeze()
     server = kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port,

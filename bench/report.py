@@ -1,0 +1,286 @@
+"""Rewrite the tables of docs/benchmarks.md and the plots under docs/ from bench/results/*.json.
+
+    python bench/report.py
+
+A table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` and is made from
+bench/results/NAME.json (written by bench/offline.py or bench/serving.py, which bench/run.py
+calls); a block without its JSON is left as it is. Plots (matplotlib, PNG):
+docs/bench-throughput.png (aggregate tok/s against concurrent clients, from serving.json),
+docs/bench-ttft.png (time to first token p50 and p95 against clients) and docs/bench-batch1.png
+(batch-1 tok/s per engine from offline-greedy.json, each bar with the speed at which reading
+its weights once per token takes the machine's measured read bandwidth).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+OURS = ("gpt2serve fp32", "gpt2serve int8")
+# How each engine's row is named in the tables.
+LABEL = {"gpt2serve fp32": "gpt2serve fp32", "gpt2serve int8": "gpt2serve int8",
+         "gpt2serve fp16": "gpt2serve fp16",
+         "transformers fp32": "transformers `generate` fp32",
+         "ctranslate2 fp32": "CTranslate2 fp32", "ctranslate2 int8": "CTranslate2 int8",
+         "llama.cpp f32": "llama.cpp f32", "llama.cpp q8_0": "llama.cpp q8_0",
+         "openvino fp32": "OpenVINO fp32 (f32 compute and KV cache)",
+         "openvino fp32 default": "OpenVINO fp32, its defaults",
+         "openvino int8": "OpenVINO int8, its defaults",
+         "openvino int8 w-only": "OpenVINO int8 weights only",
+         "transformers one-at-a-time": "one-at-a-time predictor (`transformers`)",
+         "vllm": "vLLM CPU fp32"}
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def machine_line(r: dict) -> str:
+    m, v = r["machine"], r["versions"]
+    bw = (f"{m['read_bandwidth_gb_s']} GB/s" if m.get("read_bandwidth_gb_s")
+          else m.get("read_bandwidth_note", "not recorded"))
+    cap = "none" if m.get("cap", "none") == "none" else m["cap"]
+    where = m["gpu"] if m.get("gpu") else f"{m['cpu']}, ISA {m['isa']}"
+    line = (f"Machine: {where} (torch kernels {m['torch_kernels']}), ISA cap: {cap}; "
+            f"{m['threads']} threads of {m['cpus']} CPUs; measured read bandwidth {bw}.")
+    versions = ", ".join(f"{k} {val}" for k, val in v.items())
+    return f"{line}\nVersions: {versions}."
+
+
+def skipped_line(r: dict) -> str:
+    skipped = r.get("skipped") or {}
+    if not skipped:
+        return ""
+    return "\nNot in this table: " + "; ".join(
+        f"{LABEL.get(n, n)}: {why}" for n, why in skipped.items()) + ".\n"
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else ""
+
+
+def counterpart(engine: str) -> str:
+    """Our engine of the same kind: int8 against int8 and q8_0 peers, fp32 against the rest."""
+    return "gpt2serve int8" if "int8" in engine or "q8" in engine else "gpt2serve fp32"
+
+
+def offline_table(r: dict) -> str:
+    tok = {n: {int(b): v for b, v in by.items()} for n, by in r["tok_s"].items()}
+    batches = sorted({b for by in tok.values() for b in by})
+    head = ["engine", *[f"batch {b} tok/s" for b in batches],
+            *[f"ours / it, batch {b}" for b in batches]]
+    rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
+    for name, by in tok.items():
+        ours = tok.get(counterpart(name), {})
+        rows.append([LABEL.get(name, name),
+                     *[f"{by[b]:.1f}" if b in by else "—" for b in batches],
+                     *["" if name in OURS else ratio(ours.get(b), by.get(b)) for b in batches]])
+    table = "\n".join("| " + " | ".join(c) + " |" for c in rows)
+    streamed = [f"{LABEL.get(n, n)} {nbytes / 1e6:.0f} MB a token, {nbytes * tok[n][1] / 1e9:.1f}"
+                f" GB/s" for n, nbytes in (r.get("weight_bytes") or {}).items()
+                if 1 in tok.get(n, {})]
+    rounds = f"median of {r['rounds']} rounds of " if r.get("rounds", 1) > 1 else ""
+    text = (f"{machine_line(r)}\nGPT-2 124M, {r['prompt_tokens']}-token prompts, "
+            f"{r['new_tokens']} new tokens, {r['sampling']} ({json.dumps(r['mode'])}); "
+            f"{rounds}median of {r['repeats']} runs, each engine in a fresh process.\n\n{table}\n")
+    if streamed:
+        text += "\nWeights read at batch 1: " + "; ".join(streamed) + ".\n"
+    return text + skipped_line(r) + f"\n```bash\n{r['command']}\n```\n"
+
+
+def serving_table(r: dict) -> str:
+    head = ["server", "clients", "tok/s", "TTFT p50", "TTFT p95", "latency p50", "latency p95"]
+    rows = [head, ["---", "---:", "---:", "---:", "---:", "---:", "---:"]]
+    rounds = (f", each figure the median of {r['rounds']} rounds" if r.get("rounds", 1) > 1
+              else "")
+    for name, levels in r["levels"].items():
+        for i, lv in enumerate(levels):
+            rows.append([LABEL.get(name, name) if i == 0 else "", str(lv["concurrency"]),
+                         f"{lv['tok_s']:.1f}", duration(lv["p50_ttft_s"]),
+                         duration(lv["p95_ttft_s"]) if "p95_ttft_s" in lv else "",
+                         duration(lv["p50_latency_s"]), duration(lv["p95_latency_s"])])
+    text = (f"{machine_line(r)}\nGPT-2 124M, {r['prompt_tokens']}-token prompts, "
+            f"{r['new_tokens']} new greedy tokens a request, each client in a closed loop for "
+            f"{r['duration_s']:g} s a level{rounds}; ours and vLLM through their OpenAI streaming "
+            f"routes, the one-at-a-time predictor through V1 `:predict` (its time to first "
+            f"token is its whole latency).\n\n")
+    text += "\n".join("| " + " | ".join(c) + " |" for c in rows) + "\n"
+    ours = [n for n in r["levels"] if n.startswith("gpt2serve")]
+    peers = [n for n in r["levels"] if not n.startswith("gpt2serve")]
+    if ours and peers:
+        levels = [lv["concurrency"] for lv in r["levels"][ours[0]]]
+        rows = [["tok/s, ours / peer", *[f"{c} client{'s' if c > 1 else ''}" for c in levels]],
+                ["---"] + ["---:"] * len(levels)]
+        for o in ours:
+            by_c = {lv["concurrency"]: lv["tok_s"] for lv in r["levels"][o]}
+            for peer in peers:
+                pc = {lv["concurrency"]: lv["tok_s"] for lv in r["levels"][peer]}
+                rows.append([f"{LABEL.get(o, o)} / {LABEL.get(peer, peer)}",
+                             *[ratio(by_c.get(c), pc.get(c)) for c in levels]])
+        text += "\n" + "\n".join("| " + " | ".join(c) + " |" for c in rows) + "\n"
+    return text + skipped_line(r) + f"\n```bash\n{r['command']}\n```\n"
+
+
+def long_prompt_table(r: dict) -> str:
+    ttft = r.get("ttft_under_load") or {}
+    rows = [["server", "TTFT alone", "TTFT while 15 long requests stream", "while / alone"],
+            ["---", "---:", "---:", "---:"]]
+    for name, t in ttft.items():
+        rows.append([LABEL.get(name, name), duration(t["alone_s"]),
+                     duration(t["with_15_streams_s"]),
+                     ratio(t["with_15_streams_s"], t["alone_s"])])
+    return (f"{machine_line(r)}\nMedian of 10 short requests (4 new tokens) alone, then while "
+            f"15 requests of 400 tokens stream.\n\n"
+            + "\n".join("| " + " | ".join(c) + " |" for c in rows) + "\n"
+            + f"\n```bash\n{r['command']}\n```\n")
+
+
+def headline(offline: dict | None, serving: dict | None) -> str:
+    lines = ["| question | gpt2serve | best peer measured beside it |", "| --- | --- | --- |"]
+    if offline:
+        tok = {n: {int(b): v for b, v in by.items()} for n, by in offline["tok_s"].items()}
+        for ours in OURS:
+            peers = {n: by for n, by in tok.items() if n not in OURS
+                     and counterpart(n) == ours}
+            for b in (1, 8):
+                if b not in tok.get(ours, {}):
+                    continue
+                best = max(((by[b], n) for n, by in peers.items() if b in by), default=None)
+                peer = (f"{LABEL.get(best[1], best[1])} {best[0]:.1f}: ours "
+                        f"{ratio(tok[ours][b], best[0])}" if best else "none set up")
+                lines.append(f"| CPU offline, {ours.split()[1]}, batch {b} | "
+                             f"{tok[ours][b]:.1f} tok/s | {peer} |")
+    if serving:
+        levels = serving["levels"]
+        top = max(lv["concurrency"] for lv in next(iter(levels.values())))
+        at = {n: next((lv for lv in rows if lv["concurrency"] == top), None)
+              for n, rows in levels.items()}
+        for ours in [n for n in levels if n.startswith("gpt2serve")]:
+            peers = [f"{LABEL.get(n, n)} {lv['tok_s']:.1f}: ours "
+                     f"{ratio(at[ours]['tok_s'], lv['tok_s'])}" for n, lv in at.items()
+                     if not n.startswith("gpt2serve") and lv]
+            lines.append(f"| server, {top} clients, {ours.split()[1]} | {at[ours]['tok_s']:.1f}"
+                         f" tok/s | {'; '.join(peers) or 'none set up'} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    key = re.escape(name)
+    pattern = re.compile(rf"(<!-- bench:{key} -->\n).*?(<!-- /bench:{key} -->)", re.S)
+    if not pattern.search(text):
+        print(f"docs/benchmarks.md has no block {name}: not written")
+        return text
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def plots(offline: dict | None, serving: dict | None) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: plots not redrawn")
+        return
+    if serving:
+        where = serving["machine"].get("gpu") or (
+            f"{serving['machine']['cpu'].split('@')[0].strip()}, "
+            f"{serving['machine']['threads']} threads")
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, rows in serving["levels"].items():
+            ax.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="o",
+                    linewidth=2, label=LABEL.get(name, name).replace("`", ""))
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("aggregate tokens/s")
+        ax.set_title(f"Serving GPT-2 124M, {serving['new_tokens']} tokens a request\n{where}",
+                     fontsize=10)
+        ax.set_xticks(sorted({r["concurrency"] for rows in serving["levels"].values()
+                              for r in rows}))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(ROOT / "docs" / "bench-throughput.png", dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        for i, (name, rows) in enumerate(serving["levels"].items()):
+            color = f"C{i}"
+            xs = [r["concurrency"] for r in rows]
+            label = LABEL.get(name, name).replace("`", "")
+            ax.plot(xs, [r["p50_ttft_s"] * 1000 for r in rows], marker="o", color=color,
+                    linewidth=2, label=f"{label} p50")
+            if "p95_ttft_s" in rows[0]:
+                ax.plot(xs, [r["p95_ttft_s"] * 1000 for r in rows], marker="^", color=color,
+                        linestyle="--", label=f"{label} p95")
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("time to first token, ms (log scale)")
+        ax.set_title(f"Time to first token, p50 (solid) and p95 (dashed)\n{where}", fontsize=10)
+        ax.set_xticks(sorted({r["concurrency"] for rows in serving["levels"].values()
+                              for r in rows}))
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        fig.tight_layout()
+        fig.savefig(ROOT / "docs" / "bench-ttft.png", dpi=110)
+        plt.close(fig)
+    if offline:
+        tok = {n: by.get("1", by.get(1)) for n, by in offline["tok_s"].items()}
+        tok = {n: v for n, v in tok.items() if v}
+        names = sorted(tok, key=tok.get)
+        bw = offline["machine"].get("read_bandwidth_gb_s")
+        nbytes = offline.get("weight_bytes") or {}
+        fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(names) + 1.6))
+        colors = ["C0" if n in OURS else "C7" for n in names]
+        ax.barh(range(len(names)), [tok[n] for n in names], color=colors)
+        for i, n in enumerate(names):
+            ax.text(tok[n] - 2, i, f"{tok[n]:.0f}", va="center", ha="right", fontsize=8,
+                    color="white", fontweight="bold")
+            if bw and n in nbytes:
+                ceiling = bw * 1e9 / nbytes[n]
+                ax.plot([ceiling, ceiling], [i - 0.4, i + 0.4], color="C3", linewidth=2.5,
+                        label="bandwidth bound: read bandwidth / bytes a token"
+                        if i == min(j for j, m in enumerate(names) if m in nbytes) else None)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([LABEL.get(n, n).replace("`", "") for n in names], fontsize=8)
+        ax.set_xlabel("tokens/s at batch 1 (greedy, 64 new tokens)")
+        cap = offline["machine"].get("cap", "none")
+        ax.set_title(f"GPT-2 124M, batch 1\n{offline['machine']['cpu'].split('@')[0].strip()}, "
+                     f"{offline['machine']['threads']} threads"
+                     f"{'' if cap == 'none' else ', capped at AVX2'}"
+                     + (f", {bw} GB/s read" if bw else ""), fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+        if bw and nbytes:
+            ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(ROOT / "docs" / "bench-batch1.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    offline, serving = load("offline-greedy"), load("serving")
+    text = DOC.read_text()
+    for name in ("offline-greedy", "offline-greedy-avx2", "offline-defaults",
+                 "offline-defaults-avx2"):
+        r = load(name)
+        if r:
+            text = replace_block(text, name, offline_table(r))
+    if serving:
+        text = replace_block(text, "serving", serving_table(serving))
+        text = replace_block(text, "long-prompts", long_prompt_table(serving))
+    text = replace_block(text, "headline", headline(offline, serving))
+    DOC.write_text(text)
+    plots(offline, serving)
+    print(f"rewrote the tables of {DOC.relative_to(ROOT)} and the plots under docs/")
+
+
+if __name__ == "__main__":
+    main()
