@@ -3,6 +3,7 @@ whose every metric is one that a running server exports."""
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,10 @@ from conftest import running_server
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "gpt2serve-dashboard.json"
 # Metric names in PromQL: ours, and KServe's request_*_seconds histograms.
 METRIC = re.compile(r"\b(gpt2serve_[a-z0-9_]+|request_[a-z]+_seconds(?:_bucket|_count|_sum)?)\b")
+
+
+# The repository's own gauges, which have no model label.
+SERVER_LEVEL = {"gpt2serve_models_loaded", "gpt2serve_memory_budget_bytes"}
 
 
 def dashboard() -> dict:
@@ -53,9 +58,10 @@ def test_the_dashboard_has_grafana_s_shape():
         assert len(refs) == len(set(refs)), p["title"]
         for t in p["targets"]:
             assert t["expr"].count("(") == t["expr"].count(")"), t["expr"]
-            # every selector of our metrics follows the model variable
-            for selector in re.findall(r"gpt2serve_[a-z0-9_]+(\{[^}]*\})?", t["expr"]):
-                assert selector == '{model=~"$model"}', t["expr"]
+            # every selector of our per-model metrics follows the model variable
+            for name, selector in re.findall(r"(gpt2serve_[a-z0-9_]+)(\{[^}]*\})?", t["expr"]):
+                if name not in SERVER_LEVEL:
+                    assert selector == '{model=~"$model"}', t["expr"]
     # One panel for each thing an operator asks about.
     text = " ".join(queries(dash))
     for metric in ("generated_tokens_total", "time_to_first_token_seconds_bucket",
@@ -78,8 +84,11 @@ def exported(text: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def metrics_text(tiny_model):
-    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false") as srv:
+def metrics_text(tiny_model, tmp_path_factory):
+    """A repository server (its budget and load metrics exist only there) of one model."""
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(tiny_model, repo / "aitextgen")
+    with running_server("--model_dir", str(repo), "--enable_grpc", "false") as srv:
         r = httpx.post(f"{srv.url}/v1/models/aitextgen:predict",
                        json={"instances": [{"prompt": "ROMEO:", "max_new_tokens": 4}]},
                        timeout=60)
@@ -97,6 +106,9 @@ def test_every_metric_the_dashboard_uses_is_exported(metrics_text):
     assert len(used) >= 12
     missing = sorted(used - set(have))
     assert not missing, f"the dashboard queries metrics the server does not export: {missing}"
+    for name in used:  # and the `model` its variable selects on
+        if name.startswith("gpt2serve_") and name not in SERVER_LEVEL:
+            assert re.search(rf'^{name}\{{[^}}]*model="aitextgen"', metrics_text, re.M), name
     for q in queries(dashboard()):
         # histogram_quantile reads a histogram's buckets; rate() a counter or histogram series
         for name in re.findall(r"histogram_quantile\([^,]+, sum by \([^)]*\) \(rate\((\w+)", q):

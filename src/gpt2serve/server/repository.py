@@ -164,6 +164,10 @@ class Repository(ModelRepository):
         return super().get_model(name)
 
     def _add(self, name: str, folder: Path | None) -> None:
+        for outcome in ("loaded", "failed"):  # exported from the start, at 0
+            metrics.MODEL_LOADS.labels(name, outcome)
+        for reason in ("memory", "request"):
+            metrics.MODEL_UNLOADS.labels(name, reason)
         entry = Entry(name, folder, self.make_predictor(name, self))
         self.entries[name] = entry
         self.update(entry.predictor)
@@ -314,8 +318,9 @@ class Repository(ModelRepository):
                          "%.0f MiB budget are left; it loads on its first request", name,
                          need / 2**20, (self.budget - self.used) / 2**20, self.budget / 2**20)
                 continue
-            entry.nbytes = need
+            entry.nbytes, t0 = need, time.monotonic()
             self._finish_load(entry, self._build(entry))
+            metrics.MODEL_LOAD_SECONDS.labels(name).observe(time.monotonic() - t0)
         self._report()
 
     def _names(self, load_models: str) -> list[str]:
