@@ -7,6 +7,7 @@ request."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 
@@ -156,22 +157,42 @@ def test_every_protocol_routes_by_name(two_fit, references):
 
 
 def test_unloading_under_load_loses_no_accepted_request(two_fit):
+    """Three streams on alpha each have their first token (accepted, running) when the unload
+    is asked for: the unload returns once they have finished, whole; then alpha is 404."""
+    url = f"{two_fit.url}/openai/v1/completions"
+    body = {"model": "alpha", "prompt": "a", "max_tokens": 120, "ignore_eos": True,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+
     async def scenario():
         async with httpx.AsyncClient(timeout=120) as client:
-            body = {"instances": [{"prompt": "a", "max_new_tokens": 100, "ignore_eos": True}]}
-            running = [asyncio.create_task(client.post(
-                f"{two_fit.url}/v1/models/alpha:predict", json=body)) for _ in range(3)]
-            while metric(two_fit, "gpt2serve_running_sequences", model="alpha") < 1:
-                await asyncio.sleep(0.02)
+            async def stream(started: asyncio.Event) -> tuple[int, str | None]:
+                tokens, finish = 0, None
+                async with client.stream("POST", url, json=body) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunk = json.loads(line[6:])
+                            for choice in chunk["choices"]:
+                                finish = choice["finish_reason"] or finish
+                            if chunk.get("usage"):
+                                tokens = chunk["usage"]["completion_tokens"]
+                            started.set()
+                return tokens, finish
+
+            started = [asyncio.Event() for _ in range(3)]
+            running = [asyncio.create_task(stream(e)) for e in started]
+            for e in started:
+                await e.wait()
             unload = await client.post(f"{two_fit.url}/v2/repository/models/alpha/unload")
             assert unload.status_code == 200 and unload.json() == {"name": "alpha",
                                                                  "unload": True}
-            for r in await asyncio.gather(*running):  # accepted before the unload: finished
-                assert r.status_code == 200, r.text
-            after = await client.post(f"{two_fit.url}/v1/models/alpha:predict", json=body)
+            assert all(t.done() for t in running)  # the unload waited for them
+            for tokens, finish in await asyncio.gather(*running):
+                assert (tokens, finish) == (120, "length")
+            after = await client.post(f"{two_fit.url}/v1/models/alpha:predict",
+                                      json={"instances": ["a"]})
             assert after.status_code == 404
-            r = await client.post(f"{two_fit.url}/openai/v1/completions",
-                                  json={"model": "alpha", "prompt": "a"})
+            r = await client.post(url, json={"model": "alpha", "prompt": "a"})
             assert r.status_code == 404 and "unloaded" in r.json()["error"]["message"]
 
     assert v1(two_fit, "alpha", "ROMEO:").status_code == 200

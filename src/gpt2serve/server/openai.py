@@ -134,7 +134,7 @@ def model_of(body: dict, repository: Repository) -> str:
                           param="model")
     if not isinstance(name, str):
         raise OpenAIError("'model' must be a string", param="model")
-    if name not in repository.entries:
+    if repository.get_model(name) is None and name not in repository.entries:
         raise OpenAIError(f"model '{name}' does not exist; this server has "
                           f"{', '.join(repr(n) for n in names) or 'no models'}", param="model",
                           status=404, kind="not_found_error")

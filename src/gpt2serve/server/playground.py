@@ -33,8 +33,8 @@ def settings(repository) -> dict:
     list of models."""
     d = {f.name: f.default for f in fields(SamplingParams)}
     names = sorted(repository.entries)
-    context = repository.context_of(names[0]) if names else (
-        repository.config.max_model_len or 1024)
+    context = ((repository.context_of(names[0]) if names else None)
+               or repository.config.max_model_len or 1024)
     return {
         "context": context, "max_n": repository.max_n,
         "max_prompt_chars": repository.config.max_prompt_chars, "max_stop": MAX_STOP,

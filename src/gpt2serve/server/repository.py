@@ -58,6 +58,9 @@ NOT_LOADED = "not loaded: loads on its first request"
 CPU_BUDGET_SHARE, GPU_BUDGET_SHARE = 0.8, 0.9
 # Without --kv_cache_memory in a repository, each model's KV cache is this share of the budget.
 KV_SHARE = 1 / 16
+# A request for a model whose load failed gets the failure for this long, rather than a new
+# load (which may unload other models first); `load` through the API always tries again.
+RETRY_AFTER_FAILURE = 10.0
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -109,6 +112,7 @@ class Entry:
     last_used: float = 0.0
     held: bool = False  # unloaded through the API
     waiters: int = 0  # requests waiting in `engine()` for it: not idle, though not yet queued
+    failed_at: float | None = None  # when its last load failed
     loading: asyncio.Task | None = None
 
 
@@ -160,7 +164,7 @@ class Repository(ModelRepository):
         """KServe's lookup (V1, V2 infer, gRPC): a model whose folder has appeared under the
         repository folder since the last look is found, and loads on this first request."""
         if name not in self.entries and self.is_repository:
-            self.scan()
+            self.scan()  # a listing of one folder: about what answering the 404 costs
         return super().get_model(name)
 
     def _add(self, name: str, folder: Path | None) -> None:
@@ -176,14 +180,17 @@ class Repository(ModelRepository):
         return [{"name": e.name, "state": e.state, "reason": e.reason}
                 for e in sorted(self.entries.values(), key=lambda e: e.name)]
 
-    def context_of(self, name: str) -> int:
+    def context_of(self, name: str) -> int | None:
         """The longest sequence a model takes (its own, or --max_model_len), without loading
         it."""
         entry = self.entries[name]
         if entry.engine is not None:
             return entry.engine.context
-        folder = entry.folder or checkpoint.DEMO_MODEL_DIR
-        n_positions = checkpoint.read_config(folder).n_positions
+        try:
+            n_positions = checkpoint.read_config(
+                entry.folder or checkpoint.DEMO_MODEL_DIR).n_positions
+        except (checkpoint.CheckpointError, OSError):
+            return None  # a broken or vanished folder: its load says why
         return min(self.config.max_model_len or n_positions, n_positions)
 
     @property
@@ -195,7 +202,8 @@ class Repository(ModelRepository):
         return sum(e.nbytes for e in self.entries.values())
 
     def loaded(self) -> list[Engine]:
-        return [e.engine for e in self.entries.values() if e.engine is not None]
+        # (a copy made in one step: the drain thread calls this while the event loop runs)
+        return [e.engine for e in list(self.entries.values()) if e.engine is not None]
 
     @property
     def alive(self) -> bool:
@@ -226,6 +234,8 @@ class Repository(ModelRepository):
             return await self._wait_for(entry, deadline)
         finally:
             entry.waiters -= 1
+            if not entry.waiters:
+                self._notify()  # a load waiting for room may unload it now
 
     async def _wait_for(self, entry: Entry, deadline: float) -> Engine:
         name = entry.name
@@ -238,6 +248,10 @@ class Repository(ModelRepository):
             if entry.state == READY:
                 return entry.engine
             if entry.state == UNAVAILABLE and entry.loading is None:
+                if entry.failed_at is not None and (
+                        time.monotonic() - entry.failed_at < RETRY_AFTER_FAILURE):
+                    # not again at once: each try may unload models to make room for it
+                    raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
                 entry.loading = asyncio.ensure_future(self._load(entry))
             left = deadline - time.monotonic()
             try:
@@ -267,6 +281,7 @@ class Repository(ModelRepository):
             entry.reason = NOT_LOADED if entry.state == UNAVAILABLE else entry.reason
             entry.predictor.ready = True
             self.update(entry.predictor)
+        entry.failed_at = None  # asked for: try again now
         while entry.state != READY:
             if entry.state == UNAVAILABLE and entry.loading is None:
                 entry.loading = asyncio.ensure_future(self._load(entry))
@@ -312,16 +327,31 @@ class Repository(ModelRepository):
         names = self._names(load_models)
         for name in names:
             entry = self.entries[name]
-            need = self._estimate(entry)
-            if self.budget is not None and self.used + need > self.budget:
-                log.info("model %s not loaded at start: it needs %.0f MiB and %.0f MiB of the "
-                         "%.0f MiB budget are left; it loads on its first request", name,
-                         need / 2**20, (self.budget - self.used) / 2**20, self.budget / 2**20)
-                continue
-            entry.nbytes, t0 = need, time.monotonic()
-            self._finish_load(entry, self._build(entry))
-            metrics.MODEL_LOAD_SECONDS.labels(name).observe(time.monotonic() - t0)
+            try:
+                self._start_one(entry)
+            except Exception as e:
+                if not self.is_repository:
+                    raise  # a single model that cannot load is a start-up error
+                entry.reason, entry.failed_at = f"load failed: {e}", time.monotonic()
+                metrics.MODEL_LOADS.labels(name, "failed").inc()
+                log.error("model %s: load failed: %s", name, e)
         self._report()
+
+    def _start_one(self, entry: Entry) -> None:
+        need = self._estimate(entry)
+        if self.budget is not None and self.used + need > self.budget:
+            log.info("model %s not loaded at start: it needs %.0f MiB and %.0f MiB of the "
+                     "%.0f MiB budget are left; it loads on its first request", entry.name,
+                     need / 2**20, (self.budget - self.used) / 2**20, self.budget / 2**20)
+            return
+        entry.nbytes, t0 = need, time.monotonic()
+        try:
+            engine = self._build(entry)
+        except BaseException:
+            entry.nbytes = 0
+            raise
+        self._finish_load(entry, engine)
+        metrics.MODEL_LOAD_SECONDS.labels(entry.name).observe(time.monotonic() - t0)
 
     def _names(self, load_models: str) -> list[str]:
         if load_models == "all":
@@ -342,26 +372,23 @@ class Repository(ModelRepository):
             async with self._lock:
                 if entry.state != UNAVAILABLE or entry.held:
                     return
+                if self.shutting_down:
+                    raise ModelUnavailable("the server is shutting down")
                 if not self.alive:
                     raise ModelUnavailable("the engine's step thread has died")
-                need = self._estimate(entry)
+                need = self._estimate(entry)  # config.json read before anything is unloaded
                 await self._make_room(need, entry)
                 entry.state, entry.reason, entry.nbytes = LOADING, "", need
                 self._notify()
                 t0 = time.monotonic()
-                try:
-                    engine = await asyncio.to_thread(self._build, entry)
-                except Exception as e:  # a broken folder, too little memory: say which
-                    entry.state, entry.nbytes = UNAVAILABLE, 0
-                    entry.reason = f"load failed: {e}"
-                    metrics.MODEL_LOADS.labels(entry.name, "failed").inc()
-                    log.error("model %s: load failed: %s", entry.name, e)
-                    return
+                engine = await asyncio.to_thread(self._build, entry)
                 self._finish_load(entry, engine)
                 metrics.MODEL_LOAD_SECONDS.labels(entry.name).observe(time.monotonic() - t0)
-        except ModelUnavailable as e:
-            entry.reason = f"load failed: {e}"
-            log.warning("model %s: %s", entry.name, e)
+        except Exception as e:  # a broken folder, no room, too little memory: say which
+            entry.state, entry.nbytes = UNAVAILABLE, 0
+            entry.reason, entry.failed_at = f"load failed: {e}", time.monotonic()
+            metrics.MODEL_LOADS.labels(entry.name, "failed").inc()
+            log.error("model %s: load failed: %s", entry.name, e)
         finally:
             entry.loading = None
             self._report()
@@ -408,8 +435,16 @@ class Repository(ModelRepository):
             if not loaded:
                 raise ModelUnavailable("the memory budget is held by models loading or "
                                        "unloading; try again")
-            idle = [e for e in loaded if not e.engine.scheduler.busy and not e.waiters]
-            await self._unload((idle or loaded)[0], "memory")
+            # A model whose requests are about to queue stays until they have (they do at
+            # their next turn of the event loop): evicting it first let two models that do
+            # not fit together unload each other before either served anything.
+            free = [e for e in loaded if not e.waiters]
+            if not free:
+                async with self._changed:
+                    await self._changed.wait()
+                continue
+            idle = [e for e in free if not e.engine.scheduler.busy]
+            await self._unload((idle or free)[0], "memory")
 
     async def _unload(self, entry: Entry, reason: str) -> None:
         """Drain `entry` (what it accepted finishes), then free it."""
@@ -473,11 +508,14 @@ class Repository(ModelRepository):
     # ---- shutdown ----------------------------------------------------------------------------
 
     def drain(self) -> None:
+        """Readiness off, new requests 503 (those waiting for a load too), accepted ones go on.
+        Runs on the event loop (uvicorn's signal handler)."""
         self.shutting_down = True
-        for entry in self.entries.values():
+        for entry in list(self.entries.values()):
             entry.predictor.ready = False
         for engine in self.loaded():
             engine.drain()
+        self._notify()
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -490,8 +528,15 @@ class Repository(ModelRepository):
         return sum(w for w, _ in loads), sum(r for _, r in loads)
 
     def stop(self, timeout: float) -> None:
-        for engine in self.loaded():
-            engine.stop(timeout=timeout)
+        """Stop every engine: all are told first, so the step thread fails what each still
+        has in one round, then each is waited for (`timeout` in all)."""
+        engines = self.loaded()
+        for engine in engines:
+            engine.stop(timeout=0)
+        deadline = time.monotonic() + timeout
+        for engine in engines:
+            if engine.loop is not None:
+                engine.loop.detach(engine, max(0.0, deadline - time.monotonic()))
 
 
 def default_budget(device: torch.device) -> int:

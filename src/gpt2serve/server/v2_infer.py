@@ -54,7 +54,7 @@ def infer_router(repository: Repository) -> APIRouter:
 
     @router.post("/infer", response_model=None, openapi_extra=SCHEMA)
     async def infer(model_name: str, request: HTTPRequest) -> Response:
-        predictor = repository.models.get(model_name)
+        predictor = repository.get_model(model_name)
         if predictor is None:
             if model_name in repository.entries:
                 raise ModelUnloaded(model_name)
