@@ -260,3 +260,43 @@ def test_an_empty_repository_is_ready(tmp_path):
 
 def test_a_single_model_keeps_the_repository_api_off(server):
     assert httpx.post(f"{server.url}/v2/repository/index").status_code == 404
+
+
+def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone(
+        repo, model_bytes, tmp_path):
+    """Budget for one model: requests for two at once are all served (each model in turn,
+    the other drained, never unloaded before its waiting requests queue); a folder whose
+    config.json is not GPT-2's fails its requests and its load with 503, and nothing else."""
+    for name in ("alpha", "beta"):
+        shutil.copytree(repo / name, tmp_path / name)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama"}')
+    srv = ServerProcess("--model_dir", str(tmp_path), "--load_models", "none",
+                        "--memory_budget", str(int(model_bytes * 1.5)),
+                        "--kv_cache_memory", str(KV), "--enable_grpc", "false")
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{srv.url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+        async def both() -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                calls = [client.post(f"{srv.url}/v1/models/{name}:predict", json={
+                    "instances": [{"prompt": "ROMEO:", **GREEDY}]})
+                    for name in ("alpha", "beta") * 3]
+                return [r.status_code for r in await asyncio.gather(*calls)]
+
+        assert asyncio.run(both()) == [200] * 6
+        assert metric(srv, "gpt2serve_models_loaded") == 1
+        r = v1(srv, "broken", "ROMEO:")
+        assert r.status_code == 503 and "model_type" in r.json()["error"]
+        assert index(srv)["broken"] == "UNAVAILABLE"
+        r = httpx.post(f"{srv.url}/v2/repository/models/broken/load", timeout=60)
+        assert r.status_code == 503 and "model_type" in r.json()["error"]
+        assert v1(srv, "beta", "ROMEO:").status_code == 200
+    finally:
+        srv.stop()
