@@ -139,13 +139,15 @@ class ServerProcess:
                                      env={**os.environ, **(env or {})})
 
     def wait_ready(self, model: str = "aitextgen", timeout: float = 60,
-                   headers: dict | None = None) -> float:
+                   headers: dict | None = None, path: str | None = None) -> float:
+        """Until `model` is ready (or `path` answers 200: a server with no model loaded)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}")
             try:
-                r = httpx.get(f"{self.url}/v1/models/{model}", timeout=1, headers=headers)
+                r = httpx.get(f"{self.url}{path or f'/v1/models/{model}'}", timeout=1,
+                              headers=headers)
                 if r.status_code == 200:
                     return time.monotonic() - t0
             except httpx.TransportError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 
 import grpc
 import httpx
@@ -70,19 +69,6 @@ def two_fit(repo, model_bytes):
         yield srv
     finally:
         srv.stop()
-
-
-def wait_until_ready(srv) -> None:
-    """Server readiness (a repository that loads nothing at start has no model to ask for)."""
-    for _ in range(300):
-        assert srv.proc.poll() is None
-        try:
-            if httpx.get(f"{srv.url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("the server did not become ready")
 
 
 def v1(srv, name: str, prompt: str, **params) -> httpx.Response:
@@ -256,7 +242,7 @@ def test_the_repository_api_stays_behind_the_key_but_for_the_local_agent(repo):
 def test_an_empty_repository_is_ready(tmp_path):
     srv = ServerProcess("--model_dir", str(tmp_path), "--enable_grpc", "false")
     try:
-        wait_until_ready(srv)
+        srv.wait_ready(path="/v2/health/ready")
         assert httpx.post(f"{srv.url}/v2/repository/index").json() == []
         make_hf_model(tmp_path / "late")
         assert v1(srv, "late", "ROMEO:").status_code == 200
@@ -281,7 +267,7 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
                         "--memory_budget", str(int(model_bytes * 1.5)),
                         "--kv_cache_memory", str(KV), "--enable_grpc", "false")
     try:
-        wait_until_ready(srv)
+        srv.wait_ready(path="/v2/health/ready")
 
         async def both() -> list[int]:
             async with httpx.AsyncClient(timeout=120) as client:

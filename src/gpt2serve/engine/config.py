@@ -60,6 +60,10 @@ class EngineConfig:
         if self.max_queue < 0 or self.request_timeout <= 0:
             raise ValueError("max_queue must be >= 0 and request_timeout > 0")
 
+    def context(self, n_positions: int) -> int:
+        """The longest sequence an engine of a model with `n_positions` takes."""
+        return min(self.max_model_len or n_positions, n_positions)
+
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser, parsers: dict[str, Callable],
                   names: tuple[str, ...] | None = None) -> None:

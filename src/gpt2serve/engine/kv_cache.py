@@ -175,13 +175,16 @@ def parse_size(text: str) -> int:
     return int(value * SIZE_UNITS[unit])
 
 
-def machine_budget(device: torch.device) -> int | None:
-    """The KV-cache budget this machine allows once the weights are loaded (None: unknown)."""
+def machine_budget(device: torch.device, cpu_share: float = CPU_MEMORY_SHARE,
+                   gpu_share: float = GPU_MEMORY_SHARE) -> int | None:
+    """This share of the memory still available: the container's on CPU, the device's free
+    memory on CUDA (None: unknown). By default, the KV-cache budget this machine allows once
+    the weights are loaded."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_MEMORY_SHARE)
+        return int(free * gpu_share)
     available = hardware.memory_available()
-    return None if available is None else int(available * CPU_MEMORY_SHARE)
+    return None if available is None else int(available * cpu_share)
 
 
 def allocate(config: GPTConfig, dtype: torch.dtype, device: torch.device, block_size: int,

@@ -51,7 +51,7 @@ class Engine:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
         self.metrics = metrics.ModelMetrics(name)
         cfg = model.config
-        self.context = min(config.max_model_len or cfg.n_positions, cfg.n_positions)
+        self.context = config.context(cfg.n_positions)
         self.threaded = threaded
         self.loop = (loop or StepLoop(config.threads)) if threaded else None
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
@@ -304,9 +304,11 @@ class _Newcomers:
     def read(self) -> None:  # nothing may be retired here
         if self.arrivals is not None:
             self.arrivals()
+        if self.seconds:  # read once a step already
+            return
         waiting = [e for e in (self.engine, *self.neighbours)
                    if e.scheduler.waiting and not e._stopping]
-        if self.seconds or not waiting:
+        if not waiting:
             return
         t = time.perf_counter()
         for engine in waiting:

@@ -44,7 +44,7 @@ from kserve.model_repository import ModelRepository
 
 from .. import checkpoint, hardware, metrics
 from ..engine import Engine, EngineConfig
-from ..engine.kv_cache import KVBudgetError
+from ..engine.kv_cache import KVBudgetError, machine_budget
 from ..engine.step_loop import StepLoop
 from ..model import KVCache
 
@@ -191,7 +191,7 @@ class Repository(ModelRepository):
                 entry.folder or checkpoint.DEMO_MODEL_DIR).n_positions
         except (checkpoint.CheckpointError, OSError):
             return None  # a broken or vanished folder: its load says why
-        return min(self.config.max_model_len or n_positions, n_positions)
+        return self.config.context(n_positions)
 
     @property
     def max_n(self) -> int:
@@ -309,8 +309,7 @@ class Repository(ModelRepository):
         async with self._lock:
             if entry.engine is not None and entry.state == READY:
                 await self._unload(entry, "request")
-        entry.reason = "unloaded: POST /v2/repository/models/NAME/load brings it back".replace(
-            "NAME", name)
+        entry.reason = f"unloaded: POST /v2/repository/models/{name}/load brings it back"
         if entry.folder is not None and not entry.folder.exists():
             del self.entries[name]  # KServe's agent deletes a TrainedModel's folder, then unloads
         self._notify()
@@ -332,9 +331,7 @@ class Repository(ModelRepository):
             except Exception as e:
                 if not self.is_repository:
                     raise  # a single model that cannot load is a start-up error
-                entry.reason, entry.failed_at = f"load failed: {e}", time.monotonic()
-                metrics.MODEL_LOADS.labels(name, "failed").inc()
-                log.error("model %s: load failed: %s", name, e)
+                self._failed(entry, e)
         self._report()
 
     def _start_one(self, entry: Entry) -> None:
@@ -350,8 +347,7 @@ class Repository(ModelRepository):
         except BaseException:
             entry.nbytes = 0
             raise
-        self._finish_load(entry, engine)
-        metrics.MODEL_LOAD_SECONDS.labels(entry.name).observe(time.monotonic() - t0)
+        self._finish_load(entry, engine, t0)
 
     def _names(self, load_models: str) -> list[str]:
         if load_models == "all":
@@ -382,13 +378,10 @@ class Repository(ModelRepository):
                 self._notify()
                 t0 = time.monotonic()
                 engine = await asyncio.to_thread(self._build, entry)
-                self._finish_load(entry, engine)
-                metrics.MODEL_LOAD_SECONDS.labels(entry.name).observe(time.monotonic() - t0)
+                self._finish_load(entry, engine, t0)
         except Exception as e:  # a broken folder, no room, too little memory: say which
             entry.state, entry.nbytes = UNAVAILABLE, 0
-            entry.reason, entry.failed_at = f"load failed: {e}", time.monotonic()
-            metrics.MODEL_LOADS.labels(entry.name, "failed").inc()
-            log.error("model %s: load failed: %s", entry.name, e)
+            self._failed(entry, e)
         finally:
             entry.loading = None
             self._report()
@@ -413,12 +406,18 @@ class Repository(ModelRepository):
                  time.monotonic() - t0)
         return engine
 
-    def _finish_load(self, entry: Entry, engine: Engine) -> None:
+    def _finish_load(self, entry: Entry, engine: Engine, started: float) -> None:
         entry.engine, entry.state, entry.reason = engine, READY, ""
         entry.nbytes = entry.measured = engine.memory_bytes
         entry.last_used = time.monotonic()
         metrics.MODEL_MEMORY.labels(entry.name).set(entry.nbytes)
         metrics.MODEL_LOADS.labels(entry.name, "loaded").inc()
+        metrics.MODEL_LOAD_SECONDS.labels(entry.name).observe(entry.last_used - started)
+
+    def _failed(self, entry: Entry, error: Exception) -> None:
+        entry.reason, entry.failed_at = f"load failed: {error}", time.monotonic()
+        metrics.MODEL_LOADS.labels(entry.name, "failed").inc()
+        log.error("model %s: load failed: %s", entry.name, error)
 
     async def _make_room(self, need: int, entry: Entry) -> None:
         """Unload models until `need` more bytes fit: idle ones least recently used first,
@@ -486,7 +485,7 @@ class Repository(ModelRepository):
                    else (matmul + other) * size)
         if self.settings.device.type == "cpu":
             weights += cfg.vocab_size * d  # the LM head's int8 screen
-        context = min(self.config.max_model_len or cfg.n_positions, cfg.n_positions)
+        context = self.config.context(cfg.n_positions)
         block = KVCache.block_bytes(cfg, self.config.block_size, self.settings.dtype)
         wanted = -(-self.config.max_batch_size * context // self.config.block_size) * block
         kv = min(self.config.kv_cache_memory or wanted, wanted)
@@ -542,14 +541,11 @@ class Repository(ModelRepository):
 def default_budget(device: torch.device) -> int:
     """--memory_budget's default: a share of the memory the container may use, or of the
     GPU's free memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_BUDGET_SHARE)
-    available = hardware.memory_available()
-    if available is None:
+    budget = machine_budget(device, CPU_BUDGET_SHARE, GPU_BUDGET_SHARE)
+    if budget is None:
         raise KVBudgetError("cannot tell how much memory this container may use: give "
                             "--memory_budget")
-    return int(available * CPU_BUDGET_SHARE)
+    return budget
 
 
 def settings_of(device: str, dtype: str, quantize: str, threads: int | None) -> LoadSettings:
