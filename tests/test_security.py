@@ -346,11 +346,13 @@ def test_without_a_key_everything_but_the_repository_is_open(default):
 def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded(tiny_model):
     """The line drawn for liveness: an unload alone keeps it (above); a dead step thread is
     what fails it, and `load` refuses to bring a model back onto it. In process, on a real
-    repository: the thread is killed from outside, as no request can."""
-    from gpt2serve.engine import EngineConfig
+    repository: the thread is killed from outside, as no request can, while it steps (in its
+    condition's wait, an asynchronous exception can leave the condition's lock held)."""
+    from gpt2serve.engine import EngineConfig, EngineStopped, Prompt
     from gpt2serve.server.grpc_v2 import GPT2Servicer
     from gpt2serve.server.health import liveness
     from gpt2serve.server.predictor import GPT2Predictor
+    from gpt2serve.sampling import SamplingParams
     from gpt2serve.server.repository import LoadFailed, Repository, settings_of
     from test_metrics import kill_thread
 
@@ -369,11 +371,17 @@ def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded
         await repository.unload(MODEL)
         assert await live() == (True, 200)
         await repository.load(MODEL)
+        engine = await repository.engine(MODEL)
+        long = SamplingParams.from_dict({"max_new_tokens": 100, "ignore_eos": True})
+        events = engine.stream(engine.submit(
+            [Prompt(engine.encode_prompt("ROMEO:"), long) for _ in range(6)]))
+        await anext(events)  # the step thread is busy with them
         thread = repository.loop._thread
         kill_thread(thread)
-        with repository.loop.cond:
-            repository.loop.cond.notify_all()  # it dies at its next bytecode: wake it
         thread.join(timeout=10)
+        with pytest.raises(EngineStopped, match="step thread has died"):
+            async for _ in events:  # fails, does not wait forever
+                pass
         assert await live() == (False, 503)
         await repository.unload(MODEL)
         assert await live() == (False, 503)
