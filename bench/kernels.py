@@ -4,13 +4,13 @@
 
 fp32 matmuls: the same 48 matrices and the head, kernels.linear_f32 on pack_f32's panels (in
 huge pages, and the same panels copied to ordinary 4 KiB pages) vs oneDNN's inner product on
-its packed weights (packing.py's layout where our kernel does not run), per number of rows:
+its packed weights (matmul.OneDnnF32), per number of rows:
 decode batches, and prompt chunks (--prompt-rows, in GFLOP/s).
 
 int8 matmuls: the 48 layer matrices of 12 layers and the LM head, each called once per pass as a
 decode step does (so every weight comes from memory, not from cache): kernels.int8_linear vs
-fbgemm's `quantized::linear_dynamic`, per number of rows. This is what sets
-kernels.INT8_MAX_ROWS. Decode attention: kernels.decode_attention vs the torch ops of
+fbgemm's `quantized::linear_dynamic`, per number of rows (at load, kernel_choice.py measures
+these and the other candidates per matrix shape itself). Decode attention: kernels.decode_attention vs the torch ops of
 model.Block._attend (store, gather, scaled-dot-product attention), 12 layers, per batch size
 and context length. Run it under the AVX2 cap with `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` (and the
 rest of hardware.AVX2_CAP_ENV) in the environment.
@@ -33,11 +33,11 @@ class Int8Matrix:
     """One random weight matrix, quantized as quantize.py does, in both kernels' layouts."""
 
     def __init__(self, k: int, n: int):
-        from gpt2serve import quantize
+        from gpt2serve import matmul, quantize
 
         q, scales = quantize.quantize_rows(torch.randn(n, k) * 0.05)
-        matmul = quantize.Int8Matmul(q, scales, torch.randn(n))
-        self.ours, self.theirs = matmul.small_batch, matmul.large_batch
+        weights = (q.int_repr(), scales, torch.randn(n))
+        self.ours, self.theirs = matmul.OursInt8(*weights), matmul.FbgemmInt8(*weights)
         self.k, self.n = k, n
 
 
@@ -63,14 +63,14 @@ def int8_matmuls(rows: list[int], repeats: int) -> None:
 
 
 def fp32_matmuls(rows: list[int], repeats: int) -> None:
-    from gpt2serve import kernels, packing
+    from gpt2serve import kernels, matmul
 
     shapes = [shape for _ in range(12) for shape in LAYER_SHAPES] + [HEAD]
     weights = [torch.randn(k, n) * 0.02 for k, n in shapes]
     biases = [torch.randn(n) for _, n in shapes]
     ours = [kernels.pack_f32(w) for w in weights]
     small_pages = [p.clone() for p in ours]  # torch's allocator: 4 KiB pages here
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), packing.BATCH_HINT)
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), matmul.BATCH_HINT)
               for w in weights]
     del weights
     nbytes = sum(k * n * 4 for k, n in shapes)

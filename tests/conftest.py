@@ -10,12 +10,19 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+
+# Tests run our kernels for every matmul (`--kernels ours`), the same on every machine; the
+# measured choice (`auto`, the default elsewhere) has tests of its own, and its cache goes to
+# a folder of the test session's (inherited by the servers the tests start).
+os.environ.setdefault("GPT2SERVE_KERNELS", "ours")
+os.environ["GPT2SERVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2serve-test-cache-")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GPT2_TOKENIZER = SHARED / "gpt2-tokenizer"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model, run_engine
-from gpt2serve import checkpoint, kernels, metrics
+from gpt2serve import checkpoint, kernel_choice, kernels, metrics
 from gpt2serve.model import TiedHead
 from gpt2serve.packing import HeadScreen, PackedHead
 from gpt2serve.sampling import SamplingParams
@@ -21,7 +21,7 @@ def packed_head(weight_t: torch.Tensor) -> PackedHead:
     """A PackedHead with its screen as the plan runner makes it (as `head.screen`)."""
     head = TiedHead(*weight_t.shape)
     head.weight_t.data.copy_(weight_t)
-    packed = PackedHead(head)
+    packed = PackedHead(head, kernel_choice.choose("fp32", [(*weight_t.shape, True)], "ours"))
     packed.screen = HeadScreen.of(packed)
     return packed
 

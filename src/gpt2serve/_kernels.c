@@ -159,200 +159,23 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* ---- int8 matmul: y = x @ W^T * scales + bias, x fp32 [m, k], W int8 [n, k] ----------------
+/* ---- linear layers: y = x @ W + bias, x [m, k], W in panels of 16 outputs ------------------
 
-Each row of x is quantized to u8 with its own scale and zero point (asymmetric, the range
-stretched to hold 0), then multiplied by the int8 weights in int32: vpdpbusd where the CPU
-has AVX-512 VNNI, else vpmaddubsw + vpmaddwd, whose int16 pair sums cannot saturate because
-such weights hold 7 bits (quantize.py). W comes in kernels.pack_int8's layout: rows padded with
-zeros to a multiple of 32 bytes and of four rows, each group of four interleaved 32 bytes at a
-time. Threads split the groups, so each streams its share of W once for all of x's rows (up to
-kernels.INT8_MAX_ROWS, the decode batch sizes this serves; beyond that fbgemm's GEMM is
-faster). Sums stay within int32: 255 * 127 * k for k up to 66,000. */
-
-typedef struct {
-    const uint8_t *xq;      /* [m, k_padded] */
-    const float *x_scale;   /* [m] */
-    const int32_t *x_zero;  /* [m] */
-    const int8_t *w;        /* [n4 / 4, k_padded / 32, 4, 32] (kernels.pack_int8) */
-    const float *w_scale;   /* [n4] */
-    const int32_t *w_sum;   /* [n4] sum of each weight row */
-    const float *bias;      /* [n] or NULL */
-    float *y;               /* [m, n] */
-    int64_t m, n, k_padded;
-} int8_args;
-
-#if X86
-#include <immintrin.h>
-
-static inline int32_t hsum_epi32(__m256i v) __attribute__((target("avx2")));
-static inline int32_t hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
-}
-
-static inline void finish(const int8_args *a, int64_t row, int64_t o, int32_t dot) {
-    float v = (float)(dot - a->x_zero[row] * a->w_sum[o]) * a->x_scale[row] * a->w_scale[o];
-    a->y[row * a->n + o] = a->bias ? v + a->bias[o] : v;
-}
-
-/* Four weight rows by two x rows at a time: 8 accumulators, 4 weight and 2 x registers. */
-#define INT8_BODY(DOT)                                                                        \
-    const int64_t kp = a->k_padded;                                                          \
-    for (int64_t o = o0; o < o1; o += 4) {                                                   \
-        const int64_t rows = a->n - o < 4 ? a->n - o : 4;                                    \
-        const int8_t *w = a->w + o * kp; /* four rows, interleaved by 32 bytes */            \
-        for (int64_t b = 0; b < a->m; b += 2) {                                              \
-            const uint8_t *x0 = a->xq + b * kp, *x1 = a->xq + (b + 1 < a->m ? b + 1 : b) * kp; \
-            __m256i acc[2][4];                                                                \
-            for (int r = 0; r < 4; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_si256();      \
-            for (int64_t i = 0; i < kp; i += 32) {                                           \
-                const __m256i xa = _mm256_loadu_si256((const __m256i *)(x0 + i));            \
-                const __m256i xb = _mm256_loadu_si256((const __m256i *)(x1 + i));            \
-                for (int r = 0; r < 4; ++r) {                                                 \
-                    const __m256i wr = _mm256_loadu_si256((const __m256i *)(w + 4 * i + 32 * r)); \
-                    acc[0][r] = DOT(acc[0][r], xa, wr);                                       \
-                    acc[1][r] = DOT(acc[1][r], xb, wr);                                       \
-                }                                                                             \
-            }                                                                                 \
-            for (int r = 0; r < rows; ++r) {                                                  \
-                finish(a, b, o + r, hsum_epi32(acc[0][r]));                                   \
-                if (b + 1 < a->m) finish(a, b + 1, o + r, hsum_epi32(acc[1][r]));            \
-            }                                                                                 \
-        }                                                                                     \
-    }
-
-__attribute__((target("avx2,fma"))) static inline __m256i dot_avx2(__m256i acc, __m256i x,
-                                                                     __m256i w) {
-    const __m256i pairs = _mm256_maddubs_epi16(x, w);
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-__attribute__((target("avx512vnni,avx512vl,avx2"))) static inline __m256i dot_vnni(
-    __m256i acc, __m256i x, __m256i w) {
-    return _mm256_dpbusd_epi32(acc, x, w);
-}
-
-__attribute__((target("avx2,fma"))) static void int8_rows_avx2(const int8_args *a, int64_t o0,
-                                                              int64_t o1) {
-    INT8_BODY(dot_avx2)
-}
-
-__attribute__((target("avx512vnni,avx512vl,avx2,fma"))) static void int8_rows_vnni(
-    const int8_args *a, int64_t o0, int64_t o1) {
-    INT8_BODY(dot_vnni)
-}
-#define HAVE_INT8 1
-#else
-#define HAVE_INT8 0
-#endif
-
-/* Row b of x [m, k] -> u8 [k_padded] (zeros past k), its scale and zero point; and where
-`error` is not NULL, the Euclidean norm of x minus what the u8 values stand for,
-scale * (q - zero), summed in double (packing.HeadScreen bounds its logits with it). */
-static void quantize_row(const float *x, int64_t k, int64_t k_padded, uint8_t *q,
-                         float *scale, int32_t *zero, float *error) {
-    float lo = 0.f, hi = 0.f;
-    for (int64_t i = 0; i < k; ++i) {
-        lo = x[i] < lo ? x[i] : lo;
-        hi = x[i] > hi ? x[i] : hi;
-    }
-    const float s = hi > lo ? (hi - lo) / 255.f : 1.f;
-    const int32_t z = (int32_t)nearbyintf(-lo / s);
-    const float inv = 1.f / s;
-    for (int64_t i = 0; i < k; ++i) {
-        const float v = nearbyintf(x[i] * inv) + (float)z;
-        q[i] = (uint8_t)(v < 0.f ? 0.f : v > 255.f ? 255.f : v);
-    }
-    for (int64_t i = k; i < k_padded; ++i) q[i] = 0;
-    *scale = s;
-    *zero = z;
-    if (error) {
-        double squares = 0.;
-        for (int64_t i = 0; i < k; ++i) {
-            const double d = (double)x[i] - (double)s * ((double)q[i] - (double)z);
-            squares += d * d;
-        }
-        *error = (float)sqrt(squares);
-    }
-}
-
-static PyObject *int8_linear(PyObject *self, PyObject *args) {
-    unsigned long long x, w, w_scale, w_sum, bias, y, x_error;
-    int64_t k;
-    int8_args a;
-    int vnni;
-    if (!PyArg_ParseTuple(args, "KKKKKKLLLLpK", &x, &w, &w_scale, &w_sum, &bias, &y, &a.m,
-                          &k, &a.n, &a.k_padded, &vnni, &x_error))
-        return NULL;
-#if HAVE_INT8
-    a.w = (const int8_t *)(uintptr_t)w;
-    a.w_scale = (const float *)(uintptr_t)w_scale;
-    a.w_sum = (const int32_t *)(uintptr_t)w_sum;
-    a.bias = (const float *)(uintptr_t)bias;
-    a.y = (float *)(uintptr_t)y;
-    uint8_t *xq = malloc((size_t)(a.m * a.k_padded));
-    float *x_scale = malloc(sizeof(float) * (size_t)a.m);
-    int32_t *x_zero = malloc(sizeof(int32_t) * (size_t)a.m);
-    if (!xq || !x_scale || !x_zero) {
-        free(xq), free(x_scale), free(x_zero);
-        return PyErr_NoMemory();
-    }
-    a.xq = xq, a.x_scale = x_scale, a.x_zero = x_zero;
-    Py_BEGIN_ALLOW_THREADS
-    for (int64_t b = 0; b < a.m; ++b)
-        quantize_row((const float *)(uintptr_t)x + b * k, k, a.k_padded, xq + b * a.k_padded,
-                     x_scale + b, x_zero + b,
-                     x_error ? (float *)(uintptr_t)x_error + b : NULL);
-#pragma omp parallel
-    {
-        /* whole groups of four rows per thread */
-        const int64_t groups = (a.n + 3) / 4;
-        const int threads = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t g0 = groups * t / threads, g1 = groups * (t + 1) / threads;
-        const int64_t o0 = g0 * 4, o1 = g1 * 4 < a.n ? g1 * 4 : a.n;
-        if (o0 < o1) {
-            if (vnni)
-                int8_rows_vnni(&a, o0, o1);
-            else
-                int8_rows_avx2(&a, o0, o1);
-        }
-    }
-    Py_END_ALLOW_THREADS
-    free(xq), free(x_scale), free(x_zero);
-    Py_RETURN_NONE;
-#else
-    PyErr_SetString(PyExc_RuntimeError, "int8_linear needs an x86-64 build");
-    return NULL;
-#endif
-}
-
-/* ---- fp32 linear: y = x @ W + bias, x [m, k], W [k, n] ------------------------------------
-
-W comes as kernels.pack_f32 lays it out: panels of 16 outputs, [ceil(n / 16), k, 16], each
-panel the 16 weights of one input after another (zeros past n). Threads split the panels, so
-each reads one sequential stream of W, once for all of x's rows (f32_panels says in what
-order). A tile is R rows x 16 outputs summed in R x 16 registers over the k inputs: R up to 8
-with AVX-512 (one zmm a row); with AVX2 (two ymm a row) 4 for a decode step's few rows and 6
-for more (12 of the 16 registers; 4-row tiles left prompts behind oneDNN), so that the FMAs of a tile hide each other's latency without spilling. The tile is plain C
-that the compiler vectorizes for each target; it ran as fast as intrinsics written out. Around
-the product, optionally: the rows' LayerNorm before it, GELU and a residual add after it
-(packing.FusedBlock). Or some of W's panels only, named in a list: output panel p is then W's
-panel panels[p] (packing.HeadScreen's candidates). bench/kernels.py measures it against
-oneDNN. */
+Both matmul kernels, linear_f32 and int8_linear, read W in panels of 16 outputs, each panel
+64 bytes per step along k (16 fp32 weights of one input, or 16 x 4 int8 weights of four
+inputs), zeros past n. Threads split the panels, so each reads one sequential stream of W,
+once for all of x's rows (`PANELS` says in what order). A tile is R rows x 16 outputs summed in
+registers over k, R as many as the target's registers hold without spilling, so that the
+tile's multiply-adds hide each other's latency. Around the product, optionally: the rows'
+LayerNorm before it, GELU and a residual add after it (packing.FusedBlock). */
 
 typedef struct {
-    const float *x;        /* [m, k]: the input, or its rows layer-normed (below) */
-    const float *w;        /* [panels, k, 16] */
-    const int64_t *panels; /* [n / 16]: the panels of W to multiply, or NULL for all */
     const float *bias;     /* [n] or NULL */
     const float *residual; /* [m, n] added to the output, or NULL */
     float *y;              /* [m, n] */
-    int64_t m, k, n;
+    int64_t n;
     int gelu;              /* the output through GELU's tanh form (before the residual) */
-} f32_args;
+} output_args;
 
 /* GELU, tanh form (GPT-2's gelu_new), on 16 values. tanh as Eigen's rational approximation
 (a few ulp in fp32; the libm call does not vectorize and cost more than the matmul's row). */
@@ -377,6 +200,25 @@ static inline __attribute__((always_inline)) void gelu_tanh16(float *v) {
     }
 }
 
+/* A tile's sums, rows x 16 outputs from column col, + bias, through GELU, + residual, to y. */
+static inline __attribute__((always_inline)) void store_tile(const output_args *o,
+                                                             int64_t row, const int rows,
+                                                             int64_t col, float acc[][16]) {
+    const int64_t cols = o->n - col < 16 ? o->n - col : 16;
+    for (int r = 0; r < rows; ++r) {
+        if (o->bias)
+            for (int64_t j = 0; j < cols; ++j) acc[r][j] += o->bias[col + j];
+        if (o->gelu) gelu_tanh16(acc[r]);
+        float *y = o->y + (row + r) * o->n + col;
+        if (o->residual) {
+            const float *res = o->residual + (row + r) * o->n + col;
+            for (int64_t j = 0; j < cols; ++j) y[j] = acc[r][j] + res[j];
+        } else {
+            for (int64_t j = 0; j < cols; ++j) y[j] = acc[r][j];
+        }
+    }
+}
+
 /* LayerNorm of one row of k values (mean and variance summed in double). */
 static void layer_norm_row(const float *x, int64_t k, const float *weight, const float *bias,
                            float eps, float *out) {
@@ -388,14 +230,14 @@ static void layer_norm_row(const float *x, int64_t k, const float *weight, const
     for (int64_t i = 0; i < k; ++i) out[i] = (x[i] - m) * rstd * weight[i] + bias[i];
 }
 
-#define F32_GROUP_BYTES (256 * 1024)
-#define F32_FEW_ROWS 16
-#define F32_L1_PREFETCH_ROWS 2
+#define GROUP_BYTES (256 * 1024)
+#define FEW_ROWS 16
+#define L1_PREFETCH_ROWS 2
 
-/* Where the next panel is prefetched to. A product of one or two rows does one or two FMAs a
-cache line, too few to hide an L2 hit on each line, so they prefetch into L1. With more rows,
-L1 holds the rows of x that every panel reuses, and prefetching into it slowed the product:
-those prefetch into L2 (docs/benchmarks.md, "Why it is fast", compares the two). */
+/* Where the next panel is prefetched to. A product of one or two rows does one or two
+multiply-adds a cache line, too few to hide an L2 hit on each line, so they prefetch into L1.
+With more rows, L1 holds the rows of x that every panel reuses, and prefetching into it slowed
+the product: those prefetch into L2 (docs/benchmarks.md, "Why it is fast", compares the two). */
 static inline __attribute__((always_inline)) void prefetch_panel(const char *line, int to_l1) {
     if (to_l1)
         __builtin_prefetch(line, 0, 3);
@@ -403,14 +245,72 @@ static inline __attribute__((always_inline)) void prefetch_panel(const char *lin
         __builtin_prefetch(line, 0, 2);
 }
 
-/* rows x 16 outputs of one panel, summed over the k inputs; `rows` a constant where inlined,
-so that acc stays in registers. Each input also prefetches the line at next + i * next_step:
-a share of the panel read after this one (f32_panels). */
+/* Panels p0..p1 of W (a->w, `steps` steps of 64 bytes a panel) for every row of x; TILE(a,
+row, rows, panel, next, next_step) sums one tile, rows up to ROWS, and prefetches the line
+at next + i * next_step at its step i: a share of the panel read after this one.
+A decode step's few rows (up to FEW_ROWS) take each panel through all their tiles while it
+sits in L1/L2, each tile prefetching its share of the next panel, so that memory streams
+evenly through every tile (prefetching it all in the first tile left memory idle during the
+others, and AVX2 at 8 rows ran far slower than at 1). More rows go through panels in groups
+that fit GROUP_BYTES (in L2), each group through every tile: W is still read from memory
+once, and x's rows come from the caches once per group. `a->panels`, if not NULL, names the
+panels of W to multiply: output panel p is W's panel panels[p]. */
+#define PANELS(NAME, TARGET, ARGS, TILE, ROWS)                                                \
+    TARGET static void NAME(const ARGS *a, int64_t p0, int64_t p1) {                          \
+        const int64_t steps = a->steps, few = a->m <= FEW_ROWS;                                \
+        const int64_t tiles = (a->m + ROWS - 1) / ROWS;                                        \
+        const int64_t next_step = few ? 64 / tiles : 64;                                       \
+        int64_t group = few ? 1 : GROUP_BYTES / (steps * 64);                                  \
+        group = group < 1 ? 1 : group;                                                         \
+        for (int64_t g0 = p0; g0 < p1; g0 += group) {                                          \
+            const int64_t g1 = g0 + group < p1 ? g0 + group : p1;                              \
+            for (int64_t r = 0; r < a->m; r += ROWS)                                           \
+                for (int64_t p = g0; p < g1; ++p) {                                            \
+                    const int64_t after = !a->panels ? p + 1                                   \
+                                          : a->panels[p + 1 < p1 ? p + 1 : p];                 \
+                    const char *next = (const char *)a->w + after * steps * 64                 \
+                                       + (few ? r / ROWS * steps * next_step : 0);             \
+                    switch (a->m - r < ROWS ? a->m - r : ROWS) {                               \
+                    case 1: TILE(a, r, 1, p, next, next_step); break;                          \
+                    case 2: TILE(a, r, 2, p, next, next_step); break;                          \
+                    case 3: TILE(a, r, 3, p, next, next_step); break;                          \
+                    case 4: TILE(a, r, 4, p, next, next_step); break;                          \
+                    case 5: TILE(a, r, 5, p, next, next_step); break;                          \
+                    case 6: TILE(a, r, 6, p, next, next_step); break;                          \
+                    case 7: TILE(a, r, 7, p, next, next_step); break;                          \
+                    default: TILE(a, r, 8, p, next, next_step);                                \
+                    }                                                                          \
+                }                                                                              \
+        }                                                                                      \
+    }
+
+/* Each thread's share of n outputs: whole panels of 16. */
+static inline void thread_panels(int64_t n, int64_t *p0, int64_t *p1) {
+    const int64_t panels = (n + 15) / 16;
+    const int threads = omp_get_num_threads(), t = omp_get_thread_num();
+    *p0 = panels * t / threads, *p1 = panels * (t + 1) / threads;
+}
+
+/* ---- fp32 linear: W as kernels.pack_f32 lays it out, [ceil(n / 16), k, 16] --------------
+
+R up to 8 with AVX-512 (one zmm a row); with AVX2 (two ymm a row) 4 for a decode step's few
+rows and 6 for more (12 of the 16 registers; 4-row tiles left prompts behind oneDNN). The tile
+is plain C that the compiler vectorizes for each target; it ran as fast as intrinsics written
+out. `panels` lists some of W's panels only (packing.HeadScreen's candidates). */
+
+typedef struct {
+    const float *x;        /* [m, k]: the input, or its rows layer-normed */
+    const float *w;        /* [panels, k, 16] */
+    const int64_t *panels; /* [n / 16]: the panels of W to multiply, or NULL for all */
+    int64_t m, k, steps;   /* steps = k: one input (16 weights, 64 bytes) a step */
+    output_args out;
+} f32_args;
+
 static inline __attribute__((always_inline)) void f32_tile(const f32_args *a, int64_t row,
                                                            const int rows, int64_t panel,
                                                            const char *next, int64_t next_step) {
     const int64_t k = a->k;
-    const int to_l1 = a->m <= F32_L1_PREFETCH_ROWS;
+    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
     const float *restrict x = a->x + row * k;
     const float *restrict w = a->w + (a->panels ? a->panels[panel] : panel) * k * 16;
     float acc[8][16];
@@ -442,61 +342,13 @@ static inline __attribute__((always_inline)) void f32_tile(const f32_args *a, in
             for (int j = 0; j < 16; ++j) acc[r][j] += xi * w[j];
         }
     }
-    const int64_t col = panel * 16, cols = a->n - col < 16 ? a->n - col : 16;
-    for (int r = 0; r < rows; ++r) {
-        if (a->bias)
-            for (int64_t j = 0; j < cols; ++j) acc[r][j] += a->bias[col + j];
-        if (a->gelu) gelu_tanh16(acc[r]);
-        float *y = a->y + (row + r) * a->n + col;
-        if (a->residual) {
-            const float *res = a->residual + (row + r) * a->n + col;
-            for (int64_t j = 0; j < cols; ++j) y[j] = acc[r][j] + res[j];
-        } else {
-            for (int64_t j = 0; j < cols; ++j) y[j] = acc[r][j];
-        }
-    }
+    store_tile(&a->out, row, rows, panel * 16, acc);
 }
 
-/* Panels p0..p1 for every row; ROWS the tile height of the target.
-A decode step's few rows (up to F32_FEW_ROWS) take each panel through all their tiles while it
-sits in L1/L2, and each tile prefetches its share of the next panel, so that memory streams
-evenly through every tile (prefetching it all in the first tile left memory idle during the
-others, and AVX2 at 8 rows ran far slower than at 1). More rows go through panels in groups
-that fit F32_GROUP_BYTES (in L2), each group through every tile: W is still read from memory
-once, and x's rows come from the caches once per group. */
-#define F32_PANELS(NAME, TARGET, ROWS)                                                        \
-    TARGET static void NAME(const f32_args *a, int64_t p0, int64_t p1) {                       \
-        const int64_t k = a->k, few = a->m <= F32_FEW_ROWS;                                    \
-        const int64_t tile_rows = ROWS, tiles = (a->m + ROWS - 1) / ROWS;                      \
-        const int64_t next_step = few ? 64 / tiles : 64;                                       \
-        int64_t group = few ? 1 : F32_GROUP_BYTES / (k * 16 * 4);                               \
-        group = group < 1 ? 1 : group;                                                         \
-        for (int64_t g0 = p0; g0 < p1; g0 += group) {                                          \
-            const int64_t g1 = g0 + group < p1 ? g0 + group : p1;                              \
-            for (int64_t r = 0; r < a->m; r += ROWS)                                           \
-                for (int64_t p = g0; p < g1; ++p) {                                            \
-                    const int64_t after = !a->panels ? p + 1                                   \
-                                          : a->panels[p + 1 < p1 ? p + 1 : p];                 \
-                    const char *next = (const char *)(a->w + after * k * 16)                   \
-                                       + (few ? r / tile_rows * k * next_step : 0);            \
-                    switch (a->m - r < ROWS ? a->m - r : ROWS) {                               \
-                    case 1: f32_tile(a, r, 1, p, next, next_step); break;                      \
-                    case 2: f32_tile(a, r, 2, p, next, next_step); break;                      \
-                    case 3: f32_tile(a, r, 3, p, next, next_step); break;                      \
-                    case 4: f32_tile(a, r, 4, p, next, next_step); break;                      \
-                    case 5: f32_tile(a, r, 5, p, next, next_step); break;                      \
-                    case 6: f32_tile(a, r, 6, p, next, next_step); break;                      \
-                    case 7: f32_tile(a, r, 7, p, next, next_step); break;                      \
-                    default: f32_tile(a, r, 8, p, next, next_step);                            \
-                    }                                                                          \
-                }                                                                              \
-        }                                                                                      \
-    }
-
 #if X86
-F32_PANELS(f32_panels_avx512, TARGET_AVX512, 8)
-F32_PANELS(f32_panels_avx2, TARGET_AVX2, 4)
-F32_PANELS(f32_panels_avx2_6, TARGET_AVX2, 6)
+PANELS(f32_panels_avx512, TARGET_AVX512, f32_args, f32_tile, 8)
+PANELS(f32_panels_avx2, TARGET_AVX2, f32_args, f32_tile, 4)
+PANELS(f32_panels_avx2_6, TARGET_AVX2, f32_args, f32_tile, 6)
 #endif
 
 static PyObject *linear_f32(PyObject *self, PyObject *args) {
@@ -504,8 +356,9 @@ static PyObject *linear_f32(PyObject *self, PyObject *args) {
     double ln_eps;
     f32_args a;
     int isa;
-    if (!PyArg_ParseTuple(args, "KKKKLLLiKKdKKpK", &x, &w, &bias, &y, &a.m, &a.k, &a.n, &isa,
-                          &ln_weight, &ln_bias, &ln_eps, &normed, &residual, &a.gelu, &panels))
+    if (!PyArg_ParseTuple(args, "KKKKLLLiKKdKKpK", &x, &w, &bias, &y, &a.m, &a.k, &a.out.n,
+                          &isa, &ln_weight, &ln_bias, &ln_eps, &normed, &residual,
+                          &a.out.gelu, &panels))
         return NULL;
 #if X86
     if (isa == 1 || isa == 2) {
@@ -513,9 +366,10 @@ static PyObject *linear_f32(PyObject *self, PyObject *args) {
         a.x = ln_weight ? (const float *)(uintptr_t)normed : input;
         a.w = (const float *)(uintptr_t)w;
         a.panels = (const int64_t *)(uintptr_t)panels;
-        a.bias = (const float *)(uintptr_t)bias;
-        a.residual = (const float *)(uintptr_t)residual;
-        a.y = (float *)(uintptr_t)y;
+        a.steps = a.k;
+        a.out.bias = (const float *)(uintptr_t)bias;
+        a.out.residual = (const float *)(uintptr_t)residual;
+        a.out.y = (float *)(uintptr_t)y;
         Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel
         {
@@ -526,12 +380,11 @@ static PyObject *linear_f32(PyObject *self, PyObject *args) {
                                    (const float *)(uintptr_t)ln_bias, (float)ln_eps,
                                    (float *)(uintptr_t)normed + r * a.k);
             } /* (the loop's end is a barrier: every row normed before any panel) */
-            const int64_t panels = (a.n + 15) / 16;
-            const int threads = omp_get_num_threads(), t = omp_get_thread_num();
-            const int64_t p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
+            int64_t p0, p1;
+            thread_panels(a.out.n, &p0, &p1);
             if (isa == 2)
                 f32_panels_avx512(&a, p0, p1);
-            else if (a.m > F32_FEW_ROWS)
+            else if (a.m > FEW_ROWS)
                 f32_panels_avx2_6(&a, p0, p1);
             else
                 f32_panels_avx2(&a, p0, p1);
@@ -544,14 +397,255 @@ static PyObject *linear_f32(PyObject *self, PyObject *args) {
     return NULL;
 }
 
+/* ---- int8 linear: W int8 as kernels.pack_int8 lays it out, [ceil(n / 16), k4 / 4, 16, 4] ---
+
+y = x @ W^T * scales + bias. Each row of x is quantized to u8 with its own scale and zero point
+(asymmetric, the range stretched to hold 0), so that a row's result does not depend on its
+batch neighbours. A step multiplies four u8 inputs, broadcast to every lane, by the panel's
+16 x 4 weights and adds each lane's four products to that output's int32 sum: vpdpbusd with
+AVX-512 VNNI (one zmm a row, R up to 8), else vpmaddubsw + vpmaddwd (two ymm a row, R up to
+4), whose int16 pair sums cannot saturate because such weights hold 7 bits (quantize.py). The
+sums are the outputs themselves, so nothing is summed across lanes at the end: the layout
+used before this one (four rows of W interleaved, one dot product per output reduced across a
+register) spent a fifth of a 768-input row on those reductions, and its cost grew with every
+row of x (0.5x fbgemm at 16 rows, docs/benchmarks.md). Sums stay within int32: 255 * 127 * k
+for k up to 66,000. */
+
+typedef struct {
+    const int32_t *x;      /* [m, k4 / 4]: each row's u8 values, four a step */
+    const float *x_scale;  /* [m] */
+    const int32_t *x_zero; /* [m] */
+    const int8_t *w;       /* [panels, k4 / 4, 16, 4] */
+    const float *w_scale;  /* [panels * 16] */
+    const int32_t *w_sum;  /* [panels * 16]: each output's sum of weights */
+    const int64_t *panels; /* always NULL: every panel (PANELS reads it) */
+    int64_t m, steps;      /* steps = k4 / 4 */
+    output_args out;
+} int8_args;
+
+/* A tile's int32 sums of (u8 - zero) * w -> fp32, as the fp32 tile leaves them. */
+static inline __attribute__((always_inline)) void int8_store(const int8_args *a, int64_t row,
+                                                             const int rows, int64_t panel,
+                                                             int32_t dots[][16]) {
+    float acc[8][16];
+    const int64_t col = panel * 16;
+    for (int r = 0; r < rows; ++r) {
+        const int32_t zero = a->x_zero[row + r];
+        const float scale = a->x_scale[row + r];
+        for (int j = 0; j < 16; ++j)
+            acc[r][j] = (float)(dots[r][j] - zero * a->w_sum[col + j]) * scale
+                        * a->w_scale[col + j];
+    }
+    store_tile(&a->out, row, rows, col, acc);
+}
+
+#if X86
+#include <immintrin.h>
+
+__attribute__((target("avx512vnni,avx512bw,avx512f,avx2,fma")))
+static inline __attribute__((always_inline)) void int8_tile_vnni(
+        const int8_args *a, int64_t row, const int rows, int64_t panel, const char *next,
+        int64_t next_step) {
+    const int64_t steps = a->steps;
+    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const int32_t *restrict x = a->x + row * steps;
+    const __m512i *restrict w = (const __m512i *)(a->w + panel * steps * 64);
+    __m512i acc[8];
+    for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_si512();
+    int64_t i = 0;
+    if (rows == 1) { /* two sums over alternate steps, as f32_tile's one row */
+        __m512i odd = _mm512_setzero_si512();
+        for (; i + 2 <= steps; i += 2) {
+            prefetch_panel(next + i * next_step, to_l1);
+            prefetch_panel(next + (i + 1) * next_step, to_l1);
+            acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_set1_epi32(x[i]),
+                                         _mm512_loadu_si512(w + i));
+            odd = _mm512_dpbusd_epi32(odd, _mm512_set1_epi32(x[i + 1]),
+                                      _mm512_loadu_si512(w + i + 1));
+        }
+        acc[0] = _mm512_add_epi32(acc[0], odd);
+    }
+    for (; i < steps; ++i) {
+        prefetch_panel(next + i * next_step, to_l1);
+        const __m512i wi = _mm512_loadu_si512(w + i);
+        for (int r = 0; r < rows; ++r)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(x[r * steps + i]), wi);
+    }
+    int32_t dots[8][16];
+    for (int r = 0; r < rows; ++r) _mm512_storeu_si512(dots[r], acc[r]);
+    int8_store(a, row, rows, panel, dots);
+}
+
+__attribute__((target("avx2,fma")))
+static inline __attribute__((always_inline)) void int8_tile_avx2(
+        const int8_args *a, int64_t row, const int rows, int64_t panel, const char *next,
+        int64_t next_step) {
+    const int64_t steps = a->steps;
+    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const int32_t *restrict x = a->x + row * steps;
+    const __m256i *restrict w = (const __m256i *)(a->w + panel * steps * 64);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4][2];
+    for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t i = 0; i < steps; ++i) {
+        prefetch_panel(next + i * next_step, to_l1);
+        const __m256i w0 = _mm256_loadu_si256(w + 2 * i), w1 = _mm256_loadu_si256(w + 2 * i + 1);
+        for (int r = 0; r < rows; ++r) {
+            const __m256i xi = _mm256_set1_epi32(x[r * steps + i]);
+            acc[r][0] = _mm256_add_epi32(acc[r][0],
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(xi, w0), ones));
+            acc[r][1] = _mm256_add_epi32(acc[r][1],
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(xi, w1), ones));
+        }
+    }
+    int32_t dots[8][16];
+    for (int r = 0; r < rows; ++r) {
+        _mm256_storeu_si256((__m256i *)dots[r], acc[r][0]);
+        _mm256_storeu_si256((__m256i *)(dots[r] + 8), acc[r][1]);
+    }
+    int8_store(a, row, rows, panel, dots);
+}
+
+/* (the AVX2 tile's switch asks for up to 8 rows; it holds 4, so its PANELS goes by 4) */
+#define int8_tile_avx2_4(a, row, rows, panel, next, step) \
+    int8_tile_avx2(a, row, (rows) > 4 ? 4 : (rows), panel, next, step)
+PANELS(int8_panels_vnni, __attribute__((target("avx512vnni,avx512bw,avx512f,avx2,fma"))),
+       int8_args, int8_tile_vnni, 8)
+PANELS(int8_panels_avx2, TARGET_AVX2, int8_args, int8_tile_avx2_4, 4)
+/* Row x [k] -> u8 [k4] (zeros past k), its scale and zero point; and where `error` is not
+NULL, the Euclidean norm of x minus what the u8 values stand for, scale * (q - zero), summed
+in double (packing.HeadScreen bounds its logits with it). In AVX2 intrinsics: written as
+scalar C, the rounding was a libm call per value (the build's baseline target has no
+roundps), and quantizing a 3072-wide row while the other threads waited made the MLP's second
+matmul stream at two thirds of the others' speed at batch 1. */
+TARGET_AVX2 static void quantize_row(const float *x, int64_t k, int64_t k4, uint8_t *q,
+                                     float *scale, int32_t *zero, float *error) {
+    __m256 low = _mm256_setzero_ps(), high = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        low = _mm256_min_ps(low, v);
+        high = _mm256_max_ps(high, v);
+    }
+    float lows[8], highs[8];
+    _mm256_storeu_ps(lows, low);
+    _mm256_storeu_ps(highs, high);
+    float lo = 0.f, hi = 0.f;
+    for (int j = 0; j < 8; ++j) {
+        lo = lows[j] < lo ? lows[j] : lo;
+        hi = highs[j] > hi ? highs[j] : hi;
+    }
+    for (int64_t t = i; t < k; ++t) {
+        lo = x[t] < lo ? x[t] : lo;
+        hi = x[t] > hi ? x[t] : hi;
+    }
+    const float s = hi > lo ? (hi - lo) / 255.f : 1.f;
+    const int32_t z = (int32_t)nearbyintf(-lo / s);
+    const float inv = 1.f / s;
+    const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps((float)z);
+    const __m256 top = _mm256_set1_ps(255.f), bottom = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= k; i += 8) {
+        __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vz), bottom), top);
+        const __m256i n = _mm256_cvtps_epi32(v);
+        const __m128i pairs = _mm_packs_epi32(_mm256_castsi256_si128(n),
+                                              _mm256_extracti128_si256(n, 1));
+        _mm_storel_epi64((__m128i *)(q + i), _mm_packus_epi16(pairs, pairs));
+    }
+    for (; i < k; ++i) {
+        const float v = nearbyintf(x[i] * inv) + (float)z;
+        q[i] = (uint8_t)(v < 0.f ? 0.f : v > 255.f ? 255.f : v);
+    }
+    for (i = k; i < k4; ++i) q[i] = 0;
+    *scale = s;
+    *zero = z;
+    if (error) {
+        double squares = 0.;
+        for (i = 0; i < k; ++i) {
+            const double d = (double)x[i] - (double)s * ((double)q[i] - (double)z);
+            squares += d * d;
+        }
+        *error = (float)sqrt(squares);
+    }
+}
+#define HAVE_INT8 1
+#else
+#define HAVE_INT8 0
+#endif
+
+static PyObject *int8_linear(PyObject *self, PyObject *args) {
+    unsigned long long x, w, w_scale, w_sum, bias, y, x_error, ln_weight, ln_bias, normed,
+        residual;
+    int64_t k, k4;
+    double ln_eps;
+    int8_args a;
+    int vnni;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLpKKKdKKp", &x, &w, &w_scale, &w_sum, &bias, &y,
+                          &a.m, &k, &a.out.n, &k4, &vnni, &x_error, &ln_weight, &ln_bias,
+                          &ln_eps, &normed, &residual, &a.out.gelu))
+        return NULL;
+#if HAVE_INT8
+    if (k4 % 4 || k4 < k) {
+        PyErr_SetString(PyExc_ValueError, "int8_linear: k4 must be k rounded up to 4");
+        return NULL;
+    }
+    a.w = (const int8_t *)(uintptr_t)w;
+    a.w_scale = (const float *)(uintptr_t)w_scale;
+    a.w_sum = (const int32_t *)(uintptr_t)w_sum;
+    a.panels = NULL;
+    a.steps = k4 / 4;
+    a.out.bias = (const float *)(uintptr_t)bias;
+    a.out.residual = (const float *)(uintptr_t)residual;
+    a.out.y = (float *)(uintptr_t)y;
+    int32_t *xq = malloc((size_t)(a.m * k4));
+    float *x_scale = malloc(sizeof(float) * (size_t)a.m);
+    int32_t *x_zero = malloc(sizeof(int32_t) * (size_t)a.m);
+    if (!xq || !x_scale || !x_zero) {
+        free(xq), free(x_scale), free(x_zero);
+        return PyErr_NoMemory();
+    }
+    a.x = xq, a.x_scale = x_scale, a.x_zero = x_zero;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < a.m; ++r) {
+            const float *row = (const float *)(uintptr_t)x + r * k;
+            if (ln_weight) {
+                float *out = (float *)(uintptr_t)normed + r * k;
+                layer_norm_row(row, k, (const float *)(uintptr_t)ln_weight,
+                               (const float *)(uintptr_t)ln_bias, (float)ln_eps, out);
+                row = out;
+            }
+            quantize_row(row, k, k4, (uint8_t *)(xq + r * a.steps), x_scale + r, x_zero + r,
+                         x_error ? (float *)(uintptr_t)x_error + r : NULL);
+        } /* (a barrier: every row quantized before any panel) */
+        int64_t p0, p1;
+        thread_panels(a.out.n, &p0, &p1);
+        if (vnni)
+            int8_panels_vnni(&a, p0, p1);
+        else
+            int8_panels_avx2(&a, p0, p1);
+    }
+    Py_END_ALLOW_THREADS
+    free(xq), free(x_scale), free(x_zero);
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "int8_linear needs an x86-64 build");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(qkv, kv, blocks, pos, out, n, heads, head_dim, num_blocks, block_size, "
      "width, qkv_stride, scale, isa): addresses of contiguous fp32/int64 tensors; isa 2 "
      "AVX-512, 1 AVX2, 0 baseline (kernels.py)"},
     {"int8_linear", int8_linear, METH_VARARGS,
-     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k_padded, vnni, x_error): "
-     "addresses of contiguous tensors, 0 for none (kernels.py)"},
+     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k4, vnni, x_error, ln_weight, "
+     "ln_bias, ln_eps, normed, residual, gelu): addresses of contiguous tensors, 0 for none "
+     "(kernels.py)"},
     {"linear_f32", linear_f32, METH_VARARGS,
      "linear_f32(x, w, bias, y, m, k, n, isa, ln_weight, ln_bias, ln_eps, normed, residual, "
      "gelu, panels): addresses of contiguous fp32 tensors, 0 for none; isa 2 AVX-512, 1 AVX2 "

@@ -10,8 +10,11 @@ reported as one CheckpointError naming the file and what is wrong with it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
+import logging
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import fields
@@ -20,10 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import hardware, packing
+from . import hardware, kernel_choice, packing
 from .model import ACTIVATIONS, GPT, Conv1D, GPTConfig, TiedHead
 from .quantize import Int8Linear, Int8TiedHead
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("gpt2serve.checkpoint")
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
 SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN = (
@@ -287,9 +292,11 @@ def resolve_threads(threads: int | None) -> int:
 
 
 def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", quantize: str | None = None
-         ) -> tuple[GPT, Tokenizer]:
-    """Load a model folder (the embedded demo model when None), optionally quantized."""
+         device: str | torch.device = "cpu", quantize: str | None = None,
+         kernels: str | None = None, threads: int | None = None) -> tuple[GPT, Tokenizer]:
+    """Load a model folder (the embedded demo model when None), optionally quantized. On CPU
+    its matmuls get the kernels `kernels` (kernel_choice.MODES; default
+    $GPT2SERVE_KERNELS, else auto) chooses for a step on `threads` intra-op threads."""
     folder = Path(folder) if folder else DEMO_MODEL_DIR
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
@@ -312,15 +319,21 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
         linear, head = Int8Linear, Int8TiedHead
     elif device.type == "cpu" and dtype == torch.float32 and packing.available():
         linear, head = packing.PackedLinear, packing.PackedHead
+    if linear is not None:
+        table = kernel_choice.for_model(config, "int8" if quantize == "int8" else "fp32",
+                                        kernels or os.environ.get("GPT2SERVE_KERNELS", "auto"),
+                                        resolve_threads(threads))
+        log.info("%s", table.describe())
+        linear, head = functools.partial(linear, table=table), functools.partial(head, table=table)
     model = build_model(config, Weights(folder), dtype, device, linear, head)
-    if linear is packing.PackedLinear:
+    if linear is not None:
         packing.fuse_blocks(model)
     return model, tokenizer
 
 
 def load_for_engine(folder: str | Path | None, device: str = "auto", dtype: str = "auto",
-                    quantize: str | None = None, threads: int | None = None
-                    ) -> tuple[GPT, Tokenizer, int]:
+                    quantize: str | None = None, threads: int | None = None,
+                    kernels: str | None = None) -> tuple[GPT, Tokenizer, int]:
     """Load as a process that runs an Engine should: this thread sets up on one intra-op
     thread and the engine's step thread computes on the returned count (see Engine: an
     OpenMP team left by the loading thread slowed every step of the other thread)."""
@@ -329,5 +342,6 @@ def load_for_engine(folder: str | Path | None, device: str = "auto", dtype: str 
         hardware.check_cuda_device(dev)
     engine_threads = resolve_threads(threads)
     torch.set_num_threads(1)
-    model, tokenizer = load(folder, dtype=dt, device=dev, quantize=quantize)
+    model, tokenizer = load(folder, dtype=dt, device=dev, quantize=quantize, kernels=kernels,
+                            threads=engine_threads)
     return model, tokenizer, engine_threads

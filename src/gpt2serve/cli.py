@@ -1,4 +1,4 @@
-"""`gpt2serve serve | generate | download | convert`.
+"""`gpt2serve serve | generate | download | convert | kernels`.
 
 `serve` takes KServe-style flags (`--model_name`, `--model_dir`, `--http_port`, ...), so a
 ServingRuntime can pass its usual arguments; other `kserve.ModelServer` flags pass through.
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, kernel_choice
 from .download import DownloadError
 from .engine.config import EngineConfig
 from .engine.kv_cache import KVBudgetError, parse_size
@@ -51,6 +51,12 @@ def _add_model_flags(p: argparse.ArgumentParser,
                    help="auto = float16 on CUDA, float32 on CPU")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: per-channel int8 weights (CPU, float32 activations)")
+    p.add_argument("--kernels", choices=kernel_choice.MODES,
+                   default=os.environ.get("GPT2SERVE_KERNELS", "auto"),
+                   help="CPU matmul kernels: auto = the fastest measured here for each shape "
+                        "and number of rows (cached per CPU, `gpt2serve kernels` prints the "
+                        "table); ours / torch = ours (fbgemm, oneDNN) everywhere, for A/B "
+                        "runs (default $GPT2SERVE_KERNELS, else auto)")
     EngineConfig.add_flags(p, {}, names=("threads",))
 
 
@@ -117,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[])
 
+    k = sub.add_parser("kernels", help="print this CPU and the matmul kernels chosen for a "
+                       "model's shapes (measured unless cached, as `serve` does at load)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_flags(k)
+
     d = sub.add_parser("download", help="fetch a GPT-2 model from the Hugging Face Hub "
                        "(honours HF_ENDPOINT and HF_TOKEN)")
     d.add_argument("repo_id", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or any repo id")
@@ -138,7 +149,7 @@ def generate(args: argparse.Namespace) -> int:
              "repetition_penalty", "n", "seed", "stop")
     params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
     model, tokenizer, threads = checkpoint.load_for_engine(
-        args.model_dir, args.device, args.dtype, args.quantize, args.threads)
+        args.model_dir, args.device, args.dtype, args.quantize, args.threads, args.kernels)
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=params.n, threads=threads))
     try:
         prompt = Prompt(engine.encode_prompt(args.prompt), params)
@@ -146,6 +157,17 @@ def generate(args: argparse.Namespace) -> int:
     finally:
         engine.stop()
     print("\n==========\n".join(args.prompt + c.text for c in completions))
+    return 0
+
+
+def kernels(args: argparse.Namespace) -> int:
+    config = checkpoint.read_config(Path(args.model_dir) if args.model_dir
+                                    else checkpoint.DEMO_MODEL_DIR)
+    threads = checkpoint.resolve_threads(args.threads)
+    key = kernel_choice.machine_key(threads)
+    table = kernel_choice.for_model(config, "int8" if args.quantize == "int8" else "fp32",
+                                    args.kernels, threads)
+    print(f"machine: {key}\n{table.describe()}")
     return 0
 
 
@@ -169,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = download(args.repo_id, args.out, revision=args.revision)
             print(f"{len(paths)} files in {args.out}")
             return 0
+        if args.command == "kernels":
+            return kernels(args)
         if args.command == "convert":
             from .convert import convert
 

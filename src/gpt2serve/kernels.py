@@ -122,63 +122,79 @@ class _HugePages:
 _huge_pages = _HugePages()
 
 
-# int8 matmuls (quantize.py): ours at up to this many rows, fbgemm's beyond. Ours streams the
-# weights at the machine's read bandwidth where a decode step at batch 1 is bound by it, but its
-# cost grows with every row, and fbgemm's GEMM blocking wins from about 6 rows on
-# (docs/benchmarks.md, "Our own CPU kernels"; bench/kernels.py).
-INT8_MAX_ROWS = 4
 # The int8 kernel's instructions: VNNI exactly when fbgemm uses it, since that decides the
 # weights' range (hardware.int8_weight_levels: 7 bits without VNNI, where vpmaddubsw's int16
 # pair sums would otherwise saturate); AVX2 needed either way.
 INT8_VNNI = hardware.int8_weight_levels() == 127
 INT8_RUNS = ENABLED and hardware.fbgemm_isa() is not None
+PANEL = 16  # outputs per panel of pack_f32's and pack_int8's layouts (_kernels.c)
 
 
 def pack_int8(q: Tensor) -> tuple[Tensor, Tensor]:
-    """int8 weights q [n, k] -> (the layout int8_linear reads, each row's sum [n4] int32).
-    Rows are padded with zeros to a multiple of 32 bytes and of 4 rows, and groups of four
-    rows are interleaved 32 bytes at a time, so that each thread reads one sequential stream
-    (four separate rows of a few hundred bytes each are too short a stream for the hardware
-    prefetcher; docs/benchmarks.md compares the two)."""
+    """int8 weights q [n, k] -> (the panels int8_linear reads, [ceil(n / 16), k4 / 4, 16, 4],
+    each output's sum of weights [ceil(n / 16) * 16] int32), k4 = k rounded up to 4, zeros
+    past n and k: a step of a panel is its 16 outputs' weights for four inputs, in huge
+    pages."""
     n, k = q.shape
-    n4, kp = -(-n // 4) * 4, -(-k // 32) * 32
-    padded = torch.zeros(n4, kp, dtype=torch.int8)
+    n16, k4 = -(-n // PANEL) * PANEL, -(-k // 4) * 4
+    padded = torch.zeros(n16, k4, dtype=torch.int8)
     padded[:n, :k] = q
     # numpy's int8 -> int32 row sums are far faster than torch's (docs/benchmarks.md):
     # start-up makes one per matrix
     sums = torch.from_numpy(padded.numpy().sum(1, dtype=np.int32))
-    packed = _huge_pages.empty((n4 // 4, kp // 32, 4, 32), torch.int8)
-    packed.copy_(padded.view(n4 // 4, 4, kp // 32, 32).transpose(1, 2))
+    packed = _huge_pages.empty((n16 // PANEL, k4 // 4, PANEL, 4), torch.int8)
+    packed.copy_(padded.view(n16 // PANEL, PANEL, k4 // 4, 4).transpose(1, 2))
     return packed, sums
 
 
 def packed_int8_rows(packed: Tensor, index: Tensor, k: int) -> Tensor:
     """Rows `index` of a pack_int8 matrix of k columns, as int8 [len(index), k]."""
-    groups, chunks, four, width = packed.shape
-    return packed[index // 4, :, index % 4].reshape(-1, chunks * width)[:, :k]
+    return packed[index // PANEL, :, index % PANEL].reshape(len(index), -1)[:, :k]
 
 
 def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: Tensor | None,
-                n: int, vnni: bool = INT8_VNNI, x_error: Tensor | None = None) -> Tensor:
-    """x [m, k] fp32 @ W.T * scales + bias -> [m, n], W as pack_int8 made it; scales [n4] and
-    bias [n] fp32. Each row of x is quantized to u8 on its own (its scale and zero point).
-    Without `vnni`, W must hold 7-bit values (|w| <= 63). `x_error` [m] fp32, if given,
-    receives the Euclidean norm of each row of x minus its quantized form."""
+                n: int, vnni: bool = INT8_VNNI, x_error: Tensor | None = None,
+                ln: nn.LayerNorm | None = None, gelu: bool = False,
+                residual: Tensor | None = None) -> Tensor:
+    """x [m, k] fp32 @ W.T * scales + bias -> [m, n], W as pack_int8 made it; scales and
+    bias fp32, scales padded like sums. Each row of x is quantized to u8 on its own (its
+    scale and zero point). Without `vnni`, W must hold 7-bit values (|w| <= 63). `x_error`
+    [m] fp32, if given, receives the Euclidean norm of each row of x minus its quantized
+    form. `ln`, `gelu`, `residual` as in linear_f32."""
     m, k = x.shape
     x = x.to(torch.float32).contiguous()
+    residual = None if residual is None else residual.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     if x_error is not None and not (x_error.dtype == torch.float32
                                     and x_error.is_contiguous() and x_error.numel() == m):
         raise ValueError("x_error takes one contiguous fp32 value per row of x")
-    _kernels.int8_linear(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), sums.data_ptr(),
-                         _address(bias), y.data_ptr(), m, k, n,
-                         packed.shape[1] * packed.shape[3], vnni, _address(x_error))
+    normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
+    bind_int8_linear(x, packed, sums, scales, bias, y, vnni, x_error, ln, gelu, residual,
+                     normed)()
     return y
+
+
+def bind_int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor,
+                     bias: Tensor | None, y: Tensor, vnni: bool = INT8_VNNI,
+                     x_error: Tensor | None = None, ln: nn.LayerNorm | None = None,
+                     gelu: bool = False, residual: Tensor | None = None,
+                     normed: Tensor | None = None) -> Callable[[], None]:
+    """int8_linear into y [m, n], as a call of no arguments on these tensors' memory (see
+    bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
+    needed with `ln`."""
+    m, k = x.shape
+    if ln is not None and normed is None:
+        raise ValueError("int8_linear with a layer norm needs room for the normed rows")
+    return functools.partial(
+        _kernels.int8_linear, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+        sums.data_ptr(), _address(bias), y.data_ptr(), m, k, y.shape[1],
+        packed.shape[1] * 4, vnni, _address(x_error),
+        0 if ln is None else ln.weight.data_ptr(), 0 if ln is None else ln.bias.data_ptr(),
+        0.0 if ln is None else ln.eps, _address(normed), _address(residual), gelu)
 
 
 # fp32 matmuls (packing.py): ours wherever AVX2 runs, oneDNN's elsewhere.
 F32_RUNS = ENABLED and VECTOR_ISA >= 1
-PANEL = 16  # outputs per panel of pack_f32's layout (_kernels.c)
 
 
 def pack_f32(w: Tensor) -> Tensor:

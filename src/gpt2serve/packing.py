@@ -3,10 +3,10 @@ for the kernel that multiplies them.
 
 A decode step at small batch is a chain of matrix-vector products that must stream every
 weight from memory. `addmm` with HF's [in, out] layout streams them well below the
-machine's read bandwidth. Where AVX2 runs, our kernel (kernels.linear_f32) reads panels of
-16 outputs from huge pages, one sequential stream per thread, for decode steps and prompts
-alike; elsewhere oneDNN's inner product on weights it reordered (docs/benchmarks.md compares
-them). Results are the same fp32 arithmetic, up to summation order. Greedy and top-k decode
+machine's read bandwidth. Our kernel (kernels.linear_f32) reads panels of 16 outputs from
+huge pages, one sequential stream per thread; oneDNN's inner product reads weights it
+reordered. Which serves each number of rows is measured at load (kernel_choice.py; matmul.py
+holds the candidates). Results are the same fp32 arithmetic, up to summation order. Greedy and top-k decode
 steps skip the LM head's fp32 logits that cannot be among the k largest (HeadScreen).
 """
 
@@ -20,51 +20,22 @@ import torch
 from torch import Tensor, nn
 
 from . import hardware, kernels, quantize
+from .kernel_choice import KernelTable
 from .model import GPT, Block, Conv1D, TiedHead
-
-# oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
-# at every batch from 1 to 32.
-BATCH_HINT = 32
 
 
 def available() -> bool:
     return kernels.F32_RUNS or torch.backends.mkldnn.is_available()
 
 
-class Fp32Matmul:
-    """x @ W + bias for W [k, n] (Conv1D's layout), in our kernel's panels or oneDNN's
-    packed layout (see module doc)."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None):
-        self.bias, self.n = bias, weight.shape[1]
-        if kernels.F32_RUNS:
-            self.panels = kernels.pack_f32(weight)
-        else:
-            self.panels = None
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(),
-                                                                  BATCH_HINT)
-
-    def __call__(self, x: Tensor, **fused) -> Tensor:
-        """`fused`: what kernels.linear_f32 does around the product (ours only)."""
-        if self.panels is not None:
-            return kernels.linear_f32(x, self.panels, self.bias, self.n, **fused)
-        if fused:  # (fuse_blocks gives FusedBlocks only where our kernel runs)
-            raise ValueError(f"oneDNN's matmul cannot also do {sorted(fused)}")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-    def bind(self, x: Tensor, y: Tensor, **fused) -> Callable[[], None]:
-        """This product into y, as a call bound to x's and y's memory (ours only; see
-        kernels.bind_linear_f32)."""
-        return kernels.bind_linear_f32(x, self.panels, self.bias, y, **fused)
-
-
 class PackedLinear(nn.Module):
-    """Drop-in for Conv1D (y = x @ W + b) with W laid out for its kernel."""
+    """Drop-in for Conv1D (y = x @ W + b) with W laid out for the kernels `table` chose for
+    its shape (kernel_choice.py)."""
 
-    def __init__(self, conv: Conv1D):
+    def __init__(self, conv: Conv1D, table: KernelTable):
         super().__init__()
         weight = conv.weight.detach()
-        self.matmul = Fp32Matmul(weight, conv.bias.detach().clone())
+        self.matmul = table.matmul("fp32", (weight, conv.bias.detach().clone()))
         self.nbytes = weight.nbytes + conv.bias.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
@@ -73,21 +44,21 @@ class PackedLinear(nn.Module):
 
 class PackedHead(nn.Module):
     """Drop-in for TiedHead: the logits from the laid-out matrix, which also gives the
-    embedding's rows where it is ours; oneDNN's packed one cannot be indexed by token, so
-    there the embedding keeps a plain [V, D] copy. Where our kernels run, greedy and top-k
+    embedding's rows where it is ours; other layouts cannot be indexed by token, so without
+    ours the embedding keeps a plain [V, D] copy. Where our kernels run, greedy and top-k
     decode steps need not compute every logit (HeadScreen.of)."""
 
-    def __init__(self, head: TiedHead):
+    def __init__(self, head: TiedHead, table: KernelTable):
         super().__init__()
         weight = head.weight_t.detach()
-        self.matmul = Fp32Matmul(weight, None)
-        self.rows = None if self.matmul.panels is not None else weight.t().contiguous()
+        self.matmul = table.matmul("fp32", (weight, None))
+        self.rows = None if self.matmul.ours is not None else weight.t().contiguous()
         self.nbytes = weight.nbytes
         self.finite = bool(torch.isfinite(weight).all())
 
     def embed(self, tokens: Tensor) -> Tensor:
         if self.rows is None:
-            return kernels.f32_columns(self.matmul.panels, tokens)
+            return kernels.f32_columns(self.matmul.ours.panels, tokens)
         return nn.functional.embedding(tokens, self.rows)
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -115,22 +86,23 @@ class HeadScreen:
     the bound leaves one to a few candidates; top-k 50 leaves hundreds (docs/benchmarks.md).
     Where more than half the panels would be recomputed (the int8 copy and those cost three
     quarters of the head), the full head runs instead (`logits` returns None), and so it does
-    for more than `max_rows` rows: beyond the rows our int8 kernel serves, screening cost more
-    than it saved. After REST_AFTER such declines in a row for the same k (flat logits, a
-    large k), the screen sits out REST_STEPS steps of that k (`promising`), then tries again."""
+    for more than `max_rows` rows: beyond that, screening cost more than it saved (measured
+    with the int8 kernel before its panels; not measured again since). After REST_AFTER such
+    declines in a row for the same k (flat logits, a large k), the screen sits out REST_STEPS
+    steps of that k (`promising`), then tries again."""
 
     U = 2.0 ** -24  # fp32's unit roundoff
-    max_rows = kernels.INT8_MAX_ROWS
+    max_rows = 4
     REST_AFTER, REST_STEPS = 4, 256
 
     @classmethod
     def of(cls, head: nn.Module) -> HeadScreen | None:
         """A screen of a PackedHead in our kernel's panels, where our int8 kernel runs and the
         head is finite (the bound needs finite norms); None elsewhere."""
-        if (not isinstance(head, PackedHead) or head.matmul.panels is None
+        if (not isinstance(head, PackedHead) or head.matmul.ours is None
                 or not kernels.INT8_RUNS or not head.finite):
             return None
-        return cls(head.matmul.panels, head.matmul.n)
+        return cls(head.matmul.ours.panels, head.matmul.ours.n)
 
     def __init__(self, panels: Tensor, n: int):
         self.panels, self.n = panels, n
@@ -243,7 +215,9 @@ class FusedBlock:
 
 
 def fuse_blocks(model: GPT) -> None:
-    """Give every block a FusedBlock where our kernel serves its matmuls."""
-    if kernels.F32_RUNS and model.config.activation_function in TANH_GELU:
+    """Give every block a FusedBlock where its matmuls are laid out for their kernels (fp32
+    or int8): the kernels that cannot do a layer's small ops themselves get torch ops around
+    them (matmul.Kernel)."""
+    if model.config.activation_function in TANH_GELU:
         for block in model.h:
             block.fused = FusedBlock(block)

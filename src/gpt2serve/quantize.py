@@ -1,13 +1,11 @@
 """`--quantize int8`: int8 weights with per-channel scales, on CPU.
 
-Every linear layer and the tied embedding / LM head are quantized once, at load. Activations
-are quantized per call to u8. A decode step of a few sequences runs our own kernel
-(kernels.int8_linear: each row of activations with its own scale, weights streamed at the
-machine's read bandwidth); more rows, prompts above all, run fbgemm's dynamic int8 GEMM
-(`quantized::linear_dynamic`: activations per tensor, weights per output channel), the
-fastest of the CPU options compared in docs/benchmarks.md for those. Each layer therefore
-holds its int8 weights twice, once in each kernel's layout; the embedding reads its rows from
-the head's copy in our layout.
+Every linear layer and the tied embedding / LM head are quantized once, at load, per output
+channel. Activations are quantized per call to u8, by the kernel chosen for the call's
+number of rows (kernel_choice.py, matmul.py): ours (kernels.int8_linear, each row with its
+own scale), fbgemm's or oneDNN's dynamic int8 GEMM (per tensor), or torch's weight-only
+matmul. A layer holds its weights in the layout of each kernel chosen for it, and ours
+wherever it runs: the embedding reads its rows from the head's copy in that layout.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import hardware, kernels
+from .kernel_choice import KernelTable
 from .model import Conv1D, TiedHead
 
 
@@ -28,7 +27,6 @@ from .model import Conv1D, TiedHead
 # what fbgemm will use, not what the CPU has: FBGEMM_ENABLE_INSTRUCTIONS=AVX2 takes it away on
 # a VNNI host, and AVX-VNNI without AVX-512 has no fbgemm kernel (hardware.int8_weight_levels).
 WEIGHT_LEVELS = hardware.int8_weight_levels()
-REDUCE_RANGE = False
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,39 +45,15 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-class Int8Matmul:
-    """x @ W.T * scales (+ bias) for per-row int8 W [n, k], in both kernels' layouts: ours
-    for up to kernels.INT8_MAX_ROWS rows of x, fbgemm's beyond (and everywhere ours cannot
-    run: then `packed` is None)."""
-
-    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
-        self.fbgemm = torch.ops.quantized.linear_prepack(q, bias)
-        self.packed = None
-        if kernels.INT8_RUNS:
-            self.packed, self.sums = kernels.pack_int8(q.int_repr())
-            self.scales = torch.zeros(self.sums.shape[0])  # padded like the rows
-            self.scales[:q.shape[0]] = scales
-            self.bias, self.n = bias, q.shape[0]
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.packed is not None and x.shape[0] <= kernels.INT8_MAX_ROWS:
-            return self.small_batch(x)
-        return self.large_batch(x)
-
-    def small_batch(self, x: Tensor) -> Tensor:
-        return kernels.int8_linear(x, self.packed, self.sums, self.scales, self.bias, self.n)
-
-    def large_batch(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self.fbgemm, REDUCE_RANGE)
-
-
 class Int8Linear(nn.Module):
-    """Drop-in for Conv1D: y = x @ W + b with W held as per-channel int8 (Int8Matmul)."""
+    """Drop-in for Conv1D: y = x @ W + b with W held as per-channel int8, in the layouts of
+    the kernels `table` chose for its shape (kernel_choice.py)."""
 
-    def __init__(self, conv: Conv1D):
+    def __init__(self, conv: Conv1D, table: KernelTable):
         super().__init__()
         q, scales = quantize_rows(conv.weight.detach().t())
-        self.matmul = Int8Matmul(q, scales, conv.bias.detach().float().contiguous())
+        self.matmul = table.matmul("int8", (q.int_repr(), scales,
+                                            conv.bias.detach().float().contiguous()))
         self.nbytes = q.numel() + conv.bias.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
@@ -90,21 +64,21 @@ class Int8TiedHead(nn.Module):
     """Drop-in for TiedHead: int8 [V, D] rows with per-row scales serve both the logits
     and the embedding (rows dequantized on lookup, from our kernel's copy where it has one)."""
 
-    def __init__(self, head: TiedHead):
+    def __init__(self, head: TiedHead, table: KernelTable):
         super().__init__()
         q, scales = quantize_rows(head.weight_t.detach().t())
-        self.matmul = Int8Matmul(q, scales, None)
-        if self.matmul.packed is None:
+        self.matmul = table.matmul("int8", (q.int_repr(), scales, None))
+        if self.matmul.ours is None:
             self.register_buffer("rows", q.int_repr())
         self.register_buffer("scales", scales)
         self.nbytes = q.numel() + scales.nbytes
         self.n_embd = q.shape[1]
 
     def embed(self, tokens: Tensor) -> Tensor:
-        if self.matmul.packed is None:
+        if self.matmul.ours is None:
             rows = self.rows[tokens]
         else:
-            rows = kernels.packed_int8_rows(self.matmul.packed, tokens, self.n_embd)
+            rows = kernels.packed_int8_rows(self.matmul.ours.packed, tokens, self.n_embd)
         return rows.float() * self.scales[tokens].unsqueeze(-1)
 
     def forward(self, hidden: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Decode steps on CPU as a fixed list of kernel calls: the CPU counterpart of cuda_graphs.py.
 
-With our fp32 kernels (packing.FusedBlock), a decode step of GPT-2 124M is 61 calls into
-_kernels.c. Made eagerly, each call also allocates its outputs, checks its inputs and turns
+With fused layers (packing.FusedBlock, fp32 or int8), a decode step of GPT-2 124M is 61 calls,
+into _kernels.c where our kernels were chosen. Made eagerly, each call also allocates its outputs, checks its inputs and turns
 tensors into addresses, in Python, and meanwhile no weight streams from memory. A plan binds
 those calls once per batch size to buffers of its own (kernels.bind_*); a step refills the
 buffers and replays them (what that gains: docs/benchmarks.md, "Why it is fast"). The
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..model import GPT, KVCache
-from ..packing import FusedBlock, PackedHead
+from ..packing import FusedBlock
 
 
 class DecodePlan:
@@ -38,9 +38,9 @@ class DecodePlan:
 
     @staticmethod
     def serves(model: GPT, cache: KVCache) -> bool:
-        """Whether every matmul of a decode step runs in our fp32 kernel, and attention too."""
+        """Whether every layer is a FusedBlock (its matmuls laid out for their kernels, fp32
+        or int8) and attention runs in our kernel."""
         return (all(isinstance(b.fused, FusedBlock) for b in model.h)
-                and isinstance(model.head, PackedHead) and model.head.matmul.panels is not None
                 and kernels.runs_decode_attention(cache.kv))
 
     @torch.inference_mode()

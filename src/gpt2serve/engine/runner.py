@@ -3,11 +3,12 @@
 One runner per device and configuration (`choose_runner`; the start-up log names it):
 
   eager        every step through the model's forward, op by op, with the kernels the
-               weights were loaded for (--enforce_eager; int8 weights; CPU without our C
-               kernels, e.g. GPT2SERVE_C_KERNELS=0; CUDA when no KV block can be spared)
-  plan         CPU, where our fp32 C kernels serve every matmul and attention: decode-only
-               steps replay a plan of kernel calls bound to fixed buffers (decode_plan.py),
-               and greedy or top-k rows read the LM head's int8 screen (packing.HeadScreen)
+               weights were loaded for (--enforce_eager; CPU without our C kernels, e.g.
+               GPT2SERVE_C_KERNELS=0; CUDA when no KV block can be spared)
+  plan         CPU, fp32 or int8 weights in fused layers with our attention kernel:
+               decode-only steps replay a plan of kernel calls bound to fixed buffers
+               (decode_plan.py), and with fp32 weights greedy or top-k rows read the LM
+               head's int8 screen (packing.HeadScreen)
   cuda-graphs  CUDA: decode-only steps replay captured graphs (cuda_graphs.py)
 
 Steps with prompt chunks run eagerly on every runner. Each runner takes a ScheduledStep and
@@ -196,14 +197,14 @@ class PlanRunner(EagerRunner):
     def declines(cls, model: GPT, cache: KVCache) -> str | None:
         if DecodePlan.serves(model, cache):
             return None
-        return ("our fp32 C kernels do not serve every matmul and attention (int8 or "
-                "non-fp32 weights, not on CPU, GPT2SERVE_C_KERNELS=0, no AVX2, or an "
-                "activation other than GELU's tanh form)")
+        return ("the layers are not fused or attention is not our C kernel's (fp16/bf16 "
+                "weights, not on CPU, GPT2SERVE_C_KERNELS=0, no AVX2, or an activation "
+                "other than GELU's tanh form)")
 
     def describe(self) -> str:
         screen = ("greedy and top-k rows read the LM head's int8 screen" if self.screen
                   else "no int8 screen of the LM head")
-        return f"decode steps replay bound C kernel calls; {screen}"
+        return f"decode steps replay bound kernel calls; {screen}"
 
     def decode(self, seqs: list[Sequence], between_layers: BetweenLayers) -> Tensor:
         """Where each row's token depends on its k largest logits alone (greedy decoding,

@@ -46,7 +46,7 @@ def serve(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     repository = Repository(
         args.model_dir, args.model_name,
-        settings_of(args.device, args.dtype, args.quantize, args.threads),
+        settings_of(args.device, args.dtype, args.quantize, args.threads, args.kernels),
         EngineConfig.from_args(args), budget=args.memory_budget,
         load_timeout=args.load_timeout, enable_control=args.enable_model_repository,
         make_predictor=lambda name, repo: GPT2Predictor(name, repo, args.max_instances))

@@ -97,6 +97,7 @@ class LoadSettings:
     dtype: torch.dtype
     quantize: str | None
     threads: int
+    kernels: str = "auto"  # kernel_choice.MODES
 
 
 @dataclass(eq=False)
@@ -394,7 +395,8 @@ class Repository(ModelRepository):
         t0 = time.monotonic()
         s = self.settings
         model, tokenizer = checkpoint.load(entry.folder, dtype=s.dtype, device=s.device,
-                                           quantize=s.quantize)
+                                           quantize=s.quantize, kernels=s.kernels,
+                                           threads=s.threads)
         engine = Engine(model, tokenizer, self.config, name=entry.name, loop=self.loop)
         engine.start()
         cfg = model.config
@@ -548,10 +550,11 @@ def default_budget(device: torch.device) -> int:
     return budget
 
 
-def settings_of(device: str, dtype: str, quantize: str, threads: int | None) -> LoadSettings:
+def settings_of(device: str, dtype: str, quantize: str, threads: int | None,
+                kernels: str = "auto") -> LoadSettings:
     dev, dt = checkpoint.resolve_device(device, dtype)
     if dev.type == "cuda":
         hardware.check_cuda_device(dev)
     return LoadSettings(dev, dt, quantize if quantize != "none" else None,
-                        checkpoint.resolve_threads(threads))
+                        checkpoint.resolve_threads(threads), kernels)
 

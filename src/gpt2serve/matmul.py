@@ -1,0 +1,255 @@
+"""The CPU kernels that can multiply a linear layer, and one matrix held in those chosen for it.
+
+A `Matmul` is x @ W + bias for one weight matrix, int8 (quantize.py) or fp32 (packing.py).
+Each kernel below holds W in its own layout and computes the same product; which one serves
+a call depends on its number of rows, as kernel_choice.py measured (decode steps of a few rows
+stream the weights, prompts are bound by arithmetic). Ours can also apply a layer's small ops
+as it reads and writes (a LayerNorm of x, GELU, a residual add: `fused`); the others do them
+with torch ops around the product, so every kernel serves packing.FusedBlock and the
+replayed decode plan (engine/decode_plan.py).
+
+int8 (per-row weights `q` [n, k], `scales` [n]): ours (kernels.int8_linear: each row of x
+quantized on its own, VNNI or AVX2), fbgemm's and oneDNN's dynamic int8 GEMMs (x quantized
+per tensor: a row's result depends on its neighbours), torch's weight-only int8 matmul (x
+stays fp32). fp32 (W [k, n]): ours (kernels.linear_f32, AVX-512 or AVX2), oneDNN's inner
+product on its packed layout, and torch's plain addmm.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+
+
+def _torch_around(product: Callable[[Tensor], Tensor], x: Tensor, ln: nn.LayerNorm | None,
+                  gelu: bool, residual: Tensor | None) -> Tensor:
+    """`fused` done with torch ops around a kernel that multiplies only."""
+    if ln is not None:
+        x = nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    y = product(x)
+    if gelu:
+        y = nn.functional.gelu(y, approximate="tanh")
+    return y if residual is None else y + residual
+
+
+class Kernel:
+    """One layout of one matrix; `variants`: the candidate names it answers to (kernel
+    choice's names), each with the argument its calls pass (an ISA)."""
+
+    variants: dict[str, object] = {}
+    dtype = ""  # "int8" or "fp32": the weights it takes
+
+    @classmethod
+    def runs(cls, variant: str) -> bool:
+        return True
+
+    def product(self, x: Tensor, variant) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, variant=None, ln: nn.LayerNorm | None = None,
+                 gelu: bool = False, residual: Tensor | None = None) -> Tensor:
+        return _torch_around(lambda v: self.product(v, variant), x, ln, gelu, residual)
+
+    def bind(self, x: Tensor, y: Tensor, variant=None, **fused) -> Callable[[], None]:
+        """This product into y, as a call of no arguments bound to x's and y's memory (see
+        kernels.bind_decode_attention)."""
+        return lambda: y.copy_(self(x, variant, **fused))
+
+
+# ---- int8 ----------------------------------------------------------------------------------
+
+class OursInt8(Kernel):
+    """kernels.int8_linear on pack_int8's panels. Its AVX2 form needs 7-bit weights, which
+    quantize.py gives exactly where fbgemm lacks VNNI; so only the form the weights allow runs."""
+
+    variants = {"ours-vnni": True, "ours-avx2": False}
+    dtype = "int8"
+
+    @classmethod
+    def runs(cls, variant: str) -> bool:
+        return kernels.INT8_RUNS and cls.variants[variant] == kernels.INT8_VNNI
+
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
+        self.packed, self.sums = kernels.pack_int8(q)
+        self.scales = torch.zeros(self.sums.shape[0])  # padded like the panels
+        self.scales[:q.shape[0]] = scales
+        self.bias, self.n = bias, q.shape[0]
+
+    def __call__(self, x: Tensor, variant=kernels.INT8_VNNI, **fused) -> Tensor:
+        return kernels.int8_linear(x, self.packed, self.sums, self.scales, self.bias, self.n,
+                                   vnni=variant, **fused)
+
+    def bind(self, x: Tensor, y: Tensor, variant=kernels.INT8_VNNI, ln=None, normed=None,
+             **fused) -> Callable[[], None]:
+        return kernels.bind_int8_linear(x, self.packed, self.sums, self.scales, self.bias, y,
+                                        vnni=variant, ln=ln, normed=normed, **fused)
+
+
+class FbgemmInt8(Kernel):
+    """fbgemm's dynamic int8 GEMM (`quantized::linear_dynamic`): x per tensor."""
+
+    variants = {"fbgemm": None}
+    dtype = "int8"
+
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
+        with warnings.catch_warnings():
+            # Quantized tensor types are deprecated in favour of torchao, but fbgemm's packed
+            # kernels take nothing else (torch 2.13).
+            warnings.simplefilter("ignore", UserWarning)
+            qt = torch._make_per_channel_quantized_tensor(
+                q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qt, bias)
+
+    def product(self, x: Tensor, variant) -> Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+
+
+class OneDnnInt8(Kernel):
+    """oneDNN's int8 inner product as Inductor calls it (`onednn::qlinear_pointwise`), x
+    quantized per tensor to u8 here."""
+
+    variants = {"onednn": None}
+    dtype = "int8"
+
+    @classmethod
+    def runs(cls, variant: str) -> bool:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn,
+                                                                "qlinear_pointwise")
+
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+        self.scales, self.bias = scales.float().contiguous(), bias
+        self.zeros = torch.zeros(q.shape[0], dtype=torch.long)
+
+    def product(self, x: Tensor, variant) -> Tensor:
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = (hi - lo) / 255 or 1.0
+        zero = round(-lo / scale)
+        qx = (x / scale).round_().add_(zero).clamp_(0, 255).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(qx, scale, zero, self.packed, self.scales,
+                                                  self.zeros, self.bias, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+
+
+class TorchInt8(Kernel):
+    """torch's weight-only int8 matmul (`_weight_int8pack_mm`): x in fp32, exact but slow on
+    CPU (fp32 activations; docs/benchmarks.md)."""
+
+    variants = {"torch": None}
+    dtype = "int8"
+
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
+        self.q, self.scales, self.bias = q.contiguous(), scales.float().contiguous(), bias
+
+    def product(self, x: Tensor, variant) -> Tensor:
+        y = torch._weight_int8pack_mm(x.contiguous(), self.q, self.scales)
+        return y if self.bias is None else y.add_(self.bias)
+
+
+# ---- fp32 ----------------------------------------------------------------------------------
+
+class OursF32(Kernel):
+    """kernels.linear_f32 on pack_f32's panels, in huge pages."""
+
+    variants = {"ours-avx512": 2, "ours-avx2": 1}
+    dtype = "fp32"
+
+    @classmethod
+    def runs(cls, variant: str) -> bool:
+        return kernels.F32_RUNS and kernels.VECTOR_ISA >= cls.variants[variant]
+
+    def __init__(self, w: Tensor, bias: Tensor | None):
+        self.panels, self.bias, self.n = kernels.pack_f32(w), bias, w.shape[1]
+
+    def __call__(self, x: Tensor, variant=kernels.VECTOR_ISA, **fused) -> Tensor:
+        return kernels.linear_f32(x, self.panels, self.bias, self.n, isa=variant, **fused)
+
+    def bind(self, x: Tensor, y: Tensor, variant=kernels.VECTOR_ISA, **fused
+             ) -> Callable[[], None]:
+        return kernels.bind_linear_f32(x, self.panels, self.bias, y, isa=variant, **fused)
+
+
+# oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
+# at every batch from 1 to 32.
+BATCH_HINT = 32
+
+
+class OneDnnF32(Kernel):
+    """oneDNN's fp32 inner product on weights it reordered once."""
+
+    variants = {"onednn": None}
+    dtype = "fp32"
+
+    @classmethod
+    def runs(cls, variant: str) -> bool:
+        return torch.backends.mkldnn.is_available()
+
+    def __init__(self, w: Tensor, bias: Tensor | None):
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), BATCH_HINT)
+        self.bias = bias
+
+    def product(self, x: Tensor, variant) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class TorchF32(Kernel):
+    """torch's addmm on W as HF stores it ([k, n]): what the eager model runs."""
+
+    variants = {"torch": None}
+    dtype = "fp32"
+
+    def __init__(self, w: Tensor, bias: Tensor | None):
+        self.w, self.bias = w.contiguous(), bias
+
+    def product(self, x: Tensor, variant) -> Tensor:
+        if self.bias is None:
+            return x @ self.w
+        return torch.addmm(self.bias, x, self.w)
+
+
+KERNELS = {"int8": [OursInt8, FbgemmInt8, OneDnnInt8, TorchInt8],
+           "fp32": [OursF32, OneDnnF32, TorchF32]}
+
+
+def candidates(dtype: str, kernel_types=None) -> dict[str, type[Kernel]]:
+    """Every candidate name that runs here for weights of `dtype`, and its kernel."""
+    return {name: kind for kind in (kernel_types or KERNELS[dtype])
+            for name in kind.variants if kind.runs(name)}
+
+
+class Matmul:
+    """x @ W + bias for one matrix, held in the layouts of the kernels `choice` names: each
+    call goes to the kernel chosen for its number of rows (kernel_choice.RowChoice). `ours`
+    is our kernel's layout, kept wherever it runs (the embedding's rows, the LM head's
+    screen and the decode plan read it), or None."""
+
+    def __init__(self, choice, weights: tuple, kinds: dict[str, type[Kernel]]):
+        self.choice = choice
+        layouts: dict[type[Kernel], Kernel] = {}
+        ours = next((k for k in kinds.values() if k in (OursInt8, OursF32)), None)
+        for kind in {kinds[name] for name in choice.names()} | ({ours} - {None}):
+            layouts[kind] = kind(*weights)
+        self.ours = layouts.get(ours) if ours else None
+        self.kernels = {name: (layouts[kinds[name]], kinds[name].variants[name])
+                        for name in choice.names()}
+
+    def kernel(self, m: int) -> tuple[Kernel, object]:
+        return self.kernels[self.choice.pick(m)]
+
+    def __call__(self, x: Tensor, **fused) -> Tensor:
+        kernel, variant = self.kernel(x.shape[0])
+        return kernel(x, variant, **fused)
+
+    def bind(self, x: Tensor, y: Tensor, **fused) -> Callable[[], None]:
+        """This product into y for x's number of rows, bound to their memory. `normed`
+        (room for layer-normed rows) is ours alone to use."""
+        kernel, variant = self.kernel(x.shape[0])
+        if not isinstance(kernel, (OursInt8, OursF32)):
+            fused.pop("normed", None)
+        return kernel.bind(x, y, variant, **fused)

@@ -1,0 +1,147 @@
+"""Kernels chosen by measurement (kernel_choice.py): a candidate made slow is not chosen, a
+wrong one is never chosen however fast, what was measured is cached per machine and read back,
+`--kernels ours|torch` fix the choice, and `gpt2serve kernels` prints the table."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gpt2serve import kernel_choice, kernels, matmul
+
+ROWS = (1, 4, 32, 128)
+
+
+class Sleepy(matmul.TorchF32):
+    """torch's product, right, and 3 ms late every call."""
+
+    variants = {"sleepy": None}
+
+    def product(self, x, variant):
+        time.sleep(0.003)
+        return super().product(x, variant)
+
+
+class Unwritten(matmul.TorchF32):
+    """Returns at once, without computing anything: the fastest there is, and wrong."""
+
+    variants = {"unwritten": None}
+
+    def product(self, x, variant):
+        return torch.empty(x.shape[0], self.w.shape[1])
+
+
+class Rounded(matmul.OursInt8):
+    """Our int8 product with every output rounded to an integer: fast and wrong."""
+
+    variants = {"rounded": kernels.INT8_VNNI}
+
+    def __call__(self, x, variant=kernels.INT8_VNNI, **fused):
+        return super().__call__(x, variant, **fused).round_()
+
+
+def kinds(*extra):
+    return {**{name: kind for kind in extra for name in kind.variants},
+            **matmul.candidates("fp32")}
+
+
+def test_a_slow_candidate_is_not_chosen_and_a_wrong_one_never():
+    choice = kernel_choice.measure("fp32", 64, 256, ROWS, kinds(Sleepy, Unwritten))
+    for m in ROWS:
+        assert choice.by_rows[m] not in ("sleepy", "unwritten"), choice.timings[m]
+        assert choice.timings[m]["unwritten"] is None  # checked, found wrong, never timed
+        assert choice.timings[m][choice.by_rows[m]] > 0
+    # timed and found slow at one row, then not tried at more (kernel_choice.DROP)
+    assert choice.timings[ROWS[0]]["sleepy"] > 3.0  # ms
+    assert all("sleepy" not in choice.timings[m] for m in ROWS[1:])
+
+
+@pytest.mark.skipif(not kernels.INT8_RUNS, reason="needs our int8 kernel (built, enabled)")
+def test_an_int8_candidate_off_by_rounding_is_never_chosen():
+    candidates = {"rounded": Rounded, **matmul.candidates("int8")}
+    choice = kernel_choice.measure("int8", 64, 256, ROWS, candidates)
+    for m in ROWS:
+        assert choice.timings[m]["rounded"] is None and choice.by_rows[m] != "rounded"
+
+
+def test_the_fastest_right_candidate_is_the_one_picked_for_each_number_of_rows():
+    choice = kernel_choice.measure("fp32", 64, 256, ROWS, kinds(Sleepy))
+    for m in ROWS:
+        timed = {k: v for k, v in choice.timings[m].items() if v is not None}
+        assert choice.by_rows[m] == min(timed, key=timed.get)
+    # a call of m rows goes to the smallest class holding it, the largest beyond
+    assert [kernel_choice.row_class(m, ROWS) for m in (1, 2, 4, 5, 33, 500)] == \
+        [1, 4, 4, 32, 128, 128]
+    assert choice.pick(3) == choice.by_rows[4] and choice.pick(1000) == choice.by_rows[128]
+
+
+def test_a_choice_is_cached_per_machine_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2SERVE_CACHE_DIR", str(tmp_path))
+    shapes = [(32, 96, False), (32, 32, False), (32, 1000, True)]
+    first = kernel_choice.choose("fp32", shapes, "auto", threads=1)
+    assert first.cached == 0
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    (key,) = data
+    assert key == kernel_choice.machine_key(1) and "1 threads" in key
+    assert set(data[key]) == {"fp32 32x96", "fp32 32x32", "fp32 32x1000"}
+    assert sorted(map(int, data[key]["fp32 32x1000"]["by_rows"])) == [1, 2, 4, 8, 16, 32]
+    again = kernel_choice.choose("fp32", shapes, "auto", threads=1)
+    assert again.cached == len(shapes)
+    assert {s: c.by_rows for s, c in again.choices.items()} == \
+        {s: c.by_rows for s, c in first.choices.items()}
+    assert "3 of 3 from" in again.describe()
+    # another thread count is another machine: measured anew, beside the first
+    assert kernel_choice.choose("fp32", shapes[:1], "auto", threads=2).cached == 0
+    assert len(json.loads((tmp_path / "kernels.json").read_text())) == 2
+
+
+def test_a_cache_that_cannot_be_written_is_only_a_warning(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("GPT2SERVE_CACHE_DIR", str(blocker / "sub"))
+    table = kernel_choice.choose("fp32", [(32, 32, False)], "auto", threads=1)
+    assert table.choices and "kernel choice not cached" in caplog.text
+
+
+def test_fixed_modes_measure_nothing():
+    shapes = [(32, 96, False), (32, 1000, True)]
+    ours = kernel_choice.choose("int8", shapes, "ours")
+    theirs = kernel_choice.choose("int8", shapes, "torch")
+    if kernels.INT8_RUNS:
+        assert {c.pick(m) for c in ours.choices.values() for m in ROWS} == \
+            {"ours-vnni" if kernels.INT8_VNNI else "ours-avx2"}
+    assert {c.pick(m) for c in theirs.choices.values() for m in ROWS} == {"fbgemm"}
+    assert kernel_choice.choose("fp32", shapes, "torch").choices[("fp32", 32, 96)].pick(1) \
+        == "onednn"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernel_choice.choose("fp32", shapes, "fastest")
+
+
+def test_a_model_holds_only_the_layouts_its_choice_needs_and_ours():
+    table = kernel_choice.choose("fp32", [(32, 96, False)], "torch")
+    w, b = torch.randn(32, 96), torch.randn(96)
+    mm = table.matmul("fp32", (w, b))
+    assert {type(k).__name__ for k, _ in mm.kernels.values()} == {"OneDnnF32"}
+    assert (mm.ours is not None) == kernels.F32_RUNS
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(mm(x), x @ w + b)
+    if mm.ours is not None:
+        torch.testing.assert_close(mm.ours(x), x @ w + b)
+
+
+def test_gpt2serve_kernels_prints_the_machine_and_the_table(tmp_path):
+    env = {**os.environ, "GPT2SERVE_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "kernels", "--quantize",
+                           "int8", "--kernels", "auto", "--threads", "1"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and "1 threads" in lines[0]
+    assert lines[1].startswith("kernels (auto: measured in")
+    assert len(lines) == 2 + 5  # the four layer matrices and the head
+    for line in lines[2:]:
+        assert line.startswith("  int8 ") and "1: " in line and "32: " in line
