@@ -141,7 +141,58 @@ def write_result(path: Path, data: dict, machine_info: dict, peer_versions: dict
     where = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
     argv = [a.replace(str(ROOT) + os.sep, "") for a in sys.argv[1:]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": shlex.join(["python", str(where), *argv]),
-                                "machine": machine_info,
-                                "versions": versions(**(peer_versions or {})), **data},
-                               indent=2) + "\n")
+    result = {"command": shlex.join(["python", str(where), *argv]), "machine": machine_info,
+              "versions": versions(**(peer_versions or {})), **data}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    append_ledger(result)
+
+
+# bench/results/ledger.csv: every offline and serving run's figures, one line per engine and
+# batch (offline) or concurrency (serving), under the run's date, commit and machine. It is
+# committed: docs/benchmarks.md shows the latest run of each machine class from it, so a
+# regression on a class nobody is on stays in view (bench/report.py).
+LEDGER = ROOT / "bench" / "results" / "ledger.csv"
+LEDGER_FIELDS = ("date", "commit", "benchmark", "sampling", "cpu", "isa", "cap", "threads",
+                 "bandwidth_gb_s", "engine", "batch", "tok_s")
+
+
+def machine_class(row: dict) -> str:
+    """The class a ledger row was measured on: CPU model, ISA, and the cap if any."""
+    cap = "" if row["cap"] in ("", "none", "native") else ", capped at AVX2"
+    return f"{row['cpu']} ({row['isa']}{cap})"
+
+
+def append_ledger(result: dict, ledger: Path = LEDGER) -> None:
+    """The ledger's lines for one result (offline: `tok_s` by engine and batch; serving:
+    `levels` by server and concurrency, as batch); other benchmarks add none."""
+    import csv
+    import datetime
+    import subprocess
+
+    if "tok_s" in result:
+        figures = [(engine, int(batch), tok_s) for engine, by_batch in result["tok_s"].items()
+                   for batch, tok_s in by_batch.items()]
+    elif "levels" in result:
+        figures = [(server, level["concurrency"], level["tok_s"])
+                   for server, levels in result["levels"].items() for level in levels]
+    else:
+        return
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    m = result["machine"]
+    run = {"date": datetime.date.today().isoformat(), "commit": commit,
+           "benchmark": result.get("benchmark", ""), "sampling": result.get("sampling", ""),
+           "cpu": m["cpu"], "isa": m["isa"], "cap": result.get("isa_cap", m.get("cap", "")),
+           "threads": m.get("threads", ""), "bandwidth_gb_s": m.get("read_bandwidth_gb_s", "")}
+    new = not ledger.exists()
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with ledger.open("a", newline="") as f:
+        writer = csv.DictWriter(f, LEDGER_FIELDS)
+        if new:
+            writer.writeheader()
+        for engine, batch, tok_s in figures:
+            writer.writerow({**run, "engine": engine, "batch": batch,
+                             "tok_s": round(tok_s, 1)})

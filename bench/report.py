@@ -8,11 +8,13 @@ calls); a block without its JSON is left as it is. Plots (matplotlib, PNG):
 docs/bench-throughput.png (aggregate tok/s against concurrent clients, from serving.json),
 docs/bench-ttft.png (time to first token p50 and p95 against clients) and docs/bench-batch1.png
 (batch-1 tok/s per engine from offline-greedy.json, each bar with the speed at which reading
-its weights once per token takes the machine's measured read bandwidth).
+its weights once per token takes the machine's measured read bandwidth). The `ledger` block
+is the latest run of each machine class in bench/results/ledger.csv.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
+LEDGER = RESULTS / "ledger.csv"
 OURS = ("gpt2serve fp32", "gpt2serve int8")
 # How each engine's row is named in the tables.
 LABEL = {"gpt2serve fp32": "gpt2serve fp32", "gpt2serve int8": "gpt2serve int8",
@@ -173,6 +176,42 @@ def headline(offline: dict | None, serving: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ledger_table(rows: list[dict]) -> str:
+    """The latest run of each machine class and benchmark in bench/results/ledger.csv, our
+    engines' figures over the previous run of the same class (a regression on a class
+    nobody is on shows here), and the peers measured beside them."""
+    from common import machine_class
+
+    runs: dict[tuple, list[tuple]] = {}  # (class, benchmark, sampling) -> runs, in order
+    for row in rows:
+        key = (machine_class(row), row["benchmark"], row["sampling"])
+        run = (row["date"], row["commit"], row["bandwidth_gb_s"])
+        order = runs.setdefault(key, [])
+        if not order or order[-1] != run:
+            order.append(run)
+    out = ["| machine class | benchmark | run (date, commit, read GB/s) | engine | tok/s by "
+           "batch or clients (ours: over the class's previous run) |",
+           "| --- | --- | --- | --- | --- |"]
+    for (cls, bench, sampling), order in sorted(runs.items()):
+        figures = {run: {} for run in order[-2:]}
+        for row in rows:
+            run = (row["date"], row["commit"], row["bandwidth_gb_s"])
+            if (machine_class(row), row["benchmark"], row["sampling"]) == (cls, bench, sampling) \
+                    and run in figures:
+                figures[run].setdefault(row["engine"], {})[row["batch"]] = float(row["tok_s"])
+        latest, before = order[-1], (order[-2] if len(order) > 1 else None)
+        for engine, by_batch in figures[latest].items():
+            cells = []
+            for batch, tok_s in by_batch.items():
+                old = figures[before].get(engine, {}).get(batch) if before else None
+                change = f" ({tok_s / old:.2f}x)" if old and engine in OURS else ""
+                cells.append(f"{batch}: {tok_s:g}{change}")
+            name = f"{bench} {sampling}".strip()
+            out.append(f"| {cls} | {name} | {latest[0]}, {latest[1]}, {latest[2]} | "
+                       f"{LABEL.get(engine, engine)} | {', '.join(cells)} |")
+    return "\n".join(out)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     key = re.escape(name)
     pattern = re.compile(rf"(<!-- bench:{key} -->\n).*?(<!-- /bench:{key} -->)", re.S)
@@ -277,6 +316,9 @@ def main() -> None:
         text = replace_block(text, "serving", serving_table(serving))
         text = replace_block(text, "long-prompts", long_prompt_table(serving))
     text = replace_block(text, "headline", headline(offline, serving))
+    if LEDGER.exists():
+        with LEDGER.open() as f:
+            text = replace_block(text, "ledger", ledger_table(list(csv.DictReader(f))))
     DOC.write_text(text)
     plots(offline, serving)
     print(f"rewrote the tables of {DOC.relative_to(ROOT)} and the plots under docs/")
