@@ -144,7 +144,8 @@ def write_result(path: Path, data: dict, machine_info: dict, peer_versions: dict
     result = {"command": shlex.join(["python", str(where), *argv]), "machine": machine_info,
               "versions": versions(**(peer_versions or {})), **data}
     path.write_text(json.dumps(result, indent=2) + "\n")
-    append_ledger(result)
+    if path.resolve().parent == LEDGER.parent:  # the standard runs, not a scratch --out
+        append_ledger(result)
 
 
 # bench/results/ledger.csv: every offline and serving run's figures, one line per engine and
