@@ -209,7 +209,7 @@ def ledger_table(rows: list[dict]) -> str:
             name = f"{bench} {sampling}".strip()
             out.append(f"| {cls} | {name} | {latest[0]}, {latest[1]}, {latest[2]} | "
                        f"{LABEL.get(engine, engine)} | {', '.join(cells)} |")
-    return "\n".join(out)
+    return "\n".join(out) + "\n"
 
 
 def replace_block(text: str, name: str, body: str) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import torch
 # a folder of the test session's (inherited by the servers the tests start).
 os.environ.setdefault("GPT2SERVE_KERNELS", "ours")
 os.environ["GPT2SERVE_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2serve-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GPT2SERVE_CACHE_DIR"], ignore_errors=True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GPT2_TOKENIZER = SHARED / "gpt2-tokenizer"

@@ -433,7 +433,16 @@ sums are the outputs themselves, so nothing is summed across lanes at the end: t
 used before this one (four rows of W interleaved, one dot product per output reduced across a
 register) spent a fifth of a 768-input row on those reductions, and its cost grew with every
 row of x (0.5x fbgemm at 16 rows, docs/benchmarks.md). Sums stay within int32: 255 * 127 * k
-for k up to 66,000. */
+for k up to 66,000.
+What was learned, and what was not: on an Intel Xeon (Ice Lake, 2 vCPUs) the layout before this
+one streamed 45% of the measured bandwidth at batch 1, against ~95% of its matmuls' share on
+AMD EPYC. Two costs of it grew where a core is slow against its memory: those reductions,
+and the quantization of each row of x, which ran scalar (a libm call per value for the
+rounding) on one thread while the others waited at the barrier; on EPYC the latter alone
+held the MLP's 3072-input matmul at two thirds of the others' speed. This kernel and
+quantize_row remove both. It has not run on an Intel machine since, so where it still loses
+there, kernel_choice.py measures it against fbgemm's and oneDNN's int8 GEMMs at load and
+keeps the faster per matrix and number of rows. */
 
 typedef struct {
     const int32_t *x;      /* [m, k4 / 4]: each row's u8 values, four a step */

@@ -132,16 +132,17 @@ def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
         x = torch.randn(m, k, generator=generator)
         seen: dict[str, float | None] = {}
         best = math.inf  # seconds a call, of the fastest so far
-        for name, kind in kinds.items():
-            if name in dropped:
-                continue
-            variant = kind.variants[name]
-            # checked on rows of its own: memory another candidate just filled with the right
-            # product must not pass for this one's
-            check = torch.randn(m, k, generator=generator)
+        # Each candidate is checked on rows of its own: memory another candidate just filled
+        # with the right product must not pass for this one's. Their references in one
+        # product: the weights are read once for all of them.
+        trying = [name for name in kinds if name not in dropped]
+        checks = torch.randn(len(trying) * m, k, generator=generator)
+        refs = torch.addmm(bias, checks, w).double()
+        for i, name in enumerate(trying):
+            kind, variant = kinds[name], kinds[name].variants[name]
+            check, ref = checks[i * m:(i + 1) * m], refs[i * m:(i + 1) * m]
             try:
                 y = layouts[name][0](check, variant)
-                ref = torch.addmm(bias, check, w).double()
                 error = float((y.double() - ref).norm() / ref.norm())
             except (RuntimeError, ValueError) as e:  # a kernel that cannot take this shape
                 log.debug("kernel %s fails on %s %dx%d, %d rows: %s", name, dtype, k, n, m, e)
