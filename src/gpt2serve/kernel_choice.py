@@ -139,7 +139,7 @@ def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
         checks = torch.randn(len(trying) * m, k, generator=generator)
         refs = torch.addmm(bias, checks, w).double()
         for i, name in enumerate(trying):
-            kind, variant = kinds[name], kinds[name].variants[name]
+            variant = kinds[name].variants[name]
             check, ref = checks[i * m:(i + 1) * m], refs[i * m:(i + 1) * m]
             try:
                 y = layouts[name][0](check, variant)

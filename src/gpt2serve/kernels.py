@@ -183,14 +183,21 @@ def bind_int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor,
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
     m, k = x.shape
-    if ln is not None and normed is None:
-        raise ValueError("int8_linear with a layer norm needs room for the normed rows")
     return functools.partial(
         _kernels.int8_linear, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
         sums.data_ptr(), _address(bias), y.data_ptr(), m, k, y.shape[1],
         packed.shape[1] * 4, vnni, _address(x_error),
-        0 if ln is None else ln.weight.data_ptr(), 0 if ln is None else ln.bias.data_ptr(),
-        0.0 if ln is None else ln.eps, _address(normed), _address(residual), gelu)
+        *_fused("int8_linear", ln, gelu, residual, normed))
+
+
+def _fused(kernel: str, ln: nn.LayerNorm | None, gelu: bool, residual: Tensor | None,
+           normed: Tensor | None) -> tuple:
+    """The arguments both matmul kernels take for the ops around the product: the layer
+    norm's weight, bias and eps, the room for its rows, the residual, GELU."""
+    if ln is not None and normed is None:
+        raise ValueError(f"{kernel} with a layer norm needs room for the normed rows")
+    return (0 if ln is None else ln.weight.data_ptr(), 0 if ln is None else ln.bias.data_ptr(),
+            0.0 if ln is None else ln.eps, _address(normed), _address(residual), gelu)
 
 
 # fp32 matmuls (packing.py): ours wherever AVX2 runs, oneDNN's elsewhere.
@@ -246,10 +253,7 @@ def bind_linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, y: Tensor,
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
     m, k = x.shape
-    if ln is not None and normed is None:
-        raise ValueError("linear_f32 with a layer norm needs room for the normed rows")
     return functools.partial(
         _kernels.linear_f32, x.data_ptr(), panels.data_ptr(), _address(bias), y.data_ptr(), m,
-        k, y.shape[1], isa, 0 if ln is None else ln.weight.data_ptr(),
-        0 if ln is None else ln.bias.data_ptr(), 0.0 if ln is None else ln.eps,
-        _address(normed), _address(residual), gelu, _address(panel_ids))
+        k, y.shape[1], isa, *_fused("linear_f32", ln, gelu, residual, normed),
+        _address(panel_ids))
