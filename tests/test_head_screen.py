@@ -57,8 +57,7 @@ def test_the_screen_picks_the_full_heads_token_through_ties_and_near_ties(rows):
         h = weight_t[:, picks].t() * 3 + 0.3 * torch.randn(len(picks), D)
         expected = full_argmax(head, h)
         assert screened_argmax(head, h) == expected
-        int8 = kernels.int8_linear(h, head.screen.packed, head.screen.sums, head.screen.scales,
-                                   None, V)
+        int8 = head.screen.int8(h)
         inverted += sum(a != b for a, b in zip(int8.argmax(1).tolist(), expected))
     assert inverted >= 3  # the int8 logits alone would have picked wrongly
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from . import hardware, kernels, quantize
 from .kernel_choice import KernelTable
+from .matmul import OursInt8
 from .model import GPT, Block, Conv1D, TiedHead
 
 
@@ -127,12 +128,10 @@ class HeadScreen:
         with ThreadPoolExecutor(hardware.default_threads(), initializer=torch.set_num_threads,
                                 initargs=(1,)) as pool:
             list(pool.map(screen, range(0, n, step)))
-        self.packed, self.sums = kernels.pack_int8(q)
-        self.scales = torch.zeros(self.sums.shape[0])  # padded like the packed rows
-        self.scales[:n] = scales
+        self.int8 = OursInt8(q, scales, None)
         self.gamma = d * self.U / (1 - d * self.U)  # the fp32 dot product's relative error
         self.max_panels = panels.shape[0] // 2
-        self.nbytes = self.packed.nbytes + 4 * self.scales.numel() + 8 * n
+        self.nbytes = self.int8.packed.nbytes + 4 * self.int8.scales.numel() + 8 * n
         # by a step's largest k: declines in a row, and steps left to sit out
         self._declines: dict[int, int] = {}
         self._resting: dict[int, int] = {}
@@ -155,8 +154,7 @@ class HeadScreen:
             return None
         h = h.contiguous()
         error = torch.empty(m)
-        s = kernels.int8_linear(h, self.packed, self.sums, self.scales, None, self.n,
-                                x_error=error)
+        s = self.int8(h, x_error=error)
         norm = torch.linalg.vector_norm(h, dim=1)
         # fp32 rounding of the bound itself and of s +- bound: the 1.001 and 8u|s| cover it
         bound = torch.outer(error + self.gamma * norm, self.norms)
