@@ -40,6 +40,45 @@ def gpt2_124m(folder: Path = CACHE / "gpt2-124m-random") -> Path:
     return folder
 
 
+# llama.cpp's quantized types, quantized from its f32 GGUF by llama_model_quantize, as its
+# `llama-quantize` tool does, with its default rules (for q4_0 and q4_K_M the output matrix,
+# GPT-2's tied embedding, stays at 6 bits)
+LLAMA_QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+                   "q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def llama_cpp_gguf(folder: Path, ftype: str) -> Path:
+    """A GGUF of the HF model in `folder` (written once under bench/results/cache): f32 by
+    llama.cpp's converter (LLAMA_CPP_CONVERT: the sdist's
+    vendor/llama.cpp/convert_hf_to_gguf.py), the LLAMA_QUANTIZED types from that one."""
+    import subprocess
+    import sys
+
+    gguf = CACHE / f"{folder.name.removesuffix('-random')}-{ftype}.gguf"
+    if gguf.exists():
+        return gguf
+    if ftype in LLAMA_QUANTIZED:
+        import llama_cpp
+
+        source = llama_cpp_gguf(folder, "f32")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[ftype])
+        params.nthread = os.cpu_count() or 1
+        partial = gguf.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params):
+            raise RuntimeError(f"llama.cpp could not quantize {source} to {ftype}")
+        partial.rename(gguf)
+        return gguf
+    script = os.environ.get("LLAMA_CPP_CONVERT")
+    if not script:
+        raise ImportError("set LLAMA_CPP_CONVERT to llama.cpp's convert_hf_to_gguf.py")
+    here = Path(script).parent  # the script imports `conversion` and `gguf` beside it
+    env = {**os.environ, "PYTHONPATH": f"{here / 'gguf-py'}{os.pathsep}{here}"}
+    subprocess.run([sys.executable, script, str(folder), "--outfile", str(gguf),
+                    "--outtype", ftype], check=True, capture_output=True, env=env)
+    return gguf
+
+
 def prompts(count: int, tokens: int = PROMPT_TOKENS) -> list[list[int]]:
     """`count` prompts of exactly `tokens` GPT-2 tokens from tiny Shakespeare."""
     from gpt2serve.tokenizer import Tokenizer

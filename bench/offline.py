@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from common import (NEW_TOKENS, ROOT, gpt2_124m, host_isa, machine, median_time, prompts,
-                    read_bandwidth, write_result)
+from common import (NEW_TOKENS, ROOT, gpt2_124m, host_isa, llama_cpp_gguf, machine, median_time,
+                    prompts, read_bandwidth, write_result)
 
 
 WEIGHT_BYTES: dict[str, int] = {}
@@ -156,15 +156,7 @@ def llama_cpp_runner(folder: Path, mode: dict, ftype: str):
     the AVX2-only one first on PYTHONPATH (--llama-cpp-avx2)."""
     import llama_cpp
 
-    gguf = ROOT / "bench" / "results" / "cache" / f"gpt2-124m-{ftype}.gguf"
-    if not gguf.exists():
-        script = os.environ.get("LLAMA_CPP_CONVERT")  # vendor/llama.cpp/convert_hf_to_gguf.py
-        if not script:
-            raise ImportError("set LLAMA_CPP_CONVERT to llama.cpp's convert_hf_to_gguf.py")
-        here = Path(script).parent  # the script imports `conversion` and `gguf` beside it
-        env = {**os.environ, "PYTHONPATH": f"{here / 'gguf-py'}{os.pathsep}{here}"}
-        subprocess.run([sys.executable, script, str(folder), "--outfile", str(gguf),
-                        "--outtype", ftype], check=True, capture_output=True, env=env)
+    gguf = llama_cpp_gguf(folder, ftype)
     from gpt2serve import hardware
 
     info = llama_cpp.llama_print_system_info().decode()
@@ -242,6 +234,7 @@ OPENVINO = {
     "openvino fp32 default": ("fp32", {}),
     "openvino int8": ("int8", {}),
     "openvino int8 w-only": ("int8", {**F32, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}),
+    "openvino int4": ("int4", {}),
 }
 
 
@@ -290,11 +283,14 @@ def main() -> None:
     runners = {
         "gpt2serve fp32": lambda: ours(folder, mode),
         "gpt2serve int8": lambda: ours(folder, mode, "int8"),
+        "gpt2serve int4": lambda: ours(folder, mode, "int4"),
         "transformers fp32": lambda: hf_generate(folder, mode),
         "ctranslate2 fp32": lambda: ctranslate2_runner(folder, mode, "float32"),
         "ctranslate2 int8": lambda: ctranslate2_runner(folder, mode, "int8"),
         "llama.cpp f32": lambda: llama_cpp_runner(folder, mode, "f32"),
         "llama.cpp q8_0": lambda: llama_cpp_runner(folder, mode, "q8_0"),
+        "llama.cpp q4_0": lambda: llama_cpp_runner(folder, mode, "q4_0"),
+        "llama.cpp q4_K_M": lambda: llama_cpp_runner(folder, mode, "q4_K_M"),
     }
     if args.runner:
         print("RESULT " + json.dumps(measure(runners[args.runner], args)))

@@ -96,7 +96,7 @@ def greedy_agreement(hf_folder: Path, pipe, prompt: list[int]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hf-folder", type=Path, required=True)
-    p.add_argument("--weights", choices=["fp32", "int8"], required=True)
+    p.add_argument("--weights", choices=["fp32", "int8", "int4"], required=True)
     p.add_argument("--properties", default="{}", help="CPU plugin properties, JSON")
     p.add_argument("--mode", default='{"do_sample": false}', help="sampling, as offline.MODES")
     p.add_argument("--threads", type=int, default=None)

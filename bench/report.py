@@ -23,17 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 LEDGER = RESULTS / "ledger.csv"
-OURS = ("gpt2serve fp32", "gpt2serve int8")
+OURS = ("gpt2serve fp32", "gpt2serve int8", "gpt2serve int4")
 # How each engine's row is named in the tables.
 LABEL = {"gpt2serve fp32": "gpt2serve fp32", "gpt2serve int8": "gpt2serve int8",
+         "gpt2serve int4": "gpt2serve int4",
          "gpt2serve fp16": "gpt2serve fp16",
          "transformers fp32": "transformers `generate` fp32",
          "ctranslate2 fp32": "CTranslate2 fp32", "ctranslate2 int8": "CTranslate2 int8",
          "llama.cpp f32": "llama.cpp f32", "llama.cpp q8_0": "llama.cpp q8_0",
+         "llama.cpp q4_0": "llama.cpp q4_0", "llama.cpp q4_K_M": "llama.cpp q4_K_M",
          "openvino fp32": "OpenVINO fp32 (f32 compute and KV cache)",
          "openvino fp32 default": "OpenVINO fp32, its defaults",
          "openvino int8": "OpenVINO int8, its defaults",
          "openvino int8 w-only": "OpenVINO int8 weights only",
+         "openvino int4": "OpenVINO int4, its defaults",
          "transformers one-at-a-time": "one-at-a-time predictor (`transformers`)",
          "vllm": "vLLM CPU fp32"}
 
@@ -72,8 +75,11 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def counterpart(engine: str) -> str:
-    """Our engine of the same kind: int8 against int8 and q8_0 peers, fp32 against the rest."""
-    return "gpt2serve int8" if "int8" in engine or "q8" in engine else "gpt2serve fp32"
+    """Our engine of the same kind: int8 against int8 and q8_0 peers, int4 against int4 and
+    q4 peers, fp32 against the rest."""
+    if "int8" in engine or "q8" in engine:
+        return "gpt2serve int8"
+    return "gpt2serve int4" if "int4" in engine or "q4" in engine else "gpt2serve fp32"
 
 
 def offline_table(r: dict) -> str:

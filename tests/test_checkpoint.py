@@ -152,18 +152,24 @@ print(base, peak, anon_kib())
 """
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
 def test_loading_holds_little_more_than_the_final_weights(tmp_path, tiny_model, quantize):
     """Tensors are read one at a time and turned into their final form (fp32 laid out for its
-    kernel, or int8) before the next: the peak while loading stays near what the model holds
+    kernel, int8 or int4) before the next: the peak while loading stays near what the model holds
     after."""
     folder = make_hf_model(tmp_path / "m", vocab_size=8000, n_embd=256, n_layer=24, n_head=8)
     out = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(tiny_model), str(folder),
                           quantize],
                          capture_output=True, text=True, check=True)
     base, peak, steady = map(int, out.stdout.split())
-    assert steady - base > 20_000  # the model is really in memory (KiB)
-    assert peak - base <= 1.15 * (steady - base), (base, peak, steady)
+    print(f"\n{quantize}: {steady - base} KiB held after loading, {peak - base} at the peak")
+    # the model is really in memory (KiB): 88 MB of fp32 weights, 4.5 bits a weight in int4
+    assert steady - base > (10_000 if quantize == "int4" else 20_000)
+    # Quantized, the final forms are 4-8x smaller than the fp32 modules they are made from,
+    # so the one being converted at the peak (at most the head: 8000 x 256 fp32, 8000 KiB)
+    # is a large share of them: allowed on top, but not a second module in checkpoint form.
+    largest = 8000 * 256 * 4 // 1024 if quantize != "none" else 0.15 * (steady - base)
+    assert peak - base <= steady - base + largest, (base, peak, steady)
 
 
 def test_safetensors_offsets_outside_the_file_are_refused(good):

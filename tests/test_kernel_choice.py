@@ -44,6 +44,15 @@ class Rounded(matmul.OursInt8):
         return super().__call__(x, variant, **fused).round_()
 
 
+class Transposed(matmul.OursInt4):
+    """Our int4 product with each group's nibbles read in the wrong halves: fast and wrong."""
+
+    variants = {"transposed": kernels.INT4_ISA}
+
+    def __init__(self, q, scales, bias):
+        super().__init__(q.view(len(q), -1, 2, 16).flip(2).reshape(q.shape), scales, bias)
+
+
 def kinds(*extra):
     return {**{name: kind for kind in extra for name in kind.variants},
             **matmul.candidates("fp32")}
@@ -66,6 +75,16 @@ def test_an_int8_candidate_off_by_rounding_is_never_chosen():
     choice = kernel_choice.measure("int8", 64, 256, ROWS, candidates)
     for m in ROWS:
         assert choice.timings[m]["rounded"] is None and choice.by_rows[m] != "rounded"
+
+
+@pytest.mark.skipif(not kernels.INT4_ISA, reason="needs our int4 kernel (built, enabled)")
+def test_int4_candidates_are_checked_and_a_wrong_one_is_never_chosen():
+    candidates = {"transposed": Transposed, **matmul.candidates("int4")}
+    assert {"ours-avx2", "torch"} <= set(candidates)
+    choice = kernel_choice.measure("int4", 64, 256, ROWS, candidates)
+    for m in ROWS:
+        assert choice.timings[m]["transposed"] is None and choice.by_rows[m] != "transposed"
+        assert choice.timings[m][choice.by_rows[m]] > 0
 
 
 def test_the_fastest_right_candidate_is_the_one_picked_for_each_number_of_rows():
@@ -133,15 +152,19 @@ def test_a_model_holds_only_the_layouts_its_choice_needs_and_ours():
         torch.testing.assert_close(mm.ours(x), x @ w + b)
 
 
-def test_gpt2serve_kernels_prints_the_machine_and_the_table(tmp_path):
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_gpt2serve_kernels_prints_the_machine_and_the_table(tmp_path, quantize):
     env = {**os.environ, "GPT2SERVE_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "kernels", "--quantize",
-                           "int8", "--kernels", "auto", "--threads", "1"], capture_output=True,
-                          text=True, env=env, timeout=300)
+                           quantize, "--kernels", "auto", "--threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("machine: ") and "1 threads" in lines[0]
     assert lines[1].startswith("kernels (auto: measured in")
     assert len(lines) == 2 + 5  # the four layer matrices and the head
     for line in lines[2:]:
-        assert line.startswith("  int8 ") and "1: " in line and "32: " in line
+        assert "1: " in line and "32: " in line
+    # int4's LM head stays int8 (quantize.py); the demo model's head is 256 x 4096
+    weights = {line.split()[1].rstrip(":"): line.split()[0] for line in lines[2:]}
+    assert weights.pop("256x4096") == "int8" and set(weights.values()) == {quantize}

@@ -141,6 +141,118 @@ def test_int8_linear_against_the_arithmetic_written_out(vnni, m, k, n):
                        q[[n - 1, 0]])
 
 
+def int4_written_out(x, q, scales, bias):
+    """What kernels.int4_linear computes: each group of 32 of a row of x to int8 with its own
+    scale (largest |x| / 127, rounded half to even), each group's products with q - 8 summed
+    exactly, then scaled by both scales and summed."""
+    m, k = x.shape
+    groups = scales.shape[1]
+    xg = torch.nn.functional.pad(x, (0, groups * 32 - k)).view(m, groups, 32)
+    largest = xg.abs().amax(-1, keepdim=True)
+    xq = torch.round(xg * torch.where(largest > 0, 127 / largest, 0))
+    w = torch.nn.functional.pad(q.double() - 8, (0, groups * 32 - k)).view(-1, groups, 32)
+    dots = torch.einsum("mgi,ngi->mng", xq.double(), w)
+    y = (dots * (largest / 127).double().view(m, 1, groups) * scales.double()).sum(-1)
+    return y.float() + (0 if bias is None else bias)
+
+
+@pytest.mark.skipif(not kernels.INT4_ISA, reason="no int4 kernel here (not built, or no AVX2)")
+@pytest.mark.parametrize("isa", range(1, kernels.INT4_ISA + 1))  # each variant this CPU runs
+@pytest.mark.parametrize("m, k, n", [(1, 768, 2304), (3, 100, 7), (9, 64, 50), (40, 3072, 40)])
+def test_int4_linear_against_the_arithmetic_written_out(isa, m, k, n):
+    """Odd sizes on purpose: k not a multiple of 32 or 64 (padded groups and blocks), n not
+    of 16, rows over more than one tile (9: 8 and 1, AVX2's 4, 4 and 1), a prompt's (40, in
+    groups of panels); weights at both ends of 0..15 against activations at +-127 (the
+    int16 sums of the AVX2 and AVX-512 forms must not saturate)."""
+    torch.manual_seed(m)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    q[0], q[-1] = 15, 0
+    scales = (torch.rand(n, -(-k // 32)) / 100).half().float()
+    bias, x = torch.randn(n), torch.randn(m, k) * 3
+    x[0, :32] = 5.0  # a group of one value: every activation at 127
+    packed = kernels.pack_int4(q, scales)
+    assert packed.shape == (-(-n // 16), -(-k // 64), 576)
+    torch.testing.assert_close(kernels.int4_linear(x, packed, bias, n, isa),
+                               int4_written_out(x, q, scales, bias), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(kernels.int4_linear(x, packed, None, n, isa),
+                               int4_written_out(x, q, scales, None), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not kernels.INT4_ISA, reason="no int4 kernel here (not built, or no AVX2)")
+@pytest.mark.parametrize("isa", range(1, kernels.INT4_ISA + 1))
+def test_int4_linear_fuses_layer_norm_gelu_and_residual(isa):
+    torch.manual_seed(isa)
+    m, k, n = 5, 256, 48
+    ln = torch.nn.LayerNorm(k)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    q, scales = kernels.quantize_int4(torch.randn(n, k) / k ** 0.5)
+    bias, x, residual = torch.randn(n), torch.randn(m, k) * 3 + 1, torch.randn(m, n)
+    packed = kernels.pack_int4(q, scales)
+    with torch.no_grad():
+        normed = torch.nn.functional.layer_norm(x, (k,), ln.weight, ln.bias, ln.eps)
+        ref = torch.nn.functional.gelu(int4_written_out(normed, q, scales, bias),
+                                       approximate="tanh") + residual
+        got = kernels.int4_linear(x, packed, bias, n, isa, ln=ln, gelu=True, residual=residual)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def q4_0(w):
+    """llama.cpp's q4_0 (quantize_row_q4_0_ref) of w [n, k], dequantized: round to nearest,
+    the largest |w| of each group of 32 at -8."""
+    x = w.view(len(w), -1, 32)
+    d = (x.gather(-1, x.abs().argmax(-1, keepdim=True)) / -8).half().float()
+    q = torch.floor(x * torch.where(d != 0, 1 / d, 0) + 8.5).clamp(0, 15)
+    return ((q - 8) * d).view_as(w)
+
+
+def dequantized(q, scales):
+    return (q.float() - 8) * scales.repeat_interleave(32, 1)[:, :q.shape[1]]
+
+
+@pytest.mark.parametrize("c_module", [True, False], ids=["C", "torch"])
+def test_int4_weights_fit_better_than_round_to_nearest(c_module, monkeypatch):
+    """On the demo model's layers (trained weights, not Gaussian): each matrix's 4-bit form
+    is closer to it than q4_0's (by 3% or more), scales fp16 exactly; and the torch form that
+    runs without the C module gives the same weights."""
+    if c_module and not kernels.INT4_ISA:
+        pytest.skip("no C module here")
+    weights = checkpoint.Weights(checkpoint.DEMO_MODEL_DIR)
+    if not c_module:
+        monkeypatch.setattr(kernels, "INT4_ISA", 0)
+    names = [n for n in weights.where if n.startswith("h.") and n.endswith("weight")
+             and len(weights.shape(n)) == 2]
+    assert len(names) == 16  # four matrices in each of four layers
+    for name in names:
+        w = weights.get(name).float().t().contiguous()  # Conv1D's [in, out] -> [out, in]
+        q, scales = kernels.quantize_int4(w)
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15
+        assert torch.equal(scales, scales.half().float())
+        ours = (dequantized(q, scales) - w).norm()
+        assert ours < 0.97 * (q4_0(w) - w).norm(), name
+
+
+def test_int4_quantization_of_odd_and_degenerate_groups():
+    """A group of zeros (scale 0, every q at 8), one constant group, k not a multiple of 32;
+    the C module and its torch form agree."""
+    w = torch.randn(3, 70)
+    w[0, :32] = 0
+    w[1, 32:64] = 0.25
+    q, scales = kernels.quantize_int4(w)
+    assert q.shape == (3, 70) and scales.shape == (3, 3)
+    assert float(scales[0, 0]) == 0 and bool((q[0, :32] == 8).all())
+    torch.testing.assert_close(dequantized(q, scales)[1, 32:64], w[1, 32:64])
+    assert (dequantized(q, scales) - w).norm() < 0.1 * w.norm()
+    if kernels.INT4_ISA:
+        isa, kernels.INT4_ISA = kernels.INT4_ISA, 0
+        try:
+            q2, scales2 = kernels.quantize_int4(w)
+        finally:
+            kernels.INT4_ISA = isa
+        assert torch.equal(q, q2) and torch.equal(scales, scales2)
+
+
 @pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
 @pytest.mark.parametrize("isa", range(1, kernels.VECTOR_ISA + 1))  # each variant this CPU runs
 @pytest.mark.parametrize("m, k, n", [(1, 768, 2304), (3, 5, 17), (9, 64, 50257), (301, 3072, 40)])

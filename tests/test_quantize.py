@@ -1,5 +1,7 @@
-"""int8 quality gate, teacher-forced over a fixed text (issue: top-1 agreement on the trained
-demo model, relative logit error on a random-weight model whose logits are nearly flat)."""
+"""int8 and int4 quality gates, teacher-forced over a fixed text: top-1 agreement on the trained
+demo model, relative logit error on a random-weight model whose logits are nearly flat, and
+the held-out loss on the tail of tiny Shakespeare the demo model did not train on.
+bench/quality.py measures the same against llama.cpp's q8_0, q4_0 and q4_K_M."""
 
 import os
 import subprocess
@@ -8,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import make_hf_model
-from gpt2serve import checkpoint, hardware
+from conftest import SHARED, make_hf_model
+from gpt2serve import checkpoint, hardware, kernels
 from gpt2serve.model import KVCache
 
 # Romeo and Juliet, Act II Scene II (public domain).
@@ -62,37 +64,79 @@ def teacher_forced_logits(folder, quantize, ids, how):
     return torch.stack([first, *steps])
 
 
+# The gates, by weights: top-1 agreement with fp32 on the demo model (measured on this text:
+# int8 98-99%, int4 96.5%; over the held-out tail bench/quality.py gives int4 97.2% against
+# llama.cpp q4_0's 96.4%), relative logit error on random weights (int8 2.1%, int4 16.4%: a
+# 4-bit weight's error is ~8% of it, compounded over the layers; q4_0's fit is worse,
+# tests/test_kernels.py), and held-out loss above fp32's (int8 +0.0006, int4 -0.0017 nats).
+AGREEMENT = {"int8": 0.97, "int4": 0.95}
+LOGIT_ERROR = {"int8": 0.05, "int4": 0.20}
+LOSS_ABOVE_FP32 = {"int8": 0.01, "int4": 0.01}
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
 @pytest.mark.parametrize("how", ["prompt", "decode"])
-def test_int8_keeps_the_demo_models_choices(how):
+def test_quantized_weights_keep_the_demo_models_choices(how, quantize):
     model, tokenizer = checkpoint.load(None)
     ids = tokenizer.encode(TEXT)[:model.config.n_positions]
     assert len(ids) > 200
     fp32 = teacher_forced_logits(None, None, ids, how)
-    int8 = teacher_forced_logits(None, "int8", ids, how)
-    agreement = (fp32.argmax(-1) == int8.argmax(-1)).float().mean().item()
-    print(f"\ndemo model, {len(ids)} tokens, {how}: int8 top-1 agreement with fp32 "
+    quantized = teacher_forced_logits(None, quantize, ids, how)
+    agreement = (fp32.argmax(-1) == quantized.argmax(-1)).float().mean().item()
+    print(f"\ndemo model, {len(ids)} tokens, {how}: {quantize} top-1 agreement with fp32 "
           f"{agreement:.1%}")
-    assert agreement >= 0.97
+    assert agreement >= AGREEMENT[quantize]
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
 @pytest.mark.parametrize("how", ["prompt", "decode"])
-def test_int8_relative_logit_error_on_random_weights(tmp_path, how):
+def test_quantized_relative_logit_error_on_random_weights(tmp_path, how, quantize):
     folder = make_hf_model(tmp_path / "random", n_embd=256, n_layer=4, n_head=4,
                            n_positions=256)
     ids = torch.randint(0, 400, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     fp32 = teacher_forced_logits(folder, None, ids, how)
-    int8 = teacher_forced_logits(folder, "int8", ids, how)
-    error = ((int8 - fp32).norm() / fp32.norm()).item()
-    print(f"\nrandom model, {how}: int8 relative logit error {error:.2%}")
-    assert error <= 0.05
+    quantized = teacher_forced_logits(folder, quantize, ids, how)
+    error = ((quantized - fp32).norm() / fp32.norm()).item()
+    print(f"\nrandom model, {how}: {quantize} relative logit error {error:.2%}")
+    assert error <= LOGIT_ERROR[quantize]
 
 
-def test_int8_memory_and_refusals(tiny_model):
+@pytest.mark.skipif(not (SHARED / "tinyshakespeare.txt").exists(),
+                    reason="needs ../shared/data/tinyshakespeare.txt")
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_held_out_loss_stays_near_fp32s(quantize):
+    """The demo model's loss over four windows of the last 5% of tiny Shakespeare."""
+    model, tokenizer = checkpoint.load(None)
+    text = (SHARED / "tinyshakespeare.txt").read_text()
+    ids = tokenizer.encode(text[int(len(text) * 0.95):])
+    n = model.config.n_positions
+
+    def loss(quantize):
+        total = 0.0
+        for start in range(0, 4 * n, n):
+            window = ids[start:start + n]
+            logits = teacher_forced_logits(None, quantize, window, "prompt")
+            total += torch.nn.functional.cross_entropy(logits[:-1],
+                                                       torch.tensor(window[1:])).item()
+        return total / 4
+
+    fp32, quantized = loss(None), loss(quantize)
+    print(f"\ndemo model, held-out loss: fp32 {fp32:.4f}, {quantize} {quantized:.4f}")
+    assert quantized <= fp32 + LOSS_ABOVE_FP32[quantize]
+
+
+def test_quantized_memory_and_refusals(tiny_model):
     fp32, _ = checkpoint.load(tiny_model)
     int8, _ = checkpoint.load(tiny_model, quantize="int8")
+    int4, _ = checkpoint.load(tiny_model, quantize="int4")
     assert int8.weight_bytes() < 0.4 * fp32.weight_bytes()
-    with pytest.raises(checkpoint.CheckpointError, match="int8 runs on CPU with float32"):
-        checkpoint.load(tiny_model, dtype=torch.bfloat16, quantize="int8")
+    assert int4.weight_bytes() < int8.weight_bytes()
+    for quantize in ("int8", "int4"):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=f"{quantize} runs on CPU with float32"):
+            checkpoint.load(tiny_model, dtype=torch.bfloat16, quantize=quantize)
+    with pytest.raises(checkpoint.CheckpointError, match="--quantize must be one of"):
+        checkpoint.load(tiny_model, quantize="int3")
 
 
 VNNI_HOST = {"avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
@@ -118,17 +162,20 @@ def _python(code: str, env: dict) -> str:
     return out.stdout.strip()
 
 
-def test_int8_under_an_avx2_cap_uses_7_bit_weights_and_passes_the_quality_gates():
+def test_quantized_weights_under_an_avx2_cap_pass_the_quality_gates():
     """What `bench/offline.py --isa avx2` runs: every library capped at AVX2 in a fresh
-    process (the caps are read once, at start). On a VNNI host the kernel loses VNNI there."""
+    process (the caps are read once, at start). On a VNNI host the int8 kernel loses VNNI
+    there (7-bit weights), and the int4 kernel runs its AVX2 form."""
     cap = hardware.AVX2_CAP_ENV
     assert _python("from gpt2serve import quantize; print(quantize.WEIGHT_LEVELS)", cap) == "63"
+    if kernels.INT4_ISA:
+        assert _python("from gpt2serve import kernels; print(kernels.INT4_ISA)", cap) == "1"
     gates = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
          "-k", "demo_models_choices or relative_logit_error"],
         env={**os.environ, **cap}, capture_output=True, text=True)
     assert gates.returncode == 0, gates.stdout[-3000:]
-    assert "4 passed" in gates.stdout
+    assert "8 passed" in gates.stdout
 
 
 SATURATION_CHECK = """

@@ -670,6 +670,334 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* ---- int4 linear: W as kernels.pack_int4 lays it out, [ceil(n / 16), k64 / 64, 576 bytes] ---
+
+y = x @ W^T + bias with W in 4 bits: groups of 32 inputs of one output, each w = scale * (q - 8),
+q in 0..15, the scale in fp16 (4.5 bits a weight, as llama.cpp's q4_0). x is quantized to int8
+per group of 32 as well (symmetric: x = x_scale * xq, |xq| <= 127), so that a group's product
+is integer: sum (q - 8) * xq = sum q * xq - 8 * sum xq, the last term one number per row and
+group (x_sum8). With q unsigned and xq signed this is what vpdpbusd (u8 x s8) and vpmaddubsw
+take as they are; vpmaddubsw's int16 pair sums, at most 2 * 15 * 127, add up over a group's
+eight steps without saturating (8 * 3810 < 32767), so the AVX2 and AVX-512 forms widen to
+int32 once a group. Each group's int32 sums become fp32 with its two scales and add to a
+tile of R rows x 16 outputs, as in int8_linear.
+A panel's block of 64 inputs is 576 bytes, nine cache lines: for each of its two groups four
+vectors of 64 bytes (output o's inputs 4j..4j+3 of the group in the low nibbles of bytes 4o..4o+3
+of vector j, inputs 16+4j..16+4j+3 in the high nibbles), then the two groups' 16 fp16 scales. So
+each thread streams its panels as one sequence, scales included (PANELS, with a panel's
+`steps` counted in cache lines). */
+
+typedef struct {
+    const int8_t *x;        /* [m, groups * 32]: each row's int8 values */
+    const float *x_scale;   /* [m, groups] */
+    const int32_t *x_sum8;  /* [m, groups]: 8 x each group's sum of values */
+    const uint8_t *w;       /* [panels, blocks, 576] */
+    const int64_t *panels;  /* always NULL: every panel (PANELS reads it) */
+    int64_t m, steps, blocks, groups; /* steps = blocks * 9: a panel's cache lines */
+    output_args out;
+} int4_args;
+
+#define INT4_BLOCK 576
+
+#if X86
+#define TARGET_INT4_VNNI __attribute__((target("avx512vnni,avx512bw,avx512f,avx2,fma,f16c")))
+#define TARGET_INT4_AVX512 __attribute__((target("avx512bw,avx512f,avx2,fma,f16c")))
+#define TARGET_INT4_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* One group's sum of q * xq for 16 outputs, from its eight vectors of nibbles (lo: steps
+0..3, hi: steps 4..7) and the row's eight words of four int8 inputs: VNNI in two chains,
+so that each vpdpbusd waits for one before it in four, not eight. */
+TARGET_INT4_VNNI static inline __attribute__((always_inline)) __m512i group_dot_vnni(
+        const __m512i *lo, const __m512i *hi, const int32_t *x) {
+    __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+        a = _mm512_dpbusd_epi32(a, lo[j], _mm512_set1_epi32(x[j]));
+        b = _mm512_dpbusd_epi32(b, hi[j], _mm512_set1_epi32(x[4 + j]));
+    }
+    return _mm512_add_epi32(a, b);
+}
+
+TARGET_INT4_AVX512 static inline __attribute__((always_inline)) __m512i group_dot_avx512(
+        const __m512i *lo, const __m512i *hi, const int32_t *x) {
+    __m512i s = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+        s = _mm512_add_epi16(s, _mm512_maddubs_epi16(lo[j], _mm512_set1_epi32(x[j])));
+        s = _mm512_add_epi16(s, _mm512_maddubs_epi16(hi[j], _mm512_set1_epi32(x[4 + j])));
+    }
+    return _mm512_madd_epi16(s, _mm512_set1_epi16(1));
+}
+
+/* A tile of R rows (up to 8, one zmm of 16 outputs a row) over a panel's blocks. */
+#define INT4_TILE_512(NAME, TARGET, GROUP_DOT)                                                 \
+    TARGET static inline __attribute__((always_inline)) void NAME(                             \
+            const int4_args *a, int64_t row, const int rows, int64_t panel, const char *next,  \
+            int64_t next_step) {                                                               \
+        const int to_l1 = a->m <= L1_PREFETCH_ROWS;                                            \
+        const uint8_t *w = a->w + panel * a->steps * 64;                                       \
+        const __m512i nibble = _mm512_set1_epi8(0x0F);                                         \
+        __m512 acc[8];                                                                         \
+        for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();                           \
+        for (int64_t b = 0; b < a->blocks; ++b, w += INT4_BLOCK) {                             \
+            for (int l = 0; l < 9; ++l) prefetch_panel(next + (b * 9 + l) * next_step, to_l1); \
+            for (int g = 0; g < 2; ++g) {                                                      \
+                const __m512 scale = _mm512_cvtph_ps(                                          \
+                    _mm256_loadu_si256((const __m256i *)(w + 512 + 32 * g)));                  \
+                __m512i lo[4], hi[4];                                                          \
+                for (int j = 0; j < 4; ++j) {                                                  \
+                    const __m512i v = _mm512_loadu_si512(w + 256 * g + 64 * j);                \
+                    lo[j] = _mm512_and_si512(v, nibble);                                       \
+                    hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);                 \
+                }                                                                              \
+                const int64_t group = 2 * b + g;                                               \
+                for (int r = 0; r < rows; ++r) {                                               \
+                    const int64_t at = (row + r) * a->groups + group;                          \
+                    const __m512i dot = _mm512_sub_epi32(                                      \
+                        GROUP_DOT(lo, hi, (const int32_t *)(a->x + at * 32)),                  \
+                        _mm512_set1_epi32(a->x_sum8[at]));                                     \
+                    acc[r] = _mm512_fmadd_ps(                                                  \
+                        _mm512_cvtepi32_ps(dot),                                               \
+                        _mm512_mul_ps(scale, _mm512_set1_ps(a->x_scale[at])), acc[r]);         \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        float sums[8][16];                                                                     \
+        for (int r = 0; r < rows; ++r) _mm512_storeu_ps(sums[r], acc[r]);                      \
+        store_tile(&a->out, row, rows, panel * 16, sums);                                      \
+    }
+INT4_TILE_512(int4_tile_vnni, TARGET_INT4_VNNI, group_dot_vnni)
+INT4_TILE_512(int4_tile_avx512, TARGET_INT4_AVX512, group_dot_avx512)
+
+/* AVX2: two ymm a row (outputs 0..7 and 8..15 of each vector), R up to 4. */
+TARGET_INT4_AVX2 static inline __attribute__((always_inline)) void int4_tile_avx2(
+        const int4_args *a, int64_t row, const int rows, int64_t panel, const char *next,
+        int64_t next_step) {
+    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const uint8_t *w = a->w + panel * a->steps * 64;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[4][2];
+    for (int r = 0; r < rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a->blocks; ++b, w += INT4_BLOCK) {
+        for (int l = 0; l < 9; ++l) prefetch_panel(next + (b * 9 + l) * next_step, to_l1);
+        for (int g = 0; g < 2; ++g)
+            for (int h = 0; h < 2; ++h) {
+                const __m256 scale = _mm256_cvtph_ps(
+                    _mm_loadu_si128((const __m128i *)(w + 512 + 32 * g + 16 * h)));
+                __m256i lo[4], hi[4];
+                for (int j = 0; j < 4; ++j) {
+                    const __m256i v = _mm256_loadu_si256(
+                        (const __m256i *)(w + 256 * g + 64 * j + 32 * h));
+                    lo[j] = _mm256_and_si256(v, nibble);
+                    hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                }
+                const int64_t group = 2 * b + g;
+                for (int r = 0; r < rows; ++r) {
+                    const int64_t at = (row + r) * a->groups + group;
+                    const int32_t *x = (const int32_t *)(a->x + at * 32);
+                    __m256i s = _mm256_setzero_si256();
+                    for (int j = 0; j < 4; ++j) {
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[j],
+                                                                     _mm256_set1_epi32(x[j])));
+                        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(
+                                                    hi[j], _mm256_set1_epi32(x[4 + j])));
+                    }
+                    const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s, ones),
+                                                         _mm256_set1_epi32(a->x_sum8[at]));
+                    acc[r][h] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(dot),
+                        _mm256_mul_ps(scale, _mm256_set1_ps(a->x_scale[at])), acc[r][h]);
+                }
+            }
+    }
+    float sums[8][16];
+    for (int r = 0; r < rows; ++r) {
+        _mm256_storeu_ps(sums[r], acc[r][0]);
+        _mm256_storeu_ps(sums[r] + 8, acc[r][1]);
+    }
+    store_tile(&a->out, row, rows, panel * 16, sums);
+}
+
+#define int4_tile_avx2_4(a, row, rows, panel, next, step) \
+    int4_tile_avx2(a, row, (rows) > 4 ? 4 : (rows), panel, next, step)
+PANELS(int4_panels_vnni, TARGET_INT4_VNNI, int4_args, int4_tile_vnni, 8)
+PANELS(int4_panels_avx512, TARGET_INT4_AVX512, int4_args, int4_tile_avx512, 8)
+PANELS(int4_panels_avx2, TARGET_INT4_AVX2, int4_args, int4_tile_avx2_4, 4)
+
+/* 32 int32 in -128..127 -> 32 bytes, in order: the packs work within 128-bit lanes, the
+permute puts the lanes' quarters back in order. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void store_bytes(void *out,
+                                                                        const __m256i *n) {
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]),
+                                              _mm256_packs_epi32(n[2], n[3]));
+    _mm256_storeu_si256((__m256i *)out, _mm256_permutevar8x32_epi32(
+                                            packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+/* One row x [k] -> int8 per group of 32 (zeros past k), each group's scale (its largest |x|
+over 127) and 8 x its sum of values. Rounding to nearest, ties to even, as torch.round. */
+TARGET_AVX2 static void quantize_row_groups(const float *x, int64_t k, int64_t groups,
+                                            int8_t *q, float *scale, int32_t *sum8) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t g = 0; g < groups; ++g) {
+        float padded[32];
+        const float *v = x + g * 32;
+        if ((g + 1) * 32 > k) {
+            for (int64_t i = 0; i < 32; ++i) padded[i] = g * 32 + i < k ? v[i] : 0.f;
+            v = padded;
+        }
+        __m256 most = _mm256_setzero_ps();
+        for (int i = 0; i < 32; i += 8)
+            most = _mm256_max_ps(most, _mm256_and_ps(_mm256_loadu_ps(v + i), magnitude));
+        float lanes[8], amax = 0.f;
+        _mm256_storeu_ps(lanes, most);
+        for (int i = 0; i < 8; ++i) amax = lanes[i] > amax ? lanes[i] : amax;
+        const __m256 inverse = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m256i n[4], total = _mm256_setzero_si256();
+        for (int i = 0; i < 4; ++i) {
+            n[i] = _mm256_cvtps_epi32(_mm256_round_ps(
+                _mm256_mul_ps(_mm256_loadu_ps(v + 8 * i), inverse),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            total = _mm256_add_epi32(total, n[i]);
+        }
+        store_bytes(q + g * 32, n);
+        int32_t sums[8], sum = 0;
+        _mm256_storeu_si256((__m256i *)sums, total);
+        for (int i = 0; i < 8; ++i) sum += sums[i];
+        scale[g] = amax / 127.f;
+        sum8[g] = 8 * sum;
+    }
+}
+
+/* Weights at load: one group of 32 -> q (0..15) and its scale, rounded to fp16. Round to
+nearest with one scale a group loses most where the group's largest |w| sits far from the
+others; so, as llama.cpp's make_qx_quants does for its k-quants, try scales that map the
+largest |w| to -9.6 .. -7.0 in steps of 0.2, take for each the least-squares scale of the q
+it rounds to (sum w q / sum q^2), and keep the one with the least squared error (the largest
+(sum w q)^2 / sum q^2). On the demo model's layers these 14 lost nothing against 42 (-9 .. -7
+and 6 .. 8 in tenths; mapping it to +7 almost never won) and cut the error of round to
+nearest (q4_0's) by 4%; 4-bit quality in docs/benchmarks.md. */
+#define INT4_TRIES 14
+TARGET_INT4_AVX2 static void quantize_int4_group(const float *w, uint8_t *q, float *scale) {
+    float largest = 0.f;
+    for (int i = 0; i < 32; ++i)
+        largest = fabsf(w[i]) > fabsf(largest) ? w[i] : largest;
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(w + 8 * i);
+    const __m256 low = _mm256_set1_ps(-8.f), high = _mm256_set1_ps(7.f);
+    float best = -1.f, d = 0.f;
+    for (int t = 0; t < INT4_TRIES && largest != 0.f; ++t) {
+        const __m256 inverse = _mm256_set1_ps((-9.6f + 0.2f * t) / largest);
+        __m256 wq = _mm256_setzero_ps(), qq = _mm256_setzero_ps();
+        for (int i = 0; i < 4; ++i) {
+            __m256 n = _mm256_round_ps(_mm256_mul_ps(v[i], inverse),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            n = _mm256_min_ps(_mm256_max_ps(n, low), high);
+            wq = _mm256_fmadd_ps(v[i], n, wq);
+            qq = _mm256_fmadd_ps(n, n, qq);
+        }
+        float wqs[8], qqs[8], sum_wq = 0.f, sum_qq = 0.f;
+        _mm256_storeu_ps(wqs, wq);
+        _mm256_storeu_ps(qqs, qq);
+        for (int i = 0; i < 8; ++i) sum_wq += wqs[i], sum_qq += qqs[i];
+        if (sum_qq > 0.f && sum_wq * sum_wq / sum_qq > best)
+            best = sum_wq * sum_wq / sum_qq, d = sum_wq / sum_qq;
+    }
+    d = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+    const __m256 inverse = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
+    __m256i n[4];
+    for (int i = 0; i < 4; ++i) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], inverse),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        n[i] = _mm256_cvtps_epi32(_mm256_add_ps(_mm256_min_ps(_mm256_max_ps(r, low), high),
+                                                _mm256_set1_ps(8.f)));
+    }
+    store_bytes(q, n);
+    *scale = d;
+}
+#define HAVE_INT4 1
+#else
+#define HAVE_INT4 0
+#endif
+
+static PyObject *quantize_int4(PyObject *self, PyObject *args) {
+    unsigned long long w, q, scales;
+    int64_t n, groups;
+    if (!PyArg_ParseTuple(args, "KKKLL", &w, &q, &scales, &n, &groups)) return NULL;
+#if HAVE_INT4
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t g = 0; g < n * groups; ++g)
+        quantize_int4_group((const float *)(uintptr_t)w + g * 32, (uint8_t *)(uintptr_t)q + g * 32,
+                            (float *)(uintptr_t)scales + g);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "quantize_int4 needs an x86-64 build");
+    return NULL;
+#endif
+}
+
+static PyObject *int4_linear(PyObject *self, PyObject *args) {
+    unsigned long long x, w, bias, y, ln_weight, ln_bias, normed, residual;
+    int64_t k;
+    double ln_eps;
+    int4_args a;
+    int isa;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLiKKdKKp", &x, &w, &bias, &y, &a.m, &k, &a.out.n,
+                          &a.blocks, &isa, &ln_weight, &ln_bias, &ln_eps, &normed, &residual,
+                          &a.out.gelu))
+        return NULL;
+#if HAVE_INT4
+    if (a.blocks * 64 < k || isa < 1 || isa > 3) {
+        PyErr_SetString(PyExc_ValueError, "int4_linear: blocks of 64 must hold k; isa 1..3");
+        return NULL;
+    }
+    a.w = (const uint8_t *)(uintptr_t)w;
+    a.panels = NULL;
+    a.groups = 2 * a.blocks;
+    a.steps = 9 * a.blocks;
+    a.out.bias = (const float *)(uintptr_t)bias;
+    a.out.residual = (const float *)(uintptr_t)residual;
+    a.out.y = (float *)(uintptr_t)y;
+    int8_t *xq = malloc((size_t)(a.m * a.groups * 32));
+    float *x_scale = malloc(sizeof(float) * (size_t)(a.m * a.groups));
+    int32_t *x_sum8 = malloc(sizeof(int32_t) * (size_t)(a.m * a.groups));
+    if (!xq || !x_scale || !x_sum8) {
+        free(xq), free(x_scale), free(x_sum8);
+        return PyErr_NoMemory();
+    }
+    a.x = xq, a.x_scale = x_scale, a.x_sum8 = x_sum8;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < a.m; ++r) {
+            const float *row = (const float *)(uintptr_t)x + r * k;
+            if (ln_weight) {
+                float *out = (float *)(uintptr_t)normed + r * k;
+                layer_norm_row(row, k, (const float *)(uintptr_t)ln_weight,
+                               (const float *)(uintptr_t)ln_bias, (float)ln_eps, out);
+                row = out;
+            }
+            quantize_row_groups(row, k, a.groups, xq + r * a.groups * 32,
+                                x_scale + r * a.groups, x_sum8 + r * a.groups);
+        } /* (a barrier: every row quantized before any panel) */
+        int64_t p0, p1;
+        thread_panels(a.out.n, &p0, &p1);
+        if (isa == 3)
+            int4_panels_vnni(&a, p0, p1);
+        else if (isa == 2)
+            int4_panels_avx512(&a, p0, p1);
+        else
+            int4_panels_avx2(&a, p0, p1);
+    }
+    Py_END_ALLOW_THREADS
+    free(xq), free(x_scale), free(x_sum8);
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "int4_linear needs an x86-64 build");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(qkv, kv, blocks, pos, out, n, heads, head_dim, num_blocks, block_size, "
@@ -678,6 +1006,13 @@ static PyMethodDef methods[] = {
     {"int8_linear", int8_linear, METH_VARARGS,
      "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k4, vnni, x_error, ln_weight, "
      "ln_bias, ln_eps, normed, residual, gelu): addresses of contiguous tensors, 0 for none "
+     "(kernels.py)"},
+    {"int4_linear", int4_linear, METH_VARARGS,
+     "int4_linear(x, w, bias, y, m, k, n, blocks, isa, ln_weight, ln_bias, ln_eps, normed, "
+     "residual, gelu): addresses of contiguous tensors, 0 for none; isa 3 VNNI, 2 AVX-512, "
+     "1 AVX2 (kernels.py)"},
+    {"quantize_int4", quantize_int4, METH_VARARGS,
+     "quantize_int4(w, q, scales, n, groups): fp32 [n, groups * 32] -> u8 q, fp32 scales "
      "(kernels.py)"},
     {"linear_f32", linear_f32, METH_VARARGS,
      "linear_f32(x, w, bias, y, m, k, n, isa, ln_weight, ln_bias, ln_eps, normed, residual, "

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import hardware, kernel_choice, packing
 from .model import ACTIVATIONS, GPT, Conv1D, GPTConfig, TiedHead
-from .quantize import Int8Linear, Int8TiedHead
+from .quantize import Int4Linear, Int8Linear, Int8TiedHead
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2serve.checkpoint")
@@ -270,6 +270,10 @@ except (OSError, AttributeError):  # not glibc
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# --quantize: the drop-ins for the linear layers and the tied LM head (quantize.py), and the
+# weights of the head's matmul where they differ from the layers'
+QUANTIZED = {"int8": (Int8Linear, Int8TiedHead), "int4": (Int4Linear, Int8TiedHead)}
+HEAD_WEIGHTS = {"int4": "int8"}
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -311,18 +315,22 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
         raise CheckpointError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {config.vocab_size}")
     device = torch.device(device)
-    linear = head = None  # the matmul layers' final form: as read, int8 or laid out for fp32
-    if quantize == "int8":
+    # the matmul layers' final form: as read, quantized, or laid out for fp32
+    linear = head = None
+    if quantize in QUANTIZED:
         if device.type != "cpu" or dtype != torch.float32:
-            raise CheckpointError("--quantize int8 runs on CPU with float32 activations (got "
-                                  f"{device.type}/{str(dtype).removeprefix('torch.')})")
-        linear, head = Int8Linear, Int8TiedHead
+            raise CheckpointError(f"--quantize {quantize} runs on CPU with float32 activations "
+                                  f"(got {device.type}/{str(dtype).removeprefix('torch.')})")
+        linear, head = QUANTIZED[quantize]
+    elif quantize is not None:
+        raise CheckpointError(f"--quantize must be one of {', '.join(QUANTIZED)}, not "
+                              f"{quantize!r}")
     elif device.type == "cpu" and dtype == torch.float32 and packing.available():
         linear, head = packing.PackedLinear, packing.PackedHead
     if linear is not None:
-        table = kernel_choice.for_model(config, "int8" if quantize == "int8" else "fp32",
+        table = kernel_choice.for_model(config, quantize or "fp32",
                                         kernels or os.environ.get("GPT2SERVE_KERNELS", "auto"),
-                                        resolve_threads(threads))
+                                        resolve_threads(threads), HEAD_WEIGHTS.get(quantize))
         log.info("%s", table.describe())
         linear, head = functools.partial(linear, table=table), functools.partial(head, table=table)
     model = build_model(config, Weights(folder), dtype, device, linear, head)

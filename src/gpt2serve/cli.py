@@ -49,8 +49,9 @@ def _add_model_flags(p: argparse.ArgumentParser,
                    help="auto = cuda when available")
     p.add_argument("--dtype", choices=["auto", *checkpoint.DTYPES], default="auto",
                    help="auto = float16 on CUDA, float32 on CPU")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: per-channel int8 weights (CPU, float32 activations)")
+    p.add_argument("--quantize", choices=["none", *checkpoint.QUANTIZED], default="none",
+                   help="int8: per-channel int8 weights; int4: 4-bit weights in groups of 32 "
+                        "(4.5 bits a weight), the LM head int8 (CPU, float32 activations)")
     p.add_argument("--kernels", choices=kernel_choice.MODES,
                    default=os.environ.get("GPT2SERVE_KERNELS", "auto"),
                    help="CPU matmul kernels: auto = the fastest measured here for each shape "
@@ -165,8 +166,9 @@ def kernels(args: argparse.Namespace) -> int:
                                     else checkpoint.DEMO_MODEL_DIR)
     threads = checkpoint.resolve_threads(args.threads)
     key = kernel_choice.machine_key(threads)
-    table = kernel_choice.for_model(config, "int8" if args.quantize == "int8" else "fp32",
-                                    args.kernels, threads)
+    quantize = None if args.quantize == "none" else args.quantize
+    table = kernel_choice.for_model(config, quantize or "fp32", args.kernels, threads,
+                                    head_dtype=checkpoint.HEAD_WEIGHTS.get(quantize))
     print(f"machine: {key}\n{table.describe()}")
     return 0
 

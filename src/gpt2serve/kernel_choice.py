@@ -42,7 +42,8 @@ ROW_CLASSES = (1, 2, 4, 8, 16, 32, 128)
 PROMPT_ROWS = ROW_CLASSES[-1]
 # float64 reference against each candidate: ||y - ref|| / ||ref||. int8 activations
 # quantized to u8 (per row or per tensor) measured 0.5-1% on these random weights.
-TOLERANCE = {"fp32": 1e-4, "int8": 3e-2}
+TOLERANCE = {"fp32": 1e-4, "int8": 3e-2, "int4": 3e-2}
+BYTES = {"fp32": 4, "int8": 1, "int4": 0.5625}  # a weight's, with int4's fp16 group scales
 REPEATS = 3
 WORKING_SET = 1.25  # x the last-level cache: weights timed as if from memory
 SLOW = 3.0  # a candidate this many times slower than the best so far is timed no further
@@ -85,8 +86,13 @@ def _last_level_cache() -> int:
 
 def _random_weights(dtype: str, k: int, n: int, generator: torch.Generator) -> tuple:
     """A matrix as quantize.py or packing.py hands it to a kernel: int8 (q [n, k], scales,
-    bias) or fp32 (w [k, n], bias)."""
+    bias), int4 (q [n, k] in 0..15, scales [n, k / 32], bias) or fp32 (w [k, n], bias)."""
     bias = torch.randn(n, generator=generator) * 0.02
+    if dtype == "int4":
+        groups = -(-k // kernels.INT4_GROUP)
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+        scales = (torch.rand(n, groups, generator=generator) * 1e-2 + 1e-3).half().float()
+        return q, scales, bias
     if dtype == "int8":
         levels = hardware.int8_weight_levels()
         q = torch.randint(-levels, levels + 1, (n, k), dtype=torch.int8, generator=generator)
@@ -94,12 +100,16 @@ def _random_weights(dtype: str, k: int, n: int, generator: torch.Generator) -> t
     return torch.randn(k, n, generator=generator) * 0.02, bias
 
 
-def _dequantized(dtype: str, weights: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def _dequantized(dtype: str, weights: tuple, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(W [k, n], bias) in fp32: the product every candidate must give (its fp32 rounding,
     ~1e-6 of it, is far inside TOLERANCE)."""
     if dtype == "int8":
         q, scales, bias = weights
         return (q.float() * scales[:, None]).t(), bias
+    if dtype == "int4":
+        q, scales, bias = weights
+        w = (q.float() - 8) * scales.repeat_interleave(kernels.INT4_GROUP, 1)[:, :k]
+        return w.t(), bias
     return weights
 
 
@@ -113,9 +123,9 @@ def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
     a call's cost grows with the outputs, each panel of 16 a stream of its own)."""
     kinds = kinds or matmul.candidates(dtype)
     generator = torch.Generator().manual_seed(k * 100003 + n)
-    element = 1 if dtype == "int8" else 4
+    element = BYTES[dtype]
     budget = int(WORKING_SET * _last_level_cache())
-    timed_n = min(n, max(16, budget // (k * element) // 16 * 16))
+    timed_n = min(n, max(16, int(budget / (k * element)) // 16 * 16))
     weights = _random_weights(dtype, k, timed_n, generator)
     copies = max(1, min(64, math.ceil(budget / (k * timed_n * element))))
     # each copy in memory of its own, as each layer's weights are; laid out on every core
@@ -125,7 +135,7 @@ def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
                             initargs=(1,)) as pool:
         built = list(pool.map(lambda job: job[1](*(w.clone() for w in weights)), jobs))
     layouts = {name: built[i * copies:(i + 1) * copies] for i, name in enumerate(kinds)}
-    w, bias = _dequantized(dtype, weights)
+    w, bias = _dequantized(dtype, weights, k)
     by_rows, timings = {}, {}
     dropped: set[str] = set()  # out of the running at fewer rows: not tried at more
     for m in rows:
@@ -245,8 +255,9 @@ class KernelTable:
         self.mode, self.choices, self.seconds, self.cached = mode, choices, seconds, cached
 
     def matmul(self, dtype: str, weights: tuple) -> matmul.Matmul:
-        """A Matmul of these weights (int8: q [n, k], scales, bias; fp32: w [k, n], bias)."""
-        n, k = weights[0].shape if dtype == "int8" else weights[0].shape[::-1]
+        """A Matmul of these weights (int8: q [n, k], scales, bias; int4: q [n, k], scales
+        [n, ceil(k / 32)], bias; fp32: w [k, n], bias)."""
+        n, k = weights[0].shape if dtype != "fp32" else weights[0].shape[::-1]
         return matmul.Matmul(self.choices[(dtype, k, n)], weights, matmul.candidates(dtype))
 
     def describe(self) -> str:
@@ -264,13 +275,18 @@ class KernelTable:
         return "\n".join(lines)
 
 
-def for_model(config, dtype: str, mode: str = "auto", threads: int | None = None
-              ) -> KernelTable:
-    """The table for every matrix a GPT-2 layer and its LM head multiply (model.GPTConfig)."""
+def for_model(config, dtype: str, mode: str = "auto", threads: int | None = None,
+              head_dtype: str | None = None) -> KernelTable:
+    """The table for every matrix a GPT-2 layer (weights `dtype`) and its LM head (weights
+    `head_dtype`, by default the same) multiply (model.GPTConfig)."""
     d, mlp = config.n_embd, config.mlp_dim
-    shapes = [(d, 3 * d, False), (d, d, False), (d, mlp, False), (mlp, d, False),
-              (d, config.vocab_size, True)]
-    return choose(dtype, shapes, mode, threads)
+    layers = [(d, 3 * d, False), (d, d, False), (d, mlp, False), (mlp, d, False)]
+    head = [(d, config.vocab_size, True)]
+    if (head_dtype or dtype) == dtype:
+        return choose(dtype, layers + head, mode, threads)
+    tables = choose(dtype, layers, mode, threads), choose(head_dtype, head, mode, threads)
+    return KernelTable(mode, {key: choice for t in tables for key, choice in t.choices.items()},
+                       sum(t.seconds for t in tables), sum(t.cached for t in tables))
 
 
 def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",

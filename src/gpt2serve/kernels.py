@@ -200,6 +200,93 @@ def _fused(kernel: str, ln: nn.LayerNorm | None, gelu: bool, residual: Tensor | 
             0.0 if ln is None else ln.eps, _address(normed), _address(residual), gelu)
 
 
+# The int4 kernel's instruction sets (int4_linear's `isa`): 3 AVX-512 VNNI, 2 AVX-512 (BW),
+# 1 AVX2; every one up to the host's, under torch's cap (VECTOR_ISA), runs and is a candidate.
+INT4_GROUP, INT4_BLOCK = 32, 64  # inputs a scale; inputs a block of a panel (576 bytes)
+INT4_ISA = (0 if not ENABLED or VECTOR_ISA == 0 else 1 if VECTOR_ISA == 1
+            else 3 if "avx512_vnni" in hardware.cpu_flags() else 2)
+
+
+def quantize_int4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [n, k] fp32 -> (q [n, k] u8 in 0..15, scales [n, ceil(k / 32)] fp32 that fp16
+    holds exactly), w = scales * (q - 8) per group of 32 inputs; each group's scale searched for the least squared error (_kernels.c,
+    quantize_int4_group, which this mirrors where the C module does not run)."""
+    n, k = w.shape
+    groups = -(-k // INT4_GROUP)
+    padded = torch.zeros(n, groups * INT4_GROUP)
+    padded[:, :k] = w
+    if INT4_ISA:
+        q = torch.empty(n, groups * INT4_GROUP, dtype=torch.uint8)
+        scales = torch.empty(n, groups)
+        _kernels.quantize_int4(padded.data_ptr(), q.data_ptr(), scales.data_ptr(), n, groups)
+        return q[:, :k].contiguous(), scales
+    x = padded.view(n, groups, INT4_GROUP)
+    largest = x.gather(-1, x.abs().argmax(-1, keepdim=True))
+    best, d = torch.full_like(largest, -1.0), torch.zeros_like(largest)
+    for t in range(14):
+        target = torch.tensor(-9.6, dtype=torch.float32) + torch.tensor(0.2) * t
+        q = (x * torch.where(largest != 0, target / largest, 0)).round().clamp(-8, 7)
+        wq, qq = (x * q).sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True)
+        score = torch.where(qq > 0, wq * wq / qq.clamp(min=1e-30), -1.0)
+        better = score > best
+        best = torch.where(better, score, best)
+        d = torch.where(better, wq / qq.clamp(min=1e-30), d)
+    d = d.half().float()
+    q = (x * torch.where(d != 0, 1 / d, 0)).round().clamp(-8, 7) + 8
+    return q.to(torch.uint8).view(n, -1)[:, :k].contiguous(), d.view(n, groups)
+
+
+def pack_int4(q: Tensor, scales: Tensor) -> Tensor:
+    """quantize_int4's q [n, k] and scales -> the panels int4_linear reads, [ceil(n / 16),
+    k64 / 64, 576] u8, k64 = k rounded up to 64, in huge pages; zero weights past n and k.
+    A block: for each of its two groups, four vectors of 16 outputs x 4 inputs (inputs 4j..4j+3
+    of the group in the low nibbles of vector j, 16+4j.. in the high ones), then the two
+    groups' fp16 scales, 16 each."""
+    n, k = q.shape
+    n16, k64 = -(-n // PANEL) * PANEL, -(-k // INT4_BLOCK) * INT4_BLOCK
+    padded = torch.full((n16, k64), 8, dtype=torch.uint8)
+    padded[:n, :k] = q
+    half_scales = torch.zeros(n16, k64 // INT4_GROUP, dtype=torch.float16)
+    half_scales[:n, :scales.shape[1]] = scales
+    panels, blocks = n16 // PANEL, k64 // INT4_BLOCK
+    # (panel, output, block, group, low|high, j, input of 4) -> (panel, block, group, j,
+    # output, input of 4, low|high)
+    nibbles = padded.view(panels, PANEL, blocks, 2, 2, 4, 4).permute(0, 2, 3, 5, 1, 6, 4)
+    packed = _huge_pages.empty((panels, blocks, 576), torch.uint8)
+    packed[..., :512] = (nibbles[..., 0] | nibbles[..., 1] << 4).reshape(panels, blocks, 512)
+    packed[..., 512:] = (half_scales.view(panels, PANEL, blocks, 2).permute(0, 2, 3, 1)
+                         .reshape(panels, blocks, 32).view(torch.uint8).reshape(panels, blocks, 64))
+    return packed
+
+
+def int4_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int, isa: int = INT4_ISA,
+                ln: nn.LayerNorm | None = None, gelu: bool = False,
+                residual: Tensor | None = None) -> Tensor:
+    """x [m, k] fp32 @ W.T + bias -> [m, n], W as pack_int4 made it. Each group of 32 of a
+    row of x is quantized to int8 on its own. `ln`, `gelu`, `residual` as in linear_f32."""
+    m, k = x.shape
+    x = x.to(torch.float32).contiguous()
+    residual = None if residual is None else residual.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
+    bind_int4_linear(x, packed, bias, y, isa, ln, gelu, residual, normed)()
+    return y
+
+
+def bind_int4_linear(x: Tensor, packed: Tensor, bias: Tensor | None, y: Tensor,
+                     isa: int = INT4_ISA, ln: nn.LayerNorm | None = None, gelu: bool = False,
+                     residual: Tensor | None = None, normed: Tensor | None = None
+                     ) -> Callable[[], None]:
+    """int4_linear into y [m, n], as a call of no arguments on these tensors' memory (see
+    bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
+    needed with `ln`."""
+    m, k = x.shape
+    return functools.partial(
+        _kernels.int4_linear, x.data_ptr(), packed.data_ptr(), _address(bias), y.data_ptr(),
+        m, k, y.shape[1], packed.shape[1], isa, *_fused("int4_linear", ln, gelu, residual,
+                                                        normed))
+
+
 # fp32 matmuls (packing.py): ours wherever AVX2 runs, oneDNN's elsewhere.
 F32_RUNS = ENABLED and VECTOR_ISA >= 1
 

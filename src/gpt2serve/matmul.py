@@ -1,6 +1,7 @@
 """The CPU kernels that can multiply a linear layer, and one matrix held in those chosen for it.
 
-A `Matmul` is x @ W + bias for one weight matrix, int8 (quantize.py) or fp32 (packing.py).
+A `Matmul` is x @ W + bias for one weight matrix, int8 or int4 (quantize.py) or fp32
+(packing.py).
 Each kernel below holds W in its own layout and computes the same product; which one serves
 a call depends on its number of rows, as kernel_choice.py measured (decode steps of a few rows
 stream the weights, prompts are bound by arithmetic). Ours can also apply a layer's small ops
@@ -11,7 +12,9 @@ replayed decode plan (engine/decode_plan.py).
 int8 (per-row weights `q` [n, k], `scales` [n]): ours (kernels.int8_linear: each row of x
 quantized on its own, VNNI or AVX2), fbgemm's and oneDNN's dynamic int8 GEMMs (x quantized
 per tensor: a row's result depends on its neighbours), torch's weight-only int8 matmul (x
-stays fp32). fp32 (W [k, n]): ours (kernels.linear_f32, AVX-512 or AVX2), oneDNN's inner
+stays fp32). int4 (`q` [n, k] in 0..15 and a scale per group of 32 inputs): ours
+(kernels.int4_linear, x quantized per group, VNNI, AVX-512 or AVX2) and torch's weight-only
+int4 matmul. fp32 (W [k, n]): ours (kernels.linear_f32, AVX-512 or AVX2), oneDNN's inner
 product on its packed layout, and torch's plain addmm.
 """
 
@@ -152,6 +155,59 @@ class TorchInt8(Kernel):
         return y if self.bias is None else y.add_(self.bias)
 
 
+# ---- int4 ----------------------------------------------------------------------------------
+
+class OursInt4(Kernel):
+    """kernels.int4_linear on pack_int4's panels: VNNI, AVX-512 or AVX2, each that runs here
+    a candidate (all give the same sums)."""
+
+    variants = {"ours-vnni": 3, "ours-avx512": 2, "ours-avx2": 1}
+    dtype = "int4"
+
+    @classmethod
+    def runs(cls, variant: str) -> bool:
+        return kernels.INT4_ISA >= cls.variants[variant]
+
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
+        self.packed, self.bias, self.n = kernels.pack_int4(q, scales), bias, q.shape[0]
+
+    def __call__(self, x: Tensor, variant=kernels.INT4_ISA, **fused) -> Tensor:
+        return kernels.int4_linear(x, self.packed, self.bias, self.n, isa=variant, **fused)
+
+    def bind(self, x: Tensor, y: Tensor, variant=kernels.INT4_ISA, **fused
+             ) -> Callable[[], None]:
+        return kernels.bind_int4_linear(x, self.packed, self.bias, y, isa=variant, **fused)
+
+
+class TorchInt4(Kernel):
+    """torch's weight-only int4 matmul (`_weight_int4pack_mm_for_cpu`, w = (q - 8) * scale +
+    zero per group): x stays fp32; the fallback where ours does not run, and slow (a decode
+    step's matmul took 30x ours here)."""
+
+    variants = {"torch": None}
+    dtype = "int4"
+
+    @classmethod
+    def runs(cls, variant: str) -> bool:
+        return hasattr(torch, "_weight_int4pack_mm_for_cpu")
+
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
+        # zero weights (q = 8) up to k a whole group and n a whole 16, as torch's layout takes
+        (self.n, k), groups = q.shape, scales.shape[1]
+        self.k, n16 = groups * kernels.INT4_GROUP, -(-self.n // 16) * 16
+        padded = nn.functional.pad(q.int(), (0, self.k - k, 0, n16 - self.n), value=8)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
+        scales = nn.functional.pad(scales, (0, 0, 0, n16 - self.n)).t()
+        self.scales_zeros = torch.stack([scales, torch.zeros_like(scales)], -1).contiguous()
+        self.bias = bias
+
+    def product(self, x: Tensor, variant) -> Tensor:
+        x = nn.functional.pad(x, (0, self.k - x.shape[1]))
+        y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed,
+                                              kernels.INT4_GROUP, self.scales_zeros)[:, :self.n]
+        return y if self.bias is None else y + self.bias
+
+
 # ---- fp32 ----------------------------------------------------------------------------------
 
 class OursF32(Kernel):
@@ -214,7 +270,9 @@ class TorchF32(Kernel):
 
 
 KERNELS = {"int8": [OursInt8, FbgemmInt8, OneDnnInt8, TorchInt8],
+           "int4": [OursInt4, TorchInt4],
            "fp32": [OursF32, OneDnnF32, TorchF32]}
+OURS = (OursInt8, OursInt4, OursF32)
 
 
 def candidates(dtype: str, kernel_types=None) -> dict[str, type[Kernel]]:
@@ -232,7 +290,7 @@ class Matmul:
     def __init__(self, choice, weights: tuple, kinds: dict[str, type[Kernel]]):
         self.choice = choice
         layouts: dict[type[Kernel], Kernel] = {}
-        ours = next((k for k in kinds.values() if k in (OursInt8, OursF32)), None)
+        ours = next((k for k in kinds.values() if k in OURS), None)
         for kind in {kinds[name] for name in choice.names()} | ({ours} - {None}):
             layouts[kind] = kind(*weights)
         self.ours = layouts.get(ours) if ours else None
@@ -250,6 +308,6 @@ class Matmul:
         """This product into y for x's number of rows, bound to their memory. `normed`
         (room for layer-normed rows) is ours alone to use."""
         kernel, variant = self.kernel(x.shape[0])
-        if not isinstance(kernel, (OursInt8, OursF32)):
+        if not isinstance(kernel, OURS):
             fused.pop("normed", None)
         return kernel.bind(x, y, variant, **fused)

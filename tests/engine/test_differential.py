@@ -15,7 +15,8 @@ fbgemm's int8, oneDNN's fp32), against a reference with the same kernels. Our in
 quantizes each row on its own, so int8 is held to nearly the same (INT8_SAME: log-probabilities
 within INT8_TOLERANCE, tokens the same in all but a few sequences); fbgemm's int8 quantizes a
 pass's rows together, so with it a sequence depends on its batch neighbours and is held to
-less (INT8_AGREEMENT).
+less (INT8_AGREEMENT). int4 through our kernel quantizes each row's groups of 32 on their own,
+and is held as our int8 is.
 
 The demo model is a trained one, so its logits are far from ties: a token that differs is a bug,
 not rounding. MIXES mixes run in `make test`; GPT2SERVE_DIFFERENTIAL_MIXES runs more.
@@ -68,7 +69,8 @@ RUNNERS = [("eager", "fp32", "eager"), ("plan", "fp32", "plan"),
            ("cuda-graphs-uncaptured", "fp32", "cuda-graphs"),
            ("torch-kernels-plan", "fp32-torch", "plan"),
            ("int8", "int8", "eager"), ("int8-plan", "int8", "plan"),
-           ("int8-torch-kernels-plan", "int8-torch", "plan")]
+           ("int8-torch-kernels-plan", "int8-torch", "plan"),
+           ("int4", "int4", "eager"), ("int4-plan", "int4", "plan")]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,8 @@ def models():
     fp32, tokenizer = checkpoint.load(None, kernels="ours")
     return {"fp32": fp32, "int8": checkpoint.load(None, quantize="int8", kernels="ours")[0],
             "fp32-torch": checkpoint.load(None, kernels="torch")[0],
-            "int8-torch": checkpoint.load(None, quantize="int8", kernels="torch")[0]
+            "int8-torch": checkpoint.load(None, quantize="int8", kernels="torch")[0],
+            "int4": checkpoint.load(None, quantize="int4", kernels="ours")[0],
             }, tokenizer
 
 
@@ -286,13 +289,14 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, chun
                     assert g.error is None and w.error is None, (where, g.error, w.error)
                     int8_same.update(a.token_ids == b.token_ids
                                      for a, b in zip(g.completions, w.completions))
-                elif weights == "int8":
+                elif weights in ("int8", "int4"):
                     ours_int8_same.update(nearly_same(g, w, where))
                 else:
                     ties[name] += assert_same(by_weights[weights], mix[i].prompt, g, w, where,
                                               TOLERANCE)
     print("sequences that took another token at a near tie, by runner:", dict(ties),
-          "; int8 sequences with the reference's tokens, our kernel:", dict(ours_int8_same),
+          "; int8 and int4 sequences with the reference's tokens, our kernels:",
+          dict(ours_int8_same),
           "fbgemm:", dict(int8_same))
     assert sum(ties.values()) <= len(chunk) // 10  # near ties are rare in a trained model
     assert metrics.PREFIX_CACHE_HITS.labels("")._value.get() > hits  # prefixes were read from the cache

@@ -55,12 +55,14 @@ def test_a_failed_batched_pass_fails_only_its_bad_row_and_changes_no_other_draw(
 def test_each_switch_maps_to_one_runner_which_the_log_names():
     fp32, tokenizer = checkpoint.load(None)
     int8, _ = checkpoint.load(None, quantize="int8")
+    int4, _ = checkpoint.load(None, quantize="int4")
     config = EngineConfig(max_batch_size=2)
     fastest = "plan" if kernels.ENABLED else "eager"  # (our attention kernel)
     assert Engine(fp32, tokenizer, config, threaded=False).runner.name == fastest
     eager = EngineConfig(max_batch_size=2, enforce_eager=True)
     assert Engine(fp32, tokenizer, eager, threaded=False).runner.name == "eager"
     assert Engine(int8, tokenizer, config, threaded=False).runner.name == fastest
+    assert Engine(int4, tokenizer, config, threaded=False).runner.name == fastest
     for env, runner in (({}, fastest), ({"GPT2SERVE_C_KERNELS": "0"}, "eager")):
         done = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "ROMEO:",
                                "--max-new-tokens", "2"], capture_output=True, text=True,

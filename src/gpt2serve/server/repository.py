@@ -404,7 +404,7 @@ class Repository(ModelRepository):
                  "weights and KV cache, in %.2fs", entry.name,
                  entry.folder or "the embedded demo model", cfg.n_layer, cfg.n_embd,
                  cfg.vocab_size, s.device, str(s.dtype).removeprefix("torch."),
-                 " int8" if s.quantize == "int8" else "", engine.memory_bytes / 2**20,
+                 f" {s.quantize}" if s.quantize else "", engine.memory_bytes / 2**20,
                  time.monotonic() - t0)
         return engine
 
@@ -483,7 +483,10 @@ class Repository(ModelRepository):
         matmul = layers * 12 * d * d
         other = cfg.vocab_size * d + cfg.n_positions * d + layers * 13 * d + 2 * d
         size = torch.empty(0, dtype=self.settings.dtype).element_size()
-        weights = (matmul + 4 * other if self.settings.quantize == "int8"
+        # int8: a byte a weight; int4: 4.5 bits; the rest as if fp32 (the head's int8 and
+        # its scales, the norms and biases)
+        quantized = {"int8": matmul, "int4": matmul * 9 // 16}.get(self.settings.quantize)
+        weights = (quantized + 4 * other if quantized is not None
                    else (matmul + other) * size)
         if self.settings.device.type == "cpu":
             weights += cfg.vocab_size * d  # the LM head's int8 screen
