@@ -880,32 +880,39 @@ TARGET_INT4_AVX2 static void quantize_int4_group(const float *w, uint8_t *q, flo
     float largest = 0.f;
     for (int i = 0; i < 32; ++i)
         largest = fabsf(w[i]) > fabsf(largest) ? w[i] : largest;
-    __m256 v[4];
-    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(w + 8 * i);
     const __m256 low = _mm256_set1_ps(-8.f), high = _mm256_set1_ps(7.f);
     float best = -1.f, d = 0.f;
-    for (int t = 0; t < INT4_TRIES && largest != 0.f; ++t) {
-        const __m256 inverse = _mm256_set1_ps((-9.6f + 0.2f * t) / largest);
-        __m256 wq = _mm256_setzero_ps(), qq = _mm256_setzero_ps();
-        for (int i = 0; i < 4; ++i) {
-            __m256 n = _mm256_round_ps(_mm256_mul_ps(v[i], inverse),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            n = _mm256_min_ps(_mm256_max_ps(n, low), high);
-            wq = _mm256_fmadd_ps(v[i], n, wq);
-            qq = _mm256_fmadd_ps(n, n, qq);
-        }
-        float wqs[8], qqs[8], sum_wq = 0.f, sum_qq = 0.f;
-        _mm256_storeu_ps(wqs, wq);
-        _mm256_storeu_ps(qqs, qq);
-        for (int i = 0; i < 8; ++i) sum_wq += wqs[i], sum_qq += qqs[i];
-        if (sum_qq > 0.f && sum_wq * sum_wq / sum_qq > best)
-            best = sum_wq * sum_wq / sum_qq, d = sum_wq / sum_qq;
+    /* the tries in the lanes, eight at a time (no sums across lanes inside the loop) */
+    for (int t0 = 0; t0 < INT4_TRIES && largest != 0.f; t0 += 8) {
+        float inverses[8];
+        for (int t = 0; t < 8; ++t) inverses[t] = (-9.6f + 0.2f * (float)(t0 + t)) / largest;
+        const __m256 inverse = _mm256_loadu_ps(inverses);
+        /* four sums of each, so that an FMA does not wait for the one before it */
+        __m256 wq[4], qq[4];
+        for (int j = 0; j < 4; ++j) wq[j] = qq[j] = _mm256_setzero_ps();
+        for (int i = 0; i < 32; i += 4)
+            for (int j = 0; j < 4; ++j) {
+                const __m256 wi = _mm256_set1_ps(w[i + j]);
+                __m256 n = _mm256_round_ps(_mm256_mul_ps(wi, inverse),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                n = _mm256_min_ps(_mm256_max_ps(n, low), high);
+                wq[j] = _mm256_fmadd_ps(wi, n, wq[j]);
+                qq[j] = _mm256_fmadd_ps(n, n, qq[j]);
+            }
+        float wqs[8], qqs[8];
+        _mm256_storeu_ps(wqs, _mm256_add_ps(_mm256_add_ps(wq[0], wq[1]),
+                                            _mm256_add_ps(wq[2], wq[3])));
+        _mm256_storeu_ps(qqs, _mm256_add_ps(_mm256_add_ps(qq[0], qq[1]),
+                                            _mm256_add_ps(qq[2], qq[3])));
+        for (int t = 0; t < 8 && t0 + t < INT4_TRIES; ++t)
+            if (qqs[t] > 0.f && wqs[t] * wqs[t] / qqs[t] > best)
+                best = wqs[t] * wqs[t] / qqs[t], d = wqs[t] / qqs[t];
     }
     d = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
     const __m256 inverse = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
     __m256i n[4];
     for (int i = 0; i < 4; ++i) {
-        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], inverse),
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(w + 8 * i), inverse),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         n[i] = _mm256_cvtps_epi32(_mm256_add_ps(_mm256_min_ps(_mm256_max_ps(r, low), high),
                                                 _mm256_set1_ps(8.f)));
