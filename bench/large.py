@@ -1,5 +1,5 @@
 """GPT-2 1.5B on this machine with no sizing flags: start-up time, peak memory while loading
-against the steady state, and 8 concurrent requests, for fp32 and int8.
+against the steady state, and 8 concurrent requests, for fp32, int8 and int4.
 
 The model is the `gpt2-xl` shape (1600 wide, 48 layers, 25 heads, the real vocabulary) with
 random weights, written once (6.2 GB) to bench/results/cache. Each server is started twice:
@@ -124,13 +124,13 @@ def run(folder: Path, name: str, flags: list[str], tokens: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=["fp32", "int8"])
+    p.add_argument("--variants", nargs="+", default=["fp32", "int8", "int4"])
     p.add_argument("--tokens", type=int, default=16)
     args = p.parse_args()
     folder = gpt2_xl()
     print(f"{host_isa()}; RAM {mem_total_kib() / 2**20:.1f} GiB; GPT-2 1.5B (random weights), "
           f"no sizing flags, {args.tokens} new tokens a request", flush=True)
-    flags = {"fp32": [], "int8": ["--quantize", "int8"]}
+    flags = {"fp32": [], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
     for name in args.variants:
         print(json.dumps(run(folder, name, flags[name], args.tokens)), flush=True)
 

