@@ -653,14 +653,21 @@ def gb(n: float) -> str:
 
 def test_sizing_table_matches_the_formula():
     """Each row: weights per dtype, and the KV cache of one full-context sequence:
-    2 (k, v) x layers x 1024 positions x n_embd x bytes per value."""
+    2 (k, v) x layers x 1024 positions x n_embd x bytes per value. Quantized (CPU), the
+    layers' matmuls take a byte (int8) or 4.5 bits (int4) a weight, the tied embedding and
+    head a byte, the position embeddings, norms and biases 4 bytes."""
+    vocab, positions = 50257, 1024
     for model, (layers, embd, params) in GPT2_SIZES.items():
         row = re.search(rf"^\| `{model}` \|(.*)$", DOCS, re.M)
         assert row, model
         cells = [c.strip() for c in row.group(1).split("|")]
         assert cells[0] == f"{params / 1e6:.0f}M", (model, cells)
         assert cells[1] == gb(params * 4) and cells[2] == gb(params * 2), (model, cells)
-        for nbytes, col in ((2, 3), (4, 4)):
+        matmul = 12 * layers * embd * embd
+        rest = vocab * embd + 4 * (positions * embd + 13 * layers * embd + 2 * embd)
+        for bits, col in ((8, 3), (4.5, 4)):
+            assert cells[col].startswith(f"{(matmul * bits / 8 + rest) / 1e9:.2f} GB"), (model, cells)
+        for nbytes, col in ((2, 5), (4, 6)):
             assert cells[col] == f"{2 * layers * 1024 * embd * nbytes / 1e6:.1f} MB", (model, cells)
 
 

@@ -344,12 +344,13 @@ def load_for_engine(folder: str | Path | None, device: str = "auto", dtype: str 
                     kernels: str | None = None) -> tuple[GPT, Tokenizer, int]:
     """Load as a process that runs an Engine should: this thread sets up on one intra-op
     thread and the engine's step thread computes on the returned count (see Engine: an
-    OpenMP team left by the loading thread slowed every step of the other thread)."""
+    OpenMP team left by the loading thread slowed every step of the other thread).
+    The arguments are the CLI's words: `quantize` "none" is None."""
     dev, dt = resolve_device(device, dtype)
     if dev.type == "cuda":
         hardware.check_cuda_device(dev)
     engine_threads = resolve_threads(threads)
     torch.set_num_threads(1)
-    model, tokenizer = load(folder, dtype=dt, device=dev, quantize=quantize, kernels=kernels,
-                            threads=engine_threads)
+    model, tokenizer = load(folder, dtype=dt, device=dev, kernels=kernels, threads=engine_threads,
+                            quantize=None if quantize == "none" else quantize)
     return model, tokenizer, engine_threads
