@@ -119,19 +119,11 @@ def read_bandwidth() -> float:
     (four times the last-level cache, at least 256 MiB: some Xeons have 260 MiB of L3)."""
     import torch
 
+    from gpt2serve.hardware import last_level_cache
+
     buf = torch.ones(max(256 * 2**20, 4 * last_level_cache()) // 4)
     t = median_time(lambda: buf.sum(), 5)
     return buf.nbytes / t
-
-
-def last_level_cache() -> int:
-    """The largest cache's size in bytes as sysfs gives it for CPU 0 (0 if it cannot tell)."""
-    sizes = [0]
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip()
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-    return max(sizes)
 
 
 # Intel family 6 models whose VMs often report only "Intel(R) Xeon(R) Processor": the

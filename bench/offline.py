@@ -394,7 +394,7 @@ def main() -> None:
         print("\nISA in the engine processes:")
         for name, isa in effective.items():
             print(f"  {name:22s} {isa}")
-    print(f"\nmemory read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum over 256 MiB)")
+    print(f"\nmemory read bandwidth: {bandwidth / 1e9:.1f} GB/s (common.read_bandwidth)")
     for name, nbytes in WEIGHT_BYTES.items():
         if 1 in results.get(name, {}):
             implied = nbytes * results[name][1]  # every weight once per token at batch 1

@@ -196,3 +196,14 @@ def host_isa(flags: set[str] | None = None) -> str:
             else " +AVX-VNNI" if "avx_vnni" in flags else "")
     bf16 = " +BF16" if "avx512_bf16" in flags else ""
     return f"{isa}{vnni}{bf16}"
+
+
+def last_level_cache() -> int:
+    """Bytes of the largest CPU cache sysfs reports, 32 MiB where it says nothing."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        text = (_read(index / "size") or "").upper()
+        units = {"K": 1 << 10, "M": 1 << 20}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=32 << 20)

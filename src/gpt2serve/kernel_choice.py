@@ -45,7 +45,10 @@ PROMPT_ROWS = ROW_CLASSES[-1]
 TOLERANCE = {"fp32": 1e-4, "int8": 3e-2, "int4": 3e-2}
 BYTES = {"fp32": 4, "int8": 1, "int4": 0.5625}  # a weight's, with int4's fp16 group scales
 REPEATS = 3
-WORKING_SET = 1.25  # x the last-level cache: weights timed as if from memory
+# The weights a decode step reads: x the last-level cache, timed as if from memory, or the
+# model's weights where they come to less (a quantized 124M, 90-127 MB, ran from the 260 MiB
+# L3 of an Emerald Rapids Xeon at twice its memory's bandwidth; timing 325 MiB took 14 s).
+WORKING_SET = 1.25
 SLOW = 3.0  # a candidate this many times slower than the best so far is timed no further
 # and one this many times slower at some rows is not tried at more (torch's weight-only int8
 # took 0.7 s a call of the head at 32 rows); oneDNN's int8, slow at one row for the
@@ -71,17 +74,6 @@ class RowChoice:
 
     def names(self) -> set[str]:
         return set(self.by_rows.values())
-
-
-def _last_level_cache() -> int:
-    """Bytes of the largest CPU cache sysfs reports, 32 MiB where it says nothing."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        text = (hardware._read(index / "size") or "").upper()
-        units = {"K": 1 << 10, "M": 1 << 20}
-        if text[:-1].isdigit() and text[-1] in units:
-            sizes.append(int(text[:-1]) * units[text[-1]])
-    return max(sizes, default=32 << 20)
 
 
 def _random_weights(dtype: str, k: int, n: int, generator: torch.Generator) -> tuple:
@@ -115,26 +107,30 @@ def _dequantized(dtype: str, weights: tuple, k: int) -> tuple[torch.Tensor, torc
 
 def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
             kinds: dict[str, type[matmul.Kernel]] | None = None,
-            repeats: int = REPEATS) -> RowChoice:
+            repeats: int = REPEATS, model_bytes: float = math.inf) -> RowChoice:
     """Check, then time, every candidate for a k x n matrix at each row class (see module
     doc); `kinds` (name -> kernel) defaults to matmul.candidates(dtype). Runs on the calling
-    thread's intra-op threads. The weights timed come to WORKING_SET x the last-level cache:
+    thread's intra-op threads. The weights timed come to WORKING_SET x the last-level cache,
+    or `model_bytes` (all of the model's weights) where that is less:
     copies of a small matrix, the first outputs of a large one (its time is scaled to all n:
     a call's cost grows with the outputs, each panel of 16 a stream of its own)."""
     kinds = kinds or matmul.candidates(dtype)
     generator = torch.Generator().manual_seed(k * 100003 + n)
     element = BYTES[dtype]
-    budget = int(WORKING_SET * _last_level_cache())
+    budget = int(min(WORKING_SET * hardware.last_level_cache(), model_bytes))
     timed_n = min(n, max(16, int(budget / (k * element)) // 16 * 16))
     weights = _random_weights(dtype, k, timed_n, generator)
     copies = max(1, min(64, math.ceil(budget / (k * timed_n * element))))
     # each copy in memory of its own, as each layer's weights are; laid out on every core
     # (fbgemm's and oneDNN's packing run on one), each worker on one intra-op thread
-    jobs = [(name, kind) for name, kind in kinds.items() for _ in range(copies)]
+    # (once per kernel class: its variants, e.g. our VNNI and AVX-512 forms, read one layout)
+    classes = list(dict.fromkeys(kinds.values()))
+    jobs = [kind for kind in classes for _ in range(copies)]
     with ThreadPoolExecutor(torch.get_num_threads(), initializer=torch.set_num_threads,
                             initargs=(1,)) as pool:
-        built = list(pool.map(lambda job: job[1](*(w.clone() for w in weights)), jobs))
-    layouts = {name: built[i * copies:(i + 1) * copies] for i, name in enumerate(kinds)}
+        built = list(pool.map(lambda kind: kind(*(w.clone() for w in weights)), jobs))
+    layouts = {name: built[classes.index(kind) * copies:(classes.index(kind) + 1) * copies]
+               for name, kind in kinds.items()}
     w, bias = _dequantized(dtype, weights, k)
     by_rows, timings = {}, {}
     dropped: set[str] = set()  # out of the running at fewer rows: not tried at more
@@ -148,6 +144,7 @@ def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
         trying = [name for name in kinds if name not in dropped]
         checks = torch.randn(len(trying) * m, k, generator=generator)
         refs = torch.addmm(bias, checks, w).double()
+        running = []
         for i, name in enumerate(trying):
             variant = kinds[name].variants[name]
             check, ref = checks[i * m:(i + 1) * m], refs[i * m:(i + 1) * m]
@@ -159,22 +156,32 @@ def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
                 error = math.inf
             if not error <= TOLERANCE[dtype]:  # (NaN too)
                 seen[name] = None
-                continue
-            # a prompt chunk is bound by arithmetic: a couple of copies are enough
-            used = layouts[name][:2] if m == PROMPT_ROWS else layouts[name]
-            passes = []
-            for _ in range(repeats + 1):  # the first warms up, and is not counted
+            else:
+                running.append(name)
+        # The candidates take turns, a pass each, and each keeps its fastest pass: a burst
+        # of load from elsewhere on the machine slows a pass or two, not one candidate's
+        # every pass (timed one after the other, a busy few seconds made a table that ran
+        # the model at half speed ever after, the choice being cached).
+        passes: dict[str, list[float]] = {name: [] for name in running}
+        for turn in range(repeats + 1):  # the first warms up, and is not counted
+            for name in list(running):
+                variant = kinds[name].variants[name]
+                # a prompt chunk is bound by arithmetic: a couple of copies are enough
+                used = layouts[name][:2] if m == PROMPT_ROWS else layouts[name]
                 start = time.perf_counter()
                 for calls, layout in enumerate(used, 1):
                     layout(x, variant)
                     if time.perf_counter() - start > SLOW * best * calls:
                         break  # out of the running: timed no further
-                passes.append((time.perf_counter() - start) / calls)
+                seconds = (time.perf_counter() - start) / calls
+                if turn or calls < len(used):
+                    passes[name].append(seconds)
                 if calls < len(used):
-                    break
-            seconds = statistics.median(passes[1:] or passes)
-            seen[name] = seconds * n / timed_n * 1e3
-            best = min(best, seconds)
+                    running.remove(name)
+                elif turn:
+                    best = min(best, seconds)
+        for name, times in passes.items():
+            seen[name] = min(times) * n / timed_n * 1e3
         timed = {name: ms for name, ms in seen.items() if ms is not None}
         dropped |= {name for name, ms in timed.items() if ms > DROP * min(timed.values())}
         if not timed:
@@ -195,11 +202,16 @@ def fixed(dtype: str, mode: str, rows: tuple[int, ...] = ROW_CLASSES) -> RowChoi
 
 
 def machine_key(threads: int) -> str:
-    """What a measured choice holds for: this CPU model and ISA under its caps, the thread
-    count, torch's version and our kernels' build (the C module and the candidates' code)."""
-    model = next((line.split(":", 1)[1].strip()
-                  for line in (hardware._read(Path("/proc/cpuinfo")) or "").splitlines()
-                  if line.startswith("model name")), "unknown CPU")
+    """What a measured choice holds for: this CPU model (its name and, as VMs often name
+    every Xeon "Intel(R) Xeon(R) Processor", its family and model numbers) and ISA under its
+    caps, the thread count, torch's version and our kernels' build (the C module and the
+    candidates' code)."""
+    cpu = dict(line.split(":", 1) for line in
+               (hardware._read(Path("/proc/cpuinfo")) or "").split("\n\n")[0].splitlines()
+               if ":" in line)
+    cpu = {k.strip(): v.strip() for k, v in cpu.items()}
+    model = (f"{cpu.get('model name', 'unknown CPU')} (family {cpu.get('cpu family', '?')} "
+             f"model {cpu.get('model', '?')})")
     caps = " ".join(f"{k}={v}" for k, v in sorted(hardware.isa_caps().items()))
     build = hashlib.sha256()
     for module in (kernels._kernels, matmul, kernels):
@@ -282,19 +294,24 @@ def for_model(config, dtype: str, mode: str = "auto", threads: int | None = None
     d, mlp = config.n_embd, config.mlp_dim
     layers = [(d, 3 * d, False), (d, d, False), (d, mlp, False), (mlp, d, False)]
     head = [(d, config.vocab_size, True)]
-    if (head_dtype or dtype) == dtype:
-        return choose(dtype, layers + head, mode, threads)
-    tables = choose(dtype, layers, mode, threads), choose(head_dtype, head, mode, threads)
+    head_dtype = head_dtype or dtype
+    model_bytes = (config.n_layer * sum(k * n for k, n, _ in layers) * BYTES[dtype]
+                   + d * config.vocab_size * BYTES[head_dtype])
+    if head_dtype == dtype:
+        return choose(dtype, layers + head, mode, threads, model_bytes)
+    tables = (choose(dtype, layers, mode, threads, model_bytes),
+              choose(head_dtype, head, mode, threads, model_bytes))
     return KernelTable(mode, {key: choice for t in tables for key, choice in t.choices.items()},
                        sum(t.seconds for t in tables), sum(t.cached for t in tables))
 
 
 def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
-           threads: int | None = None) -> KernelTable:
+           threads: int | None = None, model_bytes: float = math.inf) -> KernelTable:
     """The table for these shapes. `auto` measures what the cache does not hold, on a
     thread of its own with the engine's `threads` (an OpenMP team left on the loading thread
     slowed every later step of the engine's; the measuring thread's team ends with it). The
-    head's classes stop at 32 rows: a prompt's pass multiplies only its last rows by it."""
+    head's classes stop at 32 rows: a prompt's pass multiplies only its last rows by it.
+    `model_bytes`: all the model's weights (see WORKING_SET)."""
     if mode not in MODES:
         raise ValueError(f"kernels must be one of {', '.join(MODES)}, not {mode!r}")
     classes = {(k, n): ROW_CLASSES[:-1] if head else ROW_CLASSES for k, n, head in shapes}
@@ -320,7 +337,8 @@ def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
             def run() -> None:
                 torch.set_num_threads(threads)
                 for k, n, rows in missing:
-                    result[(dtype, k, n)] = measure(dtype, k, n, rows)
+                    result[(dtype, k, n)] = measure(dtype, k, n, rows,
+                                                    model_bytes=model_bytes)
             failure: list[BaseException] = []
             worker = threading.Thread(target=lambda: _capture(run, failure),
                                       name="gpt2serve-kernel-choice")
