@@ -183,38 +183,31 @@ def headline(offlines: list[dict | None], serving: dict | None) -> str:
 
 
 def ledger_table(rows: list[dict]) -> str:
-    """The latest run of each machine class and benchmark in bench/results/ledger.csv, our
-    engines' figures over the previous run of the same class (a regression on a class
-    nobody is on shows here), and the peers measured beside them."""
+    """Each engine's latest run on each machine class and benchmark in
+    bench/results/ledger.csv, our engines' figures over their previous run on the same class
+    (a regression on a class nobody is on shows here), and the peers measured beside them."""
     from common import machine_class
 
-    runs: dict[tuple, list[tuple]] = {}  # (class, benchmark, sampling) -> runs, in order
+    # (class, benchmark, sampling, engine) -> {run: {batch: tok/s}}, runs in order
+    runs: dict[tuple, dict[tuple, dict]] = {}
     for row in rows:
-        key = (machine_class(row), row["benchmark"], row["sampling"])
+        key = (machine_class(row), row["benchmark"], row["sampling"], row["engine"])
         run = (row["date"], row["commit"], row["bandwidth_gb_s"])
-        order = runs.setdefault(key, [])
-        if not order or order[-1] != run:
-            order.append(run)
+        runs.setdefault(key, {}).setdefault(run, {})[row["batch"]] = float(row["tok_s"])
     out = ["| machine class | benchmark | run (date, commit, read GB/s) | engine | tok/s by "
-           "batch or clients (ours: over the class's previous run) |",
+           "batch or clients (ours: over the engine's previous run on the class) |",
            "| --- | --- | --- | --- | --- |"]
-    for (cls, bench, sampling), order in sorted(runs.items()):
-        figures = {run: {} for run in order[-2:]}
-        for row in rows:
-            run = (row["date"], row["commit"], row["bandwidth_gb_s"])
-            if (machine_class(row), row["benchmark"], row["sampling"]) == (cls, bench, sampling) \
-                    and run in figures:
-                figures[run].setdefault(row["engine"], {})[row["batch"]] = float(row["tok_s"])
+    for (cls, bench, sampling, engine), by_run in sorted(runs.items()):
+        order = list(by_run)
         latest, before = order[-1], (order[-2] if len(order) > 1 else None)
-        for engine, by_batch in figures[latest].items():
-            cells = []
-            for batch, tok_s in by_batch.items():
-                old = figures[before].get(engine, {}).get(batch) if before else None
-                change = f" ({tok_s / old:.2f}x)" if old and engine in OURS else ""
-                cells.append(f"{batch}: {tok_s:g}{change}")
-            name = f"{bench} {sampling}".strip()
-            out.append(f"| {cls} | {name} | {latest[0]}, {latest[1]}, {latest[2]} | "
-                       f"{LABEL.get(engine, engine)} | {', '.join(cells)} |")
+        cells = []
+        for batch, tok_s in by_run[latest].items():
+            old = by_run[before].get(batch) if before else None
+            change = f" ({tok_s / old:.2f}x)" if old and engine in OURS else ""
+            cells.append(f"{batch}: {tok_s:g}{change}")
+        name = f"{bench} {sampling}".strip()
+        out.append(f"| {cls} | {name} | {latest[0]}, {latest[1]}, {latest[2]} | "
+                   f"{LABEL.get(engine, engine)} | {', '.join(cells)} |")
     return "\n".join(out) + "\n"
 
 
@@ -313,13 +306,13 @@ def plots(offline: dict | None, serving: dict | None) -> None:
 def main() -> None:
     offline, serving = load("offline-greedy"), load("serving")
     text = DOC.read_text()
-    for name in ("offline-greedy", "offline-greedy-avx2", "offline-defaults",
-                 "offline-defaults-avx2", "offline-int4", "offline-int4-avx2"):
-        r = load(name)
-        if r:
-            text = replace_block(text, name, offline_table(r))
+    # every run under its file's name: offline-greedy, offline-int4-avx2, ..., and the same
+    # runs on another machine class under a suffix of its own (offline-greedy-emr)
+    for path in sorted(RESULTS.glob("offline-*.json")):
+        text = replace_block(text, path.stem, offline_table(load(path.stem)))
+    for path in sorted(RESULTS.glob("serving*.json")):
+        text = replace_block(text, path.stem, serving_table(load(path.stem)))
     if serving:
-        text = replace_block(text, "serving", serving_table(serving))
         text = replace_block(text, "long-prompts", long_prompt_table(serving))
     text = replace_block(text, "headline", headline([offline, load("offline-int4")], serving))
     if LEDGER.exists():
