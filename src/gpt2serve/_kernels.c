@@ -254,6 +254,20 @@ static void layer_norm_row(const float *x, int64_t k, const float *weight, const
     for (int64_t i = 0; i < k; ++i) out[i] = (x[i] - m) * rstd * weight[i] + bias[i];
 }
 
+/* Row r of x [m, k] as a quantizing product reads it: layer-normed into row r of `normed`
+where ln_weight is given (the fused LayerNorm before the QKV and MLP matmuls), else as is. */
+static const float *input_row(unsigned long long x, int64_t r, int64_t k,
+                              unsigned long long ln_weight, unsigned long long ln_bias,
+                              double ln_eps, unsigned long long normed) {
+    const float *row = (const float *)(uintptr_t)x + r * k;
+    if (!ln_weight)
+        return row;
+    float *out = (float *)(uintptr_t)normed + r * k;
+    layer_norm_row(row, k, (const float *)(uintptr_t)ln_weight,
+                   (const float *)(uintptr_t)ln_bias, (float)ln_eps, out);
+    return out;
+}
+
 #define GROUP_BYTES (256 * 1024)
 #define FEW_ROWS 16
 #define L1_PREFETCH_ROWS 2
@@ -644,13 +658,7 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < a.m; ++r) {
-            const float *row = (const float *)(uintptr_t)x + r * k;
-            if (ln_weight) {
-                float *out = (float *)(uintptr_t)normed + r * k;
-                layer_norm_row(row, k, (const float *)(uintptr_t)ln_weight,
-                               (const float *)(uintptr_t)ln_bias, (float)ln_eps, out);
-                row = out;
-            }
+            const float *row = input_row(x, r, k, ln_weight, ln_bias, ln_eps, normed);
             quantize_row(row, k, k4, (uint8_t *)(xq + r * a.steps), x_scale + r, x_zero + r,
                          x_error ? (float *)(uintptr_t)x_error + r : NULL);
         } /* (a barrier: every row quantized before any panel) */
@@ -977,13 +985,7 @@ static PyObject *int4_linear(PyObject *self, PyObject *args) {
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < a.m; ++r) {
-            const float *row = (const float *)(uintptr_t)x + r * k;
-            if (ln_weight) {
-                float *out = (float *)(uintptr_t)normed + r * k;
-                layer_norm_row(row, k, (const float *)(uintptr_t)ln_weight,
-                               (const float *)(uintptr_t)ln_bias, (float)ln_eps, out);
-                row = out;
-            }
+            const float *row = input_row(x, r, k, ln_weight, ln_bias, ln_eps, normed);
             quantize_row_groups(row, k, a.groups, xq + r * a.groups * 32,
                                 x_scale + r * a.groups, x_sum8 + r * a.groups);
         } /* (a barrier: every row quantized before any panel) */
