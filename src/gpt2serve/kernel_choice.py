@@ -110,34 +110,38 @@ def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
             repeats: int = REPEATS, model_bytes: float = math.inf) -> RowChoice:
     """Check, then time, every candidate for a k x n matrix at each row class (see module
     doc); `kinds` (name -> kernel) defaults to matmul.candidates(dtype). Runs on the calling
-    thread's intra-op threads. The weights timed come to WORKING_SET x the last-level cache,
-    or `model_bytes` (all of the model's weights) where that is less:
-    copies of a small matrix, the first outputs of a large one (its time is scaled to all n:
-    a call's cost grows with the outputs, each panel of 16 a stream of its own)."""
+    thread's intra-op threads.
+
+    The candidates' calls interleave, one copy of the weights each in turn, and each
+    candidate keeps its fastest pass over its copies. Between two reads of a copy, every
+    candidate has read a copy of its own: all of their copies together come to WORKING_SET x
+    the last-level cache (or `model_bytes`, all of the model's weights, where that is less),
+    so each call reads its weights from memory as a decode step does, while each candidate
+    lays out only its share (packing the copies was most of a first start). And a slow spell
+    elsewhere on the machine slows a pass of every candidate, not every pass of one (timed one
+    after another, the first table cached on a Xeon ran int8 at 0.57x of one measured again).
+    A large matrix is timed on its first outputs, its time scaled to all n (a call's cost
+    grows with the outputs, each panel of 16 a stream of its own)."""
     kinds = kinds or matmul.candidates(dtype)
     generator = torch.Generator().manual_seed(k * 100003 + n)
     element = BYTES[dtype]
-    budget = int(min(WORKING_SET * hardware.last_level_cache(), model_bytes))
-    timed_n = min(n, max(16, int(budget / (k * element)) // 16 * 16))
+    share = min(WORKING_SET * hardware.last_level_cache(), model_bytes) / len(kinds)
+    timed_n = min(n, max(16, int(share / (k * element)) // 16 * 16))
     weights = _random_weights(dtype, k, timed_n, generator)
-    copies = max(1, min(64, math.ceil(budget / (k * timed_n * element))))
+    copies = max(2, min(64, math.ceil(share / (k * timed_n * element))))
     # each copy in memory of its own, as each layer's weights are; laid out on every core
     # (fbgemm's and oneDNN's packing run on one), each worker on one intra-op thread
-    # (once per kernel class: its variants, e.g. our VNNI and AVX-512 forms, read one layout)
-    classes = list(dict.fromkeys(kinds.values()))
-    jobs = [kind for kind in classes for _ in range(copies)]
+    jobs = [kind for kind in kinds.values() for _ in range(copies)]
     with ThreadPoolExecutor(torch.get_num_threads(), initializer=torch.set_num_threads,
                             initargs=(1,)) as pool:
         built = list(pool.map(lambda kind: kind(*(w.clone() for w in weights)), jobs))
-    layouts = {name: built[classes.index(kind) * copies:(classes.index(kind) + 1) * copies]
-               for name, kind in kinds.items()}
+    layouts = {name: built[i * copies:(i + 1) * copies] for i, name in enumerate(kinds)}
     w, bias = _dequantized(dtype, weights, k)
     by_rows, timings = {}, {}
     dropped: set[str] = set()  # out of the running at fewer rows: not tried at more
     for m in rows:
         x = torch.randn(m, k, generator=generator)
         seen: dict[str, float | None] = {}
-        best = math.inf  # seconds a call, of the fastest so far
         # Each candidate is checked on rows of its own: memory another candidate just filled
         # with the right product must not pass for this one's. Their references in one
         # product: the weights are read once for all of them.
@@ -158,28 +162,23 @@ def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
                 seen[name] = None
             else:
                 running.append(name)
-        # The candidates take turns, a pass each, and each keeps its fastest pass: a burst
-        # of load from elsewhere on the machine slows a pass or two, not one candidate's
-        # every pass (timed one after the other, a busy few seconds made a table that ran
-        # the model at half speed ever after, the choice being cached).
+        # a prompt chunk is bound by arithmetic: a couple of copies are enough
+        used = 2 if m == PROMPT_ROWS else copies
         passes: dict[str, list[float]] = {name: [] for name in running}
         for turn in range(repeats + 1):  # the first warms up, and is not counted
-            for name in list(running):
-                variant = kinds[name].variants[name]
-                # a prompt chunk is bound by arithmetic: a couple of copies are enough
-                used = layouts[name][:2] if m == PROMPT_ROWS else layouts[name]
-                start = time.perf_counter()
-                for calls, layout in enumerate(used, 1):
-                    layout(x, variant)
-                    if time.perf_counter() - start > SLOW * best * calls:
-                        break  # out of the running: timed no further
-                seconds = (time.perf_counter() - start) / calls
-                if turn or calls < len(used):
-                    passes[name].append(seconds)
-                if calls < len(used):
+            spent = dict.fromkeys(running, 0.0)
+            for i in range(used):
+                for name in running:
+                    start = time.perf_counter()
+                    layouts[name][i](x, kinds[name].variants[name])
+                    spent[name] += time.perf_counter() - start
+                fastest = min(spent[r] for r in running)
+                for name in [r for r in running if spent[r] > SLOW * fastest]:
+                    passes[name].append(spent[name] / (i + 1))  # out: timed no further
                     running.remove(name)
-                elif turn:
-                    best = min(best, seconds)
+            if turn:
+                for name in running:
+                    passes[name].append(spent[name] / used)
         for name, times in passes.items():
             seen[name] = min(times) * n / timed_n * 1e3
         timed = {name: ms for name, ms in seen.items() if ms is not None}
