@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,9 +46,9 @@ BYTES = {"fp32": 4, "int8": 1, "int4": 0.5625}  # a weight's, with int4's fp16 g
 REPEATS = 3
 # The weights a decode step reads: x the last-level cache, timed as if from memory, or the
 # model's weights where they come to less (a quantized 124M, 90-127 MB, ran from the 260 MiB
-# L3 of an Emerald Rapids Xeon at twice its memory's bandwidth; timing 325 MiB took 14 s).
+# L3 of an Emerald Rapids Xeon at twice its memory's bandwidth).
 WORKING_SET = 1.25
-SLOW = 3.0  # a candidate this many times slower than the best so far is timed no further
+SLOW = 3.0  # a candidate this many times slower than the fastest still running leaves the pass
 # and one this many times slower at some rows is not tried at more (torch's weight-only int8
 # took 0.7 s a call of the head at 32 rows); oneDNN's int8, slow at one row for the
 # quantization of x in torch ops, caught up at 128.
