@@ -137,14 +137,10 @@ def cpu_model() -> str:
     generation added where the name is a bare "Intel(R) Xeon(R) Processor"."""
     import platform
 
-    try:
-        fields = dict(line.split(":", 1) for line in
-                      Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in line)
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    name = fields.get("model name", platform.machine())
+    from gpt2serve.hardware import cpu_info
+
+    fields = cpu_info()
+    name = fields.get("model name") or platform.processor() or platform.machine()
     model = int(fields.get("model", "0") or 0)
     if name == "Intel(R) Xeon(R) Processor" and model in INTEL_XEONS:
         name += f" ({INTEL_XEONS[model]}; model {model})"

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from gpt2serve import kernel_choice, kernels, matmul
+from gpt2serve import hardware, kernel_choice, kernels, matmul
 
 ROWS = (1, 4, 32, 128)
 
@@ -115,6 +115,22 @@ def test_a_pass_slowed_by_the_machine_does_not_stand_for_the_candidate():
                                    model_bytes=copies * matrix * len(candidates))
     assert Interrupted.calls >= 10  # it reached the slowed pass
     assert choice.timings[1]["interrupted"] < 1.0  # ms; the slowed pass's calls took 5 each
+
+
+def test_the_cache_key_tells_xeons_of_one_name_apart(tmp_path):
+    """VMs name every Xeon generation "Intel(R) Xeon(R) Processor": the first CPU's family and
+    model numbers go with the name (hardware.cpu_info reads them)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("".join(f"processor\t: {i}\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+                               f"model\t\t: {207 - i}\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                               f"flags\t\t: fpu avx2\n\n" for i in range(2)))
+    info = hardware.cpu_info(cpuinfo)
+    assert (info["model name"], info["cpu family"], info["model"]) == \
+        ("Intel(R) Xeon(R) Processor", "6", "207")
+    assert hardware.cpu_info(tmp_path / "absent") == {}
+    here = hardware.cpu_info()
+    assert f"(family {here.get('cpu family', '?')} model {here.get('model', '?')})" in \
+        kernel_choice.machine_key(1)
 
 
 def test_the_fastest_right_candidate_is_the_one_picked_for_each_number_of_rows():

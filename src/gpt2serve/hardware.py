@@ -144,6 +144,14 @@ _FBGEMM_ALLOWED = {
 }
 
 
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first CPU's fields as the kernel reports them ("model name", "cpu family",
+    "model", ...; empty where there is no cpuinfo)."""
+    first = (_read(cpuinfo) or "").split("\n\n")[0]
+    return {k.strip(): v.strip() for k, v in
+            (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+
+
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU's feature flags as the kernel reports them (empty where there is no cpuinfo)."""
     for line in (_read(cpuinfo) or "").splitlines():

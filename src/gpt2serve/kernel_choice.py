@@ -205,10 +205,7 @@ def machine_key(threads: int) -> str:
     every Xeon "Intel(R) Xeon(R) Processor", its family and model numbers) and ISA under its
     caps, the thread count, torch's version and our kernels' build (the C module and the
     candidates' code)."""
-    cpu = dict(line.split(":", 1) for line in
-               (hardware._read(Path("/proc/cpuinfo")) or "").split("\n\n")[0].splitlines()
-               if ":" in line)
-    cpu = {k.strip(): v.strip() for k, v in cpu.items()}
+    cpu = hardware.cpu_info()
     model = (f"{cpu.get('model name', 'unknown CPU')} (family {cpu.get('cpu family', '?')} "
              f"model {cpu.get('model', '?')})")
     caps = " ".join(f"{k}={v}" for k, v in sorted(hardware.isa_caps().items()))
