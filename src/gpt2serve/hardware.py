@@ -154,10 +154,7 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU's feature flags as the kernel reports them (empty where there is no cpuinfo)."""
-    for line in (_read(cpuinfo) or "").splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(cpu_info(cpuinfo).get("flags", "").split())
 
 
 def fbgemm_isa(flags: set[str] | None = None, env=None) -> str | None:

@@ -49,11 +49,11 @@ REPEATS = 3
 # L3 of an Emerald Rapids Xeon at twice its memory's bandwidth).
 WORKING_SET = 1.25
 SLOW = 3.0  # a candidate this many times slower than the fastest still running leaves the pass
-SLACK = 1e-3  # (seconds more, so that a hiccup of one call of microseconds is not that)
 # and one this many times slower at some rows is not tried at more (torch's weight-only int8
 # took 0.7 s a call of the head at 32 rows); oneDNN's int8, slow at one row for the
 # quantization of x in torch ops, caught up at 128.
 DROP = 10.0
+SLACK = 1e-3  # s past SLOW x the fastest: a hiccup of one call of microseconds is not slow
 
 
 def row_class(m: int, classes=ROW_CLASSES) -> int:
