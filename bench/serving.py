@@ -13,6 +13,13 @@ defaults (temperature 0.7, top_k 50) and the defaults with top_p 0.9; it prints 
 throughput as a ratio of greedy's.
 
     python bench/serving.py --sampling [--levels 16] [--rounds 3] [--int8]
+
+`--stall` measures what a long prompt costs the streams already running: 8 greedy streams of 400
+tokens on our server; once each has 20 tokens, a 900-token prompt arrives, read in chunks
+beside their decode steps. Each stream's longest gap between two tokens while the prompt is
+read, over its median gap; the median and range over the rounds (default 5).
+
+    python bench/serving.py --stall [--rounds 5] [--int8] [--int4]
 """
 
 from __future__ import annotations
@@ -135,6 +142,71 @@ def sampling_modes(args) -> None:
             proc.wait(timeout=30)
 
 
+async def stall_once(url: str, long_prompt: list[int], streams: int = 8) -> dict:
+    """One round of --stall: the prompt's read time, each stream's median gap and its longest
+    gap overlapping the read over that median."""
+    async def stream(client, started) -> list[float]:
+        body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 400, "ignore_eos": True,
+                "logprobs": 0, "stream": True}  # logprobs: every token a chunk of its own
+        times = []
+        async with client.stream("POST", url, json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter())
+                    if len(times) == 20:
+                        started.set()
+        return times
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        started = [asyncio.Event() for _ in range(streams)]
+        tasks = [asyncio.create_task(stream(client, s)) for s in started]
+        for s in started:
+            await s.wait()
+        t0 = time.perf_counter()
+        r = await client.post(url, json={"model": MODEL, "prompt": long_prompt, "max_tokens": 1})
+        t1 = time.perf_counter()
+        r.raise_for_status()
+        all_times = await asyncio.gather(*tasks)
+    medians, ratios = [], []
+    for times in all_times:
+        if times[-1] <= t1:
+            raise RuntimeError("a stream ended before the prompt was read: make it longer")
+        gaps = [(a, b - a) for a, b in zip(times, times[1:])]
+        medians.append(statistics.median(g for _, g in gaps))
+        worst = max(g for a, g in gaps if a < t1 and a + g > t0)  # overlapping the read
+        ratios.append(worst / medians[-1])
+    return {"read_s": t1 - t0, "median_gap_ms": statistics.median(medians) * 1e3,
+            "max_over_median": max(ratios)}
+
+
+def stall(args) -> None:
+    """--stall on each variant of our server: rounds of stall_once, their median and range."""
+    import gc
+
+    folder = gpt2_124m()
+    rounds = args.rounds or 5
+    long_prompts = prompts(rounds, 900)  # each its own: a prompt read before is a prefix hit
+    url = "http://127.0.0.1:8401/openai/v1/completions"
+    for name, cmd, ready, *_ in servers(folder, args.server_args, quantized(args), None,
+                                        peers=False):
+        proc = start(cmd, ready, caps(args))
+        gc.disable()  # the gaps are the server's: a collection here would add its own
+        try:
+            results = [asyncio.run(stall_once(url, p)) for p in long_prompts]
+        finally:
+            gc.enable()
+            proc.terminate()
+            proc.wait(timeout=30)
+        for r in results:
+            print(f"{name:16s} " + json.dumps({k: round(v, 3) for k, v in r.items()}))
+        worst = sorted(r["max_over_median"] for r in results)
+        print(f"{name:16s} longest gap while the prompt is read, over the median gap: median "
+              f"{statistics.median(worst):.2f}x, range {worst[0]:.2f}-{worst[-1]:.2f}x; median "
+              f"gap {statistics.median(r['median_gap_ms'] for r in results):.1f} ms, read in "
+              f"{statistics.median(r['read_s'] for r in results):.2f} s", flush=True)
+
+
 async def run_level(call, url, model, concurrency, duration, tokens, prompt_list) -> Level:
     level = Level(concurrency)
     deadline = time.perf_counter() + duration
@@ -250,10 +322,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     p.add_argument("--sampling", action="store_true",
                    help="our server only, greedy vs the V1 sampling defaults vs top_p 0.9")
+    p.add_argument("--stall", action="store_true",
+                   help="our server only: what a 900-token prompt costs 8 running streams")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds of every server in turn (the order reversed every other round), "
                         "each figure the median of the rounds (default 1); with --sampling: "
-                        "rounds of the modes (default 3)")
+                        "rounds of the modes (default 3); with --stall: rounds (default 5)")
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="avx2: start every server capped at AVX2 (hardware.AVX2_CAP_ENV)")
     args = p.parse_args()
@@ -262,6 +336,9 @@ def main() -> None:
           f"{bandwidth / 1e9:.1f} GB/s")
     if args.sampling:
         sampling_modes(args)
+        return
+    if args.stall:
+        stall(args)
         return
     folder = gpt2_124m()
     prompt_list = prompts(64)

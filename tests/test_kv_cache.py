@@ -1,11 +1,8 @@
 """The paged KV cache and chunked prefill, over real HTTP against the server process: a budget
 too small fails at start-up, capacity is counted in tokens rather than full-context slots,
-n > 1 siblings share their prompt, and a long prompt does not stall running streams."""
+n > 1 siblings share their prompt, and a long prompt is read in chunks beside running streams."""
 
 import asyncio
-import gc
-import json
-import statistics
 import subprocess
 import sys
 import threading
@@ -81,65 +78,55 @@ def test_siblings_share_their_prompt_and_each_matches_a_lone_sequence(budget_ser
 
 
 @pytest.fixture(scope="module")
-def wide_server(tmp_path_factory):
-    """A model wide enough that a decode step of 8 streams is mostly matmuls (about 10 ms
-    here), as GPT-2's is: on the 4-layer test model a step is a few ms of op overhead, and
-    a millisecond-scale hiccup of the machine looks like a stall."""
-    model = make_hf_model(tmp_path_factory.mktemp("wide") / "m", n_positions=1024, n_embd=512,
-                          n_layer=8, n_head=8)
-    with running_server("--model_dir", str(model), "--enable_grpc", "false",
-                        "--kv_cache_memory", "256MiB") as srv:
+def chunk_server(long_model):
+    """Prompts read beside decode steps 64 tokens a step at the most."""
+    with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
+                        "--kv_cache_memory", "64MiB", "--max_prefill_tokens", "64") as srv:
         yield srv
 
 
-async def _stream_times(client, url, started) -> list[float]:
-    """When each token of one OpenAI stream arrived (logprobs make every token a chunk)."""
+async def _stream(client, url, started) -> int:
+    """One OpenAI stream of 250 tokens (logprobs make every token a chunk); the chunks."""
     body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 250, "ignore_eos": True,
             "logprobs": 0, "stream": True}
-    times = []
+    chunks = 0
     async with client.stream("POST", url, json=body) as r:
         async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                times.append(time.perf_counter())
-                if len(times) == 20:
-                    started.set()
-    return times
+            chunks += line.startswith("data: {")
+            if chunks == 20:
+                started.set()
+    return chunks
 
 
-def test_a_long_prompt_does_not_stall_running_streams(wide_server):
-    """8 streams decode; a 900-token prompt arrives. Read in chunks beside the decode steps,
-    it leaves every stream's longest gap while it is read within 4x the stream's median gap
-    (one pass took 23x). Gaps away from the prompt are the machine's, not the scheduler's."""
-    url = f"{wide_server.url}/openai/v1/completions"
+def test_a_long_prompt_is_read_in_chunks_beside_running_streams(chunk_server):
+    """8 streams decode; a 900-token prompt arrives. Every token of it is read beside their
+    decode steps, 64 a step at the most, so the streams get a token in each of those steps.
+    Counted in steps, not timed: what the gaps come to in milliseconds is the bench's
+    (bench/serving.py --stall)."""
+    url = f"{chunk_server.url}/openai/v1/completions"
     long_prompt = [3 + i % 300 for i in range(900)]
+    name = "gpt2serve_prompt_tokens_beside_decode"
+
+    def beside() -> tuple[float, float, float]:
+        return (metric(chunk_server, f"{name}_count"), metric(chunk_server, f"{name}_sum"),
+                metric(chunk_server, f"{name}_bucket", le="64.0"))
 
     async def scenario():
         async with httpx.AsyncClient(timeout=300) as client:
             started = [asyncio.Event() for _ in range(8)]
-            streams = [asyncio.create_task(_stream_times(client, url, s)) for s in started]
+            streams = [asyncio.create_task(_stream(client, url, s)) for s in started]
             for s in started:
-                await s.wait()
-            t0 = time.perf_counter()
+                await s.wait()  # every stream's prompt read: they decode
+            before = beside()
             r = await client.post(url, json={"model": MODEL, "prompt": long_prompt,
                                              "max_tokens": 1})
-            t1 = time.perf_counter()
-            assert r.status_code == 200, r.text
-            return await asyncio.gather(*streams), t0, t1
+            after = beside()
+            return r, before, after, await asyncio.gather(*streams)
 
-    gc.disable()  # the gaps are the server's: a collection in this process would add its own
-    try:
-        streams, t0, t1 = asyncio.run(scenario())
-    finally:
-        gc.enable()
-    medians, worst = [], []
-    for times in streams:
-        assert times[-1] > t1  # the stream ran all the while the prompt was read
-        gaps = [(a, b - a) for a, b in zip(times, times[1:])]
-        medians.append(statistics.median(g for _, g in gaps))
-        worst.append(max(g for a, g in gaps if a < t1 and a + g > t0))  # overlapping the read
-    ratios = [w / m for w, m in zip(worst, medians)]
-    print(json.dumps({"long_prompt_s": round(t1 - t0, 3),
-                      "median_gap_ms": [round(m * 1e3, 2) for m in medians],
-                      "max_over_median": [round(r, 2) for r in ratios]}))
-    assert t1 - t0 > 10 * max(medians)  # it took many steps: the streams did run beside it
-    assert max(ratios) <= 4
+    r, before, after, streams = asyncio.run(scenario())
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 900
+    steps, tokens, at_most_64 = (a - b for a, b in zip(after, before))
+    assert tokens == 900  # all of it beside decode steps: the streams ran all the while
+    assert steps >= 15 and at_most_64 == steps  # in chunks of 64 tokens at the most
+    assert streams == [250] * 8

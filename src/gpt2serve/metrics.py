@@ -16,6 +16,11 @@ ABORTED = Counter("gpt2serve_aborted_sequences_total",
 TOKENS_GENERATED = Counter("gpt2serve_generated_tokens_total", "Tokens generated", MODEL)
 BATCH_SIZE = Histogram("gpt2serve_batch_size", "Sequences per decode step", MODEL,
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+PROMPT_TOKENS_BESIDE_DECODE = Histogram(
+    "gpt2serve_prompt_tokens_beside_decode",
+    "Prompt tokens read in one decode step beside the running sequences (chunked prefill; "
+    "the chunk budget bounds it, --max_prefill_tokens at most)", MODEL,
+    buckets=(16, 32, 64, 128, 256, 512, 1024, 2048))
 TIME_TO_FIRST_TOKEN = Histogram(
     "gpt2serve_time_to_first_token_seconds", "Arrival to first generated token", MODEL,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
@@ -73,7 +78,9 @@ MODEL_LOAD_SECONDS = Histogram("gpt2serve_model_load_seconds",
 
 _PER_MODEL = {"queue_depth": QUEUE_DEPTH, "running": RUNNING, "rejected": REJECTED,
               "aborted": ABORTED, "tokens_generated": TOKENS_GENERATED,
-              "batch_size": BATCH_SIZE, "time_to_first_token": TIME_TO_FIRST_TOKEN,
+              "batch_size": BATCH_SIZE,
+              "prompt_tokens_beside_decode": PROMPT_TOKENS_BESIDE_DECODE,
+              "time_to_first_token": TIME_TO_FIRST_TOKEN,
               "time_per_token": TIME_PER_TOKEN, "kv_cache_usage": KV_CACHE_USAGE,
               "kv_cache_capacity": KV_CACHE_CAPACITY,
               "prefix_cache_queries": PREFIX_CACHE_QUERIES,

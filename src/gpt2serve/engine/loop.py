@@ -251,6 +251,9 @@ class Engine:
                 self.metrics.batch_size.observe(len(step.decode))
                 if step.decode:
                     self.metrics.time_per_token.observe(seconds)
+                    if step.chunks:
+                        self.metrics.prompt_tokens_beside_decode.observe(
+                            sum(c.length for c in step.chunks))
         except Exception:  # a failed step costs the running batch, never the server
             log.exception("engine step failed")
             self._fail(EngineError())
