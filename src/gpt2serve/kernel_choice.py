@@ -8,9 +8,9 @@ shape (k inputs, n outputs, int8 or fp32) and a number of rows, ROW_CLASSES: dec
 1, 2, 4, 8, 16 and 32 rows, and 128 standing for prompt chunks (every pass of more rows). For
 each class, every candidate that runs here (matmul.candidates: our kernels in each ISA form,
 fbgemm, oneDNN, plain torch) is first checked against a float64 product of the same weights
-(a wrong one is never timed, so never chosen), then timed on copies of the matrix that
-together do not fit the last-level cache, called in turn as a decode step reads its layers,
-and the fastest kept. What it measured is cached per CPU model, ISA cap, thread count and
+(a wrong one is never timed, so never chosen), then timed on copies of a layer's matrices
+(or the head's) that together do not fit the last-level cache, called in turn as a decode
+step reads its layers, and the fastest kept. What it measured is cached per CPU model, ISA cap, thread count and
 build (`cache_path`), so a restart reads the table instead of measuring it again.
 
 `--kernels ours` takes our kernels for every class and `--kernels torch` torch's own (fbgemm
@@ -48,6 +48,7 @@ REPEATS = 3
 # model's weights where they come to less (a quantized 124M, 90-127 MB, ran from the 260 MiB
 # L3 of an Emerald Rapids Xeon at twice its memory's bandwidth).
 WORKING_SET = 1.25
+ARITHMETIC = 8
 SLOW = 3.0  # a candidate this many times slower than the fastest still running leaves the pass
 # and one this many times slower at some rows is not tried at more (torch's weight-only int8
 # took 0.7 s a call of the head at 32 rows); oneDNN's int8, slow at one row for the
@@ -105,89 +106,118 @@ def _dequantized(dtype: str, weights: tuple, k: int) -> tuple[torch.Tensor, torc
     return weights
 
 
-def measure(dtype: str, k: int, n: int, rows: tuple[int, ...] = ROW_CLASSES,
-            kinds: dict[str, type[matmul.Kernel]] | None = None,
-            repeats: int = REPEATS, model_bytes: float = math.inf) -> RowChoice:
-    """Check, then time, every candidate for a k x n matrix at each row class (see module
-    doc); `kinds` (name -> kernel) defaults to matmul.candidates(dtype). Runs on the calling
-    thread's intra-op threads.
+def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = ROW_CLASSES,
+            kinds: dict[str, type[matmul.Kernel]] | None = None, repeats: int = REPEATS,
+            model_bytes: float = math.inf) -> dict[tuple[int, int], RowChoice]:
+    """Check, then time, every candidate for each (k, n) matrix of `shapes` (a layer's, or the
+    head) at each row class (see module doc); `kinds` (name -> kernel) defaults to
+    matmul.candidates(dtype). Runs on the calling thread's intra-op threads.
 
-    The candidates' calls interleave, one copy of the weights each in turn, and each
-    candidate keeps its fastest pass over its copies. Between two reads of a copy, every
-    candidate has read a copy of its own: all of their copies together come to WORKING_SET x
-    the last-level cache (or `model_bytes`, all of the model's weights, where that is less),
-    so each call reads its weights from memory as a decode step does, while each candidate
-    lays out only its share (packing the copies was most of a first start). And a slow spell
-    elsewhere on the machine slows a pass of every candidate, not every pass of one (timed one
-    after another, the first table cached on a Xeon ran int8 at 0.57x of one measured again).
-    A large matrix is timed on its first outputs, its time scaled to all n (a call's cost
-    grows with the outputs, each panel of 16 a stream of its own)."""
+    The calls go as a decode step's do: copy after copy of the group (a layer), and in each,
+    every candidate's own copy of each matrix in turn. Between two reads of a copy, every
+    candidate has read its other copies: all of them together come to WORKING_SET x the
+    last-level cache (or `model_bytes`, all of the model's weights, where that is less), so
+    each call reads its weights from memory as a decode step does. The group's matrices
+    share that working set, so a first start lays out one working set a group, not one a
+    matrix (packing the copies was most of a first start). A candidate that falls SLOW
+    behind the fastest leaves the pass; one that leaves two passes is not timed again at
+    these rows, and each keeps its fastest pass: a slow spell elsewhere on the machine slows
+    a pass, not the candidate (timed one after another, the first table cached on a Xeon ran
+    int8 at 0.57x of one measured again). A group larger than its share (the head) is timed
+    on its matrices' first outputs, the time scaled to all n (a call's cost grows with the
+    outputs, each panel of 16 a stream of its own)."""
     kinds = kinds or matmul.candidates(dtype)
-    generator = torch.Generator().manual_seed(k * 100003 + n)
+    generator = torch.Generator().manual_seed(sum(k * 100003 + n for k, n in shapes))
     element = BYTES[dtype]
     share = min(WORKING_SET * hardware.last_level_cache(), model_bytes) / len(kinds)
-    timed_n = min(n, max(16, int(share / (k * element)) // 16 * 16))
-    weights = _random_weights(dtype, k, timed_n, generator)
-    copies = max(2, min(64, math.ceil(share / (k * timed_n * element))))
+    fit = min(1.0, share / (2 * sum(k * n for k, n in shapes) * element))  # two copies at least
+    timed_n = {(k, n): min(n, max(16, int(n * fit) // 16 * 16)) for k, n in shapes}
+    weights = {(k, n): _random_weights(dtype, k, timed_n[k, n], generator) for k, n in shapes}
+    group = sum(k * timed_n[k, n] * element for k, n in shapes)
+    copies = max(2, min(64, math.ceil(share / group)))
     # each copy in memory of its own, as each layer's weights are; laid out on every core
     # (fbgemm's and oneDNN's packing run on one), each worker on one intra-op thread
-    jobs = [kind for kind in kinds.values() for _ in range(copies)]
+    jobs = [(name, shape) for name in kinds for shape in shapes for _ in range(copies)]
     with ThreadPoolExecutor(torch.get_num_threads(), initializer=torch.set_num_threads,
                             initargs=(1,)) as pool:
-        built = list(pool.map(lambda kind: kind(*(w.clone() for w in weights)), jobs))
-    layouts = {name: built[i * copies:(i + 1) * copies] for i, name in enumerate(kinds)}
-    w, bias = _dequantized(dtype, weights, k)
-    by_rows, timings = {}, {}
-    dropped: set[str] = set()  # out of the running at fewer rows: not tried at more
+        built = list(pool.map(lambda job: kinds[job[0]](*(w.clone() for w in weights[job[1]])),
+                              jobs))
+    layouts = {job: built[i * copies:(i + 1) * copies] for i, job in enumerate(jobs[::copies])}
+    reference = {(k, n): _dequantized(dtype, weights[k, n], k) for k, n in shapes}
+    by_rows = {shape: {} for shape in shapes}
+    timings = {shape: {} for shape in shapes}
+    dropped = {shape: set() for shape in shapes}  # out of the running at fewer rows
     for m in rows:
-        x = torch.randn(m, k, generator=generator)
-        seen: dict[str, float | None] = {}
-        # Each candidate is checked on rows of its own: memory another candidate just filled
-        # with the right product must not pass for this one's. Their references in one
-        # product: the weights are read once for all of them.
-        trying = [name for name in kinds if name not in dropped]
-        checks = torch.randn(len(trying) * m, k, generator=generator)
-        refs = torch.addmm(bias, checks, w).double()
-        running = []
-        for i, name in enumerate(trying):
-            variant = kinds[name].variants[name]
-            check, ref = checks[i * m:(i + 1) * m], refs[i * m:(i + 1) * m]
-            try:
-                y = layouts[name][0](check, variant)
-                error = float((y.double() - ref).norm() / ref.norm())
-            except (RuntimeError, ValueError) as e:  # a kernel that cannot take this shape
-                log.debug("kernel %s fails on %s %dx%d, %d rows: %s", name, dtype, k, n, m, e)
-                error = math.inf
-            if not error <= TOLERANCE[dtype]:  # (NaN too)
-                seen[name] = None
-            else:
-                running.append(name)
-        # a prompt chunk is bound by arithmetic: a couple of copies are enough
-        used = 2 if m == PROMPT_ROWS else copies
-        passes: dict[str, list[float]] = {name: [] for name in running}
-        for turn in range(repeats + 1):  # the first warms up, and is not counted
-            spent = dict.fromkeys(running, 0.0)
+        xs, running, seen = {}, {}, {}
+        for k, n in shapes:
+            xs[k, n] = torch.randn(m, k, generator=generator)
+            seen[k, n], running[k, n] = _check(dtype, k, n, m, kinds, layouts, reference[k, n],
+                                               dropped[k, n], generator)
+        # Past ARITHMETIC rows a call is bound by arithmetic more than by memory (fp32 and
+        # int8 alike here): fewer copies, each class timed in about the same time; a prompt
+        # chunk's, by arithmetic alone, on one.
+        used = 1 if m == PROMPT_ROWS else max(2, copies * ARITHMETIC // max(m, ARITHMETIC))
+        passes = {(shape, name): [] for shape in shapes for name in running[shape]}
+        left: dict[tuple, int] = {}  # passes each candidate left early
+        for _ in range(repeats):
+            spent = dict.fromkeys(passes, 0.0)
+            in_pass = {shape: list(names) for shape, names in running.items()}
             for i in range(used):
-                for name in running:
-                    start = time.perf_counter()
-                    layouts[name][i](x, kinds[name].variants[name])
-                    spent[name] += time.perf_counter() - start
-                fastest = min(spent[r] for r in running)
-                for name in [r for r in running if spent[r] > SLOW * fastest + SLACK]:
-                    passes[name].append(spent[name] / (i + 1))  # out: timed no further
-                    running.remove(name)
-            if turn:
-                for name in running:
-                    passes[name].append(spent[name] / used)
-        for name, times in passes.items():
-            seen[name] = min(times) * n / timed_n * 1e3
-        timed = {name: ms for name, ms in seen.items() if ms is not None}
-        dropped |= {name for name, ms in timed.items() if ms > DROP * min(timed.values())}
-        if not timed:
-            raise RuntimeError(f"no kernel computes a {dtype} {k}x{n} product correctly here")
-        by_rows[m] = min(timed, key=timed.get)
-        timings[m] = seen
-    return RowChoice(by_rows, timings)
+                for shape in shapes:
+                    for name in in_pass[shape]:
+                        start = time.perf_counter()
+                        layouts[name, shape][i](xs[shape], kinds[name].variants[name])
+                        spent[shape, name] += time.perf_counter() - start
+                    fastest = min((spent[shape, r] for r in in_pass[shape]), default=0.0)
+                    for name in [r for r in in_pass[shape]
+                                 if spent[shape, r] > SLOW * fastest + SLACK]:
+                        passes[shape, name].append(spent[shape, name] / (i + 1))
+                        in_pass[shape].remove(name)
+                        left[shape, name] = left.get((shape, name), 0) + 1
+                        if left[shape, name] == 2:
+                            running[shape].remove(name)
+            for shape, names in in_pass.items():
+                for name in names:
+                    passes[shape, name].append(spent[shape, name] / used)
+        for (shape, name), times in passes.items():
+            seen[shape][name] = min(times) * shape[1] / timed_n[shape] * 1e3
+        for shape in shapes:
+            timed = {name: ms for name, ms in seen[shape].items() if ms is not None}
+            if not timed:
+                raise RuntimeError(f"no kernel computes a {dtype} {shape[0]}x{shape[1]} product "
+                                   "correctly here")
+            dropped[shape] |= {name for name, ms in timed.items()
+                               if ms > DROP * min(timed.values())}
+            by_rows[shape][m] = min(timed, key=timed.get)
+            timings[shape][m] = seen[shape]
+    return {shape: RowChoice(by_rows[shape], timings[shape]) for shape in shapes}
+
+
+def _check(dtype: str, k: int, n: int, m: int, kinds: dict, layouts: dict, reference: tuple,
+           dropped: set[str], generator: torch.Generator) -> tuple[dict, list[str]]:
+    """The candidates (not `dropped`) whose product of m rows is right, and None for each
+    that is wrong. Each is checked on rows of its own: memory another candidate just filled
+    with the right product must not pass for this one's. Their references in one product:
+    the weights are read once for all of them. The check is each one's first call at m rows
+    too (oneDNN creates its primitive then), so the timing that follows leaves it out."""
+    w, bias = reference
+    trying = [name for name in kinds if name not in dropped]
+    checks = torch.randn(len(trying) * m, k, generator=generator)
+    refs = torch.addmm(bias, checks, w).double()
+    seen, right = {}, []
+    for i, name in enumerate(trying):
+        check, ref = checks[i * m:(i + 1) * m], refs[i * m:(i + 1) * m]
+        try:
+            y = layouts[name, (k, n)][0](check, kinds[name].variants[name])
+            error = float((y.double() - ref).norm() / ref.norm())
+        except (RuntimeError, ValueError) as e:  # a kernel that cannot take this shape
+            log.debug("kernel %s fails on %s %dx%d, %d rows: %s", name, dtype, k, n, m, e)
+            error = math.inf
+        if not error <= TOLERANCE[dtype]:  # (NaN too)
+            seen[name] = None
+        else:
+            right.append(name)
+    return seen, right
 
 
 def fixed(dtype: str, mode: str, rows: tuple[int, ...] = ROW_CLASSES) -> RowChoice:
@@ -330,11 +360,16 @@ def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
             else:
                 missing.append((k, n, rows))
         if missing:
+            groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # a layer's, the head
+            for k, n, rows in missing:
+                groups.setdefault(rows, []).append((k, n))
+
             def run() -> None:
                 torch.set_num_threads(threads)
-                for k, n, rows in missing:
-                    result[(dtype, k, n)] = measure(dtype, k, n, rows,
-                                                    model_bytes=model_bytes)
+                for rows, group in groups.items():
+                    for (k, n), choice in measure(dtype, group, rows,
+                                                  model_bytes=model_bytes).items():
+                        result[(dtype, k, n)] = choice
             failure: list[BaseException] = []
             worker = threading.Thread(target=lambda: _capture(run, failure),
                                       name="gpt2serve-kernel-choice")
