@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -233,14 +234,15 @@ def fixed(dtype: str, mode: str, rows: tuple[int, ...] = ROW_CLASSES) -> RowChoi
 def machine_key(threads: int) -> str:
     """What a measured choice holds for: this CPU model (its name and, as VMs often name
     every Xeon "Intel(R) Xeon(R) Processor", its family and model numbers) and ISA under its
-    caps, the thread count, torch's version and our kernels' build (the C module and the
-    candidates' code)."""
+    caps, the thread count, torch's version and our kernels' build (the C module, the
+    candidates' code and this measuring code: a table measured another way is measured
+    again)."""
     cpu = hardware.cpu_info()
     model = (f"{cpu.get('model name', 'unknown CPU')} (family {cpu.get('cpu family', '?')} "
              f"model {cpu.get('model', '?')})")
     caps = " ".join(f"{k}={v}" for k, v in sorted(hardware.isa_caps().items()))
     build = hashlib.sha256()
-    for module in (kernels._kernels, matmul, kernels):
+    for module in (kernels._kernels, matmul, kernels, sys.modules[__name__]):
         if module is not None:
             build.update(Path(module.__file__).read_bytes())
     return (f"{model} | {hardware.host_isa()} | cap {caps or 'none'} | {threads} threads | "
