@@ -119,6 +119,37 @@ def test_a_pass_slowed_by_the_machine_does_not_stand_for_the_candidate():
     assert choice.timings[1]["interrupted"] < 1.0  # ms; the slowed pass's calls took 5 each
 
 
+class Counted(matmul.OursF32):
+    """Our fp32 kernel in two forms, as OursF32's: prefetching into L1 up to L1_ROWS rows,
+    and into L2. Notes which copy of the weights each call reads, at how many rows."""
+
+    variants = {"counted-l1": (kernels.VECTOR_ISA, matmul.L1_ROWS),
+                "counted": (kernels.VECTOR_ISA, 0)}
+    calls: list[tuple[int, int]] = []
+
+    def __call__(self, x, variant, **fused):
+        Counted.calls.append((id(self), x.shape[0]))
+        return super().__call__(x, variant, **fused)
+
+
+@pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
+def test_the_l1_prefetch_forms_are_timed_up_to_their_rows_and_their_copies_still_read_past():
+    """The -l1 forms are candidates up to L1_ROWS rows; past them they are the plain forms,
+    not timed again, and the plain form reads their copies too: a pass reads the working set
+    it was laid out for (a smaller one would sit in the cache)."""
+    candidates = {**{name: Counted for name in Counted.variants}, **matmul.candidates("fp32")}
+    assert {"ours-avx2-l1", "ours-avx2"} <= set(candidates)
+    copies, matrix, more = 4, 64 * 256 * 4, matmul.L1_ROWS + 1
+    Counted.calls = []
+    choice = kernel_choice.measure("fp32", [(64, 256)], (1, more), candidates,
+                                   model_bytes=copies * matrix * len(candidates))[64, 256]
+    assert {"counted-l1", "counted", "ours-avx2-l1"} <= set(choice.timings[1])
+    assert not {"counted-l1", "ours-avx2-l1"} & set(choice.timings[more])
+    assert "counted" in choice.timings[more]
+    read = {m: {copy for copy, rows in Counted.calls if rows == m} for m in (1, more)}
+    assert len(read[1]) == 2 * copies and read[more] == read[1]
+
+
 class WrongAt256(matmul.TorchF32):
     """torch's product, except for a matrix of 256 outputs: wrong there."""
 

@@ -260,7 +260,7 @@ def test_linear_f32_against_float64(m, k, n, isa):
     """Odd sizes on purpose: n not a multiple of 16 (the last panel's padding), a decode
     step's rows over more than one tile (9: AVX-512's 8 and one, AVX2's 4, 4 and one), and a
     prompt's (301 x 3072: AVX2's 6-row tiles and a short one, panels a group at a time).
-    Without bias too."""
+    Without bias too. Prefetching the next panel into L1 instead of L2 changes no sum."""
     torch.manual_seed(m)
     w, bias, x = torch.randn(k, n), torch.randn(n), torch.randn(m, k)
     panels = kernels.pack_f32(w)
@@ -269,6 +269,7 @@ def test_linear_f32_against_float64(m, k, n, isa):
     got = kernels.linear_f32(x, panels, bias, n, isa)
     torch.testing.assert_close(got.double(), ref + bias.double(), atol=1e-4 * k ** 0.5,
                                rtol=1e-5)
+    assert torch.equal(kernels.linear_f32(x, panels, bias, n, isa, l1_rows=m), got)
     torch.testing.assert_close(kernels.linear_f32(x, panels, None, n, isa).double(), ref,
                                atol=1e-4 * k ** 0.5, rtol=1e-5)
     index = torch.tensor([n - 1, 0, n // 2])  # the tied embedding reads columns as rows

@@ -273,9 +273,14 @@ static const float *input_row(unsigned long long x, int64_t r, int64_t k,
 #define L1_PREFETCH_ROWS 2
 
 /* Where the next panel is prefetched to. A product of one or two rows does one or two
-multiply-adds a cache line, too few to hide an L2 hit on each line, so they prefetch into L1.
-With more rows, L1 holds the rows of x that every panel reuses, and prefetching into it slowed
-the product: those prefetch into L2 (docs/benchmarks.md, "Why it is fast", compares the two). */
+multiply-adds a cache line, too few to hide an L2 hit on each line, so on AMD EPYC they ran
+faster prefetching into L1. With more rows, L1 holds the rows of x that every panel reuses,
+and prefetching into it slowed the product: those prefetch into L2 (docs/benchmarks.md, "Why
+it is fast", compares the two). Vendors differ here: on an Emerald Rapids Xeon, fp32 weights
+from memory streamed 1.26x faster at one row prefetched into L2, and int8 weights from its
+L3 faster into L1. So the fp32 kernel takes the rows up to which it prefetches into L1 as an
+argument, both forms measured at load (matmul.OursF32); int8 and int4 prefetch into L1 up to
+L1_PREFETCH_ROWS. */
 static inline __attribute__((always_inline)) void prefetch_panel(const char *line, int to_l1) {
     if (to_l1)
         __builtin_prefetch(line, 0, 3);
@@ -341,6 +346,7 @@ typedef struct {
     const float *w;        /* [panels, k, 16] */
     const int64_t *panels; /* [n / 16]: the panels of W to multiply, or NULL for all */
     int64_t m, k, steps;   /* steps = k: one input (16 weights, 64 bytes) a step */
+    int64_t l1_rows;       /* up to this many rows, the next panel is prefetched into L1 */
     output_args out;
 } f32_args;
 
@@ -348,7 +354,7 @@ static inline __attribute__((always_inline)) void f32_tile(const f32_args *a, in
                                                            const int rows, int64_t panel,
                                                            const char *next, int64_t next_step) {
     const int64_t k = a->k;
-    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const int to_l1 = a->m <= a->l1_rows;
     const float *restrict x = a->x + row * k;
     const float *restrict w = a->w + (a->panels ? a->panels[panel] : panel) * k * 16;
     float acc[8][16];
@@ -394,8 +400,8 @@ static PyObject *linear_f32(PyObject *self, PyObject *args) {
     double ln_eps;
     f32_args a;
     int isa;
-    if (!PyArg_ParseTuple(args, "KKKKLLLiKKdKKpK", &x, &w, &bias, &y, &a.m, &a.k, &a.out.n,
-                          &isa, &ln_weight, &ln_bias, &ln_eps, &normed, &residual,
+    if (!PyArg_ParseTuple(args, "KKKKLLLiLKKdKKpK", &x, &w, &bias, &y, &a.m, &a.k, &a.out.n,
+                          &isa, &a.l1_rows, &ln_weight, &ln_bias, &ln_eps, &normed, &residual,
                           &a.out.gelu, &panels))
         return NULL;
 #if X86
@@ -1024,9 +1030,9 @@ static PyMethodDef methods[] = {
      "quantize_int4(w, q, scales, n, groups): fp32 [n, groups * 32] -> u8 q, fp32 scales "
      "(kernels.py)"},
     {"linear_f32", linear_f32, METH_VARARGS,
-     "linear_f32(x, w, bias, y, m, k, n, isa, ln_weight, ln_bias, ln_eps, normed, residual, "
-     "gelu, panels): addresses of contiguous fp32 tensors, 0 for none; isa 2 AVX-512, 1 AVX2 "
-     "(kernels.py)"},
+     "linear_f32(x, w, bias, y, m, k, n, isa, l1_rows, ln_weight, ln_bias, ln_eps, normed, "
+     "residual, gelu, panels): addresses of contiguous fp32 tensors, 0 for none; isa 2 "
+     "AVX-512, 1 AVX2; up to l1_rows rows, the next panel is prefetched into L1 (kernels.py)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,7 +7,7 @@ do, the engine settles it on the machine it runs on. The matmuls fall into class
 shape (k inputs, n outputs, int8 or fp32) and a number of rows, ROW_CLASSES: decode steps of
 1, 2, 4, 8, 16 and 32 rows, and 128 standing for prompt chunks (every pass of more rows). For
 each class, every candidate that runs here (matmul.candidates: our kernels in each ISA form,
-fbgemm, oneDNN, plain torch) is first checked against a float64 product of the same weights
+fp32's with either prefetch target, fbgemm, oneDNN, plain torch) is first checked against a float64 product of the same weights
 (a wrong one is never timed, so never chosen), then timed on copies of a layer's matrices
 (or the head's) that together do not fit the last-level cache, called in turn as a decode
 step reads its layers, and the fastest kept. What it measured is cached per CPU model, ISA cap, thread count and
@@ -55,7 +55,8 @@ SLOW = 3.0  # a candidate this many times slower than the fastest still running 
 # took 0.7 s a call of the head at 32 rows); oneDNN's int8, slow at one row for the
 # quantization of x in torch ops, caught up at 128.
 DROP = 10.0
-SLACK = 1e-3  # s past SLOW x the fastest: a hiccup of one call of microseconds is not slow
+SLACK = 1e-3  # s past SLOW (and DROP) x the fastest: a hiccup of one call of microseconds
+# is not slow (calls of 10 us on a test's small matrix were dropped for such hiccups)
 
 
 def row_class(m: int, classes=ROW_CLASSES) -> int:
@@ -120,7 +121,9 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
     last-level cache (or `model_bytes`, all of the model's weights, where that is less), so
     each call reads its weights from memory as a decode step does. The group's matrices
     share that working set, so a first start lays out one working set a group, not one a
-    matrix (packing the copies was most of a first start). A candidate that falls SLOW
+    matrix (packing the copies was most of a first start). Where a variant does not serve
+    some rows (matmul.Kernel.serves), another of its kernel reads its copies there. A
+    candidate that falls SLOW
     behind the fastest leaves the pass; one that leaves two passes is not timed again at
     these rows, and each keeps its fastest pass: a slow spell elsewhere on the machine slows
     a pass, not the candidate (timed one after another, the first table cached on a Xeon ran
@@ -141,8 +144,8 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
     jobs = [(name, shape) for name in kinds for shape in shapes for _ in range(copies)]
     with ThreadPoolExecutor(torch.get_num_threads(), initializer=torch.set_num_threads,
                             initargs=(1,)) as pool:
-        built = list(pool.map(lambda job: kinds[job[0]](*(w.clone() for w in weights[job[1]])),
-                              jobs))
+        built = list(pool.map(lambda job: kinds[job[0]](*(
+            w if kinds[job[0]].own_layout else w.clone() for w in weights[job[1]])), jobs))
     layouts = {job: built[i * copies:(i + 1) * copies] for i, job in enumerate(jobs[::copies])}
     reference = {(k, n): _dequantized(dtype, weights[k, n], k) for k, n in shapes}
     by_rows = {shape: {} for shape in shapes}
@@ -158,6 +161,7 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
         # int8 alike here): fewer copies, each class timed in about the same time; a prompt
         # chunk's, by arithmetic alone, on one.
         used = 1 if m == PROMPT_ROWS else max(2, copies * ARITHMETIC // max(m, ARITHMETIC))
+        read = {shape: _lent(names, kinds, m) for shape, names in running.items()}
         passes = {(shape, name): [] for shape in shapes for name in running[shape]}
         left: dict[tuple, int] = {}  # passes each candidate left early
         for _ in range(repeats):
@@ -167,8 +171,10 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
                 for shape in shapes:
                     for name in in_pass[shape]:
                         start = time.perf_counter()
-                        layouts[name, shape][i](xs[shape], kinds[name].variants[name])
-                        spent[shape, name] += time.perf_counter() - start
+                        for owner in read[shape][name]:
+                            layouts[owner, shape][i](xs[shape], kinds[name].variants[name])
+                        spent[shape, name] += (time.perf_counter() - start) / len(
+                            read[shape][name])
                     fastest = min((spent[shape, r] for r in in_pass[shape]), default=0.0)
                     for name in [r for r in in_pass[shape]
                                  if spent[shape, r] > SLOW * fastest + SLACK]:
@@ -188,10 +194,25 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
                 raise RuntimeError(f"no kernel computes a {dtype} {shape[0]}x{shape[1]} product "
                                    "correctly here")
             dropped[shape] |= {name for name, ms in timed.items()
-                               if ms > DROP * min(timed.values())}
+                               if ms > DROP * min(timed.values()) + SLACK * 1e3}
             by_rows[shape][m] = min(timed, key=timed.get)
             timings[shape][m] = seen[shape]
     return {shape: RowChoice(by_rows[shape], timings[shape]) for shape in shapes}
+
+
+def _lent(names: list[str], kinds: dict, m: int) -> dict[str, list[str]]:
+    """Whose copies each candidate of `names` reads at m rows: its own, and those of the
+    variants of its kernel that do not serve m rows (matmul.Kernel.serves), shared out in
+    turn, so that a pass still reads every copy once (the working set the copies were laid
+    out for) when fewer candidates run."""
+    serving = [name for name in names if kinds[name].serves(name, m)]
+    read = {name: [name] for name in serving}
+    for kind in {kinds[name] for name in serving}:
+        mine = [name for name in serving if kinds[name] is kind]
+        idle = [name for name in kinds if kinds[name] is kind and name not in serving]
+        for i, name in enumerate(idle):
+            read[mine[i % len(mine)]].append(name)
+    return read
 
 
 def _check(dtype: str, k: int, n: int, m: int, kinds: dict, layouts: dict, reference: tuple,
@@ -199,12 +220,15 @@ def _check(dtype: str, k: int, n: int, m: int, kinds: dict, layouts: dict, refer
     """The candidates (not `dropped`) whose product of m rows is right, and None for each
     that is wrong. Each is checked on rows of its own: memory another candidate just filled
     with the right product must not pass for this one's. Their references in one product:
-    the weights are read once for all of them. The check is each one's first call at m rows
-    too (oneDNN creates its primitive then), so the timing that follows leaves it out."""
+    the weights are read once for all of them; that fp32 product is held until the checks
+    end, or a candidate that writes nothing could be handed its memory, the first rows
+    right. The check is each one's first call at m rows too (oneDNN creates its primitive
+    then), so the timing that follows leaves it out."""
     w, bias = reference
-    trying = [name for name in kinds if name not in dropped]
+    trying = [name for name in kinds if name not in dropped and kinds[name].serves(name, m)]
     checks = torch.randn(len(trying) * m, k, generator=generator)
-    refs = torch.addmm(bias, checks, w).double()
+    product = torch.addmm(bias, checks, w)
+    refs = product.double()
     seen, right = {}, []
     for i, name in enumerate(trying):
         check, ref = checks[i * m:(i + 1) * m], refs[i * m:(i + 1) * m]
@@ -218,6 +242,7 @@ def _check(dtype: str, k: int, n: int, m: int, kinds: dict, layouts: dict, refer
             seen[name] = None
         else:
             right.append(name)
+    del product
     return seen, right
 
 

@@ -311,11 +311,14 @@ def f32_columns(panels: Tensor, index: Tensor) -> Tensor:
 
 def linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, n: int,
                isa: int = VECTOR_ISA, ln: nn.LayerNorm | None = None, gelu: bool = False,
-               residual: Tensor | None = None, panel_ids: Tensor | None = None) -> Tensor:
+               residual: Tensor | None = None, panel_ids: Tensor | None = None,
+               l1_rows: int = 0) -> Tensor:
     """x [m, k] @ W + bias -> [m, n], W as pack_f32 laid it out; bias [n] fp32. Fused with
     it, the ops around a matmul in a GPT-2 layer: `ln` normalizes x's rows first, `gelu`
     (tanh form) is applied to the sum, and `residual` [m, n] is added last. `panel_ids`
-    (int64): multiply these panels of W only, n = 16 per panel, in their order."""
+    (int64): multiply these panels of W only, n = 16 per panel, in their order. Up to
+    `l1_rows` rows, the next panel is prefetched into L1, else into L2 (the sums are the
+    same; which streams faster depends on the CPU: matmul.OursF32)."""
     m, k = x.shape
     if panel_ids is not None:
         if n != PANEL * len(panel_ids) or not (
@@ -328,19 +331,19 @@ def linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, n: int,
     residual = None if residual is None else residual.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
-    bind_linear_f32(x, panels, bias, y, isa, ln, gelu, residual, normed, panel_ids)()
+    bind_linear_f32(x, panels, bias, y, isa, ln, gelu, residual, normed, panel_ids, l1_rows)()
     return y
 
 
 def bind_linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, y: Tensor,
                     isa: int = VECTOR_ISA, ln: nn.LayerNorm | None = None, gelu: bool = False,
                     residual: Tensor | None = None, normed: Tensor | None = None,
-                    panel_ids: Tensor | None = None) -> Callable[[], None]:
+                    panel_ids: Tensor | None = None, l1_rows: int = 0) -> Callable[[], None]:
     """linear_f32 into y [m, n], as a call of no arguments on these tensors' memory (see
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
     m, k = x.shape
     return functools.partial(
         _kernels.linear_f32, x.data_ptr(), panels.data_ptr(), _address(bias), y.data_ptr(), m,
-        k, y.shape[1], isa, *_fused("linear_f32", ln, gelu, residual, normed),
+        k, y.shape[1], isa, l1_rows, *_fused("linear_f32", ln, gelu, residual, normed),
         _address(panel_ids))

@@ -46,9 +46,18 @@ class Kernel:
 
     variants: dict[str, object] = {}
     dtype = ""  # "int8" or "fp32": the weights it takes
+    # Whether it lays W out in memory of its own, or holds the tensor it was given (then each
+    # copy kernel_choice times must be given a copy of W).
+    own_layout = True
 
     @classmethod
     def runs(cls, variant: str) -> bool:
+        return True
+
+    @classmethod
+    def serves(cls, variant: str, m: int) -> bool:
+        """Whether the variant is a candidate for products of m rows: one that differs from
+        another only up to some rows is not timed past them."""
         return True
 
     def product(self, x: Tensor, variant) -> Tensor:
@@ -146,6 +155,7 @@ class TorchInt8(Kernel):
 
     variants = {"torch": None}
     dtype = "int8"
+    own_layout = False
 
     def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
         self.q, self.scales, self.bias = q.contiguous(), scales.float().contiguous(), bias
@@ -210,25 +220,43 @@ class TorchInt4(Kernel):
 
 # ---- fp32 ----------------------------------------------------------------------------------
 
-class OursF32(Kernel):
-    """kernels.linear_f32 on pack_f32's panels, in huge pages."""
+# Up to this many rows, the -l1 forms of our fp32 kernel prefetch the next panel into L1,
+# where the others prefetch into L2: at one row, L1 ran 1.19-1.27x faster on AMD EPYC and
+# L2 1.26x faster on an Emerald Rapids Xeon (docs/benchmarks.md, "Why it is fast").
+L1_ROWS = 2
 
-    variants = {"ours-avx512": 2, "ours-avx2": 1}
+
+class OursF32(Kernel):
+    """kernels.linear_f32 on pack_f32's panels, in huge pages; each variant an ISA (2 AVX-512,
+    1 AVX2) and the rows up to which it prefetches into L1 (the -l1 forms, candidates only
+    up to those rows: past them they are the plain forms)."""
+
+    variants = {"ours-avx512-l1": (2, L1_ROWS), "ours-avx512": (2, 0),
+                "ours-avx2-l1": (1, L1_ROWS), "ours-avx2": (1, 0)}
     dtype = "fp32"
 
     @classmethod
     def runs(cls, variant: str) -> bool:
-        return kernels.F32_RUNS and kernels.VECTOR_ISA >= cls.variants[variant]
+        return kernels.F32_RUNS and kernels.VECTOR_ISA >= cls.variants[variant][0]
+
+    @classmethod
+    def serves(cls, variant: str, m: int) -> bool:
+        l1_rows = cls.variants[variant][1]
+        return not l1_rows or m <= l1_rows
 
     def __init__(self, w: Tensor, bias: Tensor | None):
         self.panels, self.bias, self.n = kernels.pack_f32(w), bias, w.shape[1]
 
-    def __call__(self, x: Tensor, variant=kernels.VECTOR_ISA, **fused) -> Tensor:
-        return kernels.linear_f32(x, self.panels, self.bias, self.n, isa=variant, **fused)
+    def __call__(self, x: Tensor, variant=(kernels.VECTOR_ISA, L1_ROWS), **fused) -> Tensor:
+        isa, l1_rows = variant
+        return kernels.linear_f32(x, self.panels, self.bias, self.n, isa=isa, l1_rows=l1_rows,
+                                  **fused)
 
-    def bind(self, x: Tensor, y: Tensor, variant=kernels.VECTOR_ISA, **fused
+    def bind(self, x: Tensor, y: Tensor, variant=(kernels.VECTOR_ISA, L1_ROWS), **fused
              ) -> Callable[[], None]:
-        return kernels.bind_linear_f32(x, self.panels, self.bias, y, isa=variant, **fused)
+        isa, l1_rows = variant
+        return kernels.bind_linear_f32(x, self.panels, self.bias, y, isa=isa, l1_rows=l1_rows,
+                                       **fused)
 
 
 # oneDNN picks a blocked layout for an expected batch size; 32 was as fast as the best choice
@@ -259,6 +287,7 @@ class TorchF32(Kernel):
 
     variants = {"torch": None}
     dtype = "fp32"
+    own_layout = False
 
     def __init__(self, w: Tensor, bias: Tensor | None):
         self.w, self.bias = w.contiguous(), bias
