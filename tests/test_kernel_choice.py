@@ -121,15 +121,20 @@ def test_a_pass_slowed_by_the_machine_does_not_stand_for_the_candidate():
 
 class Counted(matmul.OursF32):
     """Our fp32 kernel in two forms, as OursF32's: prefetching into L1 up to L1_ROWS rows,
-    and into L2. Notes which copy of the weights each call reads, at how many rows."""
+    and into L2. Notes which copy of the weights each bound call (a decode step's) reads, at
+    how many rows."""
 
     variants = {"counted-l1": (kernels.VECTOR_ISA, matmul.L1_ROWS),
                 "counted": (kernels.VECTOR_ISA, 0)}
     calls: list[tuple[int, int]] = []
 
-    def __call__(self, x, variant, **fused):
-        Counted.calls.append((id(self), x.shape[0]))
-        return super().__call__(x, variant, **fused)
+    def bind(self, x, y, variant, **fused):
+        product = super().bind(x, y, variant, **fused)
+
+        def counted():
+            Counted.calls.append((id(self), x.shape[0]))
+            product()
+        return counted
 
 
 @pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
@@ -148,6 +153,31 @@ def test_the_l1_prefetch_forms_are_timed_up_to_their_rows_and_their_copies_still
     assert "counted" in choice.timings[more]
     read = {m: {copy for copy, rows in Counted.calls if rows == m} for m in (1, more)}
     assert len(read[1]) == 2 * copies and read[more] == read[1]
+
+
+class SlowAround(matmul.TorchF32):
+    """torch's product, quick, with a LayerNorm before it that takes 3 ms: a kernel whose
+    ops around the product cost the engine what its product does not."""
+
+    variants = {"slow-around": None}
+
+    def __call__(self, x, variant=None, ln=None, gelu=False, residual=None):
+        if ln is not None:
+            time.sleep(0.003)
+        return super().__call__(x, variant, ln=ln, gelu=gelu, residual=residual)
+
+
+def test_candidates_are_timed_with_the_ops_the_engine_runs_around_them():
+    """A matrix's fused ops (a layer norm before c_attn, a residual after c_proj...) are part
+    of what is timed, bound as a decode step binds them and called as a prompt chunk calls
+    them: a kernel slow around its product is timed slow where the engine would wait."""
+    shape = (64, 256)
+    bare = kernel_choice.measure("fp32", [shape], ROWS, kinds(SlowAround))[shape]
+    fused = kernel_choice.measure("fp32", [shape], ROWS, kinds(SlowAround),
+                                  fused={shape: {"ln", "gelu"}})[shape]
+    assert bare.timings[ROWS[0]]["slow-around"] < 3.0  # ms
+    assert fused.timings[ROWS[0]]["slow-around"] >= 3.0
+    assert "slow-around" not in fused.names()
 
 
 class WrongAt256(matmul.TorchF32):

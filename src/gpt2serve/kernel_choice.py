@@ -19,6 +19,7 @@ for int8, oneDNN for fp32), without measuring: for A/B runs (bench/offline.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -110,10 +111,18 @@ def _dequantized(dtype: str, weights: tuple, k: int) -> tuple[torch.Tensor, torc
 
 def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = ROW_CLASSES,
             kinds: dict[str, type[matmul.Kernel]] | None = None, repeats: int = REPEATS,
-            model_bytes: float = math.inf) -> dict[tuple[int, int], RowChoice]:
+            model_bytes: float = math.inf, fused: dict[tuple[int, int], set[str]] | None = None
+            ) -> dict[tuple[int, int], RowChoice]:
     """Check, then time, every candidate for each (k, n) matrix of `shapes` (a layer's, or the
     head) at each row class (see module doc); `kinds` (name -> kernel) defaults to
     matmul.candidates(dtype). Runs on the calling thread's intra-op threads.
+
+    Each is timed as the engine calls it: with the ops of `fused` (by shape: "ln", "gelu",
+    "residual", as packing.FusedBlock runs them), which ours does as it reads and writes and
+    the others in torch ops around the product; bound to its buffers for a decode step's
+    rows (engine/decode_plan.py), called for a prompt chunk's. (Timed bare, torch's addmm at
+    one row came within 5% of ours on a Xeon, and was chosen where the ops around it cost
+    the engine more.)
 
     The calls go as a decode step's do: copy after copy of the group (a layer), and in each,
     every candidate's own copy of each matrix in turn. Between two reads of a copy, every
@@ -152,16 +161,20 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
     timings = {shape: {} for shape in shapes}
     dropped = {shape: set() for shape in shapes}  # out of the running at fewer rows
     for m in rows:
-        xs, running, seen = {}, {}, {}
+        running, seen = {}, {}
         for k, n in shapes:
-            xs[k, n] = torch.randn(m, k, generator=generator)
             seen[k, n], running[k, n] = _check(dtype, k, n, m, kinds, layouts, reference[k, n],
                                                dropped[k, n], generator)
         # Past ARITHMETIC rows a call is bound by arithmetic more than by memory (fp32 and
         # int8 alike here): fewer copies, each class timed in about the same time; a prompt
         # chunk's, by arithmetic alone, on one.
         used = 1 if m == PROMPT_ROWS else max(2, copies * ARITHMETIC // max(m, ARITHMETIC))
-        read = {shape: _lent(names, kinds, m) for shape, names in running.items()}
+        calls, held = {}, []  # (held: the bound calls have their buffers' addresses only)
+        for shape, names in running.items():
+            calls[shape], buffers = _calls(shape, m, timed_n[shape], used,
+                                           (fused or {}).get(shape, set()), kinds, layouts,
+                                           _lent(names, kinds, m), generator)
+            held.append(buffers)
         passes = {(shape, name): [] for shape in shapes for name in running[shape]}
         left: dict[tuple, int] = {}  # passes each candidate left early
         for _ in range(repeats):
@@ -171,10 +184,10 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
                 for shape in shapes:
                     for name in in_pass[shape]:
                         start = time.perf_counter()
-                        for owner in read[shape][name]:
-                            layouts[owner, shape][i](xs[shape], kinds[name].variants[name])
+                        for call in calls[shape][name][i]:
+                            call()
                         spent[shape, name] += (time.perf_counter() - start) / len(
-                            read[shape][name])
+                            calls[shape][name][i])
                     fastest = min((spent[shape, r] for r in in_pass[shape]), default=0.0)
                     for name in [r for r in in_pass[shape]
                                  if spent[shape, r] > SLOW * fastest + SLACK]:
@@ -198,6 +211,32 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
             by_rows[shape][m] = min(timed, key=timed.get)
             timings[shape][m] = seen[shape]
     return {shape: RowChoice(by_rows[shape], timings[shape]) for shape in shapes}
+
+
+def _calls(shape: tuple[int, int], m: int, timed_n: int, used: int, ops: set[str],
+           kinds: dict, layouts: dict, read: dict[str, list[str]],
+           generator: torch.Generator) -> tuple[dict[str, list[list]], tuple]:
+    """Each candidate's calls of a pass at m rows, as the engine makes them (see measure):
+    for each of the `used` copies, one call on each copy it reads (`read`, _lent); and the
+    buffers they are bound to, which the caller keeps alive while it calls them."""
+    k = shape[0]
+    x = torch.randn(m, k, generator=generator)
+    fused = {"gelu": "gelu" in ops}
+    if "ln" in ops:
+        fused["ln"] = torch.nn.LayerNorm(k).requires_grad_(False)
+    if "residual" in ops:
+        fused["residual"] = torch.randn(m, timed_n, generator=generator)
+    y = torch.empty(m, timed_n)
+    normed = {"normed": torch.empty(m, k)} if "ln" in ops else {}
+
+    def call(layout, variant):
+        if m == PROMPT_ROWS:  # a prompt chunk's: FusedBlock.forward calls it
+            return functools.partial(layout, x, variant, **fused)
+        return matmul.bind(layout, variant, x, y, **fused, **normed)
+    calls = {name: [[call(layouts[owner, shape][i], kinds[name].variants[name])
+                     for owner in owners] for i in range(used)]
+             for name, owners in read.items()}
+    return calls, (x, y, fused, normed)
 
 
 def _lent(names: list[str], kinds: dict, m: int) -> dict[str, list[str]]:
@@ -346,25 +385,30 @@ def for_model(config, dtype: str, mode: str = "auto", threads: int | None = None
     `head_dtype`, by default the same) multiply (model.GPTConfig)."""
     d, mlp = config.n_embd, config.mlp_dim
     layers = [(d, 3 * d, False), (d, d, False), (d, mlp, False), (mlp, d, False)]
+    # the ops packing.FusedBlock runs with each of a layer's matrices
+    fused = {(d, 3 * d): {"ln"}, (d, d): {"residual"}, (d, mlp): {"ln", "gelu"},
+             (mlp, d): {"residual"}}
     head = [(d, config.vocab_size, True)]
     head_dtype = head_dtype or dtype
     model_bytes = (config.n_layer * sum(k * n for k, n, _ in layers) * BYTES[dtype]
                    + d * config.vocab_size * BYTES[head_dtype])
     if head_dtype == dtype:
-        return choose(dtype, layers + head, mode, threads, model_bytes)
-    tables = (choose(dtype, layers, mode, threads, model_bytes),
+        return choose(dtype, layers + head, mode, threads, model_bytes, fused)
+    tables = (choose(dtype, layers, mode, threads, model_bytes, fused),
               choose(head_dtype, head, mode, threads, model_bytes))
     return KernelTable(mode, {key: choice for t in tables for key, choice in t.choices.items()},
                        sum(t.seconds for t in tables), sum(t.cached for t in tables))
 
 
 def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
-           threads: int | None = None, model_bytes: float = math.inf) -> KernelTable:
+           threads: int | None = None, model_bytes: float = math.inf,
+           fused: dict[tuple[int, int], set[str]] | None = None) -> KernelTable:
     """The table for these shapes. `auto` measures what the cache does not hold, on a
     thread of its own with the engine's `threads` (an OpenMP team left on the loading thread
     slowed every later step of the engine's; the measuring thread's team ends with it). The
     head's classes stop at 32 rows: a prompt's pass multiplies only its last rows by it.
-    `model_bytes`: all the model's weights (see WORKING_SET)."""
+    `model_bytes`: all the model's weights (see WORKING_SET); `fused`: the ops around each
+    matrix (see measure)."""
     if mode not in MODES:
         raise ValueError(f"kernels must be one of {', '.join(MODES)}, not {mode!r}")
     classes = {(k, n): ROW_CLASSES[:-1] if head else ROW_CLASSES for k, n, head in shapes}
@@ -394,8 +438,8 @@ def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
             def run() -> None:
                 torch.set_num_threads(threads)
                 for rows, group in groups.items():
-                    for (k, n), choice in measure(dtype, group, rows,
-                                                  model_bytes=model_bytes).items():
+                    for (k, n), choice in measure(dtype, group, rows, model_bytes=model_bytes,
+                                                  fused=fused).items():
                         result[(dtype, k, n)] = choice
             failure: list[BaseException] = []
             worker = threading.Thread(target=lambda: _capture(run, failure),

@@ -334,9 +334,13 @@ class Matmul:
         return kernel(x, variant, **fused)
 
     def bind(self, x: Tensor, y: Tensor, **fused) -> Callable[[], None]:
-        """This product into y for x's number of rows, bound to their memory. `normed`
-        (room for layer-normed rows) is ours alone to use."""
-        kernel, variant = self.kernel(x.shape[0])
-        if not isinstance(kernel, OURS):
-            fused.pop("normed", None)
-        return kernel.bind(x, y, variant, **fused)
+        """This product into y for x's number of rows, bound to their memory."""
+        return bind(*self.kernel(x.shape[0]), x, y, **fused)
+
+
+def bind(kernel: Kernel, variant, x: Tensor, y: Tensor, **fused) -> Callable[[], None]:
+    """Kernel.bind with the ops `fused` around it; `normed` (room for layer-normed rows) is
+    ours alone to use."""
+    if not isinstance(kernel, OURS):
+        fused.pop("normed", None)
+    return kernel.bind(x, y, variant, **fused)
