@@ -15,7 +15,7 @@ each distinct) under a 4 GiB memory budget.
             cores split between them.
 
     python bench/multimodel.py [--models 20] [--budget 4GiB] [--duration 30]
-                               [--parts cycle hot fair engines loops]
+                               [--parts cycle hot fair engines loops] [--quantize int4]
 """
 
 from __future__ import annotations
@@ -283,6 +283,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--parts", nargs="+", choices=["cycle", "hot", "fair", "engines", "loops"],
                    default=["cycle", "hot", "fair", "engines", "loops"])
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="the server's --quantize (the server's parts only: cycle, hot, fair)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     root = repository(args.models)
@@ -292,7 +294,8 @@ def main() -> None:
     tok = Tokenizer.from_dir(SHARED / "gpt2-tokenizer")
     texts = [tok.decode(i) for i in ids]
     print(f"{host_isa()}; measured read bandwidth {read_bandwidth() / 1e9:.1f} GB/s; "
-          f"{args.models} GPT-2 124M-shape fp32 models, budget {args.budget}, "
+          f"{args.models} GPT-2 124M-shape fp32 models (served with --quantize "
+          f"{args.quantize}), budget {args.budget}, "
           f"{args.kv} KV each, {args.threads} threads", flush=True)
     results: dict = {}
     for f in root.iterdir():  # warm the page cache, as the issue's figure asks
@@ -300,7 +303,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "gpt2serve.cli", "serve", "--model_dir", str(root),
            "--http_port", str(PORT), "--enable_grpc", "false", "--memory_budget", args.budget,
            "--kv_cache_memory", args.kv, "--max_batch_size", "16", "--load_models", "none",
-           "--threads", str(args.threads), "--load_timeout", "120"]
+           "--threads", str(args.threads), "--load_timeout", "120",
+           "--quantize", args.quantize]
     proc = start(cmd, f"{URL}/v2/health/ready")
     try:
         if "cycle" in args.parts:
