@@ -51,6 +51,8 @@ REPEATS = 3
 # L3 of an Emerald Rapids Xeon at twice its memory's bandwidth).
 WORKING_SET = 1.25
 ARITHMETIC = 8
+BY_ARITHMETIC = 32
+ARITHMETIC_REPEATS = 2
 SLOW = 3.0  # a candidate this many times slower than the fastest still running leaves the pass
 # and one this many times slower at some rows is not tried at more (torch's weight-only int8
 # took 0.7 s a call of the head at 32 rows); oneDNN's int8, slow at one row for the
@@ -166,9 +168,12 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
             seen[k, n], running[k, n] = _check(dtype, k, n, m, kinds, layouts, reference[k, n],
                                                dropped[k, n], generator)
         # Past ARITHMETIC rows a call is bound by arithmetic more than by memory (fp32 and
-        # int8 alike here): fewer copies, each class timed in about the same time; a prompt
-        # chunk's, by arithmetic alone, on one.
-        used = 1 if m == PROMPT_ROWS else max(2, copies * ARITHMETIC // max(m, ARITHMETIC))
+        # int8 alike here): fewer copies, each class timed in about the same time; from
+        # BY_ARITHMETIC rows (32 and prompt chunks), by arithmetic alone, on one copy and in
+        # fewer passes (on the 260 MiB L3 of a Xeon, whose working set leaves three copies
+        # a candidate, two copies at 32 rows took twice 16 rows' time).
+        alone = m >= BY_ARITHMETIC
+        used = 1 if alone else max(2, copies * ARITHMETIC // max(m, ARITHMETIC))
         calls, held = {}, []  # (held: the bound calls have their buffers' addresses only)
         for shape, names in running.items():
             calls[shape], buffers = _calls(shape, m, timed_n[shape], used,
@@ -177,7 +182,7 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
             held.append(buffers)
         passes = {(shape, name): [] for shape in shapes for name in running[shape]}
         left: dict[tuple, int] = {}  # passes each candidate left early
-        for _ in range(repeats):
+        for _ in range(min(repeats, ARITHMETIC_REPEATS) if alone else repeats):
             spent = dict.fromkeys(passes, 0.0)
             in_pass = {shape: list(names) for shape, names in running.items()}
             for i in range(used):
