@@ -234,8 +234,11 @@ def append_ledger(result: dict, ledger: Path = LEDGER) -> None:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     m = result["machine"]
+    # a serving run's workload: its rows compare with runs of as many new tokens a request
+    workload = result.get("sampling") or (f"greedy, {result['new_tokens']} new tokens"
+                                          if "levels" in result else "")
     run = {"date": datetime.date.today().isoformat(), "commit": commit,
-           "benchmark": result.get("benchmark", ""), "sampling": result.get("sampling", ""),
+           "benchmark": result.get("benchmark", ""), "sampling": workload,
            "cpu": m["cpu"], "isa": m["isa"], "cap": result.get("isa_cap", m.get("cap", "")),
            "threads": m.get("threads", ""), "bandwidth_gb_s": m.get("read_bandwidth_gb_s", "")}
     new = not ledger.exists()

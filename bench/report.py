@@ -136,7 +136,34 @@ def serving_table(r: dict) -> str:
                 rows.append([f"{LABEL.get(o, o)} / {LABEL.get(peer, peer)}",
                              *[ratio(by_c.get(c), pc.get(c)) for c in levels]])
         text += "\n" + "\n".join("| " + " | ".join(c) + " |" for c in rows) + "\n"
+    text += offline_peers_table(r)
     return text + skipped_line(r) + f"\n```bash\n{r['command']}\n```\n"
+
+
+def offline_peers_table(r: dict) -> str:
+    """Our server at c clients over each peer of its kind at batch c offline (serving.py
+    --offline): the peers have no server to race, so theirs is the figure without HTTP."""
+    offline = r.get("offline_peers")
+    if not offline:
+        return ""
+    levels = {n: {lv["concurrency"]: lv["tok_s"] for lv in rows}
+              for n, rows in r["levels"].items() if n.startswith("gpt2serve")}
+    clients = sorted({c for by in levels.values() for c in by})
+    rows = [["our server / the peer offline", *[f"{c} client{'s' if c > 1 else ''} / batch {c}"
+                                                for c in clients]],
+            ["---"] + ["---:"] * len(clients)]
+    for ours, by_c in levels.items():
+        for peer, by_batch in offline["tok_s"].items():
+            by_b = {int(b): v for b, v in by_batch.items()}  # (JSON's keys are strings)
+            if counterpart(peer) == ours:
+                rows.append([f"{LABEL.get(ours, ours)} / {LABEL.get(peer, peer)} "
+                             f"({', '.join(f'{by_b[c]:.1f}' for c in clients if c in by_b)})",
+                             *[ratio(by_c.get(c), by_b.get(c)) for c in clients]])
+    bw = offline.get("read_bandwidth_gb_s")
+    return (f"\nOver the peers offline (`--offline`: their tok/s, in parentheses, from the "
+            f"offline run of this machine and cap just before this one"
+            f"{f', {bw} GB/s' if bw else ''}):\n\n"
+            + "\n".join("| " + " | ".join(c) + " |" for c in rows) + "\n")
 
 
 def long_prompt_table(r: dict) -> str:

@@ -5,7 +5,12 @@ p50/p95 latency and p50/p95 time to first token per concurrency level and the ra
 writes them to bench/results/serving.json (bench/report.py makes the tables and plots).
 
     python bench/serving.py [--levels 1 4 8 16] [--duration 20] [--tokens 32] [--int8]
-                            [--int4] [--no-peers] [--rounds 3]
+                            [--int4] [--no-peers] [--rounds 3] [--offline RESULT]
+
+CTranslate2, OpenVINO and llama.cpp come as libraries, with no server of the kind to race
+through HTTP: `--offline` takes an offline.py result of this machine and cap (run just before,
+with as many new tokens) and sets our server at c clients beside each peer's batch of c there,
+a peer's figure without HTTP, tokenizer or clients to pay for.
 
 `--sampling` instead measures our server alone, through V1 `:predict` as aitextgen's users call
 it, in each sampling mode one after the other on the same server process: greedy, the V1
@@ -41,6 +46,7 @@ import httpx
 import torch
 
 from common import ROOT, gpt2_124m, host_isa, machine, prompts, read_bandwidth, write_result
+from report import counterpart
 
 MODEL = "aitextgen"
 
@@ -330,7 +336,11 @@ def main() -> None:
                         "rounds of the modes (default 3); with --stall: rounds (default 5)")
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="avx2: start every server capped at AVX2 (hardware.AVX2_CAP_ENV)")
+    p.add_argument("--offline", type=Path,
+                   help="an offline.py result (JSON) of this machine and cap: our server's "
+                        "tok/s at c clients over each peer's at batch c there")
     args = p.parse_args()
+    offline = offline_peers(args.offline, args.isa, args.tokens) if args.offline else None
     bandwidth = read_bandwidth()
     print(f"{host_isa({**os.environ, **caps(args)})}; measured read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")
@@ -394,11 +404,13 @@ def main() -> None:
             for row in rows:
                 print(f"{name:28s} {json.dumps(row)}")
     ratios(results)
+    if offline:
+        offline_ratios(results, offline)
     write_result(args.out, {
         "benchmark": "serving", "model": "GPT-2 124M, random weights, real vocabulary",
         "prompt_tokens": 16, "new_tokens": args.tokens, "duration_s": args.duration,
         "rounds": rounds, "isa_cap": args.isa, "levels": results, "ttft_under_load": ttft,
-        "skipped": skipped},
+        "skipped": skipped, **({"offline_peers": offline} if offline else {})},
         machine(bandwidth, {**os.environ, **caps(args)}),
         {"vllm": vllm_version(args.vllm_python)} if "vllm" in results else None)
 
@@ -418,6 +430,31 @@ def ratios(results: dict[str, list[dict]]) -> None:
             cells = [f"c={r['concurrency']}: {ours[r['concurrency']]['tok_s'] / r['tok_s']:.2f}x"
                      for r in rows if r["tok_s"] and r["concurrency"] in ours]
             print(f"aggregate tok/s, {ours_name} / {peer}: " + "  ".join(cells))
+
+
+
+def offline_peers(path: Path, isa: str, tokens: int) -> dict:
+    """The peers' tok/s by batch from an offline.py result, refused where its cap or
+    generation length differs from this run's (the ratio would compare two workloads)."""
+    r = json.loads(path.read_text())
+    if r.get("benchmark") != "offline" or r.get("isa_cap", "native") != isa:
+        raise SystemExit(f"--offline {path}: not an offline.py result capped as --isa {isa}")
+    if r["new_tokens"] != tokens:
+        raise SystemExit(f"--offline {path}: {r['new_tokens']} new tokens, this run --tokens "
+                         f"{tokens}")
+    return {"command": r["command"], "read_bandwidth_gb_s": r["machine"].get("read_bandwidth_gb_s"),
+            "tok_s": {n: {int(b): v for b, v in by.items()} for n, by in r["tok_s"].items()
+                      if not n.startswith("gpt2serve")}}
+
+
+def offline_ratios(results: dict[str, list[dict]], offline: dict) -> None:
+    for ours_name in [n for n in results if n.startswith("gpt2serve")]:
+        for peer, by_batch in offline["tok_s"].items():
+            if counterpart(peer) != ours_name:
+                continue
+            cells = [f"c={r['concurrency']}: {r['tok_s'] / by_batch[r['concurrency']]:.2f}x"
+                     for r in results[ours_name] if by_batch.get(r["concurrency"])]
+            print(f"aggregate tok/s, {ours_name} server / {peer} offline: " + "  ".join(cells))
 
 
 if __name__ == "__main__":
