@@ -432,7 +432,6 @@ def ratios(results: dict[str, list[dict]]) -> None:
             print(f"aggregate tok/s, {ours_name} / {peer}: " + "  ".join(cells))
 
 
-
 def offline_peers(path: Path, isa: str, tokens: int) -> dict:
     """The peers' tok/s by batch from an offline.py result, refused where its cap or
     generation length differs from this run's (the ratio would compare two workloads)."""
@@ -442,7 +441,8 @@ def offline_peers(path: Path, isa: str, tokens: int) -> dict:
     if r["new_tokens"] != tokens:
         raise SystemExit(f"--offline {path}: {r['new_tokens']} new tokens, this run --tokens "
                          f"{tokens}")
-    return {"command": r["command"], "read_bandwidth_gb_s": r["machine"].get("read_bandwidth_gb_s"),
+    return {"command": r["command"],
+            "read_bandwidth_gb_s": r["machine"].get("read_bandwidth_gb_s"),
             "tok_s": {n: {int(b): v for b, v in by.items()} for n, by in r["tok_s"].items()
                       if not n.startswith("gpt2serve")}}
 
