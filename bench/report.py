@@ -154,8 +154,8 @@ def offline_peers_table(r: dict) -> str:
             ["---"] + ["---:"] * len(clients)]
     for ours, by_c in levels.items():
         for peer, by_batch in offline["tok_s"].items():
-            by_b = {int(b): v for b, v in by_batch.items()}  # (JSON's keys are strings)
             if counterpart(peer) == ours:
+                by_b = {int(b): v for b, v in by_batch.items()}  # (JSON's keys are strings)
                 rows.append([f"{LABEL.get(ours, ours)} / {LABEL.get(peer, peer)} "
                              f"({', '.join(f'{by_b[c]:.1f}' for c in clients if c in by_b)})",
                              *[ratio(by_c.get(c), by_b.get(c)) for c in clients]])

@@ -46,7 +46,7 @@ import httpx
 import torch
 
 from common import ROOT, gpt2_124m, host_isa, machine, prompts, read_bandwidth, write_result
-from report import counterpart
+from report import offline_peers_table
 
 MODEL = "aitextgen"
 
@@ -405,7 +405,7 @@ def main() -> None:
                 print(f"{name:28s} {json.dumps(row)}")
     ratios(results)
     if offline:
-        offline_ratios(results, offline)
+        print(offline_peers_table({"levels": results, "offline_peers": offline}))
     write_result(args.out, {
         "benchmark": "serving", "model": "GPT-2 124M, random weights, real vocabulary",
         "prompt_tokens": 16, "new_tokens": args.tokens, "duration_s": args.duration,
@@ -445,16 +445,6 @@ def offline_peers(path: Path, isa: str, tokens: int) -> dict:
             "read_bandwidth_gb_s": r["machine"].get("read_bandwidth_gb_s"),
             "tok_s": {n: {int(b): v for b, v in by.items()} for n, by in r["tok_s"].items()
                       if not n.startswith("gpt2serve")}}
-
-
-def offline_ratios(results: dict[str, list[dict]], offline: dict) -> None:
-    for ours_name in [n for n in results if n.startswith("gpt2serve")]:
-        for peer, by_batch in offline["tok_s"].items():
-            if counterpart(peer) != ours_name:
-                continue
-            cells = [f"c={r['concurrency']}: {r['tok_s'] / by_batch[r['concurrency']]:.2f}x"
-                     for r in results[ours_name] if by_batch.get(r["concurrency"])]
-            print(f"aggregate tok/s, {ours_name} server / {peer} offline: " + "  ".join(cells))
 
 
 if __name__ == "__main__":
