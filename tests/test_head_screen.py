@@ -9,7 +9,7 @@ import torch
 from conftest import make_hf_model, run_engine
 from gpt2serve import checkpoint, kernel_choice, kernels, metrics
 from gpt2serve.model import TiedHead
-from gpt2serve.packing import HeadScreen, PackedHead
+from gpt2serve.packing import HeadScreen, PackedHead, ScreenChoice
 from gpt2serve.sampling import SamplingParams
 from gpt2serve.tokenizer import Tokenizer
 
@@ -94,9 +94,9 @@ def test_the_screen_declines_what_it_cannot_decide():
     assert full_argmax(head, h) == [0]
     head = packed_head(torch.randn(D, V))
     assert screened_argmax(head, torch.full((1, D), float("nan"))) is None
-    assert screened_argmax(head, torch.randn(head.screen.max_rows + 1, D)) is None
-    h = torch.randn(head.screen.max_rows, D)
-    assert screened_argmax(head, h) == full_argmax(head, h)
+    for rows in (4, 8):  # any number of rows (ScreenChoice says when it pays)
+        h = torch.randn(rows, D)
+        assert screened_argmax(head, h) == full_argmax(head, h)
 
 
 def test_the_screen_rests_after_declining_steps_in_a_row():
@@ -111,6 +111,41 @@ def test_the_screen_rests_after_declining_steps_in_a_row():
         assert screen.logits(h, [1]) is None
     assert [screen.promising([1]) for _ in range(screen.REST_STEPS)] == [False] * screen.REST_STEPS
     assert screen.promising([5]) and screen.promising([1])
+
+
+def choices(choice: ScreenChoice, m: int, k: int, seconds: dict[bool, float],
+            steps: int) -> list[bool]:
+    """The ways `choice` takes for `steps` steps of m rows and largest k, each taking
+    seconds[way]."""
+    ways = []
+    for _ in range(steps):
+        way = choice.screens(m, k)
+        choice.observe(m, k, way, seconds[way])
+        ways.append(way)
+    return ways
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_the_screen_choice_keeps_to_the_faster_way_beyond_a_few_rows(slow):
+    """Steps of 8 rows, one way made twice as slow: after both are tried WARMUP times, the
+    slow way runs only to look again, once in EXPLORE steps. Up to ALWAYS_ROWS rows the
+    screen is always read, and each k is measured apart."""
+    choice, C = ScreenChoice(), ScreenChoice
+    ways = choices(choice, 8, 1, {slow: 2e-3, not slow: 1e-3}, 2 * C.WARMUP + 10 * C.EXPLORE)
+    assert ways[:2 * C.WARMUP].count(slow) == C.WARMUP
+    assert ways[2 * C.WARMUP:].count(slow) == 10
+    assert all(choices(choice, C.ALWAYS_ROWS, 1, {True: 1.0, False: 1e-3}, 100))
+    later = choices(choice, 8, 50, {slow: 1e-3, not slow: 2e-3}, 2 * C.WARMUP + C.EXPLORE)
+    assert later[2 * C.WARMUP:].count(not slow) == 1  # k = 50 the other way round
+
+
+def test_the_screen_choice_leaves_a_way_that_turned_slow():
+    """The way taken slows down (another process, other text): within half a WINDOW of
+    its steps the other way, faster now, is taken."""
+    choice, C = ScreenChoice(), ScreenChoice
+    choices(choice, 6, 1, {True: 1e-3, False: 2e-3}, 2 * C.WARMUP + C.EXPLORE)
+    ways = choices(choice, 6, 1, {True: 3e-3, False: 2e-3}, C.WINDOW)
+    assert ways[C.WINDOW // 2 + 1:] == [False] * (C.WINDOW - C.WINDOW // 2 - 1)
 
 
 def test_no_screen_for_a_head_that_is_not_finite():
@@ -147,8 +182,9 @@ def test_steps_through_the_screen_generate_what_the_eager_engine_does(tmp_path):
     mixed = [(0.0, prompt(5), greedy), (0.0, prompt(30), top_k),
              (0.03, prompt(9), penalised), (0.06, prompt(2), at_least),
              (0.09, prompt(12), greedy), (0.12, prompt(4), nucleus)]
+    crowd = [(0.0, prompt(3 + i), greedy) for i in range(6)]  # steps of 6 rows: ScreenChoice
     for arrivals, fewest in (([(0.0, prompt(5), greedy)], 23),  # a step per token after the 1st
-                             ([(0.0, prompt(7), top_k)], 23), (mixed, 1)):
+                             ([(0.0, prompt(7), top_k)], 23), (mixed, 1), (crowd, 4)):
         _, eager = run_engine(model, tokenizer, arrivals, runner="eager")
         before = screened_steps()
         engine, screened = run_engine(model, tokenizer, arrivals)

@@ -13,6 +13,8 @@ steps skip the LM head's fp32 logits that cannot be among the k largest (HeadScr
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,20 +82,19 @@ class HeadScreen:
     and rounding is the fp32 dot product's (at most D·u·|h||w_i| over D inputs, u = 2^-24)
     and s_i's own (a few u·|s_i|). Every token whose upper bound reaches the k-th largest
     lower bound is a candidate, and every token whose logit is among the k largest (or equals
-    the k-th) is one. The candidates' panels get their fp32 logits from the kernel and row count the full head
-    uses, so they are the full head's to the bit; the other logits are -inf. The first largest
-    logit is then the full row's, and so is each of the k largest values (where two of them
-    tie exactly, the order torch.topk gives them is its own either way). For greedy decoding
-    the bound leaves one to a few candidates; top-k 50 leaves hundreds (docs/benchmarks.md).
-    Where more than half the panels would be recomputed (the int8 copy and those cost three
-    quarters of the head), the full head runs instead (`logits` returns None), and so it does
-    for more than `max_rows` rows: beyond that, screening cost more than it saved (measured
-    with the int8 kernel before its panels; not measured again since). After REST_AFTER such
-    declines in a row for the same k (flat logits, a large k), the screen sits out REST_STEPS
-    steps of that k (`promising`), then tries again."""
+    the k-th) is one. The candidates' panels get their fp32 logits from the kernel and row
+    count the full head uses, so they are the full head's to the bit; the other logits are
+    -inf. The first largest logit is then the full row's, and so is each of the k largest
+    values (where two of them tie exactly, the order torch.topk gives them is its own either
+    way). For greedy decoding the bound leaves one to a few candidates; top-k 50 leaves
+    hundreds (docs/benchmarks.md). Where more than half the panels would be recomputed (the
+    int8 copy and those cost three quarters of the head), the full head runs instead
+    (`logits` returns None). After REST_AFTER such declines in a row for the same k (flat
+    logits, a large k), the screen sits out REST_STEPS steps of that k (`promising`), then
+    tries again. Whether a step of more than a few rows gains by the screen at all is measured
+    on the steps themselves (`choice`, a ScreenChoice)."""
 
     U = 2.0 ** -24  # fp32's unit roundoff
-    max_rows = 4
     REST_AFTER, REST_STEPS = 4, 256
 
     @classmethod
@@ -135,6 +136,7 @@ class HeadScreen:
         # by a step's largest k: declines in a row, and steps left to sit out
         self._declines: dict[int, int] = {}
         self._resting: dict[int, int] = {}
+        self.choice = ScreenChoice()
 
     def promising(self, ks: list[int]) -> bool:
         """Whether to screen a step whose rows want their ks largest logits: not while the
@@ -150,7 +152,7 @@ class HeadScreen:
         among row i's ks[i] largest and -inf where they cannot; None where the screen leaves
         too many candidates (or h is not finite)."""
         m = h.shape[0]
-        if m > self.max_rows or not bool(torch.isfinite(h).all()):
+        if not bool(torch.isfinite(h).all()):
             return None
         h = h.contiguous()
         error = torch.empty(m)
@@ -179,6 +181,45 @@ class HeadScreen:
         logits = torch.full((m, self.n), -math.inf)
         logits[:, ids[real]] = exact[:, real]
         return logits
+
+
+class ScreenChoice:
+    """Whether a step of m rows that want up to k largest logits reads the head's screen or
+    the whole head, measured on the steps themselves. Up to ALWAYS_ROWS rows the screen has
+    paid on every machine measured (greedy batch 1: 1.22-1.24x tok/s). Beyond, it depends on
+    the machine and on k: at batch 8 an EPYC ran level (0.996x), and an Emerald Rapids Xeon's
+    fp32 model 1.08-1.17x faster with greedy rows but 0.93-1.03x with top-k 50
+    (docs/benchmarks.md). So for each (m, k) the first WARMUP steps each way alternate, then
+    the way whose last WINDOW steps took less time at the median is taken, and every
+    EXPLORE-th step goes the other way, so that a change in the machine or in the text is
+    seen. Both ways give the same tokens (the screen's logits are exact where they count), so
+    the choice costs time only: at most one step in EXPLORE the slower way. The model's own
+    traffic decides rather than logits made up at load, since how many candidates the screen
+    leaves depends on how peaked the model's logits are."""
+
+    ALWAYS_ROWS = 4
+    WARMUP, WINDOW, EXPLORE = 8, 16, 64
+
+    def __init__(self) -> None:
+        self._seconds: dict[tuple[int, int, bool], deque[float]] = {}
+        self._steps: dict[tuple[int, int], int] = {}
+
+    def screens(self, m: int, k: int) -> bool:
+        if m <= self.ALWAYS_ROWS:
+            return True
+        step = self._steps.get((m, k), 0)
+        self._steps[m, k] = step + 1
+        screened, full = (self._seconds.get((m, k, way), ()) for way in (True, False))
+        if len(screened) < self.WARMUP or len(full) < self.WARMUP:
+            return step % 2 == 0
+        faster = statistics.median(screened) <= statistics.median(full)
+        return faster != (step % self.EXPLORE == self.EXPLORE - 1)
+
+    def observe(self, m: int, k: int, screened: bool, seconds: float) -> None:
+        """A step's seconds from its hidden states to its logits: the screen's way (whether
+        it decided or declined), or the whole head's."""
+        if m > self.ALWAYS_ROWS:
+            self._seconds.setdefault((m, k, screened), deque(maxlen=self.WINDOW)).append(seconds)
 
 
 # The activations that are GELU's tanh form, which kernels.linear_f32 applies itself.

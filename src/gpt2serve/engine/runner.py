@@ -19,6 +19,7 @@ that are sampled (or scored) and samples them; the network itself (model.py) cho
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -212,14 +213,18 @@ class PlanRunner(EagerRunner):
         for the sampler, from the head's int8 copy and the few panels that can hold them."""
         hidden = self.plan.run(*decode_inputs(seqs), between_layers)
         screen = self.screen
-        if screen is not None and len(seqs) <= screen.max_rows:
-            ks = self.sampler.largest_needed(seqs)
-            if ks is not None and screen.promising(ks):
-                logits = screen.logits(self.model.ln_f(hidden), ks)
-                self.screen_outcomes["decided" if logits is not None else "full"].inc()
-                if logits is not None:
-                    return logits
-        return self.model.logits(hidden)
+        ks = self.sampler.largest_needed(seqs) if screen is not None else None
+        if ks is None:
+            return self.model.logits(hidden)
+        m, k, start = len(seqs), max(ks), time.perf_counter()
+        screened = screen.choice.screens(m, k) and screen.promising(ks)
+        logits = screen.logits(self.model.ln_f(hidden), ks) if screened else None
+        if screened:
+            self.screen_outcomes["decided" if logits is not None else "full"].inc()
+        if logits is None:
+            logits = self.model.logits(hidden)
+        screen.choice.observe(m, k, screened, time.perf_counter() - start)
+        return logits
 
 
 class CudaGraphRunner(EagerRunner):
