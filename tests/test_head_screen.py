@@ -139,6 +139,14 @@ def test_the_screen_choice_keeps_to_the_faster_way_beyond_a_few_rows(slow):
     assert later[2 * C.WARMUP:].count(not slow) == 1  # k = 50 the other way round
 
 
+def test_the_screen_choice_measures_k_by_powers_of_two():
+    """top_k 33 to 64 share their measurements, so requests' top_k values cannot grow them:
+    after steps of k = 50, steps of k = 33 need no warm-up of their own."""
+    choice = ScreenChoice()
+    choices(choice, 8, 50, {True: 2e-3, False: 1e-3}, 2 * ScreenChoice.WARMUP)
+    assert choices(choice, 8, 33, {True: 2e-3, False: 1e-3}, 8) == [False] * 8
+
+
 def test_the_screen_choice_leaves_a_way_that_turned_slow():
     """The way taken slows down (another process, other text): within half a WINDOW of
     its steps the other way, faster now, is taken."""

@@ -185,9 +185,10 @@ class HeadScreen:
 
 class ScreenChoice:
     """Whether a step of m rows that want up to k largest logits reads the head's screen or
-    the whole head, measured on the steps themselves. Up to ALWAYS_ROWS rows the screen has
-    paid on every machine measured (greedy batch 1: 1.22-1.24x tok/s). Beyond, it depends on
-    the machine and on k: at batch 8 an EPYC ran level (0.996x), and an Emerald Rapids Xeon's
+    the whole head, measured on the steps themselves (k rounded up to a power of two, so that
+    requests' top_k values cannot grow its tables). Up to ALWAYS_ROWS rows the screen has paid
+    on every machine measured (greedy batch 1: 1.22-1.24x tok/s). Beyond, it depends on the
+    machine and on k: at batch 8 an EPYC ran level (0.996x), and an Emerald Rapids Xeon's
     fp32 model 1.08-1.17x faster with greedy rows but 0.93-1.03x with top-k 50
     (docs/benchmarks.md). So for each (m, k) the first WARMUP steps each way alternate, then
     the way whose last WINDOW steps took less time at the median is taken, and every
@@ -207,6 +208,7 @@ class ScreenChoice:
     def screens(self, m: int, k: int) -> bool:
         if m <= self.ALWAYS_ROWS:
             return True
+        k = _power_of_two(k)
         step = self._steps.get((m, k), 0)
         self._steps[m, k] = step + 1
         screened, full = (self._seconds.get((m, k, way), ()) for way in (True, False))
@@ -219,7 +221,13 @@ class ScreenChoice:
         """A step's seconds from its hidden states to its logits: the screen's way (whether
         it decided or declined), or the whole head's."""
         if m > self.ALWAYS_ROWS:
-            self._seconds.setdefault((m, k, screened), deque(maxlen=self.WINDOW)).append(seconds)
+            key = (m, _power_of_two(k), screened)
+            self._seconds.setdefault(key, deque(maxlen=self.WINDOW)).append(seconds)
+
+
+def _power_of_two(k: int) -> int:
+    """k rounded up to a power of two."""
+    return 1 << (k - 1).bit_length()
 
 
 # The activations that are GELU's tanh form, which kernels.linear_f32 applies itself.
