@@ -189,7 +189,7 @@ class ScreenChoice:
     requests' top_k values cannot grow its tables). Up to ALWAYS_ROWS rows the screen has paid
     on every machine measured (greedy batch 1: 1.22-1.24x tok/s). Beyond, it depends on the
     machine and on k: at batch 8 an EPYC ran level (0.996x), and an Emerald Rapids Xeon's
-    fp32 model 1.08-1.17x faster with greedy rows but 0.93-1.03x with top-k 50
+    fp32 model 1.10-1.18x faster with greedy rows but 0.93-1.03x with top-k 50
     (docs/benchmarks.md). So for each (m, k) the first WARMUP steps each way alternate, then
     the way whose last WINDOW steps took less time at the median is taken, and every
     EXPLORE-th step goes the other way, so that a change in the machine or in the text is
