@@ -126,24 +126,29 @@ def read_bandwidth() -> float:
     return buf.nbytes / t
 
 
-# Intel family 6 models whose VMs often report only "Intel(R) Xeon(R) Processor": the
-# generation decides the memory system and the ISA, so the ledger names it.
+# CPU generations that VMs often hide behind a bare name ("Intel(R) Xeon(R) Processor",
+# "AMD EPYC"): the generation decides the memory system and the ISA, so the ledger names it.
+# Intel by family 6 model; AMD by family (AVX-512 tells Zen 4 from Zen 3 in the ISA column).
 INTEL_XEONS = {85: "Skylake/Cascade Lake", 106: "Ice Lake", 108: "Ice Lake",
                143: "Sapphire Rapids", 207: "Emerald Rapids", 173: "Granite Rapids"}
+AMD_EPYCS = {23: "Zen/Zen 2", 25: "Zen 3/Zen 4", 26: "Zen 5"}
 
 
 def cpu_model() -> str:
     """The CPU's name as /proc/cpuinfo gives it (or the platform's word for it), with the
-    generation added where the name is a bare "Intel(R) Xeon(R) Processor"."""
+    generation added where the name is a bare "Intel(R) Xeon(R) Processor" or "AMD EPYC"."""
     import platform
 
     from gpt2serve.hardware import cpu_info
 
     fields = cpu_info()
     name = fields.get("model name") or platform.processor() or platform.machine()
+    family = int(fields.get("cpu family", "0") or 0)
     model = int(fields.get("model", "0") or 0)
     if name == "Intel(R) Xeon(R) Processor" and model in INTEL_XEONS:
         name += f" ({INTEL_XEONS[model]}; model {model})"
+    elif name == "AMD EPYC" and family in AMD_EPYCS:
+        name += f" ({AMD_EPYCS[family]}; family {family} model {model})"
     return name
 
 
