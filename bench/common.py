@@ -242,6 +242,8 @@ def append_ledger(result: dict, ledger: Path = LEDGER) -> None:
     # a serving run's workload: its rows compare with runs of as many new tokens a request
     workload = result.get("sampling") or (f"greedy, {result['new_tokens']} new tokens"
                                           if "levels" in result else "")
+    if result.get("prompt_tokens", PROMPT_TOKENS) != PROMPT_TOKENS:  # not the standard run's
+        workload += f", {result['prompt_tokens']}-token prompts"
     run = {"date": datetime.date.today().isoformat(), "commit": commit,
            "benchmark": result.get("benchmark", ""), "sampling": workload,
            "cpu": m["cpu"], "isa": m["isa"], "cap": result.get("isa_cap", m.get("cap", "")),

@@ -12,8 +12,9 @@ decode step does (so every weight comes from memory, not from cache): kernels.in
 fbgemm's `quantized::linear_dynamic`, per number of rows (at load, kernel_choice.py measures
 these and the other candidates per matrix shape itself). Decode attention: kernels.decode_attention vs the torch ops of
 model.Block._attend (store, gather, scaled-dot-product attention), 12 layers, per batch size
-and context length. Run it under the AVX2 cap with `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` (and the
-rest of hardware.AVX2_CAP_ENV) in the environment.
+and context length, and ours again on an fp16 cache (--kv_cache_dtype float16). Run it under
+the AVX2 cap with `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` (and the rest of hardware.AVX2_CAP_ENV)
+in the environment. `--parts attention` runs only that part.
 """
 
 from __future__ import annotations
@@ -103,22 +104,34 @@ def decode_attention(batches: list[int], contexts: list[int], repeats: int) -> N
     cfg = GPTConfig()
     block = Block(cfg, 0)  # its _attend: the torch ops, or ours for groups that allow it
     print("\ndecode attention, 12 layers of GPT-2 124M, ms per step (median of "
-          f"{repeats}): torch ops (gather + SDPA) vs ours, in place")
+          f"{repeats}): torch ops (gather + SDPA) vs ours, in place, on an fp32 cache; ours "
+          "on an fp16 cache")
     for n in batches:
         for context in contexts:
-            cache, blocks = KVCache.for_sequences(cfg, n, context + 1, torch.float32, "cpu")
-            blocks = blocks.flatten()[torch.randperm(blocks.numel())].view(blocks.shape)
             qkv = torch.randn(n, 3 * cfg.n_embd)
             pos = torch.full((n,), context)
             times = {}
-            for enabled in (False, True):
+            for name, enabled, dtype in (("torch", False, torch.float32),
+                                         ("ours", True, torch.float32),
+                                         ("ours fp16", True, torch.float16)):
                 kernels.ENABLED = enabled
+                # a cache of each its own, as large as the context needs, written (its
+                # untouched pages would all read the one zero page, from the caches)
+                cache, blocks = KVCache.for_sequences(cfg, n, context + 1, dtype, "cpu")
+                cache.kv.normal_()
+                blocks = blocks.flatten()[torch.randperm(blocks.numel())].view(blocks.shape)
                 group = Group(cache, torch.zeros(n, 1, dtype=torch.long), pos, blocks,
                               in_place=kernels.runs_decode_attention(cache.kv))
-                times[enabled] = median_time(
+                if name == "ours fp16" and not group.in_place:
+                    continue  # no AVX2 with F16C here
+                times[name] = median_time(
                     lambda: [block._attend(qkv, kv, group) for kv in cache.kv], repeats)
-            print(f"  batch {n:2d}, context {context:4d}: torch {times[False] * 1e3:6.2f}  "
-                  f"ours {times[True] * 1e3:6.2f}  {times[False] / times[True]:.2f}x")
+            half = (f"  ours fp16 {times['ours fp16'] * 1e3:6.2f} "
+                    f"({times['ours'] / times['ours fp16']:.2f}x ours fp32)"
+                    if "ours fp16" in times else "")
+            print(f"  batch {n:2d}, context {context:4d}: torch {times['torch'] * 1e3:6.2f}  "
+                  f"ours {times['ours'] * 1e3:6.2f}  {times['torch'] / times['ours']:.2f}x"
+                  + half)
     kernels.ENABLED = True
 
 
@@ -129,6 +142,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1000])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--parts", nargs="+", choices=["fp32", "int8", "attention"],
+                   default=["fp32", "int8", "attention"])
     args = p.parse_args()
     from gpt2serve import hardware, kernels
 
@@ -138,11 +153,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"{host_isa()}; fbgemm {hardware.fbgemm_isa()}; measured read bandwidth "
           f"{read_bandwidth() / 1e9:.1f} GB/s")
-    if kernels.F32_RUNS:
+    if kernels.F32_RUNS and "fp32" in args.parts:
         fp32_matmuls(args.rows + args.prompt_rows, args.repeats)
-    if kernels.INT8_RUNS:
+    if kernels.INT8_RUNS and "int8" in args.parts:
         int8_matmuls(args.rows, args.repeats)
-    decode_attention(args.batches, args.contexts, args.repeats)
+    if "attention" in args.parts:
+        decode_attention(args.batches, args.contexts, args.repeats)
 
 
 if __name__ == "__main__":

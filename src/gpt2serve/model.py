@@ -134,8 +134,10 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _store(kv: Tensor, rows: Tensor, new_kv: Tensor) -> None:
-    """Write new keys and values [N, 2, H, head_dim] at `rows` (KVCache.rows)."""
-    kv.view(-1, kv.shape[-1]).index_copy_(0, rows, new_kv.reshape(-1, kv.shape[-1]))
+    """Write new keys and values [N, 2, H, head_dim] at `rows` (KVCache.rows), in the
+    cache's dtype (--kv_cache_dtype)."""
+    new = new_kv.reshape(-1, kv.shape[-1]).to(kv.dtype)
+    kv.view(-1, kv.shape[-1]).index_copy_(0, rows, new)
 
 
 def _gather(kv: Tensor, used: Tensor, N: int, L: int,
@@ -260,6 +262,8 @@ class Block(nn.Module):
         _store(kv, g.rows, qkv[:, D:] if g.valid is None else qkv[g.valid, D:])
         k, v = _gather(kv, g.used, g.N, g.L, g.gathered)
         q = qkv[:, :D].view(g.N, g.T, self.n_head, self.head_dim).transpose(1, 2)
+        if k.dtype != q.dtype:  # a cache of another dtype (--kv_cache_dtype) is read in q's
+            k, v = k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=self.scale)
         return y.transpose(1, 2).reshape(g.size, D)
 

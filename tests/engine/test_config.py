@@ -27,11 +27,14 @@ def test_every_engine_setting_is_a_serve_flag_read_back_as_given():
     assert EngineConfig.from_args(args) == EngineConfig()
     args = serve_parser().parse_args(["--max_batch_size", "3", "--kv_cache_memory", "2MiB",
                                       "--enforce_eager", "--max_model_len", "64",
-                                      "--request_timeout", "1.5", "--threads", "2"])
+                                      "--request_timeout", "1.5", "--threads", "2",
+                                      "--kv_cache_dtype", "float16"])
     config = EngineConfig.from_args(args)
     assert (config.max_batch_size, config.kv_cache_memory, config.enforce_eager,
-            config.max_model_len, config.request_timeout, config.threads) == (
-        3, 2 << 20, True, 64, 1.5, 2)
+            config.max_model_len, config.request_timeout, config.threads,
+            config.kv_cache_dtype) == (3, 2 << 20, True, 64, 1.5, 2, "float16")
+    with pytest.raises(SystemExit):  # argparse names the choices
+        serve_parser().parse_args(["--kv_cache_dtype", "fp8"])
 
 
 def test_the_readme_flag_table_lists_exactly_the_serve_flags():
@@ -50,7 +53,8 @@ def test_the_readme_flag_table_lists_exactly_the_serve_flags():
 
 
 @pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"block_size": 0},
-                                 {"max_model_len": 0}, {"request_timeout": 0}])
+                                 {"max_model_len": 0}, {"request_timeout": 0},
+                                 {"kv_cache_dtype": "fp8"}])
 def test_settings_out_of_range_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineConfig(**bad)

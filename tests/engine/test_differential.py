@@ -25,6 +25,7 @@ not rounding. MIXES mixes run in `make test`; GPT2SERVE_DIFFERENTIAL_MIXES runs 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -70,7 +71,11 @@ RUNNERS = [("eager", "fp32", "eager"), ("plan", "fp32", "plan"),
            ("torch-kernels-plan", "fp32-torch", "plan"),
            ("int8", "int8", "eager"), ("int8-plan", "int8", "plan"),
            ("int8-torch-kernels-plan", "int8-torch", "plan"),
-           ("int4", "int4", "eager"), ("int4-plan", "int4", "plan")]
+           ("int4", "int4", "eager"), ("int4-plan", "int4", "plan"),
+           ("fp16-cache-plan", "fp32-fp16-cache", "plan")]
+# Weights whose engines (and reference) keep keys and values in another dtype: the fp32 model
+# with --kv_cache_dtype float16, its reference the eager runner's torch ops on the same cache.
+CACHE_DTYPE = {"fp32-fp16-cache": "float16"}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,7 @@ def models():
             "fp32-torch": checkpoint.load(None, kernels="torch")[0],
             "int8-torch": checkpoint.load(None, quantize="int8", kernels="torch")[0],
             "int4": checkpoint.load(None, quantize="int4", kernels="ours")[0],
-            }, tokenizer
+            "fp32-fp16-cache": fp32}, tokenizer
 
 
 def draw_params(rng: random.Random, vocab: int) -> dict:
@@ -248,13 +253,25 @@ def nearly_same(got: Outcome, want: Outcome, where: str) -> list[bool]:
     return same
 
 
+def with_cache(config: EngineConfig, weights: str) -> EngineConfig:
+    """config with the weights' cache dtype, its budget scaled to the same number of blocks."""
+    dtype = CACHE_DTYPE.get(weights)
+    if dtype is None:
+        return config
+    budget = config.kv_cache_memory
+    if budget:
+        budget = budget * getattr(torch, dtype).itemsize // 4
+    return dataclasses.replace(config, kv_cache_dtype=dtype, kv_cache_memory=budget)
+
+
 def engines(by_weights: dict, tokenizer, config: EngineConfig) -> list[tuple[str, str, Engine]]:
     """(name, weights, engine) for each of RUNNERS this machine has."""
     out = []
     for name, weights, runner in RUNNERS:
         try:
-            out.append((name, weights, Engine(by_weights[weights], tokenizer, config,
-                                              runner=runner, threaded=False)))
+            out.append((name, weights, Engine(by_weights[weights], tokenizer,
+                                              with_cache(config, weights), runner=runner,
+                                              threaded=False)))
         except ValueError as e:  # the runner declines: say so, run the others
             assert "runner cannot serve" in str(e), e
     return out
@@ -267,7 +284,7 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, chun
     ids = tokenizer.encode(TEXT * 2)
     vocab = by_weights["fp32"].config.vocab_size
     cold = EngineConfig(max_batch_size=3, enable_prefix_caching=False)
-    references = {w: Engine(m, tokenizer, cold, runner="eager", threaded=False)
+    references = {w: Engine(m, tokenizer, with_cache(cold, w), runner="eager", threaded=False)
                   for w, m in by_weights.items()}
     # Small chunks and blocks, and a KV budget that makes calls wait for blocks.
     config = EngineConfig(max_batch_size=8, max_prefill_tokens=32, block_size=8,
@@ -275,6 +292,8 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, chun
     runners = engines(by_weights, tokenizer, config)
     if kernels.F32_RUNS:
         assert {"plan", "plan-unscreened"} <= {name for name, _, _ in runners}
+    if kernels.HALF_RUNS:  # the fp16 cache is read in place by our decode attention
+        assert all(e.runner.in_place for n, _, e in runners if n == "fp16-cache-plan")
     ties, int8_same = collections.Counter(), collections.Counter()
     ours_int8_same = collections.Counter()
     hits = metrics.PREFIX_CACHE_HITS.labels("")._value.get()

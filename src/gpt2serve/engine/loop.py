@@ -57,8 +57,8 @@ class Engine:
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
         param = next(model.parameters())
         self.device = param.device
-        self.cache = kv_cache.allocate(cfg, param.dtype, self.device, config.block_size,
-                                       config.kv_cache_memory,
+        self.cache = kv_cache.allocate(cfg, config.cache_dtype(param.dtype), self.device,
+                                       config.block_size, config.kv_cache_memory,
                                        config.max_batch_size * self.context, self.context)
         sampler = Sampler(cfg.vocab_size, self.eos_id, self.device)
         blocks = kv_cache.BlockManager(self.cache.num_blocks, self.cache.block_size,

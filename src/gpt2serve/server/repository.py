@@ -491,7 +491,8 @@ class Repository(ModelRepository):
         if self.settings.device.type == "cpu":
             weights += cfg.vocab_size * d  # the LM head's int8 screen
         context = self.config.context(cfg.n_positions)
-        block = KVCache.block_bytes(cfg, self.config.block_size, self.settings.dtype)
+        block = KVCache.block_bytes(cfg, self.config.block_size,
+                                    self.config.cache_dtype(self.settings.dtype))
         wanted = -(-self.config.max_batch_size * context // self.config.block_size) * block
         kv = min(self.config.kv_cache_memory or wanted, wanted)
         return weights + kv
