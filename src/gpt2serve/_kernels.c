@@ -100,6 +100,12 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
+/* The next block of a sequence's keys or values, `bytes` from `row`, into L2 while this one
+is read: a pool hands blocks out in any order, so memory's own prefetcher stops at each. */
+static inline __attribute__((always_inline)) void prefetch_block(const char *row, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+}
+
 /* Compiled into each ISA's variant below, once for each cache dtype, with that ISA's row
 operations: for fp32 the plain loops, which the compiler vectorizes for the ISA; for fp16
 intrinsics that widen in registers (widened into a buffer first, each row's store and reload
@@ -122,6 +128,8 @@ static inline __attribute__((always_inline)) void attend_one(const decode_args *
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
         const char *k_row = cache_row(a, half, 0, head, table[j0 / bs], 0);
         const int64_t count = length - j0 < bs ? length - j0 : bs;
+        if (j0 + bs < length) prefetch_block(cache_row(a, half, 0, head, table[j0 / bs + 1], 0),
+                                             bs * step);
         for (int64_t t = 0; t < count; ++t, k_row += step) {
             const float s = dot(q, k_row, hd) * a->scale;
             scores[j0 + t] = s;
@@ -141,6 +149,8 @@ static inline __attribute__((always_inline)) void attend_one(const decode_args *
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
         const char *v_row = cache_row(a, half, 1, head, table[j0 / bs], 0);
         const int64_t count = length - j0 < bs ? length - j0 : bs;
+        if (j0 + bs < length) prefetch_block(cache_row(a, half, 1, head, table[j0 / bs + 1], 0),
+                                             bs * step);
         for (int64_t t = 0; t < count; ++t, v_row += step)
             axpy(o, scores[j0 + t] / total, v_row, hd);
     }
