@@ -17,7 +17,7 @@ def _flag(help: str, parse: Callable[[str], Any] | None = None, **kw: Any) -> di
     return {"help": help, "parse": parse, **kw}
 
 
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
 
 
 @dataclass(frozen=True)
