@@ -65,9 +65,9 @@ def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
 
     qkv [N, 3D]: their queries, keys and values (c_attn's output, rows contiguous); kv: one
     layer of the cache, [2, H, num_blocks, block_size, head_dim], contiguous, fp32 or fp16
-    (runs_decode_attention); blocks [N, width]
-    int64 block tables; pos [N] int64, each token's position. The new keys and values are
-    written at pos first; each query then attends to positions 0..pos of its sequence."""
+    (runs_decode_attention); blocks [N, width] int64 block tables; pos [N] int64, each
+    token's position. The new keys and values are written at pos first; each query then
+    attends to positions 0..pos of its sequence."""
     out = torch.empty(qkv.shape[0], kv.shape[1] * kv.shape[4], dtype=qkv.dtype)
     bind_decode_attention(qkv, kv, blocks, pos, scale, out, isa)()
     return out
