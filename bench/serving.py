@@ -45,7 +45,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from common import ROOT, gpt2_124m, host_isa, machine, prompts, read_bandwidth, write_result
+from common import (PROMPT_TOKENS, ROOT, gpt2_124m, host_isa, machine, prompts, read_bandwidth,
+                    write_result)
 from report import offline_peers_table
 
 MODEL = "aitextgen"
@@ -408,7 +409,7 @@ def main() -> None:
         print(offline_peers_table({"levels": results, "offline_peers": offline}))
     write_result(args.out, {
         "benchmark": "serving", "model": "GPT-2 124M, random weights, real vocabulary",
-        "prompt_tokens": 16, "new_tokens": args.tokens, "duration_s": args.duration,
+        "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.tokens, "duration_s": args.duration,
         "rounds": rounds, "isa_cap": args.isa, "levels": results, "ttft_under_load": ttft,
         "skipped": skipped, **({"offline_peers": offline} if offline else {})},
         machine(bandwidth, {**os.environ, **caps(args)}),
@@ -433,14 +434,17 @@ def ratios(results: dict[str, list[dict]]) -> None:
 
 
 def offline_peers(path: Path, isa: str, tokens: int) -> dict:
-    """The peers' tok/s by batch from an offline.py result, refused where its cap or
-    generation length differs from this run's (the ratio would compare two workloads)."""
+    """The peers' tok/s by batch from an offline.py result, refused where its cap, prompt
+    or generation length differs from this run's (the ratio would compare two workloads)."""
     r = json.loads(path.read_text())
     if r.get("benchmark") != "offline" or r.get("isa_cap", "native") != isa:
         raise SystemExit(f"--offline {path}: not an offline.py result capped as --isa {isa}")
     if r["new_tokens"] != tokens:
         raise SystemExit(f"--offline {path}: {r['new_tokens']} new tokens, this run --tokens "
                          f"{tokens}")
+    if r.get("prompt_tokens", PROMPT_TOKENS) != PROMPT_TOKENS:
+        raise SystemExit(f"--offline {path}: {r['prompt_tokens']}-token prompts, this run's "
+                         f"are {PROMPT_TOKENS}")
     return {"command": r["command"],
             "read_bandwidth_gb_s": r["machine"].get("read_bandwidth_gb_s"),
             "tok_s": {n: {int(b): v for b, v in by.items()} for n, by in r["tok_s"].items()
