@@ -197,17 +197,29 @@ def test_serve_logs_the_playground_url(tiny_model, tmp_path):
 
 # ---- in the browser ----
 
+# Records the first sample's length at every change of the page, in the browser: polled from
+# the test, a fast machine finished the 120 tokens between two looks.
+RECORD_LENGTHS = """
+window.lengthsSeen = [];
+window.lengthsObserver = new MutationObserver(() => {
+  const generated = document.querySelector('.sample .generated');
+  const seen = window.lengthsSeen, n = generated ? generated.textContent.length : 0;
+  if (n && seen[seen.length - 1] !== n) seen.push(n);
+});
+window.lengthsObserver.observe(document.body, {childList: true, subtree: true,
+                                               characterData: true});
+"""
+
+
 def test_generate_streams_text_then_finishes(srv, page):
     type_into(page, "prompt", "ROMEO:")
     set_params(page, max_tokens=120, seed=11)
     el(page, "ignore_eos").click()  # all 120 tokens, whatever the model samples
+    page.execute_script(RECORD_LENGTHS)
     el(page, "generate").click()
-    lengths = []
     while state(page) in ("idle", "streaming"):
-        got = samples(page)
-        if got and got[0] and (not lengths or len(got[0]) != lengths[-1]):
-            lengths.append(len(got[0]))
         time.sleep(0.05)
+    lengths = page.execute_script("window.lengthsObserver.disconnect(); return window.lengthsSeen;")
     assert state(page) == "done", el(page, "error").text
     final = samples(page)[0]
     # Seen while streaming: some text, then more, then more (at least two updates).
