@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from common import (NEW_TOKENS, PROMPT_TOKENS, ROOT, gpt2_124m, host_isa, llama_cpp_gguf,
-                    machine, median_time, prompts, read_bandwidth, write_result)
+from common import (CACHE, NEW_TOKENS, PROMPT_TOKENS, ROOT, gpt2_124m, host_isa,
+                    llama_cpp_gguf, machine, median_time, prompts, read_bandwidth, write_result)
 
 
 WEIGHT_BYTES: dict[str, int] = {}
@@ -113,7 +113,7 @@ def stderr_lines():
 def ctranslate2_runner(folder: Path, mode: dict, compute_type: str):
     import ctranslate2
 
-    out = ROOT / "bench" / "results" / "cache" / "ct2-gpt2-124m"
+    out = CACHE / "ct2-gpt2-124m"
     if not (out / "model.bin").exists():
         ctranslate2.converters.TransformersConverter(str(folder)).convert(str(out), force=True)
     threads = peer_threads()
@@ -280,7 +280,10 @@ def main() -> None:
                    help="folder holding an AVX2-only llama-cpp-python (pip install --target; "
                         "docs/peers-setup.md) that the llama.cpp rows import under --isa avx2 "
                         "(env LLAMA_CPP_AVX2; default bench/results/llama-cpp-avx2 if there)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "offline.json")
+    p.add_argument("--out", type=Path, default=CACHE / "offline.json",
+                   help="the results' JSON; one directly in bench/results is a standard run "
+                        "and also appends the ledger (bench/results/ledger.csv), the default "
+                        "is scratch")
     p.add_argument("--runner", help=argparse.SUPPRESS)  # internal: measure one, print JSON
     args = p.parse_args()
     PROMPT_TOKENS = args.prompt_tokens  # the engines' prompts (and context) in this process
