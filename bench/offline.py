@@ -293,9 +293,10 @@ def main() -> None:
         "gpt2serve fp32": lambda: ours(folder, mode),
         "gpt2serve int8": lambda: ours(folder, mode, "int8"),
         "gpt2serve int4": lambda: ours(folder, mode, "int4"),
-        # the KV cache in fp16 (--kv_cache_dtype float16): llama.cpp's default, for long prompts
+        # the other KV cache dtype (--kv_cache_dtype), for long prompts: fp16 on the fp32
+        # model (llama.cpp's default), fp32 on the int8 model (whose default is fp16)
         "gpt2serve fp32 kv16": lambda: ours(folder, mode, None, "float16"),
-        "gpt2serve int8 kv16": lambda: ours(folder, mode, "int8", "float16"),
+        "gpt2serve int8 kv32": lambda: ours(folder, mode, "int8", "float32"),
         "transformers fp32": lambda: hf_generate(folder, mode),
         "ctranslate2 fp32": lambda: ctranslate2_runner(folder, mode, "float32"),
         "ctranslate2 int8": lambda: ctranslate2_runner(folder, mode, "int8"),

@@ -1,7 +1,7 @@
 """The paged KV cache and chunked prefill, over real HTTP against the server process: a budget
 too small fails at start-up, capacity is counted in tokens rather than full-context slots (an
-fp16 cache holds twice as many), n > 1 siblings share their prompt, and a long prompt is read
-in chunks beside running streams."""
+fp16 cache holds twice as many, and a quantized model's is fp16 by default), n > 1 siblings
+share their prompt, and a long prompt is read in chunks beside running streams."""
 
 import asyncio
 import subprocess
@@ -92,6 +92,26 @@ def test_an_fp16_cache_holds_twice_the_tokens_and_is_shared_as_the_fp32_one(long
         three = post(url, {"instances": [{**body, "n": 3}]}).json()["predictions"][0]
         assert three == [alone] * 3 and len(alone) > len(body["prompt"])
         assert metric(srv, "gpt2serve_kv_cache_usage_ratio") == 0
+
+
+def test_a_quantized_model_gets_the_fp16_cache_unless_told_otherwise(long_model):
+    """--quantize int8 without --kv_cache_dtype: where our decode kernel reads fp16 in place
+    (F16C), the cache is fp16 and the 64 MiB hold 16,384 tokens; --kv_cache_dtype float32
+    keeps 8,192. Siblings still read the first's blocks."""
+    from gpt2serve import kernels  # what the server process finds on this CPU
+
+    for flags, tokens in (([], 16384 if kernels.HALF_RUNS else 8192),
+                          (["--kv_cache_dtype", "float32"], 8192)):
+        with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
+                            "--kv_cache_memory", "64MiB", "--quantize", "int8",
+                            *flags) as srv:
+            assert metric(srv, "gpt2serve_kv_cache_capacity_tokens") == tokens
+            url = f"{srv.url}/v1/models/{MODEL}:predict"
+            body = {"prompt": "JULIET: O Romeo", "max_new_tokens": 100, "do_sample": False,
+                    "ignore_eos": True}
+            alone = post(url, {"instances": [body]}).json()["predictions"][0]
+            three = post(url, {"instances": [{**body, "n": 3}]}).json()["predictions"][0]
+            assert three == [alone] * 3 and len(alone) > len(body["prompt"])
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 
 from conftest import SHARED, make_hf_model
 from gpt2serve import checkpoint, hardware, kernels
+from gpt2serve.engine import EngineConfig
 from gpt2serve.model import KVCache
 
 # Romeo and Juliet, Act II Scene II (public domain).
@@ -52,9 +53,12 @@ By any other name would smell as sweet;
 
 def teacher_forced_logits(folder, quantize, ids, how):
     """Logits at every position of ids: read as one prompt (fbgemm's GEMM for int8), or one
-    token per decode step (our small-batch kernel, kernels.int8_linear)."""
+    token per decode step (our small-batch kernel, kernels.int8_linear), each step's keys and
+    values stored in the cache an engine of these weights holds by default (fp16 for int8
+    and int4 where our decode kernel reads it: EngineConfig.cache_dtype)."""
     model, _ = checkpoint.load(folder, quantize=quantize)
-    cache, blocks = KVCache.for_sequences(model.config, 1, len(ids), torch.float32, "cpu")
+    dtype = EngineConfig().cache_dtype(torch.float32, quantized=quantize is not None)
+    cache, blocks = KVCache.for_sequences(model.config, 1, len(ids), dtype, "cpu")
     ids = torch.tensor(ids)
     if how == "prompt":
         return model.prefill(ids, cache, blocks[0], all_logits=True)

@@ -7,7 +7,9 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
+from gpt2serve import kernels
 from gpt2serve.cli import ENGINE_FLAGS, build_parser
 from gpt2serve.engine import EngineConfig
 
@@ -58,3 +60,17 @@ def test_the_readme_flag_table_lists_exactly_the_serve_flags():
 def test_settings_out_of_range_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineConfig(**bad)
+
+
+def test_the_cache_dtype_auto_is_the_models_but_fp16_for_a_quantized_cpu_model():
+    """int8 and int4 models get an fp16 cache where our decode kernel reads it in place
+    (kernels.HALF_RUNS: F16C); a flag other than auto is taken as given."""
+    auto = EngineConfig()
+    quantized = torch.float16 if kernels.HALF_RUNS else torch.float32
+    assert auto.cache_dtype(torch.float32, quantized=True) == quantized
+    assert auto.cache_dtype(torch.float32, quantized=False) == torch.float32
+    assert auto.cache_dtype(torch.bfloat16, quantized=False) == torch.bfloat16
+    for given in ("float32", "float16"):
+        for q in (True, False):
+            assert (EngineConfig(kv_cache_dtype=given).cache_dtype(torch.float32, quantized=q)
+                    == getattr(torch, given))

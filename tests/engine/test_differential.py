@@ -75,6 +75,7 @@ RUNNERS = [("eager", "fp32", "eager"), ("plan", "fp32", "plan"),
            ("fp16-cache-plan", "fp32-fp16-cache", "plan")]
 # Weights whose engines (and reference) keep keys and values in another dtype: the fp32 model
 # with --kv_cache_dtype float16, its reference the eager runner's torch ops on the same cache.
+# (int8 and int4 engines hold an fp16 cache by default where our decode kernel reads it.)
 CACHE_DTYPE = {"fp32-fp16-cache": "float16"}
 
 
@@ -254,14 +255,15 @@ def nearly_same(got: Outcome, want: Outcome, where: str) -> list[bool]:
 
 
 def with_cache(config: EngineConfig, weights: str) -> EngineConfig:
-    """config with the weights' cache dtype, its budget scaled to the same number of blocks."""
-    dtype = CACHE_DTYPE.get(weights)
-    if dtype is None:
-        return config
+    """config with the weights' cache dtype, its budget (given for an fp32 cache) scaled to
+    the same number of blocks in the dtype the engine will hold: int8 and int4 engines get
+    the fp16 cache by default (EngineConfig.cache_dtype)."""
+    config = dataclasses.replace(config, kv_cache_dtype=CACHE_DTYPE.get(weights, "auto"))
+    dtype = config.cache_dtype(torch.float32, quantized=weights.startswith("int"))
     budget = config.kv_cache_memory
     if budget:
-        budget = budget * getattr(torch, dtype).itemsize // 4
-    return dataclasses.replace(config, kv_cache_dtype=dtype, kv_cache_memory=budget)
+        budget = budget * dtype.itemsize // 4
+    return dataclasses.replace(config, kv_cache_memory=budget)
 
 
 def engines(by_weights: dict, tokenizer, config: EngineConfig) -> list[tuple[str, str, Engine]]:

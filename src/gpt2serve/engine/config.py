@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 
+from .. import kernels
+
 
 def _flag(help: str, parse: Callable[[str], Any] | None = None, **kw: Any) -> dict:
     return {"help": help, "parse": parse, **kw}
@@ -32,10 +34,11 @@ class EngineConfig:
         "90%% of free GPU memory on CUDA; in a repository, 1/16 of --memory_budget)",
         parse="size"))
     kv_cache_dtype: str = field(default="auto", metadata=_flag(
-        "what the KV cache holds: auto = the model's dtype; float16 halves the bytes a "
-        "position takes on a float32 model, so the cache holds twice the tokens and long "
-        "contexts attend faster, at fp16's rounding of each key and value (greedy text may "
-        "then part from transformers' after many tokens)", choices=KV_CACHE_DTYPES))
+        "what the KV cache holds: auto = the model's dtype, but float16 for int8 and int4 "
+        "models on CPU; float16 halves the bytes a position takes on a float32 model, so the "
+        "cache holds twice the tokens and long contexts attend faster, at fp16's rounding of "
+        "each key and value (greedy text may then part from transformers' after many "
+        "tokens)", choices=KV_CACHE_DTYPES))
     block_size: int = field(default=16, metadata=_flag(
         "positions per KV-cache block"))
     max_prefill_tokens: int = field(default=512, metadata=_flag(
@@ -73,11 +76,19 @@ class EngineConfig:
         if self.max_queue < 0 or self.request_timeout <= 0:
             raise ValueError("max_queue must be >= 0 and request_timeout > 0")
 
-    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The KV cache's dtype for a model whose weights are `model_dtype`."""
-        if self.kv_cache_dtype == "auto":
-            return model_dtype
-        return getattr(torch, self.kv_cache_dtype)
+    def cache_dtype(self, model_dtype: torch.dtype, quantized: bool) -> torch.dtype:
+        """The KV cache's dtype for a model that computes in `model_dtype`, its layers'
+        weights int8 or int4 if `quantized`."""
+        if self.kv_cache_dtype != "auto":
+            return getattr(torch, self.kv_cache_dtype)
+        # On an int8 or int4 model the fp16 cache leaves the logits as far from fp32's as the
+        # fp32 cache does, and the top-1 agreement and held-out loss where they were
+        # (bench/quality.py --parts cache; docs/benchmarks.md, "KV cache in fp16"), in half
+        # the bytes. Only where our decode kernel reads fp16 in place: torch's ops would
+        # widen every position again at every step.
+        if quantized and model_dtype == torch.float32 and kernels.HALF_RUNS:
+            return torch.float16
+        return model_dtype
 
     def context(self, n_positions: int) -> int:
         """The longest sequence an engine of a model with `n_positions` takes."""

@@ -25,6 +25,7 @@ import torch
 
 from .. import metrics
 from ..model import GPT
+from ..quantize import Int8TiedHead
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
 from . import kv_cache
@@ -57,8 +58,9 @@ class Engine:
         self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
         param = next(model.parameters())
         self.device = param.device
-        self.cache = kv_cache.allocate(cfg, config.cache_dtype(param.dtype), self.device,
-                                       config.block_size, config.kv_cache_memory,
+        quantized = isinstance(model.head, Int8TiedHead)  # int8 and int4 models alike
+        self.cache = kv_cache.allocate(cfg, config.cache_dtype(param.dtype, quantized),
+                                       self.device, config.block_size, config.kv_cache_memory,
                                        config.max_batch_size * self.context, self.context)
         sampler = Sampler(cfg.vocab_size, self.eos_id, self.device)
         blocks = kv_cache.BlockManager(self.cache.num_blocks, self.cache.block_size,

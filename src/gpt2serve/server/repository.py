@@ -492,7 +492,8 @@ class Repository(ModelRepository):
             weights += cfg.vocab_size * d  # the LM head's int8 screen
         context = self.config.context(cfg.n_positions)
         block = KVCache.block_bytes(cfg, self.config.block_size,
-                                    self.config.cache_dtype(self.settings.dtype))
+                                    self.config.cache_dtype(self.settings.dtype,
+                                                            quantized is not None))
         wanted = -(-self.config.max_batch_size * context // self.config.block_size) * block
         kv = min(self.config.kv_cache_memory or wanted, wanted)
         return weights + kv
