@@ -89,6 +89,15 @@ def prompts(count: int, tokens: int = PROMPT_TOKENS) -> list[list[int]]:
     return [ids[i * stride: i * stride + tokens] for i in range(count)]
 
 
+def distinct_batches(size: int, calls: int,
+                     tokens: int = PROMPT_TOKENS) -> list[list[list[int]]]:
+    """`calls` batches of `size` prompts of `tokens` tokens, no prompt in two of them: an engine
+    that keeps the KV of a prompt it has read (our prefix cache) skips reading it again, and
+    the peers re-read theirs, so timing one batch over and over compares unlike work."""
+    every = prompts(size * calls, tokens)
+    return [every[i * size:(i + 1) * size] for i in range(calls)]
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -32,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from common import (CACHE, NEW_TOKENS, PROMPT_TOKENS, ROOT, gpt2_124m, host_isa,
-                    llama_cpp_gguf, machine, median_time, prompts, read_bandwidth, write_result)
+from common import (CACHE, NEW_TOKENS, PROMPT_TOKENS, ROOT, distinct_batches, gpt2_124m,
+                    host_isa, llama_cpp_gguf, machine, median_time, read_bandwidth, write_result)
 
 
 WEIGHT_BYTES: dict[str, int] = {}
@@ -200,7 +199,9 @@ def measure(make, args) -> dict:
     tok_s = {}
     for b in args.batches:
         try:
-            t = median_time(functools.partial(run, prompts(b, PROMPT_TOKENS)), args.repeats)
+            # the warm-up's batch and each repeat's
+            calls = iter(distinct_batches(b, args.repeats + 1, PROMPT_TOKENS))
+            t = median_time(lambda: run(next(calls)), args.repeats)
         except NotImplementedError:
             continue
         tok_s[b] = b * NEW_TOKENS / t
@@ -342,7 +343,8 @@ def main() -> None:
                 print(f"{name}: skipped ({skipped[name]})")
                 return None
             cmd = openvino_command(name, folder, mode, args)
-            stdin = json.dumps({b: prompts(b, args.prompt_tokens) for b in args.batches})
+            stdin = json.dumps({b: distinct_batches(b, args.repeats + 1, args.prompt_tokens)
+                                for b in args.batches})
         else:
             cmd = [sys.executable, __file__, "--runner", name, "--repeats", str(args.repeats),
                    "--sampling", args.sampling, "--prompt-tokens", str(args.prompt_tokens),
