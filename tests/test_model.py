@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 from conftest import make_hf_model
 from gpt2serve import checkpoint
 from gpt2serve.engine import Engine, EngineConfig, Prompt
-from gpt2serve.model import KVCache
+from gpt2serve.model import GPTConfig, Group, KVCache
 from gpt2serve.sampling import SamplingParams
 
 CONFIGS = {
@@ -45,7 +45,16 @@ def test_prefill_and_every_decode_step_match_transformers(pair):
         torch.testing.assert_close(step[0], expected[t], atol=1e-4, rtol=0)
 
 
-def test_chunked_prefill_matches_one_pass(pair):
+@pytest.fixture(params=["one call", "query blocks of 3"])
+def query_blocks(request, monkeypatch):
+    """Whether a chunk's rows attend in one call or in blocks (Group.QUERY_BLOCK, 128: these
+    models' chunks are shorter, so the blocks are made small to be taken)."""
+    if request.param != "one call":
+        monkeypatch.setattr(Group, "QUERY_BLOCK", 3)
+    return request.param
+
+
+def test_chunked_prefill_matches_one_pass(pair, query_blocks):
     """A prompt read in chunks at growing offsets (two prompts side by side, ragged) caches
     and predicts what one pass over it does."""
     ours, _, ref = pair
@@ -125,7 +134,7 @@ def test_greedy_generation_is_token_for_token_identical(pair):
         assert completion.finish_reason == "length"
 
 
-def test_batched_prefill_of_ragged_prompts_matches_each_alone(pair):
+def test_batched_prefill_of_ragged_prompts_matches_each_alone(pair, query_blocks):
     """Right-padded prompts prefilled in one pass: each row's last-token logits and its cache
     (checked by a decode step) are those of the prompt alone."""
     ours, _, ref = pair
@@ -144,3 +153,14 @@ def test_batched_prefill_of_ragged_prompts_matches_each_alone(pair):
             expected = ref(torch.cat([p, nxt[row:row + 1]])[None]).logits[0]
         torch.testing.assert_close(last[row], expected[-2], atol=1e-4, rtol=0)
         torch.testing.assert_close(step[row], expected[-1], atol=1e-4, rtol=0)
+
+
+def test_a_query_block_attends_as_far_as_its_last_row_reaches(monkeypatch):
+    """Two rows of a 7-token chunk, from positions 10 and 2 (the second 5 tokens long, then
+    padding), in blocks of 3 rows: each block reaches the furthest of its rows' positions."""
+    monkeypatch.setattr(Group, "QUERY_BLOCK", 3)
+    cache, blocks = KVCache.for_sequences(GPTConfig(n_layer=1, n_head=1, n_embd=4), 2, 32,
+                                          torch.float32, "cpu", block_size=4)
+    g = Group(cache, torch.zeros(2, 7, dtype=torch.long), torch.tensor([10, 2]), blocks,
+              torch.tensor([7, 5]))
+    assert g.query_blocks == [(0, 3, 13), (3, 6, 16), (6, 7, 17)]

