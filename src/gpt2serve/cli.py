@@ -22,8 +22,9 @@ from .sampling import SamplingError, SamplingParams
 
 # The EngineConfig fields `serve` takes as flags (threads is a model flag: loading uses it too).
 ENGINE_FLAGS = ("max_batch_size", "max_model_len", "kv_cache_memory", "kv_cache_dtype",
-                "block_size", "max_prefill_tokens", "enable_prefix_caching", "enforce_eager",
-                "max_queue", "request_timeout", "max_n", "max_prompt_chars")
+                "block_size", "max_prefill_tokens", "prefill_step_stretch",
+                "enable_prefix_caching", "enforce_eager", "max_queue", "request_timeout", "max_n",
+                "max_prompt_chars")
 
 
 def _bool(text: str) -> bool:

@@ -30,11 +30,13 @@ def test_every_engine_setting_is_a_serve_flag_read_back_as_given():
     args = serve_parser().parse_args(["--max_batch_size", "3", "--kv_cache_memory", "2MiB",
                                       "--enforce_eager", "--max_model_len", "64",
                                       "--request_timeout", "1.5", "--threads", "2",
-                                      "--kv_cache_dtype", "float16"])
+                                      "--kv_cache_dtype", "float16",
+                                      "--prefill_step_stretch", "0"])
     config = EngineConfig.from_args(args)
     assert (config.max_batch_size, config.kv_cache_memory, config.enforce_eager,
             config.max_model_len, config.request_timeout, config.threads,
-            config.kv_cache_dtype) == (3, 2 << 20, True, 64, 1.5, 2, "float16")
+            config.kv_cache_dtype, config.prefill_step_stretch
+            ) == (3, 2 << 20, True, 64, 1.5, 2, "float16", 0)
     with pytest.raises(SystemExit):  # argparse names the choices
         serve_parser().parse_args(["--kv_cache_dtype", "fp8"])
 
@@ -56,7 +58,7 @@ def test_the_readme_flag_table_lists_exactly_the_serve_flags():
 
 @pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"block_size": 0},
                                  {"max_model_len": 0}, {"request_timeout": 0},
-                                 {"kv_cache_dtype": "fp8"}])
+                                 {"kv_cache_dtype": "fp8"}, {"prefill_step_stretch": 0.5}])
 def test_settings_out_of_range_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineConfig(**bad)
@@ -74,3 +76,17 @@ def test_the_cache_dtype_auto_is_the_models_but_fp16_for_a_quantized_cpu_model()
         for q in (True, False):
             assert (EngineConfig(kv_cache_dtype=given).cache_dtype(torch.float32, quantized=q)
                     == getattr(torch, given))
+
+
+def test_a_stretch_of_0_reads_the_most_beside_every_decode_step():
+    """--prefill_step_stretch 0: max_prefill_tokens beside decode steps from the first."""
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine
+    from gpt2serve.engine.scheduler import MIN_CHUNK
+
+    model, tokenizer = checkpoint.load(None)
+    for stretch, beside in ((1.5, MIN_CHUNK), (0, 96)):
+        engine = Engine(model, tokenizer, EngineConfig(
+            max_batch_size=2, max_prefill_tokens=96, prefill_step_stretch=stretch),
+            runner="eager", threaded=False)
+        assert engine.scheduler.budget.tokens(decoding=True) == beside

@@ -198,6 +198,16 @@ def test_the_chunk_budget_grows_while_steps_stay_short_and_shrinks_when_not():
     assert fixed.tokens(True) == 512
 
 
+def test_a_wider_stretch_lets_longer_steps_grow_the_chunk():
+    """--prefill_step_stretch 3: a step with a chunk may take three decode steps' time."""
+    decode, mixed = ScheduledStep(["row"], []), ScheduledStep(["row"], ["chunk"])
+    for stretch, grown in ((1.5, False), (3.0, True)):
+        budget = ChunkBudget(512, adaptive=True, stretch=stretch)
+        budget.observe(decode, 0.010)
+        budget.observe(mixed, 0.025)
+        assert (budget.tokens(True) > MIN_CHUNK) == grown
+
+
 def read_whole(sched: Scheduler, r: Request) -> list[tuple[int, int]]:
     """Steps until r's prompt is read; the (start, length) of its chunks."""
     chunks = []

@@ -44,6 +44,12 @@ class EngineConfig:
     max_prefill_tokens: int = field(default=512, metadata=_flag(
         "prompt tokens read per step at most; beside running streams the engine reads fewer, "
         "as many as keep a step within about 1.5 decode steps' time"))
+    prefill_step_stretch: float = field(default=1.5, metadata=_flag(
+        "a decode step that also reads a prompt chunk aims at this many decode steps' time, so "
+        "running streams wait about that much longer for each token while a prompt is read; "
+        "higher reads prompts beside them sooner and makes more tokens a second (960-token "
+        "prompts 8 at a time, int8 on 2 CPU cores: 90 tok/s at 1.5, 125 at 6, 151 at 0); 0: "
+        "max_prefill_tokens beside every decode step"))
     enable_prefix_caching: bool = field(default=True, metadata=_flag(
         "keep the KV blocks of prompts read, and let a prompt that starts the same way reuse "
         "them instead of reading that part again (a request's cache_salt keeps tenants apart)",
@@ -73,6 +79,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
+        if self.prefill_step_stretch != 0 and not self.prefill_step_stretch >= 1:
+            raise ValueError(f"prefill_step_stretch must be 0 or at least 1, got "
+                             f"{self.prefill_step_stretch}")
         if self.max_queue < 0 or self.request_timeout <= 0:
             raise ValueError("max_queue must be >= 0 and request_timeout > 0")
 

@@ -6,8 +6,8 @@ Admission is FIFO: the head of the queue waits until its n sequences fit under
 prompts are read in chunks: each prefill pass takes at most a token budget, the prompts that
 were already being read first, so a long prompt is read a piece per step while the running
 sequences keep decoding. A prompt read to its end starts its n sequences. Beside a decode
-step the budget is sized to add about half of what the step costs (ChunkBudget).
-"""
+step the budget is sized so that the step takes about --prefill_step_stretch decode steps
+(ChunkBudget)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from .kv_cache import BlockManager, prefix_keys
 from .sequence import Request, Sequence
 
 MIN_CHUNK = 16  # prompt tokens read beside a decode step, at the least
-STEP_STRETCH = 1.5  # a decode step with a prompt chunk in it aims at this many steps' time
 
 
 class QueueFull(RuntimeError):
@@ -87,15 +86,17 @@ def _average(mean: float, value: float) -> float:
 
 class ChunkBudget:
     """Prompt tokens to read beside the next decode step (padding included): a quarter more
-    while a step with a chunk takes at most STEP_STRETCH decode steps, less in proportion
-    when it takes longer. Streams then wait at most about that much longer for a token while
-    a long prompt is read, whatever the model, machine or context; growing by steps bounds
-    what one noisy measurement can cost. `adaptive` False keeps it at the most (with CUDA
-    graphs a step with a prompt chunk runs eagerly and costs several graph steps whatever
-    its size: launches, not tokens, take the time)."""
+    while a step with a chunk takes at most `stretch` decode steps (--prefill_step_stretch),
+    less in proportion when it takes longer. Streams then wait at most about that much longer
+    for a token while a long prompt is read, whatever the model, machine or context; growing
+    by steps bounds what one noisy measurement can cost. The price is the prompt's: each
+    step reads every weight for a chunk that adds (stretch - 1) decode steps of work, so at
+    1.5 a prompt beside streams is read at about a third of its speed alone. `adaptive` False
+    keeps it at the most (with CUDA graphs a step with a prompt chunk runs eagerly and costs
+    several graph steps whatever its size: launches, not tokens, take the time)."""
 
-    def __init__(self, max_prefill_tokens: int, adaptive: bool):
-        self.max_tokens, self.adaptive = max_prefill_tokens, adaptive
+    def __init__(self, max_prefill_tokens: int, adaptive: bool, stretch: float = 1.5):
+        self.max_tokens, self.adaptive, self.stretch = max_prefill_tokens, adaptive, stretch
         self.beside_decode = MIN_CHUNK if adaptive else max_prefill_tokens
         self.step_seconds = 0.0  # a decode step's time, with no prompt chunk in it
 
@@ -106,7 +107,7 @@ class ChunkBudget:
         if step.decode and not step.chunks:
             self.step_seconds = _average(self.step_seconds, seconds)
         elif step.decode and self.adaptive:
-            target = STEP_STRETCH * self.step_seconds
+            target = self.stretch * self.step_seconds
             if seconds <= target:
                 grown = int(self.beside_decode * 1.25)
             else:
