@@ -40,7 +40,8 @@ ISA_NOTE: dict[str, str] = {}  # what an in-process engine says about the ISA it
 VERSION: dict[str, str] = {}  # the engine's package and version, for the results' JSON
 
 
-def ours(folder: Path, mode: dict, quantize: str | None = None, kv_cache_dtype: str = "auto"):
+def ours(folder: Path, mode: dict, quantize: str | None = None, kv_cache_dtype: str = "auto",
+         **config):
     from gpt2serve import checkpoint
     from gpt2serve.engine import Engine, EngineConfig, Prompt
     from gpt2serve.sampling import SamplingParams
@@ -54,7 +55,7 @@ def ours(folder: Path, mode: dict, quantize: str | None = None, kv_cache_dtype: 
     VERSION["gpt2serve"] = package_version("gpt2serve")
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch_size=8, max_model_len=PROMPT_TOKENS + NEW_TOKENS, threads=threads,
-        kv_cache_dtype=kv_cache_dtype))
+        kv_cache_dtype=kv_cache_dtype, **config))
     screen = getattr(engine.runner, "screen", None)
     WEIGHT_BYTES["gpt2serve"] = model.weight_bytes(
         screen if not mode.get("do_sample", True) else None)
@@ -298,6 +299,8 @@ def main() -> None:
         # model (llama.cpp's default), fp32 on the int8 model (whose default is fp16)
         "gpt2serve fp32 kv16": lambda: ours(folder, mode, None, "float16"),
         "gpt2serve int8 kv32": lambda: ours(folder, mode, "int8", "float32"),
+        # prompts read beside decode steps at full chunks (--prefill_step_stretch 0)
+        "gpt2serve int8 stretch 0": lambda: ours(folder, mode, "int8", prefill_step_stretch=0),
         "transformers fp32": lambda: hf_generate(folder, mode),
         "ctranslate2 fp32": lambda: ctranslate2_runner(folder, mode, "float32"),
         "ctranslate2 int8": lambda: ctranslate2_runner(folder, mode, "int8"),
