@@ -168,6 +168,8 @@ class Group:
     the block tables in one call (kernels.decode_attention), where the caller found that it
     serves the cache (engine/runner.py)."""
 
+    QUERY_BLOCK = 128  # rows of a prompt's chunk that attend together on CPU (_query_blocks)
+
     def __init__(self, cache: KVCache, tokens: Tensor, start: Tensor, blocks: Tensor,
                  lengths: Tensor | None = None, span: int | None = None,
                  in_place: bool = False):
@@ -200,10 +202,6 @@ class Group:
         # A graph keeps the addresses it was captured with, so its gathers get memory of
         # their own (from the graph's pool) rather than the shared buffer, which may move.
         self.gathered = None if span is not None else cache.gathered(self.used.shape[0])
-
-
-    # Rows of a prompt's chunk that attend together on CPU (Block._attend).
-    QUERY_BLOCK = 128
 
     def _query_blocks(self, dev: torch.device) -> list[tuple[int, int, int]] | None:
         """For a long chunk on CPU, (first row, end row, positions reached) of each block of

@@ -43,7 +43,7 @@ class EngineConfig:
         "positions per KV-cache block"))
     max_prefill_tokens: int = field(default=512, metadata=_flag(
         "prompt tokens read per step at most; beside running streams the engine reads fewer, "
-        "as many as keep a step within about 1.5 decode steps' time"))
+        "as many as keep a step within about --prefill_step_stretch decode steps' time"))
     prefill_step_stretch: float = field(default=1.5, metadata=_flag(
         "a decode step that also reads a prompt chunk aims at this many decode steps' time, so "
         "running streams wait about that much longer for each token while a prompt is read; "
