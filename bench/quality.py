@@ -57,8 +57,8 @@ def decoded_logits(folder: Path | None, quantize: str | None, cache_dtype: torch
                    windows) -> list[torch.Tensor]:
     """The same logits through the decode path: one token a step, each step storing its key
     and value in a cache of `cache_dtype` and attending over what the cache holds, with the
-    kernel the engine's decode steps use. A prompt's chunk attends to its own keys as
-    computed, so only this path shows what the cache's rounding does."""
+    kernel the engine's decode steps use: the path every generated token takes (a prompt's
+    chunk reads the cache through torch's ops)."""
     model, _ = checkpoint.load(folder, quantize=quantize)
     out = []
     for ids in windows:
