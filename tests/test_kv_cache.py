@@ -100,7 +100,7 @@ def test_a_quantized_model_gets_the_fp16_cache_unless_told_otherwise(long_model)
     keeps 8,192. Siblings still read the first's blocks."""
     from gpt2serve import kernels  # what the server process finds on this CPU
 
-    for flags, tokens in (([], 16384 if kernels.HALF_RUNS else 8192),
+    for flags, tokens in (([], 16384 if kernels.ENABLED and kernels.HALF_RUNS else 8192),
                           (["--kv_cache_dtype", "float32"], 8192)):
         with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
                             "--kv_cache_memory", "64MiB", "--quantize", "int8",

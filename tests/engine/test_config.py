@@ -66,9 +66,9 @@ def test_settings_out_of_range_are_refused(bad):
 
 def test_the_cache_dtype_auto_is_the_models_but_fp16_for_a_quantized_cpu_model():
     """int8 and int4 models get an fp16 cache where our decode kernel reads it in place
-    (kernels.HALF_RUNS: F16C); a flag other than auto is taken as given."""
+    (our C kernels on, F16C); a flag other than auto is taken as given."""
     auto = EngineConfig()
-    quantized = torch.float16 if kernels.HALF_RUNS else torch.float32
+    quantized = torch.float16 if kernels.ENABLED and kernels.HALF_RUNS else torch.float32
     assert auto.cache_dtype(torch.float32, quantized=True) == quantized
     assert auto.cache_dtype(torch.float32, quantized=False) == torch.float32
     assert auto.cache_dtype(torch.bfloat16, quantized=False) == torch.bfloat16

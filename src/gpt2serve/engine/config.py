@@ -95,7 +95,8 @@ class EngineConfig:
         # (bench/quality.py --parts cache; docs/benchmarks.md, "KV cache in fp16"), in half
         # the bytes. Only where our decode kernel reads fp16 in place: torch's ops would
         # widen every position again at every step.
-        if quantized and model_dtype == torch.float32 and kernels.HALF_RUNS:
+        if (quantized and model_dtype == torch.float32
+                and kernels.runs_decode_attention(torch.empty(0, dtype=torch.float16))):
             return torch.float16
         return model_dtype
 
