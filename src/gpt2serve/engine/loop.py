@@ -70,8 +70,7 @@ class Engine:
                                                  config.enforce_eager, runner)
         log.info("runner: %s (%s)", self.runner.name, self.runner.describe())
         budget = ChunkBudget(config.max_prefill_tokens,
-                             adaptive=(self.runner.name != "cuda-graphs"
-                                       and config.prefill_step_stretch > 0),
+                             adaptive=self.runner.name != "cuda-graphs",
                              stretch=config.prefill_step_stretch)
         self.scheduler = Scheduler(self.cache, blocks, tokenizer, self.eos_id,
                                    config.max_batch_size, config.max_queue,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ..model import KVCache
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
+from .config import EngineConfig
 from .kv_cache import BlockManager, prefix_keys
 from .sequence import Request, Sequence
 
@@ -91,13 +92,16 @@ class ChunkBudget:
     for a token while a long prompt is read, whatever the model, machine or context; growing
     by steps bounds what one noisy measurement can cost. The price is the prompt's: each
     step reads every weight for a chunk that adds (stretch - 1) decode steps of work, so at
-    1.5 a prompt beside streams is read at about a third of its speed alone. `adaptive` False
-    keeps it at the most (with CUDA graphs a step with a prompt chunk runs eagerly and costs
-    several graph steps whatever its size: launches, not tokens, take the time)."""
+    1.5 a prompt beside streams is read at about a third of its speed alone. A stretch of 0,
+    or `adaptive` False, keeps it at the most (with CUDA graphs a step with a prompt chunk
+    runs eagerly and costs several graph steps whatever its size: launches, not tokens, take
+    the time)."""
 
-    def __init__(self, max_prefill_tokens: int, adaptive: bool, stretch: float = 1.5):
-        self.max_tokens, self.adaptive, self.stretch = max_prefill_tokens, adaptive, stretch
-        self.beside_decode = MIN_CHUNK if adaptive else max_prefill_tokens
+    def __init__(self, max_prefill_tokens: int, adaptive: bool,
+                 stretch: float = EngineConfig.prefill_step_stretch):
+        self.max_tokens, self.stretch = max_prefill_tokens, stretch
+        self.adaptive = adaptive and stretch > 0
+        self.beside_decode = MIN_CHUNK if self.adaptive else max_prefill_tokens
         self.step_seconds = 0.0  # a decode step's time, with no prompt chunk in it
 
     def tokens(self, decoding: bool) -> int:
