@@ -53,13 +53,11 @@ def our_logits(folder: Path | None, quantize: str | None, windows) -> list[torch
     return out
 
 
-def decoded_logits(folder: Path | None, quantize: str | None, cache_dtype: torch.dtype,
-                   windows) -> list[torch.Tensor]:
+def decoded_logits(model, cache_dtype: torch.dtype, windows) -> list[torch.Tensor]:
     """The same logits through the decode path: one token a step, each step storing its key
     and value in a cache of `cache_dtype` and attending over what the cache holds, with the
     kernel the engine's decode steps use: the path every generated token takes (a prompt's
     chunk reads the cache through torch's ops)."""
-    model, _ = checkpoint.load(folder, quantize=quantize)
     out = []
     for ids in windows:
         cache, blocks = KVCache.for_sequences(model.config, 1, len(ids), cache_dtype, "cpu")
@@ -187,7 +185,8 @@ def cache_rows(folder: Path | None, windows, fp32) -> dict[str, dict]:
     rows = {}
     for quantize in (None, *OURS):
         weights = quantize or "fp32"
-        decoded = {dtype: decoded_logits(folder, quantize, getattr(torch, dtype), windows)
+        model, _ = checkpoint.load(folder, quantize=quantize)
+        decoded = {dtype: decoded_logits(model, getattr(torch, dtype), windows)
                    for dtype in ("float32", "float16")}
         for dtype, got in decoded.items():
             rows[f"gpt2serve {weights}, decoded, {dtype} cache"] = figures(got, fp32, windows)
