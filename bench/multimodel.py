@@ -33,7 +33,7 @@ import time
 import httpx
 
 from common import CACHE, SHARED, gpt2_124m, host_isa, prompts, read_bandwidth
-from serving import openai_stream, run_level, start
+from serving import openai_stream, run_level, session, start
 
 PORT = 8411
 URL = f"http://127.0.0.1:{PORT}"
@@ -167,7 +167,7 @@ def ttft_row(alone: list[float], busy: list[float], rate: float) -> dict:
 
 async def fair(a: str, b: str, prompt_list: list[str]) -> dict:
     url = f"{URL}/openai/v1/completions"
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with session() as client:
         async def probe():
             return (await openai_stream(client, url, prompt_list[0], 4, b))[1]
 

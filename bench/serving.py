@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import torch
 
@@ -74,15 +75,30 @@ class Level:
                 "p95_ttft_s": round(q(self.ttfts, 95), 3)}
 
 
+def session() -> aiohttp.ClientSession:
+    """The clients' HTTP session. aiohttp (a kserve dependency) and not httpx: the clients run
+    on the server's machine, and what they spend comes out of its cores. httpx's streaming
+    took 0.14 of a core reading 8 streams of our int8 server, aiohttp 0.07, and the server
+    made 1.02-1.16x the tok/s (docs/benchmarks.md, "The server against the one-at-a-time
+    predictor")."""
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
+
+
+async def post_json(client, url, body: dict) -> dict:
+    async with client.post(url, json=body) as r:
+        r.raise_for_status()
+        return await r.json()
+
+
 async def openai_stream(client, url, prompt, tokens, model) -> tuple[float, float, int]:
     body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, count = None, 0
-    async with client.stream("POST", url, json=body) as r:
+    async with client.post(url, json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in r.content:  # one line at a time
+            if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("choices") and ttft is None:
@@ -94,10 +110,10 @@ async def openai_stream(client, url, prompt, tokens, model) -> tuple[float, floa
 
 async def v1_predict(client, url, prompt, tokens, model) -> tuple[float, float, int]:
     t0 = time.perf_counter()
-    r = await client.post(url, json={"instances": [{"prompt": prompt, "max_new_tokens": tokens}]})
-    r.raise_for_status()
+    out = await post_json(client, url, {"instances": [{"prompt": prompt,
+                                                        "max_new_tokens": tokens}]})
     latency = time.perf_counter() - t0
-    return latency, latency, len(r.json()["predictions"][0])
+    return latency, latency, len(out["predictions"][0])
 
 
 # V1 instance fields per sampling mode; every request generates exactly --tokens tokens.
@@ -110,8 +126,7 @@ def v1_sampling(fields: dict):
     async def call(client, url, prompt, tokens, model) -> tuple[float, float, int]:
         t0 = time.perf_counter()
         instance = {"prompt": prompt, "max_new_tokens": tokens, "ignore_eos": True, **fields}
-        r = await client.post(url, json={"instances": [instance]})
-        r.raise_for_status()
+        await post_json(client, url, {"instances": [instance]})
         latency = time.perf_counter() - t0
         return latency, latency, tokens
     return call
@@ -129,7 +144,7 @@ def sampling_modes(args) -> None:
                                         peers=False):
         proc = start(cmd, ready, caps(args))
         try:
-            asyncio.run(v1_sampling({})(httpx.AsyncClient(timeout=600), url, texts[0], 4, MODEL))
+            asyncio.run(warm_up(v1_sampling({}), url, texts[0], MODEL))
             for c in args.levels:
                 tok_s: dict[str, list[float]] = {mode: [] for mode in SAMPLING_MODES}
                 # Rounds of every mode in turn, so that the machine's drift hits all alike.
@@ -156,24 +171,23 @@ async def stall_once(url: str, long_prompt: list[int], streams: int = 8) -> dict
         body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 400, "ignore_eos": True,
                 "logprobs": 0, "stream": True}  # logprobs: every token a chunk of its own
         times = []
-        async with client.stream("POST", url, json=body) as r:
+        async with client.post(url, json=body) as r:
             r.raise_for_status()
-            async for line in r.aiter_lines():
-                if line.startswith("data: {"):
+            async for line in r.content:
+                if line.startswith(b"data: {"):
                     times.append(time.perf_counter())
                     if len(times) == 20:
                         started.set()
         return times
 
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with session() as client:
         started = [asyncio.Event() for _ in range(streams)]
         tasks = [asyncio.create_task(stream(client, s)) for s in started]
         for s in started:
             await s.wait()
         t0 = time.perf_counter()
-        r = await client.post(url, json={"model": MODEL, "prompt": long_prompt, "max_tokens": 1})
+        await post_json(client, url, {"model": MODEL, "prompt": long_prompt, "max_tokens": 1})
         t1 = time.perf_counter()
-        r.raise_for_status()
         all_times = await asyncio.gather(*tasks)
     medians, ratios = [], []
     for times in all_times:
@@ -214,12 +228,17 @@ def stall(args) -> None:
               f"{statistics.median(r['read_s'] for r in results):.2f} s", flush=True)
 
 
+async def warm_up(call, url, prompt, model) -> None:
+    async with session() as client:
+        await call(client, url, prompt, 4, model)
+
+
 async def run_level(call, url, model, concurrency, duration, tokens, prompt_list) -> Level:
     level = Level(concurrency)
     deadline = time.perf_counter() + duration
 
     async def client_loop(i):
-        async with httpx.AsyncClient(timeout=600) as client:
+        async with session() as client:
             k = i
             while time.perf_counter() < deadline:
                 lat, ttft, n = await call(client, url, prompt_list[k % len(prompt_list)],
@@ -239,7 +258,7 @@ async def ttft_under_load(call, url, model, prompt_list, background: int = 15,
                           probes: int = 10) -> tuple[float, float]:
     """p50 time to first token of a short request alone, then while `background` long
     requests stream (the steady state a new user meets on a busy replica)."""
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with session() as client:
         alone = [(await call(client, url, prompt_list[0], 4, model))[1] for _ in range(probes)]
         hogs = [asyncio.create_task(call(client, url, prompt_list[i + 1], 400, model))
                 for i in range(background)]
@@ -375,7 +394,7 @@ def main() -> None:
                 print(f"{name}: skipped ({skipped[name]})", flush=True)
                 continue
             try:
-                asyncio.run(call(httpx.AsyncClient(timeout=600), url, prompt_list[0], 4, model))
+                asyncio.run(warm_up(call, url, prompt_list[0], model))
                 rows = []
                 for c in args.levels:
                     level = asyncio.run(run_level(call, url, model, c, args.duration,
