@@ -14,7 +14,10 @@ these and the other candidates per matrix shape itself). Decode attention: kerne
 model.Block._attend (store, gather, scaled-dot-product attention), 12 layers, per batch size
 and context length, and ours again on an fp16 cache (--kv_cache_dtype float16). Run it under
 the AVX2 cap with `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` (and the rest of hardware.AVX2_CAP_ENV)
-in the environment. `--parts attention` runs only that part.
+in the environment. `--parts attention` runs only that part. Prompt attention (`--parts
+prompt`, AVX-512 only): kernels.prompt_attention in place vs the torch ops of model.Block._attend
+(gather, SDPA in blocks of query rows under the causal mask), per chunk of a prompt, in ms and
+GFLOP/s of the causal products, on an fp32 and an fp16 cache.
 """
 
 from __future__ import annotations
@@ -135,6 +138,35 @@ def decode_attention(batches: list[int], contexts: list[int], repeats: int) -> N
     kernels.ENABLED = True
 
 
+def prompt_attention(chunks: list[tuple[int, int]], repeats: int) -> None:
+    from gpt2serve import kernels
+    from gpt2serve.model import Block, GPTConfig, Group, KVCache
+
+    cfg = GPTConfig()
+    block = Block(cfg, 0)
+    print("\nprompt attention, 12 layers of GPT-2 124M, one prompt's chunk, ms (median of "
+          f"{repeats}) and GFLOP/s of the causal products: torch ops (gather + SDPA in query "
+          "blocks) vs ours, in place; on an fp32 and an fp16 cache")
+    for start, T in chunks:
+        qkv = torch.randn(T, 3 * cfg.n_embd)
+        flops = cfg.n_layer * cfg.n_head * T * (start + T / 2) * cfg.n_embd // cfg.n_head * 4
+        for dtype in (torch.float32, torch.float16):
+            cache, blocks = KVCache.for_sequences(cfg, 1, start + T, dtype, "cpu")
+            cache.kv.normal_()
+            blocks = blocks.flatten()[torch.randperm(blocks.numel())].view(blocks.shape)
+            times = {}
+            for name, in_place in (("torch", False), ("ours", True)):
+                group = Group(cache, torch.zeros(1, T, dtype=torch.long), torch.tensor([start]),
+                              blocks, in_place=in_place)
+                times[name] = median_time(
+                    lambda: [block._attend(qkv, kv, group) for kv in cache.kv], repeats)
+            rate = {k: flops / t / 1e9 for k, t in times.items()}
+            print(f"  positions {start:4d}-{start + T - 1:4d}, {str(dtype)[6:]:7s}: torch "
+                  f"{times['torch'] * 1e3:6.2f} ({rate['torch']:3.0f})  ours "
+                  f"{times['ours'] * 1e3:6.2f} ({rate['ours']:3.0f})  "
+                  f"{times['torch'] / times['ours']:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 6, 8, 16])
@@ -142,8 +174,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1000])
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--parts", nargs="+", choices=["fp32", "int8", "attention"],
-                   default=["fp32", "int8", "attention"])
+    p.add_argument("--parts", nargs="+", choices=["fp32", "int8", "attention", "prompt"],
+                   default=["fp32", "int8", "attention", "prompt"])
     args = p.parse_args()
     from gpt2serve import hardware, kernels
 
@@ -159,6 +191,8 @@ def main() -> None:
         int8_matmuls(args.rows, args.repeats)
     if "attention" in args.parts:
         decode_attention(args.batches, args.contexts, args.repeats)
+    if "prompt" in args.parts and kernels.runs_prompt_attention(torch.zeros(1, 64)):
+        prompt_attention([(0, 128), (0, 512), (512, 448)], args.repeats)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,81 @@ def test_decode_attention_against_attention_written_out(block_size, head_dim, is
     torch.testing.assert_close(got, out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(kernels._kernels is None or kernels.VECTOR_ISA < 2,
+                    reason="prompt_attention runs with AVX-512 only")
+@pytest.mark.parametrize("block_size, head_dim", [(16, 64), (4, 64), (16, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prompt_attention_against_attention_written_out(block_size, head_dim, dtype):
+    """Four sequences' chunks of up to 13 rows, right-padded: from position 0, from the middle
+    of a block (a prompt's second chunk), a single real row, and one reading a sibling's
+    blocks; row t of a sequence attends to positions 0..start + t through its block table,
+    softmax(q.k * scale) @ v in fp32 over the cache's values (an fp16 cache's widened). Padding
+    rows come out finite and are not compared."""
+    torch.manual_seed(2)
+    heads, num_blocks, width, T = 3, 48, 10, 13
+    kv = torch.randn(2, heads, num_blocks, block_size, head_dim).to(dtype)
+    blocks = torch.randperm(num_blocks)[:4 * width].view(4, width)
+    blocks[3, :3] = blocks[2, :3]
+    start = torch.tensor([0, block_size + block_size // 2, 5, 2 * block_size])
+    lengths = torch.tensor([T, 9, 1, 7])
+    D = heads * head_dim
+    qkv = torch.randn(4 * T, 3 * D) * 2
+    got = kernels.prompt_attention(qkv, kv, blocks, start, lengths, 0.3)
+    assert torch.isfinite(got).all()
+    for n in range(4):
+        k, v = (kv[i][:, blocks[n]].reshape(heads, -1, head_dim).float() for i in (0, 1))
+        for t in range(int(lengths[n])):
+            seen = int(start[n]) + t + 1
+            q = qkv[n * T + t, :D].view(heads, 1, head_dim)
+            weights = torch.softmax(q @ k[:, :seen].transpose(1, 2) * 0.3, dim=-1)
+            expected = (weights @ v[:, :seen]).reshape(D)
+            torch.testing.assert_close(got[n * T + t], expected, atol=1e-5, rtol=1e-5)
+    # all rows real (lengths None) reads as lengths of T each
+    torch.testing.assert_close(
+        kernels.prompt_attention(qkv, kv, blocks, start, None, 0.3),
+        kernels.prompt_attention(qkv, kv, blocks, start, torch.full((4,), T), 0.3),
+        atol=0, rtol=0)
+
+
+@pytest.mark.skipif(kernels._kernels is None or kernels.VECTOR_ISA < 2,
+                    reason="prompt_attention runs with AVX-512 only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prompt_chunks_read_in_place_match_torch_ops(tmp_path, dtype):
+    """A model of head dim 64 reads three ragged prompts in chunks of 7 (siblings sharing a
+    prompt's blocks, tables out of order) attending in place, and through the torch ops on
+    the gathered cache: every position's logits, the cache, and the decode steps after."""
+    folder = make_hf_model(tmp_path / "m", n_layer=2, n_head=2, n_embd=128, n_positions=128)
+    model = checkpoint.load(folder)[0]
+    cfg, bs = model.config, 8
+    torch.manual_seed(3)
+    blocks = torch.randperm(48)[:3 * 6].view(3, 6)
+    blocks[2, :2] = blocks[1, :2]  # the sibling's first 16 positions are its prompt's
+    tokens = torch.randint(0, cfg.vocab_size, (3, 40))
+    lengths = torch.tensor([40, 16, 23])
+
+    def run(in_place: bool):
+        cache = KVCache(cfg, 48, bs, dtype, "cpu")
+        assert kernels.runs_prompt_attention(cache.kv)
+        out = []
+        for start in range(0, 40, 7):
+            rows = [r for r in range(3) if start < lengths[r] and (r != 2 or start >= 16)]
+            pieces = [tokens[r, start:min(start + 7, int(lengths[r]))] for r in rows]
+            chunk = torch.zeros(len(rows), 7, dtype=torch.long)
+            for i, piece in enumerate(pieces):
+                chunk[i, :len(piece)] = piece
+            logits = model.prefill(chunk, cache, blocks[rows], torch.tensor([start] * len(rows)),
+                                   torch.tensor([len(p) for p in pieces]), all_logits=True,
+                                   in_place=in_place)
+            out += [logits[i, :len(p)] for i, p in enumerate(pieces)]
+        step = model.decode_step(torch.tensor([1, 2, 3]), lengths, cache, blocks)
+        return torch.cat(out), step, cache.kv
+
+    ours, ref = run(True), run(False)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-3
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
 def test_decode_attention_refuses_rows_it_cannot_address():
     if kernels._kernels is None:
         pytest.skip("kernels not built (no C compiler)")

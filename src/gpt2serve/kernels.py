@@ -88,6 +88,36 @@ def bind_decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor, 
                              qkv.stride(0), scale, isa, kv.dtype == torch.float16)
 
 
+def runs_prompt_attention(kv: Tensor) -> bool:
+    """Whether prompt_attention serves a cache like kv: decode_attention's, with AVX-512 (its
+    AVX2 form read prompts slower than torch's ops) and a head dim of 64 or 32."""
+    return runs_decode_attention(kv) and VECTOR_ISA == 2 and kv.shape[-1] in (64, 32)
+
+
+def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
+                     lengths: Tensor | None, scale: float) -> Tensor:
+    """Attention of N sequences' next T prompt rows each -> [N * T, D].
+
+    qkv [N * T, 3D]: their queries (keys and values already in the cache, _store), rows of
+    a sequence together, right-padded to T; kv, blocks as decode_attention's; start [N]
+    int64, each sequence's first new position; lengths [N] int64, its real rows, or None for
+    all T. Row t attends to positions 0..start + t of its sequence (a padding row, to all of
+    its real ones), in place through the block tables."""
+    two, heads, num_blocks, block_size, head_dim = kv.shape
+    n = start.shape[0]
+    if qkv.stride(1) != 1 or not (kv.is_contiguous() and blocks.is_contiguous()
+                                  and start.is_contiguous()
+                                  and (lengths is None or lengths.is_contiguous())):
+        raise ValueError("prompt_attention takes contiguous rows")
+    out = torch.empty(qkv.shape[0], heads * head_dim, dtype=qkv.dtype)
+    _kernels.prompt_attention(qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(),
+                              start.data_ptr(), 0 if lengths is None else lengths.data_ptr(),
+                              out.data_ptr(), n, qkv.shape[0] // n, heads, head_dim,
+                              num_blocks, block_size, blocks.shape[1], qkv.stride(0), scale,
+                              kv.dtype == torch.float16)
+    return out
+
+
 class _HugePages:
     """Memory for weights in transparent huge pages, handed out from 64 MiB anonymous maps
     advised MADV_HUGEPAGE (used where the kernel's THP setting is `madvise` or `always`).

@@ -164,9 +164,10 @@ class Group:
     lengths [N], the real (unpadded) tokens of each row, all T when None. `span`, for decode
     rows only, fixes the positions attended to at 0..span-1, masked past each row's own: then
     no shape depends on the values of `start` and nothing waits for the device (a CUDA graph's
-    step, engine/cuda_graphs.py). `in_place`, for decode rows only: store and attend through
-    the block tables in one call (kernels.decode_attention), where the caller found that it
-    serves the cache (engine/runner.py)."""
+    step, engine/cuda_graphs.py). `in_place` (no span): attend through the block tables
+    instead of a gathered copy, where the caller found that our kernel serves the cache
+    (engine/runner.py): decode rows store and attend in one call (kernels.decode_attention),
+    prompt chunks attend after the store (kernels.prompt_attention)."""
 
     QUERY_BLOCK = 128  # rows of a prompt's chunk that attend together on CPU (_query_blocks)
 
@@ -179,17 +180,21 @@ class Group:
         dev = tokens.device
         offsets = torch.arange(self.T, device=dev)
         self.pos = start[:, None] + offsets  # [N, T]
-        if in_place and (self.T != 1 or lengths is not None or span is not None):
-            raise ValueError("only decode rows (one token each, no span) attend in place")
-        self.in_place = in_place
-        if self.in_place:  # the rest below is what the torch ops need
-            self.start, self.blocks = start.contiguous(), blocks.contiguous()
-            return
+        if in_place and span is not None:
+            raise ValueError("rows with a span attend to the gathered cache, not in place")
         if lengths is not None and bool((lengths == self.T).all()):
             lengths = None
+        self.in_place = in_place
+        if self.in_place:
+            self.start, self.blocks = start.contiguous(), blocks.contiguous()
+            self.lengths = None if lengths is None else lengths.contiguous()
+            if self.T == 1 and lengths is None:  # decode rows: the kernel stores them too
+                return
         self.valid = None if lengths is None else (offsets < lengths[:, None]).flatten()
         slots = cache.slots(blocks, self.pos).flatten()
         self.rows = cache.rows(slots if self.valid is None else slots[self.valid])
+        if self.in_place:  # the rest below is what the torch ops need
+            return
         if span is not None:
             self.L = span
         else:
@@ -272,10 +277,12 @@ class Block(nn.Module):
     def _attend(self, qkv: Tensor, kv: Tensor, g: Group) -> Tensor:
         """Store the group's new keys and values (not its padding), then attend: each
         sequence to its first g.L positions, where g.mask allows."""
-        if g.in_place:
+        if g.in_place and g.T == 1 and g.lengths is None:
             return kernels.decode_attention(qkv, kv, g.blocks, g.start, self.scale)
         D = qkv.shape[1] // 3
         _store(kv, g.rows, qkv[:, D:] if g.valid is None else qkv[g.valid, D:])
+        if g.in_place:
+            return kernels.prompt_attention(qkv, kv, g.blocks, g.start, g.lengths, self.scale)
         k, v = _gather(kv, g.used, g.N, g.L, g.gathered)
         q = qkv[:, :D].view(g.N, g.T, self.n_head, self.head_dim).transpose(1, 2)
         if k.dtype != q.dtype:  # a cache of another dtype (--kv_cache_dtype) is read in q's
@@ -354,11 +361,12 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, cache: KVCache, blocks: Tensor,
                 start: Tensor | None = None, lengths: Tensor | None = None,
-                all_logits: bool = False) -> Tensor:
+                all_logits: bool = False, in_place: bool = False) -> Tensor:
         """Read chunks of N prompts: tokens [N, T], right-padded ([T] for one), where row n
         holds lengths[n] tokens at positions start[n].. (default: all T, from 0), cached
         through the block tables blocks [N, width]. Returns the logits at each row's last
-        token [N, V] ([V] for one), or at every position [N, T, V] if asked.
+        token [N, V] ([V] for one), or at every position [N, T, V] if asked. `in_place`: see
+        Group (the engine's runner decides it; by default the torch ops, the reference).
 
         Padding is neither cached nor attended to by real tokens; a chunk attends to what
         earlier chunks of its prompt cached."""
@@ -366,7 +374,8 @@ class GPT(nn.Module):
         tokens, blocks = (tokens[None], blocks[None]) if single else (tokens, blocks)
         N, T = tokens.shape
         start = torch.zeros(N, dtype=torch.long, device=tokens.device) if start is None else start
-        hidden = self.forward(cache, [Group(cache, tokens, start, blocks, lengths)])[0]
+        hidden = self.forward(cache, [Group(cache, tokens, start, blocks, lengths,
+                                            in_place=in_place)])[0]
         if all_logits:
             logits = self.logits(hidden).view(N, T, -1)
         else:

@@ -58,9 +58,11 @@ class EagerRunner:
     def __init__(self, model: GPT, cache: KVCache, sampler: Sampler):
         self.model, self.cache, self.sampler = model, cache, sampler
         self.device = cache.kv.device
-        # Decode rows attend in place through their block tables where our C kernel serves
-        # the cache (kernels.decode_attention), instead of gathering their blocks.
+        # Decode rows and prompt chunks attend in place through their block tables where our
+        # C kernels serve the cache (kernels.decode_attention, kernels.prompt_attention),
+        # instead of gathering their blocks.
         self.in_place = kernels.runs_decode_attention(cache.kv)
+        self.prompt_in_place = kernels.runs_prompt_attention(cache.kv)
 
     @classmethod
     def declines(cls, model: GPT, cache: KVCache) -> str | None:
@@ -108,7 +110,8 @@ class EagerRunner:
         return Group(self.cache, tokens.to(self.device),
                      torch.tensor([c.start for c in chunks], device=self.device),
                      self._table([c.request.blocks for c in chunks]),
-                     torch.tensor([c.length for c in chunks], device=self.device))
+                     torch.tensor([c.length for c in chunks], device=self.device),
+                     in_place=self.prompt_in_place)
 
     def _table(self, block_lists: list[list[int]]) -> Tensor:
         """Block tables [N, widest] (padding points at block 0 and is never attended to)."""
