@@ -142,8 +142,8 @@ def test_prompt_attention_against_attention_written_out(block_size, head_dim, dt
         atol=0, rtol=0)
 
 
-@pytest.mark.skipif(kernels._kernels is None or kernels.VECTOR_ISA < 2,
-                    reason="prompt_attention runs with AVX-512 only")
+@pytest.mark.skipif(not kernels.ENABLED or kernels.VECTOR_ISA < 2,
+                    reason="prompt_attention runs with AVX-512 only, and our kernels on")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_prompt_chunks_read_in_place_match_torch_ops(tmp_path, dtype):
     """A model of head dim 64 reads three ragged prompts in chunks of 7 (siblings sharing a

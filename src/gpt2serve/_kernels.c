@@ -400,22 +400,15 @@ TARGET_F16C_AVX512 static inline __attribute__((always_inline)) void prompt_one(
 }
 
 /* each head dim and cache dtype its own copy, the loops' bounds constants */
-TARGET_F16C_AVX512 static void prompt_64(const prompt_args *a, int64_t seq, int64_t head,
-                                         float *kt, float *s) {
-    prompt_one(a, seq, head, kt, s, 64, 0);
-}
-TARGET_F16C_AVX512 static void prompt_64_half(const prompt_args *a, int64_t seq, int64_t head,
-                                              float *kt, float *s) {
-    prompt_one(a, seq, head, kt, s, 64, 1);
-}
-TARGET_F16C_AVX512 static void prompt_32(const prompt_args *a, int64_t seq, int64_t head,
-                                         float *kt, float *s) {
-    prompt_one(a, seq, head, kt, s, 32, 0);
-}
-TARGET_F16C_AVX512 static void prompt_32_half(const prompt_args *a, int64_t seq, int64_t head,
-                                              float *kt, float *s) {
-    prompt_one(a, seq, head, kt, s, 32, 1);
-}
+#define PROMPT_VARIANT(NAME, HD, HALF)                                                        \
+    TARGET_F16C_AVX512 static void NAME(const prompt_args *a, int64_t seq, int64_t head,      \
+                                        float *kt, float *s) {                                \
+        prompt_one(a, seq, head, kt, s, HD, HALF);                                            \
+    }
+PROMPT_VARIANT(prompt_64, 64, 0)
+PROMPT_VARIANT(prompt_64_half, 64, 1)
+PROMPT_VARIANT(prompt_32, 32, 0)
+PROMPT_VARIANT(prompt_32_half, 32, 1)
 
 static int prompt_attention_run(const prompt_args *a) {
     void (*attend)(const prompt_args *, int64_t, int64_t, float *, float *) =
