@@ -292,17 +292,17 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
 prompt_attention: each of N sequences has T new rows (its prompt's next chunk, right-padded to
 T; their keys and values already stored) at positions start..start+T-1; row t attends to
 positions 0..start+t of its sequence, read through its block table in place. torch's CPU
-flash attention over the gathered cache, with the causal mask, made 90-140 GFLOP/s on a Zen 5
+flash attention over the gathered cache, with the causal mask, made 46-118 GFLOP/s on a Zen 5
 (every score the mask hides is computed; blocks of query rows cut some of that); this made
-130-245, and a 960-token prompt was read 1.27x faster on the int8 model (docs/benchmarks.md,
-"Prompt attention"). Per sequence and head, one thread: it copies the head's keys transposed
-([head_dim][positions], fp32) into its scratch, so that a tile's scores are PROMPT_ROWS rows x
-16 positions summed over head_dim in registers, one load of 16 keys' d-th values for
-PROMPT_ROWS multiply-adds; then each row's softmax over the positions it sees, exactly (no
-running rescale: a tile's scores fit in L2); then the rows' outputs, PROMPT_ROWS x head_dim in
-registers, each position's value row read once for all of them. AVX-512 only: compiled for
-AVX2 (16 registers, so fewer rows a tile) it read prompts at 0.96x torch's ops, which serve
-there. Head dim 64 (every GPT-2's) or 32 (the demo model's). */
+109-229 (bench/kernels.py --parts prompt), and a 960-token prompt was read 1.27x faster on the
+int8 model (docs/benchmarks.md, "Prompt attention"). Per sequence and head, one thread: it
+copies the head's keys transposed ([head_dim][positions], fp32) into its scratch, so that a
+tile's scores are PROMPT_ROWS rows x 16 positions summed over head_dim in registers, one load
+of 16 keys' d-th values for PROMPT_ROWS multiply-adds; then each row's softmax over the
+positions it sees, exactly (no running rescale: a tile's scores fit in L2); then the rows'
+outputs, PROMPT_ROWS x head_dim in registers, each position's value row read once for all of
+them. AVX-512 only: compiled for AVX2 (16 registers, so fewer rows a tile) it read prompts at
+0.96x torch's ops, which serve there. Head dim 64 (every GPT-2's) or 32 (the demo model's). */
 #if X86
 #define PROMPT_ROWS 6
 #define PROMPT_HD 64 /* at most */
@@ -316,10 +316,10 @@ typedef struct {
 
 /* A cache row as fp32: an fp32 row itself, an fp16 row widened into buf. (Copying an fp32 row
 into buf too made the fp32 kernel half as fast.) */
-TARGET_F16C_AVX512 static inline __attribute__((always_inline)) const float *prompt_row(const decode_args *c, const int half,
-                                                         int64_t key_or_value, int64_t head,
-                                                         const int64_t *table, int64_t j,
-                                                         const int hd, float *buf) {
+#define INLINE_AVX512 TARGET_F16C_AVX512 static inline __attribute__((always_inline))
+INLINE_AVX512 const float *prompt_row(const decode_args *c, const int half,
+                                      int64_t key_or_value, int64_t head, const int64_t *table,
+                                      int64_t j, const int hd, float *buf) {
     const char *row = cache_row(c, half, key_or_value, head, table[j / c->block_size],
                                 j % c->block_size);
     if (!half)
@@ -329,9 +329,8 @@ TARGET_F16C_AVX512 static inline __attribute__((always_inline)) const float *pro
 }
 
 /* A tile's scores into s [PROMPT_ROWS][stride] for keys 0..reach-1, from kt [hd][stride]. */
-TARGET_F16C_AVX512 static inline __attribute__((always_inline)) void prompt_scores(const float q[][PROMPT_HD], const int hd,
-                                                    const float *kt, int64_t stride,
-                                                    int64_t reach, float *s) {
+INLINE_AVX512 void prompt_scores(const float q[][PROMPT_HD], const int hd, const float *kt,
+                                 int64_t stride, int64_t reach, float *s) {
     for (int64_t j = 0; j < reach; j += KEYS) {
         float acc[PROMPT_ROWS][KEYS] = {{0.f}};
         for (int d = 0; d < hd; ++d) {
@@ -345,9 +344,8 @@ TARGET_F16C_AVX512 static inline __attribute__((always_inline)) void prompt_scor
     }
 }
 
-TARGET_F16C_AVX512 static inline __attribute__((always_inline)) void prompt_one(
-    const prompt_args *a, int64_t seq, int64_t head, float *kt, float *s, const int hd,
-    const int half) {
+INLINE_AVX512 void prompt_one(const prompt_args *a, int64_t seq, int64_t head, float *kt,
+                              float *s, const int hd, const int half) {
     const decode_args *c = &a->c;
     const int64_t d_model = c->heads * hd, T = a->T;
     const int64_t *table = c->blocks + seq * c->width;
