@@ -292,10 +292,10 @@ static PyObject *decode_attention(PyObject *self, PyObject *args) {
 prompt_attention: each of N sequences has T new rows (its prompt's next chunk, right-padded to
 T; their keys and values already stored) at positions start..start+T-1; row t attends to
 positions 0..start+t of its sequence, read through its block table in place. torch's CPU
-flash attention over the gathered cache, with the causal mask, made 46-118 GFLOP/s on a Zen 5
+flash attention over the gathered cache, with the causal mask, made 30-107 GFLOP/s on a Zen 5
 (every score the mask hides is computed; blocks of query rows cut some of that); this made
-109-229 (bench/kernels.py --parts prompt), and a 960-token prompt was read 1.27x faster on the
-int8 model (docs/benchmarks.md, "Prompt attention"). Per sequence and head, one thread: it
+78-297, 2.3-2.8x (bench/kernels.py --parts prompt), and a 960-token prompt was read 1.53x
+faster on the int8 model (docs/benchmarks.md, "Prompt attention"). Per sequence and head, one thread: it
 copies the head's keys transposed ([head_dim][positions], fp32) into its scratch, so that a
 tile's scores are PROMPT_ROWS rows x 16 positions summed over head_dim in registers, one load
 of 16 keys' d-th values for PROMPT_ROWS multiply-adds; then each row's softmax over the
