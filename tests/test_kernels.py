@@ -140,6 +140,11 @@ def test_prompt_attention_against_attention_written_out(block_size, head_dim, dt
         kernels.prompt_attention(qkv, kv, blocks, start, None, 0.3),
         kernels.prompt_attention(qkv, kv, blocks, start, torch.full((4,), T), 0.3),
         atol=0, rtol=0)
+    # what it cannot read is refused, not misread
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.prompt_attention(qkv[:, ::2], kv, blocks, start, lengths, 0.3)
+    with pytest.raises(ValueError, match="int64"):
+        kernels.prompt_attention(qkv, kv, blocks, start, lengths.int(), 0.3)
 
 
 @pytest.mark.skipif(not kernels.ENABLED or kernels.VECTOR_ISA < 2,

@@ -105,10 +105,11 @@ def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
     its real ones), in place through the block tables."""
     two, heads, num_blocks, block_size, head_dim = kv.shape
     n = start.shape[0]
-    if qkv.stride(1) != 1 or not (kv.is_contiguous() and blocks.is_contiguous()
-                                  and start.is_contiguous()
-                                  and (lengths is None or lengths.is_contiguous())):
+    indices = [blocks, start] + ([] if lengths is None else [lengths])
+    if qkv.stride(1) != 1 or not (kv.is_contiguous() and all(t.is_contiguous() for t in indices)):
         raise ValueError("prompt_attention takes contiguous rows")
+    if qkv.dtype != torch.float32 or any(t.dtype != torch.int64 for t in indices):
+        raise ValueError("prompt_attention takes fp32 rows and int64 tables and positions")
     out = torch.empty(qkv.shape[0], heads * head_dim, dtype=qkv.dtype)
     _kernels.prompt_attention(qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(),
                               start.data_ptr(), 0 if lengths is None else lengths.data_ptr(),
