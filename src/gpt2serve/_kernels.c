@@ -295,11 +295,11 @@ positions 0..start+t of its sequence, read through its block table in place. tor
 flash attention over the gathered cache, with the causal mask, made 30-107 GFLOP/s on a Zen 5
 (every score the mask hides is computed; blocks of query rows cut some of that); this made
 78-297, 2.3-2.8x (bench/kernels.py --parts prompt), and a 960-token prompt was read 1.53x
-faster on the int8 model (docs/benchmarks.md, "Prompt attention"). Per sequence and head, one thread: it
-copies the head's keys transposed ([head_dim][positions], fp32) into its scratch, so that a
-tile's scores are PROMPT_ROWS rows x 16 positions summed over head_dim in registers, one load
-of 16 keys' d-th values for PROMPT_ROWS multiply-adds; then each row's softmax over the
-positions it sees, exactly (no running rescale: a tile's scores fit in L2); then the rows'
+faster on the int8 model (docs/benchmarks.md, "Prompt attention"). Per sequence and head, one
+thread: it copies the head's keys transposed ([head_dim][positions], fp32) into its scratch,
+so that a tile's scores are PROMPT_ROWS rows x 16 positions summed over head_dim in registers,
+one load of 16 keys' d-th values for PROMPT_ROWS multiply-adds; then each row's softmax over
+the positions it sees, exactly (no running rescale: a tile's scores fit in L2); then the rows'
 outputs, PROMPT_ROWS x head_dim in registers, each position's value row read once for all of
 them. AVX-512 only: compiled for AVX2 (16 registers, so fewer rows a tile) it read prompts at
 0.96x torch's ops, which serve there. Head dim 64 (every GPT-2's) or 32 (the demo model's). */

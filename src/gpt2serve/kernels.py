@@ -103,6 +103,8 @@ def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
     int64, each sequence's first new position; lengths [N] int64, its real rows, or None for
     all T. Row t attends to positions 0..start + t of its sequence (a padding row, to all of
     its real ones), in place through the block tables."""
+    if VECTOR_ISA < 2:  # (its only form is AVX-512's)
+        raise RuntimeError("prompt_attention needs AVX-512 (runs_prompt_attention)")
     two, heads, num_blocks, block_size, head_dim = kv.shape
     n = start.shape[0]
     indices = [blocks, start] + ([] if lengths is None else [lengths])
