@@ -149,7 +149,8 @@ def prompt_attention(chunks: list[tuple[int, int]], repeats: int) -> None:
           "blocks) vs ours, in place; on an fp32 and an fp16 cache")
     for start, T in chunks:
         qkv = torch.randn(T, 3 * cfg.n_embd)
-        flops = cfg.n_layer * cfg.n_head * T * (start + T / 2) * cfg.n_embd // cfg.n_head * 4
+        # q.k and p.v over every head: 2 x 2 FLOP a dimension, T rows, start + T / 2 positions each
+        flops = 4 * cfg.n_layer * cfg.n_embd * T * (start + T / 2)
         for dtype in (torch.float32, torch.float16):
             cache, blocks = KVCache.for_sequences(cfg, 1, start + T, dtype, "cpu")
             cache.kv.normal_()

@@ -185,10 +185,12 @@ class Group:
         if lengths is not None and bool((lengths == self.T).all()):
             lengths = None
         self.in_place = in_place
+        # decode rows (one token each): stored and attended to in one kernel call
+        self.decode_in_place = in_place and self.T == 1 and lengths is None
         if self.in_place:
             self.start, self.blocks = start.contiguous(), blocks.contiguous()
             self.lengths = None if lengths is None else lengths.contiguous()
-            if self.T == 1 and lengths is None:  # decode rows: the kernel stores them too
+            if self.decode_in_place:
                 return
         self.valid = None if lengths is None else (offsets < lengths[:, None]).flatten()
         slots = cache.slots(blocks, self.pos).flatten()
@@ -277,7 +279,7 @@ class Block(nn.Module):
     def _attend(self, qkv: Tensor, kv: Tensor, g: Group) -> Tensor:
         """Store the group's new keys and values (not its padding), then attend: each
         sequence to its first g.L positions, where g.mask allows."""
-        if g.in_place and g.T == 1 and g.lengths is None:
+        if g.decode_in_place:
             return kernels.decode_attention(qkv, kv, g.blocks, g.start, self.scale)
         D = qkv.shape[1] // 3
         _store(kv, g.rows, qkv[:, D:] if g.valid is None else qkv[g.valid, D:])
