@@ -55,14 +55,16 @@ class StepOutput:
 class EagerRunner:
     name = "eager"
 
-    def __init__(self, model: GPT, cache: KVCache, sampler: Sampler):
+    def __init__(self, model: GPT, cache: KVCache, sampler: Sampler,
+                 attention_in_place: bool = True):
         self.model, self.cache, self.sampler = model, cache, sampler
         self.device = cache.kv.device
         # Decode rows and prompt chunks attend in place through their block tables where our
         # C kernels serve the cache (kernels.decode_attention, kernels.prompt_attention),
-        # instead of gathering their blocks.
-        self.in_place = kernels.runs_decode_attention(cache.kv)
-        self.prompt_in_place = kernels.runs_prompt_attention(cache.kv)
+        # instead of gathering their blocks. `attention_in_place` False keeps torch's ops:
+        # the "eager-torch-attention" runner, the reference the other runners are tested on.
+        self.in_place = attention_in_place and kernels.runs_decode_attention(cache.kv)
+        self.prompt_in_place = attention_in_place and kernels.runs_prompt_attention(cache.kv)
 
     @classmethod
     def declines(cls, model: GPT, cache: KVCache) -> str | None:
@@ -259,7 +261,7 @@ def decode_inputs(seqs: list[Sequence]) -> tuple[list[int], list[int], list[list
     return [s.tokens[-1] for s in seqs], [s.length - 1 for s in seqs], [s.blocks for s in seqs]
 
 
-RUNNERS = ("eager", "plan", "plan-unscreened", "cuda-graphs")
+RUNNERS = ("eager", "plan", "plan-unscreened", "cuda-graphs", "eager-torch-attention")
 
 
 def choose_runner(model: GPT, cache: KVCache, sampler: Sampler, blocks: BlockManager,
@@ -272,8 +274,8 @@ def choose_runner(model: GPT, cache: KVCache, sampler: Sampler, blocks: BlockMan
         name = _default_runner(model, cache, blocks, context, enforce_eager)
     if name not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}, got {name!r}")
-    if name == "eager":
-        return EagerRunner(model, cache, sampler)
+    if name.startswith("eager"):
+        return EagerRunner(model, cache, sampler, attention_in_place=name == "eager")
     if name.startswith("plan"):
         if why := PlanRunner.declines(model, cache):
             raise ValueError(f"the plan runner cannot serve this model: {why}")
