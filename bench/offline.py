@@ -41,9 +41,12 @@ VERSION: dict[str, str] = {}  # the engine's package and version, for the result
 
 
 def ours(folder: Path, mode: dict, quantize: str | None = None, kv_cache_dtype: str = "auto",
-         **config):
+         streamed: bool = False):
+    """Our engine, each batch one call of whole completions (as a V1 prediction asks), or,
+    `streamed`, one call whose sequences stream (OpenAI's `stream`: the chunk beside their
+    decode steps held to --prefill_step_stretch)."""
     from gpt2serve import checkpoint
-    from gpt2serve.engine import Engine, EngineConfig, Prompt
+    from gpt2serve.engine import Completion, Engine, EngineConfig, Prompt
     from gpt2serve.sampling import SamplingParams
 
     # Set up as `gpt2serve serve` does.
@@ -55,15 +58,22 @@ def ours(folder: Path, mode: dict, quantize: str | None = None, kv_cache_dtype: 
     VERSION["gpt2serve"] = package_version("gpt2serve")
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch_size=8, max_model_len=PROMPT_TOKENS + NEW_TOKENS, threads=threads,
-        kv_cache_dtype=kv_cache_dtype, **config))
+        kv_cache_dtype=kv_cache_dtype))
     screen = getattr(engine.runner, "screen", None)
     WEIGHT_BYTES["gpt2serve"] = model.weight_bytes(
         screen if not mode.get("do_sample", True) else None)
     params = SamplingParams.from_dict({**mode, "max_new_tokens": NEW_TOKENS,
                                        "ignore_eos": True, "seed": 0})
 
+    async def stream(prompts):
+        out = [Completion(0) for _ in prompts]
+        async for index, event in engine.stream(engine.submit(prompts, streamed=True)):
+            out[index].add(event)
+        return [[c] for c in out]
+
     def run(batch):
-        for (c,) in asyncio.run(engine.complete([Prompt(p, params) for p in batch])):
+        prompts = [Prompt(p, params) for p in batch]
+        for (c,) in asyncio.run(stream(prompts) if streamed else engine.complete(prompts)):
             assert len(c.token_ids) == NEW_TOKENS
     return run
 
@@ -299,8 +309,9 @@ def main() -> None:
         # model (llama.cpp's default), fp32 on the int8 model (whose default is fp16)
         "gpt2serve fp32 kv16": lambda: ours(folder, mode, None, "float16"),
         "gpt2serve int8 kv32": lambda: ours(folder, mode, "int8", "float32"),
-        # prompts read beside decode steps at full chunks (--prefill_step_stretch 0)
-        "gpt2serve int8 stretch 0": lambda: ours(folder, mode, "int8", prefill_step_stretch=0),
+        # the batch's sequences streamed: prompts read beside them in chunks held to
+        # --prefill_step_stretch, where whole completions get --max_prefill_tokens
+        "gpt2serve int8 streamed": lambda: ours(folder, mode, "int8", streamed=True),
         "transformers fp32": lambda: hf_generate(folder, mode),
         "ctranslate2 fp32": lambda: ctranslate2_runner(folder, mode, "float32"),
         "ctranslate2 int8": lambda: ctranslate2_runner(folder, mode, "int8"),

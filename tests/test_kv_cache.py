@@ -167,3 +167,33 @@ def test_a_long_prompt_is_read_in_chunks_beside_running_streams(chunk_server):
     assert tokens == 900  # all of it beside decode steps: the streams ran all the while
     assert steps >= 15 and at_most_64 == steps  # in chunks of 64 tokens at the most
     assert streams == [250] * 8
+
+
+def test_beside_whole_completions_a_long_prompt_is_read_at_the_most_a_step(chunk_server):
+    """8 V1 predictions (whole completions, nothing streamed) decode; the 900-token prompt
+    arrives. Their callers wait for the last token only, so it is read 64 tokens a step, the
+    most: 15 steps (beside streams the chunks start at 16 tokens and grow, the test above)."""
+    name = "gpt2serve_prompt_tokens_beside_decode"
+    body = {"prompt": "ROMEO:", "max_new_tokens": 250, "ignore_eos": True}
+
+    def beside() -> tuple[float, float]:
+        return metric(chunk_server, f"{name}_count"), metric(chunk_server, f"{name}_sum")
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=300) as client:
+            predictions = asyncio.create_task(client.post(
+                f"{chunk_server.url}/v1/models/{MODEL}:predict",
+                json={"instances": [body] * 8}))
+            while metric(chunk_server, "gpt2serve_running_sequences") < 8:
+                await asyncio.sleep(0.005)  # every prompt read: they decode
+            before = beside()
+            r = await client.post(f"{chunk_server.url}/openai/v1/completions", json={
+                "model": MODEL, "prompt": [5 + i * 7 % 300 for i in range(900)],  # not cached
+                "max_tokens": 1})
+            return r, before, beside(), await predictions
+
+    r, before, after, predictions = asyncio.run(scenario())
+    assert r.status_code == 200 and predictions.status_code == 200, (r.text, predictions.text)
+    assert len(predictions.json()["predictions"]) == 8
+    steps, tokens = (a - b for a, b in zip(after, before))
+    assert (steps, tokens) == (15, 900)  # 14 chunks of 64 and the last 4, all beside decode

@@ -89,4 +89,4 @@ def test_a_stretch_of_0_reads_the_most_beside_every_decode_step():
         engine = Engine(model, tokenizer, EngineConfig(
             max_batch_size=2, max_prefill_tokens=96, prefill_step_stretch=stretch),
             runner="eager", threaded=False)
-        assert engine.scheduler.budget.tokens(decoding=True) == beside
+        assert engine.scheduler.budget.tokens(streams=True) == beside

@@ -12,8 +12,8 @@ import torch
 
 from conftest import write_tokenizer
 from gpt2serve.engine.kv_cache import BlockManager
-from gpt2serve.engine.scheduler import (MIN_CHUNK, ChunkBudget, EngineStopped, QueueFull,
-                                        ScheduledStep, Scheduler)
+from gpt2serve.engine.scheduler import (MIN_CHUNK, Chunk, ChunkBudget, EngineStopped,
+                                        QueueFull, ScheduledStep, Scheduler)
 from gpt2serve.engine.sequence import Prompt, Request
 from gpt2serve.model import GPTConfig, KVCache
 from gpt2serve.sampling import SamplingParams
@@ -41,12 +41,12 @@ PROMPTS = itertools.count(1)
 
 
 def request(prompt_len: int, max_new: int = 4, n: int = 1, ids: list[int] | None = None,
-            **params) -> Request:
+            streamed: bool = True, **params) -> Request:
     """A call of one prompt: `ids`, or prompt_len ids no other prompt starts with."""
     params = SamplingParams.from_dict({"max_new_tokens": max_new, "n": n, "seed": 1, **params})
     first = next(PROMPTS) * 1000
     ids = ids if ids is not None else list(range(first, first + prompt_len))
-    return Request(Prompt(ids, params), 0, max_new, asyncio.Queue(), None)
+    return Request(Prompt(ids, params), 0, max_new, asyncio.Queue(), None, streamed)
 
 
 def finish(sched: Scheduler, step: ScheduledStep, token: int = 7) -> None:
@@ -181,10 +181,17 @@ def test_a_full_queue_and_a_closed_scheduler_refuse_calls_whole(tokenizer):
         sched.add([request(2)])
 
 
-def test_the_chunk_budget_grows_while_steps_stay_short_and_shrinks_when_not():
+def steps(tokenizer, streamed: bool = True) -> tuple[ScheduledStep, ScheduledStep]:
+    """A decode step of one running sequence (a stream's, or a whole completion's), and one
+    that also reads a prompt chunk."""
+    row = request(3, streamed=streamed).start(tokenizer, 0)
+    return ScheduledStep(row, []), ScheduledStep(row, [Chunk(request(40), 0, 16)])
+
+
+def test_the_chunk_budget_grows_while_steps_stay_short_and_shrinks_when_not(tokenizer):
     budget = ChunkBudget(512, adaptive=True)
-    decode, mixed = ScheduledStep(["row"], []), ScheduledStep(["row"], ["chunk"])
-    assert budget.tokens(decoding=True) == MIN_CHUNK and budget.tokens(decoding=False) == 512
+    decode, mixed = steps(tokenizer)
+    assert budget.tokens(streams=True) == MIN_CHUNK and budget.tokens(streams=False) == 512
     budget.observe(decode, 0.010)
     budget.observe(mixed, 0.012)  # within 1.5 decode steps: a quarter more
     assert budget.tokens(True) == 20
@@ -198,14 +205,36 @@ def test_the_chunk_budget_grows_while_steps_stay_short_and_shrinks_when_not():
     assert fixed.tokens(True) == 512
 
 
-def test_a_wider_stretch_lets_longer_steps_grow_the_chunk():
+def test_a_wider_stretch_lets_longer_steps_grow_the_chunk(tokenizer):
     """--prefill_step_stretch 3: a step with a chunk may take three decode steps' time."""
-    decode, mixed = ScheduledStep(["row"], []), ScheduledStep(["row"], ["chunk"])
+    decode, mixed = steps(tokenizer)
     for stretch, grown in ((1.5, False), (3.0, True)):
         budget = ChunkBudget(512, adaptive=True, stretch=stretch)
         budget.observe(decode, 0.010)
         budget.observe(mixed, 0.025)
         assert (budget.tokens(True) > MIN_CHUNK) == grown
+
+
+def test_beside_whole_completions_a_prompt_is_read_at_the_most(tokenizer):
+    """A running stream holds the chunk beside it to the stretch's budget; rows of whole
+    completions (V1 and V2 predictions, OpenAI without stream) have no token gaps to keep
+    even: a long prompt beside them takes the most each step, and a slow step beside them
+    does not shrink the streams' budget."""
+    for streamed, chunk in ((True, MIN_CHUNK), (False, 64)):
+        sched = scheduler(tokenizer, budget=64)
+        running = request(3, max_new=8, streamed=streamed)
+        sched.add([running])
+        finish(sched, sched.schedule())
+        sched.add([request(100)])
+        step = sched.schedule()
+        assert step.decode == running.seqs and step.streams == streamed
+        assert [(c.start, c.length) for c in step.chunks] == [(0, chunk)]
+    budget = ChunkBudget(512, adaptive=True)
+    for streamed in (True, False):
+        decode, mixed = steps(tokenizer, streamed)
+        budget.observe(decode, 0.010)
+        budget.observe(mixed, 0.012 if streamed else 1.0)
+    assert budget.tokens(streams=True) == 20
 
 
 def read_whole(sched: Scheduler, r: Request) -> list[tuple[int, int]]:

@@ -34,7 +34,7 @@ from .outbox import Outbox
 from .runner import EagerRunner, StepOutput, choose_runner
 from .sampler import Sampler
 from .scheduler import (ChunkBudget, EngineError, EngineStopped, RequestTimeout,
-                        ScheduledStep, Scheduler)
+                        ScheduledStep, Scheduler, streams)
 from .sequence import Completion, Prompt, Request, TokenEvent
 from .step_loop import StepLoop
 
@@ -245,8 +245,7 @@ class Engine:
             step = sched.schedule()
             self._expire(step)
             if step:
-                newcomers = _Newcomers(self, sched.budget.tokens(bool(step.decode)), arrivals,
-                                       neighbours)
+                newcomers = _Newcomers(self, step.streams, arrivals, neighbours)
                 out = self.runner.execute(step, newcomers.read)
                 self._deliver(step, out)
                 seconds = time.perf_counter() - t0 - newcomers.seconds
@@ -302,9 +301,10 @@ class _Newcomers:
     a pass of their own between two of its layers (once per step), their first tokens sent
     at once."""
 
-    def __init__(self, engine: Engine, budget: int, arrivals: Callable[[], None] | None,
+    def __init__(self, engine: Engine, streams: bool, arrivals: Callable[[], None] | None,
                  neighbours: list[Engine] = ()):
-        self.engine, self.budget, self.arrivals = engine, budget, arrivals
+        self.engine, self.arrivals = engine, arrivals
+        self.streams = streams  # whether the pass they wait in carries a stream's row
         self.neighbours, self.seconds = neighbours, 0.0
 
     def read(self) -> None:  # nothing may be retired here
@@ -318,11 +318,15 @@ class _Newcomers:
             return
         t = time.perf_counter()
         for engine in waiting:
+            # The streams that wait for the read: this pass's, and the engine's own (a
+            # neighbour's running sequences wait for this step to end, then for its read).
+            budget = engine.scheduler.budget.tokens(
+                self.streams or streams(engine.scheduler.running))
             if engine is self.engine:
-                engine._read_newcomers(self.budget)
+                engine._read_newcomers(budget)
                 continue
             try:  # a neighbour's failure is its own, not this step's
-                engine._read_newcomers(engine.scheduler.budget.tokens(True))
+                engine._read_newcomers(budget)
             except Exception:
                 log.exception("engine step failed")
                 engine._fail(EngineError())

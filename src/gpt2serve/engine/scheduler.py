@@ -5,9 +5,9 @@ Admission is FIFO: the head of the queue waits until its n sequences fit under
 --max_batch_size and the blocks it may need are available (kv_cache.BlockManager). Admitted
 prompts are read in chunks: each prefill pass takes at most a token budget, the prompts that
 were already being read first, so a long prompt is read a piece per step while the running
-sequences keep decoding. A prompt read to its end starts its n sequences. Beside a decode
-step the budget is sized so that the step takes about --prefill_step_stretch decode steps
-(ChunkBudget)."""
+sequences keep decoding. A prompt read to its end starts its n sequences. Beside streams the
+budget is sized so that the step takes about --prefill_step_stretch decode steps; beside
+whole completions it is the most (ChunkBudget)."""
 
 from __future__ import annotations
 
@@ -76,8 +76,17 @@ class ScheduledStep:
         """The sequences sampled after the pass, in the order of their rows of logits."""
         return self.decode + self.started
 
+    @property
+    def streams(self) -> bool:
+        return streams(self.decode)
+
     def __bool__(self) -> bool:
         return bool(self.decode or self.chunks)
+
+
+def streams(seqs: list[Sequence]) -> bool:
+    """Whether one of the sequences is a stream's: its caller sees every token as it comes."""
+    return any(s.request.streamed for s in seqs)
 
 
 def _average(mean: float, value: float) -> float:
@@ -86,37 +95,45 @@ def _average(mean: float, value: float) -> float:
 
 
 class ChunkBudget:
-    """Prompt tokens to read beside the next decode step (padding included): a quarter more
-    while a step with a chunk takes at most `stretch` decode steps (--prefill_step_stretch),
-    less in proportion when it takes longer. Streams then wait at most about that much longer
-    for a token while a long prompt is read, whatever the model, machine or context; growing
-    by steps bounds what one noisy measurement can cost. The price is the prompt's: each
-    step reads every weight for a chunk that adds (stretch - 1) decode steps of work, so at
-    1.5 a prompt beside streams is read at about a third of its speed alone. A stretch of 0,
-    or `adaptive` False, keeps it at the most (with CUDA graphs a step with a prompt chunk
-    runs eagerly and costs several graph steps whatever its size: launches, not tokens, take
-    the time)."""
+    """Prompt tokens to read beside the next decode step (padding included).
+
+    Beside streams (a decode row of a streamed request): a quarter more while a step with a
+    chunk takes at most `stretch` decode steps (--prefill_step_stretch), less in proportion
+    when it takes longer. Streams then wait at most about that much longer for a token while
+    a long prompt is read, whatever the model, machine or context; growing by steps bounds
+    what one noisy measurement can cost. The price is the prompt's: each step reads every
+    weight for a chunk that adds (stretch - 1) decode steps of work, so at 1.5 a prompt beside
+    streams is read at about a third of its speed alone.
+
+    Beside rows none of which streams (whole completions: V1 and V2 predictions, OpenAI
+    without `stream`, Engine.complete), with no decode rows, with a stretch of 0 or with
+    `adaptive` False (CUDA graphs, where a step with a prompt chunk runs eagerly and costs
+    several graph steps whatever its size: launches, not tokens, take the time): the most.
+    A whole completion has no gaps between tokens to keep even, only its end, and prompts
+    read at full speed join the batch sooner: the most tokens a second."""
 
     def __init__(self, max_prefill_tokens: int, adaptive: bool,
                  stretch: float = EngineConfig.prefill_step_stretch):
         self.max_tokens, self.stretch = max_prefill_tokens, stretch
         self.adaptive = adaptive and stretch > 0
-        self.beside_decode = MIN_CHUNK if self.adaptive else max_prefill_tokens
+        self.beside_streams = MIN_CHUNK if self.adaptive else max_prefill_tokens
         self.step_seconds = 0.0  # a decode step's time, with no prompt chunk in it
 
-    def tokens(self, decoding: bool) -> int:
-        return self.beside_decode if decoding else self.max_tokens
+    def tokens(self, streams: bool) -> int:
+        """The budget of a pass beside decode rows that include a stream (`streams`), or
+        not."""
+        return self.beside_streams if streams else self.max_tokens
 
     def observe(self, step: ScheduledStep, seconds: float) -> None:
         if step.decode and not step.chunks:
             self.step_seconds = _average(self.step_seconds, seconds)
-        elif step.decode and self.adaptive:
+        elif step.streams and self.adaptive:
             target = self.stretch * self.step_seconds
             if seconds <= target:
-                grown = int(self.beside_decode * 1.25)
+                grown = int(self.beside_streams * 1.25)
             else:
-                grown = int(self.beside_decode * max(0.5, target / seconds))
-            self.beside_decode = max(MIN_CHUNK, min(self.max_tokens, grown))
+                grown = int(self.beside_streams * max(0.5, target / seconds))
+            self.beside_streams = max(MIN_CHUNK, min(self.max_tokens, grown))
 
 
 class Scheduler:
@@ -185,7 +202,7 @@ class Scheduler:
         falls in) and prompt chunks under the budget."""
         decode = list(self.running)
         self.grow(decode)
-        return self._step(decode, self.budget.tokens(bool(decode)), whole_new_prompts=False)
+        return self._step(decode, self.budget.tokens(streams(decode)), whole_new_prompts=False)
 
     def schedule_newcomers(self, budget: int) -> ScheduledStep:
         """A pass of prompts admitted now that fit whole within `budget`, read between two
