@@ -139,12 +139,17 @@ def free_port() -> int:
 class ServerProcess:
     """`gpt2serve serve` in a subprocess on free loopback ports."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, log: Path | None = None):
+        """`log`: a file for its output (by default none, or the terminal with
+        GPT2SERVE_TEST_LOG set)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "gpt2serve.cli", "serve", "--http_port", str(self.port),
                "--grpc_port", str(free_port()), *args]
-        self.log = open(os.devnull, "w") if not os.environ.get("GPT2SERVE_TEST_LOG") else None
+        if log is not None:
+            self.log = open(log, "w")
+        else:
+            self.log = open(os.devnull, "w") if not os.environ.get("GPT2SERVE_TEST_LOG") else None
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
 
@@ -177,9 +182,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(*args: str, headers: dict | None = None):
+def running_server(*args: str, headers: dict | None = None, log: Path | None = None):
     """A ready server process for the duration of the block."""
-    srv = ServerProcess(*args)
+    srv = ServerProcess(*args, log=log)
     try:
         srv.wait_ready(headers=headers)
         yield srv

@@ -13,6 +13,7 @@ import shutil
 import grpc
 import httpx
 import pytest
+import torch
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -286,3 +287,38 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         assert v1(srv, "beta", "ROMEO:").status_code == 200
     finally:
         srv.stop()
+
+
+def test_an_unload_that_comes_in_while_a_load_waits_overrules_it(repo):
+    """Over the Repository itself, its schedule fixed: while a load or unload of another
+    model holds the repository, gamma's load waits, and an unload of gamma comes in. The
+    later call wins: the load gets LoadOverruled (REST 409, gRPC ABORTED); it said 503,
+    "cannot be loaded: unloaded: ... load brings it back"."""
+    from gpt2serve.engine import EngineConfig
+    from gpt2serve.server.predictor import GPT2Predictor
+    from gpt2serve.server.repository import LoadOverruled, LoadSettings, Repository
+
+    async def scenario():
+        repository = Repository(str(repo), "", LoadSettings(torch.device("cpu"), torch.float32,
+                                                            None, 1),
+                                EngineConfig(kv_cache_memory=KV), enable_control=True,
+                                make_predictor=GPT2Predictor)
+        gamma = repository.entries["gamma"]
+        try:
+            async with repository._lock:  # another model's load or unload, in progress
+                load = asyncio.create_task(repository.load("gamma"))
+                while gamma.loading is None:
+                    await asyncio.sleep(0)
+                unload = asyncio.create_task(repository.unload("gamma"))
+                while not gamma.held:
+                    await asyncio.sleep(0)
+            with pytest.raises(LoadOverruled, match="unloaded by a later call"):
+                await load
+            await unload
+            assert (gamma.state, gamma.engine) == ("UNAVAILABLE", None)
+            await repository.load("gamma")  # asked again, it loads
+            assert gamma.state == "READY"
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())

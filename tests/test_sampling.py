@@ -180,3 +180,13 @@ def test_a_seeded_row_draws_the_same_alone_and_among_31_others(tokenizer):
     batched = run(sequences(tokenizer, specs), 32)
     assert [t[0] for t in batched] == alone
     assert len(set(alone)) > 5  # it really sampled
+
+
+def test_a_deeply_nested_value_is_refused_by_name_not_by_its_repr():
+    """The error message showed the value with repr, cut after: 5,000 levels of lists
+    overflowed the stack first (a 500 where a route let such a body through)."""
+    deep = 1.0
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(SamplingError, match=r"'temperature' must be a number, got \[\[\["):
+        SamplingParams.from_dict({"temperature": deep})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import reprlib
 import secrets
 from dataclasses import dataclass, field, fields
 
@@ -63,12 +64,15 @@ class SamplingParams:
         range."""
         known = {f.name for f in fields(cls)}
         values = dict(defaults)
+        given: dict[str, str] = {}  # field -> the key that gave it (a field or its alias)
         for key, value in raw.items():
             name = cls.ALIASES.get(key, key)
             if name not in known:
                 raise SamplingError(f"unknown parameter '{key}'")
             if value is not None:
-                values[name] = value
+                if name in given:
+                    raise SamplingError(f"give either '{given[name]}' or '{key}', not both")
+                given[name], values[name] = key, value
         params = cls(**values)
         params.validate(max_n)
         return params
@@ -109,6 +113,9 @@ class SamplingParams:
         self.frequency_penalty = _float(self, "frequency_penalty", -2.0, 2.0)
         self.logit_bias = _logit_bias(self.logit_bias)
         self.min_tokens = _int(self, "min_tokens", 0)
+        if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
+            raise SamplingError(f"'min_tokens' {self.min_tokens} exceeds 'max_new_tokens' "
+                                f"{self.max_new_tokens}")
         ids = self.stop_token_ids
         if (not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
@@ -163,8 +170,14 @@ def _sibling_seed(seed: int, index: int) -> int:
 def _check_type(params, name: str, types, what: str):
     value = getattr(params, name)
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise SamplingError(f"'{name}' must be {what}, got {value!r:.40}")
+        raise SamplingError(f"'{name}' must be {what}, got {_show(value)}")
     return value
+
+
+def _show(value) -> str:
+    """A client's value, shortened for an error message. reprlib bounds the work too: a
+    value nested 1,000 deep would exhaust repr's recursion before a slice could cut it."""
+    return reprlib.repr(value)
 
 
 def _int(params, name, lo, hi=None, optional=False):
@@ -200,11 +213,12 @@ def _logit_bias(raw) -> dict[int, float]:
                             "token ids to biases")
     out = {}
     for key, bias in raw.items():
-        token = int(key) if isinstance(key, str) and key.isdigit() else key
+        # ASCII digits only: str.isdigit also takes '²' and '٣', which int() refuses or reads
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
         if (not isinstance(token, int) or isinstance(token, bool) or token < 0
                 or isinstance(bias, bool) or not isinstance(bias, (int, float))
                 or not -100 <= bias <= 100):
             raise SamplingError(f"'logit_bias' maps token ids to numbers in [-100, 100], "
-                                f"got {key!r:.20}: {bias!r:.20}")
+                                f"got {_show(key)}: {_show(bias)}")
         out[token] = float(bias)
     return out

@@ -32,7 +32,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from . import grpc_v2, playground, shutdown
     from .control import repository_router
-    from .errors import HideInternalErrors
+    from .errors import HideInternalErrors, QuietRefusals
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
@@ -58,6 +58,7 @@ def serve(args: argparse.Namespace) -> None:
     for exc in (QueueFull, RequestTimeout, EngineStopped, ModelUnavailable):
         app.add_exception_handler(exc, _unavailable)
     app.add_exception_handler(ModelUnloaded, _not_found)
+    logging.getLogger(kserve.logging.KSERVE_LOGGER_NAME).addFilter(QuietRefusals())
 
     # Our routes are added before ModelServer adds KServe's, so ours win where paths meet.
     app.include_router(health_router(repository))

@@ -32,6 +32,16 @@ def failure(exc: BaseException) -> tuple[int, str]:
     return 500, INTERNAL
 
 
+class QuietRefusals(logging.Filter):
+    """Drops the ERROR record, with a traceback, that the KServe SDK's handler writes for
+    every InvalidInput (a 400 on :predict, V2 infer, generate): a refusal is the client's
+    mistake, which any client could repeat to flood the log and trip error alerts. Its
+    handler is registered when the server starts, after ours, so it cannot be replaced."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], InvalidInput))
+
+
 INTERNAL = "internal error"
 # 503 is ours (overload, shutdown) or KServe's "not ready": a message written for clients.
 _SAID_TO_CLIENTS = frozenset({503})

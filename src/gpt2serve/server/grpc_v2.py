@@ -23,7 +23,8 @@
 - RepositoryModelLoad/Unload go to the repository (repository.py, as control.py's REST
   routes): UNIMPLEMENTED while the extension is off (the SDK's answered UNKNOWN,
   `'ModelNotReady' object has no attribute 'reason'`, once the model was gone). A model
-  unloaded through them is NOT_FOUND until loaded again.
+  unloaded through them is NOT_FOUND until loaded again; a load overruled by an unload that
+  came in while it waited is ABORTED (REST: 409).
 
 ModelServer builds its gRPC server itself; `install()` swaps in this module's before it
 starts.
@@ -38,7 +39,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from grpc import aio
-from grpc_interceptor.exceptions import NotFound, Unavailable, Unimplemented
+from grpc_interceptor.exceptions import Aborted, NotFound, Unavailable, Unimplemented
 from kserve import model_server as kserve_model_server
 from kserve.errors import InvalidInput, ModelNotReady, ServerNotLive, ServerNotReady
 from kserve.logging import logger as kserve_logger
@@ -53,7 +54,7 @@ from kserve.utils.utils import to_headers
 from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NOT_FOUND, UNAVAILABLE
 from .predictor import V2_INPUT, V2_OUTPUT
-from .repository import Repository, RepositoryOff
+from .repository import LoadOverruled, Repository, RepositoryOff
 
 
 def _oip_parameter_class():
@@ -212,6 +213,8 @@ class GPT2Servicer(InferenceServicer):
             raise Unimplemented(str(e)) from None
         except UNAVAILABLE as e:
             raise Unavailable(str(e)) from None
+        except LoadOverruled as e:
+            raise Aborted(str(e)) from None
 
 
 class ExceptionToStatus(ExceptionToStatusInterceptor):

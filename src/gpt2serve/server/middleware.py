@@ -114,8 +114,10 @@ class FiniteJSON:
     NaN in sampling, the tokenizer's TypeError, RecursionError. The message names the field.
 
     A body that is not JSON at all is left to its route, which says so. Runs inside
-    BodyLimit, so the body it parses is bounded; KServe's binary tensor extension is checked
-    on its JSON header only."""
+    BodyLimit, so the body it parses is bounded. On V2 infer, the one route that reads
+    KServe's binary tensor extension, its JSON header alone is checked; elsewhere its
+    Inference-Header-Content-Length means nothing (trusted there, a length of 0 let any body
+    past this check)."""
 
     def __init__(self, app):
         self.app = app
@@ -132,13 +134,19 @@ class FiniteJSON:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         header = dict(scope["headers"]).get(b"inference-header-content-length", b"")
-        json_part = body[:int(header)] if header.isdigit() else body
+        binary = _v2_infer(scope["path"]) and header.isdigit()
+        json_part = body[:int(header)] if binary else body
         try:
             jsonbody.parse(json_part)
         except jsonbody.BadJSON as e:
             if not e.syntax:
                 return await _send_json(send, 400, _error(scope["path"], 400, str(e), e.param))
         return await self.app(scope, _replay(body, receive), send)
+
+
+def _v2_infer(path: str) -> bool:
+    """/v2/models/NAME[/versions/V]/infer"""
+    return path.startswith("/v2/models/") and path.endswith("/infer")
 
 
 def _openai_shaped(path: str) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -173,15 +174,21 @@ class CompletionCall:
             self.params = SamplingParams.from_dict(
                 {"max_new_tokens": 16, "temperature": 1.0, "top_k": 0, **fields},
                 max_n=engine.max_n)
-            if body.get("best_of") not in (None, self.params.n):
+            best_of = body.get("best_of")
+            if best_of is not None and (type(best_of) is not int or best_of != self.params.n):
                 raise OpenAIError("'best_of' must equal 'n' when given", param="best_of")
             prompts = _prompt_list(body.get("prompt"))
             if len(prompts) > max_prompts:
                 raise OpenAIError(f"'prompt' has {len(prompts)} prompts; this server takes at "
                                   f"most {max_prompts} per request", param="prompt")
-            self.prompts = [self._prompt_ids(p) for p in prompts]
-            for ids in self.prompts:
-                engine.check(Prompt(ids, self.params))
+            self.prompts = []
+            for i, prompt in enumerate(prompts):
+                where = f"prompt[{i}]" if len(prompts) > 1 else ""  # which one, in a list
+                try:
+                    self.prompts.append(self._prompt_ids(prompt))
+                except SamplingError as e:
+                    raise SamplingError(f"{where}: {e}" if where else str(e)) from None
+                engine.check(Prompt(self.prompts[-1], self.params, where))
         except SamplingError as e:
             message = str(e).replace("'max_new_tokens'", "'max_tokens'")
             raise OpenAIError(message, param=_param_of(message)) from None
@@ -199,7 +206,8 @@ class CompletionCall:
         if isinstance(prompt, str):
             return self.engine.encode_prompt(prompt)
         vocab = self.engine.tokenizer.vocab_size
-        if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool)
+                                 and 0 <= t < vocab for t in prompt):
             raise OpenAIError(f"token prompts must be non-empty lists of ids in [0, {vocab})",
                               param="prompt")
         return prompt
@@ -407,9 +415,11 @@ def _flag(body: dict, name: str) -> bool:
 
 
 def _param_of(message: str) -> str | None:
-    """The field a SamplingError names, in OpenAI's spelling."""
+    """The field a SamplingError names, in OpenAI's spelling: the quoted name it starts with
+    (after the prompt of a list it is about), or the prompt itself."""
     reverse = {v: k for k, v in MAPPED.items()}
+    message = re.sub(r"^prompt\[\d+\]: ", "", message)
     if message.startswith("'"):
         name = message.split("'")[1]
         return reverse.get(name, name)
-    return None
+    return "prompt" if message.startswith("prompt") else None

@@ -24,8 +24,10 @@ from ..sampling import MAX_N, SamplingError, SamplingParams
 from . import jsonbody
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
-# Input-level parameters of KServe's own V2 protocol, not sampling parameters.
+# Parameters of KServe's own V2 protocol (its binary tensor extension), not sampling
+# parameters: the input's, and the request's (Triton's client sends binary_data_output).
 V2_TENSOR_PARAMETERS = {"content_type", "binary_data_size"}
+V2_REQUEST_PARAMETERS = {"binary_data_output"}
 
 
 class GPT2Predictor(kserve.Model):
@@ -75,12 +77,14 @@ class GPT2Predictor(kserve.Model):
         extra = set(payload) - {"instances", "parameters"}
         if extra:
             raise InvalidInput(f"unknown top-level field(s): {', '.join(sorted(extra))}")
-        instances, shared = payload["instances"], payload.get("parameters") or {}
+        instances, shared = payload["instances"], payload.get("parameters")
+        shared = {} if shared is None else shared
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("'instances' must be a non-empty list")
         self._check_count(len(instances), "'instances'")
         if not isinstance(shared, dict):
             raise InvalidInput("'parameters' must be an object")
+        to_params(shared, "parameters", self.repository.max_n)  # its own errors named so
         jobs = [self._parse_instance(i, inst, shared, self.repository.max_n)
                 for i, inst in enumerate(instances)]
         texts = await self.generate(jobs)
@@ -125,15 +129,20 @@ class GPT2Predictor(kserve.Model):
         if not prompts or not all(isinstance(p, (str, bytes)) for p in prompts):
             raise InvalidInput(f"input '{V2_INPUT}' must hold one or more strings")
         self._check_count(len(prompts), f"input '{V2_INPUT}'")
+        shared = {k: v for k, v in (request.parameters or {}).items()
+                  if k not in V2_REQUEST_PARAMETERS}
         own = {k: v for k, v in (tensor.parameters or {}).items()
                if k not in V2_TENSOR_PARAMETERS}
-        params = to_params(_merged(dict(request.parameters or {}), own), "parameters",
-                           self.repository.max_n)
+        max_n = self.repository.max_n
+        to_params(shared, "parameters", max_n)  # each level's own errors named as such
+        to_params(own, f"input '{V2_INPUT}' parameters", max_n)
+        params = to_params(_merged(shared, own), "parameters", max_n)
         results = await self.generate([(_text(p), params, f"{V2_INPUT}[{i}]")
                                        for i, p in enumerate(prompts)])
         texts = [t for texts in results for t in texts]
         output = InferOutput(V2_OUTPUT, shape=[len(texts)], datatype="BYTES", data=texts)
-        return InferResponse(request.id or str(uuid.uuid4()), self.name, [output])
+        return InferResponse(request.id or str(uuid.uuid4()), self.name, [output],
+                             use_binary_outputs=_binary_output(request))
 
     def _check_count(self, count: int, what: str) -> None:
         if count > self.max_instances:
@@ -158,6 +167,18 @@ class GPT2Predictor(kserve.Model):
         return [[text + c.text for c in cs] for (text, _, _), cs in zip(jobs, completions)]
 
 
+def _binary_output(request: InferRequest) -> bool:
+    """Whether REST sends text_output in the binary extension: its own `binary_data`
+    parameter if the request's `outputs` gives one, else the request's `binary_data_output`
+    (v2_infer.read_request checked both). gRPC decides by its inputs (grpc_v2)."""
+    if request.from_grpc:
+        return False
+    for output in request.request_outputs or ():
+        if output.binary_data is not None:
+            return output.binary_data
+    return bool((request.parameters or {}).get("binary_data_output", False))
+
+
 def json_object(raw: bytes | str) -> dict[str, Any]:
     try:
         body = jsonbody.parse(raw)
@@ -176,11 +197,16 @@ def to_params(fields: dict, where: str = "", max_n: int = MAX_N) -> SamplingPara
 
 
 def _merged(shared: dict, own: dict) -> dict:
-    """Own parameters over shared ones; an own length replaces the shared one, whichever way
-    either is given."""
-    if {"max_length", "max_new_tokens"} & own.keys():
-        shared = {k: v for k, v in shared.items() if k not in ("max_length", "max_new_tokens")}
-    return {**shared, **own}
+    """Own parameters over shared ones, whichever name (a field or its alias) each gives; an
+    own length replaces the shared one, whichever way either is given."""
+    def field(key: str) -> str:
+        return SamplingParams.ALIASES.get(key, key)
+
+    lengths = {"max_length", "max_new_tokens"}
+    replaced = {field(k) for k in own}
+    if lengths & replaced:
+        replaced |= lengths
+    return {**{k: v for k, v in shared.items() if field(k) not in replaced}, **own}
 
 
 def _flatten(data):

@@ -90,6 +90,14 @@ class LoadFailed(ModelUnavailable):
     pass
 
 
+class LoadOverruled(Exception):
+    """An unload of the model came in while a load of it waited: the later call wins (409)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"model '{name}' was unloaded by a later call before it was ready; "
+                         "load it again to serve it")
+
+
 @dataclass(frozen=True)
 class LoadSettings:
     """How every model is read: the `serve` flags that loading takes."""
@@ -270,7 +278,7 @@ class Repository(ModelRepository):
 
     async def load(self, name: str) -> None:
         """Load `name` (a folder that appeared since start included) and wait until it is
-        READY; ModelNotFound, LoadFailed."""
+        READY; ModelNotFound, LoadFailed, LoadOverruled."""
         self._check_enabled()
         if name not in self.entries and self.is_repository:
             self.scan()
@@ -284,11 +292,13 @@ class Repository(ModelRepository):
             self.update(entry.predictor)
         entry.failed_at = None  # asked for: try again now
         while entry.state != READY:
+            if entry.held:
+                raise LoadOverruled(name)
             if entry.state == UNAVAILABLE and entry.loading is None:
                 entry.loading = asyncio.ensure_future(self._load(entry))
             if entry.loading is not None:
                 await asyncio.shield(entry.loading)
-                if entry.state == UNAVAILABLE:
+                if entry.state == UNAVAILABLE and not entry.held:
                     raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
             else:
                 async with self._changed:

@@ -77,7 +77,7 @@ def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
     """The body as an InferRequest, or InvalidInput naming what is wrong."""
     json_length = headers.get("inference-header-content-length")
     if json_length is not None:
-        if not json_length.isdigit() or int(json_length) > len(raw):
+        if not (json_length.isascii() and json_length.isdigit()) or int(json_length) > len(raw):
             raise InvalidInput("'Inference-Header-Content-Length' must be the length of the "
                                "body's JSON part")
         json_part, binary = raw[:int(json_length)], raw[int(json_length):]
@@ -91,6 +91,7 @@ def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
             raise InvalidInput(f"'{name}' must be a string")
     request_id = body.get("id")
     parameters = _parameters(body.get("parameters"), "parameters")
+    _bool(parameters, "binary_data_output", "parameters")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
@@ -199,8 +200,10 @@ def _outputs(outputs: Any) -> list[RequestedOutput] | None:
                                f"has one output, '{V2_OUTPUT}'")
         if requested:
             raise InvalidInput(f"{where}: output '{V2_OUTPUT}' is asked for more than once")
-        requested.append(RequestedOutput(V2_OUTPUT, _parameters(output.get("parameters"),
-                                                                f"{where}.parameters")))
+        parameters = _parameters(output.get("parameters"), f"{where}.parameters")
+        _only(parameters, {"binary_data"}, f"{where}.parameters")
+        _bool(parameters, "binary_data", f"{where}.parameters")
+        requested.append(RequestedOutput(V2_OUTPUT, parameters))
     return requested
 
 
@@ -210,6 +213,11 @@ def _parameters(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
         raise InvalidInput(f"'{where}' must be an object")
     return value
+
+
+def _bool(parameters: dict, name: str, where: str) -> None:
+    if name in parameters and not isinstance(parameters[name], bool):
+        raise InvalidInput(f"{where}: '{name}' must be true or false")
 
 
 def _only(obj: dict, known: set[str], where: str) -> None:

@@ -1,0 +1,167 @@
+"""Mistaken and hostile requests that a fuzzing pass over every route found answered wrongly:
+500s, checks skipped, values taken silently, errors that named the wrong field or none, and a
+traceback logged for each refusal. Each is a 400 naming what is wrong (or, for the V2 binary
+output a Triton client asks for by default, served), against the real server process."""
+
+from __future__ import annotations
+
+import struct
+
+import httpx
+import pytest
+
+from conftest import post, running_server
+
+MODEL = "aitextgen"
+PREDICT = f"/v1/models/{MODEL}:predict"
+INFER = f"/v2/models/{MODEL}/infer"
+COMPLETIONS = "/openai/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def logged(tiny_model, tmp_path_factory):
+    """A server whose output goes to a file the tests read."""
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--max_prompt_chars", "500", log=log) as srv:
+        srv.log_path = log
+        yield srv
+
+
+def error(r: httpx.Response) -> str:
+    assert r.status_code == 400, (r.status_code, r.text)
+    body = r.json()["error"]
+    return body["message"] if isinstance(body, dict) else body
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "\u2460", "\uff11\uff12", "\u0663"])
+def test_logit_bias_keys_are_ascii_digits_on_every_route(logged, key):
+    """'²' and '①' passed str.isdigit and made int() raise: a 500. Full-width '１２' and
+    Arabic-Indic '٣' were read as tokens 12 and 3."""
+    r = post(logged.url + COMPLETIONS, {"model": MODEL, "prompt": "a", "max_tokens": 1,
+                                        "logit_bias": {key: 1}})
+    assert "'logit_bias'" in error(r) and r.json()["error"]["param"] == "logit_bias"
+    r = post(logged.url + PREDICT, {"instances": ["a"], "parameters": {"logit_bias": {key: 1}}})
+    assert "'logit_bias'" in error(r)
+    r = post(f"{logged.url}/v2/models/{MODEL}/generate",
+             {"text_input": "a", "parameters": {"logit_bias": {key: 1}}})
+    assert "'logit_bias'" in error(r)
+
+
+def v2_body(**parameters) -> dict:
+    return {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                        "data": ["ROMEO:"]}],
+            "parameters": {"max_new_tokens": 3, **parameters}}
+
+
+def test_a_non_ascii_binary_header_length_is_a_400(logged):
+    """'¹' (sent as its latin-1 byte) passed str.isdigit and made int() raise: a 500."""
+    r = httpx.post(logged.url + INFER, json=v2_body(),
+                   headers={"inference-header-content-length": b"\xb9"})
+    assert "Inference-Header-Content-Length" in error(r)
+
+
+def test_the_binary_header_does_not_switch_off_the_json_checks_off_v2_infer(logged):
+    """Trusted on every route, a length of 0 let any body past the strict JSON check: a
+    duplicate key was taken (the last one winning) and 1,000 levels of nesting reached the
+    sampling parameters' error message, whose repr overflowed the stack: a 500."""
+    header = {"inference-header-content-length": "0", "content-type": "application/json"}
+    r = httpx.post(logged.url + PREDICT, headers=header,
+                   content=b'{"instances": ["a"], "instances": ["b"]}')
+    assert "instances" in error(r)
+    deep = "[" * 1000 + "]" * 1000
+    r = httpx.post(logged.url + PREDICT, headers=header,
+                   content=f'{{"instances": ["a"], "parameters": {{"temperature": {deep}}}}}')
+    assert "nests deeper" in error(r)
+
+
+def test_refusals_leave_no_error_or_traceback_in_the_log(logged):
+    """The KServe SDK logged every InvalidInput at ERROR with its traceback: a client could
+    flood the log and trip error alerts with 400s."""
+    before = logged.log_path.read_text()
+    bad = {"instances": [{"prompt": "x", "temperature": "hot"}]}
+    assert "'temperature'" in error(post(logged.url + PREDICT, bad))
+    assert "'temperature'" in error(post(logged.url + INFER, v2_body(temperature="hot")))
+    r = post(f"{logged.url}/v2/models/{MODEL}/generate",
+             {"text_input": "a", "parameters": {"temperature": "hot"}})
+    assert "'temperature'" in error(r)
+    assert post(logged.url + PREDICT, {"instances": ["a"]}).status_code == 200  # flushes
+    added = logged.log_path.read_text()[len(before):]
+    assert "Traceback" not in added and " ERROR " not in added, added
+
+
+def length_prefixed(texts: list[str]) -> bytes:
+    return b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
+
+
+def test_v2_binary_output_as_tritons_client_asks_for_it(logged):
+    """tritonclient sends `binary_data_output: true` with every request that names no
+    outputs: it was refused as an unknown sampling parameter. Now text_output comes in the
+    binary extension, unless the output's own `binary_data` says otherwise; both are checked."""
+    want = post(logged.url + INFER, v2_body(temperature=0)).json()["outputs"][0]["data"]
+    r = post(logged.url + INFER, v2_body(temperature=0, binary_data_output=True))
+    assert r.status_code == 200, r.text
+    json_length = int(r.headers["inference-header-content-length"])
+    header = httpx.Response(200, content=r.content[:json_length]).json()
+    assert header["outputs"][0]["parameters"]["binary_data_size"] == len(r.content) - json_length
+    assert r.content[json_length:] == length_prefixed(want)
+    as_json = {**v2_body(temperature=0, binary_data_output=True),
+               "outputs": [{"name": "text_output", "parameters": {"binary_data": False}}]}
+    assert post(logged.url + INFER, as_json).json()["outputs"][0]["data"] == want
+    as_binary = {**v2_body(temperature=0),
+                 "outputs": [{"name": "text_output", "parameters": {"binary_data": True}}]}
+    r = post(logged.url + INFER, as_binary)
+    assert r.content.endswith(length_prefixed(want))
+    assert "'binary_data_output' must be true or false" in error(
+        post(logged.url + INFER, v2_body(binary_data_output="yes")))
+    for parameters, message in (({"binary_data": "yes"}, "'binary_data' must be true or false"),
+                                ({"classification": 2}, "unknown field 'classification'")):
+        body = {**v2_body(), "outputs": [{"name": "text_output", "parameters": parameters}]}
+        assert message in error(post(logged.url + INFER, body))
+
+
+def test_openai_prompt_errors_name_the_prompt_and_which_one(logged):
+    """Too long (in characters, or in tokens for the context) said `param: null`, and in a
+    list of prompts nothing said which."""
+    for prompt, where in (("a" * 600, "prompt is 600 characters"),
+                          ([5] * 200, "prompt is 200 tokens"),
+                          (["a", "b" * 600], "prompt[1]: prompt is 600 characters"),
+                          ([[5], [5] * 200], "prompt[1]: prompt is 200 tokens")):
+        r = post(logged.url + COMPLETIONS, {"model": MODEL, "prompt": prompt, "max_tokens": 1})
+        assert error(r).startswith(where) and r.json()["error"]["param"] == "prompt"
+    r = post(logged.url + COMPLETIONS, {"model": MODEL, "prompt": ["a", "b"], "n": 99})
+    assert r.json()["error"]["param"] == "n", r.text
+
+
+@pytest.mark.parametrize("route,body,message", [
+    # true and false were token ids 1 and 0 in a list of token prompts
+    (COMPLETIONS, {"prompt": [[True, False]]}, "token prompts"),
+    # True == 1
+    (COMPLETIONS, {"prompt": "a", "best_of": True}, "'best_of'"),
+    # a field and its alias: the last one won
+    (PREDICT, {"instances": [{"prompt": "a", "stop": "x", "stop_sequences": ["y"]}]},
+     "give either 'stop' or 'stop_sequences'"),
+    (PREDICT, {"instances": [{"prompt": "a", "n": 2, "num_return_sequences": 3}]},
+     "give either 'n' or 'num_return_sequences'"),
+    (COMPLETIONS, {"prompt": "a", "max_tokens": 2, "min_tokens": 5},
+     "'min_tokens' 5 exceeds 'max_tokens' 2"),
+    # parameters that are not an object were taken as none
+    (PREDICT, {"instances": ["a"], "parameters": []}, "'parameters' must be an object"),
+    (PREDICT, {"instances": ["a"], "parameters": False}, "'parameters' must be an object"),
+    # a shared parameter's error was blamed on the first instance
+    (PREDICT, {"instances": ["a"], "parameters": {"top_k": "x"}}, "parameters: 'top_k'"),
+    (INFER, {"inputs": [{**v2_body()["inputs"][0], "parameters": {"top_k": "x"}}]},
+     "input 'text_input' parameters: 'top_k'"),
+])
+def test_values_once_taken_silently_or_misplaced_are_refused_by_name(logged, route, body,
+                                                                     message):
+    if route == COMPLETIONS:
+        body = {"model": MODEL, "max_tokens": 1, **body}
+    assert message in error(post(logged.url + route, body))
+
+
+def test_an_instance_overrides_a_shared_parameter_by_its_alias(logged):
+    """`num_return_sequences` in an instance replaces a shared `n` (not "give either")."""
+    r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "num_return_sequences": 3}],
+                                     "parameters": {"n": 2, "max_new_tokens": 2}})
+    assert r.status_code == 200 and len(r.json()["predictions"][0]) == 3, r.text
