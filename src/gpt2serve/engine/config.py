@@ -45,11 +45,12 @@ class EngineConfig:
         "prompt tokens read per step at most; beside running streams the engine reads fewer, "
         "as many as keep a step within about --prefill_step_stretch decode steps' time"))
     prefill_step_stretch: float = field(default=1.5, metadata=_flag(
-        "a decode step that also reads a prompt chunk aims at this many decode steps' time, so "
-        "running streams wait about that much longer for each token while a prompt is read; "
-        "higher reads prompts beside them sooner and makes more tokens a second (960-token "
-        "prompts 8 at a time, int8 on 2 CPU cores: 90 tok/s at 1.5, 125 at 6, 151 at 0); 0: "
-        "max_prefill_tokens beside every decode step"))
+        "a decode step of streams that also reads a prompt chunk aims at this many decode "
+        "steps' time, so they wait about that much longer for each token while a prompt is "
+        "read; higher reads prompts beside them sooner and makes more tokens a second (8 "
+        "streamed 960-token prompts, int8 on 2 CPU cores: 90 tok/s at 1.5, 125 at 6, 151 at "
+        "0); 0: max_prefill_tokens beside every decode step. Beside whole completions (V1, "
+        "V2, OpenAI without stream) prompts are read max_prefill_tokens a step"))
     enable_prefix_caching: bool = field(default=True, metadata=_flag(
         "keep the KV blocks of prompts read, and let a prompt that starts the same way reuse "
         "them instead of reading that part again (a request's cache_salt keeps tenants apart)",
