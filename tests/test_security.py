@@ -280,12 +280,22 @@ def test_repository_routes_are_off_by_default(default):
         assert code == grpc.StatusCode.UNIMPLEMENTED and "--enable_model_repository" in details
     assert serving_everywhere(default) == UP
     assert probes(default) == (200, 200, True, True)
+    assert extensions(default) == ([], [])  # the SDK listed the repository extension anyway
     spec = httpx.get(f"{default.url}/openapi.json").json()
     assert "post" in spec["paths"]["/v2/repository/models/{model_name}/load"]  # the SDK's,
     # registered after ours and never reached: the 404 above came from ours
 
 
+def extensions(srv, headers: dict | None = None) -> tuple[list, list]:
+    """The V2 server metadata's extensions, over REST and gRPC."""
+    rest = httpx.get(f"{srv.url}/v2", headers=headers).json()["extensions"]
+    metadata = [("authorization", headers["authorization"])] if headers else None
+    grpc_ = srv.stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10, metadata=metadata)
+    return rest, list(grpc_.extensions)
+
+
 def test_an_unload_over_rest_is_reversible_and_liveness_stays(guarded):
+    assert extensions(guarded, AUTH) == (["model_repository_extension"],) * 2
     assert serving_everywhere(guarded, AUTH) == UP
     r = httpx.post(f"{guarded.url}/v2/repository/models/{MODEL}/unload", headers=AUTH)
     assert r.status_code == 200 and r.json() == {"name": MODEL, "unload": True}

@@ -53,6 +53,7 @@ from kserve.utils.utils import to_headers
 
 from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NOT_FOUND, UNAVAILABLE
+from .health import server_metadata
 from .predictor import V2_INPUT, V2_OUTPUT
 from .repository import LoadOverruled, Repository, RepositoryOff
 
@@ -188,6 +189,9 @@ class GPT2Servicer(InferenceServicer):
             response = response.to_grpc()
             return raw_outputs(response) if request.raw_input_contents else response
         return response
+
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(**server_metadata(self.models))
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.models.alive)

@@ -1,12 +1,23 @@
 """Probes, in place of KServe's (registered first, so they win): liveness follows the step
-thread, readiness the models and the drain."""
+thread, readiness the models and the drain; and the V2 server metadata."""
 
 from __future__ import annotations
 
+from importlib import metadata
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from kserve.constants.constants import KSERVE_MODEL_SERVER_NAME
 
 from .repository import Repository
+
+
+def server_metadata(repository: Repository) -> dict:
+    """V2 server metadata (REST `GET /v2`, gRPC ServerMetadata) as KServe's, but with the
+    extensions this server has: the SDK lists the model repository extension whether or not
+    its routes answer."""
+    return {"name": KSERVE_MODEL_SERVER_NAME, "version": metadata.version("kserve"),
+            "extensions": ["model_repository_extension"] if repository.enabled else []}
 
 
 def liveness(repository: Repository, alive_body: dict, dead_body: dict) -> JSONResponse:
@@ -24,6 +35,10 @@ def health_router(repository: Repository) -> APIRouter:
     @router.get("/")
     async def root() -> JSONResponse:
         return liveness(repository, {"status": "alive"}, {"status": "dead"})
+
+    @router.get("/v2")
+    async def server() -> JSONResponse:
+        return JSONResponse(server_metadata(repository))
 
     @router.get("/v2/health/live")
     async def live() -> JSONResponse:
