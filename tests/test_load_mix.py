@@ -51,6 +51,8 @@ def sampling(rng: random.Random) -> dict:
     for name, value in extras.items():
         if rng.random() < 0.25:
             p[name] = value
+    if "min_tokens" in p:  # at most max_new_tokens, as vLLM requires
+        p["min_tokens"] = min(p["min_tokens"], p["max_new_tokens"])
     if rng.random() < 0.2 and p["temperature"]:
         p["n"] = 2
     return p

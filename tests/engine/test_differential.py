@@ -113,7 +113,7 @@ def draw_params(rng: random.Random, vocab: int) -> dict:
     if rng.random() < 0.2:
         p["logit_bias"] = {str(rng.randrange(vocab)): rng.choice([-5.0, 5.0, 100.0])}
     if rng.random() < 0.2:
-        p["min_tokens"] = rng.randint(1, 4)
+        p["min_tokens"] = min(rng.randint(1, 4), p["max_new_tokens"])  # at most, as vLLM
     if rng.random() < 0.2:
         p["stop"] = [rng.choice(["e", " the", "\n", "."])]
     if rng.random() < 0.15:
