@@ -233,13 +233,132 @@ TARGET_F16C_AVX512 static void attend_avx512_half(const decode_args *a, int64_t 
                                                   int64_t head, float *scores) {
     attend_one(a, seq, head, scores, 1, dot_half16, axpy_half16, store_half);
 }
+
+/* Head dim 64 (every GPT-2's) on AVX-512: a row is four registers, so a key's products and the
+output stay in registers. attend_one sums each key's products across its register, a chain
+of shuffles per key, and adds each weighted value into an output row in memory, reloaded at
+every position. Here keys go 16 at a time, each one's products summed into a register of its
+own, and the 16 registers reduced to one register of 16 scores by a transposing tree
+(sum16); the output sums in two sets of registers, even and odd positions, so that no FMA
+waits on the one before, and is divided by the softmax's total once, at the end. Against
+attend_one's AVX-512 form in one process, alternating, on block tables in random order (AMD
+EPYC Zen 5): 1.13-1.39x at batch 1 to 32 and contexts 64 to 1000, either cache dtype (batch
+8, context 1000: fp16 14.96 -> 11.98 ms a step of 12 layers, fp32 23.09 -> 19.41). */
+#define INLINE_AVX512 TARGET_F16C_AVX512 static inline __attribute__((always_inline))
+
+/* 16 values of a cache row (fp32, or fp16 widened) from 16 * part on */
+INLINE_AVX512 __m512 row16(const char *row, const int half, const int part) {
+    return half ? HALF16(row, 16 * part) : _mm512_loadu_ps((const float *)row + 16 * part);
+}
+
+/* Lane t of the result is the sum of a[4 * (t % 4) + t / 4]'s 16 lanes. Halves, then
+quarters, of pairs of registers added (shuffle_f32x4), then within each quarter (unpack,
+shuffle_ps): 45 instructions for 16 sums. */
+INLINE_AVX512 __m512 sum16(const __m512 a[16]) {
+    __m512 c[8], d[4];
+    for (int i = 0; i < 8; ++i)  /* c[i]: a[2i]'s partial sums in quarters 0-1, a[2i+1]'s 2-3 */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  /* d[i]: quarter k holds 4 partial sums of a[4i + k] */
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    const __m512 e0 = _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]),
+                                    _mm512_unpackhi_ps(d[0], d[1]));
+    const __m512 e1 = _mm512_add_ps(_mm512_unpacklo_ps(d[2], d[3]),
+                                    _mm512_unpackhi_ps(d[2], d[3]));
+    return _mm512_add_ps(_mm512_shuffle_ps(e0, e1, 0x44), _mm512_shuffle_ps(e0, e1, 0xEE));
+}
+
+/* q . k for one key row, as a register whose lanes sum to it */
+INLINE_AVX512 __m512 products64(const __m512 q[4], const char *row, const int half) {
+    __m512 s = _mm512_mul_ps(q[0], row16(row, half, 0));
+    s = _mm512_fmadd_ps(q[1], row16(row, half, 1), s);
+    s = _mm512_fmadd_ps(q[2], row16(row, half, 2), s);
+    return _mm512_fmadd_ps(q[3], row16(row, half, 3), s);
+}
+
+INLINE_AVX512 void attend_64(const decode_args *a, int64_t seq, int64_t head, float *scores,
+                             const int half) {
+    const int64_t d_model = a->heads * 64, bs = a->block_size, step = 64 * (half ? 2 : 4);
+    const int64_t *table = a->blocks + seq * a->width;
+    const int64_t p = a->pos[seq], length = p + 1;
+    const float *q_row = a->qkv + seq * a->qkv_stride + head * 64;
+    for (int kv = 0; kv < 2; ++kv) {
+        char *row = cache_row(a, half, kv, head, table[p / bs], p % bs);
+        if (half) store_half(q_row + (kv + 1) * d_model, row, 64);
+        else store_f32(q_row + (kv + 1) * d_model, row, 64);
+    }
+    __m512 q[4];
+    for (int c = 0; c < 4; ++c)
+        q[c] = _mm512_mul_ps(_mm512_loadu_ps(q_row + 16 * c), _mm512_set1_ps(a->scale));
+
+    __m512 max16 = _mm512_set1_ps(-INFINITY);
+    float max_score = -INFINITY;
+    for (int64_t j0 = 0; j0 < length; j0 += bs) {
+        const char *block = cache_row(a, half, 0, head, table[j0 / bs], 0);
+        const int64_t count = length - j0 < bs ? length - j0 : bs;
+        if (j0 + bs < length) prefetch_block(cache_row(a, half, 0, head, table[j0 / bs + 1], 0),
+                                             bs * step);
+        int64_t t = 0;
+        for (; t + 16 <= count; t += 16) {
+            __m512 acc[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; ++i)  /* the order sum16 returns the sums in */
+                acc[i] = products64(q, block + (t + 4 * (i % 4) + i / 4) * step, half);
+            const __m512 s = sum16(acc);
+            _mm512_storeu_ps(scores + j0 + t, s);
+            max16 = _mm512_max_ps(max16, s);
+        }
+        for (; t < count; ++t) {
+            const float s = _mm512_reduce_add_ps(products64(q, block + t * step, half));
+            scores[j0 + t] = s;
+            max_score = s > max_score ? s : max_score;
+        }
+    }
+    const float m16 = _mm512_reduce_max_ps(max16);
+    max_score = m16 > max_score ? m16 : max_score;
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < length; ++j) {
+        scores[j] = exp_nonpositive(scores[j] - max_score);
+        total += scores[j];
+    }
+
+    __m512 o[8];
+    for (int c = 0; c < 8; ++c) o[c] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < length; j0 += bs) {
+        const char *block = cache_row(a, half, 1, head, table[j0 / bs], 0);
+        const int64_t count = length - j0 < bs ? length - j0 : bs;
+        if (j0 + bs < length) prefetch_block(cache_row(a, half, 1, head, table[j0 / bs + 1], 0),
+                                             bs * step);
+        for (int64_t t = 0; t < count; ++t) {
+            const __m512 w = _mm512_set1_ps(scores[j0 + t]);
+            const int set = (int)(t & 1) * 4;
+            for (int c = 0; c < 4; ++c)
+                o[set + c] = _mm512_fmadd_ps(w, row16(block + t * step, half, c), o[set + c]);
+        }
+    }
+    const __m512 inverse = _mm512_set1_ps(1.f / total);
+    float *out = a->out + seq * d_model + head * 64;
+    for (int c = 0; c < 4; ++c)
+        _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(o[c], o[4 + c]), inverse));
+}
+TARGET_F16C_AVX512 static void attend_avx512_64(const decode_args *a, int64_t seq,
+                                                int64_t head, float *scores) {
+    attend_64(a, seq, head, scores, 0);
+}
+TARGET_F16C_AVX512 static void attend_avx512_64_half(const decode_args *a, int64_t seq,
+                                                     int64_t head, float *scores) {
+    attend_64(a, seq, head, scores, 1);
+}
 #endif
 
 /* isa: 2 AVX-512, 1 AVX2 + FMA, 0 baseline (anything else: baseline) */
 static int decode_attention_run(const decode_args *a, int isa) {
     void (*attend)(const decode_args *, int64_t, int64_t, float *) = attend_baseline;
 #if X86
-    if (isa == 2) attend = a->half ? attend_avx512_half : attend_avx512;
+    if (isa == 2 && a->head_dim == 64) attend = a->half ? attend_avx512_64_half : attend_avx512_64;
+    else if (isa == 2) attend = a->half ? attend_avx512_half : attend_avx512;
     if (isa == 1) attend = a->half ? attend_avx2_half : attend_avx2;
 #endif
     int64_t longest = 0;
@@ -324,7 +443,6 @@ static inline int64_t padded_stride(int64_t positions) {
 
 /* A cache row as fp32: an fp32 row itself, an fp16 row widened into buf. (Copying an fp32 row
 into buf too made the fp32 kernel half as fast.) */
-#define INLINE_AVX512 TARGET_F16C_AVX512 static inline __attribute__((always_inline))
 INLINE_AVX512 const float *prompt_row(const decode_args *c, const int half,
                                       int64_t key_or_value, int64_t head, const int64_t *table,
                                       int64_t j, const int hd, float *buf) {
