@@ -160,6 +160,15 @@ def test_values_once_taken_silently_or_misplaced_are_refused_by_name(logged, rou
     assert message in error(post(logged.url + route, body))
 
 
+def test_an_error_names_a_field_as_the_client_did(logged):
+    """An alias's bad value was reported under the field's own name ('n' for
+    num_return_sequences)."""
+    r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "num_return_sequences": 0}]})
+    assert "'num_return_sequences' must be in" in error(r)
+    r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "stop_sequences": 5}]})
+    assert "'stop_sequences' must be" in error(r)
+
+
 def test_an_instance_overrides_a_shared_parameter_by_its_alias(logged):
     """`num_return_sequences` in an instance replaces a shared `n` (not "give either")."""
     r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "num_return_sequences": 3}],

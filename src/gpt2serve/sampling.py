@@ -74,7 +74,13 @@ class SamplingParams:
                     raise SamplingError(f"give either '{given[name]}' or '{key}', not both")
                 given[name], values[name] = key, value
         params = cls(**values)
-        params.validate(max_n)
+        try:
+            params.validate(max_n)
+        except SamplingError as e:  # named as the client named it
+            message = str(e)
+            for name, key in given.items():
+                message = message.replace(f"'{name}'", f"'{key}'")
+            raise SamplingError(message) from None
         return params
 
     @property
