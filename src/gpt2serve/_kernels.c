@@ -100,10 +100,36 @@ static inline __attribute__((always_inline)) float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
+/* scores[j] -> e^(scores[j] - max_score) for j < length; their sum */
+static inline __attribute__((always_inline)) float exponentiate(float *scores, int64_t length,
+                                                                float max_score) {
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < length; ++j) {
+        scores[j] = exp_nonpositive(scores[j] - max_score);
+        total += scores[j];
+    }
+    return total;
+}
+
 /* The next block of a sequence's keys or values, `bytes` from `row`, into L2 while this one
 is read: a pool hands blocks out in any order, so memory's own prefetcher stops at each. */
 static inline __attribute__((always_inline)) void prefetch_block(const char *row, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+}
+
+/* A sequence's block of keys (kv 0) or values (1) holding position j0 (a multiple of the
+block size): its first row, in *count how many of its positions are below `length`, and the
+next block prefetched. */
+static inline __attribute__((always_inline)) const char *walk_block(
+        const decode_args *a, const int half, int64_t kv, int64_t head, const int64_t *table,
+        int64_t j0, int64_t length, int64_t *count) {
+    const int64_t bs = a->block_size;
+    *count = length - j0 < bs ? length - j0 : bs;
+    if (j0 + bs < length)
+        prefetch_block(cache_row(a, half, kv, head, table[j0 / bs + 1], 0),
+                       bs * a->head_dim * (half ? 2 : 4));
+    return cache_row(a, half, kv, head, table[j0 / bs], 0);
 }
 
 /* Compiled into each ISA's variant below, once for each cache dtype, with that ISA's row
@@ -126,31 +152,22 @@ static inline __attribute__((always_inline)) void attend_one(const decode_args *
 
     float max_score = -INFINITY;
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
-        const char *k_row = cache_row(a, half, 0, head, table[j0 / bs], 0);
-        const int64_t count = length - j0 < bs ? length - j0 : bs;
-        if (j0 + bs < length) prefetch_block(cache_row(a, half, 0, head, table[j0 / bs + 1], 0),
-                                             bs * step);
+        int64_t count;
+        const char *k_row = walk_block(a, half, 0, head, table, j0, length, &count);
         for (int64_t t = 0; t < count; ++t, k_row += step) {
             const float s = dot(q, k_row, hd) * a->scale;
             scores[j0 + t] = s;
             max_score = s > max_score ? s : max_score;
         }
     }
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < length; ++j) {
-        scores[j] = exp_nonpositive(scores[j] - max_score);
-        total += scores[j];
-    }
+    const float total = exponentiate(scores, length, max_score);
     /* the output summed in a local row (out's row would be reloaded and stored at every
     position: the compiler cannot tell it from the cache's memory) */
     float o[hd];
     for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
-        const char *v_row = cache_row(a, half, 1, head, table[j0 / bs], 0);
-        const int64_t count = length - j0 < bs ? length - j0 : bs;
-        if (j0 + bs < length) prefetch_block(cache_row(a, half, 1, head, table[j0 / bs + 1], 0),
-                                             bs * step);
+        int64_t count;
+        const char *v_row = walk_block(a, half, 1, head, table, j0, length, &count);
         for (int64_t t = 0; t < count; ++t, v_row += step)
             axpy(o, scores[j0 + t] / total, v_row, hd);
     }
@@ -295,10 +312,8 @@ INLINE_AVX512 void attend_64(const decode_args *a, int64_t seq, int64_t head, fl
     __m512 max16 = _mm512_set1_ps(-INFINITY);
     float max_score = -INFINITY;
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
-        const char *block = cache_row(a, half, 0, head, table[j0 / bs], 0);
-        const int64_t count = length - j0 < bs ? length - j0 : bs;
-        if (j0 + bs < length) prefetch_block(cache_row(a, half, 0, head, table[j0 / bs + 1], 0),
-                                             bs * step);
+        int64_t count;
+        const char *block = walk_block(a, half, 0, head, table, j0, length, &count);
         int64_t t = 0;
         for (; t + 16 <= count; t += 16) {
             __m512 acc[16];
@@ -317,20 +332,13 @@ INLINE_AVX512 void attend_64(const decode_args *a, int64_t seq, int64_t head, fl
     }
     const float m16 = _mm512_reduce_max_ps(max16);
     max_score = m16 > max_score ? m16 : max_score;
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < length; ++j) {
-        scores[j] = exp_nonpositive(scores[j] - max_score);
-        total += scores[j];
-    }
+    const float total = exponentiate(scores, length, max_score);
 
     __m512 o[8];
     for (int c = 0; c < 8; ++c) o[c] = _mm512_setzero_ps();
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
-        const char *block = cache_row(a, half, 1, head, table[j0 / bs], 0);
-        const int64_t count = length - j0 < bs ? length - j0 : bs;
-        if (j0 + bs < length) prefetch_block(cache_row(a, half, 1, head, table[j0 / bs + 1], 0),
-                                             bs * step);
+        int64_t count;
+        const char *block = walk_block(a, half, 1, head, table, j0, length, &count);
         for (int64_t t = 0; t < count; ++t) {
             const __m512 w = _mm512_set1_ps(scores[j0 + t]);
             const int set = (int)(t & 1) * 4;
