@@ -34,7 +34,7 @@ def error(r: httpx.Response) -> str:
     return body["message"] if isinstance(body, dict) else body
 
 
-@pytest.mark.parametrize("key", ["\u00b2", "\u2460", "\uff11\uff12", "\u0663"])
+@pytest.mark.parametrize("key", ["\u00b2", "\u2460", "\uff11\uff12", "\u0663", "1" * 5000])
 def test_logit_bias_keys_are_ascii_digits_on_every_route(logged, key):
     """'²' and '①' passed str.isdigit and made int() raise: a 500. Full-width '１２' and
     Arabic-Indic '٣' were read as tokens 12 and 3."""
@@ -58,6 +58,9 @@ def test_a_non_ascii_binary_header_length_is_a_400(logged):
     """'¹' (sent as its latin-1 byte) passed str.isdigit and made int() raise: a 500."""
     r = httpx.post(logged.url + INFER, json=v2_body(),
                    headers={"inference-header-content-length": b"\xb9"})
+    assert "Inference-Header-Content-Length" in error(r)
+    r = httpx.post(logged.url + INFER, json=v2_body(),  # beyond int()'s 4,300 digits
+                   headers={"inference-header-content-length": "9" * 5000})
     assert "Inference-Header-Content-Length" in error(r)
 
 

@@ -220,7 +220,9 @@ def _logit_bias(raw) -> dict[int, float]:
     out = {}
     for key, bias in raw.items():
         # ASCII digits only: str.isdigit also takes '²' and '٣', which int() refuses or reads
-        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        # (and at most 18: int() refuses more than 4,300 digits, a ValueError)
+        token = (int(key) if isinstance(key, str) and key.isascii() and key.isdigit()
+                 and len(key) <= 18 else key)
         if (not isinstance(token, int) or isinstance(token, bool) or token < 0
                 or isinstance(bias, bool) or not isinstance(bias, (int, float))
                 or not -100 <= bias <= 100):

@@ -159,8 +159,11 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
         if output.name != V2_OUTPUT:
             raise InvalidInput(f"unknown requested output '{output.name}': this model gives "
                                f"'{V2_OUTPUT}'")
+    parameters = plain_parameters(request.parameters)
+    # REST's binary extension only: over gRPC raw outputs follow raw inputs (raw_outputs)
+    parameters.pop("binary_data_output", None)
     return InferRequest(request.model_name, inputs, request_id=request.id or None,
-                        parameters=plain_parameters(request.parameters))
+                        parameters=parameters)
 
 
 def raw_outputs(response: pb.ModelInferResponse) -> pb.ModelInferResponse:

@@ -134,7 +134,7 @@ class FiniteJSON:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         header = dict(scope["headers"]).get(b"inference-header-content-length", b"")
-        binary = _v2_infer(scope["path"]) and header.isdigit()
+        binary = _v2_infer(scope["path"]) and header.isdigit() and len(header) <= 18
         json_part = body[:int(header)] if binary else body
         try:
             jsonbody.parse(json_part)

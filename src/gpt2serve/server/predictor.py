@@ -170,9 +170,8 @@ class GPT2Predictor(kserve.Model):
 def _binary_output(request: InferRequest) -> bool:
     """Whether REST sends text_output in the binary extension: its own `binary_data`
     parameter if the request's `outputs` gives one, else the request's `binary_data_output`
-    (v2_infer.read_request checked both). gRPC decides by its inputs (grpc_v2)."""
-    if request.from_grpc:
-        return False
+    (v2_infer.read_request checked both). gRPC decides by its inputs (grpc_v2, which drops
+    binary_data_output)."""
     for output in request.request_outputs or ():
         if output.binary_data is not None:
             return output.binary_data

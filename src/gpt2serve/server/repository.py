@@ -303,6 +303,8 @@ class Repository(ModelRepository):
             else:
                 async with self._changed:
                     await self._changed.wait()
+        if entry.held:  # an unload came in while it was read: the later call wins
+            raise LoadOverruled(name)
         self._notify()
 
     async def unload(self, name: str) -> None:

@@ -77,7 +77,8 @@ def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
     """The body as an InferRequest, or InvalidInput naming what is wrong."""
     json_length = headers.get("inference-header-content-length")
     if json_length is not None:
-        if not (json_length.isascii() and json_length.isdigit()) or int(json_length) > len(raw):
+        if (not (json_length.isascii() and json_length.isdigit()) or len(json_length) > 18
+                or int(json_length) > len(raw)):
             raise InvalidInput("'Inference-Header-Content-Length' must be the length of the "
                                "body's JSON part")
         json_part, binary = raw[:int(json_length)], raw[int(json_length):]
