@@ -339,11 +339,19 @@ INLINE_AVX512 void attend_64(const decode_args *a, int64_t seq, int64_t head, fl
     for (int64_t j0 = 0; j0 < length; j0 += bs) {
         int64_t count;
         const char *block = walk_block(a, half, 1, head, table, j0, length, &count);
-        for (int64_t t = 0; t < count; ++t) {
+        int64_t t = 0;
+        for (; t + 2 <= count; t += 2) {  /* (a set chosen by t & 1 kept o in memory) */
+            const __m512 w0 = _mm512_set1_ps(scores[j0 + t]);
+            const __m512 w1 = _mm512_set1_ps(scores[j0 + t + 1]);
+            for (int c = 0; c < 4; ++c) {
+                o[c] = _mm512_fmadd_ps(w0, row16(block + t * step, half, c), o[c]);
+                o[4 + c] = _mm512_fmadd_ps(w1, row16(block + (t + 1) * step, half, c), o[4 + c]);
+            }
+        }
+        if (t < count) {
             const __m512 w = _mm512_set1_ps(scores[j0 + t]);
-            const int set = (int)(t & 1) * 4;
             for (int c = 0; c < 4; ++c)
-                o[set + c] = _mm512_fmadd_ps(w, row16(block + t * step, half, c), o[set + c]);
+                o[c] = _mm512_fmadd_ps(w, row16(block + t * step, half, c), o[c]);
         }
     }
     const __m512 inverse = _mm512_set1_ps(1.f / total);
