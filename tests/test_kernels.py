@@ -86,15 +86,17 @@ def test_decode_attention_against_attention_written_out(block_size, head_dim, is
     if dtype == torch.float16 and not (kernels.HALF_RUNS and isa >= 1):
         pytest.skip("an fp16 cache needs AVX2 with F16C")
     torch.manual_seed(1)
-    heads, num_blocks, width = 3, 40, 9
+    heads, num_blocks, width = 3, 48, 9
     kv = torch.randn(2, heads, num_blocks, block_size, head_dim).to(dtype)
-    blocks = torch.randperm(num_blocks)[:4 * width].view(4, width)
-    pos = torch.tensor([0, block_size - 1, block_size, width * block_size - 1])
+    blocks = torch.randperm(num_blocks)[:5 * width].view(5, width)
+    # the last: its own block holds 20 positions, 16 keys and 4 alone where blocks hold 48
+    pos = torch.tensor([0, block_size - 1, block_size, width * block_size - 1,
+                        2 * block_size + 19])
     D = heads * head_dim
-    qkv = torch.randn(4, 3 * D) * 2
+    qkv = torch.randn(5, 3 * D) * 2
     expected_kv = kv.clone()
-    out = torch.empty(4, D)
-    for n in range(4):
+    out = torch.empty(5, D)
+    for n in range(5):
         slot_block, offset = blocks[n, pos[n] // block_size], pos[n] % block_size
         new = qkv[n, D:].view(2, heads, head_dim)
         expected_kv[:, :, slot_block, offset] = new.to(dtype)
