@@ -151,3 +151,12 @@ def _join(path: str, key: str) -> str:
 def _top(path: str) -> str | None:
     """The top-level field a path is in (OpenAI's `param`)."""
     return re.split(r"[.\[]", path, maxsplit=1)[0] or None if path else None
+
+
+def json_part_length(header: str | bytes) -> int | None:
+    """The length of a body's JSON part that KServe's binary tensor extension gives in
+    Inference-Header-Content-Length, or None where it is not one: ASCII digits only, and at
+    most 18 of them (str.isdigit also takes '²', and int() refuses more than 4,300 digits)."""
+    if not (header.isascii() and header.isdigit()) or len(header) > 18:
+        return None
+    return int(header)

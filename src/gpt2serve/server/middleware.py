@@ -134,8 +134,8 @@ class FiniteJSON:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         header = dict(scope["headers"]).get(b"inference-header-content-length", b"")
-        binary = _v2_infer(scope["path"]) and header.isdigit() and len(header) <= 18
-        json_part = body[:int(header)] if binary else body
+        length = jsonbody.json_part_length(header) if _v2_infer(scope["path"]) else None
+        json_part = body if length is None else body[:length]
         try:
             jsonbody.parse(json_part)
         except jsonbody.BadJSON as e:

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
+from . import jsonbody
 from .predictor import V2_INPUT, V2_OUTPUT, json_object
 from .repository import ModelUnloaded, Repository
 
@@ -75,13 +76,13 @@ def infer_router(repository: Repository) -> APIRouter:
 
 def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
     """The body as an InferRequest, or InvalidInput naming what is wrong."""
-    json_length = headers.get("inference-header-content-length")
-    if json_length is not None:
-        if (not (json_length.isascii() and json_length.isdigit()) or len(json_length) > 18
-                or int(json_length) > len(raw)):
+    header = headers.get("inference-header-content-length")
+    if header is not None:
+        json_length = jsonbody.json_part_length(header)
+        if json_length is None or json_length > len(raw):
             raise InvalidInput("'Inference-Header-Content-Length' must be the length of the "
                                "body's JSON part")
-        json_part, binary = raw[:int(json_length)], raw[int(json_length):]
+        json_part, binary = raw[:json_length], raw[json_length:]
     else:
         json_part, binary = raw, b""
     body = json_object(json_part)
