@@ -1,7 +1,8 @@
 """One step thread for many models (engine/step_loop.py): a prompt for one model that arrives
 during another model's pass is read between two of that pass's layers (on a fixed schedule,
 against the model served alone), and stepping in turn lets a quiet model finish while a busy
-one streams, whatever the machine's speed."""
+one streams, whatever the machine's speed; a model's prompt beside its whole completions is
+read in the streams' chunks while another model's stream waits for the step."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import make_hf_model
 from gpt2serve import checkpoint
 from gpt2serve.engine import Completion, Engine, EngineConfig, Prompt
+from gpt2serve.engine.scheduler import MIN_CHUNK
 from gpt2serve.engine.step_loop import StepLoop
 from gpt2serve.sampling import SamplingParams
 from stepped import Arrival, run_schedule
@@ -110,3 +112,29 @@ def test_a_quiet_model_finishes_while_a_busy_one_streams(two_models):
         a.stop()
         b.stop()
     assert not loop.engines
+
+
+@pytest.mark.parametrize("b_streams", [True, False])
+def test_beside_whole_completions_a_prompt_is_read_in_the_streams_chunk_if_a_neighbour_streams(
+        two_models, b_streams):
+    """A's rows are whole completions, so a long prompt beside them would be read at the most
+    (here all 100 tokens) in one step; but B's running stream waits for A's step to end, so
+    while B streams the prompt is read in the streams' chunk, the least at first (the chunk
+    grows from the timings later). Beside B's whole completions A reads the most."""
+
+    (model_a, tok_a), (model_b, tok_b) = two_models
+    a = Engine(model_a, tok_a, CONFIG, threaded=False, name="a")
+    b = Engine(model_b, tok_b, CONFIG, threaded=False, name="b")
+
+    async def scenario() -> int:
+        whole = a.submit([Prompt(tok_a.encode("JULIET:"), LONG)] * 2, streamed=False)
+        other = b.submit([Prompt(tok_b.encode("ROMEO:"), LONG)], streamed=b_streams)
+        a.step(), b.step()  # both decode
+        (long,) = a.submit([Prompt([3 + i % 300 for i in range(100)], SHORT)],
+                           streamed=False)
+        a.step(neighbours=[b])
+        read = long.prefilled
+        a.cancel(whole + [long]), b.cancel(other)
+        return read
+
+    assert asyncio.run(scenario()) == (MIN_CHUNK if b_streams else 100)

@@ -242,7 +242,7 @@ class Engine:
             sched.drop_cancelled()
             sched.retire()
             t0 = time.perf_counter()
-            step = sched.schedule()
+            step = sched.schedule(any(streams(e.scheduler.running) for e in neighbours))
             self._expire(step)
             if step:
                 newcomers = _Newcomers(self, step.streams, arrivals, neighbours)

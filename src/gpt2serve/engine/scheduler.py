@@ -64,12 +64,14 @@ class ScheduledStep:
     """One forward pass: the next token of each running sequence in `decode`, then the
     prompt pieces in `chunks`. `started` holds the sequences of the prompts this step reads to
     their end, which take their first token from their prompt's last row; `expired`, the
-    requests that waited past the timeout (they get an error, not a slot)."""
+    requests that waited past the timeout (they get an error, not a slot). `streams_elsewhere`:
+    another model on the same step thread has a stream running, which waits for this pass."""
 
     decode: list[Sequence]
     chunks: list[Chunk]
     started: list[Sequence] = field(default_factory=list)
     expired: list[Request] = field(default_factory=list)
+    streams_elsewhere: bool = False
 
     @property
     def rows(self) -> list[Sequence]:
@@ -78,7 +80,9 @@ class ScheduledStep:
 
     @property
     def streams(self) -> bool:
-        return streams(self.decode)
+        """Whether a stream waits for this decode step: one of its rows, or another model's
+        (a pass with no decode rows has no decode step to be stretched: ChunkBudget)."""
+        return streams(self.decode) or (bool(self.decode) and self.streams_elsewhere)
 
     def __bool__(self) -> bool:
         return bool(self.decode or self.chunks)
@@ -97,20 +101,24 @@ def _average(mean: float, value: float) -> float:
 class ChunkBudget:
     """Prompt tokens to read beside the next decode step (padding included).
 
-    Beside streams (a decode row of a streamed request): a quarter more while a step with a
-    chunk takes at most `stretch` decode steps (--prefill_step_stretch), less in proportion
-    when it takes longer. Streams then wait at most about that much longer for a token while
-    a long prompt is read, whatever the model, machine or context; growing by steps bounds
-    what one noisy measurement can cost. The price is the prompt's: each step reads every
-    weight for a chunk that adds (stretch - 1) decode steps of work, so at 1.5 a prompt beside
-    streams is read at about a third of its speed alone.
+    Beside streams (a decode row of a streamed request, or of another model's on the same
+    step thread, which waits for this step to end): a quarter more while a step with a chunk
+    takes at most `stretch` decode steps (--prefill_step_stretch), less in proportion when it
+    takes longer. Streams then wait at most about that much longer for a token while a long
+    prompt is read, whatever the model, machine or context; growing by steps bounds what one
+    noisy measurement can cost. The price is the prompt's: each step reads every weight for a
+    chunk that adds (stretch - 1) decode steps of work, so at 1.5 a prompt beside streams is
+    read at about a third of its speed alone.
 
     Beside rows none of which streams (whole completions: V1 and V2 predictions, OpenAI
     without `stream`, Engine.complete), with no decode rows, with a stretch of 0 or with
     `adaptive` False (CUDA graphs, where a step with a prompt chunk runs eagerly and costs
     several graph steps whatever its size: launches, not tokens, take the time): the most.
     A whole completion has no gaps between tokens to keep even, only its end, and prompts
-    read at full speed join the batch sooner: the most tokens a second."""
+    read at full speed join the batch sooner: the most tokens a second. A pass of prompts
+    alone reads the most even while another model's streams wait for it: it has no decode
+    step of its own to be measured against (a model's first prompt would be read at the
+    least, a few tokens a round)."""
 
     def __init__(self, max_prefill_tokens: int, adaptive: bool,
                  stretch: float = EngineConfig.prefill_step_stretch):
@@ -197,27 +205,30 @@ class Scheduler:
 
     # ---- called from the step thread -----------------------------------------------------
 
-    def schedule(self) -> ScheduledStep:
+    def schedule(self, streams_elsewhere: bool = False) -> ScheduledStep:
         """The next step: every running sequence (each given the block its next position
-        falls in) and prompt chunks under the budget."""
+        falls in) and prompt chunks under the budget, the streams' while a stream waits for
+        the step (its own, or another model's on the same thread: `streams_elsewhere`)."""
         decode = list(self.running)
         self.grow(decode)
-        return self._step(decode, self.budget.tokens(streams(decode)), whole_new_prompts=False)
+        step = ScheduledStep(decode, [], streams_elsewhere=streams_elsewhere)
+        return self._step(step, self.budget.tokens(step.streams), whole_new_prompts=False)
 
     def schedule_newcomers(self, budget: int) -> ScheduledStep:
         """A pass of prompts admitted now that fit whole within `budget`, read between two
         layers of a step (whose own chunks are already taken)."""
-        return self._step([], budget, whole_new_prompts=True)
+        return self._step(ScheduledStep([], []), budget, whole_new_prompts=True)
 
-    def _step(self, decode: list[Sequence], budget: int, whole_new_prompts: bool
+    def _step(self, step: ScheduledStep, budget: int, whole_new_prompts: bool
               ) -> ScheduledStep:
+        """`step` (its decode rows) with the prompt chunks that fit `budget`."""
         # before admission: a request past its timeout gets a 503
-        expired = self._expire() if self.waiting else []
-        chunks = (self.next_chunks(budget, whole_new_prompts)
-                  if self.waiting or self.prefilling else [])
-        started = [s for c in chunks if c.last
-                   for s in c.request.start(self.tokenizer, self.eos_id)]
-        return ScheduledStep(decode, chunks, started, expired)
+        step.expired = self._expire() if self.waiting else []
+        step.chunks = (self.next_chunks(budget, whole_new_prompts)
+                       if self.waiting or self.prefilling else [])
+        step.started = [s for c in step.chunks if c.last
+                        for s in c.request.start(self.tokenizer, self.eos_id)]
+        return step
 
     def update(self, step: ScheduledStep, prompt_logprobs: list[tuple[Request, list]] = (),
                failed: list[Sequence] = ()) -> None:
