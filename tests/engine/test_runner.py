@@ -61,6 +61,9 @@ def test_each_switch_maps_to_one_runner_which_the_log_names():
     assert Engine(fp32, tokenizer, config, threaded=False).runner.name == fastest
     eager = EngineConfig(max_batch_size=2, enforce_eager=True)
     assert Engine(fp32, tokenizer, eager, threaded=False).runner.name == "eager"
+    # the differential tests' reference says it is not the eager runner the server picks
+    reference = Engine(fp32, tokenizer, config, threaded=False, runner="eager-torch-attention")
+    assert "attention by torch's ops" in reference.runner.describe()
     assert Engine(int8, tokenizer, config, threaded=False).runner.name == fastest
     assert Engine(int4, tokenizer, config, threaded=False).runner.name == fastest
     for env, runner in (({}, fastest), ({"GPT2SERVE_C_KERNELS": "0"}, "eager")):

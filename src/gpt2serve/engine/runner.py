@@ -72,7 +72,9 @@ class EagerRunner:
         return None
 
     def describe(self) -> str:
-        return "every step op by op through the model"
+        attention = ("attention in place through the block tables" if self.in_place else
+                     "attention by torch's ops on gathered blocks")
+        return f"every step op by op through the model, {attention}"
 
     def execute(self, step: ScheduledStep, between_layers: BetweenLayers = None) -> StepOutput:
         """Run the step's pass and sample its rows. `between_layers` (only called for steps
