@@ -125,11 +125,14 @@ def test_v2_binary_output_as_tritons_client_asks_for_it(logged):
 
 def test_openai_prompt_errors_name_the_prompt_and_which_one(logged):
     """Too long (in characters, or in tokens for the context) said `param: null`, and in a
-    list of prompts nothing said which."""
+    list of prompts nothing said which (nor for a token id outside the vocabulary)."""
     for prompt, where in (("a" * 600, "prompt is 600 characters"),
                           ([5] * 200, "prompt is 200 tokens"),
                           (["a", "b" * 600], "prompt[1]: prompt is 600 characters"),
-                          ([[5], [5] * 200], "prompt[1]: prompt is 200 tokens")):
+                          ([[5], [5] * 200], "prompt[1]: prompt is 200 tokens"),
+                          ([[5], [10 ** 6]], "prompt[1]: prompt must be a non-empty list of "
+                                             "token ids"),
+                          ([5, 10 ** 6], "prompt must be a non-empty list of token ids")):
         r = post(logged.url + COMPLETIONS, {"model": MODEL, "prompt": prompt, "max_tokens": 1})
         assert error(r).startswith(where) and r.json()["error"]["param"] == "prompt"
     r = post(logged.url + COMPLETIONS, {"model": MODEL, "prompt": ["a", "b"], "n": 99})
@@ -138,7 +141,7 @@ def test_openai_prompt_errors_name_the_prompt_and_which_one(logged):
 
 @pytest.mark.parametrize("route,body,message", [
     # true and false were token ids 1 and 0 in a list of token prompts
-    (COMPLETIONS, {"prompt": [[True, False]]}, "token prompts"),
+    (COMPLETIONS, {"prompt": [[True, False]]}, "list of token ids"),
     # True == 1
     (COMPLETIONS, {"prompt": "a", "best_of": True}, "'best_of'"),
     # a field and its alias: the last one won

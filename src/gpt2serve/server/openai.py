@@ -208,8 +208,8 @@ class CompletionCall:
         vocab = self.engine.tokenizer.vocab_size
         if not prompt or not all(isinstance(t, int) and not isinstance(t, bool)
                                  and 0 <= t < vocab for t in prompt):
-            raise OpenAIError(f"token prompts must be non-empty lists of ids in [0, {vocab})",
-                              param="prompt")
+            # a SamplingError, so that in a list of prompts it names which one
+            raise SamplingError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
         return prompt
 
     # ---- non-streaming ----
