@@ -72,6 +72,8 @@ def test_stream_deltas_concatenate_to_the_generated_text(server, exclude):
     ({"parameters": {}}, MODEL, 400, "'text_input' must be a string"),
     ({"text_input": "a", "bogus": 1}, MODEL, 400, "unknown field"),
     ({"text_input": "a", "parameters": []}, MODEL, 400, "'parameters' must be an object"),
+    ({"text_input": "a", "parameters": {"logprobs": 1}}, MODEL, 400,
+     "parameters: 'logprobs' is answered on the OpenAI completions route"),
     ({"text_input": "a"}, "nope", 404, "nope"),
 ])
 def test_errors_are_those_of_v2_infer(server, route, body, model, status, message):

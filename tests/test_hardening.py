@@ -119,17 +119,19 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-WARM_UP = ({"instances": ["ROMEO:" * 40] * 4}, {"instances": [{"prompt": "a", "n": 8}]},
-           {"instances": [{"prompt": "a", "logprobs": 5, "stop": ["x"], "top_p": 0.5,
-                           "repetition_penalty": 1.2}]})
+WARM_UP = ((PREDICT, {"instances": ["ROMEO:" * 40] * 4}),
+           (PREDICT, {"instances": [{"prompt": "a", "n": 8}]}),
+           ("/openai/v1/completions", {"model": MODEL, "prompt": "a", "logprobs": 5,
+                                       "stop": ["x"], "top_p": 0.5,
+                                       "frequency_penalty": 1.2}))
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model):
     with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
                         "--max_batch_size", "8") as srv:
-        for body in WARM_UP:  # every code path once, so the baseline includes lazy set-up
-            assert post(f"{srv.url}{PREDICT}", body).status_code == 200
+        for path, body in WARM_UP:  # every code path once: the baseline has lazy set-up
+            assert post(f"{srv.url}{path}", body).status_code == 200
         srv.baseline_rss = rss_kb(srv.proc.pid)
         yield srv
 
@@ -291,8 +293,8 @@ def test_schemathesis_finds_no_server_error_on_any_route(fuzz_server):
 
 
 def test_after_fuzzing_the_server_serves_and_memory_is_back(fuzz_server):
-    for body in WARM_UP:
-        assert post(f"{fuzz_server.url}{PREDICT}", body).status_code == 200
+    for path, body in WARM_UP:
+        assert post(f"{fuzz_server.url}{path}", body).status_code == 200
     base, after = fuzz_server.baseline_rss, rss_kb(fuzz_server.proc.pid)
     print(f"\nresident memory before fuzzing {base / 1024:.0f} MiB, after "
           f"{after / 1024:.0f} MiB")

@@ -118,8 +118,14 @@ BAD_INPUTS = {
     "seed negative": ({"instances": [{"prompt": "a", "seed": -1}]}, "'seed' must be"),
     "bool as int": ({"instances": [{"prompt": "a", "top_k": True}]}, "'top_k' must be an integer"),
     "no instances or text": ({"prompt": "a"}, "needs 'instances'"),
-    "seed payload bad length": ({"text": "a", "length": "long"}, "'max_length' must be an integer"),
+    "seed payload bad length": ({"text": "a", "length": "long"}, "'length' must be an integer"),
+    "seed payload two lengths": ({"text": "a", "length": 5, "max_length": 9},
+                                 "give either 'length' or 'max_length', not both"),
+    "seed payload long length": ({"text": "a", "length": 5000},
+                                 "'length' 5000 exceeds the model's context of 128"),
     "body not object": ('["a"]', "must be a JSON object"),
+    "logprobs outside OpenAI": ({"instances": [{"prompt": "a", "logprobs": 2}]},
+                                r"instances\[0\]: 'logprobs' is answered on the OpenAI "),
 }
 
 

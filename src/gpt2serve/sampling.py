@@ -58,15 +58,17 @@ class SamplingParams:
     ALIASES = {"num_return_sequences": "n", "stop_sequences": "stop"}
 
     @classmethod
-    def from_dict(cls, raw: dict, max_n: int = MAX_N, **defaults) -> SamplingParams:
+    def from_dict(cls, raw: dict, max_n: int = MAX_N, aliases: dict[str, str] | None = None,
+                  **defaults) -> SamplingParams:
         """Build from request fields; unknown names and bad values raise SamplingError.
         `max_n` is the server's limit on `n`, so that every refusal of an `n` states the same
-        range."""
+        range; `aliases`, a protocol's own names for fields, besides ALIASES."""
         known = {f.name for f in fields(cls)}
+        aliases = {**cls.ALIASES, **(aliases or {})}
         values = dict(defaults)
         given: dict[str, str] = {}  # field -> the key that gave it (a field or its alias)
         for key, value in raw.items():
-            name = cls.ALIASES.get(key, key)
+            name = aliases.get(key, key)
             if name not in known:
                 raise SamplingError(f"unknown parameter '{key}'")
             if value is not None:

@@ -112,10 +112,13 @@ class GPT2Predictor(kserve.Model):
         prompt = fields.pop("text")
         if not isinstance(prompt, str):
             raise InvalidInput("'text' must be a string")
-        if "length" in fields:
-            fields["max_length"] = fields.pop("length")
-        (texts,) = await self.generate([(prompt, to_params(fields, "", self.repository.max_n),
-                                          "")])
+        params = to_params(fields, "", self.repository.max_n, aliases={"length": "max_length"})
+        try:
+            (texts,) = await self.generate([(prompt, params, "")])
+        except InvalidInput as e:  # the length checked against the context: named as given
+            if fields.get("length") is None:
+                raise
+            raise InvalidInput(str(e).replace("'max_length'", "'length'")) from None
         return {"prediction": texts[0] if len(texts) == 1 else texts}
 
     async def _infer_v2(self, request: InferRequest) -> InferResponse:
@@ -188,11 +191,18 @@ def json_object(raw: bytes | str) -> dict[str, Any]:
     return body
 
 
-def to_params(fields: dict, where: str = "", max_n: int = MAX_N) -> SamplingParams:
+def to_params(fields: dict, where: str = "", max_n: int = MAX_N,
+              aliases: dict[str, str] | None = None) -> SamplingParams:
+    """The sampling parameters of a KServe route (V1, V2 infer, generate): their answers
+    hold text, so `logprobs` (the OpenAI route's) is refused rather than computed unseen."""
     try:
-        return SamplingParams.from_dict(fields, max_n=max_n)
+        params = SamplingParams.from_dict(fields, max_n=max_n, aliases=aliases)
+        if params.logprobs is not None:
+            raise SamplingError("'logprobs' is answered on the OpenAI completions route "
+                                "(/openai/v1/completions); this one returns text only")
     except SamplingError as e:
         raise InvalidInput(f"{where}: {e}" if where else str(e)) from None
+    return params
 
 
 def _merged(shared: dict, own: dict) -> dict:
