@@ -76,7 +76,7 @@ def test_engine_with_fixed_shape_steps_generates_what_the_eager_engine_does(mode
     _, eager = run_engine(model, tokenizer, arrivals, runner="eager")
     engine, fixed = run_engine(model, tokenizer, arrivals, runner="cuda-graphs")
     assert engine.runner.name == "cuda-graphs" and fixed == eager
-    assert engine.runner.graphs.scratch not in engine.scheduler.blocks._free
+    assert not engine.scheduler.blocks._free[engine.runner.graphs.scratch]
 
 
 def test_a_request_needing_the_scratch_block_is_refused_not_left_waiting(model, folder):

@@ -11,17 +11,28 @@ each sequence's growth up to its token limit as a reservation. So a running sequ
 waits for a block and nothing is ever preempted; the cost is that a sequence that stops early
 held a promise it did not use, which is returned when it ends.
 
+Where blocks lie matters to decode attention, which reads each sequence's blocks in table
+order: consecutive blocks are one stream for the prefetchers and the TLB, scattered ones are
+not (docs/benchmarks.md, "Block tables in order"). A free list handed blocks back in the
+order sequences ended, so once a server had run a while every table was scattered. So a
+prompt's new blocks are a run of free blocks with room after it for its sequence's growth,
+which is kept for it (BlockManager._place), and a sequence grows into the block after its
+last one.
+
 Prefix caching (vLLM v1's design): a full block of prompt tokens, once read, is known by a key
 chained over its tokens, every token before it and the request's cache salt
 (`prefix_keys`). A new request takes the longest run of known blocks its prompt starts with
 and reads only the rest. Known blocks that no sequence holds stay in the cache, counted as
-available, and are evicted least recently used first when a block is needed.
+available, and are evicted least recently used first when a block is needed, or when a prompt
+finds no run of free blocks: the blocks of one prompt are released together, so the oldest
+ones leave a run where they lay.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import logging
 
 import numpy as np
@@ -52,7 +63,11 @@ class BlockManager:
                  model_metrics: metrics.ModelMetrics | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.metrics = model_metrics or metrics.ModelMetrics()
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free = np.ones(num_blocks, dtype=bool)  # held by none, keeping no prompt
+        self._free_count = num_blocks
+        # Free blocks kept for the growth of a sequence, after its prompt's blocks: a hint,
+        # which other tables follow unless nothing else is left.
+        self._kept = np.zeros(num_blocks, dtype=bool)
         self._refs = [0] * num_blocks
         self.promised = 0  # blocks reserved for growth, not yet allocated
         self._by_key: dict[bytes, int] = {}  # known prompt blocks
@@ -73,7 +88,7 @@ class BlockManager:
 
     @property
     def available(self) -> int:
-        return len(self._free) + len(self._idle) - self.promised
+        return self._free_count + len(self._idle) - self.promised
 
     def cached(self, keys: list[bytes]) -> list[int]:
         """The known blocks that the prompt with these block keys starts with."""
@@ -85,10 +100,12 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def admit(self, prompt_blocks: int, growth: int, cached: list[int] = ()
+    def admit(self, prompt_blocks: int, growth: int, cached: list[int] = (), keep: int = 0
               ) -> list[int] | None:
         """The prompt's blocks, its first ones `cached` (shared), with growth reserved; None
-        if they are not all available."""
+        if they are not all available. The others are a run of free blocks (_place), and
+        the `keep` blocks after them, if free too, are kept for the growth of the prompt's
+        first sequence; with no such run, they are taken one by one."""
         idle = sum(1 for b in cached if not self._refs[b])  # (they stop being available)
         if prompt_blocks - len(cached) + idle + growth > self.available:
             return None
@@ -97,7 +114,15 @@ class BlockManager:
                 del self._idle[block]
             self._refs[block] += 1
         self.promised += growth
-        return list(cached) + [self._take() for _ in range(prompt_blocks - len(cached))]
+        table, new = list(cached), prompt_blocks - len(cached)
+        run = self._place(new, keep, table[-1] + 1 if table else None) if new else None
+        if run is not None:
+            start, room = run
+            self._kept[start + new:start + room] = True
+            return table + [self._take(b) for b in range(start, start + new)]
+        for _ in range(new):
+            table.append(self._take(self._after(table)))
+        return table
 
     def remember(self, block: int, key: bytes) -> None:
         """A block now holds the prompt prefix `key` names (unless another block already
@@ -105,23 +130,32 @@ class BlockManager:
         if key not in self._by_key and block not in self._key_of:
             self._by_key[key], self._key_of[block] = block, key
 
-    def grow(self) -> int:
-        """A block from a reservation made at admission."""
+    def grow(self, table: list[int]) -> int:
+        """A block from a reservation made at admission, for the sequence whose blocks are
+        `table`: the one after its last when that is free (as a rule, kept for it)."""
         self.promised -= 1
-        return self._take()
+        return self._take(self._after(table))
 
     def share(self, blocks: list[int]) -> None:
         for b in blocks:
             self._refs[b] += 1
 
     def release(self, blocks: list[int], unused_promise: int = 0) -> None:
+        """The blocks of a table that ends, and the growth it was promised and did not take:
+        the blocks kept after its last one are kept no more."""
         for b in blocks:
             self._refs[b] -= 1
             if not self._refs[b]:
                 if b in self._key_of:
                     self._idle[b] = None  # kept, until its room is needed
                 else:
-                    self._free.append(b)
+                    self._free[b] = True
+                    self._free_count += 1
+        after = blocks[-1] + 1 if blocks else len(self._kept)
+        for b in range(after, min(after + unused_promise, len(self._kept))):
+            if not self._kept[b]:
+                break
+            self._kept[b] = False
         self.promised -= unused_promise
         self._report()
 
@@ -133,18 +167,77 @@ class BlockManager:
         self._report()
         return block
 
-    def _take(self) -> int:
-        if self._free:
-            block = self._free.pop()
-        else:  # evict the known block released longest ago
-            block, _ = self._idle.popitem(last=False)
-            del self._by_key[self._key_of.pop(block)]
+    def _place(self, new: int, keep: int, after: int | None) -> tuple[int, int] | None:
+        """(first block, blocks in all) of a run of free blocks for a prompt's `new` blocks,
+        with room for `keep` more if it can: the run that goes on from the prompt's cached
+        blocks (`after`), else the first. Failing one with room, known blocks are evicted
+        in turn (least recently used first), at most as many as the request may take, until
+        the room one leaves, with the free blocks beside it, makes one: the blocks of a
+        prompt were released together and lie together. Else a run without room, if any."""
+        unkept = self._free & ~self._kept
+        counts = (new + keep, new) if keep else (new,)
+        for count in counts:
+            start = self._first_run(unkept, count, after)
+            if start is not None:
+                return start, count
+        for block in list(itertools.islice(self._idle, new + keep)):
+            self._evict(block)
+            lo = hi = block
+            while lo > 0 and self._free[lo - 1] and not self._kept[lo - 1]:
+                lo -= 1
+            while hi + 1 < len(self._free) and self._free[hi + 1] and not self._kept[hi + 1]:
+                hi += 1
+            if hi - lo + 1 >= new + keep:
+                return lo, new + keep
+        start = self._first_run(self._free & ~self._kept, new, after)
+        return None if start is None else (start, new)
+
+    @staticmethod
+    def _first_run(pool: np.ndarray, count: int, after: int | None = None) -> int | None:
+        """The first block of a run of `count` blocks of the pool: the one that starts at
+        `after` if there is one, else the first."""
+        total = np.concatenate(([0], np.cumsum(pool, dtype=np.int64)))
+        if total[-1] < count:
+            return None
+        runs = total[count:] - total[:-count] == count
+        if after is not None and after < len(runs) and runs[after]:
+            return after
+        starts = np.flatnonzero(runs)
+        return int(starts[0]) if starts.size else None
+
+    def _after(self, table: list[int]) -> int | None:
+        """The block after the table's last, if it is free (kept for this table, as a rule)."""
+        after = table[-1] + 1 if table else len(self._free)
+        return after if after < len(self._free) and self._free[after] else None
+
+    def _evict(self, block: int) -> None:
+        """An idle known block forgets its prefix and is free."""
+        del self._idle[block]
+        del self._by_key[self._key_of.pop(block)]
+        self._free[block] = True
+        self._free_count += 1
+
+    def _take(self, block: int | None = None) -> int:
+        """`block` (a free one), else the first free block, else the known block released
+        longest ago, evicted; a block kept for another's growth only if nothing else is
+        left."""
+        if block is None:
+            unkept = self._free & ~self._kept
+            if unkept.any():
+                block = int(np.argmax(unkept))
+            elif self._idle:
+                block = next(iter(self._idle))
+                self._evict(block)
+            else:
+                block = int(np.argmax(self._free))
+        self._free[block] = self._kept[block] = False
+        self._free_count -= 1
         self._refs[block] = 1
         self._report()
         return block
 
     def _report(self) -> None:
-        self.metrics.kv_cache_usage.set(1 - (len(self._free) + len(self._idle)) / self.num_blocks)
+        self.metrics.kv_cache_usage.set(1 - (self._free_count + len(self._idle)) / self.num_blocks)
 
 
 class KVBudgetError(ValueError):

@@ -286,8 +286,11 @@ class Scheduler:
                 if self.sequences + request.params.n > self.max_batch_size:
                     break
                 hits = self._cached_prefix(request)
-                blocks = self.blocks.admit(*self.blocks.need(
-                    len(request.prompt_ids), request.max_new, request.params.n), hits)
+                length = len(request.prompt_ids)
+                prompt_blocks, growth = self.blocks.need(length, request.max_new,
+                                                         request.params.n)
+                blocks = self.blocks.admit(prompt_blocks, growth, hits, keep=self.blocks.need(
+                    length, request.max_new, 1)[1])
                 if blocks is None:
                     break  # the head of the queue waits for blocks to be freed
                 request.blocks = blocks
@@ -346,7 +349,7 @@ class Scheduler:
                 seq.blocks = request.blocks[:full]
                 self.blocks.share(seq.blocks)
                 if full < prompt_blocks:
-                    seq.blocks.append(self.blocks.grow())
+                    seq.blocks.append(self.blocks.grow(seq.blocks))
                     self.cache.copy_block(request.blocks[-1], seq.blocks[-1])
             seq.promised = prompt_blocks + growth - len(seq.blocks)
             self.running.append(seq)
@@ -356,7 +359,7 @@ class Scheduler:
         """Give each sequence the block its next position falls in, if it lacks it."""
         for seq in seqs:
             if (seq.length - 1) // self.cache.block_size == len(seq.blocks):
-                seq.blocks.append(self.blocks.grow())
+                seq.blocks.append(self.blocks.grow(seq.blocks))
                 seq.promised -= 1
 
     def drop_cancelled(self) -> None:
