@@ -108,11 +108,15 @@ def replay(workload: str, num_blocks: int, caching: bool, steps: int = 20000) ->
     and the share of table neighbours that are consecutive, both after 2,000 steps."""
     import inspect
 
+    from gpt2serve.engine import kv_cache
     from gpt2serve.engine.kv_cache import BlockManager, prefix_keys
 
     size, rng, fresh = 16, random.Random(0), iter(range(10**6, 10**9))
     blocks = BlockManager(num_blocks, size)
     placed = "keep" in inspect.signature(blocks.admit).parameters  # (not before 8080029)
+    grow_args = len(inspect.signature(blocks.grow).parameters)  # (table, left), as it takes
+    # the blocks decode steps fill join the cache too (the scheduler's, since block_key)
+    generated = caching and hasattr(kv_cache, "block_key")
     draw = lambda n: [next(fresh) for _ in range(n)]  # noqa: E731
     systems = [draw(400) for _ in range(6)]
     chats = [draw(rng.randint(100, 300)) for _ in range(40)]
@@ -122,15 +126,18 @@ def replay(workload: str, num_blocks: int, caching: bool, steps: int = 20000) ->
             if workload == "chat":
                 c = rng.randrange(len(chats))
                 ids, new = chats[c], rng.randint(50, 150)
-                chats[c] = ids + draw(new) + draw(rng.randint(20, 80))
+                answer = draw(new)
+                chats[c] = ids + answer + draw(rng.randint(20, 80))
                 if len(chats[c]) >= 850:
                     chats[c] = draw(rng.randint(100, 300))
-            elif workload == "system" and rng.random() < 0.5:
-                ids = rng.choice(systems) + draw(rng.randint(16, 300))
             else:
-                ids = draw(rng.randint(600, 960) if workload == "distinct" else
-                           rng.randint(16, 700))
-            new = new if workload == "chat" else rng.randint(16, 1024 - len(ids))
+                if workload == "system" and rng.random() < 0.5:
+                    ids = rng.choice(systems) + draw(rng.randint(16, 300))
+                else:
+                    ids = draw(rng.randint(600, 960) if workload == "distinct" else
+                               rng.randint(16, 700))
+                new = rng.randint(16, 1024 - len(ids))
+                answer = draw(new)
             keys = prefix_keys(ids, size) if caching else []
             cached = blocks.cached(keys)[:(len(ids) - 1) // size]  # its last token is read
             prompt_blocks, growth = blocks.need(len(ids), new, 1)
@@ -143,12 +150,16 @@ def replay(workload: str, num_blocks: int, caching: bool, steps: int = 20000) ->
             for block, key in list(zip(table, keys))[len(cached):]:
                 blocks.remember(block, key)
             end = len(ids) + (new if workload == "chat" else rng.randint(1, new))
-            running.append([table, len(ids), end, growth])
+            filled = prefix_keys(ids + answer, size) if generated else []
+            running.append([table, len(ids), end, growth, filled, len(ids)])
         for seq in running:
             seq[1] += 1
             if (seq[1] - 1) // size == len(seq[0]):
-                seq[0].append(blocks.grow(seq[0]) if placed else blocks.grow())
+                seq[0].append(blocks.grow(*((seq[0], seq[3])[:grow_args])))
                 seq[3] -= 1
+            full = (seq[1] - 1) // size  # blocks whose every position is written
+            if (seq[1] - 1) % size == 0 and full * size > seq[5] and full <= len(seq[4]):
+                blocks.remember(seq[0][full - 1], seq[4][full - 1])
         for seq in [s for s in running if s[1] >= s[2]]:
             running.remove(seq)
             blocks.release(seq[0], seq[3])

@@ -123,3 +123,38 @@ def test_eviction_under_a_tiny_budget_hands_out_no_block_in_use(cold):
         assert hits(tiny) - before >= 9 * 112  # each family's 2nd to 4th: 7 blocks each
     want = asyncio.run(run(cold.url, list(range(12)), True))
     assert together == in_turn == want
+
+
+def test_a_chats_next_turn_finds_the_blocks_the_answer_filled_and_gives_the_same_text():
+    """The next turn's prompt is the last prompt, its answer and a new message (as token
+    ids, as the engine made them): the blocks the answer's decode steps filled are found, so
+    only the new message is read, and the greedy text is that of an engine without caching."""
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine, EngineConfig, Prompt
+    from gpt2serve.engine.kv_cache import prefix_keys
+    from gpt2serve.sampling import SamplingParams
+
+    model, tokenizer = checkpoint.load(None)  # the demo model
+    greedy = SamplingParams.from_dict({"max_new_tokens": 40, "do_sample": False,
+                                       "ignore_eos": True})
+    warm = Engine(model, tokenizer, EngineConfig(max_batch_size=2), threaded=False)
+    cold = Engine(model, tokenizer, EngineConfig(max_batch_size=2, enable_prefix_caching=False),
+                  threaded=False)
+
+    def complete(engine, ids: list[int]) -> list[int]:
+        async def run():
+            requests = engine.submit([Prompt(ids, greedy)], streamed=False)
+            while engine.scheduler.busy:
+                engine.step()
+                await asyncio.sleep(0)
+            return [ev.token_id async for _, ev in engine.stream(requests)
+                    if ev.token_id is not None]
+        return asyncio.run(run())
+
+    prompt = tokenizer.encode(TEXT[:120])
+    answer = complete(warm, prompt)
+    turn = prompt + answer + tokenizer.encode("\nJULIET: Ay me!")
+    written = len(prompt) + len(answer) - 1  # the answer's last token was never fed
+    found = warm.scheduler.blocks.cached(prefix_keys(turn, BLOCK))
+    assert len(found) == written // BLOCK > len(prompt) // BLOCK
+    assert complete(warm, turn) == complete(cold, turn)

@@ -53,6 +53,18 @@ def test_a_prompt_takes_a_run_of_free_blocks_with_room_kept_for_its_growth():
     assert blocks.admit(4, 0) == [9, 10, 11, 12] and blocks.promised == 0
 
 
+def test_a_sequence_that_cannot_grow_in_place_moves_to_a_run_with_room_for_the_rest():
+    blocks = BlockManager(12, 8)
+    stuck = blocks.admit(1, 2)  # [0], nothing kept for it (keep=0)
+    held, hole, _ = blocks.admit(1, 0), blocks.admit(1, 0), blocks.admit(1, 0)  # 1, 2, 3
+    blocks.release(hole)  # a hole of one block at 2
+    stuck.append(blocks.grow(stuck, 2))  # 1 is held: the first run of 2 free blocks, 4-5
+    assert (held, hole, stuck) == ([1], [2], [0, 4])
+    assert blocks.admit(1, 0) == [2]  # 5 is kept for stuck
+    stuck.append(blocks.grow(stuck, 1))
+    assert stuck == [0, 4, 5] and blocks.promised == 0
+
+
 def test_failing_a_free_run_a_prompt_takes_the_room_of_the_least_recent_prompt_whole():
     """The free blocks (6, 7) make no run of 3; a's three known blocks, released first, are
     evicted together and hold the prompt in order. Evicting a's first block alone would
@@ -94,7 +106,7 @@ def test_under_churn_tables_stay_in_order_and_every_block_has_one_place():
         for seq in running:
             seq[1] += 1
             if (seq[1] - 1) // size == len(seq[0]):
-                seq[0].append(blocks.grow(seq[0]))
+                seq[0].append(blocks.grow(seq[0], seq[3]))
                 seq[3] -= 1
         for seq in [s for s in running if s[1] >= s[2]]:
             running.remove(seq)

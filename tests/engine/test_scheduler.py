@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import write_tokenizer
-from gpt2serve.engine.kv_cache import BlockManager
+from gpt2serve.engine.kv_cache import BlockManager, prefix_keys
 from gpt2serve.engine.scheduler import (MIN_CHUNK, Chunk, ChunkBudget, EngineStopped,
                                         QueueFull, ScheduledStep, Scheduler)
 from gpt2serve.engine.sequence import Prompt, Request
@@ -284,6 +284,26 @@ def test_salts_echo_and_the_switch_keep_prompts_from_the_cache(tokenizer):
         off.add([r])
         read_whole(off, r)
         assert r.cached_tokens == 0
+
+
+def test_blocks_that_decode_steps_fill_join_the_cache_under_the_salt(tokenizer):
+    """A prompt of 20 tokens (2.5 blocks) and 25 decode steps: the blocks whose every
+    position was written, the prompt's and those the steps filled, are found by a prompt
+    that goes on from the sequence's text, under its salt only; not with caching off."""
+    for caching in (True, False):
+        sched = scheduler(tokenizer, budget=64)
+        sched.prefix_caching = caching
+        r = request(20, max_new=40, ids=list(range(500, 520)), cache_salt="t")
+        sched.add([r])
+        read_whole(sched, r)
+        (seq,) = r.seqs
+        for _ in range(25):
+            finish(sched, sched.schedule())
+        history = seq.history()  # the last token is not fed yet: 45 positions written
+        assert len(history) == 46 and seq.length - 1 == 45
+        found = sched.blocks.cached(prefix_keys(history, BLOCK, "t"))
+        assert found == (seq.blocks[:45 // BLOCK] if caching else [])
+        assert sched.blocks.cached(prefix_keys(history, BLOCK)) == []
 
 
 def test_eviction_takes_idle_cached_blocks_least_recent_first_never_held_ones(tokenizer):

@@ -19,13 +19,13 @@ prompt's new blocks are a run of free blocks with room after it for its sequence
 which is kept for it (BlockManager._place), and a sequence grows into the block after its
 last one.
 
-Prefix caching (vLLM v1's design): a full block of prompt tokens, once read, is known by a key
-chained over its tokens, every token before it and the request's cache salt
-(`prefix_keys`). A new request takes the longest run of known blocks its prompt starts with
-and reads only the rest. Known blocks that no sequence holds stay in the cache, counted as
-available, and are evicted least recently used first when a block is needed, or when a prompt
-finds no run of free blocks: the blocks of one prompt are released together, so the oldest
-ones leave a run where they lay.
+Prefix caching (vLLM v1's design): a full block of prompt tokens, once read, and a block that
+decode steps filled with a sequence's tokens, is known by a key chained over its tokens, every
+token before it and the request's cache salt (`prefix_keys`, `block_key`). A new request
+takes the longest run of known blocks its prompt starts with and reads only the rest. Known
+blocks that no sequence holds stay in the cache, counted as available, and are evicted least
+recently used first when a block is needed, or when a prompt finds no run of free blocks: the
+blocks of one table are released together, so the oldest ones leave a run where they lay.
 """
 
 from __future__ import annotations
@@ -53,9 +53,15 @@ def prefix_keys(tokens: list[int], block_size: int, salt: str | None = None) -> 
     full = len(tokens) // block_size * block_size
     ids = np.asarray(tokens[:full], dtype=np.int64)
     for start in range(0, full, block_size):
-        previous = hashlib.sha256(previous + ids[start:start + block_size].tobytes()).digest()
+        previous = block_key(previous, ids[start:start + block_size])
         keys.append(previous)
     return keys
+
+
+def block_key(previous: bytes, tokens) -> bytes:
+    """The key of a full block of `tokens` after the block whose key is `previous` (for the
+    first block, the salt's bytes)."""
+    return hashlib.sha256(previous + np.asarray(tokens, dtype=np.int64).tobytes()).digest()
 
 
 class BlockManager:
@@ -130,11 +136,18 @@ class BlockManager:
         if key not in self._by_key and block not in self._key_of:
             self._by_key[key], self._key_of[block] = block, key
 
-    def grow(self, table: list[int]) -> int:
+    def grow(self, table: list[int], left: int = 1) -> int:
         """A block from a reservation made at admission, for the sequence whose blocks are
-        `table`: the one after its last when that is free (as a rule, kept for it)."""
+        `table` and that may take `left` blocks more, this one included: the one after its
+        last when that is free (as a rule, kept for it), else the first of a run of free
+        blocks that holds them all, the others kept for it."""
         self.promised -= 1
-        return self._take(self._after(table))
+        block = self._after(table)
+        if block is None and left > 1:
+            block = self._first_run(self._free & ~self._kept, left)
+            if block is not None:
+                self._kept[block + 1:block + left] = True
+        return self._take(block)
 
     def share(self, blocks: list[int]) -> None:
         for b in blocks:
@@ -190,7 +203,13 @@ class BlockManager:
             if hi - lo + 1 >= new + keep:
                 return lo, new + keep
         start = self._first_run(self._free & ~self._kept, new, after)
-        return None if start is None else (start, new)
+        if start is None:
+            return None
+        room = new  # and what free blocks follow it, for some of the growth
+        while (room < new + keep and start + room < len(self._free)
+               and self._free[start + room] and not self._kept[start + room]):
+            room += 1
+        return start, room
 
     @staticmethod
     def _first_run(pool: np.ndarray, count: int, after: int | None = None) -> int | None:

@@ -20,7 +20,7 @@ from ..model import KVCache
 from ..sampling import SamplingError
 from ..tokenizer import Tokenizer
 from .config import EngineConfig
-from .kv_cache import BlockManager, prefix_keys
+from .kv_cache import BlockManager, block_key, prefix_keys
 from .sequence import Request, Sequence
 
 MIN_CHUNK = 16  # prompt tokens read beside a decode step, at the least
@@ -239,6 +239,8 @@ class Scheduler:
             if chunk.last:
                 self.start(chunk.request, chunk.request.seqs)
             self.read(chunk)
+        for seq in step.decode:
+            self._remember_filled(seq)
         for request, scored in prompt_logprobs:
             request.prompt_logprobs += scored
         for seq in failed:
@@ -308,13 +310,29 @@ class Scheduler:
         """The cached blocks a request's prompt starts with, at most all but the one holding
         its last token (always read: its logits give the first new token); none for a
         prompt whose every token is scored (echo with logprobs needs every row's logits)."""
-        if not self.prefix_caching or request.wants_prompt_logprobs is not None:
+        if not self._caches(request):
             return []
         size = self.cache.block_size
         if not request.prefix_keys:  # (once: the head of the queue may wait many steps)
             request.prefix_keys = prefix_keys(request.prompt_ids, size,
                                               request.params.cache_salt)
         return self.blocks.cached(request.prefix_keys[:(len(request.prompt_ids) - 1) // size])
+
+    def _caches(self, request: Request) -> bool:
+        return self.prefix_caching and request.wants_prompt_logprobs is None
+
+    def _remember_filled(self, seq: Sequence) -> None:
+        """A decode step that wrote the last position of one of the sequence's blocks: the
+        block joins the prefix cache, as a prompt's do once read, so that a prompt going on
+        from this sequence's text (a chat's next turn: the last prompt, its answer and more)
+        reads only the rest (vLLM caches these blocks too)."""
+        size = self.cache.block_size
+        if seq.keys is None or seq.length % size or seq.length // size - 1 != len(seq.keys):
+            return
+        i = len(seq.keys)
+        previous = seq.keys[-1] if seq.keys else (seq.params.cache_salt or "").encode()
+        seq.keys.append(block_key(previous, seq.history()[i * size:(i + 1) * size]))
+        self.blocks.remember(seq.blocks[i], seq.keys[-1])
 
     def _expire(self) -> list[Request]:
         now = time.monotonic()
@@ -349,9 +367,10 @@ class Scheduler:
                 seq.blocks = request.blocks[:full]
                 self.blocks.share(seq.blocks)
                 if full < prompt_blocks:
-                    seq.blocks.append(self.blocks.grow(seq.blocks))
+                    seq.blocks.append(self.blocks.grow(seq.blocks, prompt_blocks + growth - full))
                     self.cache.copy_block(request.blocks[-1], seq.blocks[-1])
             seq.promised = prompt_blocks + growth - len(seq.blocks)
+            seq.keys = list(request.prefix_keys) if self._caches(request) else None
             self.running.append(seq)
         self.metrics.running.set(len(self.running))
 
@@ -359,7 +378,7 @@ class Scheduler:
         """Give each sequence the block its next position falls in, if it lacks it."""
         for seq in seqs:
             if (seq.length - 1) // self.cache.block_size == len(seq.blocks):
-                seq.blocks.append(self.blocks.grow(seq.blocks))
+                seq.blocks.append(self.blocks.grow(seq.blocks, seq.promised))
                 seq.promised -= 1
 
     def drop_cancelled(self) -> None:

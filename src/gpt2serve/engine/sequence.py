@@ -113,6 +113,8 @@ class Sequence:
         self.emitted = 0  # characters of self.text already sent
         self.blocks: list[int] = []  # block table: the KV-cache blocks of its positions
         self.promised = 0  # blocks reserved for its growth, not yet in `blocks`
+        # the prefix keys of its full blocks, which join the prefix cache (None: they do not)
+        self.keys: list[bytes] | None = None
         self.finish_reason: str | None = None
         self.seen: Tensor | None = None  # the sampler's repetition-penalty state
         self.counts: Tensor | None = None  # and its presence/frequency-penalty state
