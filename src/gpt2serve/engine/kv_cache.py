@@ -17,7 +17,7 @@ not (docs/benchmarks.md, "Block tables in order"). A free list handed blocks bac
 order sequences ended, so once a server had run a while every table was scattered. So a
 prompt's new blocks are a run of free blocks with room after it for its sequence's growth,
 which is kept for it (BlockManager._place), and a sequence grows into the block after its
-last one.
+last one, or else into a run with room for the rest of its growth.
 
 Prefix caching (vLLM v1's design): a full block of prompt tokens, once read, and a block that
 decode steps filled with a sequence's tokens, is known by a key chained over its tokens, every
@@ -181,12 +181,14 @@ class BlockManager:
         return block
 
     def _place(self, new: int, keep: int, after: int | None) -> tuple[int, int] | None:
-        """(first block, blocks in all) of a run of free blocks for a prompt's `new` blocks,
-        with room for `keep` more if it can: the run that goes on from the prompt's cached
-        blocks (`after`), else the first. Failing one with room, known blocks are evicted
-        in turn (least recently used first), at most as many as the request may take, until
-        the room one leaves, with the free blocks beside it, makes one: the blocks of a
-        prompt were released together and lie together. Else a run without room, if any."""
+        """(first block, blocks in all) of a run of free blocks for a prompt's `new` blocks
+        and as many of the `keep` after them as are free: the run that goes on from the
+        prompt's cached blocks (`after`), else the first; one with room for all `keep` if
+        there is one, else one without. With no free run at all, known blocks are evicted in
+        turn (least recently used first), at most as many as the request may take, until
+        the room one leaves, with the free blocks beside it, holds new + keep (a table's
+        blocks were released together and lie together); else the first run that holds
+        `new`, if the evictions made one."""
         unkept = self._free & ~self._kept
         counts = (new + keep, new) if keep else (new,)
         for count in counts:
