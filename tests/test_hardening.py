@@ -55,6 +55,20 @@ def test_auth_required_except_on_probes(guarded):
         openai.OpenAI(base_url=f"{guarded.url}/openai/v1", api_key="nope").models.list()
 
 
+def test_head_is_answered_as_get_without_a_body(guarded):
+    """Load balancers and uptime checks send HEAD: the probes and /metrics answered 405. Now
+    as GET (status and headers) with no body; a guarded route still wants the key, and a
+    route that takes no GET still answers 405."""
+    for path in ("/", "/v2/health/live", "/v2/health/ready", "/metrics"):
+        get, head = httpx.get(guarded.url + path), httpx.head(guarded.url + path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    key = {"authorization": f"Bearer {KEY}"}
+    assert httpx.head(f"{guarded.url}/v1/models").status_code == 401
+    assert httpx.head(f"{guarded.url}/v1/models", headers=key).status_code == 200
+    assert httpx.head(f"{guarded.url}/openai/v1/completions", headers=key).status_code == 405
+
+
 @pytest.mark.parametrize("body,status,message", [
     ({"instances": ["a" * 5000]}, 413, "exceeds 4096 bytes"),
     ({"instances": ["a"] * 5}, 400, "at most 4 per request"),

@@ -36,7 +36,7 @@ def serve(args: argparse.Namespace) -> None:
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
-                             NoModelVersions)
+                             HeadAsGet, NoModelVersions)
     from .openai import openai_router
     from .predictor import GPT2Predictor
     from .repository import ModelUnavailable, ModelUnloaded, Repository, settings_of
@@ -70,7 +70,8 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(tokenize_router(repository, prefix="/openai/v1"))
     playground.add_routes(app, repository)
     # Starlette runs the last added middleware first: auth, the body limit, model versions,
-    # non-finite JSON, then cancel-on-disconnect around the handlers.
+    # non-finite JSON, cancel-on-disconnect, then HEAD as GET around the handlers.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(FiniteJSON)
     app.add_middleware(NoModelVersions)

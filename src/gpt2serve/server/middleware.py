@@ -1,6 +1,6 @@
 """ASGI middlewares around KServe's app: bearer-token auth, a request body limit, refusing
 JSON no route can take (non-finite numbers, lone surrogates, deep nesting, duplicate keys),
-and cancelling a handler whose client went away."""
+cancelling a handler whose client went away, and HEAD answered as GET."""
 
 from __future__ import annotations
 
@@ -44,6 +44,28 @@ class BearerAuth:
                 return await _send_json(send, 401, _error(scope["path"], 401, MISSING_KEY),
                                         ((b"www-authenticate", b"Bearer"),))
         return await self.app(scope, receive, send)
+
+
+class HeadAsGet:
+    """HEAD answered as GET, without the body (RFC 9110: a server that answers GET answers
+    HEAD). Load balancers and uptime checks send it to the probes and `/metrics`, which
+    FastAPI's GET routes answered 405; a route that takes no GET still answers 405."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body"):
+                    return
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        return await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class NoModelVersions:
