@@ -4,6 +4,7 @@ alternating subprocesses, on the same fixed schedule.
 
     python bench/kv_layout.py --against /tmp/before [--rounds 3] [--quantize int8] [--isa avx2]
     python bench/kv_layout.py --against /tmp/before --replay
+    python bench/kv_layout.py --against /tmp/before --chat 6 [--rounds 3]
 
 The schedule: 8 sequences at a time on GPT-2 124M (random weights), each a prompt of 500-760
 distinct tokens and 64-256 greedy new tokens; a finished one is replaced at once, so blocks
@@ -15,7 +16,8 @@ sequence's blocks in table order (docs/benchmarks.md, "Block tables in order").
 
 `--replay` runs the block manager alone (no model, seconds) on longer schedules and more
 workloads (`replay`): the share of consecutive table neighbours, and the prefix cache's hits,
-which placing tables in order could cost.
+which placing tables in order could cost. `--chat` times chats' turns (`run_chat`): how long
+a turn's prompt takes to read when the cache holds the last answer's blocks, or not.
 """
 
 from __future__ import annotations
@@ -87,6 +89,50 @@ def run_engine(quantize: str | None, warm_up: int, steps: int) -> dict:
 
     with torch.inference_mode():
         return asyncio.run(drive())
+
+
+def run_chat(quantize: str | None, turns: int) -> dict:
+    """4 conversations in turn, one request at a time: each turn's prompt the last one's, its
+    answer (100 greedy tokens) and a new message of 40 tokens; a conversation past 850 tokens
+    starts again. The time to each turn's first token (its prompt's read) after the first
+    turn, and the share of its prompt the cache held."""
+    import torch
+
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine, EngineConfig, Prompt
+    from gpt2serve.sampling import SamplingParams
+
+    model, tokenizer = checkpoint.load(gpt2_124m(), quantize=quantize)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8), threaded=False)
+    rng = random.Random(0)
+    draw = lambda n: [rng.randrange(tokenizer.vocab_size - 1) for _ in range(n)]  # noqa: E731
+    params = SamplingParams.from_dict({"max_new_tokens": 100, "do_sample": False,
+                                       "ignore_eos": True})
+    chats = [draw(200) for _ in range(4)]
+    first_token, cached = [], []
+
+    async def drive() -> None:
+        for turn in range(turns):
+            for c, prompt in enumerate(chats):
+                (request,) = engine.submit([Prompt(prompt, params)], streamed=False)
+                t0 = time.perf_counter()
+                while not (request.seqs and request.seqs[0].tokens):
+                    engine.step()
+                seconds = time.perf_counter() - t0
+                while not request.seqs[0].finish_reason:
+                    engine.step()
+                await asyncio.sleep(0)  # the events are handed over; nothing reads them
+                if turn:
+                    first_token.append(seconds)
+                    cached.append(request.cached_tokens / len(prompt))
+                chats[c] = prompt + request.seqs[0].tokens + draw(40)
+                if len(chats[c]) > 850:
+                    chats[c] = draw(200)
+
+    with torch.inference_mode():
+        asyncio.run(drive())
+    return {"first_token_ms": statistics.median(first_token) * 1e3,
+            "cached": statistics.mean(cached)}
 
 
 REPLAYS = {  # workload, KV blocks (of 16 positions), prefix caching
@@ -182,10 +228,13 @@ def main() -> None:
     p.add_argument("--replay", action="store_true",
                    help="the block manager alone, on the workloads of REPLAYS: table order "
                         "and prefix-cache hits (seconds, no model)")
+    p.add_argument("--chat", type=int, metavar="TURNS",
+                   help="instead, chats' time to first token over TURNS turns (run_chat)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         out = ({name: replay(*spec) for name, spec in REPLAYS.items()} if args.replay else
+               run_chat(args.quantize, args.chat) if args.chat else
                run_engine(args.quantize, args.warm_up, args.steps))
         print(json.dumps(out))
         return
@@ -217,12 +266,27 @@ def main() -> None:
                    str(args.warm_up), "--steps", str(args.steps)]
             if args.quantize:
                 cmd += ["--quantize", args.quantize]
+            if args.chat:
+                cmd += ["--chat", str(args.chat)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             x = results[name][-1]
-            print(f"round {r + 1} {name:9s}: decode step {x['decode_step_ms']:.2f} ms "
-                  f"({x['decode_steps']} steps), {x['tokens_per_s']:.1f} tok/s, "
-                  f"{x['consecutive']:.0%} of table neighbours consecutive", flush=True)
+            print(f"round {r + 1} {name:9s}: " + (
+                f"first token {x['first_token_ms']:.1f} ms, {x['cached']:.0%} of prompts "
+                f"cached" if args.chat else
+                f"decode step {x['decode_step_ms']:.2f} ms ({x['decode_steps']} steps), "
+                f"{x['tokens_per_s']:.1f} tok/s, {x['consecutive']:.0%} of table neighbours "
+                f"consecutive"), flush=True)
+    if args.chat:
+        first = {name: statistics.median(x["first_token_ms"] for x in runs)
+                 for name, runs in results.items()}
+        for name, runs in results.items():
+            print(f"{name:9s} median: first token {first[name]:.1f} ms, "
+                  f"{statistics.median(x['cached'] for x in runs):.0%} of prompts cached")
+        if args.against:
+            print(f"this tree over against: first token "
+                  f"{first['against'] / first['this tree']:.2f}x sooner")
+        return
     medians = {name: {k: statistics.median(x[k] for x in runs)
                       for k in ("decode_step_ms", "tokens_per_s", "consecutive")}
                for name, runs in results.items()}
