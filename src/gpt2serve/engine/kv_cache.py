@@ -144,7 +144,7 @@ class BlockManager:
         self.promised -= 1
         block = self._after(table)
         if block is None and left > 1:
-            block = self._first_run(self._free & ~self._kept, left)
+            block = self._first_run(self._open(), left)
             if block is not None:
                 self._kept[block + 1:block + left] = True
         return self._take(block)
@@ -189,29 +189,35 @@ class BlockManager:
         the room one leaves, with the free blocks beside it, holds new + keep (a table's
         blocks were released together and lie together); else the first run that holds
         `new`, if the evictions made one."""
-        unkept = self._free & ~self._kept
+        open_blocks = self._open()
         counts = (new + keep, new) if keep else (new,)
         for count in counts:
-            start = self._first_run(unkept, count, after)
+            start = self._first_run(open_blocks, count, after)
             if start is not None:
                 return start, count
         for block in list(itertools.islice(self._idle, new + keep)):
             self._evict(block)
             lo = hi = block
-            while lo > 0 and self._free[lo - 1] and not self._kept[lo - 1]:
+            while self._is_open(lo - 1):
                 lo -= 1
-            while hi + 1 < len(self._free) and self._free[hi + 1] and not self._kept[hi + 1]:
+            while self._is_open(hi + 1):
                 hi += 1
             if hi - lo + 1 >= new + keep:
                 return lo, new + keep
-        start = self._first_run(self._free & ~self._kept, new, after)
+        start = self._first_run(self._open(), new, after)
         if start is None:
             return None
         room = new  # and what free blocks follow it, for some of the growth
-        while (room < new + keep and start + room < len(self._free)
-               and self._free[start + room] and not self._kept[start + room]):
+        while room < new + keep and self._is_open(start + room):
             room += 1
         return start, room
+
+    def _open(self) -> np.ndarray:
+        """Which blocks are free and kept for no sequence's growth."""
+        return self._free & ~self._kept
+
+    def _is_open(self, block: int) -> bool:
+        return 0 <= block < len(self._free) and self._free[block] and not self._kept[block]
 
     @staticmethod
     def _first_run(pool: np.ndarray, count: int, after: int | None = None) -> int | None:
@@ -243,9 +249,9 @@ class BlockManager:
         longest ago, evicted; a block kept for another's growth only if nothing else is
         left."""
         if block is None:
-            unkept = self._free & ~self._kept
-            if unkept.any():
-                block = int(np.argmax(unkept))
+            open_blocks = self._open()
+            if open_blocks.any():
+                block = int(np.argmax(open_blocks))
             elif self._idle:
                 block = next(iter(self._idle))
                 self._evict(block)
