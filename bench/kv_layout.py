@@ -38,16 +38,24 @@ from common import gpt2_124m, host_isa, read_bandwidth
 HERE = Path(__file__).resolve().parent
 
 
+def stepped_engine(quantize: str | None):
+    """GPT-2 124M (random weights) in an engine stepped by the caller, 8 sequences at most,
+    with whichever gpt2serve is on the path; and its tokenizer."""
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine, EngineConfig
+
+    model, tokenizer = checkpoint.load(gpt2_124m(), quantize=quantize)
+    return Engine(model, tokenizer, EngineConfig(max_batch_size=8), threaded=False), tokenizer
+
+
 def run_engine(quantize: str | None, warm_up: int, steps: int) -> dict:
     """In this process, with whichever gpt2serve is on the path."""
     import torch
 
-    from gpt2serve import checkpoint
-    from gpt2serve.engine import Engine, EngineConfig, Prompt
+    from gpt2serve.engine import Prompt
     from gpt2serve.sampling import SamplingParams
 
-    model, tokenizer = checkpoint.load(gpt2_124m(), quantize=quantize)
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8), threaded=False)
+    engine, tokenizer = stepped_engine(quantize)
     rng = random.Random(0)
 
     def request() -> Prompt:
@@ -98,12 +106,10 @@ def run_chat(quantize: str | None, turns: int) -> dict:
     turn, and the share of its prompt the cache held."""
     import torch
 
-    from gpt2serve import checkpoint
-    from gpt2serve.engine import Engine, EngineConfig, Prompt
+    from gpt2serve.engine import Prompt
     from gpt2serve.sampling import SamplingParams
 
-    model, tokenizer = checkpoint.load(gpt2_124m(), quantize=quantize)
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=8), threaded=False)
+    engine, tokenizer = stepped_engine(quantize)
     rng = random.Random(0)
     draw = lambda n: [rng.randrange(tokenizer.vocab_size - 1) for _ in range(n)]  # noqa: E731
     params = SamplingParams.from_dict({"max_new_tokens": 100, "do_sample": False,
