@@ -25,6 +25,7 @@ class Outcome:
     completions: list[Completion] | None  # None: the call failed
     error: BaseException | None
     prompt_logprobs: list
+    cached_tokens: int  # of its prompt, read from the prefix cache
 
 
 def run_schedule(engine: Engine, arrivals: list[Arrival], max_steps: int = 2000
@@ -82,4 +83,5 @@ def _outcome(requests) -> Outcome:
         completions[item.index].add(item)
     if error is None:
         assert all(c.finish_reason for c in completions), "a sequence did not finish"
-    return Outcome(None if error else completions, error, request.prompt_logprobs)
+    return Outcome(None if error else completions, error, request.prompt_logprobs,
+                   request.cached_tokens)
