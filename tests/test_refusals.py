@@ -180,3 +180,23 @@ def test_an_instance_overrides_a_shared_parameter_by_its_alias(logged):
     r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "num_return_sequences": 3}],
                                      "parameters": {"n": 2, "max_new_tokens": 2}})
     assert r.status_code == 200 and len(r.json()["predictions"][0]) == 3, r.text
+
+
+def test_a_shared_combination_an_instance_corrects_is_taken_and_one_none_does_is_refused(
+        logged):
+    """A shared 'min_tokens' over a shared 'max_new_tokens' was refused with the whole
+    request, though each input gave its own 'max_new_tokens' that left the pair right."""
+    shared = {"max_new_tokens": 2, "min_tokens": 10, "temperature": 0}
+    r = post(logged.url + PREDICT, {"instances": [{"prompt": "ROMEO:", "max_new_tokens": 12}],
+                                     "parameters": shared})
+    assert r.status_code == 200, r.text
+    body = {**v2_body(**shared), "inputs": [{**v2_body()["inputs"][0],
+                                              "parameters": {"max_new_tokens": 12}}]}
+    r = post(logged.url + INFER, body)
+    assert r.status_code == 200, r.text
+    r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 12}, "b"],
+                                     "parameters": shared})
+    assert error(r).startswith("instances[1]: 'min_tokens' 10 exceeds 'max_new_tokens' 2")
+    del body["inputs"][0]["parameters"]
+    assert error(post(logged.url + INFER, body)).startswith(
+        "parameters: 'min_tokens' 10 exceeds 'max_new_tokens' 2")

@@ -84,7 +84,7 @@ class GPT2Predictor(kserve.Model):
         self._check_count(len(instances), "'instances'")
         if not isinstance(shared, dict):
             raise InvalidInput("'parameters' must be an object")
-        to_params(shared, "parameters", self.repository.max_n)  # its own errors named so
+        check_shared(shared, "parameters", self.repository.max_n)
         jobs = [self._parse_instance(i, inst, shared, self.repository.max_n)
                 for i, inst in enumerate(instances)]
         texts = await self.generate(jobs)
@@ -137,7 +137,7 @@ class GPT2Predictor(kserve.Model):
         own = {k: v for k, v in (tensor.parameters or {}).items()
                if k not in V2_TENSOR_PARAMETERS}
         max_n = self.repository.max_n
-        to_params(shared, "parameters", max_n)  # each level's own errors named as such
+        check_shared(shared, "parameters", max_n)  # each level's own errors named as such
         to_params(own, f"input '{V2_INPUT}' parameters", max_n)
         params = to_params(_merged(shared, own), "parameters", max_n)
         results = await self.generate([(_text(p), params, f"{V2_INPUT}[{i}]")
@@ -203,6 +203,15 @@ def to_params(fields: dict, where: str = "", max_n: int = MAX_N,
     except SamplingError as e:
         raise InvalidInput(f"{where}: {e}" if where else str(e)) from None
     return params
+
+
+def check_shared(fields: dict, where: str, max_n: int = MAX_N) -> None:
+    """A request level's parameters that its inputs' own may replace, each checked on its own
+    (its name, type and range) and its error named by `where`. How they combine is checked
+    once merged with each input's own: a shared 'min_tokens' 10 beside a shared
+    'max_new_tokens' 2 is right for an input that gives 'max_new_tokens' 20."""
+    for key, value in fields.items():
+        to_params({key: value}, where, max_n)
 
 
 def _merged(shared: dict, own: dict) -> dict:
