@@ -288,6 +288,17 @@ def test_non_finite_literals_are_a_400_that_echoes_none(fuzz_server, path, liter
     assert "NaN, Infinity" in message
 
 
+@pytest.mark.parametrize("path", EVERY_POST_ROUTE)
+def test_a_body_that_is_not_utf8_is_a_400_that_says_so(fuzz_server, path):
+    """V1 with a JSON content type answered KServe's "Unrecognized request format: str is
+    not valid UTF-8: surrogates not allowed"."""
+    r = post(f"{fuzz_server.url}{path}", b'{"instances": ["\xff\xfe"], "prompt": "\xff"}')
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["message"] if isinstance(error, dict) else error) == (
+        "request body is not valid UTF-8"), r.text
+
+
 def test_schemathesis_finds_no_server_error_on_any_route(fuzz_server):
     """Every operation of our /openapi.json, KServe's and ours, fuzzed from its schema. The
     model-repository load/unload routes are left out: unloading the one model is what they do."""

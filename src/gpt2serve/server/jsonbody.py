@@ -30,7 +30,7 @@ class BadJSON(ValueError):
     def __init__(self, message: str, param: str | None = None, syntax: bool = False):
         super().__init__(message)
         self.param = param
-        self.syntax = syntax  # not JSON at all (or not UTF-8), rather than JSON we refuse
+        self.syntax = syntax  # not JSON at all, rather than JSON we refuse
 
 
 class _Duplicate(dict):
@@ -68,7 +68,7 @@ def parse(raw: bytes | str) -> Any:
         try:  # strictly: json.loads(bytes) would pass UTF-8-encoded surrogates (ED A0 80)
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise BadJSON("request body is not valid UTF-8", syntax=True) from None
+            raise BadJSON("request body is not valid UTF-8") from None
     try:
         value = json.loads(raw, parse_constant=_constant, parse_float=_float,
                            object_pairs_hook=_pairs)

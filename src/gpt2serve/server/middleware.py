@@ -134,6 +134,8 @@ class FiniteJSON:
     jsonbody.MAX_DEPTH, a duplicate key, an integer too long to convert (jsonbody.parse). Let
     through, they reached handlers as 500s: error messages that could not be serialised,
     NaN in sampling, the tokenizer's TypeError, RecursionError. The message names the field.
+    A body that is not UTF-8 is refused here too: KServe's V1 route called it "str is not
+    valid UTF-8: surrogates not allowed".
 
     A body that is not JSON at all is left to its route, which says so. Runs inside
     BodyLimit, so the body it parses is bounded. On V2 infer, the one route that reads
