@@ -73,6 +73,25 @@ def test_stop_token_ids_and_include_stop_str_in_output(oai):
     assert with_stop.text == cut.text + stop
 
 
+def test_stop_strings_that_end_within_min_tokens_do_not_count(oai):
+    """As vLLM's: a stop string in the first min_tokens tokens' text was cutting the text
+    there, though min_tokens holds back EOS and stop tokens until then."""
+    plain = complete(oai, max_tokens=24, ignore_eos=True, logprobs=0)
+    text, offsets = plain.text, plain.logprobs.text_offset
+
+    def token_at(i: int) -> int:
+        return max(t for t, at in enumerate(offsets) if at <= i)
+
+    # a character in the text of two tokens: the stop string, first found in token `first`
+    at, stop = next((i, c) for i, c in enumerate(text) if token_at(text.rfind(c)) > token_at(i))
+    first = token_at(at)
+    cut = complete(oai, max_tokens=24, ignore_eos=True, stop=[stop])
+    assert cut.text == text[:at] and cut.finish_reason == "stop"
+    held = complete(oai, max_tokens=24, ignore_eos=True, stop=[stop], min_tokens=first + 1)
+    later = text.find(stop, offsets[first + 1])  # in a token after the first min_tokens
+    assert held.text == text[:later] and held.finish_reason == "stop", (stop, first, text)
+
+
 def test_presence_and_frequency_penalties_follow_openais_formula(oai):
     """Greedy with a heavy frequency penalty cannot keep choosing one token: each use costs
     it 2 logits. The first token, before any penalty applies, is the same."""

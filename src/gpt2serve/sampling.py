@@ -49,7 +49,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
-    min_tokens: int = 0  # EOS and stop_token_ids are blocked until this many new tokens
+    # EOS and stop_token_ids are blocked until this many new tokens, and stop strings that
+    # end within them do not count (vLLM's)
+    min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     # vLLM's: requests with different salts never share cached prompt blocks (engine/kv_cache.py)

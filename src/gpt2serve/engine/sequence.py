@@ -116,6 +116,7 @@ class Sequence:
         # the prefix keys of its full blocks, which join the prefix cache (None: they do not)
         self.keys: list[bytes] | None = None
         self.finish_reason: str | None = None
+        self.sampled = 0  # tokens sampled, a stop token or EOS that ended it included
         self.seen: Tensor | None = None  # the sampler's repetition-penalty state
         self.counts: Tensor | None = None  # and its presence/frequency-penalty state
         self.last_token_at: float | None = None  # monotonic; for the inter-token latency
@@ -130,6 +131,8 @@ class Sequence:
     def append(self, sampled: Sampled) -> TokenEvent:
         """Take the next token; returns what to emit, with finish_reason set if it ended."""
         token: int | None = sampled.token
+        self.sampled += 1
+        before = len(self.text)  # a stop string found now ends in the text added after this
         if token in self.params.stop_token_ids:  # a stop token ends it like EOS; its text
             self.finish_reason = "stop"          # is kept only if asked for
             if self.params.include_stop_str_in_output:
@@ -146,7 +149,9 @@ class Sequence:
             if len(self.tokens) >= self.request.max_new:
                 self.finish_reason = "length"
                 self.text += self.detokenizer.flush()
-        self._check_stop_strings()
+        # As vLLM's: stop strings, like EOS and stop tokens, wait for min_tokens tokens.
+        if self.params.stop and self.sampled > self.params.min_tokens:
+            self._check_stop_strings(before)
         # Text that may be the start of a stop string waits until it cannot be.
         hold = 0 if self.finish_reason else max(map(len, self.params.stop), default=1) - 1
         end = max(self.emitted, len(self.text) - hold)
@@ -154,13 +159,11 @@ class Sequence:
         return TokenEvent(self.index, token, delta, sampled.logprob, sampled.top_logprobs,
                           self.finish_reason)
 
-    def _check_stop_strings(self) -> None:
-        stops = self.params.stop
-        if not stops:
-            return
-        # Only text that is new since the last emission (plus overlap) can hold a new match.
-        start = max(0, self.emitted - max(map(len, stops)))
-        hits = [(i, len(s)) for i, s in ((self.text.find(s, start), s) for s in stops) if i >= 0]
+    def _check_stop_strings(self, before: int) -> None:
+        """The first stop string that ends after the first `before` characters of the text
+        (earlier ones were found before, or came within min_tokens and do not count)."""
+        found = ((self.text.find(s, max(0, before - len(s) + 1)), s) for s in self.params.stop)
+        hits = [(i, len(s)) for i, s in found if i >= 0]
         if hits:
             at, length = min(hits)
             end = at + length if self.params.include_stop_str_in_output else at
