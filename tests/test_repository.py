@@ -289,20 +289,26 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         srv.stop()
 
 
+def in_process(folder, budget: int | None = None):
+    """A Repository over `folder` in this process, to drive its calls on a fixed schedule."""
+    from gpt2serve.engine import EngineConfig
+    from gpt2serve.server.predictor import GPT2Predictor
+    from gpt2serve.server.repository import LoadSettings, Repository
+
+    return Repository(str(folder), "", LoadSettings(torch.device("cpu"), torch.float32, None, 1),
+                      EngineConfig(kv_cache_memory=KV), budget=budget, enable_control=True,
+                      make_predictor=GPT2Predictor)
+
+
 def test_an_unload_that_comes_in_while_a_load_waits_overrules_it(repo):
     """Over the Repository itself, its schedule fixed: while a load or unload of another
     model holds the repository, gamma's load waits, and an unload of gamma comes in. The
-    later call wins: the load gets LoadOverruled (REST 409, gRPC ABORTED); it said 503,
+    later call wins: the load gets Overruled (REST 409, gRPC ABORTED); it said 503,
     "cannot be loaded: unloaded: ... load brings it back"."""
-    from gpt2serve.engine import EngineConfig
-    from gpt2serve.server.predictor import GPT2Predictor
-    from gpt2serve.server.repository import LoadOverruled, LoadSettings, Repository
+    from gpt2serve.server.repository import Overruled
 
     async def scenario():
-        repository = Repository(str(repo), "", LoadSettings(torch.device("cpu"), torch.float32,
-                                                            None, 1),
-                                EngineConfig(kv_cache_memory=KV), enable_control=True,
-                                make_predictor=GPT2Predictor)
+        repository = in_process(repo)
         gamma = repository.entries["gamma"]
         try:
             async with repository._lock:  # another model's load or unload, in progress
@@ -312,12 +318,96 @@ def test_an_unload_that_comes_in_while_a_load_waits_overrules_it(repo):
                 unload = asyncio.create_task(repository.unload("gamma"))
                 while not gamma.held:
                     await asyncio.sleep(0)
-            with pytest.raises(LoadOverruled, match="unloaded by a later call"):
+            with pytest.raises(Overruled, match="unloaded by a later call"):
                 await load
             await unload
             assert (gamma.state, gamma.engine) == ("UNAVAILABLE", None)
             await repository.load("gamma")  # asked again, it loads
             assert gamma.state == "READY"
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
+
+def test_a_load_that_comes_in_while_an_unload_waits_overrules_it(repo):
+    """The other way round: gamma serving, its unload waits for the repository, and a load
+    of gamma comes in and answers at once (gamma is READY). The unload then went on and
+    unloaded it, leaving the load's caller told "loaded" of a model gone; the later call
+    wins now, and the unload gets Overruled. Two unloads of a model whose folder was deleted
+    meanwhile (KServe's agent deletes, then unloads, and may retry) both return: the second
+    raised KeyError, a 500."""
+    from gpt2serve.server.repository import Overruled
+
+    async def scenario():
+        repository = in_process(repo)
+        gamma = repository.entries["gamma"]
+        try:
+            await repository.load("gamma")
+            async with repository._lock:
+                unload = asyncio.create_task(repository.unload("gamma"))
+                while not gamma.held:
+                    await asyncio.sleep(0)
+                await repository.load("gamma")
+            with pytest.raises(Overruled, match="loaded by a later call"):
+                await unload
+            assert gamma.state == "READY" and repository.get_model("gamma").ready
+            assert (await repository.engine("gamma")) is gamma.engine
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
+
+def test_a_second_unload_of_a_deleted_folder_returns(repo, tmp_path):
+    shutil.copytree(repo / "alpha", tmp_path / "alpha")
+
+    async def scenario():
+        repository = in_process(tmp_path)
+        try:
+            await repository.load("alpha")
+            async with repository._lock:
+                unloads = [asyncio.create_task(repository.unload("alpha")) for _ in range(2)]
+                await asyncio.sleep(0)
+                shutil.rmtree(tmp_path / "alpha")
+            await asyncio.gather(*unloads)
+            assert "alpha" not in repository.entries
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
+
+def test_a_load_that_cannot_succeed_unloads_no_other_model(repo, model_bytes, tmp_path):
+    """Budget for one model and a half. `wide` takes 512 positions, more than its KV cache
+    share holds in one sequence; `alpha` was loaded before and its folder is gone since.
+    Each load unloaded beta, which serves, to make room, then failed building its engine
+    (a budget error, a missing folder); now each fails first, and beta serves on. A
+    repository folder that is gone answers an unknown model with ModelNotFound, not an
+    OSError (a 500)."""
+    from gpt2serve.server.repository import LoadFailed, ModelNotFound
+
+    for name in ("alpha", "beta"):
+        shutil.copytree(repo / name, tmp_path / name)
+    make_hf_model(tmp_path / "wide", n_positions=512)
+
+    async def scenario():
+        repository = in_process(tmp_path, budget=int(model_bytes * 1.5))
+        beta = repository.entries["beta"]
+        try:
+            await repository.load("alpha")
+            await repository.load("beta")  # unloads alpha, measured, to make room
+            assert repository.entries["alpha"].state == "UNAVAILABLE"
+            shutil.rmtree(tmp_path / "alpha")
+            with pytest.raises(LoadFailed):
+                await repository.load("alpha")
+            assert beta.state == "READY"
+            with pytest.raises(LoadFailed, match="cannot hold one 512-token sequence"):
+                await repository.load("wide")
+            assert beta.state == "READY" and (await repository.engine("beta")) is beta.engine
+            shutil.rmtree(tmp_path)
+            with pytest.raises(ModelNotFound):
+                await repository.engine("nothing-here")
         finally:
             repository.stop(10)
 

@@ -307,6 +307,22 @@ def machine_budget(device: torch.device, cpu_share: float = CPU_MEMORY_SHARE,
     return None if available is None else int(available * cpu_share)
 
 
+def blocks_in(budget: int, config: GPTConfig, dtype: torch.dtype, block_size: int,
+              context: int, source: str = "--kv_cache_memory") -> int:
+    """The blocks `budget` bytes hold; KVBudgetError if they cannot hold one `context`-token
+    sequence (`source`: where the budget came from, for the message)."""
+    per_block = KVCache.block_bytes(config, block_size, dtype)
+    num_blocks = budget // per_block
+    per_sequence = -(-context // block_size)
+    if num_blocks < per_sequence:
+        raise KVBudgetError(
+            f"KV cache budget {budget / 2**20:.0f} MiB ({source}) cannot hold one "
+            f"{context}-token sequence, which needs {per_sequence * per_block / 2**20:.0f} MiB "
+            f"of {str(dtype).removeprefix('torch.')}: give more with --kv_cache_memory, or a "
+            f"machine with more memory")
+    return num_blocks
+
+
 def allocate(config: GPTConfig, dtype: torch.dtype, device: torch.device, block_size: int,
              budget: int | None, wanted_tokens: int, context: int) -> KVCache:
     """The cache for `budget` bytes, never more than `wanted_tokens` (the most that
@@ -323,14 +339,8 @@ def allocate(config: GPTConfig, dtype: torch.dtype, device: torch.device, block_
         if allowed is not None and allowed < budget:
             share = GPU_MEMORY_SHARE if device.type == "cuda" else CPU_MEMORY_SHARE
             budget, source = allowed, f"{share:.0%} of the memory left after the weights"
-    num_blocks = budget // per_block
+    num_blocks = blocks_in(budget, config, dtype, block_size, context, source)
     per_sequence = -(-context // block_size)
-    if num_blocks < per_sequence:
-        raise KVBudgetError(
-            f"KV cache budget {budget / 2**20:.0f} MiB ({source}) cannot hold one "
-            f"{context}-token sequence, which needs {per_sequence * per_block / 2**20:.0f} MiB "
-            f"of {str(dtype).removeprefix('torch.')}: give more with --kv_cache_memory, or a "
-            f"machine with more memory")
     cache = KVCache(config, num_blocks, block_size, dtype, device)
     log.info("KV cache: %.0f MiB (%s) on %s, %s: %d blocks of %d tokens = %d tokens, "
              "%.1f full-context (%d-token) sequences", cache.nbytes / 2**20, source, device,

@@ -14,8 +14,9 @@ server does not have. Like every route but health, metrics and the playground pa
 behind `--api_key` (auth.py).
 
 An unload is a drain: the model's new requests get 404 at once, those it accepted finish,
-then its memory is freed; the call returns then. An unload that comes in while a load of the
-same model waits overrules it: the load answers 409. A load of a name whose folder appeared under
+then its memory is freed; the call returns then. A call that comes in while another for the
+same model waits overrules it: an unload a waiting load, a load a waiting unload; the earlier
+call answers 409. A load of a name whose folder appeared under
 the repository folder since start finds it (KServe's agent pulls a TrainedModel there, then
 calls load). Liveness is not touched by either.
 """
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse
 from kserve.errors import ModelNotFound
 
 from . import jsonbody
-from .repository import LoadFailed, LoadOverruled, Repository, RepositoryOff
+from .repository import LoadFailed, Overruled, Repository, RepositoryOff
 
 
 def repository_router(repository: Repository) -> APIRouter:
@@ -43,7 +44,7 @@ def repository_router(repository: Repository) -> APIRouter:
         except LoadFailed as e:
             return JSONResponse({"error": str(e)}, status_code=503,
                                 headers={"Retry-After": "1"})
-        except LoadOverruled as e:
+        except Overruled as e:
             return JSONResponse({"error": str(e)}, status_code=409)
         return JSONResponse({"name": model_name, key: True})
 

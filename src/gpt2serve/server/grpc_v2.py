@@ -23,8 +23,8 @@
 - RepositoryModelLoad/Unload go to the repository (repository.py, as control.py's REST
   routes): UNIMPLEMENTED while the extension is off (the SDK's answered UNKNOWN,
   `'ModelNotReady' object has no attribute 'reason'`, once the model was gone). A model
-  unloaded through them is NOT_FOUND until loaded again; a load overruled by an unload that
-  came in while it waited is ABORTED (REST: 409).
+  unloaded through them is NOT_FOUND until loaded again; a load or unload overruled by a
+  call for the same model that came in while it waited is ABORTED (REST: 409).
 
 ModelServer builds its gRPC server itself; `install()` swaps in this module's before it
 starts.
@@ -55,7 +55,7 @@ from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
 from .predictor import V2_INPUT, V2_OUTPUT
-from .repository import LoadOverruled, Repository, RepositoryOff
+from .repository import Overruled, Repository, RepositoryOff
 
 
 def _oip_parameter_class():
@@ -220,7 +220,7 @@ class GPT2Servicer(InferenceServicer):
             raise Unimplemented(str(e)) from None
         except UNAVAILABLE as e:
             raise Unavailable(str(e)) from None
-        except LoadOverruled as e:
+        except Overruled as e:
             raise Aborted(str(e)) from None
 
 

@@ -44,7 +44,7 @@ from kserve.model_repository import ModelRepository
 
 from .. import checkpoint, hardware, metrics
 from ..engine import Engine, EngineConfig
-from ..engine.kv_cache import KVBudgetError, machine_budget
+from ..engine.kv_cache import KVBudgetError, blocks_in, machine_budget
 from ..engine.step_loop import StepLoop
 from ..model import KVCache
 
@@ -90,12 +90,19 @@ class LoadFailed(ModelUnavailable):
     pass
 
 
-class LoadOverruled(Exception):
-    """An unload of the model came in while a load of it waited: the later call wins (409)."""
+class Overruled(Exception):
+    """A call for the model came in while another one waited: an unload while a load
+    waited, or a load while an unload waited. The later call wins; the earlier gets this
+    (409)."""
 
-    def __init__(self, name: str):
-        super().__init__(f"model '{name}' was unloaded by a later call before it was ready; "
-                         "load it again to serve it")
+    def __init__(self, name: str, action: str):
+        if action == "load":
+            message = (f"model '{name}' was unloaded by a later call before it was ready; "
+                       "load it again to serve it")
+        else:
+            message = (f"model '{name}' was loaded by a later call before its unload began; "
+                       "it stays loaded: unload it again to take it out of service")
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -158,10 +165,20 @@ class Repository(ModelRepository):
     # ---- what there is ---------------------------------------------------------------------
 
     def scan(self) -> None:
-        """Add the model folders that have appeared under the repository folder."""
-        root = Path(self.models_dir)
-        for path in sorted(p for p in root.iterdir() if p.is_dir()):
-            if path.name in self.entries or not (path / "config.json").is_file():
+        """Add the model folders that have appeared under the repository folder. A folder it
+        cannot read (the repository folder itself gone, `lost+found` at a volume's root) is
+        skipped with a warning, not an error on every request."""
+        try:
+            paths = sorted(p for p in Path(self.models_dir).iterdir() if p.is_dir())
+        except OSError as e:
+            log.warning("cannot list the model repository %s: %s", self.models_dir, e)
+            return
+        for path in paths:
+            try:
+                if path.name in self.entries or not (path / "config.json").is_file():
+                    continue
+            except OSError as e:
+                log.warning("skipping %s: %s", path, e)
                 continue
             if not NAME.fullmatch(path.name):
                 log.warning("skipping %s: a model's name is letters, digits, '.', '_' and "
@@ -278,7 +295,7 @@ class Repository(ModelRepository):
 
     async def load(self, name: str) -> None:
         """Load `name` (a folder that appeared since start included) and wait until it is
-        READY; ModelNotFound, LoadFailed, LoadOverruled."""
+        READY; ModelNotFound, LoadFailed, Overruled."""
         self._check_enabled()
         if name not in self.entries and self.is_repository:
             self.scan()
@@ -293,7 +310,7 @@ class Repository(ModelRepository):
         entry.failed_at = None  # asked for: try again now
         while entry.state != READY:
             if entry.held:
-                raise LoadOverruled(name)
+                raise Overruled(name, "load")
             if entry.state == UNAVAILABLE and entry.loading is None:
                 entry.loading = asyncio.ensure_future(self._load(entry))
             if entry.loading is not None:
@@ -304,12 +321,14 @@ class Repository(ModelRepository):
                 async with self._changed:
                     await self._changed.wait()
         if entry.held:  # an unload came in while it was read: the later call wins
-            raise LoadOverruled(name)
+            raise Overruled(name, "load")
         self._notify()
 
     async def unload(self, name: str) -> None:
         """Take `name` out of service: its new requests get 404 until `load`; those it
-        accepted finish; then its memory is freed. Returns when it is unloaded."""
+        accepted finish; then its memory is freed. Returns when it is unloaded; Overruled if
+        a load came in while it waited. Once called it runs to its end, though the caller
+        goes away (a gRPC deadline): a model left out of service would keep its memory."""
         self._check_enabled()
         entry = self.entries.get(name)
         if entry is None:
@@ -317,14 +336,23 @@ class Repository(ModelRepository):
         entry.held = True
         entry.predictor.ready = False
         self.models.pop(name, None)
+        task = asyncio.ensure_future(self._take_out(entry))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (seen if no caller)
+        await asyncio.shield(task)
+
+    async def _take_out(self, entry: Entry) -> None:
         if entry.loading is not None:
             await asyncio.shield(entry.loading)
         async with self._lock:
+            if not entry.held:  # a load came in while this waited: the later call wins
+                raise Overruled(entry.name, "unload")
             if entry.engine is not None and entry.state == READY:
                 await self._unload(entry, "request")
-        entry.reason = f"unloaded: POST /v2/repository/models/{name}/load brings it back"
-        if entry.folder is not None and not entry.folder.exists():
-            del self.entries[name]  # KServe's agent deletes a TrainedModel's folder, then unloads
+        entry.reason = f"unloaded: POST /v2/repository/models/{entry.name}/load brings it back"
+        # KServe's agent deletes a TrainedModel's folder, then unloads it (maybe twice)
+        if (entry.folder is not None and not entry.folder.exists()
+                and self.entries.get(entry.name) is entry):
+            del self.entries[entry.name]
         self._notify()
 
     def _check_enabled(self) -> None:
@@ -487,9 +515,9 @@ class Repository(ModelRepository):
         self._notify()
 
     def _estimate(self, entry: Entry) -> int:
-        """Bytes a load will hold: what it held last time, else reckoned from config.json."""
-        if entry.measured is not None:
-            return entry.measured
+        """Bytes a load will hold: what it held last time, else reckoned from config.json.
+        Its config.json is read, and its KV cache checked to hold one full-context sequence,
+        in any case: a load that cannot succeed must fail before it unloads other models."""
         cfg = checkpoint.read_config(entry.folder or checkpoint.DEMO_MODEL_DIR)
         d, layers = cfg.n_embd, cfg.n_layer
         matmul = layers * 12 * d * d
@@ -503,12 +531,12 @@ class Repository(ModelRepository):
         if self.settings.device.type == "cpu":
             weights += cfg.vocab_size * d  # the LM head's int8 screen
         context = self.config.context(cfg.n_positions)
-        block = KVCache.block_bytes(cfg, self.config.block_size,
-                                    self.config.cache_dtype(self.settings.dtype,
-                                                            quantized is not None))
+        cache_dtype = self.config.cache_dtype(self.settings.dtype, quantized is not None)
+        block = KVCache.block_bytes(cfg, self.config.block_size, cache_dtype)
         wanted = -(-self.config.max_batch_size * context // self.config.block_size) * block
         kv = min(self.config.kv_cache_memory or wanted, wanted)
-        return weights + kv
+        blocks_in(kv, cfg, cache_dtype, self.config.block_size, context)
+        return entry.measured if entry.measured is not None else weights + kv
 
     def _report(self) -> None:
         metrics.MODELS_LOADED.set(sum(e.state == READY for e in self.entries.values()))
