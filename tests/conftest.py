@@ -202,8 +202,25 @@ def server(tiny_model):
 def metric(srv, name: str, **labels) -> float:
     """The sum of the series of `name` on the server's /metrics whose labels include
     `labels` (every engine series carries its `model`)."""
+    return metric_in(httpx.get(f"{srv.url}/metrics").text, name, **labels)
+
+
+async def until_metric(client: httpx.AsyncClient, srv, name: str, at_least: float) -> float:
+    """Wait until the server's metric `name` reads `at_least` or more, polling its /metrics:
+    a schedule fixed by the server's state, not by a wait that another machine outlasts or
+    falls short of. Returns the reading."""
+    for _ in range(1200):
+        value = metric_in((await client.get(f"{srv.url}/metrics")).text, name)
+        if value >= at_least:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} never reached {at_least}")
+
+
+def metric_in(text: str, name: str, **labels) -> float:
+    """As `metric`, from the text of a /metrics answer."""
     total = 0.0
-    for line in httpx.get(f"{srv.url}/metrics").text.splitlines():
+    for line in text.splitlines():
         m = re.match(rf"^{name}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
         if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
             total += float(m.group(2))

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import metric, post, running_server
+from conftest import metric, post, running_server, until_metric
 
 MODEL = "aitextgen"
 
@@ -144,10 +144,10 @@ def test_full_queue_answers_503_with_retry_after(batch_server):
         async with httpx.AsyncClient(timeout=120) as client:
             busy = [asyncio.create_task(client.post(url, json={"instances": [hold]}))
                     for _ in range(2)]
-            await asyncio.sleep(1.0)
+            await until_metric(client, batch_server, "gpt2serve_running_sequences", 32)
             busy += [asyncio.create_task(client.post(url, json={"instances": ["a"]}))
                      for _ in range(40)]
-            await asyncio.sleep(1.0)
+            await until_metric(client, batch_server, "gpt2serve_queue_depth", 40)
             t0 = time.monotonic()
             refused = await client.post(url, json={"instances": ["a"]})
             elapsed = time.monotonic() - t0

@@ -16,7 +16,7 @@ import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from conftest import ServerProcess, free_port, make_hf_model
+from conftest import ServerProcess, free_port, make_hf_model, until_metric
 from test_grpc import infer_request, texts
 
 MODEL = "aitextgen"
@@ -31,7 +31,8 @@ def slow_model(tmp_path_factory):
 
 
 LONG = {"max_new_tokens": 1000, "ignore_eos": True}
-SHORT = {"max_new_tokens": 6, "ignore_eos": True}  # ~1 s here with 5 others running
+SHORT = {"max_new_tokens": 6, "ignore_eos": True}  # 0.1-1 s with 5 others running
+ADMITTED = "gpt2serve_request_queue_time_seconds_count"  # requests admitted to the batch
 
 
 def test_sigterm_bounded_by_the_grace_on_every_protocol(slow_model):
@@ -93,11 +94,12 @@ async def _scenario(srv, stub) -> dict:
             client, f"{srv.url}/v2/models/{MODEL}/generate_stream",
             {"text_input": "a", "parameters": LONG}))
         long_grpc = stub.ModelInfer.future(infer_request(["a"], params=LONG), timeout=60)
-        await asyncio.sleep(1.5)  # all four are generating
+        await until_metric(client, srv, "gpt2serve_running_sequences", 4)  # all generating
+        admitted = await until_metric(client, srv, ADMITTED, 4)
         short_v1 = asyncio.create_task(client.post(
             predict, json={"instances": [{"prompt": "a", **SHORT}]}))
         short_grpc = stub.ModelInfer.future(infer_request(["b"], params=SHORT), timeout=60)
-        await asyncio.sleep(0.2)  # accepted, and (on this machine) still running
+        await until_metric(client, srv, ADMITTED, admitted + 2)  # (they may be done already)
         out["ready_grpc"] = [stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready]
         srv.proc.send_signal(signal.SIGTERM)
         out["sigterm_at"] = time.monotonic()
