@@ -86,7 +86,8 @@ def test_short_request_overtakes_a_long_one(batch_server):
 
     long = threading.Thread(target=run, args=("long", 1000))
     long.start()
-    time.sleep(0.1)  # (1000 tokens have finished inside 0.5 s on this machine)
+    while not metric(batch_server, "gpt2serve_running_sequences"):  # the long one runs
+        time.sleep(0.005)
     run("short", 5)
     long.join()
     assert done["short"] < done["long"]

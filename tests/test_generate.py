@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from conftest import post, running_server
+from conftest import post, running_server, until_metric
 
 MODEL = "aitextgen"
 PARAMS = {"seed": 5, "max_new_tokens": 24, "temperature": 1.0, "ignore_eos": True}
@@ -101,7 +101,7 @@ def test_overload_and_a_failure_inside_a_stream(one_slot):
         async with httpx.AsyncClient(timeout=60) as client:
             busy = asyncio.create_task(
                 client.post(f"{one_slot.url}/v2/models/{MODEL}/generate", json=long))
-            await asyncio.sleep(0.15)  # `busy` takes the slot first
+            await until_metric(client, one_slot, "gpt2serve_running_sequences", 1)  # `busy`'s
             lines = []
             async with client.stream("POST", f"{one_slot.url}/v2/models/{MODEL}/generate_stream",
                                      json={"text_input": "b"}) as r:
