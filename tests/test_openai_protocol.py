@@ -35,6 +35,31 @@ def test_usage_counts_each_prompt_once_whatever_n(oai):
     assert chunks[-1].usage.prompt_tokens == one.usage.prompt_tokens
 
 
+def test_continuous_usage_stats_give_each_chunk_its_choices_usage(oai):
+    """vLLM's `stream_options.continuous_usage_stats` (beside `include_usage`): every chunk
+    carries its choice's prompt tokens and the tokens it has so far; it was refused."""
+    prompts = ["ROMEO: O", "JULIET: What"]
+    lengths = [oai.completions.create(model=MODEL, prompt=p, max_tokens=1).usage.prompt_tokens
+               for p in prompts]
+    common = dict(model=MODEL, prompt=prompts, max_tokens=4, n=2, seed=1, stream=True,
+                  extra_body={"ignore_eos": True})
+    chunks = list(oai.completions.create(
+        **common, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    seen: dict[int, list[int]] = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        usage = chunk.usage
+        assert usage.prompt_tokens == lengths[choice.index // 2]
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        seen.setdefault(choice.index, []).append(usage.completion_tokens)
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert all(counts == sorted(counts) and counts[-1] == 4 for counts in seen.values()), seen
+    assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
+    for options in ({"include_usage": True}, {"continuous_usage_stats": True}):
+        chunks = list(oai.completions.create(**common, stream_options=options))
+        assert all(c.usage is None for c in chunks if c.choices), options
+
+
 def test_null_fields_take_the_openai_defaults(oai):
     """The client sends None as JSON null. null must mean OpenAI's default: max_tokens 16,
     temperature 1, top_k off (vLLM), not the server's aitextgen defaults (256, 0.7, 50)."""

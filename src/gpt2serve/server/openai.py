@@ -167,7 +167,8 @@ class CompletionCall:
             raise OpenAIError(f"unknown parameter '{name}'", param=name)
         self.stream = _flag(body, "stream")
         self.echo = _flag(body, "echo")
-        self.include_usage = _stream_options(body.get("stream_options"), self.stream)
+        self.include_usage, self.continuous_usage = _stream_options(body.get("stream_options"),
+                                                                    self.stream)
         # null means the OpenAI default, not ours (aitextgen's max_length 256, temperature 0.7)
         fields = {MAPPED[k]: v for k, v in body.items() if k in MAPPED and v is not None}
         try:
@@ -275,9 +276,9 @@ class CompletionCall:
     # ---- streaming ----
 
     async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
-        completion_tokens = 0
         n, tokenizer = self.params.n, self.engine.tokenizer
         offsets: dict[int, TextOffsets] = {}  # per choice, over the whole stream
+        generated = [0] * (len(self.prompts) * n)  # completion tokens per choice so far
         try:
             async for p, ev in self.engine.stream(requests):
                 if p * n not in offsets:  # the prompt's first event: it is read (and scored)
@@ -288,15 +289,17 @@ class CompletionCall:
                         scored = (self._prompt_logprobs(p) if self.params.logprobs is not None
                                   else None)
                         for i in range(n):
-                            yield self._chunk(p * n + i, prefix, scored, None)
+                            yield self._chunk(p * n + i, prefix, scored, None, p, 0)
                 token = _token_of(ev, self.engine.eos_id)
-                completion_tokens += token is not None
+                choice = p * n + ev.index
+                generated[choice] += token is not None
                 logprobs = None
                 if self.params.logprobs is not None and token is not None:
                     logprobs = self._logprobs([token], [ev.logprob], [ev.top_logprobs or []],
-                                              offsets[p * n + ev.index])
+                                              offsets[choice])
                 if ev.text or ev.finish_reason or logprobs:
-                    yield self._chunk(p * n + ev.index, ev.text, logprobs, ev.finish_reason)
+                    yield self._chunk(choice, ev.text, logprobs, ev.finish_reason, p,
+                                      generated[choice])
         except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
             yield f"data: {json.dumps(OpenAIError.of(e).body())}\n\n"
             yield "data: [DONE]\n\n"
@@ -304,17 +307,24 @@ class CompletionCall:
         if self.include_usage:
             usage = {"id": self.id, "object": "text_completion", "created": self.created,
                      "model": self.model_name, "choices": [],
-                     "usage": self._usage(completion_tokens)}
+                     "usage": self._usage(sum(generated))}
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
 
-    def _chunk(self, index: int, text: str, logprobs, finish_reason) -> str:
-        # "usage": null on every chunk but the last one's (OpenAI, vLLM)
+    def _chunk(self, index: int, text: str, logprobs, finish_reason, prompt: int,
+               generated: int) -> str:
+        # "usage": null on every chunk but the last one's (OpenAI, vLLM); with vLLM's
+        # `continuous_usage_stats`, the choice's own so far: its prompt and its tokens
+        usage = None
+        if self.continuous_usage:
+            prompt_tokens = len(self.prompts[prompt])
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                     "total_tokens": prompt_tokens + generated}
         chunk = {"id": self.id, "object": "text_completion", "created": self.created,
                  "model": self.model_name,
                  "choices": [{"text": text, "index": index, "logprobs": logprobs,
                               "finish_reason": finish_reason}],
-                 "usage": None}
+                 "usage": usage}
         return f"data: {json.dumps(chunk)}\n\n"
 
 
@@ -365,25 +375,29 @@ class TextOffsets:
         return at
 
 
-def _stream_options(options: Any, stream: bool) -> bool:
-    """Whether to send a final usage chunk: `stream_options` only with `stream: true`, and
-    `include_usage` a JSON boolean (OpenAI's rules)."""
+def _stream_options(options: Any, stream: bool) -> tuple[bool, bool]:
+    """Whether to send a final usage chunk, and usage in every chunk too: `stream_options`
+    only with `stream: true`, `include_usage` a JSON boolean (OpenAI's rules), and vLLM's
+    `continuous_usage_stats`, which counts only beside `include_usage` (as vLLM's)."""
     if options is None:
-        return False
+        return False, False
     if not stream:
         raise OpenAIError("'stream_options' is only allowed when 'stream' is true",
                           param="stream_options")
     if not isinstance(options, dict):
         raise OpenAIError("'stream_options' must be an object", param="stream_options")
-    unknown = sorted(set(options) - {"include_usage"})
+    unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats"})
     if unknown:
         raise OpenAIError(f"unknown parameter 'stream_options.{unknown[0][:40]}'",
                           param="stream_options")
-    usage = options.get("include_usage")
-    if usage is not None and not isinstance(usage, bool):
-        raise OpenAIError("'stream_options.include_usage' must be true or false",
-                          param="stream_options")
-    return bool(usage)
+    flags = []
+    for name in ("include_usage", "continuous_usage_stats"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise OpenAIError(f"'stream_options.{name}' must be true or false",
+                              param="stream_options")
+        flags.append(bool(value))
+    return flags[0], flags[0] and flags[1]
 
 
 def _join(first: dict, second: dict) -> dict:
