@@ -27,10 +27,25 @@ def good(tmp_path, tiny_model):
     return folder
 
 
+def test_an_eos_past_the_vocabulary_is_no_eos(good):
+    """GPT2Config's default eos_token_id 50256, saved beside a smaller vocabulary (a model
+    configured without one): it loads, as in transformers, and that id is never used; the
+    tokenizer's <|endoftext|> ends sequences."""
+    _edit_config(good, eos_token_id=50256)
+    model, tokenizer = checkpoint.load(good)
+    assert model.config.eos_token_id is None and tokenizer.eos_id == 0
+
+
 def test_safetensors_and_bin_layouts_load_the_same_weights(tmp_path):
     st = make_hf_model(tmp_path / "st", seed=3)
     pt = make_hf_model(tmp_path / "pt", seed=3, safe_serialization=False)
     assert (pt / "pytorch_model.bin").exists() and not (pt / "model.safetensors").exists()
+    torch.testing.assert_close(logits_of(st), logits_of(pt), atol=0, rtol=0)
+    # torch's format from before 1.6 (not a zip: it cannot be mapped, and was refused as
+    # "cannot be read as plain tensors"), with what a training script saved beside the weights
+    state = torch.load(pt / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "epoch": 3}, pt / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
     torch.testing.assert_close(logits_of(st), logits_of(pt), atol=0, rtol=0)
 
 
@@ -94,7 +109,74 @@ BROKEN = {
     "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), r"no tokenizer found"),
     "tokenizer bigger than vocab": (lambda f: _edit_config(f, vocab_size=100),
                                     r"tokenizer has \d+ tokens but config.json vocab_size is 100"),
+    # Found by review: each of these crashed, allocated what config.json said, or loaded.
+    # An MLP 1e9 wide was timed at that width before the weights were opened (out of memory).
+    "huge n_inner": (lambda f: _edit_config(f, n_inner=10**9),
+                     r"'n_inner' must be an integer from 1 to 131072, got 1000000000"),
+    "negative n_inner": (lambda f: _edit_config(f, n_inner=-5), r"'n_inner' must be an integer"),
+    "a size given as true": (lambda f: _edit_config(f, n_layer=True),
+                             r"'n_layer' must be an integer from 1 to 1024, got True"),
+    "epsilon not a number": (lambda f: _edit_config(f, layer_norm_epsilon="x"),
+                             r"'layer_norm_epsilon' must be a number in \(0, 1\)"),
+    "a flag given as a string": (lambda f: _edit_config(f, scale_attn_weights="false"),
+                                 r"'scale_attn_weights' must be true or false"),
+    "activation a list": (lambda f: _edit_config(f, activation_function=["x"]),
+                          r"activation_function \['x'\] is not supported"),
+    "eos not a token id": (lambda f: _edit_config(f, eos_token_id="</s>"),
+                           r"'eos_token_id' must be a token id, got '</s>'"),
+    "token ids past the vocabulary": (lambda f: _sparse_tokenizer(f),
+                                      r"tokenizer has token id 70000, past config.json "
+                                      r"vocab_size 400"),
+    "safetensors header an array": (lambda f: _safetensors_header(f, lambda h: [1]),
+                                    r"not a valid safetensors file \(its header is not"),
+    "a negative tensor shape": (lambda f: _safetensors_header(f, _negative_shape),
+                                r"not a valid safetensors file \(tensor '.*' has shape \[-2"),
+    "a shard outside the folder": (lambda f: _index_to(f, "../model/model.safetensors"),
+                                   r"a shard must be a file name in the folder"),
+    "bin not a state dict": (lambda f: _bin(f, torch.zeros(3)), r"not a state dict"),
 }
+
+
+def _sparse_tokenizer(folder):
+    """A token id far past the others: tokenizers counts its entries, not its largest id."""
+    data = json.loads((folder / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] = 70000
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+
+
+def _safetensors_header(folder, edit):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    raw = json.dumps(edit(json.loads(data[8:8 + n]))).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _negative_shape(header):
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [-2, -2]
+    start = header[name]["data_offsets"][0]
+    header[name]["data_offsets"] = [start, start + 16]
+    return header
+
+
+def _index_to(folder, shard):
+    names = _safetensors_names(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {name: shard for name in names}}))
+
+
+def _safetensors_names(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    return [k for k in json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+            if k != "__metadata__"]
+
+
+def _bin(folder, state):
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
 
 
 @pytest.mark.parametrize("case", list(BROKEN))

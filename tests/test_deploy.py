@@ -715,9 +715,11 @@ def test_pod_simulation(tmp_path, tiny_model, name):
 class FakeHub(http.server.BaseHTTPRequestHandler):
     repo: Path
     seen_auth: list
+    seen_encoding: list
 
     def do_GET(self):
         self.seen_auth.append(self.headers.get("authorization"))
+        self.seen_encoding.append(self.headers.get("accept-encoding"))
         files = sorted(p.name for p in self.repo.iterdir())
         if self.path == "/api/models/org/tiny/revision/main":
             body = json.dumps({"siblings": [{"rfilename": f} for f in files + ["flax_model.msgpack"]]}).encode()
@@ -737,7 +739,8 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 
 
 def test_download_from_hub_file_api(tmp_path, tiny_model):
-    handler = type("Hub", (FakeHub,), {"repo": tiny_model, "seen_auth": []})
+    handler = type("Hub", (FakeHub,), {"repo": tiny_model, "seen_auth": [],
+                                       "seen_encoding": []})
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     try:
@@ -752,6 +755,8 @@ def test_download_from_hub_file_api(tmp_path, tiny_model):
         assert sorted(p.name for p in out.iterdir()) == sorted(
             p.name for p in tiny_model.iterdir())  # no flax, no .part left behind
         assert set(handler.seen_auth) == {"Bearer secret-token"}
+        # sizes are checked against content-length: a compressed answer would fail them
+        assert set(handler.seen_encoding) == {"identity"}
         from gpt2serve import checkpoint
         checkpoint.load(out)
         missing = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/none",

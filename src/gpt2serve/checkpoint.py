@@ -15,9 +15,10 @@ import json
 import logging
 import math
 import os
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +34,12 @@ log = logging.getLogger("gpt2serve.checkpoint")
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
 SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# The largest size config.json may give, far past GPT-2's own (1.5B: 1600 wide, 48 layers,
+# 6400-wide MLP, 50257 tokens, 1024 positions): a value past them is a broken or hostile file
+# whose shapes would be allocated (kernel timing, the network on the meta device) before the
+# weights could show they do not match.
+SIZE_LIMITS = {"vocab_size": 2**20, "n_positions": 2**17, "n_embd": 2**15, "n_layer": 2**10,
+               "n_head": 2**10, "n_inner": 2**17}
 # HF buffers and the tied head, which carry nothing this network needs.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
@@ -59,14 +66,33 @@ def read_config(folder: Path) -> GPTConfig:
     raw.setdefault("n_positions", raw.get("n_ctx"))
     values = {f.name: raw[f.name] for f in fields(GPTConfig) if raw.get(f.name) is not None}
     config = GPTConfig(**values)
-    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+    for name, most in SIZE_LIMITS.items():
         value = getattr(config, name)
-        if not isinstance(value, int) or value <= 0:
-            raise CheckpointError(f"{path}: '{name}' must be a positive integer, got {value!r}")
+        if value is None and name == "n_inner":
+            continue
+        if type(value) is not int or not 0 < value <= most:
+            raise CheckpointError(f"{path}: '{name}' must be an integer from 1 to {most}, "
+                                  f"got {value!r}")
     if config.n_embd % config.n_head:
         raise CheckpointError(f"{path}: n_embd {config.n_embd} is not divisible by "
                               f"n_head {config.n_head}")
-    if config.activation_function not in ACTIVATIONS:
+    eps = config.layer_norm_epsilon
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+        raise CheckpointError(f"{path}: 'layer_norm_epsilon' must be a number in (0, 1), "
+                              f"got {eps!r}")
+    for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+        if type(getattr(config, name)) is not bool:
+            raise CheckpointError(f"{path}: '{name}' must be true or false, "
+                                  f"got {getattr(config, name)!r}")
+    eos = config.eos_token_id
+    if eos is not None and type(eos) is not int:
+        raise CheckpointError(f"{path}: 'eos_token_id' must be a token id, got {eos!r}")
+    if eos is not None and not 0 <= eos < config.vocab_size:
+        # GPT2Config's default 50256, saved with a smaller vocabulary: as in transformers, a
+        # token the model never generates (the tokenizer's <|endoftext|> is used if it has one)
+        config = replace(config, eos_token_id=None)
+    if not isinstance(config.activation_function, str) or (
+            config.activation_function not in ACTIVATIONS):
         raise CheckpointError(f"{path}: activation_function "
                               f"{config.activation_function!r} is not supported")
     return config
@@ -95,6 +121,8 @@ class SafetensorsFile:
                 if not 0 < n <= min(size - 8, 100 * 2**20):
                     raise ValueError(f"header length {n} does not fit the file")
                 header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
             self.base = 8 + n
             self.entries = {}
             for name, meta in header.items():
@@ -102,12 +130,14 @@ class SafetensorsFile:
                     continue
                 dtype = self.DTYPES[meta["dtype"]]
                 shape, (start, end) = tuple(meta["shape"]), meta["data_offsets"]
+                if not all(type(d) is int and d >= 0 for d in shape):
+                    raise ValueError(f"tensor '{name}' has shape {list(shape)}")
                 if (end - start != math.prod(shape) * dtype.itemsize
                         or not 0 <= start <= end <= size - self.base):
                     raise ValueError(f"tensor '{name}' has offsets that do not fit its shape "
                                      "or the file")
                 self.entries[name] = (dtype, shape, start)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -144,16 +174,24 @@ class Weights:
                 shards = sorted(set(weight_map.values()))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{self.source}: not a safetensors index ({e})") from None
-            for shard in shards:
+            for shard in shards:  # files of this folder, not paths out of it
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in ("..", "."):
+                    raise CheckpointError(f"{self.source}: a shard must be a file name in the "
+                                          f"folder, got {shard!r}")
                 self._add(SafetensorsFile(folder / shard))
         elif (folder / TORCH_BIN).is_file():
             self.source = folder / TORCH_BIN
-            try:
-                state = torch.load(self.source, map_location="cpu", weights_only=True, mmap=True)
+            try:  # mapped, unless in torch's format from before 1.6, which cannot be
+                state = torch.load(self.source, map_location="cpu", weights_only=True,
+                                   mmap=zipfile.is_zipfile(self.source))
             except Exception as e:  # torch raises many types for a bad or unsafe file
                 raise CheckpointError(f"{self.source}: cannot be read as plain tensors "
                                       f"({e})") from None
-            self._add(_TensorDict(state))
+            if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+                raise CheckpointError(f"{self.source}: not a state dict (names to tensors)")
+            # what else a training script saved beside the tensors (an epoch count) is not ours
+            self._add(_TensorDict({k: v for k, v in state.items()
+                                   if isinstance(v, torch.Tensor)}))
         else:
             raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS}, "
                                   f"{SAFETENSORS_INDEX}, {TORCH_BIN})")
@@ -194,11 +232,9 @@ def network_name(hf_name: str) -> str:
     return "head.weight_t" if name == "wte.weight" else name
 
 
-def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device: torch.device,
-                linear: Callable | None = None, head: Callable | None = None) -> GPT:
-    """The network, read module by module. Each matmul layer is handed to `linear` (the head
-    to `head`) as soon as its parameters are in, so its checkpoint form is dropped right
-    away: loading holds little more than the final weights."""
+def checked_network(config: GPTConfig, weights: Weights) -> GPT:
+    """The network on the meta device, once `weights` are known to hold each of its tensors
+    in its shape: CheckpointError naming the first that is missing or differs."""
     with torch.device("meta"):
         model = GPT(config)
     params = list(model.named_parameters())
@@ -210,6 +246,16 @@ def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device:
         if weights.shape(name) != tuple(p.shape):
             raise CheckpointError(f"{weights.source}: tensor '{name}' has shape "
                                   f"{weights.shape(name)}, config.json implies {tuple(p.shape)}")
+    return model
+
+
+def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device: torch.device,
+                linear: Callable | None = None, head: Callable | None = None) -> GPT:
+    """The network, read module by module. Each matmul layer is handed to `linear` (the head
+    to `head`) as soon as its parameters are in, so its checkpoint form is dropped right
+    away: loading holds little more than the final weights."""
+    model = checked_network(config, weights)
+    params = list(model.named_parameters())
     by_owner: dict[str, list[str]] = {}
     for name, _ in params:
         by_owner.setdefault(name.rpartition(".")[0], []).append(name)
@@ -314,6 +360,9 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {config.vocab_size}")
+    if tokenizer.largest_id >= config.vocab_size:  # ids need not be dense: an index error
+        raise CheckpointError(f"{folder}: tokenizer has token id {tokenizer.largest_id}, "
+                              f"past config.json vocab_size {config.vocab_size}")
     device = torch.device(device)
     # the matmul layers' final form: as read, quantized, or laid out for fp32
     linear = head = None
@@ -327,13 +376,15 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
                               f"{quantize!r}")
     elif device.type == "cpu" and dtype == torch.float32 and packing.available():
         linear, head = packing.PackedLinear, packing.PackedHead
+    weights = Weights(folder)
+    checked_network(config, weights)  # before the kernels are timed at config.json's shapes
     if linear is not None:
         table = kernel_choice.for_model(config, quantize or "fp32",
                                         kernels or os.environ.get("GPT2SERVE_KERNELS", "auto"),
                                         resolve_threads(threads), HEAD_WEIGHTS.get(quantize))
         log.info("%s", table.describe())
         linear, head = functools.partial(linear, table=table), functools.partial(head, table=table)
-    model = build_model(config, Weights(folder), dtype, device, linear, head)
+    model = build_model(config, weights, dtype, device, linear, head)
     if linear is not None:
         packing.fuse_blocks(model)
     return model, tokenizer

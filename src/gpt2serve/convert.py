@@ -26,13 +26,15 @@ TF_INDEX = "model.ckpt.index"
 
 
 def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
+    tokenizer = Tokenizer.from_dir(src)
     if (src / TF_INDEX).is_file() and (src / "hparams.json").is_file():
         config, state = _openai_tf(src)
+        # end-of-text is the encoder's <|endoftext|> (50256 in OpenAI's releases)
+        config["bos_token_id"] = config["eos_token_id"] = tokenizer.eos_id
     else:
         checkpoint.read_config(src)  # validates, with a clear error
         config = json.loads((src / "config.json").read_text())
         state = checkpoint.Weights(src).hf_state_dict()
-    tokenizer = Tokenizer.from_dir(src)
     tensors = {}
     for name, tensor in state.items():
         if name.endswith(checkpoint.IGNORED_SUFFIXES):
@@ -54,8 +56,7 @@ def _openai_tf(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
               "vocab_size": h["n_vocab"], "n_positions": h["n_ctx"], "n_ctx": h["n_ctx"],
               "n_embd": h["n_embd"], "n_head": h["n_head"], "n_layer": h["n_layer"],
-              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-              "bos_token_id": 50256, "eos_token_id": 50256}
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
     state = {}
     for name, array in read_tf_checkpoint(src / "model.ckpt").items():
         parts = name.split("/")

@@ -47,7 +47,11 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
              token: str | None = None, progress=sys.stderr) -> list[Path]:
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     token = token or os.environ.get("HF_TOKEN")
-    headers = {"authorization": f"Bearer {token}"} if token else {}
+    # identity: a compressed answer's content-length is not the size of the bytes we write
+    # (huggingface_hub asks for identity too)
+    headers = {"accept-encoding": "identity"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
     out.mkdir(parents=True, exist_ok=True)
     with httpx.Client(headers=headers, follow_redirects=True, timeout=60) as client:
         r = client.get(f"{endpoint}/api/models/{repo_id}/revision/{revision}")

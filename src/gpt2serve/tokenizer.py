@@ -24,6 +24,7 @@ class Tokenizer:
         self._tok = tokenizer
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size()
+        self.largest_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
         self._byte_table: list[bytes] | None = None
 
     @classmethod
