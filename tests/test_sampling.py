@@ -117,6 +117,32 @@ def test_a_nucleus_wider_than_the_candidates_is_still_exact():
         torch.testing.assert_close(got, reference_probs(logits[row], spec), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},
+                                  {"top_k": 5, "top_p": 0.9, "temperature": 0.7}], ids=str)
+def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers(spec):
+    """fp16 and bf16 logits tie often. transformers (and vLLM) keep every token whose logit
+    equals the k-th; exactly k were kept. Rows: three tokens tied at ranks 4-6; 40 tied there,
+    more than TIE_SLACK past k (that row takes its whole vocabulary); none tied, beside a row
+    without top-k."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, V)
+    for row, tied in ((0, 3), (1, 40)):
+        logits[row, :4] = torch.tensor([9.0, 8.0, 7.0, 6.0])
+        logits[row, 4:4 + tied] = 5.0
+        logits[row, 4 + tied:] = logits[row, 4 + tied:].clamp(max=4.0)
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+    params = [SamplingParams.from_dict(spec)] * 3 + [
+        SamplingParams.from_dict({"top_k": 0, "top_p": 0.9})]
+    ids, probs = sampler.candidates(logits, params)
+    for row, kept in ((0, 7), (1, 44), (2, None)):
+        # (summed: a row padded to the widest one's candidates repeats token 0 at 0)
+        got = torch.zeros(V).scatter_add_(0, ids[row], probs[row])
+        want = reference_probs(logits[row], spec)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+        if kept and "top_p" not in spec:
+            assert (got > 0).sum() == kept
+
+
 def test_repetition_penalty_matches_transformers(tokenizer):
     torch.manual_seed(2)
     logits = torch.randn(8, V) * 2

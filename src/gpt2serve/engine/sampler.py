@@ -28,6 +28,10 @@ from ..sampling import SamplingParams
 # Candidates for rows with top-p but no top-k. A trained model's nucleus almost always fits;
 # when it does not (near-uniform logits), that row sorts its whole vocabulary instead.
 TOP_P_CANDIDATES = 1024
+# A top-k row keeps every token tied with its k-th, as transformers and vLLM do (fp16 and bf16
+# logits tie often); this many candidates past k hold the ties, and a row whose ties run past
+# them takes its whole vocabulary instead.
+TIE_SLACK = 16
 
 
 class Row(Protocol):
@@ -208,19 +212,24 @@ class Sampler:
 
     def _top_k_top_p(self, logits: Tensor, temperature: Tensor, params: list[SamplingParams],
                      ks: list[int], K: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Filter within the K most likely tokens of each row. Also returns which rows without
-        top-k need more than K tokens for their top-p (None if none): their K candidates
-        hold less than top_p of the mass."""
-        K = min(K, logits.shape[1])
-        # Dividing by a positive temperature keeps the order: select first, divide K values.
-        values, ids = torch.topk(logits, K)
+        """Filter within the K most likely tokens of each row (and, for top-k rows, the tokens
+        tied with their k-th). Also returns which rows need more candidates (None if none):
+        rows without top-k whose K candidates hold less than top_p of the mass, and top-k
+        rows whose ties run past the TIE_SLACK candidates after K."""
+        V = logits.shape[1]
+        K = min(K, V)
+        width = min(V, K + TIE_SLACK) if any(ks) else K
+        # Dividing by a positive temperature keeps the order: select first, divide the values.
+        values, ids = torch.topk(logits, width)
+        rank = torch.arange(width, device=self.device)
+        has_k = torch.tensor([k > 0 for k in ks], device=self.device)[:, None]
+        kth = values.gather(1, torch.tensor([[(k or K) - 1] for k in ks], device=self.device))
+        in_top_k = torch.where(has_k, values >= kth, rank < K)
+        ties_past = has_k[:, 0] & (values[:, -1] >= kth[:, 0]) if width < V else None
         values = values / temperature
-        rank = torch.arange(K, device=self.device)
-        in_top_k = rank < torch.tensor([k or K for k in ks], device=self.device)[:, None]
         # Rows with top-k normalise over their k candidates (transformers applies top-p to
         # the top-k-filtered distribution); the others over the whole vocabulary.
         total = values.masked_fill(~in_top_k, -math.inf).logsumexp(-1, keepdim=True)
-        has_k = torch.tensor([k > 0 for k in ks], device=self.device)[:, None]
         if not all(ks):
             total = torch.where(has_k, total, (logits / temperature).logsumexp(-1, keepdim=True))
         probs = (values - total).exp().masked_fill(~in_top_k, 0.0)
@@ -230,9 +239,11 @@ class Sampler:
         # token stays while the mass strictly above it is < top_p (the first always stays).
         above = probs.cumsum(-1) - probs
         probs = probs.masked_fill((above >= top_p) & (rank > 0), 0.0)
-        if K == logits.shape[1] or all(ks):
+        if width == V:
             return ids, probs, None
         short = (probs.sum(-1) < top_p[:, 0]) & ~has_k[:, 0]
+        if ties_past is not None:
+            short |= ties_past
         return ids, probs, short if bool(short.any()) else None
 
     # ---- state and output ---------------------------------------------------------------
