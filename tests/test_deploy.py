@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from conftest import SHARED, ServerProcess, free_port, make_hf_model
+from gpt2serve.download import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -752,7 +753,7 @@ def test_download_from_hub_file_api(tmp_path, tiny_model):
                              timeout=120)
         assert run.returncode == 0, run.stderr
         assert "model.safetensors" in run.stderr and "100.0%" in run.stderr  # progress
-        assert sorted(p.name for p in out.iterdir()) == sorted(
+        assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == sorted(
             p.name for p in tiny_model.iterdir())  # no flax, no .part left behind
         assert set(handler.seen_auth) == {"Bearer secret-token"}
         # sizes are checked against content-length: a compressed answer would fail them
@@ -763,6 +764,22 @@ def test_download_from_hub_file_api(tmp_path, tiny_model):
                                   "--out", str(tmp_path / "x")], env=env, capture_output=True,
                                  text=True, timeout=60)
         assert missing.returncode == 2 and "not found or not accessible" in missing.stderr
+        # A second run resumes its own download; another repository or revision into the same
+        # folder is refused (its files were kept as the new model's: the wrong weights loaded)
+        (out / "model.safetensors").unlink()
+        again = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/tiny",
+                                "--out", str(out)], env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert again.returncode == 0 and (out / "model.safetensors").is_file(), again.stderr
+        other = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/tiny",
+                                "--revision", "v2", "--out", str(out)], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert other.returncode == 2 and "holds another download" in other.stderr
+        (out / MARKER).unlink()
+        other = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/tiny",
+                                "--out", str(out)], env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert other.returncode == 2 and "already holds config.json" in other.stderr
     finally:
         hub.shutdown()
 

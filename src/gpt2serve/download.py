@@ -3,12 +3,14 @@
 Speaks the Hub's plain file API (`/api/models/{repo}/revision/{rev}` to list files,
 `/{repo}/resolve/{rev}/{file}` to fetch one), honours `HF_ENDPOINT` and `HF_TOKEN`, takes only
 what the server loads (config, tokenizer, and safetensors, else `pytorch_model.bin`), writes
-each file through a `.part` file so an interrupted download never leaves a truncated model, and
-shows progress on stderr.
+each file through a `.part` file so an interrupted download never leaves a truncated model,
+marks the folder with the repository and revision so that a second run resumes it but never
+mixes in another model's files, and shows progress on stderr.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -19,6 +21,11 @@ import httpx
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "vocab.json", "merges.txt")
+
+
+# Names the repository and revision a folder was downloaded from (download._claim).
+MARKER = ".gpt2serve-download.json"
+MODEL_FILES = SMALL_FILES + ("model.safetensors.index.json", "pytorch_model.bin")
 
 
 class DownloadError(RuntimeError):
@@ -45,6 +52,7 @@ def wanted_files(files: list[str]) -> list[str]:
 
 def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | None = None,
              token: str | None = None, progress=sys.stderr) -> list[Path]:
+    _claim(out, repo_id, revision)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     token = token or os.environ.get("HF_TOKEN")
     # identity: a compressed answer's content-length is not the size of the bytes we write
@@ -52,7 +60,6 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
     headers = {"accept-encoding": "identity"}
     if token:
         headers["authorization"] = f"Bearer {token}"
-    out.mkdir(parents=True, exist_ok=True)
     with httpx.Client(headers=headers, follow_redirects=True, timeout=60) as client:
         r = client.get(f"{endpoint}/api/models/{repo_id}/revision/{revision}")
         if r.status_code in (401, 403, 404):
@@ -65,6 +72,31 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
             url = f"{endpoint}/{repo_id}/resolve/{revision}/{name}"
             paths.append(_fetch(client, url, out / name, progress))
     return paths
+
+
+def _claim(out: Path, repo_id: str, revision: str) -> None:
+    """Mark `out` as this repository's download (MARKER), so that a second run resumes it,
+    keeping its complete files, while a download of another repository or revision, or into
+    a folder that holds model files from elsewhere, is refused: those files were kept as if
+    they were its own, and the wrong weights loaded without an error."""
+    marker = out / MARKER
+    ours = {"repo": repo_id, "revision": revision}
+    if marker.is_file():
+        try:
+            theirs = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            theirs = None
+        if theirs != ours:
+            raise DownloadError(f"{out} holds another download ({theirs}); download "
+                                f"{repo_id}@{revision} into another folder, or empty it")
+    else:
+        present = sorted(p.name for p in out.glob("*") if p.name in MODEL_FILES
+                         or p.name.endswith(".safetensors"))
+        if present:
+            raise DownloadError(f"{out} already holds {', '.join(present)}, not from a "
+                                f"download of {repo_id}; download into an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(ours) + "\n")
 
 
 def _fetch(client: httpx.Client, url: str, dest: Path, progress) -> Path:
