@@ -49,18 +49,18 @@ def prefix_keys(tokens: list[int], block_size: int, salt: str | None = None) -> 
     salt and the block's tokens, so two blocks share a key only if everything up to their
     end is the same (SHA-256: a collision would hand a request another prompt's keys and
     values)."""
-    keys, previous = [], (salt or "").encode()
+    keys: list[bytes] = []
     full = len(tokens) // block_size * block_size
     ids = np.asarray(tokens[:full], dtype=np.int64)
     for start in range(0, full, block_size):
-        previous = block_key(previous, ids[start:start + block_size])
-        keys.append(previous)
+        keys.append(block_key(keys, ids[start:start + block_size], salt))
     return keys
 
 
-def block_key(previous: bytes, tokens) -> bytes:
-    """The key of a full block of `tokens` after the block whose key is `previous` (for the
-    first block, the salt's bytes)."""
+def block_key(keys: list[bytes], tokens, salt: str | None = None) -> bytes:
+    """The key of a full block of `tokens` after the blocks whose keys are `keys`: chained
+    from the last of them, or for the first block from the salt."""
+    previous = keys[-1] if keys else (salt or "").encode()
     return hashlib.sha256(previous + np.asarray(tokens, dtype=np.int64).tobytes()).digest()
 
 

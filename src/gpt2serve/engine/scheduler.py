@@ -330,8 +330,8 @@ class Scheduler:
         if seq.keys is None or seq.length % size or seq.length // size - 1 != len(seq.keys):
             return
         i = len(seq.keys)
-        previous = seq.keys[-1] if seq.keys else (seq.params.cache_salt or "").encode()
-        seq.keys.append(block_key(previous, seq.history()[i * size:(i + 1) * size]))
+        seq.keys.append(block_key(seq.keys, seq.history()[i * size:(i + 1) * size],
+                                  seq.params.cache_salt))
         self.blocks.remember(seq.blocks[i], seq.keys[-1])
 
     def _expire(self) -> list[Request]:
