@@ -36,6 +36,15 @@ def budget_server(long_model):
         yield srv
 
 
+def test_the_default_cache_holds_max_batch_size_full_sequences(long_model):
+    """By default the cache holds --max_batch_size full-context sequences, each in whole
+    blocks: 100 tokens take 7 blocks of 16, so 4 take 28 blocks (it held 25, the tokens'
+    total rounded, and the fourth full sequence waited)."""
+    with running_server("--model_dir", str(long_model), "--enable_grpc", "false",
+                        "--max_model_len", "100", "--max_batch_size", "4") as srv:
+        assert metric(srv, "gpt2serve_kv_cache_capacity_tokens") == 4 * 7 * 16
+
+
 def test_capacity_is_counted_in_tokens_not_full_context_slots(budget_server):
     assert metric(budget_server, "gpt2serve_kv_cache_capacity_tokens") == 8192
     url = f"{budget_server.url}/v1/models/{MODEL}:predict"

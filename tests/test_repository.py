@@ -246,6 +246,7 @@ def test_an_empty_repository_is_ready(tmp_path):
         srv.wait_ready(path="/v2/health/ready")
         assert httpx.post(f"{srv.url}/v2/repository/index").json() == []
         make_hf_model(tmp_path / "late")
+        assert index(srv) == {"late": "UNAVAILABLE"}  # listed before any request names it
         assert v1(srv, "late", "ROMEO:").status_code == 200
     finally:
         srv.stop()
@@ -259,7 +260,8 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         repo, model_bytes, tmp_path):
     """Budget for one model: requests for two at once are all served (each model in turn,
     the other drained, never unloaded before its waiting requests queue); a folder whose
-    config.json is not GPT-2's fails its requests and its load with 503, and nothing else."""
+    config.json is not GPT-2's fails its requests and its load with 503, and nothing else,
+    and reads not ready until a load through the API succeeds."""
     for name in ("alpha", "beta"):
         shutil.copytree(repo / name, tmp_path / name)
     (tmp_path / "broken").mkdir()
@@ -284,7 +286,17 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         assert index(srv)["broken"] == "UNAVAILABLE"
         r = httpx.post(f"{srv.url}/v2/repository/models/broken/load", timeout=60)
         assert r.status_code == 503 and "model_type" in r.json()["error"]
+        # not ready on the readiness routes either, as the index says (they said ready)
+        for path in ("/v1/models/broken", "/v2/models/broken/ready"):
+            assert httpx.get(f"{srv.url}{path}").status_code == 503, path
         assert v1(srv, "beta", "ROMEO:").status_code == 200
+        # mended, a load through the API brings it back
+        shutil.rmtree(tmp_path / "broken")
+        shutil.copytree(repo / "gamma", tmp_path / "broken")
+        r = httpx.post(f"{srv.url}/v2/repository/models/broken/load", timeout=60)
+        assert r.status_code == 200, r.text
+        for path in ("/v1/models/broken", "/v2/models/broken/ready"):
+            assert httpx.get(f"{srv.url}{path}").status_code == 200, path
     finally:
         srv.stop()
 
@@ -380,7 +392,8 @@ def test_a_second_unload_of_a_deleted_folder_returns(repo, tmp_path):
 
 def test_a_load_that_cannot_succeed_unloads_no_other_model(repo, model_bytes, tmp_path):
     """Budget for one model and a half. `wide` takes 512 positions, more than its KV cache
-    share holds in one sequence; `alpha` was loaded before and its folder is gone since.
+    share holds in one sequence; `alpha` was loaded before and its folder is gone since;
+    `cut`'s weights file ends early.
     Each load unloaded beta, which serves, to make room, then failed building its engine
     (a budget error, a missing folder); now each fails first, and beta serves on. A
     repository folder that is gone answers an unknown model with ModelNotFound, not an
@@ -390,6 +403,9 @@ def test_a_load_that_cannot_succeed_unloads_no_other_model(repo, model_bytes, tm
     for name in ("alpha", "beta"):
         shutil.copytree(repo / name, tmp_path / name)
     make_hf_model(tmp_path / "wide", n_positions=512)
+    shutil.copytree(repo / "gamma", tmp_path / "cut")  # its weights cut short (a bad copy)
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
 
     async def scenario():
         repository = in_process(tmp_path, budget=int(model_bytes * 1.5))
@@ -404,6 +420,9 @@ def test_a_load_that_cannot_succeed_unloads_no_other_model(repo, model_bytes, tm
             assert beta.state == "READY"
             with pytest.raises(LoadFailed, match="cannot hold one 512-token sequence"):
                 await repository.load("wide")
+            assert beta.state == "READY"
+            with pytest.raises(LoadFailed, match="not a valid safetensors file"):
+                await repository.load("cut")
             assert beta.state == "READY" and (await repository.engine("beta")) is beta.engine
             shutil.rmtree(tmp_path)
             with pytest.raises(ModelNotFound):
@@ -412,3 +431,71 @@ def test_a_load_that_cannot_succeed_unloads_no_other_model(repo, model_bytes, tm
             repository.stop(10)
 
     asyncio.run(scenario())
+
+
+def test_a_load_while_shutting_down_keeps_the_model_off(repo):
+    """A load that comes in once the server drains is refused before it touches the model:
+    it turned an unloaded model's readiness back on (and counted a failed load)."""
+    from gpt2serve.server.repository import ModelUnavailable
+
+    async def scenario():
+        repository = in_process(repo)
+        try:
+            await repository.unload("beta")
+            repository.drain()
+            with pytest.raises(ModelUnavailable, match="shutting down"):
+                await repository.load("beta")
+            beta = repository.entries["beta"]
+            assert beta.held and not beta.predictor.ready
+            assert repository.get_model("beta") is None
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
+
+def test_a_load_during_an_unload_of_a_deleted_folder_keeps_its_entry(repo, tmp_path):
+    """KServe's agent deletes a folder, then unloads it; a load that comes in while that
+    unload drains makes the model servable again in KServe's registry, so the unload must
+    not delete its entry afterwards (every request was then a KeyError, a 500): the load
+    fails, the folder being gone, and requests get LoadFailed (503)."""
+    from gpt2serve.engine import Prompt
+    from gpt2serve.sampling import SamplingParams
+    from gpt2serve.server.repository import LoadFailed
+
+    shutil.copytree(repo / "alpha", tmp_path / "alpha")
+
+    async def scenario():
+        repository = in_process(tmp_path)
+        alpha = repository.entries["alpha"]
+        try:
+            engine = await repository.engine("alpha")
+            params = SamplingParams.from_dict({"max_new_tokens": 120, "ignore_eos": True})
+            accepted = engine.submit([Prompt([1, 2, 3], params)])  # the drain waits for it
+            shutil.rmtree(tmp_path / "alpha")
+            unload = asyncio.create_task(repository.unload("alpha"))
+            while alpha.state != "UNLOADING":
+                await asyncio.sleep(0)
+            assert engine.load != (0, 0)  # still draining: the load comes in now
+            load = asyncio.create_task(repository.load("alpha"))
+            with pytest.raises(LoadFailed):  # (its folder is gone)
+                await load
+            await unload
+            assert "alpha" in repository.entries and repository.get_model("alpha") is not None
+            with pytest.raises(LoadFailed):
+                await repository.engine("alpha")
+            assert [c.finish_reason for (c,) in await asyncio.wait_for(
+                _whole(engine, accepted), 10)] == ["length"]
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
+
+async def _whole(engine, requests) -> list:
+    from gpt2serve.engine import Completion
+
+    out = [[Completion(i)] for i in range(len(requests))]
+    async for p, ev in engine.stream(requests):
+        out[p][ev.index].add(ev)
+    return out

@@ -18,7 +18,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -341,12 +341,22 @@ def resolve_threads(threads: int | None) -> int:
     return threads or hardware.default_threads()
 
 
-def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", quantize: str | None = None,
-         kernels: str | None = None, threads: int | None = None) -> tuple[GPT, Tokenizer]:
-    """Load a model folder (the embedded demo model when None), optionally quantized. On CPU
-    its matmuls get the kernels `kernels` (kernel_choice.MODES; default
-    $GPT2SERVE_KERNELS, else auto) chooses for a step on `threads` intra-op threads."""
+@dataclass
+class Checked:
+    """A model folder whose config, tokenizer and weight files have been read and found to
+    fit each other (`check`), its tensors not yet read."""
+
+    folder: Path
+    config: GPTConfig
+    tokenizer: Tokenizer
+    weights: Weights
+
+
+def check(folder: str | Path | None) -> Checked:
+    """Everything about a folder that can fail short of reading its tensors: config.json,
+    the tokenizer files, the weight files' headers and every tensor's name and shape
+    (CheckpointError naming what is wrong). A server checks a model this far before it
+    unloads others to make room for it."""
     folder = Path(folder) if folder else DEMO_MODEL_DIR
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
@@ -363,6 +373,20 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
     if tokenizer.largest_id >= config.vocab_size:  # ids need not be dense: an index error
         raise CheckpointError(f"{folder}: tokenizer has token id {tokenizer.largest_id}, "
                               f"past config.json vocab_size {config.vocab_size}")
+    weights = Weights(folder)
+    checked_network(config, weights)
+    return Checked(folder, config, tokenizer, weights)
+
+
+def load(folder: str | Path | Checked | None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu", quantize: str | None = None,
+         kernels: str | None = None, threads: int | None = None) -> tuple[GPT, Tokenizer]:
+    """Load a model folder (the embedded demo model when None; or one `check` read),
+    optionally quantized. On CPU its matmuls get the kernels `kernels` (kernel_choice.MODES;
+    default $GPT2SERVE_KERNELS, else auto) chooses for a step on `threads` intra-op threads."""
+    # checked before the kernels are timed at config.json's shapes
+    checked = folder if isinstance(folder, Checked) else check(folder)
+    config, tokenizer, weights = checked.config, checked.tokenizer, checked.weights
     device = torch.device(device)
     # the matmul layers' final form: as read, quantized, or laid out for fp32
     linear = head = None
@@ -376,8 +400,6 @@ def load(folder: str | Path | None, dtype: torch.dtype = torch.float32,
                               f"{quantize!r}")
     elif device.type == "cpu" and dtype == torch.float32 and packing.available():
         linear, head = packing.PackedLinear, packing.PackedHead
-    weights = Weights(folder)
-    checked_network(config, weights)  # before the kernels are timed at config.json's shapes
     if linear is not None:
         table = kernel_choice.for_model(config, quantize or "fp32",
                                         kernels or os.environ.get("GPT2SERVE_KERNELS", "auto"),

@@ -323,13 +323,18 @@ def blocks_in(budget: int, config: GPTConfig, dtype: torch.dtype, block_size: in
     return num_blocks
 
 
+def full_sequences_bytes(config: GPTConfig, dtype: torch.dtype, block_size: int,
+                         sequences: int, context: int) -> int:
+    """The bytes `sequences` full-context sequences take, each in whole blocks of its own."""
+    return sequences * -(-context // block_size) * KVCache.block_bytes(config, block_size, dtype)
+
+
 def allocate(config: GPTConfig, dtype: torch.dtype, device: torch.device, block_size: int,
-             budget: int | None, wanted_tokens: int, context: int) -> KVCache:
-    """The cache for `budget` bytes, never more than `wanted_tokens` (the most that
-    --max_batch_size sequences can hold); by default as much of that as the machine allows.
+             budget: int | None, max_sequences: int, context: int) -> KVCache:
+    """The cache for `budget` bytes, never more than `max_sequences` (--max_batch_size)
+    full-context sequences hold; by default as much of that as the machine allows.
     KVBudgetError when it cannot hold one full-context sequence."""
-    per_block = KVCache.block_bytes(config, block_size, dtype)
-    usable = -(-wanted_tokens // block_size) * per_block
+    usable = full_sequences_bytes(config, dtype, block_size, max_sequences, context)
     source = "--kv_cache_memory"
     if budget is not None and budget > usable:
         budget, source = usable, "--kv_cache_memory, capped at --max_batch_size full sequences"

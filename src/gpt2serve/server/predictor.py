@@ -41,6 +41,12 @@ class GPT2Predictor(kserve.Model):
         self.max_instances = max_instances
         self.ready = True
 
+    async def healthy(self) -> bool:
+        """Model readiness (V1 and V2 `ready`, gRPC ModelReady): servable, and not a model
+        whose last load failed, which the repository's index shows UNAVAILABLE too. `ready`
+        stays on for it, so that a request still reaches the repository and retries."""
+        return self.ready and not self.repository.load_failed(self.name)
+
     def load(self) -> bool:
         # KServe's data plane "loads" a model that is not ready before inference, which would
         # turn readiness back on during a drain; the repository loads models (on demand).

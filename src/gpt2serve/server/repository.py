@@ -44,9 +44,8 @@ from kserve.model_repository import ModelRepository
 
 from .. import checkpoint, hardware, metrics
 from ..engine import Engine, EngineConfig
-from ..engine.kv_cache import KVBudgetError, blocks_in, machine_budget
+from ..engine.kv_cache import KVBudgetError, blocks_in, full_sequences_bytes, machine_budget
 from ..engine.step_loop import StepLoop
-from ..model import KVCache
 
 log = logging.getLogger("gpt2serve.server")
 
@@ -203,8 +202,19 @@ class Repository(ModelRepository):
         self.update(entry.predictor)
 
     def index(self) -> list[dict]:
+        """Every model the repository holds, loaded or not, folders added since start
+        included (as Triton's index)."""
+        if self.is_repository:
+            self.scan()
         return [{"name": e.name, "state": e.state, "reason": e.reason}
                 for e in sorted(self.entries.values(), key=lambda e: e.name)]
+
+    def load_failed(self, name: str) -> bool:
+        """Whether `name`'s last load failed (and none is under way): it is not ready, though
+        a request after RETRY_AFTER_FAILURE, or a load through the API, tries again."""
+        entry = self.entries.get(name)
+        return (entry is not None and entry.state == UNAVAILABLE and entry.loading is None
+                and entry.reason.startswith("load failed"))
 
     def context_of(self, name: str) -> int | None:
         """The longest sequence a model takes (its own, or --max_model_len), without loading
@@ -251,7 +261,7 @@ class Repository(ModelRepository):
         ModelNotFound, ModelUnloaded or ModelUnavailable otherwise."""
         entry = self.entries.get(name)
         if entry is None and self.get_model(name) is not None:
-            entry = self.entries[name]
+            entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFound(name)
         deadline = time.monotonic() + self.load_timeout
@@ -295,13 +305,15 @@ class Repository(ModelRepository):
 
     async def load(self, name: str) -> None:
         """Load `name` (a folder that appeared since start included) and wait until it is
-        READY; ModelNotFound, LoadFailed, Overruled."""
+        READY; ModelNotFound, LoadFailed, Overruled, ModelUnavailable while shutting down."""
         self._check_enabled()
         if name not in self.entries and self.is_repository:
             self.scan()
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFound(name)
+        if self.shutting_down:  # before readiness is touched: a drain keeps every model off
+            raise ModelUnavailable("the server is shutting down")
         if entry.held:
             entry.held = False
             entry.reason = NOT_LOADED if entry.state == UNAVAILABLE else entry.reason
@@ -349,8 +361,10 @@ class Repository(ModelRepository):
             if entry.engine is not None and entry.state == READY:
                 await self._unload(entry, "request")
         entry.reason = f"unloaded: POST /v2/repository/models/{entry.name}/load brings it back"
-        # KServe's agent deletes a TrainedModel's folder, then unloads it (maybe twice)
-        if (entry.folder is not None and not entry.folder.exists()
+        # KServe's agent deletes a TrainedModel's folder, then unloads it (maybe twice). Not
+        # if a load came in while this drained: that load has put the model back in KServe's
+        # registry, and answers (it fails: no folder) for the entry.
+        if (entry.held and entry.folder is not None and not entry.folder.exists()
                 and self.entries.get(entry.name) is entry):
             del self.entries[entry.name]
         self._notify()
@@ -413,12 +427,15 @@ class Repository(ModelRepository):
                     raise ModelUnavailable("the server is shutting down")
                 if not self.alive:
                     raise ModelUnavailable("the engine's step thread has died")
-                need = self._estimate(entry)  # config.json read before anything is unloaded
+                need = self._estimate(entry)
+                # Config, tokenizer and the weight files' headers are read before anything
+                # is unloaded: a broken folder must not cost a serving model its place.
+                checked = await asyncio.to_thread(checkpoint.check, entry.folder)
                 await self._make_room(need, entry)
                 entry.state, entry.reason, entry.nbytes = LOADING, "", need
                 self._notify()
                 t0 = time.monotonic()
-                engine = await asyncio.to_thread(self._build, entry)
+                engine = await asyncio.to_thread(self._build, entry, checked)
                 self._finish_load(entry, engine, t0)
         except Exception as e:  # a broken folder, no room, too little memory: say which
             entry.state, entry.nbytes = UNAVAILABLE, 0
@@ -428,13 +445,15 @@ class Repository(ModelRepository):
             self._report()
             self._notify()
 
-    def _build(self, entry: Entry) -> Engine:
-        """Read a model and build its engine (on a worker thread, or at start). One intra-op
-        thread: the step thread keeps the cores for the models serving meanwhile."""
+    def _build(self, entry: Entry, checked: checkpoint.Checked | None = None) -> Engine:
+        """Read a model (its folder, or what `checkpoint.check` read of it) and build its
+        engine (on a worker thread, or at start). One intra-op thread: the step thread keeps
+        the cores for the models serving meanwhile."""
         torch.set_num_threads(1)
         t0 = time.monotonic()
         s = self.settings
-        model, tokenizer = checkpoint.load(entry.folder, dtype=s.dtype, device=s.device,
+        model, tokenizer = checkpoint.load(checked or entry.folder, dtype=s.dtype,
+                                           device=s.device,
                                            quantize=s.quantize, kernels=s.kernels,
                                            threads=s.threads)
         engine = Engine(model, tokenizer, self.config, name=entry.name, loop=self.loop)
@@ -532,8 +551,8 @@ class Repository(ModelRepository):
             weights += cfg.vocab_size * d  # the LM head's int8 screen
         context = self.config.context(cfg.n_positions)
         cache_dtype = self.config.cache_dtype(self.settings.dtype, quantized is not None)
-        block = KVCache.block_bytes(cfg, self.config.block_size, cache_dtype)
-        wanted = -(-self.config.max_batch_size * context // self.config.block_size) * block
+        wanted = full_sequences_bytes(cfg, cache_dtype, self.config.block_size,
+                                      self.config.max_batch_size, context)
         kv = min(self.config.kv_cache_memory or wanted, wanted)
         blocks_in(kv, cfg, cache_dtype, self.config.block_size, context)
         return entry.measured if entry.measured is not None else weights + kv
