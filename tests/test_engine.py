@@ -45,3 +45,40 @@ def test_a_call_that_is_not_streamed_gets_each_sequence_whole(engine):
                     if ev.index == i] for events in (whole, streamed) for i in (0, 1)]
     assert by_sequence[:2] == by_sequence[2:]  # the same events, in the same order
     assert [len(events) for events in by_sequence] == [40] * 4
+
+
+def test_a_stream_whose_response_ends_before_its_first_event_cancels_its_requests(engine):
+    """server.middleware.EventStream over a call's events, its response cancelled at its
+    first await (CancelOnDisconnect does that when the client leaves at once): the events'
+    generator never started, so its own cleanup never ran and the call generated to its
+    token limit for nobody. The response cancels the requests itself: they leave the queue,
+    or end 'abort' if they had started."""
+    from gpt2serve.server.middleware import EventStream
+
+    params = SamplingParams.from_dict({"max_new_tokens": 100, "ignore_eos": True})
+
+    async def run():
+        requests = engine.submit([Prompt([5, 6, 7], params)])
+
+        async def events():
+            async for _, ev in engine.stream(requests):
+                yield ev.text
+
+        async def send(message):  # a socket that takes its time
+            await asyncio.sleep(0.05)
+
+        response = EventStream(events(), engine, requests)
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        task = asyncio.create_task(response(scope, asyncio.Event().wait, send))
+        await asyncio.sleep(0)  # it starts, and is cancelled before any event
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if engine.load == (0, 0):
+                break
+            await asyncio.sleep(0.01)
+        return requests[0].cancelled, {s.finish_reason for s in requests[0].seqs}
+
+    cancelled, reasons = asyncio.run(run())
+    assert cancelled and reasons <= {"abort"}

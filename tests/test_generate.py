@@ -90,6 +90,19 @@ def one_slot(long_model):
         yield srv
 
 
+def test_a_call_of_more_prompts_than_queue_and_batch_hold_is_refused_not_retried(one_slot):
+    """Three prompts where one runs and one waits: no retry could ever queue them all, so a
+    400 that says why, not QueueFull's 503 with Retry-After, on an idle server."""
+    for _ in range(2):
+        r = post(f"{one_slot.url}/v1/models/{MODEL}:predict",
+                 {"instances": [{"prompt": p, "max_new_tokens": 2} for p in "abc"]})
+        assert r.status_code == 400, r.text
+        assert "3 prompts" in r.json()["error"] and "--max_queue" in r.json()["error"]
+    r = post(f"{one_slot.url}/v1/models/{MODEL}:predict",
+             {"instances": [{"prompt": p, "max_new_tokens": 2} for p in "ab"]})
+    assert r.status_code == 200, r.text
+
+
 def test_overload_and_a_failure_inside_a_stream(one_slot):
     """A stream's 200 is sent when it starts, while it waits for a slot: a queue timeout then
     arrives as the protocol's error object, and the stream ends cleanly. Beyond the queue,

@@ -178,6 +178,10 @@ class Engine:
         self.start()
         if not self.alive:
             raise EngineStopped("the engine's step thread has died")
+        fit = self.scheduler.max_queue + self.config.max_batch_size
+        if len(prompts) > fit:  # (QueueFull's retry would never succeed)
+            raise SamplingError(f"a call of {len(prompts)} prompts cannot be queued: at most "
+                                f"{fit} fit (--max_queue + --max_batch_size)")
         max_new = [self.check(p) for p in prompts]
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()

@@ -21,12 +21,12 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
-from fastapi.responses import StreamingResponse
 from kserve.errors import InvalidInput
 
 from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError
 from .errors import failure
+from .middleware import EventStream
 from .predictor import json_object, to_params
 from .repository import Repository
 
@@ -51,10 +51,11 @@ def generate_router(repository: Repository) -> APIRouter:
         return {"model_name": model_name, "text_output": call.prefix + out.text}
 
     @router.post("/generate_stream", response_model=None, openapi_extra=SCHEMA)
-    async def generate_stream(model_name: str, request: HTTPRequest) -> StreamingResponse:
+    async def generate_stream(model_name: str, request: HTTPRequest) -> EventStream:
         raw = await request.body()
         call = GenerateCall(await repository.engine(model_name), model_name, raw, stream=True)
-        return StreamingResponse(call.sse(call.submit()), media_type="text/event-stream")
+        requests = call.submit()
+        return EventStream(call.sse(requests), call.engine, requests)
 
     return router
 

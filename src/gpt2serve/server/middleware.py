@@ -1,11 +1,14 @@
 """ASGI middlewares around KServe's app: bearer-token auth, a request body limit, refusing
 JSON no route can take (non-finite numbers, lone surrogates, deep nesting, duplicate keys),
-cancelling a handler whose client went away, and HEAD answered as GET."""
+cancelling a handler whose client went away (and a stream's engine requests: EventStream),
+and HEAD answered as GET."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+
+from starlette.responses import StreamingResponse
 
 from . import jsonbody
 
@@ -175,6 +178,24 @@ def _v2_infer(path: str) -> bool:
 
 def _openai_shaped(path: str) -> bool:
     return path.startswith("/openai/") or path in ("/tokenize", "/detokenize")
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of a call's engine requests, which are cancelled however the
+    response ends. The events' generator cancels them when it is closed early, but a client
+    that leaves before the response's first step (CancelOnDisconnect cancels it) leaves the
+    generator unstarted, so its `finally` never runs and the requests would generate to
+    their token limit for nobody. Cancelling a finished request does nothing."""
+
+    def __init__(self, content, engine, requests: list):
+        super().__init__(content, media_type="text/event-stream")
+        self.engine, self.requests = engine, requests
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine.cancel(self.requests)
 
 
 class CancelOnDisconnect:

@@ -24,13 +24,14 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from ..engine import Engine, Prompt, Request, TokenEvent
 from .repository import Repository
 from ..sampling import SamplingError, SamplingParams
 from . import jsonbody
 from .errors import failure
+from .middleware import EventStream
 
 # OpenAI field -> SamplingParams field; everything else is either handled here or refused.
 # `top_k`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids` and
@@ -116,7 +117,8 @@ def openai_router(repository: Repository, max_prompts: int = 64) -> APIRouter:
             name = model_of(body, repository)
             call = CompletionCall(await repository.engine(name), name, body, max_prompts)
             if call.stream:
-                return StreamingResponse(call.sse(call.submit()), media_type="text/event-stream")
+                requests = call.submit()
+                return EventStream(call.sse(requests), call.engine, requests)
             return await call.run()
         except Exception as e:  # noqa: BLE001 - every failure in OpenAI's error shape
             return OpenAIError.of(e).response()
