@@ -499,3 +499,28 @@ async def _whole(engine, requests) -> list:
     async for p, ev in engine.stream(requests):
         out[p][ev.index].add(ev)
     return out
+
+
+def test_a_folder_that_holds_a_larger_model_since_its_last_load_is_sized_anew(
+        repo, model_bytes, tmp_path):
+    """The size a model's last load measured stands for its next load only while config.json
+    reckons it as before: a folder replaced by a model of 20 times the vocabulary loaded on
+    the old measurement, past the whole budget."""
+    from gpt2serve.server.repository import LoadFailed
+
+    shutil.copytree(repo / "alpha", tmp_path / "alpha")
+
+    async def scenario():
+        repository = in_process(tmp_path, budget=int(model_bytes * 1.5))
+        try:
+            await repository.load("alpha")
+            await repository.unload("alpha")
+            shutil.rmtree(tmp_path / "alpha")
+            make_hf_model(tmp_path / "alpha", vocab_size=8000)
+            with pytest.raises(LoadFailed, match="whole memory budget"):
+                await repository.load("alpha")
+            assert repository.used == 0
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())

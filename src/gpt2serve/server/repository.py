@@ -123,7 +123,9 @@ class Entry:
     reason: str = NOT_LOADED
     engine: Engine | None = None
     nbytes: int = 0  # held while READY or UNLOADING, reserved while LOADING
-    measured: int | None = None  # what its last load held
+    # (what config.json reckoned, what the load held) at its last load: the folder may
+    # hold another model since
+    measured: tuple[int, int] | None = None
     last_used: float = 0.0
     held: bool = False  # unloaded through the API
     waiters: int = 0  # requests waiting in `engine()` for it: not idle, though not yet queued
@@ -469,7 +471,8 @@ class Repository(ModelRepository):
 
     def _finish_load(self, entry: Entry, engine: Engine, started: float) -> None:
         entry.engine, entry.state, entry.reason = engine, READY, ""
-        entry.nbytes = entry.measured = engine.memory_bytes
+        entry.nbytes = engine.memory_bytes
+        entry.measured = (self._reckon(entry), engine.memory_bytes)
         entry.last_used = time.monotonic()
         metrics.MODEL_MEMORY.labels(entry.name).set(entry.nbytes)
         metrics.MODEL_LOADS.labels(entry.name, "loaded").inc()
@@ -534,9 +537,17 @@ class Repository(ModelRepository):
         self._notify()
 
     def _estimate(self, entry: Entry) -> int:
-        """Bytes a load will hold: what it held last time, else reckoned from config.json.
-        Its config.json is read, and its KV cache checked to hold one full-context sequence,
-        in any case: a load that cannot succeed must fail before it unloads other models."""
+        """Bytes a load will hold: what it held last time if config.json reckons it as it
+        did then, else the reckoning."""
+        reckoned = self._reckon(entry)
+        if entry.measured is not None and entry.measured[0] == reckoned:
+            return entry.measured[1]
+        return reckoned
+
+    def _reckon(self, entry: Entry) -> int:
+        """Bytes a load will hold, from config.json. Its KV cache is checked to hold one
+        full-context sequence: a load that cannot succeed must fail before it unloads other
+        models."""
         cfg = checkpoint.read_config(entry.folder or checkpoint.DEMO_MODEL_DIR)
         d, layers = cfg.n_embd, cfg.n_layer
         matmul = layers * 12 * d * d
@@ -555,7 +566,7 @@ class Repository(ModelRepository):
                                       self.config.max_batch_size, context)
         kv = min(self.config.kv_cache_memory or wanted, wanted)
         blocks_in(kv, cfg, cache_dtype, self.config.block_size, context)
-        return entry.measured if entry.measured is not None else weights + kv
+        return weights + kv
 
     def _report(self) -> None:
         metrics.MODELS_LOADED.set(sum(e.state == READY for e in self.entries.values()))
