@@ -200,3 +200,28 @@ def test_a_shared_combination_an_instance_corrects_is_taken_and_one_none_does_is
     del body["inputs"][0]["parameters"]
     assert error(post(logged.url + INFER, body)).startswith(
         "parameters: 'min_tokens' 10 exceeds 'max_new_tokens' 2")
+
+
+def test_openai_routes_answer_no_such_route_and_wrong_method_in_openai_shape(logged):
+    """Starlette's 404 and 405 were FastAPI's {"detail": ...} under /openai/, where every
+    other error is OpenAI's {"error": {...}}; elsewhere they stay FastAPI's."""
+    for method, path, status in (("POST", "/openai/v1/nothing", 404),
+                                 ("GET", COMPLETIONS, 405)):
+        r = httpx.request(method, f"{logged.url}{path}")
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["code"] == status and r.json()["error"]["message"]
+    r = httpx.post(f"{logged.url}/v9/nothing")
+    assert r.status_code == 404 and "detail" in r.json()
+
+
+def test_a_negative_seed_is_taken_as_vllm_does(logged):
+    """OpenAI and vLLM take any int64 seed; it was refused below 0."""
+    body = {"prompt": "ROMEO:", "max_tokens": 8, "seed": -5, "temperature": 1.0}
+    texts = set()
+    for _ in range(2):
+        r = post(f"{logged.url}{COMPLETIONS}", body)
+        assert r.status_code == 200, r.text
+        texts.add(r.json()["choices"][0]["text"])
+    assert len(texts) == 1
+    r = post(f"{logged.url}{COMPLETIONS}", {**body, "seed": -2**64})
+    assert "'seed'" in error(r)

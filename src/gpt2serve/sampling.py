@@ -110,7 +110,7 @@ class SamplingParams:
         if self.repetition_penalty == 0.0:
             raise SamplingError("'repetition_penalty' must be > 0")
         self.n = _int(self, "n", 1, min(max_n, MAX_N))
-        self.seed = _int(self, "seed", 0, 2**63 - 1, optional=True)
+        self.seed = _int(self, "seed", -2**63, 2**63 - 1, optional=True)  # int64, as vLLM
         self.ignore_eos = _bool(self, "ignore_eos")
         self.logprobs = _int(self, "logprobs", 0, MAX_LOGPROBS, optional=True)
         stop = [self.stop] if isinstance(self.stop, str) else self.stop

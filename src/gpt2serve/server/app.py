@@ -25,10 +25,26 @@ async def _not_found(_request, exc: Exception) -> ORJSONResponse:
     return ORJSONResponse({"error": str(exc)}, status_code=404)
 
 
+async def _http_error(request, exc) -> ORJSONResponse:
+    """Starlette's own refusals (no such route, a method the route does not take): in
+    OpenAI's error shape on the OpenAI routes, as every other error there; FastAPI's
+    `{"detail": ...}` elsewhere."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    from .errors import openai_shaped
+    from .middleware import error_body
+
+    if openai_shaped(request.url.path):
+        return ORJSONResponse(error_body(request.url.path, exc.status_code, str(exc.detail)),
+                              status_code=exc.status_code, headers=exc.headers)
+    return await http_exception_handler(request, exc)
+
+
 def serve(args: argparse.Namespace) -> None:
     # kserve parses sys.argv when imported; import it only when serving.
     import kserve
     from kserve.model_server import app
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from . import grpc_v2, playground, shutdown
     from .control import repository_router
@@ -58,6 +74,7 @@ def serve(args: argparse.Namespace) -> None:
     for exc in (QueueFull, RequestTimeout, EngineStopped, ModelUnavailable):
         app.add_exception_handler(exc, _unavailable)
     app.add_exception_handler(ModelUnloaded, _not_found)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     logging.getLogger(kserve.logging.KSERVE_LOGGER_NAME).addFilter(QuietRefusals())
 
     # Our routes are added before ModelServer adds KServe's, so ours win where paths meet.

@@ -47,12 +47,12 @@ INTERNAL = "internal error"
 _SAID_TO_CLIENTS = frozenset({503})
 
 
-def _openai_shaped(path: str) -> bool:
+def openai_shaped(path: str) -> bool:
     return path.startswith("/openai/") or path in ("/tokenize", "/detokenize")
 
 
 def internal_error_body(path: str, status: int = 500) -> bytes:
-    if _openai_shaped(path):
+    if openai_shaped(path):
         error: object = {"message": INTERNAL, "type": "server_error", "param": None,
                          "code": status}
     else:

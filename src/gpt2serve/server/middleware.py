@@ -13,6 +13,7 @@ from starlette.responses import StreamingResponse
 from . import jsonbody
 
 from .auth import MISSING_KEY, PUBLIC_PATHS, authorized, from_local_agent
+from .errors import openai_shaped
 
 
 async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
@@ -23,10 +24,10 @@ async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None
     await send({"type": "http.response.body", "body": payload})
 
 
-def _error(path: str, status: int, message: str, param: str | None = None) -> dict:
+def error_body(path: str, status: int, message: str, param: str | None = None) -> dict:
     """An error body: OpenAI's shape (HTTP status as `code`, as vLLM) on the OpenAI and
     tokenizer routes, KServe's `{"error": message}` elsewhere."""
-    if _openai_shaped(path):
+    if openai_shaped(path):
         return {"error": {"message": message, "type": "invalid_request_error", "param": param,
                           "code": status}}
     return {"error": message}
@@ -44,7 +45,7 @@ class BearerAuth:
             headers = dict(scope["headers"])
             if not (authorized(headers.get(b"authorization"), self.api_key)
                     or from_local_agent(scope["path"], scope.get("client"), headers)):
-                return await _send_json(send, 401, _error(scope["path"], 401, MISSING_KEY),
+                return await _send_json(send, 401, error_body(scope["path"], 401, MISSING_KEY),
                                         ((b"www-authenticate", b"Bearer"),))
         return await self.app(scope, receive, send)
 
@@ -98,7 +99,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
-        too_big = _error(scope["path"], 413,
+        too_big = error_body(scope["path"], 413,
                          f"request body exceeds {self.max_bytes} bytes (--max_body_bytes)")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
@@ -167,17 +168,13 @@ class FiniteJSON:
             jsonbody.parse(json_part)
         except jsonbody.BadJSON as e:
             if not e.syntax:
-                return await _send_json(send, 400, _error(scope["path"], 400, str(e), e.param))
+                return await _send_json(send, 400, error_body(scope["path"], 400, str(e), e.param))
         return await self.app(scope, _replay(body, receive), send)
 
 
 def _v2_infer(path: str) -> bool:
     """/v2/models/NAME[/versions/V]/infer"""
     return path.startswith("/v2/models/") and path.endswith("/infer")
-
-
-def _openai_shaped(path: str) -> bool:
-    return path.startswith("/openai/") or path in ("/tokenize", "/detokenize")
 
 
 class EventStream(StreamingResponse):

@@ -45,7 +45,7 @@ def settings(repository) -> dict:
         # is vLLM's "off", as 0 is.
         "limits": {"max_tokens": [1, context - 1], "temperature": [0, 100],
                    "top_k": [-1, None], "top_p": [0, 1], "repetition_penalty": [0, 100],
-                   "n": [1, repository.max_n], "seed": [0, 2**63 - 1]},
+                   "n": [1, repository.max_n], "seed": [-2**63, 2**63 - 1]},
     }
 
 
