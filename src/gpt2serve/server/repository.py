@@ -215,8 +215,7 @@ class Repository(ModelRepository):
         """Whether `name`'s last load failed (and none is under way): it is not ready, though
         a request after RETRY_AFTER_FAILURE, or a load through the API, tries again."""
         entry = self.entries.get(name)
-        return (entry is not None and entry.state == UNAVAILABLE and entry.loading is None
-                and entry.reason.startswith("load failed"))
+        return entry is not None and _last_load_failed(entry)
 
     def context_of(self, name: str) -> int | None:
         """The longest sequence a model takes (its own, or --max_model_len), without loading
@@ -299,8 +298,7 @@ class Repository(ModelRepository):
                 raise ModelUnavailable(
                     f"model '{name}' is {entry.state.lower()} and did not become ready within "
                     f"{self.load_timeout:g}s (--load_timeout); try again") from None
-            if entry.state == UNAVAILABLE and entry.loading is None and entry.reason.startswith(
-                    "load failed"):
+            if _last_load_failed(entry):
                 raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
 
     # ---- the repository extension ---------------------------------------------------------
@@ -613,6 +611,11 @@ class Repository(ModelRepository):
         for engine in engines:
             if engine.loop is not None:
                 engine.loop.detach(engine, max(0.0, deadline - time.monotonic()))
+
+
+def _last_load_failed(entry: Entry) -> bool:
+    return (entry.state == UNAVAILABLE and entry.loading is None
+            and entry.reason.startswith("load failed"))
 
 
 def default_budget(device: torch.device) -> int:
