@@ -140,3 +140,49 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(oai, tiny_mod
     assert stream[0].choices[0].text == prompt
     assert stream[0].choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
     assert "".join(c.choices[0].text for c in stream if c.choices) == choice.text
+
+
+def test_echo_with_max_tokens_0_scores_a_prompt_that_fills_the_context(oai, tiny_model):
+    """OpenAI's and vLLM's way to score text (lm-evaluation-harness's loglikelihood): echo
+    with max_tokens 0 generates nothing, so the prompt may take the whole context (128)."""
+    text = "ROMEO: But soft, what light through yonder window breaks? It is the east. " * 8
+    ids = oai.post("/tokenize", body={"prompt": text}, cast_to=object)["tokens"][:128]
+    assert len(ids) == 128
+    with pytest.raises(openai.BadRequestError, match="context"):  # one token would not fit
+        oai.completions.create(model=MODEL, prompt=ids, max_tokens=1)
+    answer = oai.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True,
+                                    logprobs=1)
+    choice, lp = answer.choices[0], answer.choices[0].logprobs
+    assert choice.finish_reason == "length" and choice.text == "".join(lp.tokens)
+    assert answer.usage.prompt_tokens == 128 and answer.usage.completion_tokens == 0
+    assert len(lp.tokens) == 128 and lp.token_logprobs[0] is None
+    ref = GPT2LMHeadModel.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert lp.token_logprobs[1:] == pytest.approx(
+        [float(expected[i - 1, ids[i]]) for i in range(1, 128)], abs=1e-4)
+    stream = list(oai.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True,
+                                         logprobs=1, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in stream if c.choices][-1] == "length"
+    assert stream[-1].usage.completion_tokens == 0
+    # without echo, nothing at all; with min_tokens, a contradiction named
+    assert oai.completions.create(model=MODEL, prompt="a", max_tokens=0).choices[0].text == ""
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        complete(oai, prompt="a", max_tokens=0, echo=True, min_tokens=1)
+
+
+def test_echo_gives_the_prompt_as_sent_with_its_special_tokens(oai):
+    """As vLLM: a string prompt comes back as sent, `<|endoftext|>` in it included (it was
+    read as that token), and each token's text_offset is where it starts in that text."""
+    prompt = "ROMEO: O<|endoftext|>JULIET: Ay"
+    choice = complete(oai, prompt=prompt, max_tokens=2, echo=True, logprobs=0,
+                      ignore_eos=True)
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and "<|endoftext|>" in lp.tokens
+    for token, at in zip(lp.tokens, lp.text_offset):
+        assert choice.text[at:at + len(token)] == token
+    ids = oai.post("/tokenize", body={"prompt": prompt}, cast_to=object)["tokens"]
+    as_ids = complete(oai, prompt=ids, max_tokens=2, echo=True, logprobs=0, ignore_eos=True)
+    assert as_ids.text == choice.text and as_ids.logprobs.text_offset == lp.text_offset

@@ -94,7 +94,8 @@ class SamplingParams:
 
     def validate(self, max_n: int = MAX_N) -> None:
         self.max_length = _int(self, "max_length", 1, optional=True)
-        self.max_new_tokens = _int(self, "max_new_tokens", 1, optional=True)
+        # 0 reads the prompt and generates nothing: OpenAI's echo with max_tokens 0 scores it
+        self.max_new_tokens = _int(self, "max_new_tokens", 0, optional=True)
         if self.max_length is not None and self.max_new_tokens is not None:
             raise SamplingError("give either 'max_length' or 'max_new_tokens', not both")
         self.min_length = _int(self, "min_length", 0)
@@ -147,6 +148,8 @@ class SamplingParams:
 
     def max_new_for(self, prompt_len: int, context: int) -> int:
         """New tokens to generate for a prompt of `prompt_len` tokens in a `context` window."""
+        if self.max_new_tokens == 0 and prompt_len <= context:
+            return 0  # (no token is fed back, so the prompt may fill the context)
         if prompt_len >= context:
             raise SamplingError(f"prompt is {prompt_len} tokens; the model's context is {context}")
         if self.max_new_tokens is not None:

@@ -2,11 +2,11 @@
 
 A seeded generator draws mixes that use every sampling feature (greedy, top-k, top-p,
 temperature, the repetition, presence and frequency penalties, logit_bias, min_tokens, stop
-strings and token ids, logprobs, echo's prompt logprobs, n > 1 with seeds, long prompts read in
-chunks, prompts that start as earlier ones do, read from the prefix cache, and a chat's next
-turns, which go on from an earlier call's answer and read the blocks its decode steps filled)
-and their arrivals: the step each call arrives before, or the layer of a step's pass it arrives
-after. Each mix runs on every runner with the schedule fixed (stepped.py), batched and chunked
+strings and token ids, logprobs, echo's prompt logprobs (with no token generated too), n > 1
+with seeds, long prompts read in chunks, prompts that start as earlier ones do, read from the
+prefix cache, and a chat's next turns, which go on from an earlier call's answer and read the
+blocks its decode steps filled) and their arrivals: the step each call arrives before, or
+the layer of a step's pass it arrives after. Each mix runs on every runner with the schedule fixed (stepped.py), batched and chunked
 as that schedule makes it; the reference runs each call alone on the eager runner, its prompt
 read whole, nothing from the prefix cache, attending by torch's ops (REFERENCE_RUNNER). Tokens,
 text and finish reasons must be the same, and log-probabilities within TOLERANCE (the runners'
@@ -142,6 +142,8 @@ def draw_mix(rng: random.Random, ids: list[int], vocab: int, longest: int = 8
             prompt = before[:rng.randint(1, len(before))] + prompt[:rng.randint(0, 24)]
         params = draw_sampling(rng, vocab, longest)
         echo = rng.choice([1, 2]) if rng.random() < 0.15 else None
+        if echo and rng.random() < 0.3:  # scored, nothing generated (OpenAI's max_tokens 0)
+            params = dataclasses.replace(params, max_new_tokens=0, min_tokens=0)
         layer = rng.randrange(4) if rng.random() < 0.3 else None
         mix.append(Arrival(rng.randint(0, 6), Prompt(prompt, params, prompt_logprobs=echo),
                            layer=layer, streamed=rng.random() < 0.5))

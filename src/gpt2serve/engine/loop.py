@@ -276,7 +276,7 @@ class Engine:
         self.scheduler.update(step, out.prompt_logprobs, [seq for seq, _ in out.failed])
         for seq, _ in out.failed:
             self._outbox.put(seq.request, EngineError())
-        self.metrics.tokens_generated.inc(len(out.rows))
+        self.metrics.tokens_generated.inc(sum(seq.request.max_new > 0 for seq in out.rows))
         now = time.monotonic()
         for seq, sampled in zip(out.rows, out.sampled):
             if seq.last_token_at is not None:

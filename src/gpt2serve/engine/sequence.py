@@ -130,6 +130,9 @@ class Sequence:
 
     def append(self, sampled: Sampled) -> TokenEvent:
         """Take the next token; returns what to emit, with finish_reason set if it ended."""
+        if self.request.max_new == 0:  # the prompt was only to be read: the token drawn
+            self.finish_reason = "length"  # after it is not taken
+            return TokenEvent(self.index, None, "", finish_reason="length")
         token: int | None = sampled.token
         self.sampled += 1
         before = len(self.text)  # a stop string found now ends in the text added after this

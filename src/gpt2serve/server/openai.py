@@ -184,6 +184,7 @@ class CompletionCall:
             if len(prompts) > max_prompts:
                 raise OpenAIError(f"'prompt' has {len(prompts)} prompts; this server takes at "
                                   f"most {max_prompts} per request", param="prompt")
+            self.sent = prompts  # as sent, for echo
             self.prompts = []
             for i, prompt in enumerate(prompts):
                 where = f"prompt[{i}]" if len(prompts) > 1 else ""  # which one, in a list
@@ -244,10 +245,15 @@ class CompletionCall:
         scored = self.requests[p].prompt_logprobs
         return self._logprobs(self.prompts[p], [None] + [lp for lp, _ in scored],
                               [None] + [top for _, top in scored],
-                              TextOffsets(self.engine.tokenizer, 0))
+                              TextOffsets(self.engine.tokenizer, 0, special=True))
 
     def _prompt_text(self, p: int) -> str:
-        return self.engine.tokenizer.decode(self.prompts[p])
+        """The prompt as echoed: a string as sent (vLLM's; `<|endoftext|>` in it stays), token
+        ids decoded with their special tokens (an empty prompt's <|endoftext|> is not sent)."""
+        sent = self.sent[p]
+        if isinstance(sent, str):
+            return sent
+        return self.engine.tokenizer.decode(self.prompts[p], skip_special_tokens=False)
 
     def _logprobs(self, ids, logprobs, tops, offsets: TextOffsets) -> dict:
         """OpenAI's logprobs object for tokens `ids`: each token's text, its logprob, the
@@ -364,16 +370,20 @@ class Choice:
 class TextOffsets:
     """`text_offset` as OpenAI defines it: where each token starts in the choice's text, in
     characters, continuing across a stream's chunks. Token bytes go through a UTF-8 decoder:
-    a token that starts inside a multi-byte character is at the character it completes, and
-    special tokens (end-of-text) add nothing, as the decoded text has none of them."""
+    a token that starts inside a multi-byte character is at the character it completes.
+    Special tokens (end-of-text) add nothing to generated text, which has none of them, and
+    their own text to an echoed prompt (`special`), which keeps them."""
 
-    def __init__(self, tokenizer, start: int):
-        self.tokenizer, self.offset = tokenizer, start
+    def __init__(self, tokenizer, start: int, special: bool = False):
+        self.tokenizer, self.offset, self.special = tokenizer, start, special
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def add(self, token_id: int) -> int:
         at = self.offset
-        self.offset += len(self.decoder.decode(self.tokenizer.token_bytes(token_id)))
+        data = self.tokenizer.token_bytes(token_id)
+        if not data and self.special:
+            data = self.tokenizer.token_text(token_id).encode()
+        self.offset += len(self.decoder.decode(data))
         return at
 
 

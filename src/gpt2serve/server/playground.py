@@ -43,7 +43,7 @@ def settings(repository) -> dict:
                      "repetition_penalty": d["repetition_penalty"], "n": d["n"]},
         # [low, high]; an open end is null. top_p and repetition_penalty exclude 0; top_k -1
         # is vLLM's "off", as 0 is.
-        "limits": {"max_tokens": [1, context - 1], "temperature": [0, 100],
+        "limits": {"max_tokens": [0, context - 1], "temperature": [0, 100],
                    "top_k": [-1, None], "top_p": [0, 1], "repetition_penalty": [0, 100],
                    "n": [1, repository.max_n], "seed": [-2**63, 2**63 - 1]},
     }

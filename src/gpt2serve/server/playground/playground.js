@@ -71,7 +71,7 @@ function pickModel() {
   const model = models.find((m) => m.id === modelName);
   const context = model && model.max_model_len ? model.max_model_len : settings.context;
   $("max_tokens").max = context - 1;
-  $("max_tokens-hint").textContent = `[1, ${context - 1}], default ${settings.defaults.max_tokens}`;
+  $("max_tokens-hint").textContent = `[${settings.limits.max_tokens[0]}, ${context - 1}], default ${settings.defaults.max_tokens}`;
   $("model").textContent = `Model: ${modelName} · context ${context} tokens`;
 }
 
