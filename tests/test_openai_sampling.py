@@ -8,6 +8,7 @@ import math
 import openai
 import pytest
 import torch
+from conftest import metric
 from transformers import GPT2LMHeadModel
 
 MODEL = "aitextgen"
@@ -171,6 +172,20 @@ def test_echo_with_max_tokens_0_scores_a_prompt_that_fills_the_context(oai, tiny
     assert oai.completions.create(model=MODEL, prompt="a", max_tokens=0).choices[0].text == ""
     with pytest.raises(openai.BadRequestError, match="min_tokens"):
         complete(oai, prompt="a", max_tokens=0, echo=True, min_tokens=1)
+
+
+def test_scoring_n_prompts_generates_no_token_and_no_first_token_latency(oai, server):
+    """A max_tokens 0 call reads its prompt and stops: it counts prompt tokens but neither
+    generated tokens nor a time to first token, whatever its n."""
+    names = ("gpt2serve_generated_tokens_total", "gpt2serve_time_to_first_token_seconds_count",
+             "gpt2serve_prompt_tokens_total")
+    before = [metric(server, name) for name in names]
+    answer = oai.completions.create(model=MODEL, prompt="ROMEO: O", max_tokens=0, echo=True,
+                                    logprobs=0, n=2)
+    assert [c.text for c in answer.choices] == ["ROMEO: O"] * 2
+    assert answer.choices[0].logprobs == answer.choices[1].logprobs
+    after = [metric(server, name) for name in names]
+    assert after[:2] == before[:2] and after[2] > before[2]
 
 
 def test_echo_gives_the_prompt_as_sent_with_its_special_tokens(oai):

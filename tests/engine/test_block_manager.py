@@ -14,6 +14,7 @@ def test_a_request_needs_its_prompt_blocks_now_and_reserves_its_growth():
     assert blocks.need(20, 5, 1) == (3, 0)
     assert blocks.need(20, 5, 3) == (3, 2)
     assert blocks.need(20, 13, 1) == (3, 1)  # 32 positions: a fourth block, promised
+    assert blocks.need(20, 0, 3) == (3, 0)  # read only: siblings share the third as well
     got = blocks.admit(3, 4)
     assert len(set(got)) == 3 and blocks.available == 10 - 3 - 4
     assert blocks.admit(4, 0) is None  # 3 free beyond the promise

@@ -144,6 +144,22 @@ def test_siblings_share_full_blocks_and_copy_the_partial_one(tokenizer):
     assert sched.blocks.available == before and sched.blocks.promised == 0
 
 
+def test_siblings_that_only_read_the_prompt_share_all_its_blocks(tokenizer):
+    """max_new 0 (OpenAI's echo with max_tokens 0): nothing is written after the prompt, so
+    a partial last block is shared, not copied, and a prompt that fills the cache fits."""
+    sched = scheduler(tokenizer, blocks=3)
+    sched.check_capacity(20, 0, 3)
+    r = request(20, max_new=0, n=3)
+    sched.add([r])
+    while not sched.running:
+        finish(sched, sched.schedule())
+    assert all(s.blocks == r.seqs[0].blocks for s in r.seqs) and sched.blocks.available == 0
+    for s in r.seqs:
+        s.finish_reason = "length"
+    sched.retire()
+    assert sched.blocks.available == 3 and sched.blocks.promised == 0
+
+
 def test_a_request_past_its_timeout_expires_before_admission(tokenizer):
     sched = scheduler(tokenizer, max_batch_size=1, timeout=5.0)
     running, late = request(3), request(3)

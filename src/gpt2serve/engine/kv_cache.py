@@ -86,8 +86,12 @@ class BlockManager:
 
     def need(self, prompt_len: int, max_new: int, n: int) -> tuple[int, int]:
         """(blocks for the prompt, blocks to reserve for growth) of a request. The last new
-        token is never fed back, so a sequence caches prompt_len + max_new - 1 positions."""
+        token is never fed back, so a sequence caches prompt_len + max_new - 1 positions; one
+        that only reads its prompt (max_new 0) writes nothing after it, so its siblings share
+        all of the prompt's blocks."""
         prompt = self.blocks_for(prompt_len)
+        if max_new == 0:
+            return prompt, 0
         total = max(prompt, self.blocks_for(prompt_len + max_new - 1))
         sibling = total - prompt_len // self.block_size  # shares only the full prompt blocks
         return prompt, (total - prompt) + (n - 1) * sibling

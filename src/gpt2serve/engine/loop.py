@@ -284,7 +284,8 @@ class Engine:
             seq.last_token_at = now
             self._outbox.put(seq.request, seq.append(sampled))
         for request in {id(s.request): s.request for s in step.started}.values():
-            self.metrics.time_to_first_token.observe(now - request.arrival)
+            if request.max_new:  # (one that only reads its prompt has no first token)
+                self.metrics.time_to_first_token.observe(now - request.arrival)
 
     def _read_newcomers(self, budget: int) -> None:
         step = self.scheduler.schedule_newcomers(budget)

@@ -356,9 +356,10 @@ class Scheduler:
 
     def start(self, request: Request, seqs: list[Sequence]) -> None:
         """A prompt was read: its sequences join the running batch. The first takes the
-        prompt's blocks; each sibling shares the full ones and copies the last partial one."""
+        prompt's blocks; each sibling shares the full ones and copies the last partial one,
+        which it will write to, or shares it too if it only reads the prompt (max_new 0)."""
         prompt_len = len(request.prompt_ids)
-        full = prompt_len // self.cache.block_size
+        full = prompt_len // self.cache.block_size if request.max_new else len(request.blocks)
         prompt_blocks, growth = self.blocks.need(prompt_len, request.max_new, 1)
         for seq in seqs:
             if seq.index == 0:
