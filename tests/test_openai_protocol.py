@@ -170,6 +170,38 @@ def test_token_prompt_ending_inside_a_character_continues_it(tmp_path):
         assert "".join(deltas) == "中文" and not any("\ufffd" in d for d in deltas)
 
 
+def test_echo_and_offsets_of_a_prompt_ending_inside_a_character(tmp_path):
+    """Echoed, such a prompt stops before the character its completion finishes ('Hello '
+    then '中文', not 'Hello \ufffd中文'); text_offset counts that character once, and a
+    character left unfinished as one U+FFFD before the token after it. With max_tokens 0
+    there is no completion to finish it: the prompt is echoed whole, U+FFFD at its end."""
+    if not GPT2_TOKENIZER.exists():
+        pytest.skip("../shared/data/gpt2-tokenizer not available")
+    from gpt2serve.tokenizer import Tokenizer
+
+    gpt2 = Tokenizer.from_dir(GPT2_TOKENIZER)
+    e4, b8, ad = (gpt2._tok.token_to_id(c) for c in "ä¸Ń")
+    prompt = gpt2.encode("Hello ") + [e4]
+    wen, a = gpt2.encode("文"), gpt2.encode("A")
+    continuation = [b8, ad, *wen, e4, *a, gpt2.eos_id]  # 中文, then e4 left unfinished, A
+    folder = make_scripted_gpt2(tmp_path / "gpt2", len(prompt), continuation)
+    with running_server("--model_dir", str(folder), "--enable_grpc", "false",
+                        "--max_batch_size", "2") as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/openai/v1", api_key="unused")
+        kw = dict(model=MODEL, prompt=prompt, temperature=0, echo=True, logprobs=0)
+        choice = client.completions.create(max_tokens=10, **kw).choices[0]
+        assert choice.text == "Hello 中文\ufffdA" and choice.finish_reason == "stop"
+        offsets = choice.logprobs.text_offset
+        assert offsets[len(prompt) - 1:] == [6, 6, 6, *[7] * len(wen), 8, 9, 10]
+        chunks = list(client.completions.create(max_tokens=10, stream=True, **kw))
+        assert "".join(c.choices[0].text for c in chunks) == choice.text
+        assert sum((c.choices[0].logprobs.text_offset for c in chunks), []) == offsets
+        scored = client.completions.create(max_tokens=0, **kw).choices[0]
+        assert scored.text == "Hello \ufffd" and scored.logprobs.text_offset[-1] == 6
+        chunks = list(client.completions.create(max_tokens=0, stream=True, **kw))
+        assert "".join(c.choices[0].text for c in chunks) == scored.text
+
+
 # ---- /tokenize and /detokenize (vLLM's shapes) --------------------------------------------
 
 @pytest.mark.parametrize("prefix", ["", "/openai/v1"])

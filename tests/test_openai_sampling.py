@@ -201,3 +201,7 @@ def test_echo_gives_the_prompt_as_sent_with_its_special_tokens(oai):
     ids = oai.post("/tokenize", body={"prompt": prompt}, cast_to=object)["tokens"]
     as_ids = complete(oai, prompt=ids, max_tokens=2, echo=True, logprobs=0, ignore_eos=True)
     assert as_ids.text == choice.text and as_ids.logprobs.text_offset == lp.text_offset
+    # an empty prompt is read as <|endoftext|>, and echoed as what was read
+    empty = complete(oai, prompt="", max_tokens=2, echo=True, logprobs=0, ignore_eos=True)
+    assert empty.text.startswith("<|endoftext|>") and empty.logprobs.tokens[0] == "<|endoftext|>"
+    assert empty.logprobs.text_offset[:2] == [0, len("<|endoftext|>")]

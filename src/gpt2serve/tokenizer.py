@@ -139,6 +139,12 @@ class IncrementalDetokenizer:
             return new_text[len(prefix_text):]
         return ""
 
+    @property
+    def held(self) -> int:
+        """How many of the tokens pushed have their text held back (after the seed: the
+        prompt's last ones, whose unfinished character the continuation's text begins with)."""
+        return len(self.ids) - self.read_offset
+
     def flush(self) -> str:
         """Whatever is held back at the end of the sequence (an incomplete character)."""
         if len(self.ids) == self._seeded:

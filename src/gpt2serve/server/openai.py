@@ -20,13 +20,14 @@ import json
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NamedTuple
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 
 from ..engine import Engine, Prompt, Request, TokenEvent
+from ..tokenizer import IncrementalDetokenizer
 from .repository import Repository
 from ..sampling import SamplingError, SamplingParams
 from . import jsonbody
@@ -229,15 +230,16 @@ class CompletionCall:
                 "usage": self._usage(completion_tokens)}
 
     def _choice(self, p: int, c: Choice) -> dict:
-        prefix = self._prompt_text(p) if self.echo else ""
+        before = self._before(p)
         logprobs = None
         if self.params.logprobs is not None:
-            offsets = TextOffsets(self.engine.tokenizer, len(prefix))
+            offsets = TextOffsets(self.engine.tokenizer, len(before.echo), before.held)
             logprobs = self._logprobs(c.token_ids, c.logprobs, c.top_logprobs, offsets)
             if self.echo:
                 logprobs = _join(self._prompt_logprobs(p), logprobs)
-        return {"text": prefix + c.text, "index": p * self.params.n + c.index,
-                "logprobs": logprobs, "finish_reason": c.finish_reason}
+        return {"text": before.echo + (c.text or before.tail),
+                "index": p * self.params.n + c.index, "logprobs": logprobs,
+                "finish_reason": c.finish_reason}
 
     def _prompt_logprobs(self, p: int) -> dict:
         """The prompt's tokens and their logprobs; the first token has none (nothing came
@@ -247,13 +249,20 @@ class CompletionCall:
                               [None] + [top for _, top in scored],
                               TextOffsets(self.engine.tokenizer, 0, special=True))
 
-    def _prompt_text(self, p: int) -> str:
-        """The prompt as echoed: a string as sent (vLLM's; `<|endoftext|>` in it stays), token
-        ids decoded with their special tokens (an empty prompt's <|endoftext|> is not sent)."""
-        sent = self.sent[p]
-        if isinstance(sent, str):
-            return sent
-        return self.engine.tokenizer.decode(self.prompts[p], skip_special_tokens=False)
+    def _before(self, p: int) -> Before:
+        """What comes before prompt p's completions. Echoed, the prompt is a string as sent
+        (vLLM's; `<|endoftext|>` in it stays), else its token ids decoded with their special
+        tokens (an empty prompt is read as, and echoed as, <|endoftext|>)."""
+        ids, sent, tokenizer = self.prompts[p], self.sent[p], self.engine.tokenizer
+        held = ids[len(ids) - IncrementalDetokenizer(tokenizer, ids).held:]
+        while held and not tokenizer.token_bytes(held[0]):  # (a special token: no text held)
+            held = held[1:]
+        if not self.echo:
+            return Before("", "", held)
+        decode = tokenizer.decode
+        text = sent if isinstance(sent, str) and sent else decode(ids, skip_special_tokens=False)
+        tail = decode(held, skip_special_tokens=False) if held else ""
+        return Before(text[:len(text) - len(tail)], tail, held)
 
     def _logprobs(self, ids, logprobs, tops, offsets: TextOffsets) -> dict:
         """OpenAI's logprobs object for tokens `ids`: each token's text, its logprob, the
@@ -286,18 +295,21 @@ class CompletionCall:
     async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
         n, tokenizer = self.params.n, self.engine.tokenizer
         offsets: dict[int, TextOffsets] = {}  # per choice, over the whole stream
+        before: dict[int, Before] = {}  # per prompt
+        texted: set[int] = set()  # the choices that have sent text of their own
         generated = [0] * (len(self.prompts) * n)  # completion tokens per choice so far
         try:
             async for p, ev in self.engine.stream(requests):
                 if p * n not in offsets:  # the prompt's first event: it is read (and scored)
-                    prefix = self._prompt_text(p) if self.echo else ""
+                    before[p] = self._before(p)
                     for i in range(n):
-                        offsets[p * n + i] = TextOffsets(tokenizer, len(prefix))
+                        offsets[p * n + i] = TextOffsets(tokenizer, len(before[p].echo),
+                                                         before[p].held)
                     if self.echo:
                         scored = (self._prompt_logprobs(p) if self.params.logprobs is not None
                                   else None)
                         for i in range(n):
-                            yield self._chunk(p * n + i, prefix, scored, None, p, 0)
+                            yield self._chunk(p * n + i, before[p].echo, scored, None, p, 0)
                 token = _token_of(ev, self.engine.eos_id)
                 choice = p * n + ev.index
                 generated[choice] += token is not None
@@ -305,8 +317,13 @@ class CompletionCall:
                 if self.params.logprobs is not None and token is not None:
                     logprobs = self._logprobs([token], [ev.logprob], [ev.top_logprobs or []],
                                               offsets[choice])
-                if ev.text or ev.finish_reason or logprobs:
-                    yield self._chunk(choice, ev.text, logprobs, ev.finish_reason, p,
+                text = ev.text
+                if ev.finish_reason and choice not in texted:
+                    text = text or before[p].tail
+                if text:
+                    texted.add(choice)
+                if text or ev.finish_reason or logprobs:
+                    yield self._chunk(choice, text, logprobs, ev.finish_reason, p,
                                       generated[choice])
         except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
             yield f"data: {json.dumps(OpenAIError.of(e).body())}\n\n"
@@ -367,22 +384,39 @@ class Choice:
             self.finish_reason = ev.finish_reason
 
 
+class Before(NamedTuple):
+    """What comes before a prompt's completions: the echoed prompt (`echo`) or nothing. A
+    prompt of token ids may end inside a character; the engine's completion text then
+    begins with that character whole (its detokenizer starts from the prompt's `held`
+    tokens), so the echo stops before it, and a completion with no text of its own sends
+    the prompt's `tail` (that character unfinished, as U+FFFD) in its place."""
+    echo: str
+    tail: str
+    held: list[int]
+
+
 class TextOffsets:
     """`text_offset` as OpenAI defines it: where each token starts in the choice's text, in
     characters, continuing across a stream's chunks. Token bytes go through a UTF-8 decoder:
     a token that starts inside a multi-byte character is at the character it completes.
+    A character left unfinished is one U+FFFD before the token that cannot finish it.
     Special tokens (end-of-text) add nothing to generated text, which has none of them, and
-    their own text to an echoed prompt (`special`), which keeps them."""
+    their own text to an echoed prompt (`special`), which keeps them. A completion's offsets
+    start after the `held` prompt tokens, whose character its first tokens finish."""
 
-    def __init__(self, tokenizer, start: int, special: bool = False):
+    def __init__(self, tokenizer, start: int, held: list[int] = (), special: bool = False):
         self.tokenizer, self.offset, self.special = tokenizer, start, special
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        for token_id in held:
+            self.add(token_id)
 
     def add(self, token_id: int) -> int:
-        at = self.offset
         data = self.tokenizer.token_bytes(token_id)
         if not data and self.special:
             data = self.tokenizer.token_text(token_id).encode()
+        if data and not 0x80 <= data[0] < 0xC0 and self.decoder.getstate()[0]:
+            self.offset += len(self.decoder.decode(b"", final=True))  # the U+FFFD it leaves
+        at = self.offset
         self.offset += len(self.decoder.decode(data))
         return at
 
