@@ -197,6 +197,7 @@ HUGE_UINT64 = b"\x28" + b"\xff" * 9 + b"\x01"  # uint64_param 2**64 - 1
     ([tensor()], {"temperature": double_param(float("nan"))}, [], "finite"),
     ([tensor()], {"temperature": double_param(float("inf"))}, [], "finite"),
     ([tensor()], {"max_new_tokens": HUGE_UINT64}, [], "max_new_tokens"),
+    ([tensor()], {"max_new_tokens": b"\x10\x00"}, [], "'max_new_tokens' must be at least 1"),
     ([tensor(data=[b"a" * 100_000])], {}, [], "max_prompt_chars"),
     ([tensor(shape=(65,), data=[b"a"] * 65)], {}, [], "at most 64"),
 ])

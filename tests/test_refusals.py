@@ -48,6 +48,20 @@ def test_logit_bias_keys_are_ascii_digits_on_every_route(logged, key):
     assert "'logit_bias'" in error(r)
 
 
+def test_max_new_tokens_0_is_refused_where_answers_hold_only_text(logged):
+    """It reads the prompt and generates nothing: scoring, which only the OpenAI route
+    answers (echo with logprobs); elsewhere it returned the prompt, or an empty text."""
+    r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 0}]})
+    assert "'max_new_tokens' must be at least 1" in error(r)
+    r = post(logged.url + PREDICT, {"instances": ["a"], "parameters": {"max_new_tokens": 0}})
+    assert "'max_new_tokens' must be at least 1" in error(r)
+    r = post(logged.url + INFER, v2_body(max_new_tokens=0))
+    assert "'max_new_tokens' must be at least 1" in error(r)
+    r = post(f"{logged.url}/v2/models/{MODEL}/generate",
+             {"text_input": "a", "parameters": {"max_new_tokens": 0}})
+    assert "'max_new_tokens' must be at least 1" in error(r)
+
+
 def v2_body(**parameters) -> dict:
     return {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
                         "data": ["ROMEO:"]}],
