@@ -70,6 +70,23 @@ def test_vocab_and_merges_tokenizer_is_gpt2s(tmp_path):
     assert tokenizer.eos_id == 50256
 
 
+def test_a_tied_head_saved_under_lm_head_alone_loads(tmp_path, tiny_model):
+    """safetensors' save_model keeps one name of a shared tensor, and may keep lm_head's:
+    the file then has no transformer.wte.weight, and that is the same matrix."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "lm_head"
+    shutil.copytree(tiny_model, folder)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state.pop("transformer.wte.weight")
+    save_file(state, folder / "model.safetensors")
+    torch.testing.assert_close(logits_of(folder), logits_of(tiny_model), atol=0, rtol=0)
+    del state["lm_head.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing 1 GPT-2 tensors \(transformer\.wte"):
+        checkpoint.load(folder)
+
+
 def test_sharded_safetensors(tmp_path, tiny_model):
     from safetensors.torch import load_file, save_file
 
@@ -103,9 +120,10 @@ BROKEN = {
     "no weights": (lambda f: (f / "model.safetensors").unlink(), r"no weights found"),
     "truncated weights": (lambda f: (f / "model.safetensors").write_bytes(
         (f / "model.safetensors").read_bytes()[:1000]), r"model.safetensors: not a valid safetensors"),
-    "shape mismatch": (lambda f: _edit_config(f, n_embd=128), r"model.safetensors: tensor '.*' has shape"),
+    "shape mismatch": (lambda f: _edit_config(f, n_embd=128),
+                       r"model.safetensors: tensor 'transformer\..*' has shape"),
     "fewer layers in file": (lambda f: _edit_config(f, n_layer=3),
-                             r"model.safetensors: missing 12 GPT-2 tensors \(h\.2\."),
+                             r"model.safetensors: missing 12 GPT-2 tensors \(transformer\.h\.2\."),
     "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), r"no tokenizer found"),
     "tokenizer bigger than vocab": (lambda f: _edit_config(f, vocab_size=100),
                                     r"tokenizer has \d+ tokens but config.json vocab_size is 100"),

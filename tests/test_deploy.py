@@ -829,7 +829,8 @@ def write_tf_checkpoint(prefix: Path, tensors: dict) -> None:
     Path(f"{prefix}.index").write_bytes(bytes(table))
 
 
-def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
+def openai_release(tmp_path: Path):
+    """OpenAI's TensorFlow release of a small HF model (returned, for reference)."""
     from transformers import GPT2LMHeadModel
 
     hf_dir = make_hf_model(tmp_path / "hf", n_layer=2, n_embd=64, n_head=4, n_positions=64)
@@ -855,7 +856,13 @@ def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
     (src / "encoder.json").write_text(json.dumps(tok["vocab"]))
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["merges"]]
     (src / "vocab.bpe").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return src, hf_dir, ref
 
+
+def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    src, hf_dir, ref = openai_release(tmp_path)
     out = tmp_path / "converted"
     run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "convert", str(src), "--out",
                           str(out), "--dtype", "float32"], capture_output=True, text=True,
@@ -876,6 +883,60 @@ def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
     small = GPT2LMHeadModel.from_pretrained(half, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(small(ids).logits, ref(ids).logits, atol=2e-2, rtol=0)
+
+
+def _convert(src: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt2serve.cli", "convert", str(src), "--out",
+                           str(out), "--dtype", "float32"], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _data_shard(src: Path) -> Path:
+    return next(src.glob("model.ckpt.data-*"))
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda src: (src / "hparams.json").write_text('{"n_vocab": 400}'),
+     r"hparams.json: not OpenAI's hparams .* missing 'n_ctx'"),
+    (lambda src: (src / "hparams.json").write_text("{nope"), r"hparams.json: not valid JSON"),
+    (lambda src: _edit_json(src / "hparams.json", n_layer="2"),
+     r"'n_layer' must be an integer"),
+    (lambda src: (src / "encoder.json").unlink(), r"no tokenizer found"),
+    (lambda src: (src / "model.ckpt.index").write_bytes(b"\x00" * 100),
+     r"model.ckpt.index: not a TensorFlow checkpoint index"),
+    (lambda src: _data_shard(src).write_bytes(_data_shard(src).read_bytes()[:1000]),
+     r"tensor model/.* has a size or offset that does not fit"),
+    (lambda src: _data_shard(src).unlink(), r"data shard 0 is missing"),
+    (lambda src: _edit_json(src / "hparams.json", n_embd=32),
+     r"tensor 'transformer\..*' has shape"),
+], ids=["hparams incomplete", "hparams not json", "hparams a string size", "no encoder",
+        "index garbage", "shard truncated", "shard missing", "hparams wrong width"])
+def test_convert_names_what_is_wrong_with_a_release(tmp_path, breakage, message):
+    """One line on stderr and exit status 2, as for a model folder the server refuses; not a
+    traceback from the tokenizer library, the JSON reader or the TensorFlow reader."""
+    src, _, _ = openai_release(tmp_path)
+    breakage(src)
+    run = _convert(src, tmp_path / "out")
+    assert run.returncode == 2, run.stderr
+    assert re.search(message, run.stderr) and "Traceback" not in run.stderr, run.stderr
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_convert_reads_a_tied_head_saved_under_lm_head_and_refuses_to_overwrite(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_model(tmp_path / "hf")
+    state = load_file(src / "model.safetensors")
+    state["lm_head.weight"] = state.pop("transformer.wte.weight")
+    save_file(state, src / "model.safetensors")
+    assert _convert(src, tmp_path / "out").returncode == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["transformer.wte.weight"], state["lm_head.weight"])
+    same = _convert(src, src)
+    assert same.returncode == 2 and "another folder" in same.stderr
 
 
 # ---- what the container gives us: CPU quota, GPU architecture --------------------------------

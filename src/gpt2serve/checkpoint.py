@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -200,6 +200,10 @@ class Weights:
         for name in file.entries:
             if not name.endswith(IGNORED_SUFFIXES):
                 self.where[network_name(name)] = (file, name)
+            elif name.endswith("lm_head.weight"):
+                # the tied head is wte; safetensors' save_model keeps only one name of a
+                # shared tensor, and may keep this one
+                self.where.setdefault("head.weight_t", (file, name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         file, key = self.where[name]
@@ -211,9 +215,10 @@ class Weights:
         tensor = file.get(key)
         return tensor.t() if name == "head.weight_t" else tensor
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor under its file's own name (gpt2serve convert)."""
-        return {key: file.get(key) for file, key in self.where.values()}
+    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each tensor as stored, under its Hugging Face name, read one at a time (convert)."""
+        for name, (file, key) in self.where.items():
+            yield hf_name(name), file.get(key)
 
 
 class _TensorDict:
@@ -227,9 +232,14 @@ class _TensorDict:
         return self.entries[name]
 
 
-def network_name(hf_name: str) -> str:
-    name = hf_name.removeprefix("transformer.")
+def network_name(hf: str) -> str:
+    name = hf.removeprefix("transformer.")
     return "head.weight_t" if name == "wte.weight" else name
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a tensor of this network (for messages)."""
+    return "transformer." + ("wte.weight" if name == "head.weight_t" else name)
 
 
 def checked_network(config: GPTConfig, weights: Weights) -> GPT:
@@ -238,14 +248,17 @@ def checked_network(config: GPTConfig, weights: Weights) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     params = list(model.named_parameters())
-    missing = sorted(name for name, _ in params if name not in weights.where)
+    missing = sorted(hf_name(name) for name, _ in params if name not in weights.where)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(f"{weights.source}: missing {len(missing)} GPT-2 tensors ({shown})")
     for name, p in params:
         if weights.shape(name) != tuple(p.shape):
-            raise CheckpointError(f"{weights.source}: tensor '{name}' has shape "
-                                  f"{weights.shape(name)}, config.json implies {tuple(p.shape)}")
+            shape, expected = weights.shape(name), tuple(p.shape)
+            if name == "head.weight_t":  # (stored [V, D], the head's matrix is [D, V])
+                shape, expected = shape[::-1], expected[::-1]
+            raise CheckpointError(f"{weights.source}: tensor '{weights.where[name][1]}' has "
+                                  f"shape {shape}, config.json implies {expected}")
     return model
 
 
@@ -352,6 +365,15 @@ class Checked:
     weights: Weights
 
 
+def read_tokenizer(folder: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_dir(folder)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # tokenizers raises bare Exceptions for malformed files
+        raise CheckpointError(f"{folder}: tokenizer files cannot be read ({e})") from None
+
+
 def check(folder: str | Path | None) -> Checked:
     """Everything about a folder that can fail short of reading its tensors: config.json,
     the tokenizer files, the weight files' headers and every tensor's name and shape
@@ -361,12 +383,7 @@ def check(folder: str | Path | None) -> Checked:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
     config = read_config(folder)
-    try:
-        tokenizer = Tokenizer.from_dir(folder)
-    except FileNotFoundError as e:
-        raise CheckpointError(str(e)) from None
-    except Exception as e:  # tokenizers raises bare Exceptions for malformed files
-        raise CheckpointError(f"{folder}: tokenizer files cannot be read ({e})") from None
+    tokenizer = read_tokenizer(folder)
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json vocab_size is {config.vocab_size}")

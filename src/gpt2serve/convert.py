@@ -11,7 +11,9 @@ TensorFlow is not needed.
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,45 +22,61 @@ from safetensors.torch import save_file
 
 from . import checkpoint
 from .checkpoint import CheckpointError
-from .tokenizer import Tokenizer
 
 TF_INDEX = "model.ckpt.index"
 
 
 def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
-    tokenizer = Tokenizer.from_dir(src)
-    if (src / TF_INDEX).is_file() and (src / "hparams.json").is_file():
-        config, state = _openai_tf(src)
+    """Tensors are read and converted one at a time, so at the peak this holds the output and
+    one tensor of the input; the result is then checked as a server checks a folder (config,
+    tokenizer, every tensor's name and shape) without being loaded."""
+    if out.resolve() == src.resolve():
+        raise CheckpointError(f"{out}: --out must be another folder than the one converted")
+    tf = (src / TF_INDEX).is_file() and (src / "hparams.json").is_file()
+    if tf:
+        tokenizer = checkpoint.read_tokenizer(src)
+        config = _openai_config(src / "hparams.json")
         # end-of-text is the encoder's <|endoftext|> (50256 in OpenAI's releases)
         config["bos_token_id"] = config["eos_token_id"] = tokenizer.eos_id
     else:
-        checkpoint.read_config(src)  # validates, with a clear error
+        checked = checkpoint.check(src)
+        tokenizer = checked.tokenizer
         config = json.loads((src / "config.json").read_text())
-        state = checkpoint.Weights(src).hf_state_dict()
-    tensors = {}
-    for name, tensor in state.items():
-        if name.endswith(checkpoint.IGNORED_SUFFIXES):
-            continue
-        if not name.startswith("transformer."):
-            name = "transformer." + name
-        tensors[name] = tensor.to(dtype).contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / checkpoint.SAFETENSORS), metadata={"format": "pt"})
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    checkpoint.read_config(out)  # (hparams.json's values, before any tensor is read)
     tokenizer.save(out / "tokenizer.json")
-    checkpoint.load(out)  # the result must load; fail here rather than in the server
+    if tf:
+        tensors = dict(_openai_tensors(src / "model.ckpt", dtype))
+    else:
+        tensors = {name: tensor.to(dtype).contiguous()
+                   for name, tensor in checked.weights.hf_tensors()}
+    save_file(tensors, str(out / checkpoint.SAFETENSORS), metadata={"format": "pt"})
+    del tensors
+    checkpoint.check(out)  # the server's checks: fail here rather than there
     return out
 
 
-def _openai_tf(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    h = json.loads((src / "hparams.json").read_text())
-    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-              "vocab_size": h["n_vocab"], "n_positions": h["n_ctx"], "n_ctx": h["n_ctx"],
-              "n_embd": h["n_embd"], "n_head": h["n_head"], "n_layer": h["n_layer"],
-              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
-    state = {}
-    for name, array in read_tf_checkpoint(src / "model.ckpt").items():
+def _openai_config(path: Path) -> dict:
+    """config.json's fields from OpenAI's hparams.json (their values are checked with the
+    converted folder's config.json)."""
+    try:
+        h = json.loads(path.read_text(encoding="utf-8"))
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": h["n_vocab"], "n_positions": h["n_ctx"], "n_ctx": h["n_ctx"],
+                "n_embd": h["n_embd"], "n_head": h["n_head"], "n_layer": h["n_layer"],
+                "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not OpenAI's hparams (n_vocab, n_ctx, n_embd, n_head, "
+                              f"n_layer), missing {e}") from None
+
+
+def _openai_tensors(prefix: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """OpenAI's tensors under Hugging Face's names, each converted to `dtype` as it is read."""
+    for name, array in read_tf_checkpoint(prefix):
         parts = name.split("/")
         if parts[0] != "model":
             continue
@@ -71,9 +89,9 @@ def _openai_tf(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             key = f"transformer.{parts[-1]}.weight"
         else:
             key = "transformer." + ".".join(parts[:-1] + [leaf])
-        tensor = torch.from_numpy(array.copy())
-        state[key] = tensor[0] if parts[-1] == "w" and tensor.dim() == 3 else tensor
-    return config, state
+        tensor = torch.from_numpy(array)
+        tensor = tensor[0] if parts[-1] == "w" and tensor.dim() == 3 else tensor
+        yield key, tensor.to(dtype).contiguous()
 
 
 # ---- TensorFlow tensor-bundle reader -------------------------------------------------------
@@ -84,10 +102,36 @@ TF_DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 9: np.int64, 19: np.floa
 TABLE_MAGIC = 0xDB4775248B80FB57
 
 
-def read_tf_checkpoint(prefix: Path) -> dict[str, np.ndarray]:
-    index = Path(str(prefix) + ".index").read_bytes()
+def read_tf_checkpoint(prefix: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Each tensor of a TensorFlow checkpoint, read from its data shard when its turn comes;
+    an entry whose size or offset does not fit its shape or its shard is a CheckpointError."""
+    index = Path(f"{prefix}.index")
+    try:
+        entries = _tf_index(index.read_bytes())
+    except CheckpointError:
+        raise
+    except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
+        raise CheckpointError(f"{index}: not a TensorFlow checkpoint index ({e})") from None
+    for name, (dtype, shape, shard, offset, size) in entries.items():
+        if dtype not in TF_DTYPES:
+            raise CheckpointError(f"{prefix}: tensor {name} has unsupported dtype {dtype}")
+        matches = sorted(prefix.parent.glob(f"{prefix.name}.data-{shard:05d}-of-*"))
+        if not matches:
+            raise CheckpointError(f"{prefix}: data shard {shard} is missing")
+        itemsize = np.dtype(TF_DTYPES[dtype]).itemsize
+        if size != math.prod(shape) * itemsize or offset + size > matches[0].stat().st_size:
+            raise CheckpointError(f"{prefix}: tensor {name} has a size or offset that does not "
+                                  f"fit its shape {shape} or {matches[0].name}")
+        data = bytearray(size)  # (writable, so that torch takes it without a copy)
+        with open(matches[0], "rb") as f:
+            f.seek(offset)
+            f.readinto(data)
+        yield name, np.frombuffer(data, dtype=TF_DTYPES[dtype]).reshape(shape)
+
+
+def _tf_index(index: bytes) -> dict[str, tuple[int, list[int], int, int, int]]:
     if len(index) < 48 or struct.unpack("<Q", index[-8:])[0] != TABLE_MAGIC:
-        raise CheckpointError(f"{prefix}.index: not a TensorFlow checkpoint index")
+        raise ValueError("no table footer")
     footer = index[-48:]
     _, pos = _handle(footer, 0)  # metaindex, unused
     (index_off, index_size), _ = _handle(footer, pos)
@@ -97,19 +141,7 @@ def read_tf_checkpoint(prefix: Path) -> dict[str, np.ndarray]:
         for key, value in _block(index, off, size):
             if key:  # the empty key holds the bundle header
                 entries[key.decode()] = _bundle_entry(value)
-    shards: dict[int, bytes] = {}
-    out = {}
-    for name, (dtype, shape, shard, offset, size) in entries.items():
-        if dtype not in TF_DTYPES:
-            raise CheckpointError(f"{prefix}: tensor {name} has unsupported dtype {dtype}")
-        if shard not in shards:
-            matches = sorted(prefix.parent.glob(f"{prefix.name}.data-{shard:05d}-of-*"))
-            if not matches:
-                raise CheckpointError(f"{prefix}: data shard {shard} is missing")
-            shards[shard] = matches[0].read_bytes()
-        raw = shards[shard][offset:offset + size]
-        out[name] = np.frombuffer(raw, dtype=TF_DTYPES[dtype]).reshape(shape)
-    return out
+    return entries
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
