@@ -212,7 +212,26 @@ def test_pickled_code_in_bin_is_refused(good):
 
     (good / "model.safetensors").unlink()
     torch.save({"x": Evil()}, good / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: cannot be read as plain tensors"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: cannot be read as plain "
+                                              r"tensors: it holds other objects \(.*print") as e:
+        checkpoint.load(good)
+    assert "weights_only" not in str(e.value)  # torch's advice to run the file's code
+
+
+LFS = ("version https://git-lfs.github.com/spec/v1\n"
+       "oid sha256:4b1e0b7a5c3f3f0e9a5b6f7a1d2c3b4a5e6f708192a3b4c5d6e7f8091a2b3c4d\n"
+       "size 548105171\n")
+
+
+@pytest.mark.parametrize("name,remove", [("model.safetensors", None),
+                                         ("pytorch_model.bin", "model.safetensors"),
+                                         ("tokenizer.json", None)])
+def test_a_git_lfs_pointer_is_named_as_one(good, name, remove):
+    """A clone without Git LFS leaves 130-byte pointers: say so, not 'not a valid file'."""
+    if remove:
+        (good / remove).unlink()
+    (good / name).write_text(LFS)
+    with pytest.raises(CheckpointError, match=rf"{name}: a Git LFS pointer.*git lfs pull"):
         checkpoint.load(good)
 
 

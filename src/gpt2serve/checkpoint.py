@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -27,7 +29,7 @@ from torch import nn
 from . import hardware, kernel_choice, packing
 from .model import ACTIVATIONS, GPT, Conv1D, GPTConfig, TiedHead
 from .quantize import Int4Linear, Int8Linear, Int8TiedHead
-from .tokenizer import Tokenizer
+from .tokenizer import TOKENIZER_FILES, Tokenizer
 
 log = logging.getLogger("gpt2serve.checkpoint")
 
@@ -114,6 +116,7 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
+        refuse_lfs_pointer(path)
         self.path, size = path, path.stat().st_size
         try:
             with open(path, "rb") as f:
@@ -181,10 +184,17 @@ class Weights:
                 self._add(SafetensorsFile(folder / shard))
         elif (folder / TORCH_BIN).is_file():
             self.source = folder / TORCH_BIN
+            refuse_lfs_pointer(self.source)
             try:  # mapped, unless in torch's format from before 1.6, which cannot be
                 state = torch.load(self.source, map_location="cpu", weights_only=True,
                                    mmap=zipfile.is_zipfile(self.source))
-            except Exception as e:  # torch raises many types for a bad or unsafe file
+            except pickle.UnpicklingError as e:
+                # torch's message advises weights_only=False: running the file's code
+                raise CheckpointError(
+                    f"{self.source}: cannot be read as plain tensors: it holds other objects "
+                    f"({_unpickler_detail(e)}), which are never unpickled here; save the "
+                    f"weights as safetensors with a tool you trust") from None
+            except Exception as e:  # torch raises many types for a bad file
                 raise CheckpointError(f"{self.source}: cannot be read as plain tensors "
                                       f"({e})") from None
             if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
@@ -219,6 +229,24 @@ class Weights:
         """Each tensor as stored, under its Hugging Face name, read one at a time (convert)."""
         for name, (file, key) in self.where.items():
             yield hf_name(name), file.get(key)
+
+
+def _unpickler_detail(e: Exception) -> str:
+    """What torch's weights-only unpickler found, without its advice around it."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"it names {found.group(1)}" if found else "not tensors"
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def refuse_lfs_pointer(path: Path) -> None:
+    """A file cloned without Git LFS is a small text pointer to the real one."""
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            raise CheckpointError(f"{path}: a Git LFS pointer, not the file itself (run "
+                                  f"`git lfs pull` in the model's clone, or `gpt2serve "
+                                  f"download` it)")
 
 
 class _TensorDict:
@@ -371,6 +399,9 @@ def read_tokenizer(folder: Path) -> Tokenizer:
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from None
     except Exception as e:  # tokenizers raises bare Exceptions for malformed files
+        for name in sorted({n for names in TOKENIZER_FILES for n in names}):
+            if (folder / name).is_file():
+                refuse_lfs_pointer(folder / name)
         raise CheckpointError(f"{folder}: tokenizer files cannot be read ({e})") from None
 
 
