@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
@@ -714,19 +715,30 @@ def test_pod_simulation(tmp_path, tiny_model, name):
 # ---- download against a local Hub ----------------------------------------------------------
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
-    repo: Path
+    """The Hub's file API for one repository, org/tiny: `refs` name commits (a branch, a tag,
+    refs/pr/1), `commits` hold each one's files; files are served by commit only."""
+    commits: dict[str, Path]
+    refs: dict[str, str]
     seen_auth: list
     seen_encoding: list
 
     def do_GET(self):
         self.seen_auth.append(self.headers.get("authorization"))
         self.seen_encoding.append(self.headers.get("accept-encoding"))
-        files = sorted(p.name for p in self.repo.iterdir())
-        if self.path == "/api/models/org/tiny/revision/main":
-            body = json.dumps({"siblings": [{"rfilename": f} for f in files + ["flax_model.msgpack"]]}).encode()
-        elif self.path.startswith("/org/tiny/resolve/main/") and \
-                (self.repo / self.path.rsplit("/", 1)[1]).is_file():
-            body = (self.repo / self.path.rsplit("/", 1)[1]).read_bytes()
+        listing = re.fullmatch(r"/api/models/org/tiny/revision/([^/]+)", self.path)
+        resolve = re.fullmatch(r"/org/tiny/resolve/([0-9a-f]{40})/([^/]+)", self.path)
+        if listing:
+            rev = urllib.parse.unquote(listing.group(1))
+            sha = self.refs.get(rev, rev if rev in self.commits else None)
+            if sha is None:
+                self.send_error(404)
+                return
+            files = sorted(p.name for p in self.commits[sha].iterdir())
+            body = json.dumps({"sha": sha, "siblings": [
+                {"rfilename": f} for f in files + ["flax_model.msgpack"]]}).encode()
+        elif resolve and resolve.group(1) in self.commits and (
+                self.commits[resolve.group(1)] / resolve.group(2)).is_file():
+            body = (self.commits[resolve.group(1)] / resolve.group(2)).read_bytes()
         else:
             self.send_error(404)
             return
@@ -739,49 +751,85 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _cli_download(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_download_from_hub_file_api(tmp_path, tiny_model):
-    handler = type("Hub", (FakeHub,), {"repo": tiny_model, "seen_auth": [],
-                                       "seen_encoding": []})
+    """The files of one commit, pinned when the download starts: a resumed download after
+    the branch moved finishes the commit it began (it mixed two); a revision with a slash is
+    quoted; a failed listing leaves the folder free; errors are one line and exit 2."""
+    moved = make_hf_model(tmp_path / "moved", seed=9)
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_model, notok)
+    (notok / "tokenizer.json").unlink()
+    ait = make_hf_model(tmp_path / "ait", tokenizer_file="aitextgen.tokenizer.json")
+    first, second, third, fourth = (f"{i}" * 40 for i in "abcd")
+    handler = type("Hub", (FakeHub,), {
+        "commits": {first: tiny_model, second: moved, third: notok, fourth: ait},
+        "refs": {"main": first, "v2": second, "refs/pr/1": second, "notok": third,
+                 "ait": fourth},
+        "seen_auth": [], "seen_encoding": []})
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     try:
         env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}",
                "HF_TOKEN": "secret-token"}
         out = tmp_path / "downloaded"
-        run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/tiny",
-                              "--out", str(out)], env=env, capture_output=True, text=True,
-                             timeout=120)
+        run = _cli_download(env, "org/tiny", "--out", str(out))
         assert run.returncode == 0, run.stderr
         assert "model.safetensors" in run.stderr and "100.0%" in run.stderr  # progress
         assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == sorted(
             p.name for p in tiny_model.iterdir())  # no flax, no .part left behind
+        assert json.loads((out / MARKER).read_text())["sha"] == first
         assert set(handler.seen_auth) == {"Bearer secret-token"}
         # sizes are checked against content-length: a compressed answer would fail them
         assert set(handler.seen_encoding) == {"identity"}
         from gpt2serve import checkpoint
         checkpoint.load(out)
-        missing = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/none",
-                                  "--out", str(tmp_path / "x")], env=env, capture_output=True,
-                                 text=True, timeout=60)
+        missing = _cli_download(env, "org/none", "--out", str(tmp_path / "x"))
         assert missing.returncode == 2 and "not found or not accessible" in missing.stderr
-        # A second run resumes its own download; another repository or revision into the same
-        # folder is refused (its files were kept as the new model's: the wrong weights loaded)
+        # A second run resumes its own download, at its commit though main has moved on
         (out / "model.safetensors").unlink()
-        again = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/tiny",
-                                "--out", str(out)], env=env, capture_output=True, text=True,
-                               timeout=120)
-        assert again.returncode == 0 and (out / "model.safetensors").is_file(), again.stderr
-        other = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/tiny",
-                                "--revision", "v2", "--out", str(out)], env=env,
-                               capture_output=True, text=True, timeout=60)
+        handler.refs["main"] = second
+        again = _cli_download(env, "org/tiny", "--out", str(out))
+        assert again.returncode == 0, again.stderr
+        assert (out / "model.safetensors").read_bytes() == (
+            tiny_model / "model.safetensors").read_bytes()
+        # another repository or revision into the same folder is refused (its files were
+        # kept as the new model's: the wrong weights loaded)
+        other = _cli_download(env, "org/tiny", "--revision", "v2", "--out", str(out))
         assert other.returncode == 2 and "holds another download" in other.stderr
         (out / MARKER).unlink()
-        other = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "download", "org/tiny",
-                                "--out", str(out)], env=env, capture_output=True, text=True,
-                               timeout=60)
+        other = _cli_download(env, "org/tiny", "--out", str(out))
         assert other.returncode == 2 and "already holds config.json" in other.stderr
+        # a mistyped revision leaves nothing behind; a pull request's ref is quoted
+        pr = tmp_path / "pr"
+        typo = _cli_download(env, "org/tiny", "--revision", "refs/pr/2", "--out", str(pr))
+        assert typo.returncode == 2 and "not found" in typo.stderr
+        assert _cli_download(env, "org/tiny", "--revision", "refs/pr/1", "--out",
+                             str(pr)).returncode == 0
+        assert (pr / "model.safetensors").read_bytes() == (
+            moved / "model.safetensors").read_bytes()
+        # an aitextgen repository brings its tokenizer; one without a tokenizer is refused
+        # before anything is fetched
+        assert _cli_download(env, "org/tiny", "--revision", "ait", "--out",
+                             str(tmp_path / "ait-dl")).returncode == 0
+        checkpoint.load(tmp_path / "ait-dl")
+        none = _cli_download(env, "org/tiny", "--revision", "notok", "--out",
+                             str(tmp_path / "notok-dl"))
+        assert none.returncode == 2 and "no tokenizer" in none.stderr
+        assert not (tmp_path / "notok-dl").exists()
     finally:
         hub.shutdown()
+        hub.server_close()
+    # the Hub out of reach, and a name that is no repository id
+    gone = _cli_download(env, "org/tiny", "--out", str(tmp_path / "gone"))
+    assert gone.returncode == 2 and "ConnectError" in gone.stderr, gone.stderr
+    assert "Traceback" not in gone.stderr
+    bad = _cli_download(env, "../etc", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "not a Hub repository id" in bad.stderr
 
 
 # ---- OpenAI TensorFlow checkpoint -> safetensors --------------------------------------------

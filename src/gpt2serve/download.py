@@ -1,31 +1,37 @@
 """`gpt2serve download`: fetch a GPT-2 model folder from the Hugging Face Hub.
 
-Speaks the Hub's plain file API (`/api/models/{repo}/revision/{rev}` to list files,
-`/{repo}/resolve/{rev}/{file}` to fetch one), honours `HF_ENDPOINT` and `HF_TOKEN`, takes only
-what the server loads (config, tokenizer, and safetensors, else `pytorch_model.bin`), writes
-each file through a `.part` file so an interrupted download never leaves a truncated model,
-marks the folder with the repository and revision so that a second run resumes it but never
-mixes in another model's files, and shows progress on stderr.
+Speaks the Hub's plain file API (`/api/models/{repo}/revision/{rev}` to list files and name
+the commit, `/{repo}/resolve/{commit}/{file}` to fetch one), honours `HF_ENDPOINT` and
+`HF_TOKEN`, takes only what the server loads (config, tokenizer, and safetensors, else
+`pytorch_model.bin`), writes each file through a `.part` file so an interrupted download never
+leaves a truncated model, marks the folder with the repository, revision and commit so that a
+second run resumes it at that commit but never mixes in another model's or commit's files, and
+shows progress on stderr.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
+from .tokenizer import TOKENIZER_FILES
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
-SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "vocab.json", "merges.txt")
+SMALL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
+REPO_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # (owner/)name, neither starting with . or -
 
 
-# Names the repository and revision a folder was downloaded from (download._claim).
+# Names the repository, revision and commit a folder was downloaded from (download._claim).
 MARKER = ".gpt2serve-download.json"
-MODEL_FILES = SMALL_FILES + ("model.safetensors.index.json", "pytorch_model.bin")
+MODEL_FILES = (SMALL_FILES + tuple(n for names in TOKENIZER_FILES for n in names)
+               + ("model.safetensors.index.json", "pytorch_model.bin"))
 
 
 class DownloadError(RuntimeError):
@@ -33,9 +39,16 @@ class DownloadError(RuntimeError):
 
 
 def wanted_files(files: list[str]) -> list[str]:
-    """Which of a repo's files make a loadable folder: prefer safetensors over .bin."""
+    """Which of a repo's files make a loadable folder: config, the first tokenizer the
+    loader would read, and safetensors over .bin."""
     names = set(files)
-    chosen = [f for f in SMALL_FILES if f in names]
+    if "config.json" not in names:
+        raise DownloadError("repository has no config.json")
+    tokenizer = next((t for t in TOKENIZER_FILES if names.issuperset(t)), None)
+    if tokenizer is None:
+        wanted = " or ".join("+".join(t) for t in TOKENIZER_FILES)
+        raise DownloadError(f"repository has no tokenizer (looked for {wanted})")
+    chosen = [f for f in SMALL_FILES if f in names] + list(tokenizer)
     if "model.safetensors" in names:
         chosen.append("model.safetensors")
     elif "model.safetensors.index.json" in names:
@@ -45,14 +58,15 @@ def wanted_files(files: list[str]) -> list[str]:
         chosen.append("pytorch_model.bin")
     else:
         raise DownloadError("repository has no model.safetensors or pytorch_model.bin")
-    if "config.json" not in names:
-        raise DownloadError("repository has no config.json")
     return chosen
 
 
 def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | None = None,
              token: str | None = None, progress=sys.stderr) -> list[Path]:
-    _claim(out, repo_id, revision)
+    """Every file from one commit: the one `revision` names when the download starts, kept
+    in the folder's marker, so that a resumed download never mixes in files of a later one."""
+    if not REPO_ID.fullmatch(repo_id):
+        raise DownloadError(f"{repo_id!r} is not a Hub repository id (owner/name)")
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     token = token or os.environ.get("HF_TOKEN")
     # identity: a compressed answer's content-length is not the size of the bytes we write
@@ -60,43 +74,63 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
     headers = {"accept-encoding": "identity"}
     if token:
         headers["authorization"] = f"Bearer {token}"
-    with httpx.Client(headers=headers, follow_redirects=True, timeout=60) as client:
-        r = client.get(f"{endpoint}/api/models/{repo_id}/revision/{revision}")
-        if r.status_code in (401, 403, 404):
-            raise DownloadError(f"{repo_id}@{revision}: not found or not accessible "
-                                f"(HTTP {r.status_code}; private repos need HF_TOKEN)")
-        r.raise_for_status()
-        files = [s["rfilename"] for s in r.json().get("siblings", [])]
-        paths = []
-        for name in wanted_files(files):
-            url = f"{endpoint}/{repo_id}/resolve/{revision}/{name}"
-            paths.append(_fetch(client, url, out / name, progress))
-    return paths
+    mine = _marker(out, repo_id, revision)
+    try:
+        with httpx.Client(headers=headers, follow_redirects=True, timeout=60) as client:
+            commit = mine.get("sha") if mine and isinstance(mine.get("sha"), str) else None
+            sha, files = _listing(client, endpoint, repo_id, revision, commit)
+            chosen = wanted_files(files)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / MARKER).write_text(json.dumps(
+                {"repo": repo_id, "revision": revision, "sha": sha}) + "\n")
+            return [_fetch(client, f"{endpoint}/{repo_id}/resolve/{quote(sha, safe='')}/{name}",
+                           out / name, progress) for name in chosen]
+    except httpx.HTTPError as e:
+        raise DownloadError(f"{endpoint}: {type(e).__name__}: {e}") from None
 
 
-def _claim(out: Path, repo_id: str, revision: str) -> None:
-    """Mark `out` as this repository's download (MARKER), so that a second run resumes it,
-    keeping its complete files, while a download of another repository or revision, or into
-    a folder that holds model files from elsewhere, is refused: those files were kept as if
+def _listing(client: httpx.Client, endpoint: str, repo_id: str, revision: str,
+             commit: str | None) -> tuple[str, list[str]]:
+    """(the commit, its files) of `revision`, or of `commit` when resuming a download."""
+    r = client.get(f"{endpoint}/api/models/{repo_id}/revision/{quote(commit or revision, safe='')}")
+    if r.status_code in (401, 403, 404):
+        raise DownloadError(f"{repo_id}@{revision}: not found or not accessible "
+                            f"(HTTP {r.status_code}; private repos need HF_TOKEN)")
+    if r.status_code != 200:
+        raise DownloadError(f"{r.url}: HTTP {r.status_code}")
+    try:
+        info = r.json()
+        files = [s["rfilename"] for s in info.get("siblings", [])]
+        sha = info.get("sha") or commit or revision
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DownloadError(f"{r.url}: not the Hub's file listing ({e})") from None
+    if not all(isinstance(f, str) for f in files) or not isinstance(sha, str):
+        raise DownloadError(f"{r.url}: not the Hub's file listing")
+    return sha, files
+
+
+def _marker(out: Path, repo_id: str, revision: str) -> dict | None:
+    """The marker of an earlier download of this repository and revision into `out`, to
+    resume (None: a new download). A download of another repository or revision, or into a
+    folder that holds model files from elsewhere, is refused: those files were kept as if
     they were its own, and the wrong weights loaded without an error."""
     marker = out / MARKER
-    ours = {"repo": repo_id, "revision": revision}
     if marker.is_file():
         try:
             theirs = json.loads(marker.read_text())
         except (OSError, ValueError):
             theirs = None
-        if theirs != ours:
+        if not isinstance(theirs, dict) or (theirs.get("repo"), theirs.get("revision")) != (
+                repo_id, revision):
             raise DownloadError(f"{out} holds another download ({theirs}); download "
                                 f"{repo_id}@{revision} into another folder, or empty it")
-    else:
-        present = sorted(p.name for p in out.glob("*") if p.name in MODEL_FILES
-                         or p.name.endswith(".safetensors"))
-        if present:
-            raise DownloadError(f"{out} already holds {', '.join(present)}, not from a "
-                                f"download of {repo_id}; download into an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(ours) + "\n")
+        return theirs
+    present = sorted(p.name for p in out.glob("*") if p.name in MODEL_FILES
+                     or p.name.endswith(".safetensors"))
+    if present:
+        raise DownloadError(f"{out} already holds {', '.join(present)}, not from a "
+                            f"download of {repo_id}; download into an empty folder")
+    return None
 
 
 def _fetch(client: httpx.Client, url: str, dest: Path, progress) -> Path:
