@@ -32,6 +32,7 @@ def test_an_eos_past_the_vocabulary_is_no_eos(good):
     configured without one): it loads, as in transformers, and that id is never used; the
     tokenizer's <|endoftext|> ends sequences."""
     _edit_config(good, eos_token_id=50256)
+    (good / "generation_config.json").unlink()  # (its eos_token_id, 0, would be taken)
     model, tokenizer = checkpoint.load(good)
     assert model.config.eos_token_id is None and tokenizer.eos_id == 0
 
@@ -142,6 +143,9 @@ BROKEN = {
                           r"activation_function \['x'\] is not supported"),
     "eos not a token id": (lambda f: _edit_config(f, eos_token_id="</s>"),
                            r"'eos_token_id' must be a token id, got '</s>'"),
+    "generation eos not a token id": (
+        lambda f: (f / "generation_config.json").write_text('{"eos_token_id": "</s>"}'),
+        r"generation_config.json: 'eos_token_id' must be a token id or a list"),
     "token ids past the vocabulary": (lambda f: _sparse_tokenizer(f),
                                       r"tokenizer has token id 70000, past config.json "
                                       r"vocab_size 400"),

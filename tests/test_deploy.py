@@ -973,16 +973,20 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def test_convert_reads_a_tied_head_saved_under_lm_head_and_refuses_to_overwrite(tmp_path):
+def test_convert_reads_a_tied_head_under_lm_head_keeps_the_eos_and_refuses_to_overwrite(
+        tmp_path):
     from safetensors.torch import load_file, save_file
 
     src = make_hf_model(tmp_path / "hf")
     state = load_file(src / "model.safetensors")
     state["lm_head.weight"] = state.pop("transformer.wte.weight")
     save_file(state, src / "model.safetensors")
+    (src / "generation_config.json").write_text('{"eos_token_id": 7}')
     assert _convert(src, tmp_path / "out").returncode == 0
     out = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(out["transformer.wte.weight"], state["lm_head.weight"])
+    from gpt2serve import checkpoint
+    assert checkpoint.check(tmp_path / "out").config.eos_token_id == 7  # the model's own
     same = _convert(src, src)
     assert same.returncode == 2 and "another folder" in same.stderr
 

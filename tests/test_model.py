@@ -134,6 +134,31 @@ def test_greedy_generation_is_token_for_token_identical(pair):
         assert completion.finish_reason == "length"
 
 
+def test_generation_stops_at_the_models_end_of_text_as_transformers_does(tmp_path):
+    """generation_config.json's eos_token_id over config.json's (0, the tokenizer's
+    <|endoftext|> too): transformers' generate stops where the model says, and so do we."""
+    import json
+
+    folder = make_hf_model(tmp_path / "m", seed=4)
+    prompt, greedy = [3, 17, 42, 5], {"max_new_tokens": 24, "do_sample": False}
+    free = GPT2LMHeadModel.from_pretrained(folder).eval().generate(
+        torch.tensor([prompt]), min_new_tokens=24, pad_token_id=0, **greedy)[0, 4:].tolist()
+    eos = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i] and t != 0)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
+    expected = GPT2LMHeadModel.from_pretrained(folder).eval().generate(
+        torch.tensor([prompt]), pad_token_id=0, **greedy)[0, 4:].tolist()
+    assert expected == free[:free.index(eos) + 1]
+    model, tokenizer = checkpoint.load(folder)
+    assert tokenizer.eos_id == 0 and model.config.eos_token_id == eos
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=2))
+    try:
+        [(completion,)] = asyncio.run(engine.complete([Prompt(
+            prompt, SamplingParams.from_dict(greedy))]))
+    finally:
+        engine.stop()
+    assert completion.token_ids + [eos] == expected and completion.finish_reason == "stop"
+
+
 def test_batched_prefill_of_ragged_prompts_matches_each_alone(pair, query_blocks):
     """Right-padded prompts prefilled in one pass: each row's last-token logits and its cache
     (checked by a decode step) are those of the prompt alone."""

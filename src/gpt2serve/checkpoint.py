@@ -89,6 +89,8 @@ def read_config(folder: Path) -> GPTConfig:
     eos = config.eos_token_id
     if eos is not None and type(eos) is not int:
         raise CheckpointError(f"{path}: 'eos_token_id' must be a token id, got {eos!r}")
+    eos = _generation_eos(folder / "generation_config.json", eos)
+    config = replace(config, eos_token_id=eos)
     if eos is not None and not 0 <= eos < config.vocab_size:
         # GPT2Config's default 50256, saved with a smaller vocabulary: as in transformers, a
         # token the model never generates (the tokenizer's <|endoftext|> is used if it has one)
@@ -98,6 +100,30 @@ def read_config(folder: Path) -> GPTConfig:
         raise CheckpointError(f"{path}: activation_function "
                               f"{config.activation_function!r} is not supported")
     return config
+
+
+def _generation_eos(path: Path, eos: int | None) -> int | None:
+    """The end-of-text token generation stops at, as transformers' generate takes it:
+    generation_config.json's `eos_token_id` over config.json's. A list's first is taken
+    (one end-of-text token here; `stop_token_ids` adds others per request)."""
+    if not path.is_file():
+        return eos
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    given = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    if isinstance(given, list) and given:
+        if len(given) > 1:
+            log.warning("%s: eos_token_id %s: generation stops at %s only; give the others as "
+                        "stop_token_ids", path, given, given[0])
+        given = given[0]
+    if given is None:
+        return eos
+    if type(given) is not int:
+        raise CheckpointError(f"{path}: 'eos_token_id' must be a token id or a list of them, "
+                              f"got {given!r}")
+    return given
 
 
 class SafetensorsFile:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from . import checkpoint
 from .checkpoint import CheckpointError
 
 TF_INDEX = "model.ckpt.index"
+GENERATION_CONFIG = "generation_config.json"
 
 
 def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -45,6 +47,8 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (src / GENERATION_CONFIG).is_file():  # (its eos_token_id is the model's)
+        shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
     checkpoint.read_config(out)  # (hparams.json's values, before any tensor is read)
     tokenizer.save(out / "tokenizer.json")
     if tf:

@@ -55,7 +55,9 @@ class Engine:
         self.context = config.context(cfg.n_positions)
         self.threaded = threaded
         self.loop = (loop or StepLoop(config.threads)) if threaded else None
-        self.eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else cfg.eos_token_id
+        # as transformers: the model's end-of-text token (generation_config.json's, else
+        # config.json's), the tokenizer's <|endoftext|> only for a model that names none
+        self.eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_id
         param = next(model.parameters())
         self.device = param.device
         quantized = isinstance(model.head, Int8TiedHead)  # int8 and int4 models alike
