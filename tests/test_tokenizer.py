@@ -58,3 +58,34 @@ def test_a_prompt_ending_inside_a_character_is_completed_by_the_continuation(gpt
     assert "".join(deltas) == "中文"
     # Nothing generated: the prompt's own unfinished byte is not part of the continuation.
     assert IncrementalDetokenizer(gpt2, prompt).flush() == ""
+
+
+def test_tokens_a_fine_tune_added_beside_vocab_and_merges_are_read_as_transformers_does(
+        tmp_path):
+    """transformers 4's slow GPT2Tokenizer saved added tokens in added_tokens.json (which are
+    special in special_tokens_map.json) beside vocab.json and merges.txt: they were ignored,
+    so '<|sep|>' was read as 7 tokens and id 50258 could not be decoded."""
+    if not GPT2_TOKENIZER.exists():
+        pytest.skip("../shared/data/gpt2-tokenizer not available")
+    import json
+    import shutil
+
+    from transformers import GPT2Tokenizer
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(GPT2_TOKENIZER / name, tmp_path / name)
+    (tmp_path / "added_tokens.json").write_text(json.dumps(
+        {"<|pad|>": 50257, "<|sep|>": 50258, "ROMEO": 50259}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "pad_token": {"content": "<|pad|>"},
+         "additional_special_tokens": ["<|sep|>"]}))
+    ours, ref = Tokenizer.from_dir(tmp_path), GPT2Tokenizer.from_pretrained(tmp_path)
+    for text in ("Hello <|sep|> ROMEO: hi<|pad|><|endoftext|>", "ROMEOS and <|sep|><|sep|>x"):
+        ids = ours.encode(text)
+        assert ids == ref.encode(text) and 50258 in ids
+        assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids) == text
+    assert ours.vocab_size == len(ref) == 50260
+    assert "<|pad|>" not in ours.decode(ours.encode("a<|pad|>b"))  # special: skipped
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|pad|>": 50300}))
+    with pytest.raises(ValueError, match="has id 50300, not the next free one"):
+        Tokenizer.from_dir(tmp_path)

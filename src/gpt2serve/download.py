@@ -24,7 +24,8 @@ import httpx
 from .tokenizer import TOKENIZER_FILES
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-SMALL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
+SMALL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json",
+               "added_tokens.json", "special_tokens_map.json")  # (the last two: vocab.json's)
 REPO_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # (owner/)name, neither starting with . or -
 
 

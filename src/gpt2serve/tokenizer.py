@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -99,7 +100,43 @@ def _read(*paths: Path) -> HFTokenizer:
     tok.decoder = decoders.ByteLevel()
     if tok.token_to_id(EOS_TOKEN) is not None:
         tok.add_special_tokens([EOS_TOKEN])
+    specials = _special_tokens(vocab.parent)
+    for token_id, content in _added_tokens(vocab.parent):
+        special = content in specials
+        if tok.token_to_id(content) == token_id:
+            if special:
+                tok.add_special_tokens([content])
+            continue
+        if token_id != tok.get_vocab_size(with_added_tokens=True):
+            raise ValueError(f"added_tokens.json: {content!r} has id {token_id}, not the next "
+                             f"free one ({tok.get_vocab_size(with_added_tokens=True)})")
+        (tok.add_special_tokens if special else tok.add_tokens)([content])
     return tok
+
+
+def _added_tokens(folder: Path) -> list[tuple[int, str]]:
+    """The tokens a slow tokenizer's save_pretrained (transformers 4) kept beside vocab.json
+    and merges.txt, by id: fine-tunes add their own (<|pad|>, <|sep|>)."""
+    path = folder / "added_tokens.json"
+    added = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not isinstance(added, dict) or not all(
+            isinstance(k, str) and type(v) is int for k, v in added.items()):
+        raise ValueError(f"{path}: expected an object of tokens to ids")
+    return sorted((token_id, content) for content, token_id in added.items())
+
+
+def _special_tokens(folder: Path) -> set[str]:
+    """Which tokens special_tokens_map.json names (bos_token, additional_special_tokens...)."""
+    path = folder / "special_tokens_map.json"
+    named = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    values = named.values() if isinstance(named, dict) else ()
+    found = set()
+    for value in values:
+        for item in value if isinstance(value, list) else [value]:
+            content = item.get("content") if isinstance(item, dict) else item
+            if isinstance(content, str):
+                found.add(content)
+    return found
 
 
 # Prompt tokens an IncrementalDetokenizer starts from (vLLM's
