@@ -35,6 +35,14 @@ def test_an_eos_past_the_vocabulary_is_no_eos(good):
     (good / "generation_config.json").unlink()  # (its eos_token_id, 0, would be taken)
     model, tokenizer = checkpoint.load(good)
     assert model.config.eos_token_id is None and tokenizer.eos_id == 0
+    # at GPT-2's vocabulary size: absent is GPT2Config's default 50256, null names none
+    _edit_config(good, vocab_size=50257)
+    config = json.loads((good / "config.json").read_text())
+    del config["eos_token_id"]
+    (good / "config.json").write_text(json.dumps(config))
+    assert checkpoint.read_config(good).eos_token_id == 50256
+    _edit_config(good, eos_token_id=None)
+    assert checkpoint.read_config(good).eos_token_id is None
 
 
 def test_safetensors_and_bin_layouts_load_the_same_weights(tmp_path):
@@ -156,7 +164,15 @@ BROKEN = {
     "a shard outside the folder": (lambda f: _index_to(f, "../model/model.safetensors"),
                                    r"a shard must be a file name in the folder"),
     "bin not a state dict": (lambda f: _bin(f, torch.zeros(3)), r"not a state dict"),
+    "bin an html page": (lambda f: _bin_bytes(f, b"<html>rate limited</html>"),
+                         r"pytorch_model.bin: cannot be read as plain tensors \((?!.*weights_only)"
+                         r"(?!.*other objects)"),
 }
+
+
+def _bin_bytes(folder, data: bytes):
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(data)
 
 
 def _sparse_tokenizer(folder):

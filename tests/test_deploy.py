@@ -967,6 +967,8 @@ def test_convert_names_what_is_wrong_with_a_release(tmp_path, breakage, message)
     run = _convert(src, tmp_path / "out")
     assert run.returncode == 2, run.stderr
     assert re.search(message, run.stderr) and "Traceback" not in run.stderr, run.stderr
+    if "has shape" not in message:  # found before anything is written
+        assert not (tmp_path / "out").exists()
 
 
 def _edit_json(path: Path, **changes) -> None:
@@ -987,6 +989,9 @@ def test_convert_reads_a_tied_head_under_lm_head_keeps_the_eos_and_refuses_to_ov
     assert torch.equal(out["transformer.wte.weight"], state["lm_head.weight"])
     from gpt2serve import checkpoint
     assert checkpoint.check(tmp_path / "out").config.eos_token_id == 7  # the model's own
+    (src / "generation_config.json").unlink()  # converted again: the old one is not kept
+    assert _convert(src, tmp_path / "out").returncode == 0
+    assert checkpoint.check(tmp_path / "out").config.eos_token_id == 0
     same = _convert(src, src)
     assert same.returncode == 2 and "another folder" in same.stderr
 

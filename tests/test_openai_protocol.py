@@ -200,6 +200,11 @@ def test_echo_and_offsets_of_a_prompt_ending_inside_a_character(tmp_path):
         assert scored.text == "Hello \ufffd" and scored.logprobs.text_offset[-1] == 6
         chunks = list(client.completions.create(max_tokens=0, stream=True, **kw))
         assert "".join(c.choices[0].text for c in chunks) == scored.text
+        # <|endoftext|> after the unfinished character: the completion's text skips special
+        # tokens, so the echo keeps the prompt whole
+        kw["prompt"] = prompt + [gpt2.eos_id]
+        eos_after = client.completions.create(max_tokens=1, **kw).choices[0]
+        assert eos_after.text.startswith("Hello \ufffd<|endoftext|>")
 
 
 # ---- /tokenize and /detokenize (vLLM's shapes) --------------------------------------------

@@ -86,6 +86,8 @@ def read_config(folder: Path) -> GPTConfig:
         if type(getattr(config, name)) is not bool:
             raise CheckpointError(f"{path}: '{name}' must be true or false, "
                                   f"got {getattr(config, name)!r}")
+    if "eos_token_id" in raw and raw["eos_token_id"] is None:  # (not GPT2Config's default)
+        config = replace(config, eos_token_id=None)
     eos = config.eos_token_id
     if eos is not None and type(eos) is not int:
         raise CheckpointError(f"{path}: 'eos_token_id' must be a token id, got {eos!r}")
@@ -215,10 +217,14 @@ class Weights:
                 state = torch.load(self.source, map_location="cpu", weights_only=True,
                                    mmap=zipfile.is_zipfile(self.source))
             except pickle.UnpicklingError as e:
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                if not found:  # not a pickle of ours at all (an HTML page, a truncated file)
+                    raise CheckpointError(f"{self.source}: cannot be read as plain tensors "
+                                          f"({_unpickler_cause(e)})") from None
                 # torch's message advises weights_only=False: running the file's code
                 raise CheckpointError(
                     f"{self.source}: cannot be read as plain tensors: it holds other objects "
-                    f"({_unpickler_detail(e)}), which are never unpickled here; save the "
+                    f"(it names {found.group(1)}), which are never unpickled here; save the "
                     f"weights as safetensors with a tool you trust") from None
             except Exception as e:  # torch raises many types for a bad file
                 raise CheckpointError(f"{self.source}: cannot be read as plain tensors "
@@ -257,10 +263,11 @@ class Weights:
             yield hf_name(name), file.get(key)
 
 
-def _unpickler_detail(e: Exception) -> str:
-    """What torch's weights-only unpickler found, without its advice around it."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(e))
-    return f"it names {found.group(1)}" if found else "not tensors"
+def _unpickler_cause(e: Exception) -> str:
+    """What torch's weights-only unpickler stopped at, without the advice around it."""
+    advice = ("Weights only load failed", "Please file", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(advice)), "not a checkpoint")[:200]
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"

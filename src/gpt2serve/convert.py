@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,19 +46,25 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         tokenizer = checked.tokenizer
         config = json.loads((src / "config.json").read_text())
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if (src / GENERATION_CONFIG).is_file():  # (its eos_token_id is the model's)
-        shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
-    checkpoint.read_config(out)  # (hparams.json's values, before any tensor is read)
-    tokenizer.save(out / "tokenizer.json")
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    with tempfile.TemporaryDirectory() as scratch:  # hparams.json's values, before any tensor
+        (Path(scratch) / "config.json").write_text(text)  # is read or anything written
+        checkpoint.read_config(Path(scratch))
     if tf:
         tensors = dict(_openai_tensors(src / "model.ckpt", dtype))
     else:
         tensors = {name: tensor.to(dtype).contiguous()
                    for name, tensor in checked.weights.hf_tensors()}
+    # Only now is `out` written: a source that fails to read leaves it as it was.
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / checkpoint.SAFETENSORS), metadata={"format": "pt"})
     del tensors
+    (out / "config.json").write_text(text)
+    tokenizer.save(out / "tokenizer.json")
+    if (src / GENERATION_CONFIG).is_file():  # (its eos_token_id is the model's)
+        shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
+    else:  # an earlier conversion's would override config.json's
+        (out / GENERATION_CONFIG).unlink(missing_ok=True)
     checkpoint.check(out)  # the server's checks: fail here rather than there
     return out
 
@@ -112,9 +119,7 @@ def read_tf_checkpoint(prefix: Path) -> Iterator[tuple[str, np.ndarray]]:
     index = Path(f"{prefix}.index")
     try:
         entries = _tf_index(index.read_bytes())
-    except CheckpointError:
-        raise
-    except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
+    except (IndexError, ValueError, TypeError, UnicodeDecodeError, struct.error) as e:
         raise CheckpointError(f"{index}: not a TensorFlow checkpoint index ({e})") from None
     for name, (dtype, shape, shard, offset, size) in entries.items():
         if dtype not in TF_DTYPES:
@@ -169,7 +174,7 @@ def _block(table: bytes, off: int, size: int):
     """Key/value pairs of one table block (prefix-compressed keys, restart array at the end)."""
     data = table[off:off + size]
     if table[off + size] != 0:
-        raise CheckpointError("compressed TensorFlow checkpoint blocks are not supported")
+        raise ValueError("compressed TensorFlow checkpoint blocks are not supported")
     n_restarts = struct.unpack("<I", data[-4:])[0]
     end = len(data) - 4 * (n_restarts + 1)
     pos, key = 0, b""
@@ -194,6 +199,9 @@ def _bundle_entry(buf: bytes) -> tuple[int, list[int], int, int, int]:
                                for n, dim in _proto_fields(value) if n == 2]
         elif num in (3, 4, 5):
             fields[{3: "shard", 4: "offset", 5: "size"}[num]] = value
+    if not all(type(v) is int for v in [*fields["shape"], fields["dtype"], fields["shard"],
+                                        fields["offset"], fields["size"]]):
+        raise ValueError("an entry whose fields are not integers")
     return (fields["dtype"], fields["shape"], fields["shard"], fields["offset"], fields["size"])
 
 
@@ -212,5 +220,5 @@ def _proto_fields(buf: bytes):
         elif wire == 1:
             value, pos = buf[pos:pos + 8], pos + 8
         else:
-            raise CheckpointError(f"unexpected protobuf wire type {wire}")
+            raise ValueError(f"unexpected protobuf wire type {wire}")
         yield num, value

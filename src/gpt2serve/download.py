@@ -29,7 +29,7 @@ SMALL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json",
 REPO_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # (owner/)name, neither starting with . or -
 
 
-# Names the repository, revision and commit a folder was downloaded from (download._claim).
+# Names the repository, revision and commit a folder was downloaded from (download._marker).
 MARKER = ".gpt2serve-download.json"
 MODEL_FILES = (SMALL_FILES + tuple(n for names in TOKENIZER_FILES for n in names)
                + ("model.safetensors.index.json", "pytorch_model.bin"))
@@ -54,7 +54,8 @@ def wanted_files(files: list[str]) -> list[str]:
         chosen.append("model.safetensors")
     elif "model.safetensors.index.json" in names:
         chosen.append("model.safetensors.index.json")
-        chosen += sorted(f for f in names if f.startswith("model-") and f.endswith(".safetensors"))
+        chosen += sorted(f for f in names if f.startswith("model-") and f.endswith(".safetensors")
+                         and "/" not in f)  # (files of the folder, as the index names them)
     elif "pytorch_model.bin" in names:
         chosen.append("pytorch_model.bin")
     else:

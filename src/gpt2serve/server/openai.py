@@ -257,6 +257,9 @@ class CompletionCall:
         held = ids[len(ids) - IncrementalDetokenizer(tokenizer, ids).held:]
         while held and not tokenizer.token_bytes(held[0]):  # (a special token: no text held)
             held = held[1:]
+        if not all(map(tokenizer.token_bytes, held)):
+            held = []  # a special token after the unfinished character: the completion's text
+            # (special tokens skipped) would lose it, so the echo keeps it, the character too
         if not self.echo:
             return Before("", "", held)
         decode = tokenizer.decode
