@@ -948,7 +948,7 @@ def _data_shard(src: Path) -> Path:
      r"hparams.json: not OpenAI's hparams .* missing 'n_ctx'"),
     (lambda src: (src / "hparams.json").write_text("{nope"), r"hparams.json: not valid JSON"),
     (lambda src: _edit_json(src / "hparams.json", n_layer="2"),
-     r"'n_layer' must be an integer"),
+     r"hparams.json: 'n_layer' must be an integer"),
     (lambda src: (src / "encoder.json").unlink(), r"no tokenizer found"),
     (lambda src: (src / "model.ckpt.index").write_bytes(b"\x00" * 100),
      r"model.ckpt.index: not a TensorFlow checkpoint index"),

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,6 +59,12 @@ def read_config(folder: Path) -> GPTConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return config_of(raw, path, folder / "generation_config.json")
+
+
+def config_of(raw: Any, path: Path, generation: Path | None = None) -> GPTConfig:
+    """The network's config from config.json's fields `raw` (read from `path`, which errors
+    name), its end-of-text taken from `generation` (generation_config.json) if there is one."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     model_type = raw.get("model_type")
@@ -91,7 +98,8 @@ def read_config(folder: Path) -> GPTConfig:
     eos = config.eos_token_id
     if eos is not None and type(eos) is not int:
         raise CheckpointError(f"{path}: 'eos_token_id' must be a token id, got {eos!r}")
-    eos = _generation_eos(folder / "generation_config.json", eos)
+    if generation is not None:
+        eos = _generation_eos(generation, eos)
     config = replace(config, eos_token_id=eos)
     if eos is not None and not 0 <= eos < config.vocab_size:
         # GPT2Config's default 50256, saved with a smaller vocabulary: as in transformers, a

@@ -14,7 +14,6 @@ import json
 import math
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,15 +40,12 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         config = _openai_config(src / "hparams.json")
         # end-of-text is the encoder's <|endoftext|> (50256 in OpenAI's releases)
         config["bos_token_id"] = config["eos_token_id"] = tokenizer.eos_id
+        checkpoint.config_of(config, src / "hparams.json")  # before any tensor is read
     else:
         checked = checkpoint.check(src)
         tokenizer = checked.tokenizer
         config = json.loads((src / "config.json").read_text())
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    with tempfile.TemporaryDirectory() as scratch:  # hparams.json's values, before any tensor
-        (Path(scratch) / "config.json").write_text(text)  # is read or anything written
-        checkpoint.read_config(Path(scratch))
     if tf:
         tensors = dict(_openai_tensors(src / "model.ckpt", dtype))
     else:
@@ -59,7 +55,7 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / checkpoint.SAFETENSORS), metadata={"format": "pt"})
     del tensors
-    (out / "config.json").write_text(text)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save(out / "tokenizer.json")
     if (src / GENERATION_CONFIG).is_file():  # (its eos_token_id is the model's)
         shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)

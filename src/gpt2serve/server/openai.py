@@ -223,14 +223,14 @@ class CompletionCall:
         results = [[Choice(i) for i in range(self.params.n)] for _ in self.prompts]
         async for p, ev in self.engine.stream(self.submit()):
             results[p][ev.index].add(ev, self.engine.eos_id)
-        choices = [self._choice(p, c) for p, cs in enumerate(results) for c in cs]
+        before = [self._before(p) for p in range(len(self.prompts))]
+        choices = [self._choice(p, before[p], c) for p, cs in enumerate(results) for c in cs]
         completion_tokens = sum(len(c.token_ids) for cs in results for c in cs)
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model_name, "choices": choices,
                 "usage": self._usage(completion_tokens)}
 
-    def _choice(self, p: int, c: Choice) -> dict:
-        before = self._before(p)
+    def _choice(self, p: int, before: Before, c: Choice) -> dict:
         logprobs = None
         if self.params.logprobs is not None:
             offsets = TextOffsets(self.engine.tokenizer, len(before.echo), before.held)
@@ -253,6 +253,8 @@ class CompletionCall:
         """What comes before prompt p's completions. Echoed, the prompt is a string as sent
         (vLLM's; `<|endoftext|>` in it stays), else its token ids decoded with their special
         tokens (an empty prompt is read as, and echoed as, <|endoftext|>)."""
+        if not self.echo and self.params.logprobs is None:
+            return Before("", "", [])  # (held tokens only move text_offset)
         ids, sent, tokenizer = self.prompts[p], self.sent[p], self.engine.tokenizer
         held = ids[len(ids) - IncrementalDetokenizer(tokenizer, ids).held:]
         while held and not tokenizer.token_bytes(held[0]):  # (a special token: no text held)
