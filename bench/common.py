@@ -145,7 +145,8 @@ AMD_EPYCS = {23: "Zen/Zen 2", 25: "Zen 3/Zen 4", 26: "Zen 5"}
 
 def cpu_model() -> str:
     """The CPU's name as /proc/cpuinfo gives it (or the platform's word for it), with the
-    generation added where the name is a bare "Intel(R) Xeon(R) Processor" or "AMD EPYC"."""
+    generation added where the name is a bare "Intel(R) Xeon(R) Processor" or "AMD EPYC" (the
+    family and model numbers where the generation is not known here)."""
     import platform
 
     from gpt2serve.hardware import cpu_info
@@ -154,8 +155,9 @@ def cpu_model() -> str:
     name = fields.get("model name") or platform.processor() or platform.machine()
     family = int(fields.get("cpu family", "0") or 0)
     model = int(fields.get("model", "0") or 0)
-    if name == "Intel(R) Xeon(R) Processor" and model in INTEL_XEONS:
-        name += f" ({INTEL_XEONS[model]}; model {model})"
+    if name == "Intel(R) Xeon(R) Processor":
+        name += (f" ({INTEL_XEONS[model]}; model {model})" if model in INTEL_XEONS
+                 else f" (family {family} model {model})")
     elif name == "AMD EPYC" and family in AMD_EPYCS:
         name += f" ({AMD_EPYCS[family]}; family {family} model {model})"
     return name

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -372,6 +373,8 @@ def main() -> None:
         if not lines:
             print(f"{name}: failed\n{child.stderr[-2000:]}")
             tail = [ln for ln in child.stderr.splitlines() if ln.strip()][-1:]
+            if child.returncode < 0:  # a crash: its stderr's last line is whatever came before
+                tail = [f"killed by {signal.Signals(-child.returncode).name}"]
             skipped[name] = "failed: " + " ".join(tail)[:300]
             return None
         outcome = json.loads(lines[-1][len("RESULT "):])

@@ -193,14 +193,16 @@ def isa_caps(env=None) -> dict[str, str]:
 
 
 def host_isa(flags: set[str] | None = None) -> str:
-    """One line: the CPU's widest vector ISA and VNNI, before any cap."""
+    """One line: the CPU's widest vector ISA, VNNI, BF16 and AMX (oneDNN's int8 and bf16 tiles),
+    before any cap."""
     flags = cpu_flags() if flags is None else flags
     isa = ("AVX512" if AVX512_FLAGS <= flags
            else "AVX2" if "avx2" in flags else "no AVX2")
     vnni = (" +VNNI" if "avx512_vnni" in flags and isa == "AVX512"
             else " +AVX-VNNI" if "avx_vnni" in flags else "")
     bf16 = " +BF16" if "avx512_bf16" in flags else ""
-    return f"{isa}{vnni}{bf16}"
+    amx = " +AMX" if {"amx_tile", "amx_int8"} <= flags else ""
+    return f"{isa}{vnni}{bf16}{amx}"
 
 
 def last_level_cache() -> int:
