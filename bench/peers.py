@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # bench/run.py runs this before PYTHONPATH=src
-from gpt2serve.hardware import cpu_flags  # noqa: E402
+from gpt2serve.hardware import AMX_FLAGS, cpu_flags  # noqa: E402
 
 PEERS = ("ctranslate2", "llama.cpp", "openvino", "vllm")
 LLAMA_CPP = "llama-cpp-python==0.3.36"
@@ -116,9 +116,9 @@ NO_AMX = ("-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML
 
 
 def llama_cmake_args(flags: set[str]) -> str:
-    """CMAKE_ARGS for this CPU: native, or NO_AMX where it exposes AMX (with AVX-512, as
-    every AMX CPU has)."""
-    return NO_AMX if {"amx_tile", "avx512f"} <= flags else "-DGGML_NATIVE=ON"
+    """CMAKE_ARGS for this CPU: native, or NO_AMX where it exposes AMX as the ISA line names
+    it (hardware.host_isa; every such CPU has the AVX-512 that NO_AMX turns on)."""
+    return NO_AMX if AMX_FLAGS <= flags else "-DGGML_NATIVE=ON"
 
 
 def llama_cpp(d: Path, log: Path) -> dict:

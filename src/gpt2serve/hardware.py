@@ -132,6 +132,8 @@ AVX2_CAP_ENV = {
 
 # The AVX-512 subsets fbgemm's and torch's AVX-512 kernels need (x86-64-v4 without CD).
 AVX512_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+# AMX as oneDNN (and llama.cpp's AMX build) use it: the tiles and their int8 products
+AMX_FLAGS = {"amx_tile", "amx_int8"}
 
 # fbgemm's FBGEMM_ENABLE_INSTRUCTIONS values, and which of them each detected ISA allows
 # (fbgemm src/Utils.cc, fbgemmInstructionSet: a forced ISA the CPU lacks is ignored).
@@ -201,7 +203,7 @@ def host_isa(flags: set[str] | None = None) -> str:
     vnni = (" +VNNI" if "avx512_vnni" in flags and isa == "AVX512"
             else " +AVX-VNNI" if "avx_vnni" in flags else "")
     bf16 = " +BF16" if "avx512_bf16" in flags else ""
-    amx = " +AMX" if {"amx_tile", "amx_int8"} <= flags else ""
+    amx = " +AMX" if AMX_FLAGS <= flags else ""
     return f"{isa}{vnni}{bf16}{amx}"
 
 
