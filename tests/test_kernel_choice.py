@@ -206,6 +206,24 @@ def test_a_layers_matrices_are_timed_together_each_with_its_own_verdicts():
             assert choice.by_rows[m] == min(timed, key=timed.get) != "sleepy"
 
 
+@pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
+def test_groups_timed_in_turn_lay_out_their_copies_in_one_arena_and_fill_the_working_set():
+    """Each group's copies in huge pages go to the arena, from its start (a second group
+    reuses the first's memory, which a VM had already backed). A group cut to fit (the head)
+    is laid out in two copies that fill its share of the working set, not three."""
+    candidates = matmul.candidates("fp32")
+    ours = sum(kind is matmul.OursF32 for kind in candidates.values())
+    pages = kernel_choice.arena()
+    share, k = 40_000, 64  # bytes a candidate, of a matrix of 256 KiB: cut to fit
+    kernel_choice.measure("fp32", [(k, 1000)], (1,), candidates,
+                          model_bytes=share * len(candidates), pages=pages)
+    cut = pages.used
+    assert ours * share <= cut <= ours * (share + 2 * 16 * k * 4)
+    kernel_choice.measure("fp32", [(k, 1000)], (1,), candidates,
+                          model_bytes=share * len(candidates), pages=pages)
+    assert pages.used == cut  # not twice as much
+
+
 def test_the_cache_key_tells_xeons_of_one_name_apart(tmp_path):
     """VMs name every Xeon generation "Intel(R) Xeon(R) Processor": the first CPU's family and
     model numbers go with the name (hardware.cpu_info reads them)."""

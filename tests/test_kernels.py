@@ -2,6 +2,7 @@
 weights and a paged cache handed out the way the engine hands it out (tables out of order,
 siblings sharing their prompt's blocks)."""
 
+import contextvars
 import errno
 import mmap
 import os
@@ -492,6 +493,34 @@ def test_weights_load_where_the_kernel_has_no_huge_pages(monkeypatch):
     x = torch.randn(2, 64)
     torch.testing.assert_close(kernels.linear_f32(x, panels, None, 40), x @ w,
                                atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not kernels.F32_RUNS, reason="no fp32 kernel here (not built, or no AVX2)")
+def test_an_arena_hands_its_pages_out_again_after_a_rewind():
+    """Weights laid out on a thread that lent an arena take its memory, in turn, and the same
+    memory again after a rewind (kernel_choice's copies, one group after another); past the
+    arena's size, and on any other thread, the shared maps serve. The products stay right."""
+    arena = kernels.PageArena(4 << 20)
+    start, end = arena.region.data_ptr(), arena.region.data_ptr() + arena.region.numel()
+    w = torch.randn(64, 1024)  # 256 KiB laid out
+
+    def lay_out(count, matrix=w):
+        arena.lend()
+        return [kernels.pack_f32(matrix) for _ in range(count)]
+
+    first = contextvars.copy_context().run(lay_out, 3)
+    assert [p.data_ptr() - start for p in first] == [0, 256 << 10, 512 << 10]
+    del first
+    arena.rewind()
+    again = contextvars.copy_context().run(lay_out, 1)[0]
+    assert again.data_ptr() == start
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(kernels.linear_f32(x, again, None, 1024), x @ w,
+                               atol=1e-4, rtol=1e-5)
+    past = contextvars.copy_context().run(lay_out, 1, torch.randn(768, 2048))[0]  # 6 MiB
+    elsewhere = kernels.pack_f32(w)
+    for outside in (past, elsewhere):
+        assert not start <= outside.data_ptr() < end
 
 
 def test_the_kernels_follow_the_isa_caps():

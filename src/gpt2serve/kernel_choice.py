@@ -113,8 +113,8 @@ def _dequantized(dtype: str, weights: tuple, k: int) -> tuple[torch.Tensor, torc
 
 def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = ROW_CLASSES,
             kinds: dict[str, type[matmul.Kernel]] | None = None, repeats: int = REPEATS,
-            model_bytes: float = math.inf, fused: dict[tuple[int, int], set[str]] | None = None
-            ) -> dict[tuple[int, int], RowChoice]:
+            model_bytes: float = math.inf, fused: dict[tuple[int, int], set[str]] | None = None,
+            pages: kernels.PageArena | None = None) -> dict[tuple[int, int], RowChoice]:
     """Check, then time, every candidate for each (k, n) matrix of `shapes` (a layer's, or the
     head) at each row class (see module doc); `kinds` (name -> kernel) defaults to
     matmul.candidates(dtype). Runs on the calling thread's intra-op threads.
@@ -140,21 +140,28 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
     a pass, not the candidate (timed one after another, the first table cached on a Xeon ran
     int8 at 0.57x of one measured again). A group larger than its share (the head) is timed
     on its matrices' first outputs, the time scaled to all n (a call's cost grows with the
-    outputs, each panel of 16 a stream of its own)."""
+    outputs, each panel of 16 a stream of its own).
+
+    The copies in huge pages are laid out in `pages` (`arena`), rewound first: a caller that
+    measures group after group passes one, so that each reuses the memory the first made."""
     kinds = kinds or matmul.candidates(dtype)
     generator = torch.Generator().manual_seed(sum(k * 100003 + n for k, n in shapes))
     element = BYTES[dtype]
-    share = min(WORKING_SET * hardware.last_level_cache(), model_bytes) / len(kinds)
+    pages = pages or arena(model_bytes)
+    pages.rewind()
+    share = _working_set(model_bytes) / len(kinds)
     fit = min(1.0, share / (2 * sum(k * n for k, n in shapes) * element))  # two copies at least
-    timed_n = {(k, n): min(n, max(16, int(n * fit) // 16 * 16)) for k, n in shapes}
+    # whole panels of 16, rounded up: two copies fill the share, not two and a sliver of a
+    # third (the head's three copies of 41 MB read 1.5x the working set on a 480 MiB L3)
+    timed_n = {(k, n): min(n, -(-max(16, int(n * fit)) // 16) * 16) for k, n in shapes}
     weights = {(k, n): _random_weights(dtype, k, timed_n[k, n], generator) for k, n in shapes}
     group = sum(k * timed_n[k, n] * element for k, n in shapes)
     copies = max(2, min(64, math.ceil(share / group)))
     # each copy in memory of its own, as each layer's weights are; laid out on every core
     # (fbgemm's and oneDNN's packing run on one), each worker on one intra-op thread
     jobs = [(name, shape) for name in kinds for shape in shapes for _ in range(copies)]
-    with ThreadPoolExecutor(torch.get_num_threads(), initializer=torch.set_num_threads,
-                            initargs=(1,)) as pool:
+    with ThreadPoolExecutor(torch.get_num_threads(), initializer=_layout_thread,
+                            initargs=(pages,)) as pool:
         built = list(pool.map(lambda job: kinds[job[0]](*(
             w if kinds[job[0]].own_layout else w.clone() for w in weights[job[1]])), jobs))
     layouts = {job: built[i * copies:(i + 1) * copies] for i, job in enumerate(jobs[::copies])}
@@ -216,6 +223,23 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
             by_rows[shape][m] = min(timed, key=timed.get)
             timings[shape][m] = seen[shape]
     return {shape: RowChoice(by_rows[shape], timings[shape]) for shape in shapes}
+
+
+def _working_set(model_bytes: float) -> float:
+    """The bytes a pass of measure reads (WORKING_SET)."""
+    return min(WORKING_SET * hardware.last_level_cache(), model_bytes)
+
+
+def arena(model_bytes: float = math.inf) -> kernels.PageArena:
+    """Memory for measure's copies of any group: a candidate's come to at most its share
+    and one group, a group to at most half a share, so all of them to 1.5x the working set
+    and a few panels of padding. Only what they write is ever backed."""
+    return kernels.PageArena(int(2 * _working_set(model_bytes)))
+
+
+def _layout_thread(pages: kernels.PageArena) -> None:
+    torch.set_num_threads(1)
+    pages.lend()
 
 
 def _calls(shape: tuple[int, int], m: int, timed_n: int, used: int, ops: set[str],
@@ -442,9 +466,10 @@ def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
 
             def run() -> None:
                 torch.set_num_threads(threads)
+                pages = arena(model_bytes)
                 for rows, group in groups.items():
                     for (k, n), choice in measure(dtype, group, rows, model_bytes=model_bytes,
-                                                  fused=fused).items():
+                                                  fused=fused, pages=pages).items():
                         result[(dtype, k, n)] = choice
             failure: list[BaseException] = []
             worker = threading.Thread(target=lambda: _capture(run, failure),

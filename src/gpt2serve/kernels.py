@@ -17,6 +17,7 @@ fp16/bf16), the torch ops run. GPT2SERVE_C_KERNELS=0 turns them off, to compare
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import mmap
@@ -121,6 +122,24 @@ def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
     return out
 
 
+def _map_huge(nbytes: int) -> Tensor:
+    """nbytes of an anonymous map, 2 MiB-aligned, advised MADV_HUGEPAGE."""
+    # private: a shared anonymous map is shmem, which THP leaves alone by default
+    mapped = mmap.mmap(-1, nbytes + _HugePages.HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mapped.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no THP in this kernel (EINVAL) or platform
+        pass
+    buffer = torch.frombuffer(mapped, dtype=torch.uint8)
+    skip = -buffer.data_ptr() % _HugePages.HUGE
+    return buffer[skip:skip + nbytes]
+
+
+def _whole_lines(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """A tensor's bytes, rounded up to whole cache lines (so the next one starts on one)."""
+    return -(-math.prod(shape) * dtype.itemsize // 64) * 64
+
+
 class _HugePages:
     """Memory for weights in transparent huge pages, handed out from 64 MiB anonymous maps
     advised MADV_HUGEPAGE (used where the kernel's THP setting is `madvise` or `always`).
@@ -139,27 +158,58 @@ class _HugePages:
         self.chunk, self.used = None, 0
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        nbytes = -(-math.prod(shape) * dtype.itemsize // 64) * 64  # whole cache lines
+        nbytes = _whole_lines(shape, dtype)
         with self.lock:
             if self.chunk is None or self.used + nbytes > self.chunk.numel():
-                self.chunk, self.used = self._map(max(self.CHUNK, nbytes)), 0
+                self.chunk, self.used = _map_huge(max(self.CHUNK, nbytes)), 0
             start, self.used = self.used, self.used + nbytes
             return self.chunk[start:start + nbytes].view(dtype).view(shape)
 
-    def _map(self, nbytes: int) -> Tensor:
-        # private: a shared anonymous map is shmem, which THP leaves alone by default
-        mapped = mmap.mmap(-1, nbytes + self.HUGE,
-                           flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+class PageArena:
+    """Huge pages for tensors that die together and are laid out again, as kernel_choice's
+    copies are for one group of matrices after another: one map of `nbytes`, handed out from
+    its start again after each `rewind`. A reused page is one the kernel has zeroed, and a
+    VM's host backed, already: on a KVM guest, the first write of huge pages the guest had
+    never used took 180 ms per 64 MiB against 10 ms for pages used before, and a first start
+    laid out 494 MB of fp32 copies for each of two groups. Only written pages are backed, so
+    `nbytes` may be generous; past it, the shared maps serve."""
+
+    def __init__(self, nbytes: int):
+        self.lock = threading.Lock()
+        self.used = 0
         try:
-            mapped.madvise(mmap.MADV_HUGEPAGE)
-        except (AttributeError, OSError):  # no THP in this kernel (EINVAL) or platform
-            pass
-        buffer = torch.frombuffer(mapped, dtype=torch.uint8)
-        skip = -buffer.data_ptr() % self.HUGE
-        return buffer[skip:skip + nbytes]
+            self.region = _map_huge(nbytes)
+        except OSError:  # a reservation strict overcommit (vm.overcommit_memory=2) refused
+            self.region = torch.empty(0, dtype=torch.uint8)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        nbytes = _whole_lines(shape, dtype)
+        with self.lock:
+            start = self.used
+            if start + nbytes > self.region.numel():
+                return _huge_pages.empty(shape, dtype)
+            self.used += nbytes
+        return self.region[start:start + nbytes].view(dtype).view(shape)
+
+    def rewind(self) -> None:
+        """Hand the memory out again: every tensor it handed out must be dead."""
+        with self.lock:
+            self.used = 0
+
+    def lend(self) -> None:
+        """Weights this thread lays out (pack_*) take the arena's memory from now on."""
+        _lending.set(self)
 
 
+_lending: contextvars.ContextVar[PageArena | None] = contextvars.ContextVar(
+    "gpt2serve_page_arena", default=None)
 _huge_pages = _HugePages()
+
+
+def _huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialized tensor in huge pages: the lent arena's on this thread, else shared."""
+    return (_lending.get() or _huge_pages).empty(shape, dtype)
 
 
 # The int8 kernel's instructions: VNNI exactly when fbgemm uses it, since that decides the
@@ -182,7 +232,7 @@ def pack_int8(q: Tensor) -> tuple[Tensor, Tensor]:
     # numpy's int8 -> int32 row sums are far faster than torch's (docs/benchmarks.md):
     # start-up makes one per matrix
     sums = torch.from_numpy(padded.numpy().sum(1, dtype=np.int32))
-    packed = _huge_pages.empty((n16 // PANEL, k4 // 4, PANEL, 4), torch.int8)
+    packed = _huge_empty((n16 // PANEL, k4 // 4, PANEL, 4), torch.int8)
     packed.copy_(padded.view(n16 // PANEL, PANEL, k4 // 4, 4).transpose(1, 2))
     return packed, sums
 
@@ -292,7 +342,7 @@ def pack_int4(q: Tensor, scales: Tensor) -> Tensor:
     # (panel, output, block, group, low|high, j, input of 4) -> (panel, block, group, j,
     # output, input of 4, low|high)
     nibbles = padded.view(panels, PANEL, blocks, 2, 2, 4, 4).permute(0, 2, 3, 5, 1, 6, 4)
-    packed = _huge_pages.empty((panels, blocks, 576), torch.uint8)
+    packed = _huge_empty((panels, blocks, 576), torch.uint8)
     packed[..., :512] = (nibbles[..., 0] | nibbles[..., 1] << 4).reshape(panels, blocks, 512)
     packed[..., 512:] = (half_scales.view(panels, PANEL, blocks, 2).permute(0, 2, 3, 1)
                          .reshape(panels, blocks, 32).view(torch.uint8).reshape(panels, blocks, 64))
@@ -336,7 +386,7 @@ def pack_f32(w: Tensor) -> Tensor:
     [ceil(n / 16), k, 16], zeros past n, in huge pages."""
     k, n = w.shape
     full = n // PANEL
-    panels = _huge_pages.empty((-(-n // PANEL), k, PANEL), torch.float32)
+    panels = _huge_empty((-(-n // PANEL), k, PANEL), torch.float32)
     panels[:full] = w[:, :full * PANEL].reshape(k, full, PANEL).transpose(0, 1)
     if n % PANEL:
         panels[full].zero_()
