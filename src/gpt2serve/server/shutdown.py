@@ -14,13 +14,17 @@ uvicorn owns the signal handlers while it serves (KServe's ModelServer runs it),
 is its `Server.handle_exit`; this process runs exactly one such server. Before uvicorn puts its
 handlers in place, ModelServer's own are there, and with one worker they stop nothing that
 serves HTTP: a SIGTERM in that window used to leave the process running until SIGKILL. Nothing
-can have been accepted yet then, so `exit_before_serving` makes such a signal end the process.
+can have been accepted yet then, so `exit_before_serving` makes such a signal end the process,
+and from the moment it is called, not only once ModelServer puts its handlers in: a signal just
+before that (after KServe's "Setting max asyncio worker threads") met Python's default action
+and killed the process (status -15) instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -73,3 +77,5 @@ def exit_before_serving(model_server, repository: Repository) -> None:
         os._exit(0)
 
     model_server.stop = stop  # ModelServer's handlers call self.stop(sig)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # until ModelServer.start puts those in
+        signal.signal(sig, lambda sig, frame: stop(sig))
