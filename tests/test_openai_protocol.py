@@ -170,6 +170,27 @@ def test_token_prompt_ending_inside_a_character_continues_it(tmp_path):
         assert "".join(deltas) == "中文" and not any("\ufffd" in d for d in deltas)
 
 
+def test_a_prompt_ending_in_a_replacement_character_of_its_own_keeps_it(tmp_path):
+    """A string prompt may end in U+FFFD, a whole character: the completion is the model's
+    text alone, not that character again (it began ' \ufffd ok'), and the echo keeps it."""
+    if not GPT2_TOKENIZER.exists():
+        pytest.skip("../shared/data/gpt2-tokenizer not available")
+    from gpt2serve.tokenizer import Tokenizer
+
+    gpt2 = Tokenizer.from_dir(GPT2_TOKENIZER)
+    prompt = "Hello \ufffd"
+    folder = make_scripted_gpt2(tmp_path / "gpt2", len(gpt2.encode(prompt)),
+                                [*gpt2.encode(" ok"), gpt2.eos_id])
+    with running_server("--model_dir", str(folder), "--enable_grpc", "false",
+                        "--max_batch_size", "2") as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/openai/v1", api_key="unused")
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+        assert client.completions.create(**kw).choices[0].text == " ok"
+        assert "".join(c.choices[0].text for c in client.completions.create(
+            stream=True, **kw)) == " ok"
+        assert client.completions.create(echo=True, **kw).choices[0].text == prompt + " ok"
+
+
 def test_echo_and_offsets_of_a_prompt_ending_inside_a_character(tmp_path):
     """Echoed, such a prompt stops before the character its completion finishes ('Hello '
     then '中文', not 'Hello \ufffd中文'); text_offset counts that character once, and a

@@ -60,6 +60,19 @@ def test_a_prompt_ending_inside_a_character_is_completed_by_the_continuation(gpt
     assert IncrementalDetokenizer(gpt2, prompt).flush() == ""
 
 
+def test_a_replacement_character_written_out_is_a_whole_character(gpt2):
+    """U+FFFD typed in a prompt, or written by the model, is bytes ef bf bd: a whole
+    character, not one left unfinished. The continuation's text does not begin with the
+    prompt's (it did, with the prompt's last token, when text ending in U+FFFD was taken
+    for an unfinished character), and the model's is sent at once, not at the end."""
+    prompt = gpt2.encode("Hello \ufffd")
+    detok = IncrementalDetokenizer(gpt2, prompt)
+    assert detok.held == 0
+    deltas = [detok.push(i) for i in gpt2.encode(" world \ufffd")]
+    assert "".join(deltas) == " world \ufffd" and deltas[-1].endswith("\ufffd")
+    assert detok.flush() == ""
+
+
 def test_tokens_a_fine_tune_added_beside_vocab_and_merges_are_read_as_transformers_does(
         tmp_path):
     """transformers 4's slow GPT2Tokenizer saved added tokens in added_tokens.json (which are

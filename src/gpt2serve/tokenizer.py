@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -171,10 +172,24 @@ class IncrementalDetokenizer:
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = decode(self.ids[self.prefix_offset:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        if len(new_text) > len(prefix_text) and not self._inside_a_character():
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return new_text[len(prefix_text):]
         return ""
+
+    def _inside_a_character(self) -> bool:
+        """Whether the text ends inside a UTF-8 character, which a later token may finish.
+        Text that ends in U+FFFD does not say so: a prompt or the model may write U+FFFD
+        itself (bytes ef bf bd), and a prompt's then came back at the start of the
+        continuation's text. A character is at most 4 bytes: its last 3 tell."""
+        tail = b""
+        for token_id in reversed(self.ids[self.prefix_offset:]):
+            tail = self.tokenizer.token_bytes(token_id) + tail
+            if len(tail) >= 3:
+                break
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(tail[-3:])
+        return bool(decoder.getstate()[0])
 
     @property
     def held(self) -> int:
