@@ -143,6 +143,29 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(oai, tiny_mod
     assert "".join(c.choices[0].text for c in stream if c.choices) == choice.text
 
 
+def test_each_of_n_echoed_choices_scores_the_prompt_and_then_its_own_tokens(oai):
+    """n > 1 with echo and logprobs: every choice begins with the prompt's tokens and
+    logprobs (scored once for all of them), then its own completion's, as the stream sends."""
+    prompt = "ROMEO: But soft"
+    ids = oai.post("/tokenize", body={"prompt": prompt}, cast_to=object)["tokens"]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=1, n=3,
+              temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    choices = sorted(oai.completions.create(**kw).choices, key=lambda c: c.index)
+    head = choices[0].logprobs
+    for c in choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(ids) + 4 and c.text.startswith(prompt)
+        assert lp.tokens[:len(ids)] == head.tokens[:len(ids)]
+        assert lp.token_logprobs[:len(ids)] == head.token_logprobs[:len(ids)]
+        assert lp.text_offset[len(ids)] == len(prompt)
+    assert len({c.text for c in choices}) > 1  # their own tokens after the prompt
+    streamed = {}
+    for chunk in oai.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {c.index: c.text for c in choices}
+
+
 def test_echo_with_max_tokens_0_scores_a_prompt_that_fills_the_context(oai, tiny_model):
     """OpenAI's and vLLM's way to score text (lm-evaluation-harness's loglikelihood): echo
     with max_tokens 0 generates nothing, so the prompt may take the whole context (128)."""

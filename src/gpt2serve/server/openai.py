@@ -224,19 +224,23 @@ class CompletionCall:
         async for p, ev in self.engine.stream(self.submit()):
             results[p][ev.index].add(ev, self.engine.eos_id)
         before = [self._before(p) for p in range(len(self.prompts))]
-        choices = [self._choice(p, before[p], c) for p, cs in enumerate(results) for c in cs]
+        scored = [self._prompt_logprobs(p) if self.echo and self.params.logprobs is not None
+                  else None for p in range(len(self.prompts))]  # once a prompt, for its n
+        choices = [self._choice(p, before[p], scored[p], c)
+                   for p, cs in enumerate(results) for c in cs]
         completion_tokens = sum(len(c.token_ids) for cs in results for c in cs)
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model_name, "choices": choices,
                 "usage": self._usage(completion_tokens)}
 
-    def _choice(self, p: int, before: Before, c: Choice) -> dict:
+    def _choice(self, p: int, before: Before, scored: dict | None, c: Choice) -> dict:
+        """Choice c of prompt p; `scored`: the prompt's logprobs where they are echoed."""
         logprobs = None
         if self.params.logprobs is not None:
             offsets = TextOffsets(self.engine.tokenizer, len(before.echo), before.held)
             logprobs = self._logprobs(c.token_ids, c.logprobs, c.top_logprobs, offsets)
-            if self.echo:
-                logprobs = _join(self._prompt_logprobs(p), logprobs)
+            if scored is not None:
+                logprobs = _join(scored, logprobs)
         return {"text": before.echo + (c.text or before.tail),
                 "index": p * self.params.n + c.index, "logprobs": logprobs,
                 "finish_reason": c.finish_reason}
