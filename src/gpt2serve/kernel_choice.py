@@ -153,7 +153,7 @@ def measure(dtype: str, shapes: list[tuple[int, int]], rows: tuple[int, ...] = R
     fit = min(1.0, share / (2 * sum(k * n for k, n in shapes) * element))  # two copies at least
     # whole panels of 16, rounded up: two copies fill the share, not two and a sliver of a
     # third (the head's three copies of 41 MB read 1.5x the working set on a 480 MiB L3)
-    timed_n = {(k, n): min(n, -(-max(16, int(n * fit)) // 16) * 16) for k, n in shapes}
+    timed_n = {(k, n): min(n, -(-max(16, math.ceil(n * fit)) // 16) * 16) for k, n in shapes}
     weights = {(k, n): _random_weights(dtype, k, timed_n[k, n], generator) for k, n in shapes}
     group = sum(k * timed_n[k, n] * element for k, n in shapes)
     copies = max(2, min(64, math.ceil(share / group)))
