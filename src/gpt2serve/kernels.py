@@ -122,16 +122,19 @@ def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
     return out
 
 
+HUGE_PAGE = 2 << 20
+
+
 def _map_huge(nbytes: int) -> Tensor:
-    """nbytes of an anonymous map, 2 MiB-aligned, advised MADV_HUGEPAGE."""
+    """nbytes of an anonymous map, aligned to a huge page, advised MADV_HUGEPAGE."""
     # private: a shared anonymous map is shmem, which THP leaves alone by default
-    mapped = mmap.mmap(-1, nbytes + _HugePages.HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapped = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         mapped.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError):  # no THP in this kernel (EINVAL) or platform
         pass
     buffer = torch.frombuffer(mapped, dtype=torch.uint8)
-    skip = -buffer.data_ptr() % _HugePages.HUGE
+    skip = -buffer.data_ptr() % HUGE_PAGE
     return buffer[skip:skip + nbytes]
 
 
@@ -151,7 +154,6 @@ class _HugePages:
     being handed out stays referenced for the next tensor (at most 64 MiB)."""
 
     CHUNK = 64 << 20
-    HUGE = 2 << 20
 
     def __init__(self):
         self.lock = threading.Lock()
