@@ -1,7 +1,8 @@
 """The benchmark model and prompts, shared by every benchmark here.
 
-Model: GPT-2 124M architecture with random weights (seeded) and the real GPT-2 vocabulary from
-`../shared/data/gpt2-tokenizer/`, saved as a Hugging Face folder that every peer can read.
+Model: GPT-2 124M architecture (or 1.5B's, `gpt2_random`) with random weights (seeded) and the
+real GPT-2 vocabulary from `../shared/data/gpt2-tokenizer/`, saved as a Hugging Face folder that
+every peer can read.
 Prompts: 16-token windows of tiny Shakespeare. Generation: fixed length, end-of-text ignored.
 """
 
@@ -22,22 +23,33 @@ CACHE = ROOT / "bench" / "results" / "cache"
 PROMPT_TOKENS, NEW_TOKENS = 16, 64
 
 
-def gpt2_124m(folder: Path = CACHE / "gpt2-124m-random") -> Path:
-    """Write the benchmark model once (about 500 MB) and reuse it."""
+# The benchmark models: GPT-2's shapes (GPT2Config's keywords) with seeded random weights.
+SHAPES = {"124m": {}, "1.5b": {"n_embd": 1600, "n_layer": 48, "n_head": 25}}
+SHAPE_NAMES = {"124m": "GPT-2 124M", "1.5b": "GPT-2 1.5B"}
+FOLDERS = {"124m": "gpt2-124m-random", "1.5b": "gpt2-xl-random"}
+
+
+def gpt2_random(shape: str = "124m") -> Path:
+    """Write a benchmark model once (124M: about 500 MB, 1.5B: 6.2 GB) and reuse it."""
+    folder = CACHE / FOLDERS[shape]
     if (folder / "model.safetensors").exists() and (folder / "merges.txt").exists():
         return folder
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt"):  # first: without them the folder is not done
-        shutil.copy(SHARED / "gpt2-tokenizer" / name, folder / name)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(**SHAPES[shape])).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["n_ctx"] = config["n_positions"]  # llama.cpp's converter reads n_ctx
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("vocab.json", "merges.txt"):  # last: without them the folder is not done
+        shutil.copy(SHARED / "gpt2-tokenizer" / name, folder / name)
     return folder
+
+
+def gpt2_124m() -> Path:
+    return gpt2_random("124m")
 
 
 # llama.cpp's quantized types, quantized from its f32 GGUF by llama_model_quantize, as its
@@ -255,6 +267,8 @@ def append_ledger(result: dict, ledger: Path = LEDGER) -> None:
                                           if "levels" in result else "")
     if result.get("prompt_tokens", PROMPT_TOKENS) != PROMPT_TOKENS:  # not the standard run's
         workload += f", {result['prompt_tokens']}-token prompts"
+    if result.get("shape", "124m") != "124m":
+        workload += f", {SHAPE_NAMES[result['shape']]}"
     run = {"date": datetime.date.today().isoformat(), "commit": commit,
            "benchmark": result.get("benchmark", ""), "sampling": workload,
            "cpu": m["cpu"], "isa": m["isa"], "cap": result.get("isa_cap", m.get("cap", "")),

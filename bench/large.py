@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,23 +21,9 @@ from pathlib import Path
 
 import httpx
 
-from common import CACHE, SHARED, host_isa
+from common import gpt2_random, host_isa
 
 PORT = 8411
-
-
-def gpt2_xl(folder: Path = CACHE / "gpt2-xl-random") -> Path:
-    if (folder / "model.safetensors").exists():
-        return folder
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=1600, n_layer=48, n_head=25)).save_pretrained(folder)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(SHARED / "gpt2-tokenizer" / name, folder / name)
-    return folder
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -127,7 +112,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["fp32", "int8", "int4"])
     p.add_argument("--tokens", type=int, default=16)
     args = p.parse_args()
-    folder = gpt2_xl()
+    folder = gpt2_random("1.5b")
     print(f"{host_isa()}; RAM {mem_total_kib() / 2**20:.1f} GiB; GPT-2 1.5B (random weights), "
           f"no sizing flags, {args.tokens} new tokens a request", flush=True)
     flags = {"fp32": [], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}

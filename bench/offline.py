@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from common import (CACHE, NEW_TOKENS, PROMPT_TOKENS, ROOT, distinct_batches, gpt2_124m,
-                    host_isa, llama_cpp_gguf, machine, median_time, read_bandwidth, write_result)
+from common import (CACHE, NEW_TOKENS, PROMPT_TOKENS, ROOT, SHAPE_NAMES, SHAPES,
+                    distinct_batches, gpt2_random, host_isa, llama_cpp_gguf, machine,
+                    median_time, read_bandwidth, write_result)
 
 
 WEIGHT_BYTES: dict[str, int] = {}
@@ -124,7 +125,7 @@ def stderr_lines():
 def ctranslate2_runner(folder: Path, mode: dict, compute_type: str):
     import ctranslate2
 
-    out = CACHE / "ct2-gpt2-124m"
+    out = CACHE / f"ct2-{folder.name.removesuffix('-random')}"
     if not (out / "model.bin").exists():
         ctranslate2.converters.TransformersConverter(str(folder)).convert(str(out), force=True)
     threads = peer_threads()
@@ -281,6 +282,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--only", nargs="*", default=None, help="subset of runner names")
     p.add_argument("--sampling", choices=list(MODES), default="greedy")
+    p.add_argument("--model", choices=list(SHAPES), default="124m",
+                   help="GPT-2's shape, random weights: 1.5b is the gpt2-xl shape (6.2 GB in "
+                        "fp32, written once; each peer converts it once too); the ledger names "
+                        "any other than 124m")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
                    help="tokens a prompt (windows of tiny Shakespeare); the ledger names "
                         "any other than 16")
@@ -301,7 +306,7 @@ def main() -> None:
     args = p.parse_args()
     PROMPT_TOKENS = args.prompt_tokens  # the engines' prompts (and context) in this process
     mode = MODES[args.sampling]
-    folder = gpt2_124m()
+    folder = gpt2_random(args.model)
     runners = {
         "gpt2serve fp32": lambda: ours(folder, mode),
         "gpt2serve int8": lambda: ours(folder, mode, "int8"),
@@ -342,7 +347,7 @@ def main() -> None:
     bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus, {host_isa(env)}; measured read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s; GPT-2 124M fp32 random weights, "
+          f"{bandwidth / 1e9:.1f} GB/s; {SHAPE_NAMES[args.model]} fp32 random weights, "
           f"{args.prompt_tokens}-token prompts, {NEW_TOKENS} new tokens, {args.sampling} "
           f"({mode}), median of {args.repeats}, each engine in a fresh process", flush=True)
     effective: dict[str, str] = {}
@@ -363,6 +368,7 @@ def main() -> None:
         else:
             cmd = [sys.executable, __file__, "--runner", name, "--repeats", str(args.repeats),
                    "--sampling", args.sampling, "--prompt-tokens", str(args.prompt_tokens),
+                   "--model", args.model,
                    "--batches", *map(str, args.batches)]
             stdin = None
         # A fresh process per engine: threads one runtime leaves spinning slowed the next one
@@ -435,7 +441,8 @@ def main() -> None:
                   f"{implied / 1e9:.1f} GB/s = {implied / bandwidth:.0%} of measured bandwidth")
     write_result(args.out, {
         "benchmark": "offline", "sampling": args.sampling, "mode": mode, "isa_cap": args.isa,
-        "model": "GPT-2 124M, random weights, real vocabulary",
+        "model": f"{SHAPE_NAMES[args.model]}, random weights, real vocabulary",
+        "shape": args.model,
         "prompt_tokens": args.prompt_tokens, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
         "rounds": args.rounds, "tok_s": results,
         "weight_bytes": {n: b for n, b in WEIGHT_BYTES.items() if n in results},

