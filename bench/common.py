@@ -52,6 +52,12 @@ def gpt2_124m() -> Path:
     return gpt2_random("124m")
 
 
+def converted(folder: Path, prefix: str = "", suffix: str = "") -> Path:
+    """Where a peer's conversion of the model in `folder` is cached: gpt2-124m-random's
+    under the name gpt2-124m, with the peer's prefix and suffix."""
+    return CACHE / f"{prefix}{folder.name.removesuffix('-random')}{suffix}"
+
+
 # llama.cpp's quantized types, quantized from its f32 GGUF by llama_model_quantize, as its
 # `llama-quantize` tool does, with its default rules (for q4_0 and q4_K_M the output matrix,
 # GPT-2's tied embedding, stays at 6 bits)
@@ -66,7 +72,7 @@ def llama_cpp_gguf(folder: Path, ftype: str) -> Path:
     import subprocess
     import sys
 
-    gguf = CACHE / f"{folder.name.removesuffix('-random')}-{ftype}.gguf"
+    gguf = converted(folder, suffix=f"-{ftype}.gguf")
     if gguf.exists():
         return gguf
     if ftype in LLAMA_QUANTIZED:

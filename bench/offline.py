@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import (CACHE, NEW_TOKENS, PROMPT_TOKENS, ROOT, SHAPE_NAMES, SHAPES,
+from common import (CACHE, NEW_TOKENS, PROMPT_TOKENS, ROOT, SHAPE_NAMES, SHAPES, converted,
                     distinct_batches, gpt2_random, host_isa, llama_cpp_gguf, machine,
                     median_time, read_bandwidth, write_result)
 
@@ -125,7 +125,7 @@ def stderr_lines():
 def ctranslate2_runner(folder: Path, mode: dict, compute_type: str):
     import ctranslate2
 
-    out = CACHE / f"ct2-{folder.name.removesuffix('-random')}"
+    out = converted(folder, "ct2-")
     if not (out / "model.bin").exists():
         ctranslate2.converters.TransformersConverter(str(folder)).convert(str(out), force=True)
     threads = peer_threads()

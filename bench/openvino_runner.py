@@ -21,13 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import CACHE, NEW_TOKENS, median_time
+from common import NEW_TOKENS, converted, median_time
 
 REPORTED = ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION", "DYNAMIC_QUANTIZATION_GROUP_SIZE")
 
 
 def export(hf_folder: Path, weights: str) -> Path:
-    out = CACHE / f"ov-{hf_folder.name.removesuffix('-random')}-{weights}"
+    out = converted(hf_folder, "ov-", f"-{weights}")
     if not (out / "openvino_model.xml").exists():
         cli = Path(sys.executable).parent / "optimum-cli"
         # int4's groups: its default of 128 inputs, or the most that divide a width it must
