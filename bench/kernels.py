@@ -17,7 +17,8 @@ the AVX2 cap with `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` (and the rest of hardware.AV
 in the environment. `--parts attention` runs only that part. Prompt attention (`--parts
 prompt`, AVX-512 only): kernels.prompt_attention in place vs the torch ops of model.Block._attend
 (gather, SDPA in blocks of query rows under the causal mask), per chunk of a prompt, in ms and
-GFLOP/s of the causal products, on an fp32 and an fp16 cache.
+GFLOP/s of the causal products, on an fp32 and an fp16 cache. int4 matmuls (`--parts int4`):
+each form of kernels.int4_linear this CPU runs, on GPT-2 1.5B's layer shapes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from common import host_isa, median_time, read_bandwidth
 
 LAYER_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) per layer
+XL_LAYER_SHAPES = [(1600, 4800), (1600, 1600), (1600, 6400), (6400, 1600)]  # GPT-2 1.5B's
 HEAD = (768, 50257)
 
 
@@ -64,6 +66,32 @@ def int8_matmuls(rows: list[int], repeats: int) -> None:
         print(f"{m:5d} {t['theirs'] * 1e3:14.2f} {t['ours'] * 1e3:12.2f} "
               f"{h['theirs'] * 1e3:12.2f} {h['ours'] * 1e3:10.2f}  {t['theirs'] / t['ours']:.2f}x"
               f"  ({weight_mb / 1e3 / t['ours']:.1f} GB/s ours)")
+
+
+def int4_matmuls(rows: list[int], repeats: int) -> None:
+    """Each int4 form this CPU runs (AMX, VNNI, AVX-512, AVX2: kernels.int4_linear) on the
+    matrices of 4 layers of GPT-2 1.5B (the shapes where 4-bit weights matter), each called
+    once per pass."""
+    from gpt2serve import kernels, matmul
+
+    shapes = [shape for _ in range(4) for shape in XL_LAYER_SHAPES]
+    layers = [matmul.OursInt4(*kernels.quantize_int4(torch.randn(n, k) / k ** 0.5),
+                              torch.randn(n)) for k, n in shapes]
+    forms = {name: isa for name, isa in matmul.OursInt4.variants.items()
+             if matmul.OursInt4.runs(name)}
+    nbytes = sum(k * n for k, n in shapes) * 0.5625
+    print(f"\nint4 matmuls, 4 layers of GPT-2 1.5B ({nbytes / 1e6:.0f} MB), ms per pass "
+          f"(median of {repeats}, fewer past 16 rows); each form over VNNI's time")
+    print(f"{'rows':>5} " + " ".join(f"{name:>12}" for name in forms))
+    for m in rows:
+        xs = {k: torch.randn(m, k) for k in (1600, 6400)}
+        t = {name: median_time(lambda: [w(xs[k], isa) for (k, _), w in zip(shapes, layers)],
+                               repeats if m <= 16 else max(3, repeats // 5))
+             for name, isa in forms.items()}
+        base = t.get("ours-vnni")
+        print(f"{m:5d} " + " ".join(
+            f"{t[name] * 1e3:6.2f}" + (f" {base / t[name]:4.2f}x" if base else "")
+            for name in forms))
 
 
 def fp32_matmuls(rows: list[int], repeats: int) -> None:
@@ -174,8 +202,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 1000])
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--parts", nargs="+", choices=["fp32", "int8", "attention", "prompt"],
-                   default=["fp32", "int8", "attention", "prompt"])
+    p.add_argument("--parts", nargs="+",
+                   choices=["fp32", "int8", "int4", "attention", "prompt"],
+                   default=["fp32", "int8", "int4", "attention", "prompt"])
     args = p.parse_args()
     from gpt2serve import hardware, kernels
 
@@ -189,6 +218,8 @@ def main() -> None:
         fp32_matmuls(args.rows + args.prompt_rows, args.repeats)
     if kernels.INT8_RUNS and "int8" in args.parts:
         int8_matmuls(args.rows, args.repeats)
+    if kernels.INT4_ISA and "int4" in args.parts:
+        int4_matmuls(args.rows + args.prompt_rows, args.repeats)
     if "attention" in args.parts:
         decode_attention(args.batches, args.contexts, args.repeats)
     if "prompt" in args.parts and kernels.runs_prompt_attention(torch.zeros(1, 64)):

@@ -280,6 +280,31 @@ def test_int4_linear_against_the_arithmetic_written_out(isa, m, k, n):
                                int4_written_out(x, q, scales, None), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(kernels.INT4_ISA < 2, reason="one int4 form at most runs here")
+@pytest.mark.parametrize("m, k", [(1, 768), (8, 100), (16, 1600), (17, 3072), (128, 256)])
+def test_int4_linear_forms_give_the_same_sums(m, k):
+    """Every form this CPU runs (AMX, VNNI, AVX-512, AVX2) gives bit for bit the same result:
+    the int32 sums are exact and each form scales and adds them in the same order, so the
+    kernel choice may switch forms between decode steps without changing a token. Rows one
+    AMX tile holds (16), one past it (17: the tiles take a second shape), a prompt's 128."""
+    torch.manual_seed(m)
+    n = 48
+    q, scales = kernels.quantize_int4(torch.randn(n, k) / k ** 0.5)
+    packed, x = kernels.pack_int4(q, scales), torch.randn(m, k) * 3
+    first = kernels.int4_linear(x, packed, None, n, 1)
+    for isa in range(2, kernels.INT4_ISA + 1):
+        assert torch.equal(kernels.int4_linear(x, packed, None, n, isa), first), isa
+
+
+def test_int4_linear_refuses_a_form_this_cpu_lacks():
+    if not kernels.ENABLED:
+        pytest.skip("the C kernels are not built or are disabled")
+    q, scales = kernels.quantize_int4(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="isa"):
+        kernels.int4_linear(torch.randn(1, 64), kernels.pack_int4(q, scales), None, 16,
+                            isa=5 if kernels._kernels.amx_ready() else 4)
+
+
 @pytest.mark.skipif(not kernels.INT4_ISA, reason="no int4 kernel here (not built, or no AVX2)")
 @pytest.mark.parametrize("isa", range(1, kernels.INT4_ISA + 1))
 def test_int4_linear_fuses_layer_norm_gelu_and_residual(isa):

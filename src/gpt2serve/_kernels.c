@@ -742,7 +742,8 @@ panels of W to multiply: output panel p is W's panel panels[p]. */
                                           : a->panels[p + 1 < p1 ? p + 1 : p];                 \
                     const char *next = (const char *)a->w + after * steps * 64                 \
                                        + (few ? r / ROWS * steps * next_step : 0);             \
-                    switch (a->m - r < ROWS ? a->m - r : ROWS) {                               \
+                    const int rows = a->m - r < ROWS ? (int)(a->m - r) : ROWS;                 \
+                    switch (rows) {                                                            \
                     case 1: TILE(a, r, 1, p, next, next_step); break;                          \
                     case 2: TILE(a, r, 2, p, next, next_step); break;                          \
                     case 3: TILE(a, r, 3, p, next, next_step); break;                          \
@@ -750,7 +751,8 @@ panels of W to multiply: output panel p is W's panel panels[p]. */
                     case 5: TILE(a, r, 5, p, next, next_step); break;                          \
                     case 6: TILE(a, r, 6, p, next, next_step); break;                          \
                     case 7: TILE(a, r, 7, p, next, next_step); break;                          \
-                    default: TILE(a, r, 8, p, next, next_step);                                \
+                    case 8: TILE(a, r, 8, p, next, next_step); break;                          \
+                    default: TILE(a, r, rows, p, next, next_step); /* AMX's 9..16 */          \
                     }                                                                          \
                 }                                                                              \
         }                                                                                      \
@@ -1264,6 +1266,144 @@ PANELS(int4_panels_vnni, TARGET_INT4_VNNI, int4_args, int4_tile_vnni, 8)
 PANELS(int4_panels_avx512, TARGET_INT4_AVX512, int4_args, int4_tile_avx512, 8)
 PANELS(int4_panels_avx2, TARGET_INT4_AVX2, int4_args, int4_tile_avx2_4, 4)
 
+/* AMX (Intel Sapphire Rapids and later): one tile multiply-add (tdpbssd: signed bytes by
+signed bytes, summed into int32) takes a group's 32 inputs for up to 16 rows of x and 16
+outputs, 8192 products where a vpdpbusd takes 64. The VNNI tile spends 8 vpdpbusd on each row
+and group, and from 8 rows on it ran out of arithmetic before memory ran dry (GPT-2 1.5B's
+matmuls streamed 15.6 GB/s at 8 rows against 24 at one, on a 2-core AMX Xeon). A group's four
+vectors of nibbles are, once split into low and high and less 8 (amx_split_block), the eight
+lines of the weight tile as tdpbssd reads it (line j: inputs 4j..4j+3 of each of the 16
+outputs), and a group of x's rows is its tile with the row stride of x: only the split goes
+through memory. Each group's int32 sums, exact, then leave the tile and take their two scales
+in the VNNI tile's order, so every form gives the same fp32 results (tests/test_kernels.py).
+Tiles: 0 and 1 the sums of a block's two groups (rows x 16 int32), 2 and 3 their rows of x
+(rows x 32 bytes), 4 and 5 their weights (8 lines of 64 bytes). On that Xeon it multiplied
+GPT-2 1.5B's int4 matmuls 1.2-1.3x faster than VNNI at 4 and 8 rows and 1.6-1.9x from 16 rows
+on (prompt chunks: `gpt2serve kernels`), and lost at 1 and 2 rows, where memory bounds both.
+Linux lends a thread the tiles only once the process has asked for them (amx_permitted). */
+#if X86 && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TARGET_INT4_AMX \
+    __attribute__((target("amx-tile,amx-int8,avx512vnni,avx512bw,avx512f,avx2,fma,f16c")))
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* The rows the calling thread's tiles are configured for; 0: not configured (released). */
+static _Thread_local int amx_rows;
+
+TARGET_INT4_AMX static void amx_configure(int rows) {
+    tile_config c = {.palette = 1};
+    for (int t = 0; t < 2; ++t) {
+        c.rows[t] = (uint8_t)rows, c.colsb[t] = 64;
+        c.rows[2 + t] = (uint8_t)rows, c.colsb[2 + t] = 32;
+        c.rows[4 + t] = 8, c.colsb[4 + t] = 64;
+    }
+    _tile_loadconfig(&c);
+    amx_rows = rows;
+}
+
+TARGET_INT4_AMX static void amx_release(void) {
+    if (amx_rows) _tile_release();
+    amx_rows = 0;
+}
+
+/* One block's sums (dots: its two groups' rows x 16 int32) into acc, with their scales. */
+TARGET_INT4_AMX static inline __attribute__((always_inline)) void amx_scale_block(
+        const int4_args *a, int64_t row, const int rows, const uint8_t *w, int64_t b,
+        int32_t dots[2][16][16], __m512 *acc) {
+    for (int g = 0; g < 2; ++g) {
+        const __m512 scale =
+            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + 512 + 32 * g)));
+        for (int r = 0; r < rows; ++r) {
+            const int64_t at = (row + r) * a->groups + 2 * b + g;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(dots[g][r])),
+                                     _mm512_mul_ps(scale, _mm512_set1_ps(a->x_scale[at])),
+                                     acc[r]);
+        }
+    }
+}
+
+/* The tiles are not renamed, and a tile loads only what stores have written to the cache,
+which they do as they retire, in order: so lines are split AHEAD blocks before their tiles
+load them, and each block's sums take their scales (amx_scale_block) AHEAD blocks after their
+product, while later blocks' tile work runs. Lines and dots go round a ring of AHEAD + 1
+buffers for that. */
+#define AHEAD 2
+TARGET_INT4_AMX static inline __attribute__((always_inline)) void amx_split_block(
+        const uint8_t *block, int8_t lines[2][8][64]) {
+    const __m512i nibble = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    /* q - 8 in signed bytes: the products need no correction for the 8 (x_sum8) */
+    for (int g = 0; g < 2; ++g)
+        for (int j = 0; j < 4; ++j) {
+            const __m512i v = _mm512_loadu_si512(block + 256 * g + 64 * j);
+            _mm512_store_si512(lines[g][j], _mm512_sub_epi8(_mm512_and_si512(v, nibble), eight));
+            _mm512_store_si512(lines[g][4 + j],
+                               _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), nibble),
+                                               eight));
+        }
+}
+
+TARGET_INT4_AMX static inline __attribute__((always_inline)) void int4_tile_amx(
+        const int4_args *a, int64_t row, const int rows, int64_t panel, const char *next,
+        int64_t next_step) {
+    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const uint8_t *w = a->w + panel * a->steps * 64;
+    const int8_t *x = a->x + row * a->groups * 32;
+    const int64_t blocks = a->blocks;
+    __attribute__((aligned(64))) int8_t lines[AHEAD + 1][2][8][64];
+    __attribute__((aligned(64))) int32_t dots[AHEAD + 1][2][16][16];
+    __m512 acc[16];
+    if (amx_rows != rows) amx_configure(rows);
+    for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < AHEAD && b < blocks; ++b)
+        amx_split_block(w + b * INT4_BLOCK, lines[b]);
+    for (int64_t b = 0; b < blocks + AHEAD; ++b) {
+        const int ring = (int)(b % (AHEAD + 1));
+        if (b < blocks) {
+            for (int l = 0; l < 9; ++l) prefetch_panel(next + (b * 9 + l) * next_step, to_l1);
+            if (b + AHEAD < blocks)
+                amx_split_block(w + (b + AHEAD) * INT4_BLOCK, lines[(b + AHEAD) % (AHEAD + 1)]);
+            _tile_loadd(2, x + 64 * b, a->groups * 32);
+            _tile_loadd(3, x + 64 * b + 32, a->groups * 32);
+            _tile_loadd(4, lines[ring][0], 64);
+            _tile_loadd(5, lines[ring][1], 64);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_dpbssd(0, 2, 4);
+            _tile_dpbssd(1, 3, 5);
+            _tile_stored(0, dots[ring][0], 64);
+            _tile_stored(1, dots[ring][1], 64);
+        }
+        if (b >= AHEAD) {
+            const int64_t done = b - AHEAD;
+            amx_scale_block(a, row, rows, w + done * INT4_BLOCK, done,
+                            dots[done % (AHEAD + 1)], acc);
+        }
+    }
+    float sums[16][16];
+    for (int r = 0; r < rows; ++r) _mm512_storeu_ps(sums[r], acc[r]);
+    store_tile(&a->out, row, rows, panel * 16, sums);
+}
+PANELS(int4_panels_amx, TARGET_INT4_AMX, int4_args, int4_tile_amx, 16)
+
+/* Whether this process may use the tiles: Linux 5.16 and later lend them once asked
+(arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18), and refuse a CPU without them;
+asked once, here, under the GIL (int4_linear checks its `isa` before releasing it). */
+static int amx_permitted(void) {
+    static int answer = -1;
+    if (answer < 0) answer = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return answer;
+}
+#else
+#define HAVE_AMX 0
+#endif
+
 /* 32 int32 in -128..127 -> 32 bytes, in order: the packs work within 128-bit lanes, the
 permute puts the lanes' quarters back in order. */
 TARGET_AVX2 static inline __attribute__((always_inline)) void store_bytes(void *out,
@@ -1384,6 +1524,20 @@ static PyObject *quantize_int4(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* Whether the AMX form of int4_linear runs here: compiled, on a CPU with AMX's int8 tiles
+(kernels.py reads the flags), in a process Linux lends them to. */
+static int amx_ready_here(void) {
+#if HAVE_AMX
+    return amx_permitted();
+#else
+    return 0;
+#endif
+}
+
+static PyObject *amx_ready(PyObject *self, PyObject *args) {
+    return PyBool_FromLong(amx_ready_here());
+}
+
 static PyObject *int4_linear(PyObject *self, PyObject *args) {
     unsigned long long x, w, bias, y, ln_weight, ln_bias, normed, residual;
     int64_t k;
@@ -1395,8 +1549,9 @@ static PyObject *int4_linear(PyObject *self, PyObject *args) {
                           &a.out.gelu))
         return NULL;
 #if HAVE_INT4
-    if (a.blocks * 64 < k || isa < 1 || isa > 3) {
-        PyErr_SetString(PyExc_ValueError, "int4_linear: blocks of 64 must hold k; isa 1..3");
+    if (a.blocks * 64 < k || isa < 1 || isa > 3 + amx_ready_here()) {
+        PyErr_SetString(PyExc_ValueError,
+                        "int4_linear: blocks of 64 must hold k; isa 1..3, or 4 with AMX");
         return NULL;
     }
     a.w = (const uint8_t *)(uintptr_t)w;
@@ -1425,6 +1580,12 @@ static PyObject *int4_linear(PyObject *self, PyObject *args) {
         } /* (a barrier: every row quantized before any panel) */
         int64_t p0, p1;
         thread_panels(a.out.n, &p0, &p1);
+#if HAVE_AMX
+        if (isa == 4) {
+            int4_panels_amx(&a, p0, p1);
+            amx_release(); /* (the threads are torch's too, and sleep between calls) */
+        } else
+#endif
         if (isa == 3)
             int4_panels_vnni(&a, p0, p1);
         else if (isa == 2)
@@ -1456,8 +1617,11 @@ static PyMethodDef methods[] = {
      "(kernels.py)"},
     {"int4_linear", int4_linear, METH_VARARGS,
      "int4_linear(x, w, bias, y, m, k, n, blocks, isa, ln_weight, ln_bias, ln_eps, normed, "
-     "residual, gelu): addresses of contiguous tensors, 0 for none; isa 3 VNNI, 2 AVX-512, "
-     "1 AVX2 (kernels.py)"},
+     "residual, gelu): addresses of contiguous tensors, 0 for none; isa 4 AMX, 3 VNNI, "
+     "2 AVX-512, 1 AVX2 (kernels.py)"},
+    {"amx_ready", amx_ready, METH_NOARGS,
+     "amx_ready(): whether int4_linear's AMX form (isa 4) is compiled and this process may "
+     "use the tiles; the CPU's flags are the caller's to check (kernels.py)"},
     {"quantize_int4", quantize_int4, METH_VARARGS,
      "quantize_int4(w, q, scales, n, groups): fp32 [n, groups * 32] -> u8 q, fp32 scales "
      "(kernels.py)"},

@@ -292,17 +292,21 @@ def _fused(kernel: str, ln: nn.LayerNorm | None, gelu: bool, residual: Tensor | 
             0.0 if ln is None else ln.eps, _address(normed), _address(residual), gelu)
 
 
-# The int4 kernel's instruction sets (int4_linear's `isa`): 3 AVX-512 VNNI, 2 AVX-512 (BW),
-# 1 AVX2; every one up to the host's, under torch's cap (VECTOR_ISA), runs and is a candidate.
+# The int4 kernel's instruction sets (int4_linear's `isa`): 4 AMX, 3 AVX-512 VNNI, 2 AVX-512
+# (BW), 1 AVX2; every one up to the host's, under torch's cap (VECTOR_ISA), runs and is a
+# candidate.
 INT4_GROUP, INT4_BLOCK = 32, 64  # inputs a scale; inputs a block of a panel (576 bytes)
 INT4_ISA = (0 if not ENABLED or VECTOR_ISA == 0 else 1 if VECTOR_ISA == 1
-            else 3 if "avx512_vnni" in hardware.cpu_flags() else 2)
+            else 2 if "avx512_vnni" not in hardware.cpu_flags()
+            else 4 if hardware.AMX_FLAGS <= hardware.cpu_flags() and _kernels.amx_ready()
+            else 3)
 
 
 def quantize_int4(w: Tensor) -> tuple[Tensor, Tensor]:
     """w [n, k] fp32 -> (q [n, k] u8 in 0..15, scales [n, ceil(k / 32)] fp32 that fp16
-    holds exactly), w = scales * (q - 8) per group of 32 inputs; each group's scale searched for the least squared error (_kernels.c,
-    quantize_int4_group, which this mirrors where the C module does not run)."""
+    holds exactly), w = scales * (q - 8) per group of 32 inputs; each group's scale searched
+    for the least squared error (_kernels.c, quantize_int4_group, which this mirrors where the
+    C module does not run)."""
     n, k = w.shape
     groups = -(-k // INT4_GROUP)
     padded = torch.zeros(n, groups * INT4_GROUP)

@@ -13,9 +13,9 @@ int8 (per-row weights `q` [n, k], `scales` [n]): ours (kernels.int8_linear: each
 quantized on its own, VNNI or AVX2), fbgemm's and oneDNN's dynamic int8 GEMMs (x quantized
 per tensor: a row's result depends on its neighbours), torch's weight-only int8 matmul (x
 stays fp32). int4 (`q` [n, k] in 0..15 and a scale per group of 32 inputs): ours
-(kernels.int4_linear, x quantized per group, VNNI, AVX-512 or AVX2) and torch's weight-only
-int4 matmul. fp32 (W [k, n]): ours (kernels.linear_f32, AVX-512 or AVX2), oneDNN's inner
-product on its packed layout, and torch's plain addmm.
+(kernels.int4_linear, x quantized per group: AMX, VNNI, AVX-512 or AVX2) and torch's
+weight-only int4 matmul. fp32 (W [k, n]): ours (kernels.linear_f32, AVX-512 or AVX2),
+oneDNN's inner product on its packed layout, and torch's plain addmm.
 """
 
 from __future__ import annotations
@@ -168,15 +168,22 @@ class TorchInt8(Kernel):
 # ---- int4 ----------------------------------------------------------------------------------
 
 class OursInt4(Kernel):
-    """kernels.int4_linear on pack_int4's panels: VNNI, AVX-512 or AVX2, each that runs here
-    a candidate (all give the same sums)."""
+    """kernels.int4_linear on pack_int4's panels: AMX, VNNI, AVX-512 or AVX2, each that runs
+    here a candidate (all give the same sums)."""
 
-    variants = {"ours-vnni": 3, "ours-avx512": 2, "ours-avx2": 1}
+    variants = {"ours-amx": 4, "ours-vnni": 3, "ours-avx512": 2, "ours-avx2": 1}
     dtype = "int4"
+    # AMX's tiles cost a round trip through memory a block whatever the rows, which one or two
+    # rows do not repay: there it ran 0.7x VNNI on an AMX Xeon (bench/kernels.py --parts int4).
+    AMX_FROM_ROWS = 4
 
     @classmethod
     def runs(cls, variant: str) -> bool:
         return kernels.INT4_ISA >= cls.variants[variant]
+
+    @classmethod
+    def serves(cls, variant: str, m: int) -> bool:
+        return variant != "ours-amx" or m >= cls.AMX_FROM_ROWS
 
     def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
         self.packed, self.bias, self.n = kernels.pack_int4(q, scales), bias, q.shape[0]
