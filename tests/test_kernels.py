@@ -218,14 +218,18 @@ def int8_written_out(x, q, scales, bias):
 
 
 @pytest.mark.skipif(not kernels.INT8_RUNS, reason="no int8 kernel here (not built, or no AVX2)")
-@pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("m, k, n", [(1, 768, 2304), (3, 100, 7), (4, 64, 50257)])
-def test_int8_linear_against_the_arithmetic_written_out(vnni, m, k, n):
-    """Odd sizes on purpose: k not a multiple of 32, n not of 4 (padding), one row and more."""
-    if vnni and hardware.fbgemm_isa() != "avx512_vnni":
+@pytest.mark.parametrize("form", [0, 1, 2])  # AVX2, VNNI, AMX
+@pytest.mark.parametrize("m, k, n", [(1, 768, 2304), (3, 100, 7), (4, 64, 50257),
+                                     (20, 200, 40)])
+def test_int8_linear_against_the_arithmetic_written_out(form, m, k, n):
+    """Odd sizes on purpose: k not a multiple of 32 (AMX: nor of 64, the last inputs in tiles
+    of their own), n not of 4 (padding), one row and more, past one AMX tile's 16."""
+    if form and hardware.fbgemm_isa() != "avx512_vnni":
         pytest.skip("needs a VNNI host")
+    if form == 2 and not kernels.AMX:
+        pytest.skip("needs AMX")
     torch.manual_seed(m)
-    levels = 127 if vnni else 63  # the AVX2 kernel's weights hold 7 bits (quantize.py)
+    levels = 127 if form else 63  # the AVX2 kernel's weights hold 7 bits (quantize.py)
     q = torch.randint(-levels, levels + 1, (n, k), dtype=torch.int8)
     q[0] = levels  # a row at full scale against activations at 255: no int16 saturation
     scales, bias = torch.rand(n) / 100, torch.randn(n)
@@ -234,13 +238,28 @@ def test_int8_linear_against_the_arithmetic_written_out(vnni, m, k, n):
     packed, sums = kernels.pack_int8(q)
     padded_scales = torch.cat([scales, torch.zeros(sums.shape[0] - n)])
     error = torch.empty(m)
-    got = kernels.int8_linear(x, packed, sums, padded_scales, bias, n, vnni, x_error=error)
+    got = kernels.int8_linear(x, packed, sums, padded_scales, bias, n, form, x_error=error)
     expected, expected_error = int8_written_out(x, q, scales, bias)
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(error, expected_error, rtol=1e-5, atol=0)
     assert bool((error > 0).all())
     assert torch.equal(kernels.packed_int8_rows(packed, torch.tensor([n - 1, 0]), k),
                        q[[n - 1, 0]])
+
+
+@pytest.mark.skipif(not kernels.AMX or not kernels.INT8_VNNI, reason="needs AMX (and VNNI)")
+@pytest.mark.parametrize("m, k", [(1, 768), (8, 100), (16, 1600), (17, 3072), (128, 260)])
+def test_int8_linear_amx_gives_the_vnni_sums(m, k):
+    """Bit for bit, so that the kernel choice may switch forms between decode steps without
+    changing a token: rows one tile holds, one past it, a prompt's; k a multiple of 64, and
+    not (the last inputs in tiles of their own)."""
+    torch.manual_seed(m)
+    n = 48
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    packed, sums = kernels.pack_int8(q)
+    scales, x = torch.rand(sums.shape[0]) / 100, torch.randn(m, k) * 3
+    assert torch.equal(kernels.int8_linear(x, packed, sums, scales, None, n, 2),
+                       kernels.int8_linear(x, packed, sums, scales, None, n, 1))
 
 
 def int4_written_out(x, q, scales, bias):

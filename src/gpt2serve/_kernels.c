@@ -872,6 +872,57 @@ static PyObject *linear_f32(PyObject *self, PyObject *args) {
     return NULL;
 }
 
+/* ---- AMX: the tiles of Intel's Advanced Matrix Extensions (Sapphire Rapids and later) ------
+
+A tile product (tdpbusd, tdpbssd) sums up to 16 rows of 64 bytes by 64 bytes of 16 columns,
+four products a column, into up to 16 x 16 int32: 16384 products, where a vpdpbusd makes 64.
+The int8 and int4 kernels have a form on tiles each (below), which kernel_choice.py times
+beside the others. Two things decided their speed on a 2-core AMX Xeon. The tiles are not
+renamed: a tile is not loaded again before the product that reads it is done. And a tile
+loads only what stores have written to the cache, which they do as they retire, in order:
+whatever goes through memory between vector code and the tiles (int4's split weights, every
+kernel's sums) is written some blocks before it is loaded. Linux lends a thread the tiles only
+once the process has asked for them (amx_permitted), and a thread keeps its configuration
+(amx_shape) until it releases them at the end of a call. */
+#if X86 && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TARGET_AMX \
+    __attribute__((target("amx-tile,amx-int8,avx512vnni,avx512bw,avx512f,avx2,fma,f16c")))
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* The shape (each kernel's own key, never 0) the calling thread's tiles are configured for;
+0 when released. */
+static _Thread_local int amx_shape;
+
+TARGET_AMX static void amx_configure(const tile_config *c, int shape) {
+    _tile_loadconfig(c);
+    amx_shape = shape;
+}
+
+TARGET_AMX static void amx_release(void) {
+    if (amx_shape) _tile_release();
+    amx_shape = 0;
+}
+
+/* Whether this process may use the tiles: Linux 5.16 and later lend them once asked
+(arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18), and refuse a CPU without them;
+asked once, here, under the GIL (the kernels check their form before releasing it). */
+static int amx_permitted(void) {
+    static int answer = -1;
+    if (answer < 0) answer = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return answer;
+}
+#else
+#define HAVE_AMX 0
+#endif
+
 /* ---- int8 linear: W int8 as kernels.pack_int8 lays it out, [ceil(n / 16), k4 / 4, 16, 4] ---
 
 y = x @ W^T * scales + bias. Each row of x is quantized to u8 with its own scale and zero point
@@ -911,7 +962,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void int8_store(const int8_args *a, int64_t row,
                                                              const int rows, int64_t panel,
                                                              int32_t dots[][16]) {
-    float acc[8][16];
+    float acc[16][16];
     const int64_t col = panel * 16;
     for (int r = 0; r < rows; ++r) {
         const int32_t zero = a->x_zero[row + r];
@@ -995,6 +1046,72 @@ static inline __attribute__((always_inline)) void int8_tile_avx2(
 PANELS(int8_panels_vnni, __attribute__((target("avx512vnni,avx512bw,avx512f,avx2,fma"))),
        int8_args, int8_tile_vnni, 8)
 PANELS(int8_panels_avx2, TARGET_AVX2, int8_args, int8_tile_avx2_4, 4)
+
+/* AMX: a step of a panel (its 16 outputs' weights for four inputs, 64 bytes) is a line of the
+weight tile as tdpbusd reads it, so 16 steps of W are a tile as they lie in memory, and the
+rows of x (u8) over the same 64 inputs another, with the row stride of x: nothing is copied.
+The sums stay in the tiles over all of k (two, taking alternate blocks, so that a product
+need not wait for the one before it), and leave them once a panel for int8_store, as the VNNI
+tile's do: the same int32 sums, so the same results. Tiles: 0 and 1 the sums (rows x 16
+int32), 2 and 3 the rows of x for 64 inputs, 4 and 5 the weights (16 lines), 6 and 7 the last
+k4 % 64 inputs' rows of x and lines of W. */
+#if HAVE_AMX
+TARGET_AMX static void int8_amx_configure(int rows, int tail) {
+    tile_config c = {.palette = 1};
+    for (int t = 0; t < 2; ++t) {
+        c.rows[t] = (uint8_t)rows, c.colsb[t] = 64;
+        c.rows[2 + t] = (uint8_t)rows, c.colsb[2 + t] = 64;
+        c.rows[4 + t] = 16, c.colsb[4 + t] = 64;
+    }
+    if (tail) {
+        c.rows[6] = (uint8_t)rows, c.colsb[6] = (uint16_t)(4 * tail);
+        c.rows[7] = (uint8_t)tail, c.colsb[7] = 64;
+    }
+    amx_configure(&c, 64 + 16 * rows + tail); /* (never a key of int4's, which are 1..16) */
+}
+
+TARGET_AMX static inline __attribute__((always_inline)) void int8_tile_amx(
+        const int8_args *a, int64_t row, const int rows, int64_t panel, const char *next,
+        int64_t next_step) {
+    const int64_t steps = a->steps, blocks = steps / 16, stride = steps * 4;
+    const int tail = (int)(steps % 16), to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const char *x = (const char *)(a->x + row * steps);
+    const int8_t *w = a->w + panel * steps * 64;
+    if (amx_shape != 64 + 16 * rows + tail) int8_amx_configure(rows, tail);
+    _tile_zero(0);
+    _tile_zero(1);
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        for (int l = 0; l < 32; ++l) prefetch_panel(next + (16 * b + l) * next_step, to_l1);
+        _tile_loadd(2, x + 64 * b, stride);
+        _tile_loadd(4, w + 1024 * b, 64);
+        _tile_dpbusd(0, 2, 4);
+        _tile_loadd(3, x + 64 * b + 64, stride);
+        _tile_loadd(5, w + 1024 * b + 1024, 64);
+        _tile_dpbusd(1, 3, 5);
+    }
+    if (b < blocks) {
+        for (int l = 0; l < 16; ++l) prefetch_panel(next + (16 * b + l) * next_step, to_l1);
+        _tile_loadd(2, x + 64 * b, stride);
+        _tile_loadd(4, w + 1024 * b, 64);
+        _tile_dpbusd(0, 2, 4);
+    }
+    if (tail) {
+        for (int l = 0; l < tail; ++l) prefetch_panel(next + (16 * blocks + l) * next_step, to_l1);
+        _tile_loadd(6, x + 64 * blocks, stride);
+        _tile_loadd(7, w + 1024 * blocks, 64);
+        _tile_dpbusd(1, 6, 7);
+    }
+    __attribute__((aligned(64))) int32_t dots[2][16][16];
+    _tile_stored(0, dots[0], 64);
+    _tile_stored(1, dots[1], 64);
+    for (int r = 0; r < rows; ++r)
+        _mm512_store_si512(dots[0][r], _mm512_add_epi32(_mm512_load_si512(dots[0][r]),
+                                                        _mm512_load_si512(dots[1][r])));
+    int8_store(a, row, rows, panel, dots[0]);
+}
+PANELS(int8_panels_amx, TARGET_AMX, int8_args, int8_tile_amx, 16)
+#endif
 /* Row x [k] -> u8 [k4] (zeros past k), its scale and zero point; and where `error` is not
 NULL, the Euclidean norm of x minus what the u8 values stand for, scale * (q - zero), summed
 in double (packing.HeadScreen bounds its logits with it). In AVX2 intrinsics: written as
@@ -1057,20 +1174,38 @@ TARGET_AVX2 static void quantize_row(const float *x, int64_t k, int64_t k4, uint
 #define HAVE_INT8 0
 #endif
 
+/* Whether the AMX forms of int8_linear and int4_linear run here: compiled, on a CPU with
+AMX's int8 tiles, in a process Linux lends them to. */
+static int amx_ready_here(void) {
+#if HAVE_AMX
+    return amx_permitted();
+#else
+    return 0;
+#endif
+}
+
+static PyObject *amx_ready(PyObject *self, PyObject *args) {
+    return PyBool_FromLong(amx_ready_here());
+}
+
 static PyObject *int8_linear(PyObject *self, PyObject *args) {
     unsigned long long x, w, w_scale, w_sum, bias, y, x_error, ln_weight, ln_bias, normed,
         residual;
     int64_t k, k4;
     double ln_eps;
     int8_args a;
-    int vnni;
-    if (!PyArg_ParseTuple(args, "KKKKKKLLLLpKKKdKKp", &x, &w, &w_scale, &w_sum, &bias, &y,
-                          &a.m, &k, &a.out.n, &k4, &vnni, &x_error, &ln_weight, &ln_bias,
+    int form;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLiKKKdKKp", &x, &w, &w_scale, &w_sum, &bias, &y,
+                          &a.m, &k, &a.out.n, &k4, &form, &x_error, &ln_weight, &ln_bias,
                           &ln_eps, &normed, &residual, &a.out.gelu))
         return NULL;
 #if HAVE_INT8
     if (k4 % 4 || k4 < k) {
         PyErr_SetString(PyExc_ValueError, "int8_linear: k4 must be k rounded up to 4");
+        return NULL;
+    }
+    if (form < 0 || form > 1 + amx_ready_here()) {
+        PyErr_SetString(PyExc_ValueError, "int8_linear: form 0 AVX2, 1 VNNI, or 2 with AMX");
         return NULL;
     }
     a.w = (const int8_t *)(uintptr_t)w;
@@ -1100,7 +1235,13 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
         } /* (a barrier: every row quantized before any panel) */
         int64_t p0, p1;
         thread_panels(a.out.n, &p0, &p1);
-        if (vnni)
+#if HAVE_AMX
+        if (form == 2) {
+            int8_panels_amx(&a, p0, p1);
+            amx_release(); /* (the threads are torch's too, and sleep between calls) */
+        } else
+#endif
+        if (form == 1)
             int8_panels_vnni(&a, p0, p1);
         else
             int8_panels_avx2(&a, p0, p1);
@@ -1266,55 +1407,34 @@ PANELS(int4_panels_vnni, TARGET_INT4_VNNI, int4_args, int4_tile_vnni, 8)
 PANELS(int4_panels_avx512, TARGET_INT4_AVX512, int4_args, int4_tile_avx512, 8)
 PANELS(int4_panels_avx2, TARGET_INT4_AVX2, int4_args, int4_tile_avx2_4, 4)
 
-/* AMX (Intel Sapphire Rapids and later): one tile multiply-add (tdpbssd: signed bytes by
-signed bytes, summed into int32) takes a group's 32 inputs for up to 16 rows of x and 16
-outputs, 8192 products where a vpdpbusd takes 64. The VNNI tile spends 8 vpdpbusd on each row
-and group, and from 8 rows on it ran out of arithmetic before memory ran dry (GPT-2 1.5B's
-matmuls streamed 15.6 GB/s at 8 rows against 24 at one, on a 2-core AMX Xeon). A group's four
-vectors of nibbles are, once split into low and high and less 8 (amx_split_block), the eight
-lines of the weight tile as tdpbssd reads it (line j: inputs 4j..4j+3 of each of the 16
-outputs), and a group of x's rows is its tile with the row stride of x: only the split goes
-through memory. Each group's int32 sums, exact, then leave the tile and take their two scales
-in the VNNI tile's order, so every form gives the same fp32 results (tests/test_kernels.py).
-Tiles: 0 and 1 the sums of a block's two groups (rows x 16 int32), 2 and 3 their rows of x
-(rows x 32 bytes), 4 and 5 their weights (8 lines of 64 bytes). On that Xeon it multiplied
-GPT-2 1.5B's int4 matmuls 1.2-1.3x faster than VNNI at 4 and 8 rows and 1.6-1.9x from 16 rows
-on (prompt chunks: `gpt2serve kernels`), and lost at 1 and 2 rows, where memory bounds both.
-Linux lends a thread the tiles only once the process has asked for them (amx_permitted). */
-#if X86 && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
-#define HAVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#define TARGET_INT4_AMX \
-    __attribute__((target("amx-tile,amx-int8,avx512vnni,avx512bw,avx512f,avx2,fma,f16c")))
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* The rows the calling thread's tiles are configured for; 0: not configured (released). */
-static _Thread_local int amx_rows;
-
-TARGET_INT4_AMX static void amx_configure(int rows) {
+/* AMX: a tile product (tdpbssd, signed bytes by signed bytes) takes a group's 32 inputs for up
+to 16 rows of x and 16 outputs at once. A group's four vectors of nibbles are, once split into
+low and high and less 8 (amx_split_block), the eight lines of the weight tile as tdpbssd reads
+it (line j: inputs 4j..4j+3 of each of the 16 outputs), and a group of x's rows is its tile
+with the row stride of x: only the split goes through memory. Each group's int32 sums, exact,
+then leave the tile and take their two scales in the VNNI tile's order, so every form gives the
+same fp32 results (tests/test_kernels.py). The VNNI tile spends 8 vpdpbusd on each row and
+group, and from 8 rows on it ran out of arithmetic before memory ran dry (GPT-2 1.5B's matmuls
+streamed 15.6 GB/s at 8 rows against 24 at one, on a 2-core AMX Xeon); this form took them
+1.2-1.3x faster than VNNI at 4 and 8 rows and 1.5-1.9x from 16 rows on (`bench/kernels.py
+--parts int4`, `gpt2serve kernels`), and lost at 1 and 2 rows, where memory bounds both and
+each block's round trip through the tiles is not repaid. Tiles: 0 and 1 the sums of a block's
+two groups (rows x 16 int32), 2 and 3 their rows of x (rows x 32 bytes), 4 and 5 their weights
+(8 lines of 64 bytes). */
+#if HAVE_AMX
+TARGET_AMX static void int4_amx_configure(int rows) {
     tile_config c = {.palette = 1};
     for (int t = 0; t < 2; ++t) {
         c.rows[t] = (uint8_t)rows, c.colsb[t] = 64;
         c.rows[2 + t] = (uint8_t)rows, c.colsb[2 + t] = 32;
         c.rows[4 + t] = 8, c.colsb[4 + t] = 64;
     }
-    _tile_loadconfig(&c);
-    amx_rows = rows;
+    amx_configure(&c, rows);
 }
 
-TARGET_INT4_AMX static void amx_release(void) {
-    if (amx_rows) _tile_release();
-    amx_rows = 0;
-}
 
 /* One block's sums (dots: its two groups' rows x 16 int32) into acc, with their scales. */
-TARGET_INT4_AMX static inline __attribute__((always_inline)) void amx_scale_block(
+TARGET_AMX static inline __attribute__((always_inline)) void amx_scale_block(
         const int4_args *a, int64_t row, const int rows, const uint8_t *w, int64_t b,
         int32_t dots[2][16][16], __m512 *acc) {
     for (int g = 0; g < 2; ++g) {
@@ -1335,7 +1455,7 @@ load them, and each block's sums take their scales (amx_scale_block) AHEAD block
 product, while later blocks' tile work runs. Lines and dots go round a ring of AHEAD + 1
 buffers for that. */
 #define AHEAD 2
-TARGET_INT4_AMX static inline __attribute__((always_inline)) void amx_split_block(
+TARGET_AMX static inline __attribute__((always_inline)) void amx_split_block(
         const uint8_t *block, int8_t lines[2][8][64]) {
     const __m512i nibble = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
     /* q - 8 in signed bytes: the products need no correction for the 8 (x_sum8) */
@@ -1349,7 +1469,7 @@ TARGET_INT4_AMX static inline __attribute__((always_inline)) void amx_split_bloc
         }
 }
 
-TARGET_INT4_AMX static inline __attribute__((always_inline)) void int4_tile_amx(
+TARGET_AMX static inline __attribute__((always_inline)) void int4_tile_amx(
         const int4_args *a, int64_t row, const int rows, int64_t panel, const char *next,
         int64_t next_step) {
     const int to_l1 = a->m <= L1_PREFETCH_ROWS;
@@ -1359,7 +1479,7 @@ TARGET_INT4_AMX static inline __attribute__((always_inline)) void int4_tile_amx(
     __attribute__((aligned(64))) int8_t lines[AHEAD + 1][2][8][64];
     __attribute__((aligned(64))) int32_t dots[AHEAD + 1][2][16][16];
     __m512 acc[16];
-    if (amx_rows != rows) amx_configure(rows);
+    if (amx_shape != rows) int4_amx_configure(rows);
     for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < AHEAD && b < blocks; ++b)
         amx_split_block(w + b * INT4_BLOCK, lines[b]);
@@ -1390,18 +1510,7 @@ TARGET_INT4_AMX static inline __attribute__((always_inline)) void int4_tile_amx(
     for (int r = 0; r < rows; ++r) _mm512_storeu_ps(sums[r], acc[r]);
     store_tile(&a->out, row, rows, panel * 16, sums);
 }
-PANELS(int4_panels_amx, TARGET_INT4_AMX, int4_args, int4_tile_amx, 16)
-
-/* Whether this process may use the tiles: Linux 5.16 and later lend them once asked
-(arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18), and refuse a CPU without them;
-asked once, here, under the GIL (int4_linear checks its `isa` before releasing it). */
-static int amx_permitted(void) {
-    static int answer = -1;
-    if (answer < 0) answer = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    return answer;
-}
-#else
-#define HAVE_AMX 0
+PANELS(int4_panels_amx, TARGET_AMX, int4_args, int4_tile_amx, 16)
 #endif
 
 /* 32 int32 in -128..127 -> 32 bytes, in order: the packs work within 128-bit lanes, the
@@ -1524,20 +1633,6 @@ static PyObject *quantize_int4(PyObject *self, PyObject *args) {
 #endif
 }
 
-/* Whether the AMX form of int4_linear runs here: compiled, on a CPU with AMX's int8 tiles
-(kernels.py reads the flags), in a process Linux lends them to. */
-static int amx_ready_here(void) {
-#if HAVE_AMX
-    return amx_permitted();
-#else
-    return 0;
-#endif
-}
-
-static PyObject *amx_ready(PyObject *self, PyObject *args) {
-    return PyBool_FromLong(amx_ready_here());
-}
-
 static PyObject *int4_linear(PyObject *self, PyObject *args) {
     unsigned long long x, w, bias, y, ln_weight, ln_bias, normed, residual;
     int64_t k;
@@ -1612,16 +1707,16 @@ static PyMethodDef methods[] = {
      "width, qkv_stride, scale, isa, half): addresses of contiguous fp32/int64 tensors, "
      "the cache fp16 where half; isa 2 AVX-512, 1 AVX2, 0 baseline (kernels.py)"},
     {"int8_linear", int8_linear, METH_VARARGS,
-     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k4, vnni, x_error, ln_weight, "
-     "ln_bias, ln_eps, normed, residual, gelu): addresses of contiguous tensors, 0 for none "
-     "(kernels.py)"},
+     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k4, form, x_error, ln_weight, "
+     "ln_bias, ln_eps, normed, residual, gelu): addresses of contiguous tensors, 0 for none; "
+     "form 2 AMX, 1 VNNI, 0 AVX2 (kernels.py)"},
     {"int4_linear", int4_linear, METH_VARARGS,
      "int4_linear(x, w, bias, y, m, k, n, blocks, isa, ln_weight, ln_bias, ln_eps, normed, "
      "residual, gelu): addresses of contiguous tensors, 0 for none; isa 4 AMX, 3 VNNI, "
      "2 AVX-512, 1 AVX2 (kernels.py)"},
     {"amx_ready", amx_ready, METH_NOARGS,
-     "amx_ready(): whether int4_linear's AMX form (isa 4) is compiled and this process may "
-     "use the tiles; the CPU's flags are the caller's to check (kernels.py)"},
+     "amx_ready(): whether the AMX forms of int8_linear (form 2) and int4_linear (isa 4) are "
+     "compiled and this process may use the tiles (kernels.py)"},
     {"quantize_int4", quantize_int4, METH_VARARGS,
      "quantize_int4(w, q, scales, n, groups): fp32 [n, groups * 32] -> u8 q, fp32 scales "
      "(kernels.py)"},

@@ -219,6 +219,10 @@ def _huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 # pair sums would otherwise saturate); AVX2 needed either way.
 INT8_VNNI = hardware.int8_weight_levels() == 127
 INT8_RUNS = ENABLED and hardware.fbgemm_isa() is not None
+# AMX's tiles (int8_linear's form 2, int4_linear's isa 4), under torch's cap as our other
+# AVX-512 code: the CPU has them and Linux lends them to this process.
+AMX = (ENABLED and VECTOR_ISA == 2 and hardware.AMX_FLAGS <= hardware.cpu_flags()
+       and _kernels.amx_ready())
 PANEL = 16  # outputs per panel of pack_f32's and pack_int8's layouts (_kernels.c)
 
 
@@ -245,12 +249,13 @@ def packed_int8_rows(packed: Tensor, index: Tensor, k: int) -> Tensor:
 
 
 def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: Tensor | None,
-                n: int, vnni: bool = INT8_VNNI, x_error: Tensor | None = None,
+                n: int, form: int = INT8_VNNI, x_error: Tensor | None = None,
                 ln: nn.LayerNorm | None = None, gelu: bool = False,
                 residual: Tensor | None = None) -> Tensor:
     """x [m, k] fp32 @ W.T * scales + bias -> [m, n], W as pack_int8 made it; scales and
     bias fp32, scales padded like sums. Each row of x is quantized to u8 on its own (its
-    scale and zero point). Without `vnni`, W must hold 7-bit values (|w| <= 63). `x_error`
+    scale and zero point). `form`: 2 AMX, 1 VNNI (True), 0 AVX2 (False), where W must hold
+    7-bit values (|w| <= 63); all give the same results. `x_error`
     [m] fp32, if given, receives the Euclidean norm of each row of x minus its quantized
     form. `ln`, `gelu`, `residual` as in linear_f32."""
     m, k = x.shape
@@ -261,13 +266,13 @@ def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: T
                                     and x_error.is_contiguous() and x_error.numel() == m):
         raise ValueError("x_error takes one contiguous fp32 value per row of x")
     normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
-    bind_int8_linear(x, packed, sums, scales, bias, y, vnni, x_error, ln, gelu, residual,
+    bind_int8_linear(x, packed, sums, scales, bias, y, form, x_error, ln, gelu, residual,
                      normed)()
     return y
 
 
 def bind_int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor,
-                     bias: Tensor | None, y: Tensor, vnni: bool = INT8_VNNI,
+                     bias: Tensor | None, y: Tensor, form: int = INT8_VNNI,
                      x_error: Tensor | None = None, ln: nn.LayerNorm | None = None,
                      gelu: bool = False, residual: Tensor | None = None,
                      normed: Tensor | None = None) -> Callable[[], None]:
@@ -278,7 +283,7 @@ def bind_int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor,
     return functools.partial(
         _kernels.int8_linear, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
         sums.data_ptr(), _address(bias), y.data_ptr(), m, k, y.shape[1],
-        packed.shape[1] * 4, vnni, _address(x_error),
+        packed.shape[1] * 4, int(form), _address(x_error),
         *_fused("int8_linear", ln, gelu, residual, normed))
 
 
@@ -297,9 +302,7 @@ def _fused(kernel: str, ln: nn.LayerNorm | None, gelu: bool, residual: Tensor | 
 # candidate.
 INT4_GROUP, INT4_BLOCK = 32, 64  # inputs a scale; inputs a block of a panel (576 bytes)
 INT4_ISA = (0 if not ENABLED or VECTOR_ISA == 0 else 1 if VECTOR_ISA == 1
-            else 2 if "avx512_vnni" not in hardware.cpu_flags()
-            else 4 if hardware.AMX_FLAGS <= hardware.cpu_flags() and _kernels.amx_ready()
-            else 3)
+            else 2 if "avx512_vnni" not in hardware.cpu_flags() else 4 if AMX else 3)
 
 
 def quantize_int4(w: Tensor) -> tuple[Tensor, Tensor]:

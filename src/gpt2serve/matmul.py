@@ -10,9 +10,9 @@ with torch ops around the product, so every kernel serves packing.FusedBlock and
 replayed decode plan (engine/decode_plan.py).
 
 int8 (per-row weights `q` [n, k], `scales` [n]): ours (kernels.int8_linear: each row of x
-quantized on its own, VNNI or AVX2), fbgemm's and oneDNN's dynamic int8 GEMMs (x quantized
-per tensor: a row's result depends on its neighbours), torch's weight-only int8 matmul (x
-stays fp32). int4 (`q` [n, k] in 0..15 and a scale per group of 32 inputs): ours
+quantized on its own, AMX, VNNI or AVX2), fbgemm's and oneDNN's dynamic int8 GEMMs (x
+quantized per tensor: a row's result depends on its neighbours), torch's weight-only int8
+matmul (x stays fp32). int4 (`q` [n, k] in 0..15 and a scale per group of 32 inputs): ours
 (kernels.int4_linear, x quantized per group: AMX, VNNI, AVX-512 or AVX2) and torch's
 weight-only int4 matmul. fp32 (W [k, n]): ours (kernels.linear_f32, AVX-512 or AVX2),
 oneDNN's inner product on its packed layout, and torch's plain addmm.
@@ -77,14 +77,17 @@ class Kernel:
 
 class OursInt8(Kernel):
     """kernels.int8_linear on pack_int8's panels. Its AVX2 form needs 7-bit weights, which
-    quantize.py gives exactly where fbgemm lacks VNNI; so only the form the weights allow runs."""
+    quantize.py gives exactly where fbgemm lacks VNNI; so only the form the weights allow runs,
+    and AMX's beside VNNI's where the CPU has it (all give the same sums)."""
 
-    variants = {"ours-vnni": True, "ours-avx2": False}
+    variants = {"ours-vnni": 1, "ours-avx2": 0, "ours-amx": 2}  # (AMX last, as OursInt4's)
     dtype = "int8"
 
     @classmethod
     def runs(cls, variant: str) -> bool:
-        return kernels.INT8_RUNS and cls.variants[variant] == kernels.INT8_VNNI
+        form = cls.variants[variant]
+        return kernels.INT8_RUNS and (form == 0) != kernels.INT8_VNNI and (
+            form < 2 or kernels.AMX)
 
     def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
         self.packed, self.sums = kernels.pack_int8(q)
@@ -94,12 +97,12 @@ class OursInt8(Kernel):
 
     def __call__(self, x: Tensor, variant=kernels.INT8_VNNI, **fused) -> Tensor:
         return kernels.int8_linear(x, self.packed, self.sums, self.scales, self.bias, self.n,
-                                   vnni=variant, **fused)
+                                   form=variant, **fused)
 
     def bind(self, x: Tensor, y: Tensor, variant=kernels.INT8_VNNI, ln=None, normed=None,
              **fused) -> Callable[[], None]:
         return kernels.bind_int8_linear(x, self.packed, self.sums, self.scales, self.bias, y,
-                                        vnni=variant, ln=ln, normed=normed, **fused)
+                                        form=variant, ln=ln, normed=normed, **fused)
 
 
 class FbgemmInt8(Kernel):
@@ -171,7 +174,8 @@ class OursInt4(Kernel):
     """kernels.int4_linear on pack_int4's panels: AMX, VNNI, AVX-512 or AVX2, each that runs
     here a candidate (all give the same sums)."""
 
-    variants = {"ours-amx": 4, "ours-vnni": 3, "ours-avx512": 2, "ours-avx2": 1}
+    # (`--kernels ours` takes the first that runs: AMX, faster only from some rows, is last)
+    variants = {"ours-vnni": 3, "ours-avx512": 2, "ours-avx2": 1, "ours-amx": 4}
     dtype = "int4"
     # AMX's tiles cost a round trip through memory a block whatever the rows, which one or two
     # rows do not repay: there it ran 0.7x VNNI on an AMX Xeon (bench/kernels.py --parts int4).
