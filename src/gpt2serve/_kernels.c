@@ -1110,7 +1110,11 @@ TARGET_AMX static inline __attribute__((always_inline)) void int8_tile_amx(
                                                         _mm512_load_si512(dots[1][r])));
     int8_store(a, row, rows, panel, dots[0]);
 }
-PANELS(int8_panels_amx, TARGET_AMX, int8_args, int8_tile_amx, 16)
+PANELS(int8_amx_tiles, TARGET_AMX, int8_args, int8_tile_amx, 16)
+TARGET_AMX static void int8_panels_amx(const int8_args *a, int64_t p0, int64_t p1) {
+    int8_amx_tiles(a, p0, p1);
+    amx_release(); /* (the threads are torch's too, and sleep between calls) */
+}
 #endif
 /* Row x [k] -> u8 [k4] (zeros past k), its scale and zero point; and where `error` is not
 NULL, the Euclidean norm of x minus what the u8 values stand for, scale * (q - zero), summed
@@ -1235,14 +1239,12 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
         } /* (a barrier: every row quantized before any panel) */
         int64_t p0, p1;
         thread_panels(a.out.n, &p0, &p1);
-#if HAVE_AMX
-        if (form == 2) {
-            int8_panels_amx(&a, p0, p1);
-            amx_release(); /* (the threads are torch's too, and sleep between calls) */
-        } else
-#endif
         if (form == 1)
             int8_panels_vnni(&a, p0, p1);
+#if HAVE_AMX
+        else if (form == 2)
+            int8_panels_amx(&a, p0, p1);
+#endif
         else
             int8_panels_avx2(&a, p0, p1);
     }
@@ -1510,7 +1512,11 @@ TARGET_AMX static inline __attribute__((always_inline)) void int4_tile_amx(
     for (int r = 0; r < rows; ++r) _mm512_storeu_ps(sums[r], acc[r]);
     store_tile(&a->out, row, rows, panel * 16, sums);
 }
-PANELS(int4_panels_amx, TARGET_AMX, int4_args, int4_tile_amx, 16)
+PANELS(int4_amx_tiles, TARGET_AMX, int4_args, int4_tile_amx, 16)
+TARGET_AMX static void int4_panels_amx(const int4_args *a, int64_t p0, int64_t p1) {
+    int4_amx_tiles(a, p0, p1);
+    amx_release();
+}
 #endif
 
 /* 32 int32 in -128..127 -> 32 bytes, in order: the packs work within 128-bit lanes, the
@@ -1676,10 +1682,9 @@ static PyObject *int4_linear(PyObject *self, PyObject *args) {
         int64_t p0, p1;
         thread_panels(a.out.n, &p0, &p1);
 #if HAVE_AMX
-        if (isa == 4) {
+        if (isa == 4)
             int4_panels_amx(&a, p0, p1);
-            amx_release(); /* (the threads are torch's too, and sleep between calls) */
-        } else
+        else
 #endif
         if (isa == 3)
             int4_panels_vnni(&a, p0, p1);
