@@ -758,8 +758,9 @@ def _cli_download(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 def test_download_from_hub_file_api(tmp_path, tiny_model):
     """The files of one commit, pinned when the download starts: a resumed download after
-    the branch moved finishes the commit it began (it mixed two); a revision with a slash is
-    quoted; a failed listing leaves the folder free; errors are one line and exit 2."""
+    the branch moved finishes the commit it began (it mixed two), and one whose marker names
+    no commit is not finished at all; a revision with a slash is quoted; a failed listing
+    leaves the folder free; errors are one line and exit 2."""
     moved = make_hf_model(tmp_path / "moved", seed=9)
     notok = tmp_path / "notok"
     shutil.copytree(tiny_model, notok)
@@ -801,6 +802,18 @@ def test_download_from_hub_file_api(tmp_path, tiny_model):
         # kept as the new model's: the wrong weights loaded)
         other = _cli_download(env, "org/tiny", "--revision", "v2", "--out", str(out))
         assert other.returncode == 2 and "holds another download" in other.stderr
+        # a marker that names no commit (written before markers did): its files may be of
+        # an older one, so it is not finished at the head; with no file yet it starts afresh
+        (out / MARKER).write_text(json.dumps({"repo": "org/tiny", "revision": "main"}))
+        old = _cli_download(env, "org/tiny", "--out", str(out))
+        assert old.returncode == 2 and "did not record its commit" in old.stderr
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        (fresh / MARKER).write_text(json.dumps({"repo": "org/tiny", "revision": "main"}))
+        assert _cli_download(env, "org/tiny", "--out", str(fresh)).returncode == 0
+        assert json.loads((fresh / MARKER).read_text())["sha"] == second
+        assert (fresh / "model.safetensors").read_bytes() == (
+            moved / "model.safetensors").read_bytes()
         (out / MARKER).unlink()
         other = _cli_download(env, "org/tiny", "--out", str(out))
         assert other.returncode == 2 and "already holds config.json" in other.stderr

@@ -115,8 +115,12 @@ def _marker(out: Path, repo_id: str, revision: str) -> dict | None:
     """The marker of an earlier download of this repository and revision into `out`, to
     resume (None: a new download). A download of another repository or revision, or into a
     folder that holds model files from elsewhere, is refused: those files were kept as if
-    they were its own, and the wrong weights loaded without an error."""
+    they were its own, and the wrong weights loaded without an error. So is resuming one whose
+    marker names no commit (written before markers did) once it holds files: they may be of
+    an older commit than the revision's head, and finishing at the head would mix the two."""
     marker = out / MARKER
+    present = sorted(p.name for p in out.glob("*") if p.name in MODEL_FILES
+                     or p.name.endswith(".safetensors"))
     if marker.is_file():
         try:
             theirs = json.loads(marker.read_text())
@@ -126,9 +130,11 @@ def _marker(out: Path, repo_id: str, revision: str) -> dict | None:
                 repo_id, revision):
             raise DownloadError(f"{out} holds another download ({theirs}); download "
                                 f"{repo_id}@{revision} into another folder, or empty it")
+        if not isinstance(theirs.get("sha"), str) and present:
+            raise DownloadError(f"{out} holds {', '.join(present)} of a download that did not "
+                                f"record its commit; finishing it at {revision}'s head could "
+                                f"mix two commits: empty the folder and download again")
         return theirs
-    present = sorted(p.name for p in out.glob("*") if p.name in MODEL_FILES
-                     or p.name.endswith(".safetensors"))
     if present:
         raise DownloadError(f"{out} already holds {', '.join(present)}, not from a "
                             f"download of {repo_id}; download into an empty folder")
