@@ -9,8 +9,9 @@ decode batches, and prompt chunks (--prompt-rows, in GFLOP/s).
 
 int8 matmuls: the 48 layer matrices of 12 layers and the LM head, each called once per pass as a
 decode step does (so every weight comes from memory, not from cache): kernels.int8_linear vs
-fbgemm's `quantized::linear_dynamic`, per number of rows (at load, kernel_choice.py measures
-these and the other candidates per matrix shape itself). Decode attention: kernels.decode_attention vs the torch ops of
+fbgemm's `quantized::linear_dynamic` (and ours' AMX form where it runs), per number of rows
+(at load, kernel_choice.py measures these and the other candidates per matrix shape itself).
+Decode attention: kernels.decode_attention vs the torch ops of
 model.Block._attend (store, gather, scaled-dot-product attention), 12 layers, per batch size
 and context length, and ours again on an fp16 cache (--kv_cache_dtype float16). Run it under
 the AVX2 cap with `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` (and the rest of hardware.AVX2_CAP_ENV)
@@ -54,18 +55,24 @@ def int8_matmuls(rows: list[int], repeats: int) -> None:
     head = Int8Matrix(*HEAD)
     weight_mb = sum(m.k * m.n for m in layers) / 1e6
     print(f"int8 matmuls, 12 layers ({weight_mb:.0f} MB) + LM head ({head.k * head.n / 1e6:.0f} "
-          f"MB), ms per pass (median of {repeats}); ours {'VNNI' if kernels.INT8_VNNI else 'AVX2'}")
+          f"MB), ms per pass (median of {repeats}); ours {'VNNI' if kernels.INT8_VNNI else 'AVX2'}"
+          + (", and ours on AMX's tiles" if kernels.AMX else ""))
     print(f"{'rows':>5} {'fbgemm layers':>14} {'ours layers':>12} {'fbgemm head':>12} "
-          f"{'ours head':>10}  layers ours/fbgemm speed")
+          f"{'ours head':>10}  layers ours/fbgemm speed"
+          + (f"  {'AMX layers':>10} {'AMX head':>9}" if kernels.AMX else ""))
+    forms = {"theirs": lambda w, x: w.theirs(x), "ours": lambda w, x: w.ours(x)}
+    if kernels.AMX:
+        forms["amx"] = lambda w, x: w.ours(x, 2)
     for m in rows:
         xs = {k: torch.randn(m, k) for k in (768, 3072)}
-        t = {name: median_time(lambda: [getattr(w, name)(xs[w.k]) for w in layers], repeats)
-             for name in ("theirs", "ours")}
-        h = {name: median_time(lambda: getattr(head, name)(xs[768]), repeats)
-             for name in ("theirs", "ours")}
+        t = {name: median_time(lambda: [form(w, xs[w.k]) for w in layers], repeats)
+             for name, form in forms.items()}
+        h = {name: median_time(lambda: form(head, xs[768]), repeats)
+             for name, form in forms.items()}
         print(f"{m:5d} {t['theirs'] * 1e3:14.2f} {t['ours'] * 1e3:12.2f} "
               f"{h['theirs'] * 1e3:12.2f} {h['ours'] * 1e3:10.2f}  {t['theirs'] / t['ours']:.2f}x"
-              f"  ({weight_mb / 1e3 / t['ours']:.1f} GB/s ours)")
+              f"  ({weight_mb / 1e3 / t['ours']:.1f} GB/s ours)"
+              + (f"  {t['amx'] * 1e3:10.2f} {h['amx'] * 1e3:9.2f}" if "amx" in t else ""))
 
 
 def int4_matmuls(rows: list[int], repeats: int) -> None:
@@ -217,7 +224,7 @@ def main() -> None:
     if kernels.F32_RUNS and "fp32" in args.parts:
         fp32_matmuls(args.rows + args.prompt_rows, args.repeats)
     if kernels.INT8_RUNS and "int8" in args.parts:
-        int8_matmuls(args.rows, args.repeats)
+        int8_matmuls(args.rows + args.prompt_rows, args.repeats)
     if kernels.INT4_ISA and "int4" in args.parts:
         int4_matmuls(args.rows + args.prompt_rows, args.repeats)
     if "attention" in args.parts:

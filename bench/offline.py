@@ -37,6 +37,7 @@ from common import (CACHE, NEW_TOKENS, PROMPT_TOKENS, ROOT, SHAPE_NAMES, SHAPES,
                     median_time, read_bandwidth, write_result)
 
 
+MAX_BATCH = 8  # our engine's max_batch_size: the largest of --batches, at least 8 (main)
 WEIGHT_BYTES: dict[str, int] = {}
 ISA_NOTE: dict[str, str] = {}  # what an in-process engine says about the ISA it runs with
 VERSION: dict[str, str] = {}  # the engine's package and version, for the results' JSON
@@ -59,7 +60,7 @@ def ours(folder: Path, mode: dict, quantize: str | None = None, kv_cache_dtype: 
     ISA_NOTE["gpt2serve"] = torch_isa()
     VERSION["gpt2serve"] = package_version("gpt2serve")
     engine = Engine(model, tokenizer, EngineConfig(
-        max_batch_size=8, max_model_len=PROMPT_TOKENS + NEW_TOKENS, threads=threads,
+        max_batch_size=MAX_BATCH, max_model_len=PROMPT_TOKENS + NEW_TOKENS, threads=threads,
         kv_cache_dtype=kv_cache_dtype))
     screen = getattr(engine.runner, "screen", None)
     WEIGHT_BYTES["gpt2serve"] = model.weight_bytes(
@@ -271,7 +272,7 @@ MODES = {"greedy": {"do_sample": False},
 
 
 def main() -> None:
-    global PROMPT_TOKENS
+    global PROMPT_TOKENS, MAX_BATCH
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
@@ -305,6 +306,7 @@ def main() -> None:
     p.add_argument("--runner", help=argparse.SUPPRESS)  # internal: measure one, print JSON
     args = p.parse_args()
     PROMPT_TOKENS = args.prompt_tokens  # the engines' prompts (and context) in this process
+    MAX_BATCH = max(8, *args.batches)
     mode = MODES[args.sampling]
     folder = gpt2_random(args.model)
     runners = {
