@@ -272,6 +272,14 @@ def test_a_choice_is_cached_per_machine_and_read_back(tmp_path, monkeypatch):
     # another thread count is another machine: measured anew, beside the first
     assert kernel_choice.choose("fp32", shapes[:1], "auto", threads=2).cached == 0
     assert len(json.loads((tmp_path / "kernels.json").read_text())) == 2
+    # a table naming a kernel that does not run here (AMX's, cached by a process Linux lent
+    # the tiles to) is measured again, not served by a kernel this process lacks
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    data[key]["fp32 32x96"]["by_rows"]["8"] = "ours-on-tiles-lent-elsewhere"
+    (tmp_path / "kernels.json").write_text(json.dumps(data))
+    third = kernel_choice.choose("fp32", shapes, "auto", threads=1)
+    assert third.cached == len(shapes) - 1
+    assert "ours-on-tiles-lent-elsewhere" not in third.choices["fp32", 32, 96].names()
 
 
 def test_a_cache_that_cannot_be_written_is_only_a_warning(tmp_path, monkeypatch, caplog):

@@ -883,8 +883,10 @@ loads only what stores have written to the cache, which they do as they retire, 
 whatever goes through memory between vector code and the tiles (int4's split weights, every
 kernel's sums) is written some blocks before it is loaded. Linux lends a thread the tiles only
 once the process has asked for them (amx_permitted), and a thread keeps its configuration
-(amx_shape) until it releases them at the end of a call. */
-#if X86 && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+(amx_shape) until it releases them at the end of a call. setup.py defines GPT2SERVE_NO_AMX
+where the toolchain cannot assemble the tile instructions. */
+#if X86 && defined(__linux__) && !defined(GPT2SERVE_NO_AMX) \
+    && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #define HAVE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
