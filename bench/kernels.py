@@ -79,14 +79,14 @@ def int4_matmuls(rows: list[int], repeats: int) -> None:
     """Each int4 form this CPU runs (AMX, VNNI, AVX-512, AVX2: kernels.int4_linear) on the
     matrices of 4 layers of GPT-2 1.5B (the shapes where 4-bit weights matter), each called
     once per pass."""
-    from gpt2serve import kernels, matmul
+    from gpt2serve import kernel_choice, kernels, matmul
 
     shapes = [shape for _ in range(4) for shape in XL_LAYER_SHAPES]
     layers = [matmul.OursInt4(*kernels.quantize_int4(torch.randn(n, k) / k ** 0.5),
                               torch.randn(n)) for k, n in shapes]
-    forms = {name: isa for name, isa in matmul.OursInt4.variants.items()
-             if matmul.OursInt4.runs(name)}
-    nbytes = sum(k * n for k, n in shapes) * 0.5625
+    forms = {name: matmul.OursInt4.variants[name]
+             for name in matmul.candidates("int4", [matmul.OursInt4])}
+    nbytes = sum(k * n for k, n in shapes) * kernel_choice.BYTES["int4"]
     print(f"\nint4 matmuls, 4 layers of GPT-2 1.5B ({nbytes / 1e6:.0f} MB), ms per pass "
           f"(median of {repeats}, fewer past 16 rows); each form over VNNI's time")
     print(f"{'rows':>5} " + " ".join(f"{name:>12}" for name in forms))

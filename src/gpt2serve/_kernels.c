@@ -880,8 +880,8 @@ The int8 and int4 kernels have a form on tiles each (below), which kernel_choice
 beside the others. Two things decided their speed on a 2-core AMX Xeon. The tiles are not
 renamed: a tile is not loaded again before the product that reads it is done. And a tile
 loads only what stores have written to the cache, which they do as they retire, in order:
-whatever goes through memory between vector code and the tiles (int4's split weights, every
-kernel's sums) is written some blocks before it is loaded. Linux lends a thread the tiles only
+what goes through memory between vector code and the tiles every block (int4's split weights
+and its sums) is written some blocks before it is read. Linux lends a thread the tiles only
 once the process has asked for them (amx_permitted), and a thread keeps its configuration
 (amx_shape) until it releases them at the end of a call. setup.py defines GPT2SERVE_NO_AMX
 where the toolchain cannot assemble the tile instructions. */
