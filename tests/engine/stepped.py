@@ -1,5 +1,10 @@
 """Engines run on a fixed schedule: arrivals given as step numbers (and layers of a step's
-pass), not wall time, so the batch each request lands in is the same on any machine."""
+pass), not wall time, so the batch each request lands in is the same on any machine. So is
+each prompt chunk, as long as the chunk budget beside streams does not follow measured step
+times (scheduler.ChunkBudget, --prefill_step_stretch): a schedule of more than one call needs
+an engine made with prefill_step_stretch 0. (With the adaptive budget, the differential
+test's int8 runner through AMX's tiles gave a log-probability 3e-7 from its twin through VNNI
+on one mix, the same sums chunked otherwise; with the budget fixed, the two agree to the bit.)"""
 
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ def run_schedule(engine: Engine, arrivals: list[Arrival], max_steps: int = 2000
 
 async def _run(engine: Engine, arrivals: list[Arrival], max_steps: int) -> list[Outcome]:
     assert not engine.threaded
+    assert len(arrivals) <= 1 or not engine.scheduler.budget.adaptive, \
+        "chunks sized by measured step times: make the engine with prefill_step_stretch=0"
     calls: dict[int, list] = {}
 
     def submit(i: int) -> None:

@@ -360,9 +360,10 @@ def setup(models):
     references = {w: Engine(m, tokenizer, with_cache(cold, w), threaded=False,
                             runner=REFERENCE_RUNNER.get(w, "eager-torch-attention"))
                   for w, m in by_weights.items()}
-    # Small chunks and blocks, and a KV budget that makes calls wait for blocks.
+    # Small chunks and blocks, and a KV budget that makes calls wait for blocks; chunks beside
+    # streams of the schedule's sizes, not of measured times (stepped.py).
     config = EngineConfig(max_batch_size=8, max_prefill_tokens=32, block_size=8,
-                          kv_cache_memory=160 * 8 * 2 * 4 * 256 * 4)
+                          kv_cache_memory=160 * 8 * 2 * 4 * 256 * 4, prefill_step_stretch=0)
     runners = engines(by_weights, tokenizer, config)
     if kernels.F32_RUNS:
         assert {"plan", "plan-unscreened"} <= {name for name, _, _ in runners}
