@@ -304,6 +304,31 @@ def test_fixed_modes_measure_nothing():
         kernel_choice.choose("fp32", shapes, "fastest")
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp32"])
+def test_the_amx_mode_takes_our_amx_forms_where_they_serve_and_ours_elsewhere(dtype):
+    """--kernels amx: how a test or an A/B run holds the AMX forms, which auto chooses by
+    time; on a CPU without AMX (and for fp32, which has no AMX form) it is --kernels ours."""
+    shapes = [(64, 96, False), (64, 1000, True)]
+    amx = kernel_choice.choose(dtype, shapes, "amx").choices
+    ours = kernel_choice.choose(dtype, shapes, "ours").choices
+    kind = matmul.candidates(dtype).get(kernel_choice.AMX)  # None where it does not run
+    for key, choice in amx.items():
+        for m in ROWS:
+            if kind and kind.serves(kernel_choice.AMX, m):
+                assert choice.pick(m) == kernel_choice.AMX
+            else:
+                assert choice.pick(m) == ours[key].pick(m)
+    if kernels.AMX and dtype != "fp32":
+        assert any(c.pick(ROWS[-1]) == kernel_choice.AMX for c in amx.values())
+        w = (torch.randint(-127, 128, (96, 64), dtype=torch.int8), torch.rand(96) * 1e-2,
+             torch.randn(96)) if dtype == "int8" else (
+            torch.randint(0, 16, (96, 64), dtype=torch.uint8),
+            torch.rand(96, 2).half().float() * 1e-2, torch.randn(96))
+        x = torch.randn(8, 64)  # the AMX and VNNI forms give the same sums
+        assert torch.equal(kernel_choice.KernelTable("amx", amx).matmul(dtype, w)(x),
+                           kernel_choice.KernelTable("ours", ours).matmul(dtype, w)(x))
+
+
 def test_a_model_holds_only_the_layouts_its_choice_needs_and_ours():
     table = kernel_choice.choose("fp32", [(32, 96, False)], "torch")
     w, b = torch.randn(32, 96), torch.randn(96)

@@ -58,7 +58,8 @@ def _add_model_flags(p: argparse.ArgumentParser,
                    help="CPU matmul kernels: auto = the fastest measured here for each shape "
                         "and number of rows (cached per CPU, `gpt2serve kernels` prints the "
                         "table); ours / torch = ours (fbgemm, oneDNN) everywhere, for A/B "
-                        "runs (default $GPT2SERVE_KERNELS, else auto)")
+                        "runs; amx = our AMX forms wherever they serve, ours elsewhere "
+                        "(default $GPT2SERVE_KERNELS, else auto)")
     EngineConfig.add_flags(p, {}, names=("threads",))
 
 

@@ -14,7 +14,10 @@ step reads its layers, and the fastest kept. What it measured is cached per CPU 
 build (`cache_path`), so a restart reads the table instead of measuring it again.
 
 `--kernels ours` takes our kernels for every class and `--kernels torch` torch's own (fbgemm
-for int8, oneDNN for fp32), without measuring: for A/B runs (bench/offline.py).
+for int8, oneDNN for fp32), without measuring: for A/B runs (bench/offline.py). `--kernels amx`
+takes our AMX forms for every class they serve, ours elsewhere: `auto` chooses them by time,
+so this is how a test (tests/engine/test_differential.py) or an A/B run holds them to a fixed
+schedule on an AMX host.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from . import hardware, kernels, matmul
 
 log = logging.getLogger("gpt2serve.kernels")
 
-MODES = ("auto", "ours", "torch")
+MODES = ("auto", "ours", "torch", "amx")
+AMX = "ours-amx"  # the candidate `--kernels amx` takes, where it serves
 ROW_CLASSES = (1, 2, 4, 8, 16, 32, 128)
 PROMPT_ROWS = ROW_CLASSES[-1]
 # float64 reference against each candidate: ||y - ref|| / ||ref||. int8 activations
@@ -315,13 +319,15 @@ def _check(dtype: str, k: int, n: int, m: int, kinds: dict, layouts: dict, refer
 
 
 def fixed(dtype: str, mode: str, rows: tuple[int, ...] = ROW_CLASSES) -> RowChoice:
-    """`--kernels ours|torch`: one candidate for every class, unmeasured. Ours falls back to
-    torch's where ours does not run here."""
+    """`--kernels ours|torch|amx`: a candidate for every class, unmeasured. Ours falls back to
+    torch's where ours does not run here, AMX to ours where it does not run or serve."""
     names = matmul.candidates(dtype)
     theirs = next(name for name in ("fbgemm", "onednn", "torch") if name in names)
     ours = [name for name in names if name.startswith("ours")]
-    name = ours[0] if mode == "ours" and ours else theirs
-    return RowChoice({m: name for m in rows})
+    if mode == "torch" or not ours:
+        return RowChoice({m: theirs for m in rows})
+    amx = mode == "amx" and AMX in names
+    return RowChoice({m: AMX if amx and names[AMX].serves(AMX, m) else ours[0] for m in rows})
 
 
 def machine_key(threads: int) -> str:

@@ -17,7 +17,9 @@ with the same kernels. Our int8 kernel quantizes each row on its own, so int8 is
 the same (INT8_SAME: log-probabilities within INT8_TOLERANCE, tokens the same in all but a few
 sequences); fbgemm's int8 quantizes a pass's rows together, so with it a sequence depends on its
 batch neighbours and is held to less (INT8_AGREEMENT). int4 through our kernel quantizes each
-row's groups of 32 on their own, and is held as our int8 is.
+row's groups of 32 on their own, and is held as our int8 is. On a CPU with AMX, int8 and int4
+also run through our AMX forms (`--kernels amx`), which give the VNNI form's sums: each such
+runner must give exactly what its VNNI twin gives on the same schedule (AMX_TWIN).
 
 The demo model is a trained one, so its logits are far from ties: a token that differs is a bug,
 not rounding. MIXES mixes (and MIXES // 4 with next turns) run in `make test`;
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from gpt2serve import checkpoint, kernels, metrics
+from gpt2serve import checkpoint, kernel_choice, kernels, metrics
 from gpt2serve.engine import Engine, EngineConfig, Prompt
 from gpt2serve.engine.sampler import Sampler
 from gpt2serve.model import KVCache
@@ -82,7 +84,13 @@ RUNNERS = [("eager", "fp32", "eager"), ("plan", "fp32", "plan"),
            ("int8", "int8", "eager"), ("int8-plan", "int8", "plan"),
            ("int8-torch-kernels-plan", "int8-torch", "plan"),
            ("int4", "int4", "eager"), ("int4-plan", "int4", "plan"),
-           ("fp16-cache-plan", "fp32-fp16-cache", "plan")]
+           ("fp16-cache-plan", "fp32-fp16-cache", "plan"),
+           ("int8-amx", "int8-amx", "eager"), ("int8-amx-plan", "int8-amx", "plan"),
+           ("int4-amx-plan", "int4-amx", "plan")]
+# Our AMX forms (held by --kernels amx) and the VNNI form's runner whose outcomes they must
+# equal bit for bit: the same sums, the same schedule. (Where the CPU lacks AMX, their weights
+# are not loaded and they do not run.)
+AMX_TWIN = {"int8-amx": "int8", "int8-amx-plan": "int8-plan", "int4-amx-plan": "int4-plan"}
 # Weights whose engines (and reference) keep keys and values in another dtype: the fp32 model
 # with --kv_cache_dtype float16, its reference the eager runner's torch ops on the same cache.
 # (int8 and int4 engines hold an fp16 cache by default where our decode kernel reads it.)
@@ -96,7 +104,9 @@ def models():
             "fp32-torch": checkpoint.load(None, kernels="torch")[0],
             "int8-torch": checkpoint.load(None, quantize="int8", kernels="torch")[0],
             "int4": checkpoint.load(None, quantize="int4", kernels="ours")[0],
-            "fp32-fp16-cache": fp32}, tokenizer
+            "fp32-fp16-cache": fp32,
+            **({f"{q}-amx": checkpoint.load(None, quantize=q, kernels="amx")[0]
+                for q in ("int8", "int4")} if kernels.AMX else {})}, tokenizer
 
 
 def draw_params(rng: random.Random, vocab: int, longest: int = 8) -> dict:
@@ -309,6 +319,8 @@ def engines(by_weights: dict, tokenizer, config: EngineConfig) -> list[tuple[str
     """(name, weights, engine) for each of RUNNERS this machine has."""
     out = []
     for name, weights, runner in RUNNERS:
+        if weights not in by_weights:  # AMX's, where the CPU lacks it
+            continue
         try:
             out.append((name, weights, Engine(by_weights[weights], tokenizer,
                                               with_cache(config, weights), runner=runner,
@@ -359,7 +371,7 @@ def setup(models):
     cold = EngineConfig(max_batch_size=3, enable_prefix_caching=False)
     references = {w: Engine(m, tokenizer, with_cache(cold, w), threaded=False,
                             runner=REFERENCE_RUNNER.get(w, "eager-torch-attention"))
-                  for w, m in by_weights.items()}
+                  for w, m in by_weights.items() if not w.endswith("-amx")}  # (AMX_TWIN)
     # Small chunks and blocks, and a KV budget that makes calls wait for blocks; chunks beside
     # streams of the schedule's sizes, not of measured times (stepped.py).
     config = EngineConfig(max_batch_size=8, max_prefill_tokens=32, block_size=8,
@@ -369,6 +381,14 @@ def setup(models):
         assert {"plan", "plan-unscreened"} <= {name for name, _, _ in runners}
     if kernels.HALF_RUNS:  # the fp16 cache is read in place by our decode attention
         assert all(e.runner.in_place for n, _, e in runners if n == "fp16-cache-plan")
+    names = [name for name, _, _ in runners]
+    assert all(AMX_TWIN[n] in names for n in names if n in AMX_TWIN)
+    if kernels.AMX:  # every AMX runner runs, its matmuls through the AMX forms
+        assert AMX_TWIN.keys() <= set(names)
+        for q in ("int8", "int4"):
+            chosen = {name for module in by_weights[f"{q}-amx"].modules()
+                      if hasattr(module, "matmul") for name in module.matmul.choice.names()}
+            assert kernel_choice.AMX in chosen, (q, chosen)
     assert not any(e.runner.in_place or e.runner.prompt_in_place
                    for w, e in references.items() if w not in REFERENCE_RUNNER)
     return references, runners, tokenizer.encode(TEXT * 2), by_weights["fp32"].config.vocab_size
@@ -383,8 +403,13 @@ def test_every_runner_generates_what_the_eager_reference_does_alone(models, setu
     for seed in chunk:
         mix = draw_mix(random.Random(seed), ids, vocab)
         want = {w: reference(e, mix) for w, e in references.items()}
+        got = {}
         for name, weights, engine in runners:
-            tally.compare(name, weights, mix, run_schedule(engine, mix), want[weights], seed)
+            got[name] = run_schedule(engine, mix)
+            if name in AMX_TWIN:
+                assert got[name] == got[AMX_TWIN[name]], f"mix {seed}, runner {name}"
+            else:
+                tally.compare(name, weights, mix, got[name], want[weights], seed)
     tally.check(len(chunk))
     assert metrics.PREFIX_CACHE_HITS.labels("")._value.get() > hits  # prefixes were read from the cache
 
@@ -397,19 +422,25 @@ def test_a_chats_next_turn_reads_its_answers_blocks_and_generates_what_the_refer
     references, runners, ids, vocab = setup
     tally, size = Tally(models[0]), runners[0][2].cache.block_size
     from_answers = collections.Counter()  # next turns that read a block past their first's prompt
+    weights_of = {name: weights for name, weights, _ in runners}
     seeds = range(MIXES, MIXES + MIXES // 4)
     for seed in seeds:
         first = draw_mix(random.Random(seed), ids, vocab, longest=24)
         answers = {w: reference(e, first) for w, e in references.items()}
         turns = {w: draw_next_turns(random.Random(seed), first, answers[w], ids, vocab)
                  for w in references}
+        got = {}
         for name, weights, engine in runners:
+            weights = weights_of.get(AMX_TWIN.get(name), weights)  # its twin's turns
             mix = first + [turn for _, turn in turns[weights]]
-            want = answers[weights] + reference(references[weights],
-                                                [turn for _, turn in turns[weights]])
-            got = run_schedule(engine, mix)
-            tally.compare(name, weights, mix, got, want, seed)
-            for (before, _), outcome in zip(turns[weights], got[len(first):]):
+            got[name] = run_schedule(engine, mix)
+            if name in AMX_TWIN:
+                assert got[name] == got[AMX_TWIN[name]], f"mix {seed}, runner {name}"
+            else:
+                want = answers[weights] + reference(references[weights],
+                                                    [turn for _, turn in turns[weights]])
+                tally.compare(name, weights, mix, got[name], want, seed)
+            for (before, _), outcome in zip(turns[weights], got[name][len(first):]):
                 from_answers[name] += outcome.cached_tokens > len(before.prompt.ids) // size * size
     tally.check(len(seeds))
     print("next turns that read blocks their answers' decode steps filled, by runner:",
