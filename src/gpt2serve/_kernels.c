@@ -132,6 +132,18 @@ static inline __attribute__((always_inline)) const char *walk_block(
     return cache_row(a, half, kv, head, table[j0 / bs], 0);
 }
 
+/* The first blocks of an item's (a sequence's and head's) keys and values, into L2 while the
+item before it is attended: walk_block prefetches each block after the first, and a step's
+first blocks were otherwise read cold, one item after another. */
+static inline __attribute__((always_inline)) void prefetch_item(const decode_args *a,
+                                                               const int half, int64_t item) {
+    const int64_t seq = item / a->heads, head = item % a->heads, bs = a->block_size;
+    const int64_t length = a->pos[seq] + 1, count = length < bs ? length : bs;
+    for (int64_t kv = 0; kv < 2; ++kv)
+        prefetch_block(cache_row(a, half, kv, head, a->blocks[seq * a->width], 0),
+                       count * a->head_dim * (half ? 2 : 4));
+}
+
 /* Compiled into each ISA's variant below, once for each cache dtype, with that ISA's row
 operations: for fp32 the plain loops, which the compiler vectorizes for the ISA; for fp16
 intrinsics that widen in registers (widened into a buffer first, each row's store and reload
@@ -389,7 +401,10 @@ static int decode_attention_run(const decode_args *a, int isa) {
         }
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < a->n * a->heads; ++item)
-            if (scores != NULL) attend(a, item / a->heads, item % a->heads, scores);
+            if (scores != NULL) {
+                if (item + 1 < a->n * a->heads) prefetch_item(a, a->half, item + 1);
+                attend(a, item / a->heads, item % a->heads, scores);
+            }
         free(scores);
     }
     return failed;
