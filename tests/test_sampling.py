@@ -9,12 +9,13 @@ from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWar
                           TopKLogitsWarper, TopPLogitsWarper)
 
 from conftest import write_tokenizer
-from gpt2serve.engine.sampler import TOP_P_CANDIDATES, Sampler, draw
+from gpt2serve import kernels
+from gpt2serve.engine.sampler import Sampler, draw, nucleus_threshold
 from gpt2serve.engine.sequence import Prompt, Request
 from gpt2serve.sampling import SamplingError, SamplingParams
 from gpt2serve.tokenizer import Tokenizer
 
-V = 3000  # wider than TOP_P_CANDIDATES, so the full-vocabulary fallback can be reached
+V = 3000
 
 
 def test_aitextgen_defaults():
@@ -103,18 +104,36 @@ def test_candidate_distribution_matches_transformers(tokenizer, spec):
         torch.testing.assert_close(got, reference_probs(logits[row], spec), atol=1e-6, rtol=1e-4)
 
 
-def test_a_nucleus_wider_than_the_candidates_is_still_exact():
+def test_a_nucleus_of_most_of_the_vocabulary_is_exact():
     """Near-uniform logits (a random-weight model's): top_p 0.9 keeps ~90% of the vocabulary,
-    far more than TOP_P_CANDIDATES, next to a row whose nucleus fits."""
+    next to a row whose nucleus is a few tokens."""
     torch.manual_seed(1)
     logits = torch.stack([torch.randn(V) * 0.05, torch.randn(V) * 6])
     spec = {"top_k": 0, "top_p": 0.9, "temperature": 1.0}
     sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
     ids, probs = sampler.candidates(logits, [SamplingParams.from_dict(spec)] * 2)
-    assert (probs[0] > 0).sum() > TOP_P_CANDIDATES
+    assert (probs[0] > 0).sum() > 0.8 * V and (probs[1] > 0).sum() < 0.1 * V
     for row in range(2):
         got = torch.zeros(V).scatter_(0, ids[row], probs[row])
         torch.testing.assert_close(got, reference_probs(logits[row], spec), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
+def test_the_nucleus_threshold_found_without_sorting_is_the_sorted_ones():
+    """kernels.nucleus_threshold (radix selection on the bits) against the sort it replaces,
+    on GPT-2's vocabulary: rows from near-uniform to one-hot, exact ties (a uniform row), rows
+    with zeros (underflowed), top_p from tiny to 1 (every token)."""
+    torch.manual_seed(4)
+    rows, limits = [], []
+    for scale in (0.0, 0.05, 0.5, 2.0, 6.0, 30.0, 200.0):
+        rows.append((torch.randn(48, 50257) * scale).softmax(-1))
+        limits.append(torch.cat([torch.rand(45), torch.tensor([1e-9, 0.999999, 1.0])]))
+    rounded = torch.randn(4, 50257).mul(3).round().softmax(-1)  # many ties at every level
+    probs, top_p = torch.cat(rows + [rounded]), torch.cat(limits + [torch.rand(4)]).double()
+    tau = kernels.nucleus_threshold(probs, top_p)
+    assert torch.equal(tau, nucleus_threshold(probs, top_p.where(top_p < 1, math.inf)))
+    kept = (probs >= tau[:, None]).sum(-1)
+    assert kept.min() == 1 and kept.max() == 50257 and len(set(kept.tolist())) > 100
 
 
 @pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},
@@ -134,10 +153,10 @@ def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers(spec):
     params = [SamplingParams.from_dict(spec)] * 3 + [
         SamplingParams.from_dict({"top_k": 0, "top_p": 0.9})]
     ids, probs = sampler.candidates(logits, params)
-    for row, kept in ((0, 7), (1, 44), (2, None)):
+    for row, kept in ((0, 7), (1, 44), (2, None), (3, None)):
         # (summed: a row padded to the widest one's candidates repeats token 0 at 0)
         got = torch.zeros(V).scatter_add_(0, ids[row], probs[row])
-        want = reference_probs(logits[row], spec)
+        want = reference_probs(logits[row], spec if row < 3 else {"top_k": 0, "top_p": 0.9})
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
         if kept and "top_p" not in spec:
             assert (got > 0).sum() == kept

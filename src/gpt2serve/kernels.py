@@ -50,6 +50,24 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def runs_nucleus(probs: Tensor) -> bool:
+    """Whether nucleus_threshold serves probabilities like these."""
+    return ENABLED and probs.device.type == "cpu" and probs.dtype == torch.float32
+
+
+def nucleus_threshold(probs: Tensor, top_p: Tensor) -> Tensor:
+    """sampler.nucleus_threshold without sorting: per row of probabilities [S, V] (fp32 on
+    CPU, runs_nucleus), the least likely token's probability that top-p keeps, by radix
+    selection on the probabilities' bits; top_p [S], every token kept where it is 1 or
+    more."""
+    probs = probs.contiguous()
+    top_p = top_p.to(torch.float64).contiguous()
+    tau = torch.empty(probs.shape[0])
+    _kernels.nucleus_threshold(probs.data_ptr(), top_p.data_ptr(), tau.data_ptr(),
+                               *probs.shape)
+    return tau
+
+
 # An fp16 cache is widened with F16C (every AVX2 CPU has it; checked all the same).
 HALF_RUNS = VECTOR_ISA >= 1 and "f16c" in hardware.cpu_flags()
 

@@ -8,9 +8,12 @@ of its filtered distribution, so its token depends on its own logits and seed al
 its batch neighbours.
 
 Top-k is a `topk` call with k = the batch's largest, and top-p is applied inside that candidate
-set: no row sorts the full vocabulary. Rows without top-k but with top-p take a wide candidate
-set and fall back to a full sort only when the nucleus does not fit in it. Only the chosen ids
-and the log-probabilities that were asked for leave the device, in one transfer.
+set. Rows with top-p but no top-k keep every token at least as likely as their nucleus's
+threshold (`nucleus_threshold`), found on CPU without sorting the vocabulary
+(kernels.nucleus_threshold), and draw over the vocabulary in its own order: the same
+distribution as the sorted one, with no sort at all. No row sorts the full vocabulary (but for
+ties past top-k's slack, below). Only the chosen ids and the log-probabilities that were asked
+for leave the device, in one transfer.
 """
 
 from __future__ import annotations
@@ -23,11 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import kernels
 from ..sampling import SamplingParams
 
-# Candidates for rows with top-p but no top-k. A trained model's nucleus almost always fits;
-# when it does not (near-uniform logits), that row sorts its whole vocabulary instead.
-TOP_P_CANDIDATES = 1024
 # A top-k row keeps every token tied with its k-th, as transformers and vLLM do (fp16 and bf16
 # logits tie often); this many candidates past k hold the ties, and a row whose ties run past
 # them takes its whole vocabulary instead.
@@ -191,60 +192,78 @@ class Sampler:
 
     def candidates(self, logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor]:
         """Temperature, top-k and top-p for sampling rows [S, V]: candidate token ids [S, K]
-        and their probabilities [S, K] (zero where filtered out; each row sums to 1)."""
+        and their probabilities [S, K] (zero where filtered out; each row sums to 1). Rows
+        with top-k list their candidates likeliest first; the others, the whole vocabulary in
+        its order."""
         S, V = logits.shape
         temperature = torch.tensor([p.temperature for p in params], device=self.device)[:, None]
+        whole = torch.arange(V, device=self.device).expand(S, V)
         if all(_unfiltered(p) for p in params):  # the whole vocabulary is the candidate set
-            return torch.arange(V, device=self.device).expand(S, V), (logits / temperature
-                                                                      ).softmax(-1)
+            return whole, (logits / temperature).softmax(-1)
         ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
-        ids, probs, short = self._top_k_top_p(logits, temperature, params, ks,
-                                              max(k or TOP_P_CANDIDATES for k in ks))
-        if short is not None:  # nuclei wider than the candidates: those rows take them all
-            rows = short.nonzero().flatten().tolist()
-            wide_ids, wide_probs, _ = self._top_k_top_p(
-                logits[short], temperature[short], [params[i] for i in rows],
-                [ks[i] for i in rows], V)
+        if not any(ks):
+            return whole, self._nucleus(logits / temperature, params)
+        top_k = [i for i, k in enumerate(ks) if k]
+        ids, probs = self._top_k(self._take(logits, top_k), self._take(temperature, top_k),
+                                 [params[i] for i in top_k], [ks[i] for i in top_k])
+        if len(top_k) < S:  # beside rows with top-p alone: every row as wide as the vocabulary
             pad = (0, V - ids.shape[1])
-            ids, probs = F.pad(ids, pad), F.pad(probs, pad)
-            ids[short], probs[short] = wide_ids, wide_probs
-        return ids, probs / probs.sum(-1, keepdim=True)
+            nucleus = [i for i, k in enumerate(ks) if not k]
+            chosen, probs_k = ids, probs
+            ids, probs = whole.clone(), torch.zeros(S, V, device=self.device)
+            self._put(ids, top_k, F.pad(chosen, pad))
+            self._put(probs, top_k, F.pad(probs_k, pad))
+            self._put(probs, nucleus, self._nucleus(
+                self._take(logits, nucleus) / self._take(temperature, nucleus),
+                [params[i] for i in nucleus]))
+        return ids, probs
 
-    def _top_k_top_p(self, logits: Tensor, temperature: Tensor, params: list[SamplingParams],
-                     ks: list[int], K: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Filter within the K most likely tokens of each row (and, for top-k rows, the tokens
-        tied with their k-th). Also returns which rows need more candidates (None if none):
-        rows without top-k whose K candidates hold less than top_p of the mass, and top-k
-        rows whose ties run past the TIE_SLACK candidates after K."""
+    def _nucleus(self, scaled: Tensor, params: list[SamplingParams]) -> Tensor:
+        """Top-p over the whole vocabulary, for rows without top-k: the probabilities of the
+        tempered logits [S, V], zero below each row's nucleus threshold, renormalised."""
+        probs = scaled.softmax(-1)
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params],
+                             dtype=torch.float64, device=self.device)
+        tau = (kernels.nucleus_threshold(probs, top_p) if kernels.runs_nucleus(probs)
+               else nucleus_threshold(probs, top_p))
+        probs = probs.masked_fill(probs < tau[:, None], 0.0)
+        return probs / probs.sum(-1, keepdim=True)
+
+    def _top_k(self, logits: Tensor, temperature: Tensor, params: list[SamplingParams],
+               ks: list[int], K: int | None = None) -> tuple[Tensor, Tensor]:
+        """Top-k, then top-p within it, for rows that each have a k: candidates among the K
+        (by default the largest k) most likely tokens of each row and the tokens tied with
+        its k-th, TIE_SLACK past K at most; a row whose ties run past them takes the whole
+        vocabulary instead."""
         V = logits.shape[1]
-        K = min(K, V)
-        width = min(V, K + TIE_SLACK) if any(ks) else K
+        K = min(K or max(ks), V)
+        width = min(V, K + TIE_SLACK)
         # Dividing by a positive temperature keeps the order: select first, divide the values.
         values, ids = torch.topk(logits, width)
-        rank = torch.arange(width, device=self.device)
-        has_k = torch.tensor([k > 0 for k in ks], device=self.device)[:, None]
-        kth = values.gather(1, torch.tensor([[(k or K) - 1] for k in ks], device=self.device))
-        in_top_k = torch.where(has_k, values >= kth, rank < K)
-        ties_past = has_k[:, 0] & (values[:, -1] >= kth[:, 0]) if width < V else None
+        kth = values.gather(1, torch.tensor([[k - 1] for k in ks], device=self.device))
+        in_top_k = values >= kth
+        ties_past = in_top_k[:, -1] if width < V else None
+        # transformers applies top-p to the top-k-filtered distribution
         values = values / temperature
-        # Rows with top-k normalise over their k candidates (transformers applies top-p to
-        # the top-k-filtered distribution); the others over the whole vocabulary.
         total = values.masked_fill(~in_top_k, -math.inf).logsumexp(-1, keepdim=True)
-        if not all(ks):
-            total = torch.where(has_k, total, (logits / temperature).logsumexp(-1, keepdim=True))
         probs = (values - total).exp().masked_fill(~in_top_k, 0.0)
         top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params],
                              device=self.device)[:, None]
         # transformers drops the low tail whose mass is <= 1 - top_p: in descending order, a
         # token stays while the mass strictly above it is < top_p (the first always stays).
         above = probs.cumsum(-1) - probs
+        rank = torch.arange(width, device=self.device)
         probs = probs.masked_fill((above >= top_p) & (rank > 0), 0.0)
-        if width == V:
-            return ids, probs, None
-        short = (probs.sum(-1) < top_p[:, 0]) & ~has_k[:, 0]
-        if ties_past is not None:
-            short |= ties_past
-        return ids, probs, short if bool(short.any()) else None
+        probs = probs / probs.sum(-1, keepdim=True)
+        if ties_past is not None and bool(ties_past.any()):
+            rows = ties_past.nonzero().flatten().tolist()
+            wide_ids, wide_probs = self._top_k(logits[ties_past], temperature[ties_past],
+                                               [params[i] for i in rows],
+                                               [ks[i] for i in rows], V)
+            pad = (0, V - width)
+            ids, probs = F.pad(ids, pad), F.pad(probs, pad)
+            ids[ties_past], probs[ties_past] = wide_ids, wide_probs
+        return ids, probs
 
     # ---- state and output ---------------------------------------------------------------
 
@@ -318,6 +337,19 @@ def draw(ids: Tensor, probs: Tensor, u: Tensor) -> Tensor:
     # u * total < total, but rounding in the cumsum could still land past the end.
     pick = pick.clamp_(max=ids.shape[1] - 1)
     return ids.gather(1, pick).flatten()
+
+
+def nucleus_threshold(probs: Tensor, top_p: Tensor) -> Tensor:
+    """Per row of probabilities [S, V], the least likely that top-p keeps (tau [S]). Top-p
+    keeps a row's likeliest tokens while the mass strictly above each is below top_p
+    (transformers' TopPLogitsWarper): every token at least as likely as tau (and all of the
+    tokens tied with tau where transformers would keep some). Found by sorting; on CPU
+    kernels.nucleus_threshold finds the same without (tests/test_sampling.py)."""
+    ordered = probs.sort(-1, descending=True).values
+    above = ordered.double().cumsum(-1) - ordered
+    keep = above < top_p.double()[:, None]
+    keep[:, 0] = True
+    return ordered.masked_fill(~keep, math.inf).amin(-1)
 
 
 def _unfiltered(params: SamplingParams) -> bool:
