@@ -39,16 +39,16 @@ class Unwritten(matmul.TorchF32):
 class Rounded(matmul.OursInt8):
     """Our int8 product with every output rounded to an integer: fast and wrong."""
 
-    variants = {"rounded": kernels.INT8_VNNI}
+    variants = {"rounded": (kernels.INT8_VNNI, 0)}
 
-    def __call__(self, x, variant=kernels.INT8_VNNI, **fused):
+    def __call__(self, x, variant=(kernels.INT8_VNNI, 0), **fused):
         return super().__call__(x, variant, **fused).round_()
 
 
 class Transposed(matmul.OursInt4):
     """Our int4 product with each group's nibbles read in the wrong halves: fast and wrong."""
 
-    variants = {"transposed": kernels.INT4_ISA}
+    variants = {"transposed": (min(kernels.INT4_ISA, 3), 0)}  # (AMX's is no candidate at 1 row)
 
     def __init__(self, q, scales, bias):
         super().__init__(q.view(len(q), -1, 2, 16).flip(2).reshape(q.shape), scales, bias)
@@ -296,7 +296,7 @@ def test_fixed_modes_measure_nothing():
     theirs = kernel_choice.choose("int8", shapes, "torch")
     if kernels.INT8_RUNS:
         assert {c.pick(m) for c in ours.choices.values() for m in ROWS} == \
-            {"ours-vnni" if kernels.INT8_VNNI else "ours-avx2"}
+            {"ours-vnni-l1" if kernels.INT8_VNNI else "ours-avx2-l1"}
     assert {c.pick(m) for c in theirs.choices.values() for m in ROWS} == {"fbgemm"}
     assert kernel_choice.choose("fp32", shapes, "torch").choices[("fp32", 32, 96)].pick(1) \
         == "onednn"

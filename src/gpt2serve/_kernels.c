@@ -714,17 +714,15 @@ static const float *input_row(unsigned long long x, int64_t r, int64_t k,
 
 #define GROUP_BYTES (256 * 1024)
 #define FEW_ROWS 16
-#define L1_PREFETCH_ROWS 2
-
 /* Where the next panel is prefetched to. A product of one or two rows does one or two
 multiply-adds a cache line, too few to hide an L2 hit on each line, so on AMD EPYC they ran
 faster prefetching into L1. With more rows, L1 holds the rows of x that every panel reuses,
 and prefetching into it slowed the product: those prefetch into L2 (docs/benchmarks.md, "Why
 it is fast", compares the two). Vendors differ here: on an Emerald Rapids Xeon, fp32 weights
 from memory streamed 1.26x faster at one row prefetched into L2, and int8 weights from its
-L3 faster into L1. So the fp32 kernel takes the rows up to which it prefetches into L1 as an
-argument, both forms measured at load (matmul.OursF32); int8 and int4 prefetch into L1 up to
-L1_PREFETCH_ROWS. */
+L3 faster into L1; on an AMX Xeon, GPT-2 1.5B's int4 weights from memory streamed 1.19x
+faster at one row into L2. So each kernel takes the rows up to which it prefetches into L1 as
+an argument (l1_rows), both forms measured at load (matmul.py's -l1 forms). */
 static inline __attribute__((always_inline)) void prefetch_panel(const char *line, int to_l1) {
     if (to_l1)
         __builtin_prefetch(line, 0, 3);
@@ -972,6 +970,7 @@ typedef struct {
     const int32_t *w_sum;  /* [panels * 16]: each output's sum of weights */
     const int64_t *panels; /* always NULL: every panel (PANELS reads it) */
     int64_t m, steps;      /* steps = k4 / 4 */
+    int64_t l1_rows;       /* up to this many rows, the next panel is prefetched into L1 */
     output_args out;
 } int8_args;
 
@@ -998,7 +997,7 @@ static inline __attribute__((always_inline)) void int8_tile_vnni(
         const int8_args *a, int64_t row, const int rows, int64_t panel, const char *next,
         int64_t next_step) {
     const int64_t steps = a->steps;
-    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const int to_l1 = a->m <= a->l1_rows;
     const int32_t *restrict x = a->x + row * steps;
     const __m512i *restrict w = (const __m512i *)(a->w + panel * steps * 64);
     __m512i acc[8];
@@ -1032,7 +1031,7 @@ static inline __attribute__((always_inline)) void int8_tile_avx2(
         const int8_args *a, int64_t row, const int rows, int64_t panel, const char *next,
         int64_t next_step) {
     const int64_t steps = a->steps;
-    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const int to_l1 = a->m <= a->l1_rows;
     const int32_t *restrict x = a->x + row * steps;
     const __m256i *restrict w = (const __m256i *)(a->w + panel * steps * 64);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -1091,7 +1090,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void int8_tile_amx(
         const int8_args *a, int64_t row, const int rows, int64_t panel, const char *next,
         int64_t next_step) {
     const int64_t steps = a->steps, blocks = steps / 16, stride = steps * 4;
-    const int tail = (int)(steps % 16), to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const int tail = (int)(steps % 16), to_l1 = a->m <= a->l1_rows;
     const char *x = (const char *)(a->x + row * steps);
     const int8_t *w = a->w + panel * steps * 64;
     if (amx_shape != 64 + 16 * rows + tail) int8_amx_configure(rows, tail);
@@ -1216,9 +1215,9 @@ static PyObject *int8_linear(PyObject *self, PyObject *args) {
     double ln_eps;
     int8_args a;
     int form;
-    if (!PyArg_ParseTuple(args, "KKKKKKLLLLiKKKdKKp", &x, &w, &w_scale, &w_sum, &bias, &y,
-                          &a.m, &k, &a.out.n, &k4, &form, &x_error, &ln_weight, &ln_bias,
-                          &ln_eps, &normed, &residual, &a.out.gelu))
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLiLKKKdKKp", &x, &w, &w_scale, &w_sum, &bias, &y,
+                          &a.m, &k, &a.out.n, &k4, &form, &a.l1_rows, &x_error, &ln_weight,
+                          &ln_bias, &ln_eps, &normed, &residual, &a.out.gelu))
         return NULL;
 #if HAVE_INT8
     if (k4 % 4 || k4 < k) {
@@ -1298,6 +1297,7 @@ typedef struct {
     const uint8_t *w;       /* [panels, blocks, 576] */
     const int64_t *panels;  /* always NULL: every panel (PANELS reads it) */
     int64_t m, steps, blocks, groups; /* steps = blocks * 9: a panel's cache lines */
+    int64_t l1_rows;       /* up to this many rows, the next panel is prefetched into L1 */
     output_args out;
 } int4_args;
 
@@ -1336,7 +1336,7 @@ TARGET_INT4_AVX512 static inline __attribute__((always_inline)) __m512i group_do
     TARGET static inline __attribute__((always_inline)) void NAME(                             \
             const int4_args *a, int64_t row, const int rows, int64_t panel, const char *next,  \
             int64_t next_step) {                                                               \
-        const int to_l1 = a->m <= L1_PREFETCH_ROWS;                                            \
+        const int to_l1 = a->m <= a->l1_rows;                                            \
         const uint8_t *w = a->w + panel * a->steps * 64;                                       \
         const __m512i nibble = _mm512_set1_epi8(0x0F);                                         \
         __m512 acc[8];                                                                         \
@@ -1375,7 +1375,7 @@ INT4_TILE_512(int4_tile_avx512, TARGET_INT4_AVX512, group_dot_avx512)
 TARGET_INT4_AVX2 static inline __attribute__((always_inline)) void int4_tile_avx2(
         const int4_args *a, int64_t row, const int rows, int64_t panel, const char *next,
         int64_t next_step) {
-    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const int to_l1 = a->m <= a->l1_rows;
     const uint8_t *w = a->w + panel * a->steps * 64;
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[4][2];
@@ -1491,7 +1491,7 @@ TARGET_AMX static inline __attribute__((always_inline)) void amx_split_block(
 TARGET_AMX static inline __attribute__((always_inline)) void int4_tile_amx(
         const int4_args *a, int64_t row, const int rows, int64_t panel, const char *next,
         int64_t next_step) {
-    const int to_l1 = a->m <= L1_PREFETCH_ROWS;
+    const int to_l1 = a->m <= a->l1_rows;
     const uint8_t *w = a->w + panel * a->steps * 64;
     const int8_t *x = a->x + row * a->groups * 32;
     const int64_t blocks = a->blocks;
@@ -1662,9 +1662,9 @@ static PyObject *int4_linear(PyObject *self, PyObject *args) {
     double ln_eps;
     int4_args a;
     int isa;
-    if (!PyArg_ParseTuple(args, "KKKKLLLLiKKdKKp", &x, &w, &bias, &y, &a.m, &k, &a.out.n,
-                          &a.blocks, &isa, &ln_weight, &ln_bias, &ln_eps, &normed, &residual,
-                          &a.out.gelu))
+    if (!PyArg_ParseTuple(args, "KKKKLLLLiLKKdKKp", &x, &w, &bias, &y, &a.m, &k, &a.out.n,
+                          &a.blocks, &isa, &a.l1_rows, &ln_weight, &ln_bias, &ln_eps, &normed,
+                          &residual, &a.out.gelu))
         return NULL;
 #if HAVE_INT4
     if (a.blocks * 64 < k || isa < 1 || isa > 3 + amx_ready_here()) {
@@ -1841,13 +1841,15 @@ static PyMethodDef methods[] = {
      "width, qkv_stride, scale, isa, half): addresses of contiguous fp32/int64 tensors, "
      "the cache fp16 where half; isa 2 AVX-512, 1 AVX2, 0 baseline (kernels.py)"},
     {"int8_linear", int8_linear, METH_VARARGS,
-     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k4, form, x_error, ln_weight, "
-     "ln_bias, ln_eps, normed, residual, gelu): addresses of contiguous tensors, 0 for none; "
-     "form 2 AMX, 1 VNNI, 0 AVX2 (kernels.py)"},
+     "int8_linear(x, w, w_scale, w_sum, bias, y, m, k, n, k4, form, l1_rows, x_error, "
+     "ln_weight, ln_bias, ln_eps, normed, residual, gelu): addresses of contiguous tensors, 0 "
+     "for none; form 2 AMX, 1 VNNI, 0 AVX2; up to l1_rows rows, the next panel is prefetched "
+     "into L1 (kernels.py)"},
     {"int4_linear", int4_linear, METH_VARARGS,
-     "int4_linear(x, w, bias, y, m, k, n, blocks, isa, ln_weight, ln_bias, ln_eps, normed, "
-     "residual, gelu): addresses of contiguous tensors, 0 for none; isa 4 AMX, 3 VNNI, "
-     "2 AVX-512, 1 AVX2 (kernels.py)"},
+     "int4_linear(x, w, bias, y, m, k, n, blocks, isa, l1_rows, ln_weight, ln_bias, ln_eps, "
+     "normed, residual, gelu): addresses of contiguous tensors, 0 for none; isa 4 AMX, 3 VNNI, "
+     "2 AVX-512, 1 AVX2; up to l1_rows rows, the next panel is prefetched into L1 "
+     "(kernels.py)"},
     {"nucleus_threshold", nucleus_threshold, METH_VARARGS,
      "nucleus_threshold(probs, top_p, tau, s, v): addresses of contiguous fp32 probabilities "
      "[s, v], float64 top_p [s] and fp32 tau [s], written: each row's top-p threshold "

@@ -269,13 +269,13 @@ def packed_int8_rows(packed: Tensor, index: Tensor, k: int) -> Tensor:
 def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: Tensor | None,
                 n: int, form: int = INT8_VNNI, x_error: Tensor | None = None,
                 ln: nn.LayerNorm | None = None, gelu: bool = False,
-                residual: Tensor | None = None) -> Tensor:
+                residual: Tensor | None = None, l1_rows: int = 0) -> Tensor:
     """x [m, k] fp32 @ W.T * scales + bias -> [m, n], W as pack_int8 made it; scales and
     bias fp32, scales padded like sums. Each row of x is quantized to u8 on its own (its
     scale and zero point). `form`: 2 AMX, 1 VNNI (True), 0 AVX2 (False), where W must hold
     7-bit values (|w| <= 63); all give the same results. `x_error`
     [m] fp32, if given, receives the Euclidean norm of each row of x minus its quantized
-    form. `ln`, `gelu`, `residual` as in linear_f32."""
+    form. `ln`, `gelu`, `residual` and `l1_rows` as in linear_f32."""
     m, k = x.shape
     x = x.to(torch.float32).contiguous()
     residual = None if residual is None else residual.contiguous()
@@ -285,7 +285,7 @@ def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: T
         raise ValueError("x_error takes one contiguous fp32 value per row of x")
     normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
     bind_int8_linear(x, packed, sums, scales, bias, y, form, x_error, ln, gelu, residual,
-                     normed)()
+                     normed, l1_rows)()
     return y
 
 
@@ -293,7 +293,7 @@ def bind_int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor,
                      bias: Tensor | None, y: Tensor, form: int = INT8_VNNI,
                      x_error: Tensor | None = None, ln: nn.LayerNorm | None = None,
                      gelu: bool = False, residual: Tensor | None = None,
-                     normed: Tensor | None = None) -> Callable[[], None]:
+                     normed: Tensor | None = None, l1_rows: int = 0) -> Callable[[], None]:
     """int8_linear into y [m, n], as a call of no arguments on these tensors' memory (see
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
@@ -301,7 +301,7 @@ def bind_int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor,
     return functools.partial(
         _kernels.int8_linear, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
         sums.data_ptr(), _address(bias), y.data_ptr(), m, k, y.shape[1],
-        packed.shape[1] * 4, int(form), _address(x_error),
+        packed.shape[1] * 4, int(form), l1_rows, _address(x_error),
         *_fused("int8_linear", ln, gelu, residual, normed))
 
 
@@ -378,30 +378,31 @@ def pack_int4(q: Tensor, scales: Tensor) -> Tensor:
 
 def int4_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int, isa: int = INT4_ISA,
                 ln: nn.LayerNorm | None = None, gelu: bool = False,
-                residual: Tensor | None = None) -> Tensor:
+                residual: Tensor | None = None, l1_rows: int = 0) -> Tensor:
     """x [m, k] fp32 @ W.T + bias -> [m, n], W as pack_int4 made it. Each group of 32 of a
-    row of x is quantized to int8 on its own. `ln`, `gelu`, `residual` as in linear_f32."""
+    row of x is quantized to int8 on its own. `ln`, `gelu`, `residual` and `l1_rows` as in
+    linear_f32."""
     m, k = x.shape
     x = x.to(torch.float32).contiguous()
     residual = None if residual is None else residual.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
-    bind_int4_linear(x, packed, bias, y, isa, ln, gelu, residual, normed)()
+    bind_int4_linear(x, packed, bias, y, isa, ln, gelu, residual, normed, l1_rows)()
     return y
 
 
 def bind_int4_linear(x: Tensor, packed: Tensor, bias: Tensor | None, y: Tensor,
                      isa: int = INT4_ISA, ln: nn.LayerNorm | None = None, gelu: bool = False,
-                     residual: Tensor | None = None, normed: Tensor | None = None
-                     ) -> Callable[[], None]:
+                     residual: Tensor | None = None, normed: Tensor | None = None,
+                     l1_rows: int = 0) -> Callable[[], None]:
     """int4_linear into y [m, n], as a call of no arguments on these tensors' memory (see
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
     m, k = x.shape
     return functools.partial(
         _kernels.int4_linear, x.data_ptr(), packed.data_ptr(), _address(bias), y.data_ptr(),
-        m, k, y.shape[1], packed.shape[1], isa, *_fused("int4_linear", ln, gelu, residual,
-                                                        normed))
+        m, k, y.shape[1], packed.shape[1], isa, l1_rows,
+        *_fused("int4_linear", ln, gelu, residual, normed))
 
 
 # fp32 matmuls (packing.py): ours wherever AVX2 runs, oneDNN's elsewhere.

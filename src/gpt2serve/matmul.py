@@ -15,7 +15,9 @@ quantized per tensor: a row's result depends on its neighbours), torch's weight-
 matmul (x stays fp32). int4 (`q` [n, k] in 0..15 and a scale per group of 32 inputs): ours
 (kernels.int4_linear, x quantized per group: AMX, VNNI, AVX-512 or AVX2) and torch's
 weight-only int4 matmul. fp32 (W [k, n]): ours (kernels.linear_f32, AVX-512 or AVX2),
-oneDNN's inner product on its packed layout, and torch's plain addmm.
+oneDNN's inner product on its packed layout, and torch's plain addmm. Each of our forms
+that streams its weights comes twice at one or two rows: prefetching the next panel into L1
+(-l1) or into L2, whichever the CPU streams faster (L1_ROWS).
 """
 
 from __future__ import annotations
@@ -73,21 +75,40 @@ class Kernel:
         return lambda: y.copy_(self(x, variant, **fused))
 
 
+# Up to this many rows, the -l1 forms of our kernels prefetch the next panel into L1, where
+# the others prefetch into L2: at one row, L1 ran 1.19-1.27x faster on AMD EPYC, and L2 1.26x
+# faster on an Emerald Rapids Xeon (fp32) and 1.19x on an AMX Xeon (int4; docs/benchmarks.md,
+# "Why it is fast"). Past these rows an -l1 form is its plain one, and not a candidate.
+L1_ROWS = 2
+
+
+def _l1_serves(l1_rows: int, m: int) -> bool:
+    return not l1_rows or m <= l1_rows
+
+
 # ---- int8 ----------------------------------------------------------------------------------
 
 class OursInt8(Kernel):
-    """kernels.int8_linear on pack_int8's panels. Its AVX2 form needs 7-bit weights, which
-    quantize.py gives exactly where fbgemm lacks VNNI; so only the form the weights allow runs,
-    and AMX's beside VNNI's where the CPU has it (all give the same sums)."""
+    """kernels.int8_linear on pack_int8's panels; each variant a form (2 AMX, 1 VNNI, 0 AVX2)
+    and the rows up to which it prefetches into L1 (the -l1 forms, as OursF32's). Its AVX2
+    form needs 7-bit weights, which quantize.py gives exactly where fbgemm lacks VNNI; so only
+    the form the weights allow runs, and AMX's beside VNNI's where the CPU has it (all give the
+    same sums)."""
 
-    variants = {"ours-vnni": 1, "ours-avx2": 0, "ours-amx": 2}  # (AMX last, as OursInt4's)
+    # (AMX last, as OursInt4's; its tiles are for more rows than L1 would serve)
+    variants = {"ours-vnni-l1": (1, L1_ROWS), "ours-vnni": (1, 0),
+                "ours-avx2-l1": (0, L1_ROWS), "ours-avx2": (0, 0), "ours-amx": (2, 0)}
     dtype = "int8"
 
     @classmethod
     def runs(cls, variant: str) -> bool:
-        form = cls.variants[variant]
+        form = cls.variants[variant][0]
         return kernels.INT8_RUNS and (form == 0) != kernels.INT8_VNNI and (
             form < 2 or kernels.AMX)
+
+    @classmethod
+    def serves(cls, variant: str, m: int) -> bool:
+        return _l1_serves(cls.variants[variant][1], m)
 
     def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
         self.packed, self.sums = kernels.pack_int8(q)
@@ -95,14 +116,17 @@ class OursInt8(Kernel):
         self.scales[:q.shape[0]] = scales
         self.bias, self.n = bias, q.shape[0]
 
-    def __call__(self, x: Tensor, variant=kernels.INT8_VNNI, **fused) -> Tensor:
+    def __call__(self, x: Tensor, variant=(kernels.INT8_VNNI, L1_ROWS), **fused) -> Tensor:
+        form, l1_rows = variant
         return kernels.int8_linear(x, self.packed, self.sums, self.scales, self.bias, self.n,
-                                   form=variant, **fused)
+                                   form=form, l1_rows=l1_rows, **fused)
 
-    def bind(self, x: Tensor, y: Tensor, variant=kernels.INT8_VNNI, ln=None, normed=None,
-             **fused) -> Callable[[], None]:
+    def bind(self, x: Tensor, y: Tensor, variant=(kernels.INT8_VNNI, L1_ROWS), ln=None,
+             normed=None, **fused) -> Callable[[], None]:
+        form, l1_rows = variant
         return kernels.bind_int8_linear(x, self.packed, self.sums, self.scales, self.bias, y,
-                                        form=variant, ln=ln, normed=normed, **fused)
+                                        form=form, ln=ln, normed=normed, l1_rows=l1_rows,
+                                        **fused)
 
 
 class FbgemmInt8(Kernel):
@@ -171,11 +195,14 @@ class TorchInt8(Kernel):
 # ---- int4 ----------------------------------------------------------------------------------
 
 class OursInt4(Kernel):
-    """kernels.int4_linear on pack_int4's panels: AMX, VNNI, AVX-512 or AVX2, each that runs
-    here a candidate (all give the same sums)."""
+    """kernels.int4_linear on pack_int4's panels: AMX, VNNI, AVX-512 or AVX2 (isa 4 to 1),
+    each that runs here a candidate (all give the same sums), with the rows up to which it
+    prefetches into L1 (the -l1 forms, as OursF32's)."""
 
     # (`--kernels ours` takes the first that runs: AMX, faster only from some rows, is last)
-    variants = {"ours-vnni": 3, "ours-avx512": 2, "ours-avx2": 1, "ours-amx": 4}
+    variants = {"ours-vnni-l1": (3, L1_ROWS), "ours-vnni": (3, 0),
+                "ours-avx512-l1": (2, L1_ROWS), "ours-avx512": (2, 0),
+                "ours-avx2-l1": (1, L1_ROWS), "ours-avx2": (1, 0), "ours-amx": (4, 0)}
     dtype = "int4"
     # AMX's tiles cost a round trip through memory a block whatever the rows, which one or two
     # rows do not repay: there it ran 0.7x VNNI on an AMX Xeon (bench/kernels.py --parts int4).
@@ -183,21 +210,26 @@ class OursInt4(Kernel):
 
     @classmethod
     def runs(cls, variant: str) -> bool:
-        return kernels.INT4_ISA >= cls.variants[variant]
+        return kernels.INT4_ISA >= cls.variants[variant][0]
 
     @classmethod
     def serves(cls, variant: str, m: int) -> bool:
-        return variant != "ours-amx" or m >= cls.AMX_FROM_ROWS
+        isa, l1_rows = cls.variants[variant]
+        return _l1_serves(l1_rows, m) and (isa != 4 or m >= cls.AMX_FROM_ROWS)
 
     def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
         self.packed, self.bias, self.n = kernels.pack_int4(q, scales), bias, q.shape[0]
 
-    def __call__(self, x: Tensor, variant=kernels.INT4_ISA, **fused) -> Tensor:
-        return kernels.int4_linear(x, self.packed, self.bias, self.n, isa=variant, **fused)
+    def __call__(self, x: Tensor, variant=(kernels.INT4_ISA, L1_ROWS), **fused) -> Tensor:
+        isa, l1_rows = variant
+        return kernels.int4_linear(x, self.packed, self.bias, self.n, isa=isa, l1_rows=l1_rows,
+                                   **fused)
 
-    def bind(self, x: Tensor, y: Tensor, variant=kernels.INT4_ISA, **fused
+    def bind(self, x: Tensor, y: Tensor, variant=(kernels.INT4_ISA, L1_ROWS), **fused
              ) -> Callable[[], None]:
-        return kernels.bind_int4_linear(x, self.packed, self.bias, y, isa=variant, **fused)
+        isa, l1_rows = variant
+        return kernels.bind_int4_linear(x, self.packed, self.bias, y, isa=isa, l1_rows=l1_rows,
+                                        **fused)
 
 
 class TorchInt4(Kernel):
@@ -231,12 +263,6 @@ class TorchInt4(Kernel):
 
 # ---- fp32 ----------------------------------------------------------------------------------
 
-# Up to this many rows, the -l1 forms of our fp32 kernel prefetch the next panel into L1,
-# where the others prefetch into L2: at one row, L1 ran 1.19-1.27x faster on AMD EPYC and
-# L2 1.26x faster on an Emerald Rapids Xeon (docs/benchmarks.md, "Why it is fast").
-L1_ROWS = 2
-
-
 class OursF32(Kernel):
     """kernels.linear_f32 on pack_f32's panels, in huge pages; each variant an ISA (2 AVX-512,
     1 AVX2) and the rows up to which it prefetches into L1 (the -l1 forms, candidates only
@@ -252,8 +278,7 @@ class OursF32(Kernel):
 
     @classmethod
     def serves(cls, variant: str, m: int) -> bool:
-        l1_rows = cls.variants[variant][1]
-        return not l1_rows or m <= l1_rows
+        return _l1_serves(cls.variants[variant][1], m)
 
     def __init__(self, w: Tensor, bias: Tensor | None):
         self.panels, self.bias, self.n = kernels.pack_f32(w), bias, w.shape[1]
