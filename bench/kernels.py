@@ -49,7 +49,7 @@ class Int8Matrix:
 
 
 def int8_matmuls(rows: list[int], repeats: int) -> None:
-    from gpt2serve import kernels
+    from gpt2serve import kernel_choice, kernels, matmul
 
     layers = [Int8Matrix(k, n) for _ in range(12) for k, n in LAYER_SHAPES]
     head = Int8Matrix(*HEAD)
@@ -62,7 +62,7 @@ def int8_matmuls(rows: list[int], repeats: int) -> None:
           + (f"  {'AMX layers':>10} {'AMX head':>9}" if kernels.AMX else ""))
     forms = {"theirs": lambda w, x: w.theirs(x), "ours": lambda w, x: w.ours(x)}
     if kernels.AMX:
-        forms["amx"] = lambda w, x: w.ours(x, 2)
+        forms["amx"] = lambda w, x: w.ours(x, matmul.OursInt8.variants[kernel_choice.AMX])
     for m in rows:
         xs = {k: torch.randn(m, k) for k in (768, 3072)}
         t = {name: median_time(lambda: [form(w, xs[w.k]) for w in layers], repeats)
