@@ -136,6 +136,29 @@ def test_the_nucleus_threshold_found_without_sorting_is_the_sorted_ones():
     assert kept.min() == 1 and kept.max() == 50257 and len(set(kept.tolist())) > 100
 
 
+@pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
+def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks():
+    """kernels.nucleus_draw (the sampler's path for rows without top-k on CPU) against
+    candidates + draw, the path it replaces, token for token: rows from near-uniform to
+    one-hot, with ties and underflowed zeros, top_p from tiny to 1 (no filter), u from 0 to
+    just under 1."""
+    torch.manual_seed(5)
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+    logits = torch.cat([torch.randn(24, V) * scale for scale in (0.05, 0.5, 3.0, 30.0, 300.0)]
+                       + [torch.randn(8, V).mul(3).round()])
+    params = [SamplingParams.from_dict({"top_k": 0, "temperature": [1.0, 0.7, 1.6][i % 3],
+                                        "top_p": [1e-9, 0.3, 0.9, 0.99, 1.0][i % 5]})
+              for i in range(len(logits))]
+    u = torch.cat([torch.tensor([0.0, 1 - 2 ** -24]), torch.rand(len(logits) - 2)]).double()
+    ids, probs = sampler.candidates(logits, params)
+    expected = draw(ids, probs, u.float())
+    temperature = torch.tensor([p.temperature for p in params])[:, None]
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+    got = kernels.nucleus_draw((logits / temperature).softmax(-1), top_p, u)
+    assert got.tolist() == expected.tolist()
+    assert len(set(got.tolist())) > 100
+
+
 @pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},
                                   {"top_k": 5, "top_p": 0.9, "temperature": 0.7}], ids=str)
 def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers(spec):

@@ -1811,12 +1811,46 @@ static float nucleus_row(const float *p, int64_t v, double top_p, float *values,
     return tau.f;
 }
 
-static PyObject *nucleus_threshold(PyObject *self, PyObject *args) {
-    unsigned long long probs, top_p, tau;
-    int64_t s, v;
-    if (!PyArg_ParseTuple(args, "KKKLL", &probs, &top_p, &tau, &s, &v)) return NULL;
+/* The token a row draws with uniform u from what top-p keeps of it (tau on): the first, in the
+vocabulary's order, where the kept mass summed so far passes u times all that is kept, as
+sampler.draw finds it on the renormalised row, without the masked copy or its cumsum; the last
+token kept with any mass where rounding leaves the sum short. A sum token by token is a chain
+of dependent adds (1.0 ms for 32 rows of GPT-2's vocabulary), so a first pass sums blocks of
+DRAW_BLOCK in 16 independent lanes, and the walk goes block by block to the one the draw falls
+in, then token by token from there. `sums`: room for the row's block sums (v / 64). */
+#define DRAW_BLOCK 64
+static int64_t nucleus_token(const float *p, int64_t v, float tau, double u, double *sums) {
+    const int64_t blocks = v / DRAW_BLOCK;
+    double kept = 0.;
+    for (int64_t b = 0; b < blocks; ++b) {
+        float lanes[16] = {0.f};
+        for (int64_t j = b * DRAW_BLOCK; j < (b + 1) * DRAW_BLOCK; j += 16)
+            for (int l = 0; l < 16; ++l) lanes[l] += p[j + l] >= tau ? p[j + l] : 0.f;
+        double block = 0.;
+        for (int l = 0; l < 16; ++l) block += lanes[l];
+        sums[b] = block;
+        kept += block;
+    }
+    for (int64_t i = blocks * DRAW_BLOCK; i < v; ++i) kept += p[i] >= tau ? (double)p[i] : 0.;
+    const double target = u * kept;
+    double walked = 0.;
+    int64_t b = 0;
+    while (b < blocks && walked + sums[b] <= target) walked += sums[b++];
+    for (int64_t i = b * DRAW_BLOCK; i < v; ++i)
+        if (p[i] >= tau && p[i] > 0.f) {
+            walked += (double)p[i];
+            if (walked > target) return i;
+        }
+    int64_t last = v - 1;
+    while (last > 0 && !(p[last] >= tau && p[last] > 0.f)) --last;
+    return last;
+}
+
+/* Each row's tau into out (fp32), or, given uniforms u, the token it draws (int64): rows in
+parallel. Drawing over the whole row (top_p >= 1) selects nothing: every token is kept. */
+static int nucleus_rows(const float *probs, const double *top_p, const double *u, void *out,
+                        int64_t s, int64_t v) {
     int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel if (s > 1)
     {
         /* the largest level's histograms (2^11 bins of mass and count, NUCLEUS_COPIES
@@ -1828,14 +1862,48 @@ static PyObject *nucleus_threshold(PyObject *self, PyObject *args) {
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < s; ++r)
-            if (mass != NULL)
-                ((float *)(uintptr_t)tau)[r] = nucleus_row(
-                    (const float *)(uintptr_t)probs + r * v, v,
-                    ((const double *)(uintptr_t)top_p)[r], (float *)((char *)mass + histograms),
-                    mass);
+        for (int64_t r = 0; r < s; ++r) {
+            if (mass == NULL) continue;
+            const float *row = probs + r * v;
+            if (u == NULL) {
+                ((float *)out)[r] = nucleus_row(row, v, top_p[r],
+                                                (float *)((char *)mass + histograms), mass);
+                continue;
+            }
+            const float tau = top_p[r] < 1. ? nucleus_row(row, v, top_p[r],
+                                                          (float *)((char *)mass + histograms),
+                                                          mass)
+                                            : 0.f;
+            /* (the row's values gathered for tau are done with: room for its block sums) */
+            ((int64_t *)out)[r] = nucleus_token(row, v, tau, u[r],
+                                                (double *)((char *)mass + histograms));
+        }
         free(mass);
     }
+    return failed;
+}
+
+static PyObject *nucleus_threshold(PyObject *self, PyObject *args) {
+    unsigned long long probs, top_p, tau;
+    int64_t s, v;
+    if (!PyArg_ParseTuple(args, "KKKLL", &probs, &top_p, &tau, &s, &v)) return NULL;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = nucleus_rows((const float *)(uintptr_t)probs, (const double *)(uintptr_t)top_p,
+                          NULL, (void *)(uintptr_t)tau, s, v);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *nucleus_draw(PyObject *self, PyObject *args) {
+    unsigned long long probs, top_p, u, tokens;
+    int64_t s, v;
+    if (!PyArg_ParseTuple(args, "KKKKLL", &probs, &top_p, &u, &tokens, &s, &v)) return NULL;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = nucleus_rows((const float *)(uintptr_t)probs, (const double *)(uintptr_t)top_p,
+                          (const double *)(uintptr_t)u, (void *)(uintptr_t)tokens, s, v);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -1864,6 +1932,9 @@ static PyMethodDef methods[] = {
      "nucleus_threshold(probs, top_p, tau, s, v): addresses of contiguous fp32 probabilities "
      "[s, v], float64 top_p [s] and fp32 tau [s], written: each row's top-p threshold "
      "(kernels.py)"},
+    {"nucleus_draw", nucleus_draw, METH_VARARGS,
+     "nucleus_draw(probs, top_p, u, tokens, s, v): as nucleus_threshold, with float64 uniforms "
+     "u [s]; writes int64 tokens [s], each row's draw from what top-p keeps (kernels.py)"},
     {"amx_ready", amx_ready, METH_NOARGS,
      "amx_ready(): whether the AMX forms of int8_linear (form 2) and int4_linear (isa 4) are "
      "compiled and this process may use the tiles (kernels.py)"},

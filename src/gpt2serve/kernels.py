@@ -68,6 +68,20 @@ def nucleus_threshold(probs: Tensor, top_p: Tensor) -> Tensor:
     return tau
 
 
+def nucleus_draw(probs: Tensor, top_p: Tensor, u: Tensor) -> Tensor:
+    """Per row of probabilities [S, V] (runs_nucleus), the token that uniform u [S] draws
+    from what top-p keeps of it (every token where top_p is 1 or more): nucleus_threshold,
+    then sampler.draw over the kept tokens in the vocabulary's order, without a masked copy of
+    the row or its cumsum -> int64 [S]."""
+    probs = probs.contiguous()
+    top_p = top_p.to(torch.float64).contiguous()
+    u = u.to(torch.float64).contiguous()
+    tokens = torch.empty(probs.shape[0], dtype=torch.long)
+    _kernels.nucleus_draw(probs.data_ptr(), top_p.data_ptr(), u.data_ptr(), tokens.data_ptr(),
+                          *probs.shape)
+    return tokens
+
+
 # An fp16 cache is widened with F16C (every AVX2 CPU has it; checked all the same).
 HALF_RUNS = VECTOR_ISA >= 1 and "f16c" in hardware.cpu_flags()
 

@@ -9,11 +9,11 @@ its batch neighbours.
 
 Top-k is a `topk` call with k = the batch's largest, and top-p is applied inside that candidate
 set. Rows with top-p but no top-k keep every token at least as likely as their nucleus's
-threshold (`nucleus_threshold`), found on CPU without sorting the vocabulary
-(kernels.nucleus_threshold), and draw over the vocabulary in its own order: the same
-distribution as the sorted one, with no sort at all. No row sorts the full vocabulary (but for
-ties past top-k's slack, below). Only the chosen ids and the log-probabilities that were asked
-for leave the device, in one transfer.
+threshold (`nucleus_threshold`) and draw over the vocabulary in its own order: the same
+distribution as the sorted one, with no sort at all. On CPU one C call finds each row's
+threshold without sorting and draws its token (kernels.nucleus_draw), for rows without top-p
+too. No row sorts the full vocabulary (but for ties past top-k's slack, below). Only the chosen
+ids and the log-probabilities that were asked for leave the device, in one transfer.
 """
 
 from __future__ import annotations
@@ -92,10 +92,9 @@ class Sampler:
             self._put(tokens, greedy, self._take(logits, greedy).argmax(-1))
         for group in (plain, filtered):  # each group is one batched pass
             if group:
-                ids, probs = self.candidates(self._take(logits, group),
-                                             [rows[i].params for i in group])
-                u = torch.tensor([uniforms[i] for i in group], device=self.device)
-                self._put(tokens, group, draw(ids, probs, u))
+                self._put(tokens, group, self._draw(self._take(logits, group),
+                                                    [rows[i].params for i in group],
+                                                    [uniforms[i] for i in group]))
         sampled = self._to_host(raw, tokens, rows)
         self._remember(rows, tokens)  # last: a pass that failed has changed no row's state
         return sampled
@@ -189,6 +188,21 @@ class Sampler:
 
     def _index(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _draw(self, logits: Tensor, params: list[SamplingParams], uniforms: list[float]
+              ) -> Tensor:
+        """The token each sampling row [S, V] draws with its uniform number. Rows that draw
+        from the whole vocabulary (no top-k; top-p or not) do it in one C call on CPU
+        (kernels.nucleus_draw): at batch 32 the masked copy, renormalising and cumsum it
+        spares took most of the sampling time (docs/benchmarks.md)."""
+        u = torch.tensor(uniforms, dtype=torch.float64, device=self.device)
+        V = logits.shape[1]
+        if kernels.runs_nucleus(logits) and not any(0 < p.top_k < V for p in params):
+            temperature = torch.tensor([p.temperature for p in params])[:, None]
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+            return kernels.nucleus_draw((logits / temperature).softmax(-1), top_p, u)
+        ids, probs = self.candidates(logits, params)
+        return draw(ids, probs, u.to(probs.dtype))
 
     def candidates(self, logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor]:
         """Temperature, top-k and top-p for sampling rows [S, V]: candidate token ids [S, K]
