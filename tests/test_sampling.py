@@ -138,7 +138,7 @@ def test_the_nucleus_threshold_found_without_sorting_is_the_sorted_ones():
 
 @pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
 def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks():
-    """kernels.nucleus_draw (the sampler's path for rows without top-k on CPU) against
+    """The sampler's draw for rows without top-k on CPU (kernels.nucleus_draw) against
     candidates + draw, the path it replaces, token for token: rows from near-uniform to
     one-hot, with ties and underflowed zeros, top_p from tiny to 1 (no filter), u from 0 to
     just under 1."""
@@ -152,9 +152,7 @@ def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks()
     u = torch.cat([torch.tensor([0.0, 1 - 2 ** -24]), torch.rand(len(logits) - 2)]).double()
     ids, probs = sampler.candidates(logits, params)
     expected = draw(ids, probs, u.float())
-    temperature = torch.tensor([p.temperature for p in params])[:, None]
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
-    got = kernels.nucleus_draw((logits / temperature).softmax(-1), top_p, u)
+    got = sampler._draw(logits, params, u.tolist())
     assert got.tolist() == expected.tolist()
     assert len(set(got.tolist())) > 100
 
