@@ -1480,7 +1480,8 @@ product, while later blocks' tile work runs. Lines and dots go round a ring of A
 buffers for that. The split's vector work is not what bounds the form from 4 rows on: splitting
 each line with one vgf2p8affineqb instead of three operations left GPT-2 1.5B's 192 layer
 matmuls within the noise (36-41, 44-50 and 63-69 ms a step at 4, 8 and 16 rows, from memory,
-either way). */
+either way); so did AHEAD 3, and two pairs of sum tiles taken in turn (so that a block's
+product need not wait for the block before's sums to leave its tiles). */
 #define AHEAD 2
 TARGET_AMX static inline __attribute__((always_inline)) void amx_split_block(
         const uint8_t *block, int8_t lines[2][8][64]) {
