@@ -149,12 +149,22 @@ def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks()
     params = [SamplingParams.from_dict({"top_k": 0, "temperature": [1.0, 0.7, 1.6][i % 3],
                                         "top_p": [1e-9, 0.3, 0.9, 0.99, 1.0][i % 5]})
               for i in range(len(logits))]
-    u = torch.cat([torch.tensor([0.0, 1 - 2 ** -24]), torch.rand(len(logits) - 2)]).double()
+    u = torch.rand(len(logits)).double()
+    u[[4, 51]] = 0.0  # the first kept token with any mass (all kept; a nucleus of 30%)
+    u[[1, 52]] = 1 - 2 ** -24  # the last kept token (nuclei of 30% and of 90%)
     ids, probs = sampler.candidates(logits, params)
     expected = draw(ids, probs, u.float())
     got = sampler._draw(logits, params, u.tolist())
     assert got.tolist() == expected.tolist()
     assert len(set(got.tolist())) > 100
+    # one row of a vocabulary shorter than the kernel's blocks of 64
+    small = Sampler(40, eos_id=0, device=torch.device("cpu"))
+    for spec in ({"top_k": 0, "top_p": 0.8}, {"top_k": 0, "temperature": 1.2}):
+        logits, u = torch.randn(1, 40) * 2, torch.rand(1).double()
+        params = [SamplingParams.from_dict(spec)]
+        ids, probs = small.candidates(logits, params)
+        expected = draw(ids, probs, u.float())
+        assert small._draw(logits, params, u.tolist()).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},
