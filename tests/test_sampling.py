@@ -154,7 +154,7 @@ def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks()
     u[[1, 52]] = 1 - 2 ** -24  # the last kept token (nuclei of 30% and of 90%)
     ids, probs = sampler.candidates(logits, params)
     expected = draw(ids, probs, u.float())
-    got = sampler._draw(logits, params, u.tolist())
+    got = sampler._draw_whole(logits, params, u.tolist())
     assert got.tolist() == expected.tolist()
     assert len(set(got.tolist())) > 100
     # one row of a vocabulary shorter than the kernel's blocks of 64
@@ -164,7 +164,7 @@ def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks()
         params = [SamplingParams.from_dict(spec)]
         ids, probs = small.candidates(logits, params)
         expected = draw(ids, probs, u.float())
-        assert small._draw(logits, params, u.tolist()).tolist() == expected.tolist()
+        assert small._draw_whole(logits, params, u.tolist()).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},

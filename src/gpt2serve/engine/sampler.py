@@ -85,16 +85,22 @@ class Sampler:
         logits = self._penalise(raw, rows)
         tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        plain = [i for i, r in enumerate(rows) if not r.params.greedy and _unfiltered(r.params)]
-        filtered = [i for i, r in enumerate(rows)
-                    if not r.params.greedy and not _unfiltered(r.params)]
         if greedy:
             self._put(tokens, greedy, self._take(logits, greedy).argmax(-1))
-        for group in (plain, filtered):  # each group is one batched pass
+        # Rows that draw from the whole vocabulary (no top-k) do it in one C call on CPU;
+        # the others (and all of them elsewhere) in batched passes of candidates, rows
+        # without a filter apart from the rest so that neither pads the other.
+        V, drawn = logits.shape[1], [i for i, r in enumerate(rows) if not r.params.greedy]
+        whole = ([i for i in drawn if not 0 < rows[i].params.top_k < V]
+                 if kernels.runs_nucleus(logits) else [])
+        plain = [i for i in drawn if i not in whole and _unfiltered(rows[i].params)]
+        filtered = [i for i in drawn if i not in whole and not _unfiltered(rows[i].params)]
+        for group, draws in ((whole, self._draw_whole), (plain, self._draw_candidates),
+                             (filtered, self._draw_candidates)):
             if group:
-                self._put(tokens, group, self._draw(self._take(logits, group),
-                                                    [rows[i].params for i in group],
-                                                    [uniforms[i] for i in group]))
+                self._put(tokens, group, draws(self._take(logits, group),
+                                               [rows[i].params for i in group],
+                                               [uniforms[i] for i in group]))
         sampled = self._to_host(raw, tokens, rows)
         self._remember(rows, tokens)  # last: a pass that failed has changed no row's state
         return sampled
@@ -189,20 +195,23 @@ class Sampler:
     def _index(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _draw(self, logits: Tensor, params: list[SamplingParams], uniforms: list[float]
-              ) -> Tensor:
-        """The token each sampling row [S, V] draws with its uniform number. Rows that draw
-        from the whole vocabulary (no top-k; top-p or not) do it in one C call on CPU
-        (kernels.nucleus_draw): at batch 32 the masked copy, renormalising and cumsum it
-        spares took most of the sampling time (docs/benchmarks.md)."""
-        u = torch.tensor(uniforms, dtype=torch.float64, device=self.device)
-        V = logits.shape[1]
-        if kernels.runs_nucleus(logits) and not any(0 < p.top_k < V for p in params):
-            temperature = torch.tensor([p.temperature for p in params])[:, None]
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
-            return kernels.nucleus_draw((logits / temperature).softmax(-1), top_p, u)
+    def _draw_whole(self, logits: Tensor, params: list[SamplingParams], uniforms: list[float]
+                    ) -> Tensor:
+        """The token each CPU row [S, V] without top-k (runs_nucleus) draws with its uniform
+        number: the nucleus's threshold (top-p, if any) and the draw, in one C call
+        (kernels.nucleus_draw). At batch 32 the masked copy, renormalising and cumsum of
+        candidates + draw took most of the sampling time (docs/benchmarks.md)."""
+        temperature = torch.tensor([p.temperature for p in params])[:, None]
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
+        return kernels.nucleus_draw((logits / temperature).softmax(-1), top_p,
+                                    torch.tensor(uniforms, dtype=torch.float64))
+
+    def _draw_candidates(self, logits: Tensor, params: list[SamplingParams],
+                         uniforms: list[float]) -> Tensor:
+        """The token each row [S, V] draws with its uniform number, by inverting the CDF of
+        its candidates (`candidates`, `draw`)."""
         ids, probs = self.candidates(logits, params)
-        return draw(ids, probs, u.to(probs.dtype))
+        return draw(ids, probs, torch.tensor(uniforms, device=self.device))
 
     def candidates(self, logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor]:
         """Temperature, top-k and top-p for sampling rows [S, V]: candidate token ids [S, K]
