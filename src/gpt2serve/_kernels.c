@@ -1861,22 +1861,17 @@ static int nucleus_rows(const float *probs, const double *top_p, const double *u
 #pragma omp atomic write
             failed = 1;
         }
+        float *values = mass == NULL ? NULL : (float *)((char *)mass + histograms);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < s; ++r) {
             if (mass == NULL) continue;
             const float *row = probs + r * v;
-            if (u == NULL) {
-                ((float *)out)[r] = nucleus_row(row, v, top_p[r],
-                                                (float *)((char *)mass + histograms), mass);
-                continue;
-            }
-            const float tau = top_p[r] < 1. ? nucleus_row(row, v, top_p[r],
-                                                          (float *)((char *)mass + histograms),
-                                                          mass)
-                                            : 0.f;
-            /* (the row's values gathered for tau are done with: room for its block sums) */
-            ((int64_t *)out)[r] = nucleus_token(row, v, tau, u[r],
-                                                (double *)((char *)mass + histograms));
+            const int selects = u == NULL || top_p[r] < 1.;
+            const float tau = selects ? nucleus_row(row, v, top_p[r], values, mass) : 0.f;
+            if (u == NULL)
+                ((float *)out)[r] = tau;
+            else /* (the values gathered for tau are done with: room for the block sums) */
+                ((int64_t *)out)[r] = nucleus_token(row, v, tau, u[r], (double *)values);
         }
         free(mass);
     }

@@ -243,12 +243,13 @@ class Sampler:
 
     def _nucleus(self, scaled: Tensor, params: list[SamplingParams]) -> Tensor:
         """Top-p over the whole vocabulary, for rows without top-k: the probabilities of the
-        tempered logits [S, V], zero below each row's nucleus threshold, renormalised."""
+        tempered logits [S, V], zero below each row's nucleus threshold, renormalised. (On
+        CPU `sample` draws these rows in C, _draw_whole: here they sort, on CUDA or without
+        our kernels.)"""
         probs = scaled.softmax(-1)
         top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params],
                              dtype=torch.float64, device=self.device)
-        tau = (kernels.nucleus_threshold(probs, top_p) if kernels.runs_nucleus(probs)
-               else nucleus_threshold(probs, top_p))
+        tau = nucleus_threshold(probs, top_p)
         probs = probs.masked_fill(probs < tau[:, None], 0.0)
         return probs / probs.sum(-1, keepdim=True)
 
