@@ -167,6 +167,71 @@ def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks()
         assert small._draw_whole(logits, params, u.tolist()).tolist() == expected.tolist()
 
 
+@pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
+@pytest.mark.parametrize("isa", sorted({0, kernels.VECTOR_ISA}))
+def test_the_top_k_draw_picks_what_the_candidates_inverse_cdf_picks(isa, monkeypatch):
+    """The sampler's draw for rows with top-k on CPU (kernels.top_k_draw) against candidates
+    + draw, the path it replaces, token for token, in each vector form this CPU runs: GPT-2's
+    vocabulary and a shorter one, rows from near-uniform to one-hot, k from 1 to V - 1, top_p
+    from tiny to 1, u from 0 to just under 1."""
+    monkeypatch.setattr(kernels, "VECTOR_ISA", isa)
+    torch.manual_seed(6)
+    for vocab in (50257, V):
+        sampler = Sampler(vocab, eos_id=0, device=torch.device("cpu"))
+        logits = torch.cat([torch.randn(12, vocab) * scale
+                            for scale in (0.05, 0.5, 3.0, 30.0, 300.0)])
+        params = [SamplingParams.from_dict({
+            "top_k": [1, 5, 50, 400, vocab - 1][i % 5], "temperature": [1.0, 0.7, 1.6][i % 3],
+            "top_p": [1e-9, 0.3, 0.9, 0.99, 1.0, 1.0, 1.0][i % 7]}) for i in range(len(logits))]
+        u = torch.rand(len(logits)).double()
+        u[:8] = torch.tensor([0.0, 1 - 2 ** -24] * 4, dtype=torch.float64)
+        expected = sampler._draw_candidates(logits, params, u.tolist())
+        got = sampler._draw_top_k(logits, params, u.tolist())
+        assert got.tolist() == expected.tolist()
+        assert len(set(got.tolist())) > 20
+
+
+@pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
+@pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},
+                                  {"top_k": 5, "top_p": 0.9, "temperature": 0.7},
+                                  {"top_k": 50}, {"top_k": 2, "temperature": 1.3}], ids=str)
+def test_the_top_k_draw_follows_transformers_distribution(spec):
+    """What kernels.top_k_draw draws over a grid of N uniforms equals transformers'
+    probabilities to 1/N: a row with three tokens tied at ranks 4-6, one with 40 tied there,
+    one with all but three logits -inf (EOS and the rest blocked: fewer than k left), one
+    near-uniform."""
+    torch.manual_seed(7)
+    rows = torch.randn(4, V)
+    for row, tied in ((0, 3), (1, 40)):
+        rows[row, :4] = torch.tensor([9.0, 8.0, 7.0, 6.0])
+        rows[row, 4:4 + tied] = 5.0
+        rows[row, 4 + tied:] = rows[row, 4 + tied:].clamp(max=4.0)
+    rows[2, 3:] = -math.inf
+    rows[3] *= 0.01
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+    N = 4096
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    params = [SamplingParams.from_dict(spec)] * N
+    for row in rows:
+        tokens = sampler._draw_top_k(row.expand(N, V), params, u.tolist())
+        got = torch.bincount(tokens, minlength=V).double() / N
+        want = reference_probs(row, spec).double()
+        assert (got - want).abs().max() <= 1 / N + 1e-6
+        assert set(tokens.tolist()) <= set(want.nonzero().flatten().tolist())
+
+
+@pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
+def test_the_top_k_draw_returns_a_token_for_rows_without_a_finite_logit():
+    """A model that produced NaN or infinite logits gets a token id in range, not a crash or
+    an id past the vocabulary: NaN everywhere draws token 0, +inf draws that token."""
+    logits = torch.full((3, V), math.nan)
+    logits[1] = -math.inf
+    logits[2, 17] = math.inf
+    ks, ones = torch.tensor([50, 50, 50]), torch.ones(3, dtype=torch.float64)
+    tokens = kernels.top_k_draw(logits, ks, ones, ones, ones * 0.5)
+    assert tokens.tolist()[0] == 0 and 0 <= tokens.tolist()[1] < V and tokens.tolist()[2] == 17
+
+
 @pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},
                                   {"top_k": 5, "top_p": 0.9, "temperature": 0.7}], ids=str)
 def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers(spec):
@@ -244,18 +309,19 @@ def test_a_seeded_row_draws_the_same_alone_and_among_31_others(tokenizer):
                 for i in range(31)])
     sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
 
-    def run(rows, n_rows):
+    def run(rows, which):
         out = []
         for logits in steps:
-            out.append([s.token for s in sampler.sample(logits[:n_rows], rows)])
+            out.append([s.token for s in sampler.sample(logits[which], rows)])
             for r, s in zip(rows, out[-1]):
                 r.tokens.append(s)
         return out
 
-    alone = [t[0] for t in run(sequences(tokenizer, specs[:1]), 1)]
-    batched = run(sequences(tokenizer, specs), 32)
-    assert [t[0] for t in batched] == alone
-    assert len(set(alone)) > 5  # it really sampled
+    batched = run(sequences(tokenizer, specs), slice(None))
+    for row in (0, 2):  # top-p over the vocabulary; top-k 50 (the C draws on CPU each)
+        alone = [t[0] for t in run(sequences(tokenizer, [specs[row]]), slice(row, row + 1))]
+        assert [t[row] for t in batched] == alone
+        assert len(set(alone)) > 5  # it really sampled
 
 
 def test_a_deeply_nested_value_is_refused_by_name_not_by_its_repr():

@@ -82,6 +82,22 @@ def nucleus_draw(probs: Tensor, top_p: Tensor, u: Tensor) -> Tensor:
     return tokens
 
 
+def top_k_draw(logits: Tensor, ks: Tensor, temperature: Tensor, top_p: Tensor,
+               u: Tensor) -> Tensor:
+    """Per row of logits [S, V] (fp32 on CPU, runs_nucleus), the token that uniform u [S]
+    draws from its ks [S] likeliest tokens and those tied with its k-th, at its temperature
+    [S], top-p [S] applied within them (1 or more: none), likeliest first: the sampler's
+    candidates and draw for top-k rows, without torch.topk -> int64 [S]."""
+    logits = logits.contiguous()
+    ks = ks.to(torch.long).contiguous()
+    temperature, top_p, u = (t.to(torch.float64).contiguous() for t in (temperature, top_p, u))
+    tokens = torch.empty(logits.shape[0], dtype=torch.long)
+    _kernels.top_k_draw(logits.data_ptr(), ks.data_ptr(), temperature.data_ptr(),
+                        top_p.data_ptr(), u.data_ptr(), tokens.data_ptr(), *logits.shape,
+                        VECTOR_ISA)
+    return tokens
+
+
 # An fp16 cache is widened with F16C (every AVX2 CPU has it; checked all the same).
 HALF_RUNS = VECTOR_ISA >= 1 and "f16c" in hardware.cpu_flags()
 
