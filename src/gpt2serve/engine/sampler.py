@@ -212,7 +212,7 @@ class Sampler:
                     ) -> Tensor:
         """The token each CPU row [S, V] with top-k (runs_nucleus) draws with its uniform
         number: its candidates (top-k, then top-p within them) and the draw, in one C call
-        (kernels.top_k_draw). torch.topk and the ops on its candidates took 0.32 ms of a
+        (kernels.top_k_draw). torch.topk and the ops on its candidates took 0.3-0.4 ms of a
         step at batch 1 and 2.0 ms at batch 32 (docs/benchmarks.md)."""
         def column(name: str, dtype=torch.float64) -> Tensor:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
