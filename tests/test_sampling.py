@@ -137,11 +137,13 @@ def test_the_nucleus_threshold_found_without_sorting_is_the_sorted_ones():
 
 
 @pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
-def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks():
-    """The sampler's draw for rows without top-k on CPU (kernels.nucleus_draw) against
-    candidates + draw, the path it replaces, token for token: rows from near-uniform to
-    one-hot, with ties and underflowed zeros, top_p from tiny to 1 (no filter), u from 0 to
-    just under 1."""
+@pytest.mark.parametrize("isa", sorted({0, kernels.VECTOR_ISA}))
+def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks(isa, monkeypatch):
+    """The sampler's draw for rows without top-k on CPU (kernels.nucleus_draw, its softmax
+    too, in each vector form this CPU runs) against candidates + draw, the path it replaces,
+    token for token: rows from near-uniform to one-hot, with ties and underflowed zeros,
+    top_p from tiny to 1 (no filter), u from 0 to just under 1."""
+    monkeypatch.setattr(kernels, "VECTOR_ISA", isa)
     torch.manual_seed(5)
     sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
     logits = torch.cat([torch.randn(24, V) * scale for scale in (0.05, 0.5, 3.0, 30.0, 300.0)]
@@ -165,6 +167,31 @@ def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks()
         ids, probs = small.candidates(logits, params)
         expected = draw(ids, probs, u.float())
         assert small._draw_whole(logits, params, u.tolist()).tolist() == expected.tolist()
+
+
+@pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
+@pytest.mark.parametrize("isa", sorted({0, kernels.VECTOR_ISA}))
+def test_the_c_draws_never_pick_a_blocked_token(isa, monkeypatch):
+    """A token whose logit is -inf (EOS under min_tokens, a logit_bias of -inf) has no mass:
+    where rounding leaves a draw's sum short of its target (forced here by u = 1), each C
+    draw takes the last token with any mass, never one past it (an exponential that stops at
+    e^-87 would give the blocked tokens a little). Rows with every logit -inf or one at +inf
+    still get a token."""
+    monkeypatch.setattr(kernels, "VECTOR_ISA", isa)
+    torch.manual_seed(8)
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+    logits = torch.randn(4, V) * 0.01
+    logits[:2, 100:] = -math.inf  # the tail blocked (the top-k row has fewer than k left)
+    logits[2], logits[3] = -math.inf, logits[3].clamp(max=0.0)
+    logits[3, 17] = math.inf
+    u = [1.0] * 4
+    # the last token with mass: in the vocabulary's order, or the least likely of the top k
+    for spec, draws, last in (
+            ({"top_k": 0, "temperature": 1.0}, sampler._draw_whole, [99, 99]),
+            ({"top_k": 400, "temperature": 1.0}, sampler._draw_top_k,
+             logits[:2, :100].argmin(-1).tolist())):
+        tokens = draws(logits, [SamplingParams.from_dict(spec)] * 4, u).tolist()
+        assert tokens[:2] == last and 0 <= tokens[2] < V and tokens[3] == 17
 
 
 @pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")

@@ -1795,13 +1795,13 @@ static int64_t nucleus_keep(const float *p, int64_t n, int shift, uint32_t prefi
     return kept;
 }
 
-/* tau of one row of v probabilities (non-negative); the least of them (every token kept)
-where top_p >= 1. The first level bins the whole row; each level below, only the values of
-the bin chosen above it, gathered into `values` (room for v). `mass`: room for the
-histograms. */
-static float nucleus_row(const float *p, int64_t v, double top_p, float *values,
+/* tau of one row of v probabilities (non-negative; or weights summing to `total`, which
+top_p is a share of); the least of them (every token kept) where top_p >= 1. The first level
+bins the whole row; each level below, only the values of the bin chosen above it, gathered
+into `values` (room for v). `mass`: room for the histograms. */
+static float nucleus_row(const float *p, int64_t v, double top_p, double total, float *values,
                          double *mass) {
-    double need = top_p < 1. ? top_p : INFINITY;
+    double need = top_p < 1. ? top_p * total : INFINITY;
     uint32_t prefix = nucleus_level(p, v, 21, 10, &need, mass);
     int64_t n = nucleus_keep(p, v, 21, prefix, values);
     prefix = (prefix << 11) | nucleus_level(values, n, 10, 11, &need, mass);
@@ -1846,28 +1846,83 @@ static int64_t nucleus_token(const float *p, int64_t v, float tau, double u, dou
     return last;
 }
 
+/* A row of v logits tempered into weights: p[i] = e^((l[i] - the largest) / temperature), 0
+where the logit is -inf (a blocked token: e^-87, where exp_nonpositive stops, would have a
+weight, and could be drawn); their sum. torch's division by the temperature and softmax, two
+passes each writing the whole [S, V], took most of the sampling of rows without a filter
+(OpenAI's defaults; bench/sampler.py). A row whose largest logit is +inf weighs its tokens
+at +inf 1 and the rest 0; one without a logit above -inf, every token 0. */
+#define TEMPERED_BLOCK 256 /* summed in fp32 lanes, then in double (a double sum of the lanes
+                             does not vectorize) */
+#define TEMPERED(name, target)                                                                \
+    target static double name(const float *l, int64_t v, float inverse, float *p) {          \
+        float top = -INFINITY;                                                                \
+        _Pragma("omp simd reduction(max : top)")                                              \
+        for (int64_t i = 0; i < v; ++i) top = l[i] > top ? l[i] : top;                        \
+        double total = 0.;                                                                    \
+        if (!isfinite(top)) {                                                                 \
+            for (int64_t i = 0; i < v; ++i) total += p[i] = l[i] == top && top > 0.f;        \
+            return total;                                                                     \
+        }                                                                                     \
+        for (int64_t b = 0; b < v; b += TEMPERED_BLOCK) {                                     \
+            const int64_t end = b + TEMPERED_BLOCK < v ? b + TEMPERED_BLOCK : v;              \
+            float block = 0.f;                                                                \
+            _Pragma("omp simd reduction(+ : block)")                                          \
+            for (int64_t i = b; i < end; ++i) {                                               \
+                const float x = l[i], e = exp_nonpositive((x - top) * inverse);               \
+                p[i] = x > -INFINITY ? e : 0.f;                                               \
+                block += p[i];                                                                \
+            }                                                                                 \
+            total += block;                                                                   \
+        }                                                                                     \
+        return total;                                                                         \
+    }
+typedef double (*tempered_fn)(const float *l, int64_t v, float inverse, float *p);
+TEMPERED(tempered_c, )
+#if X86
+TEMPERED(tempered_avx2, TARGET_AVX2)
+TEMPERED(tempered_avx512, TARGET_AVX512)
+#endif
+
 /* Each row's tau into out (fp32), or, given uniforms u, the token it draws (int64): rows in
-parallel. Drawing over the whole row (top_p >= 1) selects nothing: every token is kept. */
-static int nucleus_rows(const float *probs, const double *top_p, const double *u, void *out,
-                        int64_t s, int64_t v) {
+parallel. Rows of probabilities (temperature NULL), or of logits tempered first (`tempered`,
+the vector form of isa). Drawing over the whole row (top_p >= 1) selects nothing: every token
+is kept. */
+static int nucleus_rows(const float *rows, const double *temperature, const double *top_p,
+                        const double *u, void *out, int64_t s, int64_t v, int isa) {
+    tempered_fn tempered = tempered_c;
+#if X86
+    if (isa == 2) tempered = tempered_avx512;
+    else if (isa == 1) tempered = tempered_avx2;
+#else
+    (void)isa;
+#endif
     int failed = 0;
 #pragma omp parallel if (s > 1)
     {
         /* the largest level's histograms (2^11 bins of mass and count, NUCLEUS_COPIES
-        each), then room for a row's values */
+        each), then room for a row's values, and for its weights where it is logits */
         const size_t histograms = (sizeof(double) + sizeof(int64_t)) * NUCLEUS_COPIES * 2048;
-        double *mass = malloc(histograms + sizeof(float) * (size_t)v);
+        const size_t rows_of_v = temperature == NULL ? 1 : 2;
+        double *mass = malloc(histograms + sizeof(float) * (size_t)v * rows_of_v);
         if (mass == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
         float *values = mass == NULL ? NULL : (float *)((char *)mass + histograms);
+        float *weights = values == NULL ? NULL : values + v;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < s; ++r) {
             if (mass == NULL) continue;
-            const float *row = probs + r * v;
+            const float *row = rows + r * v;
+            double total = 1.;
+            if (temperature != NULL) {
+                total = tempered(row, v, (float)(1. / temperature[r]), weights);
+                row = weights;
+            }
             const int selects = u == NULL || top_p[r] < 1.;
-            const float tau = selects ? nucleus_row(row, v, top_p[r], values, mass) : 0.f;
+            const float tau = selects ? nucleus_row(row, v, top_p[r], total, values, mass)
+                                      : 0.f;
             if (u == NULL)
                 ((float *)out)[r] = tau;
             else /* (the values gathered for tau are done with: room for the block sums) */
@@ -1884,21 +1939,26 @@ static PyObject *nucleus_threshold(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKLL", &probs, &top_p, &tau, &s, &v)) return NULL;
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = nucleus_rows((const float *)(uintptr_t)probs, (const double *)(uintptr_t)top_p,
-                          NULL, (void *)(uintptr_t)tau, s, v);
+    failed = nucleus_rows((const float *)(uintptr_t)probs, NULL,
+                          (const double *)(uintptr_t)top_p, NULL, (void *)(uintptr_t)tau, s, v,
+                          0);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 static PyObject *nucleus_draw(PyObject *self, PyObject *args) {
-    unsigned long long probs, top_p, u, tokens;
+    unsigned long long logits, temperature, top_p, u, tokens;
     int64_t s, v;
-    if (!PyArg_ParseTuple(args, "KKKKLL", &probs, &top_p, &u, &tokens, &s, &v)) return NULL;
+    int isa;
+    if (!PyArg_ParseTuple(args, "KKKKKLLi", &logits, &temperature, &top_p, &u, &tokens, &s, &v,
+                          &isa))
+        return NULL;
     int failed;
     Py_BEGIN_ALLOW_THREADS
-    failed = nucleus_rows((const float *)(uintptr_t)probs, (const double *)(uintptr_t)top_p,
-                          (const double *)(uintptr_t)u, (void *)(uintptr_t)tokens, s, v);
+    failed = nucleus_rows((const float *)(uintptr_t)logits, (const double *)(uintptr_t)temperature,
+                          (const double *)(uintptr_t)top_p, (const double *)(uintptr_t)u,
+                          (void *)(uintptr_t)tokens, s, v, isa);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -2105,8 +2165,10 @@ static PyMethodDef methods[] = {
      "[s, v], float64 top_p [s] and fp32 tau [s], written: each row's top-p threshold "
      "(kernels.py)"},
     {"nucleus_draw", nucleus_draw, METH_VARARGS,
-     "nucleus_draw(probs, top_p, u, tokens, s, v): as nucleus_threshold, with float64 uniforms "
-     "u [s]; writes int64 tokens [s], each row's draw from what top-p keeps (kernels.py)"},
+     "nucleus_draw(logits, temperature, top_p, u, tokens, s, v, isa): addresses of contiguous "
+     "fp32 logits [s, v], float64 temperature, top_p and uniforms u [s]; writes int64 tokens "
+     "[s], each row's draw from what top-p keeps of its tempered softmax; isa 2 AVX-512, 1 "
+     "AVX2, 0 neither (kernels.py)"},
     {"top_k_draw", top_k_draw, METH_VARARGS,
      "top_k_draw(logits, k, temperature, top_p, u, tokens, s, v, isa): addresses of contiguous fp32 "
      "logits [s, v], int64 k [s], float64 temperature, top_p and uniforms u [s]; writes int64 "

@@ -68,17 +68,17 @@ def nucleus_threshold(probs: Tensor, top_p: Tensor) -> Tensor:
     return tau
 
 
-def nucleus_draw(probs: Tensor, top_p: Tensor, u: Tensor) -> Tensor:
-    """Per row of probabilities [S, V] (runs_nucleus), the token that uniform u [S] draws
-    from what top-p keeps of it (every token where top_p is 1 or more): nucleus_threshold,
-    then sampler.draw over the kept tokens in the vocabulary's order, without a masked copy of
-    the row or its cumsum -> int64 [S]."""
-    probs = probs.contiguous()
-    top_p = top_p.to(torch.float64).contiguous()
-    u = u.to(torch.float64).contiguous()
-    tokens = torch.empty(probs.shape[0], dtype=torch.long)
-    _kernels.nucleus_draw(probs.data_ptr(), top_p.data_ptr(), u.data_ptr(), tokens.data_ptr(),
-                          *probs.shape)
+def nucleus_draw(logits: Tensor, temperature: Tensor, top_p: Tensor, u: Tensor) -> Tensor:
+    """Per row of logits [S, V] (fp32 on CPU, runs_nucleus), the token that uniform u [S]
+    draws from what top-p [S] keeps (every token where top_p is 1 or more) of its softmax at
+    its temperature [S]: the softmax, nucleus_threshold, then sampler.draw over the kept
+    tokens in the vocabulary's order, without the softmax's copies, a masked copy of the row
+    or its cumsum -> int64 [S]."""
+    logits = logits.contiguous()
+    temperature, top_p, u = (t.to(torch.float64).contiguous() for t in (temperature, top_p, u))
+    tokens = torch.empty(logits.shape[0], dtype=torch.long)
+    _kernels.nucleus_draw(logits.data_ptr(), temperature.data_ptr(), top_p.data_ptr(),
+                          u.data_ptr(), tokens.data_ptr(), *logits.shape, VECTOR_ISA)
     return tokens
 
 

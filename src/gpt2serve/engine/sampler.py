@@ -200,12 +200,12 @@ class Sampler:
     def _draw_whole(self, logits: Tensor, params: list[SamplingParams], uniforms: list[float]
                     ) -> Tensor:
         """The token each CPU row [S, V] without top-k (runs_nucleus) draws with its uniform
-        number: the nucleus's threshold (top-p, if any) and the draw, in one C call
-        (kernels.nucleus_draw). At batch 32 the masked copy, renormalising and cumsum of
-        candidates + draw took most of the sampling time (docs/benchmarks.md)."""
-        temperature = torch.tensor([p.temperature for p in params])[:, None]
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64)
-        return kernels.nucleus_draw((logits / temperature).softmax(-1), top_p,
+        number: the tempered softmax, the nucleus's threshold (top-p, if any) and the draw, in
+        one C call (kernels.nucleus_draw). At batch 32 the masked copy, renormalising and
+        cumsum of candidates + draw took most of the sampling time, and then the softmax
+        (docs/benchmarks.md)."""
+        return kernels.nucleus_draw(logits, _column(params, "temperature"),
+                                    _column(params, "top_p"),
                                     torch.tensor(uniforms, dtype=torch.float64))
 
     def _draw_top_k(self, logits: Tensor, params: list[SamplingParams], uniforms: list[float]
@@ -214,10 +214,9 @@ class Sampler:
         number: its candidates (top-k, then top-p within them) and the draw, in one C call
         (kernels.top_k_draw). torch.topk and the ops on its candidates took 0.3-0.4 ms of a
         step at batch 1 and 2.0 ms at batch 32 (docs/benchmarks.md)."""
-        def column(name: str, dtype=torch.float64) -> Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
-        return kernels.top_k_draw(logits, column("top_k", torch.long), column("temperature"),
-                                  column("top_p"), torch.tensor(uniforms, dtype=torch.float64))
+        return kernels.top_k_draw(logits, _column(params, "top_k", torch.long),
+                                  _column(params, "temperature"), _column(params, "top_p"),
+                                  torch.tensor(uniforms, dtype=torch.float64))
 
     def _draw_candidates(self, logits: Tensor, params: list[SamplingParams],
                          uniforms: list[float]) -> Tensor:
@@ -387,6 +386,11 @@ def nucleus_threshold(probs: Tensor, top_p: Tensor) -> Tensor:
     keep = above < top_p.double()[:, None]
     keep[:, 0] = True
     return ordered.masked_fill(~keep, math.inf).amin(-1)
+
+
+def _column(params: list[SamplingParams], name: str, dtype=torch.float64) -> Tensor:
+    """One parameter of each row, for a C call (on CPU)."""
+    return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
 
 
 def _unfiltered(params: SamplingParams) -> bool:
