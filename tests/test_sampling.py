@@ -33,7 +33,8 @@ def test_aliases_and_greedy():
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.1),
-    ("top_p", 1.5), ("top_k", 2.5), ("n", 0), ("max_length", 0), ("repetition_penalty", 0),
+    ("top_p", 1.5), ("top_p", 0), ("top_k", 2.5), ("n", 0), ("max_length", 0),
+    ("repetition_penalty", 0), ("repetition_penalty", 1e-300), ("repetition_penalty", 101),
     ("seed", 2**64), ("logprobs", 6), ("stop", ""), ("stop", ["a"] * 9), ("do_sample", "yes"),
     ("min_length", -1), ("nonsense", 1),
 ])

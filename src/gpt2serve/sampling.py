@@ -104,12 +104,10 @@ class SamplingParams:
         self.top_k = _int(self, "top_k", -1)
         if self.top_k == -1:
             self.top_k = 0  # vLLM's "disabled", which clients send; 0 is aitextgen's
-        self.top_p = _float(self, "top_p", 0.0, 1.0)
-        if self.top_p == 0.0:
-            raise SamplingError("'top_p' must be in (0, 1]")
-        self.repetition_penalty = _float(self, "repetition_penalty", 0.0, 100.0)
-        if self.repetition_penalty == 0.0:
-            raise SamplingError("'repetition_penalty' must be > 0")
+        self.top_p = _float(self, "top_p", 0.0, 1.0, low_open=True)
+        # As far below 1 as above: a penalty of 1e-38 divided a seen token's logit past
+        # fp32's range, and the infinite logit made the sampler's arithmetic NaN.
+        self.repetition_penalty = _float(self, "repetition_penalty", 0.01, 100.0)
         self.n = _int(self, "n", 1, min(max_n, MAX_N))
         self.seed = _int(self, "seed", -2**63, 2**63 - 1, optional=True)  # int64, as vLLM
         self.ignore_eos = _bool(self, "ignore_eos")
@@ -207,11 +205,14 @@ def _int(params, name, lo, hi=None, optional=False):
     return value
 
 
-def _float(params, name, lo, hi):
+def _float(params, name, lo, hi, low_open=False):
+    """A number in [lo, hi], or in (lo, hi] where low_open."""
     value = _check_type(params, name, (int, float), "a number")
     # The range first: math.isfinite overflows on an int beyond a double (10**400).
-    if not lo <= value <= hi or not math.isfinite(value):
-        raise SamplingError(f"'{name}' must be in [{lo}, {hi}], got {value}")
+    if not (lo < value if low_open else lo <= value) or not value <= hi or not math.isfinite(
+            value):
+        raise SamplingError(f"'{name}' must be in {'(' if low_open else '['}{lo}, {hi}], "
+                            f"got {value}")
     return float(value)
 
 
