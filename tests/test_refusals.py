@@ -92,10 +92,28 @@ def test_the_binary_header_does_not_switch_off_the_json_checks_off_v2_infer(logg
     assert "nests deeper" in error(r)
 
 
+def test_an_integer_beyond_64_bits_is_refused_by_name_whatever_the_content_type(logged):
+    """Sent as application/json, V1's body went through orjson, which reads such an integer
+    as a double: a seed of -2^63 - 1 became -2^63 and was taken; sent as another content
+    type, the same body was refused."""
+    for content_type in ("application/json", "text/plain"):
+        for field, value in (("seed", -2**63 - 1), ("max_new_tokens", 2**70)):
+            body = f'{{"instances": ["a"], "parameters": {{"{field}": {value}}}}}'
+            r = httpx.post(logged.url + PREDICT, content=body,
+                           headers={"content-type": content_type})
+            assert f"'{field}'" in error(r) or f"parameters.{field}'" in error(r)
+    r = post(logged.url + COMPLETIONS, {"model": MODEL, "prompt": "a", "seed": 2**64})
+    assert r.json()["error"]["param"] == "seed" and "64 bits" in error(r)
+
+
 def test_refusals_leave_no_error_or_traceback_in_the_log(logged):
-    """The KServe SDK logged every InvalidInput at ERROR with its traceback: a client could
-    flood the log and trip error alerts with 400s."""
+    """The KServe SDK logged every InvalidInput, and every unknown model, at ERROR with its
+    traceback: a client could flood the log and trip error alerts with 400s and 404s."""
     before = logged.log_path.read_text()
+    for path in ("/v1/models/nope:predict", "/v1/models/%00%ff:predict"):
+        assert post(logged.url + path, {"instances": ["a"]}).status_code == 404
+    assert post(logged.url + "/v2/models/nope/infer", v2_body()).status_code == 404
+    assert post(logged.url + "/v2/models/nope/generate", {"text_input": "a"}).status_code == 404
     bad = {"instances": [{"prompt": "x", "temperature": "hot"}]}
     assert "'temperature'" in error(post(logged.url + PREDICT, bad))
     assert "'temperature'" in error(post(logged.url + INFER, v2_body(temperature="hot")))

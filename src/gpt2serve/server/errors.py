@@ -33,13 +33,16 @@ def failure(exc: BaseException) -> tuple[int, str]:
 
 
 class QuietRefusals(logging.Filter):
-    """Drops the ERROR record, with a traceback, that the KServe SDK's handler writes for
-    every InvalidInput (a 400 on :predict, V2 infer, generate): a refusal is the client's
-    mistake, which any client could repeat to flood the log and trip error alerts. Its
-    handler is registered when the server starts, after ours, so it cannot be replaced."""
+    """Drops the ERROR record, with a traceback, that the KServe SDK's handlers write for
+    every InvalidInput (a 400 on :predict, V2 infer, generate) and every unknown model (a 404
+    on any route that names one, the repository's load and unload too): a refusal is the
+    client's mistake, which any client could repeat to flood the log and trip error alerts
+    (with the name it made up, control bytes and all). Its handlers are registered when the
+    server starts, after ours, so they cannot be replaced."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], InvalidInput))
+        return not (record.exc_info
+                    and isinstance(record.exc_info[1], (InvalidInput, *NOT_FOUND)))
 
 
 INTERNAL = "internal error"

@@ -4,8 +4,10 @@ Python's `json` accepts what JSON (RFC 8259) does not, or what no route can use,
 these once reached a handler and came back as a 500: `NaN` / `Infinity` and numbers beyond a
 double; strings with a lone UTF-16 surrogate (`"\\ud800"`), which are not text and which the
 tokenizer refuses with a TypeError; nesting deep enough to raise RecursionError; integers with
-more digits than Python converts. `parse` refuses all of them, and duplicate object keys too
-(which of the two a parser keeps differs between parsers; we take neither), with a `BadJSON`
+more digits than Python converts. `parse` refuses all of them, duplicate object keys (which of
+the two a parser keeps differs between parsers; we take neither) and integers beyond 64 bits
+too (the KServe SDK's parser, orjson, reads those as doubles: a seed of -2^63 - 1 was taken as
+-2^63 where the same body sent as another content type was refused), with a `BadJSON`
 that names where in the body the problem is (`instances[0].prompt`), so a route answers 400.
 """
 
@@ -54,6 +56,15 @@ def _constant(name: str):
                   "Infinity and numbers beyond a double are not JSON numbers)")
 
 
+class _Wide(int):
+    """An integer beyond 64 bits (found by the walk, with its path)."""
+
+
+def _integer(literal: str) -> int:
+    value = int(literal)
+    return value if -2**63 <= value < 2**64 else _Wide(value)
+
+
 def _float(literal: str) -> float:
     value = float(literal)
     if not math.isfinite(value):  # 1e400: beyond a double, Python's parser makes it inf
@@ -71,7 +82,7 @@ def parse(raw: bytes | str) -> Any:
             raise BadJSON("request body is not valid UTF-8") from None
     try:
         value = json.loads(raw, parse_constant=_constant, parse_float=_float,
-                           object_pairs_hook=_pairs)
+                           parse_int=_integer, object_pairs_hook=_pairs)
     except BadJSON:
         raise
     except RecursionError:
@@ -87,8 +98,9 @@ def parse(raw: bytes | str) -> Any:
 
 
 def _walk(value: Any, check_strings: bool) -> None:
-    """Depth, duplicate keys and (when the body has surrogate escapes) lone surrogates, with
-    the path of the first problem; iterative, so a deep body cannot exhaust the stack."""
+    """Depth, duplicate keys, integers beyond 64 bits and (when the body has surrogate
+    escapes) lone surrogates, with the path of the first problem; iterative, so a deep body
+    cannot exhaust the stack."""
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
         item, path, depth = stack.pop()
@@ -110,6 +122,9 @@ def _walk(value: Any, check_strings: bool) -> None:
                 raise BadJSON(f"request body nests deeper than {MAX_DEPTH} levels",
                               _top(path))
             stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, _Wide):
+            raise BadJSON(f"'{path or 'the body'}' is an integer beyond 64 bits, which no "
+                          "field takes", _top(path))
         elif check_strings and isinstance(item, str) and _lone_surrogate(item):
             raise BadJSON(f"'{path or 'the body'}' holds a lone UTF-16 surrogate escape "
                           "(\\ud800-\\udfff without its pair), which is not text", _top(path))
