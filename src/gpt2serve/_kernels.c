@@ -1847,8 +1847,9 @@ static int64_t nucleus_token(const float *p, int64_t v, float tau, double u, dou
 }
 
 /* A row of v logits tempered into weights: p[i] = e^((l[i] - the largest) / temperature), 0
-where the logit is -inf (a blocked token: e^-87, where exp_nonpositive stops, would have a
-weight, and could be drawn); their sum. torch's division by the temperature and softmax, two
+below e^-87, where exp_nonpositive stops, near the end of fp32's normal range: so a blocked
+token's -inf and a NaN weigh nothing, where e^-87 would give them (and every token far below
+the largest) a weight that a draw whose sum rounding left short could land on; their sum. torch's division by the temperature and softmax, two
 passes each writing the whole [S, V], took most of the sampling of rows without a filter
 (OpenAI's defaults; bench/sampler.py). A row whose largest logit is +inf weighs its tokens
 at +inf 1 and the rest 0; one without a logit above -inf, every token 0. */
@@ -1869,8 +1870,8 @@ at +inf 1 and the rest 0; one without a logit above -inf, every token 0. */
             float block = 0.f;                                                                \
             _Pragma("omp simd reduction(+ : block)")                                          \
             for (int64_t i = b; i < end; ++i) {                                               \
-                const float x = l[i], e = exp_nonpositive((x - top) * inverse);               \
-                p[i] = x > -INFINITY ? e : 0.f;                                               \
+                const float z = (l[i] - top) * inverse, e = exp_nonpositive(z);               \
+                p[i] = z >= -87.f ? e : 0.f;                                                  \
                 block += p[i];                                                                \
             }                                                                                 \
             total += block;                                                                   \
