@@ -221,6 +221,16 @@ def test_the_top_k_draw_picks_what_the_candidates_inverse_cdf_picks(isa, monkeyp
         assert len(set(got.tolist())) > 20
 
 
+def with_ties(rows: torch.Tensor) -> torch.Tensor:
+    """rows with rows 0 and 1 made to hold tokens tied at ranks 4-6 (three of them) and at
+    ranks 4-43 (40: more than TIE_SLACK past a k of 5), the others below them."""
+    for row, tied in ((0, 3), (1, 40)):
+        rows[row, :4] = torch.tensor([9.0, 8.0, 7.0, 6.0])
+        rows[row, 4:4 + tied] = 5.0
+        rows[row, 4 + tied:] = rows[row, 4 + tied:].clamp(max=4.0)
+    return rows
+
+
 def drawn(draws, row: torch.Tensor, spec: dict, n: int = 4096) -> torch.Tensor:
     """How often each token comes out of a C draw of `row` over a grid of n uniforms: its
     distribution, to 1/n."""
@@ -241,11 +251,7 @@ def test_the_top_k_draw_follows_transformers_distribution(spec, isa, monkeypatch
     near-uniform, one with NaN logits (a broken model's: they weigh nothing)."""
     monkeypatch.setattr(kernels, "VECTOR_ISA", isa)
     torch.manual_seed(7)
-    rows = torch.randn(5, V)
-    for row, tied in ((0, 3), (1, 40)):
-        rows[row, :4] = torch.tensor([9.0, 8.0, 7.0, 6.0])
-        rows[row, 4:4 + tied] = 5.0
-        rows[row, 4 + tied:] = rows[row, 4 + tied:].clamp(max=4.0)
+    rows = with_ties(torch.randn(5, V))
     rows[2, 3:] = -math.inf
     rows[3] *= 0.01
     rows[4, ::7] = math.nan
@@ -295,11 +301,7 @@ def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers(spec):
     more than TIE_SLACK past k (that row takes its whole vocabulary); none tied, beside a row
     without top-k."""
     torch.manual_seed(2)
-    logits = torch.randn(4, V)
-    for row, tied in ((0, 3), (1, 40)):
-        logits[row, :4] = torch.tensor([9.0, 8.0, 7.0, 6.0])
-        logits[row, 4:4 + tied] = 5.0
-        logits[row, 4 + tied:] = logits[row, 4 + tied:].clamp(max=4.0)
+    logits = with_ties(torch.randn(4, V))
     sampler = Sampler(V, eos_id=0, device=torch.device("cpu"))
     params = [SamplingParams.from_dict(spec)] * 3 + [
         SamplingParams.from_dict({"top_k": 0, "top_p": 0.9})]
