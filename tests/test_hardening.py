@@ -91,6 +91,27 @@ def test_chunked_body_over_the_limit_is_413(guarded):
     assert r.status_code == 413
 
 
+def test_a_body_that_stops_arriving_is_a_408_and_the_server_serves_on(tiny_model):
+    """A client that sends its headers and part of its body held the connection, and what
+    it had sent, as long as it liked: uvicorn has no timeout for a body."""
+    import socket
+
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--body_timeout", "1") as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         "application/json\r\nContent-Length: 200\r\n\r\n"
+                         '{"instances": ["a'.encode())
+            t0, answer = time.monotonic(), b""
+            while chunk := sock.recv(4096):  # until the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"--body_timeout" in answer and time.monotonic() - t0 < 5
+        r = post(srv.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 2}]})
+        assert r.status_code == 200
+
+
 def test_openai_prompt_list_limit(guarded):
     r = auth_post(guarded, "/openai/v1/completions",
                   {"model": MODEL, "prompt": ["a"] * 5, "max_tokens": 1})

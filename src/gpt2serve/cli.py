@@ -35,6 +35,13 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -94,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     EngineConfig.add_flags(s, {"size": _size, "bool": _bool}, names=ENGINE_FLAGS)
     s.add_argument("--max_body_bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413")
+    s.add_argument("--body_timeout", type=_positive, default=60.0,
+                   help="seconds a request's body may take to arrive whole; a slower one gets "
+                        "408 and its connection is closed")
     s.add_argument("--max_instances", type=int, default=64,
                    help="prompts per request (V1 instances, V2 data, OpenAI prompt list)")
     s.add_argument("--api_key", default=os.environ.get("GPT2SERVE_API_KEY"),

@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(FiniteJSON)
     app.add_middleware(NoModelVersions)
-    app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes, seconds=args.body_timeout)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     app.add_middleware(HideInternalErrors)  # outermost of ours: no internal message leaks
