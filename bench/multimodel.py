@@ -233,9 +233,11 @@ def compare_loops(folder, threads: int, prompt_ids: list[list[int]]) -> dict:
     return results
 
 
-def hot_engines(folders: list, threads: int, prompt_ids: list[list[int]], tokens: int) -> dict:
+def hot_engines(folders: list, threads: int, prompt_ids: list[list[int]], tokens: int,
+                quantize: str) -> dict:
     """In process, without HTTP: tok/s of one model with 16 streams, of four models with 4
-    each, and of one model with 4, all on one step thread."""
+    each, and of one model with 4, all on one step thread, the models quantized as the
+    server's (`quantize`)."""
     import torch
 
     from gpt2serve import checkpoint
@@ -246,7 +248,9 @@ def hot_engines(folders: list, threads: int, prompt_ids: list[list[int]], tokens
     torch.set_num_threads(1)
     loop = StepLoop(threads)
     config = EngineConfig(max_batch_size=16, kv_cache_memory=256 * 2**20)
-    engines = [Engine(*checkpoint.load(f), config, name=f.name, loop=loop) for f in folders]
+    engines = [Engine(*checkpoint.load(f, quantize=None if quantize == "none" else quantize,
+                                       threads=threads), config, name=f.name, loop=loop)
+               for f in folders]
     params = SamplingParams.from_dict({"max_new_tokens": tokens, "ignore_eos": True,
                                        "temperature": 0})
 
@@ -284,7 +288,7 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", choices=["cycle", "hot", "fair", "engines", "loops"],
                    default=["cycle", "hot", "fair", "engines", "loops"])
     p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
-                   help="the server's --quantize (the server's parts only: cycle, hot, fair)")
+                   help="the server's --quantize, and the in-process engines' of `engines`")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     root = repository(args.models)
@@ -328,7 +332,7 @@ def main() -> None:
         proc.wait(timeout=60)
     if "engines" in args.parts:
         results["engines"] = hot_engines([root / n for n in names[:4]], args.threads, ids,
-                                         args.tokens)
+                                         args.tokens, args.quantize)
         print("engines:", json.dumps(results["engines"]), flush=True)
     if "loops" in args.parts:
         results["loops"] = compare_loops(gpt2_124m(), args.threads, ids)
