@@ -143,14 +143,27 @@ def host_isa(engine_env: dict | None = None) -> str:
 
 def read_bandwidth() -> float:
     """Bytes/s this machine reads from memory: a sum over a buffer far larger than caches
-    (four times the last-level cache, at least 256 MiB: some Xeons have 260 MiB of L3)."""
+    (four times the last-level cache, at least 256 MiB: some Xeons have 260 MiB of L3).
+    Summed on a thread of its own, whose OpenMP team ends with it: a team kept by the
+    caller's thread slowed every step of an engine's step thread in the same process for
+    good (with more threads than CPUs, libgomp stops spinning between parallel regions;
+    bench/multimodel.py's in-process engines made 790-920 tok/s against 1,280-1,550)."""
+    import threading
+
     import torch
 
     from gpt2serve.hardware import last_level_cache
 
-    buf = torch.ones(max(256 * 2**20, 4 * last_level_cache()) // 4)
-    t = median_time(lambda: buf.sum(), 5)
-    return buf.nbytes / t
+    measured = []
+
+    def run() -> None:
+        buf = torch.ones(max(256 * 2**20, 4 * last_level_cache()) // 4)
+        measured.append((buf.nbytes, median_time(lambda: buf.sum(), 5)))
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    nbytes, t = measured[0]
+    return nbytes / t
 
 
 # CPU generations that VMs often hide behind a bare name ("Intel(R) Xeon(R) Processor",
