@@ -53,6 +53,8 @@ def test_max_new_tokens_0_is_refused_where_answers_hold_only_text(logged):
     answers (echo with logprobs); elsewhere it returned the prompt, or an empty text."""
     r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 0}]})
     assert "'max_new_tokens' must be at least 1" in error(r)
+    r = post(logged.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": -1}]})
+    assert "'max_new_tokens' must be at least 1" in error(r)  # (was told ">= 0")
     r = post(logged.url + PREDICT, {"instances": ["a"], "parameters": {"max_new_tokens": 0}})
     assert "'max_new_tokens' must be at least 1" in error(r)
     r = post(logged.url + INFER, v2_body(max_new_tokens=0))

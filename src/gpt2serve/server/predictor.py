@@ -197,20 +197,27 @@ def json_object(raw: bytes | str) -> dict[str, Any]:
     return body
 
 
+AT_LEAST_ONE_TOKEN = ("'max_new_tokens' must be at least 1 here; to score a prompt without "
+                      "generating, use echo and logprobs with max_tokens 0 on "
+                      "/openai/v1/completions")
+
+
 def to_params(fields: dict, where: str = "", max_n: int = MAX_N,
               aliases: dict[str, str] | None = None) -> SamplingParams:
     """The sampling parameters of a KServe route (V1, V2 infer, generate): their answers
     hold text, so `logprobs` (the OpenAI route's) is refused rather than computed unseen,
     and so is `max_new_tokens` 0, which would only read the prompt to score it."""
     try:
+        # (before the shared check, whose bound, 0, is the OpenAI route's: -1 was told ">= 0")
+        new = fields.get("max_new_tokens")
+        if isinstance(new, int) and not isinstance(new, bool) and new < 1:
+            raise SamplingError(AT_LEAST_ONE_TOKEN)
         params = SamplingParams.from_dict(fields, max_n=max_n, aliases=aliases)
         if params.logprobs is not None:
             raise SamplingError("'logprobs' is answered on the OpenAI completions route "
                                 "(/openai/v1/completions); this one returns text only")
         if params.max_new_tokens == 0:
-            raise SamplingError("'max_new_tokens' must be at least 1 here; to score a prompt "
-                                "without generating, use echo and logprobs with max_tokens 0 "
-                                "on /openai/v1/completions")
+            raise SamplingError(AT_LEAST_ONE_TOKEN)
     except SamplingError as e:
         raise InvalidInput(f"{where}: {e}" if where else str(e)) from None
     return params
