@@ -154,16 +154,20 @@ def read_bandwidth() -> float:
 
     from gpt2serve.hardware import last_level_cache
 
-    measured = []
+    measured: list = []
 
     def run() -> None:
-        buf = torch.ones(max(256 * 2**20, 4 * last_level_cache()) // 4)
-        measured.append((buf.nbytes, median_time(lambda: buf.sum(), 5)))
+        try:
+            buf = torch.ones(max(256 * 2**20, 4 * last_level_cache()) // 4)
+            measured.append(buf.nbytes / median_time(lambda: buf.sum(), 5))
+        except BaseException as e:  # raised again on the caller's thread
+            measured.append(e)
     worker = threading.Thread(target=run)
     worker.start()
     worker.join()
-    nbytes, t = measured[0]
-    return nbytes / t
+    if isinstance(measured[0], BaseException):
+        raise measured[0]
+    return measured[0]
 
 
 # CPU generations that VMs often hide behind a bare name ("Intel(R) Xeon(R) Processor",

@@ -94,22 +94,45 @@ def test_chunked_body_over_the_limit_is_413(guarded):
 def test_a_body_that_stops_arriving_is_a_408_and_the_server_serves_on(tiny_model):
     """A client that sends its headers and part of its body held the connection, and what
     it had sent, as long as it liked: uvicorn has no timeout for a body."""
-    import socket
-
     with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
                         "--body_timeout", "1") as srv:
-        host, port = srv.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                         "application/json\r\nContent-Length: 200\r\n\r\n"
-                         '{"instances": ["a'.encode())
-            t0, answer = time.monotonic(), b""
-            while chunk := sock.recv(4096):  # until the server closes the connection
-                answer += chunk
+        t0 = time.monotonic()
+        answer = raw_answer(srv, f"POST {PREDICT} HTTP/1.1\nHost: x\nContent-Type: "
+                                 "application/json\nContent-Length: 200\n",
+                            b'{"instances": ["a')
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"--body_timeout" in answer and time.monotonic() - t0 < 5
         r = post(srv.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 2}]})
         assert r.status_code == 200
+
+
+def raw_answer(srv, head: str, body: bytes = b"") -> bytes:
+    """What the server sends for a request written by hand, read until it closes the
+    connection (a server that kept it open fails on the socket's timeout)."""
+    import socket
+
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("head,status", [
+    (f"POST {PREDICT} HTTP/1.1\nHost: x\nContent-Length: 999999\n", b"401"),  # no key
+    (f"POST {PREDICT} HTTP/1.1\nHost: x\nAuthorization: Bearer {KEY}\n"
+     "Content-Length: 99999999999\n", b"413"),
+    (f"POST {PREDICT} HTTP/1.1\nHost: x\nAuthorization: Bearer {KEY}\n"
+     "Transfer-Encoding: chunked\n", b"413"),
+])
+def test_an_answer_before_the_body_closes_the_connection(guarded, head, status):
+    """uvicorn discards the rest of a body that comes after the response, and each byte of
+    it kept the connection open again: a client refused (no key, too large) could trickle
+    its body for ever. The chunked body here goes over --max_body_bytes and then stops."""
+    body = b"1400\r\n" + b"a" * 5000 + b"\r\n" if "chunked" in head else b"{"
+    assert raw_answer(guarded, head, body).startswith(b"HTTP/1.1 " + status)
 
 
 def test_openai_prompt_list_limit(guarded):

@@ -24,6 +24,9 @@ MAX_DEPTH = 64
 
 # A lone surrogate can only come from a \uD800-\uDFFF escape: strict UTF-8 cannot encode one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# An integer beyond 64 bits has 19 digits at least: only a body with such a run of digits
+# takes parse_int (a hook is a Python call per integer, and a V2 body may hold 500,000).
+_LONG_DIGITS = re.compile(r"\d{19}")
 
 
 class BadJSON(ValueError):
@@ -82,7 +85,8 @@ def parse(raw: bytes | str) -> Any:
             raise BadJSON("request body is not valid UTF-8") from None
     try:
         value = json.loads(raw, parse_constant=_constant, parse_float=_float,
-                           parse_int=_integer, object_pairs_hook=_pairs)
+                           parse_int=_integer if _LONG_DIGITS.search(raw) else None,
+                           object_pairs_hook=_pairs)
     except BadJSON:
         raise
     except RecursionError:

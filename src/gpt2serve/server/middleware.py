@@ -24,6 +24,20 @@ async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None
     await send({"type": "http.response.body", "body": payload})
 
 
+# For a response sent before the request's body was read: uvicorn discards what is left of
+# the body as it arrives, and every byte of it holds the connection open again, so a client
+# could trickle one for ever. A response with this header closes the connection.
+CLOSE = (b"connection", b"close")
+
+
+def _has_body(scope) -> bool:
+    """Whether the request says a body follows (HTTP/1.1: a Content-Length above 0, or a
+    Transfer-Encoding)."""
+    headers = dict(scope["headers"])
+    return (headers.get(b"content-length", b"0") not in (b"0", b"")
+            or b"transfer-encoding" in headers)
+
+
 def error_body(path: str, status: int, message: str, param: str | None = None) -> dict:
     """An error body: OpenAI's shape (HTTP status as `code`, as vLLM) on the OpenAI and
     tokenizer routes, KServe's `{"error": message}` elsewhere."""
@@ -46,7 +60,8 @@ class BearerAuth:
             if not (authorized(headers.get(b"authorization"), self.api_key)
                     or from_local_agent(scope["path"], scope.get("client"), headers)):
                 return await _send_json(send, 401, error_body(scope["path"], 401, MISSING_KEY),
-                                        ((b"www-authenticate", b"Bearer"),))
+                                        ((b"www-authenticate", b"Bearer"),
+                                         *((CLOSE,) if _has_body(scope) else ())))
         return await self.app(scope, receive, send)
 
 
@@ -89,41 +104,43 @@ class NoModelVersions:
 
 class BodyLimit:
     """413 for a body over `max_bytes`, by its Content-Length or, when chunked, as it arrives;
-    408 for one not received whole within `seconds` of the request's start.
+    408 for one not received whole within `seconds` of the request's start; both close the
+    connection (CLOSE).
 
     The body is read here, at most `max_bytes` of it, and handed on whole: every route reads
     its body completely anyway, and nothing behind this can be made to buffer more. Without
     the deadline, a client that sent its headers and part of its body held its connection
     and what it had sent for as long as it liked (uvicorn has no timeout for a body; a
-    fuzzing pass left one waiting)."""
+    fuzzing pass left one waiting). A GET or HEAD with a body is read the same way."""
 
     def __init__(self, app, max_bytes: int, seconds: float):
         self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+        if scope["type"] != "http" or (scope["method"] in ("GET", "HEAD")
+                                        and not _has_body(scope)):
             return await self.app(scope, receive, send)
         too_big = error_body(scope["path"], 413,
-                         f"request body exceeds {self.max_bytes} bytes (--max_body_bytes)")
+                             f"request body exceeds {self.max_bytes} bytes (--max_body_bytes)")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _send_json(send, 413, too_big)
+            return await _send_json(send, 413, too_big, (CLOSE,))
         chunks, size, more = [], 0, True
         try:
             async with asyncio.timeout(self.seconds):
-                while more:
+                while more and size <= self.max_bytes:
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         return
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
-                    if size > self.max_bytes:
-                        return await _send_json(send, 413, too_big)
                     more = message.get("more_body", False)
         except TimeoutError:
             return await _send_json(send, 408, error_body(
                 scope["path"], 408, f"request body not received whole within "
-                f"{self.seconds:g} s (--body_timeout)"), headers=((b"connection", b"close"),))
+                f"{self.seconds:g} s (--body_timeout)"), (CLOSE,))
+        if size > self.max_bytes:
+            return await _send_json(send, 413, too_big, (CLOSE,))
         return await self.app(scope, _replay(b"".join(chunks), receive), send)
 
 
