@@ -1849,10 +1849,11 @@ static int64_t nucleus_token(const float *p, int64_t v, float tau, double u, dou
 /* A row of v logits tempered into weights: p[i] = e^((l[i] - the largest) / temperature), 0
 below e^-87, where exp_nonpositive stops, near the end of fp32's normal range: so a blocked
 token's -inf and a NaN weigh nothing, where e^-87 would give them (and every token far below
-the largest) a weight that a draw whose sum rounding left short could land on; their sum. torch's division by the temperature and softmax, two
-passes each writing the whole [S, V], took most of the sampling of rows without a filter
-(OpenAI's defaults; bench/sampler.py). A row whose largest logit is +inf weighs its tokens
-at +inf 1 and the rest 0; one without a logit above -inf, every token 0. */
+the largest) a weight that a draw whose sum rounding left short could land on; their sum.
+torch's division by the temperature and softmax, two passes each writing the whole [S, V],
+took most of the sampling of rows without a filter (OpenAI's defaults; bench/sampler.py). A
+row whose largest logit is +inf weighs its tokens at +inf 1 and the rest 0; one without a
+logit above -inf, every token 0. */
 #define TEMPERED_BLOCK 256 /* summed in fp32 lanes, then in double (a double sum of the lanes
                              does not vectorize) */
 #define TEMPERED(name, target)                                                                \
@@ -2171,10 +2172,10 @@ static PyMethodDef methods[] = {
      "[s], each row's draw from what top-p keeps of its tempered softmax; isa 2 AVX-512, 1 "
      "AVX2, 0 neither (kernels.py)"},
     {"top_k_draw", top_k_draw, METH_VARARGS,
-     "top_k_draw(logits, k, temperature, top_p, u, tokens, s, v, isa): addresses of contiguous fp32 "
-     "logits [s, v], int64 k [s], float64 temperature, top_p and uniforms u [s]; writes int64 "
-     "tokens [s], each row's draw from its k likeliest, tempered, top-p within; isa 2 AVX-512, 1 "
-     "AVX2, 0 neither (kernels.py)"},
+     "top_k_draw(logits, k, temperature, top_p, u, tokens, s, v, isa): addresses of contiguous "
+     "fp32 logits [s, v], int64 k [s], float64 temperature, top_p and uniforms u [s]; writes "
+     "int64 tokens [s], each row's draw from its k likeliest, tempered, top-p within; isa 2 "
+     "AVX-512, 1 AVX2, 0 neither (kernels.py)"},
     {"amx_ready", amx_ready, METH_NOARGS,
      "amx_ready(): whether the AMX forms of int8_linear (form 2) and int4_linear (isa 4) are "
      "compiled and this process may use the tiles (kernels.py)"},

@@ -51,7 +51,8 @@ def _address(t: Tensor | None) -> int:
 
 
 def runs_nucleus(probs: Tensor) -> bool:
-    """Whether nucleus_threshold serves probabilities like these."""
+    """Whether our sampling kernels (nucleus_threshold, nucleus_draw, top_k_draw) serve rows
+    like these (probabilities or logits)."""
     return ENABLED and probs.device.type == "cpu" and probs.dtype == torch.float32
 
 
