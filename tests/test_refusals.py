@@ -5,6 +5,8 @@ output a Triton client asks for by default, served), against the real server pro
 
 from __future__ import annotations
 
+import gzip
+import json
 import struct
 
 import httpx
@@ -192,12 +194,31 @@ def test_openai_prompt_errors_name_the_prompt_and_which_one(logged):
     (PREDICT, {"instances": ["a"], "parameters": {"top_k": "x"}}, "parameters: 'top_k'"),
     (INFER, {"inputs": [{**v2_body()["inputs"][0], "parameters": {"top_k": "x"}}]},
      "input 'text_input' parameters: 'top_k'"),
+    # any type was ignored
+    (COMPLETIONS, {"prompt": "a", "user": 5}, "'user' must be a string"),
+    # Python's name for null
+    (INFER, {"inputs": [{**v2_body()["inputs"][0], "data": [None]}]},
+     "must hold strings, got null"),
 ])
 def test_values_once_taken_silently_or_misplaced_are_refused_by_name(logged, route, body,
                                                                      message):
     if route == COMPLETIONS:
         body = {"model": MODEL, "max_tokens": 1, **body}
     assert message in error(post(logged.url + route, body))
+
+
+@pytest.mark.parametrize("route", [PREDICT, INFER, COMPLETIONS])
+def test_a_compressed_body_is_a_415_that_closes_the_connection(logged, route):
+    """No route decodes a content coding: a gzip body was called "not valid UTF-8"."""
+    body = gzip.compress(json.dumps({"instances": ["a"], **v2_body(), "prompt": "a"}).encode())
+    r = httpx.post(logged.url + route, content=body, timeout=30,
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415, r.text
+    assert "Content-Encoding 'gzip' is not supported" in r.text
+    assert r.headers["accept-encoding"] == "identity" and r.headers["connection"] == "close"
+    r = httpx.post(logged.url + PREDICT, json={"instances": [{"prompt": "a", "max_new_tokens": 1}]},
+                   headers={"content-encoding": "identity"}, timeout=30)
+    assert r.status_code == 200, r.text
 
 
 def test_an_error_names_a_field_as_the_client_did(logged):

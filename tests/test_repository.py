@@ -254,6 +254,30 @@ def test_an_empty_repository_is_ready(tmp_path):
 
 def test_a_single_model_keeps_the_repository_api_off(server):
     assert httpx.post(f"{server.url}/v2/repository/index").status_code == 404
+    r = httpx.post(f"{server.url}/v2/repository/models/x/load", json={"bogus": 1})
+    assert r.status_code == 404, r.text  # off, whatever the body
+
+
+def test_the_repository_calls_refuse_a_body_they_cannot_honour(two_fit):
+    """Triton's load takes `parameters` that override a model's configuration or files:
+    ignored, a client would believe them applied."""
+    before = index(two_fit)
+    url = f"{two_fit.url}/v2/repository"
+    for path, body, message in (
+            ("models/gamma/load", {"parameters": {"config": "{}"}},
+             "unknown field 'parameters.config'"),
+            ("models/gamma/load", {"max_batch_size": 16}, "unknown field 'max_batch_size'"),
+            ("models/gamma/load", [], "must be a JSON object"),
+            ("models/alpha/unload", {"parameters": {"unload_dependents": "yes"}},
+             "'parameters.unload_dependents' must be true or false"),
+            ("index", {"ready": 1}, "'ready' must be true or false"),
+            ("index", {"readyy": True}, "unknown field 'readyy'")):
+        r = httpx.post(f"{url}/{path}", json=body, timeout=30)
+        assert r.status_code == 400 and message in r.json()["error"], (path, r.text)
+    assert index(two_fit) == before  # refused before anything was done
+    for body in (None, {}, {"parameters": {}}):  # what KServe's agent and Triton's send
+        r = httpx.post(f"{url}/models/alpha/load", json=body, timeout=60)
+        assert r.status_code == 200, r.text
 
 
 def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone(

@@ -5,6 +5,7 @@ calls), over the Repository (repository.py).
        {"ready": true} lists the READY ones only
   POST /v2/repository/models/{name}/load        -> {"name", "load": true} once READY
   POST /v2/repository/models/{name}/unload      -> {"name", "unload": true} once unloaded
+       bodies optional (LOAD_BODY, UNLOAD_BODY); a field none of them takes is a 400 naming it
 
 The `kserve` SDK has the load and unload routes (ours are registered first and answer
 instead: its unload stopped the one model for good and its load did nothing) and no index
@@ -36,9 +37,15 @@ def repository_router(repository: Repository) -> APIRouter:
     router = APIRouter(prefix="/v2/repository", tags=["V2 repository"],
                        include_in_schema=repository.enabled)
 
-    async def answer(action, model_name: str, key: str) -> JSONResponse:
+    async def answer(action, model_name: str, key: str, request: HTTPRequest,
+                     fields: dict) -> JSONResponse:
         try:
+            if not repository.enabled:
+                raise RepositoryOff()
+            read_body(await request.body(), fields)
             await action(model_name)
+        except BadBody as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
         except (RepositoryOff, ModelNotFound) as e:
             return JSONResponse({"error": str(e)}, status_code=404)
         except LoadFailed as e:
@@ -52,26 +59,62 @@ def repository_router(repository: Repository) -> APIRouter:
     async def index(request: HTTPRequest) -> JSONResponse:
         if not repository.enabled:
             return JSONResponse({"error": str(RepositoryOff())}, status_code=404)
-        raw = await request.body()
         try:
-            body = jsonbody.parse(raw) if raw.strip() else {}
-        except jsonbody.BadJSON:
-            body = None
-        if not isinstance(body, dict) or set(body) - {"ready"} or not isinstance(
-                body.get("ready", False), bool):
-            return JSONResponse({"error": "the index takes an optional object "
-                                          "{\"ready\": true|false}"}, status_code=400)
+            body = read_body(await request.body(), {"ready": bool})
+        except BadBody as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
         models = repository.index()
         if body.get("ready"):
             models = [m for m in models if m["state"] == "READY"]
         return JSONResponse(models)
 
     @router.post("/models/{model_name}/load")
-    async def load(model_name: str) -> JSONResponse:
-        return await answer(repository.load, model_name, "load")
+    async def load(model_name: str, request: HTTPRequest) -> JSONResponse:
+        return await answer(repository.load, model_name, "load", request, LOAD_BODY)
 
     @router.post("/models/{model_name}/unload")
-    async def unload(model_name: str) -> JSONResponse:
-        return await answer(repository.unload, model_name, "unload")
+    async def unload(model_name: str, request: HTTPRequest) -> JSONResponse:
+        return await answer(repository.unload, model_name, "unload", request, UNLOAD_BODY)
 
     return router
+
+
+# The bodies the calls take, all optional (KServe's agent sends none): Triton's load takes
+# `parameters` to override the model's configuration or files, which a GPT-2 folder served as
+# it is has no use for, so any is refused rather than ignored; its unload's one parameter,
+# `unload_dependents`, means nothing here (no model depends on another), so it is accepted.
+LOAD_BODY = {"parameters": {}}
+UNLOAD_BODY = {"parameters": {"unload_dependents": bool}}
+
+
+class BadBody(ValueError):
+    pass
+
+
+def read_body(raw: bytes, fields: dict) -> dict:
+    """An optional JSON object body whose fields are those of `fields` (name -> bool, a
+    flag, or a dict: a nested object's fields); BadBody names the first field that is not."""
+    try:
+        body = jsonbody.parse(raw) if raw.strip() else {}
+    except jsonbody.BadJSON as e:
+        raise BadBody(str(e)) from None
+    _check(body, fields, "")
+    return body
+
+
+def _check(value, fields: dict, path: str) -> None:
+    if not isinstance(value, dict):
+        raise BadBody(f"'{path}' must be an object" if path else
+                      "request body must be a JSON object")
+    for key, item in value.items():
+        where = f"{path}.{key[:40]}" if path else key[:40]
+        kind = fields.get(key)
+        if kind is None:
+            known = ", ".join(repr(f) for f in fields)
+            holder = f"'{path}'" if path else "the body"
+            raise BadBody(f"unknown field '{where}'; " + (f"{holder} may hold {known}" if known
+                                                          else f"{holder} takes no fields"))
+        if isinstance(kind, dict):
+            _check(item, kind, where)
+        elif not isinstance(item, bool):
+            raise BadBody(f"'{where}' must be true or false")

@@ -179,3 +179,12 @@ def json_part_length(header: str | bytes) -> int | None:
     if not (header.isascii() and header.isdigit()) or len(header) > 18:
         return None
     return int(header)
+
+
+def kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (for messages: not Python's NoneType)."""
+    for python, name in ((type(None), "null"), (bool, "a boolean"), ((int, float), "a number"),
+                         (str, "a string"), (list, "an array")):
+        if isinstance(value, python):
+            return name
+    return "an object"

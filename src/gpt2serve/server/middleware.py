@@ -104,8 +104,9 @@ class NoModelVersions:
 
 class BodyLimit:
     """413 for a body over `max_bytes`, by its Content-Length or, when chunked, as it arrives;
-    408 for one not received whole within `seconds` of the request's start; both close the
-    connection (CLOSE).
+    408 for one not received whole within `seconds` of the request's start; 415 for one in a
+    content coding (gzip, ...), which no route decodes (each called it a body that was not
+    UTF-8 or not JSON); all three close the connection (CLOSE).
 
     The body is read here, at most `max_bytes` of it, and handed on whole: every route reads
     its body completely anyway, and nothing behind this can be made to buffer more. Without
@@ -120,6 +121,12 @@ class BodyLimit:
         if scope["type"] != "http" or (scope["method"] in ("GET", "HEAD")
                                         and not _has_body(scope)):
             return await self.app(scope, receive, send)
+        coding = dict(scope["headers"]).get(b"content-encoding", b"").strip().lower()
+        if coding not in (b"", b"identity"):
+            return await _send_json(send, 415, error_body(
+                scope["path"], 415, f"Content-Encoding '{coding.decode('latin-1')[:40]}' is "
+                "not supported: send the body uncompressed"),
+                ((b"accept-encoding", b"identity"), CLOSE))
         too_big = error_body(scope["path"], 413,
                              f"request body exceeds {self.max_bytes} bytes (--max_body_bytes)")
         length = dict(scope["headers"]).get(b"content-length")

@@ -168,6 +168,8 @@ class CompletionCall:
         if unknown:
             name = sorted(unknown)[0]
             raise OpenAIError(f"unknown parameter '{name}'", param=name)
+        if body.get("user") is not None and not isinstance(body["user"], str):
+            raise OpenAIError("'user' must be a string", param="user")
         self.stream = _flag(body, "stream")
         self.echo = _flag(body, "echo")
         self.include_usage, self.continuous_usage = _stream_options(body.get("stream_options"),

@@ -163,7 +163,7 @@ def _flatten(data: list, shape: list[int], where: str) -> list[str]:
             flat.append(item)
         else:
             raise InvalidInput(f"{where}: input '{V2_INPUT}' must hold strings, "
-                               f"got {type(item).__name__}")
+                               f"got {jsonbody.kind(item)}")
     return flat
 
 
