@@ -91,33 +91,101 @@ def test_chunked_body_over_the_limit_is_413(guarded):
     assert r.status_code == 413
 
 
-def test_a_body_that_stops_arriving_is_a_408_and_the_server_serves_on(tiny_model):
+@pytest.fixture(scope="module")
+def impatient(tiny_model):
+    """A second for a request's head, and a second for its body."""
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--body_timeout", "1", "--header_timeout", "1") as srv:
+        yield srv
+
+
+def test_a_body_that_stops_arriving_is_a_408_and_the_server_serves_on(impatient):
     """A client that sends its headers and part of its body held the connection, and what
     it had sent, as long as it liked: uvicorn has no timeout for a body."""
-    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
-                        "--body_timeout", "1") as srv:
+    t0 = time.monotonic()
+    answer = raw_answer(impatient, f"POST {PREDICT} HTTP/1.1\nHost: x\nContent-Type: "
+                                   "application/json\nContent-Length: 200\n",
+                        b'{"instances": ["a')
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"--body_timeout" in answer and time.monotonic() - t0 < 5
+    r = post(impatient.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 2}]})
+    assert r.status_code == 200
+
+
+def test_a_head_that_stops_arriving_is_a_408_and_a_silent_connection_is_closed(impatient):
+    """Nor for a head: part of one, header lines trickled, or nothing at all held the
+    connection for ever (uvicorn's keep-alive timeout is re-armed by every byte)."""
+    for parts in ([b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"],
+                  [b"GET /v2/health/live HTTP/1.1\r\n"] + [b"X-A: b\r\n"] * 3, []):
         t0 = time.monotonic()
-        answer = raw_answer(srv, f"POST {PREDICT} HTTP/1.1\nHost: x\nContent-Type: "
-                                 "application/json\nContent-Length: 200\n",
-                            b'{"instances": ["a')
-        assert answer.startswith(b"HTTP/1.1 408"), answer
-        assert b"--body_timeout" in answer and time.monotonic() - t0 < 5
-        r = post(srv.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 2}]})
-        assert r.status_code == 200
+        with connect(impatient) as sock:
+            for part in parts:  # (all of them within the second)
+                sock.sendall(part)
+                time.sleep(0.2)
+            answer = read_all(sock)
+        if parts:
+            assert answer.startswith(b"HTTP/1.1 408") and b"--header_timeout" in answer, answer
+        else:
+            assert answer == b""
+        assert time.monotonic() - t0 < 5
+    # a keep-alive connection's next request is given the same time, from its first byte
+    with connect(impatient) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b"}"):  # the whole response: its body may come apart
+            first += sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        time.sleep(1.5)  # idle between requests: uvicorn's keep-alive timeout, not ours
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 408")
+    assert httpx.get(impatient.url + "/v2/health/live").status_code == 200
+
+
+def test_a_head_over_64_kib_is_a_431_before_the_key(guarded):
+    """A header line with no end was held whole however long it grew (three connections
+    took 530 MB), before any check of the key."""
+    pad = {"x-pad": "a" * 60_000, "authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{guarded.url}/v1/models", headers=pad).status_code == 200
+    r = httpx.get(f"{guarded.url}/v1/models", headers={**pad, "x-pad": "a" * 70_000})
+    assert r.status_code == 431 and r.headers["connection"] == "close", r.text
+    assert "request head exceeds 65536 bytes" in r.json()["error"]
+    with connect(guarded) as sock:  # no key, and no end to the line
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(64):
+                sock.sendall(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while it sent
+        try:
+            answer = read_all(sock)
+        except ConnectionResetError:  # (the rest of what it sent was never read)
+            answer = b"HTTP/1.1 431"
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert httpx.get(guarded.url + "/v2/health/live").status_code == 200
+
+
+def connect(srv):
+    import socket
+
+    host, port = srv.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_all(sock) -> bytes:
+    """What the server sends until it closes the connection (a server that kept it open
+    fails on the socket's timeout)."""
+    answer = b""
+    while chunk := sock.recv(4096):
+        answer += chunk
+    return answer
 
 
 def raw_answer(srv, head: str, body: bytes = b"") -> bytes:
     """What the server sends for a request written by hand, read until it closes the
-    connection (a server that kept it open fails on the socket's timeout)."""
-    import socket
-
-    host, port = srv.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    connection."""
+    with connect(srv) as sock:
         sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
-        answer = b""
-        while chunk := sock.recv(4096):
-            answer += chunk
-    return answer
+        return read_all(sock)
 
 
 @pytest.mark.parametrize("head,status", [
