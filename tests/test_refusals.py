@@ -196,6 +196,16 @@ def test_openai_prompt_errors_name_the_prompt_and_which_one(logged):
      "input 'text_input' parameters: 'top_k'"),
     # any type was ignored
     (COMPLETIONS, {"prompt": "a", "user": 5}, "'user' must be a string"),
+    # lengths asked for at least that the lengths at most leave no room for: cut short
+    (PREDICT, {"instances": [{"prompt": "a", "min_tokens": 5, "max_length": 3}]},
+     "'min_tokens' 5 exceeds the 2 new tokens that 'max_length' 3 leaves"),
+    (PREDICT, {"instances": [{"prompt": "a", "min_length": 100, "max_length": 10}]},
+     "'min_length' 100 exceeds the prompt's 1 tokens and the 9 new ones"),
+    # two keys for one token: the last one won
+    (COMPLETIONS, {"prompt": "a", "logit_bias": {"1": 100, "01": -100}},
+     "'logit_bias' gives token 1 two biases (keys \"1\" and \"01\")"),
+    # Python's spelling of JSON's values
+    (PREDICT, {"instances": [{"prompt": "a", "logit_bias": {"1": None}}]}, '"1": null'),
     # Python's name for null
     (INFER, {"inputs": [{**v2_body()["inputs"][0], "data": [None]}]},
      "must hold strings, got null"),

@@ -9,6 +9,7 @@ whatever else shares its batch (the sampler itself is engine/sampler.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import reprlib
 import secrets
@@ -145,7 +146,21 @@ class SamplingParams:
         return [*self.logit_bias, *self.stop_token_ids]
 
     def max_new_for(self, prompt_len: int, context: int) -> int:
-        """New tokens to generate for a prompt of `prompt_len` tokens in a `context` window."""
+        """New tokens to generate for a prompt of `prompt_len` tokens in a `context` window;
+        the lengths asked for at least must fit in them (as vLLM refuses min_tokens over
+        max_tokens: taken, they were cut short without a word)."""
+        max_new = self._max_new(prompt_len, context)
+        if self.min_tokens > max_new:
+            default = "" if self.max_length else "the default "  # (max_new_tokens: validate)
+            raise SamplingError(f"'min_tokens' {self.min_tokens} exceeds the {max_new} new "
+                                f"tokens that {default}'max_length' {prompt_len + max_new} "
+                                f"leaves after the prompt's {prompt_len}")
+        if self.min_length > prompt_len + max_new:
+            raise SamplingError(f"'min_length' {self.min_length} exceeds the prompt's "
+                                f"{prompt_len} tokens and the {max_new} new ones it may have")
+        return max_new
+
+    def _max_new(self, prompt_len: int, context: int) -> int:
         if self.max_new_tokens == 0 and prompt_len <= context:
             return 0  # (no token is fed back, so the prompt may fill the context)
         if prompt_len >= context:
@@ -185,10 +200,28 @@ def _check_type(params, name: str, types, what: str):
     return value
 
 
-def _show(value) -> str:
-    """A client's value, shortened for an error message. reprlib bounds the work too: a
-    value nested 1,000 deep would exhaust repr's recursion before a slice could cut it."""
-    return reprlib.repr(value)
+SHOWN = 40  # characters of a client's string in an error message
+
+
+def _show(value, depth: int = 0) -> str:
+    """A client's value as JSON spells it (null, true, "a", not Python's None, True, 'a'),
+    shortened for an error message: strings cut at SHOWN characters, lists and objects shown
+    by their first items and two levels deep, which bounds the work too (a value nested
+    1,000 deep would exhaust a whole repr's recursion before a slice could cut it)."""
+    if isinstance(value, str):
+        return json.dumps(value if len(value) <= SHOWN else value[:SHOWN] + "...")
+    if isinstance(value, (dict, list, tuple)):
+        ends = "{}" if isinstance(value, dict) else "[]"
+        if depth >= 2 and value:
+            return ends[0] + "..." + ends[1]
+        shown = ([f"{_show(k, depth + 1)}: {_show(v, depth + 1)}"
+                  for k, v in list(value.items())[:3]] if isinstance(value, dict)
+                 else [_show(v, depth + 1) for v in value[:3]])
+        return ends[0] + ", ".join(shown + ["..."] * (len(value) > 3)) + ends[1]
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):  # not a JSON value (given through the Python API)
+        return reprlib.repr(value)
 
 
 def _int(params, name, lo, hi=None, optional=False):
@@ -225,7 +258,7 @@ def _logit_bias(raw) -> dict[int, float]:
     if not isinstance(raw, dict) or len(raw) > MAX_LOGIT_BIAS:
         raise SamplingError(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} "
                             "token ids to biases")
-    out = {}
+    out, names = {}, {}
     for key, bias in raw.items():
         # ASCII digits only: str.isdigit also takes '²' and '٣', which int() refuses or reads
         # (and at most 18: int() refuses more than 4,300 digits, a ValueError)
@@ -236,5 +269,8 @@ def _logit_bias(raw) -> dict[int, float]:
                 or not -100 <= bias <= 100):
             raise SamplingError(f"'logit_bias' maps token ids to numbers in [-100, 100], "
                                 f"got {_show(key)}: {_show(bias)}")
-        out[token] = float(bias)
+        if token in out:  # "1" and "01": which bias was meant?
+            raise SamplingError(f"'logit_bias' gives token {token} two biases "
+                                f"(keys {_show(names[token])} and {_show(key)})")
+        out[token], names[token] = float(bias), key
     return out
