@@ -398,6 +398,7 @@ def test_non_finite_literals_are_a_400_that_echoes_none(fuzz_server, path, liter
     error = strict_json(r.text)["error"]
     message = error["message"] if isinstance(error, dict) else error
     assert "NaN, Infinity" in message
+    assert re.search(rf"'(inputs\[0\]\.shape|parameters\.temperature)' is {literal}", message)
 
 
 @pytest.mark.parametrize("path", EVERY_POST_ROUTE)

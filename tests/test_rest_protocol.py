@@ -132,12 +132,15 @@ def test_duplicate_keys_are_a_400_naming_them(demo, name):
 
 @pytest.mark.parametrize("name", list(ROUTES))
 def test_invalid_utf8_and_overlong_numbers_are_a_400(demo, name):
-    path, template, _ = ROUTES[name]
+    """The numbers named no field ("a number has too many digits")."""
+    path, template, field = ROUTES[name]
     invalid = (template % '"x\xffy"').encode("latin-1")  # byte 0xFF: never UTF-8
     r = post(demo.url + path, invalid)
     assert r.status_code == 400 and ("UTF-8" in error_message(r) or "JSON" in error_message(r))
     r = post(demo.url + path, template % ("1" * 5000))  # more digits than int() converts
-    assert_400(r, name, "too many digits")
+    assert_400(r, name, field + ".* is an integer beyond 64 bits")
+    r = post(demo.url + path, template % "1e400")  # beyond a double: Python's inf
+    assert_400(r, name, field + ".* is 1e400, which is not a JSON number")
 
 
 def test_the_server_serves_after_hostile_input(demo):

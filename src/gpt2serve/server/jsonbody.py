@@ -54,9 +54,17 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
-def _constant(name: str):
-    raise BadJSON(f"request body is not valid JSON: {name} is not a JSON number (NaN, "
-                  "Infinity and numbers beyond a double are not JSON numbers)")
+class _NotANumber(float):
+    """NaN, Infinity, -Infinity or a number beyond a double, as written (found by the walk,
+    with its path)."""
+
+    literal: str
+
+
+def _constant(literal: str) -> float:
+    value = _NotANumber("nan")
+    value.literal = literal
+    return value
 
 
 class _Wide(int):
@@ -64,14 +72,17 @@ class _Wide(int):
 
 
 def _integer(literal: str) -> int:
-    value = int(literal)
+    try:
+        value = int(literal)
+    except ValueError:  # more digits than int() converts (4,300)
+        return _Wide(2**64)
     return value if -2**63 <= value < 2**64 else _Wide(value)
 
 
 def _float(literal: str) -> float:
     value = float(literal)
     if not math.isfinite(value):  # 1e400: beyond a double, Python's parser makes it inf
-        _constant(literal[:20])
+        return _constant(literal[:20])
     return value
 
 
@@ -87,23 +98,19 @@ def parse(raw: bytes | str) -> Any:
         value = json.loads(raw, parse_constant=_constant, parse_float=_float,
                            parse_int=_integer if _LONG_DIGITS.search(raw) else None,
                            object_pairs_hook=_pairs)
-    except BadJSON:
-        raise
     except RecursionError:
         field = _deep_field(raw)
         where = f"'{field}' " if field else "request body "
         raise BadJSON(f"{where}nests deeper than {MAX_DEPTH} levels", field) from None
     except json.JSONDecodeError as e:
         raise BadJSON(f"request body is not valid JSON ({e})", syntax=True) from None
-    except ValueError:  # an integer with more digits than int() converts (4300)
-        raise BadJSON("request body is not valid JSON: a number has too many digits") from None
     _walk(value, check_strings=text_given or bool(_SURROGATE_ESCAPE.search(raw)))
     return value
 
 
 def _walk(value: Any, check_strings: bool) -> None:
-    """Depth, duplicate keys, integers beyond 64 bits and (when the body has surrogate
-    escapes) lone surrogates, with the path of the first problem; iterative, so a deep body
+    """Depth, duplicate keys, numbers that are not JSON's, integers beyond 64 bits and (when
+    the body has surrogate escapes) lone surrogates, with the path of the first problem; iterative, so a deep body
     cannot exhaust the stack."""
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
@@ -126,6 +133,10 @@ def _walk(value: Any, check_strings: bool) -> None:
                 raise BadJSON(f"request body nests deeper than {MAX_DEPTH} levels",
                               _top(path))
             stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, _NotANumber):
+            raise BadJSON(f"'{path or 'the body'}' is {item.literal}, which is not a JSON "
+                          "number (NaN, Infinity and numbers beyond a double are not)",
+                          _top(path))
         elif isinstance(item, _Wide):
             raise BadJSON(f"'{path or 'the body'}' is an integer beyond 64 bits, which no "
                           "field takes", _top(path))
