@@ -414,6 +414,46 @@ def test_a_second_unload_of_a_deleted_folder_returns(repo, tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_deleted_folder_that_holds_nothing_is_forgotten(repo, tmp_path):
+    """A folder whose load failed, or whose model was unloaded, then deleted, stayed in the
+    index for ever, and its load and requests answered 503 'cannot be loaded' (naming the
+    server's own paths), not 404."""
+    from gpt2serve.server.repository import LoadFailed, ModelNotFound
+
+    for name in ("alpha", "beta"):
+        shutil.copytree(repo / name, tmp_path / name)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+
+    async def scenario():
+        repository = in_process(tmp_path)
+        try:
+            with pytest.raises(LoadFailed) as failed:
+                await repository.load("broken")
+            assert str(tmp_path) not in str(failed.value) and "broken" in str(failed.value)
+            await repository.unload("beta")
+            engine = await repository.engine("alpha")
+            for name in ("broken", "beta", "alpha"):
+                shutil.rmtree(tmp_path / name)
+            for name in ("broken", "beta"):  # a request finds it gone
+                with pytest.raises(ModelNotFound):
+                    await repository.engine(name)
+                assert repository.get_model(name) is None
+            # alpha is loaded: it serves on from memory, and is listed
+            assert [m["name"] for m in repository.index()] == ["alpha"]
+            assert await repository.engine("alpha") is engine
+            shutil.copytree(repo / "beta", tmp_path / "beta")  # put back: found again
+            await repository.load("beta")
+            shutil.rmtree(tmp_path / "beta")
+            await repository.unload("beta")  # (its entry goes with the unload)
+            with pytest.raises(ModelNotFound):
+                await repository.load("beta")
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
+
 def test_a_load_that_cannot_succeed_unloads_no_other_model(repo, model_bytes, tmp_path):
     """Budget for one model and a half. `wide` takes 512 positions, more than its KV cache
     share holds in one sequence; `alpha` was loaded before and its folder is gone since;
@@ -439,7 +479,7 @@ def test_a_load_that_cannot_succeed_unloads_no_other_model(repo, model_bytes, tm
             await repository.load("beta")  # unloads alpha, measured, to make room
             assert repository.entries["alpha"].state == "UNAVAILABLE"
             shutil.rmtree(tmp_path / "alpha")
-            with pytest.raises(LoadFailed):
+            with pytest.raises(ModelNotFound):  # (forgotten: nothing of it was loaded)
                 await repository.load("alpha")
             assert beta.state == "READY"
             with pytest.raises(LoadFailed, match="cannot hold one 512-token sequence"):
@@ -482,10 +522,10 @@ def test_a_load_during_an_unload_of_a_deleted_folder_keeps_its_entry(repo, tmp_p
     """KServe's agent deletes a folder, then unloads it; a load that comes in while that
     unload drains makes the model servable again in KServe's registry, so the unload must
     not delete its entry afterwards (every request was then a KeyError, a 500): the load
-    fails, the folder being gone, and requests get LoadFailed (503)."""
+    fails, the folder being gone, and the next request finds the folder gone: 404."""
     from gpt2serve.engine import Prompt
     from gpt2serve.sampling import SamplingParams
-    from gpt2serve.server.repository import LoadFailed
+    from gpt2serve.server.repository import LoadFailed, ModelNotFound
 
     shutil.copytree(repo / "alpha", tmp_path / "alpha")
 
@@ -506,8 +546,9 @@ def test_a_load_during_an_unload_of_a_deleted_folder_keeps_its_entry(repo, tmp_p
                 await load
             await unload
             assert "alpha" in repository.entries and repository.get_model("alpha") is not None
-            with pytest.raises(LoadFailed):
+            with pytest.raises(ModelNotFound):
                 await repository.engine("alpha")
+            assert "alpha" not in repository.entries and repository.get_model("alpha") is None
             assert [c.finish_reason for (c,) in await asyncio.wait_for(
                 _whole(engine, accepted), 10)] == ["length"]
         finally:

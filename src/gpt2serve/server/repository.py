@@ -166,9 +166,13 @@ class Repository(ModelRepository):
     # ---- what there is ---------------------------------------------------------------------
 
     def scan(self) -> None:
-        """Add the model folders that have appeared under the repository folder. A folder it
-        cannot read (the repository folder itself gone, `lost+found` at a volume's root) is
-        skipped with a warning, not an error on every request."""
+        """Add the model folders that have appeared under the repository folder, and forget
+        those deleted since that hold nothing (`_vanished`). A folder it cannot read (the
+        repository folder itself gone, `lost+found` at a volume's root) is skipped with a
+        warning, not an error on every request."""
+        for entry in list(self.entries.values()):
+            if self._vanished(entry) and not entry.waiters:
+                self._forget(entry)
         try:
             paths = sorted(p for p in Path(self.models_dir).iterdir() if p.is_dir())
         except OSError as e:
@@ -193,6 +197,20 @@ class Repository(ModelRepository):
         if name not in self.entries and self.is_repository:
             self.scan()  # a listing of one folder: about what answering the 404 costs
         return super().get_model(name)
+
+    @staticmethod
+    def _vanished(entry: Entry) -> bool:
+        """Its folder deleted since it was found, and nothing of it in memory: a model that
+        is loaded (or loading) serves on from memory until it is unloaded. Such an entry was
+        listed in the index and answered 503 'cannot be loaded' for ever."""
+        return (entry.folder is not None and entry.state == UNAVAILABLE
+                and entry.loading is None and not (entry.folder / "config.json").is_file())
+
+    def _forget(self, entry: Entry) -> None:
+        if self.entries.get(entry.name) is entry:
+            del self.entries[entry.name]
+            self.models.pop(entry.name, None)
+            log.info("model %s: its folder is gone; forgotten", entry.name)
 
     def _add(self, name: str, folder: Path | None) -> None:
         for outcome in ("loaded", "failed"):  # exported from the start, at 0
@@ -277,6 +295,9 @@ class Repository(ModelRepository):
     async def _wait_for(self, entry: Entry, deadline: float) -> Engine:
         name = entry.name
         while True:
+            if self._vanished(entry):
+                self._forget(entry)
+                raise ModelNotFound(name)
             if entry.held:
                 raise ModelUnloaded(name)
             if self.shutting_down:
@@ -307,8 +328,8 @@ class Repository(ModelRepository):
         """Load `name` (a folder that appeared since start included) and wait until it is
         READY; ModelNotFound, LoadFailed, Overruled, ModelUnavailable while shutting down."""
         self._check_enabled()
-        if name not in self.entries and self.is_repository:
-            self.scan()
+        if self.is_repository:
+            self.scan()  # (finds a folder added since, forgets one deleted)
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFound(name)
@@ -477,7 +498,10 @@ class Repository(ModelRepository):
         metrics.MODEL_LOAD_SECONDS.labels(entry.name).observe(entry.last_used - started)
 
     def _failed(self, entry: Entry, error: Exception) -> None:
-        entry.reason, entry.failed_at = f"load failed: {error}", time.monotonic()
+        # told to clients (the index, 503s): paths from the repository folder, not the root
+        told = str(error).replace(f"{self.models_dir.rstrip('/')}/", "") if (
+            self.is_repository) else str(error)
+        entry.reason, entry.failed_at = f"load failed: {told}", time.monotonic()
         metrics.MODEL_LOADS.labels(entry.name, "failed").inc()
         log.error("model %s: load failed: %s", entry.name, error)
 
