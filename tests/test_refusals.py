@@ -267,6 +267,17 @@ def test_a_shared_combination_an_instance_corrects_is_taken_and_one_none_does_is
         "parameters: 'min_tokens' 10 exceeds 'max_new_tokens' 2")
 
 
+def test_predict_by_another_method_is_a_405_that_allows_post(logged):
+    """KServe's GET /v1/models/{name} took 'aitextgen:predict' for a model's name (404), and
+    its DELETE answered 405 allowing GET."""
+    for method in ("GET", "HEAD", "DELETE", "PUT"):
+        for verb in ("predict", "explain"):
+            r = httpx.request(method, f"{logged.url}/v1/models/{MODEL}:{verb}")
+            assert r.status_code == 405 and r.headers["allow"] == "POST", (method, r.text)
+    assert httpx.get(f"{logged.url}/v1/models/{MODEL}").status_code == 200
+    assert httpx.get(f"{logged.url}/v1/models/{MODEL}:other").status_code == 404
+
+
 def test_openai_routes_answer_no_such_route_and_wrong_method_in_openai_shape(logged):
     """Starlette's 404 and 405 were FastAPI's {"detail": ...} under /openai/, where every
     other error is OpenAI's {"error": {...}}; elsewhere they stay FastAPI's."""

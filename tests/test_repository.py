@@ -290,9 +290,10 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         shutil.copytree(repo / name, tmp_path / name)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama"}')
+    log = tmp_path.parent / f"{tmp_path.name}.log"
     srv = ServerProcess("--model_dir", str(tmp_path), "--load_models", "none",
                         "--memory_budget", str(int(model_bytes * 1.5)),
-                        "--kv_cache_memory", str(KV), "--enable_grpc", "false")
+                        "--kv_cache_memory", str(KV), "--enable_grpc", "false", log=log)
     try:
         srv.wait_ready(path="/v2/health/ready")
 
@@ -313,7 +314,10 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         # not ready on the readiness routes either, as the index says (they said ready)
         for path in ("/v1/models/broken", "/v2/models/broken/ready"):
             assert httpx.get(f"{srv.url}{path}").status_code == 503, path
+        assert v1(srv, "broken", "ROMEO:").status_code == 503  # (KServe's "not ready" now)
         assert v1(srv, "beta", "ROMEO:").status_code == 200
+        # the failure is logged once, with why; each refusal since, without a traceback
+        assert "Traceback" not in log.read_text() and "model_type" in log.read_text()
         # mended, a load through the API brings it back
         shutil.rmtree(tmp_path / "broken")
         shutil.copytree(repo / "gamma", tmp_path / "broken")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
-from kserve.errors import InvalidInput, ModelNotFound
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 
 from ..engine import EngineStopped, QueueFull, RequestTimeout
 from ..sampling import SamplingError
@@ -34,15 +34,16 @@ def failure(exc: BaseException) -> tuple[int, str]:
 
 class QuietRefusals(logging.Filter):
     """Drops the ERROR record, with a traceback, that the KServe SDK's handlers write for
-    every InvalidInput (a 400 on :predict, V2 infer, generate) and every unknown model (a 404
-    on any route that names one, the repository's load and unload too): a refusal is the
-    client's mistake, which any client could repeat to flood the log and trip error alerts
-    (with the name it made up, control bytes and all). Its handlers are registered when the
-    server starts, after ours, so they cannot be replaced."""
+    every InvalidInput (a 400 on :predict, V2 infer, generate), every unknown model (a 404
+    on any route that names one, the repository's load and unload too) and every request to
+    a model not ready (a 503: one whose load failed, which the log has said once, with why):
+    a refusal is the client's mistake or a state, which any client could repeat to flood the
+    log and trip error alerts (with the name it made up, control bytes and all). Its handlers
+    are registered when the server starts, after ours, so they cannot be replaced."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info
-                    and isinstance(record.exc_info[1], (InvalidInput, *NOT_FOUND)))
+        return not (record.exc_info and isinstance(
+            record.exc_info[1], (InvalidInput, ModelNotReady, *NOT_FOUND)))
 
 
 INTERNAL = "internal error"

@@ -16,7 +16,9 @@ import uuid
 from typing import Any
 
 import kserve
-from kserve.errors import InvalidInput
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from kserve.errors import InvalidInput, ModelNotFound
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from ..engine import Prompt
@@ -28,6 +30,22 @@ V2_INPUT, V2_OUTPUT = "text_input", "text_output"
 # parameters: the input's, and the request's (Triton's client sends binary_data_output).
 V2_TENSOR_PARAMETERS = {"content_type", "binary_data_size"}
 V2_REQUEST_PARAMETERS = {"binary_data_output"}
+
+
+def v1_verbs_router() -> APIRouter:
+    """405 with `Allow: POST` for `:predict` and `:explain` by another method: KServe's GET
+    `/v1/models/{name}` took `name:predict` for a model's name (a 404 naming it), and its
+    DELETE was told `Allow: GET`."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.api_route("/v1/models/{model_name}:{verb}", methods=["GET", "PUT", "DELETE", "PATCH"])
+    async def other_method(model_name: str, verb: str) -> JSONResponse:
+        if verb not in ("predict", "explain"):
+            raise ModelNotFound(f"{model_name}:{verb}")  # (a name with a colon, as before)
+        return JSONResponse({"error": "Method Not Allowed"}, status_code=405,
+                            headers={"Allow": "POST"})
+
+    return router
 
 
 class GPT2Predictor(kserve.Model):
