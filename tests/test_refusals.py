@@ -267,6 +267,16 @@ def test_a_shared_combination_an_instance_corrects_is_taken_and_one_none_does_is
         "parameters: 'min_tokens' 10 exceeds 'max_new_tokens' 2")
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+def test_a_body_that_is_json_but_not_an_object_is_called_so(logged, content_type):
+    """Under application/json, KServe decoded '"x"' to a string, which was parsed again:
+    'not valid JSON'."""
+    for body in ('"x"', "[1]", "5"):
+        r = httpx.post(logged.url + PREDICT, content=body, timeout=30,
+                       headers={"content-type": content_type})
+        assert error(r) == "request body must be a JSON object", (body, r.text)
+
+
 def test_predict_by_another_method_is_a_405_that_allows_post(logged):
     """KServe's GET /v1/models/{name} took 'aitextgen:predict' for a model's name (404), and
     its DELETE answered 405 allowing GET."""

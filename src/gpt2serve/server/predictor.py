@@ -85,9 +85,10 @@ class GPT2Predictor(kserve.Model):
     async def predict(self, payload: Any, headers: dict[str, str] | None = None):
         if isinstance(payload, InferRequest):
             return await self._infer_v2(payload)
-        if isinstance(payload, (bytes, str)):
+        if isinstance(payload, bytes):
             # KServe passes the body through undecoded when the client did not send
             # `Content-Type: application/json` (plain `curl -d`); it is still JSON to us.
+            # (A str is a body KServe decoded: a JSON string, which was parsed again here.)
             payload = json_object(payload)
         if not isinstance(payload, dict):
             raise InvalidInput("request body must be a JSON object")
