@@ -93,9 +93,10 @@ def test_chunked_body_over_the_limit_is_413(guarded):
 
 @pytest.fixture(scope="module")
 def impatient(tiny_model):
-    """A second for a request's head, and a second for its body."""
+    """A second for a request's head and for its body; two idle between requests."""
     with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
-                        "--body_timeout", "1", "--header_timeout", "1") as srv:
+                        "--body_timeout", "1", "--header_timeout", "1",
+                        "--timeout-keep-alive", "2") as srv:
         yield srv
 
 
@@ -112,11 +113,14 @@ def test_a_body_that_stops_arriving_is_a_408_and_the_server_serves_on(impatient)
     assert r.status_code == 200
 
 
+LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+
+
 def test_a_head_that_stops_arriving_is_a_408_and_a_silent_connection_is_closed(impatient):
-    """Nor for a head: part of one, header lines trickled, or nothing at all held the
-    connection for ever (uvicorn's keep-alive timeout is re-armed by every byte)."""
-    for parts in ([b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"],
-                  [b"GET /v2/health/live HTTP/1.1\r\n"] + [b"X-A: b\r\n"] * 3, []):
+    """Nor for a head: part of one, or header lines trickled, held the connection for ever
+    (uvicorn's keep-alive timeout is re-armed by every byte), and so did a new connection
+    that sent nothing."""
+    for parts in ([LIVE], [LIVE[:30]] + [b"X-A: b\r\n"] * 3, []):
         t0 = time.monotonic()
         with connect(impatient) as sock:
             for part in parts:  # (all of them within the second)
@@ -125,20 +129,48 @@ def test_a_head_that_stops_arriving_is_a_408_and_a_silent_connection_is_closed(i
             answer = read_all(sock)
         if parts:
             assert answer.startswith(b"HTTP/1.1 408") and b"--header_timeout" in answer, answer
-        else:
-            assert answer == b""
-        assert time.monotonic() - t0 < 5
-    # a keep-alive connection's next request is given the same time, from its first byte
+        else:  # closed after the keep-alive timeout, without an answer
+            assert answer == b"" and time.monotonic() - t0 > 1.5
+        assert time.monotonic() - t0 < 6
+    # between requests, the keep-alive timeout; a request's head has its second from its
+    # first byte
     with connect(impatient) as sock:
-        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = b""
-        while not first.endswith(b"}"):  # the whole response: its body may come apart
-            first += sock.recv(4096)
-        assert first.startswith(b"HTTP/1.1 200"), first
-        time.sleep(1.5)  # idle between requests: uvicorn's keep-alive timeout, not ours
-        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        for _ in range(2):
+            sock.sendall(LIVE + b"\r\n")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(1.5)  # longer than a head may take, shorter than keep-alive
+        sock.sendall(LIVE)
         assert read_all(sock).startswith(b"HTTP/1.1 408")
-    assert httpx.get(impatient.url + "/v2/health/live").status_code == 200
+
+
+def test_pipelined_requests_are_answered_before_a_refusal(impatient):
+    """The responses to requests sent before a refused one are written first, and the
+    refused head's second starts once they are."""
+    with connect(impatient) as sock:
+        sock.sendall((LIVE + b"\r\n") * 2 + LIVE)  # two whole requests, then part of one
+        answer = read_all(sock)
+    assert answer.count(b"HTTP/1.1 200") == 2 and answer.count(b"HTTP/1.1 ") == 3, answer
+    assert answer.index(b"HTTP/1.1 408") > answer.rindex(b"HTTP/1.1 200")
+
+
+def send_until_answered(srv, parts: list[bytes], key: str | None = KEY) -> bytes:
+    """Sends `parts` a read apart until the server answers (so that it has read all that
+    was sent, and closes without a reset), then what it sent until it closed."""
+    head = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+    with connect(srv) as sock:
+        for i, part in enumerate(parts):
+            sock.sendall(part.replace(b"\r\n\r\n", b"\r\n" + head + b"\r\n", 1)
+                         if i == 0 else part)
+            time.sleep(0.05)
+            sock.setblocking(False)
+            try:
+                answer = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            finally:
+                sock.setblocking(True)
+            return answer + read_all(sock)
+    raise AssertionError("sent everything without an answer")
 
 
 def test_a_head_over_64_kib_is_a_431_before_the_key(guarded):
@@ -149,19 +181,21 @@ def test_a_head_over_64_kib_is_a_431_before_the_key(guarded):
     r = httpx.get(f"{guarded.url}/v1/models", headers={**pad, "x-pad": "a" * 70_000})
     assert r.status_code == 431 and r.headers["connection"] == "close", r.text
     assert "request head exceeds 65536 bytes" in r.json()["error"]
-    with connect(guarded) as sock:  # no key, and no end to the line
-        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: ")
-        try:
-            for _ in range(64):
-                sock.sendall(b"a" * 65536)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused while it sent
-        try:
-            answer = read_all(sock)
-        except ConnectionResetError:  # (the rest of what it sent was never read)
-            answer = b"HTTP/1.1 431"
-    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    # no key, and no end to the line: refused as it arrives
+    answer = send_until_answered(guarded, [b"GET /v1/models HTTP/1.1\r\nX-Big: "]
+                                 + [b"a" * 10240] * 12, key=None)
+    assert answer.startswith(b"HTTP/1.1 431") and b"65536" in answer, answer[:200]
     assert httpx.get(guarded.url + "/v2/health/live").status_code == 200
+
+
+def test_a_chunked_bodys_trailers_are_bounded(guarded):
+    """A trailer line (after a chunked body's last chunk) was held whole however long it
+    grew, until --body_timeout: the app had read the body, which was small."""
+    answer = send_until_answered(guarded, [
+        f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        "Content-Type: application/json\r\n\r\n".encode(),
+        b'11\r\n{"instances": []}\r\n0\r\nX-Trailer: '] + [b"a" * 10240] * 12)
+    assert answer.startswith(b"HTTP/1.1 413") and b"--max_body_bytes" in answer, answer[:200]
 
 
 def connect(srv):
@@ -169,6 +203,18 @@ def connect(srv):
 
     host, port = srv.url.removeprefix("http://").split(":")
     return socket.create_connection((host, int(port)), timeout=10)
+
+
+def read_response(sock) -> bytes:
+    """One response with a Content-Length, whole."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(4096)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
 
 
 def read_all(sock) -> bytes:

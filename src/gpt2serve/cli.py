@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "408 and its connection is closed")
     s.add_argument("--header_timeout", type=_positive, default=10.0,
                    help="seconds a request's head (request line and headers) may take to "
-                        "arrive whole; a slower one gets 408, and a head over 64 KiB 431, "
-                        "and its connection is closed")
+                        "arrive whole from its first byte; a slower one gets 408, and a head "
+                        "over 64 KiB 431, and its connection is closed")
     s.add_argument("--max_instances", type=int, default=64,
                    help="prompts per request (V1 instances, V2 data, OpenAI prompt list)")
     s.add_argument("--api_key", default=os.environ.get("GPT2SERVE_API_KEY"),

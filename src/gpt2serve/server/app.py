@@ -98,7 +98,7 @@ def serve(args: argparse.Namespace) -> None:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     app.add_middleware(HideInternalErrors)  # outermost of ours: no internal message leaks
     shutdown.install(repository, args.shutdown_grace)
-    connection.install(args.header_timeout)
+    connection.install(args.header_timeout, args.max_body_bytes)
     grpc_v2.install(repository, args.api_key, args.max_body_bytes)
     log.info("playground: http://localhost:%d/playground", args.http_port)
     # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told

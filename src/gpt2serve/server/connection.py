@@ -1,25 +1,31 @@
 """The HTTP connection under KServe's app: uvicorn's httptools protocol, with each request's
-head (its request line and headers) bounded in size and in time.
+head (its request line and headers) bounded in size and in time, and what follows the head
+(body, chunk framing, trailers) bounded in size.
 
-uvicorn bounds neither. httptools keeps a header line whole until its end comes, so a client
-that sent `X: ` and then megabytes without a line break held them all (three such connections
-took 530 MB, until they closed); a client that sent part of a head, or nothing, held its
-connection for ever, and uvicorn's keep-alive timeout, which any byte re-arms, never closed
-one that trickled a header line every few seconds. All of that comes before the app, so
-before the API key (middleware.BodyLimit bounds the body only once the head is in). Here:
+uvicorn bounds none of them. httptools keeps a header line whole until its end comes, so a
+client that sent `X: ` and then megabytes without a line break held them all (three such
+connections took 530 MB, until they closed), and a trailer line after a chunked body the
+same way; a client that sent part of a head held its connection for ever, and uvicorn's
+keep-alive timeout, which any byte re-arms, never closed one that trickled a header line
+every few seconds. All of that comes before the app, so before the API key
+(middleware.BodyLimit bounds the body as the app reads it). Here:
 
 - a head over HEAD_BYTES gets 431, and one not received whole within `--header_timeout`
-  seconds of its first byte (or of the connection's start) 408; both close the connection. A
-  new connection that sent nothing in that time is closed without an answer, as nginx does:
-  a browser's preconnect would not read one;
-- where the connection still writes the response to a request before it (HTTP pipelining),
-  that response is not cut: the connection closes after it.
+  seconds of its first byte 408; a request whose bytes after its head (the body with its
+  chunk framing and trailers) pass `--max_body_bytes` + HEAD_BYTES gets 413. Each closes the
+  connection, and nothing it sends after is read. A head is counted read by read: one that
+  came whole in one read is measured when it is parsed (its request answered 431 in turn);
+- the responses to the requests before it on the connection (HTTP pipelining) are written
+  first: the refusal follows them, and a head's time starts once they are written;
+- a new connection that sends nothing is closed after uvicorn's keep-alive timeout, as an
+  idle one between requests is (before, never).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 
 import kserve.model_server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -28,83 +34,125 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 # past four buffers of 8 KiB: a bearer token or a cookie of several KiB is far below this.
 HEAD_BYTES = 64 * 1024
 TOO_LARGE = f"request head exceeds {HEAD_BYTES} bytes"
-STATUS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+STATUS = {408: b"Request Timeout", 413: b"Content Too Large",
+          431: b"Request Header Fields Too Large"}
 
 
-class BoundedHeadHttp(HttpToolsProtocol):
-    seconds = 10.0  # --header_timeout (install sets it)
+class BoundedHttp(HttpToolsProtocol):
+    seconds = 10.0  # --header_timeout; install sets both
+    max_body_bytes = 1 << 20  # --max_body_bytes
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
-        self.head_bytes: int | None = None  # of the head being read; None between heads
-        self.deadline: asyncio.TimerHandle | None = None
-        self._start_head()
+        self.message = 0  # the request being read, counted from 1
+        self.phase: str | None = None  # of it: "head", "body", None once read whole
+        self.head_bytes = self.body_bytes = self.head_size = 0
+        self.deadline: asyncio.TimerHandle | None = None  # for the head being read
+        self.refusal: tuple[int, str] | None = None  # to answer once earlier ones are
+        self.refused = None  # the refused request's cycle, where it has one (its body's)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                            self.timeout_keep_alive_handler)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end_head()
+        self._disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        # Only a chunk wholly inside a head counts: one that ends a head goes on into a body
-        # (bounded apart), and one that starts a head came after a body.
-        in_head = self.head_bytes is not None
+        if self.refusal is not None:
+            return  # refused: nothing more of this connection is read
+        message, phase = self.message, self.phase
         super().data_received(data)
-        if in_head and self.head_bytes is not None:
+        if self.refusal is not None or phase is None or message != self.message:
+            return  # a read that starts a request (or ends one and starts the next) is not
+            # counted: at most one read of a request goes unmeasured
+        if self.phase == "head":
             self.head_bytes += len(data)
             if self.head_bytes > HEAD_BYTES:
                 self._refuse(431, TOO_LARGE)
+        elif self.phase == "body":
+            self.body_bytes += len(data)
+            if self.body_bytes > self.max_body_bytes + HEAD_BYTES:
+                self._refuse(413, f"request body exceeds {self.max_body_bytes} bytes "
+                                  "(--max_body_bytes)")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self.head_bytes is None:  # a request after another on this connection
-            self._start_head()
+        self.message += 1
+        self.phase, self.head_bytes, self.body_bytes, self.head_size = "head", 0, 0, 0
+        if self._answered():
+            self._arm()
 
     def on_url(self, url: bytes) -> None:
         self.head_size += len(url)
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value)
+        if self.phase == "head":  # (trailers, after the body, are counted as read)
+            self.head_size += len(name) + len(value)
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        # A head that came in one read passed data_received's count: its size is known now.
-        # Its request is answered by _head_too_large instead of the app.
-        self._end_head()
+        self._disarm()
+        self.phase = "body"
         if self.head_size <= HEAD_BYTES:
             return super().on_headers_complete()
-        app, self.app = self.app, _head_too_large
+        app, self.app = self.app, _head_too_large  # its request is answered 431 in turn
         try:
             super().on_headers_complete()
         finally:
             self.app = app
 
-    def _start_head(self) -> None:
-        self.head_bytes = self.head_size = 0  # read as it came; of the line and the fields
-        self.deadline = self.loop.call_later(self.seconds, self._too_slow)
+    def on_message_complete(self) -> None:
+        self.phase = None
+        super().on_message_complete()
 
-    def _end_head(self) -> None:
-        self.head_bytes = None
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # starts the next pipelined request, if any
+        if not self._answered():
+            return
+        if self.refusal is None:
+            if self.phase == "head" and self.deadline is None:
+                self._arm()  # a head that came in while the responses before it were written
+        elif self.refused is not None and self.refused.response_complete:
+            self.transport.close()  # its app answered it (before reading all of it)
+        else:
+            self._answer(*self.refusal)
+
+    def _answered(self) -> bool:
+        """Whether no response is being written or waits its turn: every request read so
+        far has its whole response, but a refused one whose app has not begun one."""
+        cycle = self.cycle
+        return not self.pipeline and (cycle is None or cycle.response_complete or (
+            cycle is self.refused and not cycle.response_started))
+
+    def _arm(self) -> None:
+        self.deadline = self.loop.call_later(self.seconds, self._refuse, 408,
+                                             f"request head not received whole within "
+                                             f"{self.seconds:g} s (--header_timeout)")
+
+    def _disarm(self) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
 
-    def _too_slow(self) -> None:
-        self.deadline = None
-        if self.head_bytes == 0 and self.cycle is None:
-            self.transport.close()  # a connection that never sent anything
-        else:
-            self._refuse(408, f"request head not received whole within {self.seconds:g} s "
-                              "(--header_timeout)")
-
     def _refuse(self, status: int, message: str) -> None:
-        self._end_head()
+        """Answer `status` and close once the requests before this one are answered;
+        read nothing more meanwhile."""
+        self._disarm()
+        self.refusal = (status, message)
+        self.flow.pause_reading()
+        if self.phase == "body":  # its request has a cycle: never run, if it waits its turn
+            self.refused = self.cycle
+            self.pipeline = deque(item for item in self.pipeline if item[0] is not self.cycle)
+        if self._answered():
+            self._answer(status, message)
+
+    def _answer(self, status: int, message: str) -> None:
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.flow.pause_reading()  # no more of this head is read
-            self.cycle.keep_alive = False  # the response in progress ends the connection
-            return
+        if self.refused is not None and not self.refused.response_complete:
+            self.refused.disconnected = True  # its app, waiting for the rest, writes nothing
+            self.refused.message_event.set()
         body = _error(message)
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -124,14 +172,14 @@ async def _head_too_large(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def install(seconds: float) -> None:
-    """Serve HTTP through BoundedHeadHttp: KServe's ModelServer makes its uvicorn Config in
+def install(seconds: float, max_body_bytes: int) -> None:
+    """Serve HTTP through BoundedHttp: KServe's ModelServer makes its uvicorn Config in
     RESTServer (as it starts), with no way to name a protocol; this process runs one."""
-    BoundedHeadHttp.seconds = seconds
+    BoundedHttp.seconds, BoundedHttp.max_body_bytes = seconds, max_body_bytes
 
     class RESTServer(kserve.model_server.RESTServer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.config.http = BoundedHeadHttp
+            self.config.http = BoundedHttp
 
     kserve.model_server.RESTServer = RESTServer

@@ -18,7 +18,7 @@ from typing import Any
 import kserve
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from kserve.errors import InvalidInput, ModelNotFound
+from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from ..engine import Prompt
@@ -38,13 +38,13 @@ def v1_verbs_router() -> APIRouter:
     DELETE was told `Allow: GET`."""
     router = APIRouter(include_in_schema=False)
 
-    @router.api_route("/v1/models/{model_name}:{verb}", methods=["GET", "PUT", "DELETE", "PATCH"])
-    async def other_method(model_name: str, verb: str) -> JSONResponse:
-        if verb not in ("predict", "explain"):
-            raise ModelNotFound(f"{model_name}:{verb}")  # (a name with a colon, as before)
+    async def other_method(model_name: str) -> JSONResponse:
         return JSONResponse({"error": "Method Not Allowed"}, status_code=405,
                             headers={"Allow": "POST"})
 
+    for verb in ("predict", "explain"):
+        router.add_api_route(f"/v1/models/{{model_name}}:{verb}", other_method,
+                             methods=["GET", "PUT", "DELETE", "PATCH"])
     return router
 
 
@@ -85,11 +85,12 @@ class GPT2Predictor(kserve.Model):
     async def predict(self, payload: Any, headers: dict[str, str] | None = None):
         if isinstance(payload, InferRequest):
             return await self._infer_v2(payload)
-        if isinstance(payload, bytes):
+        if isinstance(payload, (bytes, str)):
             # KServe passes the body through undecoded when the client did not send
-            # `Content-Type: application/json` (plain `curl -d`); it is still JSON to us.
-            # (A str is a body KServe decoded: a JSON string, which was parsed again here.)
-            payload = json_object(payload)
+            # `Content-Type: application/json` (plain `curl -d`); it is still JSON to us. A
+            # str is a JSON string KServe decoded: a structured CloudEvent's `data` holding
+            # JSON, or a body that was a string (parsed again, it said 'not valid JSON').
+            payload = json_object(payload, text=isinstance(payload, str))
         if not isinstance(payload, dict):
             raise InvalidInput("request body must be a JSON object")
         if "instances" in payload:
@@ -206,11 +207,13 @@ def _binary_output(request: InferRequest) -> bool:
     return bool((request.parameters or {}).get("binary_data_output", False))
 
 
-def json_object(raw: bytes | str) -> dict[str, Any]:
+def json_object(raw: bytes | str, text: bool = False) -> dict[str, Any]:
+    """The JSON object of a body; `text`: of a JSON string's text, which need not be JSON."""
     try:
         body = jsonbody.parse(raw)
     except jsonbody.BadJSON as e:
-        raise InvalidInput(str(e)) from None
+        raise InvalidInput("request body must be a JSON object" if text and e.syntax
+                           else str(e)) from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
     return body

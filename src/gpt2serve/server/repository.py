@@ -128,7 +128,7 @@ class Entry:
     measured: tuple[int, int] | None = None
     last_used: float = 0.0
     held: bool = False  # unloaded through the API
-    waiters: int = 0  # requests waiting in `engine()` for it: not idle, though not yet queued
+    waiters: int = 0  # requests waiting in `engine()` for it, and `load` calls: not idle
     failed_at: float | None = None  # when its last load failed
     loading: asyncio.Task | None = None
 
@@ -171,7 +171,7 @@ class Repository(ModelRepository):
         repository folder itself gone, `lost+found` at a volume's root) is skipped with a
         warning, not an error on every request."""
         for entry in list(self.entries.values()):
-            if self._vanished(entry) and not entry.waiters:
+            if self._vanished(entry):
                 self._forget(entry)
         try:
             paths = sorted(p for p in Path(self.models_dir).iterdir() if p.is_dir())
@@ -198,13 +198,14 @@ class Repository(ModelRepository):
             self.scan()  # a listing of one folder: about what answering the 404 costs
         return super().get_model(name)
 
-    @staticmethod
-    def _vanished(entry: Entry) -> bool:
-        """Its folder deleted since it was found, and nothing of it in memory: a model that
-        is loaded (or loading) serves on from memory until it is unloaded. Such an entry was
-        listed in the index and answered 503 'cannot be loaded' for ever."""
-        return (entry.folder is not None and entry.state == UNAVAILABLE
-                and entry.loading is None and not (entry.folder / "config.json").is_file())
+    def _vanished(self, entry: Entry) -> bool:
+        """A repository's model whose folder was deleted since it was found, with nothing of
+        it in memory and no call waiting for it: a model that is loaded (or loading) serves
+        on from memory until it is unloaded. Such an entry was listed in the index and
+        answered 503 'cannot be loaded' for ever. (A single model's folder is not forgotten:
+        nothing would find it again.)"""
+        return (self.is_repository and entry.state == UNAVAILABLE and entry.loading is None
+                and not entry.waiters and not (entry.folder / "config.json").is_file())
 
     def _forget(self, entry: Entry) -> None:
         if self.entries.get(entry.name) is entry:
@@ -281,6 +282,9 @@ class Repository(ModelRepository):
         entry = self.entries.get(name)
         if entry is None and self.get_model(name) is not None:
             entry = self.entries.get(name)
+        if entry is not None and self._vanished(entry):
+            self._forget(entry)  # (a request finds it gone before any index call does)
+            entry = None
         if entry is None:
             raise ModelNotFound(name)
         deadline = time.monotonic() + self.load_timeout
@@ -295,9 +299,6 @@ class Repository(ModelRepository):
     async def _wait_for(self, entry: Entry, deadline: float) -> Engine:
         name = entry.name
         while True:
-            if self._vanished(entry):
-                self._forget(entry)
-                raise ModelNotFound(name)
             if entry.held:
                 raise ModelUnloaded(name)
             if self.shutting_down:
@@ -341,18 +342,22 @@ class Repository(ModelRepository):
             entry.predictor.ready = True
             self.update(entry.predictor)
         entry.failed_at = None  # asked for: try again now
-        while entry.state != READY:
-            if entry.held:
-                raise Overruled(name, "load")
-            if entry.state == UNAVAILABLE and entry.loading is None:
-                entry.loading = asyncio.ensure_future(self._load(entry))
-            if entry.loading is not None:
-                await asyncio.shield(entry.loading)
-                if entry.state == UNAVAILABLE and not entry.held:
-                    raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
-            else:
-                async with self._changed:
-                    await self._changed.wait()
+        entry.waiters += 1  # (not forgotten by a scan meanwhile, its folder gone)
+        try:
+            while entry.state != READY:
+                if entry.held:
+                    raise Overruled(name, "load")
+                if entry.state == UNAVAILABLE and entry.loading is None:
+                    entry.loading = asyncio.ensure_future(self._load(entry))
+                if entry.loading is not None:
+                    await asyncio.shield(entry.loading)
+                    if entry.state == UNAVAILABLE and not entry.held:
+                        raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
+                else:
+                    async with self._changed:
+                        await self._changed.wait()
+        finally:
+            entry.waiters -= 1
         if entry.held:  # an unload came in while it was read: the later call wins
             raise Overruled(name, "load")
         self._notify()
