@@ -139,6 +139,8 @@ class BoundedHttp(HttpToolsProtocol):
         """Answer `status` and close once the requests before this one are answered;
         read nothing more meanwhile."""
         self._disarm()
+        if self.transport.is_closing():  # (uvicorn's own 400 for a request it cannot parse)
+            return
         self.refusal = (status, message)
         self.flow.pause_reading()
         if self.phase == "body":  # its request has a cycle: never run, if it waits its turn
