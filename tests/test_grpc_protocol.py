@@ -194,6 +194,7 @@ HUGE_UINT64 = b"\x28" + b"\xff" * 9 + b"\x01"  # uint64_param 2**64 - 1
     ([tensor(data=None, fp32_contents=[1.0])], {}, [], "bytes_contents"),
     ([tensor(datatype="FP32")], {}, [], "datatype BYTES"),
     ([tensor()], {}, ["logits"], "unknown requested output 'logits'"),
+    ([tensor()], {}, ["text_output"] * 2, "asked for more than once"),  # (REST's 400)
     ([tensor()], {"temperature": double_param(float("nan"))}, [], "finite"),
     ([tensor()], {"temperature": double_param(float("inf"))}, [], "finite"),
     ([tensor()], {"max_new_tokens": HUGE_UINT64}, [], "max_new_tokens"),
@@ -211,6 +212,20 @@ def test_hostile_tensors_are_invalid_argument(rpc, inputs, params, outputs, mess
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     assert __import__("re").search(message, e.value.details()), e.value.details()
     assert served(rpc)
+
+
+def test_a_long_name_in_an_error_leaves_its_status_whole(rpc):
+    """Names a client chose were repeated in full in the details, which travel in a header:
+    past gRPC's metadata limit the status was lost to RESOURCE_EXHAUSTED."""
+    for name in ("k" * 20_000, "\u2603" * 3_000):
+        with pytest.raises(grpc.RpcError) as e:
+            rpc.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            rpc.stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL, inputs=[tensor(
+                name=name)]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert len(e.value.details().encode()) <= 1100 and "unknown input" in e.value.details()
 
 
 # ---- metadata ----------------------------------------------------------------------------

@@ -93,10 +93,11 @@ def test_chunked_body_over_the_limit_is_413(guarded):
 
 @pytest.fixture(scope="module")
 def impatient(tiny_model):
-    """A second for a request's head and for its body; two idle between requests."""
+    """A second for a request's head, for its body and for a response its client does not
+    read; two idle between requests."""
     with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
                         "--body_timeout", "1", "--header_timeout", "1",
-                        "--timeout-keep-alive", "2") as srv:
+                        "--timeout-keep-alive", "2", "--send_timeout", "1") as srv:
         yield srv
 
 
@@ -114,6 +115,34 @@ def test_a_body_that_stops_arriving_is_a_408_and_the_server_serves_on(impatient)
 
 
 LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+
+
+def test_a_stream_its_client_does_not_read_is_dropped(impatient):
+    """Its events were held for as long as the client kept the connection (265 MB for a
+    stream of 64 prompts x 16 sequences)."""
+    import socket
+
+    body = json.dumps({"prompt": ["ROMEO:"] * 32, "n": 8, "max_tokens": 100, "stream": True,
+                       "ignore_eos": True, "logprobs": 5}).encode()
+    host, port = impatient.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    with sock:
+        sock.connect((host, int(port)))
+        sock.sendall(b"POST /openai/v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(8)  # reading none of it, past --send_timeout
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 200") or not answer
+    assert b"data: [DONE]" not in answer  # dropped, not written to its end
+    assert post(impatient.url + PREDICT, {"instances": [{"prompt": "a", "max_new_tokens": 2}]}
+                ).status_code == 200
 
 
 def test_a_head_that_stops_arriving_is_a_408_and_a_silent_connection_is_closed(impatient):

@@ -240,6 +240,25 @@ def test_the_repository_api_stays_behind_the_key_but_for_the_local_agent(repo):
         srv.stop()
 
 
+def test_grpc_tells_an_unloaded_model_as_rest_does(two_fit):
+    """gRPC said 'does not exist' of a model unloaded through the API, which the index lists
+    and REST calls unloaded."""
+    url = f"{two_fit.url}/v2/repository/models/beta"
+    assert httpx.post(f"{url}/unload", timeout=60).status_code == 200
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{two_fit.grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(pb.ModelInferRequest(model_name="beta", inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name="text_input", datatype="BYTES", shape=[1],
+                        contents=pb.InferTensorContents(bytes_contents=[b"a"]))]), timeout=60)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "'beta' is unloaded" in e.value.details(), e.value.details()
+    finally:
+        assert httpx.post(f"{url}/load", timeout=60).status_code == 200
+
+
 def test_an_empty_repository_is_ready(tmp_path):
     srv = ServerProcess("--model_dir", str(tmp_path), "--enable_grpc", "false")
     try:

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request's head (request line and headers) may take to "
                         "arrive whole from its first byte; a slower one gets 408, and a head "
                         "over 64 KiB 431, and its connection is closed")
+    s.add_argument("--send_timeout", type=_positive, default=60.0,
+                   help="seconds a response may wait on a client that reads none of it (its "
+                        "socket full); then the connection is dropped and its requests "
+                        "cancelled")
     s.add_argument("--max_instances", type=int, default=64,
                    help="prompts per request (V1 instances, V2 data, OpenAI prompt list)")
     s.add_argument("--api_key", default=os.environ.get("GPT2SERVE_API_KEY"),

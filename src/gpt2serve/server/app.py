@@ -48,7 +48,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from . import connection, grpc_v2, playground, shutdown
     from .control import repository_router
-    from .errors import HideInternalErrors, QuietRefusals
+    from .errors import HideInternalErrors, QuietDisconnects, QuietRefusals
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
@@ -76,6 +76,7 @@ def serve(args: argparse.Namespace) -> None:
     app.add_exception_handler(ModelUnloaded, _not_found)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     logging.getLogger(kserve.logging.KSERVE_LOGGER_NAME).addFilter(QuietRefusals())
+    logging.getLogger("asyncio").addFilter(QuietDisconnects())
 
     # Our routes are added before ModelServer adds KServe's, so ours win where paths meet.
     app.include_router(health_router(repository))
@@ -98,7 +99,7 @@ def serve(args: argparse.Namespace) -> None:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     app.add_middleware(HideInternalErrors)  # outermost of ours: no internal message leaks
     shutdown.install(repository, args.shutdown_grace)
-    connection.install(args.header_timeout, args.max_body_bytes)
+    connection.install(args.header_timeout, args.max_body_bytes, args.send_timeout)
     grpc_v2.install(repository, args.api_key, args.max_body_bytes)
     log.info("playground: http://localhost:%d/playground", args.http_port)
     # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told

@@ -18,7 +18,9 @@ every few seconds. All of that comes before the app, so before the API key
 - the responses to the requests before it on the connection (HTTP pipelining) are written
   first: the refusal follows them, and a head's time starts once they are written;
 - a new connection that sends nothing is closed after uvicorn's keep-alive timeout, as an
-  idle one between requests is (before, never).
+  idle one between requests is (before, never);
+- a response whose client reads none of it for `--send_timeout` seconds is dropped
+  (`pause_writing`).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ STATUS = {408: b"Request Timeout", 413: b"Content Too Large",
 
 
 class BoundedHttp(HttpToolsProtocol):
-    seconds = 10.0  # --header_timeout; install sets both
+    seconds = 10.0  # --header_timeout; install sets all three
     max_body_bytes = 1 << 20  # --max_body_bytes
+    send_seconds = 60.0  # --send_timeout
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -52,10 +55,30 @@ class BoundedHttp(HttpToolsProtocol):
         self.refused = None  # the refused request's cycle, where it has one (its body's)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                             self.timeout_keep_alive_handler)
+        self.stalled: asyncio.TimerHandle | None = None  # writing, to a client not reading
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unstall()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The socket is full (the client reads none of it): the response waits, its
+        engine requests' events held meanwhile (a stream of 64 prompts x 16 sequences held
+        265 MB for as long as its client kept the connection); past --send_timeout, the
+        connection is dropped, which cancels them."""
+        super().pause_writing()
+        if self.stalled is None:
+            self.stalled = self.loop.call_later(self.send_seconds, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        self._unstall()
+        super().resume_writing()
+
+    def _unstall(self) -> None:
+        if self.stalled is not None:
+            self.stalled.cancel()
+            self.stalled = None
 
     def data_received(self, data: bytes) -> None:
         if self.refusal is not None:
@@ -174,10 +197,11 @@ async def _head_too_large(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def install(seconds: float, max_body_bytes: int) -> None:
+def install(seconds: float, max_body_bytes: int, send_seconds: float) -> None:
     """Serve HTTP through BoundedHttp: KServe's ModelServer makes its uvicorn Config in
     RESTServer (as it starts), with no way to name a protocol; this process runs one."""
     BoundedHttp.seconds, BoundedHttp.max_body_bytes = seconds, max_body_bytes
+    BoundedHttp.send_seconds = send_seconds
 
     class RESTServer(kserve.model_server.RESTServer):
         def __init__(self, *args, **kwargs):

@@ -46,6 +46,16 @@ class QuietRefusals(logging.Filter):
             record.exc_info[1], (InvalidInput, ModelNotReady, *NOT_FOUND)))
 
 
+class QuietDisconnects(logging.Filter):
+    """Drops asyncio's 'socket.send() raised exception.' (no address, no detail), which it
+    logs for every write to a connection whose client has gone, past the fifth, until the
+    loop runs the connection's end: a stream's events of one step are written in one go,
+    and each client that left mid-stream wrote 27 such warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "socket.send() raised exception."
+
+
 INTERNAL = "internal error"
 # 503 is ours (overload, shutdown) or KServe's "not ready": a message written for clients.
 _SAID_TO_CLIENTS = frozenset({503})

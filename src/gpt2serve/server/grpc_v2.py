@@ -55,7 +55,7 @@ from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
 from .predictor import V2_INPUT, V2_OUTPUT
-from .repository import Overruled, Repository, RepositoryOff
+from .repository import ModelUnloaded, Overruled, Repository, RepositoryOff
 
 
 def _oip_parameter_class():
@@ -155,10 +155,12 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
                                f"{len(data)} elements of data")
         inputs.append(InferInput(name, shape, "BYTES", data=data,
                                  parameters=plain_parameters(tensor.parameters) or None))
-    for output in request.outputs:
+    for i, output in enumerate(request.outputs):
         if output.name != V2_OUTPUT:
             raise InvalidInput(f"unknown requested output '{output.name}': this model gives "
                                f"'{V2_OUTPUT}'")
+        if i:  # (as REST's route)
+            raise InvalidInput(f"output '{V2_OUTPUT}' is asked for more than once")
     parameters = plain_parameters(request.parameters)
     # REST's binary extension only: over gRPC raw outputs follow raw inputs (raw_outputs)
     parameters.pop("binary_data_output", None)
@@ -181,6 +183,9 @@ class GPT2Servicer(InferenceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         infer = infer_request(request)
+        name = request.model_name
+        if self.models.get_model(name) is None and name in self.models.entries:
+            raise NotFound(str(ModelUnloaded(name)))  # (KServe's: "does not exist")
         try:
             response, _ = await self._data_plane.infer(
                 request=infer, headers=to_headers(context), model_name=request.model_name)
@@ -226,15 +231,39 @@ class GPT2Servicer(InferenceServicer):
 
 class ExceptionToStatus(ExceptionToStatusInterceptor):
     """The SDK's mapping of exceptions to status codes, without its AttributeError on the
-    exceptions that have no `reason` (ModelNotReady, ServerNotReady, ServerNotLive)."""
+    exceptions that have no `reason` (ModelNotReady, ServerNotReady, ServerNotLive), and
+    with details bounded (_BoundedDetails)."""
 
     async def handle_exception(self, ex, request_or_iterator, context, method_name):
+        context = _BoundedDetails(context)
         if isinstance(ex, (ModelNotReady, ServerNotReady, ServerNotLive)):
             kserve_logger.info("unavailable: %s, grpc_method: %s", ex, method_name)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(ex))
         if isinstance(ex, NotImplementedError):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(ex) or "not implemented")
         await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+# A status's details travel in a header, percent-encoded, under gRPC's 8 KiB soft limit on
+# metadata: a client's name repeated in full (a model name of 20,000 characters, 3,000 snowmen)
+# lost the status to RESOURCE_EXHAUSTED ('received metadata size exceeds hard limit').
+MAX_DETAILS = 1024  # bytes of UTF-8, at most 3 KiB encoded
+
+
+class _BoundedDetails:
+    """A servicer context whose `abort` cuts the details to MAX_DETAILS."""
+
+    def __init__(self, context):
+        self._context = context
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def abort(self, code, details: str = "", trailing_metadata=()):
+        raw = details.encode()
+        if len(raw) > MAX_DETAILS:
+            details = raw[:MAX_DETAILS].decode(errors="ignore") + "..."
+        await self._context.abort(code, details, trailing_metadata)
 
 
 class RequestGuard(aio.ServerInterceptor):
@@ -275,9 +304,13 @@ def _parsed(behaviour, deserialize, method: str):
     return parse_then_call
 
 
+MAX_STREAMS = 128  # as nginx's http2_max_concurrent_streams
+
+
 class GPT2GRPCServer(GRPCServer):
-    """KServe's GRPCServer, started with our servicer and interceptors, and the same bound
-    on a request's size as REST's (--max_body_bytes; RESOURCE_EXHAUSTED beyond it)."""
+    """KServe's GRPCServer, started with our servicer and interceptors, the same bound on a
+    request's size as REST's (--max_body_bytes; RESOURCE_EXHAUSTED beyond it), none on a
+    response's, and MAX_STREAMS streams a connection."""
 
     api_key: str | None = None
     models: Repository | None = None
@@ -291,10 +324,15 @@ class GPT2GRPCServer(GRPCServer):
             interceptors=(RequestGuard(self.api_key), LoggingInterceptor(),
                           ExceptionToStatus()),
             options=[
-                ("grpc.max_send_message_length",
-                 self._kwargs.get("grpc_max_send_message_length")),
+                # No bound on a response: what it may hold is bounded by the request's limits
+                # (--max_instances, --max_n, the context), and past KServe's 8 MiB an answer
+                # was generated whole, then lost (RESOURCE_EXHAUSTED).
+                ("grpc.max_send_message_length", -1),
                 ("grpc.max_receive_message_length",
                  self.max_receive or self._kwargs.get("grpc_max_receive_message_length")),
+                # streams a connection may have open at once (gRPC's default: no bound; a
+                # client held 2,000 a connection, each with part of a request, 0.8 KB apiece)
+                ("grpc.max_concurrent_streams", MAX_STREAMS),
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
