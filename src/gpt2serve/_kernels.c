@@ -1795,20 +1795,72 @@ static int64_t nucleus_keep(const float *p, int64_t n, int shift, uint32_t prefi
     return kept;
 }
 
+/* (the top-k section's vector skip over runs of 16 below a floor) */
+typedef int64_t (*next_above_fn)(const float *p, int64_t i, int64_t v, float floor,
+                                 int at_least);
+static next_above_fn next_above_for(int isa);
+
+static int descending(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+/* A peaked row's tau from the values at least NUCLEUS_FLOOR of its largest, `top`, alone; 0
+where they hold less than `need`, or are more than NUCLEUS_PEAK. A trained model's rows are
+peaked: top-p 0.9 keeps a few to a few hundred tokens, and the histogram of the whole row
+(scalar, a token at a time) took 1.65 ms of 32 such rows on 2 cores; here a vector skip over
+the rest (next_above) and a sort of the few, 0.69 ms (docs/benchmarks.md). A near-uniform row
+(a random model's) is told by `top` alone: NUCLEUS_PEAK of its weights would hold too small a
+share of its mass. The value found is the radix selection's: the least whose tokens, with the
+likelier ones, hold `need`. `kept`: room for NUCLEUS_PEAK. (The k largest from top_k_floor's
+heap took twice the histogram's time: a row in no order replaces the heap's least thousands
+of times. A cap of 2048 took rows whose nucleus is thousands of tokens 20% past the
+histogram's time, in the gathers that fail.) */
+#define NUCLEUS_FLOOR 1e-3f
+#define NUCLEUS_PEAK 512
+static int nucleus_peaked(const float *p, int64_t v, double need, float top, float *kept,
+                          next_above_fn next, float *tau) {
+    if ((double)top * NUCLEUS_PEAK < need) return 0;
+    const float floor = top * NUCLEUS_FLOOR;
+    int64_t n = 0;
+    double mass = 0.;
+    for (int64_t i = 0; (i = next(p, i, v, floor, 1)) < v; i += 16)
+        for (int64_t j = i; j < i + 16 && j < v; ++j)
+            if (p[j] >= floor) {
+                if (n == NUCLEUS_PEAK) return 0;
+                mass += kept[n++] = p[j];
+            }
+    if (mass < need) return 0;
+    qsort(kept, (size_t)n, sizeof *kept, descending);
+    double above = 0.;
+    for (int64_t j = 0; j < n; ++j) {
+        above += kept[j];
+        if (above >= need) {
+            *tau = kept[j];
+            return 1;
+        }
+    }
+    return 0; /* (summed in another order, rounding left it short) */
+}
+
 /* tau of one row of v probabilities (non-negative; or weights summing to `total`, which
-top_p is a share of); the least of them (every token kept) where top_p >= 1. The first level
-bins the whole row; each level below, only the values of the bin chosen above it, gathered
-into `values` (room for v). `mass`: room for the histograms. */
-static float nucleus_row(const float *p, int64_t v, double top_p, double total, float *values,
-                         double *mass) {
+top_p is a share of, the largest of them `top`); the least of them (every token kept) where
+top_p >= 1. A peaked row's from its largest values (nucleus_peaked); any other's by the radix
+selection: the first level bins the whole row; each level below, only the values of the bin
+chosen above it, gathered into `values` (room for v). `mass`: room for the histograms,
+`kept` for nucleus_peaked's values. */
+static float nucleus_row(const float *p, int64_t v, double top_p, double total, float top,
+                         float *values, double *mass, float *kept, next_above_fn next) {
     double need = top_p < 1. ? top_p * total : INFINITY;
+    float tau;
+    if (need < INFINITY && nucleus_peaked(p, v, need, top, kept, next, &tau)) return tau;
     uint32_t prefix = nucleus_level(p, v, 21, 10, &need, mass);
     int64_t n = nucleus_keep(p, v, 21, prefix, values);
     prefix = (prefix << 11) | nucleus_level(values, n, 10, 11, &need, mass);
     n = nucleus_keep(values, n, 10, prefix, values);
     prefix = (prefix << 10) | nucleus_level(values, n, 0, 10, &need, mass);
-    union { uint32_t u; float f; } tau = {.u = prefix};
-    return tau.f;
+    union { uint32_t u; float f; } bits = {.u = prefix};
+    return bits.f;
 }
 
 /* The token a row draws with uniform u from what top-p keeps of it (tau on): the first, in the
@@ -1896,34 +1948,40 @@ static int nucleus_rows(const float *rows, const double *temperature, const doub
 #if X86
     if (isa == 2) tempered = tempered_avx512;
     else if (isa == 1) tempered = tempered_avx2;
-#else
-    (void)isa;
 #endif
+    const next_above_fn next = next_above_for(isa);
     int failed = 0;
 #pragma omp parallel if (s > 1)
     {
         /* the largest level's histograms (2^11 bins of mass and count, NUCLEUS_COPIES
-        each), then room for a row's values, and for its weights where it is logits */
+        each), then room for a row's values, for nucleus_peaked's, and for its weights
+        where it is logits */
         const size_t histograms = (sizeof(double) + sizeof(int64_t)) * NUCLEUS_COPIES * 2048;
         const size_t rows_of_v = temperature == NULL ? 1 : 2;
-        double *mass = malloc(histograms + sizeof(float) * (size_t)v * rows_of_v);
+        double *mass = malloc(histograms + sizeof(float) * ((size_t)v * rows_of_v + NUCLEUS_PEAK));
         if (mass == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
         float *values = mass == NULL ? NULL : (float *)((char *)mass + histograms);
-        float *weights = values == NULL ? NULL : values + v;
+        float *kept = values == NULL ? NULL : values + v;
+        float *weights = kept == NULL ? NULL : kept + NUCLEUS_PEAK;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < s; ++r) {
             if (mass == NULL) continue;
             const float *row = rows + r * v;
             double total = 1.;
+            float top = 1.f; /* the largest weight: e^0 for tempered logits */
             if (temperature != NULL) {
                 total = tempered(row, v, (float)(1. / temperature[r]), weights);
                 row = weights;
+            } else {
+                top = 0.f;
+                for (int64_t i = 0; i < v; ++i) top = row[i] > top ? row[i] : top;
             }
             const int selects = u == NULL || top_p[r] < 1.;
-            const float tau = selects ? nucleus_row(row, v, top_p[r], total, values, mass)
+            const float tau = selects ? nucleus_row(row, v, top_p[r], total, top, values, mass,
+                                                    kept, next)
                                       : 0.f;
             if (u == NULL)
                 ((float *)out)[r] = tau;
@@ -1995,9 +2053,6 @@ static int likeliest_first(const void *a, const void *b) {
 at_least, equal to it): its start, or that of the last, shorter run (which the caller
 checks), or v. The vector forms test 16 values in one or two compares: with the baseline's
 four-wide compares, two passes over a row took twice torch's amax of it. */
-typedef int64_t (*next_above_fn)(const float *p, int64_t i, int64_t v, float floor,
-                                 int at_least);
-
 static int64_t next_above_c(const float *p, int64_t i, int64_t v, float floor, int at_least) {
     for (; i + 16 <= v; i += 16) {
         int any = 0;
@@ -2033,6 +2088,16 @@ TARGET_AVX512 static int64_t next_above_avx512(const float *p, int64_t i, int64_
     return i;
 }
 #endif
+
+static next_above_fn next_above_for(int isa) {
+#if X86
+    if (isa == 2) return next_above_avx512;
+    if (isa == 1) return next_above_avx2;
+#else
+    (void)isa;
+#endif
+    return next_above_c;
+}
 
 static void heap_replace_least(float *heap, int64_t n, float x) {
     int64_t i = 0;
@@ -2112,11 +2177,7 @@ static PyObject *top_k_draw(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKKKKLLi", &logits, &ks, &temperature, &top_p, &u, &tokens,
                           &s, &v, &isa))
         return NULL;
-    next_above_fn next = next_above_c;
-#if X86
-    if (isa == 2) next = next_above_avx512;
-    else if (isa == 1) next = next_above_avx2;
-#endif
+    const next_above_fn next = next_above_for(isa);
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel if (s > 1)
