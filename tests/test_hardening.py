@@ -172,6 +172,19 @@ def test_a_head_that_stops_arriving_is_a_408_and_a_silent_connection_is_closed(i
         assert read_all(sock).startswith(b"HTTP/1.1 408")
 
 
+def test_an_http_10_client_gets_a_stream_whole_with_its_length(impatient):
+    """uvicorn wrote a stream chunked, which HTTP/1.0 does not have: the client read the
+    chunks' sizes as part of the events."""
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 5, "stream": True}).encode()
+    answer = raw_answer(impatient, "POST /openai/v1/completions HTTP/1.0\nContent-Type: "
+                                   f"application/json\nContent-Length: {len(body)}\n", body)
+    head, _, events = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower(), head
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    assert len(events) == length and events.startswith(b"data: {")
+    assert events.endswith(b"data: [DONE]\n\n") and b"finish_reason\": \"length" in events
+
+
 def test_pipelined_requests_are_answered_before_a_refusal(impatient):
     """The responses to requests sent before a refused one are written first, and the
     refused head's second starts once they are."""

@@ -52,7 +52,7 @@ def serve(args: argparse.Namespace) -> None:
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
-                             HeadAsGet, NoModelVersions)
+                             HeadAsGet, NoModelVersions, WholeForHttp10)
     from .openai import openai_router
     from .predictor import GPT2Predictor, v1_verbs_router
     from .repository import ModelUnavailable, ModelUnloaded, Repository, settings_of
@@ -97,7 +97,8 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes, seconds=args.body_timeout)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
-    app.add_middleware(HideInternalErrors)  # outermost of ours: no internal message leaks
+    app.add_middleware(HideInternalErrors)  # no internal message leaks
+    app.add_middleware(WholeForHttp10)  # outermost: sees every response as it is sent
     shutdown.install(repository, args.shutdown_grace)
     connection.install(args.header_timeout, args.max_body_bytes, args.send_timeout)
     grpc_v2.install(repository, args.api_key, args.max_body_bytes)

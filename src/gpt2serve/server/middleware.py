@@ -1,7 +1,7 @@
 """ASGI middlewares around KServe's app: bearer-token auth, a request body limit, refusing
 JSON no route can take (non-finite numbers, lone surrogates, deep nesting, duplicate keys),
 cancelling a handler whose client went away (and a stream's engine requests: EventStream),
-and HEAD answered as GET."""
+HEAD answered as GET, and an HTTP/1.0 client's response sent whole."""
 
 from __future__ import annotations
 
@@ -85,6 +85,39 @@ class HeadAsGet:
             await send(message)
 
         return await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class WholeForHttp10:
+    """An HTTP/1.0 client's response sent whole, with its Content-Length: uvicorn writes a
+    response that has none (a stream of events) chunked, which HTTP/1.0 does not have, so a
+    streamed completion reached such a client with the chunks' sizes in its text. Such a
+    client gets its stream's events at the stream's end."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("http_version") != "1.0":
+            return await self.app(scope, receive, send)
+        start, chunks = None, []
+
+        async def whole(message):
+            nonlocal start
+            if message["type"] == "http.response.start" and not any(
+                    name.lower() == b"content-length" for name, _ in message.get("headers", [])):
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            await send({**start, "headers": [*start.get("headers", []),
+                                             (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        return await self.app(scope, receive, whole)
 
 
 class NoModelVersions:
