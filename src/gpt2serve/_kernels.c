@@ -1938,17 +1938,23 @@ TEMPERED(tempered_avx2, TARGET_AVX2)
 TEMPERED(tempered_avx512, TARGET_AVX512)
 #endif
 
+static tempered_fn tempered_for(int isa) {
+#if X86
+    if (isa == 2) return tempered_avx512;
+    if (isa == 1) return tempered_avx2;
+#else
+    (void)isa;
+#endif
+    return tempered_c;
+}
+
 /* Each row's tau into out (fp32), or, given uniforms u, the token it draws (int64): rows in
 parallel. Rows of probabilities (temperature NULL), or of logits tempered first (`tempered`,
 the vector form of isa). Drawing over the whole row (top_p >= 1) selects nothing: every token
 is kept. */
 static int nucleus_rows(const float *rows, const double *temperature, const double *top_p,
                         const double *u, void *out, int64_t s, int64_t v, int isa) {
-    tempered_fn tempered = tempered_c;
-#if X86
-    if (isa == 2) tempered = tempered_avx512;
-    else if (isa == 1) tempered = tempered_avx2;
-#endif
+    const tempered_fn tempered = tempered_for(isa);
     const next_above_fn next = next_above_for(isa);
     int failed = 0;
 #pragma omp parallel if (s > 1)

@@ -110,8 +110,8 @@ def parse(raw: bytes | str) -> Any:
 
 def _walk(value: Any, check_strings: bool) -> None:
     """Depth, duplicate keys, numbers that are not JSON's, integers beyond 64 bits and (when
-    the body has surrogate escapes) lone surrogates, with the path of the first problem; iterative, so a deep body
-    cannot exhaust the stack."""
+    the body has surrogate escapes) lone surrogates, with the path of the first problem;
+    iterative, so a deep body cannot exhaust the stack."""
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
     while stack:
         item, path, depth = stack.pop()

@@ -30,10 +30,9 @@ async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None
 CLOSE = (b"connection", b"close")
 
 
-def _has_body(scope) -> bool:
-    """Whether the request says a body follows (HTTP/1.1: a Content-Length above 0, or a
-    Transfer-Encoding)."""
-    headers = dict(scope["headers"])
+def _has_body(headers: dict) -> bool:
+    """Whether a request's headers say a body follows (HTTP/1.1: a Content-Length above 0,
+    or a Transfer-Encoding)."""
     return (headers.get(b"content-length", b"0") not in (b"0", b"")
             or b"transfer-encoding" in headers)
 
@@ -61,7 +60,7 @@ class BearerAuth:
                     or from_local_agent(scope["path"], scope.get("client"), headers)):
                 return await _send_json(send, 401, error_body(scope["path"], 401, MISSING_KEY),
                                         ((b"www-authenticate", b"Bearer"),
-                                         *((CLOSE,) if _has_body(scope) else ())))
+                                         *((CLOSE,) if _has_body(headers) else ())))
         return await self.app(scope, receive, send)
 
 
@@ -151,10 +150,12 @@ class BodyLimit:
         self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or (scope["method"] in ("GET", "HEAD")
-                                        and not _has_body(scope)):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        coding = dict(scope["headers"]).get(b"content-encoding", b"").strip().lower()
+        headers = dict(scope["headers"])
+        if scope["method"] in ("GET", "HEAD") and not _has_body(headers):
+            return await self.app(scope, receive, send)
+        coding = headers.get(b"content-encoding", b"").strip().lower()
         if coding not in (b"", b"identity"):
             return await _send_json(send, 415, error_body(
                 scope["path"], 415, f"Content-Encoding '{coding.decode('latin-1')[:40]}' is "
@@ -162,7 +163,7 @@ class BodyLimit:
                 ((b"accept-encoding", b"identity"), CLOSE))
         too_big = error_body(scope["path"], 413,
                              f"request body exceeds {self.max_bytes} bytes (--max_body_bytes)")
-        length = dict(scope["headers"]).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await _send_json(send, 413, too_big, (CLOSE,))
         chunks, size, more = [], 0, True
