@@ -309,6 +309,18 @@ def test_streamed_text_offset_is_cumulative_and_equals_the_non_streamed(oai):
             assert text[at:].startswith(token), (token, at, text)
 
 
+def test_a_stream_of_no_tokens_has_the_empty_logprobs_the_answer_has(demo):
+    """max_tokens 0 with logprobs: the answer's lists are empty, and the stream's last chunk
+    had `logprobs: null` where it has them too."""
+    body = {"prompt": "ROMEO:", "max_tokens": 0, "logprobs": 2}
+    whole = post(demo.url + COMPLETIONS, body).json()["choices"][0]
+    empty = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    assert whole["logprobs"] == empty
+    chunks = [e["choices"][0] for e in sse(demo, COMPLETIONS, {**body, "stream": True})[:-1]]
+    assert [c["finish_reason"] for c in chunks] == ["length"]
+    assert chunks[0]["logprobs"] == empty
+
+
 def reference_offsets(token_bytes: list[bytes], start: int = 0) -> list[int]:
     """Character offsets of tokens from their bytes, the slow way: the characters completed
     by the bytes before each token."""

@@ -324,16 +324,21 @@ class CompletionCall:
                 token = _token_of(ev, self.engine.eos_id)
                 choice = p * n + ev.index
                 generated[choice] += token is not None
+                # with logprobs asked for, every chunk has the object, its lists empty where
+                # the event took no token (max_tokens 0): the lists of the chunks join to
+                # the answer's without a stream
+                took = [] if token is None else [token]
                 logprobs = None
-                if self.params.logprobs is not None and token is not None:
-                    logprobs = self._logprobs([token], [ev.logprob], [ev.top_logprobs or []],
+                if self.params.logprobs is not None:
+                    logprobs = self._logprobs(took, [ev.logprob] * len(took),
+                                              [ev.top_logprobs or []] * len(took),
                                               offsets[choice])
                 text = ev.text
                 if ev.finish_reason and choice not in texted:
                     text = text or before[p].tail
                 if text:
                     texted.add(choice)
-                if text or ev.finish_reason or logprobs:
+                if text or ev.finish_reason or took and logprobs:
                     yield self._chunk(choice, text, logprobs, ev.finish_reason, p,
                                       generated[choice])
         except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
