@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 
 import grpc
 import httpx
@@ -304,11 +305,15 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
     """Budget for one model: requests for two at once are all served (each model in turn,
     the other drained, never unloaded before its waiting requests queue); a folder whose
     config.json is not GPT-2's fails its requests and its load with 503, and nothing else,
-    and reads not ready until a load through the API succeeds."""
+    and reads not ready until a load through the API succeeds, or a request past
+    RETRY_AFTER_FAILURE."""
+    from gpt2serve.server.repository import RETRY_AFTER_FAILURE
+
     for name in ("alpha", "beta"):
         shutil.copytree(repo / name, tmp_path / name)
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama"}')
+    for name in ("broken", "mended"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
     log = tmp_path.parent / f"{tmp_path.name}.log"
     srv = ServerProcess("--model_dir", str(tmp_path), "--load_models", "none",
                         "--memory_budget", str(int(model_bytes * 1.5)),
@@ -325,15 +330,19 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
 
         assert asyncio.run(both()) == [200] * 6
         assert metric(srv, "gpt2serve_models_loaded") == 1
-        r = v1(srv, "broken", "ROMEO:")
-        assert r.status_code == 503 and "model_type" in r.json()["error"]
+        failed = time.monotonic()
+        for name in ("broken", "mended"):
+            r = v1(srv, name, "ROMEO:")
+            assert r.status_code == 503 and "model_type" in r.json()["error"]
         assert index(srv)["broken"] == "UNAVAILABLE"
         r = httpx.post(f"{srv.url}/v2/repository/models/broken/load", timeout=60)
         assert r.status_code == 503 and "model_type" in r.json()["error"]
         # not ready on the readiness routes either, as the index says (they said ready)
         for path in ("/v1/models/broken", "/v2/models/broken/ready"):
             assert httpx.get(f"{srv.url}{path}").status_code == 503, path
-        assert v1(srv, "broken", "ROMEO:").status_code == 503  # (KServe's "not ready" now)
+        r = v1(srv, "broken", "ROMEO:")  # why, where KServe's route said only "not ready"
+        assert r.status_code == 503 and "model_type" in r.json()["error"], r.text
+        assert r.headers["retry-after"]
         assert v1(srv, "beta", "ROMEO:").status_code == 200
         # the failure is logged once, with why; each refusal since, without a traceback
         assert "Traceback" not in log.read_text() and "model_type" in log.read_text()
@@ -344,6 +353,15 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         assert r.status_code == 200, r.text
         for path in ("/v1/models/broken", "/v2/models/broken/ready"):
             assert httpx.get(f"{srv.url}{path}").status_code == 200, path
+        # mended, a V1 request loads it again once RETRY_AFTER_FAILURE has passed: KServe's
+        # route refused it as not ready for good
+        shutil.rmtree(tmp_path / "mended")
+        shutil.copytree(repo / "gamma", tmp_path / "mended")
+        assert v1(srv, "mended", "ROMEO:").status_code == 503  # not again at once
+        time.sleep(max(0.0, failed + RETRY_AFTER_FAILURE + 0.5 - time.monotonic()))
+        r = v1(srv, "mended", "ROMEO:")
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0].startswith("ROMEO:")
     finally:
         srv.stop()
 

@@ -54,7 +54,7 @@ def serve(args: argparse.Namespace) -> None:
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
                              HeadAsGet, NoModelVersions, WholeForHttp10)
     from .openai import openai_router
-    from .predictor import GPT2Predictor, v1_verbs_router
+    from .predictor import GPT2Predictor, v1_router
     from .repository import ModelUnavailable, ModelUnloaded, Repository, settings_of
     from .tokenize import tokenize_router
     from .v2_infer import infer_router
@@ -84,7 +84,7 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(openai_router(repository, args.max_instances))
     app.include_router(generate_router(repository))
     app.include_router(infer_router(repository))  # before KServe's /infer, so ours answers
-    app.include_router(v1_verbs_router())
+    app.include_router(v1_router(repository))
     app.include_router(tokenize_router(repository))
     app.include_router(tokenize_router(repository, prefix="/openai/v1"))
     playground.add_routes(app, repository)

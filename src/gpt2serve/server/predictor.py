@@ -16,10 +16,12 @@ import uuid
 from typing import Any
 
 import kserve
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from kserve.errors import InvalidInput
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.rest.v1_endpoints import V1Endpoints
 
 from ..engine import Prompt
 from ..sampling import MAX_N, SamplingError, SamplingParams
@@ -32,11 +34,23 @@ V2_TENSOR_PARAMETERS = {"content_type", "binary_data_size"}
 V2_REQUEST_PARAMETERS = {"binary_data_output"}
 
 
-def v1_verbs_router() -> APIRouter:
-    """405 with `Allow: POST` for `:predict` and `:explain` by another method: KServe's GET
+def v1_router(repository) -> APIRouter:
+    """KServe's V1 `:predict`, with a model whose last load failed seen to first. KServe's
+    route asks the model's readiness before anything, and answered it a bare "not ready"
+    503 for as long as the server ran: no V1 request reached the repository, so none retried
+    the load, and none was told why. Here it gets the repository's answer, as on the other
+    protocols: the failure with Retry-After, or, RETRY_AFTER_FAILURE after it, a new load.
+    And 405 with `Allow: POST` for `:predict` and `:explain` by another method: KServe's GET
     `/v1/models/{name}` took `name:predict` for a model's name (a 404 naming it), and its
     DELETE was told `Allow: GET`."""
     router = APIRouter(include_in_schema=False)
+    endpoints = V1Endpoints(DataPlane(model_registry=repository))
+
+    @router.post("/v1/models/{model_name}:predict")
+    async def predict(model_name: str, request: Request):
+        if repository.load_failed(model_name):
+            await repository.engine(model_name)  # LoadFailed, or loaded again
+        return await endpoints.predict(model_name, request)
 
     async def other_method(model_name: str) -> JSONResponse:
         return JSONResponse({"error": "Method Not Allowed"}, status_code=405,
