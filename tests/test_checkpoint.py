@@ -164,6 +164,23 @@ BROKEN = {
     "a shard outside the folder": (lambda f: _index_to(f, "../model/model.safetensors"),
                                    r"a shard must be a file name in the folder"),
     "bin not a state dict": (lambda f: _bin(f, torch.zeros(3)), r"not a state dict"),
+    # Found by a fuzz pass: each raised an exception no caller expected (a 500 on the model
+    # list, a server that did not start), or was read whole however large.
+    "a config integer past int()'s digits": (
+        lambda f: (f / "config.json").write_text('{"n_embd": ' + "9" * 5000 + "}"),
+        r"config.json: not valid JSON \(Exceeds the limit"),
+    "a config nested past the parser's depth": (
+        lambda f: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+        r"config.json: not valid JSON \(maximum recursion depth"),
+    "a generation config nested past the parser's depth": (
+        lambda f: (f / "generation_config.json").write_text("[" * 100_000 + "]" * 100_000),
+        r"generation_config.json: not valid JSON"),
+    "a config of megabytes": (
+        lambda f: (f / "config.json").write_text(" " * 2**21 + "{}"),
+        r"config.json: 2097154 bytes, more than the 1024 KiB"),
+    "added tokens nested past the parser's depth": (
+        lambda f: _slow_tokenizer(f, added="[" * 100_000 + "]" * 100_000),
+        r"added_tokens.json: not valid JSON"),
     "bin an html page": (lambda f: _bin_bytes(f, b"<html>rate limited</html>"),
                          r"pytorch_model.bin: cannot be read as plain tensors \((?!.*weights_only)"
                          r"(?!.*other objects)"),
@@ -181,6 +198,17 @@ def _sparse_tokenizer(folder):
     vocab = data["model"]["vocab"]
     vocab[max(vocab, key=vocab.get)] = 70000
     (folder / "tokenizer.json").write_text(json.dumps(data))
+
+
+def _slow_tokenizer(folder, added: str):
+    """tokenizer.json as a slow tokenizer's vocab.json and merges.txt, with `added` for its
+    added_tokens.json."""
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    (folder / "tokenizer.json").unlink()
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "added_tokens.json").write_text(added)
 
 
 def _safetensors_header(folder, edit):

@@ -366,6 +366,30 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         srv.stop()
 
 
+def test_a_folder_with_a_hostile_config_is_listed_and_fails_alone(repo, tmp_path):
+    """config.json with an integer past int()'s digit limit raised a ValueError that nothing
+    expected: 500 on /openai/v1/models for every model, and the server did not start when
+    the folder sorted first (the playground reads the first model's context)."""
+    shutil.copytree(repo / "alpha", tmp_path / "alpha")
+    shutil.copytree(repo / "beta", tmp_path / "aaa")
+    (tmp_path / "aaa" / "config.json").write_text('{"n_positions": ' + "9" * 5000 + "}")
+    srv = ServerProcess("--model_dir", str(tmp_path), "--load_models", "none",
+                        "--kv_cache_memory", str(KV), "--enable_grpc", "false")
+    try:
+        srv.wait_ready(path="/v2/health/ready")
+        r = httpx.get(f"{srv.url}/openai/v1/models")
+        assert r.status_code == 200, r.text
+        assert {m["id"]: m["max_model_len"] for m in r.json()["data"]} == {
+            "aaa": None, "alpha": 128}
+        page = httpx.get(f"{srv.url}/playground")
+        assert page.status_code == 200 and '"context": 128' in page.text  # alpha's
+        r = v1(srv, "aaa", "ROMEO:")
+        assert r.status_code == 503 and "config.json: not valid JSON" in r.json()["error"]
+        assert v1(srv, "alpha", "ROMEO:").status_code == 200
+    finally:
+        srv.stop()
+
+
 def in_process(folder, budget: int | None = None):
     """A Repository over `folder` in this process, to drive its calls on a fixed schedule."""
     from gpt2serve.engine import EngineConfig

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hardware, kernel_choice, packing
+from . import hardware, jsonfile, kernel_choice, packing
 from .model import ACTIVATIONS, GPT, Conv1D, GPTConfig, TiedHead
 from .quantize import Int4Linear, Int8Linear, Int8TiedHead
 from .tokenizer import TOKENIZER_FILES, Tokenizer
@@ -55,10 +55,7 @@ def read_config(folder: Path) -> GPTConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a GPT-2 model folder needs config.json)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    raw = jsonfile.read(path, CheckpointError)
     return config_of(raw, path, folder / "generation_config.json")
 
 
@@ -118,10 +115,7 @@ def _generation_eos(path: Path, eos: int | None) -> int | None:
     (one end-of-text token here; `stop_token_ids` adds others per request)."""
     if not path.is_file():
         return eos
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    raw = jsonfile.read(path, CheckpointError)
     given = raw.get("eos_token_id") if isinstance(raw, dict) else None
     if isinstance(given, list) and given:
         if len(given) > 1:
@@ -208,10 +202,10 @@ class Weights:
             self._add(SafetensorsFile(self.source))
         elif (folder / SAFETENSORS_INDEX).is_file():
             self.source = folder / SAFETENSORS_INDEX
+            index = jsonfile.read(self.source, CheckpointError)
             try:
-                weight_map = json.loads(self.source.read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                shards = sorted(set(index["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{self.source}: not a safetensors index ({e})") from None
             for shard in shards:  # files of this folder, not paths out of it
                 if not isinstance(shard, str) or Path(shard).name != shard or shard in ("..", "."):

