@@ -30,6 +30,13 @@ from torch import Tensor, nn
 
 from . import kernels
 
+# Quantized tensor types are deprecated in favour of torchao, but fbgemm's packed kernels take
+# nothing else (torch 2.13), and quantize.py makes its int8 rows with them. Filtered once here:
+# a filter set around each call (catch_warnings) resets what every warning registry has shown,
+# so each model load printed the server's deprecation warnings again.
+warnings.filterwarnings("ignore", category=UserWarning,
+                        message="torch.quantize_per_tensor, torch.quantize_per_channel and other")
+
 
 def _torch_around(product: Callable[[Tensor], Tensor], x: Tensor, ln: nn.LayerNorm | None,
                   gelu: bool, residual: Tensor | None) -> Tensor:
@@ -136,12 +143,8 @@ class FbgemmInt8(Kernel):
     dtype = "int8"
 
     def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None):
-        with warnings.catch_warnings():
-            # Quantized tensor types are deprecated in favour of torchao, but fbgemm's packed
-            # kernels take nothing else (torch 2.13).
-            warnings.simplefilter("ignore", UserWarning)
-            qt = torch._make_per_channel_quantized_tensor(
-                q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
+        qt = torch._make_per_channel_quantized_tensor(
+            q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
         self.packed = torch.ops.quantized.linear_prepack(qt, bias)
 
     def product(self, x: Tensor, variant) -> Tensor:

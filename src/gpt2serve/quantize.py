@@ -20,8 +20,6 @@ on the demo model's four layers) but read 8% more bytes a token of GPT-2 124M.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 
@@ -45,13 +43,9 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     # the largest |w| of each row, without an |w| copy of the matrix (loading's peak memory)
     scales = (torch.linalg.vector_norm(w, ord=float("inf"), dim=1) / WEIGHT_LEVELS
               ).clamp(min=1e-12)
-    with warnings.catch_warnings():
-        # Quantized tensor types are deprecated in favour of torchao, but fbgemm's packed
-        # kernels, still the fastest int8 path on CPU here, take nothing else (torch 2.13).
-        warnings.simplefilter("ignore", UserWarning)
-        q = torch.quantize_per_channel(w, scales.double(),
-                                       torch.zeros(w.shape[0], dtype=torch.long),
-                                       axis=0, dtype=torch.qint8)
+    # (a quantized tensor: its deprecation warning is filtered in matmul.py)
+    q = torch.quantize_per_channel(w, scales.double(), torch.zeros(w.shape[0], dtype=torch.long),
+                                   axis=0, dtype=torch.qint8)
     return q, scales
 
 
