@@ -13,6 +13,7 @@ import time
 
 import grpc
 import httpx
+import prometheus_client
 import pytest
 import torch
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
@@ -505,6 +506,10 @@ def test_a_deleted_folder_that_holds_nothing_is_forgotten(repo, tmp_path):
                 with pytest.raises(ModelNotFound):
                     await repository.engine(name)
                 assert repository.get_model(name) is None
+            # and its series leave /metrics (they stayed for as long as the server ran)
+            exported = prometheus_client.generate_latest().decode()
+            assert 'model="alpha"' in exported and 'model="beta"' not in exported
+            assert 'model="broken"' not in exported
             # alpha is loaded: it serves on from memory, and is listed
             assert [m["name"] for m in repository.index()] == ["alpha"]
             assert await repository.engine("alpha") is engine

@@ -35,6 +35,7 @@ HEAD_SCREEN = Counter(
     "largest, 'full' found too many candidates (or a hidden state not finite) and computed "
     "every logit",
     ("model", "outcome"))
+SCREEN_OUTCOMES = ("decided", "full")
 KV_CACHE_USAGE = Gauge("gpt2serve_kv_cache_usage_ratio",
                        "Share of the KV cache's blocks held by sequences, 0 to 1", MODEL)
 KV_CACHE_CAPACITY = Gauge("gpt2serve_kv_cache_capacity_tokens",
@@ -67,6 +68,7 @@ MODEL_MEMORY = Gauge("gpt2serve_model_memory_bytes",
                      "Bytes a loaded model holds: weights and its KV cache", MODEL)
 MEMORY_BUDGET = Gauge("gpt2serve_memory_budget_bytes",
                       "Bytes that loaded models' weights and KV caches may hold together")
+LOAD_OUTCOMES, UNLOAD_REASONS = ("loaded", "failed"), ("memory", "request")
 MODEL_LOADS = Counter("gpt2serve_model_loads_total", "Model loads, by outcome",
                       ("model", "outcome"))
 MODEL_UNLOADS = Counter("gpt2serve_model_unloads_total",
@@ -99,7 +101,7 @@ class ModelMetrics:
         for key, metric in _PER_MODEL.items():
             setattr(self, key, metric.labels(model))
         self.head_screen = {outcome: HEAD_SCREEN.labels(model, outcome)
-                            for outcome in ("decided", "full")}
+                            for outcome in SCREEN_OUTCOMES}
 
     def forget(self) -> None:
         """Drop the gauges of an unloaded model: a level it no longer has is not zero, it is
@@ -109,3 +111,19 @@ class ModelMetrics:
                 gauge.remove(self.model)
             except KeyError:
                 pass
+
+
+def drop(model: str) -> None:
+    """Remove every series of a model that is gone (its folder deleted): a repository whose
+    models come and go (KServe's TrainedModels) exported the series of each one it had ever
+    seen, for as long as it ran."""
+    series = [(metric, (model,)) for metric in (*_PER_MODEL.values(), MODEL_MEMORY,
+                                                 MODEL_LOAD_SECONDS)]
+    series += [(HEAD_SCREEN, (model, outcome)) for outcome in SCREEN_OUTCOMES]
+    series += [(MODEL_LOADS, (model, outcome)) for outcome in LOAD_OUTCOMES]
+    series += [(MODEL_UNLOADS, (model, reason)) for reason in UNLOAD_REASONS]
+    for metric, labels in series:
+        try:
+            metric.remove(*labels)
+        except KeyError:
+            pass

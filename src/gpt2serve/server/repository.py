@@ -211,12 +211,13 @@ class Repository(ModelRepository):
         if self.entries.get(entry.name) is entry:
             del self.entries[entry.name]
             self.models.pop(entry.name, None)
+            metrics.drop(entry.name)
             log.info("model %s: its folder is gone; forgotten", entry.name)
 
     def _add(self, name: str, folder: Path | None) -> None:
-        for outcome in ("loaded", "failed"):  # exported from the start, at 0
+        for outcome in metrics.LOAD_OUTCOMES:  # exported from the start, at 0
             metrics.MODEL_LOADS.labels(name, outcome)
-        for reason in ("memory", "request"):
+        for reason in metrics.UNLOAD_REASONS:
             metrics.MODEL_UNLOADS.labels(name, reason)
         entry = Entry(name, folder, self.make_predictor(name, self))
         self.entries[name] = entry
@@ -393,6 +394,7 @@ class Repository(ModelRepository):
         if (entry.held and entry.folder is not None and not entry.folder.exists()
                 and self.entries.get(entry.name) is entry):
             del self.entries[entry.name]
+            metrics.drop(entry.name)
         self._notify()
 
     def _check_enabled(self) -> None:
