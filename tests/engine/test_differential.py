@@ -202,7 +202,7 @@ class History:
     params: SamplingParams
     prompt: list[int]
     tokens: list[int]
-    generator: None = None
+    random: None = None
     seen: torch.Tensor | None = None
     counts: torch.Tensor | None = None
 
@@ -230,16 +230,24 @@ def near_tie(model, prompt: Prompt, index: int, before: list[int], got: int, wan
         return abs(float(logits[got] - logits[want])) <= tolerance * max(1, abs(float(logits[want])))
     candidates, probs = sampler.candidates(logits[None], [prompt.params])
     cdf = probs[0].cumsum(-1)
-    generator = prompt.params.generators()[index]
+    stream = prompt.params.streams()[index]
     for _ in range(len(before) + 1):  # a sampling row draws once per token
-        u = torch.rand((), generator=generator).item()
+        u = stream.uniform()
     x = u * float(cdf[-1])
     at = (candidates[0] == got).nonzero()
     if not len(at):
         return False
     at = int(at[0])
     low, high = (float(cdf[at - 1]) if at else 0.0), float(cdf[at])
-    return max(low - x, x - high, 0.0) <= tolerance
+    if 0 < prompt.params.top_k < model.config.vocab_size:
+        # top-k's candidates rank likeliest first, and two within `tolerance` of each other
+        # may rank either way round in the other run: `got`'s interval may start after as
+        # little as the mass of those clearly likelier, or as much as that of all those not
+        # clearly less likely
+        p_got, others = float(probs[0, at]), torch.cat([probs[0, :at], probs[0, at + 1:]])
+        low = min(low, float(others[others > p_got + tolerance].sum()))
+        high = max(high, float(others[others >= p_got - tolerance].sum()) + p_got)
+    return low - tolerance <= x <= high + tolerance
 
 
 def assert_same(model, prompt: Prompt, got: Outcome, want: Outcome, where: str,

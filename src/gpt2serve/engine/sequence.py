@@ -13,10 +13,9 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from ..sampling import SamplingParams
+from ..sampling import RandomStream, SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .sampler import Sampled
 
@@ -92,9 +91,9 @@ class Request:
     def start(self, tokenizer: Tokenizer, eos_id: int | None) -> list[Sequence]:
         """Its n sequences, each with its own random stream. Their detokenizers start from
         the prompt's last tokens (a token-id prompt may end inside a UTF-8 character)."""
-        self.seqs = [Sequence(self, i, gen, IncrementalDetokenizer(tokenizer, self.prompt_ids),
-                              eos_id)
-                     for i, gen in enumerate(self.params.generators())]
+        self.seqs = [Sequence(self, i, random,
+                              IncrementalDetokenizer(tokenizer, self.prompt_ids), eos_id)
+                     for i, random in enumerate(self.params.streams())]
         return self.seqs
 
     def fail(self) -> None:
@@ -103,9 +102,9 @@ class Request:
 
 
 class Sequence:
-    def __init__(self, request: Request, index: int, generator: torch.Generator,
+    def __init__(self, request: Request, index: int, random: RandomStream,
                  detokenizer: IncrementalDetokenizer, eos_id: int | None):
-        self.request, self.index, self.generator = request, index, generator
+        self.request, self.index, self.random = request, index, random
         self.params: SamplingParams = request.params
         self.detokenizer, self.eos_id = detokenizer, eos_id
         self.tokens: list[int] = []  # generated so far
