@@ -153,6 +153,7 @@ class Repository(ModelRepository):
         self.config, self.budget = config, budget
         self.loop = StepLoop(settings.threads)
         self.entries: dict[str, Entry] = {}
+        self._skipped: set[str] = set()  # folders scan has said it skips (it says so once)
         self.shutting_down = False
         self._lock = asyncio.Lock()  # loads and unloads, one at a time
         self._changed = asyncio.Condition()
@@ -169,7 +170,8 @@ class Repository(ModelRepository):
         """Add the model folders that have appeared under the repository folder, and forget
         those deleted since that hold nothing (`_vanished`). A folder it cannot read (the
         repository folder itself gone, `lost+found` at a volume's root) is skipped with a
-        warning, not an error on every request."""
+        warning, once, not an error on every request (nor a warning: each index call, load
+        and request for an unknown name scans)."""
         for entry in list(self.entries.values()):
             if self._vanished(entry):
                 self._forget(entry)
@@ -183,13 +185,17 @@ class Repository(ModelRepository):
                 if path.name in self.entries or not (path / "config.json").is_file():
                     continue
             except OSError as e:
-                log.warning("skipping %s: %s", path, e)
+                self._skip(path, str(e))
                 continue
             if not NAME.fullmatch(path.name):
-                log.warning("skipping %s: a model's name is letters, digits, '.', '_' and "
-                            "'-'", path)
+                self._skip(path, "a model's name is letters, digits, '.', '_' and '-'")
                 continue
             self._add(path.name, path)
+
+    def _skip(self, path: Path, why: str) -> None:
+        if path.name not in self._skipped:
+            self._skipped.add(path.name)
+            log.warning("skipping %s: %s", path, why)
 
     def get_model(self, name: str):
         """KServe's lookup (V1, V2 infer, gRPC): a model whose folder has appeared under the
