@@ -558,7 +558,8 @@ def test_a_load_that_cannot_succeed_unloads_no_other_model(repo, model_bytes, tm
             with pytest.raises(ModelNotFound):  # (forgotten: nothing of it was loaded)
                 await repository.load("alpha")
             assert beta.state == "READY"
-            with pytest.raises(LoadFailed, match="cannot hold one 512-token sequence"):
+            with pytest.raises(LoadFailed, match=r"budget 0\.25 MiB \(.*\) cannot hold one "
+                               r"512-token sequence, which needs 0\.50 MiB"):
                 await repository.load("wide")
             assert beta.state == "READY"
             with pytest.raises(LoadFailed, match="not a valid safetensors file"):

@@ -320,11 +320,16 @@ def blocks_in(budget: int, config: GPTConfig, dtype: torch.dtype, block_size: in
     per_sequence = -(-context // block_size)
     if num_blocks < per_sequence:
         raise KVBudgetError(
-            f"KV cache budget {budget / 2**20:.0f} MiB ({source}) cannot hold one "
-            f"{context}-token sequence, which needs {per_sequence * per_block / 2**20:.0f} MiB "
-            f"of {str(dtype).removeprefix('torch.')}: give more with --kv_cache_memory, or a "
+            f"KV cache budget {_mib(budget)} ({source}) cannot hold one {context}-token "
+            f"sequence, which needs {_mib(per_sequence * per_block)} of "
+            f"{str(dtype).removeprefix('torch.')}: give more with --kv_cache_memory, or a "
             f"machine with more memory")
     return num_blocks
+
+
+def _mib(n: int) -> str:
+    """n bytes in MiB, with two decimals below 10 (a budget of 256 KiB read "0 MiB")."""
+    return f"{n / 2**20:.{2 if n < 10 * 2**20 else 0}f} MiB"
 
 
 def full_sequences_bytes(config: GPTConfig, dtype: torch.dtype, block_size: int,
