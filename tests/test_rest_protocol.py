@@ -321,6 +321,28 @@ def test_a_stream_of_no_tokens_has_the_empty_logprobs_the_answer_has(demo):
     assert chunks[0]["logprobs"] == empty
 
 
+def test_a_special_token_ends_a_prompts_unfinished_character(demo):
+    """A prompt of token ids: é's first byte, then <|endoftext|>. /detokenize and the echo
+    wrote U+FFFD before <|endoftext|>, and the completion began with a second U+FFFD (its
+    detokenizer held the byte across the special token), its text_offset one short."""
+    first_byte = post(demo.url + "/tokenize", {"prompt": "é"}).json()["tokens"][0]
+    (eos,) = post(demo.url + "/tokenize", {"prompt": "<|endoftext|>"}).json()["tokens"]
+    prompt = [first_byte, eos]
+    before = post(demo.url + "/detokenize", {"tokens": prompt}).json()["prompt"]
+    assert before == "\ufffd<|endoftext|>"
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1}
+    plain = post(demo.url + COMPLETIONS, body).json()["choices"][0]
+    echoed = post(demo.url + COMPLETIONS, {**body, "echo": True}).json()["choices"][0]
+    assert not plain["text"].startswith("\ufffd")
+    assert echoed["text"] == before + plain["text"]
+    for choice in (plain, echoed):
+        lp = choice["logprobs"]
+        for token, at in zip(lp["tokens"], lp["text_offset"]):
+            assert choice["text"][at:].startswith(token), (token, at, choice["text"])
+        streamed = sse(demo, COMPLETIONS, {**body, "echo": choice is echoed, "stream": True})
+        assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == choice["text"]
+
+
 def reference_offsets(token_bytes: list[bytes], start: int = 0) -> list[int]:
     """Character offsets of tokens from their bytes, the slow way: the characters completed
     by the bytes before each token."""

@@ -60,6 +60,21 @@ def test_a_prompt_ending_inside_a_character_is_completed_by_the_continuation(gpt
     assert IncrementalDetokenizer(gpt2, prompt).flush() == ""
 
 
+def test_a_special_token_ends_an_unfinished_character(gpt2):
+    """e4, <|endoftext|>, b8 ad: no character goes on across the special token, as
+    /detokenize writes it. decode (special tokens skipped) joined the bytes around it; a
+    prompt ending e4 <|endoftext|> held its byte, and the continuation began with U+FFFD."""
+    e4, b8, ad = (gpt2._tok.token_to_id(c) for c in "ä¸Ń")
+    eos = gpt2.eos_id
+    detok = IncrementalDetokenizer(gpt2)
+    deltas = [detok.push(i) for i in (e4, eos, b8, ad)] + [detok.flush()]
+    assert "".join(deltas) == gpt2.decode([e4, eos, b8, ad], skip_special_tokens=False
+                                          ).replace("<|endoftext|>", "")
+    assert deltas[:2] == ["", "\ufffd"]
+    seeded = IncrementalDetokenizer(gpt2, gpt2.encode("Hello ") + [e4, eos])
+    assert seeded.held == 0 and seeded.push(gpt2.encode("A")[0]) == "A"
+
+
 def test_a_replacement_character_written_out_is_a_whole_character(gpt2):
     """U+FFFD typed in a prompt, or written by the model, is bytes ef bf bd: a whole
     character, not one left unfinished. The continuation's text does not begin with the

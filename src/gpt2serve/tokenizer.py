@@ -157,6 +157,10 @@ class IncrementalDetokenizer:
     inside a character, and the generated tokens that finish it must yield that character
     ('中'), not U+FFFD for each of their bytes. The character then belongs to the
     continuation, where it was completed.
+
+    A special token (end-of-text) ends a character left unfinished before it, as /detokenize
+    and an echoed prompt write it: decode, which skips special tokens, joined the bytes on
+    either side, and a prompt's U+FFFD came back at the start of the continuation.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | tuple = ()):
@@ -170,6 +174,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        if not self.tokenizer.token_bytes(token_id):  # a special token
+            return self._release()
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = decode(self.ids[self.prefix_offset:])
@@ -202,6 +208,10 @@ class IncrementalDetokenizer:
         """Whatever is held back at the end of the sequence (an incomplete character)."""
         if len(self.ids) == self._seeded:
             return ""  # nothing generated: a partial character held back is the prompt's
+        return self._release()
+
+    def _release(self) -> str:
+        """The text held back, written as it is; decoding starts afresh after it."""
         prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         rest = self.tokenizer.decode(self.ids[self.prefix_offset:])[len(prefix_text):]
         self.prefix_offset = self.read_offset = len(self.ids)

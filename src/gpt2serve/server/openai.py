@@ -263,11 +263,6 @@ class CompletionCall:
             return Before("", "", [])  # (held tokens only move text_offset)
         ids, sent, tokenizer = self.prompts[p], self.sent[p], self.engine.tokenizer
         held = ids[len(ids) - IncrementalDetokenizer(tokenizer, ids).held:]
-        while held and not tokenizer.token_bytes(held[0]):  # (a special token: no text held)
-            held = held[1:]
-        if not all(map(tokenizer.token_bytes, held)):
-            held = []  # a special token after the unfinished character: the completion's text
-            # (special tokens skipped) would lose it, so the echo keeps it, the character too
         if not self.echo:
             return Before("", "", held)
         decode = tokenizer.decode
@@ -430,8 +425,10 @@ class TextOffsets:
         data = self.tokenizer.token_bytes(token_id)
         if not data and self.special:
             data = self.tokenizer.token_text(token_id).encode()
-        if data and not 0x80 <= data[0] < 0xC0 and self.decoder.getstate()[0]:
-            self.offset += len(self.decoder.decode(b"", final=True))  # the U+FFFD it leaves
+        if self.decoder.getstate()[0] and (not data or not 0x80 <= data[0] < 0xC0):
+            # the U+FFFD of a character that this token cannot finish (a special token ends
+            # it too, as IncrementalDetokenizer writes it)
+            self.offset += len(self.decoder.decode(b"", final=True))
         at = self.offset
         self.offset += len(self.decoder.decode(data))
         return at
