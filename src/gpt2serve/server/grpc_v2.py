@@ -184,7 +184,7 @@ class GPT2Servicer(InferenceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         infer = infer_request(request)
         name = request.model_name
-        if self.models.get_model(name) is None and name in self.models.entries:
+        if self.models.unloaded(name):
             raise NotFound(str(ModelUnloaded(name)))  # (KServe's: "does not exist")
         try:
             response, _ = await self._data_plane.infer(

@@ -26,6 +26,7 @@ from kserve.protocol.rest.v1_endpoints import V1Endpoints
 from ..engine import Prompt
 from ..sampling import MAX_N, SamplingError, SamplingParams
 from . import jsonbody
+from .repository import ModelUnloaded
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
 # Parameters of KServe's own V2 protocol (its binary tensor extension), not sampling
@@ -35,11 +36,12 @@ V2_REQUEST_PARAMETERS = {"binary_data_output"}
 
 
 def v1_router(repository) -> APIRouter:
-    """KServe's V1 `:predict`, with a model whose last load failed seen to first. KServe's
-    route asks the model's readiness before anything, and answered it a bare "not ready"
-    503 for as long as the server ran: no V1 request reached the repository, so none retried
-    the load, and none was told why. Here it gets the repository's answer, as on the other
-    protocols: the failure with Retry-After, or, RETRY_AFTER_FAILURE after it, a new load.
+    """KServe's V1 `:predict`, with a model unloaded through the API, or whose last load
+    failed, seen to first, as on the other protocols. KServe's route said the one did not
+    exist, and asked the other's readiness before anything: it answered a bare "not ready"
+    503 for as long as the server ran, so no V1 request retried the load, and none was told
+    why. Here it gets the repository's answer: the failure with Retry-After, or,
+    RETRY_AFTER_FAILURE after it, a new load.
     And 405 with `Allow: POST` for `:predict` and `:explain` by another method: KServe's GET
     `/v1/models/{name}` took `name:predict` for a model's name (a 404 naming it), and its
     DELETE was told `Allow: GET`."""
@@ -48,6 +50,8 @@ def v1_router(repository) -> APIRouter:
 
     @router.post("/v1/models/{model_name}:predict")
     async def predict(model_name: str, request: Request):
+        if repository.unloaded(model_name):
+            raise ModelUnloaded(model_name)
         if repository.load_failed(model_name):
             await repository.engine(model_name)  # LoadFailed, or loaded again
         return await endpoints.predict(model_name, request)

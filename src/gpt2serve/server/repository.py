@@ -204,6 +204,12 @@ class Repository(ModelRepository):
             self.scan()  # a listing of one folder: about what answering the 404 costs
         return super().get_model(name)
 
+    def unloaded(self, name: str) -> bool:
+        """Whether `name` was unloaded through the API: listed, but out of KServe's registry,
+        whose lookups then say it does not exist. Its requests get 404 saying it is unloaded,
+        on every protocol."""
+        return name in self.entries and self.get_model(name) is None
+
     def _vanished(self, entry: Entry) -> bool:
         """A repository's model whose folder was deleted since it was found, with nothing of
         it in memory and no call waiting for it: a model that is loaded (or loading) serves
