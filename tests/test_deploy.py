@@ -845,6 +845,62 @@ def test_download_from_hub_file_api(tmp_path, tiny_model):
     assert bad.returncode == 2 and "not a Hub repository id" in bad.stderr
 
 
+def _sharded(src: Path, folder: Path, names: tuple[str, str]) -> Path:
+    """`src` with its weights in two shards under `names`, and their index."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    halves = {names[0]: keys[::2], names[1]: keys[1::2]}
+    for shard, part in halves.items():
+        save_file({k: state[k] for k in part}, folder / shard)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, part in halves.items() for k in part}}))
+    return folder
+
+
+def test_download_of_a_sharded_model_fetches_the_shards_its_index_names(tmp_path, tiny_model):
+    """Found by a fuzz pass: every model-*.safetensors the repository listed was fetched; a
+    shard name with '#' was sent as a URL fragment and the answer saved under the name; a
+    symlink at a file's .part name was followed, the download written where it pointed."""
+    good = _sharded(tiny_model, tmp_path / "good",
+                    ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"))
+    shutil.copy(good / "model-00001-of-00002.safetensors", good / "model-unrelated.safetensors")
+    hostile = _sharded(tiny_model, tmp_path / "hostile",
+                       ("model-#1.safetensors", "model-00002-of-00002.safetensors"))
+    first, second = "a" * 40, "b" * 40
+    handler = type("Hub", (FakeHub,), {"commits": {first: good, second: hostile},
+                                       "refs": {"main": first, "hostile": second},
+                                       "seen_auth": [], "seen_encoding": []})
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}"}
+        out, victim = tmp_path / "out", tmp_path / "victim.txt"
+        out.mkdir()
+        victim.write_text("precious")
+        (out / "config.json.part").symlink_to(victim)
+        run = _cli_download(env, "org/tiny", "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        assert victim.read_text() == "precious"
+        assert not (out / "config.json").is_symlink()
+        assert sorted(p.name for p in out.glob("*.safetensors")) == [
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        from gpt2serve import checkpoint
+        checkpoint.load(out)
+        refused = _cli_download(env, "org/tiny", "--revision", "hostile", "--out",
+                                str(tmp_path / "h"))
+        assert refused.returncode == 2 and "not a safetensors index of shards" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        into_a_file = _cli_download(env, "org/tiny", "--out", str(victim))
+        assert into_a_file.returncode == 2 and "Traceback" not in into_a_file.stderr
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
 # ---- OpenAI TensorFlow checkpoint -> safetensors --------------------------------------------
 
 def _varint(n: int) -> bytes:

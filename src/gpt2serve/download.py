@@ -21,18 +21,23 @@ from urllib.parse import quote
 
 import httpx
 
+from . import jsonfile
 from .tokenizer import TOKENIZER_FILES
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json",
                "added_tokens.json", "special_tokens_map.json")  # (the last two: vocab.json's)
-REPO_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")  # (owner/)name, neither starting with . or -
+REPO_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?", re.ASCII)  # (owner/)name, not starting . or -
+# A shard's name as transformers writes it (model-00001-of-00002.safetensors): one file of the
+# folder, safe in a URL and on any filesystem.
+SHARD = re.compile(r"model-[A-Za-z0-9._-]{1,200}\.safetensors")
 
 
 # Names the repository, revision and commit a folder was downloaded from (download._marker).
 MARKER = ".gpt2serve-download.json"
+INDEX = "model.safetensors.index.json"
 MODEL_FILES = (SMALL_FILES + tuple(n for names in TOKENIZER_FILES for n in names)
-               + ("model.safetensors.index.json", "pytorch_model.bin"))
+               + (INDEX, "pytorch_model.bin"))
 
 
 class DownloadError(RuntimeError):
@@ -41,7 +46,8 @@ class DownloadError(RuntimeError):
 
 def wanted_files(files: list[str]) -> list[str]:
     """Which of a repo's files make a loadable folder: config, the first tokenizer the
-    loader would read, and safetensors over .bin."""
+    loader would read, and safetensors over .bin (a sharded model's shards are those its
+    index names, read once it is here: `shards`)."""
     names = set(files)
     if "config.json" not in names:
         raise DownloadError("repository has no config.json")
@@ -52,10 +58,8 @@ def wanted_files(files: list[str]) -> list[str]:
     chosen = [f for f in SMALL_FILES if f in names] + list(tokenizer)
     if "model.safetensors" in names:
         chosen.append("model.safetensors")
-    elif "model.safetensors.index.json" in names:
-        chosen.append("model.safetensors.index.json")
-        chosen += sorted(f for f in names if f.startswith("model-") and f.endswith(".safetensors")
-                         and "/" not in f)  # (files of the folder, as the index names them)
+    elif INDEX in names:
+        chosen.append(INDEX)
     elif "pytorch_model.bin" in names:
         chosen.append("pytorch_model.bin")
     else:
@@ -76,8 +80,8 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
     headers = {"accept-encoding": "identity"}
     if token:
         headers["authorization"] = f"Bearer {token}"
-    mine = _marker(out, repo_id, revision)
     try:
+        mine = _marker(out, repo_id, revision)
         with httpx.Client(headers=headers, follow_redirects=True, timeout=60) as client:
             commit = mine.get("sha") if mine and isinstance(mine.get("sha"), str) else None
             sha, files = _listing(client, endpoint, repo_id, revision, commit)
@@ -85,10 +89,33 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
             out.mkdir(parents=True, exist_ok=True)
             (out / MARKER).write_text(json.dumps(
                 {"repo": repo_id, "revision": revision, "sha": sha}) + "\n")
-            return [_fetch(client, f"{endpoint}/{repo_id}/resolve/{quote(sha, safe='')}/{name}",
-                           out / name, progress) for name in chosen]
-    except httpx.HTTPError as e:
+            base = f"{endpoint}/{repo_id}/resolve/{quote(sha, safe='')}"
+            paths = [_fetch(client, f"{base}/{quote(name)}", out / name, progress)
+                     for name in chosen]
+            if INDEX in chosen:
+                paths += [_fetch(client, f"{base}/{quote(name)}", out / name, progress)
+                          for name in shards(out / INDEX, files)]
+            return paths
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise DownloadError(f"{endpoint}: {type(e).__name__}: {e}") from None
+    except OSError as e:  # --out a file, a name too long for its filesystem, ...
+        raise DownloadError(str(e)) from None
+
+
+def shards(index: Path, files: list[str]) -> list[str]:
+    """The shards a downloaded index names: each a shard's file name (SHARD) that the
+    repository lists. Every model-*.safetensors it listed was fetched, and a name with '#'
+    or '?' was sent as a URL's fragment or query, its answer saved under the name."""
+    read = jsonfile.read(index, DownloadError)
+    weight_map = read.get("weight_map") if isinstance(read, dict) else None
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else None
+    if not names or not all(isinstance(n, str) and SHARD.fullmatch(n) for n in names):
+        raise DownloadError(f"{index}: not a safetensors index of shards named "
+                            f"model-*.safetensors")
+    missing = sorted(names - set(files))
+    if missing:
+        raise DownloadError(f"{index}: names {missing[0]}, which the repository does not have")
+    return sorted(names)
 
 
 def _listing(client: httpx.Client, endpoint: str, repo_id: str, revision: str,
@@ -150,7 +177,10 @@ def _fetch(client: httpx.Client, url: str, dest: Path, progress) -> Path:
             raise DownloadError(f"{url}: HTTP {r.status_code}")
         total = int(r.headers.get("content-length") or 0)
         done, t0, last = 0, time.monotonic(), 0.0
-        with open(part, "wb") as f:
+        # A new file, never one already there: a symlink left at the .part name was
+        # followed, and the download written wherever it pointed.
+        part.unlink(missing_ok=True)
+        with open(part, "xb") as f:
             for chunk in r.iter_bytes(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
