@@ -45,3 +45,25 @@ def test_generate_options_and_errors():
                               "--model_dir", "/nonexistent"], capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+
+
+def test_serve_refuses_flag_values_that_cannot_serve_before_it_loads():
+    """Found by a fuzz pass: each of these started a server whose every request failed
+    (413 for any body, "at most 0 per request"), or ended in a traceback (OverflowError,
+    a ValueError from the engine's config), or took nan for a timeout."""
+    for flag, value, said in [
+            ("--max_body_bytes", "-1", "argument --max_body_bytes"),
+            ("--max_instances", "0", "argument --max_instances"),
+            ("--load_timeout", "nan", "argument --load_timeout"),
+            ("--shutdown_grace", "-5", "argument --shutdown_grace"),
+            ("--http_port", "99999", "argument --http_port"),
+            ("--memory_budget", "inf", "argument --memory_budget"),
+            ("--memory_budget", "0.5", "argument --memory_budget"),
+            ("--kv_cache_memory", "1e300GiB", "argument --kv_cache_memory"),
+            ("--kv_cache_memory", "0.1", "argument --kv_cache_memory"),
+            ("--request_timeout", "nan", "request_timeout a positive number"),
+            ("--block_size", "0", "block_size must be at least 1")]:
+        run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "serve", flag, value],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and said in run.stderr, (flag, value, run.stderr)
+        assert "Traceback" not in run.stderr, (flag, value, run.stderr)

@@ -42,6 +42,27 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    return value
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -92,14 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "then drains busy ones (default in a repository: 80%% of the memory the "
                         "container may use at start on CPU, 90%% of the GPU's free memory; for "
                         "a single model, none)")
-    s.add_argument("--load_timeout", type=float, default=30.0,
+    s.add_argument("--load_timeout", type=_positive, default=30.0,
                    help="seconds a request waits for its model to load before it gets 503 "
                         "with Retry-After")
-    s.add_argument("--http_port", type=int, default=8080)
-    s.add_argument("--grpc_port", type=int, default=8081)
+    s.add_argument("--http_port", type=_port, default=8080)
+    s.add_argument("--grpc_port", type=_port, default=8081)
     s.add_argument("--enable_grpc", type=_bool, default=True)
     EngineConfig.add_flags(s, {"size": _size, "bool": _bool}, names=ENGINE_FLAGS)
-    s.add_argument("--max_body_bytes", type=int, default=1 << 20,
+    s.add_argument("--max_body_bytes", type=_count, default=1 << 20,
                    help="larger request bodies get 413")
     s.add_argument("--body_timeout", type=_positive, default=60.0,
                    help="seconds a request's body may take to arrive whole; a slower one gets "
@@ -112,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a response may wait on a client that reads none of it (its "
                         "socket full); then the connection is dropped and its requests "
                         "cancelled")
-    s.add_argument("--max_instances", type=int, default=64,
+    s.add_argument("--max_instances", type=_count, default=64,
                    help="prompts per request (V1 instances, V2 data, OpenAI prompt list)")
     s.add_argument("--api_key", default=os.environ.get("GPT2SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on REST and gRPC (default: "
@@ -124,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "/v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|"
                         "Unload) behind --api_key for a single model folder; a repository "
                         "folder turns it on. Off: 404 / UNIMPLEMENTED")
-    s.add_argument("--shutdown_grace", type=float, default=25.0,
+    s.add_argument("--shutdown_grace", type=_seconds, default=25.0,
                    help="seconds SIGTERM waits for accepted requests to finish; keep it below "
                         "the pod's terminationGracePeriodSeconds")
 
@@ -201,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _check_kserve_flags(parser, unknown)
+            try:  # the engine's flags checked together, before anything loads
+                EngineConfig.from_args(args)
+            except ValueError as e:
+                parser.error(str(e))
             from .server.app import serve
 
             serve(args)

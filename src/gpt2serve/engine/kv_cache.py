@@ -34,6 +34,7 @@ import collections
 import hashlib
 import itertools
 import logging
+import math
 
 import numpy as np
 import torch
@@ -282,21 +283,23 @@ class KVBudgetError(ValueError):
 CPU_MEMORY_SHARE = 0.6
 GPU_MEMORY_SHARE = 0.9
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
-              "g": 10**9, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+              "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """Bytes of "600MiB", "4GiB", "1.5GB" or "123456"."""
+    """Bytes of "600MiB", "4GiB", "1.5GB" or "123456": at least one, and finite (inf, nan and
+    1e400 raised OverflowError, and 0.5 was 0 bytes)."""
     number = text.strip().rstrip("BbIiKkMmGgTt")
     unit = text.strip()[len(number):].lower()
     try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in SIZE_UNITS or value <= 0:
-        raise ValueError(f"{text!r} is not a size (bytes, or a number with KiB, MiB, GiB, "
-                         f"KB, MB or GB)")
-    return int(value * SIZE_UNITS[unit])
+        value = float(number) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        value = math.nan
+    if not 1 <= value < math.inf:
+        raise ValueError(f"{text!r} is not a size (a number of bytes, at least 1, or a number "
+                         f"with KiB, MiB, GiB, TiB, KB, MB, GB or TB)")
+    return int(value)
 
 
 def machine_budget(device: torch.device, cpu_share: float = CPU_MEMORY_SHARE,
