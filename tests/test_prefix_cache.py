@@ -91,6 +91,19 @@ def test_a_cache_salt_keeps_prompts_apart(srv):
     assert r.status_code == 400 and "cache_salt" in r.text
 
 
+def test_no_salt_stands_for_a_blocks_key():
+    """A first block's key was chained from the salt's bytes, a later block's from its
+    predecessor's key, with nothing between the two: a 32-byte salt equal to a block's key
+    found that tenant's next blocks."""
+    from gpt2serve.engine.kv_cache import block_key
+
+    tokens = list(range(16))
+    spelled = "k" * 32  # as if some block's key were these bytes
+    assert block_key([], tokens, salt=spelled) != block_key([spelled.encode()], tokens)
+    assert block_key([], tokens, salt="a") != block_key([], tokens, salt="b")
+    assert block_key([], tokens) == block_key([], tokens, salt="")
+
+
 def test_eviction_under_a_tiny_budget_hands_out_no_block_in_use(cold):
     """A cache of 20 blocks (320 tokens, two requests' worth) and 12 concurrent requests of
     130-token prompts in three families sharing 120-token prefixes: cached blocks are idle

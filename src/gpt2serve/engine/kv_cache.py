@@ -60,8 +60,9 @@ def prefix_keys(tokens: list[int], block_size: int, salt: str | None = None) -> 
 
 def block_key(keys: list[bytes], tokens, salt: str | None = None) -> bytes:
     """The key of a full block of `tokens` after the blocks whose keys are `keys`: chained
-    from the last of them, or for the first block from the salt."""
-    previous = keys[-1] if keys else (salt or "").encode()
+    from the last of them, or for the first block from the salt. A byte says which, so that
+    no salt (a tenant's own string) can stand for a block's key."""
+    previous = b"k" + keys[-1] if keys else b"s" + (salt or "").encode()
     return hashlib.sha256(previous + np.asarray(tokens, dtype=np.int64).tobytes()).digest()
 
 
