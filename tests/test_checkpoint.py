@@ -181,6 +181,15 @@ BROKEN = {
     "added tokens nested past the parser's depth": (
         lambda f: _slow_tokenizer(f, added="[" * 100_000 + "]" * 100_000),
         r"added_tokens.json: not valid JSON"),
+    "two tensors on the same bytes": (lambda f: _safetensors_header(f, _same_bytes),
+                                     r"not a valid safetensors file \(its tensors' offsets "
+                                     r"overlap or leave gaps"),
+    "a name twice in a header": (lambda f: _header_text(f, _name_twice),
+                                 r"not a valid safetensors file \(its header names "
+                                 r"'transformer\.ln_f\.bias' twice"),
+    "a tensor in two shards": (lambda f: _two_shards_with(f, "transformer.wte.weight"),
+                               r"b\.safetensors: tensor 'transformer\.wte\.weight' is also in "
+                               r"a\.safetensors"),
     "bin an html page": (lambda f: _bin_bytes(f, b"<html>rate limited</html>"),
                          r"pytorch_model.bin: cannot be read as plain tensors \((?!.*weights_only)"
                          r"(?!.*other objects)"),
@@ -217,6 +226,43 @@ def _safetensors_header(folder, edit):
     n = int.from_bytes(data[:8], "little")
     raw = json.dumps(edit(json.loads(data[8:8 + n]))).encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _same_bytes(header):
+    """ln_f.bias read from ln_f.weight's bytes (same shape): the library refuses it."""
+    header["transformer.ln_f.bias"]["data_offsets"] = header["transformer.ln_f.weight"][
+        "data_offsets"]
+    return header
+
+
+def _header_text(folder, edit):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    raw = edit(data[8:8 + n].decode()).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _name_twice(text: str) -> str:
+    """The header's JSON with ln_f.bias's entry given again (json.loads kept the last)."""
+    entry = json.dumps(json.loads(text)["transformer.ln_f.bias"])
+    return text.rstrip()[:-1] + f', "transformer.ln_f.bias": {entry}}}'  # (padded)
+
+
+def _two_shards_with(folder, name: str):
+    """Two shards, the second holding its own copy of `name` (it won: the shard that
+    sorted last), though the index names the first."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[::2] + [name]}, folder / "a.safetensors")
+    save_file({k: state[k] for k in keys[1::2] if k != name} | {name: state[name] * 0 + 7},
+              folder / "b.safetensors")
+    weight_map = {k: "a.safetensors" for k in keys[::2] + [name]}
+    weight_map |= {k: "b.safetensors" for k in keys[1::2] if k != name}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
 def _negative_shape(header):

@@ -130,6 +130,14 @@ def _generation_eos(path: Path, eos: int | None) -> int | None:
     return given
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"its header names '{next(k for k in keys if keys.count(k) > 1)}' "
+                         "twice")
+    return dict(pairs)
+
+
 class SafetensorsFile:
     """The tensors of one .safetensors file, read one at a time with plain reads.
 
@@ -137,7 +145,8 @@ class SafetensorsFile:
     so mapping a checkpoint while converting it would hold it twice at the peak. Here a
     tensor's bytes are held only until the network has turned them into their final form.
     The header is checked as the safetensors library does: known dtypes, sizes that match
-    the shapes, and offsets inside the file."""
+    the shapes, each name once, and offsets that tile the data with no gap or overlap (two
+    tensors on the same bytes were read, where the library refuses the file)."""
 
     DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -153,7 +162,7 @@ class SafetensorsFile:
                 n = int.from_bytes(f.read(8), "little")
                 if not 0 < n <= min(size - 8, 100 * 2**20):
                     raise ValueError(f"header length {n} does not fit the file")
-                header = json.loads(f.read(n))
+                header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
             self.base = 8 + n
@@ -170,6 +179,11 @@ class SafetensorsFile:
                     raise ValueError(f"tensor '{name}' has offsets that do not fit its shape "
                                      "or the file")
                 self.entries[name] = (dtype, shape, start)
+            spans = sorted((start, start + math.prod(shape) * dtype.itemsize)
+                           for dtype, shape, start in self.entries.values())
+            ends = [0] + [end for _, end in spans]
+            if [start for start, _ in spans] != ends[:-1] or ends[-1] != size - self.base:
+                raise ValueError("its tensors' offsets overlap or leave gaps in the data")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
 
@@ -234,8 +248,8 @@ class Weights:
             if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
                 raise CheckpointError(f"{self.source}: not a state dict (names to tensors)")
             # what else a training script saved beside the tensors (an epoch count) is not ours
-            self._add(_TensorDict({k: v for k, v in state.items()
-                                   if isinstance(v, torch.Tensor)}))
+            self._add(_TensorDict(self.source, {k: v for k, v in state.items()
+                                                if isinstance(v, torch.Tensor)}))
         else:
             raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS}, "
                                   f"{SAFETENSORS_INDEX}, {TORCH_BIN})")
@@ -243,6 +257,10 @@ class Weights:
     def _add(self, file) -> None:
         for name in file.entries:
             if not name.endswith(IGNORED_SUFFIXES):
+                if network_name(name) in self.where:  # (the shard that sorted last won)
+                    other, as_named = self.where[network_name(name)]
+                    raise CheckpointError(f"{file.path}: tensor '{name}' is also in "
+                                          f"{other.path.name} (as '{as_named}')")
                 self.where[network_name(name)] = (file, name)
             elif name.endswith("lm_head.weight"):
                 # the tied head is wte; safetensors' save_model keeps only one name of a
@@ -285,8 +303,8 @@ def refuse_lfs_pointer(path: Path) -> None:
 
 
 class _TensorDict:
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self.entries = state
+    def __init__(self, path: Path, state: dict[str, torch.Tensor]):
+        self.path, self.entries = path, state
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name].shape)
