@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import jsonschema
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -918,14 +919,16 @@ def _block(entries: list[tuple[bytes, bytes]]) -> bytes:
     return body + struct.pack("<II", 0, 1)
 
 
-def write_tf_checkpoint(prefix: Path, tensors: dict) -> None:
+def write_tf_checkpoint(prefix: Path, tensors: dict, shapes: dict | None = None) -> None:
     """What `tf.train.Saver` writes: model.ckpt.index (a table of BundleEntryProto) and one
-    data shard. Written from the format's description, independently of the reader."""
+    data shard. Written from the format's description, independently of the reader. `shapes`
+    gives an entry a shape of its own, whatever its array's."""
     data, entries = bytearray(), [(b"", b"\x08\x01")]  # BundleHeaderProto{num_shards: 1}
     for name in sorted(tensors):
         arr = tensors[name].astype("<f4")
         shape = b"".join(b"\x12" + _varint(len(d)) + d
-                         for d in (b"\x08" + _varint(s) for s in arr.shape))
+                         for d in (b"\x08" + _varint(s)
+                                   for s in (shapes or {}).get(name, arr.shape)))
         entry = (b"\x08\x01" + b"\x12" + _varint(len(shape)) + shape
                  + b"\x20" + _varint(len(data)) + b"\x28" + _varint(arr.nbytes))
         entries.append((name.encode(), entry))
@@ -1036,8 +1039,22 @@ def test_convert_names_what_is_wrong_with_a_release(tmp_path, breakage, message)
     run = _convert(src, tmp_path / "out")
     assert run.returncode == 2, run.stderr
     assert re.search(message, run.stderr) and "Traceback" not in run.stderr, run.stderr
-    if "has shape" not in message:  # found before anything is written
-        assert not (tmp_path / "out").exists()
+    # nothing is written: a release found broken only once converted (a width that does
+    # not match) was written into the folder first
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_convert_refuses_a_checkpoint_entry_of_a_hostile_shape(tmp_path):
+    """Dimensions of 2**62 beside a 0 passed the size check (their product is 0), then
+    numpy raised from reshape: a traceback."""
+    src, _, _ = openai_release(tmp_path)
+    for old in src.glob("model.ckpt.*"):
+        old.unlink()
+    write_tf_checkpoint(src / "model.ckpt", {"model/wte": np.zeros(0, "<f4")},
+                        shapes={"model/wte": (2**62, 2**62, 0)})
+    run = _convert(src, tmp_path / "out")
+    assert run.returncode == 2 and "tensor model/wte has shape" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def _edit_json(path: Path, **changes) -> None:
@@ -1063,6 +1080,8 @@ def test_convert_reads_a_tied_head_under_lm_head_keeps_the_eos_and_refuses_to_ov
     assert checkpoint.check(tmp_path / "out").config.eos_token_id == 0
     same = _convert(src, src)
     assert same.returncode == 2 and "another folder" in same.stderr
+    into_a_file = _convert(src, src / "config.json")  # refused before anything is read
+    assert into_a_file.returncode == 2 and "not a folder" in into_a_file.stderr
 
 
 # ---- what the container gives us: CPU quota, GPU architecture --------------------------------

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,8 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     tokenizer, every tensor's name and shape) without being loaded."""
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: --out must be another folder than the one converted")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: not a folder")
     tf = (src / TF_INDEX).is_file() and (src / "hparams.json").is_file()
     if tf:
         tokenizer = checkpoint.read_tokenizer(src)
@@ -51,17 +55,30 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     else:
         tensors = {name: tensor.to(dtype).contiguous()
                    for name, tensor in checked.weights.hf_tensors()}
-    # Only now is `out` written: a source that fails to read leaves it as it was.
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / checkpoint.SAFETENSORS), metadata={"format": "pt"})
-    del tensors
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tokenizer.save(out / "tokenizer.json")
-    if (src / GENERATION_CONFIG).is_file():  # (its eos_token_id is the model's)
-        shutil.copyfile(src / GENERATION_CONFIG, out / GENERATION_CONFIG)
-    else:  # an earlier conversion's would override config.json's
-        (out / GENERATION_CONFIG).unlink(missing_ok=True)
-    checkpoint.check(out)  # the server's checks: fail here rather than there
+    # Written into a new folder beside `out` and checked there as a server checks a folder;
+    # only then moved into `out`, so a source that fails anywhere leaves `out` as it was (a
+    # release missing tensors overwrote an earlier conversion before it was refused).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(staging / checkpoint.SAFETENSORS), metadata={"format": "pt"})
+        del tensors
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
+                                             + "\n")
+        tokenizer.save(staging / "tokenizer.json")
+        if (src / GENERATION_CONFIG).is_file():  # (its eos_token_id is the model's)
+            shutil.copyfile(src / GENERATION_CONFIG, staging / GENERATION_CONFIG)
+        try:
+            checkpoint.check(staging)
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(str(staging), str(out))) from None
+        out.mkdir(exist_ok=True)
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+        if not (src / GENERATION_CONFIG).is_file():  # an earlier conversion's would
+            (out / GENERATION_CONFIG).unlink(missing_ok=True)  # override config.json's
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -83,7 +100,7 @@ def _openai_tensors(prefix: Path, dtype: torch.dtype) -> Iterator[tuple[str, tor
     """OpenAI's tensors under Hugging Face's names, each converted to `dtype` as it is read."""
     for name, array in read_tf_checkpoint(prefix):
         parts = name.split("/")
-        if parts[0] != "model":
+        if parts[0] != "model" or len(parts) < 2:
             continue
         # model/h3/attn/c_attn/w -> transformer.h.3.attn.c_attn.weight; w is [1, in, out]
         parts = parts[1:]
@@ -105,6 +122,7 @@ def _openai_tensors(prefix: Path, dtype: torch.dtype) -> Iterator[tuple[str, tor
 
 TF_DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 9: np.int64, 19: np.float16}
 TABLE_MAGIC = 0xDB4775248B80FB57
+MAX_DIM = 2**24
 
 
 def read_tf_checkpoint(prefix: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -121,6 +139,9 @@ def read_tf_checkpoint(prefix: Path) -> Iterator[tuple[str, np.ndarray]]:
         matches = sorted(prefix.parent.glob(f"{prefix.name}.data-{shard:05d}-of-*"))
         if not matches:
             raise CheckpointError(f"{prefix}: data shard {shard} is missing")
+        if len(shape) > 4 or not all(0 <= d <= MAX_DIM for d in shape):  # (GPT-2's are 3-D
+            # at most, none past 50257; a dimension of 0 let huge ones through the size check)
+            raise CheckpointError(f"{prefix}: tensor {name} has shape {shape[:8]}")
         itemsize = np.dtype(TF_DTYPES[dtype]).itemsize
         if size != math.prod(shape) * itemsize or offset + size > matches[0].stat().st_size:
             raise CheckpointError(f"{prefix}: tensor {name} has a size or offset that does not "
