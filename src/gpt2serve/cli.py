@@ -247,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {args.src} -> {args.out} ({args.dtype})")
             return 0
         return generate(args)
-    except (checkpoint.CheckpointError, SamplingError, DownloadError, KVBudgetError) as e:
+    # OSError too: a folder that cannot be written, a port in use, said in one line
+    except (checkpoint.CheckpointError, SamplingError, DownloadError, KVBudgetError,
+            OSError) as e:
         print(f"gpt2serve: error: {e}", file=sys.stderr)
         return 2
 
