@@ -103,10 +103,10 @@ def test_a_call_of_more_prompts_than_queue_and_batch_hold_is_refused_not_retried
     assert r.status_code == 200, r.text
 
 
-def test_overload_and_a_failure_inside_a_stream(one_slot):
-    """A stream's 200 is sent when it starts, while it waits for a slot: a queue timeout then
-    arrives as the protocol's error object, and the stream ends cleanly. Beyond the queue,
-    a 503 as V2 infer's."""
+def test_overload_and_a_stream_that_waits_past_its_timeout(one_slot):
+    """A stream that waits past --request_timeout for a slot gets 503 with Retry-After, as
+    generate does: its response starts with its first event (it was a 200 whose stream then
+    said 503). Beyond the queue, a 503 as V2 infer's."""
     # 1,000 tokens took 0.84 s on a 2-core test machine: "b" waits past its 0.25 s
     long = {"text_input": "a", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}
 
@@ -115,20 +115,18 @@ def test_overload_and_a_failure_inside_a_stream(one_slot):
             busy = asyncio.create_task(
                 client.post(f"{one_slot.url}/v2/models/{MODEL}/generate", json=long))
             await until_metric(client, one_slot, "gpt2serve_running_sequences", 1)  # `busy`'s
-            lines = []
-            async with client.stream("POST", f"{one_slot.url}/v2/models/{MODEL}/generate_stream",
-                                     json={"text_input": "b"}) as r:
-                assert r.status_code == 200
-                full = client.post(f"{one_slot.url}/v2/models/{MODEL}/generate", json=long)
-                refused = await full  # the slot is busy and the one queue place taken
-                async for line in r.aiter_lines():
-                    if line:
-                        lines.append(line)
+            waiting = asyncio.create_task(client.post(
+                f"{one_slot.url}/v2/models/{MODEL}/generate_stream", json={"text_input": "b"}))
+            await until_metric(client, one_slot, "gpt2serve_queue_depth", 1)  # `waiting`
+            # the slot is busy and the one queue place taken
+            refused = await client.post(f"{one_slot.url}/v2/models/{MODEL}/generate",
+                                        json=long)
+            expired = await waiting
             busy.cancel()
-            return lines, refused
+            return expired, refused
 
-    lines, refused = asyncio.run(scenario())
+    expired, refused = asyncio.run(scenario())
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert "queue is full" in refused.json()["error"]
-    assert len(lines) == 1
-    assert "waited more than 0.25s" in json.loads(lines[0][len("data: "):])["error"]
+    assert expired.status_code == 503 and expired.headers["retry-after"] == "1", expired.text
+    assert "waited more than 0.25s" in expired.json()["error"]

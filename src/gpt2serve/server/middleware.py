@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
@@ -243,6 +244,25 @@ class FiniteJSON:
 def _v2_infer(path: str) -> bool:
     """/v2/models/NAME[/versions/V]/infer"""
     return path.startswith("/v2/models/") and path.endswith("/infer")
+
+
+async def started(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`events` once its first has come, before the response (and its 200) starts: a failure
+    before then (no slot within --request_timeout, the server stopping) is raised here, and
+    the route answers it with its status and Retry-After, as it answers a call without a
+    stream, not with a 200 whose stream says 503. The first event waits for the prompt to be
+    read, as a call without a stream does."""
+    first = await anext(events)
+
+    async def whole() -> AsyncIterator[str]:
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    return whole()
 
 
 class EventStream(StreamingResponse):

@@ -8,9 +8,11 @@ and `usage`. A field sent as null takes its OpenAI default. GPT-2 has no chat te
 completions get a 400 saying so.
 
 Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` with the HTTP
-status as `code` (as vLLM). Once a stream has started its status is sent, so a failure after
-that (a queue timeout, the shutdown's grace ending) is an event of that shape followed by
-`data: [DONE]`, as vLLM does; the `openai` client raises it as an APIError.
+status as `code` (as vLLM). A stream's response starts with its first chunk, so a failure
+before it (no slot within --request_timeout) is a status of its own, 503 with Retry-After, as
+without a stream. After it the status is sent, so a failure (the shutdown's grace ending) is
+an event of that shape followed by `data: [DONE]`, as vLLM does; the `openai` client raises
+it as an APIError.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import re
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator, NamedTuple
 
 from fastapi import APIRouter
@@ -32,7 +35,7 @@ from .repository import Repository
 from ..sampling import SamplingError, SamplingParams
 from . import jsonbody
 from .errors import failure
-from .middleware import EventStream
+from .middleware import EventStream, started
 
 # OpenAI field -> SamplingParams field; everything else is either handled here or refused.
 # `top_k`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids` and
@@ -119,7 +122,7 @@ def openai_router(repository: Repository, max_prompts: int = 64) -> APIRouter:
             call = CompletionCall(await repository.engine(name), name, body, max_prompts)
             if call.stream:
                 requests = call.submit()
-                return EventStream(call.sse(requests), call.engine, requests)
+                return EventStream(await started(call.sse(requests)), call.engine, requests)
             return await call.run()
         except Exception as e:  # noqa: BLE001 - every failure in OpenAI's error shape
             return OpenAIError.of(e).response()
@@ -299,44 +302,16 @@ class CompletionCall:
     # ---- streaming ----
 
     async def sse(self, requests: list[Request]) -> AsyncIterator[str]:
-        n, tokenizer = self.params.n, self.engine.tokenizer
-        offsets: dict[int, TextOffsets] = {}  # per choice, over the whole stream
-        before: dict[int, Before] = {}  # per prompt
-        texted: set[int] = set()  # the choices that have sent text of their own
-        generated = [0] * (len(self.prompts) * n)  # completion tokens per choice so far
+        generated = [0] * (len(self.prompts) * self.params.n)  # completion tokens per choice
+        sent = False
         try:
-            async for p, ev in self.engine.stream(requests):
-                if p * n not in offsets:  # the prompt's first event: it is read (and scored)
-                    before[p] = self._before(p)
-                    for i in range(n):
-                        offsets[p * n + i] = TextOffsets(tokenizer, len(before[p].echo),
-                                                         before[p].held)
-                    if self.echo:
-                        scored = (self._prompt_logprobs(p) if self.params.logprobs is not None
-                                  else None)
-                        for i in range(n):
-                            yield self._chunk(p * n + i, before[p].echo, scored, None, p, 0)
-                token = _token_of(ev, self.engine.eos_id)
-                choice = p * n + ev.index
-                generated[choice] += token is not None
-                # with logprobs asked for, every chunk has the object, its lists empty where
-                # the event took no token (max_tokens 0): the lists of the chunks join to
-                # the answer's without a stream
-                took = [] if token is None else [token]
-                logprobs = None
-                if self.params.logprobs is not None:
-                    logprobs = self._logprobs(took, [ev.logprob] * len(took),
-                                              [ev.top_logprobs or []] * len(took),
-                                              offsets[choice])
-                text = ev.text
-                if ev.finish_reason and choice not in texted:
-                    text = text or before[p].tail
-                if text:
-                    texted.add(choice)
-                if text or ev.finish_reason or took and logprobs:
-                    yield self._chunk(choice, text, logprobs, ev.finish_reason, p,
-                                      generated[choice])
+            async with aclosing(self._chunks(requests, generated)) as chunks:
+                async for chunk in chunks:
+                    sent = True
+                    yield chunk
         except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
+            if not sent:  # no status yet (middleware.started): one of its own
+                raise
             yield f"data: {json.dumps(OpenAIError.of(e).body())}\n\n"
             yield "data: [DONE]\n\n"
             return
@@ -346,6 +321,45 @@ class CompletionCall:
                      "usage": self._usage(sum(generated))}
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
+
+    async def _chunks(self, requests: list[Request], generated: list[int]
+                      ) -> AsyncIterator[str]:
+        """The stream's chunks of text and logprobs, counting each choice's tokens."""
+        n, tokenizer = self.params.n, self.engine.tokenizer
+        offsets: dict[int, TextOffsets] = {}  # per choice, over the whole stream
+        before: dict[int, Before] = {}  # per prompt
+        texted: set[int] = set()  # the choices that have sent text of their own
+        async for p, ev in self.engine.stream(requests):
+            if p * n not in offsets:  # the prompt's first event: it is read (and scored)
+                before[p] = self._before(p)
+                for i in range(n):
+                    offsets[p * n + i] = TextOffsets(tokenizer, len(before[p].echo),
+                                                     before[p].held)
+                if self.echo:
+                    scored = (self._prompt_logprobs(p) if self.params.logprobs is not None
+                              else None)
+                    for i in range(n):
+                        yield self._chunk(p * n + i, before[p].echo, scored, None, p, 0)
+            token = _token_of(ev, self.engine.eos_id)
+            choice = p * n + ev.index
+            generated[choice] += token is not None
+            # with logprobs asked for, every chunk has the object, its lists empty where
+            # the event took no token (max_tokens 0): the lists of the chunks join to
+            # the answer's without a stream
+            took = [] if token is None else [token]
+            logprobs = None
+            if self.params.logprobs is not None:
+                logprobs = self._logprobs(took, [ev.logprob] * len(took),
+                                          [ev.top_logprobs or []] * len(took),
+                                          offsets[choice])
+            text = ev.text
+            if ev.finish_reason and choice not in texted:
+                text = text or before[p].tail
+            if text:
+                texted.add(choice)
+            if text or ev.finish_reason or took and logprobs:
+                yield self._chunk(choice, text, logprobs, ev.finish_reason, p,
+                                  generated[choice])
 
     def _chunk(self, index: int, text: str, logprobs, finish_reason, prompt: int,
                generated: int) -> str:
