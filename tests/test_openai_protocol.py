@@ -91,8 +91,11 @@ def one_slot(long_model):
 
 
 def test_a_failure_inside_a_started_stream_is_an_error_event_then_done(one_slot):
+    """The stream starts with its first chunk: "a"'s echo, sent as soon as it is read, before
+    "b" has waited its 0.25 s (without echo, a random model's first tokens may all be held
+    bytes of a character, and "b" expire before anything was sent: then the call is a 503)."""
     body = {"model": MODEL, "prompt": ["a", "b"], "max_tokens": 1000, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "echo": True}
     with httpx.stream("POST", f"{one_slot.url}/openai/v1/completions", json=body,
                       timeout=60) as r:
         assert r.status_code == 200
@@ -107,7 +110,8 @@ def test_a_failure_inside_a_started_stream_is_an_error_event_then_done(one_slot)
     client = openai.OpenAI(base_url=f"{one_slot.url}/openai/v1", api_key="unused",
                            max_retries=0)
     stream = client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=1000,
-                                       stream=True, extra_body={"ignore_eos": True})
+                                       stream=True, echo=True,
+                                       extra_body={"ignore_eos": True})
     got = []
     with pytest.raises(openai.APIError, match="waited more than 0.25s"):
         for chunk in stream:
