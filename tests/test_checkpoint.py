@@ -79,6 +79,20 @@ def test_vocab_and_merges_tokenizer_is_gpt2s(tmp_path):
     assert tokenizer.eos_id == 50256
 
 
+def test_a_tied_head_saved_under_both_names_loads(tmp_path, tiny_model):
+    """A safetensors file that keeps lm_head.weight beside transformer.wte.weight (saved
+    with save_file, which writes both): its header lists lm_head first, and the check for a
+    tensor given twice took wte for a second copy of it."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "both"
+    shutil.copytree(tiny_model, folder)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    save_file(state, folder / "model.safetensors")
+    torch.testing.assert_close(logits_of(folder), logits_of(tiny_model), atol=0, rtol=0)
+
+
 def test_a_tied_head_saved_under_lm_head_alone_loads(tmp_path, tiny_model):
     """safetensors' save_model keeps one name of a shared tensor, and may keep lm_head's:
     the file then has no transformer.wte.weight, and that is the same matrix."""

@@ -131,11 +131,12 @@ def _generation_eos(path: Path, eos: int | None) -> int | None:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) < len(keys):
-        raise ValueError(f"its header names '{next(k for k in keys if keys.count(k) > 1)}' "
-                         "twice")
-    return dict(pairs)
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"its header names '{key}' twice")
+        out[key] = value
+    return out
 
 
 class SafetensorsFile:
@@ -211,6 +212,7 @@ class Weights:
 
     def __init__(self, folder: Path):
         self.where: dict[str, tuple[object, str]] = {}  # network name -> (file, its name)
+        self._lm_head: tuple[object, str] | None = None
         if (folder / SAFETENSORS).is_file():
             self.source = folder / SAFETENSORS
             self._add(SafetensorsFile(self.source))
@@ -253,6 +255,8 @@ class Weights:
         else:
             raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS}, "
                                   f"{SAFETENSORS_INDEX}, {TORCH_BIN})")
+        if self._lm_head is not None:
+            self.where.setdefault("head.weight_t", self._lm_head)
 
     def _add(self, file) -> None:
         for name in file.entries:
@@ -264,8 +268,9 @@ class Weights:
                 self.where[network_name(name)] = (file, name)
             elif name.endswith("lm_head.weight"):
                 # the tied head is wte; safetensors' save_model keeps only one name of a
-                # shared tensor, and may keep this one
-                self.where.setdefault("head.weight_t", (file, name))
+                # shared tensor, and may keep this one: taken once every file is read, if
+                # none had wte (whose name sorts after it in a safetensors header)
+                self._lm_head = self._lm_head or (file, name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         file, key = self.where[name]
