@@ -55,11 +55,14 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     else:
         tensors = {name: tensor.to(dtype).contiguous()
                    for name, tensor in checked.weights.hf_tensors()}
-    # Written into a new folder beside `out` and checked there as a server checks a folder;
-    # only then moved into `out`, so a source that fails anywhere leaves `out` as it was (a
-    # release missing tensors overwrote an earlier conversion before it was refused).
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Written into a new folder and checked there as a server checks a folder; only then
+    # moved into `out`, so a source that fails anywhere leaves `out` as it was (a release
+    # missing tensors overwrote an earlier conversion before it was refused). The new folder
+    # is inside `out` when it exists (a volume's mount is a filesystem of its own, where
+    # files moved from beside it would be copied), else beside it.
+    home = out if out.is_dir() else out.parent
+    home.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=home))
     try:
         save_file(tensors, str(staging / checkpoint.SAFETENSORS), metadata={"format": "pt"})
         del tensors
