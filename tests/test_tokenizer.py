@@ -73,6 +73,10 @@ def test_a_special_token_ends_an_unfinished_character(gpt2):
     assert deltas[:2] == ["", "\ufffd"]
     seeded = IncrementalDetokenizer(gpt2, gpt2.encode("Hello ") + [e4, eos])
     assert seeded.held == 0 and seeded.push(gpt2.encode("A")[0]) == "A"
+    # an id past the vocabulary (a padded model's 50304 rows) is no special token: it has
+    # no text, and the character goes on across it, as decode and /detokenize have it
+    padded = IncrementalDetokenizer(gpt2)
+    assert "".join(padded.push(i) for i in (e4, 50300, b8, ad)) == "中"
 
 
 def test_a_replacement_character_written_out_is_a_whole_character(gpt2):

@@ -28,6 +28,8 @@ class Tokenizer:
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size()
         self.largest_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+        self.special_ids = frozenset(
+            i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
         self._byte_table: list[bytes] | None = None
 
     @classmethod
@@ -67,11 +69,10 @@ class Tokenizer:
 
     def _bytes_of_every_token(self) -> list[bytes]:
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         table = []
         for i in range(self.vocab_size):
             symbol = self._tok.id_to_token(i)
-            if i in special or symbol is None:
+            if i in self.special_ids or symbol is None:
                 table.append(b"")
             elif all(c in byte_of for c in symbol):
                 table.append(bytes(byte_of[c] for c in symbol))
@@ -174,7 +175,7 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        if not self.tokenizer.token_bytes(token_id):  # a special token
+        if token_id in self.tokenizer.special_ids:
             return self._release()
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])

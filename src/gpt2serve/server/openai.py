@@ -439,7 +439,8 @@ class TextOffsets:
         data = self.tokenizer.token_bytes(token_id)
         if not data and self.special:
             data = self.tokenizer.token_text(token_id).encode()
-        if self.decoder.getstate()[0] and (not data or not 0x80 <= data[0] < 0xC0):
+        if self.decoder.getstate()[0] and (token_id in self.tokenizer.special_ids
+                                           or data and not 0x80 <= data[0] < 0xC0):
             # the U+FFFD of a character that this token cannot finish (a special token ends
             # it too, as IncrementalDetokenizer writes it)
             self.offset += len(self.decoder.decode(b"", final=True))
