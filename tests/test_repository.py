@@ -344,7 +344,10 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
             assert httpx.get(f"{srv.url}{path}").status_code == 503, path
         r = v1(srv, "broken", "ROMEO:")  # why, where KServe's route said only "not ready"
         assert r.status_code == 503 and "model_type" in r.json()["error"], r.text
-        assert r.headers["retry-after"]
+        # and when a request may try it again (it said 1 s, for a retry 10 s after the failure)
+        assert 1 < int(r.headers["retry-after"]) <= RETRY_AFTER_FAILURE
+        r = post(f"{srv.url}/openai/v1/completions", {"model": "broken", "prompt": "a"})
+        assert r.status_code == 503 and 1 < int(r.headers["retry-after"]) <= RETRY_AFTER_FAILURE
         assert v1(srv, "beta", "ROMEO:").status_code == 200
         # the failure is logged once, with why; each refusal since, without a traceback
         assert "Traceback" not in log.read_text() and "model_type" in log.read_text()

@@ -19,7 +19,8 @@ log = logging.getLogger("gpt2serve.server")
 async def _unavailable(_request, exc: Exception) -> JSONResponse:
     """Overload, shutdown, a model that cannot load now: 503 at once with Retry-After, so
     clients and Knative back off."""
-    return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"error": str(exc)}, status_code=503,
+                        headers={"Retry-After": str(getattr(exc, "retry_after", 1))})
 
 
 async def _not_found(_request, exc: Exception) -> JSONResponse:

@@ -73,9 +73,10 @@ COMPLETIONS_SCHEMA = {"requestBody": {"required": True, "content": {"application
 
 class OpenAIError(Exception):
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", retry_after: int = 1):
         super().__init__(message)
         self.param, self.status, self.kind = param, status, kind
+        self.retry_after = retry_after  # seconds, of a 503
 
     @classmethod
     def of(cls, exc: Exception) -> OpenAIError:
@@ -86,14 +87,15 @@ class OpenAIError(Exception):
         kinds = {400: "invalid_request_error", 404: "not_found_error",
                  503: "service_unavailable_error"}
         return cls(message, status=status, kind=kinds.get(status, "server_error"),
-                   param="model" if status == 404 else None)
+                   param="model" if status == 404 else None,
+                   retry_after=getattr(exc, "retry_after", 1))
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param,
                           "code": self.status}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 503 else None
+        headers = {"Retry-After": str(self.retry_after)} if self.status == 503 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 

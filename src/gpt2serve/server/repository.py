@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -84,9 +85,18 @@ class ModelUnavailable(Exception):
     """The model cannot serve now (loading past --load_timeout, no room, a failed load, the
     server draining): 503 with Retry-After."""
 
+    retry_after = 1  # seconds
+
 
 class LoadFailed(ModelUnavailable):
-    pass
+    """Its last load failed. A request may try it again RETRY_AFTER_FAILURE after that, which
+    Retry-After says (it said 1: a client that heeded it got ten more refusals)."""
+
+    def __init__(self, name: str, reason: str, failed_at: float | None = None):
+        super().__init__(f"model '{name}' cannot be loaded: {reason}")
+        if failed_at is not None:
+            self.retry_after = max(1, math.ceil(
+                RETRY_AFTER_FAILURE - (time.monotonic() - failed_at)))
 
 
 class Overruled(Exception):
@@ -323,7 +333,7 @@ class Repository(ModelRepository):
                 if entry.failed_at is not None and (
                         time.monotonic() - entry.failed_at < RETRY_AFTER_FAILURE):
                     # not again at once: each try may unload models to make room for it
-                    raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
+                    raise LoadFailed(name, entry.reason, entry.failed_at)
                 entry.loading = asyncio.ensure_future(self._load(entry))
             left = deadline - time.monotonic()
             try:
@@ -334,7 +344,7 @@ class Repository(ModelRepository):
                     f"model '{name}' is {entry.state.lower()} and did not become ready within "
                     f"{self.load_timeout:g}s (--load_timeout); try again") from None
             if _last_load_failed(entry):
-                raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
+                raise LoadFailed(name, entry.reason, entry.failed_at)
 
     # ---- the repository extension ---------------------------------------------------------
 
@@ -365,7 +375,7 @@ class Repository(ModelRepository):
                 if entry.loading is not None:
                     await asyncio.shield(entry.loading)
                     if entry.state == UNAVAILABLE and not entry.held:
-                        raise LoadFailed(f"model '{name}' cannot be loaded: {entry.reason}")
+                        raise LoadFailed(name, entry.reason)  # (a load tries again at once)
                 else:
                     async with self._changed:
                         await self._changed.wait()
