@@ -163,7 +163,7 @@ class Repository(ModelRepository):
         self.config, self.budget = config, budget
         self.loop = StepLoop(settings.threads)
         self.entries: dict[str, Entry] = {}
-        self._skipped: set[str] = set()  # folders scan has said it skips (it says so once)
+        self._skipped: set[Path] = set()  # folders scan has said it skips (it says so once)
         self.shutting_down = False
         self._lock = asyncio.Lock()  # loads and unloads, one at a time
         self._changed = asyncio.Condition()
@@ -188,7 +188,7 @@ class Repository(ModelRepository):
         try:
             paths = sorted(p for p in Path(self.models_dir).iterdir() if p.is_dir())
         except OSError as e:
-            log.warning("cannot list the model repository %s: %s", self.models_dir, e)
+            self._skip(Path(self.models_dir), f"cannot list the model repository: {e}")
             return
         for path in paths:
             try:
@@ -203,8 +203,8 @@ class Repository(ModelRepository):
             self._add(path.name, path)
 
     def _skip(self, path: Path, why: str) -> None:
-        if path.name not in self._skipped:
-            self._skipped.add(path.name)
+        if path not in self._skipped:
+            self._skipped.add(path)
             log.warning("skipping %s: %s", path, why)
 
     def get_model(self, name: str):
