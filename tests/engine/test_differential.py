@@ -240,13 +240,13 @@ def near_tie(model, prompt: Prompt, index: int, before: list[int], got: int, wan
     at = int(at[0])
     low, high = (float(cdf[at - 1]) if at else 0.0), float(cdf[at])
     if 0 < prompt.params.top_k < model.config.vocab_size:
-        # top-k's candidates rank likeliest first, and two within `tolerance` of each other
-        # may rank either way round in the other run: `got`'s interval may start after as
-        # little as the mass of those clearly likelier, or as much as that of all those not
-        # clearly less likely
+        # top-k's candidates rank likeliest first, and two whose probabilities are within
+        # `tolerance` of each other (relatively) may rank either way round in the other run:
+        # `got`'s interval may start after as little as the mass of those clearly likelier,
+        # or as much as that of all those not clearly less likely
         p_got, others = float(probs[0, at]), torch.cat([probs[0, :at], probs[0, at + 1:]])
-        low = min(low, float(others[others > p_got + tolerance].sum()))
-        high = max(high, float(others[others >= p_got - tolerance].sum()) + p_got)
+        low = min(low, float(others[others > p_got * (1 + tolerance)].sum()))
+        high = max(high, float(others[others >= p_got * (1 - tolerance)].sum()) + p_got)
     return low - tolerance <= x <= high + tolerance
 
 
