@@ -51,8 +51,8 @@ def _count(text: str) -> int:
 
 def _port(text: str) -> int:
     value = int(text)
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    if not 0 <= value < 65536:  # (0: one the OS picks)
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
     return value
 
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "then drains busy ones (default in a repository: 80%% of the memory the "
                         "container may use at start on CPU, 90%% of the GPU's free memory; for "
                         "a single model, none)")
-    s.add_argument("--load_timeout", type=_positive, default=30.0,
+    s.add_argument("--load_timeout", type=_seconds, default=30.0,
                    help="seconds a request waits for its model to load before it gets 503 "
                         "with Retry-After")
     s.add_argument("--http_port", type=_port, default=8080)

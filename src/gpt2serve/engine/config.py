@@ -7,7 +7,6 @@ and `from_args` reads them back, so no layer forwards the settings one by one.""
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -84,7 +83,7 @@ class EngineConfig:
         if self.prefill_step_stretch != 0 and not self.prefill_step_stretch >= 1:
             raise ValueError(f"prefill_step_stretch must be 0 or at least 1, got "
                              f"{self.prefill_step_stretch}")
-        if self.max_queue < 0 or not 0 < self.request_timeout < math.inf:  # (nan too)
+        if self.max_queue < 0 or not self.request_timeout > 0:  # (nan too; inf: no limit)
             raise ValueError(f"max_queue must be at least 0 and request_timeout a positive "
                              f"number of seconds, got {self.max_queue} and "
                              f"{self.request_timeout}")
