@@ -251,7 +251,8 @@ async def started(events: AsyncIterator[str]) -> AsyncIterator[str]:
     before then (no slot within --request_timeout, the server stopping) is raised here, and
     the route answers it with its status and Retry-After, as it answers a call without a
     stream, not with a 200 whose stream says 503. The first event waits for the prompt to be
-    read, as a call without a stream does."""
+    read and for the first text (a token that ends inside a character, or may begin a stop
+    string, is held), or an echo."""
     first = await anext(events)
 
     async def whole() -> AsyncIterator[str]:
