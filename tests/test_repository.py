@@ -233,6 +233,11 @@ def test_the_repository_api_stays_behind_the_key_but_for_the_local_agent(repo):
         forwarded = {"X-Forwarded-For": "203.0.113.9"}  # outside traffic through a proxy
         r = httpx.post(f"{srv.url}/v2/repository/models/beta/load", headers=forwarded)
         assert r.status_code == 401
+        # a browser on this machine (a page of any site posting a form to localhost, or to
+        # its own name rebound to 127.0.0.1): it sends Origin or Sec-Fetch-Site
+        for browser in ({"Origin": srv.url}, {"Sec-Fetch-Site": "cross-site"}):
+            r = httpx.post(f"{srv.url}/v2/repository/models/beta/unload", headers=browser)
+            assert r.status_code == 401, browser
         # KServe's model agent: same pod, loopback, no key, no forwarding header
         r = httpx.post(f"{srv.url}/v2/repository/models/beta/load", timeout=60)
         assert r.status_code == 200

@@ -352,6 +352,33 @@ def test_without_a_key_everything_but_the_repository_is_open(default):
     assert json.loads(httpx.get(f"{default.url}/v2/models/{MODEL}").text)["inputs"]
 
 
+def test_a_browsers_cross_origin_form_is_refused_but_cors_json_and_its_own_page_are_not(
+        default):
+    """Found by a review: with no key, a page on any site could post a form or a no-cors
+    fetch of text (no CORS preflight for either) to a server on localhost in a loop, and
+    have it generate for nobody: the routes read JSON whatever the Content-Type."""
+    url = f"{default.url}/openai/v1/completions"
+    body = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 2})
+    own = default.url.removeprefix("http://")
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        r = httpx.post(url, content=body, headers={"Origin": "https://evil.example",
+                                                    "Content-Type": content_type})
+        assert r.status_code == 403 and r.json()["error"]["code"] == 403, r.text
+        r = httpx.post(url, content=body, headers={"Origin": "null",
+                                                    "Content-Type": content_type})
+        assert r.status_code == 403, r.text
+    assert httpx.post(f"{default.url}/v1/models/{MODEL}:predict", content=b'{"instances": ["a"]}',
+                      headers={"Origin": "https://evil.example"}).status_code == 403
+    # JSON from another origin went through a CORS preflight (an ingress's policy admits it)
+    cors = httpx.post(url, content=body, headers={"Origin": "https://app.example",
+                                                   "Content-Type": "application/json"})
+    assert cors.status_code == 200, cors.text
+    # the server's own page, and curl (no Origin), whatever the Content-Type
+    for headers in ({"Origin": f"http://{own}", "Content-Type": "text/plain"},
+                    {"Content-Type": "application/x-www-form-urlencoded"}):
+        assert httpx.post(url, content=body, headers=headers).status_code == 200, headers
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded(tiny_model):
     """The line drawn for liveness: an unload alone keeps it (above); a dead step thread is

@@ -53,8 +53,8 @@ def serve(args: argparse.Namespace) -> None:
     from .errors import HideInternalErrors, QuietDisconnects, QuietRefusals
     from .generate import generate_router
     from .health import health_router
-    from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, FiniteJSON,
-                             HeadAsGet, NoModelVersions, WholeForHttp10)
+    from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, CrossSiteForms,
+                             FiniteJSON, HeadAsGet, NoModelVersions, WholeForHttp10)
     from .openai import openai_router
     from .predictor import GPT2Predictor, v1_router
     from .repository import ModelUnavailable, ModelUnloaded, Repository, settings_of
@@ -94,8 +94,9 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(tokenize_router(repository))
     app.include_router(tokenize_router(repository, prefix="/openai/v1"))
     playground.add_routes(app, repository)
-    # Starlette runs the last added middleware first: auth, the body limit, model versions,
-    # non-finite JSON, cancel-on-disconnect, then HEAD as GET around the handlers.
+    # Starlette runs the last added middleware first: cross-site forms, auth, the body
+    # limit, model versions, non-finite JSON, cancel-on-disconnect, then HEAD as GET around
+    # the handlers.
     app.add_middleware(HeadAsGet)
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(FiniteJSON)
@@ -103,6 +104,7 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes, seconds=args.body_timeout)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
+    app.add_middleware(CrossSiteForms)
     app.add_middleware(HideInternalErrors)  # no internal message leaks
     app.add_middleware(WholeForHttp10)  # outermost: sees every response as it is sent
     shutdown.install(repository, args.shutdown_grace)

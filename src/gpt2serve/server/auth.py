@@ -15,7 +15,10 @@ One exception: KServe's model agent, a container in the same pod, calls `load` a
 (`POST /v2/repository/models/NAME/load|unload`) on localhost with no key. Those two are open
 to a connection from the loopback address that carries no `X-Forwarded-For` or `Forwarded`
 header: queue-proxy and the agent's own proxy also connect from localhost, but they forward
-outside traffic and add those headers.
+outside traffic and add those headers. Nor an `Origin` or `Sec-Fetch-Site` header, which
+browsers send and the agent does not: through a port-forward, on a developer's machine, or
+with its DNS name rebound to 127.0.0.1, a page on any site could post a form to localhost
+and unload every model.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def from_local_agent(path: str, client: tuple | None, headers: dict) -> bool:
     """A repository load or unload from a container of this pod (KServe's model agent)."""
     return (AGENT_PATH.fullmatch(path) is not None and client is not None
             and client[0] in LOOPBACK
-            and b"x-forwarded-for" not in headers and b"forwarded" not in headers)
+            and not any(h in headers for h in (b"x-forwarded-for", b"forwarded", b"origin",
+                                               b"sec-fetch-site")))
 
 
 def authorized(value: str | bytes | None, api_key: str) -> bool:

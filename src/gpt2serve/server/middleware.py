@@ -65,6 +65,44 @@ class BearerAuth:
         return await self.app(scope, receive, send)
 
 
+class CrossSiteForms:
+    """403 for a browser's request from another origin that no CORS preflight let through:
+    one whose `Origin` is not the server's own and whose body is not JSON. A form, or a fetch
+    of text, reaches a server unasked; a page on any site could post one in a loop to a
+    server on localhost or a private network that has no API key, and have it generate for
+    nobody (the routes read JSON whatever the Content-Type, for `curl -d`). A client of
+    another origin that a CORS policy admits (at the ingress) sends JSON, after its
+    preflight; curl and the SDKs send no `Origin`; the playground is of the same origin."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin")
+            if (origin is not None and not _same_origin(origin, headers.get(b"host", b""))
+                    and not _is_json(headers.get(b"content-type", b""))):
+                return await _send_json(send, 403, error_body(
+                    scope["path"], 403, "a request from another origin must be JSON "
+                    "(Content-Type: application/json), which a browser sends only after a "
+                    "CORS preflight"), (CLOSE,) if _has_body(headers) else ())
+        return await self.app(scope, receive, send)
+
+
+def _same_origin(origin: bytes, host: bytes) -> bool:
+    """Whether `Origin` (scheme://host[:port], or "null") names the `Host` the request was
+    sent to, default ports aside."""
+    scheme, _, netloc = origin.lower().partition(b"://")
+    default = {b"http": b":80", b"https": b":443"}.get(scheme, b"")
+    return bool(netloc) and netloc.removesuffix(default) == host.lower().removesuffix(default)
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";")[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
 class HeadAsGet:
     """HEAD answered as GET, without the body (RFC 9110: a server that answers GET answers
     HEAD). Load balancers and uptime checks send it to the probes and `/metrics`, which
