@@ -80,7 +80,7 @@ def page(srv, driver):
     """The page, fresh, at desktop width, with the API key typed in (it is kept in storage)."""
     driver.set_window_size(*DESKTOP)
     driver.get(f"{srv.url}/playground")
-    driver.execute_script("localStorage.clear()")
+    driver.execute_script("sessionStorage.clear()")
     driver.refresh()
     type_into(driver, "api_key", KEY + "\t")  # the change event stores it and reloads the model
     wait(driver, lambda d: MODEL in d.find_element("id", "model").text)
@@ -164,11 +164,13 @@ def test_limits_on_the_page_are_the_servers(srv):
     url = f"{srv.url}/openai/v1/completions"
     base = {"prompt": "A", "max_tokens": 1, "stop": [" ", "\n"]}  # short either way
     for name, (lo, hi) in blob["limits"].items():
-        if name in ("top_p", "repetition_penalty"):  # (lo, hi]
-            inside, outside = [hi], [lo, hi + 0.01]
+        step = 0.001 if name in ("temperature", "top_p", "repetition_penalty") else 1
+        if name in blob["low_open"]:  # (lo, hi]
+            inside, outside = [lo + step], [lo]
         else:
-            inside = [lo] + ([hi] if hi is not None else [])
-            outside = [lo - 1] + ([hi + 1] if hi is not None else [])
+            inside, outside = [lo], [lo - step]
+        if hi is not None:
+            inside, outside = inside + [hi], outside + [hi + step]
         for value in inside:
             # An empty prompt is one token (<|endoftext|>), so max_tokens may be context - 1.
             r = post(url, {**base, name: value, "prompt": ""}, AUTH)
@@ -278,6 +280,16 @@ def test_server_error_is_shown(srv, page):
     assert shown.is_displayed() and f"Server answered 400: {expected}" == shown.text
 
 
+def test_a_seed_the_page_cannot_send_as_a_number_gets_the_servers_message(srv, page):
+    """A seed with a leading zero went in as the JSON number 007, which is not JSON: the server
+    could only say the body was malformed. As a string, the server names the field."""
+    assert generate(page, "ROMEO:", seed="007") == "error"
+    expected = post(f"{srv.url}/openai/v1/completions",
+                    {"prompt": "ROMEO:", "seed": "007"}, AUTH).json()["error"]["message"]
+    assert "seed" in expected
+    assert el(page, "error").text == f"Server answered 400: {expected}"
+
+
 @pytest.mark.parametrize("tail, message", [
     ('data: {"error": {"message": "engine failed", "type": "server_error"}}\n\n',
      "engine failed"),
@@ -306,7 +318,7 @@ def test_a_stream_that_fails_shows_why(page, tail, message):
 
 def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
     page.refresh()
-    assert el(page, "api_key").get_attribute("value") == KEY  # from local storage
+    assert el(page, "api_key").get_attribute("value") == KEY  # from the tab's storage
     type_into(page, "api_key", "\t")
     el(page, "generate").click()
     wait(page, lambda d: state(d) == "error")

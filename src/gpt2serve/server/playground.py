@@ -40,11 +40,12 @@ def settings(repository) -> dict:
         "defaults": {"max_tokens": min(PAGE_MAX_TOKENS, context - 1),
                      "temperature": d["temperature"], "top_k": d["top_k"], "top_p": d["top_p"],
                      "repetition_penalty": d["repetition_penalty"], "n": d["n"]},
-        # [low, high]; an open end is null. top_p and repetition_penalty exclude 0; top_k -1
-        # is vLLM's "off", as 0 is.
+        # [low, high]; an open end is null. The low ends in low_open are excluded (top_p 0);
+        # top_k -1 is vLLM's "off", as 0 is.
         "limits": {"max_tokens": [0, context - 1], "temperature": [0, 100],
-                   "top_k": [-1, None], "top_p": [0, 1], "repetition_penalty": [0, 100],
+                   "top_k": [-1, None], "top_p": [0, 1], "repetition_penalty": [0.01, 100],
                    "n": [1, repository.max_n], "seed": [-2**63, 2**63 - 1]},
+        "low_open": ["top_p"],
     }
 
 

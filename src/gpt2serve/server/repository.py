@@ -47,6 +47,7 @@ from .. import checkpoint, hardware, metrics
 from ..engine import Engine, EngineConfig
 from ..engine.kv_cache import KVBudgetError, blocks_in, full_sequences_bytes, machine_budget
 from ..engine.step_loop import StepLoop
+from ..sampling import MAX_N
 
 log = logging.getLogger("gpt2serve.server")
 
@@ -274,7 +275,8 @@ class Repository(ModelRepository):
 
     @property
     def max_n(self) -> int:
-        return min(self.config.max_n, self.config.max_batch_size)
+        """The `n` a request may ask for: --max_n, below the batch and sampling's own bound."""
+        return min(self.config.max_n, self.config.max_batch_size, MAX_N)
 
     @property
     def used(self) -> int:

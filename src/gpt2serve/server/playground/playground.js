@@ -17,14 +17,15 @@ function setUp() {
     input.value = defaults[id];
     input.min = lo;
     if (hi !== null) input.max = hi;
-    const open = id === "top_p" || id === "repetition_penalty" ? "(" : "[";
+    const open = settings.low_open.includes(id) ? "(" : "[";
     $(`${id}-hint`).textContent = `${open}${lo}, ${hi === null ? "∞" : hi}], default ${defaults[id]}`;
   }
   $("prompt").maxLength = settings.max_prompt_chars;
   $("stop-hint").textContent = `one a line, up to ${settings.max_stop}; \\n is a newline`;
-  $("api_key").value = localStorage.getItem(KEY_STORE) || "";
+  // The tab's storage, not the browser's: the key survives a reload, not the tab's closing.
+  $("api_key").value = sessionStorage.getItem(KEY_STORE) || "";
   $("api_key").addEventListener("change", () => {
-    localStorage.setItem(KEY_STORE, $("api_key").value.trim());
+    sessionStorage.setItem(KEY_STORE, $("api_key").value.trim());
     loadModel();
   });
   $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
@@ -71,6 +72,7 @@ function pickModel() {
   const model = models.find((m) => m.id === modelName);
   const context = model && model.max_model_len ? model.max_model_len : settings.context;
   $("max_tokens").max = context - 1;
+  if (Number($("max_tokens").value) > context - 1) $("max_tokens").value = context - 1;
   $("max_tokens-hint").textContent = `[${settings.limits.max_tokens[0]}, ${context - 1}], default ${settings.defaults.max_tokens}`;
   $("model").textContent = `Model: ${modelName} · context ${context} tokens`;
 }
@@ -108,7 +110,11 @@ function toJSON(body) {
   // the server to refuse with its own message.
   let seed = null;
   const text = JSON.stringify(body, (k, v) => {
-    if (k === "seed" && typeof v === "string" && /^-?\d+$/.test(v)) { seed = v; return "@@seed@@"; }
+    // (no leading zero: 007 is not JSON)
+    if (k === "seed" && typeof v === "string" && /^-?(0|[1-9]\d*)$/.test(v)) {
+      seed = v;
+      return "@@seed@@";
+    }
     return v;
   });
   return seed === null ? text : text.replace('"seed":"@@seed@@"', `"seed":${seed}`);
@@ -160,6 +166,7 @@ async function generate() {
       setState("error", "Error");
     }
   } finally {
+    controller.abort(); // a stream left on an error (a bad event, no [DONE]) is cancelled
     controller = null;
     updateStats(t);
     $("generate").disabled = false;
