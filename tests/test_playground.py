@@ -326,6 +326,17 @@ def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
     wait(page, lambda d: "missing or wrong API key" in d.find_element("id", "model").text, 10)
 
 
+def test_a_key_an_older_page_left_in_the_browsers_storage_is_dropped(page):
+    """The key is the tab's (sessionStorage) only; an older page kept it in localStorage for
+    good, where the first load of this one removes it."""
+    page.execute_script("sessionStorage.clear(); "
+                        f"localStorage.setItem('gpt2serve.apiKey', '{KEY}')")
+    page.refresh()
+    wait(page, lambda d: d.execute_script("return localStorage.getItem('gpt2serve.apiKey')")
+         is None, 10)
+    assert el(page, "api_key").get_attribute("value") == ""
+
+
 def test_copy_as_curl_gives_requests_that_repeat_the_page(srv, page):
     ended = generate(page, "It's ROMEO:",  # a quote, for the shell quoting
                      max_tokens=30, seed=9223372036854775000, top_k=40, stop_strings="zz\\n")

@@ -367,12 +367,24 @@ def test_a_browsers_cross_origin_form_is_refused_but_cors_json_and_its_own_page_
         r = httpx.post(url, content=body, headers={"Origin": "null",
                                                     "Content-Type": content_type})
         assert r.status_code == 403, r.text
-    assert httpx.post(f"{default.url}/v1/models/{MODEL}:predict", content=b'{"instances": ["a"]}',
-                      headers={"Origin": "https://evil.example"}).status_code == 403
-    # JSON from another origin went through a CORS preflight (an ingress's policy admits it)
-    cors = httpx.post(url, content=body, headers={"Origin": "https://app.example",
-                                                   "Content-Type": "application/json"})
-    assert cors.status_code == 200, cors.text
+    # no Content-Type (a fetch of a Blob), or a form's with parameters; a Basic credential,
+    # which a browser adds by itself
+    for headers in ({}, {"Content-Type": "multipart/form-data; boundary=x"},
+                    {"Content-Type": "text/plain", "Authorization": "Basic dTpw"}):
+        r = httpx.post(f"{default.url}/v1/models/{MODEL}:predict",
+                       content=b'{"instances": ["a"]}',
+                       headers={"Origin": "https://evil.example", **headers})
+        assert r.status_code == 403, (headers, r.text)
+    # what a browser sends another origin only after a CORS preflight (an ingress's policy
+    # admits it): JSON, another type (KServe's binary tensors), a Bearer key; and its own
+    # page behind a proxy that rewrote Host
+    for headers in ({"Content-Type": "application/json"},
+                    {"Content-Type": "application/octet-stream"},
+                    {"Content-Type": "text/plain", "Authorization": "Bearer any"},
+                    {"Content-Type": "text/plain", "Sec-Fetch-Site": "same-origin"}):
+        cors = httpx.post(url, content=body, headers={"Origin": "https://app.example",
+                                                      **headers})
+        assert cors.status_code == 200, (headers, cors.text)
     # the server's own page, and curl (no Origin), whatever the Content-Type
     for headers in ({"Origin": f"http://{own}", "Content-Type": "text/plain"},
                     {"Content-Type": "application/x-www-form-urlencoded"}):

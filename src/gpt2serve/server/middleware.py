@@ -66,28 +66,46 @@ class BearerAuth:
 
 
 class CrossSiteForms:
-    """403 for a browser's request from another origin that no CORS preflight let through:
-    one whose `Origin` is not the server's own and whose body is not JSON. A form, or a fetch
-    of text, reaches a server unasked; a page on any site could post one in a loop to a
-    server on localhost or a private network that has no API key, and have it generate for
-    nobody (the routes read JSON whatever the Content-Type, for `curl -d`). A client of
-    another origin that a CORS policy admits (at the ingress) sends JSON, after its
-    preflight; curl and the SDKs send no `Origin`; the playground is of the same origin."""
+    """403 for a POST that a page of another site can send unasked: one from another `Origin`
+    with none of what makes a browser ask first (a CORS preflight). A form, or a fetch of text
+    with no custom header, reaches any server the browser can; a page on any site could post
+    one in a loop to a server on localhost or a private network that has no API key, and have
+    it generate for nobody (the routes read JSON whatever the Content-Type, for `curl -d`).
+    Anything else from another origin (JSON, KServe's binary tensors, a Bearer key) went
+    through a preflight that a CORS policy, at the ingress, admitted; curl and the SDKs send
+    no `Origin`; the playground is of the same origin, which `Sec-Fetch-Site` says where a
+    proxy rewrote `Host`."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] == "http" and scope["method"] == "POST":
             headers = dict(scope["headers"])
-            origin = headers.get(b"origin")
-            if (origin is not None and not _same_origin(origin, headers.get(b"host", b""))
-                    and not _is_json(headers.get(b"content-type", b""))):
+            if _unasked_cross_site(headers):
                 return await _send_json(send, 403, error_body(
                     scope["path"], 403, "a request from another origin must be JSON "
                     "(Content-Type: application/json), which a browser sends only after a "
                     "CORS preflight"), (CLOSE,) if _has_body(headers) else ())
         return await self.app(scope, receive, send)
+
+
+# The Content-Types a browser sends cross-origin without a preflight (the Fetch standard's
+# CORS-safelisted ones), and none at all (a fetch of a Blob or of no body).
+SIMPLE_CONTENT_TYPES = frozenset({b"", b"text/plain", b"application/x-www-form-urlencoded",
+                                  b"multipart/form-data"})
+
+
+def _unasked_cross_site(headers: dict) -> bool:
+    origin = headers.get(b"origin")
+    if (origin is None or headers.get(b"sec-fetch-site") == b"same-origin"
+            or _same_origin(origin, headers.get(b"host", b""))
+            # a header a page sets (not safelisted: preflighted); not Basic, which a browser
+            # adds by itself to a form for a site it has credentials of
+            or headers.get(b"authorization", b"")[:7].lower() == b"bearer "):
+        return False
+    media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return media in SIMPLE_CONTENT_TYPES
 
 
 def _same_origin(origin: bytes, host: bytes) -> bool:
@@ -96,11 +114,6 @@ def _same_origin(origin: bytes, host: bytes) -> bool:
     scheme, _, netloc = origin.lower().partition(b"://")
     default = {b"http": b":80", b"https": b":443"}.get(scheme, b"")
     return bool(netloc) and netloc.removesuffix(default) == host.lower().removesuffix(default)
-
-
-def _is_json(content_type: bytes) -> bool:
-    media = content_type.split(b";")[0].strip().lower()
-    return media == b"application/json" or media.endswith(b"+json")
 
 
 class HeadAsGet:

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORE = "gpt2serve.apiKey";
 const NUMBERS = ["max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "n"];
 let modelName = null;
+let maxTokensDefault = settings.defaults.max_tokens; // below the picked model's context
 let controller = null;
 
 function setUp() {
@@ -22,10 +23,16 @@ function setUp() {
   }
   $("prompt").maxLength = settings.max_prompt_chars;
   $("stop-hint").textContent = `one a line, up to ${settings.max_stop}; \\n is a newline`;
-  // The tab's storage, not the browser's: the key survives a reload, not the tab's closing.
-  $("api_key").value = sessionStorage.getItem(KEY_STORE) || "";
+  // The tab's storage, not the browser's: the key survives a reload, not the tab's closing
+  // (one an older page left in the browser's goes). Where storage is blocked, it is typed again.
+  try {
+    localStorage.removeItem(KEY_STORE);
+    $("api_key").value = sessionStorage.getItem(KEY_STORE) || "";
+  } catch (e) { /* storage blocked */ }
   $("api_key").addEventListener("change", () => {
-    sessionStorage.setItem(KEY_STORE, $("api_key").value.trim());
+    try {
+      sessionStorage.setItem(KEY_STORE, $("api_key").value.trim());
+    } catch (e) { /* storage blocked */ }
     loadModel();
   });
   $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
@@ -71,9 +78,10 @@ function pickModel() {
   modelName = $("model-picker").value;
   const model = models.find((m) => m.id === modelName);
   const context = model && model.max_model_len ? model.max_model_len : settings.context;
+  maxTokensDefault = Math.min(settings.defaults.max_tokens, context - 1);
   $("max_tokens").max = context - 1;
   if (Number($("max_tokens").value) > context - 1) $("max_tokens").value = context - 1;
-  $("max_tokens-hint").textContent = `[${settings.limits.max_tokens[0]}, ${context - 1}], default ${settings.defaults.max_tokens}`;
+  $("max_tokens-hint").textContent = `[${settings.limits.max_tokens[0]}, ${context - 1}], default ${maxTokensDefault}`;
   $("model").textContent = `Model: ${modelName} · context ${context} tokens`;
 }
 
@@ -83,7 +91,8 @@ function params() {
   const p = {};
   for (const id of NUMBERS) {
     const raw = $(id).value.trim();
-    p[id] = raw === "" ? settings.defaults[id] : Number(raw);
+    const fallback = id === "max_tokens" ? maxTokensDefault : settings.defaults[id];
+    p[id] = raw === "" ? fallback : Number(raw);
   }
   const seed = $("seed").value.trim();
   if (seed) p.seed = seed; // written as typed (see toJSON): seeds go past 2^53
