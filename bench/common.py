@@ -172,10 +172,12 @@ def read_bandwidth() -> float:
 
 # CPU generations that VMs often hide behind a bare name ("Intel(R) Xeon(R) Processor",
 # "AMD EPYC"): the generation decides the memory system and the ISA, so the ledger names it.
-# Intel by family 6 model; AMD by family (AVX-512 tells Zen 4 from Zen 3 in the ISA column).
+# Intel by family 6 model; AMD by family, and family 25 by model (Zen 4: Genoa 0x10-0x1f,
+# Raphael and Phoenix 0x60-0x7f, Bergamo and Siena 0xa0-0xaf; the rest Zen 3).
 INTEL_XEONS = {85: "Skylake/Cascade Lake", 106: "Ice Lake", 108: "Ice Lake",
                143: "Sapphire Rapids", 207: "Emerald Rapids", 173: "Granite Rapids"}
-AMD_EPYCS = {23: "Zen/Zen 2", 25: "Zen 3/Zen 4", 26: "Zen 5"}
+AMD_EPYCS = {23: "Zen/Zen 2", 25: "Zen 3", 26: "Zen 5"}
+ZEN4_MODELS = (range(0x10, 0x20), range(0x60, 0x80), range(0xa0, 0xb0))
 
 
 def cpu_model() -> str:
@@ -194,7 +196,8 @@ def cpu_model() -> str:
         name += (f" ({INTEL_XEONS[model]}; model {model})" if model in INTEL_XEONS
                  else f" (family {family} model {model})")
     elif name == "AMD EPYC" and family in AMD_EPYCS:
-        name += f" ({AMD_EPYCS[family]}; family {family} model {model})"
+        zen4 = family == 25 and any(model in models for models in ZEN4_MODELS)
+        name += f" ({'Zen 4' if zen4 else AMD_EPYCS[family]}; family {family} model {model})"
     return name
 
 
