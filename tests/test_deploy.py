@@ -902,6 +902,18 @@ def test_download_of_a_sharded_model_fetches_the_shards_its_index_names(tmp_path
         hub.server_close()
 
 
+
+def test_an_index_whose_shard_names_are_not_strings_is_refused(tmp_path):
+    """Found by a review: a list for a shard's name raised TypeError (unhashable), which
+    `gpt2serve download` printed as a traceback."""
+    from gpt2serve import download
+
+    index = tmp_path / "model.safetensors.index.json"
+    for shard in (["model-00001-of-00001.safetensors"], {"a": 1}, 7, None):
+        index.write_text(json.dumps({"weight_map": {"transformer.wte.weight": shard}}))
+        with pytest.raises(download.DownloadError, match="not a safetensors index"):
+            download.shards(index, ["model-00001-of-00001.safetensors"])
+
 # ---- OpenAI TensorFlow checkpoint -> safetensors --------------------------------------------
 
 def _varint(n: int) -> bytes:
@@ -1082,6 +1094,17 @@ def test_convert_reads_a_tied_head_under_lm_head_keeps_the_eos_and_refuses_to_ov
     assert same.returncode == 2 and "another folder" in same.stderr
     into_a_file = _convert(src, src / "config.json")  # refused before anything is read
     assert into_a_file.returncode == 2 and "not a folder" in into_a_file.stderr
+    # a folder where a file goes: refused before any file is moved (found by a review: the
+    # files before it were moved, leaving `out` half old, half new)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    (tmp_path / "out" / "tokenizer.json").unlink()
+    (tmp_path / "out" / "tokenizer.json").mkdir()
+    save_file({k: v * 2 for k, v in state.items()}, src / "model.safetensors")  # new weights
+    in_the_way = _convert(src, tmp_path / "out")
+    assert in_the_way.returncode == 2 and "a folder where" in in_the_way.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()
+            if p.is_file()} == {k: v for k, v in before.items() if k != "tokenizer.json"}
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []
 
 
 # ---- what the container gives us: CPU quota, GPU architecture --------------------------------

@@ -76,10 +76,16 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         except CheckpointError as e:
             raise CheckpointError(str(e).replace(str(staging), str(out))) from None
         out.mkdir(exist_ok=True)
-        for path in staging.iterdir():
-            os.replace(path, out / path.name)
+        # config.json last: a server's scan takes a folder with one for a model
+        names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "config.json")
+        in_the_way = [name for name in names if (out / name).is_dir()]
+        if in_the_way:
+            raise CheckpointError(f"{out / in_the_way[0]}: a folder where the converted "
+                                  f"model's file goes")
         if not (src / GENERATION_CONFIG).is_file():  # an earlier conversion's would
             (out / GENERATION_CONFIG).unlink(missing_ok=True)  # override config.json's
+        for name in names:
+            os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -110,7 +110,8 @@ def serve(args: argparse.Namespace) -> None:
     shutdown.install(repository, args.shutdown_grace)
     connection.install(args.header_timeout, args.max_body_bytes, args.send_timeout)
     grpc_v2.install(repository, args.api_key, args.max_body_bytes)
-    log.info("playground: http://localhost:%d/playground", args.http_port)
+    if args.http_port:  # (0: a port the OS picks, which uvicorn's own line names)
+        log.info("playground: http://localhost:%d/playground", args.http_port)
     # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told
     # to exit (30 s by default). Our drain has finished or failed every request by then, so
     # this only bounds the last responses' writing; the drain itself is --shutdown_grace.

@@ -50,7 +50,7 @@ def repository_router(repository: Repository) -> APIRouter:
             return JSONResponse({"error": str(e)}, status_code=404)
         except LoadFailed as e:
             return JSONResponse({"error": str(e)}, status_code=503,
-                                headers={"Retry-After": "1"})
+                                headers={"Retry-After": str(e.retry_after)})
         except Overruled as e:
             return JSONResponse({"error": str(e)}, status_code=409)
         return JSONResponse({"name": model_name, key: True})

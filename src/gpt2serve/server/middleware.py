@@ -1,7 +1,8 @@
-"""ASGI middlewares around KServe's app: bearer-token auth, a request body limit, refusing
-JSON no route can take (non-finite numbers, lone surrogates, deep nesting, duplicate keys),
-cancelling a handler whose client went away (and a stream's engine requests: EventStream),
-HEAD answered as GET, and an HTTP/1.0 client's response sent whole."""
+"""ASGI middlewares around KServe's app: bearer-token auth, refusing a cross-site form, a
+request body limit, refusing JSON no route can take (non-finite numbers, lone surrogates, deep
+nesting, duplicate keys), cancelling a handler whose client went away (and a stream's engine
+requests: EventStream), HEAD answered as GET, and an HTTP/1.0 client's response sent whole;
+and `started`, which holds a stream's response until its first event."""
 
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ class Repository(ModelRepository):
         self.config, self.budget = config, budget
         self.loop = StepLoop(settings.threads)
         self.entries: dict[str, Entry] = {}
-        self._skipped: set[Path] = set()  # folders scan has said it skips (it says so once)
+        self._skipped: set[Path] = set()  # what the last scan skipped (and said so)
         self.shutting_down = False
         self._lock = asyncio.Lock()  # loads and unloads, one at a time
         self._changed = asyncio.Condition()
@@ -181,32 +181,34 @@ class Repository(ModelRepository):
         """Add the model folders that have appeared under the repository folder, and forget
         those deleted since that hold nothing (`_vanished`). A folder it cannot read (the
         repository folder itself gone, `lost+found` at a volume's root) is skipped with a
-        warning, once, not an error on every request (nor a warning: each index call, load
-        and request for an unknown name scans)."""
+        warning once while it stays so, not an error on every request (nor a warning: each
+        index call, load and request for an unknown name scans). Hidden folders are passed
+        over in silence: `convert`'s staging, a ConfigMap's `..data`."""
         for entry in list(self.entries.values()):
             if self._vanished(entry):
                 self._forget(entry)
+        skipped: dict[Path, str] = {}
         try:
-            paths = sorted(p for p in Path(self.models_dir).iterdir() if p.is_dir())
+            paths = sorted(p for p in Path(self.models_dir).iterdir()
+                           if not p.name.startswith(".") and p.is_dir())
         except OSError as e:
-            self._skip(Path(self.models_dir), f"cannot list the model repository: {e}")
-            return
+            skipped[Path(self.models_dir)] = f"cannot list the model repository: {e}"
+            paths = []
         for path in paths:
             try:
                 if path.name in self.entries or not (path / "config.json").is_file():
                     continue
             except OSError as e:
-                self._skip(path, str(e))
+                skipped[path] = str(e)
                 continue
             if not NAME.fullmatch(path.name):
-                self._skip(path, "a model's name is letters, digits, '.', '_' and '-'")
+                skipped[path] = "a model's name is letters, digits, '.', '_' and '-'"
                 continue
             self._add(path.name, path)
-
-    def _skip(self, path: Path, why: str) -> None:
-        if path not in self._skipped:
-            self._skipped.add(path)
-            log.warning("skipping %s: %s", path, why)
+        for path, why in skipped.items():
+            if path not in self._skipped:
+                log.warning("skipping %s: %s", path, why)
+        self._skipped = set(skipped)
 
     def get_model(self, name: str):
         """KServe's lookup (V1, V2 infer, gRPC): a model whose folder has appeared under the

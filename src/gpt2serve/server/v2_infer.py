@@ -57,9 +57,8 @@ def infer_router(repository: Repository) -> APIRouter:
     async def infer(model_name: str, request: HTTPRequest) -> Response:
         predictor = repository.get_model(model_name)
         if predictor is None:
-            if model_name in repository.entries:
-                raise ModelUnloaded(model_name)
-            raise ModelNotFound(model_name)
+            raise (ModelUnloaded if repository.unloaded(model_name) else ModelNotFound)(
+                model_name)
         if not predictor.ready:
             raise ModelNotReady(model_name)
         headers = dict(request.headers)
