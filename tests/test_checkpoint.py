@@ -411,3 +411,17 @@ def test_safetensors_offsets_outside_the_file_are_refused(good):
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
     with pytest.raises(CheckpointError, match=f"tensor '{name}' has offsets"):
         checkpoint.load(good)
+
+
+def test_loading_a_model_does_not_import_torch_dynamo(tmp_path):
+    """nn.Embedding's random init (wpe's, on the meta device) imported torch._dynamo on its
+    first call: 1.2 s of every start of a process that loads a model, for weights the
+    checkpoint then overwrote."""
+    folder = make_hf_model(tmp_path / "m")
+    code = ("import sys\nfrom gpt2serve import checkpoint\n"
+            f"checkpoint.load_for_engine({str(folder)!r}, 'cpu', 'float32', None)\n"
+            "print('torch._dynamo' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "False"

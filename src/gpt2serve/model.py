@@ -322,7 +322,11 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        # Given its (empty) weight, as every other parameter is: a checkpoint fills them all,
+        # and nn.Embedding's own random init imports torch._dynamo on its first call (1.2 s
+        # of every start).
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd,
+                                _weight=torch.empty(config.n_positions, config.n_embd))
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.head = TiedHead(config.n_embd, config.vocab_size)
