@@ -368,19 +368,20 @@ def test_a_browsers_cross_origin_form_is_refused_but_cors_json_and_its_own_page_
                                                     "Content-Type": content_type})
         assert r.status_code == 403, r.text
     # no Content-Type (a fetch of a Blob), or a form's with parameters; a Basic credential,
-    # which a browser adds by itself
+    # which a browser adds by itself, or a Bearer one to a server with no key (a gateway's)
     for headers in ({}, {"Content-Type": "multipart/form-data; boundary=x"},
-                    {"Content-Type": "text/plain", "Authorization": "Basic dTpw"}):
+                    {"Content-Type": "text/plain", "Authorization": "Basic dTpw"},
+                    {"Content-Type": "text/plain", "Authorization": "Bearer gateway"}):
         r = httpx.post(f"{default.url}/v1/models/{MODEL}:predict",
                        content=b'{"instances": ["a"]}',
                        headers={"Origin": "https://evil.example", **headers})
         assert r.status_code == 403, (headers, r.text)
     # what a browser sends another origin only after a CORS preflight (an ingress's policy
-    # admits it): JSON, another type (KServe's binary tensors), a Bearer key; and its own
-    # page behind a proxy that rewrote Host
+    # admits it): JSON, another type, KServe's binary tensors (with or without a type); and
+    # its own page behind a proxy that rewrote Host
     for headers in ({"Content-Type": "application/json"},
                     {"Content-Type": "application/octet-stream"},
-                    {"Content-Type": "text/plain", "Authorization": "Bearer any"},
+                    {"Inference-Header-Content-Length": str(len(body))},
                     {"Content-Type": "text/plain", "Sec-Fetch-Site": "same-origin"}):
         cors = httpx.post(url, content=body, headers={"Origin": "https://app.example",
                                                       **headers})
@@ -389,6 +390,16 @@ def test_a_browsers_cross_origin_form_is_refused_but_cors_json_and_its_own_page_
     for headers in ({"Origin": f"http://{own}", "Content-Type": "text/plain"},
                     {"Content-Type": "application/x-www-form-urlencoded"}):
         assert httpx.post(url, content=body, headers=headers).status_code == 200, headers
+
+
+def test_a_cross_origin_request_with_the_servers_key_went_through_a_preflight(guarded):
+    """A page sets Authorization only after a CORS preflight; a server with a key counts it
+    whatever the Content-Type (the key check follows)."""
+    r = httpx.post(f"{guarded.url}/openai/v1/completions",
+                   content=json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 2}),
+                   headers={"Origin": "https://app.example", "Content-Type": "text/plain",
+                            **AUTH, **OUTSIDE})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

@@ -76,7 +76,8 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         except CheckpointError as e:
             raise CheckpointError(str(e).replace(str(staging), str(out))) from None
         out.mkdir(exist_ok=True)
-        # config.json last: a server's scan takes a folder with one for a model
+        # config.json last: a server's scan takes a folder with one for a model, so a new
+        # folder is one only once whole (an old model's is replaced file by file)
         names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "config.json")
         in_the_way = [name for name in names if (out / name).is_dir()]
         if in_the_way:

@@ -104,7 +104,7 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes, seconds=args.body_timeout)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)
-    app.add_middleware(CrossSiteForms)
+    app.add_middleware(CrossSiteForms, keyed=bool(args.api_key))
     app.add_middleware(HideInternalErrors)  # no internal message leaks
     app.add_middleware(WholeForHttp10)  # outermost: sees every response as it is sent
     shutdown.install(repository, args.shutdown_grace)

@@ -72,22 +72,24 @@ class CrossSiteForms:
     with no custom header, reaches any server the browser can; a page on any site could post
     one in a loop to a server on localhost or a private network that has no API key, and have
     it generate for nobody (the routes read JSON whatever the Content-Type, for `curl -d`).
-    Anything else from another origin (JSON, KServe's binary tensors, a Bearer key) went
+    Anything else from another origin (JSON, KServe's binary tensors, the server's key) went
     through a preflight that a CORS policy, at the ingress, admitted; curl and the SDKs send
     no `Origin`; the playground is of the same origin, which `Sec-Fetch-Site` says where a
-    proxy rewrote `Host`."""
+    proxy rewrote `Host`. A Bearer header counts only where the server has a key: a gateway
+    (oauth2-proxy) may add one of its own to whatever the browser sent."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, keyed: bool):
+        self.app, self.keyed = app, keyed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST":
             headers = dict(scope["headers"])
-            if _unasked_cross_site(headers):
+            if _unasked_cross_site(headers, self.keyed):
                 return await _send_json(send, 403, error_body(
-                    scope["path"], 403, "a request from another origin must be JSON "
-                    "(Content-Type: application/json), which a browser sends only after a "
-                    "CORS preflight"), (CLOSE,) if _has_body(headers) else ())
+                    scope["path"], 403, "a request from another origin must be one that a "
+                    "browser sends only after a CORS preflight: JSON (Content-Type: "
+                    "application/json), not a form or text"),
+                    (CLOSE,) if _has_body(headers) else ())
         return await self.app(scope, receive, send)
 
 
@@ -97,13 +99,15 @@ SIMPLE_CONTENT_TYPES = frozenset({b"", b"text/plain", b"application/x-www-form-u
                                   b"multipart/form-data"})
 
 
-def _unasked_cross_site(headers: dict) -> bool:
+def _unasked_cross_site(headers: dict, keyed: bool) -> bool:
     origin = headers.get(b"origin")
     if (origin is None or headers.get(b"sec-fetch-site") == b"same-origin"
             or _same_origin(origin, headers.get(b"host", b""))
-            # a header a page sets (not safelisted: preflighted); not Basic, which a browser
-            # adds by itself to a form for a site it has credentials of
-            or headers.get(b"authorization", b"")[:7].lower() == b"bearer "):
+            # headers a page sets, not safelisted, so preflighted: binary tensors' length,
+            # and the key (not Basic, which a browser adds by itself to a form for a site it
+            # has credentials of)
+            or b"inference-header-content-length" in headers
+            or keyed and headers.get(b"authorization", b"")[:7].lower() == b"bearer "):
         return False
     media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
     return media in SIMPLE_CONTENT_TYPES
