@@ -3,6 +3,8 @@
 Every series carries a `model` label: a server may serve many models (server/repository.py),
 and each model's engine reports through its own `ModelMetrics`."""
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 MODEL = ("model",)
@@ -107,10 +109,7 @@ class ModelMetrics:
         """Drop the gauges of an unloaded model: a level it no longer has is not zero, it is
         absent (counters and histograms stay: Prometheus expects them to only grow)."""
         for gauge in _GAUGES:
-            try:
-                gauge.remove(self.model)
-            except KeyError:
-                pass
+            _remove(gauge, self.model)
 
 
 def drop(model: str) -> None:
@@ -123,7 +122,10 @@ def drop(model: str) -> None:
     series += [(MODEL_LOADS, (model, outcome)) for outcome in LOAD_OUTCOMES]
     series += [(MODEL_UNLOADS, (model, reason)) for reason in UNLOAD_REASONS]
     for metric, labels in series:
-        try:
-            metric.remove(*labels)
-        except KeyError:
-            pass
+        _remove(metric, *labels)
+
+
+def _remove(metric, *labels: str) -> None:
+    """The series of `labels`, gone; one never set is gone already."""
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)

@@ -417,10 +417,8 @@ class Repository(ModelRepository):
         # KServe's agent deletes a TrainedModel's folder, then unloads it (maybe twice). Not
         # if a load came in while this drained: that load has put the model back in KServe's
         # registry, and answers (it fails: no folder) for the entry.
-        if (entry.held and entry.folder is not None and not entry.folder.exists()
-                and self.entries.get(entry.name) is entry):
-            del self.entries[entry.name]
-            metrics.drop(entry.name)
+        if entry.held and entry.folder is not None and not entry.folder.exists():
+            self._forget(entry)
         self._notify()
 
     def _check_enabled(self) -> None:
