@@ -39,8 +39,9 @@ def eager_step(model, cache, tables, lengths, tokens):
 
 
 def test_a_planned_step_is_the_eager_step_to_the_bit(model):
-    """Batches of 3, 1, then 3 rows again (its calls reused): each step's logits and the
-    whole cache afterwards equal the eager step's, from the same cache."""
+    """Batches of 3, 1, then 3 rows again (its calls reused): each step's logits, from its
+    hidden states and from the head's call bound in the plan, and the whole cache afterwards
+    equal the eager step's, from the same cache."""
     plan_cache, tables, _, _ = filled_cache(model, [5, 130, 17])
     eager_cache = KVCache(model.config, plan_cache.num_blocks, plan_cache.block_size,
                           torch.float32, "cpu")
@@ -52,12 +53,13 @@ def test_a_planned_step_is_the_eager_step_to_the_bit(model):
         picked = [tables[r] for r in rows]
         at = [lengths[r] for r in rows]
         expected = eager_step(model, eager_cache, picked, at, tokens)
-        got = model.logits(plan.run(tokens.tolist(), at, picked))
-        assert torch.equal(got, expected)
+        hidden = plan.run(tokens.tolist(), at, picked)
+        assert torch.equal(model.logits(hidden), expected)
+        assert torch.equal(plan.logits(len(rows)), expected)  # the head's bound call
         assert torch.equal(plan_cache.kv, eager_cache.kv)
         for r in rows:
             lengths[r] += 1
-    assert sorted(plan._layers) == [1, 3]
+    assert sorted(plan._calls) == [1, 3]
 
 
 def test_between_layers_runs_after_each_layer(model):
@@ -81,7 +83,7 @@ def test_engine_with_a_plan_generates_what_the_eager_engine_does(model, folder):
     engine, planned = run_engine(model, tokenizer, arrivals)
     assert (eager_engine.runner.name, engine.runner.name) == ("eager", "plan")
     assert planned == eager
-    assert engine.runner.plan._layers  # (which batch sizes ran depends on timing: the
+    assert engine.runner.plan._calls  # (which batch sizes ran depends on timing: the
     # differential test, tests/engine, fixes its schedules)
 
 

@@ -62,20 +62,28 @@ def test_the_screen_picks_the_full_heads_token_through_ties_and_near_ties(rows):
     assert inverted >= 3  # the int8 logits alone would have picked wrongly
 
 
-def test_the_screen_gives_each_rows_k_largest_logits_as_the_full_head_does():
+@pytest.mark.parametrize("normed", [False, True])
+def test_the_screen_gives_each_rows_k_largest_logits_as_the_full_head_does(normed):
     """Rows wanting their 1, 7, 50 and 3 largest logits, from a head whose rows come in twins
     (equal, or off by less than int8 can tell apart) so that the k-th largest has near-ties
     beside it: each row's k largest values, and which tokens reach the k-th, are the full
-    head's; every logit the screen gives is the full head's to the bit."""
+    head's; every logit the screen gives is the full head's to the bit. `normed`: hidden
+    states read through a layer norm, as GPT.logits gives them, which both fuse into their
+    kernels' calls."""
     torch.manual_seed(4)
     D, V = 64, 8000
     weight_t = torch.randn(D, V)
     weight_t[:, 4000:] = weight_t[:, :4000] + 1e-3 * torch.randn(D, 4000) * (torch.rand(4000) > 0.3)
     head = packed_head(weight_t)
+    ln = None
+    if normed:
+        ln = torch.nn.LayerNorm(D)
+        ln.weight.data, ln.bias.data = torch.rand(D) + 0.5, torch.randn(D) / 10
     ks = [1, 7, 50, 3]
     for trial in range(5):
-        h = torch.randn(len(ks), D) * (1 + trial)
-        full, screened = head(h), head.screen.logits(h, ks)
+        h = torch.randn(len(ks), D) * (1 + trial) + trial
+        with torch.inference_mode():
+            full, screened = head(h, ln), head.screen.logits(h, ks, ln)
         assert screened is not None
         given = torch.isfinite(screened)
         assert torch.equal(screened[given], full[given])

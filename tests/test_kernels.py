@@ -247,6 +247,30 @@ def test_int8_linear_against_the_arithmetic_written_out(form, m, k, n):
                        q[[n - 1, 0]])
 
 
+@pytest.mark.skipif(not kernels.ENABLED, reason="our C kernels are not built or are off")
+@pytest.mark.parametrize("layout", ["pack_int8", "int8 rows", "pack_f32", "fp32 rows"])
+@pytest.mark.parametrize("d", [64, 30])
+def test_the_embedding_call_gives_the_torch_ops_sums_to_the_bit(layout, d):
+    """The decode plan's embedding (token rows in the LM head's layout, + wpe's rows) against
+    the eager step's torch ops: tokens in the last, padded panel and at a panel's edges, a
+    token twice, a width that is not a multiple of 4 (pack_int8 pads it)."""
+    torch.manual_seed(d)
+    V, positions = 37, torch.tensor([0, 5, 5, 9, 2])
+    tokens = torch.tensor([36, 0, 15, 16, 36])
+    wpe = torch.randn(10, d)
+    if layout.endswith("int8") or layout == "int8 rows":
+        q, scales = torch.randint(-127, 128, (V, d), dtype=torch.int8), torch.rand(V) / 50
+        rows = kernels.pack_int8(q)[0] if layout == "pack_int8" else q
+        expected = q[tokens].float() * scales[tokens].unsqueeze(-1) + wpe[positions]
+    else:
+        w, scales = torch.randn(V, d), None
+        rows = kernels.pack_f32(w.t().contiguous()) if layout == "pack_f32" else w
+        expected = w[tokens] + wpe[positions]
+    out = torch.full((len(tokens), d), float("nan"))
+    kernels.bind_embedding(out, tokens, positions, wpe, rows, scales)()
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.skipif(not kernels.AMX or not kernels.INT8_VNNI, reason="needs AMX (and VNNI)")
 @pytest.mark.parametrize("m, k", [(1, 768), (8, 100), (16, 1600), (17, 3072), (128, 260)])
 def test_int8_linear_amx_gives_the_vnni_sums(m, k):

@@ -2210,6 +2210,42 @@ static PyObject *top_k_draw(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- a decode step's input rows: the token embedding's row plus the position's ------------
+
+out[j] = row tokens[j] of the token embedding (times its scale where the rows are int8) +
+row positions[j] of wpe, for the decode plan: one call where torch's ops took a dozen, each
+cache-cold after the step before streamed the weights through (engine/decode_plan.py). The
+embedding is read in place, in whichever layout the LM head keeps it (pack_int8's, pack_f32's
+or plain rows): value i of row r is at (r / 16) * s_panel + (r % 16) * s_lane + (i / 4) * s_quad
++ (i % 4) * s_inner. The same products and sums as the torch ops (kernels.bind_embedding). */
+
+static PyObject *embed(PyObject *self, PyObject *args) {
+    unsigned long long out, table, scales, wpe, tokens, positions;
+    int64_t n, d, s_panel, s_lane, s_quad, s_inner;
+    int int8;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLLLp", &out, &table, &scales, &wpe, &tokens,
+                          &positions, &n, &d, &s_panel, &s_lane, &s_quad, &s_inner, &int8))
+        return NULL;
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t r = ((const int64_t *)(uintptr_t)tokens)[j];
+        const int64_t row = (r / 16) * s_panel + (r % 16) * s_lane;
+        const float *position = (const float *)(uintptr_t)wpe
+                                + ((const int64_t *)(uintptr_t)positions)[j] * d;
+        float *y = (float *)(uintptr_t)out + j * d;
+        if (int8) {
+            const int8_t *w = (const int8_t *)(uintptr_t)table + row;
+            const float scale = ((const float *)(uintptr_t)scales)[r];
+            for (int64_t i = 0; i < d; ++i)
+                y[i] = (float)w[(i / 4) * s_quad + (i % 4) * s_inner] * scale + position[i];
+        } else {
+            const float *w = (const float *)(uintptr_t)table + row;
+            for (int64_t i = 0; i < d; ++i)
+                y[i] = w[(i / 4) * s_quad + (i % 4) * s_inner] + position[i];
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"prompt_attention", prompt_attention, METH_VARARGS,
      "prompt_attention(qkv, kv, blocks, start, lengths, out, n, t, heads, head_dim, num_blocks, "
@@ -2253,6 +2289,10 @@ static PyMethodDef methods[] = {
      "linear_f32(x, w, bias, y, m, k, n, isa, l1_rows, ln_weight, ln_bias, ln_eps, normed, "
      "residual, gelu, panels): addresses of contiguous fp32 tensors, 0 for none; isa 2 "
      "AVX-512, 1 AVX2; up to l1_rows rows, the next panel is prefetched into L1 (kernels.py)"},
+    {"embed", embed, METH_VARARGS,
+     "embed(out, table, scales, wpe, tokens, positions, n, d, s_panel, s_lane, s_quad, "
+     "s_inner, int8): out [n, d] fp32, each row the token embedding's row (int8 times its "
+     "scale, or fp32) plus wpe's at its position; int64 tokens and positions (kernels.py)"},
     {NULL, NULL, 0, NULL},
 };
 

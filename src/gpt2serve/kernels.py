@@ -297,16 +297,41 @@ def packed_int8_rows(packed: Tensor, index: Tensor, k: int) -> Tensor:
     return packed[index // PANEL, :, index % PANEL].reshape(len(index), -1)[:, :k]
 
 
+def bind_embedding(out: Tensor, tokens: Tensor, positions: Tensor, wpe: Tensor, rows: Tensor,
+                   scales: Tensor | None = None) -> Callable[[], None]:
+    """out [n, D] = the token embedding's row of each of tokens [n] (times its scale where
+    `scales` is given: int8 rows) + wpe's row at its position, as a call of no arguments on
+    these tensors' memory (see bind_decode_attention). `rows`: the embedding in its LM head's
+    layout, pack_int8's [ceil(V / 16), D / 4, 16, 4] int8, pack_f32's [ceil(V / 16), D, 16]
+    fp32, or plain [V, D] rows; tokens and positions contiguous int64."""
+    n, d = out.shape
+    if rows.dim() == 4:  # pack_int8: (r, i) at [r // 16, i // 4, r % 16, i % 4]
+        strides = (rows.stride(0), rows.stride(2), rows.stride(1), rows.stride(3))
+    elif rows.dim() == 3:  # pack_f32: at [r // 16, i, r % 16]
+        strides = (rows.stride(0), rows.stride(2), 4 * rows.stride(1), rows.stride(1))
+    else:  # plain rows: at [r, i]
+        strides = (16 * rows.stride(0), rows.stride(0), 4 * rows.stride(1), rows.stride(1))
+    if not (out.is_contiguous() and wpe.is_contiguous() and tokens.is_contiguous()
+            and positions.is_contiguous() and rows.dtype == (torch.int8 if scales is not None
+                                                             else torch.float32)):
+        raise ValueError("embed takes contiguous rows, and int8 rows with their scales")
+    return functools.partial(_kernels.embed, out.data_ptr(), rows.data_ptr(), _address(scales),
+                             wpe.data_ptr(), tokens.data_ptr(), positions.data_ptr(), n, d,
+                             *strides, scales is not None)
+
+
 def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: Tensor | None,
                 n: int, form: int = INT8_VNNI, x_error: Tensor | None = None,
                 ln: nn.LayerNorm | None = None, gelu: bool = False,
-                residual: Tensor | None = None, l1_rows: int = 0) -> Tensor:
+                residual: Tensor | None = None, l1_rows: int = 0,
+                normed: Tensor | None = None) -> Tensor:
     """x [m, k] fp32 @ W.T * scales + bias -> [m, n], W as pack_int8 made it; scales and
     bias fp32, scales padded like sums. Each row of x is quantized to u8 on its own (its
     scale and zero point). `form`: 2 AMX, 1 VNNI (True), 0 AVX2 (False), where W must hold
     7-bit values (|w| <= 63); all give the same results. `x_error`
     [m] fp32, if given, receives the Euclidean norm of each row of x minus its quantized
-    form. `ln`, `gelu`, `residual` and `l1_rows` as in linear_f32."""
+    form. `ln`, `gelu`, `residual` and `l1_rows` as in linear_f32; `normed` [m, k] fp32,
+    if given with `ln`, receives x's layer-normed rows (the rows the product quantized)."""
     m, k = x.shape
     x = x.to(torch.float32).contiguous()
     residual = None if residual is None else residual.contiguous()
@@ -314,7 +339,8 @@ def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: T
     if x_error is not None and not (x_error.dtype == torch.float32
                                     and x_error.is_contiguous() and x_error.numel() == m):
         raise ValueError("x_error takes one contiguous fp32 value per row of x")
-    normed = torch.empty(m, k, dtype=torch.float32) if ln is not None else None
+    if ln is not None and normed is None:
+        normed = torch.empty(m, k, dtype=torch.float32)
     bind_int8_linear(x, packed, sums, scales, bias, y, form, x_error, ln, gelu, residual,
                      normed, l1_rows)()
     return y

@@ -314,8 +314,10 @@ class TiedHead(nn.Module):
     def embed(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.weight_t.t())
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return hidden @ self.weight_t
+    def forward(self, hidden: Tensor, ln: nn.LayerNorm | None = None) -> Tensor:
+        """Logits at hidden states read through the layer norm `ln`, if given (the packed
+        heads fuse it into their kernel's call, as FusedBlock does its own)."""
+        return (hidden if ln is None else ln(hidden)) @ self.weight_t
 
 
 class GPT(nn.Module):
@@ -333,7 +335,7 @@ class GPT(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Logits [rows, V] (fp32) at hidden states [rows, D] from `forward`."""
-        return self.head(self.ln_f(hidden)).float()
+        return self.head(hidden, self.ln_f).float()
 
     def weight_bytes(self, screen=None) -> int:
         """Bytes of weights a decode step streams. Layers swapped in by packing.py and

@@ -64,8 +64,15 @@ class PackedHead(nn.Module):
             return kernels.f32_columns(self.matmul.ours.panels, tokens)
         return nn.functional.embedding(tokens, self.rows)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.matmul(hidden)
+    def bind_embed(self, out: Tensor, tokens: Tensor, positions: Tensor, wpe: Tensor
+                   ) -> Callable[[], None]:
+        """embed(tokens) + wpe's rows at `positions` into out, as one bound call
+        (engine/decode_plan.py)."""
+        rows = self.rows if self.rows is not None else self.matmul.ours.panels
+        return kernels.bind_embedding(out, tokens, positions, wpe, rows)
+
+    def forward(self, hidden: Tensor, ln: nn.LayerNorm | None = None) -> Tensor:
+        return self.matmul(hidden, ln=ln)
 
 
 class HeadScreen:
@@ -147,16 +154,20 @@ class HeadScreen:
             return False
         return True
 
-    def logits(self, h: Tensor, ks: list[int]) -> Tensor | None:
-        """Logits [m, V] for layer-normed hidden states h [m, D], exact wherever they can be
-        among row i's ks[i] largest and -inf where they cannot; None where the screen leaves
-        too many candidates (or h is not finite)."""
-        m = h.shape[0]
-        if not bool(torch.isfinite(h).all()):
+    def logits(self, hidden: Tensor, ks: list[int], ln: nn.LayerNorm | None = None
+               ) -> Tensor | None:
+        """Logits [m, V] for hidden states [m, D] read through the layer norm `ln` as the
+        head reads them (PackedHead.forward), exact wherever they can be among row i's ks[i]
+        largest and -inf where they cannot; None where the screen leaves too many
+        candidates (or a hidden state is not finite)."""
+        m = hidden.shape[0]
+        if not bool(torch.isfinite(hidden).all()):
             return None
-        h = h.contiguous()
-        error = torch.empty(m)
-        s = self.int8(h, x_error=error)
+        hidden, error = hidden.contiguous(), torch.empty(m)
+        # h: the rows the head multiplies, normed by the int8 kernel as the head's own
+        # kernel norms them (the same C code), so that the exact logits below are the head's
+        h = hidden if ln is None else torch.empty_like(hidden)
+        s = self.int8(hidden, x_error=error, ln=ln, normed=None if ln is None else h)
         norm = torch.linalg.vector_norm(h, dim=1)
         # fp32 rounding of the bound itself and of s +- bound: the 1.001 and 8u|s| cover it
         bound = torch.outer(error + self.gamma * norm, self.norms)

@@ -20,6 +20,8 @@ on the demo model's four layers) but read 8% more bytes a token of GPT-2 124M.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -99,5 +101,12 @@ class Int8TiedHead(nn.Module):
             rows = kernels.packed_int8_rows(self.matmul.ours.packed, tokens, self.n_embd)
         return rows.float() * self.scales[tokens].unsqueeze(-1)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.matmul(hidden)
+    def bind_embed(self, out: Tensor, tokens: Tensor, positions: Tensor, wpe: Tensor
+                   ) -> Callable[[], None]:
+        """embed(tokens) + wpe's rows at `positions` into out, as one bound call
+        (engine/decode_plan.py)."""
+        rows = self.rows if self.matmul.ours is None else self.matmul.ours.packed
+        return kernels.bind_embedding(out, tokens, positions, wpe, rows, self.scales)
+
+    def forward(self, hidden: Tensor, ln: nn.LayerNorm | None = None) -> Tensor:
+        return self.matmul(hidden, ln=ln)

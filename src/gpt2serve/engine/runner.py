@@ -222,14 +222,14 @@ class PlanRunner(EagerRunner):
         screen = self.screen
         ks = self.sampler.largest_needed(seqs) if screen is not None else None
         if ks is None:
-            return self.model.logits(hidden)
+            return self.plan.logits(len(seqs))
         m, k, start = len(seqs), max(ks), time.perf_counter()
         screened = screen.choice.screens(m, k) and screen.promising(ks)
-        logits = screen.logits(self.model.ln_f(hidden), ks) if screened else None
+        logits = screen.logits(hidden, ks, self.model.ln_f) if screened else None
         if screened:
             self.screen_outcomes["decided" if logits is not None else "full"].inc()
         if logits is None:
-            logits = self.model.logits(hidden)
+            logits = self.plan.logits(m)
         screen.choice.observe(m, k, screened, time.perf_counter() - start)
         return logits
 
