@@ -247,6 +247,41 @@ def test_int8_linear_against_the_arithmetic_written_out(form, m, k, n):
                        q[[n - 1, 0]])
 
 
+@pytest.mark.skipif(not (kernels.F32_RUNS and kernels.INT8_RUNS and kernels.INT4_ISA),
+                    reason="needs our fp32, int8 and int4 kernels (built, AVX2)")
+@pytest.mark.parametrize("n", [16, 48, 5000])
+def test_each_panel_is_taken_once_whichever_thread_takes_it(n):
+    """A decode step's rows share a call's panels out as they go: each thread starts on a run
+    of its own, and one that is done takes the others' panels from the back (_kernels.c,
+    take_panel). Whichever thread sums a panel, the sums are the same. With two threads,
+    over many calls (one panel: a thread's run is empty and it takes from the other's at
+    once; otherwise which thread is first done varies), every result equals one thread's,
+    bit for bit, for each kernel and 1 and 9 rows."""
+    torch.manual_seed(n)
+    k = 256
+    w, bias = torch.randn(k, n), torch.randn(n)
+    q = torch.randint(-127 if kernels.INT8_VNNI else -63, 64, (n, k), dtype=torch.int8)
+    packed, sums = kernels.pack_int8(q)
+    scales = torch.cat([torch.rand(n) / 100, torch.zeros(sums.shape[0] - n)])
+    panels, int4 = kernels.pack_f32(w), kernels.pack_int4(
+        torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // 32).half().float())
+    calls = {"fp32": lambda x: kernels.linear_f32(x, panels, bias, n),
+             "int8": lambda x: kernels.int8_linear(x, packed, sums, scales, bias, n),
+             "int4": lambda x: kernels.int4_linear(x, int4, bias, n)}
+    threads = torch.get_num_threads()
+    try:
+        for m in (1, 9):
+            x = torch.randn(m, k)
+            torch.set_num_threads(1)
+            alone = {name: call(x) for name, call in calls.items()}
+            torch.set_num_threads(2)
+            for _ in range(50):
+                for name, call in calls.items():
+                    assert torch.equal(call(x), alone[name]), (name, m)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not kernels.ENABLED, reason="our C kernels are not built or are off")
 @pytest.mark.parametrize("layout", ["pack_int8", "int8 rows", "pack_f32", "fp32 rows"])
 @pytest.mark.parametrize("d", [64, 30])
