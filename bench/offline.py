@@ -403,21 +403,32 @@ def main() -> None:
 
     names = [n for n in [*runners, *OPENVINO] if not args.only or n in args.only]
     rounds: dict[str, list[dict[int, float]]] = {}
+    # The read bandwidth just before each engine's run: on a shared VM a neighbour's spell
+    # moved it by a third within one run of the set, so a share of one figure taken minutes
+    # away says little of a round.
+    bandwidths: dict[str, list[float]] = {}
     for r in range(args.rounds):
         if args.rounds > 1:
-            print(f"round {r + 1} of {args.rounds}: measured read bandwidth "
-                  f"{read_bandwidth() / 1e9:.1f} GB/s", flush=True)
+            print(f"round {r + 1} of {args.rounds}", flush=True)
         for name in names if r % 2 == 0 else names[::-1]:
             if r and name not in rounds:
                 continue  # skipped or failed in the first round
+            before = read_bandwidth()
             measured = run_engine(name)
             if measured is None:
                 continue
             rounds.setdefault(name, []).append(measured)
+            bandwidths.setdefault(name, []).append(before)
             for b, v in measured.items():
-                print(f"{name:24s} batch {b}: {v:7.1f} tok/s", flush=True)
+                print(f"{name:24s} batch {b}: {v:7.1f} tok/s "
+                      f"(read bandwidth before it {before / 1e9:.1f} GB/s)", flush=True)
     results = {name: {b: statistics.median(m[b] for m in runs if b in m) for b in runs[0]}
                for name, runs in rounds.items()}
+    # each round's batch-1 bytes a second over the bandwidth measured just before it
+    shares = {name: [WEIGHT_BYTES[name] * m[1] / bw for m, bw in zip(runs, bandwidths[name])]
+              for name, runs in rounds.items() if name in WEIGHT_BYTES and 1 in runs[0]}
+    bandwidth = statistics.median([bw for bws in bandwidths.values() for bw in bws] or
+                                  [bandwidth])
     if args.rounds > 1:
         print(f"\nmedian of {args.rounds} rounds:")
         for name, by_batch in results.items():
@@ -435,12 +446,15 @@ def main() -> None:
         print("\nISA in the engine processes:")
         for name, isa in effective.items():
             print(f"  {name:22s} {isa}")
-    print(f"\nmemory read bandwidth: {bandwidth / 1e9:.1f} GB/s (common.read_bandwidth)")
+    print(f"\nmemory read bandwidth: {bandwidth / 1e9:.1f} GB/s (common.read_bandwidth, the "
+          f"median of the measures before each engine's run)")
     for name, nbytes in WEIGHT_BYTES.items():
-        if 1 in results.get(name, {}):
+        if name in shares:
             implied = nbytes * results[name][1]  # every weight once per token at batch 1
             print(f"  {name}: {nbytes / 1e6:.0f} MB of weights per token, batch 1 streams "
-                  f"{implied / 1e9:.1f} GB/s = {implied / bandwidth:.0%} of measured bandwidth")
+                  f"{implied / 1e9:.1f} GB/s; of the bandwidth measured before each round's "
+                  f"run {', '.join(f'{x:.0%}' for x in shares[name])}, median "
+                  f"{statistics.median(shares[name]):.0%}")
     write_result(args.out, {
         "benchmark": "offline", "sampling": args.sampling, "mode": mode, "isa_cap": args.isa,
         "model": f"{SHAPE_NAMES[args.model]}, random weights, real vocabulary",
@@ -448,6 +462,9 @@ def main() -> None:
         "prompt_tokens": args.prompt_tokens, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
         "rounds": args.rounds, "tok_s": results,
         "weight_bytes": {n: b for n, b in WEIGHT_BYTES.items() if n in results},
+        "bandwidth_gb_s_before": {n: [round(bw / 1e9, 1) for bw in bws]
+                                  for n, bws in bandwidths.items()},
+        "batch1_bandwidth_share": {n: [round(x, 3) for x in xs] for n, xs in shares.items()},
         "engine_isa": effective, "engine_versions": engine_versions, "skipped": skipped},
         machine(bandwidth, env))
 

@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,9 +96,11 @@ def offline_table(r: dict) -> str:
                      *[f"{by[b]:.1f}" if b in by else "—" for b in batches],
                      *["" if name in OURS else ratio(ours.get(b), by.get(b)) for b in batches]])
     table = "\n".join("| " + " | ".join(c) + " |" for c in rows)
+    shares = r.get("batch1_bandwidth_share") or {}  # (runs since 2026-12-06 record them)
     streamed = [f"{LABEL.get(n, n)} {nbytes / 1e6:.0f} MB a token, {nbytes * tok[n][1] / 1e9:.1f}"
-                f" GB/s" for n, nbytes in (r.get("weight_bytes") or {}).items()
-                if 1 in tok.get(n, {})]
+                f" GB/s" + (f" ({statistics.median(shares[n]):.0%} of the bandwidth measured "
+                            f"before each round's run, median)" if n in shares else "")
+                for n, nbytes in (r.get("weight_bytes") or {}).items() if 1 in tok.get(n, {})]
     rounds = f"median of {r['rounds']} rounds of " if r.get("rounds", 1) > 1 else ""
     model = r["model"].split(",")[0]  # "GPT-2 124M, random weights, ..."
     text = (f"{machine_line(r)}\n{model}, {r['prompt_tokens']}-token prompts, "
