@@ -17,11 +17,11 @@ pytestmark = pytest.mark.skipif(not (kernels.F32_RUNS and kernels.INT8_RUNS),
                                 reason="needs our fp32 and int8 kernels (AVX2, built, enabled)")
 
 
-def packed_head(weight_t: torch.Tensor) -> PackedHead:
+def packed_head(weight_t: torch.Tensor, kernels_: str = "ours") -> PackedHead:
     """A PackedHead with its screen as the plan runner makes it (as `head.screen`)."""
     head = TiedHead(*weight_t.shape)
     head.weight_t.data.copy_(weight_t)
-    packed = PackedHead(head, kernel_choice.choose("fp32", [(*weight_t.shape, True)], "ours"))
+    packed = PackedHead(head, kernel_choice.choose("fp32", [(*weight_t.shape, True)], kernels_))
     packed.screen = HeadScreen.of(packed)
     return packed
 
@@ -162,6 +162,19 @@ def test_the_screen_choice_leaves_a_way_that_turned_slow():
     choices(choice, 6, 1, {True: 1e-3, False: 2e-3}, 2 * C.WARMUP + C.EXPLORE)
     ways = choices(choice, 6, 1, {True: 3e-3, False: 2e-3}, C.WINDOW)
     assert ways[C.WINDOW // 2 + 1:] == [False] * (C.WINDOW - C.WINDOW // 2 - 1)
+
+
+def test_the_screen_declines_rows_the_head_multiplies_with_another_kernel():
+    """Where the head's product of m rows is torch's, the screen's exact logits (our
+    kernel's sums) would not be the head's to the bit, so a screened step would not give
+    what a declined one does: it serves no such step."""
+    torch.manual_seed(6)
+    weight_t = torch.randn(32, 800)
+    head, h = packed_head(weight_t, "torch"), torch.randn(2, 32)
+    assert head.screen is not None and not head.screen.serves(2)
+    assert head.screen.logits(h, [1, 1]) is None
+    ours = packed_head(weight_t)
+    assert ours.screen.serves(2) and ours.screen.logits(h, [1, 1]) is not None
 
 
 def test_no_screen_for_a_head_that_is_not_finite():

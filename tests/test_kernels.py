@@ -288,7 +288,8 @@ def test_each_panel_is_taken_once_whichever_thread_takes_it(n):
 def test_the_embedding_call_gives_the_torch_ops_sums_to_the_bit(layout, d):
     """The decode plan's embedding (token rows in the LM head's layout, + wpe's rows) against
     the eager step's torch ops: tokens in the last, padded panel and at a panel's edges, a
-    token twice, a width that is not a multiple of 4 (pack_int8 pads it)."""
+    token twice, a width that is not a multiple of 4 (pack_int8 pads it); positions past
+    wpe's end clamped as GPT._embed clamps them; a token outside the vocabulary refused."""
     torch.manual_seed(d)
     V, positions = 37, torch.tensor([0, 5, 5, 9, 2])
     tokens = torch.tensor([36, 0, 15, 16, 36])
@@ -296,14 +297,21 @@ def test_the_embedding_call_gives_the_torch_ops_sums_to_the_bit(layout, d):
     if layout.endswith("int8") or layout == "int8 rows":
         q, scales = torch.randint(-127, 128, (V, d), dtype=torch.int8), torch.rand(V) / 50
         rows = kernels.pack_int8(q)[0] if layout == "pack_int8" else q
-        expected = q[tokens].float() * scales[tokens].unsqueeze(-1) + wpe[positions]
+        token_rows = q[tokens].float() * scales[tokens].unsqueeze(-1)
     else:
         w, scales = torch.randn(V, d), None
         rows = kernels.pack_f32(w.t().contiguous()) if layout == "pack_f32" else w
-        expected = w[tokens] + wpe[positions]
+        token_rows = w[tokens]
     out = torch.full((len(tokens), d), float("nan"))
-    kernels.bind_embedding(out, tokens, positions, wpe, rows, scales)()
-    assert torch.equal(out, expected)
+    kernels.bind_embedding(out, tokens, positions, wpe, rows, V, scales)()
+    assert torch.equal(out, token_rows + wpe[positions])
+    past = torch.tensor([10, 99, 9, 0, 1])  # positions past wpe's last take its last, as eager
+    kernels.bind_embedding(out, tokens, past, wpe, rows, V, scales)()
+    assert torch.equal(out, token_rows + wpe[past.clamp(max=9)])
+    for token in (V, -1):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            kernels.bind_embedding(out, torch.tensor([0, token]), positions[:2], wpe, rows, V,
+                                   scales)()
 
 
 @pytest.mark.skipif(not kernels.AMX or not kernels.INT8_VNNI, reason="needs AMX (and VNNI)")

@@ -637,7 +637,8 @@ static PyObject *prompt_attention(PyObject *self, PyObject *args) {
 Both matmul kernels, linear_f32 and int8_linear, read W in panels of 16 outputs, each panel
 64 bytes per step along k (16 fp32 weights of one input, or 16 x 4 int8 weights of four
 inputs), zeros past n. Threads split the panels, so each reads one sequential stream of W,
-once for all of x's rows (`PANELS` says in what order). A tile is R rows x 16 outputs summed in
+once for all of x's rows, and a decode step's threads take what is left of each other's
+streams from their ends (`PANELS` says in what order). A tile is R rows x 16 outputs summed in
 registers over k, R as many as the target's registers hold without spilling, so that the
 tile's multiply-adds hide each other's latency. Around the product, optionally: the rows'
 LayerNorm before it, GELU and a residual add after it (packing.FusedBlock). */
@@ -746,9 +747,8 @@ batch 8 (in one process, alternating the two builds). A thread's own panels keep
 from memory; a stolen run is read backwards, its next panel prefetched as the forward one's.
 Each run is a (front, back) pair in one word, taken by compare-and-swap, on a cache line of
 its own. */
-typedef struct {
+typedef struct __attribute__((aligned(64))) {
     uint64_t front_back; /* front in the low 32 bits, back in the high */
-    char pad[56];
 } panel_run;
 #define MAX_TEAM 64
 typedef struct {
@@ -2288,20 +2288,43 @@ row positions[j] of wpe, for the decode plan: one call where torch's ops took a 
 cache-cold after the step before streamed the weights through (engine/decode_plan.py). The
 embedding is read in place, in whichever layout the LM head keeps it (pack_int8's, pack_f32's
 or plain rows): value i of row r is at (r / 16) * s_panel + (r % 16) * s_lane + (i / 4) * s_quad
-+ (i % 4) * s_inner. The same products and sums as the torch ops (kernels.bind_embedding). */
++ (i % 4) * s_inner. The same products and sums as the torch ops (kernels.bind_embedding),
+rounded as they are: no product and sum fused into one FMA, on a target that has it. Positions
+past wpe's last take its last row, as GPT._embed's clamp has them; a token outside the
+vocabulary is an error. */
 
-static PyObject *embed(PyObject *self, PyObject *args) {
+#if defined(__clang__)
+#define NO_FP_CONTRACT
+#elif defined(__GNUC__)
+#define NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define NO_FP_CONTRACT
+#endif
+
+NO_FP_CONTRACT static PyObject *embed(PyObject *self, PyObject *args) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
     unsigned long long out, table, scales, wpe, tokens, positions;
-    int64_t n, d, s_panel, s_lane, s_quad, s_inner;
+    int64_t n, d, v, n_positions, s_panel, s_lane, s_quad, s_inner;
     int int8;
-    if (!PyArg_ParseTuple(args, "KKKKKKLLLLLLp", &out, &table, &scales, &wpe, &tokens,
-                          &positions, &n, &d, &s_panel, &s_lane, &s_quad, &s_inner, &int8))
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLLLLLp", &out, &table, &scales, &wpe, &tokens,
+                          &positions, &n, &d, &v, &n_positions, &s_panel, &s_lane, &s_quad,
+                          &s_inner, &int8))
         return NULL;
+    for (int64_t j = 0; j < n; ++j)
+        if (((const int64_t *)(uintptr_t)tokens)[j] < 0
+            || ((const int64_t *)(uintptr_t)tokens)[j] >= v) {
+            PyErr_Format(PyExc_ValueError, "embed: token %lld is outside the vocabulary of %lld",
+                         (long long)((const int64_t *)(uintptr_t)tokens)[j], (long long)v);
+            return NULL;
+        }
     for (int64_t j = 0; j < n; ++j) {
         const int64_t r = ((const int64_t *)(uintptr_t)tokens)[j];
         const int64_t row = (r / 16) * s_panel + (r % 16) * s_lane;
+        const int64_t at = ((const int64_t *)(uintptr_t)positions)[j];
         const float *position = (const float *)(uintptr_t)wpe
-                                + ((const int64_t *)(uintptr_t)positions)[j] * d;
+                                + (at < n_positions ? at : n_positions - 1) * d;
         float *y = (float *)(uintptr_t)out + j * d;
         if (int8) {
             const int8_t *w = (const int8_t *)(uintptr_t)table + row;
@@ -2361,9 +2384,10 @@ static PyMethodDef methods[] = {
      "residual, gelu, panels): addresses of contiguous fp32 tensors, 0 for none; isa 2 "
      "AVX-512, 1 AVX2; up to l1_rows rows, the next panel is prefetched into L1 (kernels.py)"},
     {"embed", embed, METH_VARARGS,
-     "embed(out, table, scales, wpe, tokens, positions, n, d, s_panel, s_lane, s_quad, "
-     "s_inner, int8): out [n, d] fp32, each row the token embedding's row (int8 times its "
-     "scale, or fp32) plus wpe's at its position; int64 tokens and positions (kernels.py)"},
+     "embed(out, table, scales, wpe, tokens, positions, n, d, v, n_positions, s_panel, "
+     "s_lane, s_quad, s_inner, int8): out [n, d] fp32, each row the token embedding's row "
+     "(int8 times its scale, or fp32) plus wpe's at its position; int64 tokens in 0..v-1 "
+     "and positions (kernels.py)"},
     {NULL, NULL, 0, NULL},
 };
 

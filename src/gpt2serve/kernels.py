@@ -298,12 +298,14 @@ def packed_int8_rows(packed: Tensor, index: Tensor, k: int) -> Tensor:
 
 
 def bind_embedding(out: Tensor, tokens: Tensor, positions: Tensor, wpe: Tensor, rows: Tensor,
-                   scales: Tensor | None = None) -> Callable[[], None]:
+                   vocab: int, scales: Tensor | None = None) -> Callable[[], None]:
     """out [n, D] = the token embedding's row of each of tokens [n] (times its scale where
-    `scales` is given: int8 rows) + wpe's row at its position, as a call of no arguments on
-    these tensors' memory (see bind_decode_attention). `rows`: the embedding in its LM head's
-    layout, pack_int8's [ceil(V / 16), D / 4, 16, 4] int8, pack_f32's [ceil(V / 16), D, 16]
-    fp32, or plain [V, D] rows; tokens and positions contiguous int64."""
+    `scales` is given: int8 rows) + wpe's row at its position (wpe's last past its end, as
+    GPT._embed clamps), as a call of no arguments on these tensors' memory (see
+    bind_decode_attention); a call raises ValueError for a token outside 0..vocab-1. `rows`:
+    the embedding in its LM head's layout, pack_int8's [ceil(V / 16), D / 4, 16, 4] int8,
+    pack_f32's [ceil(V / 16), D, 16] fp32, or plain [V, D] rows; out, wpe and scales fp32,
+    tokens and positions int64, all contiguous."""
     n, d = out.shape
     if rows.dim() == 4:  # pack_int8: (r, i) at [r // 16, i // 4, r % 16, i % 4]
         strides = (rows.stride(0), rows.stride(2), rows.stride(1), rows.stride(3))
@@ -311,13 +313,15 @@ def bind_embedding(out: Tensor, tokens: Tensor, positions: Tensor, wpe: Tensor, 
         strides = (rows.stride(0), rows.stride(2), 4 * rows.stride(1), rows.stride(1))
     else:  # plain rows: at [r, i]
         strides = (16 * rows.stride(0), rows.stride(0), 4 * rows.stride(1), rows.stride(1))
-    if not (out.is_contiguous() and wpe.is_contiguous() and tokens.is_contiguous()
-            and positions.is_contiguous() and rows.dtype == (torch.int8 if scales is not None
-                                                             else torch.float32)):
-        raise ValueError("embed takes contiguous rows, and int8 rows with their scales")
+    fp32 = [out, wpe] + ([] if scales is None else [scales])
+    if not (all(t.dtype == torch.float32 and t.is_contiguous() for t in fp32)
+            and all(t.dtype == torch.long and t.is_contiguous() for t in (tokens, positions))
+            and rows.dtype == (torch.int8 if scales is not None else torch.float32)):
+        raise ValueError("embed takes contiguous fp32 rows, int64 tokens and positions, and "
+                         "int8 rows with their scales")
     return functools.partial(_kernels.embed, out.data_ptr(), rows.data_ptr(), _address(scales),
                              wpe.data_ptr(), tokens.data_ptr(), positions.data_ptr(), n, d,
-                             *strides, scales is not None)
+                             vocab, wpe.shape[0], *strides, scales is not None)
 
 
 def int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor, bias: Tensor | None,

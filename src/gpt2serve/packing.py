@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import hardware, kernels, quantize
 from .kernel_choice import KernelTable
-from .matmul import OursInt8
+from .matmul import Matmul, OursInt8
 from .model import GPT, Block, Conv1D, TiedHead
 
 
@@ -56,7 +56,7 @@ class PackedHead(nn.Module):
         weight = head.weight_t.detach()
         self.matmul = table.matmul("fp32", (weight, None))
         self.rows = None if self.matmul.ours is not None else weight.t().contiguous()
-        self.nbytes = weight.nbytes
+        self.nbytes, self.vocab_size = weight.nbytes, weight.shape[1]
         self.finite = bool(torch.isfinite(weight).all())
 
     def embed(self, tokens: Tensor) -> Tensor:
@@ -69,7 +69,7 @@ class PackedHead(nn.Module):
         """embed(tokens) + wpe's rows at `positions` into out, as one bound call
         (engine/decode_plan.py)."""
         rows = self.rows if self.rows is not None else self.matmul.ours.panels
-        return kernels.bind_embedding(out, tokens, positions, wpe, rows)
+        return kernels.bind_embedding(out, tokens, positions, wpe, rows, self.vocab_size)
 
     def forward(self, hidden: Tensor, ln: nn.LayerNorm | None = None) -> Tensor:
         return self.matmul(hidden, ln=ln)
@@ -111,10 +111,11 @@ class HeadScreen:
         if (not isinstance(head, PackedHead) or head.matmul.ours is None
                 or not kernels.INT8_RUNS or not head.finite):
             return None
-        return cls(head.matmul.ours.panels, head.matmul.ours.n)
+        return cls(head.matmul)
 
-    def __init__(self, panels: Tensor, n: int):
-        self.panels, self.n = panels, n
+    def __init__(self, matmul: Matmul):
+        self.matmul = matmul  # the head's: its kernel for m rows is the one to repeat
+        panels, n = self.panels, self.n = matmul.ours.panels, matmul.ours.n
         d = panels.shape[1]
         q = torch.empty(n, d, dtype=torch.int8)
         scales, self.norms, self.errors = torch.empty(n), torch.empty(n), torch.empty(n)
@@ -145,6 +146,12 @@ class HeadScreen:
         self._resting: dict[int, int] = {}
         self.choice = ScreenChoice()
 
+    def serves(self, m: int) -> bool:
+        """Whether the head multiplies m rows with our fp32 kernel, whose sums the screen's
+        exact logits repeat (another kernel's, or our other ISA's tiles, differ in the last
+        bits, and a screened step would not give what a declined one does)."""
+        return self.matmul.kernel(m)[0] is self.matmul.ours
+
     def promising(self, ks: list[int]) -> bool:
         """Whether to screen a step whose rows want their ks largest logits: not while the
         screen rests after declining steps of the same largest k."""
@@ -159,15 +166,17 @@ class HeadScreen:
         """Logits [m, V] for hidden states [m, D] read through the layer norm `ln` as the
         head reads them (PackedHead.forward), exact wherever they can be among row i's ks[i]
         largest and -inf where they cannot; None where the screen leaves too many
-        candidates (or a hidden state is not finite)."""
+        candidates, where it does not serve m rows, or where a row is not finite."""
         m = hidden.shape[0]
-        if not bool(torch.isfinite(hidden).all()):
+        if not (self.serves(m) and bool(torch.isfinite(hidden).all())):
             return None
         hidden, error = hidden.contiguous(), torch.empty(m)
         # h: the rows the head multiplies, normed by the int8 kernel as the head's own
         # kernel norms them (the same C code), so that the exact logits below are the head's
         h = hidden if ln is None else torch.empty_like(hidden)
         s = self.int8(hidden, x_error=error, ln=ln, normed=None if ln is None else h)
+        if ln is not None and not bool(torch.isfinite(h).all()):  # (a layer norm's weights)
+            return None
         norm = torch.linalg.vector_norm(h, dim=1)
         # fp32 rounding of the bound itself and of s +- bound: the 1.001 and 8u|s| cover it
         bound = torch.outer(error + self.gamma * norm, self.norms)
@@ -185,8 +194,9 @@ class HeadScreen:
                 self._declines[k], self._resting[k] = 0, self.REST_STEPS
             return None
         self._declines[k] = 0
-        exact = kernels.linear_f32(h, self.panels, None, len(panels) * kernels.PANEL,
-                                   panel_ids=panels)
+        isa, l1_rows = self.matmul.kernel(m)[1]  # (serves: ours, as the head runs m rows)
+        exact = kernels.linear_f32(h, self.panels, None, len(panels) * kernels.PANEL, isa=isa,
+                                   l1_rows=l1_rows, panel_ids=panels)
         ids = (panels[:, None] * kernels.PANEL + torch.arange(kernels.PANEL)).flatten()
         real = ids < self.n  # (the last panel's padding is not a token)
         logits = torch.full((m, self.n), -math.inf)

@@ -106,7 +106,8 @@ class Int8TiedHead(nn.Module):
         """embed(tokens) + wpe's rows at `positions` into out, as one bound call
         (engine/decode_plan.py)."""
         rows = self.rows if self.matmul.ours is None else self.matmul.ours.packed
-        return kernels.bind_embedding(out, tokens, positions, wpe, rows, self.scales)
+        return kernels.bind_embedding(out, tokens, positions, wpe, rows, len(self.scales),
+                                      self.scales)
 
     def forward(self, hidden: Tensor, ln: nn.LayerNorm | None = None) -> Tensor:
         return self.matmul(hidden, ln=ln)

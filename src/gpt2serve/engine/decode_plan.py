@@ -55,7 +55,7 @@ class DecodePlan:
     @torch.inference_mode()
     def run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
             between_layers: Callable[[], None] | None = None) -> Tensor:
-        """Hidden states [n, D] of n decode rows, for GPT.logits (or the head's screen): token
+        """Hidden states [n, D] of n decode rows, for `logits` (or the head's screen): token
         i at positions[i], cached through the block table tables[i]. `between_layers` as in
         GPT.forward. The rows are the plan's buffer, overwritten by the next run."""
         n = len(tokens)

@@ -224,7 +224,7 @@ class PlanRunner(EagerRunner):
         if ks is None:
             return self.plan.logits(len(seqs))
         m, k, start = len(seqs), max(ks), time.perf_counter()
-        screened = screen.choice.screens(m, k) and screen.promising(ks)
+        screened = screen.serves(m) and screen.choice.screens(m, k) and screen.promising(ks)
         logits = screen.logits(hidden, ks, self.model.ln_f) if screened else None
         if screened:
             self.screen_outcomes["decided" if logits is not None else "full"].inc()
