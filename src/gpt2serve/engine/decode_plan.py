@@ -41,9 +41,9 @@ class DecodePlan:
         self.mlp = torch.zeros(B, cfg.mlp_dim)
         self.normed = torch.zeros(B, D)  # a layer norm's output, read by its matmul
         self.logits_rows = torch.zeros(B, cfg.vocab_size)
-        # by batch size: the embedding's call, then each layer's calls
-        self._calls: dict[int, tuple[Callable[[], None], list[list[Callable[[], None]]]]] = {}
-        self._heads: dict[int, Callable[[], None]] = {}  # by batch size
+        # by batch size: the embedding's call, each layer's calls, the head's call
+        self._calls: dict[int, tuple[Callable[[], None], list[list[Callable[[], None]]],
+                                     Callable[[], None]]] = {}
 
     @staticmethod
     def serves(model: GPT, cache: KVCache) -> bool:
@@ -63,7 +63,7 @@ class DecodePlan:
         token_ids[:n], at[:n] = tokens, positions
         for row, table in enumerate(tables):
             block_tables[row, :len(table)] = table
-        embed, layers = self._calls.get(n) or self._bind(n)
+        embed, layers, _ = self._calls.get(n) or self._bind(n)
         embed()
         for layer in layers:
             for call in layer:
@@ -77,15 +77,14 @@ class DecodePlan:
         fused, as GPT.logits has it) bound to the plan's buffers, overwritten by the next
         call; its torch ops, made eagerly, ran cache-cold as the embedding's did (1.01-1.02x
         a step, measured as above)."""
-        if n not in self._heads:
-            self._heads[n] = self.model.head.matmul.bind(
-                self.x[0, :n], self.logits_rows[:n], ln=self.model.ln_f, normed=self.normed[:n])
-        self._heads[n]()
+        self._calls[n][2]()
         return self.logits_rows[:n]
 
-    def _bind(self, n: int) -> tuple[Callable[[], None], list[list[Callable[[], None]]]]:
-        """The calls for n rows: the embedding's, into x[0]; then each layer's
-        (FusedBlock.bind), which reads x[0] and leaves its output there."""
+    def _bind(self, n: int) -> tuple[Callable[[], None], list[list[Callable[[], None]]],
+                                     Callable[[], None]]:
+        """The calls for n rows: the embedding's, into x[0]; each layer's
+        (FusedBlock.bind), which reads x[0] and leaves its output there; the head's, from
+        x[0] to logits_rows."""
         x, normed = self.x[:, :n], self.normed[:n]
         qkv, attended, mlp = self.qkv[:n], self.attended[:n], self.mlp[:n]
         tables, positions = self.tables[:n], self.positions[:n]
@@ -94,5 +93,7 @@ class DecodePlan:
                                                                  block.scale, attended))
                   for block, kv in zip(self.model.h, self.cache.kv)]
         embed = self.model.head.bind_embed(x[0], self.tokens[:n], positions, self.model.wpe.weight)
-        self._calls[n] = embed, layers
-        return embed, layers
+        head = self.model.head.matmul.bind(x[0], self.logits_rows[:n], ln=self.model.ln_f,
+                                           normed=normed)
+        self._calls[n] = embed, layers, head
+        return self._calls[n]
