@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 from conftest import make_hf_model
 from gpt2serve import checkpoint
 from gpt2serve.engine import Engine, EngineConfig, Prompt
-from gpt2serve.model import GPTConfig, Group, KVCache
+from gpt2serve.model import GPTConfig, Group, KVCache, inference
 from gpt2serve.sampling import SamplingParams
 
 CONFIGS = {
@@ -189,3 +189,22 @@ def test_a_query_block_attends_as_far_as_its_last_row_reaches(monkeypatch):
     g = Group(cache, torch.zeros(2, 7, dtype=torch.long), torch.tensor([10, 2]), blocks,
               torch.tensor([7, 5]))
     assert g.query_blocks == [(0, 3, 13), (3, 6, 16), (6, 7, 17)]
+
+
+def test_inference_runs_in_inference_mode_whatever_the_caller():
+    """The engine's calls (the plan's pass, the sampler, the model's) enter inference mode
+    only where the caller is not in it: from a caller outside it, or one that turned it off,
+    they still make inference tensors, never an autograd graph."""
+
+    @inference
+    def double(x):
+        return x * 2, torch.is_inference_mode_enabled()
+
+    w = torch.ones(3, requires_grad=True)
+    for mode in (None, True, False):
+        if mode is None:
+            y, inside = double(w)
+        else:
+            with torch.inference_mode(mode):
+                y, inside = double(w)
+        assert inside and y.is_inference() and not y.requires_grad

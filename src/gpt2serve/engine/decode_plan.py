@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from ..model import GPT, KVCache
+from ..model import GPT, KVCache, inference
 from ..packing import FusedBlock
 
 
@@ -52,7 +52,7 @@ class DecodePlan:
         return (all(isinstance(b.fused, FusedBlock) for b in model.h)
                 and kernels.runs_decode_attention(cache.kv))
 
-    @torch.inference_mode()
+    @inference
     def run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
             between_layers: Callable[[], None] | None = None) -> Tensor:
         """Hidden states [n, D] of n decode rows, for `logits` (or the head's screen): token

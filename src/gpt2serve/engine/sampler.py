@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
+from ..model import inference
 from ..sampling import RandomStream, SamplingParams
 
 # A top-k row keeps every token tied with its k-th, as transformers and vLLM do (fp16 and bf16
@@ -68,7 +69,7 @@ class Sampler:
         draws nothing new."""
         return [None if r.params.greedy else r.random.uniform() for r in rows]
 
-    @torch.inference_mode()
+    @inference
     def sample(self, logits: Tensor, rows: list[Row],
                uniforms: list[float | None] | None = None) -> list[Sampled]:
         """One token for each row of logits [B, V] (any float dtype, on the model's device),
