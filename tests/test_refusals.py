@@ -50,6 +50,16 @@ def test_logit_bias_keys_are_ascii_digits_on_every_route(logged, key):
     assert "'logit_bias'" in error(r)
 
 
+@pytest.mark.parametrize(("bias", "said"), [({"-1": 5}, "keys are token ids"),
+                                             ({"1.5": 5}, "keys are token ids"),
+                                             ({"5": 101}, "values are numbers in [-100, 100]"),
+                                             ({"5": "1"}, "values are numbers in [-100, 100]")])
+def test_a_logit_bias_refusal_says_whether_the_key_or_the_value_is_wrong(logged, bias, said):
+    r = post(logged.url + COMPLETIONS, {"model": MODEL, "prompt": "a", "max_tokens": 1,
+                                        "logit_bias": bias})
+    assert said in error(r)
+
+
 def test_max_new_tokens_0_is_refused_where_answers_hold_only_text(logged):
     """It reads the prompt and generates nothing: scoring, which only the OpenAI route
     answers (echo with logprobs); elsewhere it returned the prompt, or an empty text."""

@@ -394,6 +394,7 @@ def test_a_folder_with_a_hostile_config_is_listed_and_fails_alone(repo, tmp_path
         for _ in range(3):  # each scans the folder; the skip is said once
             assert not {"-dash", ".staging"} & set(index(srv))
         assert log.read_text().count("skipping") == 1
+        assert "a model's name is a letter or digit, then" in log.read_text()  # why '-dash'
         # gone, then back: said again
         shutil.rmtree(tmp_path / "-dash")
         index(srv)

@@ -274,11 +274,12 @@ def _logit_bias(raw) -> dict[int, float]:
         # (and at most 18: int() refuses more than 4,300 digits, a ValueError)
         token = (int(key) if isinstance(key, str) and key.isascii() and key.isdigit()
                  and len(key) <= 18 else key)
-        if (not isinstance(token, int) or isinstance(token, bool) or token < 0
-                or isinstance(bias, bool) or not isinstance(bias, (int, float))
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise SamplingError(f"'logit_bias' keys are token ids (0, 1, ...), got {_show(key)}")
+        if (isinstance(bias, bool) or not isinstance(bias, (int, float))
                 or not -100 <= bias <= 100):
-            raise SamplingError(f"'logit_bias' maps token ids to numbers in [-100, 100], "
-                                f"got {_show(key)}: {_show(bias)}")
+            raise SamplingError(f"'logit_bias' values are numbers in [-100, 100], got "
+                                f"{_show(key)}: {_show(bias)}")
         if token in out:  # "1" and "01": which bias was meant?
             raise SamplingError(f"'logit_bias' gives token {token} two biases "
                                 f"(keys {_show(names[token])} and {_show(key)})")

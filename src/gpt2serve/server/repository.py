@@ -202,7 +202,8 @@ class Repository(ModelRepository):
                 skipped[path] = str(e)
                 continue
             if not NAME.fullmatch(path.name):
-                skipped[path] = "a model's name is letters, digits, '.', '_' and '-'"
+                skipped[path] = ("a model's name is a letter or digit, then up to 127 "
+                                 "letters, digits, '.', '_' and '-'")
                 continue
             self._add(path.name, path)
         for path, why in skipped.items():
