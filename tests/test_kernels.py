@@ -118,7 +118,9 @@ def test_decode_attention_against_attention_written_out(block_size, head_dim, is
 def test_prompt_attention_against_attention_written_out(block_size, head_dim, dtype):
     """Four sequences' chunks of up to 13 rows, right-padded: from position 0, from the middle
     of a block (a prompt's second chunk), a single real row, and one reading a sibling's
-    blocks; row t of a sequence attends to positions 0..start + t through its block table,
+    blocks. Each real row's key and value are stored at its position, in the cache's dtype as
+    torch's cast rounds them, and nothing else in the cache changes (the padding's are not
+    stored); row t of a sequence attends to positions 0..start + t through its block table,
     softmax(q.k * scale) @ v in fp32 over the cache's values (an fp16 cache's widened). Padding
     rows come out finite and are not compared."""
     torch.manual_seed(2)
@@ -130,7 +132,14 @@ def test_prompt_attention_against_attention_written_out(block_size, head_dim, dt
     lengths = torch.tensor([T, 9, 1, 7])
     D = heads * head_dim
     qkv = torch.randn(4 * T, 3 * D) * 2
+    stored = kv.clone()
+    for n in range(4):
+        for t in range(int(lengths[n])):
+            p = int(start[n]) + t
+            new = qkv[n * T + t, D:].view(2, heads, head_dim)
+            stored[:, :, blocks[n, p // block_size], p % block_size] = new.to(dtype)
     got = kernels.prompt_attention(qkv, kv, blocks, start, lengths, 0.3)
+    torch.testing.assert_close(kv, stored, atol=0, rtol=0)
     assert torch.isfinite(got).all()
     for n in range(4):
         k, v = (kv[i][:, blocks[n]].reshape(heads, -1, head_dim).float() for i in (0, 1))

@@ -146,13 +146,15 @@ def runs_prompt_attention(kv: Tensor) -> bool:
 
 def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
                      lengths: Tensor | None, scale: float) -> Tensor:
-    """Attention of N sequences' next T prompt rows each -> [N * T, D].
+    """Store N sequences' next T prompt rows each in the cache, then their attention ->
+    [N * T, D].
 
-    qkv [N * T, 3D]: their queries (keys and values already in the cache, _store), rows of
-    a sequence together, right-padded to T; kv, blocks as decode_attention's; start [N]
-    int64, each sequence's first new position; lengths [N] int64, its real rows, or None for
-    all T. Row t attends to positions 0..start + t of its sequence (a padding row, to all of
-    its real ones), in place through the block tables."""
+    qkv [N * T, 3D]: their queries, keys and values, rows of a sequence together,
+    right-padded to T; kv, blocks as decode_attention's; start [N] int64, each sequence's
+    first new position; lengths [N] int64, its real rows, or None for all T. The real rows'
+    keys and values go into the cache at their positions (the padding's do not), every
+    sequence's before any row attends; row t attends to positions 0..start + t of its
+    sequence (a padding row, to all of its real ones), in place through the block tables."""
     if VECTOR_ISA < 2:  # (its only form is AVX-512's)
         raise RuntimeError("prompt_attention needs AVX-512 (runs_prompt_attention)")
     two, heads, num_blocks, block_size, head_dim = kv.shape

@@ -86,8 +86,9 @@ class KVCache:
     blocks with one `index_select` per layer along the block dimension, so that each
     (sequence, head) comes out as one contiguous run of positions: the layout attention reads
     fastest (a token-major one was markedly slower; docs/benchmarks.md). A layer stores the new
-    keys and values of all its tokens with one `index_copy_`. On CPU, decode rows do both in
-    place instead, block by block, in one C call per layer (kernels.py)."""
+    keys and values of all its tokens with one `index_copy_`. On CPU, decode rows and prompt
+    chunks store and attend in place instead, block by block, in one C call per layer and
+    group (kernels.py)."""
 
     def __init__(self, config: GPTConfig, num_blocks: int, block_size: int, dtype, device):
         shape = (config.n_layer, 2, config.n_head, num_blocks, block_size, config.head_dim)
@@ -186,7 +187,7 @@ class Group:
     step, engine/cuda_graphs.py). `in_place` (no span): attend through the block tables
     instead of a gathered copy, where the caller found that our kernel serves the cache
     (engine/runner.py): decode rows store and attend in one call (kernels.decode_attention),
-    prompt chunks attend after the store (kernels.prompt_attention)."""
+    and so do prompt chunks (kernels.prompt_attention)."""
 
     QUERY_BLOCK = 128  # rows of a prompt's chunk that attend together on CPU (_query_blocks)
 
@@ -206,16 +207,13 @@ class Group:
         self.in_place = in_place
         # decode rows (one token each): stored and attended to in one kernel call
         self.decode_in_place = in_place and self.T == 1 and lengths is None
-        if self.in_place:
+        if self.in_place:  # our kernels store and attend; the rest is what torch's ops need
             self.start, self.blocks = start.contiguous(), blocks.contiguous()
             self.lengths = None if lengths is None else lengths.contiguous()
-            if self.decode_in_place:
-                return
+            return
         self.valid = None if lengths is None else (offsets < lengths[:, None]).flatten()
         slots = cache.slots(blocks, self.pos).flatten()
         self.rows = cache.rows(slots if self.valid is None else slots[self.valid])
-        if self.in_place:  # the rest below is what the torch ops need
-            return
         if span is not None:
             self.L = span
         else:
@@ -300,10 +298,10 @@ class Block(nn.Module):
         sequence to its first g.L positions, where g.mask allows."""
         if g.decode_in_place:
             return kernels.decode_attention(qkv, kv, g.blocks, g.start, self.scale)
-        D = qkv.shape[1] // 3
-        _store(kv, g.rows, qkv[:, D:] if g.valid is None else qkv[g.valid, D:])
         if g.in_place:
             return kernels.prompt_attention(qkv, kv, g.blocks, g.start, g.lengths, self.scale)
+        D = qkv.shape[1] // 3
+        _store(kv, g.rows, qkv[:, D:] if g.valid is None else qkv[g.valid, D:])
         k, v = _gather(kv, g.used, g.N, g.L, g.gathered)
         q = qkv[:, :D].view(g.N, g.T, self.n_head, self.head_dim).transpose(1, 2)
         if k.dtype != q.dtype:  # a cache of another dtype (--kv_cache_dtype) is read in q's
