@@ -159,6 +159,10 @@ def test_prompt_attention_against_attention_written_out(block_size, head_dim, dt
         kernels.prompt_attention(qkv[:, ::2], kv, blocks, start, lengths, 0.3)
     with pytest.raises(ValueError, match="int64"):
         kernels.prompt_attention(qkv, kv, blocks, start, lengths.int(), 0.3)
+    with pytest.raises(ValueError, match="fp32 or fp16 cache"):  # (it would write past it)
+        kernels.prompt_attention(qkv, kv.to(torch.bfloat16), blocks, start, lengths, 0.3)
+    with pytest.raises(ValueError, match="fp32 or fp16 cache"):
+        kernels.decode_attention(qkv[:4], kv.to(torch.bfloat16), blocks, start, 0.3)
 
 
 @pytest.mark.skipif(not kernels.ENABLED or kernels.VECTOR_ISA < 2,

@@ -550,7 +550,7 @@ V2_BAD = {
     "unknown field": ({"inputs": [TENSOR], "input": []}, "unknown field 'input'"),
     "bad stop": ({"inputs": [TENSOR], "parameters": {"stop": [1]}}, "'stop' must be"),
     "bad logit_bias": ({"inputs": [TENSOR], "parameters": {"logit_bias": {"a": 1}}},
-                       "'logit_bias' maps"),
+                       "'logit_bias' keys are token ids"),
     "body a list": ([TENSOR], "must be a JSON object"),
     "not JSON": ("{inputs", "not valid JSON"),
 }

@@ -2367,8 +2367,9 @@ NO_FP_CONTRACT static PyObject *embed(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"prompt_attention", prompt_attention, METH_VARARGS,
      "prompt_attention(qkv, kv, blocks, start, lengths, out, n, t, heads, head_dim, num_blocks, "
-     "block_size, width, qkv_stride, scale, half): N sequences' T new rows each (keys and "
-     "values stored), lengths 0 for all T; as decode_attention otherwise; AVX-512 (kernels.py)"},
+     "block_size, width, qkv_stride, scale, half): N sequences' T new rows each, their keys "
+     "and values stored first, lengths 0 for all T; as decode_attention otherwise; AVX-512 "
+     "(kernels.py)"},
     {"decode_attention", decode_attention, METH_VARARGS,
      "decode_attention(qkv, kv, blocks, pos, out, n, heads, head_dim, num_blocks, block_size, "
      "width, qkv_stride, scale, isa, half): addresses of contiguous fp32/int64 tensors, "

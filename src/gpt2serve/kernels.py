@@ -132,10 +132,18 @@ def bind_decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor, 
     if qkv.stride(1) != 1 or not (kv.is_contiguous() and blocks.is_contiguous()
                                   and pos.is_contiguous() and out.is_contiguous()):
         raise ValueError("decode_attention takes contiguous rows")
+    _check_cache(kv)
     return functools.partial(_kernels.decode_attention, qkv.data_ptr(), kv.data_ptr(),
                              blocks.data_ptr(), pos.data_ptr(), out.data_ptr(), qkv.shape[0],
                              heads, head_dim, num_blocks, block_size, blocks.shape[1],
                              qkv.stride(0), scale, isa, kv.dtype == torch.float16)
+
+
+def _check_cache(kv: Tensor) -> None:
+    """The attention kernels write new keys and values: a cache they would address wrongly is
+    refused (runs_decode_attention says which serve)."""
+    if kv.dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"the attention kernels take an fp32 or fp16 cache, not {kv.dtype}")
 
 
 def runs_prompt_attention(kv: Tensor) -> bool:
@@ -151,10 +159,11 @@ def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
 
     qkv [N * T, 3D]: their queries, keys and values, rows of a sequence together,
     right-padded to T; kv, blocks as decode_attention's; start [N] int64, each sequence's
-    first new position; lengths [N] int64, its real rows, or None for all T. The real rows'
-    keys and values go into the cache at their positions (the padding's do not), every
-    sequence's before any row attends; row t attends to positions 0..start + t of its
-    sequence (a padding row, to all of its real ones), in place through the block tables."""
+    first new position; lengths [N] int64, its real rows (at most T), or None for all T; the
+    block tables cover every real row's position. The real rows' keys and values go into the
+    cache at their positions (the padding's do not), every sequence's before any row attends;
+    row t attends to positions 0..start + t of its sequence (a padding row, to all of its
+    real ones), in place through the block tables."""
     if VECTOR_ISA < 2:  # (its only form is AVX-512's)
         raise RuntimeError("prompt_attention needs AVX-512 (runs_prompt_attention)")
     two, heads, num_blocks, block_size, head_dim = kv.shape
@@ -164,6 +173,7 @@ def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
         raise ValueError("prompt_attention takes contiguous rows")
     if qkv.dtype != torch.float32 or any(t.dtype != torch.int64 for t in indices):
         raise ValueError("prompt_attention takes fp32 rows and int64 tables and positions")
+    _check_cache(kv)
     out = torch.empty(qkv.shape[0], heads * head_dim, dtype=qkv.dtype)
     _kernels.prompt_attention(qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(),
                               start.data_ptr(), 0 if lengths is None else lengths.data_ptr(),

@@ -86,7 +86,8 @@ class KVCache:
     blocks with one `index_select` per layer along the block dimension, so that each
     (sequence, head) comes out as one contiguous run of positions: the layout attention reads
     fastest (a token-major one was markedly slower; docs/benchmarks.md). A layer stores the new
-    keys and values of all its tokens with one `index_copy_`. On CPU, decode rows and prompt
+    keys and values of all its tokens with one `index_copy_`. On CPU, where our kernels serve
+    the cache (kernels.runs_decode_attention, runs_prompt_attention), decode rows and prompt
     chunks store and attend in place instead, block by block, in one C call per layer and
     group (kernels.py)."""
 
