@@ -401,3 +401,14 @@ def test_a_deeply_nested_value_is_refused_by_name_not_by_its_repr():
         deep = [deep]
     with pytest.raises(SamplingError, match=r"'temperature' must be a number, got \[\[\["):
         SamplingParams.from_dict({"temperature": deep})
+
+
+@pytest.mark.parametrize("sent, shown", [(1e308, "got 1e+308"), (10 ** 400, "got 1000000000"),
+                                         (1000.0, "got 1000.0")])
+def test_a_number_out_of_range_is_shown_as_sent_and_short(sent, shown):
+    """A whole double such as 1e308 was shown as the 309-digit integer it was read as, and an
+    integer of 400 digits whole: the message shows what the client sent, cut as strings are."""
+    with pytest.raises(SamplingError) as refused:
+        SamplingParams.from_dict({"n": sent})
+    message = str(refused.value)
+    assert message.startswith("'n' must be in [1,") and shown in message and len(message) < 100

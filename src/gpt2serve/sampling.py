@@ -229,13 +229,14 @@ def _show(value, depth: int = 0) -> str:
                  else [_show(v, depth + 1) for v in value[:3]])
         return ends[0] + ", ".join(shown + ["..."] * (len(value) > 3)) + ends[1]
     try:
-        return json.dumps(value)
+        shown = json.dumps(value)  # (an integer of a thousand digits is JSON too)
     except (TypeError, ValueError):  # not a JSON value (given through the Python API)
         return reprlib.repr(value)
+    return shown if len(shown) <= SHOWN else shown[:SHOWN] + "..."
 
 
 def _int(params, name, lo, hi=None, optional=False):
-    value = getattr(params, name)
+    value = sent = getattr(params, name)
     if value is None and optional:
         return None
     if isinstance(value, float) and value.is_integer():
@@ -244,7 +245,7 @@ def _int(params, name, lo, hi=None, optional=False):
     value = _check_type(params, name, (int,), "an integer")
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise SamplingError(f"'{name}' must be {bound}, got {value}")
+        raise SamplingError(f"'{name}' must be {bound}, got {_show(sent)}")
     return value
 
 
