@@ -449,11 +449,11 @@ T) at positions start..start+T-1. The real rows' keys and values are stored firs
 sequence's before any row attends (the padding's are not); then row t attends to positions
 0..start+t of its sequence, read through its block table in place. (torch's index_copy_ of the
 same rows took 90 us a layer in the engine, cache-cold: stored here, a prompt of 16, 128 and 512
-tokens was read 1.10x, 1.08x and 1.07x faster, int8 124M on an AMD EPYC Zen 4, in-process A/B.) torch's CPU
-flash attention over the gathered cache, with the causal mask, made 30-107 GFLOP/s on a Zen 5
-(every score the mask hides is computed; blocks of query rows cut some of that); this made
-78-297, 2.3-2.8x (bench/kernels.py --parts prompt), and a 960-token prompt was read 1.53x
-faster on the int8 model (docs/benchmarks.md, "Prompt attention"). Per sequence and head, one
+tokens was read 1.10x, 1.08x and 1.07x faster, int8 124M on an AMD EPYC Zen 4, in-process A/B.)
+torch's CPU flash attention over the gathered cache, with the causal mask, made 30-107 GFLOP/s
+on a Zen 5 (every score the mask hides is computed; blocks of query rows cut some of that);
+this made 78-297, 2.3-2.8x (bench/kernels.py --parts prompt), and a 960-token prompt was read
+1.53x faster on the int8 model (docs/benchmarks.md, "Prompt attention"). Per sequence and head, one
 thread: it copies the head's keys transposed ([head_dim][positions], fp32) into its scratch,
 so that a tile's scores are PROMPT_ROWS rows x 16 positions summed over head_dim in registers,
 one load of 16 keys' d-th values for PROMPT_ROWS multiply-adds; then each row's softmax over
