@@ -251,6 +251,18 @@ TARGET_F16C_AVX2 static inline void store_half(const float *src, void *row, int6
     for (; d < n; ++d) dst[d] = _cvtss_sh(src[d], _MM_FROUND_TO_NEAREST_INT);
 }
 
+/* A token's key and value of one head into the cache at position p of its block table, in the
+cache's dtype: `key` is the key in the token's qkv row, its value d_model floats on. */
+TARGET_F16C_AVX2 static inline __attribute__((always_inline)) void
+store_key_value(const decode_args *a, const int half, int64_t head, const int64_t *table,
+                int64_t p, const float *key, int64_t d_model, const int hd) {
+    for (int kv = 0; kv < 2; ++kv) {
+        char *row = cache_row(a, half, kv, head, table[p / a->block_size], p % a->block_size);
+        if (half) store_half(key + kv * d_model, row, hd);
+        else store_f32(key + kv * d_model, row, hd);
+    }
+}
+
 TARGET_AVX2 static void attend_avx2(const decode_args *a, int64_t seq, int64_t head,
                                     float *scores) {
     attend_one(a, seq, head, scores, 0, dot_f32, axpy_f32, store_f32);
@@ -317,11 +329,7 @@ INLINE_AVX512 void attend_64(const decode_args *a, int64_t seq, int64_t head, fl
     const int64_t *table = a->blocks + seq * a->width;
     const int64_t p = a->pos[seq], length = p + 1;
     const float *q_row = a->qkv + seq * a->qkv_stride + head * 64;
-    for (int kv = 0; kv < 2; ++kv) {
-        char *row = cache_row(a, half, kv, head, table[p / bs], p % bs);
-        if (half) store_half(q_row + (kv + 1) * d_model, row, 64);
-        else store_f32(q_row + (kv + 1) * d_model, row, 64);
-    }
+    store_key_value(a, half, head, table, p, q_row + d_model, d_model, 64);
     __m512 q[4];
     for (int c = 0; c < 4; ++c)
         q[c] = _mm512_mul_ps(_mm512_loadu_ps(q_row + 16 * c), _mm512_set1_ps(a->scale));
@@ -566,17 +574,12 @@ INLINE_AVX512 void prompt_one(const prompt_args *a, int64_t seq, int64_t head, f
 /* One sequence's real rows' key and value of one head into the cache, at their positions. */
 TARGET_F16C_AVX512 static void prompt_store(const prompt_args *a, int64_t seq, int64_t head) {
     const decode_args *c = &a->c;
-    const int64_t hd = c->head_dim, d_model = c->heads * hd, bs = c->block_size;
+    const int64_t hd = c->head_dim, d_model = c->heads * hd;
     const int64_t *table = c->blocks + seq * c->width;
     const int64_t start = c->pos[seq], rows = a->lengths ? a->lengths[seq] : a->T;
     for (int64_t t = 0; t < rows; ++t) {
-        const int64_t p = start + t;
         const float *key = c->qkv + (seq * a->T + t) * c->qkv_stride + d_model + head * hd;
-        for (int kv = 0; kv < 2; ++kv) {
-            char *row = cache_row(c, c->half, kv, head, table[p / bs], p % bs);
-            if (c->half) store_half(key + kv * d_model, row, hd);
-            else store_f32(key + kv * d_model, row, hd);
-        }
+        store_key_value(c, c->half, head, table, start + t, key, d_model, (int)hd);
     }
 }
 
