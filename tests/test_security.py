@@ -392,6 +392,41 @@ def test_a_browsers_cross_origin_form_is_refused_but_cors_json_and_its_own_page_
         assert httpx.post(url, content=body, headers=headers).status_code == 200, headers
 
 
+def rebound(srv, host: str, **headers) -> tuple[int, int]:
+    """(the status of a completion, of a model's metadata) as a page on `host` sends them
+    once its name points at 127.0.0.1: the `Host` and `Origin` its own."""
+    port = srv.url.rpartition(":")[2]
+    headers = {"host": f"{host}:{port}", "origin": f"http://{host}:{port}", **headers}
+    completion = httpx.post(f"{srv.url}/openai/v1/completions", headers=headers,
+                            json={"model": MODEL, "prompt": "a", "max_tokens": 2})
+    if completion.status_code == 403:
+        assert completion.json()["error"]["code"] == 403
+        assert host.lower().rstrip(".") in completion.json()["error"]["message"]
+    return completion.status_code, httpx.get(f"{srv.url}/v1/models/{MODEL}",
+                                             headers=headers).status_code
+
+
+def test_a_dns_name_rebound_to_localhost_is_refused_but_local_names_are_not(default,
+                                                                            tiny_model):
+    """Found in the list of what was left alone: a page on evil.example that rebinds its name
+    to 127.0.0.1 is, to the browser, of the same origin as the key-less server on localhost,
+    so it could generate and read the answers; CrossSiteForms lets it through (its Origin and
+    Host agree)."""
+    for host in ("evil.example", "EVIL.example.", "localhost.evil.example", "127.0.0.1.nip.io"):
+        assert rebound(default, host) == (403, 403), host
+    # local names, and a request a proxy forwarded (queue-proxy, an ingress)
+    for host in ("localhost", "LocalHost.", "app.localhost", "127.0.0.1", "[::1]", "devbox"):
+        assert rebound(default, host) == (200, 200), host
+    assert rebound(default, "evil.example", **OUTSIDE) == (200, 200)
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--allowed_hosts", " Dev.Example.,gpu.lan") as srv:
+        assert rebound(srv, "dev.example") == rebound(srv, "GPU.lan") == (200, 200)
+        assert rebound(srv, "evil.example") == (403, 403)
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--allowed_hosts", "*") as srv:
+        assert rebound(srv, "evil.example") == (200, 200)
+
+
 def test_a_cross_origin_request_with_the_servers_key_went_through_a_preflight(guarded):
     """A page sets Authorization only after a CORS preflight; a server with a key counts it
     whatever the Content-Type (the key check follows)."""

@@ -63,6 +63,11 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _hosts(text: str) -> frozenset[str]:
+    """Host names, comma-separated, as middleware._host_name writes them."""
+    return frozenset(h.strip().lower().rstrip(".") for h in text.split(",") if h.strip())
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -139,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on REST and gRPC (default: "
                         "$GPT2SERVE_API_KEY; health, metrics and the playground page stay "
                         "open)")
+    s.add_argument("--allowed_hosts", type=_hosts, default=frozenset(),
+                   help="comma-separated host names a browser on this machine may use for "
+                        "the server besides localhost, IP addresses and dotless names (a "
+                        "guard against DNS rebinding: 403 for any other Host on a request "
+                        "from this machine that no proxy forwarded); '*': any")
     s.add_argument("--enable_model_repository", type=_bool, nargs="?", const=True,
                    default=False,
                    help="serve the V2 model repository extension (POST /v2/repository/index, "

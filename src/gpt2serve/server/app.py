@@ -54,7 +54,8 @@ def serve(args: argparse.Namespace) -> None:
     from .generate import generate_router
     from .health import health_router
     from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, CrossSiteForms,
-                             FiniteJSON, HeadAsGet, NoModelVersions, WholeForHttp10)
+                             FiniteJSON, HeadAsGet, NoModelVersions, RebindingGuard,
+                             WholeForHttp10)
     from .openai import openai_router
     from .predictor import GPT2Predictor, v1_router
     from .repository import ModelUnavailable, ModelUnloaded, Repository, settings_of
@@ -95,12 +96,13 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(tokenize_router(repository, prefix="/openai/v1"))
     playground.add_routes(app, repository)
     # Starlette runs the last added middleware first: cross-site forms, auth, the body
-    # limit, model versions, non-finite JSON, cancel-on-disconnect, then HEAD as GET around
-    # the handlers.
+    # limit, the rebinding guard, model versions, non-finite JSON, cancel-on-disconnect, then
+    # HEAD as GET around the handlers.
     app.add_middleware(HeadAsGet)
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(FiniteJSON)
     app.add_middleware(NoModelVersions)
+    app.add_middleware(RebindingGuard, allowed=args.allowed_hosts)
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes, seconds=args.body_timeout)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)

@@ -37,12 +37,17 @@ AGENT_PATH = re.compile(r"/v2/repository/models/[^/]+/(load|unload)")
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
+def unforwarded_loopback(client: tuple | None, headers: dict) -> bool:
+    """A connection from this machine (or pod) that no proxy forwarded: queue-proxy, the
+    agent's proxy and an ingress add `X-Forwarded-For` or `Forwarded` to what they pass on."""
+    return (client is not None and client[0] in LOOPBACK
+            and b"x-forwarded-for" not in headers and b"forwarded" not in headers)
+
+
 def from_local_agent(path: str, client: tuple | None, headers: dict) -> bool:
     """A repository load or unload from a container of this pod (KServe's model agent)."""
-    return (AGENT_PATH.fullmatch(path) is not None and client is not None
-            and client[0] in LOOPBACK
-            and not any(h in headers for h in (b"x-forwarded-for", b"forwarded", b"origin",
-                                               b"sec-fetch-site")))
+    return (AGENT_PATH.fullmatch(path) is not None and unforwarded_loopback(client, headers)
+            and b"origin" not in headers and b"sec-fetch-site" not in headers)
 
 
 def authorized(value: str | bytes | None, api_key: str) -> bool:

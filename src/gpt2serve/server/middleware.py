@@ -7,6 +7,7 @@ and `started`, which holds a stream's response until its first event."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from typing import AsyncIterator
 
@@ -14,7 +15,8 @@ from starlette.responses import StreamingResponse
 
 from . import jsonbody
 
-from .auth import MISSING_KEY, PUBLIC_PATHS, authorized, from_local_agent
+from .auth import (MISSING_KEY, PUBLIC_PATHS, authorized, from_local_agent,
+                   unforwarded_loopback)
 from .errors import openai_shaped
 
 
@@ -119,6 +121,57 @@ def _same_origin(origin: bytes, host: bytes) -> bool:
     scheme, _, netloc = origin.lower().partition(b"://")
     default = {b"http": b":80", b"https": b":443"}.get(scheme, b"")
     return bool(netloc) and netloc.removesuffix(default) == host.lower().removesuffix(default)
+
+
+class RebindingGuard:
+    """403 for a request from this machine, unforwarded (auth.unforwarded_loopback), whose
+    `Host` is a DNS name that could be anyone's: DNS rebinding. A page on evil.example points
+    its name at 127.0.0.1 once loaded; the browser then counts the server on localhost as the
+    page's own origin, so no CORS check or preflight stops the page from posting to the
+    key-less routes and reading every answer (CrossSiteForms cannot see it: the `Origin` and
+    the `Host` agree). Local clients name the server as localhost (or `*.localhost`), an IP
+    address or a name with no dot (the machine's own; ICANN allows no dotless public names,
+    so none can be rebound), or one of `allowed` (`--allowed_hosts`; "*" turns this off).
+    Requests through a proxy (Knative's queue-proxy, an ingress, the Istio sidecar, which
+    connects from 127.0.0.6) and from other machines are not this case."""
+
+    def __init__(self, app, allowed: frozenset[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "*" not in self.allowed:
+            headers = dict(scope["headers"])
+            name = _host_name(headers.get(b"host", b""))
+            if (unforwarded_loopback(scope.get("client"), headers)
+                    and not _local_name(name) and name not in self.allowed):
+                shown = name if len(name) <= 80 else name[:80] + "..."
+                return await _send_json(send, 403, error_body(
+                    scope["path"], 403, f"Host {shown!r} is not a name of this server: a "
+                    f"request from this machine must name localhost, an IP address, or a "
+                    f"host of --allowed_hosts (a guard against DNS rebinding)"),
+                    (CLOSE,) if _has_body(headers) else ())
+        return await self.app(scope, receive, send)
+
+
+def _host_name(host: bytes) -> str:
+    """The name of a `Host` header, without its port or brackets, lowercase and without a
+    final dot: b"LocalHost.:8080" is "localhost", b"[::1]:8080" is "::1"."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    return text.rstrip(".")
+
+
+def _local_name(name: str) -> bool:
+    if "." not in name or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 class HeadAsGet:
