@@ -722,29 +722,37 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
     refs: dict[str, str]
     seen_auth: list
     seen_encoding: list
+    sizes_listed = True  # the listing gives each file's size when asked (`?blobs=true`)
+    content_length = True  # an answer says its length; without, its end is the connection's
+    padding: dict[str, bytes] = {}  # bytes sent after a file's own, by file name
 
     def do_GET(self):
         self.seen_auth.append(self.headers.get("authorization"))
         self.seen_encoding.append(self.headers.get("accept-encoding"))
-        listing = re.fullmatch(r"/api/models/org/tiny/revision/([^/]+)", self.path)
-        resolve = re.fullmatch(r"/org/tiny/resolve/([0-9a-f]{40})/([^/]+)", self.path)
+        path, _, query = self.path.partition("?")
+        listing = re.fullmatch(r"/api/models/org/tiny/revision/([^/]+)", path)
+        resolve = re.fullmatch(r"/org/tiny/resolve/([0-9a-f]{40})/([^/]+)", path)
         if listing:
             rev = urllib.parse.unquote(listing.group(1))
             sha = self.refs.get(rev, rev if rev in self.commits else None)
             if sha is None:
                 self.send_error(404)
                 return
-            files = sorted(p.name for p in self.commits[sha].iterdir())
+            files = sorted(self.commits[sha].iterdir()) + [Path("flax_model.msgpack")]
+            sized = self.sizes_listed and query == "blobs=true"
             body = json.dumps({"sha": sha, "siblings": [
-                {"rfilename": f} for f in files + ["flax_model.msgpack"]]}).encode()
+                {"rfilename": f.name, **({"size": f.stat().st_size if f.exists() else 9}
+                                         if sized else {})} for f in files]}).encode()
         elif resolve and resolve.group(1) in self.commits and (
                 self.commits[resolve.group(1)] / resolve.group(2)).is_file():
             body = (self.commits[resolve.group(1)] / resolve.group(2)).read_bytes()
+            body += self.padding.get(resolve.group(2), b"")
         else:
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("content-length", str(len(body)))
+        if self.content_length:
+            self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
@@ -844,6 +852,49 @@ def test_download_from_hub_file_api(tmp_path, tiny_model):
     assert "Traceback" not in gone.stderr
     bad = _cli_download(env, "../etc", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "not a Hub repository id" in bad.stderr
+
+
+def test_a_download_stops_at_the_size_the_listing_gives(tmp_path, tiny_model):
+    """Found in the list of what was left alone: an answer without Content-Length was written
+    for as long as the server sent, and a failed file's .part stayed on the disk. Now the
+    listing's sizes bound each file (a file over them, or whose Content-Length disagrees, is
+    refused and its .part removed), a file of neither is bounded unless it is weights, and
+    progress shows a percentage from the listing."""
+    from gpt2serve import checkpoint
+    from gpt2serve.download import SMALL_FILE_LIMIT
+
+    handler = type("Hub", (FakeHub,), {"commits": {"a" * 40: tiny_model},
+                                       "refs": {"main": "a" * 40},
+                                       "seen_auth": [], "seen_encoding": []})
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}"}
+
+        def download(out: str, failure: str | None = None, **hub_settings) -> str:
+            hub_settings = {"sizes_listed": True, "content_length": False, "padding": {},
+                            **hub_settings}
+            for name, value in hub_settings.items():
+                setattr(handler, name, value)
+            run = _cli_download(env, "org/tiny", "--out", str(tmp_path / out))
+            assert (run.returncode == 0) == (failure is None), run.stderr
+            assert failure is None or failure in run.stderr, run.stderr
+            assert "Traceback" not in run.stderr
+            assert not list((tmp_path / out).glob("*.part"))
+            return run.stderr
+
+        assert "100.0%" in download("listed")  # sizes from the listing alone
+        checkpoint.load(tmp_path / "listed")
+        download("over", "sent more than", padding={"model.safetensors": b"x" * 5000})
+        download("unlisted", sizes_listed=False)  # no size anywhere: weights are not bounded
+        checkpoint.load(tmp_path / "unlisted")
+        download("endless", f"sent more than {SMALL_FILE_LIMIT} bytes", sizes_listed=False,
+                 padding={"config.json": b" " * (SMALL_FILE_LIMIT + 1)})
+        download("disagree", "bytes sent, where the listing says", content_length=True,
+                 padding={"config.json": b" "})
+    finally:
+        hub.shutdown()
+        hub.server_close()
 
 
 def _sharded(src: Path, folder: Path, names: tuple[str, str]) -> Path:

@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "download":
             from .download import download
 
+            # httpx logs each request at INFO: a line per file between the progress lines
+            logging.getLogger("httpx").setLevel(logging.WARNING)
             paths = download(args.repo_id, args.out, revision=args.revision)
             print(f"{len(paths)} files in {args.out}")
             return 0

@@ -4,9 +4,10 @@ Speaks the Hub's plain file API (`/api/models/{repo}/revision/{rev}` to list fil
 the commit, `/{repo}/resolve/{commit}/{file}` to fetch one), honours `HF_ENDPOINT` and
 `HF_TOKEN`, takes only what the server loads (config, tokenizer, and safetensors, else
 `pytorch_model.bin`), writes each file through a `.part` file so an interrupted download never
-leaves a truncated model, marks the folder with the repository, revision and commit so that a
-second run resumes it at that commit but never mixes in another model's or commit's files, and
-shows progress on stderr.
+leaves a truncated model, stops each file at the size the listing and its answer give (a
+server that sends without end cannot fill the disk), marks the folder with the repository,
+revision and commit so that a second run resumes it at that commit but never mixes in another
+model's or commit's files, and shows progress on stderr.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ REPO_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?", re.ASCII)  # (owner/)name, not s
 SHARD = re.compile(r"model-[A-Za-z0-9._-]{1,200}\.safetensors")
 
 
+# The most a file other than weights may be when neither its answer nor the listing gives its
+# size (the largest GPT-2 tokenizer.json is 1.4 MB).
+SMALL_FILE_LIMIT = 64 << 20
 # Names the repository, revision and commit a folder was downloaded from (download._marker).
 MARKER = ".gpt2serve-download.json"
 INDEX = "model.safetensors.index.json"
@@ -84,17 +88,16 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
         mine = _marker(out, repo_id, revision)
         with httpx.Client(headers=headers, follow_redirects=True, timeout=60) as client:
             commit = mine.get("sha") if mine and isinstance(mine.get("sha"), str) else None
-            sha, files = _listing(client, endpoint, repo_id, revision, commit)
-            chosen = wanted_files(files)
+            sha, sizes = _listing(client, endpoint, repo_id, revision, commit)
+            chosen = wanted_files(list(sizes))
             out.mkdir(parents=True, exist_ok=True)
             (out / MARKER).write_text(json.dumps(
                 {"repo": repo_id, "revision": revision, "sha": sha}) + "\n")
             base = f"{endpoint}/{repo_id}/resolve/{quote(sha, safe='')}"
-            paths = [_fetch(client, f"{base}/{quote(name)}", out / name, progress)
-                     for name in chosen]
+            paths = [_fetch(client, base, out, name, sizes[name], progress) for name in chosen]
             if INDEX in chosen:
-                paths += [_fetch(client, f"{base}/{quote(name)}", out / name, progress)
-                          for name in shards(out / INDEX, files)]
+                paths += [_fetch(client, base, out, name, sizes[name], progress)
+                          for name in shards(out / INDEX, list(sizes))]
             return paths
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise DownloadError(f"{endpoint}: {type(e).__name__}: {e}") from None
@@ -120,9 +123,12 @@ def shards(index: Path, files: list[str]) -> list[str]:
 
 
 def _listing(client: httpx.Client, endpoint: str, repo_id: str, revision: str,
-             commit: str | None) -> tuple[str, list[str]]:
-    """(the commit, its files) of `revision`, or of `commit` when resuming a download."""
-    r = client.get(f"{endpoint}/api/models/{repo_id}/revision/{quote(commit or revision, safe='')}")
+             commit: str | None) -> tuple[str, dict[str, int | None]]:
+    """(the commit, its files and their sizes) of `revision`, or of `commit` when resuming a
+    download. `blobs=true` asks for the sizes (huggingface_hub's `files_metadata`); a
+    mirror that lists none leaves them None."""
+    r = client.get(f"{endpoint}/api/models/{repo_id}/revision/{quote(commit or revision, safe='')}",
+                   params={"blobs": "true"})
     if r.status_code in (401, 403, 404):
         raise DownloadError(f"{repo_id}@{revision}: not found or not accessible "
                             f"(HTTP {r.status_code}; private repos need HF_TOKEN)")
@@ -130,13 +136,14 @@ def _listing(client: httpx.Client, endpoint: str, repo_id: str, revision: str,
         raise DownloadError(f"{r.url}: HTTP {r.status_code}")
     try:
         info = r.json()
-        files = [s["rfilename"] for s in info.get("siblings", [])]
+        sizes = {s["rfilename"]: s.get("size") for s in info.get("siblings", [])}
         sha = info.get("sha") or commit or revision
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise DownloadError(f"{r.url}: not the Hub's file listing ({e})") from None
-    if not all(isinstance(f, str) for f in files) or not isinstance(sha, str):
+    if not all(isinstance(f, str) and (n is None or type(n) is int and n >= 0)
+               for f, n in sizes.items()) or not isinstance(sha, str):
         raise DownloadError(f"{r.url}: not the Hub's file listing")
-    return sha, files
+    return sha, sizes
 
 
 def _marker(out: Path, repo_id: str, revision: str) -> dict | None:
@@ -169,35 +176,51 @@ def _marker(out: Path, repo_id: str, revision: str) -> dict | None:
     return None
 
 
-def _fetch(client: httpx.Client, url: str, dest: Path, progress) -> Path:
+def _fetch(client: httpx.Client, base: str, out: Path, name: str, listed: int | None,
+           progress) -> Path:
+    """`name` of the commit at `base`, into `out`: as many bytes as the listing and the
+    answer's Content-Length say (they must agree), no more; when neither says,
+    SMALL_FILE_LIMIT bounds all but the weights."""
+    dest, url = out / name, f"{base}/{quote(name)}"
     if dest.exists():
         return dest  # complete files only ever appear through the rename below
     part = dest.with_name(dest.name + ".part")
     with client.stream("GET", url) as r:
         if r.status_code != 200:
             raise DownloadError(f"{url}: HTTP {r.status_code}")
-        total = int(r.headers.get("content-length") or 0)
+        sent = r.headers.get("content-length")
+        size = int(sent) if sent is not None else listed
+        if listed is not None and size != listed:
+            raise DownloadError(f"{url}: {size} bytes sent, where the listing says {listed}")
+        limit = size if size is not None else (
+            None if name.endswith((".safetensors", ".bin")) else SMALL_FILE_LIMIT)
         done, t0, last = 0, time.monotonic(), 0.0
         # A new file, never one already there: a symlink left at the .part name was
         # followed, and the download written wherever it pointed.
         part.unlink(missing_ok=True)
-        with open(part, "xb") as f:
-            for chunk in r.iter_bytes(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                now = time.monotonic()
-                if now - last > 0.5 or done == total:
-                    last = now
-                    _show(progress, dest.name, done, total, now - t0)
-    if total and done != total:
-        raise DownloadError(f"{url}: got {done} of {total} bytes")
+        try:
+            with open(part, "xb") as f:
+                for chunk in r.iter_bytes(1 << 20):
+                    done += len(chunk)
+                    if limit is not None and done > limit:
+                        raise DownloadError(f"{url}: sent more than {limit} bytes")
+                    f.write(chunk)
+                    now = time.monotonic()
+                    if now - last > 0.5 or done == size:
+                        last = now
+                        _show(progress, dest.name, done, size, now - t0)
+            if size is not None and done != size:
+                raise DownloadError(f"{url}: got {done} of {size} bytes")
+        except BaseException:
+            part.unlink(missing_ok=True)  # a partial file is never resumed: free the disk
+            raise
     part.rename(dest)
     if progress:
         progress.write("\n")
     return dest
 
 
-def _show(progress, name: str, done: int, total: int, elapsed: float) -> None:
+def _show(progress, name: str, done: int, total: int | None, elapsed: float) -> None:
     if not progress:
         return
     rate = done / elapsed / 2**20 if elapsed > 0 else 0.0
