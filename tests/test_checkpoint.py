@@ -177,6 +177,8 @@ BROKEN = {
                                 r"not a valid safetensors file \(tensor '.*' has shape \[-2"),
     "a shard outside the folder": (lambda f: _index_to(f, "../model/model.safetensors"),
                                    r"a shard must be a file name in the folder"),
+    "a shard named by a list": (lambda f: _index_to(f, ["model.safetensors"]),
+                                r"model.safetensors.index.json: not a safetensors index"),
     "bin not a state dict": (lambda f: _bin(f, torch.zeros(3)), r"not a state dict"),
     # Found by a fuzz pass: each raised an exception no caller expected (a 500 on the model
     # list, a server that did not start), or was read whole however large.

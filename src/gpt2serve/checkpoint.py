@@ -218,13 +218,9 @@ class Weights:
             self._add(SafetensorsFile(self.source))
         elif (folder / SAFETENSORS_INDEX).is_file():
             self.source = folder / SAFETENSORS_INDEX
-            index = jsonfile.read(self.source, CheckpointError)
-            try:
-                shards = sorted(set(index["weight_map"].values()))
-            except (KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{self.source}: not a safetensors index ({e})") from None
-            for shard in shards:  # files of this folder, not paths out of it
-                if not isinstance(shard, str) or Path(shard).name != shard or shard in ("..", "."):
+            for shard in jsonfile.shard_names(self.source, CheckpointError):
+                # files of this folder, not paths out of it
+                if Path(shard).name != shard or shard in ("..", "."):
                     raise CheckpointError(f"{self.source}: a shard must be a file name in the "
                                           f"folder, got {shard!r}")
                 self._add(SafetensorsFile(folder / shard))

@@ -109,17 +109,14 @@ def shards(index: Path, files: list[str]) -> list[str]:
     """The shards a downloaded index names: each a shard's file name (SHARD) that the
     repository lists. Every model-*.safetensors it listed was fetched, and a name with '#'
     or '?' was sent as a URL's fragment or query, its answer saved under the name."""
-    read = jsonfile.read(index, DownloadError)
-    weight_map = read.get("weight_map") if isinstance(read, dict) else None
-    names = list(weight_map.values()) if isinstance(weight_map, dict) else None
-    if not names or not all(isinstance(n, str) and SHARD.fullmatch(n) for n in names):
+    names = jsonfile.shard_names(index, DownloadError)
+    if not all(SHARD.fullmatch(n) for n in names):
         raise DownloadError(f"{index}: not a safetensors index of shards named "
                             f"model-*.safetensors")
-    names = set(names)
-    missing = sorted(names - set(files))
+    missing = sorted(set(names) - set(files))
     if missing:
         raise DownloadError(f"{index}: names {missing[0]}, which the repository does not have")
-    return sorted(names)
+    return names
 
 
 def _listing(client: httpx.Client, endpoint: str, repo_id: str, revision: str,

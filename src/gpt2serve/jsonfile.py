@@ -25,3 +25,17 @@ def read(path: Path, error: type[Exception] = ValueError) -> Any:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise error(f"{path}: not valid JSON ({e})") from None
+
+
+def shard_names(index: Path, error: type[Exception] = ValueError) -> list[str]:
+    """The files a safetensors index (model.safetensors.index.json) names in its
+    `weight_map`, sorted, once each; `error` naming the index where it is not one. Which names
+    are acceptable is the caller's to say: a file of the folder (checkpoint.Weights), a
+    shard's name safe in a URL (download.shards)."""
+    value = read(index, error)
+    weight_map = value.get("weight_map") if isinstance(value, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(n, str) for n in weight_map.values())):
+        raise error(f"{index}: not a safetensors index (a 'weight_map' of tensor names to "
+                    f"file names)")
+    return sorted(set(weight_map.values()))
