@@ -175,6 +175,9 @@ BROKEN = {
                                     r"not a valid safetensors file \(its header is not"),
     "a negative tensor shape": (lambda f: _safetensors_header(f, _negative_shape),
                                 r"not a valid safetensors file \(tensor '.*' has shape \[-2"),
+    "offsets of floats": (lambda f: _safetensors_header(f, _float_offsets),
+                          r"not a valid safetensors file \(tensor '.*' has offsets that are "
+                          r"not integers"),
     "a shard outside the folder": (lambda f: _index_to(f, "../model/model.safetensors"),
                                    r"a shard must be a file name in the folder"),
     "a shard named by a list": (lambda f: _index_to(f, ["model.safetensors"]),
@@ -279,6 +282,13 @@ def _two_shards_with(folder, name: str):
     weight_map = {k: "a.safetensors" for k in keys[::2] + [name]}
     weight_map |= {k: "b.safetensors" for k in keys[1::2] if k != name}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _float_offsets(header):
+    for name, meta in header.items():
+        if name != "__metadata__":
+            meta["data_offsets"] = [float(x) for x in meta["data_offsets"]]
+    return header
 
 
 def _negative_shape(header):

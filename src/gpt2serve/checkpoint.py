@@ -175,6 +175,9 @@ class SafetensorsFile:
                 shape, (start, end) = tuple(meta["shape"]), meta["data_offsets"]
                 if not all(type(d) is int and d >= 0 for d in shape):
                     raise ValueError(f"tensor '{name}' has shape {list(shape)}")
+                # (offsets of 0.0 passed the checks below, and reading the tensor raised)
+                if type(start) is not int or type(end) is not int:
+                    raise ValueError(f"tensor '{name}' has offsets that are not integers")
                 if (end - start != math.prod(shape) * dtype.itemsize
                         or not 0 <= start <= end <= size - self.base):
                     raise ValueError(f"tensor '{name}' has offsets that do not fit its shape "
