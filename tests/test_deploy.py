@@ -4,6 +4,7 @@ Pod Security, Knative and KEDA settings, names and images the docs use), a simul
 exactly as the ServingRuntime says, `download` against a local Hub, `convert` of an OpenAI
 TensorFlow checkpoint written here, and the container-limit helpers."""
 
+import gzip
 import http.server
 import json
 import os
@@ -725,6 +726,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
     sizes_listed = True  # the listing gives each file's size when asked (`?blobs=true`)
     content_length = True  # an answer says its length; without, its end is the connection's
     padding: dict[str, bytes] = {}  # bytes sent after a file's own, by file name
+    gzipped = False  # files sent gzipped, whatever the client accepts
 
     def do_GET(self):
         self.seen_auth.append(self.headers.get("authorization"))
@@ -751,6 +753,9 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
+        if resolve and self.gzipped:
+            body = gzip.compress(body)
+            self.send_header("content-encoding", "gzip")
         if self.content_length:
             self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -873,7 +878,7 @@ def test_a_download_stops_at_the_size_the_listing_gives(tmp_path, tiny_model):
 
         def download(out: str, failure: str | None = None, **hub_settings) -> str:
             hub_settings = {"sizes_listed": True, "content_length": False, "padding": {},
-                            **hub_settings}
+                            "gzipped": False, **hub_settings}
             for name, value in hub_settings.items():
                 setattr(handler, name, value)
             run = _cli_download(env, "org/tiny", "--out", str(tmp_path / out))
@@ -890,8 +895,14 @@ def test_a_download_stops_at_the_size_the_listing_gives(tmp_path, tiny_model):
         checkpoint.load(tmp_path / "unlisted")
         download("endless", f"sent more than {SMALL_FILE_LIMIT} bytes", sizes_listed=False,
                  padding={"config.json": b" " * (SMALL_FILE_LIMIT + 1)})
-        download("disagree", "bytes sent, where the listing says", content_length=True,
+        download("disagree", "differs from the size the listing gives", content_length=True,
                  padding={"config.json": b" "})
+        download("unlisted-lengths", sizes_listed=False, content_length=True)
+        checkpoint.load(tmp_path / "unlisted-lengths")
+        # compressed though identity was asked for (the Hub may, for text files):
+        # Content-Length is the compressed size, and the listing's is the one to check
+        download("gzip", content_length=True, gzipped=True)
+        checkpoint.load(tmp_path / "gzip")
     finally:
         hub.shutdown()
         hub.server_close()

@@ -5,7 +5,8 @@ the commit, `/{repo}/resolve/{commit}/{file}` to fetch one), honours `HF_ENDPOIN
 `HF_TOKEN`, takes only what the server loads (config, tokenizer, and safetensors, else
 `pytorch_model.bin`), writes each file through a `.part` file so an interrupted download never
 leaves a truncated model, stops each file at the size the listing and its answer give (a
-server that sends without end cannot fill the disk), marks the folder with the repository,
+server that sends without end cannot fill the disk; a mirror that gives neither size may,
+with weights), marks the folder with the repository,
 revision and commit so that a second run resumes it at that commit but never mixes in another
 model's or commit's files, and shows progress on stderr.
 """
@@ -185,10 +186,14 @@ def _fetch(client: httpx.Client, base: str, out: Path, name: str, listed: int | 
     with client.stream("GET", url) as r:
         if r.status_code != 200:
             raise DownloadError(f"{url}: HTTP {r.status_code}")
-        sent = r.headers.get("content-length")
+        # a compressed answer's Content-Length is not the size of the bytes httpx gives us
+        # (we ask for identity; huggingface_hub says the Hub may compress text files anyway)
+        sent = (r.headers.get("content-length")
+                if r.headers.get("content-encoding", "identity").lower() == "identity" else None)
         size = int(sent) if sent is not None else listed
         if listed is not None and size != listed:
-            raise DownloadError(f"{url}: {size} bytes sent, where the listing says {listed}")
+            raise DownloadError(f"{url}: Content-Length {size} differs from the size the "
+                                f"listing gives, {listed}")
         limit = size if size is not None else (
             None if name.endswith((".safetensors", ".bin")) else SMALL_FILE_LIMIT)
         done, t0, last = 0, time.monotonic(), 0.0
