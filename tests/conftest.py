@@ -182,9 +182,10 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(*args: str, headers: dict | None = None, log: Path | None = None):
+def running_server(*args: str, headers: dict | None = None, log: Path | None = None,
+                   env: dict | None = None):
     """A ready server process for the duration of the block."""
-    srv = ServerProcess(*args, log=log)
+    srv = ServerProcess(*args, log=log, env=env)
     try:
         srv.wait_ready(headers=headers)
         yield srv

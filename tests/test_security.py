@@ -4,6 +4,9 @@ real grpcio and KServe's own gRPC client."""
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 
 import grpc
 import httpx
@@ -392,39 +395,66 @@ def test_a_browsers_cross_origin_form_is_refused_but_cors_json_and_its_own_page_
         assert httpx.post(url, content=body, headers=headers).status_code == 200, headers
 
 
-def rebound(srv, host: str, **headers) -> tuple[int, int]:
+def rebound(srv, host: str, address: str = "127.0.0.1", **headers) -> tuple[int, int]:
     """(the status of a completion, of a model's metadata) as a page on `host` sends them
-    once its name points at 127.0.0.1: the `Host` and `Origin` its own."""
+    once its name points at `address`: the `Host` and `Origin` its own."""
     port = srv.url.rpartition(":")[2]
     headers = {"host": f"{host}:{port}", "origin": f"http://{host}:{port}", **headers}
-    completion = httpx.post(f"{srv.url}/openai/v1/completions", headers=headers,
+    completion = httpx.post(f"http://{address}:{port}/openai/v1/completions", headers=headers,
                             json={"model": MODEL, "prompt": "a", "max_tokens": 2})
     if completion.status_code == 403:
         assert completion.json()["error"]["code"] == 403
         assert host.lower().rstrip(".") in completion.json()["error"]["message"]
-    return completion.status_code, httpx.get(f"{srv.url}/v1/models/{MODEL}",
+    return completion.status_code, httpx.get(f"http://{address}:{port}/v1/models/{MODEL}",
                                              headers=headers).status_code
 
 
-def test_a_dns_name_rebound_to_localhost_is_refused_but_local_names_are_not(default,
-                                                                            tiny_model):
+def own_address() -> str | None:
+    """This machine's address on its default route, where it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # (no packet is sent)
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_a_dns_name_rebound_to_this_machine_is_refused_but_local_names_are_not(tiny_model):
     """Found in the list of what was left alone: a page on evil.example that rebinds its name
-    to 127.0.0.1 is, to the browser, of the same origin as the key-less server on localhost,
-    so it could generate and read the answers; CrossSiteForms lets it through (its Origin and
-    Host agree)."""
-    for host in ("evil.example", "EVIL.example.", "localhost.evil.example", "127.0.0.1.nip.io"):
-        assert rebound(default, host) == (403, 403), host
-    # local names, and a request a proxy forwarded (queue-proxy, an ingress)
-    for host in ("localhost", "LocalHost.", "app.localhost", "127.0.0.1", "[::1]", "devbox"):
-        assert rebound(default, host) == (200, 200), host
-    assert rebound(default, "evil.example", **OUTSIDE) == (200, 200)
-    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
-                        "--allowed_hosts", " Dev.Example.,gpu.lan") as srv:
-        assert rebound(srv, "dev.example") == rebound(srv, "GPU.lan") == (200, 200)
+    to 127.0.0.1 (or to the machine's own address) is, to the browser, of the same origin as
+    the key-less server there, so it could generate and read the answers; CrossSiteForms lets
+    it through (its Origin and Host agree). A review found that X-Forwarded-For, which a
+    page's script may set, let it through the guard's first form."""
+    model = ("--model_dir", str(tiny_model), "--enable_grpc", "false")
+    with running_server(*model, env={"KUBERNETES_SERVICE_HOST": ""}) as srv:
+        for host in ("evil.example", "EVIL.example.", "localhost.evil.example",
+                     "127.0.0.1.nip.io"):
+            assert rebound(srv, host) == (403, 403), host
+            assert rebound(srv, host, **OUTSIDE) == (403, 403), host
+            assert rebound(srv, host, forwarded="for=203.0.113.7") == (403, 403), host
+        for host in ("localhost", "LocalHost.", "app.localhost", "127.0.0.1", "[::1]",
+                     "devbox"):
+            assert rebound(srv, host) == (200, 200), host
+        if own_address():
+            assert rebound(srv, "evil.example", own_address()) == (403, 403)
+            assert rebound(srv, own_address(), own_address()) == (200, 200)
+    # In a pod: requests its proxies forward (queue-proxy, KServe's agent) come from loopback
+    # with the service's name; the pod's own address is another machine's connection
+    with running_server(*model, "--allowed_hosts", " Dev.Example.,gpu.lan",
+                        env={"KUBERNETES_SERVICE_HOST": "10.96.0.1"}) as srv:
         assert rebound(srv, "evil.example") == (403, 403)
-    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
-                        "--allowed_hosts", "*") as srv:
+        assert rebound(srv, "aitextgen.default.example.com", **OUTSIDE) == (200, 200)
+        assert rebound(srv, "dev.example") == rebound(srv, "GPU.lan") == (200, 200)
+        if own_address():
+            assert rebound(srv, "evil.example", own_address()) == (200, 200)
+    with running_server(*model, "--allowed_hosts", "*",
+                        env={"KUBERNETES_SERVICE_HOST": ""}) as srv:
         assert rebound(srv, "evil.example") == (200, 200)
+    for hosts in ("dev.example:8080", "http://dev.example", "*.example", "[::1]"):
+        run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "serve", "--allowed_hosts",
+                              hosts], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and "expected host names" in run.stderr, run.stderr
 
 
 def test_a_cross_origin_request_with_the_servers_key_went_through_a_preflight(guarded):

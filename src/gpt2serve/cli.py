@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -64,8 +65,14 @@ def _seconds(text: str) -> float:
 
 
 def _hosts(text: str) -> frozenset[str]:
-    """Host names, comma-separated, as middleware._host_name writes them."""
-    return frozenset(h.strip().lower().rstrip(".") for h in text.split(",") if h.strip())
+    """Host names, comma-separated, as middleware._host_name writes them; or "*"."""
+    hosts = frozenset(h.strip().lower().rstrip(".") for h in text.split(",") if h.strip())
+    for host in hosts - {"*"}:
+        if not re.fullmatch(r"[a-z0-9_.-]+", host):
+            raise argparse.ArgumentTypeError(
+                f"expected host names (no port, scheme or wildcard; IP addresses are always "
+                f"allowed) or '*', got {host!r}")
+    return hosts
 
 
 def _size(text: str) -> int:
@@ -146,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "open)")
     s.add_argument("--allowed_hosts", type=_hosts, default=frozenset(),
                    help="comma-separated host names a browser on this machine may use for "
-                        "the server besides localhost, IP addresses and dotless names (a "
-                        "guard against DNS rebinding: 403 for any other Host on a request "
-                        "from this machine that no proxy forwarded); '*': any")
+                        "the server besides localhost, *.localhost, IP addresses and dotless "
+                        "names (a guard against DNS rebinding: 403 for any other Host on a "
+                        "request from this machine); '*': any")
     s.add_argument("--enable_model_repository", type=_bool, nargs="?", const=True,
                    default=False,
                    help="serve the V2 model repository extension (POST /v2/repository/index, "

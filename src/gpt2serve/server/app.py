@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import time
 import warnings
 
@@ -102,7 +103,8 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(FiniteJSON)
     app.add_middleware(NoModelVersions)
-    app.add_middleware(RebindingGuard, allowed=args.allowed_hosts)
+    app.add_middleware(RebindingGuard, allowed=args.allowed_hosts,
+                       in_pod=bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
     app.add_middleware(BodyLimit, max_bytes=args.max_body_bytes, seconds=args.body_timeout)
     if args.api_key:
         app.add_middleware(BearerAuth, api_key=args.api_key)

@@ -37,16 +37,23 @@ AGENT_PATH = re.compile(r"/v2/repository/models/[^/]+/(load|unload)")
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
-def unforwarded_loopback(client: tuple | None, headers: dict) -> bool:
-    """A connection from this machine (or pod) that no proxy forwarded: queue-proxy, the
-    agent's proxy and an ingress add `X-Forwarded-For` or `Forwarded` to what they pass on."""
-    return (client is not None and client[0] in LOOPBACK
-            and b"x-forwarded-for" not in headers and b"forwarded" not in headers)
+# The scope's key for the address the connection came from (connection.BoundedHttp sets it):
+# uvicorn's ProxyHeadersMiddleware, on by default for 127.0.0.1, replaces the scope's `client`
+# with what `X-Forwarded-For` says, which anyone can write.
+PEER = "gpt2serve.peer"
+
+
+def forwarded(headers: dict) -> bool:
+    """Whether the request says a proxy passed it on: queue-proxy, KServe's agent and an
+    ingress add `X-Forwarded-For` or `Forwarded`. A page's script may set either header too,
+    so this proves something only where a proxy of the pod is the one who could."""
+    return b"x-forwarded-for" in headers or b"forwarded" in headers
 
 
 def from_local_agent(path: str, client: tuple | None, headers: dict) -> bool:
     """A repository load or unload from a container of this pod (KServe's model agent)."""
-    return (AGENT_PATH.fullmatch(path) is not None and unforwarded_loopback(client, headers)
+    return (AGENT_PATH.fullmatch(path) is not None and client is not None
+            and client[0] in LOOPBACK and not forwarded(headers)
             and b"origin" not in headers and b"sec-fetch-site" not in headers)
 
 

@@ -32,6 +32,8 @@ from collections import deque
 import kserve.model_server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .auth import PEER
+
 # Envoy (Istio's and Knative's ingress) refuses request heads past 60 KiB by default, nginx
 # past four buffers of 8 KiB: a bearer token or a cookie of several KiB is far below this.
 HEAD_BYTES = 64 * 1024
@@ -100,6 +102,7 @@ class BoundedHttp(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[PEER] = self.client  # (before a proxy header rewrites `client`)
         self.message += 1
         self.phase, self.head_bytes, self.body_bytes, self.head_size = "head", 0, 0, 0
         if self._answered():

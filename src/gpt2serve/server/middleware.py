@@ -15,8 +15,8 @@ from starlette.responses import StreamingResponse
 
 from . import jsonbody
 
-from .auth import (MISSING_KEY, PUBLIC_PATHS, authorized, from_local_agent,
-                   unforwarded_loopback)
+from .auth import (LOOPBACK, MISSING_KEY, PEER, PUBLIC_PATHS, authorized, forwarded,
+                   from_local_agent)
 from .errors import openai_shaped
 
 
@@ -124,33 +124,47 @@ def _same_origin(origin: bytes, host: bytes) -> bool:
 
 
 class RebindingGuard:
-    """403 for a request from this machine, unforwarded (auth.unforwarded_loopback), whose
-    `Host` is a DNS name that could be anyone's: DNS rebinding. A page on evil.example points
-    its name at 127.0.0.1 once loaded; the browser then counts the server on localhost as the
-    page's own origin, so no CORS check or preflight stops the page from posting to the
-    key-less routes and reading every answer (CrossSiteForms cannot see it: the `Origin` and
-    the `Host` agree). Local clients name the server as localhost (or `*.localhost`), an IP
-    address or a name with no dot (the machine's own; ICANN allows no dotless public names,
-    so none can be rebound), or one of `allowed` (`--allowed_hosts`; "*" turns this off).
-    Requests through a proxy (Knative's queue-proxy, an ingress, the Istio sidecar, which
-    connects from 127.0.0.6) and from other machines are not this case."""
+    """403 for a request from this machine whose `Host` is a DNS name that could be anyone's:
+    DNS rebinding. A page on evil.example points its name at 127.0.0.1 (or at the machine's
+    own address) once loaded; the browser then counts the server as the page's own origin,
+    so no CORS check or preflight stops the page from posting to the key-less routes and
+    reading every answer (CrossSiteForms cannot see it: its `Origin` and `Host` agree).
 
-    def __init__(self, app, allowed: frozenset[str]):
-        self.app, self.allowed = app, allowed
+    Local clients name the server as localhost (or `*.localhost`), an IP address or a name
+    with no dot (the machine's own; ICANN allows no dotless public names, so none can be
+    rebound), or one of `allowed` (`--allowed_hosts`; "*" turns the guard off). "From this
+    machine" is the connection's own address (auth.PEER, not what `X-Forwarded-For` says):
+    loopback, or the address it reached the server on. In a pod (`in_pod`), only loopback,
+    and a request that says a proxy forwarded it (auth.forwarded) is not refused: Knative's
+    queue-proxy and KServe's agent pass requests on from 127.0.0.1 with the service's name as
+    `Host`, and there only `kubectl port-forward` brings a browser's localhost to the pod.
+    Other machines (and `docker run -p`, whose proxy connects from the bridge) are not this
+    case: set `--api_key` wherever a browser can reach the port."""
+
+    def __init__(self, app, allowed: frozenset[str], in_pod: bool):
+        self.app, self.allowed, self.in_pod = app, allowed, in_pod
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and "*" not in self.allowed:
             headers = dict(scope["headers"])
             name = _host_name(headers.get(b"host", b""))
-            if (unforwarded_loopback(scope.get("client"), headers)
-                    and not _local_name(name) and name not in self.allowed):
+            if (not _local_name(name) and name not in self.allowed
+                    and self._from_this_machine(scope, headers)):
                 shown = name if len(name) <= 80 else name[:80] + "..."
                 return await _send_json(send, 403, error_body(
                     scope["path"], 403, f"Host {shown!r} is not a name of this server: a "
-                    f"request from this machine must name localhost, an IP address, or a "
-                    f"host of --allowed_hosts (a guard against DNS rebinding)"),
-                    (CLOSE,) if _has_body(headers) else ())
+                    f"request from this machine must name localhost, *.localhost, an IP "
+                    f"address, a name with no dot, or a host of --allowed_hosts (a guard "
+                    f"against DNS rebinding)"), (CLOSE,) if _has_body(headers) else ())
         return await self.app(scope, receive, send)
+
+    def _from_this_machine(self, scope, headers: dict) -> bool:
+        peer, server = scope.get(PEER, scope.get("client")), scope.get("server")
+        if peer is None:
+            return False
+        if self.in_pod:
+            return peer[0] in LOOPBACK and not forwarded(headers)
+        return peer[0] in LOOPBACK or server is not None and peer[0] == server[0]
 
 
 def _host_name(host: bytes) -> str:
