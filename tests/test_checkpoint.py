@@ -82,6 +82,21 @@ def test_a_tokenizer_json_s_padding_and_truncation_are_not_applied(good, tiny_mo
     assert len(ids) > 1 and checkpoint.read_tokenizer(good).encode(text) == ids
 
 
+def test_weights_replaced_after_the_check_are_not_read_at_its_offsets(good):
+    """Found by fuzz helper 41: a safetensors file replaced between `check` (which a server
+    runs, then makes room, which may wait for other models to drain) and the build was read at
+    the old header's offsets: wrong weights, and no error."""
+    from safetensors.torch import load_file, save_file
+
+    checked = checkpoint.check(good)
+    state = load_file(good / "model.safetensors")
+    (good / "model.safetensors").unlink()
+    save_file(state, good / "model.safetensors", metadata={"note": "a longer header " * 8})
+    with pytest.raises(CheckpointError, match="changed on disk since it was checked"):
+        checkpoint.load(checked)
+    checkpoint.load(good)  # read again, it loads
+
+
 def test_convert_writes_the_network_s_tensors_alone(good, tmp_path):
     """Found by fuzz helper 41: convert copied every tensor of the source, renamed
     (`extra.thing` became `transformer.extra.thing`), and one of shape [0, 2**70] beside the
@@ -264,6 +279,13 @@ BROKEN = {
     "a safetensors header past 8 MiB": (
         lambda f: _safetensors_header(f, lambda h: {**h, "__metadata__": {"x": " " * (8 << 20)}}),
         r"header length \d+ does not fit the file or the 8 MiB"),
+    "a header in UTF-16": (lambda f: _header_text(f, lambda text: text, "utf-16"),
+                           r"not a valid safetensors file \('utf-8' codec can't decode"),
+    "an unknown dtype": (lambda f: _safetensors_header(f, _dtype_of_first("F8_E4M3")),
+                         r"not a valid safetensors file \(tensor '.*' has no dtype of F64, "),
+    "a tensor's entry a list": (lambda f: _safetensors_header(f, _entry_of_first([1])),
+                                r"not a valid safetensors file \(tensor '.*' has no dtype of"),
+    "a shard named ''": (lambda f: _index_to(f, ""), r"a shard must be a file name in the folder"),
     "a tokenizer file past 32 MiB": (
         lambda f: (f / "tokenizer.json").write_bytes(
             (f / "tokenizer.json").read_bytes() + b" " * (32 << 20)),
@@ -338,11 +360,11 @@ def _same_bytes(header):
     return header
 
 
-def _header_text(folder, edit):
+def _header_text(folder, edit, encoding: str = "utf-8"):
     path = folder / "model.safetensors"
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    raw = edit(data[8:8 + n].decode()).encode()
+    raw = edit(data[8:8 + n].decode()).encode(encoding)
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
 
 
@@ -366,6 +388,21 @@ def _two_shards_with(folder, name: str):
     weight_map = {k: "a.safetensors" for k in keys[::2] + [name]}
     weight_map |= {k: "b.safetensors" for k in keys[1::2] if k != name}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _dtype_of_first(dtype: str):
+    def edit(header):
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["dtype"] = dtype
+        return header
+    return edit
+
+
+def _entry_of_first(entry):
+    def edit(header):
+        header[next(k for k in header if k != "__metadata__")] = entry
+        return header
+    return edit
 
 
 def _float_offsets(header):

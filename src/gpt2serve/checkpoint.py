@@ -144,6 +144,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 MAX_HEADER_BYTES = 8 << 20
 
 
+def _identity(f) -> tuple[int, ...]:
+    """Which file an open file is, and which version of it: device, inode, size, mtime."""
+    st = os.fstat(f.fileno())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class SafetensorsFile:
     """The tensors of one .safetensors file, read one at a time with plain reads.
 
@@ -162,14 +168,17 @@ class SafetensorsFile:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
         refuse_lfs_pointer(path)
-        self.path, size = path, path.stat().st_size
+        self.path = path
         try:
             with open(path, "rb") as f:
+                self.identity = _identity(f)
+                size = os.fstat(f.fileno()).st_size
                 n = int.from_bytes(f.read(8), "little")
                 if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
                     raise ValueError(f"header length {n} does not fit the file or the "
                                      f"{MAX_HEADER_BYTES >> 20} MiB a header may take")
-                header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+                # UTF-8, as the format says (json.loads of bytes took UTF-16 too)
+                header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
             self.base = 8 + n
@@ -177,6 +186,9 @@ class SafetensorsFile:
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
+                if not isinstance(meta, dict) or meta.get("dtype") not in self.DTYPES:
+                    raise ValueError(f"tensor '{name}' has no dtype of "
+                                     f"{', '.join(self.DTYPES)}")
                 dtype = self.DTYPES[meta["dtype"]]
                 shape, (start, end) = tuple(meta["shape"]), meta["data_offsets"]
                 if not all(type(d) is int and d >= 0 for d in shape):
@@ -205,6 +217,11 @@ class SafetensorsFile:
         buf = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
         with open(self.path, "rb", buffering=0) as f:
+            # A file replaced between check and build had its tensors read at the old
+            # header's offsets: wrong weights, and no error.
+            if _identity(f) != self.identity:
+                raise CheckpointError(f"{self.path}: changed on disk since it was checked; "
+                                      f"load the model again")
             f.seek(self.base + start)
             while done < len(view):
                 got = f.readinto(view[done:])
@@ -229,7 +246,7 @@ class Weights:
             self.source = folder / SAFETENSORS_INDEX
             for shard in jsonfile.shard_names(self.source, CheckpointError):
                 # files of this folder, not paths out of it
-                if Path(shard).name != shard or shard in ("..", "."):
+                if not shard or Path(shard).name != shard or shard in ("..", "."):
                     raise CheckpointError(f"{self.source}: a shard must be a file name in the "
                                           f"folder, got {shard!r}")
                 self._add(SafetensorsFile(folder / shard))
