@@ -386,21 +386,23 @@ def test_a_folder_with_a_hostile_config_is_listed_and_fails_alone(repo, tmp_path
     (tmp_path / "aaa" / "config.json").write_text('{"n_positions": ' + "9" * 5000 + "}")
     shutil.copytree(repo / "beta", tmp_path / "-dash")  # not a model's name: skipped
     shutil.copytree(repo / "beta", tmp_path / ".staging")  # hidden: passed over in silence
+    (tmp_path / "halfway" / "config.json").mkdir(parents=True)  # not a file: skipped, said
     log = tmp_path.parent / f"{tmp_path.name}.log"
     srv = ServerProcess("--model_dir", str(tmp_path), "--load_models", "none",
                         "--kv_cache_memory", str(KV), "--enable_grpc", "false", log=log)
     try:
         srv.wait_ready(path="/v2/health/ready")
         for _ in range(3):  # each scans the folder; the skip is said once
-            assert not {"-dash", ".staging"} & set(index(srv))
-        assert log.read_text().count("skipping") == 1
+            assert not {"-dash", ".staging", "halfway"} & set(index(srv))
+        assert log.read_text().count("skipping") == 2
         assert "a model's name is a letter or digit, then" in log.read_text()  # why '-dash'
+        assert "halfway: no config.json file in it" in log.read_text()
         # gone, then back: said again
         shutil.rmtree(tmp_path / "-dash")
         index(srv)
         shutil.copytree(repo / "beta", tmp_path / "-dash")
         index(srv)
-        assert log.read_text().count("skipping") == 2
+        assert log.read_text().count("skipping") == 3
         r = httpx.get(f"{srv.url}/openai/v1/models")
         assert r.status_code == 200, r.text
         assert {m["id"]: m["max_model_len"] for m in r.json()["data"]} == {

@@ -196,7 +196,10 @@ class Repository(ModelRepository):
             paths = []
         for path in paths:
             try:
-                if path.name in self.entries or not (path / "config.json").is_file():
+                if path.name in self.entries:
+                    continue
+                if not (path / "config.json").is_file():  # (was skipped without a word)
+                    skipped[path] = "no config.json file in it (not a model folder, or not yet)"
                     continue
             except OSError as e:
                 skipped[path] = str(e)
