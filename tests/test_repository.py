@@ -377,6 +377,28 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         srv.stop()
 
 
+def test_an_unknown_model_s_refusal_is_short_in_a_large_repository(repo, tmp_path):
+    """Found in the list of what was left alone: OpenAI's 404 for an unknown model listed every
+    folder of the repository, and echoed a name of any length."""
+    for i in range(12):
+        shutil.copytree(repo / "alpha", tmp_path / f"m{i:02d}")
+    srv = ServerProcess("--model_dir", str(tmp_path), "--load_models", "none",
+                        "--kv_cache_memory", str(KV), "--enable_grpc", "false")
+    try:
+        srv.wait_ready(path="/v2/health/ready")
+        for route in ("/openai/v1/completions", "/tokenize"):
+            r = post(f"{srv.url}{route}", {"model": "x" * 100_000, "prompt": "a"})
+            error = r.json()["error"]
+            assert r.status_code == 404 and error["param"] == "model", r.text
+            assert "'m00', 'm01'" in error["message"] and "'m10'" not in error["message"]
+            assert "and 2 more (GET /openai/v1/models lists them)" in error["message"]
+            assert len(r.content) < 1000
+        r = post(f"{srv.url}/openai/v1/completions", {"prompt": "a"})
+        assert r.status_code == 400 and "and 2 more" in r.json()["error"]["message"], r.text
+    finally:
+        srv.stop()
+
+
 def test_a_folder_with_a_hostile_config_is_listed_and_fails_alone(repo, tmp_path):
     """config.json with an integer past int()'s digit limit raised a ValueError that nothing
     expected: 500 on /openai/v1/models for every model, and the server did not start when

@@ -139,15 +139,24 @@ def model_of(body: dict, repository: Repository) -> str:
     if name is None and len(names) == 1:
         return names[0]
     if name is None:
-        raise OpenAIError(f"'model' is required: this server has {', '.join(names)}",
+        raise OpenAIError(f"'model' is required: this server has {_some(names)}",
                           param="model")
     if not isinstance(name, str):
         raise OpenAIError("'model' must be a string", param="model")
     if repository.get_model(name) is None and name not in repository.entries:
-        raise OpenAIError(f"model '{name}' does not exist; this server has "
-                          f"{', '.join(repr(n) for n in names) or 'no models'}", param="model",
-                          status=404, kind="not_found_error")
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise OpenAIError(f"model {shown!r} does not exist; this server has "
+                          f"{_some(names) or 'no models'}", param="model", status=404,
+                          kind="not_found_error")
     return name
+
+
+def _some(names: list[str], shown: int = 10) -> str:
+    """The first `shown` of a repository's names, for a message: a repository of a thousand
+    models made every refusal list them all."""
+    more = len(names) - shown
+    return ", ".join(repr(n) for n in names[:shown]) + (
+        f" and {more} more (GET /openai/v1/models lists them)" if more > 0 else "")
 
 
 async def json_object(request: HTTPRequest) -> dict:
