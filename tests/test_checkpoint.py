@@ -82,19 +82,41 @@ def test_a_tokenizer_json_s_padding_and_truncation_are_not_applied(good, tiny_mo
     assert len(ids) > 1 and checkpoint.read_tokenizer(good).encode(text) == ids
 
 
-def test_weights_replaced_after_the_check_are_not_read_at_its_offsets(good):
+def test_weights_changed_after_the_check_are_the_checked_ones_or_refused(good, tiny_model):
     """Found by fuzz helper 41: a safetensors file replaced between `check` (which a server
     runs, then makes room, which may wait for other models to drain) and the build was read at
-    the old header's offsets: wrong weights, and no error."""
+    the old header's offsets: wrong weights, and no error. The checked file is kept open: one
+    replaced by another is still read as checked, one rewritten in place is refused."""
     from safetensors.torch import load_file, save_file
 
-    checked = checkpoint.check(good)
     state = load_file(good / "model.safetensors")
+    checked = checkpoint.check(good)
     (good / "model.safetensors").unlink()
-    save_file(state, good / "model.safetensors", metadata={"note": "a longer header " * 8})
-    with pytest.raises(CheckpointError, match="changed on disk since it was checked"):
+    save_file({k: v + 1 for k, v in state.items()}, good / "model.safetensors",
+              metadata={"note": "a longer header " * 8})
+    torch.testing.assert_close(logits_of(checked), logits_of(tiny_model), atol=0, rtol=0)
+    checked = checkpoint.check(good)
+    with open(good / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0\0")  # one byte longer
+    with pytest.raises(CheckpointError, match="rewritten since it was checked; load the model"):
         checkpoint.load(checked)
-    checkpoint.load(good)  # read again, it loads
+
+
+def test_a_bin_with_old_transformers_buffers_loads(good, tiny_model):
+    """Old transformers saved each layer's causal mask (`attn.bias`, bool or uint8 [1, 1, n, n]
+    viewed from a triangle) and `attn.masked_bias`: buffers the loader never reads, which the
+    check for plain tensors passes over."""
+    from safetensors.torch import load_file
+
+    state = load_file(good / "model.safetensors")
+    n = json.loads((good / "config.json").read_text())["n_positions"]
+    for i in range(json.loads((good / "config.json").read_text())["n_layer"]):
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(
+            torch.ones(n, n, dtype=torch.bool if i else torch.uint8)).view(1, 1, n, n)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4).expand(1)
+    _bin(good, state)
+    torch.testing.assert_close(logits_of(good), logits_of(tiny_model), atol=0, rtol=0)
 
 
 def test_convert_writes_the_network_s_tensors_alone(good, tmp_path):
@@ -223,8 +245,8 @@ BROKEN = {
     "a negative tensor shape": (lambda f: _safetensors_header(f, _negative_shape),
                                 r"not a valid safetensors file \(tensor '.*' has shape \[-2"),
     "offsets of floats": (lambda f: _safetensors_header(f, _float_offsets),
-                          r"not a valid safetensors file \(tensor '.*' has offsets that are "
-                          r"not integers"),
+                          r"not a valid safetensors file \(tensor '.*' has data_offsets "
+                          r"\[\d+\.0, \d+\.0\], not two integers"),
     "a shard outside the folder": (lambda f: _index_to(f, "../model/model.safetensors"),
                                    r"a shard must be a file name in the folder"),
     "a shard named by a list": (lambda f: _index_to(f, ["model.safetensors"]),
@@ -282,17 +304,19 @@ BROKEN = {
     "a header in UTF-16": (lambda f: _header_text(f, lambda text: text, "utf-16"),
                            r"not a valid safetensors file \('utf-8' codec can't decode"),
     "an unknown dtype": (lambda f: _safetensors_header(f, _dtype_of_first("F8_E4M3")),
-                         r"not a valid safetensors file \(tensor '.*' has no dtype of F64, "),
+                         r"not a valid safetensors file \(tensor '.*' has dtype 'F8_E4M3', "
+                         r"not one of F64, "),
     "a tensor's entry a list": (lambda f: _safetensors_header(f, _entry_of_first([1])),
-                                r"not a valid safetensors file \(tensor '.*' has no dtype of"),
+                                r"not a valid safetensors file \(tensor '.*' has an entry that "
+                                r"is not an object"),
     "a shard named ''": (lambda f: _index_to(f, ""), r"a shard must be a file name in the folder"),
     "a tokenizer file past 32 MiB": (
         lambda f: (f / "tokenizer.json").write_bytes(
             (f / "tokenizer.json").read_bytes() + b" " * (32 << 20)),
         r"tokenizer.json: \d+ bytes, more than the 32 MiB a tokenizer file may take"),
     "two tokens of one id": (lambda f: _slow_tokenizer(f, "{}", same_id=True),
-                             r"tokenizer files cannot be read \(two tokens of the vocabulary "
-                             r"have the same id"),
+                             r"tokenizer files cannot be read \(tokens '.*' and '.*' of the "
+                             r"vocabulary have the same id, 0\)"),
 }
 
 

@@ -31,7 +31,7 @@ def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     for seed, name in enumerate(NAMES):
         make_hf_model(root / name, seed=seed + 1)
-    (root / "notes").mkdir()  # not a model folder: ignored
+    (root / "notes").mkdir()  # not a model folder: skipped (with a warning)
     return root
 
 

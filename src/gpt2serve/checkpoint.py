@@ -17,6 +17,8 @@ import math
 import os
 import pickle
 import re
+import reprlib
+import weakref
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -144,12 +146,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 MAX_HEADER_BYTES = 8 << 20
 
 
-def _identity(f) -> tuple[int, ...]:
-    """Which file an open file is, and which version of it: device, inode, size, mtime."""
-    st = os.fstat(f.fileno())
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 class SafetensorsFile:
     """The tensors of one .safetensors file, read one at a time with plain reads.
 
@@ -158,7 +154,13 @@ class SafetensorsFile:
     tensor's bytes are held only until the network has turned them into their final form.
     The header is checked as the safetensors library does: known dtypes, sizes that match
     the shapes, each name once, and offsets that tile the data with no gap or overlap (two
-    tensors on the same bytes were read, where the library refuses the file)."""
+    tensors on the same bytes were read, where the library refuses the file).
+
+    The file stays open from the check to the last read: a server checks a model, makes room
+    for it (which may wait for others to drain), then reads it, and a file replaced in the
+    meantime had its tensors read at the old header's offsets (wrong weights, no error). Open,
+    a file replaced by a new one (a rename, a download, a remount) is still the one checked;
+    one rewritten in place changes its size or modification time, and is refused."""
 
     DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -169,66 +171,89 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: missing")
         refuse_lfs_pointer(path)
         self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+        self.version = self._version()
+        size = self.version[0]
         try:
-            with open(path, "rb") as f:
-                self.identity = _identity(f)
-                size = os.fstat(f.fileno()).st_size
-                n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
-                    raise ValueError(f"header length {n} does not fit the file or the "
-                                     f"{MAX_HEADER_BYTES >> 20} MiB a header may take")
-                # UTF-8, as the format says (json.loads of bytes took UTF-16 too)
-                header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+            n = int.from_bytes(os.pread(self.fd, 8, 0), "little")
+            if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {n} does not fit the file or the "
+                                 f"{MAX_HEADER_BYTES >> 20} MiB a header may take")
+            # UTF-8, as the format says (json.loads of bytes took UTF-16 too)
+            raw = bytearray(n)
+            _read_fully(self.fd, memoryview(raw), 8)
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
             self.base = 8 + n
             self.entries = {}
             for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                if not isinstance(meta, dict) or meta.get("dtype") not in self.DTYPES:
-                    raise ValueError(f"tensor '{name}' has no dtype of "
-                                     f"{', '.join(self.DTYPES)}")
-                dtype = self.DTYPES[meta["dtype"]]
-                shape, (start, end) = tuple(meta["shape"]), meta["data_offsets"]
-                if not all(type(d) is int and d >= 0 for d in shape):
-                    raise ValueError(f"tensor '{name}' has shape {list(shape)}")
-                # (offsets of 0.0 passed the checks below, and reading the tensor raised)
-                if type(start) is not int or type(end) is not int:
-                    raise ValueError(f"tensor '{name}' has offsets that are not integers")
-                if (end - start != math.prod(shape) * dtype.itemsize
-                        or not 0 <= start <= end <= size - self.base):
-                    raise ValueError(f"tensor '{name}' has offsets that do not fit its shape "
-                                     "or the file")
-                self.entries[name] = (dtype, shape, start)
+                if name != "__metadata__":
+                    self.entries[name] = self._entry(name, meta, size - self.base)
             spans = sorted((start, start + math.prod(shape) * dtype.itemsize)
                            for dtype, shape, start in self.entries.values())
             ends = [0] + [end for _, end in spans]
             if [start for start, _ in spans] != ends[:-1] or ends[-1] != size - self.base:
                 raise ValueError("its tensors' offsets overlap or leave gaps in the data")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+    def _entry(self, name: str, meta, data_size: int) -> tuple[torch.dtype, tuple, int]:
+        """(dtype, shape, start) of a header's entry, checked; ValueError naming what is not
+        so."""
+        if not isinstance(meta, dict):
+            raise ValueError(f"tensor '{name}' has an entry that is not an object")
+        dtype, shape, offsets = (meta.get(key) for key in ("dtype", "shape", "data_offsets"))
+        if not isinstance(dtype, str) or dtype not in self.DTYPES:
+            raise ValueError(f"tensor '{name}' has dtype {reprlib.repr(dtype)}, not one of "
+                             f"{', '.join(self.DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor '{name}' has shape {reprlib.repr(shape)}")
+        # (offsets of 0.0 passed the checks below, and reading the tensor raised)
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets)):
+            raise ValueError(f"tensor '{name}' has data_offsets {reprlib.repr(offsets)}, not "
+                             f"two integers")
+        (start, end), dtype = offsets, self.DTYPES[dtype]
+        if end - start != math.prod(shape) * dtype.itemsize or not 0 <= start <= end <= data_size:
+            raise ValueError(f"tensor '{name}' has offsets that do not fit its shape or the file")
+        return dtype, tuple(shape), start
+
+    def _version(self) -> tuple[int, int]:
+        st = os.fstat(self.fd)
+        return st.st_size, st.st_mtime_ns
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, start = self.entries[name]
+        if self._version() != self.version:
+            raise CheckpointError(f"{self.path}: rewritten since it was checked; load the "
+                                  f"model again")
         buf = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
-        view, done = memoryview(buf.numpy()), 0
-        with open(self.path, "rb", buffering=0) as f:
-            # A file replaced between check and build had its tensors read at the old
-            # header's offsets: wrong weights, and no error.
-            if _identity(f) != self.identity:
-                raise CheckpointError(f"{self.path}: changed on disk since it was checked; "
-                                      f"load the model again")
-            f.seek(self.base + start)
-            while done < len(view):
-                got = f.readinto(view[done:])
-                if not got:
-                    raise CheckpointError(f"{self.path}: ends inside tensor '{name}'")
-                done += got
+        if _read_fully(self.fd, memoryview(buf.numpy()), self.base + start) < len(buf):
+            raise CheckpointError(f"{self.path}: ends inside tensor '{name}'")
         return buf.view(dtype).view(shape)
+
+
+def _read_fully(fd: int, view: memoryview, offset: int) -> int:
+    """Reads fd from offset into view until it is full or the file ends; how many bytes.
+    pread, not seek and read: build_model reads tensors on several threads. Straight into
+    view where the platform has preadv, else through copies of up to 16 MiB."""
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:
+            chunk = os.pread(fd, min(len(view) - done, 16 << 20), offset + done)
+            got = len(chunk)
+            view[done:done + got] = chunk
+        if not got:
+            break
+        done += got
+    return done
 
 
 class Weights:
@@ -253,10 +278,15 @@ class Weights:
         elif (folder / TORCH_BIN).is_file():
             self.source = folder / TORCH_BIN
             refuse_lfs_pointer(self.source)
-            _refuse_compressed(self.source)
+            # a zip as torch tells one, by its first bytes (zipfile.is_zipfile looks for an
+            # end record anywhere in the last 64 KiB, which tensor data may hold)
+            with open(self.source, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"
+            if zipped:
+                _refuse_compressed(self.source)
             try:  # mapped, unless in torch's format from before 1.6, which cannot be
                 state = torch.load(self.source, map_location="cpu", weights_only=True,
-                                   mmap=zipfile.is_zipfile(self.source))
+                                   mmap=zipped)
             except pickle.UnpicklingError as e:
                 found = re.search(r"GLOBAL ([\w.]+)", str(e))
                 if not found:  # not a pickle of ours at all (an HTML page, a truncated file)
@@ -274,8 +304,9 @@ class Weights:
                 raise CheckpointError(f"{self.source}: not a state dict (names to tensors)")
             # what else a training script saved beside the tensors (an epoch count) is not ours
             tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-            for name, tensor in tensors.items():
-                if not _plain(tensor):
+            for name, tensor in tensors.items():  # (buffers such as attn.bias are not read)
+                read = not name.endswith(IGNORED_SUFFIXES) or name.endswith("lm_head.weight")
+                if read and not _plain(tensor):
                     kind = (f"{tensor.dtype} on {tensor.device}, strides {list(tensor.stride())}"
                             if tensor.layout == torch.strided else str(tensor.layout))
                     raise CheckpointError(f"{self.source}: tensor '{name}' is not plain data "
@@ -321,9 +352,9 @@ class Weights:
 
 
 def _plain(tensor: torch.Tensor) -> bool:
-    """Dense data on the CPU with bytes of its own for every element: not sparse, on the meta
-    device, quantized or complex (each raised a traceback later), nor expanded (strides of 0
-    made a 6 KB file stand for 11 GB of weights)."""
+    """Dense data on the CPU, not sparse, on the meta device, quantized or complex (each raised
+    a traceback later), whose storage holds as many bytes as its elements take: an expanded
+    tensor (strides of 0) made a 6 KB file stand for 11 GB of weights."""
     return (tensor.layout == torch.strided and tensor.device.type == "cpu"
             and not tensor.is_quantized and not tensor.is_complex()
             and tensor.untyped_storage().nbytes() >= tensor.numel() * tensor.element_size())
@@ -332,8 +363,6 @@ def _plain(tensor: torch.Tensor) -> bool:
 def _refuse_compressed(path: Path) -> None:
     """torch.save stores a zip's entries as they are, so that torch.load can map them; a
     compressed entry is inflated whole as it is read (3 MB of data.pkl took 6.4 GB)."""
-    if not zipfile.is_zipfile(path):
-        return
     try:
         with zipfile.ZipFile(path) as archive:
             packed = [e.filename for e in archive.infolist()

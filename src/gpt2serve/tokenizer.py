@@ -29,9 +29,11 @@ TOKENIZER_FILES = (
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer):
         self._tok = tokenizer
-        ids = tokenizer.get_vocab(with_added_tokens=False).values()
-        if len(set(ids)) < len(ids):  # (an id of 2**40 in vocab.json was read as 0)
-            raise ValueError("two tokens of the vocabulary have the same id")
+        first: dict[int, str] = {}  # (an id of 2**40 in vocab.json was read as another)
+        for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items():
+            if first.setdefault(token_id, token) != token:
+                raise ValueError(f"tokens {first[token_id]!r} and {token!r} of the vocabulary "
+                                 f"have the same id, {token_id}")
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size()
         self.largest_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
@@ -103,8 +105,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _read(*paths: Path) -> HFTokenizer:
     for path in paths:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ValueError(f"{path.name}: {path.stat().st_size} bytes, more than the "
+        if (size := path.stat().st_size) > MAX_FILE_BYTES:
+            raise ValueError(f"{path.name}: {size} bytes, more than the "
                              f"{MAX_FILE_BYTES >> 20} MiB a tokenizer file may take")
     if len(paths) == 1:
         tok = HFTokenizer.from_file(str(paths[0]))

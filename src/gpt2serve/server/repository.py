@@ -182,15 +182,17 @@ class Repository(ModelRepository):
         those deleted since that hold nothing (`_vanished`). A folder it cannot read (the
         repository folder itself gone, `lost+found` at a volume's root) is skipped with a
         warning once while it stays so, not an error on every request (nor a warning: each
-        index call, load and request for an unknown name scans). Hidden folders are passed
-        over in silence: `convert`'s staging, a ConfigMap's `..data`."""
+        index call, load and request for an unknown name scans), and so is one with no
+        config.json file. Hidden folders are passed over in silence (`convert`'s staging, a
+        ConfigMap's `..data`), and so is a volume's `lost+found`."""
         for entry in list(self.entries.values()):
             if self._vanished(entry):
                 self._forget(entry)
         skipped: dict[Path, str] = {}
         try:
             paths = sorted(p for p in Path(self.models_dir).iterdir()
-                           if not p.name.startswith(".") and p.is_dir())
+                           if not p.name.startswith(".") and p.name != "lost+found"
+                           and p.is_dir())
         except OSError as e:
             skipped[Path(self.models_dir)] = f"cannot list the model repository: {e}"
             paths = []
