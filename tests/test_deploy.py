@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from conftest import SHARED, ServerProcess, free_port, make_hf_model
+from gpt2serve import convert
 from gpt2serve.download import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -993,20 +994,20 @@ def _block(entries: list[tuple[bytes, bytes]]) -> bytes:
     return body + struct.pack("<II", 0, 1)
 
 
-def write_tf_checkpoint(prefix: Path, tensors: dict, shapes: dict | None = None) -> None:
+def write_tf_checkpoint(prefix: Path, tensors: dict, shapes: dict | None = None,
+                        dtypes: dict | None = None, others: dict | None = None) -> None:
     """What `tf.train.Saver` writes: model.ckpt.index (a table of BundleEntryProto) and one
     data shard. Written from the format's description, independently of the reader. `shapes`
-    gives an entry a shape of its own, whatever its array's."""
+    and `dtypes` give an entry a shape or a dtype of its own, whatever its array's; `others`
+    adds entries as given, BundleEntryProto bytes by name."""
     data, entries = bytearray(), [(b"", b"\x08\x01")]  # BundleHeaderProto{num_shards: 1}
     for name in sorted(tensors):
         arr = tensors[name].astype("<f4")
-        shape = b"".join(b"\x12" + _varint(len(d)) + d
-                         for d in (b"\x08" + _varint(s)
-                                   for s in (shapes or {}).get(name, arr.shape)))
-        entry = (b"\x08\x01" + b"\x12" + _varint(len(shape)) + shape
-                 + b"\x20" + _varint(len(data)) + b"\x28" + _varint(arr.nbytes))
+        entry = tf_entry((dtypes or {}).get(name, 1), (shapes or {}).get(name, arr.shape),
+                         len(data), arr.nbytes)
         entries.append((name.encode(), entry))
         data += arr.tobytes()
+    entries += [(name.encode(), entry) for name, entry in (others or {}).items()]
     Path(f"{prefix}.data-00000-of-00001").write_bytes(bytes(data))
     table = bytearray()
 
@@ -1021,6 +1022,14 @@ def write_tf_checkpoint(prefix: Path, tensors: dict, shapes: dict | None = None)
     footer = (meta_handle + index_handle).ljust(40, b"\x00")
     table += footer + struct.pack("<Q", 0xDB4775248B80FB57)
     Path(f"{prefix}.index").write_bytes(bytes(table))
+
+
+def tf_entry(dtype: int, shape, offset: int, size: int) -> bytes:
+    """BundleEntryProto: dtype=1, shape=2 (TensorShapeProto of dims, each size=1), offset=4,
+    size=5."""
+    dims = b"".join(b"\x12" + _varint(len(d)) + d for d in (b"\x08" + _varint(n) for n in shape))
+    return (b"\x08" + _varint(dtype) + b"\x12" + _varint(len(dims)) + dims
+            + b"\x20" + _varint(offset) + b"\x28" + _varint(size))
 
 
 def openai_release(tmp_path: Path):
@@ -1102,9 +1111,28 @@ def _data_shard(src: Path) -> Path:
      r"tensor model/.* has a size or offset that does not fit"),
     (lambda src: _data_shard(src).unlink(), r"data shard 0 is missing"),
     (lambda src: _edit_json(src / "hparams.json", n_embd=32),
-     r"tensor 'transformer\..*' has shape"),
+     r"tensor model/wte has shape \[400, 64\], hparams.json implies \[400, 32\]"),
+    # Found by fuzz helper 43: each raised a traceback, hung, or took gigabytes
+    (lambda src: _rewrite_release(src, others={"model/x": b"\x20" + b"\xff" * 11 + b"\x01"}),
+     r"model.ckpt.index: not a TensorFlow checkpoint index \(a varint longer than 10 bytes"),
+    (lambda src: os.truncate(src / "model.ckpt.index", 9 << 20),
+     r"model.ckpt.index: 9437184 bytes, more than the 8 MiB an index may take"),
+    (lambda src: _rewrite_release(src, shapes={"model/h0/mlp/c_fc/w": (0, 64, 256)}),
+     r"tensor model/h0/mlp/c_fc/w has shape \[0, 64, 256\], hparams.json implies "
+     r"\[1, 64, 256\]"),
+    (lambda src: _rewrite_release(src, dtypes={"model/wpe": 3}),
+     r"tensor model/wpe has dtype 3, not a float"),
+    (lambda src: (_data_shard(src).unlink(), os.mkfifo(src / "model.ckpt.data-00000-of-00001")),
+     r"data shard 0 is missing"),
+    (lambda src: (src / "generation_config.json").write_text(" " * (2 << 20) + "{}"),
+     r"generation_config.json: 2097154 bytes, more than the 1024 KiB"),
+    (lambda src: _rewrite_release(src, drop="model/h1/ln_2/b"),
+     r"model.ckpt.index: no tensor model/h1/ln_2/b, which hparams.json's GPT-2 has"),
 ], ids=["hparams incomplete", "hparams not json", "hparams a string size", "no encoder",
-        "index garbage", "shard truncated", "shard missing", "hparams wrong width"])
+        "index garbage", "shard truncated", "shard missing", "hparams wrong width",
+        "an overlong varint", "an index of megabytes", "a weight of the wrong shape",
+        "an integer tensor", "a fifo for a shard", "a generation config of megabytes",
+        "a tensor missing"])
 def test_convert_names_what_is_wrong_with_a_release(tmp_path, breakage, message):
     """One line on stderr and exit status 2, as for a model folder the server refuses; not a
     traceback from the tokenizer library, the JSON reader or the TensorFlow reader."""
@@ -1129,6 +1157,53 @@ def test_convert_refuses_a_checkpoint_entry_of_a_hostile_shape(tmp_path):
     run = _convert(src, tmp_path / "out")
     assert run.returncode == 2 and "tensor model/wte has shape" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
+
+
+def _rewrite_release(src: Path, drop: str | None = None, **written) -> dict:
+    """The release's checkpoint written again without `drop`, with write_tf_checkpoint's
+    `written` arguments; its tensors, as they were."""
+    prefix = src / "model.ckpt"
+    entries, _ = convert.read_tf_index(prefix)
+    data = _data_shard(src).read_bytes()
+    tensors = {name: np.frombuffer(data[offset:offset + size], "<f4").reshape(shape)
+               for name, (_, shape, _, offset, size) in entries.items()}
+    for old in src.glob("model.ckpt.*"):
+        old.unlink()
+    write_tf_checkpoint(prefix, {k: v for k, v in tensors.items() if k != drop}, **written)
+    return tensors
+
+
+def test_convert_reads_only_the_network_s_entries_of_a_release(tmp_path):
+    """Found by fuzz helper 43: every entry of the index was read and converted before any
+    was checked, so entries on the same bytes (a 7.9 KB index asked for 12.8 GB), one of
+    integers, or one past the data went in; 'model/zzz/wte' replaced model/wte. Only the
+    network's entries are read now, each by its exact name; model.safetensors is written
+    with the mode the other files get (safetensors wrote it 0600, which a server running as
+    another user could not read)."""
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    src, _, ref = openai_release(tmp_path)
+    wte_bytes = 400 * 64 * 4
+    others = {f"model/x{i:03d}": tf_entry(1, (400, 64), 0, wte_bytes) for i in range(50)}
+    others |= {"model/zzz/wte": tf_entry(1, (400, 64), 10**9, wte_bytes),  # past the data
+               "model/int": tf_entry(3, (4,), 0, 16), "optimizer/m": tf_entry(1, (1,), 0, 4)}
+    _rewrite_release(src, others=others)
+    out = tmp_path / "out"
+    umask = os.umask(0o022)  # (the child's)
+    try:
+        run = _convert(src, out)
+    finally:
+        os.umask(umask)
+    assert run.returncode == 0, run.stderr
+    ids = torch.tensor([[5, 17, 99, 3, 250]])
+    with torch.no_grad():
+        torch.testing.assert_close(GPT2LMHeadModel.from_pretrained(out).eval()(ids).logits,
+                                   ref(ids).logits, atol=0, rtol=0)
+    assert set(load_file(out / "model.safetensors")) == {
+        k for k in ref.state_dict() if k != "lm_head.weight"}
+    assert {(out / name).stat().st_mode & 0o777 for name in (
+        "config.json", "model.safetensors", "tokenizer.json")} == {0o644}
 
 
 def _edit_json(path: Path, **changes) -> None:

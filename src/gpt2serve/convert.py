@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from . import checkpoint, jsonfile
 from .checkpoint import CheckpointError
+from .model import GPTConfig
 
 TF_INDEX = "model.ckpt.index"
 GENERATION_CONFIG = "generation_config.json"
@@ -44,14 +45,14 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         config = _openai_config(src / "hparams.json")
         # end-of-text is the encoder's <|endoftext|> (50256 in OpenAI's releases)
         config["bos_token_id"] = config["eos_token_id"] = tokenizer.eos_id
-        checkpoint.config_of(config, src / "hparams.json")  # before any tensor is read
+        shapes = checkpoint.config_of(config, src / "hparams.json")  # before any tensor
     else:
         checked = checkpoint.check(src)
         tokenizer = checked.tokenizer
         config = jsonfile.read(src / "config.json", CheckpointError)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if tf:
-        tensors = dict(_openai_tensors(src / "model.ckpt", dtype))
+        tensors = dict(_openai_tensors(src / "model.ckpt", shapes, dtype))
     else:
         tensors = {name: tensor.to(dtype).contiguous()
                    for name, tensor in checked.weights.hf_tensors(checked.network)}
@@ -68,13 +69,18 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         del tensors
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
                                              + "\n")
+        # safetensors writes its file 0600 whatever the umask: a server running as another
+        # user (a container's) could not read it. The mode config.json got is the umask's.
+        os.chmod(staging / checkpoint.SAFETENSORS, (staging / "config.json").stat().st_mode)
         tokenizer.save(staging / "tokenizer.json")
         if (src / GENERATION_CONFIG).is_file():  # (its eos_token_id is the model's)
+            jsonfile.read(src / GENERATION_CONFIG, CheckpointError)  # (bounded, before a copy)
             shutil.copyfile(src / GENERATION_CONFIG, staging / GENERATION_CONFIG)
         try:
             checkpoint.check(staging)
-        except CheckpointError as e:
-            raise CheckpointError(str(e).replace(str(staging), str(out))) from None
+        except CheckpointError as e:  # (naming the files of a folder that will not exist)
+            raise CheckpointError(f"{src}: converted, it would not load: "
+                                  f"{str(e).replace(str(staging) + os.sep, '')}") from None
         out.mkdir(exist_ok=True)
         # config.json last: a server's scan takes a folder with one for a model, so a new
         # folder is one only once whole (an old model's is replaced file by file)
@@ -106,87 +112,116 @@ def _openai_config(path: Path) -> dict:
                               f"n_layer), missing {e}") from None
 
 
-def _openai_tensors(prefix: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """OpenAI's tensors under Hugging Face's names, each converted to `dtype` as it is read."""
-    for name, array in read_tf_checkpoint(prefix):
-        parts = name.split("/")
-        if parts[0] != "model" or len(parts) < 2:
-            continue
-        # model/h3/attn/c_attn/w -> transformer.h.3.attn.c_attn.weight; w is [1, in, out]
-        parts = parts[1:]
-        if parts[0].startswith("h") and parts[0][1:].isdigit():
-            parts[0:1] = ["h", parts[0][1:]]
-        leaf = {"w": "weight", "b": "bias", "g": "weight"}.get(parts[-1], parts[-1])
-        if parts[-1] in ("wte", "wpe"):
-            key = f"transformer.{parts[-1]}.weight"
-        else:
-            key = "transformer." + ".".join(parts[:-1] + [leaf])
-        tensor = torch.from_numpy(array)
-        tensor = tensor[0] if parts[-1] == "w" and tensor.dim() == 3 else tensor
-        yield key, tensor.to(dtype).contiguous()
+def _openai_names(c: GPTConfig) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+    """(OpenAI's name, Hugging Face's, the shape hparams.json implies) of each tensor of
+    OpenAI's GPT-2; its conv1d weights are [1, in, out] where Hugging Face's are [in, out]."""
+    d = c.n_embd
+    yield "model/wte", "transformer.wte.weight", (c.vocab_size, d)
+    yield "model/wpe", "transformer.wpe.weight", (c.n_positions, d)
+    for i in range(c.n_layer):
+        for ln in ("ln_1", "ln_2"):
+            yield f"model/h{i}/{ln}/g", f"transformer.h.{i}.{ln}.weight", (d,)
+            yield f"model/h{i}/{ln}/b", f"transformer.h.{i}.{ln}.bias", (d,)
+        for sub, n_in, n_out in (("attn/c_attn", d, 3 * d), ("attn/c_proj", d, d),
+                                 ("mlp/c_fc", d, 4 * d), ("mlp/c_proj", 4 * d, d)):
+            hf = f"transformer.h.{i}.{sub.replace('/', '.')}"
+            yield f"model/h{i}/{sub}/w", f"{hf}.weight", (1, n_in, n_out)
+            yield f"model/h{i}/{sub}/b", f"{hf}.bias", (n_out,)
+    yield "model/ln_f/g", "transformer.ln_f.weight", (d,)
+    yield "model/ln_f/b", "transformer.ln_f.bias", (d,)
+
+
+def _openai_tensors(prefix: Path, config: GPTConfig, dtype: torch.dtype
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """OpenAI's tensors under Hugging Face's names, each converted to `dtype` as it is read.
+    Only the network's are read, each once its entry is found to be of the shape hparams.json
+    implies: other entries (an optimizer's, or hundreds on the same bytes) were read and
+    converted whole before any was checked (a 7.9 KB index asked for 12.8 GB)."""
+    entries, shards = read_tf_index(prefix)
+    for name, hf, shape in _openai_names(config):
+        if name not in entries:
+            raise CheckpointError(f"{prefix}.index: no tensor {name}, which hparams.json's "
+                                  f"GPT-2 has")
+        tensor = torch.from_numpy(_read_tf_tensor(prefix, name, entries[name], shards, shape))
+        yield hf, (tensor[0] if name.endswith("/w") else tensor).to(dtype).contiguous()
 
 
 # ---- TensorFlow tensor-bundle reader -------------------------------------------------------
 # `model.ckpt.index` is a LevelDB-format table mapping tensor names to BundleEntryProto
 # (dtype, shape, shard, offset, size); the bytes live in `model.ckpt.data-NNNNN-of-MMMMM`.
 
-TF_DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 9: np.int64, 19: np.float16}
+TF_FLOATS = {1: np.float32, 2: np.float64, 19: np.float16}  # (DT_FLOAT, DT_DOUBLE, DT_HALF)
 TABLE_MAGIC = 0xDB4775248B80FB57
-MAX_DIM = 2**24
+MAX_INDEX_BYTES = 8 << 20  # GPT-2 1.5B's index takes about 40 KB
 
 
-def read_tf_checkpoint(prefix: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Each tensor of a TensorFlow checkpoint, read from its data shard when its turn comes;
-    an entry whose size or offset does not fit its shape or its shard is a CheckpointError."""
+def read_tf_index(prefix: Path) -> tuple[dict[str, tuple[int, list[int], int, int, int]], int]:
+    """The entries of a TensorFlow checkpoint's index by tensor name (dtype, shape, shard,
+    offset, size), and its number of data shards."""
     index = Path(f"{prefix}.index")
+    if (size := index.stat().st_size) > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{index}: {size} bytes, more than the {MAX_INDEX_BYTES >> 20} "
+                              f"MiB an index may take")
     try:
-        entries = _tf_index(index.read_bytes())
+        return _tf_index(index.read_bytes())
     except (IndexError, ValueError, TypeError, UnicodeDecodeError, struct.error) as e:
         raise CheckpointError(f"{index}: not a TensorFlow checkpoint index ({e})") from None
-    for name, (dtype, shape, shard, offset, size) in entries.items():
-        if dtype not in TF_DTYPES:
-            raise CheckpointError(f"{prefix}: tensor {name} has unsupported dtype {dtype}")
-        matches = sorted(prefix.parent.glob(f"{prefix.name}.data-{shard:05d}-of-*"))
-        if not matches:
-            raise CheckpointError(f"{prefix}: data shard {shard} is missing")
-        if len(shape) > 4 or not all(0 <= d <= MAX_DIM for d in shape):  # (GPT-2's are 3-D
-            # at most, none past 50257; a dimension of 0 let huge ones through the size check)
-            raise CheckpointError(f"{prefix}: tensor {name} has shape {shape[:8]}")
-        itemsize = np.dtype(TF_DTYPES[dtype]).itemsize
-        if size != math.prod(shape) * itemsize or offset + size > matches[0].stat().st_size:
-            raise CheckpointError(f"{prefix}: tensor {name} has a size or offset that does not "
-                                  f"fit its shape {shape} or {matches[0].name}")
-        data = bytearray(size)  # (writable, so that torch takes it without a copy)
-        with open(matches[0], "rb") as f:
-            f.seek(offset)
-            f.readinto(data)
-        yield name, np.frombuffer(data, dtype=TF_DTYPES[dtype]).reshape(shape)
 
 
-def _tf_index(index: bytes) -> dict[str, tuple[int, list[int], int, int, int]]:
+def _read_tf_tensor(prefix: Path, name: str, entry: tuple[int, list[int], int, int, int],
+                    shards: int, shape: tuple[int, ...]) -> np.ndarray:
+    """One entry's tensor, read from its data shard once its dtype, shape, size and offset
+    are found to fit; CheckpointError naming what does not."""
+    dtype, stored, shard, offset, size = entry
+    if dtype not in TF_FLOATS:
+        raise CheckpointError(f"{prefix}: tensor {name} has dtype {dtype}, not a float")
+    if tuple(stored) != shape:
+        raise CheckpointError(f"{prefix}: tensor {name} has shape {stored[:8]}, hparams.json "
+                              f"implies {list(shape)}")
+    data_file = prefix.parent / f"{prefix.name}.data-{shard:05d}-of-{shards:05d}"
+    if shard >= shards or not data_file.is_file():  # (a FIFO blocked the open for ever)
+        raise CheckpointError(f"{prefix}: data shard {shard} is missing ({data_file.name})")
+    itemsize = np.dtype(TF_FLOATS[dtype]).itemsize
+    if size != math.prod(shape) * itemsize or offset + size > data_file.stat().st_size:
+        raise CheckpointError(f"{prefix}: tensor {name} has a size or offset that does not "
+                              f"fit its shape {list(shape)} or {data_file.name}")
+    data = bytearray(size)  # (writable, so that torch takes it without a copy)
+    with open(data_file, "rb") as f:
+        f.seek(offset)
+        if f.readinto(data) != size:  # (a shard that shrank since: zeros for weights)
+            raise CheckpointError(f"{data_file}: ends inside tensor {name}")
+    return np.frombuffer(data, dtype=TF_FLOATS[dtype]).reshape(shape)
+
+
+def _tf_index(index: bytes) -> tuple[dict[str, tuple[int, list[int], int, int, int]], int]:
     if len(index) < 48 or struct.unpack("<Q", index[-8:])[0] != TABLE_MAGIC:
         raise ValueError("no table footer")
     footer = index[-48:]
     _, pos = _handle(footer, 0)  # metaindex, unused
     (index_off, index_size), _ = _handle(footer, pos)
-    entries = {}
+    entries, shards = {}, 1
     for _, handle in _block(index, index_off, index_size):
         (off, size), _ = _handle(handle, 0)
         for key, value in _block(index, off, size):
-            if key:  # the empty key holds the bundle header
+            if key:
                 entries[key.decode()] = _bundle_entry(value)
-    return entries
+            else:  # the bundle header: BundleHeaderProto, num_shards=1
+                shards = dict(_proto_fields(value)).get(1, 1)
+    if type(shards) is not int or not 1 <= shards < 100_000:
+        raise ValueError(f"a bundle header of {shards} shards")
+    return entries, shards
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
-    while True:
+    while shift < 64:  # (a run of megabytes of 0xFF built an integer of millions of bits)
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         if b < 0x80:
             return result, pos
         shift += 7
+    raise ValueError("a varint longer than 10 bytes")
 
 
 def _handle(buf: bytes, pos: int) -> tuple[tuple[int, int], int]:
