@@ -106,7 +106,8 @@ def test_weights_changed_after_the_check_are_the_checked_ones_or_refused(good, t
 def test_a_bin_with_old_transformers_buffers_loads(good, tiny_model):
     """Old transformers saved each layer's causal mask (`attn.bias`, bool or uint8 [1, 1, n, n]
     viewed from a triangle) and `attn.masked_bias`: buffers the loader never reads, which the
-    check for plain tensors passes over."""
+    check for plain tensors passes over (a review: it refused such a folder for what it never
+    reads)."""
     from safetensors.torch import load_file
 
     state = load_file(good / "model.safetensors")
@@ -114,7 +115,9 @@ def test_a_bin_with_old_transformers_buffers_loads(good, tiny_model):
     for i in range(json.loads((good / "config.json").read_text())["n_layer"]):
         state[f"transformer.h.{i}.attn.bias"] = torch.tril(
             torch.ones(n, n, dtype=torch.bool if i else torch.uint8)).view(1, 1, n, n)
-        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4).expand(1)
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    # one expanded (a byte standing for n * n): the check for plain tensors passes it over
+    state["transformer.h.0.attn.bias"] = torch.ones((), dtype=torch.bool).expand(1, 1, n, n)
     _bin(good, state)
     torch.testing.assert_close(logits_of(good), logits_of(tiny_model), atol=0, rtol=0)
 

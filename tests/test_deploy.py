@@ -995,11 +995,13 @@ def _block(entries: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def write_tf_checkpoint(prefix: Path, tensors: dict, shapes: dict | None = None,
-                        dtypes: dict | None = None, others: dict | None = None) -> None:
+                        dtypes: dict | None = None, others: dict | None = None,
+                        data_block_listed: int = 1) -> None:
     """What `tf.train.Saver` writes: model.ckpt.index (a table of BundleEntryProto) and one
     data shard. Written from the format's description, independently of the reader. `shapes`
     and `dtypes` give an entry a shape or a dtype of its own, whatever its array's; `others`
-    adds entries as given, BundleEntryProto bytes by name."""
+    adds entries as given, BundleEntryProto bytes by name; the index block lists the data
+    block `data_block_listed` times."""
     data, entries = bytearray(), [(b"", b"\x08\x01")]  # BundleHeaderProto{num_shards: 1}
     for name in sorted(tensors):
         arr = tensors[name].astype("<f4")
@@ -1018,7 +1020,7 @@ def write_tf_checkpoint(prefix: Path, tensors: dict, shapes: dict | None = None,
 
     data_handle = add_block(_block(entries))
     meta_handle = add_block(_block([]))
-    index_handle = add_block(_block([(entries[-1][0], data_handle)]))
+    index_handle = add_block(_block([(entries[-1][0], data_handle)] * data_block_listed))
     footer = (meta_handle + index_handle).ljust(40, b"\x00")
     table += footer + struct.pack("<Q", 0xDB4775248B80FB57)
     Path(f"{prefix}.index").write_bytes(bytes(table))
@@ -1088,10 +1090,10 @@ def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
         torch.testing.assert_close(small(ids).logits, ref(ids).logits, atol=2e-2, rtol=0)
 
 
-def _convert(src: Path, out: Path) -> subprocess.CompletedProcess:
+def _convert(src: Path, out: Path, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gpt2serve.cli", "convert", str(src), "--out",
                            str(out), "--dtype", "float32"], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, **kw)
 
 
 def _data_shard(src: Path) -> Path:
@@ -1109,7 +1111,7 @@ def _data_shard(src: Path) -> Path:
      r"model.ckpt.index: not a TensorFlow checkpoint index"),
     (lambda src: _data_shard(src).write_bytes(_data_shard(src).read_bytes()[:1000]),
      r"tensor model/.* has a size or offset that does not fit"),
-    (lambda src: _data_shard(src).unlink(), r"data shard 0 is missing"),
+    (lambda src: _data_shard(src).unlink(), r"data shard 0 \(.*\) is missing"),
     (lambda src: _edit_json(src / "hparams.json", n_embd=32),
      r"tensor model/wte has shape \[400, 64\], hparams.json implies \[400, 32\]"),
     # Found by fuzz helper 43: each raised a traceback, hung, or took gigabytes
@@ -1121,18 +1123,22 @@ def _data_shard(src: Path) -> Path:
      r"tensor model/h0/mlp/c_fc/w has shape \[0, 64, 256\], hparams.json implies "
      r"\[1, 64, 256\]"),
     (lambda src: _rewrite_release(src, dtypes={"model/wpe": 3}),
-     r"tensor model/wpe has dtype 3, not a float"),
+     r"tensor model/wpe has dtype 3, not DT_FLOAT, DT_DOUBLE or DT_HALF"),
     (lambda src: (_data_shard(src).unlink(), os.mkfifo(src / "model.ckpt.data-00000-of-00001")),
-     r"data shard 0 is missing"),
+     r"data shard 0 \(model.ckpt.data-00000-of-00001\) is missing or not a regular file"),
     (lambda src: (src / "generation_config.json").write_text(" " * (2 << 20) + "{}"),
-     r"generation_config.json: 2097154 bytes, more than the 1024 KiB"),
+     r"openai/generation_config.json: 2097154 bytes, more than the 1024 KiB"),
+    (lambda src: _edit_json(src / "hparams.json", n_vocab=300),
+     r"openai: tokenizer has \d+ tokens but hparams.json n_vocab is 300"),
+    (lambda src: _rewrite_release(src, data_block_listed=2),
+     r"not a TensorFlow checkpoint index \(data blocks that overlap or come out of order"),
     (lambda src: _rewrite_release(src, drop="model/h1/ln_2/b"),
      r"model.ckpt.index: no tensor model/h1/ln_2/b, which hparams.json's GPT-2 has"),
 ], ids=["hparams incomplete", "hparams not json", "hparams a string size", "no encoder",
         "index garbage", "shard truncated", "shard missing", "hparams wrong width",
         "an overlong varint", "an index of megabytes", "a weight of the wrong shape",
         "an integer tensor", "a fifo for a shard", "a generation config of megabytes",
-        "a tensor missing"])
+        "a tensor missing", "a tokenizer past n_vocab", "a data block listed twice"])
 def test_convert_names_what_is_wrong_with_a_release(tmp_path, breakage, message):
     """One line on stderr and exit status 2, as for a model folder the server refuses; not a
     traceback from the tokenizer library, the JSON reader or the TensorFlow reader."""
@@ -1190,11 +1196,7 @@ def test_convert_reads_only_the_network_s_entries_of_a_release(tmp_path):
                "model/int": tf_entry(3, (4,), 0, 16), "optimizer/m": tf_entry(1, (1,), 0, 4)}
     _rewrite_release(src, others=others)
     out = tmp_path / "out"
-    umask = os.umask(0o022)  # (the child's)
-    try:
-        run = _convert(src, out)
-    finally:
-        os.umask(umask)
+    run = _convert(src, out, umask=0o022)
     assert run.returncode == 0, run.stderr
     ids = torch.tensor([[5, 17, 99, 3, 250]])
     with torch.no_grad():
@@ -1204,6 +1206,18 @@ def test_convert_reads_only_the_network_s_entries_of_a_release(tmp_path):
         k for k in ref.state_dict() if k != "lm_head.weight"}
     assert {(out / name).stat().st_mode & 0o777 for name in (
         "config.json", "model.safetensors", "tokenizer.json")} == {0o644}
+
+
+def test_an_index_key_is_bounded_by_the_one_before_it():
+    """Found by a review: keys that each kept all of the one before and added a byte grew as
+    the square of the index (a megabyte of them, 15 GB); a key may keep no more than there was
+    to keep, and be at most MAX_KEY_BYTES long."""
+    for shared, unshared in ((3, 1), (0, convert.MAX_KEY_BYTES + 1)):
+        block = (_varint(shared) + _varint(unshared) + _varint(0) + b"x" * unshared
+                 + struct.pack("<II", 0, 1))
+        with pytest.raises(ValueError, match=f"a key of {shared} \\+ {unshared} bytes after "
+                                             f"one of 0"):
+            list(convert._block(block + b"\x00", 0, len(block)))
 
 
 def _edit_json(path: Path, **changes) -> None:

@@ -172,17 +172,17 @@ class SafetensorsFile:
         refuse_lfs_pointer(path)
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self.fd)
-        self.version = self._version()
-        size = self.version[0]
+        close = weakref.finalize(self, os.close, self.fd)
         try:
+            self.version = self._version()
+            size = self.version[0]
             n = int.from_bytes(os.pread(self.fd, 8, 0), "little")
             if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"header length {n} does not fit the file or the "
                                  f"{MAX_HEADER_BYTES >> 20} MiB a header may take")
             # UTF-8, as the format says (json.loads of bytes took UTF-16 too)
             raw = bytearray(n)
-            _read_fully(self.fd, memoryview(raw), 8)
+            _read_fully(self.fd, memoryview(raw), 8)  # (n fits the file: whole)
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
@@ -197,7 +197,11 @@ class SafetensorsFile:
             if [start for start, _ in spans] != ends[:-1] or ends[-1] != size - self.base:
                 raise ValueError("its tensors' offsets overlap or leave gaps in the data")
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            close()  # (not when the traceback lets go of self)
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+        except BaseException:
+            close()
+            raise
 
     def _entry(self, name: str, meta, data_size: int) -> tuple[torch.dtype, tuple, int]:
         """(dtype, shape, start) of a header's entry, checked; ValueError naming what is not
@@ -221,7 +225,10 @@ class SafetensorsFile:
         return dtype, tuple(shape), start
 
     def _version(self) -> tuple[int, int]:
-        st = os.fstat(self.fd)
+        try:
+            st = os.fstat(self.fd)
+        except OSError as e:  # (EIO, a stale NFS handle: name the file)
+            raise CheckpointError(f"{self.path}: cannot be read ({e.strerror})") from None
         return st.st_size, st.st_mtime_ns
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -229,11 +236,16 @@ class SafetensorsFile:
 
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, start = self.entries[name]
+        buf = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
+        try:
+            done = _read_fully(self.fd, memoryview(buf.numpy()), self.base + start)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot be read ({e.strerror})") from None
+        # (after the read: a rewrite while it ran is seen too)
         if self._version() != self.version:
             raise CheckpointError(f"{self.path}: rewritten since it was checked; load the "
                                   f"model again")
-        buf = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
-        if _read_fully(self.fd, memoryview(buf.numpy()), self.base + start) < len(buf):
+        if done < len(buf):
             raise CheckpointError(f"{self.path}: ends inside tensor '{name}'")
         return buf.view(dtype).view(shape)
 
@@ -550,6 +562,17 @@ def read_tokenizer(folder: Path) -> Tokenizer:
         raise CheckpointError(f"{folder}: tokenizer files cannot be read ({e})") from None
 
 
+def check_vocabulary(tokenizer: Tokenizer, config: GPTConfig, folder: Path,
+                     size_name: str = "config.json vocab_size") -> None:
+    """The tokenizer's ids are rows of the config's vocabulary, or CheckpointError."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but "
+                              f"{size_name} is {config.vocab_size}")
+    if tokenizer.largest_id >= config.vocab_size:  # ids need not be dense: an index error
+        raise CheckpointError(f"{folder}: tokenizer has token id {tokenizer.largest_id}, "
+                              f"past {size_name} {config.vocab_size}")
+
+
 def check(folder: str | Path | None) -> Checked:
     """Everything about a folder that can fail short of reading its tensors: config.json,
     the tokenizer files, the weight files' headers and every tensor's name and shape
@@ -560,12 +583,7 @@ def check(folder: str | Path | None) -> Checked:
         raise CheckpointError(f"{folder}: not a directory")
     config = read_config(folder)
     tokenizer = read_tokenizer(folder)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but "
-                              f"config.json vocab_size is {config.vocab_size}")
-    if tokenizer.largest_id >= config.vocab_size:  # ids need not be dense: an index error
-        raise CheckpointError(f"{folder}: tokenizer has token id {tokenizer.largest_id}, "
-                              f"past config.json vocab_size {config.vocab_size}")
+    check_vocabulary(tokenizer, config, folder)
     weights = Weights(folder)
     return Checked(folder, config, tokenizer, weights, checked_network(config, weights))
 

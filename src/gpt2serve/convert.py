@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -39,20 +40,23 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         raise CheckpointError(f"{out}: --out must be another folder than the one converted")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: not a folder")
+    if (src / GENERATION_CONFIG).is_file():  # (copied below: read within bounds first)
+        jsonfile.read(src / GENERATION_CONFIG, CheckpointError)
     tf = (src / TF_INDEX).is_file() and (src / "hparams.json").is_file()
-    if tf:
+    if tf:  # (all checked before any tensor is read)
         tokenizer = checkpoint.read_tokenizer(src)
         config = _openai_config(src / "hparams.json")
         # end-of-text is the encoder's <|endoftext|> (50256 in OpenAI's releases)
         config["bos_token_id"] = config["eos_token_id"] = tokenizer.eos_id
-        shapes = checkpoint.config_of(config, src / "hparams.json")  # before any tensor
+        gpt_config = checkpoint.config_of(config, src / "hparams.json")
+        checkpoint.check_vocabulary(tokenizer, gpt_config, src, "hparams.json n_vocab")
     else:
         checked = checkpoint.check(src)
         tokenizer = checked.tokenizer
         config = jsonfile.read(src / "config.json", CheckpointError)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if tf:
-        tensors = dict(_openai_tensors(src / "model.ckpt", shapes, dtype))
+        tensors = dict(_openai_tensors(src / "model.ckpt", gpt_config, dtype))
     else:
         tensors = {name: tensor.to(dtype).contiguous()
                    for name, tensor in checked.weights.hf_tensors(checked.network)}
@@ -71,16 +75,17 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
                                              + "\n")
         # safetensors writes its file 0600 whatever the umask: a server running as another
         # user (a container's) could not read it. The mode config.json got is the umask's.
-        os.chmod(staging / checkpoint.SAFETENSORS, (staging / "config.json").stat().st_mode)
+        os.chmod(staging / checkpoint.SAFETENSORS,
+                 stat.S_IMODE((staging / "config.json").stat().st_mode))
         tokenizer.save(staging / "tokenizer.json")
         if (src / GENERATION_CONFIG).is_file():  # (its eos_token_id is the model's)
-            jsonfile.read(src / GENERATION_CONFIG, CheckpointError)  # (bounded, before a copy)
             shutil.copyfile(src / GENERATION_CONFIG, staging / GENERATION_CONFIG)
         try:
             checkpoint.check(staging)
-        except CheckpointError as e:  # (naming the files of a folder that will not exist)
-            raise CheckpointError(f"{src}: converted, it would not load: "
-                                  f"{str(e).replace(str(staging) + os.sep, '')}") from None
+        except CheckpointError as e:  # (it named the files of a folder that will not be)
+            raise CheckpointError(f"{src}: converted, but the result would not load: "
+                                  + str(e).replace(str(staging) + os.sep, "").replace(
+                                      str(staging), "the converted folder")) from None
         out.mkdir(exist_ok=True)
         # config.json last: a server's scan takes a folder with one for a model, so a new
         # folder is one only once whole (an old model's is replaced file by file)
@@ -134,15 +139,19 @@ def _openai_names(c: GPTConfig) -> Iterator[tuple[str, str, tuple[int, ...]]]:
 def _openai_tensors(prefix: Path, config: GPTConfig, dtype: torch.dtype
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """OpenAI's tensors under Hugging Face's names, each converted to `dtype` as it is read.
-    Only the network's are read, each once its entry is found to be of the shape hparams.json
-    implies: other entries (an optimizer's, or hundreds on the same bytes) were read and
-    converted whole before any was checked (a 7.9 KB index asked for 12.8 GB)."""
+    Only the network's are read, once every one of their entries is found to be of the shape
+    hparams.json implies: other entries (an optimizer's, or hundreds on the same bytes) were
+    read and converted whole before any was checked (a 7.9 KB index asked for 12.8 GB), and a
+    bad last entry was found only once the rest had been read (1.5B: minutes, 6 GB)."""
     entries, shards = read_tf_index(prefix)
+    wanted = []
     for name, hf, shape in _openai_names(config):
         if name not in entries:
             raise CheckpointError(f"{prefix}.index: no tensor {name}, which hparams.json's "
                                   f"GPT-2 has")
-        tensor = torch.from_numpy(_read_tf_tensor(prefix, name, entries[name], shards, shape))
+        wanted.append((name, hf, _tf_span(prefix, name, entries[name], shards, shape)))
+    for name, hf, span in wanted:
+        tensor = torch.from_numpy(_read_tf_tensor(name, *span))
         yield hf, (tensor[0] if name.endswith("/w") else tensor).to(dtype).contiguous()
 
 
@@ -152,7 +161,8 @@ def _openai_tensors(prefix: Path, config: GPTConfig, dtype: torch.dtype
 
 TF_FLOATS = {1: np.float32, 2: np.float64, 19: np.float16}  # (DT_FLOAT, DT_DOUBLE, DT_HALF)
 TABLE_MAGIC = 0xDB4775248B80FB57
-MAX_INDEX_BYTES = 8 << 20  # GPT-2 1.5B's index takes about 40 KB
+MAX_INDEX_BYTES = 8 << 20  # GPT-2 1.5B's index takes about 40 KB, for 580 entries
+MAX_ENTRIES, MAX_KEY_BYTES = 1 << 16, 1024  # (its longest name: model/h47/attn/c_attn/w)
 
 
 def read_tf_index(prefix: Path) -> tuple[dict[str, tuple[int, list[int], int, int, int]], int]:
@@ -168,29 +178,36 @@ def read_tf_index(prefix: Path) -> tuple[dict[str, tuple[int, list[int], int, in
         raise CheckpointError(f"{index}: not a TensorFlow checkpoint index ({e})") from None
 
 
-def _read_tf_tensor(prefix: Path, name: str, entry: tuple[int, list[int], int, int, int],
-                    shards: int, shape: tuple[int, ...]) -> np.ndarray:
-    """One entry's tensor, read from its data shard once its dtype, shape, size and offset
-    are found to fit; CheckpointError naming what does not."""
+def _tf_span(prefix: Path, name: str, entry: tuple[int, list[int], int, int, int],
+             shards: int, shape: tuple[int, ...]) -> tuple[Path, np.dtype, tuple, int]:
+    """Where an entry's tensor lies (its data file, dtype, shape and offset), once its dtype,
+    shape, size and offset are found to fit; CheckpointError naming what does not."""
     dtype, stored, shard, offset, size = entry
     if dtype not in TF_FLOATS:
-        raise CheckpointError(f"{prefix}: tensor {name} has dtype {dtype}, not a float")
+        raise CheckpointError(f"{prefix}: tensor {name} has dtype {dtype}, not DT_FLOAT, "
+                              f"DT_DOUBLE or DT_HALF")
     if tuple(stored) != shape:
         raise CheckpointError(f"{prefix}: tensor {name} has shape {stored[:8]}, hparams.json "
                               f"implies {list(shape)}")
     data_file = prefix.parent / f"{prefix.name}.data-{shard:05d}-of-{shards:05d}"
-    if shard >= shards or not data_file.is_file():  # (a FIFO blocked the open for ever)
-        raise CheckpointError(f"{prefix}: data shard {shard} is missing ({data_file.name})")
+    if shard >= shards or not data_file.is_file():
+        raise CheckpointError(f"{prefix}: data shard {shard} ({data_file.name}) is missing "
+                              f"or not a regular file")
     itemsize = np.dtype(TF_FLOATS[dtype]).itemsize
     if size != math.prod(shape) * itemsize or offset + size > data_file.stat().st_size:
         raise CheckpointError(f"{prefix}: tensor {name} has a size or offset that does not "
                               f"fit its shape {list(shape)} or {data_file.name}")
-    data = bytearray(size)  # (writable, so that torch takes it without a copy)
+    return data_file, np.dtype(TF_FLOATS[dtype]), shape, offset
+
+
+def _read_tf_tensor(name: str, data_file: Path, dtype: np.dtype, shape: tuple, offset: int
+                    ) -> np.ndarray:
+    data = bytearray(math.prod(shape) * dtype.itemsize)  # (writable: torch takes it as is)
     with open(data_file, "rb") as f:
         f.seek(offset)
-        if f.readinto(data) != size:  # (a shard that shrank since: zeros for weights)
+        if f.readinto(data) != len(data):  # (a shard that shrank since: zeros for weights)
             raise CheckpointError(f"{data_file}: ends inside tensor {name}")
-    return np.frombuffer(data, dtype=TF_FLOATS[dtype]).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _tf_index(index: bytes) -> tuple[dict[str, tuple[int, list[int], int, int, int]], int]:
@@ -199,14 +216,19 @@ def _tf_index(index: bytes) -> tuple[dict[str, tuple[int, list[int], int, int, i
     footer = index[-48:]
     _, pos = _handle(footer, 0)  # metaindex, unused
     (index_off, index_size), _ = _handle(footer, pos)
-    entries, shards = {}, 1
+    entries, shards, past = {}, 1, 0
     for _, handle in _block(index, index_off, index_size):
         (off, size), _ = _handle(handle, 0)
+        if off < past:  # (one block listed again and again was parsed each time)
+            raise ValueError("data blocks that overlap or come out of order")
+        past = off + size
         for key, value in _block(index, off, size):
             if key:
                 entries[key.decode()] = _bundle_entry(value)
-            else:  # the bundle header: BundleHeaderProto, num_shards=1
+            else:  # the bundle header: BundleHeaderProto, whose field 1 is num_shards
                 shards = dict(_proto_fields(value)).get(1, 1)
+            if len(entries) > MAX_ENTRIES:
+                raise ValueError(f"more than {MAX_ENTRIES} entries")
     if type(shards) is not int or not 1 <= shards < 100_000:
         raise ValueError(f"a bundle header of {shards} shards")
     return entries, shards
@@ -242,6 +264,10 @@ def _block(table: bytes, off: int, size: int):
         shared, pos = _varint(data, pos)
         unshared, pos = _varint(data, pos)
         vlen, pos = _varint(data, pos)
+        # (keys that each kept all of the last and added a byte grew as the square of the
+        # index's size: a megabyte of them, 15 GB)
+        if shared > len(key) or shared + unshared > MAX_KEY_BYTES:
+            raise ValueError(f"a key of {shared} + {unshared} bytes after one of {len(key)}")
         key = key[:shared] + data[pos:pos + unshared]
         pos += unshared
         yield key, data[pos:pos + vlen]

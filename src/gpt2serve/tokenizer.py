@@ -32,8 +32,9 @@ class Tokenizer:
         first: dict[int, str] = {}  # (an id of 2**40 in vocab.json was read as another)
         for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items():
             if first.setdefault(token_id, token) != token:
-                raise ValueError(f"tokens {first[token_id]!r} and {token!r} of the vocabulary "
-                                 f"have the same id, {token_id}")
+                pair = sorted((first[token_id], token))
+                raise ValueError(f"tokens {pair[0]!r} and {pair[1]!r} of the vocabulary have "
+                                 f"the same id, {token_id}")
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size()
         self.largest_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)

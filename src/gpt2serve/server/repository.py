@@ -180,10 +180,9 @@ class Repository(ModelRepository):
     def scan(self) -> None:
         """Add the model folders that have appeared under the repository folder, and forget
         those deleted since that hold nothing (`_vanished`). A folder it cannot read (the
-        repository folder itself gone, `lost+found` at a volume's root) is skipped with a
-        warning once while it stays so, not an error on every request (nor a warning: each
-        index call, load and request for an unknown name scans), and so is one with no
-        config.json file. Hidden folders are passed over in silence (`convert`'s staging, a
+        repository folder itself gone) is skipped with a warning once while it stays so, not
+        an error on every request (nor a warning: each index call, load and request for an
+        unknown name scans), and so is one with no config.json file. Hidden folders are passed over in silence (`convert`'s staging, a
         ConfigMap's `..data`), and so is a volume's `lost+found`."""
         for entry in list(self.entries.values()):
             if self._vanished(entry):
