@@ -1125,9 +1125,11 @@ def _data_shard(src: Path) -> Path:
     (lambda src: _rewrite_release(src, dtypes={"model/wpe": 3}),
      r"tensor model/wpe has dtype 3, not DT_FLOAT, DT_DOUBLE or DT_HALF"),
     (lambda src: (_data_shard(src).unlink(), os.mkfifo(src / "model.ckpt.data-00000-of-00001")),
-     r"data shard 0 \(model.ckpt.data-00000-of-00001\) is missing or not a regular file"),
+     r"data shard 0 \(model\.ckpt\.data-00000-of-00001\) is missing or not a regular file"),
     (lambda src: (src / "generation_config.json").write_text(" " * (2 << 20) + "{}"),
-     r"openai/generation_config.json: 2097154 bytes, more than the 1024 KiB"),
+     r"openai/generation_config\.json: 2097154 bytes, more than the 1024 KiB"),
+    (lambda src: (src / "generation_config.json").write_text('{"eos_token_id": "50256"}'),
+     r"openai/generation_config\.json: 'eos_token_id' must be a token id or a list"),
     (lambda src: _edit_json(src / "hparams.json", n_vocab=300),
      r"openai: tokenizer has \d+ tokens but hparams.json n_vocab is 300"),
     (lambda src: _rewrite_release(src, data_block_listed=2),
@@ -1138,7 +1140,8 @@ def _data_shard(src: Path) -> Path:
         "index garbage", "shard truncated", "shard missing", "hparams wrong width",
         "an overlong varint", "an index of megabytes", "a weight of the wrong shape",
         "an integer tensor", "a fifo for a shard", "a generation config of megabytes",
-        "a tensor missing", "a tokenizer past n_vocab", "a data block listed twice"])
+        "a tensor missing", "a generation config's eos a string", "a tokenizer past n_vocab",
+        "a data block listed twice"])
 def test_convert_names_what_is_wrong_with_a_release(tmp_path, breakage, message):
     """One line on stderr and exit status 2, as for a model folder the server refuses; not a
     traceback from the tokenizer library, the JSON reader or the TensorFlow reader."""

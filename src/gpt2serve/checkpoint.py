@@ -196,8 +196,14 @@ class SafetensorsFile:
             ends = [0] + [end for _, end in spans]
             if [start for start, _ in spans] != ends[:-1] or ends[-1] != size - self.base:
                 raise ValueError("its tensors' offsets overlap or leave gaps in the data")
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        except CheckpointError:  # (a ValueError too: _version's, naming the file)
             close()  # (not when the traceback lets go of self)
+            raise
+        except OSError as e:  # (EIO, a stale NFS handle: the storage, not the contents)
+            close()
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            close()
             raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
         except BaseException:
             close()

@@ -40,15 +40,14 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         raise CheckpointError(f"{out}: --out must be another folder than the one converted")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: not a folder")
-    if (src / GENERATION_CONFIG).is_file():  # (copied below: read within bounds first)
-        jsonfile.read(src / GENERATION_CONFIG, CheckpointError)
     tf = (src / TF_INDEX).is_file() and (src / "hparams.json").is_file()
-    if tf:  # (all checked before any tensor is read)
+    if tf:  # (all checked before any tensor is read, generation_config.json too)
         tokenizer = checkpoint.read_tokenizer(src)
         config = _openai_config(src / "hparams.json")
         # end-of-text is the encoder's <|endoftext|> (50256 in OpenAI's releases)
         config["bos_token_id"] = config["eos_token_id"] = tokenizer.eos_id
-        gpt_config = checkpoint.config_of(config, src / "hparams.json")
+        gpt_config = checkpoint.config_of(config, src / "hparams.json",
+                                          src / GENERATION_CONFIG)
         checkpoint.check_vocabulary(tokenizer, gpt_config, src, "hparams.json n_vocab")
     else:
         checked = checkpoint.check(src)
@@ -74,7 +73,7 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
                                              + "\n")
         # safetensors writes its file 0600 whatever the umask: a server running as another
-        # user (a container's) could not read it. The mode config.json got is the umask's.
+        # user (a container's) could not read it. config.json's mode is the umask's.
         os.chmod(staging / checkpoint.SAFETENSORS,
                  stat.S_IMODE((staging / "config.json").stat().st_mode))
         tokenizer.save(staging / "tokenizer.json")
@@ -202,6 +201,7 @@ def _tf_span(prefix: Path, name: str, entry: tuple[int, list[int], int, int, int
 
 def _read_tf_tensor(name: str, data_file: Path, dtype: np.dtype, shape: tuple, offset: int
                     ) -> np.ndarray:
+    """The tensor where `_tf_span` found it."""
     data = bytearray(math.prod(shape) * dtype.itemsize)  # (writable: torch takes it as is)
     with open(data_file, "rb") as f:
         f.seek(offset)

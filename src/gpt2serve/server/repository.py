@@ -182,8 +182,9 @@ class Repository(ModelRepository):
         those deleted since that hold nothing (`_vanished`). A folder it cannot read (the
         repository folder itself gone) is skipped with a warning once while it stays so, not
         an error on every request (nor a warning: each index call, load and request for an
-        unknown name scans), and so is one with no config.json file. Hidden folders are passed over in silence (`convert`'s staging, a
-        ConfigMap's `..data`), and so is a volume's `lost+found`."""
+        unknown name scans), and so is one with no config.json file. Hidden folders are
+        passed over in silence (`convert`'s staging, a ConfigMap's `..data`), and so is a
+        volume's `lost+found`."""
         for entry in list(self.entries.values()):
             if self._vanished(entry):
                 self._forget(entry)
