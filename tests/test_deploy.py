@@ -1140,8 +1140,8 @@ def _data_shard(src: Path) -> Path:
         "index garbage", "shard truncated", "shard missing", "hparams wrong width",
         "an overlong varint", "an index of megabytes", "a weight of the wrong shape",
         "an integer tensor", "a fifo for a shard", "a generation config of megabytes",
-        "a tensor missing", "a generation config's eos a string", "a tokenizer past n_vocab",
-        "a data block listed twice"])
+        "a generation config's eos a string", "a tokenizer past n_vocab",
+        "a data block listed twice", "a tensor missing"])
 def test_convert_names_what_is_wrong_with_a_release(tmp_path, breakage, message):
     """One line on stderr and exit status 2, as for a model folder the server refuses; not a
     traceback from the tokenizer library, the JSON reader or the TensorFlow reader."""
