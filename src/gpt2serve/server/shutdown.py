@@ -15,9 +15,9 @@ is its `Server.handle_exit`; this process runs exactly one such server. Before u
 handlers in place, ModelServer's own are there, and with one worker they stop nothing that
 serves HTTP: a SIGTERM in that window used to leave the process running until SIGKILL. Nothing
 can have been accepted yet then, so `exit_before_serving` makes such a signal end the process,
-and from the moment it is called, not only once ModelServer puts its handlers in: a signal just
-before that (after KServe's "Setting max asyncio worker threads") met Python's default action
-and killed the process (status -15) instead.
+and `exit_on_signal` does the same from the start of `serve`, before the models load: a signal
+before ModelServer put its handlers in (while a model loaded, or after KServe's "Setting max
+asyncio worker threads") met Python's default action and killed the process (status -15).
 """
 
 from __future__ import annotations
@@ -65,17 +65,23 @@ def install(repository: Repository, grace: float) -> None:
     uvicorn.Server.handle_exit = handle_exit
 
 
+def exit_on_signal(repository: Repository) -> None:
+    """From now until ModelServer.start puts its own handlers in, a signal ends the process at
+    once, with status 0: the models are loading, or loaded, and nothing has been accepted.
+    Before, a signal while a model loaded met Python's default action (status -15)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda sig, frame: _exit_now(repository, sig))
+
+
 def exit_before_serving(model_server, repository: Repository) -> None:
     """A signal that reaches KServe's handler (installed by ModelServer.start, replaced by
     uvicorn's while it serves, back after) ends the process at once: before serving nothing
     has been accepted, and after it the drain above has already run."""
+    model_server.stop = lambda sig: _exit_now(repository, sig)  # (its handlers call it)
 
-    def stop(sig: int) -> None:
-        log.info("signal %d while not serving HTTP: exiting", sig)
-        repository.stop(timeout=STEP_WAIT_SECONDS)
-        logging.shutdown()
-        os._exit(0)
 
-    model_server.stop = stop  # ModelServer's handlers call self.stop(sig)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # until ModelServer.start puts those in
-        signal.signal(sig, lambda sig, frame: stop(sig))
+def _exit_now(repository: Repository, sig: int) -> None:
+    log.info("signal %d while not serving HTTP: exiting", sig)
+    repository.stop(timeout=STEP_WAIT_SECONDS)
+    logging.shutdown()
+    os._exit(0)
