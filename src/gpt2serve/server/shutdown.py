@@ -65,12 +65,14 @@ def install(repository: Repository, grace: float) -> None:
     uvicorn.Server.handle_exit = handle_exit
 
 
-def exit_on_signal(repository: Repository) -> None:
+def exit_on_signal() -> None:
     """From now until ModelServer.start puts its own handlers in, a signal ends the process at
     once, with status 0: the models are loading, or loaded, and nothing has been accepted.
-    Before, a signal while a model loaded met Python's default action (status -15)."""
+    Before, a signal while a model loaded met Python's default action (status -15). The
+    engines are not stopped first: the handler runs on the thread that is loading, which may
+    hold what stopping one waits for, and they have nothing to finish."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda sig, frame: _exit_now(repository, sig))
+        signal.signal(sig, lambda sig, frame: _exit_now(None, sig))
 
 
 def exit_before_serving(model_server, repository: Repository) -> None:
@@ -80,8 +82,9 @@ def exit_before_serving(model_server, repository: Repository) -> None:
     model_server.stop = lambda sig: _exit_now(repository, sig)  # (its handlers call it)
 
 
-def _exit_now(repository: Repository, sig: int) -> None:
+def _exit_now(repository: Repository | None, sig: int) -> None:
     log.info("signal %d while not serving HTTP: exiting", sig)
-    repository.stop(timeout=STEP_WAIT_SECONDS)
+    if repository is not None:
+        repository.stop(timeout=STEP_WAIT_SECONDS)
     logging.shutdown()
     os._exit(0)
