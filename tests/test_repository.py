@@ -397,6 +397,16 @@ def test_an_unknown_model_s_refusal_is_short_in_a_large_repository(repo, tmp_pat
         assert r.status_code == 400 and "and 2 more" in r.json()["error"]["message"], r.text
     finally:
         srv.stop()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    srv = ServerProcess("--model_dir", str(empty), "--enable_grpc", "false")
+    try:
+        srv.wait_ready(path="/v2/health/ready")
+        r = post(f"{srv.url}/openai/v1/completions", {"prompt": "a"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == "'model' is required: this server has no models"
+    finally:
+        srv.stop()
 
 
 def test_a_folder_with_a_hostile_config_is_listed_and_fails_alone(repo, tmp_path):

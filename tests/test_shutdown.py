@@ -133,8 +133,8 @@ async def _scenario(srv, stub) -> dict:
 def test_sigterm_during_start_up_ends_the_process(tiny_model, tmp_path, when):
     """Kubernetes may stop a pod that is still starting. Between KServe installing its signal
     handlers and uvicorn installing its own, SIGTERM used to reach KServe's, which stops
-    nothing that serves HTTP, and the process ran on until SIGKILL. While a model loaded (the
-    engine's "KV cache:" line), it met Python's default action: status -15."""
+    nothing that serves HTTP, and the process ran on until SIGKILL. Once a model's weights
+    were read (the engine's "KV cache:" line), it met Python's default action: status -15."""
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gpt2serve.cli", "serve", "--model_dir",

@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "serve":
+            from .server.shutdown import exit_on_signal
+
+            exit_on_signal()  # (a signal while it starts, its models loading: exit 0, not -15)
             _check_kserve_flags(parser, unknown)
             try:  # the engine's flags checked together, before anything loads
                 EngineConfig.from_args(args)

@@ -70,7 +70,6 @@ def serve(args: argparse.Namespace) -> None:
         EngineConfig.from_args(args), budget=args.memory_budget,
         load_timeout=args.load_timeout, enable_control=args.enable_model_repository,
         make_predictor=lambda name, repo: GPT2Predictor(name, repo, args.max_instances))
-    shutdown.exit_on_signal()  # (a signal while the models load: exit 0, not -15)
     repository.start(args.load_models)
     log.info("%d model(s), %d loaded, in %.2fs%s; one step thread of %d intra-op threads",
              len(repository.entries), len(repository.loaded()), time.monotonic() - t0,

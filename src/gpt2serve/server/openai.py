@@ -144,10 +144,9 @@ def model_of(body: dict, repository: Repository) -> str:
     if not isinstance(name, str):
         raise OpenAIError("'model' must be a string", param="model")
     if repository.get_model(name) is None and name not in repository.entries:
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise OpenAIError(f"model {shown!r} does not exist; this server has "
-                          f"{_some(names) or 'no models'}", param="model", status=404,
-                          kind="not_found_error")
+        shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}..."
+        raise OpenAIError(f"model {shown} does not exist; this server has {_some(names)}",
+                          param="model", status=404, kind="not_found_error")
     return name
 
 
@@ -156,7 +155,8 @@ def _some(names: list[str], shown: int = 10) -> str:
     models made every refusal list them all."""
     more = len(names) - shown
     return ", ".join(repr(n) for n in names[:shown]) + (
-        f" and {more} more (GET /openai/v1/models lists them)" if more > 0 else "")
+        f" and {more} more (GET /openai/v1/models lists them)" if more > 0 else "") or (
+        "no models")
 
 
 async def json_object(request: HTTPRequest) -> dict:

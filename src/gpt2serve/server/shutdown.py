@@ -15,9 +15,10 @@ is its `Server.handle_exit`; this process runs exactly one such server. Before u
 handlers in place, ModelServer's own are there, and with one worker they stop nothing that
 serves HTTP: a SIGTERM in that window used to leave the process running until SIGKILL. Nothing
 can have been accepted yet then, so `exit_before_serving` makes such a signal end the process,
-and `exit_on_signal` does the same from the start of `serve`, before the models load: a signal
-before ModelServer put its handlers in (while a model loaded, or after KServe's "Setting max
-asyncio worker threads") met Python's default action and killed the process (status -15).
+and `exit_on_signal` does the same from the start of `gpt2serve serve`, before the models
+load: a signal before ModelServer put its handlers in (while a model loaded, or after KServe's
+"Setting max asyncio worker threads") met Python's default action and killed the process
+(status -15).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import uvicorn
 
-from .repository import Repository
+if TYPE_CHECKING:  # (the CLI imports this module before anything heavy: exit_on_signal)
+    from .repository import Repository
 
 log = logging.getLogger("gpt2serve.server")
 
@@ -67,10 +70,11 @@ def install(repository: Repository, grace: float) -> None:
 
 def exit_on_signal() -> None:
     """From now until ModelServer.start puts its own handlers in, a signal ends the process at
-    once, with status 0: the models are loading, or loaded, and nothing has been accepted.
-    Before, a signal while a model loaded met Python's default action (status -15). The
-    engines are not stopped first: the handler runs on the thread that is loading, which may
-    hold what stopping one waits for, and they have nothing to finish."""
+    once, with status 0: the server is starting, its models loading or loaded, and nothing
+    has been accepted. Before, a signal while a model loaded met Python's default action
+    (status -15), and SIGINT a KeyboardInterrupt's traceback. The engines are not stopped
+    first: the handler runs on the thread that is loading, which may hold what stopping one
+    waits for, and they have nothing to finish."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda sig, frame: _exit_now(None, sig))
 
@@ -83,8 +87,10 @@ def exit_before_serving(model_server, repository: Repository) -> None:
 
 
 def _exit_now(repository: Repository | None, sig: int) -> None:
-    log.info("signal %d while not serving HTTP: exiting", sig)
-    if repository is not None:
-        repository.stop(timeout=STEP_WAIT_SECONDS)
-    logging.shutdown()
-    os._exit(0)
+    try:  # (a log write the signal interrupted raises "reentrant call": exit all the same)
+        log.info("signal %d while not serving HTTP: exiting", sig)
+        if repository is not None:
+            repository.stop(timeout=STEP_WAIT_SECONDS)
+        logging.shutdown()
+    finally:
+        os._exit(0)
