@@ -182,7 +182,7 @@ class SafetensorsFile:
                                  f"{MAX_HEADER_BYTES >> 20} MiB a header may take")
             # UTF-8, as the format says (json.loads of bytes took UTF-16 too)
             raw = bytearray(n)
-            _read_fully(self.fd, memoryview(raw), 8)  # (n fits the file: whole)
+            read_fully(self.fd, memoryview(raw), 8)  # (n fits the file: whole)
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
@@ -244,7 +244,7 @@ class SafetensorsFile:
         dtype, shape, start = self.entries[name]
         buf = torch.empty(math.prod(shape) * dtype.itemsize, dtype=torch.uint8)
         try:
-            done = _read_fully(self.fd, memoryview(buf.numpy()), self.base + start)
+            done = read_fully(self.fd, memoryview(buf.numpy()), self.base + start)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot be read ({e.strerror})") from None
         # (after the read: a rewrite while it ran is seen too)
@@ -256,7 +256,7 @@ class SafetensorsFile:
         return buf.view(dtype).view(shape)
 
 
-def _read_fully(fd: int, view: memoryview, offset: int) -> int:
+def read_fully(fd: int, view: memoryview, offset: int) -> int:
     """Reads fd from offset into view until it is full or the file ends; how many bytes.
     pread, not seek and read: build_model reads tensors on several threads. Straight into
     view where the platform has preadv, else through copies of up to 16 MiB."""

@@ -203,10 +203,13 @@ def _read_tf_tensor(name: str, data_file: Path, dtype: np.dtype, shape: tuple, o
                     ) -> np.ndarray:
     """The tensor where `_tf_span` found it."""
     data = bytearray(math.prod(shape) * dtype.itemsize)  # (writable: torch takes it as is)
-    with open(data_file, "rb") as f:
-        f.seek(offset)
-        if f.readinto(data) != len(data):  # (a shard that shrank since: zeros for weights)
-            raise CheckpointError(f"{data_file}: ends inside tensor {name}")
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        done = checkpoint.read_fully(fd, memoryview(data), offset)
+    finally:
+        os.close(fd)
+    if done != len(data):  # (a shard that shrank since: zeros for weights)
+        raise CheckpointError(f"{data_file}: ends inside tensor {name}")
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 

@@ -6,9 +6,9 @@ the commit, `/{repo}/resolve/{commit}/{file}` to fetch one), honours `HF_ENDPOIN
 `pytorch_model.bin`), writes each file through a `.part` file so an interrupted download never
 leaves a truncated model, stops each file at the size the listing and its answer give (a
 server that sends without end cannot fill the disk; a mirror that gives neither size may,
-with weights), marks the folder with the repository,
-revision and commit so that a second run resumes it at that commit but never mixes in another
-model's or commit's files, and shows progress on stderr.
+with weights), marks the folder with the repository, revision and commit so that a second
+run resumes it at that commit but never mixes in another model's or commit's files, and shows
+progress on stderr.
 """
 
 from __future__ import annotations

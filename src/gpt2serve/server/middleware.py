@@ -17,7 +17,7 @@ from . import jsonbody
 
 from .auth import (LOOPBACK, MISSING_KEY, PEER, PUBLIC_PATHS, authorized, forwarded,
                    from_local_agent)
-from .errors import openai_shaped
+from .errors import openai_shaped, quoted
 
 
 async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
@@ -150,9 +150,8 @@ class RebindingGuard:
             name = _host_name(headers.get(b"host", b""))
             if (not _local_name(name) and name not in self.allowed
                     and self._from_this_machine(scope, headers)):
-                shown = name if len(name) <= 80 else name[:80] + "..."
                 return await _send_json(send, 403, error_body(
-                    scope["path"], 403, f"Host {shown!r} is not a name of this server: a "
+                    scope["path"], 403, f"Host {quoted(name)} is not a name of this server: a "
                     f"request from this machine must name localhost, *.localhost, an IP "
                     f"address, a name with no dot, or a host of --allowed_hosts (a guard "
                     f"against DNS rebinding)"), (CLOSE,) if _has_body(headers) else ())

@@ -34,7 +34,7 @@ from ..tokenizer import IncrementalDetokenizer
 from .repository import Repository
 from ..sampling import SamplingError, SamplingParams
 from . import jsonbody
-from .errors import failure
+from .errors import failure, quoted
 from .middleware import EventStream, started
 
 # OpenAI field -> SamplingParams field; everything else is either handled here or refused.
@@ -144,8 +144,7 @@ def model_of(body: dict, repository: Repository) -> str:
     if not isinstance(name, str):
         raise OpenAIError("'model' must be a string", param="model")
     if repository.get_model(name) is None and name not in repository.entries:
-        shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}..."
-        raise OpenAIError(f"model {shown} does not exist; this server has {_some(names)}",
+        raise OpenAIError(f"model {quoted(name)} does not exist; this server has {_some(names)}",
                           param="model", status=404, kind="not_found_error")
     return name
 
