@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port, metric, post, running_server
+from conftest import ServerProcess, free_port, make_hf_model, metric, post, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("GPT2SERVE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -78,13 +78,18 @@ def driver(tmp_path_factory):
 @pytest.fixture
 def page(srv, driver):
     """The page, fresh, at desktop width, with the API key typed in (it is kept in storage)."""
+    open_page(driver, srv)
+    type_into(driver, "api_key", KEY + "\t")  # the change event stores it and reloads the model
+    wait(driver, lambda d: MODEL in d.find_element("id", "model").text)
+    return driver
+
+
+def open_page(driver, srv) -> None:
+    """The page, fresh, at desktop width, with no key in the tab's storage."""
     driver.set_window_size(*DESKTOP)
     driver.get(f"{srv.url}/playground")
     driver.execute_script("sessionStorage.clear()")
     driver.refresh()
-    type_into(driver, "api_key", KEY + "\t")  # the change event stores it and reloads the model
-    wait(driver, lambda d: MODEL in d.find_element("id", "model").text)
-    return driver
 
 
 def el(driver, id_: str):
@@ -316,6 +321,92 @@ def test_a_stream_that_fails_shows_why(page, tail, message):
     assert samples(page) == [" Good morrow"]
 
 
+@pytest.mark.parametrize("field, typed, label", [
+    ("temperature", "1e", "Temperature"),
+    ("max_tokens", "1e400", "Max new tokens"),
+], ids=["not a number", "past a double"])
+def test_a_number_the_page_cannot_read_is_refused_not_replaced(page, field, typed, label):
+    """A number field reads what is not a number as empty, and the page sent the field's
+    default in its place; 1e400 went as null, which the server reads as its own default. The
+    run used settings its user never chose, and said nothing."""
+    assert generate(page, "ROMEO:", **{field: typed}) == "error"
+    assert el(page, "error").text == f"{label}: not a number"
+    assert page.find_elements("css selector", ".sample") == []  # nothing was sent
+    el(page, "curl").click()  # nor shown as a request
+    assert el(page, "error").text == f"{label}: not a number"
+    assert not el(page, "curl-text").is_displayed()
+
+
+def test_a_paste_past_the_prompts_limit_gets_the_servers_message_not_a_cut(srv, page):
+    """The prompt's maxLength cut a longer paste to the limit, without a word: the page then
+    generated from a prompt its user never wrote."""
+    limit = json.loads(re.search(r'application/json">(.*?)</script>',
+                                 httpx.get(f"{srv.url}/playground").text).group(1))[
+        "max_prompt_chars"]
+    text = "ROMEO: " * (limit // 7 + 1)
+    el(page, "prompt").clear()
+    el(page, "prompt").click()
+    page.execute_cdp_cmd("Input.insertText", {"text": text})  # as a paste arrives
+    assert page.execute_script("return document.getElementById('prompt').value") == text
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    expected = post(f"{srv.url}/openai/v1/completions", {"prompt": text}, AUTH).json()
+    assert f"at most {limit}" in expected["error"]["message"]
+    assert el(page, "error").text == f"Server answered 400: {expected['error']['message']}"
+
+
+def test_the_keyboards_focus_stays_on_the_buttons(page):
+    """Generate pressed from the keyboard is disabled while the run streams, and so is Stop
+    once pressed: the focus fell to the page's start, and a keyboard or screen-reader user lost
+    their place at every run. It goes from one button to the other."""
+    from selenium.webdriver.common.keys import Keys
+
+    active = lambda: page.switch_to.active_element.get_attribute("id")  # noqa: E731
+    type_into(page, "prompt", "JULIET:")
+    set_params(page, max_tokens=250, n=4)
+    el(page, "ignore_eos").click()  # so all 4 run 250 tokens unless stopped
+    el(page, "generate").send_keys(Keys.ENTER)
+    assert state(page) == "streaming" and active() == "stop"
+    page.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(page, lambda d: state(d) == "stopped", 10)
+    assert active() == "generate"
+    set_params(page, max_tokens=3, n=1)
+    el(page, "generate").send_keys(Keys.ENTER)  # a run that ends by itself
+    wait(page, lambda d: state(d) != "streaming")
+    assert state(page) == "done" and active() == "generate"
+
+
+REPLAY = """
+    const [chunks, hold] = arguments;
+    let next = 0;
+    window.fetch = async () => new Response(new ReadableStream({pull(c) {
+        if (next < chunks.length) c.enqueue(new TextEncoder().encode(chunks[next++]));
+        else if (hold) return new Promise(() => {});  // the connection kept open
+        else c.close(); }}),
+        {status: 200, headers: {"Content-Type": "text/event-stream"}});"""
+GOOD = '{"text": " Good", "index": 0}'
+
+
+@pytest.mark.parametrize("chunks, hold, ended, message", [
+    (['data: {"choices":\r', f'\ndata: [{GOOD}]}}\r\n\r\n', "data: [DONE]\r\n\r\n"],
+     False, "done", ""),
+    ([f'data: {{"choices": [null, {GOOD}, {{"text": "x", "index": "length"}}]}}\n\n',
+      "data: [DONE]\n\n"], False, "done", ""),
+    ([f'data: {{"choices": [{GOOD}]}}\n\n', "data: [DONE]\n\n"], True, "done", ""),
+    ([f'data: {{"choices": [{GOOD}]}}\n\n', "data: 5\n\n"], False, "error",
+     "the server sent an event that is not a JSON object: 5"),
+], ids=["a CRLF split across reads", "odd choices", "held open after DONE", "not an object"])
+def test_events_are_read_as_the_sse_spec_says(page, chunks, hold, ended, message):
+    """Events as a proxy or a broken server may send them (the page's fetch replaced, since
+    this server sends none of them). A \\r\\n split across two reads was two line ends, and cut
+    an event in two; a choice that was not one raised a TypeError, shown as a broken stream;
+    the page waited for the connection's end after [DONE]."""
+    page.execute_script(REPLAY, chunks, hold)
+    assert generate(page, "ROMEO:") == ended
+    assert el(page, "error").text == message
+    assert samples(page) == [" Good"]
+
+
 def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
     page.refresh()
     assert el(page, "api_key").get_attribute("value") == KEY  # from the tab's storage
@@ -416,3 +507,99 @@ def test_screenshot_of_a_generation(page):
     png = path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(png[16:20], "big") == page.execute_script("return window.innerWidth")
+
+
+# ---- a repository of models ----
+
+REPO_MODELS = ("alpha", "beta")
+# /openai/v1/models answers after the delay given for its call, in order, so that the page's
+# calls answer in the order a test needs, whatever the machine's speed. window.modelsHandled
+# counts the answers the page has read and acted on: its reads and what follows them are
+# promise callbacks, which all run before a timer's.
+DELAY_MODELS = """
+    window.modelsDelays = arguments[0];
+    window.modelsHandled = 0;
+    const fetchNow = window.fetch;
+    window.fetch = async (url, options) => {
+        const r = await fetchNow(url, options);
+        if (!String(url).endsWith("/openai/v1/models")) return r;
+        await new Promise((done) => setTimeout(done, window.modelsDelays.shift() || 0));
+        for (const read of ["json", "text"]) {
+            const own = r[read].bind(r);
+            r[read] = async () => {
+                const value = await own();
+                setTimeout(() => { window.modelsHandled += 1; }, 0);
+                return value;
+            };
+        }
+        return r;
+    };"""
+SET_KEY = """
+    const key = document.getElementById("api_key");
+    key.value = arguments[0];
+    key.dispatchEvent(new Event("change"));"""
+
+
+@pytest.fixture(scope="module")
+def repo_srv(tmp_path_factory):
+    """A server of a folder of two models, each with its own random weights, and the key."""
+    root = tmp_path_factory.mktemp("repo")
+    for seed, name in enumerate(REPO_MODELS, 1):
+        make_hf_model(root / name, seed=seed)
+    srv = ServerProcess("--model_dir", str(root), "--enable_grpc", "false", "--api_key", KEY)
+    try:
+        for name in REPO_MODELS:
+            srv.wait_ready(name, headers=AUTH)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def greedy(srv, model: str, prompt: str, max_tokens: int) -> str:
+    body = {"instances": [{"prompt": prompt, "max_new_tokens": max_tokens, "temperature": 0,
+                           "ignore_eos": True}]}
+    r = post(f"{srv.url}/v1/models/{model}:predict", body, AUTH)
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"][0][len(prompt):]
+
+
+def test_the_model_picker_routes_by_name(repo_srv, driver):
+    """Generate pressed just after the key was typed, its list of models not yet answered: the
+    run went without a model, and a server of several refused it ('model' is required). It
+    waits for the list, then runs on the first model; the picker runs the other."""
+    from selenium.webdriver.support.ui import Select
+
+    open_page(driver, repo_srv)
+    wait(driver, lambda d: "unknown" in el(d, "model").text)  # no key yet: 401
+    driver.execute_script(DELAY_MODELS, [1000])
+    type_into(driver, "prompt", "ROMEO:")
+    set_params(driver, max_tokens=12, temperature=0)
+    el(driver, "ignore_eos").click()
+    driver.execute_script(SET_KEY + 'document.getElementById("generate").click();', KEY)
+    wait(driver, lambda d: state(d) != "streaming")
+    assert state(driver) == "done", el(driver, "error").text
+    assert el(driver, "model").text.startswith("Model: alpha")
+    texts = {"alpha": samples(driver)[0]}
+    picker = Select(el(driver, "model-picker"))
+    assert [o.text for o in picker.options] == list(REPO_MODELS)
+    assert picker.first_selected_option.text == "alpha"
+    picker.select_by_value("beta")
+    el(driver, "generate").click()
+    wait(driver, lambda d: state(d) != "streaming")
+    assert state(driver) == "done", el(driver, "error").text
+    texts["beta"] = samples(driver)[0]
+    assert texts == {m: greedy(repo_srv, m, "ROMEO:", 12) for m in REPO_MODELS}
+    assert texts["alpha"] != texts["beta"]
+
+
+def test_a_list_of_models_answered_late_does_not_overwrite_a_later_one(repo_srv, driver):
+    """A wrong key, then the right one: the first call's 401, answered last, replaced the
+    models the second had listed, and the page said the model was unknown."""
+    open_page(driver, repo_srv)
+    wait(driver, lambda d: "unknown" in el(d, "model").text)
+    driver.execute_script(DELAY_MODELS, [1000, 0])
+    driver.execute_script(SET_KEY, "a-wrong-key")
+    driver.execute_script(SET_KEY, KEY)
+    wait(driver, lambda d: d.execute_script("return window.modelsHandled") == 2)
+    assert el(driver, "model").text.startswith("Model: alpha"), el(driver, "model").text
+    assert el(driver, "model-picker").is_enabled()

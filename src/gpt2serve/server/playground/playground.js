@@ -9,6 +9,8 @@ const NUMBERS = ["max_tokens", "temperature", "top_k", "top_p", "repetition_pena
 let modelName = null;
 let maxTokensDefault = settings.defaults.max_tokens; // below the picked model's context
 let controller = null;
+let modelsListed = Promise.resolve(); // the latest /openai/v1/models call, which a run awaits
+let modelsAsked = 0; // calls made: only the latest one's answer is shown
 
 function setUp() {
   const { defaults, limits } = settings;
@@ -21,7 +23,9 @@ function setUp() {
     const open = settings.low_open.includes(id) ? "(" : "[";
     $(`${id}-hint`).textContent = `${open}${lo}, ${hi === null ? "∞" : hi}], default ${defaults[id]}`;
   }
-  $("prompt").maxLength = settings.max_prompt_chars;
+  // No maxLength: the browser would cut a longer paste without a word. The server refuses it,
+  // saying how long it is and its limit.
+  $("prompt-hint").textContent = `up to ${settings.max_prompt_chars} characters`;
   $("stop-hint").textContent = `one a line, up to ${settings.max_stop}; \\n is a newline`;
   // The tab's storage, not the browser's: the key survives a reload, not the tab's closing
   // (one an older page left in the browser's goes). Where storage is blocked, it is typed again.
@@ -55,18 +59,25 @@ function headers() {
 // The server's models, from /openai/v1/models, in the picker; each has its own context.
 let models = [];
 
-async function loadModel() {
+function loadModel() {
+  modelsListed = listModels(++modelsAsked);
+}
+
+async function listModels(asked) {
   const picker = $("model-picker");
   try {
     const r = await fetch("/openai/v1/models", { headers: headers() });
-    if (!r.ok) throw new Error(await responseError(r));
-    models = (await r.json()).data;
+    const answer = r.ok ? (await r.json()).data : new Error(await responseError(r));
+    if (asked !== modelsAsked) return; // a key typed since: its call's answer counts
+    if (answer instanceof Error) throw answer;
+    models = answer;
     if (!models.length) throw new Error("the server has no model to serve");
     const keep = models.some((m) => m.id === modelName) ? modelName : models[0].id;
     picker.replaceChildren(...models.map((m) => new Option(m.id, m.id, false, m.id === keep)));
     picker.disabled = models.length < 2;
     pickModel();
   } catch (e) {
+    if (asked !== modelsAsked) return;
     modelName = null;
     picker.replaceChildren();
     picker.disabled = true;
@@ -90,7 +101,13 @@ function pickModel() {
 function params() {
   const p = {};
   for (const id of NUMBERS) {
-    const raw = $(id).value.trim();
+    const input = $(id);
+    const raw = input.value.trim();
+    // What is typed but is no number reads as "" (badInput), as an empty field does: say so
+    // rather than send the default in its place; 1e400 is Infinity, which JSON writes as null.
+    if (input.validity.badInput || (raw !== "" && !Number.isFinite(Number(raw)))) {
+      throw new Error(`${input.labels[0].textContent}: not a number`);
+    }
     const fallback = id === "max_tokens" ? maxTokensDefault : settings.defaults[id];
     p[id] = raw === "" ? fallback : Number(raw);
   }
@@ -133,68 +150,86 @@ function toJSON(body) {
 
 async function generate() {
   if (controller) return;
-  const body = openaiBody();
-  const n = Number.isInteger(body.n) && body.n > 0 && body.n <= settings.max_n ? body.n : 1;
-  const columns = makeColumns(n, body.prompt);
-  const t = { start: performance.now(), first: null, last: null, tokens: 0 };
   controller = new AbortController();
+  const t = { start: performance.now(), first: null, last: null, tokens: 0 };
   showError("");
   setState("streaming", "Generating…");
-  updateStats(t);
-  let answered = false;
-  let finished = false;
   try {
+    await modelsListed; // a key typed just before Generate: the models it lists come first
+    const body = openaiBody();
+    const n = Number.isInteger(body.n) && body.n > 0 && body.n <= settings.max_n ? body.n : 1;
+    const columns = makeColumns(n, body.prompt);
+    t.start = performance.now();
+    updateStats(t);
     const r = await fetch("/openai/v1/completions", { method: "POST", headers: headers(),
                                                      body: toJSON(body), signal: controller.signal });
     if (!r.ok) throw new Error(await responseError(r));
-    answered = true;
-    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += value.replace(/\r\n?/g, "\n");
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const data = buffer.slice(0, cut).split("\n").filter((l) => l.startsWith("data:"))
-          .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
-        buffer = buffer.slice(cut + 2);
-        if (data === "[DONE]") { finished = true; continue; }
-        if (data) onEvent(JSON.parse(data), columns, t);
-      }
-      updateStats(t);
-    }
+    const finished = await readEvents(r.body, (data) => onEvent(data, columns, t),
+                                      () => updateStats(t));
     if (!finished) throw new Error("the stream ended before it finished ([DONE] missing)");
     setState("done", "Done");
   } catch (e) {
     if (e.name === "AbortError") {
       setState("stopped", "Stopped");
     } else {
-      // A connection cut mid-stream (the server failed after answering 200) is a TypeError.
-      showError(answered && e instanceof TypeError ? `The stream broke: ${e.message}` : e.message);
+      showError(e.message);
       setState("error", "Error");
     }
   } finally {
     controller.abort(); // a stream left on an error (a bad event, no [DONE]) is cancelled
     controller = null;
     updateStats(t);
-    $("generate").disabled = false;
-    $("stop").disabled = true;
     $("outputs").removeAttribute("aria-busy");
   }
 }
 
-function onEvent(event, columns, t) {
+// Reads server-sent events until [DONE] (true) or the stream's end (false), handing each
+// event's data to onData. Lines end in \n, \r\n or \r, as the SSE spec allows; a \r\n may
+// come split across two reads, and counts once.
+async function readEvents(body, onData, afterRead) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let cr = false; // the last read ended in \r: a \n that starts the next one is its pair
+  for (;;) {
+    let read;
+    try {
+      read = await reader.read();
+    } catch (e) { // the connection cut mid-stream (the server failed after answering 200)
+      throw e.name === "AbortError" ? e : new Error(`The stream broke: ${e.message}`);
+    }
+    if (read.done) return false;
+    let text = read.value;
+    if (cr && text.startsWith("\n")) text = text.slice(1);
+    if (read.value) cr = read.value.endsWith("\r");
+    buffer += text.replace(/\r\n?/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const data = buffer.slice(0, cut).split("\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+      buffer = buffer.slice(cut + 2);
+      if (data === "[DONE]") return true;
+      if (data) onData(data);
+    }
+    afterRead();
+  }
+}
+
+function onEvent(data, columns, t) {
+  let event = null;
+  try { event = JSON.parse(data); } catch { /* said below */ }
+  if (!event || typeof event !== "object") {
+    throw new Error(`the server sent an event that is not a JSON object: ${data.slice(0, 200)}`);
+  }
   if (event.error) throw new Error(errorText(event) || JSON.stringify(event.error));
   if (event.usage) {
     t.tokens = event.usage.completion_tokens;
     t.prompt = event.usage.prompt_tokens;
     t.cached = (event.usage.prompt_tokens_details || {}).cached_tokens || 0;
   }
-  for (const choice of event.choices || []) {
-    const column = columns[choice.index];
+  for (const choice of Array.isArray(event.choices) ? event.choices : []) {
+    const column = choice && Number.isInteger(choice.index) ? columns[choice.index] : undefined;
     if (!column) continue;
-    if (choice.text) {
+    if (typeof choice.text === "string" && choice.text) {
       const now = performance.now();
       if (t.first === null) t.first = now;
       t.last = now;
@@ -244,8 +279,13 @@ function updateStats(t) {
 function setState(state, label) {
   $("status").dataset.state = state;
   $("status").textContent = label;
-  $("generate").disabled = state === "streaming";
-  $("stop").disabled = state !== "streaming";
+  // One of the two buttons is disabled: if it has the focus (pressed from the keyboard), the
+  // focus goes to the other rather than to the page's start.
+  const streaming = state === "streaming";
+  const [off, on] = streaming ? ["generate", "stop"] : ["stop", "generate"];
+  $(on).disabled = false;
+  if (document.activeElement === $(off)) $(on).focus();
+  $(off).disabled = true;
 }
 
 function showError(message) {
@@ -284,7 +324,13 @@ function curlText() {
 }
 
 async function showCurl() {
-  const text = curlText();
+  let text;
+  try {
+    text = curlText();
+  } catch (e) { // a field that is not a number
+    showError(e.message);
+    return;
+  }
   $("curl-text").textContent = text;
   $("curl-box").hidden = false;
   let copied = false;
