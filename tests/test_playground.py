@@ -335,6 +335,10 @@ def test_a_number_the_page_cannot_read_is_refused_not_replaced(page, field, type
     el(page, "curl").click()  # nor shown as a request
     assert el(page, "error").text == f"{label}: not a number"
     assert not el(page, "curl-text").is_displayed()
+    type_into(page, field, "1")
+    el(page, "curl").click()  # corrected: the request, and curl's own error gone
+    wait(page, lambda d: d.find_element("id", "curl-text").is_displayed())
+    assert not el(page, "error").is_displayed()
 
 
 def test_a_paste_past_the_prompts_limit_gets_the_servers_message_not_a_cut(srv, page):
@@ -521,9 +525,10 @@ DELAY_MODELS = """
     window.modelsHandled = 0;
     const fetchNow = window.fetch;
     window.fetch = async (url, options) => {
+        if (!String(url).endsWith("/openai/v1/models")) return fetchNow(url, options);
+        const delay = window.modelsDelays.shift() || 0;  // in the order of the calls
         const r = await fetchNow(url, options);
-        if (!String(url).endsWith("/openai/v1/models")) return r;
-        await new Promise((done) => setTimeout(done, window.modelsDelays.shift() || 0));
+        await new Promise((done) => setTimeout(done, delay));
         for (const read of ["json", "text"]) {
             const own = r[read].bind(r);
             r[read] = async () => {
@@ -603,3 +608,17 @@ def test_a_list_of_models_answered_late_does_not_overwrite_a_later_one(repo_srv,
     wait(driver, lambda d: d.execute_script("return window.modelsHandled") == 2)
     assert el(driver, "model").text.startswith("Model: alpha"), el(driver, "model").text
     assert el(driver, "model-picker").is_enabled()
+
+
+def test_stop_while_generate_waits_for_the_models_list(repo_srv, driver):
+    """Generate waits for the models list a key just typed asks for: Stop did nothing until
+    that list came, and from a server that never answered, nothing ever did."""
+    open_page(driver, repo_srv)
+    wait(driver, lambda d: "unknown" in el(d, "model").text)
+    driver.execute_script(DELAY_MODELS, [600_000])
+    driver.execute_script(SET_KEY + 'document.getElementById("generate").click();', KEY)
+    assert state(driver) == "streaming"
+    el(driver, "stop").click()
+    wait(driver, lambda d: state(d) == "stopped", 10)
+    assert not el(driver, "error").is_displayed() and samples(driver) == []
+    assert el(driver, "generate").is_enabled() and not el(driver, "stop").is_enabled()

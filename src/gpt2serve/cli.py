@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -288,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was half written is removed on the way out
         print("gpt2serve: interrupted", file=sys.stderr)
-        return 130  # as a shell reports a command that SIGINT ended
+        sys.stdout.flush()
+        # Ended by the signal itself, which a shell needs to see to stop a loop of commands
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130  # where the signal is blocked: the status a shell gives its ending
 
 
 def _check_kserve_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> None:

@@ -96,6 +96,18 @@ function pickModel() {
   $("model").textContent = `Model: ${modelName} · context ${context} tokens`;
 }
 
+// The models the latest key lists, once listed (a key typed meanwhile: its list), or an
+// AbortError once Stop is pressed.
+async function modelsFor(signal) {
+  const stopped = new Promise((_, reject) => signal.addEventListener(
+    "abort", () => reject(new DOMException("stopped", "AbortError")), { once: true }));
+  let listed;
+  do {
+    listed = modelsListed;
+    await Promise.race([listed, stopped]);
+  } while (listed !== modelsListed);
+}
+
 // ---- the request, as the controls say ----
 
 function params() {
@@ -155,7 +167,7 @@ async function generate() {
   showError("");
   setState("streaming", "Generating…");
   try {
-    await modelsListed; // a key typed just before Generate: the models it lists come first
+    await modelsFor(controller.signal); // a key typed just before: the models it lists first
     const body = openaiBody();
     const n = Number.isInteger(body.n) && body.n > 0 && body.n <= settings.max_n ? body.n : 1;
     const columns = makeColumns(n, body.prompt);
@@ -289,6 +301,7 @@ function setState(state, label) {
 }
 
 function showError(message) {
+  curlError = false;
   $("error").textContent = message;
   $("error").hidden = !message;
 }
@@ -323,14 +336,18 @@ function curlText() {
     `${shellQuote(toJSON(openaiBody()))}\n`].join("");
 }
 
+let curlError = false; // the error shown is curl's own, which a good request clears
+
 async function showCurl() {
   let text;
   try {
     text = curlText();
   } catch (e) { // a field that is not a number
     showError(e.message);
+    curlError = true;
     return;
   }
+  if (curlError) showError("");
   $("curl-text").textContent = text;
   $("curl-box").hidden = false;
   let copied = false;
