@@ -254,6 +254,33 @@ def test_echo_and_offsets_of_a_prompt_ending_inside_a_character(tmp_path):
         assert eos_after.text.startswith("Hello \ufffd<|endoftext|>")
 
 
+def test_top_logprobs_keep_the_likeliest_of_tokens_that_read_the_same(tmp_path):
+    """Two tokens that are each one byte of a UTF-8 character both read as U+FFFD (as in
+    vLLM), so they share a key of a top_logprobs entry: the one written last, the less likely,
+    gave its value, and the entry disagreed with the sampled token's own logprob."""
+    if not GPT2_TOKENIZER.exists():
+        pytest.skip("../shared/data/gpt2-tokenizer not available")
+    from safetensors.torch import load_file, save_file
+
+    from gpt2serve.tokenizer import Tokenizer
+
+    gpt2 = Tokenizer.from_dir(GPT2_TOKENIZER)
+    e4, b8 = (gpt2._tok.token_to_id(c) for c in "ä¸")  # bytes 0xE4 and 0xB8
+    prompt = gpt2.encode("Hello")
+    folder = make_scripted_gpt2(tmp_path / "gpt2", len(prompt), [e4])
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["transformer.wte.weight"][b8, 0] = 0.9  # the runner-up: e4's is 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with running_server("--model_dir", str(folder), "--enable_grpc", "false",
+                        "--max_batch_size", "2") as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/openai/v1", api_key="unused")
+        logprobs = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                             temperature=0, logprobs=2).choices[0].logprobs
+        assert logprobs.tokens == ["\ufffd"]
+        assert logprobs.top_logprobs == [{"\ufffd": logprobs.token_logprobs[0]}]
+
+
 # ---- /tokenize and /detokenize (vLLM's shapes) --------------------------------------------
 
 @pytest.mark.parametrize("prefix", ["", "/openai/v1"])

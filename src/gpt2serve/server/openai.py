@@ -294,9 +294,12 @@ class CompletionCall:
             if top is None:
                 top_logprobs.append(None)
                 continue
-            entry = {token_text(i): value for i, value in top}
-            if token not in (i for i, _ in top):
-                entry[token_text(token)] = lp
+            # Tokens that are part of a UTF-8 character each read as U+FFFD, so several may
+            # share one key: the likeliest of them gives its value (the last written won).
+            entry: dict[str, float] = {}
+            for i, value in [*top, (token, lp)]:
+                text = token_text(i)
+                entry[text] = max(value, entry.get(text, value))
             top_logprobs.append(entry)
         return {"tokens": [token_text(t) for t in ids], "token_logprobs": list(logprobs),
                 "top_logprobs": top_logprobs, "text_offset": [offsets.add(t) for t in ids]}
