@@ -53,19 +53,25 @@ def hits(server) -> float:
     return metric(server, "gpt2serve_prefix_cache_hits_total", model="aitextgen")
 
 
+def queries(server) -> float:
+    return metric(server, "gpt2serve_prefix_cache_queries_total", model="aitextgen")
+
+
 @pytest.mark.parametrize("start, length", [(0, 5 * BLOCK), (100, 5 * BLOCK + 7), (200, 150)])
 def test_a_repeated_prompt_is_read_from_the_cache_with_the_same_text(srv, cold, start, length):
     """A prompt ending on a block boundary, inside a block, and a long one read in chunks of
     64 tokens (--max_prefill_tokens): the first read is cold, the second takes every block
     but the one holding its last token, and both give the cold server's greedy text."""
     prompt = tokens(srv, TEXT)[start:start + length]  # (no other test's prompt starts here)
-    before = hits(srv)
+    before, asked = hits(srv), queries(srv)
     first, again = complete(srv, prompt), complete(srv, prompt)
     assert cached(first) == 0
     assert cached(again) == (length - 1) // BLOCK * BLOCK
     assert hits(srv) - before == cached(again)
+    assert queries(srv) - asked == 2 * length
     reference = complete(cold, prompt)
     assert cached(reference) == 0
+    assert queries(cold) == hits(cold) == 0  # caching off: nothing looked up (it counted)
     assert first["choices"][0]["text"] == again["choices"][0]["text"] == \
         reference["choices"][0]["text"]
 

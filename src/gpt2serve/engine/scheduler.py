@@ -297,8 +297,9 @@ class Scheduler:
                     break  # the head of the queue waits for blocks to be freed
                 request.blocks = blocks
                 request.prefilled = request.cached_tokens = len(hits) * self.cache.block_size
-                self.metrics.prefix_cache_queries.inc(len(request.prompt_ids))
-                self.metrics.prefix_cache_hits.inc(request.cached_tokens)
+                if self._caches(request):  # (looked up: with caching off, no query)
+                    self.metrics.prefix_cache_queries.inc(len(request.prompt_ids))
+                    self.metrics.prefix_cache_hits.inc(request.cached_tokens)
                 self.prefilling.append(self.waiting.popleft())
                 admitted.append(request)
                 self.metrics.request_queue_time.observe(now - request.arrival)
