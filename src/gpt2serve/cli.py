@@ -29,6 +29,17 @@ ENGINE_FLAGS = ("max_batch_size", "max_model_len", "kv_cache_memory", "kv_cache_
                 "max_prompt_chars")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default at the end of its help, unless the help says it already (the key's
+    would print $GPT2SERVE_API_KEY's value) or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        none = action.default is None or action.default is False or (
+            isinstance(action.default, (frozenset, list)) and not action.default)
+        return text if "default" in text or none else super()._get_help_string(action)
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -109,8 +120,9 @@ def _add_model_flags(p: argparse.ArgumentParser,
                    default=os.environ.get("GPT2SERVE_KERNELS", "auto"),
                    help="CPU matmul kernels: auto = the fastest measured here for each shape "
                         "and number of rows (cached per CPU, `gpt2serve kernels` prints the "
-                        "table); ours / torch = ours (fbgemm, oneDNN) everywhere, for A/B "
-                        "runs; amx = our AMX forms wherever they serve, ours elsewhere "
+                        "table); ours = our C kernels everywhere, torch = torch's (fbgemm's "
+                        "int8, oneDNN's fp32) everywhere, for A/B runs; amx = our AMX forms "
+                        "wherever they serve, ours elsewhere "
                         "(default $GPT2SERVE_KERNELS, else auto)")
     EngineConfig.add_flags(p, {}, names=("threads",))
 
@@ -120,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the KServe model server",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     s.add_argument("--model_name", default="aitextgen",
                    help="name in /v1/models/<name> of a single model folder (a repository's "
                         "models are named after their folders)")
@@ -140,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--load_timeout", type=_seconds, default=30.0,
                    help="seconds a request waits for its model to load before it gets 503 "
                         "with Retry-After")
-    s.add_argument("--http_port", type=_port, default=8080)
-    s.add_argument("--grpc_port", type=_port, default=8081)
-    s.add_argument("--enable_grpc", type=_bool, default=True)
+    s.add_argument("--http_port", type=_port, default=8080,
+                   help="REST: V1, V2, OpenAI, /metrics, the playground")
+    s.add_argument("--grpc_port", type=_port, default=8081,
+                   help="gRPC: V2's GRPCInferenceService")
+    s.add_argument("--enable_grpc", type=_bool, default=True, help="serve gRPC too")
     EngineConfig.add_flags(s, {"size": _size, "bool": _bool}, names=ENGINE_FLAGS)
     s.add_argument("--max_body_bytes", type=_count, default=1 << 20,
                    help="larger request bodies get 413")
@@ -179,24 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "the pod's terminationGracePeriodSeconds")
 
     g = sub.add_parser("generate", help="generate text from a prompt and print it",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     g.add_argument("prompt", nargs="?", default="", type=_text)
     _add_model_flags(g)
-    g.add_argument("--max-length", type=int, default=None,
-                   help="prompt + new tokens (aitextgen's max_length; default 256)")
-    g.add_argument("--max-new-tokens", type=int, default=None)
-    g.add_argument("--min-length", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("-n", "--n", type=int, default=1)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], type=_text)
+    # aitextgen's names, spelled with '-' or '_' (serve's flags are spelled with '_')
+    for flag, kind, default, text in (
+            ("max-length", int, None, "prompt + new tokens (aitextgen's max_length; default "
+                                      "256)"),
+            ("max-new-tokens", int, None, "new tokens (give this or --max-length)"),
+            ("min-length", int, 0, "end-of-text is blocked until the text, prompt included, "
+                                   "is this many tokens long"),
+            ("temperature", float, 0.7, "0 is greedy"),
+            ("top-k", int, 50, "the k likeliest tokens only; 0 disables"),
+            ("top-p", float, 1.0, "nucleus sampling, in (0, 1]"),
+            ("repetition-penalty", float, 1.0, "as transformers'; 1 is none")):
+        names = dict.fromkeys((f"--{flag}", f"--{flag.replace('-', '_')}"))
+        g.add_argument(*names, type=kind, default=default, help=text)
+    g.add_argument("-n", "--n", type=int, default=1, help="samples, printed one after another")
+    g.add_argument("--seed", type=int, default=None,
+                   help="the same seed gives the same text (default: random)")
+    g.add_argument("--stop", action="append", default=[], type=_text,
+                   help="the text ends before it; up to 8, each given with its own --stop")
 
     k = sub.add_parser("kernels", help="print this CPU and the matmul kernels chosen for a "
                        "model's shapes (measured unless cached, as `serve` does at load)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     _add_model_flags(k)
 
     d = sub.add_parser("download", help="fetch a GPT-2 model from the Hugging Face Hub "

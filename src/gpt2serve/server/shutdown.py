@@ -88,7 +88,10 @@ def exit_before_serving(model_server, repository: Repository) -> None:
 
 def _exit_now(repository: Repository | None, sig: int) -> None:
     try:  # (a log write the signal interrupted raises "reentrant call": exit all the same)
-        log.info("signal %d while not serving HTTP: exiting", sig)
+        # After a drain, uvicorn hands the signal it caught on to the handler it replaced
+        drained = repository is not None and repository.shutting_down
+        log.info("signal %d %s: exiting", sig, "after the drain" if drained else
+                 "before the server serves HTTP")
         if repository is not None:
             repository.stop(timeout=STEP_WAIT_SECONDS)
         logging.shutdown()
