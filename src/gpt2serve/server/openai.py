@@ -295,11 +295,12 @@ class CompletionCall:
                 top_logprobs.append(None)
                 continue
             # Tokens that are part of a UTF-8 character each read as U+FFFD, so several may
-            # share one key: the likeliest of them gives its value (the last written won).
+            # share one key: the likeliest of them gives its value (the last written, the least
+            # likely, did), and the token itself its own, as token_logprobs has it.
             entry: dict[str, float] = {}
-            for i, value in [*top, (token, lp)]:
-                text = token_text(i)
-                entry[text] = max(value, entry.get(text, value))
+            for i, value in top:  # likeliest first
+                entry.setdefault(token_text(i), value)
+            entry[token_text(token)] = lp
             top_logprobs.append(entry)
         return {"tokens": [token_text(t) for t in ids], "token_logprobs": list(logprobs),
                 "top_logprobs": top_logprobs, "text_offset": [offsets.add(t) for t in ids]}
