@@ -1073,6 +1073,8 @@ def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
                           str(out), "--dtype", "float32"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
+    # progress: the bytes written, to the last
+    assert re.search(r"model\.safetensors \(float32\) +100\.0% +[0-9.]+ MiB", run.stderr)
     ids = torch.tensor([[5, 17, 99, 3, 250]])
     converted = GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
@@ -1082,8 +1084,10 @@ def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
     assert Tokenizer.from_dir(out).encode(text) == Tokenizer.from_dir(hf_dir).encode(text)
 
     half = tmp_path / "fp16"
-    subprocess.run([sys.executable, "-m", "gpt2serve.cli", "convert", str(hf_dir), "--out",
-                    str(half)], check=True, capture_output=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "convert", str(hf_dir),
+                          "--out", str(half)], check=True, capture_output=True, text=True,
+                         timeout=120)
+    assert re.search(r"model\.safetensors \(float16\) +100\.0%", run.stderr), run.stderr
     assert json.loads((half / "config.json").read_text())["torch_dtype"] == "float16"
     small = GPT2LMHeadModel.from_pretrained(half, dtype=torch.float32).eval()
     with torch.no_grad():

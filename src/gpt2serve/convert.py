@@ -16,9 +16,11 @@ import os
 import shutil
 import stat
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -27,15 +29,18 @@ from safetensors.torch import save_file
 from . import checkpoint, jsonfile
 from .checkpoint import CheckpointError
 from .model import GPTConfig
+from .progress import Progress
 
 TF_INDEX = "model.ckpt.index"
 GENERATION_CONFIG = "generation_config.json"
 
 
-def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
+def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16,
+            progress: TextIO | None = sys.stderr) -> Path:
     """Tensors are read and converted one at a time, so at the peak this holds the output and
     one tensor of the input; the result is then checked as a server checks a folder (config,
-    tokenizer, every tensor's name and shape) without being loaded."""
+    tokenizer, every tensor's name and shape) without being loaded. `progress`: where the
+    conversion's progress is shown (GPT-2 1.5B: 6 GB read, with nothing said before)."""
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: --out must be another folder than the one converted")
     if out.exists() and not out.is_dir():
@@ -54,11 +59,18 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
         tokenizer = checked.tokenizer
         config = jsonfile.read(src / "config.json", CheckpointError)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    if tf:
-        tensors = dict(_openai_tensors(src / "model.ckpt", gpt_config, dtype))
-    else:
-        tensors = {name: tensor.to(dtype).contiguous()
-                   for name, tensor in checked.weights.hf_tensors(checked.network)}
+    shapes = ([shape for _, _, shape in _openai_names(gpt_config)] if tf else
+              [p.shape for p in checked.network.parameters()])
+    shown = Progress(progress, f"model.safetensors ({config['torch_dtype']})",
+                     sum(math.prod(shape) for shape in shapes) * dtype.itemsize)
+    source = (_openai_tensors(src / "model.ckpt", gpt_config, dtype) if tf else
+              ((name, tensor.to(dtype).contiguous())
+               for name, tensor in checked.weights.hf_tensors(checked.network)))
+    tensors = {}
+    for name, tensor in source:
+        tensors[name] = tensor
+        shown.add(tensor.nbytes)
+    shown.end()
     # Written into a new folder and checked there as a server checks a folder; only then
     # moved into `out`, so a source that fails anywhere leaves `out` as it was (a release
     # missing tensors overwrote an earlier conversion before it was refused). The new folder

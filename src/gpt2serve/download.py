@@ -17,13 +17,13 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 
 from . import jsonfile
+from .progress import Progress
 from .tokenizer import TOKENIZER_FILES
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -196,7 +196,7 @@ def _fetch(client: httpx.Client, base: str, out: Path, name: str, listed: int | 
                                 f"listing gives, {listed}")
         limit = size if size is not None else (
             None if name.endswith((".safetensors", ".bin")) else SMALL_FILE_LIMIT)
-        done, t0, last = 0, time.monotonic(), 0.0
+        done, shown = 0, Progress(progress, dest.name, size)
         # A new file, never one already there: a symlink left at the .part name was
         # followed, and the download written wherever it pointed.
         part.unlink(missing_ok=True)
@@ -207,25 +207,12 @@ def _fetch(client: httpx.Client, base: str, out: Path, name: str, listed: int | 
                     if limit is not None and done > limit:
                         raise DownloadError(f"{url}: sent more than {limit} bytes")
                     f.write(chunk)
-                    now = time.monotonic()
-                    if now - last > 0.5 or done == size:
-                        last = now
-                        _show(progress, dest.name, done, size, now - t0)
+                    shown.add(len(chunk))
             if size is not None and done != size:
                 raise DownloadError(f"{url}: got {done} of {size} bytes")
         except BaseException:
             part.unlink(missing_ok=True)  # a partial file is never resumed: free the disk
             raise
     part.rename(dest)
-    if progress:
-        progress.write("\n")
+    shown.end()
     return dest
-
-
-def _show(progress, name: str, done: int, total: int | None, elapsed: float) -> None:
-    if not progress:
-        return
-    rate = done / elapsed / 2**20 if elapsed > 0 else 0.0
-    pct = f"{100 * done / total:5.1f}%" if total else "     "
-    progress.write(f"\r{name:32s} {pct} {done / 2**20:9.1f} MiB {rate:7.1f} MiB/s")
-    progress.flush()
