@@ -444,6 +444,9 @@ def test_a_folder_with_a_hostile_config_is_listed_and_fails_alone(repo, tmp_path
         r = v1(srv, "aaa", "ROMEO:")
         assert r.status_code == 503 and "config.json: not valid JSON" in r.json()["error"]
         assert v1(srv, "alpha", "ROMEO:").status_code == 200
+        said = log.read_text()  # a load is said as it starts, and as it ends
+        assert said.index(f"loading alpha from {tmp_path / 'alpha'} on cpu/float32") < \
+            said.index(f"loaded alpha from {tmp_path / 'alpha'} (2 layers")
     finally:
         srv.stop()
 

@@ -510,6 +510,10 @@ class Repository(ModelRepository):
         torch.set_num_threads(1)
         t0 = time.monotonic()
         s = self.settings
+        where = entry.folder or "the embedded demo model"
+        dtype = str(s.dtype).removeprefix("torch.") + (f" {s.quantize}" if s.quantize else "")
+        # (said first: reading GPT-2 1.5B and choosing its kernels takes seconds, in silence)
+        log.info("loading %s from %s on %s/%s", entry.name, where, s.device, dtype)
         model, tokenizer = checkpoint.load(checked or entry.folder, dtype=s.dtype,
                                            device=s.device,
                                            quantize=s.quantize, kernels=s.kernels,
@@ -517,11 +521,9 @@ class Repository(ModelRepository):
         engine = Engine(model, tokenizer, self.config, name=entry.name, loop=self.loop)
         engine.start()
         cfg = model.config
-        log.info("loaded %s from %s (%d layers, %d dims, vocab %d) on %s/%s%s: %.0f MiB of "
-                 "weights and KV cache, in %.2fs", entry.name,
-                 entry.folder or "the embedded demo model", cfg.n_layer, cfg.n_embd,
-                 cfg.vocab_size, s.device, str(s.dtype).removeprefix("torch."),
-                 f" {s.quantize}" if s.quantize else "", engine.memory_bytes / 2**20,
+        log.info("loaded %s from %s (%d layers, %d dims, vocab %d) on %s/%s: %.0f MiB of "
+                 "weights and KV cache, in %.2fs", entry.name, where, cfg.n_layer, cfg.n_embd,
+                 cfg.vocab_size, s.device, dtype, engine.memory_bytes / 2**20,
                  time.monotonic() - t0)
         return engine
 
