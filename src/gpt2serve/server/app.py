@@ -113,7 +113,7 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(WholeForHttp10)  # outermost: sees every response as it is sent
     shutdown.install(repository, args.shutdown_grace)
     connection.install(args.header_timeout, args.max_body_bytes, args.send_timeout)
-    grpc_v2.install(repository, args.api_key, args.max_body_bytes)
+    grpc_v2.install(repository, args.api_key, args.max_body_bytes, args.max_instances)
     if args.http_port:  # (0: a port the OS picks, which uvicorn's own line names)
         log.info("playground: http://localhost:%d/playground", args.http_port)
     # grace_period is how long uvicorn (and the gRPC server) wait for open requests once told

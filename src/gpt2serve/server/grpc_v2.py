@@ -33,6 +33,7 @@ starts.
 from __future__ import annotations
 
 import math
+import traceback
 from concurrent import futures
 
 import grpc
@@ -54,7 +55,7 @@ from kserve.utils.utils import to_headers
 from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
-from .predictor import V2_INPUT, V2_OUTPUT
+from .predictor import V2_INPUT, V2_OUTPUT, check_count
 from .repository import ModelUnloaded, Overruled, Repository, RepositoryOff
 
 
@@ -94,11 +95,14 @@ def plain_parameters(parameters) -> dict:
     return out
 
 
-def split_bytes(raw: bytes, name: str) -> list[bytes]:
+def split_bytes(raw: bytes, name: str, most: int) -> list[bytes]:
     """The elements of a BYTES tensor in the binary tensor extension: each is its length
-    (4 bytes, little-endian) followed by that many bytes."""
+    (4 bytes, little-endian) followed by that many bytes. At most `most`, its shape's."""
     out, at = [], 0
     while at < len(raw):
+        if len(out) == most:
+            raise InvalidInput(f"raw contents of input '{name}' hold more elements than its "
+                               f"shape's {most}")
         if at + 4 > len(raw):
             raise InvalidInput(f"raw contents of input '{name}' end inside an element's "
                                "4-byte length")
@@ -116,10 +120,12 @@ _CONTENT_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_cont
                    "uint64_contents", "fp32_contents", "fp64_contents")
 
 
-def infer_request(request: pb.ModelInferRequest) -> InferRequest:
+def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferRequest:
     """The InferRequest the predictor takes, from a ModelInferRequest checked here: the one
     input `text_input`, BYTES, its elements in `contents` or `raw_input_contents`, as many as
-    its shape says."""
+    its shape says, at most `max_instances`. The shape is checked before any element is
+    read: a 1 MiB request of 524,000 empty elements took 0.14 s of the event loop to be
+    refused (0.015 s now, on a 2-vCPU AMD EPYC VM)."""
     if request.model_version:
         raise InvalidInput("model versions are not supported: each server serves one version")
     raw = request.raw_input_contents
@@ -137,22 +143,26 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
                                f"named '{V2_INPUT}' and no other")
         if tensor.datatype != "BYTES":
             raise InvalidInput(f"input '{V2_INPUT}' must have datatype BYTES")
-        if raw:
-            if tensor.HasField("contents"):
-                raise InvalidInput(f"input '{name}' has both contents and raw_input_contents")
-            data = split_bytes(raw[k], name)
-        else:
-            if any(len(getattr(tensor.contents, f)) for f in _CONTENT_FIELDS):
-                raise InvalidInput(f"input '{V2_INPUT}' must hold its strings in "
-                                   "bytes_contents")
-            data = list(tensor.contents.bytes_contents)
         shape = list(tensor.shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}' has a negative dimension in shape {shape}")
         count = math.prod(shape)
-        if count != len(data):
+        check_count(count, f"input '{name}'", max_instances)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input '{name}' has both contents and raw_input_contents")
+            data = split_bytes(raw[k], name, count)
+            given = len(data)
+        else:
+            if any(len(getattr(tensor.contents, f)) for f in _CONTENT_FIELDS):
+                raise InvalidInput(f"input '{V2_INPUT}' must hold its strings in "
+                                   "bytes_contents")
+            given = len(tensor.contents.bytes_contents)
+        if count != given:
             raise InvalidInput(f"input '{name}' has shape {shape} ({count} elements) but "
-                               f"{len(data)} elements of data")
+                               f"{given} elements of data")
+        if not raw:
+            data = list(tensor.contents.bytes_contents)
         inputs.append(InferInput(name, shape, "BYTES", data=data,
                                  parameters=plain_parameters(tensor.parameters) or None))
     for i, output in enumerate(request.outputs):
@@ -180,9 +190,10 @@ def raw_outputs(response: pb.ModelInferResponse) -> pb.ModelInferResponse:
 
 class GPT2Servicer(InferenceServicer):
     models: Repository  # set by GPT2GRPCServer
+    max_instances: int
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        infer = infer_request(request)
+        infer = infer_request(request, self.max_instances)
         name = request.model_name
         if self.models.unloaded(name):
             raise NotFound(str(ModelUnloaded(name)))  # (KServe's: "does not exist")
@@ -299,9 +310,26 @@ def _parsed(behaviour, deserialize, method: str):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"malformed {method.rsplit('/', 1)[-1]} request: not a valid "
                                 "protobuf message (string fields must be UTF-8)")
-        return await behaviour(request, context)
+        try:
+            return await behaviour(request, context)
+        except BaseException as e:
+            request = None
+            _forget_locals(e)
+            raise
 
     return parse_then_call
+
+
+def _forget_locals(error: BaseException | None) -> None:
+    """Clear the locals of the finished frames that an error, and each it was raised while
+    handling, went through. Those frames hold the request, and the error that reaches grpc
+    (the abort raised while the first was handled) lives on in reference cycles: the request
+    was freed only by a full collection of the cyclic garbage, which a process of torch's
+    size runs rarely. 50 refused requests of 524,000 empty strings (1 MiB each) grew the
+    server's RSS by about 300 MB, for good."""
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__context__
 
 
 MAX_STREAMS = 128  # as nginx's http2_max_concurrent_streams
@@ -315,10 +343,11 @@ class GPT2GRPCServer(GRPCServer):
     api_key: str | None = None
     models: Repository | None = None
     max_receive: int | None = None
+    max_instances = 64
 
     async def start(self, max_workers):
         servicer = GPT2Servicer(self._data_plane, self._model_repository_extension)
-        servicer.models = self.models
+        servicer.models, servicer.max_instances = self.models, self.max_instances
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(RequestGuard(self.api_key), LoggingInterceptor(),
@@ -342,7 +371,8 @@ class GPT2GRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
-def install(models: Repository, api_key: str | None, max_receive: int | None = None) -> None:
+def install(models: Repository, api_key: str | None, max_receive: int | None = None,
+            max_instances: int = 64) -> None:
     GPT2GRPCServer.api_key, GPT2GRPCServer.models = api_key, models
-    GPT2GRPCServer.max_receive = max_receive
+    GPT2GRPCServer.max_receive, GPT2GRPCServer.max_instances = max_receive, max_instances
     kserve_model_server.GRPCServer = GPT2GRPCServer

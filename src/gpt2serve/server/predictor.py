@@ -66,6 +66,12 @@ def v1_router(repository) -> APIRouter:
     return router
 
 
+def check_count(count: int, what: str, max_instances: int) -> None:
+    if count > max_instances:
+        raise InvalidInput(f"{what} has {count} prompts; this server takes at most "
+                           f"{max_instances} per request (--max_instances)")
+
+
 class GPT2Predictor(kserve.Model):
     """One model of the repository (repository.py) as KServe sees it. `ready` means
     servable: loaded, or loading on its first request; false once unloaded through the API
@@ -125,7 +131,7 @@ class GPT2Predictor(kserve.Model):
         shared = {} if shared is None else shared
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("'instances' must be a non-empty list")
-        self._check_count(len(instances), "'instances'")
+        check_count(len(instances), "'instances'", self.max_instances)
         if not isinstance(shared, dict):
             raise InvalidInput("'parameters' must be an object")
         check_shared(shared, "parameters", self.repository.max_n)
@@ -175,7 +181,7 @@ class GPT2Predictor(kserve.Model):
         prompts = list(_flatten(tensor.data))
         if not prompts or not all(isinstance(p, (str, bytes)) for p in prompts):
             raise InvalidInput(f"input '{V2_INPUT}' must hold one or more strings")
-        self._check_count(len(prompts), f"input '{V2_INPUT}'")
+        check_count(len(prompts), f"input '{V2_INPUT}'", self.max_instances)
         shared = {k: v for k, v in (request.parameters or {}).items()
                   if k not in V2_REQUEST_PARAMETERS}
         own = {k: v for k, v in (tensor.parameters or {}).items()
@@ -190,11 +196,6 @@ class GPT2Predictor(kserve.Model):
         output = InferOutput(V2_OUTPUT, shape=[len(texts)], datatype="BYTES", data=texts)
         return InferResponse(request.id or str(uuid.uuid4()), self.name, [output],
                              use_binary_outputs=_binary_output(request))
-
-    def _check_count(self, count: int, what: str) -> None:
-        if count > self.max_instances:
-            raise InvalidInput(f"{what} has {count} prompts; this server takes at most "
-                               f"{self.max_instances} per request (--max_instances)")
 
     async def generate(self, jobs: list[tuple[str, SamplingParams, str]]) -> list[list[str]]:
         """prompt + continuation for each of the n sequences of each (prompt, parameters,
