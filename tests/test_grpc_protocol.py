@@ -224,6 +224,25 @@ def test_hostile_tensors_are_invalid_argument(rpc, inputs, params, outputs, mess
     assert served(rpc)
 
 
+def test_calls_at_once_on_one_connection_get_the_queues_answer(rpc):
+    """300 calls at once on one connection: with 128 streams a connection, the server
+    refused those past it (RST_STREAM, UNAVAILABLE 'Stream removed'), 154 of 300, though the
+    queue (--max_queue 256) would have taken them; grpcio's client does not wait for a
+    stream. Each call now gets its text, or the queue's own refusal."""
+    request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor()])
+    set_params(request.parameters, {"max_new_tokens": 2})
+    calls = [rpc.stub.ModelInfer.future(request, timeout=120) for _ in range(300)]
+    answers = collections.Counter()
+    for call in calls:
+        try:
+            call.result()
+            answers["OK"] += 1
+        except grpc.RpcError as e:
+            answers[e.details()] += 1
+    assert set(answers) <= {"OK", "queue is full (256 waiting requests)"}, answers
+    assert answers["OK"] >= 256 + 8, answers
+
+
 def rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
