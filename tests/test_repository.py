@@ -263,6 +263,7 @@ def test_grpc_tells_an_unloaded_model_as_rest_does(two_fit):
                         contents=pb.InferTensorContents(bytes_contents=[b"a"]))]), timeout=60)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert "'beta' is unloaded" in e.value.details(), e.value.details()
+        assert "(gRPC RepositoryModelLoad) brings it back" in e.value.details()  # its own way
     finally:
         assert httpx.post(f"{url}/load", timeout=60).status_code == 200
 

@@ -78,8 +78,12 @@ class ModelUnloaded(Exception):
     """The model was unloaded through the API: 404 until it is loaded again."""
 
     def __init__(self, name: str):
-        super().__init__(f"model '{name}' is unloaded; POST /v2/repository/models/{name}/load "
-                         "brings it back")
+        super().__init__(f"model '{name}' is unloaded; {load_it(name)} brings it back")
+
+
+def load_it(name: str) -> str:
+    """How a client of either protocol loads a model."""
+    return f"POST /v2/repository/models/{name}/load (gRPC RepositoryModelLoad)"
 
 
 class ModelUnavailable(Exception):
@@ -419,7 +423,7 @@ class Repository(ModelRepository):
                 raise Overruled(entry.name, "unload")
             if entry.engine is not None and entry.state == READY:
                 await self._unload(entry, "request")
-        entry.reason = f"unloaded: POST /v2/repository/models/{entry.name}/load brings it back"
+        entry.reason = f"unloaded: {load_it(entry.name)} brings it back"
         # KServe's agent deletes a TrainedModel's folder, then unloads it (maybe twice). Not
         # if a load came in while this drained: that load has put the model back in KServe's
         # registry, and answers (it fails: no folder) for the entry.
