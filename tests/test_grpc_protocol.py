@@ -201,7 +201,8 @@ HUGE_UINT64 = b"\x28" + b"\xff" * 9 + b"\x01"  # uint64_param 2**64 - 1
     # elements took 0.14 s of the event loop to be refused
     ([tensor(shape=(100_000,))], {}, [], "has 100000 prompts; this server takes at most 64"),
     ([tensor(), tensor(name="extra")], {}, [], "unknown input 'extra'"),
-    ([tensor(data=None, fp32_contents=[1.0])], {}, [], "bytes_contents"),
+    ([tensor(data=None, fp32_contents=[1.0])], {}, [], "bytes_contents, not fp32_contents"),
+    ([tensor(int64_contents=[1])], {}, [], "bytes_contents, not int64_contents"),
     ([tensor(datatype="FP32")], {}, [], "datatype BYTES"),
     ([tensor()], {}, ["logits"], "unknown requested output 'logits'"),
     ([tensor()], {}, ["text_output"] * 2, "asked for more than once"),  # (REST's 400)

@@ -154,9 +154,10 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
             data = split_bytes(raw[k], name, count)
             given = len(data)
         else:
-            if any(len(getattr(tensor.contents, f)) for f in _CONTENT_FIELDS):
+            other = [f for f in _CONTENT_FIELDS if len(getattr(tensor.contents, f))]
+            if other:
                 raise InvalidInput(f"input '{V2_INPUT}' must hold its strings in "
-                                   "bytes_contents")
+                                   f"bytes_contents, not {other[0]}")
             given = len(tensor.contents.bytes_contents)
         if count != given:
             raise InvalidInput(f"input '{name}' has shape {shape} ({count} elements) but "
