@@ -196,6 +196,7 @@ HUGE_UINT64 = b"\x28" + b"\xff" * 9 + b"\x01"  # uint64_param 2**64 - 1
     ([tensor(shape=(2,))], {}, [], r"shape \[2\] \(2 elements\) but 1"),
     ([tensor(shape=(1, 0))], {}, [], r"\(0 elements\) but 1"),
     ([tensor(shape=(-1,))], {}, [], "negative dimension"),
+    ([tensor(shape=(1,) * 9)], {}, [], "9 dimensions; at most 8"),  # (REST's bound)
     ([tensor(shape=(2**62, 2**62))], {}, [], r"has \d+ prompts; this server takes at most 64"),
     # the shape is checked before the elements are read: a 1 MiB request of 524,000 empty
     # elements took 0.14 s of the event loop to be refused

@@ -67,10 +67,12 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16,
               ((name, tensor.to(dtype).contiguous())
                for name, tensor in checked.weights.hf_tensors(checked.network)))
     tensors = {}
-    for name, tensor in source:
-        tensors[name] = tensor
-        shown.add(tensor.nbytes)
-    shown.end()
+    try:
+        for name, tensor in source:
+            tensors[name] = tensor
+            shown.add(tensor.nbytes)
+    finally:
+        shown.end()  # (an error after it goes on a line of its own)
     # Written into a new folder and checked there as a server checks a folder; only then
     # moved into `out`, so a source that fails anywhere leaves `out` as it was (a release
     # missing tensors overwrote an earlier conversion before it was refused). The new folder

@@ -33,7 +33,6 @@ starts.
 from __future__ import annotations
 
 import math
-import traceback
 from concurrent import futures
 
 import grpc
@@ -56,6 +55,7 @@ from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
 from .predictor import V2_INPUT, V2_OUTPUT, check_count
+from .v2_infer import MAX_DIMS
 from .repository import ModelUnloaded, Overruled, Repository, RepositoryOff
 
 
@@ -144,6 +144,9 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
         if tensor.datatype != "BYTES":
             raise InvalidInput(f"input '{V2_INPUT}' must have datatype BYTES")
         shape = list(tensor.shape)
+        if len(shape) > MAX_DIMS:  # (the product of 100,000 of them took seconds)
+            raise InvalidInput(f"input '{name}' has {len(shape)} dimensions; at most "
+                               f"{MAX_DIMS}")
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}' has a negative dimension in shape {shape}")
         count = math.prod(shape)
@@ -306,31 +309,27 @@ def _parsed(behaviour, deserialize, method: str):
     async def parse_then_call(raw: bytes, context):
         try:
             request = deserialize(raw) if deserialize else raw
-        except DecodeError:
-            # A truncated or garbled message, or a string field that is not UTF-8.
+        except DecodeError:  # a truncated or garbled message, a string that is not UTF-8
+            request = None
+        if request is None:
+            raw = None  # (the abort's cycle, below, would hold it)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"malformed {method.rsplit('/', 1)[-1]} request: not a valid "
                                 "protobuf message (string fields must be UTF-8)")
         try:
             return await behaviour(request, context)
-        except BaseException as e:
-            request = None
-            _forget_locals(e)
-            raise
+        except aio.AbortError as e:
+            # grpc keeps the abort (the status of a refusal) with the call's state, which
+            # the frames it went through reach (their `context`), and those frames, and those
+            # of the error it was raised while handling, hold the request: a cycle that only a
+            # full collection of the cyclic garbage frees, which a process of torch's size
+            # runs rarely. 50 refused requests of 524,000 empty strings (1 MiB each) grew RSS
+            # by about 300 MB, for good. The abort goes on without them (the error is logged).
+            request = raw = None
+            e.__context__ = None
+            raise e.with_traceback(None)
 
     return parse_then_call
-
-
-def _forget_locals(error: BaseException | None) -> None:
-    """Clear the locals of the finished frames that an error, and each it was raised while
-    handling, went through. Those frames hold the request, and the error that reaches grpc
-    (the abort raised while the first was handled) lives on in reference cycles: the request
-    was freed only by a full collection of the cyclic garbage, which a process of torch's
-    size runs rarely. 50 refused requests of 524,000 empty strings (1 MiB each) grew the
-    server's RSS by about 300 MB, for good."""
-    while error is not None:
-        traceback.clear_frames(error.__traceback__)
-        error = error.__context__
 
 
 class GPT2GRPCServer(GRPCServer):
@@ -345,13 +344,13 @@ class GPT2GRPCServer(GRPCServer):
 
     def streams(self) -> int:
         """Calls a connection may have open at once. gRPC's default has no bound: a client
-        held 2,000 on a connection, each with part of a request. Past the bound, grpcio's
-        client does not wait for a stream to free: the server refuses the call (RST_STREAM,
-        UNAVAILABLE to the client), which with 128 befell 154 of 300 calls at once that the
-        queue (--max_queue 256) would have taken. So: twice what one model's queue and
-        batch take, and at least 1024."""
+        held 2,000 on a connection, each with part of a request. Past the bound the server
+        refuses a call (RST_STREAM, UNAVAILABLE to the client), and grpcio's client (1.85,
+        on a connection already in use) sent past it: with 128, 154 of 300 calls at once
+        were refused that the queue (--max_queue 256) would have taken. So: twice what one
+        model's queue and batch take, and at least 1024."""
         config = self.models.config
-        return max(1024, 2 * (config.max_queue + config.max_batch_size))
+        return min(2**31 - 1, max(1024, 2 * (config.max_queue + config.max_batch_size)))
 
     async def start(self, max_workers):
         servicer = GPT2Servicer(self._data_plane, self._model_repository_extension)
