@@ -3,6 +3,9 @@ call that wants whole completions (V1 predict, non-streaming OpenAI and generate
 sequence's events together when it ends, the same events either way."""
 
 import asyncio
+import gc
+import time
+import weakref
 
 import pytest
 
@@ -82,3 +85,35 @@ def test_a_stream_whose_response_ends_before_its_first_event_cancels_its_request
 
     cancelled, reasons = asyncio.run(run())
     assert cancelled and reasons <= {"abort"}
+
+
+def test_a_calls_error_is_freed_once_caught_without_a_full_collection():
+    """Engine.stream's frame, in the traceback of the error it raised for a call, held that
+    error: a cycle, freed with the call's requests and every frame above only by a full
+    collection of the cyclic garbage, which a process of torch's size runs rarely (a queue
+    timeout under overload, each time)."""
+    from gpt2serve.engine.scheduler import RequestTimeout
+
+    model, tokenizer = checkpoint.load(None)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1, request_timeout=0.01),
+                    threaded=False)
+    params = SamplingParams.from_dict({"max_new_tokens": 2})
+
+    async def scenario():
+        engine.submit([Prompt([1, 2], params)])  # takes the one slot
+        (waiting,) = engine.submit([Prompt([3, 4], params)])
+        held = weakref.ref(waiting)
+        time.sleep(0.05)
+        engine.step()  # the second has waited past --request_timeout
+        with pytest.raises(RequestTimeout):
+            async for _ in engine.stream([waiting]):
+                pass
+        del waiting
+        return held
+
+    gc.disable()
+    try:
+        assert asyncio.run(scenario())() is None
+    finally:
+        gc.enable()
+        engine.stop()

@@ -203,7 +203,10 @@ class Engine:
             while remaining:
                 index, item = await requests[0].events.get()
                 if isinstance(item, BaseException):
-                    raise item
+                    try:
+                        raise item
+                    finally:  # (this frame, in the error's traceback, would hold the error:
+                        item = None  # a cycle only a full collection frees, with the request)
                 if item.finish_reason is not None:
                     remaining -= 1
                     running[index] -= 1
