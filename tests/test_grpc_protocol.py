@@ -129,7 +129,7 @@ def test_raw_input_contents_over_grpcio(rpc):
     (length_prefixed(b"ROMEO:"), True, 1, "both contents and raw_input_contents"),
     (length_prefixed(b"ROMEO:"), False, 2, "raw_input_contents"),
     (length_prefixed(b"\xff\xfe"), False, 1, "not valid UTF-8"),
-    (length_prefixed(b"a", b"b"), False, 1, "hold more elements than its shape's 1"),
+    (length_prefixed(b"a", b"b"), False, 1, "hold more elements than the shape's 1"),
     (length_prefixed(b"a"), False, 1, None),  # (the same, whole: served)
 ])
 def test_malformed_raw_contents_are_invalid_argument(rpc, raw, contents, inputs, message):
@@ -198,8 +198,8 @@ HUGE_UINT64 = b"\x28" + b"\xff" * 9 + b"\x01"  # uint64_param 2**64 - 1
     ([tensor(shape=(-1,))], {}, [], "negative dimension"),
     ([tensor(shape=(1,) * 9)], {}, [], "9 dimensions; at most 8"),  # (REST's bound)
     ([tensor(shape=(2**62, 2**62))], {}, [], r"has \d+ prompts; this server takes at most 64"),
-    # the shape is checked before the elements are read: a 1 MiB request of 524,000 empty
-    # elements took 0.14 s of the event loop to be refused
+    # refused for its shape, whatever its data (the shape is checked first: a 1 MiB request
+    # of 524,000 empty elements took 0.14 s of the event loop to be refused)
     ([tensor(shape=(100_000,))], {}, [], "has 100000 prompts; this server takes at most 64"),
     ([tensor(), tensor(name="extra")], {}, [], "unknown input 'extra'"),
     ([tensor(data=None, fp32_contents=[1.0])], {}, [], "bytes_contents, not fp32_contents"),

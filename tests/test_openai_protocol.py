@@ -254,31 +254,48 @@ def test_echo_and_offsets_of_a_prompt_ending_inside_a_character(tmp_path):
         assert eos_after.text.startswith("Hello \ufffd<|endoftext|>")
 
 
-def test_top_logprobs_keep_the_likeliest_of_tokens_that_read_the_same(tmp_path):
+@pytest.mark.parametrize("sampled", ["byte", "word"])
+def test_top_logprobs_keep_the_likeliest_of_tokens_that_read_the_same(tmp_path, sampled):
     """Two tokens that are each one byte of a UTF-8 character both read as U+FFFD (as in
     vLLM), so they share a key of a top_logprobs entry: the one written last, the less likely,
-    gave its value, and the entry disagreed with the sampled token's own logprob."""
+    gave its value. Sampled itself ("byte"), the token keeps its own value under that key, as
+    token_logprobs has it; behind a likelier word ("word"), the key holds the likelier byte's
+    logprob, as transformers computes it."""
     if not GPT2_TOKENIZER.exists():
         pytest.skip("../shared/data/gpt2-tokenizer not available")
     from safetensors.torch import load_file, save_file
+    from transformers import GPT2LMHeadModel
 
     from gpt2serve.tokenizer import Tokenizer
 
     gpt2 = Tokenizer.from_dir(GPT2_TOKENIZER)
     e4, b8 = (gpt2._tok.token_to_id(c) for c in "ä¸")  # bytes 0xE4 and 0xB8
+    word = gpt2.encode(" world")[0]
     prompt = gpt2.encode("Hello")
-    folder = make_scripted_gpt2(tmp_path / "gpt2", len(prompt), [e4])
+    first = e4 if sampled == "byte" else word
+    folder = make_scripted_gpt2(tmp_path / "gpt2", len(prompt), [first])
     weights = folder / "model.safetensors"
     tensors = load_file(weights)
-    tensors["transformer.wte.weight"][b8, 0] = 0.9  # the runner-up: e4's is 1.0
+    for token, weight in ((e4, 0.9), (b8, 0.8)):  # below `first`'s 1.0
+        tensors["transformer.wte.weight"][token, 0] = max(
+            weight, tensors["transformer.wte.weight"][token, 0])
     save_file(tensors, weights, metadata={"format": "pt"})
+    with torch.no_grad():
+        reference = GPT2LMHeadModel.from_pretrained(folder)(torch.tensor([prompt])).logits
+    expected = torch.log_softmax(reference[0, -1].double(), -1)
     with running_server("--model_dir", str(folder), "--enable_grpc", "false",
                         "--max_batch_size", "2") as srv:
         client = openai.OpenAI(base_url=f"{srv.url}/openai/v1", api_key="unused")
         logprobs = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
-                                             temperature=0, logprobs=2).choices[0].logprobs
+                                             temperature=0, logprobs=3).choices[0].logprobs
+    (top,) = logprobs.top_logprobs
+    if sampled == "byte":
         assert logprobs.tokens == ["\ufffd"]
-        assert logprobs.top_logprobs == [{"\ufffd": logprobs.token_logprobs[0]}]
+        assert top["\ufffd"] == logprobs.token_logprobs[0]
+    else:
+        assert logprobs.tokens == [" world"] and set(top) == {" world", "\ufffd"}
+        assert top["\ufffd"] == pytest.approx(float(expected[e4]), abs=1e-4)
+        assert float(expected[e4]) - float(expected[b8]) > 0.5  # (which the old value was)
 
 
 # ---- /tokenize and /detokenize (vLLM's shapes) --------------------------------------------

@@ -19,7 +19,7 @@ from . import checkpoint, kernel_choice
 from .download import DownloadError
 from .engine.config import EngineConfig
 from .engine.kv_cache import KVBudgetError, parse_size
-from .sampling import SamplingError, SamplingParams
+from .sampling import MAX_INSTANCES, SamplingError, SamplingParams
 
 
 # The EngineConfig fields `serve` takes as flags (threads is a model flag: loading uses it too).
@@ -35,9 +35,10 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        none = action.default is None or action.default is False or (
+        nothing_to_say = action.default is None or action.default is False or (
             isinstance(action.default, (frozenset, list)) and not action.default)
-        return text if "default" in text or none else super()._get_help_string(action)
+        return (text if "default" in text or nothing_to_say
+                else super()._get_help_string(action))
 
 
 def _bool(text: str) -> bool:
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a response may wait on a client that reads none of it (its "
                         "socket full); then the connection is dropped and its requests "
                         "cancelled")
-    s.add_argument("--max_instances", type=_count, default=64,
+    s.add_argument("--max_instances", type=_count, default=MAX_INSTANCES,
                    help="prompts per request (V1 instances, V2 data, OpenAI prompt list)")
     s.add_argument("--api_key", default=os.environ.get("GPT2SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on REST and gRPC (default: "

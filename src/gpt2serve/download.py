@@ -196,23 +196,23 @@ def _fetch(client: httpx.Client, base: str, out: Path, name: str, listed: int | 
                                 f"listing gives, {listed}")
         limit = size if size is not None else (
             None if name.endswith((".safetensors", ".bin")) else SMALL_FILE_LIMIT)
-        done, shown = 0, Progress(progress, dest.name, size)
+        shown = Progress(progress, dest.name, size)
         # A new file, never one already there: a symlink left at the .part name was
         # followed, and the download written wherever it pointed.
         part.unlink(missing_ok=True)
         try:
             with open(part, "xb") as f:
                 for chunk in r.iter_bytes(1 << 20):
-                    done += len(chunk)
-                    if limit is not None and done > limit:
+                    if limit is not None and shown.done + len(chunk) > limit:
                         raise DownloadError(f"{url}: sent more than {limit} bytes")
                     f.write(chunk)
                     shown.add(len(chunk))
-            if size is not None and done != size:
-                raise DownloadError(f"{url}: got {done} of {size} bytes")
+            if size is not None and shown.done != size:
+                raise DownloadError(f"{url}: got {shown.done} of {size} bytes")
         except BaseException:
             part.unlink(missing_ok=True)  # a partial file is never resumed: free the disk
             raise
+        finally:
+            shown.end()  # (an error after it goes on a line of its own)
     part.rename(dest)
-    shown.end()
     return dest

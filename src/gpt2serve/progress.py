@@ -11,13 +11,14 @@ class Progress:
     def __init__(self, out: TextIO | None, name: str, total: int | None):
         """`out` None: nothing is shown. `total`: the bytes expected, if known."""
         self.out, self.name, self.total = out, name, total
-        self.done, self.t0, self.shown = 0, time.monotonic(), 0.0
+        self.done, self.t0, self.last_shown = 0, time.monotonic(), 0.0
+        self.line = False  # written: end() closes it
 
     def add(self, nbytes: int) -> None:
         self.done += nbytes
         now = time.monotonic()
-        if self.out and (now - self.shown > 0.5 or self.done == self.total):
-            self.shown = now
+        if self.out and (now - self.last_shown > 0.5 or self.done == self.total):
+            self.last_shown, self.line = now, True
             elapsed = now - self.t0
             rate = self.done / elapsed / 2**20 if elapsed > 0 else 0.0
             pct = f"{100 * self.done / self.total:5.1f}%" if self.total else "     "
@@ -26,5 +27,6 @@ class Progress:
             self.out.flush()
 
     def end(self) -> None:
-        if self.out:
+        if self.line:
             self.out.write("\n")
+            self.line = False

@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass, field, fields
 
 MAX_N = 128  # an absolute bound; servers set a lower one (--max_n)
+MAX_INSTANCES = 64  # prompts per request: --max_instances' default
 MAX_STOP = 8
 MAX_LOGPROBS = 5
 MAX_LOGIT_BIAS = 300  # OpenAI's limit

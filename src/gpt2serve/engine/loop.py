@@ -119,7 +119,7 @@ class Engine:
             self.scheduler.closed = self._stopping = True
             attached = self.loop is not None and self in self.loop.engines
             if not attached:
-                self._fail(EngineStopped("server stopped"), waiting=True)
+                self._fail(lambda: EngineStopped("server stopped"), waiting=True)
         if attached:
             self.loop.detach(self, timeout)
 
@@ -267,7 +267,7 @@ class Engine:
                             sum(c.length for c in step.chunks))
         except Exception:  # a failed step costs the running batch, never the server
             log.exception("engine step failed")
-            self._fail(EngineError())
+            self._fail(EngineError)
         self._outbox.flush()
 
     def _expire(self, step: ScheduledStep) -> None:
@@ -299,10 +299,11 @@ class Engine:
             self._deliver(step, self.runner.execute(step))
         self._outbox.flush()
 
-    def _fail(self, error: Exception, waiting: bool = False) -> None:
-        """Fail every request running or being prefilled, and waiting if asked."""
+    def _fail(self, error: Callable[[], Exception], waiting: bool = False) -> None:
+        """Fail every request running or being prefilled, and waiting if asked, each with an
+        error of its own: one raised by every call would gather all their frames."""
         for request in self.scheduler.abort(waiting):
-            self._outbox.put(request, error)
+            self._outbox.put(request, error())
         self._outbox.flush()
 
 
@@ -339,5 +340,5 @@ class _Newcomers:
                 engine._read_newcomers(budget)
             except Exception:
                 log.exception("engine step failed")
-                engine._fail(EngineError())
+                engine._fail(EngineError)
         self.seconds = time.perf_counter() - t

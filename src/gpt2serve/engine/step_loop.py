@@ -65,7 +65,7 @@ class StepLoop:
             with self.cond:
                 self.died, self._thread = True, None
                 for engine in self.engines:
-                    engine._fail(EngineStopped("the engine's step thread has died"),
+                    engine._fail(lambda: EngineStopped("the engine's step thread has died"),
                                  waiting=True)
                 self.cond.notify_all()
             raise
@@ -76,7 +76,7 @@ class StepLoop:
                 self.cond.wait_for(lambda: not self.engines or any(
                     e._stopping or e.scheduler.busy for e in self.engines))
                 for engine in [e for e in self.engines if e._stopping]:
-                    engine._fail(EngineStopped("server stopped"), waiting=True)
+                    engine._fail(lambda: EngineStopped("server stopped"), waiting=True)
                     self.engines.remove(engine)
                     self.cond.notify_all()
                 if not self.engines:

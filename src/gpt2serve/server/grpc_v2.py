@@ -51,12 +51,13 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from kserve.utils.utils import to_headers
 
+from ..sampling import MAX_INSTANCES
 from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
 from .predictor import V2_INPUT, V2_OUTPUT, check_count
 from .repository import ModelUnloaded, Overruled, Repository, RepositoryOff
-from .v2_infer import MAX_DIMS
+from .v2_infer import MAX_DIMS, split_length_prefixed
 
 
 def _oip_parameter_class():
@@ -92,27 +93,6 @@ def plain_parameters(parameters) -> dict:
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidInput(f"parameter '{name}' must be a finite number, got {value}")
         out[name] = value
-    return out
-
-
-def split_bytes(raw: bytes, name: str, most: int) -> list[bytes]:
-    """The elements of a BYTES tensor in the binary tensor extension: each is its length
-    (4 bytes, little-endian) followed by that many bytes. At most `most`, its shape's."""
-    out, at = [], 0
-    while at < len(raw):
-        if len(out) == most:
-            raise InvalidInput(f"raw contents of input '{name}' hold more elements than its "
-                               f"shape's {most}")
-        if at + 4 > len(raw):
-            raise InvalidInput(f"raw contents of input '{name}' end inside an element's "
-                               "4-byte length")
-        size = int.from_bytes(raw[at:at + 4], "little")
-        at += 4
-        if at + size > len(raw):
-            raise InvalidInput(f"raw contents of input '{name}': an element of {size} bytes "
-                               f"runs past the end ({len(raw) - at} left)")
-        out.append(raw[at:at + size])
-        at += size
     return out
 
 
@@ -154,7 +134,7 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"input '{name}' has both contents and raw_input_contents")
-            data = split_bytes(raw[k], name, count)
+            data = split_length_prefixed(raw[k], count, f"raw contents of input '{name}'")
             given = len(data)
         else:
             other = [f for f in _CONTENT_FIELDS if len(getattr(tensor.contents, f))]
@@ -312,8 +292,8 @@ def _parsed(behaviour, deserialize, method: str):
             request = deserialize(raw) if deserialize else raw
         except DecodeError:  # a truncated or garbled message, a string that is not UTF-8
             request = None
-        if request is None:
-            raw = None  # (the abort's cycle, below, would hold it)
+        if request is None:  # (aborted outside the except: its context would hold the bytes)
+            raw = None  # (and so would this frame, in the abort's cycle: see below)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"malformed {method.rsplit('/', 1)[-1]} request: not a valid "
                                 "protobuf message (string fields must be UTF-8)")
@@ -341,7 +321,7 @@ class GPT2GRPCServer(GRPCServer):
     api_key: str | None = None
     models: Repository | None = None
     max_receive: int | None = None
-    max_instances = 64
+    max_instances = MAX_INSTANCES
 
     def streams(self) -> int:
         """Calls a connection may have open at once. gRPC's default has no bound: a client
@@ -378,7 +358,7 @@ class GPT2GRPCServer(GRPCServer):
 
 
 def install(models: Repository, api_key: str | None, max_receive: int | None = None,
-            max_instances: int = 64) -> None:
+            max_instances: int = MAX_INSTANCES) -> None:
     GPT2GRPCServer.api_key, GPT2GRPCServer.models = api_key, models
     GPT2GRPCServer.max_receive, GPT2GRPCServer.max_instances = max_receive, max_instances
     kserve_model_server.GRPCServer = GPT2GRPCServer

@@ -24,7 +24,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.v1_endpoints import V1Endpoints
 
 from ..engine import Prompt
-from ..sampling import MAX_N, SamplingError, SamplingParams
+from ..sampling import MAX_INSTANCES, MAX_N, SamplingError, SamplingParams
 from . import jsonbody
 from .repository import ModelUnloaded
 
@@ -77,7 +77,7 @@ class GPT2Predictor(kserve.Model):
     servable: loaded, or loading on its first request; false once unloaded through the API
     or while the server drains."""
 
-    def __init__(self, name: str, repository, max_instances: int = 64):
+    def __init__(self, name: str, repository, max_instances: int = MAX_INSTANCES):
         super().__init__(name)
         self.repository = repository
         self.max_instances = max_instances

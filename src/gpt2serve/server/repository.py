@@ -78,12 +78,12 @@ class ModelUnloaded(Exception):
     """The model was unloaded through the API: 404 until it is loaded again."""
 
     def __init__(self, name: str):
-        super().__init__(f"model '{name}' is unloaded; {load_it(name)} brings it back")
+        super().__init__(f"model '{name}' is unloaded; {reload_hint(name)}")
 
 
-def load_it(name: str) -> str:
-    """How a client of either protocol loads a model."""
-    return f"POST /v2/repository/models/{name}/load (gRPC RepositoryModelLoad)"
+def reload_hint(name: str) -> str:
+    """How a client of either protocol loads an unloaded model again."""
+    return f"POST /v2/repository/models/{name}/load (gRPC RepositoryModelLoad) brings it back"
 
 
 class ModelUnavailable(Exception):
@@ -423,7 +423,7 @@ class Repository(ModelRepository):
                 raise Overruled(entry.name, "unload")
             if entry.engine is not None and entry.state == READY:
                 await self._unload(entry, "request")
-        entry.reason = f"unloaded: {load_it(entry.name)} brings it back"
+        entry.reason = f"unloaded: {reload_hint(entry.name)}"
         # KServe's agent deletes a TrainedModel's folder, then unloads it (maybe twice). Not
         # if a load came in while this drained: that load has put the model back in KServe's
         # registry, and answers (it fails: no folder) for the entry.

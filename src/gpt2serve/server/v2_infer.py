@@ -135,7 +135,11 @@ def _input(tensor: dict, binary: bytes) -> InferInput:
         if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
             raise InvalidInput(f"{where}: 'binary_data_size' must be the length of the "
                                "binary data after the JSON part")
-        flat = _length_prefixed(binary, where)
+        try:
+            flat = [e.decode("utf-8")
+                    for e in split_length_prefixed(binary, count, f"{where}: binary data")]
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{where}: input '{V2_INPUT}' is not valid UTF-8") from None
     else:
         raise InvalidInput(f"{where}: 'data' is missing")
     if len(flat) != count:
@@ -166,22 +170,23 @@ def _flatten(data: list, shape: list[int], where: str) -> list[str]:
     return flat
 
 
-def _length_prefixed(binary: bytes, where: str) -> list[str]:
-    """The protocol's BYTES serialization: each element a uint32 (little-endian) length, then
-    that many bytes."""
+def split_length_prefixed(raw: bytes, most: int, what: str) -> list[bytes]:
+    """The protocol's BYTES serialization (REST's binary data, gRPC's raw contents): each
+    element a uint32 (little-endian) length, then that many bytes; at most `most`, the
+    shape's count, so that data past it is not split. `what` names the data in errors."""
     out, at = [], 0
-    while at < len(binary):
-        if at + 4 > len(binary):
-            raise InvalidInput(f"{where}: binary data ends inside an element's length")
-        (length,) = struct.unpack_from("<I", binary, at)
+    while at < len(raw):
+        if len(out) == most:
+            raise InvalidInput(f"{what} hold more elements than the shape's {most}")
+        if at + 4 > len(raw):
+            raise InvalidInput(f"{what} end inside an element's 4-byte length")
+        (size,) = struct.unpack_from("<I", raw, at)
         at += 4
-        if at + length > len(binary):
-            raise InvalidInput(f"{where}: binary data ends inside an element")
-        try:
-            out.append(binary[at:at + length].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidInput(f"{where}: input '{V2_INPUT}' is not valid UTF-8") from None
-        at += length
+        if at + size > len(raw):
+            raise InvalidInput(f"{what}: an element of {size} bytes runs past the end "
+                               f"({len(raw) - at} left)")
+        out.append(raw[at:at + size])
+        at += size
     return out
 
 
