@@ -585,6 +585,27 @@ def test_v2_infer_nested_data_and_kserve_binary_extension(demo):
     assert r.status_code == 400 and "binary_data_size" in r.json()["error"]
 
 
+@pytest.mark.parametrize("shape, data, message", [
+    ([1], b"\x01\x00\x00\x00a\x01\x00\x00\x00b", "hold more elements than the shape's 1"),
+    ([0], b"\x01\x00\x00\x00a", "hold more elements than the shape's 0"),
+    ([1], b"\x06\x00\x00", "end inside an element's 4-byte length"),
+    ([1], b"\x09\x00\x00\x00ROMEO:", "an element of 9 bytes runs past the end (6 left)"),
+    ([1], b"\x02\x00\x00\x00\xff\xfe", "input 'text_input' is not valid UTF-8"),
+    ([3], b"\x01\x00\x00\x00a", "holds 3 elements but 'data' has 1"),
+], ids=["past the shape", "past an empty shape", "cut length", "cut element", "not UTF-8",
+        "short of the shape"])
+def test_v2_infer_binary_data_that_does_not_fit_is_a_400_naming_it(demo, shape, data, message):
+    """The binary extension's data is split no further than the shape's count (the same
+    splitter as gRPC's raw contents)."""
+    header = json.dumps({"inputs": [{"name": "text_input", "shape": shape, "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(data)}}]}).encode()
+    r = httpx.post(demo.url + INFER, content=header + data, timeout=60, headers={
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header))})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"], r.json()["error"]
+
+
 def test_v2_infer_with_kserves_own_rest_client_json_and_binary(demo):
     """KServe's InferenceRESTClient at its defaults: it sends `model_name` in the body, and
     with binary_data the strings after the JSON header; a list parameter goes through."""

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from ..engine import Engine, Prompt, Request, TokenEvent
 from ..tokenizer import IncrementalDetokenizer
 from .repository import Repository
-from ..sampling import SamplingError, SamplingParams
+from ..sampling import MAX_INSTANCES, SamplingError, SamplingParams
 from . import jsonbody
 from .errors import failure, quoted
 from .middleware import EventStream, started
@@ -99,7 +99,7 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def openai_router(repository: Repository, max_prompts: int = 64) -> APIRouter:
+def openai_router(repository: Repository, max_prompts: int = MAX_INSTANCES) -> APIRouter:
     router = APIRouter(prefix="/openai/v1", tags=["OpenAI"])
     created = int(time.time())
 
@@ -171,7 +171,7 @@ async def json_object(request: HTTPRequest) -> dict:
 class CompletionCall:
     """One /completions request: validated fields, prompts as token ids, and the response."""
 
-    def __init__(self, engine: Engine, model_name: str, body: dict, max_prompts: int = 64):
+    def __init__(self, engine: Engine, model_name: str, body: dict, max_prompts: int = MAX_INSTANCES):
         self.engine, self.model_name = engine, model_name
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         for name, neutral in NEUTRAL.items():
