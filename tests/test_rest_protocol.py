@@ -592,11 +592,12 @@ def test_v2_infer_nested_data_and_kserve_binary_extension(demo):
     ([1], b"\x09\x00\x00\x00ROMEO:", "an element of 9 bytes runs past the end (6 left)"),
     ([1], b"\x02\x00\x00\x00\xff\xfe", "input 'text_input' is not valid UTF-8"),
     ([3], b"\x01\x00\x00\x00a", "holds 3 elements but 'data' has 1"),
+    ([100_000], b"\x01\x00\x00\x00a", "has 100000 prompts; this server takes at most 64"),
 ], ids=["past the shape", "past an empty shape", "cut length", "cut element", "not UTF-8",
-        "short of the shape"])
+        "short of the shape", "a shape past --max_instances, refused before its data"])
 def test_v2_infer_binary_data_that_does_not_fit_is_a_400_naming_it(demo, shape, data, message):
     """The binary extension's data is split no further than the shape's count (the same
-    splitter as gRPC's raw contents)."""
+    splitter as gRPC's raw contents), and a shape past --max_instances is refused first."""
     header = json.dumps({"inputs": [{"name": "text_input", "shape": shape, "datatype": "BYTES",
                                      "parameters": {"binary_data_size": len(data)}}]}).encode()
     r = httpx.post(demo.url + INFER, content=header + data, timeout=60, headers={

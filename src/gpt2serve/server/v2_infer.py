@@ -33,7 +33,7 @@ from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
 from . import jsonbody
-from .predictor import V2_INPUT, V2_OUTPUT, json_object
+from .predictor import V2_INPUT, V2_OUTPUT, check_count, json_object
 from .repository import ModelUnloaded, Repository
 
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
@@ -62,7 +62,8 @@ def infer_router(repository: Repository) -> APIRouter:
         if not predictor.ready:
             raise ModelNotReady(model_name)
         headers = dict(request.headers)
-        infer_request = read_request(await request.body(), headers, model_name)
+        infer_request = read_request(await request.body(), headers, model_name,
+                                     predictor.max_instances)
         response, _ = await predictor(infer_request, headers=headers)
         body, json_length = response.to_rest()
         if isinstance(body, bytes):  # an output asked for in KServe's binary extension
@@ -73,8 +74,10 @@ def infer_router(repository: Repository) -> APIRouter:
     return router
 
 
-def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
-    """The body as an InferRequest, or InvalidInput naming what is wrong."""
+def read_request(raw: bytes, headers: dict, model_name: str,
+                 max_instances: int) -> InferRequest:
+    """The body as an InferRequest, or InvalidInput naming what is wrong; its shape is held to
+    `max_instances` elements before they are read."""
     header = headers.get("inference-header-content-length")
     if header is not None:
         json_length = jsonbody.json_part_length(header)
@@ -106,12 +109,12 @@ def read_request(raw: bytes, headers: dict, model_name: str) -> InferRequest:
             raise InvalidInput(f"inputs[{i}]: unknown input '{tensor['name'][:40]}'; this "
                                f"model takes one input, '{V2_INPUT}'")
         names.append(tensor["name"])
-    tensor = _input(inputs[0], binary)
+    tensor = _input(inputs[0], binary, max_instances)
     return InferRequest(model_name=model_name, infer_inputs=[tensor], request_id=request_id,
                         parameters=parameters, request_outputs=_outputs(body.get("outputs")))
 
 
-def _input(tensor: dict, binary: bytes) -> InferInput:
+def _input(tensor: dict, binary: bytes, max_instances: int) -> InferInput:
     where = "inputs[0]"
     _only(tensor, {"name", "shape", "datatype", "parameters", "data"}, where)
     if tensor.get("datatype") != "BYTES":
@@ -123,6 +126,7 @@ def _input(tensor: dict, binary: bytes) -> InferInput:
                            "non-negative integers")
     parameters = _parameters(tensor.get("parameters"), f"{where}.parameters")
     count = math.prod(shape)
+    check_count(count, f"input '{V2_INPUT}'", max_instances)
     if "data" in tensor:
         if binary or "binary_data_size" in parameters:
             raise InvalidInput(f"{where}: give 'data' or 'binary_data_size', not both")
