@@ -135,19 +135,16 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
             if tensor.HasField("contents"):
                 raise InvalidInput(f"input '{name}' has both contents and raw_input_contents")
             data = split_length_prefixed(raw[k], count, f"raw contents of input '{name}'")
-            given = len(data)
         else:
             other = [f for f in _CONTENT_FIELDS if len(getattr(tensor.contents, f))]
             if other:
                 raise InvalidInput(f"input '{V2_INPUT}' must hold its strings in "
                                    f"bytes_contents, not {other[0]}")
-            given = len(tensor.contents.bytes_contents)
-        if count != given:
+            data = tensor.contents.bytes_contents  # (protobuf's: counted without a copy)
+        if count != len(data):
             raise InvalidInput(f"input '{name}' has shape {shape} ({count} elements) but "
-                               f"{given} elements of data")
-        if not raw:
-            data = list(tensor.contents.bytes_contents)
-        inputs.append(InferInput(name, shape, "BYTES", data=data,
+                               f"{len(data)} elements of data")
+        inputs.append(InferInput(name, shape, "BYTES", data=list(data),
                                  parameters=plain_parameters(tensor.parameters) or None))
     for i, output in enumerate(request.outputs):
         if output.name != V2_OUTPUT:

@@ -171,7 +171,8 @@ async def json_object(request: HTTPRequest) -> dict:
 class CompletionCall:
     """One /completions request: validated fields, prompts as token ids, and the response."""
 
-    def __init__(self, engine: Engine, model_name: str, body: dict, max_prompts: int = MAX_INSTANCES):
+    def __init__(self, engine: Engine, model_name: str, body: dict,
+                 max_prompts: int = MAX_INSTANCES):
         self.engine, self.model_name = engine, model_name
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         for name, neutral in NEUTRAL.items():
