@@ -145,9 +145,10 @@ def test_every_protocol_routes_by_name(two_fit, references):
     assert r.status_code == 200
     with grpc.insecure_channel(f"127.0.0.1:{two_fit.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        request = pb.ModelInferRequest(model_name=name, inputs=[pb.ModelInferRequest.InferInputTensor(
-            name="text_input", datatype="BYTES", shape=[1],
-            contents=pb.InferTensorContents(bytes_contents=[prompt.encode()]))])
+        request = pb.ModelInferRequest(model_name=name, inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="text_input", datatype="BYTES", shape=[1],
+                contents=pb.InferTensorContents(bytes_contents=[prompt.encode()]))])
         for key, value in GREEDY.items():
             field = "bool_param" if isinstance(value, bool) else "int64_param"
             request.parameters[key].CopyFrom(pb.InferParameter(**{field: value}))
@@ -721,3 +722,40 @@ def test_a_folder_that_holds_a_larger_model_since_its_last_load_is_sized_anew(
             repository.stop(10)
 
     asyncio.run(scenario())
+
+
+def test_a_connection_holds_as_many_calls_as_the_models_queues(two_fit):
+    """A connection's bound on calls open at once was sized for one model's queue (1024 at
+    these flags), while each of the three models has its own queue of 256: the calls past
+    1024 were refused (RST_STREAM, UNAVAILABLE, to grpcio's client) or held back (by
+    grpc.aio's, which waited 60 s here) before any queue was full. 1100 calls that have not
+    yet sent their request are open at once; none is refused."""
+    async def scenario():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{two_fit.grpc_port}") as channel:
+            infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer",
+                                         request_serializer=pb.ModelInferRequest.SerializeToString,
+                                         response_deserializer=pb.ModelInferResponse.FromString)
+            release = asyncio.Event()
+
+            async def never_sent():
+                await release.wait()
+                yield pb.ModelInferRequest()  # (never reached: the calls are cancelled)
+
+            calls = [infer(never_sent()) for _ in range(1100)]
+            # each call's HEADERS is on the wire once it starts; with too low a bound, a
+            # call past it was refused or never started
+            started = asyncio.gather(*(call.wait_for_connection() for call in calls))
+            await asyncio.wait_for(started, timeout=60)
+            # the server answers a connection's frames in order: a refusal of any call above
+            # reaches the client before this answer does
+            live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                       request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                       response_deserializer=pb.ServerLiveResponse.FromString)
+            assert (await live(pb.ServerLiveRequest(), timeout=30)).live
+            refused = [(await call.code(), await call.details())
+                       for call in calls if call.done()]
+            for call in calls:
+                call.cancel()
+            return refused
+
+    assert asyncio.run(scenario()) == []

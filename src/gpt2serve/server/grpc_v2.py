@@ -325,10 +325,12 @@ class GPT2GRPCServer(GRPCServer):
         held 2,000 on a connection, each with part of a request. Past the bound the server
         refuses a call (RST_STREAM, UNAVAILABLE to the client), and grpcio's client (1.85,
         on a connection already in use) sent past it: with 128, 154 of 300 calls at once
-        were refused that the queue (--max_queue 256) would have taken. So: twice what one
-        model's queue and batch take, and at least 1024."""
-        config = self.models.config
-        return min(2**31 - 1, max(1024, 2 * (config.max_queue + config.max_batch_size)))
+        were refused that the queue (--max_queue 256) would have taken. So: twice what the
+        models' queues and batches take, and at least 1024. Each model has its own queue:
+        a repository's bound counts the models it holds at start (one added later is not)."""
+        config, models = self.models.config, max(1, len(self.models.entries))
+        return min(2**31 - 1,
+                   max(1024, 2 * models * (config.max_queue + config.max_batch_size)))
 
     async def start(self, max_workers):
         servicer = GPT2Servicer(self._data_plane, self._model_repository_extension)
