@@ -285,6 +285,27 @@ def test_a_long_name_in_an_error_leaves_its_status_whole(rpc):
 
 # ---- metadata ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("method,request_type,field", [
+    ("ModelInfer", pb.ModelInferRequest, "model_name"),
+    ("ModelReady", pb.ModelReadyRequest, "name"),
+    ("ModelMetadata", pb.ModelMetadataRequest, "name"),
+])
+def test_a_model_version_is_invalid_argument_on_every_method(rpc, method, request_type, field):
+    """REST refuses a version on every route; gRPC's ModelReady and ModelMetadata answered for
+    the model whatever version they were asked about."""
+    def request(**version) -> bytes:
+        message = request_type(**{field: MODEL}, **version)
+        if method == "ModelInfer":
+            message.inputs.append(tensor())
+        return message.SerializeToString()
+
+    code, details, _ = call_raw(
+        rpc, method, request(**{"model_version" if method == "ModelInfer" else "version": "2"}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert "model versions are not supported" in details
+    assert call_raw(rpc, method, request())[0] == grpc.StatusCode.OK
+
+
 def test_model_metadata_lists_text_input_and_text_output(rpc):
     want_in = [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}]
     want_out = [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]

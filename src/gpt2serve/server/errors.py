@@ -18,6 +18,8 @@ log = logging.getLogger("gpt2serve.server")
 UNAVAILABLE = (QueueFull, RequestTimeout, EngineStopped, ModelUnavailable)
 # No such model, or one unloaded through the repository API: 404, gRPC NOT_FOUND.
 NOT_FOUND = (ModelNotFound, ModelUnloaded)
+# A V2 request that names a model version (REST's path or query, gRPC's field): 400.
+NO_VERSIONS = "model versions are not supported: each server serves one version"
 
 
 def quoted(text: str, limit: int = 80) -> str:

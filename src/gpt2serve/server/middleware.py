@@ -17,7 +17,7 @@ from . import jsonbody
 
 from .auth import (LOOPBACK, MISSING_KEY, PEER, PUBLIC_PATHS, authorized, forwarded,
                    from_local_agent)
-from .errors import openai_shaped, quoted
+from .errors import NO_VERSIONS, openai_shaped, quoted
 
 
 async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:
@@ -252,8 +252,7 @@ class NoModelVersions:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v2/models/") and (
                 "/versions/" in scope["path"] or b"model_version=" in scope["query_string"]):
-            return await _send_json(send, 400, {"error": "model versions are not supported: "
-                                                "each server serves one version"})
+            return await _send_json(send, 400, {"error": NO_VERSIONS})
         return await self.app(scope, receive, send)
 
 
