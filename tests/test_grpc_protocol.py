@@ -220,13 +220,19 @@ HUGE_UINT64 = b"\x28" + b"\xff" * 9 + b"\x01"  # uint64_param 2**64 - 1
     ([tensor(), tensor(name="sampling_parameters", data=[b"[1]"])], {}, [],
      "'sampling_parameters' must hold a JSON object, not an array"),
     ([tensor(), tensor(name="sampling_parameters", data=[b'{"a": NaN}'])], {}, [],
-     "sampling_parameters"),
+     "input 'sampling_parameters': 'a' is NaN"),
+    ([tensor(), tensor(name="sampling_parameters", data=[b'NaN'])], {}, [],
+     "input 'sampling_parameters' is NaN"),
+    ([tensor(), tensor(name="sampling_parameters", shape=(1, 1), data=[b"{}"])], {}, [],
+     r"'sampling_parameters' must have shape \[1\]"),
     ([tensor(), tensor(name="sampling_parameters", data=[b"\xff"])], {}, [],
      "'sampling_parameters' is not valid UTF-8"),
     ([tensor(), tensor(name="sampling_parameters", data=[b'{"stop_token_ids": "a"}'])], {},
      [], "input 'sampling_parameters': 'stop_token_ids' must be"),
     ([tensor(), tensor(name="sampling_parameters", data=[b'{"temperature": 0.5}'])],
-     {"temperature": double_param(0.7)}, [], "'temperature' is given both in 'parameters'"),
+     {"temperature": double_param(0.7)}, [],
+     "'temperature' in 'parameters' and 'temperature' in input 'sampling_parameters' set the "
+     "same thing"),
 ])
 def test_hostile_tensors_are_invalid_argument(rpc, inputs, params, outputs, message):
     request = pb.ModelInferRequest(model_name=MODEL, inputs=inputs, outputs=[

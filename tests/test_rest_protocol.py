@@ -527,6 +527,24 @@ def test_v2_infer_takes_list_and_object_parameters_as_the_readme_says(demo):
     r = httpx.post(demo.url + INFER, content=header.encode() + b"".join(parts), timeout=60,
                    headers={"inference-header-content-length": str(len(header.encode()))})
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == ["ROMEO:"], r.text
+    # text_input's own parameters still win; a null beside the input's setting sets nothing
+    body["inputs"][1]["data"] = [json.dumps({"stop": ["zz"]})]
+    body["inputs"][0]["parameters"] = {"stop": [first]}
+    assert v2_text(demo, {**body, "parameters": {**body["parameters"], "stop": None}}) == "ROMEO:"
+    # a JSON text_input beside a binary sampling_parameters, and binary parts that do not fit
+    for size, part, message in [(len(parts[1]), parts[1], None),
+                                (len(parts[1]) + 1, parts[1], "binary_data_size' must be"),
+                                (len(parts[1]), parts[1] + b"x", "but the inputs' "
+                                                                  "'binary_data_size' add up")]:
+        header = json.dumps({**body, "inputs": [body["inputs"][0], {
+            **{k: v for k, v in body["inputs"][1].items() if k != "data"},
+            "parameters": {"binary_data_size": size}}]}).encode()
+        r = httpx.post(demo.url + INFER, content=header + part, timeout=60,
+                       headers={"inference-header-content-length": str(len(header))})
+        if message is None:
+            assert r.status_code == 200 and r.json()["outputs"][0]["data"] == ["ROMEO:"], r.text
+        else:
+            assert r.status_code == 400 and message in r.json()["error"], r.text
 
 
 TENSOR = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["a"]}
@@ -574,7 +592,23 @@ V2_BAD = {
     "sampling_parameters beside parameters": (
         {"inputs": [TENSOR, {**TENSOR, "name": "sampling_parameters",
                              "data": ['{"stop_sequences": ["a"]}']}],
-         "parameters": {"stop": "b"}}, "'stop' is given both"),
+         "parameters": {"stop": "b"}},
+        "'stop' in 'parameters' and 'stop_sequences' in input 'sampling_parameters' set the"),
+    "sampling_parameters' length beside parameters' other length": (
+        {"inputs": [TENSOR, {**TENSOR, "name": "sampling_parameters",
+                             "data": ['{"max_new_tokens": 3}']}],
+         "parameters": {"max_length": 50}},
+        "'max_length' in 'parameters' and 'max_new_tokens' in input"),
+    "sampling_parameters giving a setting twice": (
+        {"inputs": [TENSOR, {**TENSOR, "name": "sampling_parameters",
+                             "data": ['{"stop": "a", "stop_sequences": "b"}']}]},
+        "input 'sampling_parameters': give either 'stop' or 'stop_sequences', not both"),
+    "sampling_parameters with parameters of its own": (
+        {"inputs": [TENSOR, {**TENSOR, "name": "sampling_parameters", "data": ["{}"],
+                             "parameters": {"temperature": 2}}]},
+        "give parameter 'temperature' in its JSON object"),
+    "unknown parameter, cut": ({"inputs": [TENSOR], "parameters": {"x" * 1000: 1}},
+                               "unknown parameter '" + "x" * 40 + "'[.]{3}$"),
     "body a list": ([TENSOR], "must be a JSON object"),
     "not JSON": ("{inputs", "not valid JSON"),
 }

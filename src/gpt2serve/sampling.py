@@ -71,8 +71,9 @@ class SamplingParams:
         given: dict[str, str] = {}  # field -> the key that gave it (a field or its alias)
         for key, value in raw.items():
             name = aliases.get(key, key)
-            if name not in known:
-                raise SamplingError(f"unknown parameter '{key}'")
+            if name not in known:  # (the name cut: a client's, and it comes back whole)
+                raise SamplingError(f"unknown parameter '{key[:40]}'"
+                                    + ("..." if len(key) > 40 else ""))
             if value is not None:
                 if name in given:
                     raise SamplingError(f"give either '{given[name]}' or '{key}', not both")

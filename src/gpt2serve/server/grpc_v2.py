@@ -60,7 +60,7 @@ from ..sampling import MAX_INSTANCES
 from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NO_VERSIONS, NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
-from .predictor import V2_INPUT, V2_OUTPUT, V2_PARAMETERS, check_count
+from .predictor import V2_INPUT, V2_INPUTS, V2_OUTPUT, V2_PARAMETERS, check_count
 from .repository import ModelUnloaded, Overruled, Repository, RepositoryOff
 from .v2_infer import MAX_DIMS, split_length_prefixed
 
@@ -123,8 +123,7 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
             raise InvalidInput(f"input '{name}' is given twice")
         seen.add(name)
         if name not in (V2_INPUT, V2_PARAMETERS):
-            raise InvalidInput(f"unknown input '{name}': this model needs a BYTES input "
-                               f"named '{V2_INPUT}', and takes '{V2_PARAMETERS}' besides")
+            raise InvalidInput(f"unknown input '{name[:40]}': {V2_INPUTS}")
         if tensor.datatype != "BYTES":
             raise InvalidInput(f"input '{name}' must have datatype BYTES")
         shape = list(tensor.shape)
@@ -134,7 +133,7 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input '{name}' has a negative dimension in shape {shape}")
         count = math.prod(shape)
-        if name == V2_PARAMETERS and count != 1:
+        if name == V2_PARAMETERS and shape != [1]:
             raise InvalidInput(f"input '{name}' must have shape [1]: one JSON object")
         check_count(count, f"input '{name}'", max_instances)
         if raw:

