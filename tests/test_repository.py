@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import time
 
 import grpc
@@ -262,11 +263,70 @@ def test_grpc_tells_an_unloaded_model_as_rest_does(two_fit):
                     pb.ModelInferRequest.InferInputTensor(
                         name="text_input", datatype="BYTES", shape=[1],
                         contents=pb.InferTensorContents(bytes_contents=[b"a"]))]), timeout=60)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "'beta' is unloaded" in e.value.details(), e.value.details()
-        assert "(gRPC RepositoryModelLoad) brings it back" in e.value.details()  # its own way
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "'beta' is unloaded" in e.value.details(), e.value.details()
+            assert "(gRPC RepositoryModelLoad) brings it back" in e.value.details()  # its way
+            # readiness and metadata said "does not exist" (KServe's lookups), REST's too
+            for method, request in [(stub.ModelReady, pb.ModelReadyRequest(name="beta")),
+                                    (stub.ModelMetadata, pb.ModelMetadataRequest(name="beta"))]:
+                with pytest.raises(grpc.RpcError) as e:
+                    method(request, timeout=60)
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "'beta' is unloaded" in e.value.details(), e.value.details()
+        for path in ("/v2/models/beta", "/v2/models/beta/ready", "/v1/models/beta"):
+            r = httpx.get(two_fit.url + path, timeout=30)
+            assert r.status_code == 404 and "'beta' is unloaded" in r.json()["error"], r.text
     finally:
         assert httpx.post(f"{url}/load", timeout=60).status_code == 200
+    for path in ("/v2/models/beta/ready", "/v1/models/beta"):  # and ready again
+        r = httpx.get(two_fit.url + path, timeout=30)
+        assert r.status_code == 200 and r.json() == {"name": "beta", "ready": True}, r.text
+    metadata = httpx.get(f"{two_fit.url}/v2/models/beta", timeout=30).json()
+    assert [i["name"] for i in metadata["inputs"]] == ["text_input"], metadata
+
+
+def test_an_unload_waiting_for_another_is_unloading_in_the_index_at_once(two_fit):
+    """One load or unload at a time: alpha's unload waits while beta's drains. alpha already
+    refused requests as unloaded, and the index still said READY (and `{"ready": true}`
+    listed it) for as long as beta's drain took."""
+    repo_url = f"{two_fit.url}/v2/repository"
+    for name in ("alpha", "beta"):
+        assert httpx.post(f"{repo_url}/models/{name}/load", timeout=60).status_code == 200
+    body = {"model": "beta", "prompt": "a", "max_tokens": 120, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+
+    async def scenario() -> dict[str, str]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def states() -> dict[str, str]:
+                r = await client.post(f"{repo_url}/index")
+                return {m["name"]: m["state"] for m in r.json()}
+
+            async def stream(started: asyncio.Event) -> None:
+                async with client.stream("POST", f"{two_fit.url}/openai/v1/completions",
+                                         json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            started.set()
+
+            started = [asyncio.Event() for _ in range(8)]
+            running = [asyncio.create_task(stream(e)) for e in started]
+            for e in started:
+                await e.wait()  # 8 streams of 120 tokens: beta's drain takes 120 steps
+            unloads = [asyncio.create_task(client.post(f"{repo_url}/models/beta/unload"))]
+            while (await states())["beta"] != "UNLOADING":
+                await asyncio.sleep(0.005)
+            unloads.append(asyncio.create_task(client.post(f"{repo_url}/models/alpha/unload")))
+            while (seen := await states())["alpha"] == "READY":
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*unloads, *running)
+            return seen
+
+    try:
+        seen = asyncio.run(scenario())
+        assert seen["alpha"] == "UNLOADING" and seen["beta"] == "UNLOADING", seen
+    finally:
+        for name in ("alpha", "beta"):
+            assert httpx.post(f"{repo_url}/models/{name}/load", timeout=60).status_code == 200
 
 
 def test_an_empty_repository_is_ready(tmp_path):
@@ -759,3 +819,52 @@ def test_a_connection_holds_as_many_calls_as_the_models_queues(two_fit):
             return refused
 
     assert asyncio.run(scenario()) == []
+
+
+def test_a_load_refused_by_the_shutdown_is_no_failed_load(repo, model_bytes, tmp_path):
+    """A load waiting for its turn (alpha's unload drains) when SIGTERM comes is refused as
+    shutting down, as a request waiting for a load is: it was logged as an ERROR, counted as
+    a failed load and told as one ('load failed: the server is shutting down')."""
+    log = tmp_path / "server.log"
+    srv = ServerProcess("--model_dir", str(repo), "--load_models", "alpha",
+                        "--memory_budget", str(int(model_bytes * 2.5)),
+                        "--kv_cache_memory", str(KV), "--max_batch_size", "8",
+                        "--enable_grpc", "false", log=log)
+    repo_url = f"{srv.url}/v2/repository"
+    body = {"model": "alpha", "prompt": "a", "max_tokens": 120, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def stream(started: asyncio.Event) -> None:
+                async with client.stream("POST", f"{srv.url}/openai/v1/completions",
+                                         json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            started.set()
+
+            # 8 streams running and 24 queued, of 120 tokens: the unload drains 480 steps
+            started = [asyncio.Event() for _ in range(32)]
+            running = [asyncio.create_task(stream(e)) for e in started]
+            for e in started[:8]:
+                await e.wait()
+            unload = asyncio.create_task(client.post(f"{repo_url}/models/alpha/unload"))
+            while {m["name"]: m["state"] for m in (
+                    await client.post(f"{repo_url}/index")).json()}["alpha"] != "UNLOADING":
+                await asyncio.sleep(0.005)
+            load = asyncio.create_task(client.post(f"{repo_url}/models/beta/load"))
+            await asyncio.sleep(0.2)  # (the load waits for the unload's turn to end)
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.gather(unload, *running)
+            return await load
+
+    try:
+        srv.wait_ready("alpha")
+        load = asyncio.run(scenario())
+        assert srv.proc.wait(timeout=60) == 0
+    finally:
+        srv.stop()
+    assert load.status_code == 503, load.text
+    assert load.json()["error"] == "the server is shutting down", load.text
+    said = log.read_text()
+    assert "load failed" not in said and "ERROR" not in said, said

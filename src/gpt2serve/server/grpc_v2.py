@@ -179,11 +179,8 @@ class GPT2Servicer(InferenceServicer):
     max_instances: int
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        _no_version(request.model_version)
+        self._named(request.model_name, request.model_version)
         infer = infer_request(request, self.max_instances)
-        name = request.model_name
-        if self.models.unloaded(name):
-            raise NotFound(str(ModelUnloaded(name)))  # (KServe's: "does not exist")
         try:
             response, _ = await self._data_plane.infer(
                 request=infer, headers=to_headers(context), model_name=request.model_name)
@@ -197,13 +194,23 @@ class GPT2Servicer(InferenceServicer):
         return response
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        _no_version(request.version)
+        self._named(request.name, request.version)
         return await super().ModelReady(request, context)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context) -> pb.ModelMetadataResponse:
-        _no_version(request.version)
+        self._named(request.name, request.version)
         return await super().ModelMetadata(request, context)
+
+    def _named(self, name: str, version: str) -> None:
+        """A version is refused on every method that takes one, as REST refuses it on every
+        route (ModelReady and ModelMetadata answered for the model, whatever version was
+        named); a model unloaded through the API is NOT_FOUND saying so and how to load it
+        again (KServe's lookups say it does not exist)."""
+        if version:
+            raise InvalidInput(NO_VERSIONS)
+        if self.models.unloaded(name):
+            raise NotFound(str(ModelUnloaded(name)))
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(**server_metadata(self.models))
@@ -234,13 +241,6 @@ class GPT2Servicer(InferenceServicer):
             raise Unavailable(str(e)) from None
         except Overruled as e:
             raise Aborted(str(e)) from None
-
-
-def _no_version(version: str) -> None:
-    """A version is refused on every method that takes one, as REST refuses it on every
-    route: ModelReady and ModelMetadata answered for the model, whatever version was named."""
-    if version:
-        raise InvalidInput(NO_VERSIONS)
 
 
 class ExceptionToStatus(ExceptionToStatusInterceptor):

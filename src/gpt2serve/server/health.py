@@ -1,5 +1,7 @@
 """Probes, in place of KServe's (registered first, so they win): liveness follows the step
-thread, readiness the models and the drain; and the V2 server metadata."""
+thread, readiness the models and the drain; the V2 server metadata; and a model's V2
+readiness and metadata, KServe's but for a model unloaded through the API, which is 404
+saying so (KServe's said it did not exist, while the index lists it)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ from importlib import metadata
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from kserve.constants.constants import KSERVE_MODEL_SERVER_NAME
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.rest.v2_datamodels import ModelMetadataResponse, ModelReadyResponse
+from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
-from .repository import Repository
+from .repository import ModelUnloaded, Repository
 
 
 def server_metadata(repository: Repository) -> dict:
@@ -50,5 +55,19 @@ def health_router(repository: Repository) -> APIRouter:
         # readiness turns false as soon as a drain starts.
         ok = repository.ready
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    endpoints = V2Endpoints(DataPlane(model_registry=repository))
+
+    @router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse)
+    async def model_metadata(model_name: str):
+        if repository.unloaded(model_name):
+            raise ModelUnloaded(model_name)
+        return await endpoints.model_metadata(model_name)
+
+    @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
+    async def model_ready(model_name: str):
+        if repository.unloaded(model_name):
+            raise ModelUnloaded(model_name)
+        return await endpoints.model_ready(model_name)
 
     return router

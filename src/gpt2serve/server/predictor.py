@@ -46,11 +46,11 @@ V2_REQUEST_PARAMETERS = {"binary_data_output"}
 
 
 def v1_router(repository) -> APIRouter:
-    """KServe's V1 `:predict`, with a model unloaded through the API, or whose last load
-    failed, seen to first, as on the other protocols. KServe's route said the one did not
-    exist, and asked the other's readiness before anything: it answered a bare "not ready"
-    503 for as long as the server ran, so no V1 request retried the load, and none was told
-    why. Here it gets the repository's answer: the failure with Retry-After, or,
+    """KServe's V1 `:predict` and model readiness, with a model unloaded through the API (and
+    for `:predict` one whose last load failed) seen to first, as on the other protocols.
+    KServe's route said the one did not exist, and asked the other's readiness before
+    anything: it answered a bare "not ready" 503 for as long as the server ran, so no V1
+    request retried the load, and none was told why. Here it gets the repository's answer: the failure with Retry-After, or,
     RETRY_AFTER_FAILURE after it, a new load.
     And 405 with `Allow: POST` for `:predict` and `:explain` by another method: KServe's GET
     `/v1/models/{name}` took `name:predict` for a model's name (a 404 naming it), and its
@@ -73,6 +73,13 @@ def v1_router(repository) -> APIRouter:
     for verb in ("predict", "explain"):
         router.add_api_route(f"/v1/models/{{model_name}}:{verb}", other_method,
                              methods=["GET", "PUT", "DELETE", "PATCH"])
+
+    @router.get("/v1/models/{model_name}")  # (after the above: not 'name:predict')
+    async def model_ready(model_name: str):
+        if repository.unloaded(model_name):
+            raise ModelUnloaded(model_name)
+        return await endpoints.model_ready(model_name)
+
     return router
 
 

@@ -230,7 +230,7 @@ class Repository(ModelRepository):
     def unloaded(self, name: str) -> bool:
         """Whether `name` was unloaded through the API: listed, but out of KServe's registry,
         whose lookups then say it does not exist. Its requests get 404 saying it is unloaded,
-        on every protocol."""
+        on every protocol (readiness and metadata too: health.py, grpc_v2.py, v1_router)."""
         return name in self.entries and self.get_model(name) is None
 
     def _vanished(self, entry: Entry) -> bool:
@@ -263,7 +263,8 @@ class Repository(ModelRepository):
         included (as Triton's index)."""
         if self.is_repository:
             self.scan()
-        return [{"name": e.name, "state": e.state, "reason": e.reason}
+        return [{"name": e.name, "state": UNLOADING if e.held and e.state == READY else e.state,
+                 "reason": e.reason}
                 for e in sorted(self.entries.values(), key=lambda e: e.name)]
 
     def load_failed(self, name: str) -> bool:
@@ -389,6 +390,8 @@ class Repository(ModelRepository):
                 if entry.loading is not None:
                     await asyncio.shield(entry.loading)
                     if entry.state == UNAVAILABLE and not entry.held:
+                        if self.shutting_down:
+                            raise ModelUnavailable("the server is shutting down")
                         raise LoadFailed(name, entry.reason)  # (a load tries again at once)
                 else:
                     async with self._changed:
@@ -483,10 +486,10 @@ class Repository(ModelRepository):
     async def _load(self, entry: Entry) -> None:
         try:
             async with self._lock:
-                if entry.state != UNAVAILABLE or entry.held:
+                # shutting down: no load, and none failed (whoever waits says why: not a
+                # failure counted and logged as an ERROR, as it was)
+                if entry.state != UNAVAILABLE or entry.held or self.shutting_down:
                     return
-                if self.shutting_down:
-                    raise ModelUnavailable("the server is shutting down")
                 if not self.alive:
                     raise ModelUnavailable("the engine's step thread has died")
                 need = self._estimate(entry)
