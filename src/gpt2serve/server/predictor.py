@@ -48,10 +48,10 @@ V2_REQUEST_PARAMETERS = {"binary_data_output"}
 def v1_router(repository) -> APIRouter:
     """KServe's V1 `:predict` and model readiness, with a model unloaded through the API (and
     for `:predict` one whose last load failed) seen to first, as on the other protocols.
-    KServe's route said the one did not exist, and asked the other's readiness before
-    anything: it answered a bare "not ready" 503 for as long as the server ran, so no V1
-    request retried the load, and none was told why. Here it gets the repository's answer: the failure with Retry-After, or,
-    RETRY_AFTER_FAILURE after it, a new load.
+    KServe's route said the one did not exist, and asked the other's readiness before anything:
+    it answered a bare "not ready" 503 for as long as the server ran, so no V1 request retried
+    the load, and none was told why. Here it gets the repository's answer: the failure with
+    Retry-After, or, RETRY_AFTER_FAILURE after it, a new load.
     And 405 with `Allow: POST` for `:predict` and `:explain` by another method: KServe's GET
     `/v1/models/{name}` took `name:predict` for a model's name (a 404 naming it), and its
     DELETE was told `Allow: GET`."""
