@@ -263,8 +263,9 @@ class Repository(ModelRepository):
         included (as Triton's index)."""
         if self.is_repository:
             self.scan()
-        return [{"name": e.name, "state": UNLOADING if e.held and e.state == READY else e.state,
-                 "reason": e.reason}
+        # (an unload asked for waits for its turn: meanwhile the model already refuses)
+        return [{"name": e.name, "reason": e.reason,
+                 "state": UNLOADING if e.held and e.state in (READY, LOADING) else e.state}
                 for e in sorted(self.entries.values(), key=lambda e: e.name)]
 
     def load_failed(self, name: str) -> bool:
@@ -358,7 +359,8 @@ class Repository(ModelRepository):
                 raise ModelUnavailable(
                     f"model '{name}' is {entry.state.lower()} and did not become ready within "
                     f"{self.load_timeout:g}s (--load_timeout); try again") from None
-            if _last_load_failed(entry):
+            # (shutting down: the loop's top says so, not an older failure's reason)
+            if _last_load_failed(entry) and not self.shutting_down:
                 raise LoadFailed(name, entry.reason, entry.failed_at)
 
     # ---- the repository extension ---------------------------------------------------------
@@ -390,7 +392,7 @@ class Repository(ModelRepository):
                 if entry.loading is not None:
                     await asyncio.shield(entry.loading)
                     if entry.state == UNAVAILABLE and not entry.held:
-                        if self.shutting_down:
+                        if self.shutting_down and entry.failed_at is None:  # (not tried)
                             raise ModelUnavailable("the server is shutting down")
                         raise LoadFailed(name, entry.reason)  # (a load tries again at once)
                 else:
@@ -414,6 +416,8 @@ class Repository(ModelRepository):
         entry.held = True
         entry.predictor.ready = False
         self.models.pop(name, None)
+        if entry.state == UNAVAILABLE:  # (nothing to drain: said at once, not after its turn)
+            entry.reason = f"unloaded: {reload_hint(name)}"
         task = asyncio.ensure_future(self._take_out(entry))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (seen if no caller)
         await asyncio.shield(task)
@@ -561,8 +565,11 @@ class Repository(ModelRepository):
                 f"it needs {need / 2**20:.0f} MiB (weights and KV cache) and the whole memory "
                 f"budget is {self.budget / 2**20:.0f} MiB (--memory_budget)")
         while self.used + need > self.budget:
+            # those unloaded through the API first (they are going anyway), then the least
+            # recently used
             loaded = sorted((e for e in self.entries.values()
-                             if e.state == READY and e is not entry), key=lambda e: e.last_used)
+                             if e.state == READY and e is not entry),
+                            key=lambda e: (not e.held, e.last_used))
             if not loaded:
                 raise ModelUnavailable("the memory budget is held by models loading or "
                                        "unloading; try again")
@@ -575,7 +582,8 @@ class Repository(ModelRepository):
                     await self._changed.wait()
                 continue
             idle = [e for e in free if not e.engine.scheduler.busy]
-            await self._unload((idle or free)[0], "memory")
+            chosen = (idle or free)[0] if not free[0].held else free[0]
+            await self._unload(chosen, "request" if chosen.held else "memory")
 
     async def _unload(self, entry: Entry, reason: str) -> None:
         """Drain `entry` (what it accepted finishes), then free it."""
