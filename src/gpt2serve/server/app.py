@@ -43,6 +43,38 @@ async def _http_error(request, exc) -> JSONResponse:
     return await http_exception_handler(request, exc)
 
 
+def describe_the_answering_routes(app) -> None:
+    """/openapi.json describes, for each path and method, the route that answers it: ours,
+    added first. KServe adds its own for the same paths afterwards, and FastAPI let the later
+    entry win (V2 infer was described by KServe's body, not ours) and warned of each pair as a
+    duplicate operation ID. The shadowed routes are left out when the schema is first built,
+    once every route is in."""
+    from fastapi.routing import APIRoute
+
+    def api_routes(routes, prefix: str = ""):
+        for route in routes:
+            if isinstance(route, APIRoute):
+                yield prefix + route.path_format, route
+            inner = getattr(route, "original_router", None)  # (FastAPI keeps includes nested)
+            if inner is not None:
+                yield from api_routes(inner.routes, prefix + route.include_context.prefix)
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            answered: set[tuple[str, str]] = set()
+            for path, route in api_routes(app.routes):
+                keys = {(path, method) for method in route.methods}
+                if keys <= answered:
+                    route.include_in_schema = False
+                elif route.include_in_schema:  # (one of ours kept out: KServe's describes it)
+                    answered |= keys
+        return build()
+
+    app.openapi = openapi
+
+
 def serve(args: argparse.Namespace) -> None:
     # kserve parses sys.argv when imported; import it only when serving.
     import kserve
@@ -96,6 +128,7 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(tokenize_router(repository))
     app.include_router(tokenize_router(repository, prefix="/openai/v1"))
     playground.add_routes(app, repository)
+    describe_the_answering_routes(app)
     # Starlette runs the last added middleware first: cross-site forms, auth, the body
     # limit, the rebinding guard, model versions, non-finite JSON, cancel-on-disconnect, then
     # HEAD as GET around the handlers.

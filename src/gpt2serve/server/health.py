@@ -45,13 +45,11 @@ def health_router(repository: Repository) -> APIRouter:
     async def server() -> JSONResponse:
         return JSONResponse(server_metadata(repository))
 
-    # (out of the schema where KServe's route has the path: its entry describes both, and
-    # two of one name were warned of as duplicate operation IDs)
-    @router.get("/v2/health/live", include_in_schema=False)
+    @router.get("/v2/health/live")
     async def live() -> JSONResponse:
         return liveness(repository, {"live": True}, {"live": False})
 
-    @router.get("/v2/health/ready", include_in_schema=False)
+    @router.get("/v2/health/ready")
     async def ready() -> JSONResponse:
         # Replaces KServe's server-level check (always true) with the models' own state, so
         # readiness turns false as soon as a drain starts.
@@ -60,15 +58,13 @@ def health_router(repository: Repository) -> APIRouter:
 
     endpoints = V2Endpoints(DataPlane(model_registry=repository))
 
-    @router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse,
-                include_in_schema=False)
+    @router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse)
     async def model_metadata(model_name: str):
         if repository.unloaded(model_name):
             raise ModelUnloaded(model_name)
         return await endpoints.model_metadata(model_name)
 
-    @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse,
-                include_in_schema=False)
+    @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
     async def model_ready(model_name: str):
         if repository.unloaded(model_name):
             raise ModelUnloaded(model_name)

@@ -56,7 +56,7 @@ def infer_router(repository: Repository) -> APIRouter:
     router = APIRouter(prefix="/v2/models/{model_name}", tags=["V2"])
 
     @router.post("/infer", response_model=None, openapi_extra=SCHEMA)
-    async def infer_v2(model_name: str, request: HTTPRequest) -> Response:  # (its own op ID)
+    async def infer(model_name: str, request: HTTPRequest) -> Response:
         predictor = repository.get_model(model_name)
         if predictor is None:
             raise (ModelUnloaded if repository.unloaded(model_name) else ModelNotFound)(
