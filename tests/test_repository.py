@@ -80,6 +80,25 @@ def v1(srv, name: str, prompt: str, **params) -> httpx.Response:
                 {"instances": [{"prompt": prompt, **GREEDY, **params}]})
 
 
+async def busy(client: httpx.AsyncClient, url: str, model: str) -> list[asyncio.Task]:
+    """32 streams of 120 tokens on `model`, once 8 have their first token (with
+    --max_batch_size 8, the rest queue): its drain then takes 480 steps, an unload's too."""
+    body = {"model": model, "prompt": "a", "max_tokens": 120, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+
+    async def stream(started: asyncio.Event) -> None:
+        async with client.stream("POST", f"{url}/openai/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    started.set()
+
+    started = [asyncio.Event() for _ in range(32)]
+    running = [asyncio.create_task(stream(e)) for e in started]
+    for e in started[:8]:
+        await e.wait()
+    return running
+
+
 def index(srv) -> dict[str, str]:
     r = httpx.post(f"{srv.url}/v2/repository/index", timeout=30)
     assert r.status_code == 200, r.text
@@ -292,8 +311,6 @@ def test_an_unload_waiting_for_another_is_unloading_in_the_index_at_once(two_fit
     repo_url = f"{two_fit.url}/v2/repository"
     for name in ("alpha", "beta"):
         assert httpx.post(f"{repo_url}/models/{name}/load", timeout=60).status_code == 200
-    body = {"model": "beta", "prompt": "a", "max_tokens": 120, "ignore_eos": True,
-            "temperature": 0, "stream": True}
 
     async def scenario() -> dict[str, str]:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -301,18 +318,7 @@ def test_an_unload_waiting_for_another_is_unloading_in_the_index_at_once(two_fit
                 r = await client.post(f"{repo_url}/index")
                 return {m["name"]: m["state"] for m in r.json()}
 
-            async def stream(started: asyncio.Event) -> None:
-                async with client.stream("POST", f"{two_fit.url}/openai/v1/completions",
-                                         json=body) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            started.set()
-
-            # 8 streams running and 24 queued, of 120 tokens: beta's drain takes 480 steps
-            started = [asyncio.Event() for _ in range(32)]
-            running = [asyncio.create_task(stream(e)) for e in started]
-            for e in started[:8]:
-                await e.wait()
+            running = await busy(client, two_fit.url, "beta")
             unloads = [asyncio.create_task(client.post(f"{repo_url}/models/beta/unload"))]
             while (await states())["beta"] != "UNLOADING":
                 await asyncio.sleep(0.005)
@@ -832,23 +838,10 @@ def test_a_load_refused_by_the_shutdown_is_no_failed_load(repo, model_bytes, tmp
                         "--kv_cache_memory", str(KV), "--max_batch_size", "8",
                         "--enable_grpc", "false", log=log)
     repo_url = f"{srv.url}/v2/repository"
-    body = {"model": "alpha", "prompt": "a", "max_tokens": 120, "ignore_eos": True,
-            "temperature": 0, "stream": True}
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(timeout=120) as client:
-            async def stream(started: asyncio.Event) -> None:
-                async with client.stream("POST", f"{srv.url}/openai/v1/completions",
-                                         json=body) as r:
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            started.set()
-
-            # 8 streams running and 24 queued, of 120 tokens: the unload drains 480 steps
-            started = [asyncio.Event() for _ in range(32)]
-            running = [asyncio.create_task(stream(e)) for e in started]
-            for e in started[:8]:
-                await e.wait()
+            running = await busy(client, srv.url, "alpha")
             unload = asyncio.create_task(client.post(f"{repo_url}/models/alpha/unload"))
             while {m["name"]: m["state"] for m in (
                     await client.post(f"{repo_url}/index")).json()}["alpha"] != "UNLOADING":
