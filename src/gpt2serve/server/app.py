@@ -47,32 +47,31 @@ def describe_the_answering_routes(app) -> None:
     """/openapi.json describes, for each path and method, the route that answers it: ours,
     added first. KServe adds its own for the same paths afterwards, and FastAPI let the later
     entry win (V2 infer was described by KServe's body, not ours) and warned of each pair as a
-    duplicate operation ID. The shadowed routes are left out when the schema is first built,
-    once every route is in."""
+    duplicate operation ID. The shadowed routes are left out of the schema at start-up, once
+    every route is in and before any request (FastAPI copies a route's flags when a request
+    first reaches its router)."""
     from fastapi.routing import APIRoute
 
-    def api_routes(routes, prefix: str = ""):
+    def api_routes(routes, prefix: str = "", shown: bool = True):
         for route in routes:
             if isinstance(route, APIRoute):
-                yield prefix + route.path_format, route
+                yield prefix + route.path_format, route, shown and route.include_in_schema
             inner = getattr(route, "original_router", None)  # (FastAPI keeps includes nested)
             if inner is not None:
-                yield from api_routes(inner.routes, prefix + route.include_context.prefix)
+                context = route.include_context
+                yield from api_routes(inner.routes, prefix + context.prefix,
+                                      shown and context.include_in_schema)
 
-    build = app.openapi
+    def hide_shadowed() -> None:
+        answered: set[tuple[str, str]] = set()
+        for path, route, shown in api_routes(app.routes):
+            keys = {(path, method) for method in route.methods}
+            if keys <= answered:
+                route.include_in_schema = False
+            elif shown:  # (one of ours kept out of the schema: KServe's describes it)
+                answered |= keys
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            answered: set[tuple[str, str]] = set()
-            for path, route in api_routes(app.routes):
-                keys = {(path, method) for method in route.methods}
-                if keys <= answered:
-                    route.include_in_schema = False
-                elif route.include_in_schema:  # (one of ours kept out: KServe's describes it)
-                    answered |= keys
-        return build()
-
-    app.openapi = openapi
+    app.router.add_event_handler("startup", hide_shadowed)
 
 
 def serve(args: argparse.Namespace) -> None:

@@ -425,12 +425,15 @@ class Repository(ModelRepository):
     async def _take_out(self, entry: Entry) -> None:
         if entry.loading is not None:
             await asyncio.shield(entry.loading)
+        if entry.held and entry.state == UNAVAILABLE:  # (not a failed load's reason meanwhile)
+            entry.reason = f"unloaded: {reload_hint(entry.name)}"
         async with self._lock:
             if not entry.held:  # a load came in while this waited: the later call wins
                 raise Overruled(entry.name, "unload")
             if entry.engine is not None and entry.state == READY:
                 await self._unload(entry, "request")
-        entry.reason = f"unloaded: {reload_hint(entry.name)}"
+        if entry.held:  # (not if a load came in while it drained)
+            entry.reason = f"unloaded: {reload_hint(entry.name)}"
         # KServe's agent deletes a TrainedModel's folder, then unloads it (maybe twice). Not
         # if a load came in while this drained: that load has put the model back in KServe's
         # registry, and answers (it fails: no folder) for the entry.
@@ -500,7 +503,11 @@ class Repository(ModelRepository):
                 # Config, tokenizer and the weight files' headers are read before anything
                 # is unloaded: a broken folder must not cost a serving model its place.
                 checked = await asyncio.to_thread(checkpoint.check, entry.folder)
+                if entry.held or self.shutting_down:  # (came in meanwhile: evict nothing)
+                    return
                 await self._make_room(need, entry)
+                if entry.held or self.shutting_down:
+                    return
                 entry.state, entry.reason, entry.nbytes = LOADING, "", need
                 self._notify()
                 t0 = time.monotonic()
@@ -565,8 +572,8 @@ class Repository(ModelRepository):
                 f"it needs {need / 2**20:.0f} MiB (weights and KV cache) and the whole memory "
                 f"budget is {self.budget / 2**20:.0f} MiB (--memory_budget)")
         while self.used + need > self.budget:
-            # those unloaded through the API first (they are going anyway), then the least
-            # recently used
+            # idle ones before busy ones; of each, those unloaded through the API first (they
+            # are going anyway), then the least recently used
             loaded = sorted((e for e in self.entries.values()
                              if e.state == READY and e is not entry),
                             key=lambda e: (not e.held, e.last_used))
@@ -582,7 +589,7 @@ class Repository(ModelRepository):
                     await self._changed.wait()
                 continue
             idle = [e for e in free if not e.engine.scheduler.busy]
-            chosen = (idle or free)[0] if not free[0].held else free[0]
+            chosen = (idle or free)[0]
             await self._unload(chosen, "request" if chosen.held else "memory")
 
     async def _unload(self, entry: Entry, reason: str) -> None:
@@ -599,7 +606,7 @@ class Repository(ModelRepository):
         await asyncio.to_thread(engine.stop)
         entry.engine, entry.nbytes = None, 0
         entry.state = UNAVAILABLE
-        entry.reason = NOT_LOADED if reason == "memory" else ""
+        entry.reason = f"unloaded: {reload_hint(entry.name)}" if entry.held else NOT_LOADED
         engine.metrics.forget()
         metrics.MODEL_UNLOADS.labels(entry.name, reason).inc()
         del engine
