@@ -207,6 +207,9 @@ HUGE_UINT64 = b"\x28" + b"\xff" * 9 + b"\x01"  # uint64_param 2**64 - 1
     ([tensor(datatype="FP32")], {}, [], "datatype BYTES"),
     ([tensor()], {}, ["logits"], "unknown requested output 'logits'"),
     ([tensor()], {}, ["text_output"] * 2, "asked for more than once"),  # (REST's 400)
+    ([tensor()], {}, ["Z" * 5000], "unknown requested output '" + "Z" * 40 + "': this"),
+    ([tensor(shape=(0,) + (2**63 - 1,) * 7)], {}, [],
+     r"shape \[0, 9223372036854775807, 9223372036854775807, 9223372036\.\.\.\] \(0 elements\)"),
     ([tensor()], {"temperature": double_param(float("nan"))}, [], "finite"),
     ([tensor()], {"temperature": double_param(float("inf"))}, [], "finite"),
     ([tensor()], {"max_new_tokens": HUGE_UINT64}, [], "max_new_tokens"),

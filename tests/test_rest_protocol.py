@@ -607,6 +607,9 @@ V2_BAD = {
         {"inputs": [TENSOR, {**TENSOR, "name": "sampling_parameters", "data": ["{}"],
                              "parameters": {"temperature": 2}}]},
         "give parameter 'temperature' in its JSON object"),
+    "a long shape, cut": (
+        {"inputs": [{**TENSOR, "shape": [0] + [2**63 - 1] * 7}]},
+        r"'shape' \[0, 9223372036854775807, 9223372036854775807, 9223372036\.\.\.\] holds 0"),
     "unknown parameter, cut": ({"inputs": [TENSOR], "parameters": {"x" * 1000: 1}},
                                "unknown parameter '" + "x" * 40 + "'[.]{3}$"),
     "body a list": ([TENSOR], "must be a JSON object"),

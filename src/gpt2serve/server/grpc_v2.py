@@ -62,7 +62,7 @@ from .errors import NO_VERSIONS, NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
 from .predictor import V2_INPUT, V2_INPUTS, V2_OUTPUT, V2_PARAMETERS, check_count
 from .repository import ModelUnloaded, Overruled, Repository, RepositoryOff
-from .v2_infer import MAX_DIMS, split_length_prefixed
+from .v2_infer import MAX_DIMS, shape_text, split_length_prefixed
 
 
 def _oip_parameter_class():
@@ -131,7 +131,8 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
             raise InvalidInput(f"input '{name}' has {len(shape)} dimensions; at most "
                                f"{MAX_DIMS}")
         if any(d < 0 for d in shape):
-            raise InvalidInput(f"input '{name}' has a negative dimension in shape {shape}")
+            raise InvalidInput(f"input '{name}' has a negative dimension in shape "
+                               f"{shape_text(shape)}")
         count = math.prod(shape)
         if name == V2_PARAMETERS and shape != [1]:
             raise InvalidInput(f"input '{name}' must have shape [1]: one JSON object")
@@ -147,14 +148,14 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
                                    f"bytes_contents, not {other[0]}")
             data = tensor.contents.bytes_contents  # (protobuf's: counted without a copy)
         if count != len(data):
-            raise InvalidInput(f"input '{name}' has shape {shape} ({count} elements) but "
-                               f"{len(data)} elements of data")
+            raise InvalidInput(f"input '{name}' has shape {shape_text(shape)} ({count} "
+                               f"elements) but {len(data)} elements of data")
         inputs.append(InferInput(name, shape, "BYTES", data=list(data),
                                  parameters=plain_parameters(tensor.parameters) or None))
     for i, output in enumerate(request.outputs):
         if output.name != V2_OUTPUT:
-            raise InvalidInput(f"unknown requested output '{output.name}': this model gives "
-                               f"'{V2_OUTPUT}'")
+            raise InvalidInput(f"unknown requested output '{output.name[:40]}': this model "
+                               f"gives '{V2_OUTPUT}'")
         if i:  # (as REST's route)
             raise InvalidInput(f"output '{V2_OUTPUT}' is asked for more than once")
     parameters = plain_parameters(request.parameters)

@@ -160,8 +160,8 @@ def _input(tensor: dict, where: str, binary: bytes,
     else:
         raise InvalidInput(f"{where}: 'data' is missing")
     if len(flat) != count:
-        raise InvalidInput(f"{where}: 'shape' {shape} holds {count} elements but 'data' has "
-                           f"{len(flat)}")
+        raise InvalidInput(f"{where}: 'shape' {shape_text(shape)} holds {count} elements but "
+                           f"'data' has {len(flat)}")
     return InferInput(name, shape, "BYTES", data=flat, parameters=parameters or None), used
 
 
@@ -175,16 +175,24 @@ def _flatten(data: list, shape: list[int], where: str, name: str) -> list[str]:
         item, depth = stack.pop()
         if isinstance(item, list):
             if depth >= len(shape) or len(item) != shape[depth]:
-                raise InvalidInput(f"{where}: 'data' is nested other than 'shape' {shape}")
+                raise InvalidInput(f"{where}: 'data' is nested other than 'shape' "
+                                   f"{shape_text(shape)}")
             stack.extend((child, depth + 1) for child in reversed(item))
         elif isinstance(item, str):
             if depth != len(shape):
-                raise InvalidInput(f"{where}: 'data' is nested other than 'shape' {shape}")
+                raise InvalidInput(f"{where}: 'data' is nested other than 'shape' "
+                                   f"{shape_text(shape)}")
             flat.append(item)
         else:
             raise InvalidInput(f"{where}: input '{name}' must hold strings, "
                                f"got {jsonbody.kind(item)}")
     return flat
+
+
+def shape_text(shape: list[int]) -> str:
+    """A client's shape for a message, cut: 8 dimensions of 19 digits came back whole."""
+    text = str(list(shape))
+    return text if len(text) <= 60 else f"{text[:56]}...]"
 
 
 def split_length_prefixed(raw: bytes, most: int, what: str) -> list[bytes]:
