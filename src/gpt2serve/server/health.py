@@ -14,7 +14,7 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.v2_datamodels import ModelMetadataResponse, ModelReadyResponse
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
-from .repository import ModelUnloaded, Repository
+from .repository import Repository
 
 
 def server_metadata(repository: Repository) -> dict:
@@ -60,14 +60,12 @@ def health_router(repository: Repository) -> APIRouter:
 
     @router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse)
     async def model_metadata(model_name: str):
-        if repository.unloaded(model_name):
-            raise ModelUnloaded(model_name)
+        repository.refuse_unloaded(model_name)
         return await endpoints.model_metadata(model_name)
 
     @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
     async def model_ready(model_name: str):
-        if repository.unloaded(model_name):
-            raise ModelUnloaded(model_name)
+        repository.refuse_unloaded(model_name)
         return await endpoints.model_ready(model_name)
 
     return router

@@ -29,7 +29,6 @@ from ..engine import Prompt
 from ..sampling import MAX_INSTANCES, MAX_N, SamplingError, SamplingParams
 from . import jsonbody
 from .errors import quoted
-from .repository import ModelUnloaded
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
 # The request's sampling parameters as one JSON object in a BYTES input, as Triton's vLLM
@@ -60,8 +59,7 @@ def v1_router(repository) -> APIRouter:
 
     @router.post("/v1/models/{model_name}:predict")
     async def predict(model_name: str, request: Request):
-        if repository.unloaded(model_name):
-            raise ModelUnloaded(model_name)
+        repository.refuse_unloaded(model_name)
         if repository.load_failed(model_name):
             await repository.engine(model_name)  # LoadFailed, or loaded again
         return await endpoints.predict(model_name, request)
@@ -76,8 +74,7 @@ def v1_router(repository) -> APIRouter:
 
     @router.get("/v1/models/{model_name}")  # (after the above: not 'name:predict')
     async def model_ready(model_name: str):
-        if repository.unloaded(model_name):
-            raise ModelUnloaded(model_name)
+        repository.refuse_unloaded(model_name)
         return await endpoints.model_ready(model_name)
 
     return router
@@ -301,9 +298,10 @@ def _parameters_input(tensor) -> dict:
     if tensor.datatype != "BYTES" or len(data) != 1 or not isinstance(data[0], (str, bytes)):
         raise InvalidInput(f"{where} must be BYTES of shape [1]: one JSON object")
     # (its own tensor parameters would otherwise be dropped unseen)
-    for key in set(tensor.parameters or {}) - V2_TENSOR_PARAMETERS:
-        raise InvalidInput(f"{where}: give parameter {quoted(key, 40)} in its JSON object, "
-                           "not as the input's parameter")
+    extra = sorted(set(tensor.parameters or {}) - V2_TENSOR_PARAMETERS)
+    if extra:
+        raise InvalidInput(f"{where}: give parameter {quoted(extra[0], 40)} in its JSON "
+                           "object, not as the input's parameter")
     try:
         fields = jsonbody.parse(data[0])
     except jsonbody.BadJSON as e:  # (said of a "request body", or of a place in it)

@@ -233,6 +233,12 @@ class Repository(ModelRepository):
         on every protocol (readiness and metadata too: health.py, grpc_v2.py, v1_router)."""
         return name in self.entries and self.get_model(name) is None
 
+    def refuse_unloaded(self, name: str) -> None:
+        """ModelUnloaded if `name` was unloaded through the API: for the routes that ask
+        KServe's lookups, which would say it does not exist."""
+        if self.unloaded(name):
+            raise ModelUnloaded(name)
+
     def _vanished(self, entry: Entry) -> bool:
         """A repository's model whose folder was deleted since it was found, with nothing of
         it in memory and no call waiting for it: a model that is loaded (or loading) serves

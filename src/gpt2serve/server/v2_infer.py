@@ -36,7 +36,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 from . import jsonbody
 from .predictor import (V2_INPUT, V2_INPUTS, V2_OUTPUT, V2_PARAMETERS, check_count,
                         json_object)
-from .repository import ModelUnloaded, Repository
+from .repository import Repository
 
 _TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
     "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -59,8 +59,8 @@ def infer_router(repository: Repository) -> APIRouter:
     async def infer(model_name: str, request: HTTPRequest) -> Response:
         predictor = repository.get_model(model_name)
         if predictor is None:
-            raise (ModelUnloaded if repository.unloaded(model_name) else ModelNotFound)(
-                model_name)
+            repository.refuse_unloaded(model_name)
+            raise ModelNotFound(model_name)
         if not predictor.ready:
             raise ModelNotReady(model_name)
         headers = dict(request.headers)
