@@ -304,6 +304,36 @@ def test_grpc_tells_an_unloaded_model_as_rest_does(two_fit):
     assert [i["name"] for i in metadata["inputs"]] == ["text_input"], metadata
 
 
+def test_no_such_model_s_404_cuts_the_name_on_every_protocol(two_fit):
+    """KServe's 'Model with name ... does not exist.' echoed a name of any length: a 5,000
+    character name came back whole from every route that names a model (gRPC to its 1 KiB
+    cap). It is cut past 128 characters, the longest name a model may have."""
+    long, short = "x" * 5000, "y" * 128
+    routes = [("GET", "/v1/models/{}"), ("POST", "/v1/models/{}:predict"),
+              ("GET", "/v2/models/{}"), ("GET", "/v2/models/{}/ready"),
+              ("POST", "/v2/models/{}/infer"), ("POST", "/v2/models/{}/generate"),
+              ("POST", "/v2/models/{}/generate_stream"),
+              ("POST", "/v2/repository/models/{}/load"),
+              ("POST", "/v2/repository/models/{}/unload")]
+    for method, route in routes:
+        r = httpx.request(method, two_fit.url + route.format(long), timeout=30)
+        assert r.status_code == 404, (route, r.text[:200])
+        assert r.json() == {"error": f"Model with name {'x' * 128}... does not exist."}, route
+        r = httpx.request(method, two_fit.url + route.format(short), timeout=30)
+        assert r.json() == {"error": f"Model with name {short} does not exist."}, route
+    with grpc.insecure_channel(f"127.0.0.1:{two_fit.grpc_port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for method, request in [(stub.ModelReady, pb.ModelReadyRequest(name=long)),
+                                (stub.ModelMetadata, pb.ModelMetadataRequest(name=long)),
+                                (stub.ModelInfer, pb.ModelInferRequest(model_name=long)),
+                                (stub.RepositoryModelLoad,
+                                 pb.RepositoryModelLoadRequest(model_name=long))]:
+            with pytest.raises(grpc.RpcError) as e:
+                method(request, timeout=60)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert e.value.details() == f"Model with name {'x' * 128}... does not exist."
+
+
 def test_an_unload_waiting_for_another_is_unloading_in_the_index_at_once(two_fit):
     """One load or unload at a time: alpha's unload waits while beta's drains. alpha already
     refused requests as unloaded, and the index still said READY (and `{"ready": true}`

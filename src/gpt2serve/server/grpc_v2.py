@@ -61,7 +61,7 @@ from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
 from .errors import NO_VERSIONS, NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
 from .predictor import V2_INPUT, V2_INPUTS, V2_OUTPUT, V2_PARAMETERS, check_count
-from .repository import ModelUnloaded, Overruled, Repository, RepositoryOff
+from .repository import Overruled, Repository, RepositoryOff
 from .v2_infer import MAX_DIMS, shape_text, split_length_prefixed
 
 
@@ -210,8 +210,10 @@ class GPT2Servicer(InferenceServicer):
         again (KServe's lookups say it does not exist)."""
         if version:
             raise InvalidInput(NO_VERSIONS)
-        if self.models.unloaded(name):
-            raise NotFound(str(ModelUnloaded(name)))
+        try:
+            self.models.refuse_absent(name)
+        except NOT_FOUND as e:
+            raise NotFound(str(e)) from None
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(**server_metadata(self.models))

@@ -60,12 +60,12 @@ def health_router(repository: Repository) -> APIRouter:
 
     @router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse)
     async def model_metadata(model_name: str):
-        repository.refuse_unloaded(model_name)
+        repository.refuse_absent(model_name)
         return await endpoints.model_metadata(model_name)
 
     @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
     async def model_ready(model_name: str):
-        repository.refuse_unloaded(model_name)
+        repository.refuse_absent(model_name)
         return await endpoints.model_ready(model_name)
 
     return router

@@ -59,7 +59,7 @@ def v1_router(repository) -> APIRouter:
 
     @router.post("/v1/models/{model_name}:predict")
     async def predict(model_name: str, request: Request):
-        repository.refuse_unloaded(model_name)
+        repository.refuse_absent(model_name)
         if repository.load_failed(model_name):
             await repository.engine(model_name)  # LoadFailed, or loaded again
         return await endpoints.predict(model_name, request)
@@ -74,7 +74,7 @@ def v1_router(repository) -> APIRouter:
 
     @router.get("/v1/models/{model_name}")  # (after the above: not 'name:predict')
     async def model_ready(model_name: str):
-        repository.refuse_unloaded(model_name)
+        repository.refuse_absent(model_name)
         return await endpoints.model_ready(model_name)
 
     return router

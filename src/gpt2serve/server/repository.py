@@ -62,7 +62,8 @@ KV_SHARE = 1 / 16
 # A request for a model whose load failed gets the failure for this long, rather than a new
 # load (which may unload other models first); `load` through the API always tries again.
 RETRY_AFTER_FAILURE = 10.0
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_LIMIT = 128
+NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_LIMIT - 1}}}")
 
 
 class RepositoryOff(Exception):
@@ -72,6 +73,14 @@ class RepositoryOff(Exception):
         super().__init__("the model repository extension is off; start the server with "
                          "--enable_model_repository, or give --model_dir a folder of model "
                          "folders")
+
+
+class UnknownModel(ModelNotFound):
+    """No model of this name: KServe's 404, with the name cut past the longest a model may
+    have (KServe's message echoed a name of any length, a 16 KiB path's whole)."""
+
+    def __init__(self, name: str):
+        super().__init__(name if len(name) <= NAME_LIMIT else f"{name[:NAME_LIMIT]}...")
 
 
 class ModelUnloaded(Exception):
@@ -227,17 +236,13 @@ class Repository(ModelRepository):
             self.scan()  # a listing of one folder: about what answering the 404 costs
         return super().get_model(name)
 
-    def unloaded(self, name: str) -> bool:
-        """Whether `name` was unloaded through the API: listed, but out of KServe's registry,
-        whose lookups then say it does not exist. Its requests get 404 saying it is unloaded,
-        on every protocol (readiness and metadata too: health.py, grpc_v2.py, v1_router)."""
-        return name in self.entries and self.get_model(name) is None
-
-    def refuse_unloaded(self, name: str) -> None:
-        """ModelUnloaded if `name` was unloaded through the API: for the routes that ask
-        KServe's lookups, which would say it does not exist."""
-        if self.unloaded(name):
-            raise ModelUnloaded(name)
+    def refuse_absent(self, name: str) -> None:
+        """For the routes that ask KServe's lookups, on every protocol (readiness and metadata
+        too: health.py, grpc_v2.py, v1_router), which say 'does not exist' of a model unloaded
+        through the API (listed, but out of KServe's registry): ModelUnloaded for such a model,
+        saying so, and UnknownModel for a name that is no model's."""
+        if self.get_model(name) is None:
+            raise ModelUnloaded(name) if name in self.entries else UnknownModel(name)
 
     def _vanished(self, entry: Entry) -> bool:
         """A repository's model whose folder was deleted since it was found, with nothing of
@@ -331,7 +336,7 @@ class Repository(ModelRepository):
             self._forget(entry)  # (a request finds it gone before any index call does)
             entry = None
         if entry is None:
-            raise ModelNotFound(name)
+            raise UnknownModel(name)
         deadline = time.monotonic() + self.load_timeout
         entry.waiters += 1
         try:
@@ -379,7 +384,7 @@ class Repository(ModelRepository):
             self.scan()  # (finds a folder added since, forgets one deleted)
         entry = self.entries.get(name)
         if entry is None:
-            raise ModelNotFound(name)
+            raise UnknownModel(name)
         if self.shutting_down:  # before readiness is touched: a drain keeps every model off
             raise ModelUnavailable("the server is shutting down")
         if entry.held:
@@ -418,7 +423,7 @@ class Repository(ModelRepository):
         self._check_enabled()
         entry = self.entries.get(name)
         if entry is None:
-            raise ModelNotFound(name)
+            raise UnknownModel(name)
         entry.held = True
         entry.predictor.ready = False
         self.models.pop(name, None)

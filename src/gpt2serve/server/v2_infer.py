@@ -30,7 +30,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
-from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
 from . import jsonbody
@@ -57,10 +57,8 @@ def infer_router(repository: Repository) -> APIRouter:
 
     @router.post("/infer", response_model=None, openapi_extra=SCHEMA)
     async def infer(model_name: str, request: HTTPRequest) -> Response:
+        repository.refuse_absent(model_name)
         predictor = repository.get_model(model_name)
-        if predictor is None:
-            repository.refuse_unloaded(model_name)
-            raise ModelNotFound(model_name)
         if not predictor.ready:
             raise ModelNotReady(model_name)
         headers = dict(request.headers)
