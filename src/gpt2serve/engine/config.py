@@ -29,9 +29,10 @@ class EngineConfig:
     max_model_len: int | None = field(default=None, metadata=_flag(
         "tokens per sequence at most, prompt included (default: the model's context)"))
     kv_cache_memory: int | None = field(default=None, metadata=_flag(
-        "KV-cache budget of each model: bytes, or e.g. 600MiB, 4GiB (default: max_batch_size "
-        "full-context sequences, capped at 60%% of the memory left after the weights on CPU, "
-        "90%% of free GPU memory on CUDA; in a repository, 1/16 of --memory_budget)",
+        "KV-cache budget of each model: bytes, or e.g. 600MiB, 4GiB, never more than "
+        "max_batch_size full-context sequences use (default: that, capped at 60%% of the "
+        "memory left after the weights on CPU, 90%% of free GPU memory on CUDA; in a "
+        "repository, 1/16 of --memory_budget)",
         parse="size"))
     kv_cache_dtype: str = field(default="auto", metadata=_flag(
         "what the KV cache holds: auto = the model's dtype, but float16 for int8 and int4 "
