@@ -476,6 +476,31 @@ def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone
         srv.stop()
 
 
+def test_a_model_named_versions_is_served_and_a_version_still_refused(repo, tmp_path):
+    """Model versions were told by '/versions/' anywhere in a V2 path, and 'model_version='
+    anywhere in its query: a model named `versions` got 400 'model versions are not
+    supported' on its readiness, generate and infer routes, and so did `?my_model_version=`."""
+    shutil.copytree(repo / "alpha", tmp_path / "versions")
+    srv = ServerProcess("--model_dir", str(tmp_path), "--kv_cache_memory", str(KV),
+                        "--enable_grpc", "false")
+    try:
+        srv.wait_ready("versions")
+        base = f"{srv.url}/v2/models/versions"
+        r = httpx.get(f"{base}/ready", params={"my_model_version": "1"}, timeout=30)
+        assert r.status_code == 200 and r.json() == {"name": "versions", "ready": True}, r.text
+        r = post(f"{base}/generate", {"text_input": "ROMEO:", "parameters": GREEDY})
+        assert r.status_code == 200 and r.json()["text_output"].startswith("ROMEO:"), r.text
+        r = post(f"{base}/infer", {"inputs": [{"name": "text_input", "datatype": "BYTES",
+                                               "shape": [1], "data": ["ROMEO:"]}]})
+        assert r.status_code == 200, r.text
+        for path, params in [("/versions/1/ready", {}), ("/ready", {"model_version": "1"}),
+                             ("/ready", {"model_version": ""})]:
+            r = httpx.get(base + path, params=params, timeout=30)
+            assert r.status_code == 400 and "versions are not supported" in r.text, (path, r.text)
+    finally:
+        srv.stop()
+
+
 def test_an_unknown_model_s_refusal_is_short_in_a_large_repository(repo, tmp_path):
     """Found in the list of what was left alone: OpenAI's 404 for an unknown model listed every
     folder of the repository, and echoed a name of any length."""

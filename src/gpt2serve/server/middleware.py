@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 from typing import AsyncIterator
+from urllib.parse import parse_qsl
 
 from starlette.responses import StreamingResponse
 
@@ -250,10 +251,22 @@ class NoModelVersions:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v2/models/") and (
-                "/versions/" in scope["path"] or b"model_version=" in scope["query_string"]):
+        if scope["type"] == "http" and versioned(scope["path"], scope["query_string"]):
             return await _send_json(send, 400, {"error": NO_VERSIONS})
         return await self.app(scope, receive, send)
+
+
+def versioned(path: str, query: bytes) -> bool:
+    """Whether a request names a V2 model version: `/v2/models/<name>/versions/<version>...`
+    or a `model_version` query parameter. By the path's segments and the query's names: a
+    model named `versions` was refused on its readiness, generate and infer routes
+    (`/v2/models/versions/ready` holds '/versions/'), and `?my_model_version=1` too."""
+    if not path.startswith("/v2/models/"):
+        return False
+    segments = path.removeprefix("/v2/models/").split("/")
+    return (len(segments) > 2 and segments[1] == "versions") or any(
+        name == "model_version"
+        for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True))
 
 
 class BodyLimit:

@@ -70,7 +70,7 @@ def v1_router(repository) -> APIRouter:
 
     for verb in ("predict", "explain"):
         router.add_api_route(f"/v1/models/{{model_name}}:{verb}", other_method,
-                             methods=["GET", "PUT", "DELETE", "PATCH"])
+                             methods=["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"])
 
     @router.get("/v1/models/{model_name}")  # (after the above: not 'name:predict')
     async def model_ready(model_name: str):
