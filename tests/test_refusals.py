@@ -169,6 +169,27 @@ def test_v2_binary_output_as_tritons_client_asks_for_it(logged):
         assert message in error(post(logged.url + INFER, body))
 
 
+def test_a_wrong_binary_header_length_is_named_not_the_binary_data(logged):
+    """A binary request whose Inference-Header-Content-Length was not its JSON part's length
+    (past the body, not a number) was read whole as JSON by the middleware, and a length
+    prefix of 0x80 or more made it 'request body is not valid UTF-8'. Of two such headers the
+    middleware read the last and the route the first (found by helper 65's fuzz)."""
+    header = json.dumps({"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 132}}],
+                         "parameters": {"max_new_tokens": 2}}).encode()
+    body = header + length_prefixed([" the" * 32])  # its length prefix: 0x80
+    for length in (str(len(header) + 133), "abc"):
+        r = httpx.post(logged.url + INFER, content=body,
+                       headers={"inference-header-content-length": length})
+        assert r.status_code == 400 and error(r) == (
+            "'Inference-Header-Content-Length' must be the length of the body's JSON part"), \
+            (length, r.text)
+    r = httpx.post(logged.url + INFER, content=body, headers=[
+        ("inference-header-content-length", str(len(header))),
+        ("inference-header-content-length", "abc")])
+    assert r.status_code == 200, r.text
+
+
 def test_openai_prompt_errors_name_the_prompt_and_which_one(logged):
     """Too long (in characters, or in tokens for the context) said `param: null`, and in a
     list of prompts nothing said which (nor for a token id outside the vocabulary)."""

@@ -364,15 +364,29 @@ class FiniteJSON:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        header = dict(scope["headers"]).get(b"inference-header-content-length", b"")
-        length = jsonbody.json_part_length(header) if _v2_infer(scope["path"]) else None
-        json_part = body if length is None else body[:length]
+        json_part = _json_part(scope, body)
         try:
-            jsonbody.parse(json_part)
+            if json_part is not None:
+                jsonbody.parse(json_part)
         except jsonbody.BadJSON as e:
             if not e.syntax:
                 return await _send_json(send, 400, error_body(scope["path"], 400, str(e), e.param))
         return await self.app(scope, _replay(body, receive), send)
+
+
+def _json_part(scope, body: bytes) -> bytes | None:
+    """What of `body` is JSON: all of it, or on V2 infer the part its first
+    Inference-Header-Content-Length gives (the first, as the route reads it). None for a
+    header that is not such a length, left to the route, which names it: the whole body,
+    binary tensors and all, was read as JSON and refused as 'not valid UTF-8'."""
+    if not _v2_infer(scope["path"]):
+        return body
+    header = next((value for name, value in scope["headers"]
+                   if name == b"inference-header-content-length"), None)
+    if header is None:
+        return body
+    length = jsonbody.json_part_length(header)
+    return None if length is None or length > len(body) else body[:length]
 
 
 def _v2_infer(path: str) -> bool:
