@@ -249,6 +249,35 @@ def test_hostile_tensors_are_invalid_argument(rpc, inputs, params, outputs, mess
     assert served(rpc)
 
 
+def test_binary_flags_are_checked_as_rest_checks_them(rpc):
+    """REST refuses a requested output's unknown parameter, and `binary_data` or
+    `binary_data_output` that is not a bool; gRPC ignored all three (found by helper 65's
+    fuzz). Valid ones are taken and change nothing over gRPC: raw outputs follow raw inputs."""
+    def call(output_params: dict, params: dict):
+        request = pb.ModelInferRequest(model_name=MODEL, inputs=[tensor()], outputs=[
+            pb.ModelInferRequest.InferRequestedOutputTensor(name="text_output")])
+        set_params(request.parameters, {"max_new_tokens": 2, **params})
+        for name, value in output_params.items():
+            if isinstance(value, bool):
+                request.outputs[0].parameters[name].bool_param = value
+            else:
+                request.outputs[0].parameters[name].string_param = value
+        return rpc.stub.ModelInfer(request, timeout=30)
+
+    for output_params, params, message in [
+            ({"binary_data": "yes"}, {},
+             "outputs[0].parameters: 'binary_data' must be true or false"),
+            ({"foo": "1"}, {}, "outputs[0].parameters: unknown field 'foo'"),
+            ({}, {"binary_data_output": 1},
+             "parameters: 'binary_data_output' must be true or false")]:
+        with pytest.raises(grpc.RpcError) as e:
+            call(output_params, params)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert e.value.details() == message
+    reply = call({"binary_data": True}, {"binary_data_output": True})
+    assert len(reply.outputs[0].contents.bytes_contents) == 1 and not reply.raw_output_contents
+
+
 def test_calls_at_once_on_one_connection_get_the_queues_answer(rpc):
     """300 calls at once on one connection: with 128 streams a connection, the server
     refused those past it (RST_STREAM, UNAVAILABLE 'Stream removed'), 154 of 300, though the

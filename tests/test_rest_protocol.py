@@ -652,7 +652,7 @@ def test_v2_infer_nested_data_and_kserve_binary_extension(demo):
     ([1], b"\x06\x00\x00", "end inside an element's 4-byte length"),
     ([1], b"\x09\x00\x00\x00ROMEO:", "an element of 9 bytes runs past the end (6 left)"),
     ([1], b"\x02\x00\x00\x00\xff\xfe", "input 'text_input' is not valid UTF-8"),
-    ([3], b"\x01\x00\x00\x00a", "holds 3 elements but 'data' has 1"),
+    ([3], b"\x01\x00\x00\x00a", "holds 3 elements but its binary data has 1"),
     ([100_000], b"\x01\x00\x00\x00a", "has 100000 prompts; this server takes at most 64"),
 ], ids=["past the shape", "past an empty shape", "cut length", "cut element", "not UTF-8",
         "short of the shape", "a shape past --max_instances, refused before its data"])

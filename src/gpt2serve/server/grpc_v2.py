@@ -62,7 +62,8 @@ from .errors import NO_VERSIONS, NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
 from .predictor import V2_INPUT, V2_INPUTS, V2_OUTPUT, V2_PARAMETERS, check_count
 from .repository import Overruled, Repository, RepositoryOff
-from .v2_infer import MAX_DIMS, shape_text, split_length_prefixed
+from .v2_infer import (MAX_DIMS, check_bool, check_output_parameters, shape_text,
+                       split_length_prefixed)
 
 
 def _oip_parameter_class():
@@ -158,8 +159,11 @@ def infer_request(request: pb.ModelInferRequest, max_instances: int) -> InferReq
                                f"gives '{V2_OUTPUT}'")
         if i:  # (as REST's route)
             raise InvalidInput(f"output '{V2_OUTPUT}' is asked for more than once")
+        # (as REST's route: an unknown parameter, or binary_data not a bool, was ignored)
+        check_output_parameters(plain_parameters(output.parameters), f"outputs[{i}].parameters")
     parameters = plain_parameters(request.parameters)
     # REST's binary extension only: over gRPC raw outputs follow raw inputs (raw_outputs)
+    check_bool(parameters, "binary_data_output", "parameters")
     parameters.pop("binary_data_output", None)
     return InferRequest(request.model_name, inputs, request_id=request.id or None,
                         parameters=parameters)

@@ -95,7 +95,7 @@ def read_request(raw: bytes, headers: dict, model_name: str,
             raise InvalidInput(f"'{name}' must be a string")
     request_id = body.get("id")
     parameters = _parameters(body.get("parameters"), "parameters")
-    _bool(parameters, "binary_data_output", "parameters")
+    check_bool(parameters, "binary_data_output", "parameters")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
@@ -137,7 +137,7 @@ def _input(tensor: dict, where: str, binary: bytes,
     if name == V2_PARAMETERS and shape != [1]:
         raise InvalidInput(f"{where}: input '{name}' must have shape [1]: one JSON object")
     check_count(count, f"input '{name}'", max_instances)
-    used = 0
+    used, source = 0, "'data'"
     if "data" in tensor:
         if "binary_data_size" in parameters:
             raise InvalidInput(f"{where}: give 'data' or 'binary_data_size', not both")
@@ -146,7 +146,7 @@ def _input(tensor: dict, where: str, binary: bytes,
             raise InvalidInput(f"{where}: 'data' must be a list of strings")
         flat = _flatten(data, shape, where, name)
     elif "binary_data_size" in parameters:
-        used = parameters["binary_data_size"]
+        used, source = parameters["binary_data_size"], "its binary data"
         if not isinstance(used, int) or isinstance(used, bool) or not 0 <= used <= len(binary):
             raise InvalidInput(f"{where}: 'binary_data_size' must be the length of this "
                                "input's binary data, after the JSON part")
@@ -159,7 +159,7 @@ def _input(tensor: dict, where: str, binary: bytes,
         raise InvalidInput(f"{where}: 'data' is missing")
     if len(flat) != count:
         raise InvalidInput(f"{where}: 'shape' {shape_text(shape)} holds {count} elements but "
-                           f"'data' has {len(flat)}")
+                           f"{source} has {len(flat)}")
     return InferInput(name, shape, "BYTES", data=flat, parameters=parameters or None), used
 
 
@@ -230,10 +230,16 @@ def _outputs(outputs: Any) -> list[RequestedOutput] | None:
         if requested:
             raise InvalidInput(f"{where}: output '{V2_OUTPUT}' is asked for more than once")
         parameters = _parameters(output.get("parameters"), f"{where}.parameters")
-        _only(parameters, {"binary_data"}, f"{where}.parameters")
-        _bool(parameters, "binary_data", f"{where}.parameters")
+        check_output_parameters(parameters, f"{where}.parameters")
         requested.append(RequestedOutput(V2_OUTPUT, parameters))
     return requested
+
+
+def check_output_parameters(parameters: dict, where: str) -> None:
+    """A requested output's parameters, on either protocol: `binary_data` (REST's binary
+    extension; over gRPC raw outputs follow raw inputs, and it is only checked), nothing else."""
+    _only(parameters, {"binary_data"}, where)
+    check_bool(parameters, "binary_data", where)
 
 
 def _parameters(value: Any, where: str) -> dict:
@@ -244,7 +250,7 @@ def _parameters(value: Any, where: str) -> dict:
     return value
 
 
-def _bool(parameters: dict, name: str, where: str) -> None:
+def check_bool(parameters: dict, name: str, where: str) -> None:
     if name in parameters and not isinstance(parameters[name], bool):
         raise InvalidInput(f"{where}: '{name}' must be true or false")
 
