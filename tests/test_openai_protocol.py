@@ -81,6 +81,20 @@ def test_null_fields_take_the_openai_defaults(oai):
     assert r.status_code == 200, r.text
 
 
+def test_a_prompt_past_the_context_is_told_in_openai_s_words(oai):
+    """Clients tell a prompt to shorten by OpenAI's and vLLM's "maximum context length is N
+    tokens" (LiteLLM maps it to its context-window error, agents trim and retry): ours said
+    "exceeds the model's context of 128", which none of them recognised."""
+    for prompt, max_tokens, said in [("ROMEO:", 1000, "'max_tokens' 1000 plus the prompt's"),
+                                     ("ROMEO: " * 100, 16, "prompt is ")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens)
+        error = e.value.body
+        assert error["param"] == ("max_tokens" if "max_tokens" in said else "prompt"), error
+        assert error["message"].startswith(said), error
+        assert error["message"].endswith("; this model's maximum context length is 128 tokens")
+
+
 @pytest.fixture(scope="module")
 def one_slot(long_model):
     """One slot and a short queue timeout: a second prompt waits, and expires mid-stream

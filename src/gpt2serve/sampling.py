@@ -163,17 +163,20 @@ class SamplingParams:
     def _max_new(self, prompt_len: int, context: int) -> int:
         if self.max_new_tokens == 0 and prompt_len <= context:
             return 0  # (no token is fed back, so the prompt may fill the context)
+        # "this model's maximum context length is N tokens": OpenAI's and vLLM's words, which
+        # clients look for to tell a prompt to shorten (LiteLLM's context-window error, ...)
+        limit = f"this model's maximum context length is {context} tokens"
         if prompt_len >= context:
-            raise SamplingError(f"prompt is {prompt_len} tokens; the model's context is {context}")
+            raise SamplingError(f"prompt is {prompt_len} tokens; {limit}")
         if self.max_new_tokens is not None:
             if prompt_len + self.max_new_tokens > context:
                 raise SamplingError(
                     f"'max_new_tokens' {self.max_new_tokens} plus the prompt's {prompt_len} "
-                    f"tokens exceeds the model's context of {context}")
+                    f"tokens is {prompt_len + self.max_new_tokens}; {limit}")
             return self.max_new_tokens
         max_length = self.max_length or min(DEFAULT_MAX_LENGTH, context)
         if max_length > context:
-            raise SamplingError(f"'max_length' {max_length} exceeds the model's context of {context}")
+            raise SamplingError(f"'max_length' is {max_length}; {limit}")
         if prompt_len >= max_length:
             raise SamplingError(
                 f"prompt is {prompt_len} tokens, not shorter than 'max_length' {max_length}")
