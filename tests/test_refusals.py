@@ -10,6 +10,7 @@ import json
 import struct
 
 import httpx
+import openai
 import pytest
 
 from conftest import post, running_server
@@ -330,6 +331,11 @@ def test_openai_routes_answer_no_such_route_and_wrong_method_in_openai_shape(log
         assert r.json()["error"]["code"] == status and r.json()["error"]["message"]
     r = httpx.post(f"{logged.url}/v9/nothing")
     assert r.status_code == 404 and "detail" in r.json()
+    # a vLLM user's base URL, http://HOST/v1: the client said only "{'detail': 'Not Found'}"
+    client = openai.OpenAI(base_url=f"{logged.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model=MODEL, prompt="a", max_tokens=1)
+    assert "OpenAI routes are under /openai/v1" in e.value.body["message"], e.value.body
 
 
 def test_a_negative_seed_is_taken_as_vllm_does(logged):

@@ -28,18 +28,29 @@ async def _not_found(_request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=404)
 
 
+# vLLM's paths of OpenAI's routes, where a vLLM user's base URL (http://HOST/v1) sends them;
+# here /v1/ is KServe's V1 protocol (its /v1/models lists models in KServe's shape).
+OPENAI_ELSEWHERE = ("/v1/completions", "/v1/chat/completions")
+
+
 async def _http_error(request, exc) -> JSONResponse:
     """Starlette's own refusals (no such route, a method the route does not take): in
-    OpenAI's error shape on the OpenAI routes, as every other error there; FastAPI's
+    OpenAI's error shape on the OpenAI routes, as every other error there, and at vLLM's
+    paths of them, saying where they are (the client said only 'Not Found'); FastAPI's
     `{"detail": ...}` elsewhere."""
     from fastapi.exception_handlers import http_exception_handler
 
     from .errors import openai_shaped
     from .middleware import error_body
 
-    if openai_shaped(request.url.path):
-        return JSONResponse(error_body(request.url.path, exc.status_code, str(exc.detail)),
-                              status_code=exc.status_code, headers=exc.headers)
+    path = request.url.path
+    if exc.status_code == 404 and path.rstrip("/") in OPENAI_ELSEWHERE:
+        return JSONResponse(error_body("/openai" + path, 404, (
+            f"no route {path}: this server's OpenAI routes are under /openai/v1 (the openai "
+            "client's base_url is http://HOST:PORT/openai/v1)")), status_code=404)
+    if openai_shaped(path):
+        return JSONResponse(error_body(path, exc.status_code, str(exc.detail)),
+                            status_code=exc.status_code, headers=exc.headers)
     return await http_exception_handler(request, exc)
 
 
