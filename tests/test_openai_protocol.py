@@ -335,6 +335,29 @@ def test_tokenize_and_detokenize_round_trip(server, prefix):
     assert back.status_code == 200 and back.json() == {"prompt": text}
 
 
+def test_token_ids_sent_as_floats_of_integer_value_are_taken_as_integers_are(server):
+    """JSON does not tell 1 from 1.0, and neither did any integer parameter here (max_tokens
+    2.0 was taken) but token ids: a prompt, /detokenize's tokens and stop_token_ids of 1.0
+    were refused (found by schemathesis: JSON Schema calls 1.0 an integer)."""
+    ids = post(f"{server.url}/tokenize", {"prompt": "ROMEO: hello"}).json()["tokens"]
+    floats = [float(t) for t in ids]
+    back = post(f"{server.url}/detokenize", {"tokens": floats})
+    assert back.status_code == 200 and back.json() == {"prompt": "ROMEO: hello"}, back.text
+    greedy = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    want = post(f"{server.url}/openai/v1/completions", {"prompt": ids, **greedy}).json()
+    for prompt in (floats, [floats, ids]):
+        got = post(f"{server.url}/openai/v1/completions", {"prompt": prompt, **greedy}).json()
+        assert [c["text"] for c in got["choices"]][0] == want["choices"][0]["text"], got
+    forced = {"7": 100}  # every token is 7
+    for stop_ids in ([7], [7.0]):
+        got = post(f"{server.url}/openai/v1/completions",
+                   {"prompt": ids, **greedy, "logit_bias": forced, "stop_token_ids": stop_ids})
+        assert got.json()["choices"][0]["finish_reason"] == "stop", got.text
+        assert got.json()["usage"]["completion_tokens"] == 1, got.text
+    r = post(f"{server.url}/detokenize", {"tokens": [1.5]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
+
+
 @pytest.mark.parametrize("path,body,status,param", [
     ("/tokenize", {"model": "gpt-4", "prompt": "a"}, 404, "model"),
     ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),

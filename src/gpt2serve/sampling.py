@@ -14,6 +14,7 @@ import math
 import reprlib
 import secrets
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 MAX_N = 128  # an absolute bound; servers set a lower one (--max_n)
 MAX_INSTANCES = 64  # prompts per request: --max_instances' default
@@ -126,11 +127,11 @@ class SamplingParams:
         if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
             raise SamplingError(f"'min_tokens' {self.min_tokens} exceeds 'max_new_tokens' "
                                 f"{self.max_new_tokens}")
-        ids = self.stop_token_ids
-        if (not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+        ids = token_ids(self.stop_token_ids)
+        if ids is None or len(ids) > MAX_STOP_TOKEN_IDS:
             raise SamplingError(f"'stop_token_ids' must be a list of at most "
                                 f"{MAX_STOP_TOKEN_IDS} token ids")
+        self.stop_token_ids = ids
         self.include_stop_str_in_output = _bool(self, "include_stop_str_in_output")
         salt = self.cache_salt
         if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT):
@@ -238,6 +239,20 @@ def _show(value, depth: int = 0) -> str:
     except (TypeError, ValueError):  # not a JSON value (given through the Python API)
         return reprlib.repr(value)
     return shown if len(shown) <= SHOWN else shown[:SHOWN] + "..."
+
+
+def token_ids(values: Any, vocab: int | None = None) -> list[int] | None:
+    """`values` as a list of token ids (in [0, vocab) where given), or None where it is not
+    one. An id may come as a float of an integer's value, as any integer parameter may (JSON
+    does not tell 1 from 1.0, nor does vLLM): [1.0] was refused where max_tokens 2.0 was
+    taken."""
+    if not isinstance(values, list):
+        return None
+    ids = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+    if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t
+           and (vocab is None or t < vocab) for t in ids):
+        return ids
+    return None
 
 
 def _int(params, name, lo, hi=None, optional=False):

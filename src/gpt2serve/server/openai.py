@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from ..engine import Engine, Prompt, Request, TokenEvent
 from ..tokenizer import IncrementalDetokenizer
 from .repository import Repository
-from ..sampling import MAX_INSTANCES, SamplingError, SamplingParams
+from ..sampling import MAX_INSTANCES, SamplingError, SamplingParams, token_ids
 from . import jsonbody
 from .errors import failure, quoted
 from .middleware import EventStream, started
@@ -227,11 +227,11 @@ class CompletionCall:
         if isinstance(prompt, str):
             return self.engine.encode_prompt(prompt)
         vocab = self.engine.tokenizer.vocab_size
-        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool)
-                                 and 0 <= t < vocab for t in prompt):
+        ids = token_ids(prompt, vocab)
+        if not ids:
             # a SamplingError, so that in a list of prompts it names which one
             raise SamplingError(f"prompt must be a non-empty list of token ids in [0, {vocab})")
-        return prompt
+        return ids
 
     # ---- non-streaming ----
 
@@ -500,8 +500,8 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [prompt]
+        if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in prompt):
+            return [prompt]  # token ids (_prompt_ids checks them)
         if all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt):
             return prompt
     raise OpenAIError("'prompt' must be a string, a list of strings or a list of token ids",

@@ -16,6 +16,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 
+from ..sampling import token_ids
 from .openai import OpenAIError, json_object, model_of
 from .repository import Repository
 
@@ -64,10 +65,9 @@ def tokenize_router(repository: Repository, prefix: str = "") -> APIRouter:
         try:
             body, engine = await _body(request, repository, {"tokens"})
             tokenizer = engine.tokenizer
-            ids, vocab = body.get("tokens"), tokenizer.vocab_size
-            if not isinstance(ids, list) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                    for t in ids):
+            vocab = tokenizer.vocab_size
+            ids = token_ids(body.get("tokens"), vocab)
+            if ids is None:
                 raise OpenAIError(f"'tokens' must be a list of token ids in [0, {vocab})",
                                   param="tokens")
             # Special tokens are shown, as vLLM's detokenize (HF decode's default).
