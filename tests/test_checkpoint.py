@@ -504,8 +504,11 @@ def test_a_git_lfs_pointer_is_named_as_one(good, name, remove):
 
 
 def test_not_a_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="absent: no such folder"):
         checkpoint.load(tmp_path / "absent")
+    (tmp_path / "file").write_text("{}")
+    with pytest.raises(CheckpointError, match="file: not a directory"):
+        checkpoint.load(tmp_path / "file")
 
 
 LOAD_AND_MEASURE = """

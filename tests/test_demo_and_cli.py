@@ -42,11 +42,20 @@ def test_generate_options_and_errors():
     assert three.count("JULIET:") == 3 and three.count("==========") == 2
     bad = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
                           "--temperature", "-1"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "'temperature' must be in" in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
-                              "--model_dir", "/nonexistent"], capture_output=True, text=True,
-                             timeout=60)
-    assert missing.returncode == 2 and "not a directory" in missing.stderr
+    assert bad.returncode == 2 and "--temperature must be in" in bad.stderr  # the flag's name
+    both = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
+                           "--max-length", "9", "--max-new-tokens", "3"],
+                          capture_output=True, text=True, timeout=60)
+    assert "give either --max-length or --max-new-tokens" in both.stderr, both.stderr
+    long = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
+                           "--max-length", "5000"], capture_output=True, text=True, timeout=60)
+    assert "--max-length is 5000; this model's maximum context length" in long.stderr
+    for command in (["generate", "x"], ["serve"]):  # not '/nonexistent/config.json: missing'
+        missing = subprocess.run([sys.executable, "-m", "gpt2serve.cli", *command,
+                                  "--model_dir", "/nonexistent"],
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2, missing.stderr
+        assert missing.stderr.strip().endswith("/nonexistent: no such folder"), missing.stderr
 
 
 def test_generate_takes_what_a_shell_gives_it():

@@ -31,6 +31,8 @@ AXE_JS = AXE_DIR / "node_modules" / "axe-core" / "axe.min.js"
 KEY = "playground-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "aitextgen"
+MISSING_KEY = ("missing or wrong API key: send 'Authorization: Bearer KEY' (gRPC: metadata "
+               "'authorization')")
 DESKTOP, PHONE = (1280, 900), (390, 844)
 
 
@@ -417,7 +419,7 @@ def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
     type_into(page, "api_key", "\t")
     el(page, "generate").click()
     wait(page, lambda d: state(d) == "error")
-    assert el(page, "error").text == "Server answered 401: missing or wrong API key"
+    assert el(page, "error").text == f"Server answered 401: {MISSING_KEY}"
     wait(page, lambda d: "missing or wrong API key" in d.find_element("id", "model").text, 10)
 
 

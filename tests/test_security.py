@@ -19,6 +19,9 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from conftest import free_port, post, running_server
 
+# the 401's message, which says how the key is sent
+MISSING_KEY = ("missing or wrong API key: send 'Authorization: Bearer KEY' (gRPC: metadata "
+               "'authorization')")
 MODEL = "aitextgen"
 KEY = "s3cret"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -165,7 +168,7 @@ def test_no_grpc_method_answers_without_the_key_but_the_probes(guarded):
                 assert code == grpc.StatusCode.OK, (method.name, code, details)
             else:
                 assert code == grpc.StatusCode.UNAUTHENTICATED, (method.name, metadata, code)
-                assert details == "missing or wrong API key"
+                assert details == MISSING_KEY
         # garbage is refused for the key, before it is parsed
         if method.name not in OPEN_RPCS:
             assert call(guarded, method.name, b"\xff\xff")[0] == grpc.StatusCode.UNAUTHENTICATED
@@ -214,7 +217,7 @@ def test_401_and_413_on_openai_routes_are_openai_errors_and_grpc_has_the_same_li
     with pytest.raises(openai.AuthenticationError) as e:
         openai.OpenAI(base_url=f"{guarded.url}/openai/v1", api_key="nope", max_retries=0) \
             .completions.create(model=MODEL, prompt="a", max_tokens=2)
-    assert e.value.body["message"] == "missing or wrong API key"
+    assert e.value.body["message"] == MISSING_KEY
     with pytest.raises(openai.APIStatusError) as e:
         openai.OpenAI(base_url=f"{guarded.url}/openai/v1", api_key=KEY, max_retries=0) \
             .completions.create(model=MODEL, prompt="a" * 5000, max_tokens=2)
@@ -229,7 +232,7 @@ def test_401_and_413_on_openai_routes_are_openai_errors_and_grpc_has_the_same_li
              headers=AUTH)
     assert r.status_code == 413 and isinstance(r.json()["error"], str)
     r = post(f"{guarded.url}/v1/models/{MODEL}:predict", {"instances": ["a"]})
-    assert r.status_code == 401 and r.json() == {"error": "missing or wrong API key"}
+    assert r.status_code == 401 and r.json() == {"error": MISSING_KEY}
 
 
 # ---- the control plane -------------------------------------------------------------------

