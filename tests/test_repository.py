@@ -307,8 +307,10 @@ def test_grpc_tells_an_unloaded_model_as_rest_does(two_fit):
 def test_no_such_model_s_404_cuts_the_name_on_every_protocol(two_fit):
     """KServe's 'Model with name ... does not exist.' echoed a name of any length: a 5,000
     character name came back whole from every route that names a model (gRPC to its 1 KiB
-    cap). It is cut past 128 characters, the longest name a model may have."""
+    cap). It is cut past 128 characters, the longest name a model may have, and the 404
+    names the models there are, as the OpenAI route's does."""
     long, short = "x" * 5000, "y" * 128
+    names = "this server has 'alpha', 'beta', 'gamma'"
     routes = [("GET", "/v1/models/{}"), ("POST", "/v1/models/{}:predict"),
               ("GET", "/v2/models/{}"), ("GET", "/v2/models/{}/ready"),
               ("POST", "/v2/models/{}/infer"), ("POST", "/v2/models/{}/generate"),
@@ -318,9 +320,9 @@ def test_no_such_model_s_404_cuts_the_name_on_every_protocol(two_fit):
     for method, route in routes:
         r = httpx.request(method, two_fit.url + route.format(long), timeout=30)
         assert r.status_code == 404, (route, r.text[:200])
-        assert r.json() == {"error": f"Model with name {'x' * 128}... does not exist."}, route
+        assert r.json() == {"error": f"Model with name {'x' * 128}... does not exist; {names}"}
         r = httpx.request(method, two_fit.url + route.format(short), timeout=30)
-        assert r.json() == {"error": f"Model with name {short} does not exist."}, route
+        assert r.json() == {"error": f"Model with name {short} does not exist; {names}"}
     with grpc.insecure_channel(f"127.0.0.1:{two_fit.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for method, request in [(stub.ModelReady, pb.ModelReadyRequest(name=long)),
@@ -331,7 +333,7 @@ def test_no_such_model_s_404_cuts_the_name_on_every_protocol(two_fit):
             with pytest.raises(grpc.RpcError) as e:
                 method(request, timeout=60)
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            assert e.value.details() == f"Model with name {'x' * 128}... does not exist."
+            assert e.value.details() == f"Model with name {'x' * 128}... does not exist; {names}"
 
 
 def test_an_unload_waiting_for_another_is_unloading_in_the_index_at_once(two_fit):
@@ -519,6 +521,9 @@ def test_an_unknown_model_s_refusal_is_short_in_a_large_repository(repo, tmp_pat
             assert len(r.content) < 1000
         r = post(f"{srv.url}/openai/v1/completions", {"prompt": "a"})
         assert r.status_code == 400 and "and 2 more" in r.json()["error"]["message"], r.text
+        r = httpx.get(f"{srv.url}/v1/models/{'x' * 10_000}", timeout=30)  # KServe's routes too
+        assert r.status_code == 404 and "'m00', 'm01'" in r.json()["error"], r.text
+        assert r.json()["error"].endswith("'m09' and 2 more (GET /v1/models lists them)")
     finally:
         srv.stop()
     empty = tmp_path / "empty"

@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 
 from ..engine import Engine, Prompt, Request, TokenEvent
 from ..tokenizer import IncrementalDetokenizer
-from .repository import Repository
+from .repository import Repository, some_names
 from ..sampling import MAX_INSTANCES, SamplingError, SamplingParams, token_ids
 from . import jsonbody
 from .errors import failure, quoted
@@ -149,13 +149,8 @@ def model_of(body: dict, repository: Repository) -> str:
     return name
 
 
-def _some(names: list[str], shown: int = 10) -> str:
-    """The first `shown` of a repository's names, for a message: a repository of a thousand
-    models made every refusal list them all."""
-    more = len(names) - shown
-    return ", ".join(repr(n) for n in names[:shown]) + (
-        f" and {more} more (GET /openai/v1/models lists them)" if more > 0 else "") or (
-        "no models")
+def _some(names: list[str]) -> str:
+    return some_names(names, "GET /openai/v1/models")
 
 
 async def json_object(request: HTTPRequest) -> dict:

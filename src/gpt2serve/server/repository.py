@@ -77,10 +77,21 @@ class RepositoryOff(Exception):
 
 class UnknownModel(ModelNotFound):
     """No model of this name: KServe's 404, with the name cut past the longest a model may
-    have (KServe's message echoed a name of any length, a 16 KiB path's whole)."""
+    have (KServe's message echoed a name of any length, a 16 KiB path's whole), and the
+    names there are, as the OpenAI route's 404 gives them."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, names: list[str]):
         super().__init__(name if len(name) <= NAME_LIMIT else f"{name[:NAME_LIMIT]}...")
+        self.reason = (f"{self.reason.removesuffix('.')}; this server has "
+                       f"{some_names(names, 'GET /v1/models')}")
+
+
+def some_names(names: list[str], listed_by: str, shown: int = 10) -> str:
+    """The first `shown` of a repository's names, for a message (a repository of a thousand
+    models made every refusal list them all); `listed_by`: the route that lists them all."""
+    more = len(names) - shown
+    return ", ".join(repr(n) for n in names[:shown]) + (
+        f" and {more} more ({listed_by} lists them)" if more > 0 else "") or "no models"
 
 
 class ModelUnloaded(Exception):
@@ -242,7 +253,10 @@ class Repository(ModelRepository):
         through the API (listed, but out of KServe's registry): ModelUnloaded for such a model,
         saying so, and UnknownModel for a name that is no model's."""
         if self.get_model(name) is None:
-            raise ModelUnloaded(name) if name in self.entries else UnknownModel(name)
+            raise ModelUnloaded(name) if name in self.entries else self._unknown(name)
+
+    def _unknown(self, name: str) -> UnknownModel:
+        return UnknownModel(name, sorted(self.entries))
 
     def _vanished(self, entry: Entry) -> bool:
         """A repository's model whose folder was deleted since it was found, with nothing of
@@ -336,7 +350,7 @@ class Repository(ModelRepository):
             self._forget(entry)  # (a request finds it gone before any index call does)
             entry = None
         if entry is None:
-            raise UnknownModel(name)
+            raise self._unknown(name)
         deadline = time.monotonic() + self.load_timeout
         entry.waiters += 1
         try:
@@ -384,7 +398,7 @@ class Repository(ModelRepository):
             self.scan()  # (finds a folder added since, forgets one deleted)
         entry = self.entries.get(name)
         if entry is None:
-            raise UnknownModel(name)
+            raise self._unknown(name)
         if self.shutting_down:  # before readiness is touched: a drain keeps every model off
             raise ModelUnavailable("the server is shutting down")
         if entry.held:
@@ -423,7 +437,7 @@ class Repository(ModelRepository):
         self._check_enabled()
         entry = self.entries.get(name)
         if entry is None:
-            raise UnknownModel(name)
+            raise self._unknown(name)
         entry.held = True
         entry.predictor.ready = False
         self.models.pop(name, None)
