@@ -189,3 +189,37 @@ def test_the_schema_describes_the_routes_that_answer(server):
     assert body["required"] == ["inputs"] and "parameters" in body["properties"], body
     ready = schema["paths"]["/v2/health/ready"]["get"]
     assert "Server ready endpoint" not in ready.get("description", ""), ready  # KServe's
+
+
+def test_the_schema_gives_what_our_routes_answer(server):
+    """Our routes were described as answering 200 and a 422 that none of them answers (each
+    reads its own body and refuses with a 400 naming the field), the streams as JSON, and
+    their bodies as taking any field (unknown ones are refused) and no null (null takes the
+    default): found by schemathesis's conformance checks."""
+    paths = httpx.get(f"{server.url}/openapi.json", timeout=30).json()["paths"]
+    ours = [paths["/v2/models/{model_name}/" + p]["post"] for p in ("generate", "generate_stream",
+                                                                     "infer")]
+    ours += [paths[p]["post"] for p in ("/openai/v1/completions", "/tokenize", "/detokenize")]
+    for operation in ours:
+        assert set(operation["responses"]) == {"200", "4XX", "503"}, operation["responses"]
+        assert "Retry-After" in operation["responses"]["503"]["headers"]
+    stream = paths["/v2/models/{model_name}/generate_stream"]["post"]["responses"]["200"]
+    assert list(stream["content"]) == ["text/event-stream"]
+    completions = paths["/openai/v1/completions"]["post"]
+    assert set(completions["responses"]["200"]["content"]) == {"application/json",
+                                                               "text/event-stream"}
+    error = completions["responses"]["4XX"]["content"]["application/json"]["schema"]
+    assert set(error["properties"]["error"]["properties"]) == {"message", "type", "param", "code"}
+    body = completions["requestBody"]["content"]["application/json"]["schema"]
+    assert body["additionalProperties"] is False and "required" not in body  # (no prompt: "")
+    assert {"type": "null"} in body["properties"]["max_tokens"]["anyOf"]
+    # and what the schema says is what the route takes
+    r = post(f"{server.url}/openai/v1/completions", {"max_tokens": None, "cache_salt": "s",
+                                                     "suffix": None})
+    assert r.status_code == 200, r.text
+    r = post(f"{server.url}/openai/v1/completions", {"prompt": "a", "min_p": 0.1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_p", r.text
+    generate = paths["/v2/models/{model_name}/generate"]["post"]["requestBody"]
+    fields = generate["content"]["application/json"]["schema"]["properties"]
+    r = post(f"{server.url}/v2/models/{MODEL}/generate", {"text_input": "a", "parameters": None})
+    assert r.status_code == 200 and "null" in fields["parameters"]["type"], r.text

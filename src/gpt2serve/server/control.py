@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from kserve.errors import ModelNotFound
 
 from . import jsonbody
+from .errors import refusals
 from .repository import LoadFailed, Overruled, Repository, RepositoryOff
 
 
@@ -55,7 +56,7 @@ def repository_router(repository: Repository) -> APIRouter:
             return JSONResponse({"error": str(e)}, status_code=409)
         return JSONResponse({"name": model_name, key: True})
 
-    @router.post("/index")
+    @router.post("/index", responses=refusals())
     async def index(request: HTTPRequest) -> JSONResponse:
         if not repository.enabled:
             return JSONResponse({"error": str(RepositoryOff())}, status_code=404)
@@ -68,11 +69,11 @@ def repository_router(repository: Repository) -> APIRouter:
             models = [m for m in models if m["state"] == "READY"]
         return JSONResponse(models)
 
-    @router.post("/models/{model_name}/load")
+    @router.post("/models/{model_name}/load", responses=refusals())
     async def load(model_name: str, request: HTTPRequest) -> JSONResponse:
         return await answer(repository.load, model_name, "load", request, LOAD_BODY)
 
-    @router.post("/models/{model_name}/unload")
+    @router.post("/models/{model_name}/unload", responses=refusals())
     async def unload(model_name: str, request: HTTPRequest) -> JSONResponse:
         return await answer(repository.unload, model_name, "unload", request, UNLOAD_BODY)
 

@@ -22,6 +22,35 @@ NOT_FOUND = (ModelNotFound, ModelUnloaded)
 NO_VERSIONS = "model versions are not supported: each server serves one version"
 
 
+# /openapi.json: what a route of ours answers besides its success, in the route's error shape.
+# Its "4XX" also keeps FastAPI from listing a 422, which no route of ours answers (each reads
+# and checks its own body, and refuses with a 400 naming the field).
+_KSERVE_ERROR = {"type": "object", "required": ["error"],
+                 "properties": {"error": {"type": "string"}}}
+_OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                     "param": {"type": ["string", "null"]},
+                                     "code": {"type": "integer"}}}}}
+# A stream's events, each as OpenAPI 3.1 has `schema` describe one (3.2's `itemSchema`).
+SERVER_SENT_EVENTS = {"description": "server-sent events", "content": {"text/event-stream": {
+    "schema": {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "contentMediaType": "application/json",
+        "description": "a JSON object; an OpenAI stream ends with [DONE]"}}}}}}
+
+
+def refusals(openai: bool = False) -> dict:
+    """The OpenAPI `responses` of a route's refusals."""
+    content = {"application/json": {"schema": _OPENAI_ERROR if openai else _KSERVE_ERROR}}
+    return {"4XX": {"description": "refused: 400 names the field at fault; 401 a missing or "
+                                   "wrong API key, 404 no such model, 409 a load or unload "
+                                   "that another overruled, 413 a body too large, 415 a "
+                                   "compressed one", "content": content},
+            "503": {"description": "overloaded, draining, or the model cannot load now: "
+                                   "retry after Retry-After seconds",
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                    "content": content}}
+
+
 def quoted(text: str, limit: int = 80) -> str:
     """A client's name (a model's, a Host) quoted for a message, cut at `limit` characters:
     the name comes back in every refusal, however long it was sent."""

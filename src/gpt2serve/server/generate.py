@@ -26,22 +26,24 @@ from kserve.errors import InvalidInput
 
 from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError
-from .errors import failure
+from .errors import SERVER_SENT_EVENTS, failure, refusals
 from .middleware import EventStream, started
 from .predictor import json_object, to_params
 from .repository import Repository
 
-_PARAMS = {"type": "object", "description": "sampling parameters, as V2 infer's"}
+FIELDS = {"text_input": {"type": "string"},
+          "parameters": {"type": ["object", "null"],
+                         "description": "sampling parameters, as V2 infer's"},
+          "exclude_input_in_output": {"type": "boolean"}}
 SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["text_input"], "properties": {
-        "text_input": {"type": "string"}, "parameters": _PARAMS,
-        "exclude_input_in_output": {"type": "boolean"}}}}}}}
+    "type": "object", "required": ["text_input"], "additionalProperties": False,
+    "properties": FIELDS}}}}}
 
 
 def generate_router(repository: Repository) -> APIRouter:
     router = APIRouter(prefix="/v2/models/{model_name}", tags=["V2 generate"])
 
-    @router.post("/generate", openapi_extra=SCHEMA)
+    @router.post("/generate", openapi_extra=SCHEMA, responses=refusals())
     async def generate(model_name: str, request: HTTPRequest) -> dict:
         raw = await request.body()
         engine = await repository.engine(model_name)
@@ -51,7 +53,8 @@ def generate_router(repository: Repository) -> APIRouter:
             out.add(ev)
         return {"model_name": model_name, "text_output": call.prefix + out.text}
 
-    @router.post("/generate_stream", response_model=None, openapi_extra=SCHEMA)
+    @router.post("/generate_stream", response_model=None, openapi_extra=SCHEMA, status_code=200,
+                 response_class=EventStream, responses={**refusals(), 200: SERVER_SENT_EVENTS})
     async def generate_stream(model_name: str, request: HTTPRequest) -> EventStream:
         raw = await request.body()
         call = GenerateCall(await repository.engine(model_name), model_name, raw, stream=True)
@@ -67,7 +70,7 @@ class GenerateCall:
     def __init__(self, engine: Engine, model_name: str, raw: bytes, stream: bool):
         self.engine, self.model_name, self.stream = engine, model_name, stream
         body = json_object(raw)
-        unknown = set(body) - {"text_input", "parameters", "exclude_input_in_output"}
+        unknown = set(body) - set(FIELDS)
         if unknown:
             raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
         prompt = body.get("text_input")

@@ -14,6 +14,7 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.v2_datamodels import ModelMetadataResponse, ModelReadyResponse
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 
+from .errors import refusals
 from .repository import Repository
 
 
@@ -58,12 +59,14 @@ def health_router(repository: Repository) -> APIRouter:
 
     endpoints = V2Endpoints(DataPlane(model_registry=repository))
 
-    @router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse)
+    @router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse,
+                responses=refusals())
     async def model_metadata(model_name: str):
         repository.refuse_absent(model_name)
         return await endpoints.model_metadata(model_name)
 
-    @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
+    @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse,
+                responses=refusals())
     async def model_ready(model_name: str):
         repository.refuse_absent(model_name)
         return await endpoints.model_ready(model_name)

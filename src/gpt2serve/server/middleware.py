@@ -421,8 +421,10 @@ class EventStream(StreamingResponse):
     generator unstarted, so its `finally` never runs and the requests would generate to
     their token limit for nobody. Cancelling a finished request does nothing."""
 
+    media_type = "text/event-stream"  # (what /openapi.json says the stream routes answer)
+
     def __init__(self, content, engine, requests: list):
-        super().__init__(content, media_type="text/event-stream")
+        super().__init__(content, media_type=self.media_type)
         self.engine, self.requests = engine, requests
 
     async def __call__(self, scope, receive, send):

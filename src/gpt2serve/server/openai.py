@@ -32,9 +32,9 @@ from fastapi.responses import JSONResponse
 from ..engine import Engine, Prompt, Request, TokenEvent
 from ..tokenizer import IncrementalDetokenizer
 from .repository import Repository, some_names
-from ..sampling import MAX_INSTANCES, SamplingError, SamplingParams, token_ids
+from ..sampling import MAX_INSTANCES, MAX_SALT, SamplingError, SamplingParams, token_ids
 from . import jsonbody
-from .errors import failure, quoted
+from .errors import SERVER_SENT_EVENTS, failure, quoted, refusals
 from .middleware import EventStream, started
 
 # OpenAI field -> SamplingParams field; everything else is either handled here or refused.
@@ -53,22 +53,31 @@ NEUTRAL = {"suffix": None}
 
 _NUMBER, _INT = {"type": "number"}, {"type": "integer"}
 _STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
-# The request body as the OpenAI reference describes it, for /openapi.json (the handler
-# validates by hand, to answer OpenAI-style errors naming the field).
+# The request body's fields, for /openapi.json (the handler validates by hand, to answer
+# OpenAI-style errors naming the field): those of MAPPED, IGNORED and NEUTRAL, each of which
+# may be null (OpenAI's default); no prompt is a new document's start (<|endoftext|>).
+COMPLETION_FIELDS = {
+    "model": {"type": "string"},
+    "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                         {"type": "array", "items": _INT},
+                         {"type": "array", "items": {"type": "array", "items": _INT}}]},
+    "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "n": _INT,
+    "stop": _STOP, "seed": _INT, "echo": {"type": "boolean"}, "logprobs": _INT,
+    "stream": {"type": "boolean"}, "stream_options": {"type": "object"},
+    "best_of": _INT, "user": {"type": "string"}, "top_k": _INT,
+    "repetition_penalty": _NUMBER, "ignore_eos": {"type": "boolean"},
+    "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
+    "logit_bias": {"type": "object", "additionalProperties": _NUMBER,
+                   "propertyNames": {"pattern": "^[0-9]+$"}},
+    "min_tokens": _INT, "stop_token_ids": {"type": "array", "items": _INT},
+    "include_stop_str_in_output": {"type": "boolean"},
+    "cache_salt": {"type": "string", "minLength": 1, "maxLength": MAX_SALT},
+    "suffix": {"type": "null"}}
 COMPLETIONS_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": {"type": "object", "required": ["prompt"], "properties": {
-        "model": {"type": "string"},
-        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                             {"type": "array", "items": _INT}]},
-        "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "n": _INT,
-        "stop": _STOP, "seed": _INT, "echo": {"type": "boolean"}, "logprobs": _INT,
-        "stream": {"type": "boolean"}, "stream_options": {"type": "object"},
-        "best_of": _INT, "user": {"type": "string"}, "top_k": _INT,
-        "repetition_penalty": _NUMBER, "ignore_eos": {"type": "boolean"},
-        "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
-        "logit_bias": {"type": "object", "additionalProperties": _NUMBER},
-        "min_tokens": _INT, "stop_token_ids": {"type": "array", "items": _INT},
-        "include_stop_str_in_output": {"type": "boolean"}}}}}}}
+    "schema": {"type": "object", "additionalProperties": False, "properties": {
+        name: {"anyOf": [schema, {"type": "null"}]}
+        for name, schema in COMPLETION_FIELDS.items()}}}}}}
+assert set(COMPLETION_FIELDS) == set(MAPPED) | IGNORED | set(NEUTRAL)  # (one list of fields)
 
 
 class OpenAIError(Exception):
@@ -111,12 +120,13 @@ def openai_router(repository: Repository, max_prompts: int = MAX_INSTANCES) -> A
             {"id": name, "object": "model", "created": created, "owned_by": "gpt2serve",
              "max_model_len": repository.context_of(name)} for name in sorted(repository.models)]}
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", responses=refusals(openai=True))
     async def chat_completions() -> JSONResponse:
         return OpenAIError("GPT-2 has no chat template; use /openai/v1/completions with a "
                            "text prompt", param="messages").response()
 
-    @router.post("/completions", response_model=None, openapi_extra=COMPLETIONS_SCHEMA)
+    @router.post("/completions", response_model=None, openapi_extra=COMPLETIONS_SCHEMA,
+                 responses={**refusals(openai=True), 200: SERVER_SENT_EVENTS})  # (or JSON)
     async def completions(request: HTTPRequest) -> Any:
         try:
             body = await json_object(request)
@@ -173,7 +183,7 @@ class CompletionCall:
         for name, neutral in NEUTRAL.items():
             if body.get(name, neutral) not in (neutral, None):
                 raise OpenAIError(f"'{name}' is not supported by this server", param=name)
-        unknown = set(body) - set(MAPPED) - IGNORED - set(NEUTRAL)
+        unknown = set(body) - set(COMPLETION_FIELDS)
         if unknown:
             name = sorted(unknown)[0]
             raise OpenAIError(f"unknown parameter '{name}'", param=name)

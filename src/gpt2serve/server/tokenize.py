@@ -17,14 +17,19 @@ from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 
 from ..sampling import token_ids
+from .errors import refusals
 from .openai import OpenAIError, json_object, model_of
 from .repository import Repository
 
-_TOKENIZE = {"type": "object", "required": ["prompt"], "properties": {
-    "model": {"type": "string"}, "prompt": {"type": "string"},
-    "add_special_tokens": {"type": "boolean"}, "return_token_strs": {"type": "boolean"}}}
-_DETOKENIZE = {"type": "object", "required": ["tokens"], "properties": {
-    "model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer"}}}}
+_MODEL = {"type": ["string", "null"]}  # null or none: the server's one model
+_TOKENIZE = {"type": "object", "required": ["prompt"], "additionalProperties": False,
+             "properties": {"model": _MODEL, "prompt": {"type": "string"},
+                            "add_special_tokens": {"type": ["boolean", "null"]},
+                            "return_token_strs": {"type": ["boolean", "null"]}}}
+_DETOKENIZE = {"type": "object", "required": ["tokens"], "additionalProperties": False,
+               "properties": {"model": _MODEL,
+                              "tokens": {"type": "array",
+                                         "items": {"type": "integer", "minimum": 0}}}}
 
 
 def _schema(schema: dict) -> dict:
@@ -36,7 +41,8 @@ def tokenize_router(repository: Repository, prefix: str = "") -> APIRouter:
     """The model's tokenizer (the model is loaded first, if it is not)."""
     router = APIRouter(prefix=prefix, tags=["tokenizer"])
 
-    @router.post("/tokenize", response_model=None, openapi_extra=_schema(_TOKENIZE))
+    @router.post("/tokenize", response_model=None, openapi_extra=_schema(_TOKENIZE),
+                 responses=refusals(openai=True))
     async def tokenize(request: HTTPRequest):
         try:
             body, engine = await _body(request, repository, {
@@ -60,7 +66,8 @@ def tokenize_router(repository: Repository, prefix: str = "") -> APIRouter:
         except Exception as e:  # noqa: BLE001 - every failure in OpenAI's error shape
             return OpenAIError.of(e).response()
 
-    @router.post("/detokenize", response_model=None, openapi_extra=_schema(_DETOKENIZE))
+    @router.post("/detokenize", response_model=None, openapi_extra=_schema(_DETOKENIZE),
+                 responses=refusals(openai=True))
     async def detokenize(request: HTTPRequest):
         try:
             body, engine = await _body(request, repository, {"tokens"})

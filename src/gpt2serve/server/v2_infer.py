@@ -34,28 +34,34 @@ from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
 from . import jsonbody
+from .errors import refusals
 from .predictor import (V2_INPUT, V2_INPUTS, V2_OUTPUT, V2_PARAMETERS, check_count,
                         json_object)
 from .repository import Repository
 
-_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
-    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
-    "datatype": {"type": "string"}, "parameters": {"type": "object"},
-    "data": {"type": "array"}}}
+_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"],
+           "additionalProperties": False, "properties": {
+               "name": {"type": "string"},
+               "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+               "datatype": {"type": "string"}, "parameters": {"type": ["object", "null"]},
+               "data": {"type": "array"}}}
 SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["inputs"], "properties": {
-        "id": {"type": "string"}, "parameters": {"type": "object"},
-        "inputs": {"type": "array", "items": _TENSOR},
-        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
-                                                "properties": {"name": {"type": "string"},
-                                                               "parameters": {"type": "object"}}}}}}}}}}
+    "type": "object", "required": ["inputs"], "additionalProperties": False, "properties": {
+        "id": {"type": ["string", "null"]}, "model_name": {"type": ["string", "null"]},
+        "parameters": {"type": ["object", "null"]},
+        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+        "outputs": {"type": ["array", "null"], "items": {
+            "type": "object", "required": ["name"], "additionalProperties": False,
+            "properties": {"name": {"type": "string"},
+                           "parameters": {"type": ["object", "null"]}}}}}}}}}}
 MAX_DIMS = 8
 
 
 def infer_router(repository: Repository) -> APIRouter:
     router = APIRouter(prefix="/v2/models/{model_name}", tags=["V2"])
 
-    @router.post("/infer", response_model=None, openapi_extra=SCHEMA)
+    @router.post("/infer", response_model=None, openapi_extra=SCHEMA, responses={
+        **refusals(), 200: {"content": {"application/octet-stream": {}}}})  # (binary outputs)
     async def infer(model_name: str, request: HTTPRequest) -> Response:
         repository.refuse_absent(model_name)
         predictor = repository.get_model(model_name)
