@@ -49,7 +49,7 @@ def test_generate_options_and_errors():
     assert "give either --max-length or --max-new-tokens" in both.stderr, both.stderr
     long = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
                            "--max-length", "5000"], capture_output=True, text=True, timeout=60)
-    assert "--max-length is 5000; this model's maximum context length" in long.stderr
+    assert "--max-length is 5000. This model's maximum context length" in long.stderr
     for command in (["generate", "x"], ["serve"]):  # not '/nonexistent/config.json: missing'
         missing = subprocess.run([sys.executable, "-m", "gpt2serve.cli", *command,
                                   "--model_dir", "/nonexistent"],

@@ -92,7 +92,8 @@ def test_a_prompt_past_the_context_is_told_in_openai_s_words(oai):
         error = e.value.body
         assert error["param"] == ("max_tokens" if "max_tokens" in said else "prompt"), error
         assert error["message"].startswith(said), error
-        assert error["message"].endswith("; this model's maximum context length is 128 tokens")
+        # (LiteLLM looks for the sentence as written, capital letter and all)
+        assert error["message"].endswith(". This model's maximum context length is 128 tokens.")
 
 
 @pytest.fixture(scope="module")
@@ -356,6 +357,10 @@ def test_token_ids_sent_as_floats_of_integer_value_are_taken_as_integers_are(ser
         assert got.json()["usage"]["completion_tokens"] == 1, got.text
     r = post(f"{server.url}/detokenize", {"tokens": [1.5]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.text
+    # an integer's value, but no token's: its 301 digits came back in the message
+    r = post(f"{server.url}/openai/v1/completions", {"prompt": "a", "stop_token_ids": [1e300]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
+    assert len(r.json()["error"]["message"]) < 100, r.text
 
 
 @pytest.mark.parametrize("path,body,status,param", [

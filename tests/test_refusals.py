@@ -336,6 +336,7 @@ def test_openai_routes_answer_no_such_route_and_wrong_method_in_openai_shape(log
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model=MODEL, prompt="a", max_tokens=1)
     assert "OpenAI routes are under /openai/v1" in e.value.body["message"], e.value.body
+    assert e.value.body["type"] == "not_found_error"  # (as the OpenAI routes' 404)
 
 
 def test_a_negative_seed_is_taken_as_vllm_does(logged):

@@ -307,33 +307,40 @@ def test_grpc_tells_an_unloaded_model_as_rest_does(two_fit):
 def test_no_such_model_s_404_cuts_the_name_on_every_protocol(two_fit):
     """KServe's 'Model with name ... does not exist.' echoed a name of any length: a 5,000
     character name came back whole from every route that names a model (gRPC to its 1 KiB
-    cap). It is cut past 128 characters, the longest name a model may have, and the 404
-    names the models there are, as the OpenAI route's does."""
-    long, short = "x" * 5000, "y" * 128
-    names = "this server has 'alpha', 'beta', 'gamma'"
+    cap). It is quoted (a name of spaces read as a hole in the sentence), cut past 128
+    characters, the longest name a model may have, and the 404 names the models there are,
+    as the OpenAI route's does."""
+    names = "does not exist; this server has 'alpha', 'beta', 'gamma'"
+    said = {"x" * 5000: f"Model with name '{'x' * 128}'... {names}",
+            "x" * 129: f"Model with name '{'x' * 128}'... {names}",
+            "y" * 128: f"Model with name '{'y' * 128}' {names}",
+            " ": f"Model with name ' ' {names}"}
     routes = [("GET", "/v1/models/{}"), ("POST", "/v1/models/{}:predict"),
+              ("POST", "/v1/models/{}:explain"),
               ("GET", "/v2/models/{}"), ("GET", "/v2/models/{}/ready"),
               ("POST", "/v2/models/{}/infer"), ("POST", "/v2/models/{}/generate"),
               ("POST", "/v2/models/{}/generate_stream"),
               ("POST", "/v2/repository/models/{}/load"),
               ("POST", "/v2/repository/models/{}/unload")]
     for method, route in routes:
-        r = httpx.request(method, two_fit.url + route.format(long), timeout=30)
-        assert r.status_code == 404, (route, r.text[:200])
-        assert r.json() == {"error": f"Model with name {'x' * 128}... does not exist; {names}"}
-        r = httpx.request(method, two_fit.url + route.format(short), timeout=30)
-        assert r.json() == {"error": f"Model with name {short} does not exist; {names}"}
+        for name, message in said.items():
+            r = httpx.request(method, two_fit.url + route.format(name), timeout=30)
+            assert r.status_code == 404, (route, r.text[:200])
+            assert r.json() == {"error": message}, route
     with grpc.insecure_channel(f"127.0.0.1:{two_fit.grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        for method, request in [(stub.ModelReady, pb.ModelReadyRequest(name=long)),
-                                (stub.ModelMetadata, pb.ModelMetadataRequest(name=long)),
-                                (stub.ModelInfer, pb.ModelInferRequest(model_name=long)),
-                                (stub.RepositoryModelLoad,
-                                 pb.RepositoryModelLoadRequest(model_name=long))]:
+        long, cut = "x" * 5000, said["x" * 5000]
+        for method, request, message in [
+                (stub.ModelReady, pb.ModelReadyRequest(name=long), cut),
+                (stub.ModelMetadata, pb.ModelMetadataRequest(name=long), cut),
+                (stub.ModelInfer, pb.ModelInferRequest(model_name=long), cut),
+                (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=long), cut),
+                (stub.ModelReady, pb.ModelReadyRequest(name=""),
+                 f"Model with name '' {names}")]:
             with pytest.raises(grpc.RpcError) as e:
                 method(request, timeout=60)
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            assert e.value.details() == f"Model with name {'x' * 128}... does not exist; {names}"
+            assert e.value.details() == message
 
 
 def test_an_unload_waiting_for_another_is_unloading_in_the_index_at_once(two_fit):

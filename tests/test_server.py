@@ -109,14 +109,14 @@ BAD_INPUTS = {
     "both lengths": ({"instances": [{"prompt": "a", "max_length": 5, "max_new_tokens": 5}]},
                      "either 'max_length' or 'max_new_tokens'"),
     "length beyond context": ({"instances": [{"prompt": "a", "max_length": 5000}]},
-                              r"'max_length' is 5000; this model's maximum context length is "
-                              "128 tokens"),
+                              r"'max_length' is 5000\. This model's maximum context length is "
+                              r"128 tokens\.$"),
     "new tokens beyond context": ({"instances": [{"prompt": "a", "max_new_tokens": 500}]},
-                                  r"plus the prompt's 1 tokens is 501; this model's maximum "
-                                  "context length is 128 tokens"),
+                                  r"plus the prompt's 1 tokens is 501\. This model's maximum "
+                                  r"context length is 128 tokens\.$"),
     "prompt beyond context": ({"instances": ["ROMEO: " * 200]},
-                              r"prompt is \d+ tokens; this model's maximum context length "
-                              "is 128 tokens"),
+                              r"prompt is \d+ tokens\. This model's maximum context length "
+                              r"is 128 tokens\.$"),
     "stop wrong type": ({"instances": [{"prompt": "a", "stop": [1]}]}, "'stop' must be"),
     # (refused as JSON, by its path: KServe's parser would read it as a double)
     "seed below int64": ({"instances": [{"prompt": "a", "seed": -2**64}]},
@@ -130,7 +130,7 @@ BAD_INPUTS = {
     "seed payload two lengths": ({"text": "a", "length": 5, "max_length": 9},
                                  "give either 'length' or 'max_length', not both"),
     "seed payload long length": ({"text": "a", "length": 5000},
-                                 "'length' is 5000; this model's maximum context length is 128"),
+                                 "'length' is 5000. This model's maximum context length is 128"),
     "body not object": ('["a"]', "must be a JSON object"),
     "logprobs outside OpenAI": ({"instances": [{"prompt": "a", "logprobs": 2}]},
                                 r"instances\[0\]: 'logprobs' is answered on the OpenAI "),

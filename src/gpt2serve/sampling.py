@@ -127,7 +127,7 @@ class SamplingParams:
         if self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens:
             raise SamplingError(f"'min_tokens' {self.min_tokens} exceeds 'max_new_tokens' "
                                 f"{self.max_new_tokens}")
-        ids = token_ids(self.stop_token_ids)
+        ids = as_token_ids(self.stop_token_ids)
         if ids is None or len(ids) > MAX_STOP_TOKEN_IDS:
             raise SamplingError(f"'stop_token_ids' must be a list of at most "
                                 f"{MAX_STOP_TOKEN_IDS} token ids")
@@ -164,20 +164,20 @@ class SamplingParams:
     def _max_new(self, prompt_len: int, context: int) -> int:
         if self.max_new_tokens == 0 and prompt_len <= context:
             return 0  # (no token is fed back, so the prompt may fill the context)
-        # "this model's maximum context length is N tokens": OpenAI's and vLLM's words, which
-        # clients look for to tell a prompt to shorten (LiteLLM's context-window error, ...)
-        limit = f"this model's maximum context length is {context} tokens"
+        # OpenAI's and vLLM's sentence, which clients look for, as written, to tell a prompt
+        # to shorten (LiteLLM's context-window error, agents that trim and retry)
+        limit = f". This model's maximum context length is {context} tokens."
         if prompt_len >= context:
-            raise SamplingError(f"prompt is {prompt_len} tokens; {limit}")
+            raise SamplingError(f"prompt is {prompt_len} tokens{limit}")
         if self.max_new_tokens is not None:
             if prompt_len + self.max_new_tokens > context:
                 raise SamplingError(
                     f"'max_new_tokens' {self.max_new_tokens} plus the prompt's {prompt_len} "
-                    f"tokens is {prompt_len + self.max_new_tokens}; {limit}")
+                    f"tokens is {prompt_len + self.max_new_tokens}{limit}")
             return self.max_new_tokens
         max_length = self.max_length or min(DEFAULT_MAX_LENGTH, context)
         if max_length > context:
-            raise SamplingError(f"'max_length' is {max_length}; {limit}")
+            raise SamplingError(f"'max_length' is {max_length}{limit}")
         if prompt_len >= max_length:
             raise SamplingError(
                 f"prompt is {prompt_len} tokens, not shorter than 'max_length' {max_length}")
@@ -219,6 +219,12 @@ def _check_type(params, name: str, types, what: str):
 SHOWN = 40  # characters of a client's string in an error message
 
 
+def quoted(text: str, limit: int = 80) -> str:
+    """A client's name (a model's, a Host, a parameter's) quoted for a message, cut at
+    `limit` characters: the name comes back in every refusal, however long it was sent."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}..."
+
+
 def _show(value, depth: int = 0) -> str:
     """A client's value as JSON spells it (null, true, "a", not Python's None, True, 'a'),
     shortened for an error message: strings cut at SHOWN characters, lists and objects shown
@@ -241,16 +247,16 @@ def _show(value, depth: int = 0) -> str:
     return shown if len(shown) <= SHOWN else shown[:SHOWN] + "..."
 
 
-def token_ids(values: Any, vocab: int | None = None) -> list[int] | None:
-    """`values` as a list of token ids (in [0, vocab) where given), or None where it is not
-    one. An id may come as a float of an integer's value, as any integer parameter may (JSON
+def as_token_ids(values: Any, vocab: int | None = None) -> list[int] | None:
+    """`values` as a list of token ids (in [0, vocab) where given, else below 2**63: 1e300
+    came back whole in a message), or None where it is not one. An id may come as a float of an integer's value, as any integer parameter may (JSON
     does not tell 1 from 1.0, nor does vLLM): [1.0] was refused where max_tokens 2.0 was
     taken."""
     if not isinstance(values, list):
         return None
     ids = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
-    if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t
-           and (vocab is None or t < vocab) for t in ids):
+    if all(isinstance(t, int) and not isinstance(t, bool)
+           and 0 <= t < (2**63 if vocab is None else vocab) for t in ids):
         return ids
     return None
 

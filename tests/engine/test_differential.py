@@ -241,6 +241,8 @@ def near_tie(model, prompt: Prompt, index: int, before: list[int], got: int, wan
     at = int(at[0])
 
     def drawn(probs: torch.Tensor) -> bool:  # `got`, from these candidates' probabilities?
+        if probs[at] == 0:  # (a set without it: no draw, however near, gives it)
+            return False
         cdf = probs.cumsum(-1)
         x = u * float(cdf[-1])
         low, high = (float(cdf[at - 1]) if at else 0.0), float(cdf[at])
@@ -282,6 +284,23 @@ def top_p_neighbours(sampler: Sampler, logits: torch.Tensor, params: SamplingPar
             narrower_or_wider[order[:size]] = whole[order[:size]]
             out.append(narrower_or_wider / narrower_or_wider.sum())
     return out
+
+
+@pytest.mark.parametrize("top_p, sizes", [(0.6, {2, 3}), (0.6 + 3e-3, {3})])
+def test_top_p_s_cut_is_a_near_tie_only_within_the_tolerance(top_p, sizes):
+    """The two likeliest of four tokens hold 0.6 of the mass: at top_p 0.6 a run may keep
+    them alone or with the third (one set is the reference's, the other its neighbour); at
+    0.603, 3e-3 past them, only the set of three is kept, and no neighbour is offered."""
+    probs = torch.tensor([0.35, 0.25, 0.22, 0.18], dtype=torch.float64)
+    logits = probs.log().float()
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=top_p)
+    sampler = Sampler(4, 0, torch.device("cpu"))
+    candidates, kept = sampler.candidates(logits[None], [params])
+    sets = [kept[0], *top_p_neighbours(sampler, logits, params, candidates[0], kept[0],
+                                        TOLERANCE)]
+    assert {int((p > 0).sum()) for p in sets} == sizes
+    for p in sets:
+        assert float(p.sum()) == pytest.approx(1.0) and bool((p[:int((p > 0).sum())] > 0).all())
 
 
 def assert_same(model, prompt: Prompt, got: Outcome, want: Outcome, where: str,

@@ -42,12 +42,13 @@ async def _http_error(request, exc) -> JSONResponse:
 
     from .errors import openai_shaped
     from .middleware import error_body
+    from .openai import OpenAIError
 
     path = request.url.path
     if exc.status_code == 404 and path.rstrip("/") in OPENAI_ELSEWHERE:
-        return JSONResponse(error_body("/openai" + path, 404, (
-            f"no route {path}: this server's OpenAI routes are under /openai/v1 (the openai "
-            "client's base_url is http://HOST:PORT/openai/v1)")), status_code=404)
+        return OpenAIError(f"no route {path}: this server's OpenAI routes are under /openai/v1 "
+                           "(the openai client's base_url is http://HOST:PORT/openai/v1)",
+                           status=404, kind="not_found_error").response()
     if openai_shaped(path):
         return JSONResponse(error_body(path, exc.status_code, str(exc.detail)),
                             status_code=exc.status_code, headers=exc.headers)

@@ -51,12 +51,6 @@ def refusals(openai: bool = False) -> dict:
                     "content": content}}
 
 
-def quoted(text: str, limit: int = 80) -> str:
-    """A client's name (a model's, a Host) quoted for a message, cut at `limit` characters:
-    the name comes back in every refusal, however long it was sent."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}..."
-
-
 def failure(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, message) for an exception raised while serving a request."""
     if isinstance(exc, UNAVAILABLE):

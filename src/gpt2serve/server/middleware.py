@@ -18,7 +18,8 @@ from . import jsonbody
 
 from .auth import (LOOPBACK, MISSING_KEY, PEER, PUBLIC_PATHS, authorized, forwarded,
                    from_local_agent)
-from .errors import NO_VERSIONS, openai_shaped, quoted
+from ..sampling import quoted
+from .errors import NO_VERSIONS, openai_shaped
 
 
 async def _send_json(send, status: int, body: dict, headers: tuple = ()) -> None:

@@ -30,12 +30,13 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 
 from ..engine import Engine, Prompt, Request, TokenEvent
+from ..sampling import (MAX_INSTANCES, MAX_SALT, SamplingError, SamplingParams, as_token_ids,
+                        quoted)
 from ..tokenizer import IncrementalDetokenizer
-from .repository import Repository, some_names
-from ..sampling import MAX_INSTANCES, MAX_SALT, SamplingError, SamplingParams, token_ids
 from . import jsonbody
-from .errors import SERVER_SENT_EVENTS, failure, quoted, refusals
+from .errors import SERVER_SENT_EVENTS, failure, refusals
 from .middleware import EventStream, started
+from .repository import NAME_LIMIT, Repository, some_names
 
 # OpenAI field -> SamplingParams field; everything else is either handled here or refused.
 # `top_k`, `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids` and
@@ -154,7 +155,8 @@ def model_of(body: dict, repository: Repository) -> str:
     if not isinstance(name, str):
         raise OpenAIError("'model' must be a string", param="model")
     if repository.get_model(name) is None and name not in repository.entries:
-        raise OpenAIError(f"model {quoted(name)} does not exist; this server has {_some(names)}",
+        raise OpenAIError(f"model {quoted(name, NAME_LIMIT)} does not exist; this server has "
+                          f"{_some(names)}",
                           param="model", status=404, kind="not_found_error")
     return name
 
@@ -232,7 +234,7 @@ class CompletionCall:
         if isinstance(prompt, str):
             return self.engine.encode_prompt(prompt)
         vocab = self.engine.tokenizer.vocab_size
-        ids = token_ids(prompt, vocab)
+        ids = as_token_ids(prompt, vocab)
         if not ids:
             # a SamplingError, so that in a list of prompts it names which one
             raise SamplingError(f"prompt must be a non-empty list of token ids in [0, {vocab})")

@@ -26,9 +26,8 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.v1_endpoints import V1Endpoints
 
 from ..engine import Prompt
-from ..sampling import MAX_INSTANCES, MAX_N, SamplingError, SamplingParams
+from ..sampling import MAX_INSTANCES, MAX_N, SamplingError, SamplingParams, quoted
 from . import jsonbody
-from .errors import quoted
 
 V2_INPUT, V2_OUTPUT = "text_input", "text_output"
 # The request's sampling parameters as one JSON object in a BYTES input, as Triton's vLLM
@@ -45,7 +44,7 @@ V2_REQUEST_PARAMETERS = {"binary_data_output"}
 
 
 def v1_router(repository) -> APIRouter:
-    """KServe's V1 `:predict` and model readiness, with a model unloaded through the API (and
+    """KServe's V1 `:predict`, `:explain` and readiness, with a model unloaded through the API (and
     for `:predict` one whose last load failed) seen to first, as on the other protocols.
     KServe's route said the one did not exist, and asked the other's readiness before anything:
     it answered a bare "not ready" 503 for as long as the server ran, so no V1 request retried
@@ -63,6 +62,11 @@ def v1_router(repository) -> APIRouter:
         if repository.load_failed(model_name):
             await repository.engine(model_name)  # LoadFailed, or loaded again
         return await endpoints.predict(model_name, request)
+
+    @router.post("/v1/models/{model_name}:explain")
+    async def explain(model_name: str, request: Request):
+        repository.refuse_absent(model_name)  # (GPT2Predictor has no explainer: KServe's 400)
+        return await endpoints.explain(model_name, request)
 
     async def other_method(model_name: str) -> JSONResponse:
         return JSONResponse({"error": "Method Not Allowed"}, status_code=405,

@@ -47,7 +47,7 @@ from .. import checkpoint, hardware, metrics
 from ..engine import Engine, EngineConfig
 from ..engine.kv_cache import KVBudgetError, blocks_in, full_sequences_bytes, machine_budget
 from ..engine.step_loop import StepLoop
-from ..sampling import MAX_N
+from ..sampling import MAX_N, quoted
 
 log = logging.getLogger("gpt2serve.server")
 
@@ -76,12 +76,13 @@ class RepositoryOff(Exception):
 
 
 class UnknownModel(ModelNotFound):
-    """No model of this name: KServe's 404, with the name cut past the longest a model may
-    have (KServe's message echoed a name of any length, a 16 KiB path's whole), and the
-    names there are, as the OpenAI route's 404 gives them."""
+    """No model of this name: KServe's 404, with the name quoted (an empty one, or spaces,
+    read as a hole in the sentence) and cut past the longest a model may have (KServe's
+    message echoed a name of any length, a 16 KiB path's whole), and the names a request may
+    use, as the OpenAI route's 404 gives them."""
 
     def __init__(self, name: str, names: list[str]):
-        super().__init__(name if len(name) <= NAME_LIMIT else f"{name[:NAME_LIMIT]}...")
+        super().__init__(quoted(name, NAME_LIMIT))
         self.reason = (f"{self.reason.removesuffix('.')}; this server has "
                        f"{some_names(names, 'GET /v1/models')}")
 
@@ -256,7 +257,7 @@ class Repository(ModelRepository):
             raise ModelUnloaded(name) if name in self.entries else self._unknown(name)
 
     def _unknown(self, name: str) -> UnknownModel:
-        return UnknownModel(name, sorted(self.entries))
+        return UnknownModel(name, sorted(self.models))  # (as GET /v1/models lists them)
 
     def _vanished(self, entry: Entry) -> bool:
         """A repository's model whose folder was deleted since it was found, with nothing of

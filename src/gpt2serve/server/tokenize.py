@@ -16,7 +16,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 
-from ..sampling import token_ids
+from ..sampling import as_token_ids
 from .errors import refusals
 from .openai import OpenAIError, json_object, model_of
 from .repository import Repository
@@ -73,7 +73,7 @@ def tokenize_router(repository: Repository, prefix: str = "") -> APIRouter:
             body, engine = await _body(request, repository, {"tokens"})
             tokenizer = engine.tokenizer
             vocab = tokenizer.vocab_size
-            ids = token_ids(body.get("tokens"), vocab)
+            ids = as_token_ids(body.get("tokens"), vocab)
             if ids is None:
                 raise OpenAIError(f"'tokens' must be a list of token ids in [0, {vocab})",
                                   param="tokens")
