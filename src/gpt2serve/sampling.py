@@ -249,9 +249,9 @@ def _show(value, depth: int = 0) -> str:
 
 def as_token_ids(values: Any, vocab: int | None = None) -> list[int] | None:
     """`values` as a list of token ids (in [0, vocab) where given, else below 2**63: 1e300
-    came back whole in a message), or None where it is not one. An id may come as a float of an integer's value, as any integer parameter may (JSON
-    does not tell 1 from 1.0, nor does vLLM): [1.0] was refused where max_tokens 2.0 was
-    taken."""
+    came back whole in a message), or None where it is not one. An id may come as a float of
+    an integer's value, as any integer parameter may (JSON does not tell 1 from 1.0, nor does
+    vLLM): [1.0] was refused where max_tokens 2.0 was taken."""
     if not isinstance(values, list):
         return None
     ids = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
