@@ -295,6 +295,14 @@ def test_grpc_tells_an_unloaded_model_as_rest_does(two_fit):
         for path in ("/v2/models/beta", "/v2/models/beta/ready", "/v1/models/beta"):
             r = httpx.get(two_fit.url + path, timeout=30)
             assert r.status_code == 404 and "'beta' is unloaded" in r.json()["error"], r.text
+        # a wrong name's 404 names the models a request may use, on each protocol; a load's
+        # every model there is, the unloaded one too, which it may load
+        r = httpx.get(f"{two_fit.url}/v2/models/nope/ready", timeout=30)
+        assert r.json()["error"].endswith("this server has 'alpha', 'gamma'"), r.text
+        r = post(f"{two_fit.url}/openai/v1/completions", {"model": "nope", "prompt": "a"})
+        assert r.json()["error"]["message"].endswith("this server has 'alpha', 'gamma'"), r.text
+        r = httpx.post(f"{two_fit.url}/v2/repository/models/nope/load", timeout=30)
+        assert r.json()["error"].endswith("this server has 'alpha', 'beta', 'gamma'"), r.text
     finally:
         assert httpx.post(f"{url}/load", timeout=60).status_code == 200
     for path in ("/v2/models/beta/ready", "/v1/models/beta"):  # and ready again

@@ -213,10 +213,13 @@ def test_the_schema_gives_what_our_routes_answer(server):
     body = completions["requestBody"]["content"]["application/json"]["schema"]
     assert body["additionalProperties"] is False and "required" not in body  # (no prompt: "")
     assert {"type": "null"} in body["properties"]["max_tokens"]["anyOf"]
-    # and what the schema says is what the route takes
-    r = post(f"{server.url}/openai/v1/completions", {"max_tokens": None, "cache_salt": "s",
-                                                     "suffix": None})
+    # and what the schema says is what the route takes: each of its fields, null too
+    for field in body["properties"]:
+        r = post(f"{server.url}/openai/v1/completions", {"max_tokens": 1, field: None})
+        assert r.status_code == 200, (field, r.text)
+    r = post(f"{server.url}/openai/v1/completions", {"max_tokens": 1, "cache_salt": "s"})
     assert r.status_code == 200, r.text
+    assert "200" not in paths["/openai/v1/chat/completions"]["post"]["responses"]  # (refused)
     r = post(f"{server.url}/openai/v1/completions", {"prompt": "a", "min_p": 0.1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_p", r.text
     generate = paths["/v2/models/{model_name}/generate"]["post"]["requestBody"]

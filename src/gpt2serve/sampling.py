@@ -130,7 +130,7 @@ class SamplingParams:
         ids = as_token_ids(self.stop_token_ids)
         if ids is None or len(ids) > MAX_STOP_TOKEN_IDS:
             raise SamplingError(f"'stop_token_ids' must be a list of at most "
-                                f"{MAX_STOP_TOKEN_IDS} token ids")
+                                f"{MAX_STOP_TOKEN_IDS} token ids (integers from 0)")
         self.stop_token_ids = ids
         self.include_stop_str_in_output = _bool(self, "include_stop_str_in_output")
         salt = self.cache_salt

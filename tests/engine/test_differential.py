@@ -238,27 +238,29 @@ def near_tie(model, prompt: Prompt, index: int, before: list[int], got: int, wan
     at = (candidates[0] == got).nonzero()
     if not len(at):
         return False
-    at = int(at[0])
+    ranked = 0 < prompt.params.top_k < model.config.vocab_size
+    return any(drawn(p, int(at[0]), u, ranked, tolerance)
+               for p in [probs[0], *top_p_neighbours(sampler, logits, prompt.params,
+                                                      candidates[0], probs[0], tolerance)])
 
-    def drawn(probs: torch.Tensor) -> bool:  # `got`, from these candidates' probabilities?
-        if probs[at] == 0:  # (a set without it: no draw, however near, gives it)
-            return False
-        cdf = probs.cumsum(-1)
-        x = u * float(cdf[-1])
-        low, high = (float(cdf[at - 1]) if at else 0.0), float(cdf[at])
-        if 0 < prompt.params.top_k < model.config.vocab_size:
-            # top-k's candidates rank likeliest first, and two whose probabilities are within
-            # `tolerance` of each other (relatively) may rank either way round in the other
-            # run: `got`'s interval may start after as little as the mass of those clearly
-            # likelier, or as much as that of all those not clearly less likely
-            p_got, others = float(probs[at]), torch.cat([probs[:at], probs[at + 1:]])
-            low = min(low, float(others[others > p_got * (1 + tolerance)].sum()))
-            high = max(high, float(others[others >= p_got * (1 - tolerance)].sum()) + p_got)
-        return low - tolerance <= x <= high + tolerance
 
-    return any(drawn(p) for p in [probs[0], *top_p_neighbours(sampler, logits, prompt.params,
-                                                                candidates[0], probs[0],
-                                                                tolerance)])
+def drawn(probs: torch.Tensor, at: int, u: float, ranked: bool, tolerance: float) -> bool:
+    """Whether uniform number `u` draws candidate `at` from these candidates' probabilities,
+    within `tolerance` of probability mass. `ranked`: top-k's candidates, likeliest first."""
+    if probs[at] == 0:  # (a set without it: no draw, however near, gives it)
+        return False
+    cdf = probs.cumsum(-1)
+    x = u * float(cdf[-1])
+    low, high = (float(cdf[at - 1]) if at else 0.0), float(cdf[at])
+    if ranked:
+        # two candidates whose probabilities are within `tolerance` of each other (relatively)
+        # may rank either way round in the other run: `at`'s interval may start after as
+        # little as the mass of those clearly likelier, or as much as that of all those not
+        # clearly less likely
+        p_got, others = float(probs[at]), torch.cat([probs[:at], probs[at + 1:]])
+        low = min(low, float(others[others > p_got * (1 + tolerance)].sum()))
+        high = max(high, float(others[others >= p_got * (1 - tolerance)].sum()) + p_got)
+    return low - tolerance <= x <= high + tolerance
 
 
 def top_p_neighbours(sampler: Sampler, logits: torch.Tensor, params: SamplingParams,
@@ -301,6 +303,15 @@ def test_top_p_s_cut_is_a_near_tie_only_within_the_tolerance(top_p, sizes):
     assert {int((p > 0).sum()) for p in sets} == sizes
     for p in sets:
         assert float(p.sum()) == pytest.approx(1.0) and bool((p[:int((p > 0).sum())] > 0).all())
+    # the third token is drawn from the set of three by a number in its interval, never from
+    # the set of two, however near the number is to that set's end
+    three = next(p for p in sets if int((p > 0).sum()) == 3)
+    start = float(three[:2].sum())
+    assert drawn(three, 2, start + 1e-3, False, TOLERANCE)
+    if 2 in sizes:
+        two = next(p for p in sets if int((p > 0).sum()) == 2)
+        assert not drawn(two, 2, 1.0, False, TOLERANCE)
+        assert drawn(two, 1, 1.0, False, TOLERANCE)
 
 
 def assert_same(model, prompt: Prompt, got: Outcome, want: Outcome, where: str,

@@ -31,11 +31,12 @@ _OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error"
     "type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                                      "param": {"type": ["string", "null"]},
                                      "code": {"type": "integer"}}}}}
-# A stream's events, each as OpenAPI 3.1 has `schema` describe one (3.2's `itemSchema`).
+# A stream's events: `schema` describes one event, as OpenAPI 3.2's `itemSchema` does (3.1 has
+# no word for a stream's items, and schemathesis reads a 3.1 `schema` of text/event-stream so).
 SERVER_SENT_EVENTS = {"description": "server-sent events", "content": {"text/event-stream": {
     "schema": {"type": "object", "required": ["data"], "properties": {"data": {
-        "type": "string", "contentMediaType": "application/json",
-        "description": "a JSON object; an OpenAI stream ends with [DONE]"}}}}}}
+        "type": "string",
+        "description": "a JSON object; an OpenAI stream's last event is [DONE]"}}}}}}
 
 
 def refusals(openai: bool = False) -> dict:

@@ -55,16 +55,20 @@ NEUTRAL = {"suffix": None}
 _NUMBER, _INT = {"type": "number"}, {"type": "integer"}
 _STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 # The request body's fields, for /openapi.json (the handler validates by hand, to answer
-# OpenAI-style errors naming the field): those of MAPPED, IGNORED and NEUTRAL, each of which
-# may be null (OpenAI's default); no prompt is a new document's start (<|endoftext|>).
+# OpenAI-style errors naming the field): those of MAPPED, IGNORED and NEUTRAL (a test checks
+# that the route takes each), each of which may be null (OpenAI's default); no prompt is a new
+# document's start (<|endoftext|>).
 COMPLETION_FIELDS = {
-    "model": {"type": "string"},
+    "model": {"type": "string", "description": "required where the server has several"},
     "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
                          {"type": "array", "items": _INT},
                          {"type": "array", "items": {"type": "array", "items": _INT}}]},
     "max_tokens": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "n": _INT,
     "stop": _STOP, "seed": _INT, "echo": {"type": "boolean"}, "logprobs": _INT,
-    "stream": {"type": "boolean"}, "stream_options": {"type": "object"},
+    "stream": {"type": "boolean"},
+    "stream_options": {"type": "object", "additionalProperties": False, "properties": {
+        "include_usage": {"type": ["boolean", "null"]},
+        "continuous_usage_stats": {"type": ["boolean", "null"]}}},
     "best_of": _INT, "user": {"type": "string"}, "top_k": _INT,
     "repetition_penalty": _NUMBER, "ignore_eos": {"type": "boolean"},
     "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
@@ -78,7 +82,6 @@ COMPLETIONS_SCHEMA = {"requestBody": {"required": True, "content": {"application
     "schema": {"type": "object", "additionalProperties": False, "properties": {
         name: {"anyOf": [schema, {"type": "null"}]}
         for name, schema in COMPLETION_FIELDS.items()}}}}}}
-assert set(COMPLETION_FIELDS) == set(MAPPED) | IGNORED | set(NEUTRAL)  # (one list of fields)
 
 
 class OpenAIError(Exception):
@@ -119,9 +122,10 @@ def openai_router(repository: Repository, max_prompts: int = MAX_INSTANCES) -> A
         with its max_model_len, as vLLM lists them."""
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "gpt2serve",
-             "max_model_len": repository.context_of(name)} for name in sorted(repository.models)]}
+             "max_model_len": repository.context_of(name)} for name in repository.names()]}
 
-    @router.post("/chat/completions", responses=refusals(openai=True))
+    @router.post("/chat/completions", status_code=400, responses=refusals(openai=True),
+                 response_description="always: GPT-2 has no chat template")
     async def chat_completions() -> JSONResponse:
         return OpenAIError("GPT-2 has no chat template; use /openai/v1/completions with a "
                            "text prompt", param="messages").response()
@@ -146,9 +150,9 @@ def openai_router(repository: Repository, max_prompts: int = MAX_INSTANCES) -> A
 def model_of(body: dict, repository: Repository) -> str:
     """The model a request names in `model`; absent or null names the server's only one
     (as vLLM's), and is an error where it has several."""
-    name, names = body.get("model"), sorted(repository.entries)
-    if name is None and len(names) == 1:
-        return names[0]
+    name, names = body.get("model"), repository.names()
+    if name is None and len(repository.entries) == 1:
+        return next(iter(repository.entries))  # (unloaded through the API: it says so)
     if name is None:
         raise OpenAIError(f"'model' is required: this server has {_some(names)}",
                           param="model")
@@ -185,7 +189,7 @@ class CompletionCall:
         for name, neutral in NEUTRAL.items():
             if body.get(name, neutral) not in (neutral, None):
                 raise OpenAIError(f"'{name}' is not supported by this server", param=name)
-        unknown = set(body) - set(COMPLETION_FIELDS)
+        unknown = set(body) - set(MAPPED) - IGNORED - set(NEUTRAL)
         if unknown:
             name = sorted(unknown)[0]
             raise OpenAIError(f"unknown parameter '{name}'", param=name)

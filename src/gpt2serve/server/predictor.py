@@ -64,9 +64,11 @@ def v1_router(repository) -> APIRouter:
         return await endpoints.predict(model_name, request)
 
     @router.post("/v1/models/{model_name}:explain")
-    async def explain(model_name: str, request: Request):
-        repository.refuse_absent(model_name)  # (GPT2Predictor has no explainer: KServe's 400)
-        return await endpoints.explain(model_name, request)
+    async def explain(model_name: str):
+        """400 (the SDK's answer is 501, after readiness and the body's checks: a model whose
+        load failed got a bare 503): no explainer is deployed beside GPT-2."""
+        repository.refuse_absent(model_name)
+        raise InvalidInput("this model has no explainer: use :predict")
 
     async def other_method(model_name: str) -> JSONResponse:
         return JSONResponse({"error": "Method Not Allowed"}, status_code=405,
@@ -119,10 +121,6 @@ class GPT2Predictor(kserve.Model):
 
     def get_output_types(self) -> list[dict]:
         return [{"name": V2_OUTPUT, "datatype": "BYTES", "shape": [-1]}]
-
-    async def explain(self, payload: Any, headers: dict[str, str] | None = None):
-        """`:explain`: a 400, not the SDK's 501 (no explainer is deployed beside GPT-2)."""
-        raise InvalidInput("this model has no explainer: use :predict")
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None):
         if isinstance(payload, InferRequest):

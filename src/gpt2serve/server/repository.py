@@ -256,8 +256,14 @@ class Repository(ModelRepository):
         if self.get_model(name) is None:
             raise ModelUnloaded(name) if name in self.entries else self._unknown(name)
 
-    def _unknown(self, name: str) -> UnknownModel:
-        return UnknownModel(name, sorted(self.models))  # (as GET /v1/models lists them)
+    def _unknown(self, name: str, loadable: bool = False) -> UnknownModel:
+        """A request's 404 names the models a request may use (GET /v1/models lists them),
+        a load's or unload's every model of the repository (those unloaded too)."""
+        return UnknownModel(name, self.names(loadable))
+
+    def names(self, every: bool = False) -> list[str]:
+        """The models requests may use (not those unloaded through the API), or `every` one."""
+        return sorted(self.entries if every else self.models)
 
     def _vanished(self, entry: Entry) -> bool:
         """A repository's model whose folder was deleted since it was found, with nothing of
@@ -399,7 +405,7 @@ class Repository(ModelRepository):
             self.scan()  # (finds a folder added since, forgets one deleted)
         entry = self.entries.get(name)
         if entry is None:
-            raise self._unknown(name)
+            raise self._unknown(name, loadable=True)
         if self.shutting_down:  # before readiness is touched: a drain keeps every model off
             raise ModelUnavailable("the server is shutting down")
         if entry.held:
@@ -438,7 +444,7 @@ class Repository(ModelRepository):
         self._check_enabled()
         entry = self.entries.get(name)
         if entry is None:
-            raise self._unknown(name)
+            raise self._unknown(name, loadable=True)
         entry.held = True
         entry.predictor.ready = False
         self.models.pop(name, None)

@@ -21,7 +21,8 @@ from .errors import refusals
 from .openai import OpenAIError, json_object, model_of
 from .repository import Repository
 
-_MODEL = {"type": ["string", "null"]}  # null or none: the server's one model
+_MODEL = {"type": ["string", "null"],
+          "description": "required where the server has several; null or none: its one"}
 _TOKENIZE = {"type": "object", "required": ["prompt"], "additionalProperties": False,
              "properties": {"model": _MODEL, "prompt": {"type": "string"},
                             "add_special_tokens": {"type": ["boolean", "null"]},
