@@ -46,8 +46,9 @@ async def _http_error(request, exc) -> JSONResponse:
 
     path = request.url.path
     if exc.status_code == 404 and path.rstrip("/") in OPENAI_ELSEWHERE:
-        return OpenAIError(f"no route {path.rstrip('/')}: this server's OpenAI routes are under /openai/v1 "
-                           "(the openai client's base_url is http://HOST:PORT/openai/v1)",
+        return OpenAIError(f"no route {path.rstrip('/')}: this server's OpenAI routes are under "
+                           "/openai/v1 (the openai client's base_url is "
+                           "http://HOST:PORT/openai/v1)",
                            status=404, kind="not_found_error").response()
     if openai_shaped(path):
         return JSONResponse(error_body(path, exc.status_code, str(exc.detail)),
