@@ -903,6 +903,22 @@ def test_a_connection_holds_as_many_calls_as_the_models_queues(two_fit):
     assert asyncio.run(scenario()) == []
 
 
+def test_the_start_log_says_where_each_model_s_kv_cache_budget_comes_from(repo, tmp_path):
+    """Each model's KV-cache line names --kv_cache_memory, given or not: in a repository,
+    without the flag, it is 1/16 of the memory budget, which the start-up line now says."""
+    for flag, said in (([], "a KV cache of up to 64 MiB a model (1/16 of the budget)"),
+                       (["--kv_cache_memory", "8MiB"],
+                        "a KV cache of up to 8 MiB a model (--kv_cache_memory)")):
+        log = tmp_path / "server.log"
+        srv = ServerProcess("--model_dir", str(repo), "--load_models", "none",
+                            "--memory_budget", "1GiB", "--enable_grpc", "false", *flag, log=log)
+        try:
+            srv.wait_ready(path="/v2/health/live")
+            assert f"memory budget 1024 MiB, {said}" in log.read_text(), log.read_text()[-2000:]
+        finally:
+            srv.stop()
+
+
 def test_a_load_refused_by_the_shutdown_is_no_failed_load(repo, model_bytes, tmp_path):
     """A load waiting for its turn (alpha's unload drains) when SIGTERM comes is refused as
     shutting down, as a request waiting for a load is: it was logged as an ERROR, counted as

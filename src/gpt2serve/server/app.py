@@ -115,10 +115,16 @@ def serve(args: argparse.Namespace) -> None:
         load_timeout=args.load_timeout, enable_control=args.enable_model_repository,
         make_predictor=lambda name, repo: GPT2Predictor(name, repo, args.max_instances))
     repository.start(args.load_models)
+    memory = ""
+    if repository.budget is not None:  # (each model's KV-cache line names --kv_cache_memory)
+        kv = repository.config.kv_cache_memory
+        memory = (f"; memory budget {repository.budget / 2**20:.0f} MiB, a KV cache of up to "
+                  f"{kv / 2**20:.0f} MiB a model ("
+                  f"{'--kv_cache_memory' if args.kv_cache_memory else '1/16 of the budget'})"
+                  if kv else f"; memory budget {repository.budget / 2**20:.0f} MiB")
     log.info("%d model(s), %d loaded, in %.2fs%s; one step thread of %d intra-op threads",
-             len(repository.entries), len(repository.loaded()), time.monotonic() - t0,
-             f"; memory budget {repository.budget / 2**20:.0f} MiB"
-             if repository.budget is not None else "", repository.settings.threads)
+             len(repository.entries), len(repository.loaded()), time.monotonic() - t0, memory,
+             repository.settings.threads)
     for exc in (QueueFull, RequestTimeout, EngineStopped, ModelUnavailable):
         app.add_exception_handler(exc, _unavailable)
     app.add_exception_handler(ModelUnloaded, _not_found)
