@@ -336,6 +336,14 @@ def test_tokenize_and_detokenize_round_trip(server, prefix):
     assert back.status_code == 200 and back.json() == {"prompt": text}
 
 
+def test_the_completion_schema_names_every_field_the_route_takes():
+    """The route takes the fields of MAPPED, IGNORED and NEUTRAL; /openapi.json lists
+    COMPLETION_FIELDS (test_server checks over HTTP that the route takes each of those)."""
+    from gpt2serve.server.openai import COMPLETION_FIELDS, IGNORED, MAPPED, NEUTRAL
+
+    assert set(COMPLETION_FIELDS) == set(MAPPED) | IGNORED | set(NEUTRAL)
+
+
 def test_token_ids_sent_as_floats_of_integer_value_are_taken_as_integers_are(server):
     """JSON does not tell 1 from 1.0, and neither did any integer parameter here (max_tokens
     2.0 was taken) but token ids: a prompt, /detokenize's tokens and stop_token_ids of 1.0

@@ -303,6 +303,8 @@ def test_grpc_tells_an_unloaded_model_as_rest_does(two_fit):
         assert r.json()["error"]["message"].endswith("this server has 'alpha', 'gamma'"), r.text
         r = httpx.post(f"{two_fit.url}/v2/repository/models/nope/load", timeout=30)
         assert r.json()["error"].endswith("this server has 'alpha', 'beta', 'gamma'"), r.text
+        r = post(f"{two_fit.url}/openai/v1/completions", {"prompt": "a"})  # (which may load)
+        assert r.json()["error"]["message"].endswith("has 'alpha', 'beta', 'gamma'"), r.text
     finally:
         assert httpx.post(f"{url}/load", timeout=60).status_code == 200
     for path in ("/v2/models/beta/ready", "/v1/models/beta"):  # and ready again
@@ -539,6 +541,8 @@ def test_an_unknown_model_s_refusal_is_short_in_a_large_repository(repo, tmp_pat
         r = httpx.get(f"{srv.url}/v1/models/{'x' * 10_000}", timeout=30)  # KServe's routes too
         assert r.status_code == 404 and "'m00', 'm01'" in r.json()["error"], r.text
         assert r.json()["error"].endswith("'m09' and 2 more (GET /v1/models lists them)")
+        r = httpx.post(f"{srv.url}/v2/repository/models/x/load", timeout=30)  # every model
+        assert r.json()["error"].endswith("and 2 more (POST /v2/repository/index lists them)")
     finally:
         srv.stop()
     empty = tmp_path / "empty"

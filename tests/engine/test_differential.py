@@ -307,11 +307,11 @@ def test_top_p_s_cut_is_a_near_tie_only_within_the_tolerance(top_p, sizes):
     # the set of two, however near the number is to that set's end
     three = next(p for p in sets if int((p > 0).sum()) == 3)
     start = float(three[:2].sum())
-    assert drawn(three, 2, start + 1e-3, False, TOLERANCE)
+    assert drawn(three, 2, start + 1e-3, ranked=False, tolerance=TOLERANCE)
     if 2 in sizes:
         two = next(p for p in sets if int((p > 0).sum()) == 2)
-        assert not drawn(two, 2, 1.0, False, TOLERANCE)
-        assert drawn(two, 1, 1.0, False, TOLERANCE)
+        assert not drawn(two, 2, 1.0, ranked=False, tolerance=TOLERANCE)
+        assert drawn(two, 1, 1.0, ranked=False, tolerance=TOLERANCE)
 
 
 def assert_same(model, prompt: Prompt, got: Outcome, want: Outcome, where: str,

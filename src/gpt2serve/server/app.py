@@ -103,7 +103,7 @@ def serve(args: argparse.Namespace) -> None:
                              WholeForHttp10)
     from .openai import openai_router
     from .predictor import GPT2Predictor, v1_router
-    from .repository import ModelUnavailable, ModelUnloaded, Repository, settings_of
+    from .repository import KV_SHARE, ModelUnavailable, ModelUnloaded, Repository, settings_of
     from .tokenize import tokenize_router
     from .v2_infer import infer_router
 
@@ -117,11 +117,12 @@ def serve(args: argparse.Namespace) -> None:
     repository.start(args.load_models)
     memory = ""
     if repository.budget is not None:  # (each model's KV-cache line names --kv_cache_memory)
+        memory = f"; memory budget {repository.budget / 2**20:.0f} MiB"
         kv = repository.config.kv_cache_memory
-        memory = (f"; memory budget {repository.budget / 2**20:.0f} MiB, a KV cache of up to "
-                  f"{kv / 2**20:.0f} MiB a model ("
-                  f"{'--kv_cache_memory' if args.kv_cache_memory else '1/16 of the budget'})"
-                  if kv else f"; memory budget {repository.budget / 2**20:.0f} MiB")
+        if kv:
+            source = ("--kv_cache_memory" if args.kv_cache_memory
+                      else f"1/{round(1 / KV_SHARE)} of the budget")
+            memory += f", a KV cache of up to {kv / 2**20:.0f} MiB a model ({source})"
     log.info("%d model(s), %d loaded, in %.2fs%s; one step thread of %d intra-op threads",
              len(repository.entries), len(repository.loaded()), time.monotonic() - t0, memory,
              repository.settings.threads)

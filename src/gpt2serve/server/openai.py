@@ -124,8 +124,9 @@ def openai_router(repository: Repository, max_prompts: int = MAX_INSTANCES) -> A
             {"id": name, "object": "model", "created": created, "owned_by": "gpt2serve",
              "max_model_len": repository.context_of(name)} for name in repository.names()]}
 
-    @router.post("/chat/completions", status_code=400, responses=refusals(openai=True),
-                 response_description="always: GPT-2 has no chat template")
+    @router.post("/chat/completions", status_code=400, responses={
+        **refusals(openai=True), 400: {"description": "always: GPT-2 has no chat template",
+                                       "content": refusals(openai=True)["4XX"]["content"]}})
     async def chat_completions() -> JSONResponse:
         return OpenAIError("GPT-2 has no chat template; use /openai/v1/completions with a "
                            "text prompt", param="messages").response()
@@ -153,9 +154,9 @@ def model_of(body: dict, repository: Repository) -> str:
     name, names = body.get("model"), repository.names()
     if name is None and len(repository.entries) == 1:
         return next(iter(repository.entries))  # (unloaded through the API: it says so)
-    if name is None:
-        raise OpenAIError(f"'model' is required: this server has {_some(names)}",
-                          param="model")
+    if name is None:  # (every model: a load may bring an unloaded one back)
+        raise OpenAIError(f"'model' is required: this server has "
+                          f"{_some(repository.names(every=True))}", param="model")
     if not isinstance(name, str):
         raise OpenAIError("'model' must be a string", param="model")
     if repository.get_model(name) is None and name not in repository.entries:

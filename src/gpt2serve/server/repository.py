@@ -78,13 +78,13 @@ class RepositoryOff(Exception):
 class UnknownModel(ModelNotFound):
     """No model of this name: KServe's 404, with the name quoted (an empty one, or spaces,
     read as a hole in the sentence) and cut past the longest a model may have (KServe's
-    message echoed a name of any length, a 16 KiB path's whole), and the names a request may
-    use, as the OpenAI route's 404 gives them."""
+    message echoed a name of any length, a 16 KiB path's whole), and the names there are, as
+    the OpenAI route's 404 gives them (`listed_by`: the route that lists them all)."""
 
-    def __init__(self, name: str, names: list[str]):
+    def __init__(self, name: str, names: list[str], listed_by: str):
         super().__init__(quoted(name, NAME_LIMIT))
         self.reason = (f"{self.reason.removesuffix('.')}; this server has "
-                       f"{some_names(names, 'GET /v1/models')}")
+                       f"{some_names(names, listed_by)}")
 
 
 def some_names(names: list[str], listed_by: str, shown: int = 10) -> str:
@@ -256,10 +256,11 @@ class Repository(ModelRepository):
         if self.get_model(name) is None:
             raise ModelUnloaded(name) if name in self.entries else self._unknown(name)
 
-    def _unknown(self, name: str, loadable: bool = False) -> UnknownModel:
+    def _unknown(self, name: str, every: bool = False) -> UnknownModel:
         """A request's 404 names the models a request may use (GET /v1/models lists them),
-        a load's or unload's every model of the repository (those unloaded too)."""
-        return UnknownModel(name, self.names(loadable))
+        a load's or unload's `every` model of the repository (those unloaded too)."""
+        return UnknownModel(name, self.names(every),
+                            "POST /v2/repository/index" if every else "GET /v1/models")
 
     def names(self, every: bool = False) -> list[str]:
         """The models requests may use (not those unloaded through the API), or `every` one."""
@@ -405,7 +406,7 @@ class Repository(ModelRepository):
             self.scan()  # (finds a folder added since, forgets one deleted)
         entry = self.entries.get(name)
         if entry is None:
-            raise self._unknown(name, loadable=True)
+            raise self._unknown(name, every=True)
         if self.shutting_down:  # before readiness is touched: a drain keeps every model off
             raise ModelUnavailable("the server is shutting down")
         if entry.held:
@@ -444,7 +445,7 @@ class Repository(ModelRepository):
         self._check_enabled()
         entry = self.entries.get(name)
         if entry is None:
-            raise self._unknown(name, loadable=True)
+            raise self._unknown(name, every=True)
         entry.held = True
         entry.predictor.ready = False
         self.models.pop(name, None)
