@@ -14,11 +14,11 @@ from urllib.parse import parse_qsl
 
 from starlette.responses import StreamingResponse
 
+from ..sampling import quoted
 from . import jsonbody
 
 from .auth import (LOOPBACK, MISSING_KEY, PEER, PUBLIC_PATHS, authorized, forwarded,
                    from_local_agent)
-from ..sampling import quoted
 from .errors import NO_VERSIONS, openai_shaped
 
 
