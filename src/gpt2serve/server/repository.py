@@ -107,6 +107,11 @@ def reload_hint(name: str) -> str:
     return f"POST /v2/repository/models/{name}/load (gRPC RepositoryModelLoad) brings it back"
 
 
+def unloaded_reason(name: str) -> str:
+    """The index's reason for a model unloaded through the API."""
+    return f"unloaded: {reload_hint(name)}"
+
+
 class ModelUnavailable(Exception):
     """The model cannot serve now (loading past --load_timeout, no room, a failed load, the
     server draining): 503 with Retry-After."""
@@ -450,7 +455,7 @@ class Repository(ModelRepository):
         entry.predictor.ready = False
         self.models.pop(name, None)
         if entry.state == UNAVAILABLE:  # (nothing to drain: said at once, not after its turn)
-            entry.reason = f"unloaded: {reload_hint(name)}"
+            entry.reason = unloaded_reason(name)
         task = asyncio.ensure_future(self._take_out(entry))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (seen if no caller)
         await asyncio.shield(task)
@@ -459,14 +464,14 @@ class Repository(ModelRepository):
         if entry.loading is not None:
             await asyncio.shield(entry.loading)
         if entry.held and entry.state == UNAVAILABLE:  # (not a failed load's reason meanwhile)
-            entry.reason = f"unloaded: {reload_hint(entry.name)}"
+            entry.reason = unloaded_reason(entry.name)
         async with self._lock:
             if not entry.held:  # a load came in while this waited: the later call wins
                 raise Overruled(entry.name, "unload")
             if entry.engine is not None and entry.state == READY:
                 await self._unload(entry, "request")
         if entry.held:  # (not if a load came in while it drained)
-            entry.reason = f"unloaded: {reload_hint(entry.name)}"
+            entry.reason = unloaded_reason(entry.name)
         # KServe's agent deletes a TrainedModel's folder, then unloads it (maybe twice). Not
         # if a load came in while this drained: that load has put the model back in KServe's
         # registry, and answers (it fails: no folder) for the entry.
@@ -639,7 +644,7 @@ class Repository(ModelRepository):
         await asyncio.to_thread(engine.stop)
         entry.engine, entry.nbytes = None, 0
         entry.state = UNAVAILABLE
-        entry.reason = f"unloaded: {reload_hint(entry.name)}" if entry.held else NOT_LOADED
+        entry.reason = unloaded_reason(entry.name) if entry.held else NOT_LOADED
         engine.metrics.forget()
         metrics.MODEL_UNLOADS.labels(entry.name, reason).inc()
         del engine
