@@ -151,7 +151,7 @@ def openai_router(repository: Repository, max_prompts: int = MAX_INSTANCES) -> A
 def model_of(body: dict, repository: Repository) -> str:
     """The model a request names in `model`; absent or null names the server's only one
     (as vLLM's), and is an error where it has several."""
-    name, names = body.get("model"), repository.names()
+    name = body.get("model")
     if name is None and len(repository.entries) == 1:
         return next(iter(repository.entries))  # (unloaded through the API: it says so)
     if name is None:  # (every model: a load may bring an unloaded one back)
@@ -161,7 +161,7 @@ def model_of(body: dict, repository: Repository) -> str:
         raise OpenAIError("'model' must be a string", param="model")
     if repository.get_model(name) is None and name not in repository.entries:
         raise OpenAIError(f"model {quoted(name, NAME_LIMIT)} does not exist; this server has "
-                          f"{_some(names)}",
+                          f"{_some(repository.names())}",
                           param="model", status=404, kind="not_found_error")
     return name
 
