@@ -2,6 +2,8 @@
 backpressure, OpenAI completions through the official client."""
 
 import asyncio
+import json
+import socket
 import threading
 import time
 
@@ -133,6 +135,27 @@ def test_stream_disconnect_frees_the_slot(batch_server):
                                        extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()
+    assert_slots_freed(batch_server, aborted, 1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_frees_the_slot_of_a_request_with_another_pipelined_behind(
+        batch_server, stream):
+    """Two requests written at once on one connection (HTTP/1.1 pipelining), the client gone
+    while the first generates: it stops, as a request alone on its connection does, and the
+    second never runs. uvicorn told only the latest request read, so the first generated its
+    1,000 tokens for nobody."""
+    aborted = metric(batch_server, "gpt2serve_aborted_sequences_total")
+    body = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 1000, "stream": stream,
+                       "ignore_eos": True}).encode()
+    head = (f"POST /openai/v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", batch_server.port)) as sock:
+        sock.sendall((head.encode() + body) * 2)
+        deadline = time.monotonic() + 30
+        while not metric(batch_server, "gpt2serve_running_sequences"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     assert_slots_freed(batch_server, aborted, 1)
 
 

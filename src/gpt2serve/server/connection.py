@@ -20,7 +20,9 @@ every few seconds. All of that comes before the app, so before the API key
 - a new connection that sends nothing is closed after uvicorn's keep-alive timeout, as an
   idle one between requests is (before, never);
 - a response whose client reads none of it for `--send_timeout` seconds is dropped
-  (`pause_writing`).
+  (`pause_writing`);
+- a lost connection is told to each of its requests not answered whole, the one running
+  and those pipelined behind it (uvicorn told only the latest read).
 """
 
 from __future__ import annotations
@@ -58,10 +60,17 @@ class BoundedHttp(HttpToolsProtocol):
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                             self.timeout_keep_alive_handler)
         self.stalled: asyncio.TimerHandle | None = None  # writing, to a client not reading
+        self.cycles: list = []  # the requests read and not answered whole, oldest first
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._unstall()
+        # uvicorn tells only the latest request read (`self.cycle`) that its client left: a
+        # request with another pipelined behind it generated to its end for nobody.
+        for cycle in self.cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+            cycle.message_event.set()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -120,13 +129,16 @@ class BoundedHttp(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         self.phase = "body"
-        if self.head_size <= HEAD_BYTES:
-            return super().on_headers_complete()
-        app, self.app = self.app, _head_too_large  # its request is answered 431 in turn
+        app = self.app
+        if self.head_size > HEAD_BYTES:
+            self.app = _head_too_large  # its request is answered 431 in turn
         try:
             super().on_headers_complete()
         finally:
             self.app = app
+        if self.cycle is not None:
+            self.cycles = [c for c in self.cycles
+                           if not c.response_complete and c is not self.cycle] + [self.cycle]
 
     def on_message_complete(self) -> None:
         self.phase = None
