@@ -100,7 +100,7 @@ def pods() -> list[tuple[str, dict, list[dict]]]:
     out = []
     for name, isvc in ISVCS.items():
         pred = isvc["spec"]["predictor"]
-        out.append((f"InferenceService {name}", pred, [serving_container(isvc)]))
+        out.append((f"InferenceService {name} ({mode(isvc)})", pred, [serving_container(isvc)]))
     job = DOCS_MANIFESTS[("Job", "gpt2-prep")]["spec"]["template"]["spec"]
     out.append(("Job gpt2-prep", job, job["containers"]))
     return out
@@ -287,11 +287,16 @@ def test_restricted_pod_security_everywhere():
             assert not sc.get("privileged", False), what
             seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
             assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), what
-        # Containers KServe and Knative inject (storage initializer, queue-proxy) inherit the
-        # pod-level fields, so those are set on the pod as well.
+        # A container KServe injects (the agent) inherits the pod-level fields, so a
+        # Standard-mode pod sets them too. Knative refuses a pod-level security context
+        # unless its kubernetes.podspec-securitycontext flag is on (off by default), and its
+        # queue-proxy carries its own restricted one: a Knative pod sets none.
         if what.startswith("InferenceService"):
-            assert pod_sc.get("runAsNonRoot") is True and \
-                pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", what
+            if what.endswith("(Knative)"):
+                assert not pod_sc, what
+            else:
+                assert pod_sc.get("runAsNonRoot") is True and \
+                    pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", what
         assert not any("hostPath" in v for v in spec.get("volumes", [])), what
 
 
@@ -362,6 +367,12 @@ def test_knative_services():
         assert pred["maxReplicas"] == 10
         assert pred["minReplicas"] in (0, 3), name
     assert sum(i["spec"]["predictor"]["minReplicas"] == 3 for i in knative) >= 2
+    # Knative refuses a pod spec's tolerations and affinity unless its config-features say
+    # so (both off by default): the docs enable the flag of each field a Knative pod sets.
+    for field in ("tolerations", "affinity"):
+        if any(field in runtime_of(i)["spec"] or field in i["spec"]["predictor"]
+               for i in knative):
+            assert f'"kubernetes.podspec-{field}":"enabled"' in DOCS, field
 
 
 def test_standard_mode_scales_with_keda_on_our_metrics():
@@ -465,6 +476,11 @@ def test_multi_model_service_is_what_kserve_serves_trained_models_on():
         # The agent downloads with the predictor's service account.
         account = DOCS_MANIFESTS[("ServiceAccount", pred["serviceAccountName"])]
         assert account["secrets"], name
+        # whose S3 client has no default region: it reads AWS_DEFAULT_REGION, which KServe
+        # sets from the Secret's s3-region annotation alone
+        for ref in account["secrets"]:
+            secret = DOCS_MANIFESTS[("Secret", ref["name"])]["metadata"]["annotations"]
+            assert secret.get("serving.kserve.io/s3-region"), ref
 
 
 def test_trained_models_fit_their_service():
