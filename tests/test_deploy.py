@@ -372,7 +372,7 @@ def test_knative_services():
     for field in ("tolerations", "affinity"):
         if any(field in runtime_of(i)["spec"] or field in i["spec"]["predictor"]
                for i in knative):
-            assert f'"kubernetes.podspec-{field}":"enabled"' in DOCS, field
+            assert f'"kubernetes.podspec-{field}": "enabled"' in DOCS, field
 
 
 def test_standard_mode_scales_with_keda_on_our_metrics():
