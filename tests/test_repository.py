@@ -425,6 +425,79 @@ def test_the_repository_calls_refuse_a_body_they_cannot_honour(two_fit):
         assert r.status_code == 200, r.text
 
 
+# Triton's repository messages, written by hand from its grpc_service.proto (kserve's stubs
+# lack them): RepositoryModelLoadRequest and ...UnloadRequest are {repository_name = 1,
+# model_name = 2, map<string, ModelRepositoryParameter> parameters = 3}, whose parameter is
+# a oneof {bool_param = 1, int64_param = 2, string_param = 3, bytes_param = 4};
+# RepositoryIndexRequest is {repository_name = 1, bool ready = 2}, its response
+# {repeated ModelIndex models = 1}, each {name = 1, version = 2, state = 3, reason = 4}.
+def field(number: int, value: bytes) -> bytes:
+    """A length-delimited protobuf field (number < 16, value < 128 bytes)."""
+    assert number < 16 and len(value) < 128
+    return bytes([number << 3 | 2, len(value)]) + value
+
+
+def triton_parameter(key: str, parameter: bytes) -> bytes:
+    return field(3, field(1, key.encode()) + field(2, parameter))
+
+
+def fields_of(message: bytes) -> list[tuple[int, bytes]]:
+    """The length-delimited fields of a message written as `field` writes them."""
+    out, i = [], 0
+    while i < len(message):
+        key, length = message[i], message[i + 1]
+        assert key & 7 == 2 and length < 128
+        out.append((key >> 3, message[i + 2:i + 2 + length]))
+        i += 2 + length
+    return out
+
+
+def test_triton_s_client_loads_unloads_and_lists_over_grpc(two_fit):
+    """Triton's client sends a load's or unload's model_name as field 2 (KServe's proto has it
+    as field 1, where Triton has repository_name): the server read the name as '' and said no
+    model '' exists. And Triton's index, which KServe's proto lacks, was UNIMPLEMENTED."""
+    service = "/inference.GRPCInferenceService/"
+    with grpc.insecure_channel(f"127.0.0.1:{two_fit.grpc_port}") as channel:
+        def call(method: str, request: bytes) -> bytes:
+            return channel.unary_unary(service + method)(request, timeout=60)
+
+        def triton_index(ready: bool = False) -> dict[str, str]:
+            reply = call("RepositoryIndex", b"\x10\x01" if ready else b"")
+            models = [dict(fields_of(entry)) for number, entry in fields_of(reply)]
+            assert all(number == 1 for number, _ in fields_of(reply))
+            return {m[1].decode(): m.get(3, b"").decode() for m in models}
+
+        assert triton_index() == index(two_fit)
+        call("RepositoryModelLoad", field(2, b"gamma"))
+        assert index(two_fit)["gamma"] == "READY"
+        assert "gamma" in triton_index(ready=True)
+        assert set(triton_index(ready=True)) == {name for name, state in index(two_fit).items()
+                                                 if state == "READY"}
+        # its unload sends unload_dependents (nothing depends on a model here)
+        call("RepositoryModelUnload",
+             field(2, b"gamma") + triton_parameter("unload_dependents", b"\x08\x00"))
+        assert index(two_fit)["gamma"] == "UNAVAILABLE"
+        assert "gamma" not in triton_index(ready=True)
+        for method, request, message in (
+                ("RepositoryModelLoad", field(2, b"gamma") + triton_parameter(
+                    "config", field(3, b"{}")), "unknown field 'parameters.config'"),
+                ("RepositoryModelLoad", field(1, b"other") + field(2, b"gamma"),
+                 "repository_name 'other': this server has one repository"),
+                ("RepositoryIndex", field(1, b"other"), "repository_name 'other'"),
+                ("RepositoryModelUnload", field(2, b"gamma") + triton_parameter(
+                    "unload_dependents", field(3, b"yes")),
+                 "'parameters.unload_dependents' must be true or false")):
+            with pytest.raises(grpc.RpcError) as e:
+                call(method, request)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert message in e.value.details(), e.value.details()
+        assert index(two_fit)["gamma"] == "UNAVAILABLE"  # refused before anything was done
+        # KServe's own message still names the model as field 1
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="gamma"), timeout=60)
+        assert index(two_fit)["gamma"] == "READY"
+
+
 def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone(
         repo, model_bytes, tmp_path):
     """Budget for one model: requests for two at once are all served (each model in turn,

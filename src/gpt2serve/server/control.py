@@ -99,11 +99,11 @@ def read_body(raw: bytes, fields: dict) -> dict:
         body = jsonbody.parse(raw) if raw.strip() else {}
     except jsonbody.BadJSON as e:
         raise BadBody(str(e)) from None
-    _check(body, fields, "")
+    check_fields(body, fields)
     return body
 
 
-def _check(value, fields: dict, path: str) -> None:
+def check_fields(value, fields: dict, path: str = "") -> None:
     if not isinstance(value, dict):
         raise BadBody(f"'{path}' must be an object" if path else
                       "request body must be a JSON object")
@@ -116,6 +116,6 @@ def _check(value, fields: dict, path: str) -> None:
             raise BadBody(f"unknown field '{where}'; " + (f"{holder} may hold {known}" if known
                                                           else f"{holder} takes no fields"))
         if isinstance(kind, dict):
-            _check(item, kind, where)
+            check_fields(item, kind, where)
         elif not isinstance(item, bool):
             raise BadBody(f"'{where}' must be true or false")

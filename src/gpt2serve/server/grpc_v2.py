@@ -29,7 +29,9 @@
   routes): UNIMPLEMENTED while the extension is off (the SDK's answered UNKNOWN,
   `'ModelNotReady' object has no attribute 'reason'`, once the model was gone). A model
   unloaded through them is NOT_FOUND until loaded again; a load or unload overruled by a
-  call for the same model that came in while it waited is ABORTED (REST: 409).
+  call for the same model that came in while it waited is ABORTED (REST: 409). Triton's
+  messages are read too (its clients send the name as field 2), and its RepositoryIndex,
+  which KServe's proto lacks, answers as the REST index.
 
 ModelServer builds its gRPC server itself; `install()` swaps in this module's before it
 starts.
@@ -56,8 +58,9 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 from kserve.utils.utils import to_headers
 
-from ..sampling import MAX_INSTANCES
+from ..sampling import MAX_INSTANCES, quoted
 from .auth import MISSING_KEY, PUBLIC_RPCS, authorized
+from .control import LOAD_BODY, UNLOAD_BODY, BadBody, check_fields
 from .errors import NO_VERSIONS, NOT_FOUND, UNAVAILABLE
 from .health import server_metadata
 from .predictor import V2_INPUT, V2_INPUTS, V2_OUTPUT, V2_PARAMETERS, check_count
@@ -66,27 +69,63 @@ from .v2_infer import (MAX_DIMS, check_bool, check_output_parameters, shape_text
                        split_length_prefixed)
 
 
-def _oip_parameter_class():
-    """The Open Inference Protocol's InferParameter (all five kinds), built at run time so as
-    not to ship a second copy of generated code."""
+def _wire_messages():
+    """The messages this server reads and writes that kserve's generated stubs lack, built at
+    run time so as not to ship a second copy of generated code: the Open Inference Protocol's
+    InferParameter (all five kinds), and Triton's repository messages, whose clients send a
+    load's or unload's model_name as field 2 (KServe's proto has it as field 1, where Triton
+    has repository_name) and which have an index (KServe's proto has none)."""
     F = descriptor_pb2.FieldDescriptorProto
-    file = descriptor_pb2.FileDescriptorProto(name="gpt2serve/oip_parameter.proto",
-                                              package="gpt2serve.oip", syntax="proto3")
-    message = file.message_type.add(name="InferParameter")
-    message.oneof_decl.add(name="parameter_choice")
-    kinds = [("bool_param", F.TYPE_BOOL), ("int64_param", F.TYPE_INT64),
-             ("string_param", F.TYPE_STRING), ("double_param", F.TYPE_DOUBLE),
-             ("uint64_param", F.TYPE_UINT64)]
-    for number, (name, kind) in enumerate(kinds, start=1):
-        message.field.add(name=name, number=number, type=kind, label=F.LABEL_OPTIONAL,
-                          oneof_index=0)
+    package = "gpt2serve.wire"
+    file = descriptor_pb2.FileDescriptorProto(name="gpt2serve/wire.proto", package=package,
+                                              syntax="proto3")
+
+    def message(name, fields, within=None):
+        """`fields`: (name, type or message name, repeated) numbered from 1; a type of -1
+        puts the field in the message's one oneof."""
+        m = (within.nested_type if within is not None else file.message_type).add(name=name)
+        for number, (field, kind, repeated) in enumerate(fields, start=1):
+            f = m.field.add(name=field, number=number, label=F.LABEL_REPEATED if repeated
+                            else F.LABEL_OPTIONAL)
+            if isinstance(kind, str):
+                f.type, f.type_name = F.TYPE_MESSAGE, f".{package}.{kind}"
+            else:
+                f.type = kind
+        return m
+
+    def choice(name, kinds):
+        m = message(name, [(kind, type_, False) for kind, type_ in kinds])
+        m.oneof_decl.add(name="parameter_choice")
+        for f in m.field:
+            f.oneof_index = 0
+
+    choice("InferParameter", [("bool_param", F.TYPE_BOOL), ("int64_param", F.TYPE_INT64),
+                              ("string_param", F.TYPE_STRING), ("double_param", F.TYPE_DOUBLE),
+                              ("uint64_param", F.TYPE_UINT64)])
+    choice("ModelRepositoryParameter", [("bool_param", F.TYPE_BOOL),
+                                        ("int64_param", F.TYPE_INT64),
+                                        ("string_param", F.TYPE_STRING),
+                                        ("bytes_param", F.TYPE_BYTES)])
+    request = message("RepositoryModelRequest", [  # Triton's Load and Unload requests
+        ("repository_name", F.TYPE_STRING, False), ("model_name", F.TYPE_STRING, False),
+        ("parameters", "RepositoryModelRequest.ParametersEntry", True)])
+    entry = message("ParametersEntry", [("key", F.TYPE_STRING, False),
+                                        ("value", "ModelRepositoryParameter", False)], request)
+    entry.options.map_entry = True
+    message("RepositoryIndexRequest", [("repository_name", F.TYPE_STRING, False),
+                                       ("ready", F.TYPE_BOOL, False)])
+    index = message("RepositoryIndexResponse", [
+        ("models", "RepositoryIndexResponse.ModelIndex", True)])
+    message("ModelIndex", [(field, F.TYPE_STRING, False)
+                           for field in ("name", "version", "state", "reason")], index)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(
-        "gpt2serve.oip.InferParameter"))
+    return {m.name: message_factory.GetMessageClass(pool.FindMessageTypeByName(
+        f"{package}.{m.name}")) for m in file.message_type}
 
 
-OIPParameter = _oip_parameter_class()
+WIRE = _wire_messages()
+OIPParameter = WIRE["InferParameter"]
 
 
 def plain_parameters(parameters) -> dict:
@@ -231,23 +270,49 @@ class GPT2Servicer(InferenceServicer):
         return pb.ServerReadyResponse(ready=self.models.ready)
 
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
-        await self._repository(self.models.load, request.model_name)
-        return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
+        name = await self._repository(self.models.load, request, LOAD_BODY)
+        return pb.RepositoryModelLoadResponse(model_name=name, isLoaded=True)
 
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
-        await self._repository(self.models.unload, request.model_name)
-        return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
+        name = await self._repository(self.models.unload, request, UNLOAD_BODY)
+        return pb.RepositoryModelUnloadResponse(model_name=name, isUnloaded=True)
 
-    @staticmethod
-    async def _repository(action, name: str) -> None:
+    async def RepositoryIndex(self, request, context):
+        """Triton's (KServe's proto has none), as `POST /v2/repository/index`."""
+        self._repository_on(request.repository_name)
+        Index = WIRE["RepositoryIndexResponse"]
+        return Index(models=[Index.ModelIndex(**model) for model in self.models.index()
+                             if not request.ready or model["state"] == "READY"])
+
+    async def _repository(self, action, request, fields: dict) -> str:
+        """`action` on the model a load or unload request names, in KServe's message (its
+        model_name alone, as field 1) or in Triton's (model_name as field 2; its parameters
+        checked as REST's body is); the name."""
+        self._repository_on()
+        triton = WIRE["RepositoryModelRequest"].FromString(request.SerializeToString())
+        name = request.model_name
+        if triton.model_name or triton.parameters:
+            self._repository_on(triton.repository_name)
+            name = triton.model_name
+            try:
+                check_fields({"parameters": {key: getattr(p, p.WhichOneof("parameter_choice"))
+                                             for key, p in triton.parameters.items()}}, fields)
+            except BadBody as e:
+                raise InvalidInput(str(e)) from None
         try:
             await action(name)
-        except RepositoryOff as e:
-            raise Unimplemented(str(e)) from None
         except UNAVAILABLE as e:
             raise Unavailable(str(e)) from None
         except Overruled as e:
             raise Aborted(str(e)) from None
+        return name
+
+    def _repository_on(self, repository_name: str = "") -> None:
+        if not self.models.enabled:
+            raise Unimplemented(str(RepositoryOff()))
+        if repository_name:
+            raise InvalidInput(f"repository_name {quoted(repository_name, 40)}: this server "
+                               "has one repository; leave repository_name empty")
 
 
 class ExceptionToStatus(ExceptionToStatusInterceptor):
@@ -379,6 +444,12 @@ class GPT2GRPCServer(GRPCServer):
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        index = grpc.unary_unary_rpc_method_handler(
+            servicer.RepositoryIndex,
+            request_deserializer=WIRE["RepositoryIndexRequest"].FromString,
+            response_serializer=WIRE["RepositoryIndexResponse"].SerializeToString)
+        self._server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"RepositoryIndex": index})])
         self._server.add_insecure_port(f"[::]:{self._port}")
         kserve_logger.info("Starting gRPC server on [::]:%d", self._port)
         await self._server.start()
