@@ -60,6 +60,26 @@ def test_a_prompt_ending_inside_a_character_is_completed_by_the_continuation(gpt
     assert IncrementalDetokenizer(gpt2, prompt).flush() == ""
 
 
+def test_a_run_of_lead_bytes_is_sent_as_the_next_byte_settles_each(gpt2):
+    """d8 starts a two-byte character; another d8 cannot finish it, so its U+FFFD is certain
+    then and is sent then: only the last, which a later byte may still finish, waits. A model
+    writing a run of lead bytes held the whole stream back, each token's window longer, until
+    the sequence ended; and a prompt ending in such a run began its continuation with them."""
+    d8, x80 = (gpt2._tok.token_to_id(c) for c in ("Ø", "Ģ"))  # bytes d8 and 80
+    assert gpt2.token_bytes(d8) == b"\xd8" and gpt2.token_bytes(x80) == b"\x80"
+    a = gpt2.encode("A")[0]
+    for ids, want in [([d8] * 5 + [a], ["", "\ufffd", "\ufffd", "\ufffd", "\ufffd", "\ufffdA"]),
+                      ([d8] * 3 + [x80], ["", "\ufffd", "\ufffd", "\u0600"])]:
+        detok = IncrementalDetokenizer(gpt2)
+        deltas = [detok.push(i) for i in ids]
+        assert deltas == want and detok.flush() == ""
+        assert "".join(deltas) == gpt2.decode(ids)
+    prompt = gpt2.encode("Hello ") + [d8] * 3
+    seeded = IncrementalDetokenizer(gpt2, prompt)
+    assert seeded.held == 1  # the last d8 alone: x80 finishes it
+    assert seeded.push(x80) == "\u0600" and seeded.flush() == ""
+
+
 def test_a_special_token_ends_an_unfinished_character(gpt2):
     """e4, <|endoftext|>, b8 ad: no character goes on across the special token, as
     /detokenize writes it. decode (special tokens skipped) joined the bytes around it; a

@@ -197,27 +197,39 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         if token_id in self.tokenizer.special_ids:
             return self._release()
+        # Held back: the tokens of a character left unfinished at the end, and only those.
+        # What comes before it is final: a run of lead bytes (d8 d8 d8 ...), each one's U+FFFD
+        # certain once the next came, was held whole until the sequence ended.
+        end = len(self.ids) - self._unfinished()
+        if end <= self.read_offset:
+            return ""
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = decode(self.ids[self.prefix_offset:])
-        if len(new_text) > len(prefix_text) and not self._inside_a_character():
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        new_text = decode(self.ids[self.prefix_offset:end])
+        if len(new_text) > len(prefix_text):
+            self.prefix_offset, self.read_offset = self.read_offset, end
             return new_text[len(prefix_text):]
         return ""
 
-    def _inside_a_character(self) -> bool:
-        """Whether the text ends inside a UTF-8 character, which a later token may finish.
-        Text that ends in U+FFFD does not say so: a prompt or the model may write U+FFFD
-        itself (bytes ef bf bd), and a prompt's then came back at the start of the
-        continuation's text. A character is at most 4 bytes: its last 3 tell."""
-        tail = b""
+    def _unfinished(self) -> int:
+        """How many of the last tokens hold a UTF-8 character that the text ends inside of,
+        which a later token may finish (0: it ends at a character's end). Text that ends in
+        U+FFFD does not say so: a prompt or the model may write U+FFFD itself (bytes ef bf
+        bd), and a prompt's then came back at the start of the continuation's text. A
+        character is at most 4 bytes: its last 3 tell."""
+        tail, sizes = b"", []
         for token_id in reversed(self.ids[self.prefix_offset:]):
-            tail = self.tokenizer.token_bytes(token_id) + tail
+            data = self.tokenizer.token_bytes(token_id)
+            tail, sizes = data + tail, sizes + [len(data)]
             if len(tail) >= 3:
                 break
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         decoder.decode(tail[-3:])
-        return bool(decoder.getstate()[0])
+        unfinished, tokens = len(decoder.getstate()[0]), 0
+        while unfinished > 0:
+            unfinished -= sizes[tokens]
+            tokens += 1
+        return tokens
 
     @property
     def held(self) -> int:
