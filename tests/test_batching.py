@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -157,6 +158,37 @@ def test_disconnect_frees_the_slot_of_a_request_with_another_pipelined_behind(
             assert time.monotonic() < deadline
             time.sleep(0.01)
     assert_slots_freed(batch_server, aborted, 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_requests_pipelined_on_a_connection_are_read_a_few_ahead(batch_server):
+    """A client that writes request after request on one connection, faster than they are
+    answered (here it reads no answer): the server reads a few ahead of the one running,
+    then waits for them to run. It read on, each request's read of its own body reading
+    more: 60 KB requests held 600 MB of its memory after 12 s."""
+    status = Path(f"/proc/{batch_server.proc.pid}/status")
+
+    def rss() -> int:
+        return int(status.read_text().split("VmRSS:")[1].split()[0]) * 1024
+
+    pad = b"x" * 60_000
+    request = (f"POST /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: "
+               f"{len(pad)}\r\n\r\n").encode() + pad
+    data = request * 16
+    before, sent = rss(), 0
+    with socket.create_connection(("127.0.0.1", batch_server.port)) as sock:
+        sock.setblocking(False)
+        until = time.monotonic() + 6
+        while time.monotonic() < until:
+            try:
+                sent += sock.send(data[sent % len(data):])
+            except BlockingIOError:
+                time.sleep(0.01)
+        grown = rss() - before
+    assert sent > 32 * 2**20  # the server went on answering them
+    assert grown < 150 * 2**20, f"{grown / 2**20:.0f} MB more after {sent / 2**20:.0f} MB sent"
+    assert post(f"{batch_server.url}/v1/models/{MODEL}:predict",
+                {"instances": [{"prompt": "a", "max_new_tokens": 2}]}).status_code == 200
 
 
 def test_full_queue_answers_503_with_retry_after(batch_server):

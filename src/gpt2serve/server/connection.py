@@ -22,7 +22,10 @@ every few seconds. All of that comes before the app, so before the API key
 - a response whose client reads none of it for `--send_timeout` seconds is dropped
   (`pause_writing`);
 - a lost connection is told to each of its requests not answered whole, the one running
-  and those pipelined behind it (uvicorn told only the latest read).
+  and those pipelined behind it (uvicorn told only the latest read);
+- requests pipelined behind the one running are read up to PIPELINED of them, their bodies
+  up to `--max_body_bytes`; past that the connection is not read until they are fewer (so a
+  client that leaves meanwhile is seen only then: the request running goes on to its end).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 from collections import deque
 
 import kserve.model_server
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .auth import PEER
@@ -40,8 +44,20 @@ from .auth import PEER
 # past four buffers of 8 KiB: a bearer token or a cookie of several KiB is far below this.
 HEAD_BYTES = 64 * 1024
 TOO_LARGE = f"request head exceeds {HEAD_BYTES} bytes"
+# Requests read ahead on a connection while one runs (HTTP/1.1 pipelining), at most
+PIPELINED = 8
 STATUS = {408: b"Request Timeout", 413: b"Content Too Large",
           431: b"Request Header Fields Too Large"}
+
+
+class _HeldFlow(FlowControl):
+    """uvicorn's flow control, whose reads a request's `receive()` resumes, unless `held`."""
+
+    held = False
+
+    def resume_reading(self) -> None:
+        if not self.held:
+            super().resume_reading()
 
 
 class BoundedHttp(HttpToolsProtocol):
@@ -51,6 +67,7 @@ class BoundedHttp(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
+        self.flow = _HeldFlow(transport)
         self.message = 0  # the request being read, counted from 1
         self.phase: str | None = None  # of it: "head", "body", None once read whole
         self.head_bytes = self.body_bytes = self.head_size = 0
@@ -96,6 +113,12 @@ class BoundedHttp(HttpToolsProtocol):
             return  # refused: nothing more of this connection is read
         message, phase = self.message, self.phase
         super().data_received(data)
+        if self._queue_full():
+            # (uvicorn pauses reading when a request queues, but the running request's
+            # `receive()` resumes it: 60 KB requests pipelined behind one that generated
+            # took 500 MB in 20 s, until it ended)
+            self.flow.held = True
+            self.flow.pause_reading()
         if self.refusal is not None or phase is None or message != self.message:
             return  # a read that starts a request (or ends one and starts the next) is not
             # counted: at most one read of a request goes unmeasured
@@ -146,6 +169,15 @@ class BoundedHttp(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the next pipelined request, if any
+        if self.flow.held and not self._queue_full() and self.refusal is None:
+            self.flow.held = False
+            self.flow.resume_reading()
+
+    def _queue_full(self) -> bool:
+        """Whether the requests pipelined behind the one running, which wait their turn, are
+        as many as PIPELINED or their bodies past --max_body_bytes."""
+        return len(self.pipeline) >= PIPELINED or sum(
+            len(cycle.body) for cycle, _ in self.pipeline) > self.max_body_bytes
         if not self._answered():
             return
         if self.refusal is None:
