@@ -498,6 +498,62 @@ def test_triton_s_client_loads_unloads_and_lists_over_grpc(two_fit):
         assert index(two_fit)["gamma"] == "READY"
 
 
+def test_a_tokenizer_that_could_stall_or_crash_the_server_is_refused_at_load(repo, tmp_path):
+    """A tokenizer.json runs what its normalizer, pre-tokenizer and decoder say, patterns and
+    replacements included: a decoder's backtracking regex made the library panic on the step
+    thread, which every model died with; a 4 MiB replacement made gigabytes of one request.
+    Each is refused at load, naming the part, as is a token of 5,000 characters; and a
+    vocab.json and merges.txt that made the library panic while read fail their load with
+    why (it answered 500 and retried for the rest of the request's 30 s, logging backtraces),
+    while the other models serve on."""
+    shutil.copytree(repo / "alpha", tmp_path / "alpha")
+    spec = json.loads((repo / "gamma" / "tokenizer.json").read_text())
+    regex = {"type": "Replace", "pattern": {"Regex": "(.|.|.|.|.|.|.|.)*(?!)"}, "content": "x"}
+    hostile = {
+        "regex_decoder": ({"decoder": {"type": "Sequence", "decoders": [spec["decoder"], regex]}},
+                          "its decoder is Replace"),
+        "split": ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(a|a)*$"}, "behavior": "Isolated",
+             "invert": False}, spec["pre_tokenizer"]]}}, "its pre_tokenizer is Split"),
+        "replace": ({"normalizer": {"type": "Replace", "pattern": {"String": "a"},
+                                    "content": "b" * 4096}}, "its normalizer is Replace"),
+        "precompiled": ({"normalizer": {"type": "Precompiled",
+                                        "precompiled_charsmap": "/////w=="}},
+                        "its normalizer is Precompiled"),
+        "long_token": ({"added_tokens": spec["added_tokens"] + [{
+            "id": 399, "content": "x" * 5000, "single_word": False, "lstrip": False,
+            "rstrip": False, "normalized": False, "special": False}]},
+            "a token of 5000 characters"),
+    }
+    for name, (parts, _) in hostile.items():
+        shutil.copytree(repo / "gamma", tmp_path / name)
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps({**spec, **parts}))
+    panics = tmp_path / "merge_panic"
+    shutil.copytree(repo / "gamma", panics)
+    (panics / "tokenizer.json").unlink()
+    (panics / "vocab.json").write_text('{"a": 0, "b": 1}')
+    (panics / "merges.txt").write_text("#version: 0.2\na b\n")
+    hostile["merge_panic"] = ({}, "the tokenizers library failed")
+    log = tmp_path.parent / f"{tmp_path.name}.log"
+    srv = ServerProcess("--model_dir", str(tmp_path), "--load_models", "alpha",
+                        "--enable_grpc", "false", log=log)
+    try:
+        srv.wait_ready("alpha")
+        before = v1(srv, "alpha", "ROMEO:").json()["predictions"]
+        for name, (_, message) in hostile.items():
+            r = httpx.post(f"{srv.url}/v2/repository/models/{name}/load", timeout=60)
+            assert r.status_code == 503 and message in r.json()["error"], (name, r.text)
+            t0 = time.monotonic()
+            r = v1(srv, name, "a")  # its failure said at once, not retried until a deadline
+            assert r.status_code == 503 and message in r.json()["error"], (name, r.text)
+            assert time.monotonic() - t0 < 5, name
+        assert v1(srv, "alpha", "ROMEO:").json()["predictions"] == before
+        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+        assert log.read_text().count("panicked") <= 2  # (the library prints its own once)
+    finally:
+        srv.stop()
+
+
 def test_models_that_do_not_fit_together_take_turns_and_a_broken_one_fails_alone(
         repo, model_bytes, tmp_path):
     """Budget for one model: requests for two at once are all served (each model in turn,

