@@ -10,9 +10,11 @@ from prometheus_client import Counter, Gauge, Histogram
 MODEL = ("model",)
 
 QUEUE_DEPTH = Gauge("gpt2serve_queue_depth", "Requests waiting for a KV-cache slot", MODEL)
-RUNNING = Gauge("gpt2serve_running_sequences", "Sequences in the running batch", MODEL)
+RUNNING = Gauge("gpt2serve_running_sequences",
+                "Sequences in the running batch, or about to be: their prompt being read", MODEL)
 REJECTED = Counter("gpt2serve_rejected_requests_total",
-                   "Requests refused because the queue was full", MODEL)
+                   "Requests refused (503) because the queue was full, or that waited in it "
+                   "past --request_timeout", MODEL)
 ABORTED = Counter("gpt2serve_aborted_sequences_total",
                   "Sequences dropped, queued or running, because their client went away", MODEL)
 TOKENS_GENERATED = Counter("gpt2serve_generated_tokens_total", "Tokens generated", MODEL)
@@ -23,13 +25,15 @@ PROMPT_TOKENS_BESIDE_DECODE = Histogram(
     "Prompt tokens read in one decode step beside the running sequences (chunked prefill; "
     "the chunk budget bounds it, --max_prefill_tokens at most)", MODEL,
     buckets=(16, 32, 64, 128, 256, 512, 1024, 2048))
+# (to --request_timeout's default and past: the wait in the queue is part of it)
 TIME_TO_FIRST_TOKEN = Histogram(
     "gpt2serve_time_to_first_token_seconds", "Arrival to first generated token", MODEL,
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+             1200))
 TIME_PER_TOKEN = Histogram(
     "gpt2serve_time_per_output_token_seconds",
     "Duration of one decode step (one token per sequence), prefills admitted during it included",
-    MODEL, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+    MODEL, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 HEAD_SCREEN = Counter(
     "gpt2serve_head_screen_steps_total",
     "Greedy or top-k CPU decode steps whose LM head was screened in int8 (packing.HeadScreen), "
@@ -43,14 +47,15 @@ KV_CACHE_USAGE = Gauge("gpt2serve_kv_cache_usage_ratio",
 KV_CACHE_CAPACITY = Gauge("gpt2serve_kv_cache_capacity_tokens",
                           "Tokens the KV cache holds (blocks x block size)", MODEL)
 
-# Serving latencies, named and bucketed as vLLM's (vllm:e2e_request_latency_seconds, ...).
+# Serving latencies, named as vLLM's (vllm:e2e_request_latency_seconds, ...).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 PREFIX_CACHE_QUERIES = Counter("gpt2serve_prefix_cache_queries_total",
                                "Prompt tokens looked up in the prefix cache", MODEL)
 PREFIX_CACHE_HITS = Counter("gpt2serve_prefix_cache_hits_total",
                             "Prompt tokens found in the prefix cache (not read again)", MODEL)
 PROMPT_TOKENS = Counter("gpt2serve_prompt_tokens_total",
-                        "Prompt tokens prefilled (once per request, whatever its n)", MODEL)
+                        "Prompt tokens of the requests admitted (once per request, whatever "
+                        "its n), those found in the prefix cache included", MODEL)
 REQUEST_QUEUE_TIME = Histogram(
     "gpt2serve_request_queue_time_seconds", "Arrival to admission into the running batch",
     MODEL, buckets=LATENCY_BUCKETS)

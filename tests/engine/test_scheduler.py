@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 import torch
@@ -347,3 +348,29 @@ def test_eviction_takes_idle_cached_blocks_least_recent_first_never_held_ones(to
     sched.add([again_a])
     read_whole(sched, again_a)
     assert again_a.cached_tokens == 0  # a's first blocks were evicted, so the chain is gone
+
+
+def test_the_load_gauges_count_a_prompt_being_read_and_a_wait_past_the_deadline(tokenizer):
+    """A request taken off the queue is counted among the running sequences while its prompt
+    is read (chunked prefill, steps long): it was in neither gauge, and the autoscaler's
+    running + waiting missed it. A request that waits past --request_timeout is refused
+    (503), and counted so: it was counted nowhere."""
+    sched = scheduler(tokenizer, max_batch_size=2, max_queue=2, budget=MIN_CHUNK, timeout=0.05)
+    gauge = sched.metrics.running
+    long = request(MIN_CHUNK * 3, n=2)
+    sched.add([long])
+    step = sched.schedule()
+    assert [ch.request for ch in step.chunks] == [long] and not step.chunks[0].last
+    finish(sched, step)
+    assert sched.prefilling == [long] and not sched.running
+    assert gauge._value.get() == 2 == sched.sequences  # its n sequences, about to run
+    sched.drop_prefilling(long)
+    assert gauge._value.get() == 0
+    rejected = sched.metrics.rejected._value.get()
+    sched.add([request(3), request(3)])
+    with pytest.raises(QueueFull):
+        sched.add([request(3)] * 5)  # (a call of 5 prompts: 5 refused)
+    assert sched.metrics.rejected._value.get() == rejected + 5
+    time.sleep(0.06)
+    assert len(sched.schedule().expired) == 2 and not sched.waiting
+    assert sched.metrics.rejected._value.get() == rejected + 7

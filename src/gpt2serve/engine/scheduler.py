@@ -184,7 +184,7 @@ class Scheduler:
             # Requests that free sequence slots will take at the next step do not count.
             free = max(0, self.max_batch_size - self.sequences)
             if len(self.waiting) + len(requests) > self.max_queue + free:
-                self.metrics.rejected.inc()
+                self.metrics.rejected.inc(len(requests))
                 raise QueueFull(f"queue is full ({self.max_queue} waiting requests)")
             self.waiting.extend(requests)
             self.metrics.queue_depth.set(len(self.waiting))
@@ -305,6 +305,7 @@ class Scheduler:
                 self.metrics.request_queue_time.observe(now - request.arrival)
                 self.metrics.prompt_tokens.inc(len(request.prompt_ids))
             self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.running.set(self.sequences)
         return admitted
 
     def _cached_prefix(self, request: Request) -> list[int]:
@@ -342,6 +343,7 @@ class Scheduler:
             if expired:
                 self.waiting = collections.deque(r for r in self.waiting if r not in expired)
                 self.metrics.queue_depth.set(len(self.waiting))
+                self.metrics.rejected.inc(len(expired))
         return expired
 
     def read(self, chunk: Chunk) -> None:
@@ -374,7 +376,7 @@ class Scheduler:
             seq.promised = prompt_blocks + growth - len(seq.blocks)
             seq.keys = list(request.prefix_keys) if self._caches(request) else None
             self.running.append(seq)
-        self.metrics.running.set(len(self.running))
+        self.metrics.running.set(self.sequences)
 
     def grow(self, seqs: list[Sequence]) -> None:
         """Give each sequence the block its next position falls in, if it lacks it."""
@@ -406,6 +408,7 @@ class Scheduler:
         _, growth = self.blocks.need(len(request.prompt_ids), request.max_new,
                                      request.params.n)
         self.blocks.release(request.blocks, growth)
+        self.metrics.running.set(self.sequences)
 
     def retire(self) -> None:
         """Finished sequences leave the batch and give back their blocks."""
@@ -416,7 +419,7 @@ class Scheduler:
             else:
                 keep.append(seq)
         self.running = keep
-        self.metrics.running.set(len(self.running))
+        self.metrics.running.set(self.sequences)
 
     def take_all_waiting(self) -> list[Request]:
         with self.cond:
