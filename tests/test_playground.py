@@ -266,6 +266,9 @@ def test_stop_cancels_on_the_server(srv, page):
     time.sleep(0.5)
     assert samples(page) == stopped_at and el(page, "status").text == "Stopped"
     assert not el(page, "error").is_displayed()
+    # each sample says it was cut short (it said nothing)
+    assert [e.text for e in page.find_elements("css selector", ".sample .finish")] == [
+        "Finished: stopped"] * 4
 
 
 def test_two_samples_stream_side_by_side(page):
@@ -276,6 +279,48 @@ def test_two_samples_stream_side_by_side(page):
     assert a and b and a != b
     left, right = columns[0].rect, columns[1].rect
     assert abs(left["y"] - right["y"]) < 1 and right["x"] >= left["x"] + left["width"]
+
+
+def test_the_default_length_leaves_room_for_the_prompt(srv, page):
+    """Max new tokens untouched, a run asks for the default or what the prompt leaves of the
+    context, whichever is less: the default alone (200, of a 256-token context) was refused
+    for a prompt of 57 tokens or more. Typed, the value is sent as it is."""
+    prompt = "ROMEO: " * 40
+    count = post(f"{srv.url}/tokenize", {"prompt": prompt}, AUTH).json()["count"]
+    context = httpx.get(f"{srv.url}/openai/v1/models", headers=AUTH).json()["data"][0][
+        "max_model_len"]
+    assert count + int(el(page, "max_tokens").get_attribute("value")) > context  # (refused)
+    type_into(page, "prompt", prompt)
+    el(page, "ignore_eos").click()
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    assert state(page) == "done", el(page, "error").text
+    assert el(page, "ntokens").text == str(context - count)
+    assert generate(page, prompt, max_tokens=200) == "error"
+    assert f"plus the prompt's {count} tokens" in el(page, "error").text
+
+
+def test_a_refusal_keeps_the_samples_shown_and_says_why(page):
+    """A run the server refuses (or cannot be sent) cleared the samples shown before it, and
+    showed empty ones under the error."""
+    assert generate(page, "KING:", n=2, max_tokens=20, seed=5) == "done"
+    shown = samples(page)
+    assert generate(page, "KING:", temperature=-1) == "error"
+    assert samples(page) == shown and el(page, "error").is_displayed()
+    page.execute_script('window.fetch = async () => { throw new TypeError("Failed to fetch"); };')
+    assert generate(page, "KING:", temperature=1) == "error"
+    assert samples(page) == shown
+    assert el(page, "error").text.startswith("Cannot reach the server at http://127.0.0.1:")
+
+
+def test_ctrl_enter_generates_from_any_field(page):
+    from selenium.webdriver.common.keys import Keys
+
+    type_into(page, "prompt", "ROMEO:")
+    set_params(page, max_tokens=5)
+    el(page, "temperature").send_keys(Keys.CONTROL, Keys.ENTER)
+    wait(page, lambda d: state(d) != "idle" and state(d) != "streaming")
+    assert state(page) == "done" and samples(page)
 
 
 def test_server_error_is_shown(srv, page):
@@ -301,7 +346,7 @@ def test_a_seed_the_page_cannot_send_as_a_number_gets_the_servers_message(srv, p
     ('data: {"error": {"message": "engine failed", "type": "server_error"}}\n\n',
      "engine failed"),
     ("", "the stream ended before it finished ([DONE] missing)"),
-    (None, "The stream broke: network error"),
+    (None, "The connection to the server broke mid-stream (network error)"),
 ], ids=["error event", "cut short", "connection lost"])
 def test_a_stream_that_fails_shows_why(page, tail, message):
     """The server answers 200 and then fails mid-stream: the page keeps what came and says why.
@@ -310,9 +355,12 @@ def test_a_stream_that_fails_shows_why(page, tail, message):
     page.execute_script("""
         const [body, lost] = arguments;
         let pulls = 0;
-        window.fetch = async () => new Response(new ReadableStream({pull(c) {
+        const real = window.fetch;
+        window.fetch = async (url, options) => !String(url).endsWith("/completions")
+            ? real(url, options) : new Response(new ReadableStream({pull(c) {
             if (pulls++ === 0) c.enqueue(new TextEncoder().encode(body));
-            else if (lost) c.error(new TypeError("network error"));
+            else if (lost) return new Promise((done) => setTimeout(() => {  // once read
+                c.error(new TypeError("network error")); done(); }, 200));
             else c.close(); }}),
             {status: 200, headers: {"Content-Type": "text/event-stream"}});""",
                         f"data: {json.dumps(chunk)}\n\n{tail or ''}", tail is None)
@@ -385,7 +433,9 @@ def test_the_keyboards_focus_stays_on_the_buttons(page):
 REPLAY = """
     const [chunks, hold] = arguments;
     let next = 0;
-    window.fetch = async () => new Response(new ReadableStream({pull(c) {
+    const real = window.fetch;
+    window.fetch = async (url, options) => !String(url).endsWith("/completions")
+        ? real(url, options) : new Response(new ReadableStream({pull(c) {
         if (next < chunks.length) c.enqueue(new TextEncoder().encode(chunks[next++]));
         else if (hold) return new Promise(() => {});  // the connection kept open
         else c.close(); }}),
@@ -421,6 +471,20 @@ def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
     wait(page, lambda d: state(d) == "error")
     assert el(page, "error").text == f"Server answered 401: {MISSING_KEY}"
     wait(page, lambda d: "missing or wrong API key" in d.find_element("id", "model").text, 10)
+
+
+def test_the_key_s_error_goes_once_a_key_that_works_is_typed(srv, page):
+    """A run without the key shows the server's 401; the right key typed then lists the
+    models, and the 401 stayed on the page, as if the key did not work."""
+    type_into(page, "api_key", "\t")
+    assert generate(page, "ROMEO:", max_tokens=3) == "error"
+    assert "Server answered 401" in el(page, "error").text
+    type_into(page, "api_key", KEY + "\t")
+    wait(page, lambda d: not el(d, "error").is_displayed(), 10)
+    assert generate(page, "ROMEO:", temperature=-1) == "error"  # another error stays
+    type_into(page, "api_key", KEY + "\t")
+    time.sleep(1)
+    assert el(page, "error").is_displayed()
 
 
 def test_a_key_an_older_page_left_in_the_browsers_storage_is_dropped(page):
@@ -597,6 +661,12 @@ def test_the_model_picker_routes_by_name(repo_srv, driver):
     texts["beta"] = samples(driver)[0]
     assert texts == {m: greedy(repo_srv, m, "ROMEO:", 12) for m in REPO_MODELS}
     assert texts["alpha"] != texts["beta"]
+    # while a run streams, its model stays picked (picked meanwhile, the run's text was shown
+    # under the other's name)
+    assert driver.execute_script('document.getElementById("generate").click(); '
+                                 'return document.getElementById("model-picker").disabled')
+    wait(driver, lambda d: state(d) != "streaming")
+    assert state(driver) == "done" and el(driver, "model-picker").is_enabled()
 
 
 def test_a_list_of_models_answered_late_does_not_overwrite_a_later_one(repo_srv, driver):

@@ -8,6 +8,7 @@ const KEY_STORE = "gpt2serve.apiKey";
 const NUMBERS = ["max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "n"];
 let modelName = null;
 let maxTokensDefault = settings.defaults.max_tokens; // below the picked model's context
+let maxTokensTyped = false; // else a run asks for the default or the room its prompt leaves
 let controller = null;
 let modelsListed = Promise.resolve(); // the latest /openai/v1/models call, which a run awaits
 let modelsAsked = 0; // calls made: only the latest one's answer is shown
@@ -40,9 +41,11 @@ function setUp() {
     loadModel();
   });
   $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
-  $("prompt").addEventListener("keydown", (e) => {
+  // Ctrl/Cmd+Enter from any field, the settings and the key included
+  document.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
   });
+  $("max_tokens").addEventListener("input", () => { maxTokensTyped = true; });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("curl").addEventListener("click", showCurl);
   $("model-picker").addEventListener("change", pickModel);
@@ -66,12 +69,13 @@ function loadModel() {
 async function listModels(asked) {
   const picker = $("model-picker");
   try {
-    const r = await fetch("/openai/v1/models", { headers: headers() });
+    const r = await send("/openai/v1/models", { headers: headers() });
     const answer = r.ok ? (await r.json()).data : new Error(await responseError(r));
     if (asked !== modelsAsked) return; // a key typed since: its call's answer counts
     if (answer instanceof Error) throw answer;
     models = answer;
     if (!models.length) throw new Error("the server has no model to serve");
+    if ($("error").dataset.status === "401") showError(""); // the key typed since works
     const keep = models.some((m) => m.id === modelName) ? modelName : models[0].id;
     picker.replaceChildren(...models.map((m) => new Option(m.id, m.id, false, m.id === keep)));
     picker.disabled = models.length < 2;
@@ -92,7 +96,8 @@ function pickModel() {
   maxTokensDefault = Math.min(settings.defaults.max_tokens, context - 1);
   $("max_tokens").max = context - 1;
   if (Number($("max_tokens").value) > context - 1) $("max_tokens").value = context - 1;
-  $("max_tokens-hint").textContent = `[${settings.limits.max_tokens[0]}, ${context - 1}], default ${maxTokensDefault}`;
+  $("max_tokens-hint").textContent = `[${settings.limits.max_tokens[0]}, ${context - 1}], `
+    + `default ${maxTokensDefault} or the room the prompt leaves`;
   $("model").textContent = `Model: ${modelName} · context ${context} tokens`;
 }
 
@@ -166,16 +171,21 @@ async function generate() {
   const t = { start: performance.now(), first: null, last: null, tokens: 0 };
   showError("");
   setState("streaming", "Generating…");
+  $("curl-box").hidden = true; // (it showed the last request's parameters, not this one's)
+  $("outputs").setAttribute("aria-busy", "true");
+  let columns = [];
   try {
     await modelsFor(controller.signal); // a key typed just before: the models it lists first
     const body = openaiBody();
+    if (!maxTokensTyped) body.max_tokens = await roomFor(body, controller.signal);
     const n = Number.isInteger(body.n) && body.n > 0 && body.n <= settings.max_n ? body.n : 1;
-    const columns = makeColumns(n, body.prompt);
     t.start = performance.now();
     updateStats(t);
-    const r = await fetch("/openai/v1/completions", { method: "POST", headers: headers(),
+    const r = await send("/openai/v1/completions", { method: "POST", headers: headers(),
                                                      body: toJSON(body), signal: controller.signal });
-    if (!r.ok) throw new Error(await responseError(r));
+    if (!r.ok) throw new ServerError(r.status, await responseError(r));
+    // The samples shown stay until this run's begin: a refusal shows why beside them.
+    columns = makeColumns(n, body.prompt);
     const finished = await readEvents(r.body, (data) => onEvent(data, columns, t),
                                       () => updateStats(t));
     if (!finished) throw new Error("the stream ended before it finished ([DONE] missing)");
@@ -183,8 +193,11 @@ async function generate() {
   } catch (e) {
     if (e.name === "AbortError") {
       setState("stopped", "Stopped");
+      for (const column of columns) { // (a sample cut short said nothing at its end)
+        if (!column.finish.textContent) column.finish.textContent = "Finished: stopped";
+      }
     } else {
-      showError(e.message);
+      showError(e.message, e.status);
       setState("error", "Error");
     }
   } finally {
@@ -207,7 +220,8 @@ async function readEvents(body, onData, afterRead) {
     try {
       read = await reader.read();
     } catch (e) { // the connection cut mid-stream (the server failed after answering 200)
-      throw e.name === "AbortError" ? e : new Error(`The stream broke: ${e.message}`);
+      if (e.name === "AbortError") throw e;
+      throw new Error(`The connection to the server broke mid-stream (${e.message})`);
     }
     if (read.done) return false;
     let text = read.value;
@@ -252,10 +266,39 @@ function onEvent(data, columns, t) {
   }
 }
 
+// Tokens the prompt leaves in the model's context, at most the run's default: the default
+// alone (up to the context, less one) was refused for any prompt of two tokens or more. On
+// a refusal the run's own request says why.
+async function roomFor(body, signal) {
+  const asked = JSON.stringify({ model: body.model, prompt: body.prompt });
+  const r = await send("/tokenize", { method: "POST", headers: headers(), body: asked, signal });
+  let answer = {};
+  try { answer = r.ok ? await r.json() : {}; } catch { /* not JSON: as if refused */ }
+  const { count, max_model_len: context } = answer;
+  if (!Number.isInteger(count) || !Number.isInteger(context)) return body.max_tokens;
+  return Math.max(1, Math.min(body.max_tokens, context - Math.max(count, 1)));
+}
+
+// fetch, with a failure to connect said as one ("Failed to fetch" said nothing of where)
+async function send(url, options) {
+  try {
+    return await fetch(url, options);
+  } catch (e) {
+    if (e.name === "AbortError") throw e;
+    throw new Error(`Cannot reach the server at ${location.origin} (${e.message})`);
+  }
+}
+
+class ServerError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
 function makeColumns(n, prompt) {
   const outputs = $("outputs");
   outputs.replaceChildren();
-  outputs.setAttribute("aria-busy", "true");
   const columns = [];
   for (let i = 0; i < n; i++) {
     const article = document.createElement("article");
@@ -291,6 +334,9 @@ function updateStats(t) {
 function setState(state, label) {
   $("status").dataset.state = state;
   $("status").textContent = label;
+  // The model stays the one the run asks for (picked meanwhile, another's text was shown
+  // under its name)
+  $("model-picker").disabled = state === "streaming" || models.length < 2;
   // One of the two buttons is disabled: if it has the focus (pressed from the keyboard), the
   // focus goes to the other rather than to the page's start.
   const streaming = state === "streaming";
@@ -300,10 +346,11 @@ function setState(state, label) {
   $(off).disabled = true;
 }
 
-function showError(message) {
+function showError(message, status) {
   curlError = false;
   $("error").textContent = message;
   $("error").hidden = !message;
+  $("error").dataset.status = status || "";
 }
 
 async function responseError(r) {
