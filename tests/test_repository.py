@@ -498,6 +498,27 @@ def test_triton_s_client_loads_unloads_and_lists_over_grpc(two_fit):
         assert index(two_fit)["gamma"] == "READY"
 
 
+def test_a_folder_the_repository_skips_says_why_when_asked_for(repo, tmp_path):
+    """KServe's agent downloads a TrainedModel's folder, then calls load: a folder laid out one
+    level too deep (its config.json in a subfolder) was told it did not exist, the reason in
+    the server's log only."""
+    shutil.copytree(repo / "alpha", tmp_path / "alpha")
+    shutil.copytree(repo / "beta", tmp_path / "nested" / "model")
+    srv = ServerProcess("--model_dir", str(tmp_path), "--load_models", "none",
+                        "--enable_grpc", "false")
+    try:
+        srv.wait_ready(path="/v2/health/ready")
+        for r in (httpx.post(f"{srv.url}/v2/repository/models/nested/load", timeout=60),
+                  v1(srv, "nested", "a")):
+            assert r.status_code == 404, r.text
+            assert ("does not exist: a folder of that name is skipped, no config.json file in "
+                    "it") in r.json()["error"], r.text
+        r = httpx.post(f"{srv.url}/v2/repository/models/other/load", timeout=60)
+        assert r.status_code == 404 and "skipped" not in r.json()["error"]
+    finally:
+        srv.stop()
+
+
 def test_a_tokenizer_that_could_stall_or_crash_the_server_is_refused_at_load(repo, tmp_path):
     """A tokenizer.json runs what its normalizer, pre-tokenizer and decoder say, patterns and
     replacements included: a decoder's backtracking regex made the library panic on the step

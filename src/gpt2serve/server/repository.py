@@ -81,9 +81,10 @@ class UnknownModel(ModelNotFound):
     message echoed a name of any length, a 16 KiB path's whole), and the names there are, as
     the OpenAI route's 404 gives them (`listed_by`: the route that lists them all)."""
 
-    def __init__(self, name: str, names: list[str], listed_by: str):
+    def __init__(self, name: str, names: list[str], listed_by: str, skipped: str = ""):
         super().__init__(quoted(name, NAME_LIMIT))
-        self.reason = (f"{self.reason.removesuffix('.')}; this server has "
+        why = f": a folder of that name is skipped, {skipped}" if skipped else ""
+        self.reason = (f"{self.reason.removesuffix('.')}{why}; this server has "
                        f"{some_names(names, listed_by)}")
 
 
@@ -194,7 +195,7 @@ class Repository(ModelRepository):
         self.config, self.budget = config, budget
         self.loop = StepLoop(settings.threads)
         self.entries: dict[str, Entry] = {}
-        self._skipped: set[Path] = set()  # what the last scan skipped (and said so)
+        self._skipped: dict[Path, str] = {}  # what the last scan skipped (and said so), why
         self.shutting_down = False
         self._lock = asyncio.Lock()  # loads and unloads, one at a time
         self._changed = asyncio.Condition()
@@ -244,7 +245,7 @@ class Repository(ModelRepository):
         for path, why in skipped.items():
             if path not in self._skipped:
                 log.warning("skipping %s: %s", path, why)
-        self._skipped = set(skipped)
+        self._skipped = skipped
 
     def get_model(self, name: str):
         """KServe's lookup (V1, V2 infer, gRPC): a model whose folder has appeared under the
@@ -264,8 +265,10 @@ class Repository(ModelRepository):
     def _unknown(self, name: str, every: bool = False) -> UnknownModel:
         """A request's 404 names the models a request may use (GET /v1/models lists them),
         a load's or unload's `every` model of the repository (those unloaded too)."""
+        # (a folder skipped: said in the log only, its load was told it did not exist)
+        skipped = self._skipped.get(Path(self.models_dir) / name, "") if self._skipped else ""
         return UnknownModel(name, self.names(every),
-                            "POST /v2/repository/index" if every else "GET /v1/models")
+                            "POST /v2/repository/index" if every else "GET /v1/models", skipped)
 
     def names(self, every: bool = False) -> list[str]:
         """The models requests may use (not those unloaded through the API), or `every` one."""
