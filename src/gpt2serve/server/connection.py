@@ -172,12 +172,6 @@ class BoundedHttp(HttpToolsProtocol):
         if self.flow.held and not self._queue_full() and self.refusal is None:
             self.flow.held = False
             self.flow.resume_reading()
-
-    def _queue_full(self) -> bool:
-        """Whether the requests pipelined behind the one running, which wait their turn, are
-        as many as PIPELINED or their bodies past --max_body_bytes."""
-        return len(self.pipeline) >= PIPELINED or sum(
-            len(cycle.body) for cycle, _ in self.pipeline) > self.max_body_bytes
         if not self._answered():
             return
         if self.refusal is None:
@@ -187,6 +181,12 @@ class BoundedHttp(HttpToolsProtocol):
             self.transport.close()  # its app answered it (before reading all of it)
         else:
             self._answer(*self.refusal)
+
+    def _queue_full(self) -> bool:
+        """Whether the requests pipelined behind the one running, which wait their turn, are
+        as many as PIPELINED or their bodies past --max_body_bytes."""
+        return len(self.pipeline) >= PIPELINED or sum(
+            len(cycle.body) for cycle, _ in self.pipeline) > self.max_body_bytes
 
     def _answered(self) -> bool:
         """Whether no response is being written or waits its turn: every request read so
