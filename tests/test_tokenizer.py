@@ -1,5 +1,7 @@
 """Tokenizer files and incremental detokenization on real byte-level BPE."""
 
+import random
+
 import pytest
 
 from conftest import GPT2_TOKENIZER
@@ -78,6 +80,30 @@ def test_a_run_of_lead_bytes_is_sent_as_the_next_byte_settles_each(gpt2):
     seeded = IncrementalDetokenizer(gpt2, prompt)
     assert seeded.held == 1  # the last d8 alone: x80 finishes it
     assert seeded.push(x80) == "\u0600" and seeded.flush() == ""
+
+
+def test_deltas_rebuild_any_text_and_show_no_replacement_it_lacks(gpt2):
+    """Random text of two- to four-byte characters, and its tokens with some cut out (bytes
+    that make no character): the deltas join to the text decode gives, and none shows a
+    U+FFFD that text lacks. c4 | b6 e6 (Ķ, then a character the stream ends inside) gave
+    U+FFFD for c4 alone: the cut before the unfinished character's token split Ķ."""
+    assert gpt2.token_bytes(35050) == b"\xb6\xe6"
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in (*range(0x100, 0x250), *range(0x4E00, 0x4E80),
+                                 *range(0x1F600, 0x1F650))] + list("ab ,.")
+    cases = [[128, 35050, 243]]
+    for k in range(600):
+        ids = gpt2.encode("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))))
+        if k % 2 and len(ids) > 1:
+            cut = sorted(rng.sample(range(len(ids) + 1), 2))
+            ids = ids[:cut[0]] + ids[cut[1]:]
+        cases.append(ids)
+    for ids in cases:
+        detok = IncrementalDetokenizer(gpt2)
+        deltas = [detok.push(i) for i in ids] + [detok.flush()]
+        text = gpt2.decode(ids)
+        assert "".join(deltas) == text, ids
+        assert "\ufffd" in text or not any("\ufffd" in d for d in deltas), ids
 
 
 def test_a_special_token_ends_an_unfinished_character(gpt2):

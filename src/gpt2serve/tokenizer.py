@@ -274,10 +274,7 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         if token_id in self.tokenizer.special_ids:
             return self._release()
-        # Held back: the tokens of a character left unfinished at the end, and only those.
-        # What comes before it is final: a run of lead bytes (d8 d8 d8 ...), each one's U+FFFD
-        # certain once the next came, was held whole until the sequence ended.
-        end = len(self.ids) - self._unfinished()
+        end = self._final()
         if end <= self.read_offset:
             return ""
         decode = self.tokenizer.decode
@@ -288,25 +285,33 @@ class IncrementalDetokenizer:
             return new_text[len(prefix_text):]
         return ""
 
-    def _unfinished(self) -> int:
-        """How many of the last tokens hold a UTF-8 character that the text ends inside of,
-        which a later token may finish (0: it ends at a character's end). Text that ends in
-        U+FFFD does not say so: a prompt or the model may write U+FFFD itself (bytes ef bf
-        bd), and a prompt's then came back at the start of the continuation's text. A
-        character is at most 4 bytes: its last 3 tell."""
-        tail, sizes = b"", []
-        for token_id in reversed(self.ids[self.prefix_offset:]):
-            data = self.tokenizer.token_bytes(token_id)
-            tail, sizes = data + tail, sizes + [len(data)]
-            if len(tail) >= 3:
-                break
+    def _final(self) -> int:
+        """How many of the tokens have their text final: all, unless the text ends inside a
+        UTF-8 character, which a later token may finish; then those before it, cut where no
+        character (nor bytes read as one U+FFFD) spans the cut. Only that character's tokens
+        wait: a run of lead bytes (d8 d8 d8 ...), each one's U+FFFD certain once the next
+        came, held the whole text until the sequence ended.
+        Text that ends in U+FFFD does not say so: a prompt or the model may write U+FFFD
+        itself (bytes ef bf bd), and a prompt's then came back at the start of the
+        continuation's text. A character is at most 4 bytes: the last 3 tell."""
+        window = [self.tokenizer.token_bytes(t) for t in self.ids[self.prefix_offset:]]
+        data = b"".join(window)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(tail[-3:])
-        unfinished, tokens = len(decoder.getstate()[0]), 0
-        while unfinished > 0:
-            unfinished -= sizes[tokens]
-            tokens += 1
-        return tokens
+        decoder.decode(data[-3:])
+        unfinished = len(decoder.getstate()[0])
+        if not unfinished:
+            return len(self.ids)
+        whole = data.decode("utf-8", "replace")
+        end, cut = len(self.ids), len(data)
+        for size in map(len, reversed(window)):
+            end, cut = end - 1, cut - size
+            if end <= self.read_offset:
+                break
+            if cut <= len(data) - unfinished and (data[:cut].decode("utf-8", "replace")
+                                                  + data[cut:].decode("utf-8", "replace")
+                                                  == whole):
+                return end
+        return self.read_offset
 
     @property
     def held(self) -> int:
