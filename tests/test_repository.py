@@ -486,6 +486,9 @@ def test_triton_s_client_loads_unloads_and_lists_over_grpc(two_fit):
                 ("RepositoryIndex", field(1, b"other"), "repository_name 'other'"),
                 ("RepositoryModelUnload", field(2, b"gamma") + triton_parameter(
                     "unload_dependents", field(3, b"yes")),
+                 "'parameters.unload_dependents' must be true or false"),
+                ("RepositoryModelUnload", field(2, b"gamma") + triton_parameter(
+                    "unload_dependents", b""),  # (no value at all)
                  "'parameters.unload_dependents' must be true or false")):
             with pytest.raises(grpc.RpcError) as e:
                 call(method, request)

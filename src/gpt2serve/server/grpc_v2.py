@@ -128,13 +128,17 @@ WIRE = _wire_messages()
 OIPParameter = WIRE["InferParameter"]
 
 
+def chosen(parameter):
+    """A parameter message's value: its oneof's field set, or None where none is."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind else None
+
+
 def plain_parameters(parameters) -> dict:
     """A map of InferParameters -> {name: bool | int | str | float}; an empty one -> {}."""
     out = {}
     for name, parameter in parameters.items():
-        full = OIPParameter.FromString(parameter.SerializeToString())
-        kind = full.WhichOneof("parameter_choice")
-        value = getattr(full, kind) if kind else None
+        value = chosen(OIPParameter.FromString(parameter.SerializeToString()))
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidInput(f"parameter '{name}' must be a finite number, got {value}")
         out[name] = value
@@ -295,8 +299,8 @@ class GPT2Servicer(InferenceServicer):
             self._repository_on(triton.repository_name)
             name = triton.model_name
             try:
-                check_fields({"parameters": {key: getattr(p, p.WhichOneof("parameter_choice"))
-                                             for key, p in triton.parameters.items()}}, fields)
+                check_fields({"parameters": {key: chosen(p) for key, p in
+                                             triton.parameters.items()}}, fields)
             except BadBody as e:
                 raise InvalidInput(str(e)) from None
         try:
