@@ -296,6 +296,13 @@ def test_the_default_length_leaves_room_for_the_prompt(srv, page):
     wait(page, lambda d: state(d) != "streaming")
     assert state(page) == "done", el(page, "error").text
     assert el(page, "ntokens").text == str(context - count)
+    el(page, "curl").click()  # the same request: the same room asked for
+    wait(page, lambda d: d.find_element("id", "curl-text").is_displayed())
+    v1 = el(page, "curl-text").get_attribute("textContent").split("\n\n")[0]
+    assert f'"max_new_tokens":{context - count}' in v1
+    out = subprocess.run(["bash", "-c", v1], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "GPT2SERVE_API_KEY": KEY}).stdout
+    assert json.loads(out)["predictions"][0].startswith(prompt), out
     assert generate(page, prompt, max_tokens=200) == "error"
     assert f"plus the prompt's {count} tokens" in el(page, "error").text
 

@@ -78,11 +78,12 @@ async function listModels(asked) {
     if ($("error").dataset.status === "401") showError(""); // the key typed since works
     const keep = models.some((m) => m.id === modelName) ? modelName : models[0].id;
     picker.replaceChildren(...models.map((m) => new Option(m.id, m.id, false, m.id === keep)));
-    picker.disabled = models.length < 2;
+    picker.disabled = controller !== null || models.length < 2; // (not while a run streams)
     pickModel();
   } catch (e) {
     if (asked !== modelsAsked) return;
     modelName = null;
+    models = [];
     picker.replaceChildren();
     picker.disabled = true;
     $("model").textContent = `Model: unknown (${e.message}) · context ${settings.context} tokens`;
@@ -143,9 +144,10 @@ function openaiBody() {
   return modelName ? { model: modelName, ...body } : body;
 }
 
-function v1Body() {
-  const { max_tokens, ...rest } = params();
-  return { instances: [{ prompt: $("prompt").value, max_new_tokens: max_tokens, ...rest }] };
+// The same request for KServe's V1 route, from the OpenAI one's body
+function v1Body(openai) {
+  const { model, prompt, max_tokens, stream, stream_options, ...rest } = openai;
+  return { instances: [{ prompt, max_new_tokens: max_tokens, ...rest }] };
 }
 
 function toJSON(body) {
@@ -371,16 +373,19 @@ function errorText(body) {
 
 const shellQuote = (s) => `'${s.replace(/'/g, "'\\''")}'`;
 
-function curlText() {
+// The run's requests: max new tokens as a run would ask for it (the room the prompt leaves)
+async function curlText() {
+  const body = openaiBody();
+  if (!maxTokensTyped) body.max_tokens = await roomFor(body);
   const auth = $("api_key").value.trim()
     ? ` \\\n  -H "Authorization: Bearer $GPT2SERVE_API_KEY"` : "";
   const json = " \\\n  -H 'Content-Type: application/json' \\\n  -d ";
   const v1 = `${location.origin}/v1/models/${encodeURIComponent(modelName || "MODEL")}:predict`;
   const openai = `${location.origin}/openai/v1/completions`;
   return [auth ? "# with the API key in $GPT2SERVE_API_KEY\n" : "",
-    `# KServe V1\ncurl -s ${shellQuote(v1)}${auth}${json}${shellQuote(toJSON(v1Body()))}\n\n`,
+    `# KServe V1\ncurl -s ${shellQuote(v1)}${auth}${json}${shellQuote(toJSON(v1Body(body)))}\n\n`,
     `# OpenAI completions, streamed\ncurl -sN ${shellQuote(openai)}${auth}${json}`,
-    `${shellQuote(toJSON(openaiBody()))}\n`].join("");
+    `${shellQuote(toJSON(body))}\n`].join("");
 }
 
 let curlError = false; // the error shown is curl's own, which a good request clears
@@ -388,8 +393,8 @@ let curlError = false; // the error shown is curl's own, which a good request cl
 async function showCurl() {
   let text;
   try {
-    text = curlText();
-  } catch (e) { // a field that is not a number
+    text = await curlText();
+  } catch (e) { // a field that is not a number, a server out of reach
     showError(e.message);
     curlError = true;
     return;
