@@ -364,6 +364,18 @@ def test_the_load_gauges_count_a_prompt_being_read_and_a_wait_past_the_deadline(
     finish(sched, step)
     assert sched.prefilling == [long] and not sched.running
     assert gauge._value.get() == 2 == sched.sequences  # its n sequences, about to run
+    while not step.chunks[-1].last:
+        step = sched.schedule()
+        finish(sched, step)
+        assert gauge._value.get() == 2 == sched.sequences  # (never counted twice)
+    assert len(sched.running) == 2 and not sched.prefilling
+    for seq in sched.running:
+        seq.finish_reason = "length"
+    sched.retire()
+    assert gauge._value.get() == 0
+    long = request(MIN_CHUNK * 3, n=2)
+    sched.add([long])
+    finish(sched, sched.schedule())
     sched.drop_prefilling(long)
     assert gauge._value.get() == 0
     rejected = sched.metrics.rejected._value.get()

@@ -239,6 +239,7 @@ class Scheduler:
             if chunk.last:
                 self.start(chunk.request, chunk.request.seqs)
             self.read(chunk)
+        self.metrics.running.set(self.sequences)  # (started, counted twice until read)
         for seq in step.decode:
             self._remember_filled(seq)
         for request, scored in prompt_logprobs:
@@ -376,7 +377,6 @@ class Scheduler:
             seq.promised = prompt_blocks + growth - len(seq.blocks)
             seq.keys = list(request.prefix_keys) if self._caches(request) else None
             self.running.append(seq)
-        self.metrics.running.set(self.sequences)
 
     def grow(self, seqs: list[Sequence]) -> None:
         """Give each sequence the block its next position falls in, if it lacks it."""
