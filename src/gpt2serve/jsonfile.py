@@ -14,13 +14,12 @@ from typing import Any
 MAX_BYTES = 2**20
 
 
-def read(path: Path, error: type[Exception] = ValueError, max_bytes: int = MAX_BYTES) -> Any:
-    """The JSON value in `path`, or `error` naming it: past `max_bytes`, not UTF-8, not JSON,
-    nested past the parser's depth, or an integer past int()'s digit limit. OSError as
-    raised."""
+def read(path: Path, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in `path`, or `error` naming it: too large, not UTF-8, not JSON, nested
+    past the parser's depth, or an integer past int()'s digit limit. OSError as raised."""
     size = path.stat().st_size
-    if size > max_bytes:
-        raise error(f"{path}: {size} bytes, more than the {max_bytes // 2**10} KiB a model's "
+    if size > MAX_BYTES:
+        raise error(f"{path}: {size} bytes, more than the {MAX_BYTES // 2**10} KiB a model's "
                     "JSON file may take")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))

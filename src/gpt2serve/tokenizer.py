@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -111,7 +112,7 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (may be a partial UTF-8 character, shown as U+FFFD)."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        return self.decode([token_id], skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token adds to decoded text: b"" for a special token (decode skips
@@ -161,8 +162,8 @@ def _read(*paths: Path) -> HFTokenizer:
 
 def _build(*paths: Path) -> HFTokenizer:
     if len(paths) == 1:
-        _check_parts(paths[0])
         tok = HFTokenizer.from_file(str(paths[0]))
+        _check_parts(tok, paths[0].name)
         # A tokenizer.json may carry padding and truncation, which `encode` would apply to
         # every prompt (padded to 200M tokens, one request took the server down); transformers
         # turns both off for each call unless asked.
@@ -189,15 +190,15 @@ def _build(*paths: Path) -> HFTokenizer:
     return tok
 
 
-def _check_parts(path: Path) -> None:
-    """ValueError unless the tokenizer.json at `path` is a BPE made of ALLOWED_PARTS."""
-    spec = jsonfile.read(path, max_bytes=MAX_FILE_BYTES)
-    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
-        raise ValueError(f"{path.name}: not a tokenizer (an object with a 'model')")
-    if spec["model"].get("type", "BPE") != "BPE":  # (the type is optional in the format)
-        raise ValueError(f"{path.name}: a {_kind(spec['model'])} model; GPT-2's is a BPE")
+def _check_parts(tok: HFTokenizer, name: str) -> None:
+    """ValueError unless the tokenizer read from file `name` is a BPE of ALLOWED_PARTS (each
+    read as its own JSON: not the vocabulary's, which a 32 MiB file made 0.5 GB of Python)."""
+    model = type(tok.model).__name__
+    if model != "BPE":
+        raise ValueError(f"{name}: a {model} model; GPT-2's is a BPE")
     for part, allowed in ALLOWED_PARTS.items():
-        value = spec.get(part)
+        component = getattr(tok, part)
+        value = None if component is None else json.loads(component.__getstate__())
         inner = value.get(SEQUENCE_KEYS[part]) if isinstance(value, dict) and value.get(
             "type") == "Sequence" else [value]
         kinds = [None if v is None else _kind(v) for v in
@@ -205,8 +206,8 @@ def _check_parts(path: Path) -> None:
         refused = [k for k in kinds if k not in allowed]
         if refused:
             named = ", ".join("none" if k is None else k for k in sorted(allowed, key=str))
-            raise ValueError(f"{path.name}: its {part} is {refused[0] or 'none'}; this "
-                             f"server runs a GPT-2 tokenizer's ({named})")
+            raise ValueError(f"{name}: its {part} is {refused[0] or 'none'}; this server runs "
+                             f"a GPT-2 tokenizer's ({named})")
 
 
 def _kind(part) -> str:
