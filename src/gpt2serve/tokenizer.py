@@ -250,7 +250,8 @@ class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas that never split a UTF-8 character.
 
     Byte-level BPE tokens can end mid-character; decoding a short window of recent tokens
-    (as TGI and vLLM do) and holding back text that ends in U+FFFD keeps each delta whole.
+    (as TGI and vLLM do) and holding back the tokens of a character the text ends inside of
+    (`_final`) keeps each delta whole.
 
     It starts from the prompt's last tokens, as vLLM does: a prompt of token ids may end
     inside a character, and the generated tokens that finish it must yield that character

@@ -296,8 +296,9 @@ def to_params(fields: dict, where: str = "", max_n: int = MAX_N,
 # numbers from strings. The OpenAI route keeps JSON's types, as OpenAI's does.
 _KINDS = {name: kind for name, hint in typing.get_type_hints(SamplingParams).items()
           for kind in (bool, int, float) if hint in (kind, kind | None)}
-# A JSON number of at most 31 digits each side (int() of thousands of digits is slow)
-_NUMBER = re.compile(r"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,31})?([eE][-+]?[0-9]{1,3})?")
+# A JSON number of at most 31 digits each side and an exponent of two (int() of thousands
+# of digits is slow; "1e999", read as inf, came back as inf in the refusal)
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,31})?([eE][-+]?[0-9]{1,2})?")
 
 
 def _from_string(value, kind: type | None):
