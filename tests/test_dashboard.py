@@ -16,8 +16,10 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "gpt2se
 METRIC = re.compile(r"\b(gpt2serve_[a-z0-9_]+|request_[a-z]+_seconds(?:_bucket|_count|_sum)?)\b")
 
 
-# The repository's own gauges, which have no model label.
-SERVER_LEVEL = {"gpt2serve_models_loaded", "gpt2serve_memory_budget_bytes"}
+# The server's own series, which have no model label: the repository's gauges, the HTTP
+# answers' count.
+SERVER_LEVEL = {"gpt2serve_models_loaded", "gpt2serve_memory_budget_bytes",
+                "gpt2serve_http_requests_total"}
 
 
 def dashboard() -> dict:

@@ -16,7 +16,8 @@ from gpt2serve.engine import Engine, EngineConfig, EngineStopped, Prompt
 from gpt2serve.sampling import SamplingParams
 
 MODEL = "aitextgen"
-SERVER_LEVEL = ("gpt2serve_models_loaded", "gpt2serve_memory_budget_bytes")
+SERVER_LEVEL = ("gpt2serve_models_loaded", "gpt2serve_memory_budget_bytes",
+                "gpt2serve_http_requests")
 
 
 def scrape(srv) -> dict[str, float]:
@@ -24,7 +25,8 @@ def scrape(srv) -> dict[str, float]:
     series must carry, naming the server's one model."""
     text = httpx.get(f"{srv.url}/metrics").text
     series = {}
-    for m in re.finditer(r"^(gpt2serve_[a-z0-9_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", text, re.M):
+    for m in re.finditer(r'^(gpt2serve_[a-z0-9_]+)(?:\{((?:[^"}]|"[^"]*")*)\})? ([0-9.e+-]+)$',
+                         text, re.M):  # (a label's value may hold braces: a route's template)
         name, labels = m.group(1), (m.group(2) or "").split(",")
         if not name.startswith(SERVER_LEVEL):
             assert f'model="{MODEL}"' in labels, m.group(0)
@@ -66,6 +68,43 @@ def test_serving_metrics(one_slot):
     assert 0 < itl < e2e
     assert after['gpt2serve_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
         after["gpt2serve_inter_token_latency_seconds_count"]
+
+
+def test_every_http_answer_is_counted_by_route_and_status(tiny_model):
+    """A 4xx or 5xx rate could not be read: KServe's request_predict_seconds counts V1 and V2
+    predictions only, its refusals among them, and nothing counted the other routes. Each
+    answer is counted by its route's template and the status the client got, refusals made
+    before any route (the API key's 401) and HEAD requests included."""
+    with running_server("--model_dir", str(tiny_model), "--enable_grpc", "false",
+                        "--api_key", "k", headers={"Authorization": "Bearer k"}) as srv:
+        auth = {"Authorization": "Bearer k"}
+        predict = "/v1/models/{model_name}:predict"
+        before = scrape(srv)
+        for _ in range(2):
+            assert httpx.post(f"{srv.url}/v1/models/{MODEL}:predict", headers=auth,
+                              json={"instances": ["a"]}).status_code == 200
+        calls = [("post", f"/v1/models/{MODEL}:predict", {"instances": [{"n": -1}]}, 400,
+                  predict),
+                 ("post", "/v1/models/nope:predict", {"instances": ["a"]}, 404, predict),
+                 ("post", "/openai/v1/completions", {"model": MODEL, "prompt": "a",
+                                                     "max_tokens": 1}, 200,
+                  "/openai/v1/completions"),
+                 ("head", "/v2/health/ready", None, 200, "/v2/health/ready"),
+                 ("get", "/no/such/route", None, 404, "none")]
+        for method, path, body, status, _ in calls:
+            r = httpx.request(method, f"{srv.url}{path}", headers=auth, json=body)
+            assert r.status_code == status, (path, r.text)
+        assert httpx.post(f"{srv.url}/openai/v1/completions", json={}).status_code == 401
+        after = scrape(srv)
+
+    def counted(route: str, status: int) -> float:
+        return delta(before, after,
+                     f'gpt2serve_http_requests_total{{route="{route}",status="{status}"}}')
+
+    assert counted(predict, 200) == 2
+    for _, _, _, status, route in calls:
+        assert counted(route, status) == 1, (route, status)
+    assert counted("none", 401) == 1  # refused by the key, before any route
 
 
 def test_queue_time_is_the_wait_for_a_slot(one_slot):

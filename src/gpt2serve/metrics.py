@@ -69,6 +69,13 @@ INTER_TOKEN_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
              0.75, 1, 2.5, 5))
 
+# Server-level: what the HTTP routes answered (server/middleware.CountAnswers). KServe's
+# request_*_seconds histograms count V1 and V2 predictions only, refusals among them.
+HTTP_ANSWERS = Counter("gpt2serve_http_requests_total",
+                       "HTTP requests by route (its path template; 'none' for a request "
+                       "answered before routing or matching no route) and status ('none': "
+                       "the client left before an answer began)", ("route", "status"))
+
 # Server-level: the memory budget that loaded models share (server/repository.py).
 MODELS_LOADED = Gauge("gpt2serve_models_loaded", "Models loaded and serving")
 MODEL_MEMORY = Gauge("gpt2serve_model_memory_bytes",

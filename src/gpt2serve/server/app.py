@@ -98,9 +98,9 @@ def serve(args: argparse.Namespace) -> None:
     from .errors import HideInternalErrors, QuietDisconnects, QuietRefusals
     from .generate import generate_router
     from .health import health_router
-    from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, CrossSiteForms,
-                             FiniteJSON, HeadAsGet, NoModelVersions, RebindingGuard,
-                             WholeForHttp10)
+    from .middleware import (BearerAuth, BodyLimit, CancelOnDisconnect, CountAnswers,
+                             CrossSiteForms, FiniteJSON, HeadAsGet, NoModelVersions,
+                             RebindingGuard, WholeForHttp10)
     from .openai import openai_router
     from .predictor import GPT2Predictor, v1_router
     from .repository import KV_SHARE, ModelUnavailable, ModelUnloaded, Repository, settings_of
@@ -148,7 +148,7 @@ def serve(args: argparse.Namespace) -> None:
     app.include_router(tokenize_router(repository, prefix="/openai/v1"))
     playground.add_routes(app, repository)
     describe_the_answering_routes(app)
-    # Starlette runs the last added middleware first: cross-site forms, auth, the body
+    # Starlette runs the last added middleware first: the count, cross-site forms, auth, the body
     # limit, the rebinding guard, model versions, non-finite JSON, cancel-on-disconnect, then
     # HEAD as GET around the handlers.
     app.add_middleware(HeadAsGet)
@@ -162,7 +162,8 @@ def serve(args: argparse.Namespace) -> None:
         app.add_middleware(BearerAuth, api_key=args.api_key)
     app.add_middleware(CrossSiteForms, keyed=bool(args.api_key))
     app.add_middleware(HideInternalErrors)  # no internal message leaks
-    app.add_middleware(WholeForHttp10)  # outermost: sees every response as it is sent
+    app.add_middleware(WholeForHttp10)  # sees every response as it is sent
+    app.add_middleware(CountAnswers)  # outermost: counts what the client got
     shutdown.install(repository, args.shutdown_grace)
     connection.install(args.header_timeout, args.max_body_bytes, args.send_timeout)
     grpc_v2.install(repository, args.api_key, args.max_body_bytes, args.max_instances)

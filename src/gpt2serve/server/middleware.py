@@ -1,8 +1,8 @@
 """ASGI middlewares around KServe's app: bearer-token auth, refusing a cross-site form, a
 request body limit, refusing JSON no route can take (non-finite numbers, lone surrogates, deep
 nesting, duplicate keys), cancelling a handler whose client went away (and a stream's engine
-requests: EventStream), HEAD answered as GET, and an HTTP/1.0 client's response sent whole;
-and `started`, which holds a stream's response until its first event."""
+requests: EventStream), HEAD answered as GET, an HTTP/1.0 client's response sent whole, and
+each answer counted; and `started`, which holds a stream's response until its first event."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 
 from starlette.responses import StreamingResponse
 
+from .. import metrics
 from ..sampling import quoted
 from . import jsonbody
 
@@ -189,6 +190,31 @@ def _local_name(name: str) -> bool:
         return False
 
 
+class CountAnswers:
+    """Each HTTP request counted by its route and the status its client got
+    (metrics.HTTP_ANSWERS): outermost, it sees the answers every middleware gives."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = "none"
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:  # (the route: what Starlette's router matched, in the scope it was given)
+            route = getattr(scope.get("route"), "path", None) or "none"
+            metrics.HTTP_ANSWERS.labels(route, status).inc()
+
+
 class HeadAsGet:
     """HEAD answered as GET, without the body (RFC 9110: a server that answers GET answers
     HEAD). Load balancers and uptime checks send it to the probes and `/metrics`, which
@@ -208,7 +234,12 @@ class HeadAsGet:
                 message = {"type": "http.response.body", "body": b""}
             await send(message)
 
-        return await self.app({**scope, "method": "GET"}, receive, headers_only)
+        inner = {**scope, "method": "GET"}
+        try:
+            return await self.app(inner, receive, headers_only)
+        finally:
+            if "route" in inner:  # (for CountAnswers)
+                scope["route"] = inner["route"]
 
 
 class WholeForHttp10:
