@@ -163,7 +163,7 @@ def serve(args: argparse.Namespace) -> None:
     app.add_middleware(CrossSiteForms, keyed=bool(args.api_key))
     app.add_middleware(HideInternalErrors)  # no internal message leaks
     app.add_middleware(WholeForHttp10)  # sees every response as it is sent
-    app.add_middleware(CountAnswers)  # outermost: counts what the client got
+    app.add_middleware(CountAnswers)  # outermost of ours: counts what the client got
     shutdown.install(repository, args.shutdown_grace)
     connection.install(args.header_timeout, args.max_body_bytes, args.send_timeout)
     grpc_v2.install(repository, args.api_key, args.max_body_bytes, args.max_instances)

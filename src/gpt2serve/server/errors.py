@@ -127,11 +127,11 @@ class HideInternalErrors:
         async def guarded_send(message):
             nonlocal started, hidden
             if message["type"] == "http.response.start":
-                started = True
                 status = message["status"]
                 if status >= 500 and status not in _SAID_TO_CLIENTS:
                     hidden = status
                     return
+                started = True  # (sent: one swallowed above is not)
             elif hidden is not None and message["type"] == "http.response.body":
                 if not message.get("more_body", False):
                     await _send(send, hidden, internal_error_body(scope["path"], hidden))

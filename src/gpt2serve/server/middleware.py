@@ -192,7 +192,10 @@ def _local_name(name: str) -> bool:
 
 class CountAnswers:
     """Each HTTP request counted by its route and the status its client got
-    (metrics.HTTP_ANSWERS): outermost, it sees the answers every middleware gives."""
+    (metrics.HTTP_ANSWERS): outermost of ours, it sees the answers every one of them gives;
+    an exception past them is the 500 Starlette's error middleware then sends. (The
+    connection's own refusals, connection.py's 408, 413 and 431 before a request reaches the
+    app, are not among them.)"""
 
     def __init__(self, app):
         self.app = app
@@ -204,12 +207,16 @@ class CountAnswers:
 
         async def counted(message):
             nonlocal status
-            if message["type"] == "http.response.start":
-                status = str(message["status"])
             await send(message)
+            if message["type"] == "http.response.start" and status == "none":
+                status = str(message["status"])  # (sent: the client got it)
 
         try:
             await self.app(scope, receive, counted)
+        except Exception:
+            if status == "none":
+                status = "500"
+            raise
         finally:  # (the route: what Starlette's router matched, in the scope it was given)
             route = getattr(scope.get("route"), "path", None) or "none"
             metrics.HTTP_ANSWERS.labels(route, status).inc()

@@ -395,10 +395,12 @@ async function showCurl() {
   try {
     text = await curlText();
   } catch (e) { // a field that is not a number, a server out of reach
+    if (controller) return; // (a run began meanwhile: its own errors are shown)
     showError(e.message);
     curlError = true;
     return;
   }
+  if (controller) return; // a run began while the prompt was counted: the box stays hidden
   if (curlError) showError("");
   $("curl-text").textContent = text;
   $("curl-box").hidden = false;
