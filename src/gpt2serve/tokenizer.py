@@ -67,13 +67,14 @@ class Tokenizer:
                 pair = sorted((first[token_id], token))
                 raise ValueError(f"tokens {pair[0]!r} and {pair[1]!r} of the vocabulary have "
                                  f"the same id, {token_id}")
-        longest = max(tokenizer.get_vocab(with_added_tokens=True), key=len, default="")
+        every = tokenizer.get_vocab(with_added_tokens=True)
+        longest = max(every, key=len, default="")
         if len(longest) > MAX_TOKEN_CHARS:
             raise ValueError(f"a token of {len(longest)} characters ({longest[:20]!r}...): "
                              f"a token may have at most {MAX_TOKEN_CHARS}")
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size()
-        self.largest_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+        self.largest_id = max(every.values(), default=-1)
         self.special_ids = frozenset(
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
         self._byte_table: list[bytes] | None = None
