@@ -81,8 +81,7 @@ def _wire_messages():
                                               syntax="proto3")
 
     def message(name, fields, within=None):
-        """`fields`: (name, type or message name, repeated) numbered from 1; a type of -1
-        puts the field in the message's one oneof."""
+        """`fields`: (name, type or message name, repeated), numbered from 1."""
         m = (within.nested_type if within is not None else file.message_type).add(name=name)
         for number, (field, kind, repeated) in enumerate(fields, start=1):
             f = m.field.add(name=field, number=number, label=F.LABEL_REPEATED if repeated
@@ -292,11 +291,11 @@ class GPT2Servicer(InferenceServicer):
         """`action` on the model a load or unload request names, in KServe's message (its
         model_name alone, as field 1) or in Triton's (model_name as field 2; its parameters
         checked as REST's body is); the name."""
-        self._repository_on()
         triton = WIRE["RepositoryModelRequest"].FromString(request.SerializeToString())
+        is_triton = bool(triton.model_name or triton.parameters)
+        self._repository_on(triton.repository_name if is_triton else "")
         name = request.model_name
-        if triton.model_name or triton.parameters:
-            self._repository_on(triton.repository_name)
+        if is_triton:
             name = triton.model_name
             try:
                 check_fields({"parameters": {key: chosen(p) for key, p in
