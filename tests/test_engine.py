@@ -116,3 +116,34 @@ def test_a_calls_error_is_freed_once_caught_without_a_full_collection():
     finally:
         gc.enable()
         engine.stop()
+
+
+def test_a_step_that_fails_still_answers_the_requests_that_expired_in_it():
+    """The step's expired requests had left the queue when its prompt's start raised (a
+    bug's stand-in): the step's failure took them with it, and their callers waited
+    forever. The failure costs the prompt; the expired hear of their timeout."""
+    from gpt2serve.engine.scheduler import EngineError, RequestTimeout
+
+    model, tokenizer = checkpoint.load(None)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1, request_timeout=5),
+                    threaded=False)
+    params = SamplingParams.from_dict({"max_new_tokens": 2})
+
+    def start_fails(tokenizer, eos_id):
+        raise RuntimeError("bug")
+
+    async def scenario():
+        (first,) = engine.submit([Prompt([1, 2], params)])
+        (late,) = engine.submit([Prompt([3, 4], params)])
+        late.arrival -= 10  # past --request_timeout
+        first.start = start_fails
+        engine.step()
+        for request, error in ((first, EngineError), (late, RequestTimeout)):
+            with pytest.raises(error):
+                await asyncio.wait_for(anext(engine.stream([request])), 5)
+
+    try:
+        asyncio.run(scenario())
+        assert not engine.scheduler.busy
+    finally:
+        engine.stop()

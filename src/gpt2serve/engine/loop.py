@@ -33,7 +33,7 @@ from .config import EngineConfig
 from .outbox import Outbox
 from .runner import EagerRunner, StepOutput, choose_runner
 from .sampler import Sampler
-from .scheduler import (ChunkBudget, EngineError, EngineStopped, RequestTimeout,
+from .scheduler import (SHUTTING_DOWN, ChunkBudget, EngineError, EngineStopped,
                         ScheduledStep, Scheduler, streams)
 from .sequence import Completion, Prompt, Request, TokenEvent
 from .step_loop import StepLoop
@@ -95,11 +95,11 @@ class Engine:
         """Graceful shutdown, first half: new requests get EngineStopped (503), accepted ones
         (running or queued) carry on."""
         with self.scheduler.cond:
-            self.scheduler.closed = True
+            self.scheduler.closed = SHUTTING_DOWN
 
     @property
     def draining(self) -> bool:
-        return self.scheduler.closed
+        return self.scheduler.closed is not None
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is running or queued, or `timeout` passes; True if idle."""
@@ -116,7 +116,7 @@ class Engine:
         """End the step loop; whatever is still running or queued fails with EngineStopped.
         Waits up to `timeout` seconds for the step in flight to end."""
         with self.scheduler.cond:
-            self.scheduler.closed = self._stopping = True
+            self.scheduler.closed, self._stopping = SHUTTING_DOWN, True
             attached = self.loop is not None and self in self.loop.engines
             if not attached:
                 self._fail(lambda: EngineStopped("server stopped"), waiting=True)
@@ -252,7 +252,6 @@ class Engine:
             sched.retire()
             t0 = time.perf_counter()
             step = sched.schedule(any(streams(e.scheduler.running) for e in neighbours))
-            self._expire(step)
             if step:
                 newcomers = _Newcomers(self, step.streams, arrivals, neighbours)
                 out = self.runner.execute(step, newcomers.read)
@@ -268,12 +267,13 @@ class Engine:
         except Exception:  # a failed step costs the running batch, never the server
             log.exception("engine step failed")
             self._fail(EngineError)
-        self._outbox.flush()
+        self._send_refused()
 
-    def _expire(self, step: ScheduledStep) -> None:
-        for request in step.expired:
-            self._outbox.put(request, RequestTimeout(
-                f"waited more than {self.config.request_timeout:g}s for a free slot"))
+    def _send_refused(self) -> None:
+        """The errors of the requests that left the queue without a slot, then every event."""
+        for request, error in self.scheduler.take_refused():
+            self._outbox.put(request, error)
+        self._outbox.flush()
 
     def _deliver(self, step: ScheduledStep, out: StepOutput) -> None:
         """The scheduler takes the step's outcome (chunks read, sequences started), then each
@@ -294,17 +294,17 @@ class Engine:
 
     def _read_newcomers(self, budget: int) -> None:
         step = self.scheduler.schedule_newcomers(budget)
-        self._expire(step)
         if step:
             self._deliver(step, self.runner.execute(step))
-        self._outbox.flush()
+        self._send_refused()
 
     def _fail(self, error: Callable[[], Exception], waiting: bool = False) -> None:
         """Fail every request running or being prefilled, and waiting if asked, each with an
-        error of its own: one raised by every call would gather all their frames."""
+        error of its own (one raised by every call would gather all their frames); the
+        refused ones hear of it too (a neighbour's failure is failed here, not in its step)."""
         for request in self.scheduler.abort(waiting):
             self._outbox.put(request, error())
-        self._outbox.flush()
+        self._send_refused()
 
 
 class _Newcomers:

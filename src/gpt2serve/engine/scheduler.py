@@ -12,6 +12,7 @@ whole completions it is the most (ChunkBudget)."""
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .sequence import Request, Sequence
 
 MIN_CHUNK = 16  # prompt tokens read beside a decode step, at the least
 
+log = logging.getLogger("gpt2serve.engine")
+
 
 class QueueFull(RuntimeError):
     """The waiting queue is at --max_queue; the client should retry later."""
@@ -36,6 +39,9 @@ class RequestTimeout(RuntimeError):
 
 class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new work."""
+
+
+SHUTTING_DOWN = "server is shutting down"
 
 
 class EngineError(RuntimeError):
@@ -63,14 +69,13 @@ class Chunk:
 class ScheduledStep:
     """One forward pass: the next token of each running sequence in `decode`, then the
     prompt pieces in `chunks`. `started` holds the sequences of the prompts this step reads to
-    their end, which take their first token from their prompt's last row; `expired`, the
-    requests that waited past the timeout (they get an error, not a slot). `streams_elsewhere`:
-    another model on the same step thread has a stream running, which waits for this pass."""
+    their end, which take their first token from their prompt's last row.
+    `streams_elsewhere`: another model on the same step thread has a stream running, which
+    waits for this pass."""
 
     decode: list[Sequence]
     chunks: list[Chunk]
     started: list[Sequence] = field(default_factory=list)
-    expired: list[Request] = field(default_factory=list)
     streams_elsewhere: bool = False
 
     @property
@@ -161,7 +166,11 @@ class Scheduler:
         # Guards `waiting` and `closed` (the asyncio side adds, the step thread takes) and
         # wakes the step thread; the StepLoop's, shared by the engines it steps.
         self.cond = cond or threading.Condition()
-        self.closed = False
+        self.closed: str | None = None  # why new requests are refused (EngineStopped), once so
+        # Requests that left the queue without a slot, each with its error (past
+        # --request_timeout; or failed at admission by a bug of ours, alone rather than with
+        # the queue behind it): the engine sends them after every step, a failed one too.
+        self.refused: list[tuple[Request, Exception]] = []
 
     # ---- called from the asyncio side ----------------------------------------------------
 
@@ -180,7 +189,7 @@ class Scheduler:
         """Queue all of a call's requests, or none (EngineStopped, QueueFull)."""
         with self.cond:
             if self.closed:
-                raise EngineStopped("server is shutting down")
+                raise EngineStopped(self.closed)
             # Requests that free sequence slots will take at the next step do not count.
             free = max(0, self.max_batch_size - self.sequences)
             if len(self.waiting) + len(requests) > self.max_queue + free:
@@ -222,8 +231,8 @@ class Scheduler:
     def _step(self, step: ScheduledStep, budget: int, whole_new_prompts: bool
               ) -> ScheduledStep:
         """`step` (its decode rows) with the prompt chunks that fit `budget`."""
-        # before admission: a request past its timeout gets a 503
-        step.expired = self._expire() if self.waiting else []
+        if self.waiting:  # before admission: a request past its timeout gets a 503
+            self._expire()
         step.chunks = (self.next_chunks(budget, whole_new_prompts)
                        if self.waiting or self.prefilling else [])
         step.started = [s for c in step.chunks if c.last
@@ -288,12 +297,13 @@ class Scheduler:
                 request = self.waiting[0]
                 if self.sequences + request.params.n > self.max_batch_size:
                     break
-                hits = self._cached_prefix(request)
-                length = len(request.prompt_ids)
-                prompt_blocks, growth = self.blocks.need(length, request.max_new,
-                                                         request.params.n)
-                blocks = self.blocks.admit(prompt_blocks, growth, hits, keep=self.blocks.need(
-                    length, request.max_new, 1)[1])
+                try:
+                    hits = self._cached_prefix(request)
+                    blocks = self._admitted_blocks(request, hits)
+                except Exception:  # (retried, it would fail every step and hold the queue)
+                    log.exception("admitting a request failed")
+                    self.refused.append((self.waiting.popleft(), EngineError()))
+                    continue
                 if blocks is None:
                     break  # the head of the queue waits for blocks to be freed
                 request.blocks = blocks
@@ -308,6 +318,14 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.running.set(self.sequences)
         return admitted
+
+    def _admitted_blocks(self, request: Request, hits: list[int]) -> list[int] | None:
+        """The request's prompt blocks, `hits` first, with its growth reserved (None: they
+        are not all free); the blocks its first sequence may grow into are kept for it."""
+        length = len(request.prompt_ids)
+        prompt_blocks, growth = self.blocks.need(length, request.max_new, request.params.n)
+        return self.blocks.admit(prompt_blocks, growth, hits,
+                                 keep=self.blocks.need(length, request.max_new, 1)[1])
 
     def _cached_prefix(self, request: Request) -> list[int]:
         """The cached blocks a request's prompt starts with, at most all but the one holding
@@ -337,7 +355,7 @@ class Scheduler:
                                   seq.params.cache_salt))
         self.blocks.remember(seq.blocks[i], seq.keys[-1])
 
-    def _expire(self) -> list[Request]:
+    def _expire(self) -> None:
         now = time.monotonic()
         with self.cond:
             expired = [r for r in self.waiting if now - r.arrival > self.request_timeout]
@@ -345,7 +363,12 @@ class Scheduler:
                 self.waiting = collections.deque(r for r in self.waiting if r not in expired)
                 self.metrics.queue_depth.set(len(self.waiting))
                 self.metrics.rejected.inc(len(expired))
-        return expired
+        self.refused += [(r, RequestTimeout(f"waited more than {self.request_timeout:g}s for "
+                                            "a free slot")) for r in expired]
+
+    def take_refused(self) -> list[tuple[Request, Exception]]:
+        refused, self.refused = self.refused, []
+        return refused
 
     def read(self, chunk: Chunk) -> None:
         """A chunk was prefilled: the prompt blocks it filled join the prefix cache, and at
@@ -365,18 +388,29 @@ class Scheduler:
         prompt_len = len(request.prompt_ids)
         full = prompt_len // self.cache.block_size if request.max_new else len(request.blocks)
         prompt_blocks, growth = self.blocks.need(prompt_len, request.max_new, 1)
-        for seq in seqs:
-            if seq.index == 0:
-                seq.blocks = request.blocks
-            else:
-                seq.blocks = request.blocks[:full]
+        siblings = []  # their tables built so far
+        try:
+            for seq in seqs:
+                seq.keys = list(request.prefix_keys) if self._caches(request) else None
+                if seq.index == 0:
+                    seq.blocks = request.blocks
+                    seq.promised = prompt_blocks + growth - len(seq.blocks)
+                    continue
+                seq.blocks, seq.promised = request.blocks[:full], prompt_blocks + growth - full
                 self.blocks.share(seq.blocks)
+                siblings.append(seq)
                 if full < prompt_blocks:
-                    seq.blocks.append(self.blocks.grow(seq.blocks, prompt_blocks + growth - full))
+                    seq.blocks.append(self.blocks.grow(seq.blocks, seq.promised))
+                    seq.promised -= 1
                     self.cache.copy_block(request.blocks[-1], seq.blocks[-1])
-            seq.promised = prompt_blocks + growth - len(seq.blocks)
-            seq.keys = list(request.prefix_keys) if self._caches(request) else None
-            self.running.append(seq)
+        except BaseException:
+            # None runs yet: the request, still prefilling, gives back its blocks and the
+            # whole promise when it fails (drop_prefilling), the siblings' tables here once
+            for seq in siblings:
+                self.blocks.release(seq.blocks, seq.promised)
+                self.blocks.promised += prompt_blocks + growth - full
+            raise
+        self.running += seqs
 
     def grow(self, seqs: list[Sequence]) -> None:
         """Give each sequence the block its next position falls in, if it lacks it."""

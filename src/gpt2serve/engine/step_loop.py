@@ -64,7 +64,8 @@ class StepLoop:
             log.critical("the engine's step thread died: %r", e)
             with self.cond:
                 self.died, self._thread = True, None
-                for engine in self.engines:
+                for engine in self.engines:  # (a call past its `alive` check is refused too)
+                    engine.scheduler.closed = "the engine's step thread has died"
                     engine._fail(lambda: EngineStopped("the engine's step thread has died"),
                                  waiting=True)
                 self.cond.notify_all()
