@@ -123,7 +123,12 @@ def test_serve_refuses_flag_values_that_cannot_serve_before_it_loads():
             ("--kv_cache_memory", "1e300GiB", "argument --kv_cache_memory"),
             ("--kv_cache_memory", "0.1", "argument --kv_cache_memory"),
             ("--request_timeout", "nan", "request_timeout a positive number"),
-            ("--block_size", "0", "block_size must be at least 1")]:
+            ("--block_size", "0", "block_size must be at least 1"),
+            # kserve.ModelServer's, which gpt2serve sets: --workers 4 served from one process
+            ("--workers", "4", "--workers is set by gpt2serve: gpt2serve serves from one"),
+            ("--grpc_max_receive_message_length", "100", "use --max_body_bytes"),
+            ("--grpc_max_send_message_length", "100", "a response is not bounded"),
+            ("--no_such_flag", "1", "unrecognized arguments: --no_such_flag 1")]:
         run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "serve", flag, value],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and said in run.stderr, (flag, value, run.stderr)

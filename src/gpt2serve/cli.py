@@ -335,15 +335,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130  # where the signal is blocked: the status a shell gives its ending
 
 
+# kserve.ModelServer flags that gpt2serve sets itself: given another value, they were ignored
+# (--workers 4 served from one process, and said nothing)
+SET_HERE = {
+    "workers": "gpt2serve serves from one process, whose engine batches every request; for "
+               "more, run more replicas (the InferenceService's minReplicas/maxReplicas)",
+    "grpc_max_receive_message_length": "use --max_body_bytes, which bounds a REST body and a "
+                                       "gRPC request alike",
+    "grpc_max_send_message_length": "a response is not bounded: its size follows the "
+                                    "request's (--max_instances, --max_n, the context)",
+}
+
+
 def _check_kserve_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
-    """Flags we do not define must be kserve.ModelServer's own (it reads them from sys.argv)."""
+    """Flags we do not define must be kserve.ModelServer's own (it reads them from sys.argv),
+    and not one that we set ourselves (SET_HERE) given a value of its own."""
     if not unknown:
         return
     from kserve.model_server import parser as kserve_parser
 
-    _, left = kserve_parser.parse_known_args(unknown)
+    given, left = kserve_parser.parse_known_args(unknown)
     if left:
         parser.error(f"unrecognized arguments: {' '.join(left)}")
+    for name, why in SET_HERE.items():
+        if getattr(given, name) != kserve_parser.get_default(name):
+            parser.error(f"--{name} is set by gpt2serve: {why}")
 
 
 if __name__ == "__main__":
