@@ -125,9 +125,11 @@ def test_under_churn_tables_stay_in_order_and_every_block_has_one_place():
     assert consecutive / pairs > 0.7, consecutive / pairs
 
 
-def test_an_admission_that_fails_partway_takes_nothing():
+def test_an_admission_or_a_growth_that_fails_partway_takes_nothing():
     """A failure while a prompt's blocks are taken (a bug's stand-in) kept the cached blocks'
-    references and the growth promised: each retry of the request shrank the pool for good."""
+    references and the growth promised: each retry of the request shrank the pool for good.
+    One while a sequence's next block is taken spent a block of its reservation: the pool
+    then counted a block more than it had."""
 
     class FailsThirdTake(BlockManager):
         takes = 0
@@ -139,6 +141,17 @@ def test_an_admission_that_fails_partway_takes_nothing():
             return super()._take(block)
 
     blocks = FailsThirdTake(10, 8)
+    grows = blocks.admit(1, 2)  # (take 1)
+    blocks.takes = 2  # a sequence's growth fails to take its block: the reservation stays
+    try:
+        blocks.grow(grows, 2)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the take did not fail")
+    assert blocks.promised == 2 and blocks.available == 7
+    blocks.release(grows, 2)
+    blocks.takes = 0
     cached = blocks.admit(1, 0)
     blocks.remember(cached[0], b"key")
     blocks.release(cached)  # idle, known: a later prompt's cached first block

@@ -154,13 +154,14 @@ class BlockManager:
         `table` and that may take `left` blocks more, this one included: the one after its
         last when that is free (as a rule, kept for it), else the first of a run of free
         blocks that holds them all, the others kept for it."""
-        self.promised -= 1
-        block = self._after(table)
+        block, keep = self._after(table), 0
         if block is None and left > 1:
             block = self._first_run(self._open(), left)
-            if block is not None:
-                self._kept[block + 1:block + left] = True
-        return self._take(block)
+            keep = 0 if block is None else left - 1
+        block = self._take(block)
+        self.promised -= 1  # (once taken: a failure leaves the reservation whole)
+        self._kept[block + 1:block + 1 + keep] = True
+        return block
 
     def share(self, blocks: list[int]) -> None:
         for b in blocks:

@@ -97,10 +97,6 @@ class Engine:
         with self.scheduler.cond:
             self.scheduler.closed = SHUTTING_DOWN
 
-    @property
-    def draining(self) -> bool:
-        return self.scheduler.closed is not None
-
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is running or queued, or `timeout` passes; True if idle."""
         deadline = time.monotonic() + timeout
@@ -300,8 +296,8 @@ class Engine:
 
     def _fail(self, error: Callable[[], Exception], waiting: bool = False) -> None:
         """Fail every request running or being prefilled, and waiting if asked, each with an
-        error of its own (one raised by every call would gather all their frames); the
-        refused ones hear of it too (a neighbour's failure is failed here, not in its step)."""
+        error of its own (one raised by every call would gather all their frames); and send
+        the refused ones theirs (a neighbour's failure is failed here, not in its step)."""
         for request in self.scheduler.abort(waiting):
             self._outbox.put(request, error())
         self._send_refused()
