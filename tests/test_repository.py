@@ -10,6 +10,7 @@ import asyncio
 import json
 import shutil
 import signal
+import threading
 import time
 
 import grpc
@@ -1111,3 +1112,79 @@ def test_a_load_refused_by_the_shutdown_is_no_failed_load(repo, model_bytes, tmp
     said = log.read_text()
     assert "load failed" not in said, said
     assert not [line for line in said.splitlines() if "ERROR" in line and "beta" in line], said
+
+
+def test_a_folder_deleted_while_its_model_is_read_leaves_it_loaded_and_counted(repo, tmp_path):
+    """config.json was read again once the engine was built: a folder deleted meanwhile
+    (KServe's agent deletes a TrainedModel's, then unloads it) failed the load with its engine
+    running, counted nowhere, which the next scan then forgot for good. Now what was read
+    before the build is what is counted: the model is loaded, then unloaded as asked."""
+    from gpt2serve.server.repository import Repository
+
+    shutil.copytree(repo / "alpha", tmp_path / "alpha")
+    build = Repository._build
+
+    def build_then_delete(self, entry, checked=None):
+        engine = build(self, entry, checked)
+        shutil.rmtree(entry.folder)  # while the weights were read
+        return engine
+
+    async def scenario():
+        repository = in_process(tmp_path)
+        repository._build = build_then_delete.__get__(repository)
+        try:
+            await repository.load("alpha")
+            alpha = repository.entries["alpha"]
+            assert alpha.state == "READY" and repository.used == alpha.nbytes > 0
+            engine = alpha.engine
+            await repository.unload("alpha")
+            assert repository.used == 0 and engine not in repository.loop.engines
+            assert "alpha" not in repository.entries  # its folder gone: forgotten
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
+
+def test_a_load_unloaded_while_it_makes_room_unloads_no_more_for_it(repo, tmp_path):
+    """A load that needed two models' room, its first to go still draining, was unloaded
+    through the API: it went on to drain and unload the second, serving, model for nothing,
+    and a request waiting for it heard only at its --load_timeout (503) that it would not
+    load. Now it stops making room, and the request hears at once (404)."""
+    from gpt2serve import checkpoint
+    from gpt2serve.server.repository import ModelUnloaded
+
+    for name in ("alpha", "beta"):
+        shutil.copytree(repo / name, tmp_path / name)
+    make_hf_model(tmp_path / "big", seed=9, vocab_size=2500)
+    gate = threading.Event()
+
+    async def scenario():
+        probe = in_process(tmp_path)
+        await probe.load("alpha")
+        one = probe.entries["alpha"].nbytes
+        probe.stop(10)
+        budget = 2 * one + 1024
+        repository = in_process(tmp_path, budget=budget)
+        try:
+            await repository.load("alpha")
+            await repository.load("beta")  # alpha: the least recently used
+            big = repository._reckon(checkpoint.read_config(tmp_path / "big"))
+            assert budget - one < big <= budget, "big must need both models' room"
+            # alpha's drain lasts until the gate opens (a long generation's stand-in)
+            repository.entries["alpha"].engine.wait_idle = lambda timeout: gate.wait(60)
+            request = asyncio.create_task(repository.engine("big"))
+            while repository.entries["alpha"].state != "UNLOADING":
+                await asyncio.sleep(0.01)
+            unload = asyncio.create_task(repository.unload("big"))
+            with pytest.raises(ModelUnloaded):
+                await asyncio.wait_for(request, 5)  # at once, not at the load's timeout
+            gate.set()
+            await unload
+            assert repository.entries["beta"].state == "READY"
+            assert repository.entries["big"].state == "UNAVAILABLE"
+        finally:
+            gate.set()
+            repository.stop(10)
+
+    asyncio.run(scenario())

@@ -68,6 +68,7 @@ class StepLoop:
                     engine.scheduler.closed = "the engine's step thread has died"
                     engine._fail(lambda: EngineStopped("the engine's step thread has died"),
                                  waiting=True)
+                self.engines = []  # (none is stepped: an unload's stop frees its memory)
                 self.cond.notify_all()
             raise
 

@@ -47,6 +47,7 @@ from .. import checkpoint, hardware, metrics
 from ..engine import Engine, EngineConfig
 from ..engine.kv_cache import KVBudgetError, blocks_in, full_sequences_bytes, machine_budget
 from ..engine.step_loop import StepLoop
+from ..model import GPTConfig
 from ..sampling import MAX_N, quoted
 
 log = logging.getLogger("gpt2serve.server")
@@ -459,6 +460,7 @@ class Repository(ModelRepository):
         self.models.pop(name, None)
         if entry.state == UNAVAILABLE:  # (nothing to drain: said at once, not after its turn)
             entry.reason = unloaded_reason(name)
+        self._notify()  # (requests waiting for its load hear it now, not at their timeout)
         task = asyncio.ensure_future(self._take_out(entry))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (seen if no caller)
         await asyncio.shield(task)
@@ -503,7 +505,8 @@ class Repository(ModelRepository):
         self._report()
 
     def _start_one(self, entry: Entry) -> None:
-        need = self._estimate(entry)
+        reckoned = self._reckon(checkpoint.read_config(entry.folder or checkpoint.DEMO_MODEL_DIR))
+        need = self._estimate(entry, reckoned)
         if self.budget is not None and self.used + need > self.budget:
             log.info("model %s not loaded at start: it needs %.0f MiB and %.0f MiB of the "
                      "%.0f MiB budget are left; it loads on its first request", entry.name,
@@ -515,7 +518,7 @@ class Repository(ModelRepository):
         except BaseException:
             entry.nbytes = 0
             raise
-        self._finish_load(entry, engine, t0)
+        self._finish_load(entry, engine, t0, reckoned)
 
     def _names(self, load_models: str) -> list[str]:
         if load_models == "all":
@@ -540,10 +543,13 @@ class Repository(ModelRepository):
                     return
                 if not self.alive:
                     raise ModelUnavailable("the engine's step thread has died")
-                need = self._estimate(entry)
                 # Config, tokenizer and the weight files' headers are read before anything
-                # is unloaded: a broken folder must not cost a serving model its place.
+                # is unloaded: a broken folder must not cost a serving model its place. The
+                # size is reckoned from what is read here, which is what is built (the folder
+                # may change meanwhile: KServe's agent deletes a TrainedModel's, then unloads).
                 checked = await asyncio.to_thread(checkpoint.check, entry.folder)
+                reckoned = self._reckon(checked.config)
+                need = self._estimate(entry, reckoned)
                 if entry.held or self.shutting_down:  # (came in meanwhile: evict nothing)
                     return
                 await self._make_room(need, entry)
@@ -553,7 +559,9 @@ class Repository(ModelRepository):
                 self._notify()
                 t0 = time.monotonic()
                 engine = await asyncio.to_thread(self._build, entry, checked)
-                self._finish_load(entry, engine, t0)
+                if self.shutting_down:  # (built after the drain: drained as the others)
+                    engine.drain()
+                self._finish_load(entry, engine, t0, reckoned)
         except Exception as e:  # a broken folder, no room, too little memory: say which
             entry.state, entry.nbytes = UNAVAILABLE, 0
             self._failed(entry, e)
@@ -586,10 +594,13 @@ class Repository(ModelRepository):
                  time.monotonic() - t0)
         return engine
 
-    def _finish_load(self, entry: Entry, engine: Engine, started: float) -> None:
+    def _finish_load(self, entry: Entry, engine: Engine, started: float, reckoned: int
+                     ) -> None:
+        """`engine` serves `entry`, which `reckoned` bytes were estimated for (a later load
+        of the same config.json takes what it measured instead)."""
         entry.engine, entry.state, entry.reason = engine, READY, ""
         entry.nbytes = engine.memory_bytes
-        entry.measured = (self._reckon(entry), engine.memory_bytes)
+        entry.measured = (reckoned, engine.memory_bytes)
         entry.last_used = time.monotonic()
         metrics.MODEL_MEMORY.labels(entry.name).set(entry.nbytes)
         metrics.MODEL_LOADS.labels(entry.name, "loaded").inc()
@@ -613,6 +624,8 @@ class Repository(ModelRepository):
                 f"it needs {need / 2**20:.0f} MiB (weights and KV cache) and the whole memory "
                 f"budget is {self.budget / 2**20:.0f} MiB (--memory_budget)")
         while self.used + need > self.budget:
+            if entry.held or self.shutting_down:  # (no longer wanted: unload no more for it)
+                return
             # idle ones before busy ones; of each, those unloaded through the API first (they
             # are going anyway), then the least recently used
             loaded = sorted((e for e in self.entries.values()
@@ -660,19 +673,18 @@ class Repository(ModelRepository):
         self._report()
         self._notify()
 
-    def _estimate(self, entry: Entry) -> int:
-        """Bytes a load will hold: what it held last time if config.json reckons it as it
-        did then, else the reckoning."""
-        reckoned = self._reckon(entry)
+    @staticmethod
+    def _estimate(entry: Entry, reckoned: int) -> int:
+        """Bytes a load will hold: what it held last time if its config.json was reckoned
+        as now (`reckoned`), else the reckoning."""
         if entry.measured is not None and entry.measured[0] == reckoned:
             return entry.measured[1]
         return reckoned
 
-    def _reckon(self, entry: Entry) -> int:
-        """Bytes a load will hold, from config.json. Its KV cache is checked to hold one
+    def _reckon(self, cfg: GPTConfig) -> int:
+        """Bytes a load of a model of `cfg` will hold. Its KV cache is checked to hold one
         full-context sequence: a load that cannot succeed must fail before it unloads other
         models."""
-        cfg = checkpoint.read_config(entry.folder or checkpoint.DEMO_MODEL_DIR)
         d, layers = cfg.n_embd, cfg.n_layer
         matmul = layers * 12 * d * d
         other = cfg.vocab_size * d + cfg.n_positions * d + layers * 13 * d + 2 * d
