@@ -1188,3 +1188,39 @@ def test_a_load_unloaded_while_it_makes_room_unloads_no_more_for_it(repo, tmp_pa
             repository.stop(10)
 
     asyncio.run(scenario())
+
+
+def test_a_model_built_after_the_drain_began_is_drained_too(repo, tmp_path):
+    """SIGTERM's drain turns every loaded model away from new work; a model whose weights
+    were being read then came up after it, taking new work through the grace period."""
+    from gpt2serve.engine import EngineStopped, Prompt
+    from gpt2serve.sampling import SamplingParams
+    from gpt2serve.server.repository import Repository
+
+    shutil.copytree(repo / "alpha", tmp_path / "alpha")
+    build, gate = Repository._build, threading.Event()
+
+    def build_past_the_drain(self, entry, checked=None):
+        engine = build(self, entry, checked)
+        gate.wait(30)  # (the drain comes while the weights are read)
+        return engine
+
+    async def scenario():
+        repository = in_process(tmp_path)
+        repository._build = build_past_the_drain.__get__(repository)
+        try:
+            load = asyncio.create_task(repository.load("alpha"))
+            while repository.entries["alpha"].state != "LOADING":
+                await asyncio.sleep(0.01)
+            repository.drain()
+            gate.set()
+            await asyncio.gather(load, return_exceptions=True)
+            engine = repository.entries["alpha"].engine
+            params = SamplingParams.from_dict({"max_new_tokens": 2})
+            with pytest.raises(EngineStopped, match="shutting down"):
+                engine.submit([Prompt([1, 2], params)])
+        finally:
+            gate.set()
+            repository.stop(10)
+
+    asyncio.run(scenario())
