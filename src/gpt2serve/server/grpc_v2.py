@@ -432,6 +432,7 @@ class GPT2GRPCServer(GRPCServer):
     async def start(self, max_workers):
         servicer = GPT2Servicer(self._data_plane, self._model_repository_extension)
         servicer.models, servicer.max_instances = self.models, self.max_instances
+        streams = self.streams()
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(RequestGuard(self.api_key), LoggingInterceptor(),
@@ -443,15 +444,15 @@ class GPT2GRPCServer(GRPCServer):
                 ("grpc.max_send_message_length", -1),
                 ("grpc.max_receive_message_length",
                  self.max_receive or self._kwargs.get("grpc_max_receive_message_length")),
-                ("grpc.max_concurrent_streams", self.streams()),
+                ("grpc.max_concurrent_streams", streams),
                 # gRPC's core (1.85) cancels calls at random (CANCELLED, before any handler
                 # sees them) once more than 1,000 have arrived that the server has not yet
                 # taken up, all of them at once past 3,000: 1,100 calls opened at once on a
                 # loaded machine lost one or two. The models' queues refuse what they
                 # cannot hold (UNAVAILABLE); the backlog holds as many calls as a connection.
-                ("grpc.server.max_pending_requests", self.streams()),
+                ("grpc.server.max_pending_requests", streams),
                 ("grpc.server.max_pending_requests_hard_limit",
-                 min(2**31 - 1, 3 * self.streams())),
+                 min(2**31 - 1, 3 * streams)),
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
