@@ -414,7 +414,7 @@ class GPT2GRPCServer(GRPCServer):
 
     api_key: str | None = None
     models: Repository | None = None
-    max_receive: int | None = None
+    max_receive: int  # (install sets it: --max_body_bytes)
     max_instances = MAX_INSTANCES
 
     def streams(self) -> int:
@@ -442,8 +442,7 @@ class GPT2GRPCServer(GRPCServer):
                 # (--max_instances, --max_n, the context), and past KServe's 8 MiB an answer
                 # was generated whole, then lost (RESOURCE_EXHAUSTED).
                 ("grpc.max_send_message_length", -1),
-                ("grpc.max_receive_message_length",
-                 self.max_receive or self._kwargs.get("grpc_max_receive_message_length")),
+                ("grpc.max_receive_message_length", self.max_receive),
                 ("grpc.max_concurrent_streams", streams),
                 # gRPC's core (1.85) cancels calls at random (CANCELLED, before any handler
                 # sees them) once more than 1,000 have arrived that the server has not yet
@@ -468,7 +467,7 @@ class GPT2GRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
-def install(models: Repository, api_key: str | None, max_receive: int | None = None,
+def install(models: Repository, api_key: str | None, max_receive: int,
             max_instances: int = MAX_INSTANCES) -> None:
     GPT2GRPCServer.api_key, GPT2GRPCServer.models = api_key, models
     GPT2GRPCServer.max_receive, GPT2GRPCServer.max_instances = max_receive, max_instances
