@@ -3,6 +3,7 @@ thread."""
 
 import asyncio
 import ctypes
+import json
 import re
 import time
 
@@ -125,16 +126,19 @@ def test_queue_time_is_the_wait_for_a_slot(one_slot):
         async with httpx.AsyncClient(timeout=120) as client:
             async with client.stream("POST", f"{srv.url}/openai/v1/completions",
                                      json=long) as first:
+                assert first.status_code == 200, await first.aread()
                 lines = first.aiter_lines()
                 while not (await anext(lines)).startswith("data: "):
                     pass
-                sent, done = time.monotonic(), False
+                sent = time.monotonic()
                 second = asyncio.create_task(
                     client.post(f"{srv.url}/v1/models/{MODEL}:predict", json=short))
-                async for line in lines:
-                    done = done or line == "data: [DONE]"
+                events = [line async for line in lines if line.startswith("data: ")]
                 freed = time.monotonic()
-            assert done and (await second).status_code == 200
+            assert (await second).status_code == 200
+            # the long one ran to its length (a stream that failed partway ends in [DONE] too)
+            assert events[-1] == "data: [DONE]", events[-2:]
+            assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
             return freed - sent
 
     waited = asyncio.run(two())
