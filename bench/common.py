@@ -233,6 +233,24 @@ def versions(**peers: str) -> dict:
     return {**out, **peers}
 
 
+def from_root(argv: list[str], cwd: Path) -> list[str]:
+    """A benchmark's arguments as given in `cwd`, as they would be given in the repository
+    root: a path under the root is written from it, and a relative path (one that names
+    something in `cwd`, or a file to write in a folder there) from the root too, so that
+    `--out results/x.json` given in bench/ is recorded as `--out bench/results/x.json`."""
+    out = []
+    for arg in argv:
+        here = cwd / arg  # (an absolute arg is itself)
+        if arg.startswith("-") or os.sep not in arg or not (here.exists()
+                                                             or here.parent.is_dir()):
+            out.append(arg)  # an option, a name, or no path here
+            continue
+        rooted = os.path.relpath(os.path.abspath(here), ROOT)
+        # (an absolute path outside the checkout stays as it was)
+        out.append(arg if os.path.isabs(arg) and rooted.startswith("..") else rooted)
+    return out
+
+
 def write_result(path: Path, data: dict, machine_info: dict, peer_versions: dict | None = None
                  ) -> None:
     """One benchmark's JSON under bench/results/: the command that made it (as run from the
@@ -243,8 +261,8 @@ def write_result(path: Path, data: dict, machine_info: dict, peer_versions: dict
 
     script = Path(sys.argv[0]).resolve()
     where = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-    argv = [a.replace(str(ROOT) + os.sep, "") for a in sys.argv[1:]]
     path.parent.mkdir(parents=True, exist_ok=True)
+    argv = from_root(sys.argv[1:], Path.cwd())
     result = {"command": shlex.join(["python", str(where), *argv]), "machine": machine_info,
               "versions": versions(**(peer_versions or {})), **data}
     path.write_text(json.dumps(result, indent=2) + "\n")
