@@ -537,9 +537,7 @@ class Repository(ModelRepository):
     async def _load(self, entry: Entry) -> None:
         try:
             async with self._lock:
-                # shutting down: no load, and none failed (whoever waits says why: not a
-                # failure counted and logged as an ERROR, as it was)
-                if entry.state != UNAVAILABLE or entry.held or self.shutting_down:
+                if entry.state != UNAVAILABLE or self._unwanted(entry):
                     return
                 if not self.alive:
                     raise ModelUnavailable("the engine's step thread has died")
@@ -550,10 +548,10 @@ class Repository(ModelRepository):
                 checked = await asyncio.to_thread(checkpoint.check, entry.folder)
                 reckoned = self._reckon(checked.config)
                 need = self._estimate(entry, reckoned)
-                if entry.held or self.shutting_down:  # (came in meanwhile: evict nothing)
+                if self._unwanted(entry):  # (came in meanwhile: evict nothing)
                     return
                 await self._make_room(need, entry)
-                if entry.held or self.shutting_down:
+                if self._unwanted(entry):
                     return
                 entry.state, entry.reason, entry.nbytes = LOADING, "", need
                 self._notify()
@@ -569,6 +567,12 @@ class Repository(ModelRepository):
             entry.loading = None
             self._report()
             self._notify()
+
+    def _unwanted(self, entry: Entry) -> bool:
+        """Whether a load of `entry` is no longer wanted: it was unloaded through the API, or
+        the server is shutting down. Such a load stops where it is, and is no failure (whoever
+        waits for it says why: not a failure counted and logged as an ERROR, as it was)."""
+        return entry.held or self.shutting_down
 
     def _build(self, entry: Entry, checked: checkpoint.Checked | None = None) -> Engine:
         """Read a model (its folder, or what `checkpoint.check` read of it) and build its
@@ -624,7 +628,7 @@ class Repository(ModelRepository):
                 f"it needs {need / 2**20:.0f} MiB (weights and KV cache) and the whole memory "
                 f"budget is {self.budget / 2**20:.0f} MiB (--memory_budget)")
         while self.used + need > self.budget:
-            if entry.held or self.shutting_down:  # (no longer wanted: unload no more for it)
+            if self._unwanted(entry):  # (unload no more for it)
                 return
             # idle ones before busy ones; of each, those unloaded through the API first (they
             # are going anyway), then the least recently used
