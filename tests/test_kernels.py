@@ -295,6 +295,83 @@ def test_each_panel_is_taken_once_whichever_thread_takes_it(n):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not (kernels.F32_RUNS and kernels.INT8_RUNS and kernels.INT4_ISA),
+                    reason="needs our fp32, int8 and int4 kernels (built, AVX2)")
+@pytest.mark.parametrize("m", [1, 9])
+def test_calls_run_together_give_each_calls_results_to_the_bit(m):
+    """kernels.together runs a list's bound calls into our kernels by one team, a barrier
+    between two (_kernels.run), and leaves the others as they are. A chain in which each
+    call reads the output of the one before (a LayerNorm, GELU and a residual fused), a torch
+    op in the middle: run together, over and over with two threads, it gives the bits of
+    its calls made one by one on one thread."""
+    torch.manual_seed(m)
+    k, n = 200, 300
+    ln = torch.nn.LayerNorm(k)
+    ln.weight.data, ln.bias.data = torch.rand(k) + 0.5, torch.randn(k)
+    q = torch.randint(-127 if kernels.INT8_VNNI else -63, 64, (n, k), dtype=torch.int8)
+    packed, sums = kernels.pack_int8(q)
+    scales = torch.cat([torch.rand(n) / 100, torch.zeros(sums.shape[0] - n)])
+    panels, int4 = kernels.pack_f32(torch.randn(n, n) / 10), kernels.pack_int4(
+        torch.randint(0, 16, (k, n), dtype=torch.uint8), torch.rand(k, n // 32 + 1) / 10)
+    x, normed = torch.randn(m, k), torch.empty(m, k)
+    y1, y2, y3 = torch.empty(m, n), torch.empty(m, n), torch.empty(m, k)
+    b1, b2 = torch.randn(n), torch.randn(n)  # (a bound call reads them: kept alive here)
+    calls = [kernels.bind_int8_linear(x, packed, sums, scales, b1, y1, ln=ln, normed=normed),
+             kernels.bind_linear_f32(y1, panels, b2, y2, gelu=True),
+             lambda: y2.mul_(0.5),
+             kernels.bind_int4_linear(y2, int4, None, y3, residual=x)]
+    together = kernels.together(calls)
+    assert len(together) == 3 and together[1:] == calls[2:]  # one run, then the rest as is
+
+    def outputs(chain) -> list[torch.Tensor]:
+        for out in (normed, y1, y2, y3):
+            out.fill_(float("nan"))
+        for call in chain:
+            call()
+        return [t.clone() for t in (normed, y1, y2, y3)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_by_one = outputs(calls)
+        torch.set_num_threads(2)
+        for _ in range(50):
+            for got, expected in zip(outputs(together), one_by_one):
+                assert torch.equal(got, expected)
+    finally:
+        torch.set_num_threads(threads)
+    assert bool(one_by_one[3].isfinite().all())
+
+
+@pytest.mark.skipif(not kernels.ENABLED, reason="our C kernels are not built or are off")
+def test_a_call_refuses_what_it_cannot_run():
+    """_kernels.Call binds a kernel by name to its arguments, checked as it is made; a run
+    takes Calls alone."""
+    from gpt2serve._kernels import Call, run
+
+    with pytest.raises(TypeError, match="kernel decode_attention, linear_f32"):
+        Call("int7_linear", 0)
+    with pytest.raises(TypeError, match="kernel decode_attention, linear_f32"):
+        Call()
+    with pytest.raises(TypeError):
+        Call("linear_f32", 0, 0)  # too few arguments
+    x, y, w = torch.randn(2, 64), torch.empty(2, 16), torch.randn(64, 16)
+    panels = kernels.pack_f32(w)
+    args = (x.data_ptr(), panels.data_ptr(), 0, y.data_ptr(), 2, 64, 16)
+    with pytest.raises(RuntimeError, match="isa 1 or 2"):
+        Call("linear_f32", *args, 0, 0, 0, 0, 0.0, 0, 0, False, 0)
+    call = Call("linear_f32", *args, kernels.VECTOR_ISA, 0, 0, 0, 0.0, 0, 0, False, 0)
+    call()
+    torch.testing.assert_close(y, x @ w, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="no arguments"):
+        call(1)
+    with pytest.raises(TypeError, match="sequence of Calls"):
+        run([call, lambda: None])
+    with pytest.raises(TypeError, match="sequence of Calls"):
+        run(call)
+    run(())
+
+
 @pytest.mark.skipif(not kernels.ENABLED, reason="our C kernels are not built or are off")
 @pytest.mark.parametrize("layout", ["pack_int8", "int8 rows", "pack_f32", "fp32 rows"])
 @pytest.mark.parametrize("d", [64, 30])

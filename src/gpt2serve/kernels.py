@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import math
 import mmap
 import os
@@ -133,10 +134,24 @@ def bind_decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor, 
                                   and pos.is_contiguous() and out.is_contiguous()):
         raise ValueError("decode_attention takes contiguous rows")
     _check_cache(kv)
-    return functools.partial(_kernels.decode_attention, qkv.data_ptr(), kv.data_ptr(),
-                             blocks.data_ptr(), pos.data_ptr(), out.data_ptr(), qkv.shape[0],
-                             heads, head_dim, num_blocks, block_size, blocks.shape[1],
-                             qkv.stride(0), scale, isa, kv.dtype == torch.float16)
+    return _kernels.Call("decode_attention", qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(),
+                         pos.data_ptr(), out.data_ptr(), qkv.shape[0], heads, head_dim,
+                         num_blocks, block_size, blocks.shape[1], qkv.stride(0), scale, isa,
+                         kv.dtype == torch.float16)
+
+
+def together(calls: list[Callable[[], None]]) -> list[Callable[[], None]]:
+    """The calls, in order, with each run of our bound calls (the bind_* functions' Calls)
+    made one call, which runs them by one team of threads: one OpenMP parallel region, a
+    barrier between two (_kernels.run; what that gains: _kernels.c, "bound calls"). Calls
+    into torch's kernels (where kernel_choice.py chose them) stay as they are."""
+    if _kernels is None:
+        return calls
+    grouped: list[Callable[[], None]] = []
+    for ours, run in itertools.groupby(calls, lambda call: isinstance(call, _kernels.Call)):
+        run = list(run)
+        grouped += [functools.partial(_kernels.run, tuple(run))] if ours and len(run) > 1 else run
+    return grouped
 
 
 def _check_cache(kv: Tensor) -> None:
@@ -371,8 +386,8 @@ def bind_int8_linear(x: Tensor, packed: Tensor, sums: Tensor, scales: Tensor,
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
     m, k = x.shape
-    return functools.partial(
-        _kernels.int8_linear, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+    return _kernels.Call(
+        "int8_linear", x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
         sums.data_ptr(), _address(bias), y.data_ptr(), m, k, y.shape[1],
         packed.shape[1] * 4, int(form), l1_rows, _address(x_error),
         *_fused("int8_linear", ln, gelu, residual, normed))
@@ -472,8 +487,8 @@ def bind_int4_linear(x: Tensor, packed: Tensor, bias: Tensor | None, y: Tensor,
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
     m, k = x.shape
-    return functools.partial(
-        _kernels.int4_linear, x.data_ptr(), packed.data_ptr(), _address(bias), y.data_ptr(),
+    return _kernels.Call(
+        "int4_linear", x.data_ptr(), packed.data_ptr(), _address(bias), y.data_ptr(),
         m, k, y.shape[1], packed.shape[1], isa, l1_rows,
         *_fused("int4_linear", ln, gelu, residual, normed))
 
@@ -534,7 +549,7 @@ def bind_linear_f32(x: Tensor, panels: Tensor, bias: Tensor | None, y: Tensor,
     bind_decode_attention); all contiguous. `normed` [m, k]: room for x's layer-normed rows,
     needed with `ln`."""
     m, k = x.shape
-    return functools.partial(
-        _kernels.linear_f32, x.data_ptr(), panels.data_ptr(), _address(bias), y.data_ptr(), m,
+    return _kernels.Call(
+        "linear_f32", x.data_ptr(), panels.data_ptr(), _address(bias), y.data_ptr(), m,
         k, y.shape[1], isa, l1_rows, *_fused("linear_f32", ln, gelu, residual, normed),
         _address(panel_ids))

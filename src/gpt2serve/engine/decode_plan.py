@@ -5,7 +5,8 @@ calls into _kernels.c where our kernels were chosen (61, and the head's). Made e
 call also allocates its outputs, checks its inputs and turns tensors into addresses, in
 Python, and meanwhile no weight streams from memory. A plan binds those calls once per batch
 size to buffers of its own (kernels.bind_*); a step refills the buffers and replays them
-(what that gains: docs/benchmarks.md, "Why it is fast"). The arithmetic is the eager step's,
+(what that gains: docs/benchmarks.md, "Why it is fast"), each layer's calls into our kernels
+run by one team of threads (kernels.together). The arithmetic is the eager step's,
 call for call, so the logits are the same to the bit.
 """
 
@@ -88,9 +89,10 @@ class DecodePlan:
         x, normed = self.x[:, :n], self.normed[:n]
         qkv, attended, mlp = self.qkv[:n], self.attended[:n], self.mlp[:n]
         tables, positions = self.tables[:n], self.positions[:n]
-        layers = [block.fused.bind(x[0], x[1], normed, qkv, attended, mlp,
-                                   kernels.bind_decode_attention(qkv, kv, tables, positions,
-                                                                 block.scale, attended))
+        layers = [kernels.together(block.fused.bind(
+                      x[0], x[1], normed, qkv, attended, mlp,
+                      kernels.bind_decode_attention(qkv, kv, tables, positions, block.scale,
+                                                    attended)))
                   for block, kv in zip(self.model.h, self.cache.kv)]
         embed = self.model.head.bind_embed(x[0], self.tokens[:n], positions, self.model.wpe.weight)
         head = self.model.head.matmul.bind(x[0], self.logits_rows[:n], ln=self.model.ln_f,
