@@ -2404,10 +2404,10 @@ plan's calls of a layer (engine/decode_plan.py). Made one by one, each call pars
 arguments, allocated its scratch and started and joined a team while no weight streamed:
 2.8-6.3 us a call of a 64 x 64 int8 matmul on the 2 vCPUs of an AMD EPYC (Zen 3), 1.7 us in a
 run of 60, where a layer's matmuls of GPT-2 124M stream in 30-130 us. There the engine's
-int8 124M ran 1.02x faster at batch 1 and at batch 8 (medians of in-process A/B trials of
-64 greedy tokens; the trials ranged 0.90-1.24x, as that VM's bandwidth moved by a fifth from
-one minute to the next). A Call's scratch is its own: it is not to be run by two threads at
-once. */
+int8 124M ran 1.02x faster at batch 1, and level at batch 8 and in fp32 (medians of
+in-process A/B trials of 64 greedy tokens, which ranged 0.73-1.24x: that VM's bandwidth moved
+by a fifth from one minute to the next; docs/benchmarks.md, the Zen 3 section). A Call's
+scratch is its own: it is not to be run by two threads at once. */
 
 typedef struct {
     PyObject_HEAD
