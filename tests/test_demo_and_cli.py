@@ -128,6 +128,9 @@ def test_serve_refuses_flag_values_that_cannot_serve_before_it_loads():
             ("--workers", "4", "--workers is set by gpt2serve: gpt2serve serves from one"),
             ("--grpc_max_receive_message_length", "100", "use --max_body_bytes"),
             ("--grpc_max_send_message_length", "100", "a response is not bounded"),
+            # kserve's default, given: replaced by --max_body_bytes all the same
+            ("--grpc_max_receive_message_length", "8388608", "use --max_body_bytes"),
+            ("--grpc_max_send_message", "8388608", "a response is not bounded"),  # abbreviated
             ("--no_such_flag", "1", "unrecognized arguments: --no_such_flag 1")]:
         run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "serve", flag, value],
                              capture_output=True, text=True, timeout=60)

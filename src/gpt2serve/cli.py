@@ -336,29 +336,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # kserve.ModelServer flags that gpt2serve sets itself: given another value, they were ignored
-# (--workers 4 served from one process, and said nothing)
+# (--workers 4 served from one process, and said nothing). Each with the one value gpt2serve
+# honours (None: none, gpt2serve applies its own) and why.
 SET_HERE = {
-    "workers": "gpt2serve serves from one process, whose engine batches every request; for "
-               "more, run more replicas (the InferenceService's minReplicas/maxReplicas)",
-    "grpc_max_receive_message_length": "use --max_body_bytes, which bounds a REST body and a "
-                                       "gRPC request alike",
-    "grpc_max_send_message_length": "a response is not bounded: its size follows the "
-                                    "request's (--max_instances, --max_n, the context)",
+    "workers": (1, "gpt2serve serves from one process, whose engine batches every request; "
+                   "for more, run more replicas (the InferenceService's "
+                   "minReplicas/maxReplicas)"),
+    "grpc_max_receive_message_length": (None, "use --max_body_bytes, which bounds a REST body "
+                                              "and a gRPC request alike"),
+    "grpc_max_send_message_length": (None, "a response is not bounded: its size follows the "
+                                           "request's (--max_instances, --max_n, the context)"),
 }
 
 
 def _check_kserve_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
     """Flags we do not define must be kserve.ModelServer's own (it reads them from sys.argv),
-    and not one that we set ourselves (SET_HERE) given a value of its own."""
+    and not one that we set ourselves (SET_HERE) given a value we do not honour, its
+    default included (--grpc_max_receive_message_length 8388608 was replaced by
+    --max_body_bytes and said nothing)."""
     if not unknown:
         return
     from kserve.model_server import parser as kserve_parser
 
-    given, left = kserve_parser.parse_known_args(unknown)
+    # argparse leaves an attribute the namespace already has where no flag sets it
+    absent = object()
+    given, left = kserve_parser.parse_known_args(
+        unknown, argparse.Namespace(**{name: absent for name in SET_HERE}))
     if left:
         parser.error(f"unrecognized arguments: {' '.join(left)}")
-    for name, why in SET_HERE.items():
-        if getattr(given, name) != kserve_parser.get_default(name):
+    for name, (honoured, why) in SET_HERE.items():
+        value = getattr(given, name)
+        if value is not absent and (honoured is None or value != honoured):
             parser.error(f"--{name} is set by gpt2serve: {why}")
 
 
