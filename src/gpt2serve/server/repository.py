@@ -505,7 +505,8 @@ class Repository(ModelRepository):
         self._report()
 
     def _start_one(self, entry: Entry) -> None:
-        reckoned = self._reckon(checkpoint.read_config(entry.folder or checkpoint.DEMO_MODEL_DIR))
+        checked = checkpoint.check(entry.folder)  # (built from, as _load's: read once)
+        reckoned = self._reckon(checked.config)
         need = self._estimate(entry, reckoned)
         if self.budget is not None and self.used + need > self.budget:
             log.info("model %s not loaded at start: it needs %.0f MiB and %.0f MiB of the "
@@ -514,7 +515,7 @@ class Repository(ModelRepository):
             return
         entry.nbytes, t0 = need, time.monotonic()
         try:
-            engine = self._build(entry)
+            engine = self._build(entry, checked)
         except BaseException:
             entry.nbytes = 0
             raise
