@@ -297,50 +297,57 @@ def test_each_panel_is_taken_once_whichever_thread_takes_it(n):
 
 @pytest.mark.skipif(not (kernels.F32_RUNS and kernels.INT8_RUNS and kernels.INT4_ISA),
                     reason="needs our fp32, int8 and int4 kernels (built, AVX2)")
-@pytest.mark.parametrize("m", [1, 9])
+@pytest.mark.parametrize("m", [1, 9, 20])  # 20: past a decode step's few rows (FEW_ROWS)
 def test_calls_run_together_give_each_calls_results_to_the_bit(m):
     """kernels.together runs a list's bound calls into our kernels by one team, a barrier
     between two (_kernels.run), and leaves the others as they are. A chain in which each
-    call reads the output of the one before (a LayerNorm, GELU and a residual fused), a torch
-    op in the middle: run together, over and over with two threads, it gives the bits of
-    its calls made one by one on one thread."""
+    call reads the output of the one before, as a layer's do (the QKV matmul with its
+    LayerNorm fused, attention through a paged cache, GELU, a residual), a torch op in the
+    middle: run together, over and over with two threads, it gives the bits of its calls
+    made one by one on one thread."""
     torch.manual_seed(m)
-    k, n = 200, 300
-    ln = torch.nn.LayerNorm(k)
-    ln.weight.data, ln.bias.data = torch.rand(k) + 0.5, torch.randn(k)
-    q = torch.randint(-127 if kernels.INT8_VNNI else -63, 64, (n, k), dtype=torch.int8)
+    heads, head_dim, block_size, width = 2, 64, 16, 4
+    d, n = heads * head_dim, 300
+    ln = torch.nn.LayerNorm(d)
+    ln.weight.data, ln.bias.data = torch.rand(d) + 0.5, torch.randn(d)
+    q = torch.randint(-127 if kernels.INT8_VNNI else -63, 64, (3 * d, d), dtype=torch.int8)
     packed, sums = kernels.pack_int8(q)
-    scales = torch.cat([torch.rand(n) / 100, torch.zeros(sums.shape[0] - n)])
-    panels, int4 = kernels.pack_f32(torch.randn(n, n) / 10), kernels.pack_int4(
-        torch.randint(0, 16, (k, n), dtype=torch.uint8), torch.rand(k, n // 32 + 1) / 10)
-    x, normed = torch.randn(m, k), torch.empty(m, k)
-    y1, y2, y3 = torch.empty(m, n), torch.empty(m, n), torch.empty(m, k)
-    b1, b2 = torch.randn(n), torch.randn(n)  # (a bound call reads them: kept alive here)
-    calls = [kernels.bind_int8_linear(x, packed, sums, scales, b1, y1, ln=ln, normed=normed),
-             kernels.bind_linear_f32(y1, panels, b2, y2, gelu=True),
+    scales = torch.cat([torch.rand(3 * d) / 100, torch.zeros(sums.shape[0] - 3 * d)])
+    panels, int4 = kernels.pack_f32(torch.randn(d, n) / 10), kernels.pack_int4(
+        torch.randint(0, 16, (d, n), dtype=torch.uint8), torch.rand(d, n // 32 + 1) / 10)
+    kv = torch.randn(2, heads, m * width, block_size, head_dim)
+    tables = torch.randperm(m * width).view(m, width)  # out of order, as a pool hands them out
+    positions = torch.randint(0, width * block_size, (m,))
+    x, normed, qkv = torch.randn(m, d), torch.empty(m, d), torch.empty(m, 3 * d)
+    attended, y2, y3 = torch.empty(m, d), torch.empty(m, n), torch.empty(m, d)
+    b1, b2 = torch.randn(3 * d), torch.randn(n)  # (a bound call reads them: kept alive here)
+    calls = [kernels.bind_int8_linear(x, packed, sums, scales, b1, qkv, ln=ln, normed=normed),
+             kernels.bind_decode_attention(qkv, kv, tables, positions, 0.125, attended),
+             kernels.bind_linear_f32(attended, panels, b2, y2, gelu=True),
              lambda: y2.mul_(0.5),
              kernels.bind_int4_linear(y2, int4, None, y3, residual=x)]
     together = kernels.together(calls)
-    assert len(together) == 3 and together[1:] == calls[2:]  # one run, then the rest as is
+    assert len(together) == 3 and together[1:] == calls[3:]  # one run, then the rest as is
+    outputs = (normed, qkv, attended, y2, y3)
 
-    def outputs(chain) -> list[torch.Tensor]:
-        for out in (normed, y1, y2, y3):
+    def run(chain) -> list[torch.Tensor]:
+        for out in outputs:
             out.fill_(float("nan"))
         for call in chain:
             call()
-        return [t.clone() for t in (normed, y1, y2, y3)]
+        return [t.clone() for t in outputs]
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_by_one = outputs(calls)
+        one_by_one = run(calls)
         torch.set_num_threads(2)
-        for _ in range(50):
-            for got, expected in zip(outputs(together), one_by_one):
+        for _ in range(30):
+            for got, expected in zip(run(together), one_by_one):
                 assert torch.equal(got, expected)
     finally:
         torch.set_num_threads(threads)
-    assert bool(one_by_one[3].isfinite().all())
+    assert all(bool(t.isfinite().all()) for t in one_by_one)
 
 
 @pytest.mark.skipif(not kernels.ENABLED, reason="our C kernels are not built or are off")
@@ -353,6 +360,10 @@ def test_a_call_refuses_what_it_cannot_run():
         Call("int7_linear", 0)
     with pytest.raises(TypeError, match="kernel decode_attention, linear_f32"):
         Call()
+    with pytest.raises(TypeError, match="kernel decode_attention, linear_f32"):
+        Call("int8_linear\0", 0)
+    with pytest.raises(TypeError, match="no keyword arguments"):
+        Call("linear_f32", x=0)
     with pytest.raises(TypeError):
         Call("linear_f32", 0, 0)  # too few arguments
     x, y, w = torch.randn(2, 64), torch.empty(2, 16), torch.randn(64, 16)

@@ -433,22 +433,24 @@ static int attention_parse(PyObject *args, attention_call *c) {
     return 0;
 }
 
-/* This thread's share of the step's (sequence, head) items; 1 where its scores could not be
-allocated (its items are left undone). */
-static int attention_team(const attention_call *c) {
-    const decode_args *a = &c->a;
+/* The positions the longest row attends to: each thread's room for scores, in floats. */
+static int64_t attention_longest(const attention_call *c) {
     int64_t longest = 0;
-    for (int64_t i = 0; i < a->n; ++i) longest = a->pos[i] + 1 > longest ? a->pos[i] + 1 : longest;
-    float *scores = malloc(sizeof(float) * (size_t)longest);
+    for (int64_t i = 0; i < c->a.n; ++i)
+        longest = c->a.pos[i] + 1 > longest ? c->a.pos[i] + 1 : longest;
+    return longest;
+}
+
+/* This thread's share of the step's (sequence, head) items; `scratch` holds `longest` scores
+for each thread of the team. */
+static void attention_team(const attention_call *c, char *scratch, int64_t longest) {
+    const decode_args *a = &c->a;
+    float *scores = (float *)scratch + omp_get_thread_num() * longest;
 #pragma omp for schedule(static) nowait
-    for (int64_t item = 0; item < a->n * a->heads; ++item)
-        if (scores != NULL) {
-            if (item + 1 < a->n * a->heads) prefetch_item(a, a->half, item + 1);
-            c->attend(a, item / a->heads, item % a->heads, scores);
-        }
-    const int failed = scores == NULL;
-    free(scores);
-    return failed;
+    for (int64_t item = 0; item < a->n * a->heads; ++item) {
+        if (item + 1 < a->n * a->heads) prefetch_item(a, a->half, item + 1);
+        c->attend(a, item / a->heads, item % a->heads, scores);
+    }
 }
 
 /* ---- prompt attention: the rows of prompt chunks, through the block tables ---------------
@@ -1325,16 +1327,20 @@ static PyObject *amx_ready(PyObject *self, PyObject *args) {
     return PyBool_FromLong(amx_ready_here());
 }
 
-/* int8_linear's arguments, bound (a Call's), and room for x's rows in u8 */
+/* int8_linear's arguments, bound (a Call's); a.x, a.x_scale and a.x_zero are the run's
+scratch (int8_scratch) */
 typedef struct {
     int8_args a;
     input_args in;
     int64_t k4;
     int form;                     /* 0 AVX2, 1 VNNI, 2 AMX */
     unsigned long long x_error;   /* [m] fp32, or 0 */
-    int32_t *xq, *x_zero;
-    float *x_scale;
 } int8_call;
+
+/* The bytes of x's rows in u8, then their scales and zero points (4-byte aligned: k4 % 4 is 0) */
+static size_t int8_scratch(const int8_call *c) {
+    return (size_t)(c->a.m * c->k4) + 8 * (size_t)c->a.m;
+}
 
 static int int8_parse(PyObject *args, int8_call *c) {
     unsigned long long w, w_scale, w_sum, bias, y, residual;
@@ -1362,28 +1368,21 @@ static int int8_parse(PyObject *args, int8_call *c) {
     a->panels = NULL;
     a->steps = c->k4 / 4;
     set_output(&a->out, bias, residual, y);
-    c->xq = malloc((size_t)(a->m * c->k4));
-    c->x_scale = malloc(sizeof(float) * (size_t)a->m);
-    c->x_zero = malloc(sizeof(int32_t) * (size_t)a->m);
-    if (!c->xq || !c->x_scale || !c->x_zero) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    a->x = c->xq, a->x_scale = c->x_scale, a->x_zero = c->x_zero;
     return 0;
 }
 
-static void int8_release(int8_call *c) { free(c->xq), free(c->x_scale), free(c->x_zero); }
-
-/* This thread's share: x's rows quantized, then the panels. */
-static void int8_team(const int8_call *c, panel_share *share) {
+/* This thread's share: x's rows quantized into `scratch`, then the panels. */
+static void int8_team(const int8_call *c, panel_share *share, char *scratch) {
 #if HAVE_INT8
-    const int8_args *a = &c->a;
+    int8_args bound = c->a, *a = &bound;
+    int32_t *xq = (int32_t *)scratch, *x_zero = (int32_t *)(scratch + a->m * c->k4);
+    float *x_scale = (float *)(x_zero + a->m);
+    a->x = xq, a->x_scale = x_scale, a->x_zero = x_zero;
     share_panels(share, a->out.n);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < a->m; ++r)
-        quantize_row(input_row(&c->in, r), c->in.k, c->k4, (uint8_t *)(c->xq + r * a->steps),
-                     c->x_scale + r, c->x_zero + r,
+        quantize_row(input_row(&c->in, r), c->in.k, c->k4, (uint8_t *)(xq + r * a->steps),
+                     x_scale + r, x_zero + r,
                      c->x_error ? (float *)(uintptr_t)c->x_error + r : NULL);
     /* (a barrier: every row quantized, every run shared, before any panel) */
     if (c->form == 1)
@@ -1784,15 +1783,18 @@ static PyObject *quantize_int4(PyObject *self, PyObject *args) {
 #endif
 }
 
-/* int4_linear's arguments, bound (a Call's), and room for x's rows in int8 */
+/* int4_linear's arguments, bound (a Call's); a.x, a.x_scale and a.x_sum8 are the run's
+scratch (int4_scratch) */
 typedef struct {
     int4_args a;
     input_args in;
     int isa;                  /* 1 AVX2, 2 AVX-512, 3 VNNI, 4 AMX */
-    int8_t *xq;
-    float *x_scale;
-    int32_t *x_sum8;
 } int4_call;
+
+/* The bytes of x's rows in int8, then each group's scale and sum */
+static size_t int4_scratch(const int4_call *c) {
+    return (size_t)(c->a.m * c->a.groups) * (32 + 8);
+}
 
 static int int4_parse(PyObject *args, int4_call *c) {
     unsigned long long w, bias, y, residual;
@@ -1816,29 +1818,22 @@ static int int4_parse(PyObject *args, int4_call *c) {
     a->groups = 2 * a->blocks;
     a->steps = 9 * a->blocks;
     set_output(&a->out, bias, residual, y);
-    c->xq = malloc((size_t)(a->m * a->groups * 32));
-    c->x_scale = malloc(sizeof(float) * (size_t)(a->m * a->groups));
-    c->x_sum8 = malloc(sizeof(int32_t) * (size_t)(a->m * a->groups));
-    if (!c->xq || !c->x_scale || !c->x_sum8) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    a->x = c->xq, a->x_scale = c->x_scale, a->x_sum8 = c->x_sum8;
     return 0;
 }
 
-static void int4_release(int4_call *c) { free(c->xq), free(c->x_scale), free(c->x_sum8); }
-
-/* This thread's share: x's rows quantized by groups, then the panels. */
-static void int4_team(const int4_call *c, panel_share *share) {
+/* This thread's share: x's rows quantized by groups into `scratch`, then the panels. */
+static void int4_team(const int4_call *c, panel_share *share, char *scratch) {
 #if HAVE_INT4
-    const int4_args *a = &c->a;
+    int4_args bound = c->a, *a = &bound;
+    int8_t *xq = (int8_t *)scratch;
+    float *x_scale = (float *)(scratch + a->m * a->groups * 32);
+    int32_t *x_sum8 = (int32_t *)(x_scale + a->m * a->groups);
+    a->x = xq, a->x_scale = x_scale, a->x_sum8 = x_sum8;
     share_panels(share, a->out.n);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < a->m; ++r)
-        quantize_row_groups(input_row(&c->in, r), c->in.k, a->groups,
-                            c->xq + r * a->groups * 32, c->x_scale + r * a->groups,
-                            c->x_sum8 + r * a->groups);
+        quantize_row_groups(input_row(&c->in, r), c->in.k, a->groups, xq + r * a->groups * 32,
+                            x_scale + r * a->groups, x_sum8 + r * a->groups);
     /* (a barrier: every row quantized, every run shared, before any panel) */
 #if HAVE_AMX
     if (c->isa == 4)
@@ -2406,13 +2401,11 @@ arguments, allocated its scratch and started and joined a team while no weight s
 run of 60, where a layer's matmuls of GPT-2 124M stream in 30-130 us. There the engine's
 int8 124M ran 1.02x faster at batch 1, and level at batch 8 and in fp32 (medians of
 in-process A/B trials of 64 greedy tokens, which ranged 0.73-1.24x: that VM's bandwidth moved
-by a fifth from one minute to the next; docs/benchmarks.md, the Zen 3 section). A Call's
-scratch is its own: it is not to be run by two threads at once. */
+by a fifth from one minute to the next; docs/benchmarks.md, the Zen 3 section). */
 
 typedef struct {
     PyObject_HEAD
     int kind; /* an index into call_kinds */
-    int failed; /* its last run left work undone (attention's scratch not allocated) */
     union {
         attention_call attention;
         f32_call f32;
@@ -2427,71 +2420,85 @@ static int parse_attention(PyObject *args, Call *c) {
 static int parse_f32(PyObject *args, Call *c) { return f32_parse(args, &c->u.f32); }
 static int parse_int8(PyObject *args, Call *c) { return int8_parse(args, &c->u.int8); }
 static int parse_int4(PyObject *args, Call *c) { return int4_parse(args, &c->u.int4); }
-static void release_int8(Call *c) { int8_release(&c->u.int8); }
-static void release_int4(Call *c) { int4_release(&c->u.int4); }
 
 static const struct {
     const char *name;
     int (*parse)(PyObject *args, Call *c);
-    void (*release)(Call *c); /* or NULL: nothing allocated */
 } call_kinds[] = {
-    {"decode_attention", parse_attention, NULL},
-    {"linear_f32", parse_f32, NULL},
-    {"int8_linear", parse_int8, release_int8},
-    {"int4_linear", parse_int4, release_int4},
+    {"decode_attention", parse_attention},
+    {"linear_f32", parse_f32},
+    {"int8_linear", parse_int8},
+    {"int4_linear", parse_int4},
 };
 #define CALL_KINDS (int)(sizeof(call_kinds) / sizeof(call_kinds[0]))
 
-/* This thread's share of the call; the caller's barrier ends it. */
-static void call_team(Call *c, panel_share *share) {
+/* The scratch a call needs for a team of `threads`, in bytes. A run allocates it once for
+all its calls, which follow each other: a Call holds none, so it costs no memory between runs
+(a plan binds one set of calls per batch size) and two threads may run it at once. */
+static size_t call_scratch(const Call *c, int threads) {
     switch (c->kind) {
-    case 0:
-        if (attention_team(&c->u.attention)) {
-#pragma omp atomic write
-            c->failed = 1;
-        }
-        break;
-    case 1: f32_team(&c->u.f32, share); break;
-    case 2: int8_team(&c->u.int8, share); break;
-    case 3: int4_team(&c->u.int4, share); break;
+    case 0: return sizeof(float) * (size_t)(threads * attention_longest(&c->u.attention));
+    case 2: return int8_scratch(&c->u.int8);
+    case 3: return int4_scratch(&c->u.int4);
+    default: return 0;
     }
 }
 
-/* The calls, in order, by one team; -1 with MemoryError set where one left work undone. */
+/* This thread's share of the call; the caller's barrier ends it. */
+static void call_team(const Call *c, panel_share *share, char *scratch) {
+    switch (c->kind) {
+    case 0: attention_team(&c->u.attention, scratch, attention_longest(&c->u.attention)); break;
+    case 1: f32_team(&c->u.f32, share); break;
+    case 2: int8_team(&c->u.int8, share, scratch); break;
+    case 3: int4_team(&c->u.int4, share, scratch); break;
+    }
+}
+
+/* The calls, in order, by one team; -1 with MemoryError set where their scratch cannot be
+allocated (then none runs). */
 static int run_calls(Call *const *calls, Py_ssize_t n) {
+    const int threads = omp_get_max_threads();
+    size_t most = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        const size_t bytes = call_scratch(calls[i], threads);
+        most = bytes > most ? bytes : most;
+    }
+    char *scratch = malloc(most ? most : 1);
+    if (!scratch) {
+        PyErr_NoMemory();
+        return -1;
+    }
     panel_share share;
     Py_BEGIN_ALLOW_THREADS
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     for (Py_ssize_t i = 0; i < n; ++i) {
-        if (i > 0) { /* every output of the call before is written before any is read */
+        if (i > 0) { /* every output (and scratch) of the call before is done with */
 #pragma omp barrier
         }
-        call_team(calls[i], &share);
+        call_team(calls[i], &share, scratch);
     }
     Py_END_ALLOW_THREADS
-    int failed = 0;
-    for (Py_ssize_t i = 0; i < n; ++i) failed |= calls[i]->failed, calls[i]->failed = 0;
-    if (failed) PyErr_NoMemory();
-    return failed ? -1 : 0;
-}
-
-static void call_dealloc(Call *self) {
-    if (call_kinds[self->kind].release) call_kinds[self->kind].release(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    free(scratch);
+    return 0;
 }
 
 static PyObject *call_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    if (kwargs && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "Call takes no keyword arguments");
+        return NULL;
+    }
     const Py_ssize_t given = PyTuple_GET_SIZE(args);
-    const char *name = given > 0 && PyUnicode_Check(PyTuple_GET_ITEM(args, 0))
-                       ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 0)) : NULL;
+    PyObject *name = given > 0 ? PyTuple_GET_ITEM(args, 0) : NULL;
     int kind = 0;
-    while (name && kind < CALL_KINDS && strcmp(name, call_kinds[kind].name)) ++kind;
-    if (!name || kind == CALL_KINDS || (kwargs && PyDict_GET_SIZE(kwargs))) {
+    while (name && PyUnicode_Check(name) && kind < CALL_KINDS
+           && PyUnicode_CompareWithASCIIString(name, call_kinds[kind].name))
+        ++kind;
+    if (!name || !PyUnicode_Check(name) || kind == CALL_KINDS) {
         PyErr_SetString(PyExc_TypeError, "Call(kernel, *arguments): kernel decode_attention, "
                                          "linear_f32, int8_linear or int4_linear");
         return NULL;
     }
-    Call *self = (Call *)type->tp_alloc(type, 0); /* (zeroed: nothing to release yet) */
+    Call *self = (Call *)type->tp_alloc(type, 0);
     PyObject *rest = self ? PyTuple_GetSlice(args, 1, given) : NULL;
     if (!rest) {
         Py_XDECREF(self);
@@ -2522,7 +2529,6 @@ static PyTypeObject CallType = {
     .tp_basicsize = sizeof(Call),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = call_new,
-    .tp_dealloc = (destructor)call_dealloc,
     .tp_call = (ternaryfunc)call_call,
     .tp_doc =
         "Call(kernel, *arguments): the kernel's call bound to its arguments, run by calling "
@@ -2541,18 +2547,21 @@ static PyTypeObject CallType = {
 };
 
 static PyObject *run(PyObject *self, PyObject *arg) {
-    PyObject *seq = PySequence_Fast(arg, "run takes a sequence of Calls");
-    if (!seq) return NULL;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    /* a tuple of its own: the calls stay as they are, and alive, while the team runs them */
+    PyObject *calls = PySequence_Check(arg) ? PySequence_Tuple(arg) : NULL;
+    if (!calls) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "run takes a sequence of Calls");
+        return NULL;
+    }
+    const Py_ssize_t n = PyTuple_GET_SIZE(calls);
     for (Py_ssize_t i = 0; i < n; ++i)
-        if (!PyObject_TypeCheck(items[i], &CallType)) {
-            Py_DECREF(seq);
+        if (!PyObject_TypeCheck(PyTuple_GET_ITEM(calls, i), &CallType)) {
+            Py_DECREF(calls);
             PyErr_SetString(PyExc_TypeError, "run takes a sequence of Calls");
             return NULL;
         }
-    const int ran = run_calls((Call *const *)items, n);
-    Py_DECREF(seq);
+    const int ran = run_calls((Call *const *)PySequence_Fast_ITEMS(calls), n);
+    Py_DECREF(calls);
     if (ran < 0) return NULL;
     Py_RETURN_NONE;
 }
