@@ -2392,13 +2392,13 @@ NO_FP_CONTRACT static PyObject *embed(PyObject *self, PyObject *args) {
 
 /* ---- bound calls, and a run of them by one team ------------------------------------------
 
-A Call is one kernel's call with its arguments parsed once (and its scratch allocated once);
-calling it runs it. `run` runs a sequence of them in one OpenMP parallel region, a barrier
-between two, as llama.cpp's graph compute runs a graph's nodes on one thread pool: the decode
-plan's calls of a layer (engine/decode_plan.py). Made one by one, each call parsed its
+A Call is one kernel's call with its arguments parsed once; calling it runs it. `run` runs a
+sequence of them in one OpenMP parallel region, a barrier between two, as llama.cpp's graph
+compute runs a graph's nodes on one thread pool: the decode plan's calls of a layer
+(engine/decode_plan.py). Made one by one, each call parsed its
 arguments, allocated its scratch and started and joined a team while no weight streamed:
-2.8-6.3 us a call of a 64 x 64 int8 matmul on the 2 vCPUs of an AMD EPYC (Zen 3), 1.7 us in a
-run of 60, where a layer's matmuls of GPT-2 124M stream in 30-130 us. There the engine's
+2.8-6.3 us a call of a 64 x 64 int8 matmul on the 2 vCPUs of an AMD EPYC (Zen 3), 1.5-2.6 us
+in a run of 60, where a layer's matmuls of GPT-2 124M stream in 30-130 us. There the engine's
 int8 124M ran 1.02x faster at batch 1, and level at batch 8 and in fp32 (medians of
 in-process A/B trials of 64 greedy tokens, which ranged 0.73-1.24x: that VM's bandwidth moved
 by a fifth from one minute to the next; docs/benchmarks.md, the Zen 3 section). */
