@@ -2434,7 +2434,8 @@ static const struct {
 
 /* The scratch a call needs for a team of `threads`, in bytes. A run allocates it once for
 all its calls, which follow each other: a Call holds none, so it costs no memory between runs
-(a plan binds one set of calls per batch size) and two threads may run it at once. */
+(a plan binds one set of calls per batch size), and two runs share only the tensors their
+calls were bound to. */
 static size_t call_scratch(const Call *c, int threads) {
     switch (c->kind) {
     case 0: return sizeof(float) * (size_t)(threads * attention_longest(&c->u.attention));
