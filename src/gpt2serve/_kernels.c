@@ -23,7 +23,6 @@ runs AVX2 code.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -2395,17 +2394,21 @@ NO_FP_CONTRACT static PyObject *embed(PyObject *self, PyObject *args) {
 A Call is one kernel's call with its arguments parsed once; calling it runs it. `run` runs a
 sequence of them in one OpenMP parallel region, a barrier between two, as llama.cpp's graph
 compute runs a graph's nodes on one thread pool: the decode plan's calls of a layer
-(engine/decode_plan.py). Made one by one, each call parsed its
-arguments, allocated its scratch and started and joined a team while no weight streamed:
+(engine/decode_plan.py). Made one by one, each call parsed its arguments, allocated its
+scratch and started and joined a team while no weight streamed:
 2.8-6.3 us a call of a 64 x 64 int8 matmul on the 2 vCPUs of an AMD EPYC (Zen 3), 1.5-2.6 us
 in a run of 60, where a layer's matmuls of GPT-2 124M stream in 30-130 us. There the engine's
 int8 124M ran 1.02x faster at batch 1, and level at batch 8 and in fp32 (medians of
 in-process A/B trials of 64 greedy tokens, which ranged 0.73-1.24x: that VM's bandwidth moved
 by a fifth from one minute to the next; docs/benchmarks.md, the Zen 3 section). */
 
+enum { CALL_ATTENTION, CALL_F32, CALL_INT8, CALL_INT4, CALL_KINDS };
+static const char *const call_kinds[CALL_KINDS] = {"decode_attention", "linear_f32",
+                                                   "int8_linear", "int4_linear"};
+
 typedef struct {
     PyObject_HEAD
-    int kind; /* an index into call_kinds */
+    int kind; /* CALL_ATTENTION .. CALL_INT4 */
     union {
         attention_call attention;
         f32_call f32;
@@ -2414,23 +2417,15 @@ typedef struct {
     } u;
 } Call;
 
-static int parse_attention(PyObject *args, Call *c) {
-    return attention_parse(args, &c->u.attention);
+/* The call's arguments, parsed into c; -1 with the exception set where they are wrong. */
+static int call_parse(Call *c, PyObject *args) {
+    switch (c->kind) {
+    case CALL_ATTENTION: return attention_parse(args, &c->u.attention);
+    case CALL_F32: return f32_parse(args, &c->u.f32);
+    case CALL_INT8: return int8_parse(args, &c->u.int8);
+    default: return int4_parse(args, &c->u.int4);
+    }
 }
-static int parse_f32(PyObject *args, Call *c) { return f32_parse(args, &c->u.f32); }
-static int parse_int8(PyObject *args, Call *c) { return int8_parse(args, &c->u.int8); }
-static int parse_int4(PyObject *args, Call *c) { return int4_parse(args, &c->u.int4); }
-
-static const struct {
-    const char *name;
-    int (*parse)(PyObject *args, Call *c);
-} call_kinds[] = {
-    {"decode_attention", parse_attention},
-    {"linear_f32", parse_f32},
-    {"int8_linear", parse_int8},
-    {"int4_linear", parse_int4},
-};
-#define CALL_KINDS (int)(sizeof(call_kinds) / sizeof(call_kinds[0]))
 
 /* The scratch a call needs for a team of `threads`, in bytes. A run allocates it once for
 all its calls, which follow each other: a Call holds none, so it costs no memory between runs
@@ -2438,9 +2433,10 @@ all its calls, which follow each other: a Call holds none, so it costs no memory
 calls were bound to. */
 static size_t call_scratch(const Call *c, int threads) {
     switch (c->kind) {
-    case 0: return sizeof(float) * (size_t)(threads * attention_longest(&c->u.attention));
-    case 2: return int8_scratch(&c->u.int8);
-    case 3: return int4_scratch(&c->u.int4);
+    case CALL_ATTENTION:
+        return sizeof(float) * (size_t)(threads * attention_longest(&c->u.attention));
+    case CALL_INT8: return int8_scratch(&c->u.int8);
+    case CALL_INT4: return int4_scratch(&c->u.int4);
     default: return 0;
     }
 }
@@ -2448,10 +2444,12 @@ static size_t call_scratch(const Call *c, int threads) {
 /* This thread's share of the call; the caller's barrier ends it. */
 static void call_team(const Call *c, panel_share *share, char *scratch) {
     switch (c->kind) {
-    case 0: attention_team(&c->u.attention, scratch, attention_longest(&c->u.attention)); break;
-    case 1: f32_team(&c->u.f32, share); break;
-    case 2: int8_team(&c->u.int8, share, scratch); break;
-    case 3: int4_team(&c->u.int4, share, scratch); break;
+    case CALL_ATTENTION:
+        attention_team(&c->u.attention, scratch, attention_longest(&c->u.attention));
+        break;
+    case CALL_F32: f32_team(&c->u.f32, share); break;
+    case CALL_INT8: int8_team(&c->u.int8, share, scratch); break;
+    case CALL_INT4: int4_team(&c->u.int4, share, scratch); break;
     }
 }
 
@@ -2492,7 +2490,7 @@ static PyObject *call_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     PyObject *name = given > 0 ? PyTuple_GET_ITEM(args, 0) : NULL;
     int kind = 0;
     while (name && PyUnicode_Check(name) && kind < CALL_KINDS
-           && PyUnicode_CompareWithASCIIString(name, call_kinds[kind].name))
+           && PyUnicode_CompareWithASCIIString(name, call_kinds[kind]))
         ++kind;
     if (!name || !PyUnicode_Check(name) || kind == CALL_KINDS) {
         PyErr_SetString(PyExc_TypeError, "Call(kernel, *arguments): kernel decode_attention, "
@@ -2506,7 +2504,7 @@ static PyObject *call_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
         return NULL;
     }
     self->kind = kind;
-    const int parsed = call_kinds[kind].parse(rest, self);
+    const int parsed = call_parse(self, rest);
     Py_DECREF(rest);
     if (parsed < 0) {
         Py_DECREF(self);
