@@ -101,6 +101,13 @@ def test_a_call_of_more_prompts_than_queue_and_batch_hold_is_refused_not_retried
     r = post(f"{one_slot.url}/v1/models/{MODEL}:predict",
              {"instances": [{"prompt": p, "max_new_tokens": 2} for p in "ab"]})
     assert r.status_code == 200, r.text
+    # OpenAI's shape names the field (it named none)
+    for stream in (False, True):
+        r = post(f"{one_slot.url}/openai/v1/completions",
+                 {"prompt": list("abc"), "max_tokens": 2, "stream": stream})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "3 prompts" in error["message"] and error["param"] == "prompt", error
 
 
 def test_overload_and_a_stream_that_waits_past_its_timeout(one_slot):

@@ -238,6 +238,16 @@ def test_a_head_over_64_kib_is_a_431_before_the_key(guarded):
                                  + [b"a" * 10240] * 12, key=None)
     assert answer.startswith(b"HTTP/1.1 431") and b"65536" in answer, answer[:200]
     assert httpx.get(guarded.url + "/v2/health/live").status_code == 200
+    # on OpenAI's routes in OpenAI's shape, which its clients read (it was KServe's),
+    # whichever way the head is refused
+    r = httpx.post(f"{guarded.url}/openai/v1/completions", json={"prompt": "a"},
+                   headers={**pad, "x-pad": "a" * 70_000})
+    assert r.status_code == 431
+    assert r.json()["error"]["code"] == 431 and "65536" in r.json()["error"]["message"]
+    answer = send_until_answered(guarded, [b"POST /openai/v1/completions?x=1 HTTP/1.1\r\n"
+                                           b"X-Big: "] + [b"a" * 10240] * 12, key=None)
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == 431 and "65536" in error["message"], answer[:300]
 
 
 def test_a_chunked_bodys_trailers_are_bounded(guarded):
@@ -248,6 +258,13 @@ def test_a_chunked_bodys_trailers_are_bounded(guarded):
         "Content-Type: application/json\r\n\r\n".encode(),
         b'11\r\n{"instances": []}\r\n0\r\nX-Trailer: '] + [b"a" * 10240] * 12)
     assert answer.startswith(b"HTTP/1.1 413") and b"--max_body_bytes" in answer, answer[:200]
+    # on OpenAI's routes in OpenAI's shape, which its clients read (it was KServe's)
+    answer = send_until_answered(guarded, [
+        b"POST /openai/v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b'Content-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: ']
+        + [b"a" * 10240] * 12)
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == 413 and "--max_body_bytes" in error["message"], answer[:300]
 
 
 def connect(srv):

@@ -56,9 +56,31 @@ def test_continuous_usage_stats_give_each_chunk_its_choices_usage(oai):
     assert sorted(seen) == [0, 1, 2, 3]
     assert all(counts == sorted(counts) and counts[-1] == 4 for counts in seen.values()), seen
     assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
-    for options in ({"include_usage": True}, {"continuous_usage_stats": True}):
-        chunks = list(oai.completions.create(**common, stream_options=options))
-        assert all(c.usage is None for c in chunks if c.choices), options
+    chunks = list(oai.completions.create(**common, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 16
+    # vLLM's include_usage is true unless sent false: continuous_usage_stats alone gives both
+    # (it gave neither)
+    chunks = list(oai.completions.create(**common,
+                                         stream_options={"continuous_usage_stats": True}))
+    assert all(c.usage is not None for c in chunks), chunks
+    assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
+    chunks = list(oai.completions.create(
+        **common, stream_options={"include_usage": False, "continuous_usage_stats": True}))
+    assert chunks and all(c.usage is None and c.choices for c in chunks)
+
+
+def test_best_of_is_read_as_n_is(oai):
+    """best_of 2.0 beside n 2 was refused as unequal to n, where n itself takes 2.0."""
+    for best_of, n in ((2.0, 2), (1.0, None), (2, 2.0)):
+        r = oai.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=1, n=n,
+                                   best_of=best_of)
+        assert len(r.choices) == int(n or 1)
+    for best_of in (2.5, True, "2"):
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=1, n=2,
+                                   best_of=best_of)
+        assert e.value.body["param"] == "best_of", e.value.body
 
 
 def test_null_fields_take_the_openai_defaults(oai):

@@ -39,6 +39,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .auth import PEER
+from .middleware import error_body
 
 # Envoy (Istio's and Knative's ingress) refuses request heads past 60 KiB by default, nginx
 # past four buffers of 8 KiB: a bearer token or a cookie of several KiB is far below this.
@@ -225,19 +226,20 @@ class BoundedHttp(HttpToolsProtocol):
         if self.refused is not None and not self.refused.response_complete:
             self.refused.disconnected = True  # its app, waiting for the rest, writes nothing
             self.refused.message_event.set()
-        body = _error(message)
+        # the route, as far as its request line came: OpenAI's error shape on OpenAI's routes
+        body = _error(self.url.split(b"?")[0].decode("latin-1"), status, message)
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                              % (status, STATUS[status], len(body), body))
         self.transport.close()
 
 
-def _error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+def _error(path: str, status: int, message: str) -> bytes:
+    return json.dumps(error_body(path, status, message)).encode()
 
 
 async def _head_too_large(scope, receive, send) -> None:
-    body = _error(TOO_LARGE)
+    body = _error(scope["path"], 431, TOO_LARGE)
     await send({"type": "http.response.start", "status": 431, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"connection", b"close")]})

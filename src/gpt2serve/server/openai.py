@@ -207,7 +207,8 @@ class CompletionCall:
                 {"max_new_tokens": 16, "temperature": 1.0, "top_k": 0, **fields},
                 max_n=engine.max_n)
             best_of = body.get("best_of")
-            if best_of is not None and (type(best_of) is not int or best_of != self.params.n):
+            # (2.0 is 2, as n reads it; true is not)
+            if best_of is not None and (isinstance(best_of, bool) or best_of != self.params.n):
                 raise OpenAIError("'best_of' must equal 'n' when given", param="best_of")
             prompts = _prompt_list(body.get("prompt"))
             if len(prompts) > max_prompts:
@@ -231,8 +232,12 @@ class CompletionCall:
         a 503 and not a broken stream."""
         # echo with logprobs scores the prompt too, as OpenAI's legacy completions did
         scored = self.params.logprobs if self.echo else None
-        self.requests = self.engine.submit([Prompt(ids, self.params, prompt_logprobs=scored)
-                                            for ids in self.prompts], streamed=self.stream)
+        try:
+            self.requests = self.engine.submit(
+                [Prompt(ids, self.params, prompt_logprobs=scored) for ids in self.prompts],
+                streamed=self.stream)
+        except SamplingError as e:  # (more prompts than the queue takes)
+            raise OpenAIError(str(e), param="prompt") from None
         return self.requests
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
@@ -479,7 +484,9 @@ class TextOffsets:
 def _stream_options(options: Any, stream: bool) -> tuple[bool, bool]:
     """Whether to send a final usage chunk, and usage in every chunk too: `stream_options`
     only with `stream: true`, `include_usage` a JSON boolean (OpenAI's rules), and vLLM's
-    `continuous_usage_stats`, which counts only beside `include_usage` (as vLLM's)."""
+    `continuous_usage_stats`. An `include_usage` left out is false, as OpenAI reads it, but
+    beside `continuous_usage_stats: true`, which only vLLM takes: there it is vLLM's default,
+    true (an explicit false turns both off, as in vLLM)."""
     if options is None:
         return False, False
     if not stream:
@@ -491,14 +498,16 @@ def _stream_options(options: Any, stream: bool) -> tuple[bool, bool]:
     if unknown:
         raise OpenAIError(f"unknown parameter 'stream_options.{unknown[0][:40]}'",
                           param="stream_options")
-    flags = []
+    flags = {}
     for name in ("include_usage", "continuous_usage_stats"):
         value = options.get(name)
         if value is not None and not isinstance(value, bool):
             raise OpenAIError(f"'stream_options.{name}' must be true or false",
                               param="stream_options")
-        flags.append(bool(value))
-    return flags[0], flags[0] and flags[1]
+        flags[name] = value
+    continuous = bool(flags["continuous_usage_stats"])
+    usage = flags["include_usage"] if flags["include_usage"] is not None else continuous
+    return usage, usage and continuous
 
 
 def _join(first: dict, second: dict) -> dict:
