@@ -629,6 +629,10 @@ def test_sigterm_drains_in_flight_work_then_exits_0(long_model):
             out["ready"] = (await client.get(f"{srv.url}/v2/health/ready")).status_code
             late = await client.post(url, json=body)
             out["late"] = (late.status_code, late.headers.get("retry-after"))
+            late = await client.post(f"{srv.url}/v2/models/aitextgen/infer", json={
+                "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                            "data": ["a"]}]})
+            out["late infer"] = (late.status_code, late.headers.get("retry-after"))
             out["inflight"] = [r.status_code for r in await asyncio.gather(*inflight)]
             out["texts"] = [len(r.json()["predictions"][0]) for r in
                             [t.result() for t in inflight]]
@@ -639,7 +643,8 @@ def test_sigterm_drains_in_flight_work_then_exits_0(long_model):
     drain = time.perf_counter() - out["t0"]
     srv.stop()
     assert out["ready"] == 503
-    assert out["late"][0] == 503
+    # with Retry-After, as every route's 503 (KServe's "not ready" had none)
+    assert out["late"] == out["late infer"] == (503, "1"), out
     assert out["inflight"] == [200] * 6
     assert min(out["texts"]) > 300  # all finished in full, not cut short
     assert code == 0

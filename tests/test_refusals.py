@@ -323,14 +323,20 @@ def test_predict_by_another_method_is_a_405_that_allows_post(logged):
 
 def test_openai_routes_answer_no_such_route_and_wrong_method_in_openai_shape(logged):
     """Starlette's 404 and 405 were FastAPI's {"detail": ...} under /openai/, where every
-    other error is OpenAI's {"error": {...}}; elsewhere they stay FastAPI's."""
+    other error is OpenAI's {"error": {...}}; elsewhere they are KServe's {"error": ...},
+    which tritonclient reads (it failed on the 404 of a model's config: 'error')."""
     for method, path, status in (("POST", "/openai/v1/nothing", 404),
                                  ("GET", COMPLETIONS, 405)):
         r = httpx.request(method, f"{logged.url}{path}")
         assert r.status_code == status, r.text
         assert r.json()["error"]["code"] == status and r.json()["error"]["message"]
     r = httpx.post(f"{logged.url}/v9/nothing")
-    assert r.status_code == 404 and "detail" in r.json()
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+    r = httpx.get(f"{logged.url}/v2/models/{MODEL}/generate")
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+    assert r.headers["allow"] == "POST"
+    r = httpx.get(f"{logged.url}/v2/models/{MODEL}/config")  # (a Triton route)
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
     # a vLLM user's base URL, http://HOST/v1: the client said only "{'detail': 'Not Found'}"
     client = openai.OpenAI(base_url=f"{logged.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError) as e:

@@ -36,11 +36,10 @@ OPENAI_ELSEWHERE = ("/v1/completions", "/v1/chat/completions")
 async def _http_error(request, exc) -> JSONResponse:
     """Starlette's own refusals (no such route, a method the route does not take): in
     OpenAI's error shape on the OpenAI routes, as every other error there, and at vLLM's
-    paths of them, saying where they are (the client said only 'Not Found'); FastAPI's
-    `{"detail": ...}` elsewhere."""
-    from fastapi.exception_handlers import http_exception_handler
-
-    from .errors import openai_shaped
+    paths of them, saying where they are (the client said only 'Not Found'); KServe's
+    `{"error": ...}` elsewhere, the Open Inference Protocol's error object (FastAPI's
+    `{"detail": ...}` broke tritonclient's reading of the 404 for a Triton route this server
+    does not have, such as a model's config)."""
     from .middleware import error_body
     from .openai import OpenAIError
 
@@ -50,10 +49,8 @@ async def _http_error(request, exc) -> JSONResponse:
                            "/openai/v1 (the openai client's base_url is "
                            "http://HOST:PORT/openai/v1)",
                            status=404, kind="not_found_error").response()
-    if openai_shaped(path):
-        return JSONResponse(error_body(path, exc.status_code, str(exc.detail)),
-                            status_code=exc.status_code, headers=exc.headers)
-    return await http_exception_handler(request, exc)
+    return JSONResponse(error_body(path, exc.status_code, str(exc.detail)),
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 def describe_the_answering_routes(app) -> None:

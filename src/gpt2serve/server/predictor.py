@@ -62,6 +62,7 @@ def v1_router(repository) -> APIRouter:
     @router.post("/v1/models/{model_name}:predict")
     async def predict(model_name: str, request: Request):
         repository.refuse_absent(model_name)
+        repository.refuse_draining()
         if repository.load_failed(model_name):
             await repository.engine(model_name)  # LoadFailed, or loaded again
         return await endpoints.predict(model_name, request)

@@ -263,6 +263,13 @@ class Repository(ModelRepository):
         if self.get_model(name) is None:
             raise ModelUnloaded(name) if name in self.entries else self._unknown(name)
 
+    def refuse_draining(self) -> None:
+        """ModelUnavailable (503 with Retry-After) once the server drains, for the routes that
+        ask a predictor's readiness first (V1 :predict, V2 infer): KServe's ModelNotReady was
+        a 503 with no Retry-After, where every other route's said when to come back."""
+        if self.shutting_down:
+            raise ModelUnavailable("the server is shutting down")
+
     def _unknown(self, name: str, every: bool = False) -> UnknownModel:
         """A request's 404 names the models a request may use (GET /v1/models lists them),
         a load's or unload's `every` model of the repository (those unloaded too)."""

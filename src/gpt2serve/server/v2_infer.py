@@ -64,6 +64,7 @@ def infer_router(repository: Repository) -> APIRouter:
         **refusals(), 200: {"content": {"application/octet-stream": {}}}})  # (binary outputs)
     async def infer(model_name: str, request: HTTPRequest) -> Response:
         repository.refuse_absent(model_name)
+        repository.refuse_draining()
         predictor = repository.get_model(model_name)
         if not predictor.ready:
             raise ModelNotReady(model_name)
