@@ -33,7 +33,7 @@ from ..engine import Completion, Engine, Prompt, Request
 from ..sampling import SamplingError
 from .errors import SERVER_SENT_EVENTS, failure, refusals
 from .middleware import EventStream, started
-from .predictor import _from_string, json_object, to_params
+from .predictor import from_string, json_object, to_params
 from .repository import Repository
 
 FIELDS = {"id": {"type": "string"}, "text_input": {"type": "string"},
@@ -134,7 +134,7 @@ class GenerateCall:
 def _flag(fields: dict, name: str, where: str) -> bool | None:
     """fields[name] as true or false (taken out of them; "true" and "false" read as the other
     parameters' strings are), or None where it is not given."""
-    value = _from_string(fields.pop(name, None), bool)
+    value = from_string(fields.pop(name, None), bool)
     if value is not None and not isinstance(value, bool):
         raise InvalidInput(f"{where}: '{name}' must be true or false" if where
                            else f"'{name}' must be true or false")

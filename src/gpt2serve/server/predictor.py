@@ -273,7 +273,7 @@ def to_params(fields: dict, where: str = "", max_n: int = MAX_N,
     hold text, so `logprobs` (the OpenAI route's) is refused rather than computed unseen,
     and so is `max_new_tokens` 0, which would only read the prompt to score it."""
     names = {**SamplingParams.ALIASES, **(aliases or {})}
-    fields = {key: _from_string(value, _KINDS.get(names.get(key, key)))
+    fields = {key: from_string(value, _KINDS.get(names.get(key, key)))
               for key, value in fields.items()}
     try:
         # (before the shared check, whose bound, 0, is the OpenAI route's: -1 was told ">= 0")
@@ -302,7 +302,7 @@ _KINDS = {name: kind for name, hint in typing.get_type_hints(SamplingParams).ite
 _NUMBER = re.compile(r"-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,31})?([eE][-+]?[0-9]{1,2})?")
 
 
-def _from_string(value, kind: type | None):
+def from_string(value, kind: type | None):
     """`value` read as `kind` where it is a string that spells one; else as it came, for the
     field's own check to refuse by name."""
     if not isinstance(value, str) or kind is None:
