@@ -159,7 +159,7 @@ def decode_attention(batches: list[int], contexts: list[int], repeats: int) -> N
                 cache.kv.normal_()
                 blocks = blocks.flatten()[torch.randperm(blocks.numel())].view(blocks.shape)
                 group = Group(cache, torch.zeros(n, 1, dtype=torch.long), pos, blocks,
-                              in_place=kernels.runs_decode_attention(cache.kv))
+                              in_place=kernels.runs_decode_attention(cache.kv, torch.float32))
                 if name == "ours fp16" and not group.in_place:
                     continue  # no AVX2 with F16C here
                 times[name] = median_time(
@@ -229,7 +229,7 @@ def main() -> None:
         int4_matmuls(args.rows + args.prompt_rows, args.repeats)
     if "attention" in args.parts:
         decode_attention(args.batches, args.contexts, args.repeats)
-    if "prompt" in args.parts and kernels.runs_prompt_attention(torch.zeros(1, 64)):
+    if "prompt" in args.parts and kernels.runs_prompt_attention(torch.zeros(1, 64), torch.float32):
         prompt_attention([(0, 128), (0, 512), (512, 448)], args.repeats)
 
 

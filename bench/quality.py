@@ -61,7 +61,7 @@ def decoded_logits(model, cache_dtype: torch.dtype, windows) -> list[torch.Tenso
     out = []
     for ids in windows:
         cache, blocks = KVCache.for_sequences(model.config, 1, len(ids), cache_dtype, "cpu")
-        in_place = kernels.runs_decode_attention(cache.kv)
+        in_place = kernels.runs_decode_attention(cache.kv, next(model.parameters()).dtype)
         out.append(torch.cat([model.decode_step(torch.tensor([t]), torch.tensor([i]), cache,
                                                 blocks, in_place=in_place)
                               for i, t in enumerate(ids)]))

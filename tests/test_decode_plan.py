@@ -35,7 +35,7 @@ def eager_step(model, cache, tables, lengths, tokens):
     width = max(map(len, tables))
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     return model.decode_step(tokens, torch.tensor(lengths), cache, padded,
-                             in_place=kernels.runs_decode_attention(cache.kv))
+                             in_place=kernels.runs_decode_attention(cache.kv, torch.float32))
 
 
 def test_a_planned_step_is_the_eager_step_to_the_bit(model):

@@ -37,6 +37,18 @@ def test_generate_prints_shakespeare_shaped_text():
     assert speakers, text
 
 
+def test_an_fp16_model_on_cpu_generates_what_torch_ops_alone_do():
+    """--dtype float16 on CPU: our attention kernels, which read and write fp32 rows, served
+    its fp16 cache, and wrote fp32 output over a half-size tensor: the process died of heap
+    corruption (or hung) on its first token."""
+    args = ["ROMEO:", "--dtype", "float16", "--max-new-tokens", "12", "--temperature", "0"]
+    torch_ops = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", *args],
+                               capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "GPT2SERVE_C_KERNELS": "0"})
+    assert torch_ops.returncode == 0, torch_ops.stderr
+    assert generate(*args) == torch_ops.stdout
+
+
 def test_generate_options_and_errors():
     three = generate("JULIET:", "--max-new-tokens", "10", "-n", "3", "--seed", "2")
     assert three.count("JULIET:") == 3 and three.count("==========") == 2

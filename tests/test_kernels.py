@@ -24,7 +24,22 @@ def test_pip_install_built_the_kernels_where_a_compiler_is():
         pytest.skip("no C compiler: the install skips the kernels and torch ops run")
     assert kernels._kernels is not None, "`pip install` did not build gpt2serve._kernels"
     # on unless GPT2SERVE_C_KERNELS=0 (a run of the suite on the torch ops alone)
-    assert kernels.runs_decode_attention(torch.zeros(1)) == kernels.ENABLED
+    assert kernels.runs_decode_attention(torch.zeros(1), torch.float32) == kernels.ENABLED
+
+
+def test_the_attention_kernels_take_fp32_rows_only():
+    """An fp16 model's rows (--dtype float16 on CPU, its cache fp16 too) were taken, and the
+    kernel wrote fp32 output over a half-size tensor."""
+    half = torch.zeros(2, 1, 4, 8, 16, dtype=torch.float16)
+    assert not kernels.runs_decode_attention(half, torch.float16)
+    assert not kernels.runs_prompt_attention(half, torch.bfloat16)
+    if kernels._kernels is None:
+        return
+    tables, pos = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    for rows in (torch.float16, torch.float32):
+        qkv, out = torch.zeros(1, 48, dtype=rows), torch.zeros(1, 16, dtype=torch.float16)
+        with pytest.raises(ValueError, match="fp32 rows"):
+            kernels.bind_decode_attention(qkv, half, tables, pos, 0.25, out)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +57,7 @@ def decode(model, use_kernels: bool, monkeypatch,
     torch.manual_seed(0)
     cfg, bs = model.config, 8
     cache = KVCache(cfg, 64, bs, dtype, "cpu")
-    assert kernels.runs_decode_attention(cache.kv) == (use_kernels and (
+    assert kernels.runs_decode_attention(cache.kv, torch.float32) == (use_kernels and (
         dtype == torch.float32 or kernels.HALF_RUNS))
     blocks = torch.randperm(64)[:4 * 12].view(4, 12)  # out of order, as a pool hands them out
     lengths = torch.tensor([1, 19, 16, 16])
@@ -183,7 +198,7 @@ def test_prompt_chunks_read_in_place_match_torch_ops(tmp_path, dtype):
 
     def run(in_place: bool):
         cache = KVCache(cfg, 48, bs, dtype, "cpu")
-        assert kernels.runs_prompt_attention(cache.kv)
+        assert kernels.runs_prompt_attention(cache.kv, torch.float32)
         out = []
         for start in range(0, 40, 7):
             rows = [r for r in range(3) if start < lengths[r] and (r != 2 or start >= 16)]

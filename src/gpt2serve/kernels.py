@@ -104,9 +104,11 @@ def top_k_draw(logits: Tensor, ks: Tensor, temperature: Tensor, top_p: Tensor,
 HALF_RUNS = VECTOR_ISA >= 1 and "f16c" in hardware.cpu_flags()
 
 
-def runs_decode_attention(kv: Tensor) -> bool:
-    """Whether decode_attention serves a cache like kv (one layer, or all of them)."""
-    return ENABLED and kv.device.type == "cpu" and (
+def runs_decode_attention(kv: Tensor, rows: torch.dtype) -> bool:
+    """Whether decode_attention serves a cache like kv (one layer, or all of them) for a model
+    whose queries, keys and values are `rows`: fp32 only, as the kernels read and write them
+    (an fp16 model on CPU, its cache fp16, had its fp32 output written over half its size)."""
+    return ENABLED and kv.device.type == "cpu" and rows == torch.float32 and (
         kv.dtype == torch.float32 or (kv.dtype == torch.float16 and HALF_RUNS))
 
 
@@ -116,7 +118,7 @@ def decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor,
 
     qkv [N, 3D]: their queries, keys and values (c_attn's output, rows contiguous); kv: one
     layer of the cache, [2, H, num_blocks, block_size, head_dim], contiguous, fp32 or fp16
-    (runs_decode_attention); blocks [N, width] int64 block tables; pos [N] int64, each
+    (runs_decode_attention; qkv fp32); blocks [N, width] int64 block tables; pos [N] int64, each
     token's position. The new keys and values are written at pos first; each query then
     attends to positions 0..pos of its sequence."""
     out = torch.empty(qkv.shape[0], kv.shape[1] * kv.shape[4], dtype=qkv.dtype)
@@ -133,6 +135,9 @@ def bind_decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor, 
     if qkv.stride(1) != 1 or not (kv.is_contiguous() and blocks.is_contiguous()
                                   and pos.is_contiguous() and out.is_contiguous()):
         raise ValueError("decode_attention takes contiguous rows")
+    if qkv.dtype != torch.float32 or out.dtype != torch.float32 or any(
+            t.dtype != torch.int64 for t in (blocks, pos)):
+        raise ValueError("decode_attention takes fp32 rows and int64 tables and positions")
     _check_cache(kv)
     return _kernels.Call("decode_attention", qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(),
                          pos.data_ptr(), out.data_ptr(), qkv.shape[0], heads, head_dim,
@@ -161,10 +166,10 @@ def _check_cache(kv: Tensor) -> None:
         raise ValueError(f"the attention kernels take an fp32 or fp16 cache, not {kv.dtype}")
 
 
-def runs_prompt_attention(kv: Tensor) -> bool:
+def runs_prompt_attention(kv: Tensor, rows: torch.dtype) -> bool:
     """Whether prompt_attention serves a cache like kv: decode_attention's, with AVX-512 (its
     AVX2 form read prompts slower than torch's ops) and a head dim of 64 or 32."""
-    return runs_decode_attention(kv) and VECTOR_ISA == 2 and kv.shape[-1] in (64, 32)
+    return runs_decode_attention(kv, rows) and VECTOR_ISA == 2 and kv.shape[-1] in (64, 32)
 
 
 def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,

@@ -100,7 +100,8 @@ class EngineConfig:
         # the bytes. Only where our decode kernel reads fp16 in place: torch's ops would
         # widen every position again at every step.
         if (quantized and model_dtype == torch.float32
-                and kernels.runs_decode_attention(torch.empty(0, dtype=torch.float16))):
+                and kernels.runs_decode_attention(torch.empty(0, dtype=torch.float16),
+                                                  model_dtype)):
             return torch.float16
         return model_dtype
 

@@ -51,7 +51,7 @@ class DecodePlan:
         """Whether every layer is a FusedBlock (its matmuls laid out for their kernels, fp32
         or int8) and attention runs in our kernel."""
         return (all(isinstance(b.fused, FusedBlock) for b in model.h)
-                and kernels.runs_decode_attention(cache.kv))
+                and kernels.runs_decode_attention(cache.kv, torch.float32))
 
     @inference
     def run(self, tokens: list[int], positions: list[int], tables: list[list[int]],

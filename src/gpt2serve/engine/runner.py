@@ -63,8 +63,10 @@ class EagerRunner:
         # C kernels serve the cache (kernels.decode_attention, kernels.prompt_attention),
         # instead of gathering their blocks. `attention_in_place` False keeps torch's ops:
         # the "eager-torch-attention" runner, the reference the other runners are tested on.
-        self.in_place = attention_in_place and kernels.runs_decode_attention(cache.kv)
-        self.prompt_in_place = attention_in_place and kernels.runs_prompt_attention(cache.kv)
+        rows = next(model.parameters()).dtype  # (the model's: the cache may be another)
+        self.in_place = attention_in_place and kernels.runs_decode_attention(cache.kv, rows)
+        self.prompt_in_place = (attention_in_place
+                                and kernels.runs_prompt_attention(cache.kv, rows))
 
     @classmethod
     def declines(cls, model: GPT, cache: KVCache) -> str | None:
