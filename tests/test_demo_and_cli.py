@@ -70,6 +70,28 @@ def test_generate_options_and_errors():
         assert missing.stderr.strip().endswith("/nonexistent: no such folder"), missing.stderr
 
 
+def test_a_model_folder_without_config_json_is_refused_not_served_as_no_models(tmp_path):
+    """A folder of a model's files with no config.json was taken for a repository of model
+    folders holding none: the server went ready with no model and said nothing, and every
+    request was a 404. OpenAI's TensorFlow release is named, with the command that reads it."""
+    import shutil
+
+    broken = tmp_path / "upload"
+    shutil.copytree(DEMO, broken)
+    (broken / "config.json").unlink()
+    release = tmp_path / "release"
+    release.mkdir()
+    for name in ("hparams.json", "model.ckpt.index", "encoder.json", "vocab.bpe"):
+        (release / name).write_text("{}")
+    for folder, says in ((broken, f"{broken}/config.json: missing"),
+                         (release, "OpenAI's TensorFlow release, which is read once converted")):
+        for command in (["generate", "x"], ["serve", "--http_port", "0"]):
+            run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", *command,
+                                  "--model_dir", str(folder)],
+                                 capture_output=True, text=True, timeout=60)
+            assert run.returncode == 2 and says in run.stderr, run.stderr
+
+
 def test_generate_takes_what_a_shell_gives_it():
     """Found by a pass over `generate` with odd arguments: a prompt that was not UTF-8 (its
     bytes reach Python as lone surrogates) ended in a TypeError's traceback; -n 20 was refused

@@ -1156,12 +1156,14 @@ def _data_shard(src: Path) -> Path:
      r"not a TensorFlow checkpoint index \(data blocks that overlap or come out of order"),
     (lambda src: _rewrite_release(src, drop="model/h1/ln_2/b"),
      r"model.ckpt.index: no tensor model/h1/ln_2/b, which hparams.json's GPT-2 has"),
+    # (was "config.json: missing")
+    (lambda src: (src / "model.ckpt.index").unlink(), r"openai/model\.ckpt\.index: missing"),
 ], ids=["hparams incomplete", "hparams not json", "hparams a string size", "no encoder",
         "index garbage", "shard truncated", "shard missing", "hparams wrong width",
         "an overlong varint", "an index of megabytes", "a weight of the wrong shape",
         "an integer tensor", "a fifo for a shard", "a generation config of megabytes",
         "a generation config's eos a string", "a tokenizer past n_vocab",
-        "a data block listed twice", "a tensor missing"])
+        "a data block listed twice", "a tensor missing", "no index"])
 def test_convert_names_what_is_wrong_with_a_release(tmp_path, breakage, message):
     """One line on stderr and exit status 2, as for a model folder the server refuses; not a
     traceback from the tokenizer library, the JSON reader or the TensorFlow reader."""

@@ -53,11 +53,27 @@ class CheckpointError(ValueError):
     pass
 
 
+# OpenAI's TensorFlow release: its hyperparameters and its checkpoint's index
+OPENAI_TF = ("hparams.json", "model.ckpt.index")
+
+
+def model_files(folder: Path) -> list[str]:
+    """The files in `folder` that only a model's folder holds (weights, a tokenizer, OpenAI's
+    release): a folder with any of them is a model, though it lacks config.json, and never a
+    repository of model folders."""
+    names = {SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, *OPENAI_TF,
+             *(name for names in TOKENIZER_FILES for name in names)}
+    return sorted(name for name in names if (folder / name).is_file())
+
+
 def read_config(folder: Path) -> GPTConfig:
     if not folder.is_dir():  # (said first: 'folder/config.json: missing' hid a wrong path)
         raise CheckpointError(f"{folder}: " + ("not a directory" if folder.exists()
                                                else "no such folder"))
     path = folder / "config.json"
+    if not path.is_file() and all((folder / name).is_file() for name in OPENAI_TF):
+        raise CheckpointError(f"{folder}: OpenAI's TensorFlow release, which is read once "
+                              "converted: gpt2serve convert FOLDER --out NEW_FOLDER")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a GPT-2 model folder needs config.json)")
     raw = jsonfile.read(path, CheckpointError)

@@ -45,7 +45,11 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16,
         raise CheckpointError(f"{out}: --out must be another folder than the one converted")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: not a folder")
-    tf = (src / TF_INDEX).is_file() and (src / "hparams.json").is_file()
+    # OpenAI's release by its hparams.json (a missing index is then said as such)
+    tf = (src / "hparams.json").is_file() and not (src / "config.json").is_file()
+    if tf and not (src / TF_INDEX).is_file():
+        raise CheckpointError(f"{src / TF_INDEX}: missing (OpenAI's TensorFlow release needs "
+                              "its checkpoint's index, beside model.ckpt.data-*)")
     if tf:  # (all checked before any tensor is read, generation_config.json too)
         tokenizer = checkpoint.read_tokenizer(src)
         config = _openai_config(src / "hparams.json")

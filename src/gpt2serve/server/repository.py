@@ -185,8 +185,10 @@ class Repository(ModelRepository):
         self.settings, self.load_timeout = settings, load_timeout
         self.make_predictor = make_predictor
         folder = Path(model_dir) if model_dir else None
+        # a folder of model folders; one with a model's files but no config.json is a model
+        # whose config.json is missing (said at start), not a repository of none
         self.is_repository = folder is not None and folder.is_dir() and not (
-            folder / "config.json").is_file()
+            folder / "config.json").is_file() and not checkpoint.model_files(folder)
         self.enabled = enable_control or self.is_repository
         if self.is_repository and budget is None:
             budget = default_budget(settings.device)
