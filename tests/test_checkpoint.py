@@ -219,6 +219,10 @@ BROKEN = {
                        r"model.safetensors: tensor 'transformer\..*' has shape"),
     "fewer layers in file": (lambda f: _edit_config(f, n_layer=3),
                              r"model.safetensors: missing 12 GPT-2 tensors \(transformer\.h\.2\."),
+    # Found by review: the second layer was dropped without a word, and the text changed
+    "more layers in file": (lambda f: _edit_config(f, n_layer=1),
+                            r"model.safetensors: 12 layers' tensors that config.json's 1 layers "
+                            r"do not have \(transformer\.h\.1\.attn\.c_attn\.bias, "),
     "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), r"no tokenizer found"),
     "tokenizer bigger than vocab": (lambda f: _edit_config(f, vocab_size=100),
                                     r"tokenizer has \d+ tokens but config.json vocab_size is 100"),

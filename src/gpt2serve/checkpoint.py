@@ -453,7 +453,10 @@ def hf_name(name: str) -> str:
 
 def checked_network(config: GPTConfig, weights: Weights) -> GPT:
     """The network on the meta device, once `weights` are known to hold each of its tensors
-    in its shape: CheckpointError naming the first that is missing or differs."""
+    in its shape, and no layer's tensor that config.json's network lacks: CheckpointError
+    naming the first that is missing or differs, or the layers' tensors left over (a
+    config.json of fewer layers than the weights: the rest were dropped without a word, and
+    the model wrote other text)."""
     with torch.device("meta"):
         model = GPT(config)
     params = list(model.named_parameters())
@@ -461,6 +464,13 @@ def checked_network(config: GPTConfig, weights: Weights) -> GPT:
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise CheckpointError(f"{weights.source}: missing {len(missing)} GPT-2 tensors ({shown})")
+    names = {name for name, _ in params}
+    left = sorted((key for name, (_, key) in weights.where.items()
+                   if name.startswith("h.") and name not in names), key=_natural)
+    if left:
+        shown = ", ".join(left[:3]) + (" ..." if len(left) > 3 else "")
+        raise CheckpointError(f"{weights.source}: {len(left)} layers' tensors that config.json's "
+                              f"{config.n_layer} layers do not have ({shown})")
     for name, p in params:
         if weights.shape(name) != tuple(p.shape):
             shape, expected = weights.shape(name), tuple(p.shape)
@@ -469,6 +479,11 @@ def checked_network(config: GPTConfig, weights: Weights) -> GPT:
             raise CheckpointError(f"{weights.source}: tensor '{weights.where[name][1]}' has "
                                   f"shape {shape}, config.json implies {expected}")
     return model
+
+
+def _natural(name: str) -> list:
+    """A tensor's name as it sorts for people: h.2 before h.10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def build_model(config: GPTConfig, weights: Weights, dtype: torch.dtype, device: torch.device,
