@@ -170,3 +170,20 @@ def test_serve_refuses_flag_values_that_cannot_serve_before_it_loads():
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2 and said in run.stderr, (flag, value, run.stderr)
         assert "Traceback" not in run.stderr, (flag, value, run.stderr)
+
+
+def test_threads_below_one_and_a_bad_kernels_variable_are_one_line_errors():
+    """generate and kernels raised torch's traceback for --threads -1 (and generate took 0 for
+    every core), and an unknown $GPT2SERVE_KERNELS gave a traceback that did not name it."""
+    for command in (["generate", "x"], ["kernels"], ["serve", "--http_port", "0"]):
+        for threads in ("0", "-1"):
+            run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", *command,
+                                  "--threads", threads],
+                                 capture_output=True, text=True, timeout=60)
+            assert run.returncode == 2, run.stderr
+            assert f"--threads must be at least 1, got {threads}" in run.stderr, run.stderr
+        run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", *command],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "GPT2SERVE_KERNELS": "fast"})
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert "$GPT2SERVE_KERNELS is 'fast': one of auto, ours, torch" in run.stderr

@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    _check_model_flags(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "serve":
@@ -333,6 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         return 130  # where the signal is blocked: the status a shell gives its ending
+
+
+def _check_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse leaves unchecked of the flags every model command takes: --kernels from
+    $GPT2SERVE_KERNELS (a default, which argparse does not hold to its choices), and
+    --threads below 1 (generate and kernels raised torch's traceback, or took 0 for all)."""
+    if getattr(args, "kernels", "auto") not in kernel_choice.MODES:
+        parser.error(f"$GPT2SERVE_KERNELS is {args.kernels!r}: one of "
+                     f"{', '.join(kernel_choice.MODES)}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
 
 
 # kserve.ModelServer flags that gpt2serve sets itself: given another value, they were ignored
