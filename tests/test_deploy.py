@@ -1104,7 +1104,10 @@ def test_convert_openai_tf_checkpoint_keeps_logits(tmp_path):
                           "--out", str(half)], check=True, capture_output=True, text=True,
                          timeout=120)
     assert re.search(r"model\.safetensors \(float16\) +100\.0%", run.stderr), run.stderr
-    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "float16"
+    written = json.loads((half / "config.json").read_text())
+    assert written["torch_dtype"] == written["dtype"] == "float16"
+    # (the source's `dtype`, float32, was kept: transformers read fp16 weights as fp32)
+    assert GPT2LMHeadModel.from_pretrained(half, dtype="auto").dtype == torch.float16
     small = GPT2LMHeadModel.from_pretrained(half, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(small(ids).logits, ref(ids).logits, atol=2e-2, rtol=0)

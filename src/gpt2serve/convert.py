@@ -62,7 +62,8 @@ def convert(src: Path, out: Path, dtype: torch.dtype = torch.float16,
         checked = checkpoint.check(src)
         tokenizer = checked.tokenizer
         config = jsonfile.read(src / "config.json", CheckpointError)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    # transformers 5 reads `dtype` (a source's own, float32, was kept and won), 4 `torch_dtype`
+    config["dtype"] = config["torch_dtype"] = str(dtype).removeprefix("torch.")
     shapes = ([shape for _, _, shape in _openai_names(gpt_config)] if tf else
               [p.shape for p in checked.network.parameters()])
     shown = Progress(progress, f"model.safetensors ({config['torch_dtype']})",
