@@ -147,3 +147,20 @@ def test_a_step_that_fails_still_answers_the_requests_that_expired_in_it():
         assert not engine.scheduler.busy
     finally:
         engine.stop()
+
+
+def test_a_max_model_len_past_the_models_context_is_said_as_it_loads(caplog):
+    """--max_model_len 5000 on a model of 256 positions was capped without a word."""
+    model, tokenizer = checkpoint.load(None)
+    context = model.config.n_positions
+    with caplog.at_level("WARNING", logger="gpt2serve.engine"):
+        engine = Engine(model, tokenizer, EngineConfig(max_batch_size=2,
+                                                       max_model_len=context + 1),
+                        threaded=False)
+    assert engine.context == context
+    assert f"--max_model_len {context + 1} is more than this model's context" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpt2serve.engine"):
+        Engine(model, tokenizer, EngineConfig(max_batch_size=2, max_model_len=context),
+               threaded=False)
+    assert "max_model_len" not in caplog.text

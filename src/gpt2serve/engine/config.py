@@ -27,7 +27,8 @@ class EngineConfig:
     max_batch_size: int = field(default=32, metadata=_flag(
         "sequences decoded together at most"))
     max_model_len: int | None = field(default=None, metadata=_flag(
-        "tokens per sequence at most, prompt included (default: the model's context)"))
+        "tokens per sequence at most, prompt included (default: the model's context, which "
+        "also caps it: a model of a shorter one says so as it loads)"))
     kv_cache_memory: int | None = field(default=None, metadata=_flag(
         "KV-cache budget of each model: bytes, or e.g. 600MiB, 4GiB, never more than "
         "max_batch_size full-context sequences use (default: that, capped at 60%% of the "

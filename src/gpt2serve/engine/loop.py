@@ -53,6 +53,9 @@ class Engine:
         self.metrics = metrics.ModelMetrics(name)
         cfg = model.config
         self.context = config.context(cfg.n_positions)
+        if config.max_model_len and config.max_model_len > self.context:  # (said, not hidden)
+            log.warning("--max_model_len %d is more than this model's context: its sequences "
+                        "take %d tokens at most", config.max_model_len, self.context)
         self.threaded = threaded
         self.loop = (loop or StepLoop(config.threads)) if threaded else None
         # as transformers: the model's end-of-text token (generation_config.json's, else
