@@ -73,7 +73,7 @@ def read_config(folder: Path) -> GPTConfig:
     path = folder / "config.json"
     if not path.is_file() and all((folder / name).is_file() for name in OPENAI_TF):
         raise CheckpointError(f"{folder}: OpenAI's TensorFlow release, which is read once "
-                              "converted: gpt2serve convert FOLDER --out NEW_FOLDER")
+                              f"converted: gpt2serve convert {folder} --out NEW_FOLDER")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a GPT-2 model folder needs config.json)")
     raw = jsonfile.read(path, CheckpointError)
