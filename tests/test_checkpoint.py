@@ -592,3 +592,14 @@ def test_loading_a_model_does_not_import_torch_dynamo(tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_kernel_table_is_logged_a_record_a_line(tiny_model, caplog):
+    """The table came as one record of several lines, which a line-based log collector
+    (Fluent Bit, Loki) splits into events with no time or level."""
+    with caplog.at_level("INFO", logger="gpt2serve.checkpoint"):
+        checkpoint.load(tiny_model, kernels="ours")
+    table = [r.getMessage() for r in caplog.records if r.name == "gpt2serve.checkpoint"]
+    assert any(m.startswith("kernels (") for m in table), table
+    assert any(m.lstrip().startswith("fp32 ") for m in table), table
+    assert all("\n" not in m for m in table), table

@@ -71,6 +71,11 @@ def test_serving_metrics(one_slot):
     assert 0 < itl < e2e
     assert after['gpt2serve_inter_token_latency_seconds_bucket{le="+Inf"}'] == \
         after["gpt2serve_inter_token_latency_seconds_count"]
+    # a decode batch per decode step (a step that only read a prompt observed a batch of 0)
+    assert delta(before, after, "gpt2serve_batch_size_count") == \
+        delta(before, after, "gpt2serve_time_per_output_token_seconds_count") > 0
+    # one model, no budget: no budget's series (it read 0, a budget of nothing)
+    assert not any(name.startswith("gpt2serve_memory_budget_bytes") for name in after)
 
 
 def test_every_http_answer_is_counted_by_route_and_status(tiny_model):

@@ -15,6 +15,7 @@ import time
 
 import grpc
 import httpx
+import kserve.metrics
 import prometheus_client
 import pytest
 import torch
@@ -861,6 +862,8 @@ def test_a_deleted_folder_that_holds_nothing_is_forgotten(repo, tmp_path):
             assert str(tmp_path) not in str(failed.value) and "broken" in str(failed.value)
             await repository.unload("beta")
             engine = await repository.engine("alpha")
+            for name in ("beta", "alpha"):  # as KServe's predict route times them
+                kserve.metrics.PREDICT_HIST_TIME.labels(name).observe(0.1)
             for name in ("broken", "beta", "alpha"):
                 shutil.rmtree(tmp_path / name)
             for name in ("broken", "beta"):  # a request finds it gone
@@ -871,6 +874,8 @@ def test_a_deleted_folder_that_holds_nothing_is_forgotten(repo, tmp_path):
             exported = prometheus_client.generate_latest().decode()
             assert 'model="alpha"' in exported and 'model="beta"' not in exported
             assert 'model="broken"' not in exported
+            # KServe's too (request_predict_seconds stayed)
+            assert 'model_name="alpha"' in exported and 'model_name="beta"' not in exported
             # alpha is loaded: it serves on from memory, and is listed
             assert [m["name"] for m in repository.index()] == ["alpha"]
             assert await repository.engine("alpha") is engine

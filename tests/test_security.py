@@ -511,6 +511,8 @@ def test_an_unloaded_model_whose_engine_dies_fails_liveness_and_cannot_be_loaded
             async for _ in events:  # fails, does not wait forever
                 pass
         assert await live() == (False, 503)
+        # and the model is not ready (V1/V2 ready, gRPC ModelReady): it still read ready
+        assert not await repository.get_model(MODEL).healthy()
         await repository.unload(MODEL)
         assert await live() == (False, 503)
         with pytest.raises(LoadFailed, match="step thread has died"):

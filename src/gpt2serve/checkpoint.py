@@ -652,7 +652,8 @@ def load(folder: str | Path | Checked | None, dtype: torch.dtype = torch.float32
         table = kernel_choice.for_model(config, quantize or "fp32",
                                         kernels or os.environ.get("GPT2SERVE_KERNELS", "auto"),
                                         resolve_threads(threads), HEAD_WEIGHTS.get(quantize))
-        log.info("%s", table.describe())
+        for line in table.describe().splitlines():  # (a record a line, for line-based
+            log.info("%s", line)                    # log collectors)
         linear, head = functools.partial(linear, table=table), functools.partial(head, table=table)
     model = build_model(config, weights, dtype, device, linear, head)
     if linear is not None:

@@ -5,7 +5,8 @@ and each model's engine reports through its own `ModelMetrics`."""
 
 import contextlib
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 MODEL = ("model",)
 
@@ -80,8 +81,28 @@ HTTP_ANSWERS = Counter("gpt2serve_http_requests_total",
 MODELS_LOADED = Gauge("gpt2serve_models_loaded", "Models loaded and serving")
 MODEL_MEMORY = Gauge("gpt2serve_model_memory_bytes",
                      "Bytes a loaded model holds: weights and its KV cache", MODEL)
-MEMORY_BUDGET = Gauge("gpt2serve_memory_budget_bytes",
-                      "Bytes that loaded models' weights and KV caches may hold together")
+
+
+class _Budget:
+    """gpt2serve_memory_budget_bytes, exported where there is a budget (a repository, or
+    --memory_budget): a server of one model has none, and its 0 read as a budget of 0 (an
+    alert on model_memory_bytes > memory_budget_bytes fired)."""
+
+    def __init__(self):
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def collect(self):
+        if self.value is not None:
+            yield GaugeMetricFamily("gpt2serve_memory_budget_bytes", "Bytes that loaded "
+                                    "models' weights and KV caches may hold together",
+                                    value=self.value)
+
+
+MEMORY_BUDGET = _Budget()
+REGISTRY.register(MEMORY_BUDGET)
 LOAD_OUTCOMES, UNLOAD_REASONS = ("loaded", "failed"), ("memory", "request")
 MODEL_LOADS = Counter("gpt2serve_model_loads_total", "Model loads, by outcome",
                       ("model", "outcome"))
@@ -133,6 +154,11 @@ def drop(model: str) -> None:
     series += [(HEAD_SCREEN, (model, outcome)) for outcome in SCREEN_OUTCOMES]
     series += [(MODEL_LOADS, (model, outcome)) for outcome in LOAD_OUTCOMES]
     series += [(MODEL_UNLOADS, (model, reason)) for reason in UNLOAD_REASONS]
+    # and KServe's, by model_name (a server's: kserve is imported there, not by the engine)
+    from kserve.metrics import EXPLAIN_HIST_TIME, POST_HIST_TIME, PRE_HIST_TIME, PREDICT_HIST_TIME
+
+    series += [(h, (model,)) for h in (PRE_HIST_TIME, POST_HIST_TIME, PREDICT_HIST_TIME,
+                                       EXPLAIN_HIST_TIME)]
     for metric, labels in series:
         _remove(metric, *labels)
 

@@ -257,8 +257,8 @@ class Engine:
                 self._deliver(step, out)
                 seconds = time.perf_counter() - t0 - newcomers.seconds
                 sched.budget.observe(step, seconds)
-                self.metrics.batch_size.observe(len(step.decode))
-                if step.decode:
+                if step.decode:  # (a step that only reads prompts has no decode batch)
+                    self.metrics.batch_size.observe(len(step.decode))
                     self.metrics.time_per_token.observe(seconds)
                     if step.chunks:
                         self.metrics.prompt_tokens_beside_decode.observe(

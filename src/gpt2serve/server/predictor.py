@@ -110,8 +110,11 @@ class GPT2Predictor(kserve.Model):
     async def healthy(self) -> bool:
         """Model readiness (V1 and V2 `ready`, gRPC ModelReady): servable, and not a model
         whose last load failed, which the repository's index shows UNAVAILABLE too. `ready`
-        stays on for it, so that a request still reaches the repository and retries."""
-        return self.ready and not self.repository.load_failed(self.name)
+        stays on for it, so that a request still reaches the repository and retries. Not
+        once the step thread has died: the server's liveness and readiness said so, and every
+        request was a 503, while the model still read ready."""
+        return (self.ready and self.repository.alive
+                and not self.repository.load_failed(self.name))
 
     def load(self) -> bool:
         # KServe's data plane "loads" a model that is not ready before inference, which would

@@ -668,8 +668,8 @@ class Repository(ModelRepository):
         engine.drain()
         waiting, running = engine.load
         if waiting or running:
-            log.info("model %s: draining %d running and %d queued requests before it unloads",
-                     entry.name, running, waiting)
+            log.info("model %s: draining %d running sequences and %d queued requests before "
+                     "it unloads", entry.name, running, waiting)
         await asyncio.to_thread(engine.wait_idle, float("inf"))
         await asyncio.to_thread(engine.stop)
         entry.engine, entry.nbytes = None, 0

@@ -49,7 +49,7 @@ def install(repository: Repository, grace: float) -> None:
             return exit_now(server, sig, frame)
         repository.drain()
         waiting, running = repository.pending()
-        log.info("signal %d: draining %d running and %d queued requests (up to %gs)",
+        log.info("signal %d: draining %d running sequences and %d queued requests (up to %gs)",
                  sig, running, waiting, grace)
 
         def finish():
@@ -57,8 +57,8 @@ def install(repository: Repository, grace: float) -> None:
             idle = repository.wait_idle(grace)
             if not idle:
                 waiting, running = repository.pending()
-                log.info("grace period over: failing %d running and %d queued requests",
-                         running, waiting)
+                log.info("grace period over: failing %d running sequences and %d queued "
+                         "requests", running, waiting)
             repository.stop(timeout=STEP_WAIT_SECONDS)
             log.info("drained in %.2fs", time.monotonic() - t0)
             exit_now(server, sig, frame)
