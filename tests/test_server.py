@@ -1,11 +1,12 @@
 """The real server process over HTTP on loopback: every endpoint, payload shape and bad input."""
 
+import json
 import re
 
 import httpx
 import pytest
 
-from conftest import post
+from conftest import ServerProcess, post
 
 MODEL = "aitextgen"
 
@@ -226,3 +227,24 @@ def test_the_schema_gives_what_our_routes_answer(server):
     fields = generate["content"]["application/json"]["schema"]["properties"]
     r = post(f"{server.url}/v2/models/{MODEL}/generate", {"text_input": "a", "parameters": None})
     assert r.status_code == 200 and "null" in fields["parameters"]["type"], r.text
+
+
+def test_the_log_config_file_governs_the_start_up_lines_too(tmp_path):
+    """KServe's --log_config_file took effect once ModelServer was made, after the models
+    had loaded: every start-up line (a model's load, its KV cache, its runner) came at INFO
+    in the default format whatever the operator's file said."""
+    config = tmp_path / "logging.json"
+    config.write_text(json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"mine": {"format": "MINE %(levelname)s %(name)s %(message)s"}},
+        "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "mine"}},
+        "root": {"level": "INFO", "handlers": ["out"]}}))
+    log = tmp_path / "server.log"
+    srv = ServerProcess("--enable_grpc", "false", "--log_config_file", str(config), log=log)
+    try:
+        srv.wait_ready()
+    finally:
+        srv.stop()
+    lines = [line for line in log.read_text().splitlines() if "gpt2serve." in line]
+    assert any("runner: " in line for line in lines), lines
+    assert all(line.startswith("MINE ") for line in lines), lines

@@ -104,6 +104,11 @@ def serve(args: argparse.Namespace) -> None:
     from .tokenize import tokenize_router
     from .v2_infer import infer_router
 
+    # The operator's --log_config_file from the first line: KServe applies it as ModelServer
+    # is made, once the models had loaded and said so at INFO in the default format
+    options = kserve.model_server.args
+    if options.configure_logging and options.log_config_file:
+        kserve.logging.configure_logging(options.log_config_file)
     t0 = time.monotonic()
     repository = Repository(
         args.model_dir, args.model_name,
