@@ -63,6 +63,7 @@ KV_SHARE = 1 / 16
 # A request for a model whose load failed gets the failure for this long, rather than a new
 # load (which may unload other models first); `load` through the API always tries again.
 RETRY_AFTER_FAILURE = 10.0
+DRAINING = "the server is shutting down"  # (ModelUnavailable's message once it drains)
 NAME_LIMIT = 128
 NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_LIMIT - 1}}}")
 
@@ -270,7 +271,7 @@ class Repository(ModelRepository):
         ask a predictor's readiness first (V1 :predict, V2 infer): KServe's ModelNotReady was
         a 503 with no Retry-After, where every other route's said when to come back."""
         if self.shutting_down:
-            raise ModelUnavailable("the server is shutting down")
+            raise ModelUnavailable(DRAINING)
 
     def _unknown(self, name: str, every: bool = False) -> UnknownModel:
         """A request's 404 names the models a request may use (GET /v1/models lists them),
@@ -391,8 +392,7 @@ class Repository(ModelRepository):
         while True:
             if entry.held:
                 raise ModelUnloaded(name)
-            if self.shutting_down:
-                raise ModelUnavailable("the server is shutting down")
+            self.refuse_draining()
             entry.last_used = time.monotonic()
             if entry.state == READY:
                 return entry.engine
@@ -425,8 +425,7 @@ class Repository(ModelRepository):
         entry = self.entries.get(name)
         if entry is None:
             raise self._unknown(name, every=True)
-        if self.shutting_down:  # before readiness is touched: a drain keeps every model off
-            raise ModelUnavailable("the server is shutting down")
+        self.refuse_draining()  # before readiness is touched: a drain keeps every model off
         if entry.held:
             entry.held = False
             entry.reason = NOT_LOADED if entry.state == UNAVAILABLE else entry.reason
@@ -444,7 +443,7 @@ class Repository(ModelRepository):
                     await asyncio.shield(entry.loading)
                     if entry.state == UNAVAILABLE and not entry.held:
                         if self.shutting_down and entry.failed_at is None:  # (not tried)
-                            raise ModelUnavailable("the server is shutting down")
+                            raise ModelUnavailable(DRAINING)
                         raise LoadFailed(name, entry.reason)  # (a load tries again at once)
                 else:
                     async with self._changed:
