@@ -55,6 +55,10 @@ def test_generate_options_and_errors():
     bad = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
                           "--temperature", "-1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--temperature must be in" in bad.stderr  # the flag's name
+    none = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
+                           "--max-new-tokens", "0"], capture_output=True, text=True, timeout=60)
+    assert none.returncode == 2, none.stdout  # (it printed the prompt, as the API routes refuse)
+    assert none.stderr.strip().endswith("--max-new-tokens must be at least 1"), none.stderr
     both = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "generate", "x",
                            "--max-length", "9", "--max-new-tokens", "3"],
                           capture_output=True, text=True, timeout=60)

@@ -245,6 +245,8 @@ def generate(args: argparse.Namespace) -> int:
              "repetition_penalty", "n", "seed", "stop")
     with _flag_names(names):
         params = SamplingParams.from_dict({k: getattr(args, k) for k in names})
+    if params.max_new_tokens == 0:  # (as the API routes but OpenAI's scoring: nothing to print)
+        raise SamplingError("--max-new-tokens must be at least 1")
     model, tokenizer, threads = checkpoint.load_for_engine(
         args.model_dir, args.device, args.dtype, args.quantize, args.threads, args.kernels)
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=params.n, max_n=params.n,
