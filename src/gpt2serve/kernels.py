@@ -132,13 +132,7 @@ def bind_decode_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, pos: Tensor, 
     made once, it can be called for every step that refills them (engine/decode_plan.py).
     The caller keeps the tensors alive."""
     two, heads, num_blocks, block_size, head_dim = kv.shape
-    if qkv.stride(1) != 1 or not (kv.is_contiguous() and blocks.is_contiguous()
-                                  and pos.is_contiguous() and out.is_contiguous()):
-        raise ValueError("decode_attention takes contiguous rows")
-    if qkv.dtype != torch.float32 or out.dtype != torch.float32 or any(
-            t.dtype != torch.int64 for t in (blocks, pos)):
-        raise ValueError("decode_attention takes fp32 rows and int64 tables and positions")
-    _check_cache(kv)
+    _check_attention("decode_attention", qkv, kv, [blocks, pos], out)
     return _kernels.Call("decode_attention", qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(),
                          pos.data_ptr(), out.data_ptr(), qkv.shape[0], heads, head_dim,
                          num_blocks, block_size, blocks.shape[1], qkv.stride(0), scale, isa,
@@ -159,9 +153,18 @@ def together(calls: list[Callable[[], None]]) -> list[Callable[[], None]]:
     return grouped
 
 
-def _check_cache(kv: Tensor) -> None:
-    """The attention kernels write new keys and values: a cache they would address wrongly is
-    refused (runs_decode_attention says which serve)."""
+def _check_attention(kernel: str, qkv: Tensor, kv: Tensor, indices: list[Tensor],
+                     out: Tensor | None = None) -> None:
+    """The attention kernels' arguments, refused where the kernels would address them wrongly:
+    rows not contiguous or not fp32 (an fp16 model's output was written over at twice its
+    size), block tables and positions not int64, a cache neither fp32 nor fp16, which they
+    write new keys and values into (runs_decode_attention says which serve)."""
+    rows = [qkv] + ([] if out is None else [out])
+    if qkv.stride(1) != 1 or not all(t.is_contiguous() for t in [kv, *indices, *rows[1:]]):
+        raise ValueError(f"{kernel} takes contiguous rows")
+    if any(t.dtype != torch.float32 for t in rows) or any(t.dtype != torch.int64
+                                                          for t in indices):
+        raise ValueError(f"{kernel} takes fp32 rows and int64 tables and positions")
     if kv.dtype not in (torch.float32, torch.float16):
         raise ValueError(f"the attention kernels take an fp32 or fp16 cache, not {kv.dtype}")
 
@@ -189,11 +192,7 @@ def prompt_attention(qkv: Tensor, kv: Tensor, blocks: Tensor, start: Tensor,
     two, heads, num_blocks, block_size, head_dim = kv.shape
     n = start.shape[0]
     indices = [blocks, start] + ([] if lengths is None else [lengths])
-    if qkv.stride(1) != 1 or not (kv.is_contiguous() and all(t.is_contiguous() for t in indices)):
-        raise ValueError("prompt_attention takes contiguous rows")
-    if qkv.dtype != torch.float32 or any(t.dtype != torch.int64 for t in indices):
-        raise ValueError("prompt_attention takes fp32 rows and int64 tables and positions")
-    _check_cache(kv)
+    _check_attention("prompt_attention", qkv, kv, indices)
     out = torch.empty(qkv.shape[0], heads * head_dim, dtype=qkv.dtype)
     _kernels.prompt_attention(qkv.data_ptr(), kv.data_ptr(), blocks.data_ptr(),
                               start.data_ptr(), 0 if lengths is None else lengths.data_ptr(),
