@@ -53,8 +53,10 @@ class CheckpointError(ValueError):
     pass
 
 
-# OpenAI's TensorFlow release: its hyperparameters and its checkpoint's index
-OPENAI_TF = ("hparams.json", "model.ckpt.index")
+# OpenAI's TensorFlow release (convert.py reads it): its hyperparameters and its checkpoint's
+# index
+TF_INDEX = "model.ckpt.index"
+OPENAI_TF = ("hparams.json", TF_INDEX)
 
 
 def model_files(folder: Path) -> list[str]:

@@ -27,11 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 from . import checkpoint, jsonfile
-from .checkpoint import CheckpointError
+from .checkpoint import TF_INDEX, CheckpointError
 from .model import GPTConfig
 from .progress import Progress
 
-TF_INDEX = "model.ckpt.index"
 GENERATION_CONFIG = "generation_config.json"
 
 
