@@ -372,3 +372,70 @@ def test_the_isa_line_names_amx_so_an_amx_host_keeps_a_table_of_its_own(flags, l
     oneDNN's int8 runs on AMX tiles where they are exposed (an Emerald Rapids VM without them
     and an AMX Xeon must not share a table)."""
     assert hardware.host_isa(flags) == line
+
+
+def test_a_table_out_of_the_bounds_of_an_idle_machine_is_disturbed():
+    """Times no kernel takes on an idle machine: the two tables measured on the 2-core
+    machine while two C builds ran (ms a call of the fastest; int8 768x768, the head)."""
+    def table(fastest):
+        return kernel_choice.RowChoice({m: "a" for m in fastest},
+                                       {m: {"a": ms, "wrong": None} for m, ms in fastest.items()})
+    idle = {1: 0.030, 2: 0.037, 4: 0.039, 8: 0.06, 16: 0.09, 32: 0.2, 128: 0.9}
+    assert kernel_choice.disturbed(table(idle)) == []
+    assert kernel_choice.disturbed(table({**idle, 8: 26.661})) == [8]
+    head = {1: 116.2, 2: 125.4, 4: 113.4, 8: 237.3, 16: 219.6, 32: 14.4}
+    assert kernel_choice.disturbed(table(head)) == [1, 2, 4, 8, 16]
+    # a hiccup of a call of microseconds is not a disturbance (SLACK)
+    assert kernel_choice.disturbed(table({1: 0.002, 2: 0.0021, 4: 0.9})) == []
+
+
+class Stalled(matmul.TorchF32):
+    """torch's product, right; its calls of 8 rows of the 32x96 matrix wait 5 ms while
+    `stalls` lasts: a machine that something else held while those were timed."""
+
+    variants = {"stalled": None}
+    stalls = calls = 0
+
+    def product(self, x, variant):
+        if len(x) == 8 and self.w.shape[1] == 96:
+            Stalled.calls += 1
+            if Stalled.stalls > 0:
+                Stalled.stalls -= 1
+                time.sleep(0.005)
+        return super().product(x, variant)
+
+
+def test_a_disturbed_measurement_is_measured_again_and_if_still_disturbed_not_cached(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(matmul, "candidates", lambda dtype: {"stalled": Stalled})
+    shapes = [(32, 96, False), (32, 32, False)]
+    monkeypatch.setenv("GPT2SERVE_CACHE_DIR", str(tmp_path / "idle"))
+    kernel_choice.choose("fp32", shapes, "auto", threads=1)
+    once, Stalled.calls = Stalled.calls, 0  # the calls of 8 rows of one measurement
+    cached = json.loads((tmp_path / "idle" / "kernels.json").read_text())
+    assert set(next(iter(cached.values()))) == {"fp32 32x96", "fp32 32x32"}
+
+    # disturbed through the first measurement: measured again, and cached
+    monkeypatch.setenv("GPT2SERVE_CACHE_DIR", str(tmp_path / "spell"))
+    Stalled.stalls = once
+    with caplog.at_level("INFO", logger="gpt2serve.kernels"):
+        table = kernel_choice.choose("fp32", shapes, "auto", threads=1)
+    assert Stalled.calls == 2 * once
+    assert "out of bounds (fp32 32x96 at rows 8): measured again" in caplog.text
+    assert "out of bounds again" not in caplog.text
+    assert table.choices["fp32", 32, 96].timings[8]["stalled"] < 1.0  # ms
+    cached = json.loads((tmp_path / "spell" / "kernels.json").read_text())
+    assert set(next(iter(cached.values()))) == {"fp32 32x96", "fp32 32x32"}
+
+    # disturbed through both: the table serves, and only the undisturbed shape is cached
+    caplog.clear()
+    monkeypatch.setenv("GPT2SERVE_CACHE_DIR", str(tmp_path / "busy"))
+    Stalled.stalls, Stalled.calls = 10**9, 0
+    table = kernel_choice.choose("fp32", shapes, "auto", threads=1)
+    assert Stalled.calls == 2 * once
+    assert "out of bounds again (fp32 32x96 at rows 8)" in caplog.text
+    assert table.choices["fp32", 32, 96].pick(8) == "stalled"
+    assert table.choices["fp32", 32, 96].timings[8]["stalled"] >= 5.0
+    cached = json.loads((tmp_path / "busy" / "kernels.json").read_text())
+    assert set(next(iter(cached.values()))) == {"fp32 32x32"}
+    assert kernel_choice.choose("fp32", shapes, "auto", threads=1).cached == 1

@@ -11,7 +11,8 @@ fp32's with either prefetch target, fbgemm, oneDNN, plain torch) is first checke
 (a wrong one is never timed, so never chosen), then timed on copies of a layer's matrices
 (or the head's) that together do not fit the last-level cache, called in turn as a decode
 step reads its layers, and the fastest kept. What it measured is cached per CPU model, ISA cap, thread count and
-build (`cache_path`), so a restart reads the table instead of measuring it again.
+build (`cache_path`), so a restart reads the table instead of measuring it again, unless
+its times are out of an idle machine's bounds (`disturbed`).
 
 `--kernels ours` takes our kernels for every class and `--kernels torch` torch's own (fbgemm
 for int8, oneDNN for fp32), without measuring: for A/B runs (bench/offline.py). `--kernels amx`
@@ -64,6 +65,14 @@ SLOW = 3.0  # a candidate this many times slower than the fastest still running 
 DROP = 10.0
 SLACK = 1e-3  # s past SLOW (and DROP) x the fastest: a hiccup of one call of microseconds
 # is not slow (calls of 10 us on a test's small matrix were dropped for such hiccups)
+# A call of m rows costs at most m / m' calls of m' < m rows (so the fastest at m rows
+# within GROWTH x that), and at least about what fewer rows cost (within SHRINK x). A table
+# outside those bounds was timed while something else held the cores: measured on the
+# 2-core machine while two C builds ran, 768x768 int8 took 26.7 ms a call at 8 rows against
+# 0.04 at 4, and the head 116 ms at one row against 14 at 32. Measured once more, and where
+# that is no better, served but not cached (a busy first start would otherwise choose for
+# every later one).
+GROWTH, SHRINK = 2.0, 4.0
 
 
 def row_class(m: int, classes=ROW_CLASSES) -> int:
@@ -84,6 +93,23 @@ class RowChoice:
 
     def names(self) -> set[str]:
         return set(self.by_rows.values())
+
+
+def disturbed(choice: RowChoice) -> list[int]:
+    """The row classes whose fastest time is out of GROWTH or SHRINK of another's (the
+    module's bounds), each to SLACK: [] for a table an idle machine could have measured."""
+    fastest = {m: min(ms for ms in timed.values() if ms is not None)
+               for m, timed in choice.timings.items()
+               if any(ms is not None for ms in timed.values())}
+    slack = SLACK * 1e3
+    out = set()
+    for fewer in fastest:
+        for more in (m for m in fastest if m > fewer):
+            if fastest[more] > GROWTH * more / fewer * fastest[fewer] + slack:
+                out.add(more)
+            if fastest[fewer] > SHRINK * fastest[more] + slack:
+                out.add(fewer)
+    return sorted(out)
 
 
 def _random_weights(dtype: str, k: int, n: int, generator: torch.Generator) -> tuple:
@@ -474,13 +500,29 @@ def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
             for k, n, rows in missing:
                 groups.setdefault(rows, []).append((k, n))
 
+            plausible: set[tuple[int, int]] = set()  # measured undisturbed: to cache
+
             def run() -> None:
                 torch.set_num_threads(threads)
                 pages = arena(model_bytes)
                 for rows, group in groups.items():
-                    for (k, n), choice in measure(dtype, group, rows, model_bytes=model_bytes,
-                                                  fused=fused, pages=pages).items():
+                    for again in (False, True):
+                        measured = measure(dtype, group, rows, model_bytes=model_bytes,
+                                           fused=fused, pages=pages)
+                        busy = {shape: disturbed(c) for shape, c in measured.items()
+                                if disturbed(c)}
+                        if not busy or again:
+                            break
+                        log.info("kernel timings out of bounds (%s): measured again",
+                                 _busy_text(dtype, busy))
+                    if busy:
+                        log.warning("kernel timings out of bounds again (%s): something "
+                                    "else held the cores; this table serves, uncached",
+                                    _busy_text(dtype, busy))
+                    for (k, n), choice in measured.items():
                         result[(dtype, k, n)] = choice
+                        if (k, n) not in busy:
+                            plausible.add((k, n))
             failure: list[BaseException] = []
             worker = threading.Thread(target=lambda: _capture(run, failure),
                                       name="gpt2serve-kernel-choice")
@@ -489,11 +531,19 @@ def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
             if failure:
                 raise failure[0]
             for k, n, rows in missing:
+                if (k, n) not in plausible:
+                    continue
                 choice = result[(dtype, k, n)]
                 fresh[_shape_key(dtype, k, n)] = {"by_rows": choice.by_rows,
                                                   "timings": choice.timings}
-            _write_cache(path, key, fresh)
+            if fresh:
+                _write_cache(path, key, fresh)
     return KernelTable(mode, result, time.perf_counter() - start, cached)
+
+
+def _busy_text(dtype: str, busy: dict[tuple[int, int], list[int]]) -> str:
+    return "; ".join(f"{dtype} {k}x{n} at rows {', '.join(map(str, classes))}"
+                     for (k, n), classes in busy.items())
 
 
 def _capture(run, failure: list[BaseException]) -> None:
