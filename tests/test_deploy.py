@@ -401,6 +401,27 @@ def test_standard_mode_scales_with_keda_on_our_metrics():
     assert (ann["prometheus.io/scrape"], ann["prometheus.io/port"]) == ("true", str(port))
 
 
+def test_standard_mode_pods_serve_until_the_proxies_let_go_then_drain_within_their_grace():
+    """Standard mode has no queue-proxy: a stopping pod must keep serving while the proxies
+    learn it left the endpoints (a preStop sleep), then drain in what is left of its grace
+    period. Knative refuses a container's `lifecycle` (queue-proxy drains there)."""
+    from gpt2serve.cli import build_parser
+    from gpt2serve.server.shutdown import WRITE_OUT_SECONDS
+
+    standard = [i for i in ISVCS.values() if mode(i) == "Standard"]
+    assert len(standard) == 2
+    for isvc in standard:
+        container = serving_container(isvc)
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep" and len(command) == 2
+        serve = build_parser().parse_args(["serve", *container["args"]])
+        needed = float(command[1]) + serve.shutdown_grace + WRITE_OUT_SECONDS
+        assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > needed
+    for isvc in ISVCS.values():
+        if mode(isvc) == "Knative":
+            assert "lifecycle" not in serving_container(isvc)
+
+
 def test_probes_are_what_knative_accepts():
     for rt in RUNTIMES.values():
         c = rt["spec"]["containers"][0]
