@@ -335,3 +335,7 @@ def test_openai_errors(server, body, status, param):
 def test_chat_completions_say_why_not(oai):
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    # a model this server lacks is named first, as on /completions (and vLLM's chat route)
+    with pytest.raises(openai.NotFoundError, match="does not exist") as e:
+        oai.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["param"] == "model" and e.value.body["type"] == "not_found_error"

@@ -127,7 +127,11 @@ def openai_router(repository: Repository, max_prompts: int = MAX_INSTANCES) -> A
     @router.post("/chat/completions", status_code=400, responses={
         **refusals(openai=True), 400: {"description": "always: GPT-2 has no chat template",
                                        "content": refusals(openai=True)["4XX"]["content"]}})
-    async def chat_completions() -> JSONResponse:
+    async def chat_completions(request: HTTPRequest) -> JSONResponse:
+        try:  # the model first, as vLLM: one this server lacks is a 404
+            model_of(await json_object(request), repository)
+        except Exception as e:  # noqa: BLE001 - every failure in OpenAI's error shape
+            return OpenAIError.of(e).response()
         return OpenAIError("GPT-2 has no chat template; use /openai/v1/completions with a "
                            "text prompt", param="messages").response()
 
