@@ -491,7 +491,13 @@ def test_triton_s_client_loads_unloads_and_lists_over_grpc(two_fit):
                  "'parameters.unload_dependents' must be true or false"),
                 ("RepositoryModelUnload", field(2, b"gamma") + triton_parameter(
                     "unload_dependents", b""),  # (no value at all)
-                 "'parameters.unload_dependents' must be true or false")):
+                 "'parameters.unload_dependents' must be true or false"),
+                # Triton's fields that KServe's message lacks, garbled or not UTF-8: were INTERNAL
+                ("RepositoryModelLoad", field(2, b"\xff\xfe"), "malformed RepositoryModelLoad"),
+                ("RepositoryModelUnload", field(2, b"gamma") + triton_parameter(
+                    "unload_dependents", field(3, b"\xff")), "malformed RepositoryModelUnload"),
+                ("RepositoryModelLoad", field(1, b"gamma") + field(3, b"\xff"),  # KServe's
+                 "malformed RepositoryModelLoad")):
             with pytest.raises(grpc.RpcError) as e:
                 call(method, request)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()

@@ -291,7 +291,12 @@ class GPT2Servicer(InferenceServicer):
         """`action` on the model a load or unload request names, in KServe's message (its
         model_name alone, as field 1) or in Triton's (model_name as field 2; its parameters
         checked as REST's body is); the name."""
-        triton = WIRE["RepositoryModelRequest"].FromString(request.SerializeToString())
+        try:  # (the guard parsed KServe's message, whose field 1 alone it checks)
+            triton = WIRE["RepositoryModelRequest"].FromString(request.SerializeToString())
+        except DecodeError:  # Triton's fields 2 and 3 garbled, or a string not UTF-8
+            raise InvalidInput(f"malformed {type(request).__name__.removesuffix('Request')} "
+                               "request: not a valid protobuf message (string fields must "
+                               "be UTF-8)") from None
         is_triton = bool(triton.model_name or triton.parameters)
         self._repository_on(triton.repository_name if is_triton else "")
         name = request.model_name
