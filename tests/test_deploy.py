@@ -897,6 +897,68 @@ def test_download_from_hub_file_api(tmp_path, tiny_model):
     assert bad.returncode == 2 and "not a Hub repository id" in bad.stderr
 
 
+@pytest.fixture
+def hub_of(tmp_path):
+    """A running FakeHub of these commits and refs; yields (handler, environment)."""
+    servers = []
+
+    def start(commits: dict, refs: dict):
+        handler = type("Hub", (FakeHub,), {"commits": commits, "refs": refs,
+                                           "seen_auth": [], "seen_encoding": []})
+        hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=hub.serve_forever, daemon=True).start()
+        servers.append(hub)
+        return handler, {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}"}
+    yield start
+    for hub in servers:
+        hub.shutdown()
+        hub.server_close()
+
+
+def test_a_second_download_into_a_folder_waits_for_the_first(tmp_path, tiny_model, hub_of):
+    """Two runs into one folder took turns at one .part file: one renamed the other's
+    truncated file into place, exited 0, and every later run took it for complete."""
+    import fcntl
+    import selectors
+
+    _, env = hub_of({"a" * 40: tiny_model}, {"main": "a" * 40})
+    out = tmp_path / "out"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)  # another run writing into the folder
+    fcntl.flock(held, fcntl.LOCK_EX)
+    second = subprocess.Popen([sys.executable, "-m", "gpt2serve.cli", "download", "org/tiny",
+                               "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(second.stderr, selectors.EVENT_READ)
+            assert sel.select(timeout=120), "the second run said nothing"
+            assert second.stderr.readline().strip() == f"waiting for another download into {out}"
+        assert list(out.iterdir()) == [] and second.poll() is None  # nothing written: it waits
+    finally:
+        os.close(held)
+    assert second.wait(timeout=120) == 0, second.stderr.read()
+    from gpt2serve import checkpoint
+    checkpoint.load(out)
+
+
+def test_a_resumed_download_whose_commit_left_the_hub_says_so(tmp_path, tiny_model, hub_of):
+    """A force-push took the commit a folder's download began at: the error said the
+    repository was not found and that private ones need HF_TOKEN."""
+    first, second = "a" * 40, "b" * 40
+    handler, env = hub_of({first: tiny_model}, {"main": first})
+    out = tmp_path / "out"
+    assert _cli_download(env, "org/tiny", "--out", str(out)).returncode == 0
+    (out / "model.safetensors").unlink()
+    handler.commits = {second: make_hf_model(tmp_path / "pushed", seed=9)}
+    handler.refs["main"] = second
+    gone = _cli_download(env, "org/tiny", "--out", str(out))
+    assert gone.returncode == 2
+    assert f"began at commit {first}, which the Hub no longer has" in gone.stderr, gone.stderr
+    assert "HF_TOKEN" not in gone.stderr
+    shutil.rmtree(out)
+    assert _cli_download(env, "org/tiny", "--out", str(out)).returncode == 0
+
+
 def test_a_download_stops_at_the_size_the_listing_gives(tmp_path, tiny_model):
     """Found in the list of what was left alone: an answer without Content-Length was written
     for as long as the server sent, and a failed file's .part stayed on the disk. Now the

@@ -7,12 +7,14 @@ the commit, `/{repo}/resolve/{commit}/{file}` to fetch one), honours `HF_ENDPOIN
 leaves a truncated model, stops each file at the size the listing and its answer give (a
 server that sends without end cannot fill the disk; a mirror that gives neither size may,
 with weights), marks the folder with the repository, revision and commit so that a second
-run resumes it at that commit but never mixes in another model's or commit's files, and shows
-progress on stderr.
+run resumes it at that commit but never mixes in another model's or commit's files, lets one
+run at a time write into a folder (another waits), and shows progress on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -92,18 +94,43 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
             sha, sizes = _listing(client, endpoint, repo_id, revision, commit)
             chosen = wanted_files(list(sizes))
             out.mkdir(parents=True, exist_ok=True)
-            (out / MARKER).write_text(json.dumps(
-                {"repo": repo_id, "revision": revision, "sha": sha}) + "\n")
-            base = f"{endpoint}/{repo_id}/resolve/{quote(sha, safe='')}"
-            paths = [_fetch(client, base, out, name, sizes[name], progress) for name in chosen]
-            if INDEX in chosen:
-                paths += [_fetch(client, base, out, name, sizes[name], progress)
-                          for name in shards(out / INDEX, list(sizes))]
-            return paths
+            with _only_writer(out, progress):
+                theirs = _marker(out, repo_id, revision)  # (again: one may have just ended)
+                began = theirs.get("sha") if theirs else None
+                if isinstance(began, str) and began != sha:
+                    raise DownloadError(f"{out}: another download of {repo_id}@{revision} "
+                                        f"began at commit {began}; run again to finish it")
+                (out / MARKER).write_text(json.dumps(
+                    {"repo": repo_id, "revision": revision, "sha": sha}) + "\n")
+                base = f"{endpoint}/{repo_id}/resolve/{quote(sha, safe='')}"
+                paths = [_fetch(client, base, out, name, sizes[name], progress)
+                         for name in chosen]
+                if INDEX in chosen:
+                    paths += [_fetch(client, base, out, name, sizes[name], progress)
+                              for name in shards(out / INDEX, list(sizes))]
+                return paths
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise DownloadError(f"{endpoint}: {type(e).__name__}: {e}") from None
     except OSError as e:  # --out a file, a name too long for its filesystem, ...
         raise DownloadError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _only_writer(out: Path, progress):
+    """Held while this run writes into `out` (an exclusive flock of the folder itself): two
+    runs into one folder took turns at the same .part file, and one renamed the other's
+    truncated file into place, where every later run took it for complete. A second run
+    waits, then finds the first one's files done."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another download into {out}", file=progress, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (the lock with it)
 
 
 def shards(index: Path, files: list[str]) -> list[str]:
@@ -128,6 +155,11 @@ def _listing(client: httpx.Client, endpoint: str, repo_id: str, revision: str,
     r = client.get(f"{endpoint}/api/models/{repo_id}/revision/{quote(commit or revision, safe='')}",
                    params={"blobs": "true"})
     if r.status_code in (401, 403, 404):
+        if commit and _listing(client, endpoint, repo_id, revision, None)[0] != commit:
+            raise DownloadError(f"{repo_id}@{revision}: the folder's download began at "
+                                f"commit {commit}, which the Hub no longer has (HTTP "
+                                f"{r.status_code}); empty the folder to download "
+                                f"{revision} afresh")
         raise DownloadError(f"{repo_id}@{revision}: not found or not accessible "
                             f"(HTTP {r.status_code}; private repos need HF_TOKEN)")
     if r.status_code != 200:
