@@ -285,6 +285,8 @@ def test_the_default_length_leaves_room_for_the_prompt(srv, page):
     """Max new tokens untouched, a run asks for the default or what the prompt leaves of the
     context, whichever is less: the default alone (200, of a 256-token context) was refused
     for a prompt of 57 tokens or more. Typed, the value is sent as it is."""
+    from selenium.webdriver.common.keys import Keys
+
     prompt = "ROMEO: " * 40
     count = post(f"{srv.url}/tokenize", {"prompt": prompt}, AUTH).json()["count"]
     context = httpx.get(f"{srv.url}/openai/v1/models", headers=AUTH).json()["data"][0][
@@ -305,6 +307,14 @@ def test_the_default_length_leaves_room_for_the_prompt(srv, page):
     assert json.loads(out)["predictions"][0].startswith(prompt), out
     assert generate(page, prompt, max_tokens=200) == "error"
     assert f"plus the prompt's {count} tokens" in el(page, "error").text
+    # emptied again, the field is untyped: the room again (it was the bare default, refused)
+    el(page, "max_tokens").send_keys(Keys.CONTROL, "a")
+    el(page, "max_tokens").send_keys(Keys.DELETE)
+    assert el(page, "max_tokens").get_attribute("value") == ""
+    el(page, "generate").click()
+    wait(page, lambda d: state(d) != "streaming")
+    assert state(page) == "done", el(page, "error").text
+    assert el(page, "ntokens").text == str(context - count)
 
 
 def test_a_refusal_keeps_the_samples_shown_and_says_why(page):
@@ -478,6 +488,15 @@ def test_missing_key_shows_the_servers_message_and_key_is_kept(srv, page):
     wait(page, lambda d: state(d) == "error")
     assert el(page, "error").text == f"Server answered 401: {MISSING_KEY}"
     wait(page, lambda d: "missing or wrong API key" in d.find_element("id", "model").text, 10)
+
+
+def test_a_key_a_header_cannot_carry_is_named_not_blamed_on_the_connection(page):
+    """fetch refuses a header past Latin-1: its TypeError was shown as 'Cannot reach the
+    server'."""
+    type_into(page, "api_key", "sek\u2019rit")
+    assert generate(page, "ROMEO:", max_tokens=3) == "error"
+    assert el(page, "error").text == "API key: \u2019 cannot be sent in a header"
+    type_into(page, "api_key", KEY)
 
 
 def test_the_key_s_error_goes_once_a_key_that_works_is_typed(srv, page):

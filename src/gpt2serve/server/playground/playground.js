@@ -45,7 +45,10 @@ function setUp() {
   document.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); generate(); }
   });
-  $("max_tokens").addEventListener("input", () => { maxTokensTyped = true; });
+  // (emptied again, the field is untyped: the default or the room the prompt leaves)
+  $("max_tokens").addEventListener("input", (e) => {
+    maxTokensTyped = e.target.value.trim() !== "" || e.target.validity.badInput;
+  });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("curl").addEventListener("click", showCurl);
   $("model-picker").addEventListener("change", pickModel);
@@ -55,6 +58,9 @@ function setUp() {
 function headers() {
   const h = { "Content-Type": "application/json" };
   const key = $("api_key").value.trim();
+  // (fetch refuses such a header, and its TypeError read as a server out of reach)
+  const unsendable = key.match(/[^\x00-\xff]/);
+  if (unsendable) throw new Error(`API key: ${unsendable[0]} cannot be sent in a header`);
   if (key) h.Authorization = `Bearer ${key}`;
   return h;
 }
