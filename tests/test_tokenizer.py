@@ -123,6 +123,10 @@ def test_a_special_token_ends_an_unfinished_character(gpt2):
     # no text, and the character goes on across it, as decode and /detokenize have it
     padded = IncrementalDetokenizer(gpt2)
     assert "".join(padded.push(i) for i in (e4, 50300, b8, ad)) == "中"
+    # with nothing held, such ids hold nothing open (each push decoded the window they
+    # kept open again: quadratic in a run of them)
+    assert [padded.push(i) for i in (50300, 50301)] == ["", ""] and padded.held == 0
+    assert padded.push(gpt2.encode(" A")[0]) == " A" and padded.held == 0
 
 
 def test_a_replacement_character_written_out_is_a_whole_character(gpt2):
