@@ -165,6 +165,7 @@ def test_serve_refuses_flag_values_that_cannot_serve_before_it_loads():
             ("--kv_cache_memory", "0.1", "argument --kv_cache_memory"),
             ("--request_timeout", "nan", "request_timeout a positive number"),
             ("--block_size", "0", "block_size must be at least 1"),
+            ("--max_batch_size", "1000000000000", "max_batch_size must be at most 4096"),
             # kserve.ModelServer's, which gpt2serve sets: --workers 4 served from one process
             ("--workers", "4", "--workers is set by gpt2serve: gpt2serve serves from one"),
             ("--grpc_max_receive_message_length", "100", "use --max_body_bytes"),

@@ -56,7 +56,8 @@ def test_the_readme_flag_table_lists_exactly_the_serve_flags():
             assert f"| {default:g} |" in row, row
 
 
-@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"block_size": 0},
+@pytest.mark.parametrize("bad", [{"max_batch_size": 0}, {"max_batch_size": 4097},
+                                 {"block_size": 0},
                                  {"max_model_len": 0}, {"request_timeout": 0},
                                  {"kv_cache_dtype": "fp8"}, {"prefill_step_stretch": 0.5}])
 def test_settings_out_of_range_are_refused(bad):
@@ -90,3 +91,16 @@ def test_a_stretch_of_0_reads_the_most_beside_every_decode_step():
             max_batch_size=2, max_prefill_tokens=96, prefill_step_stretch=stretch),
             runner="eager", threaded=False)
         assert engine.scheduler.budget.tokens(streams=True) == beside
+
+
+def test_a_block_longer_than_the_context_is_the_context():
+    """--block_size 1000000 of a 256-token model reserved 7.8 GB for one sequence."""
+    from gpt2serve import checkpoint
+    from gpt2serve.engine import Engine
+
+    model, tokenizer = checkpoint.load(None)
+    context = model.config.n_positions
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=2, block_size=10**6),
+                    runner="eager", threaded=False)
+    assert engine.cache.block_size == context
+    assert engine.cache.num_blocks == 2  # two full-context sequences, one block each

@@ -20,12 +20,15 @@ def _flag(help: str, parse: Callable[[str], Any] | None = None, **kw: Any) -> di
 
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16")
+# A step's buffers are laid out for this many rows at load: 10^12 asked for 128 TB and ended
+# in a traceback. GPT-2's steps are bound by arithmetic long before this batch.
+MAX_BATCH_SIZE = 4096
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = field(default=32, metadata=_flag(
-        "sequences decoded together at most"))
+        f"sequences decoded together at most (up to {MAX_BATCH_SIZE})"))
     max_model_len: int | None = field(default=None, metadata=_flag(
         "tokens per sequence at most, prompt included (default: the model's context, which "
         "also caps it: a model of a shorter one says so as it loads)"))
@@ -42,7 +45,8 @@ class EngineConfig:
         "each key and value (greedy text may then part from transformers' after many "
         "tokens)", choices=KV_CACHE_DTYPES))
     block_size: int = field(default=16, metadata=_flag(
-        "positions per KV-cache block"))
+        "positions per KV-cache block (at most the model's context: a longer block holds "
+        "no more)"))
     max_prefill_tokens: int = field(default=512, metadata=_flag(
         "prompt tokens read per step at most; beside running streams the engine reads fewer, "
         "as many as keep a step within about --prefill_step_stretch decode steps' time"))
@@ -79,6 +83,9 @@ class EngineConfig:
         for name in ("max_model_len", "threads", "kv_cache_memory"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_batch_size > MAX_BATCH_SIZE:
+            raise ValueError(f"max_batch_size must be at most {MAX_BATCH_SIZE}, got "
+                             f"{self.max_batch_size}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -109,6 +116,12 @@ class EngineConfig:
     def context(self, n_positions: int) -> int:
         """The longest sequence an engine of a model with `n_positions` takes."""
         return min(self.max_model_len or n_positions, n_positions)
+
+    def block(self, context: int) -> int:
+        """The KV cache's block for sequences of `context` tokens: --block_size, or the
+        context where that is shorter (a block of a million positions, of a 256-token model,
+        reserved 7.8 GB for one sequence)."""
+        return min(self.block_size, context)
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser, parsers: dict[str, Callable],

@@ -65,7 +65,8 @@ class Engine:
         self.device = param.device
         quantized = isinstance(model.head, Int8TiedHead)  # int8 and int4 models alike
         self.cache = kv_cache.allocate(cfg, config.cache_dtype(param.dtype, quantized),
-                                       self.device, config.block_size, config.kv_cache_memory,
+                                       self.device, config.block(self.context),
+                                       config.kv_cache_memory,
                                        config.max_batch_size, self.context)
         sampler = Sampler(cfg.vocab_size, self.eos_id, self.device)
         blocks = kv_cache.BlockManager(self.cache.num_blocks, self.cache.block_size,

@@ -711,10 +711,11 @@ class Repository(ModelRepository):
             weights += cfg.vocab_size * d  # the LM head's int8 screen
         context = self.config.context(cfg.n_positions)
         cache_dtype = self.config.cache_dtype(self.settings.dtype, quantized is not None)
-        wanted = full_sequences_bytes(cfg, cache_dtype, self.config.block_size,
-                                      self.config.max_batch_size, context)
+        block = self.config.block(context)
+        wanted = full_sequences_bytes(cfg, cache_dtype, block, self.config.max_batch_size,
+                                      context)
         kv = min(self.config.kv_cache_memory or wanted, wanted)
-        blocks_in(kv, cfg, cache_dtype, self.config.block_size, context)
+        blocks_in(kv, cfg, cache_dtype, block, context)
         return weights + kv
 
     def _report(self) -> None:
