@@ -761,12 +761,14 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
     refs: dict[str, str]
     seen_auth: list
     seen_encoding: list
+    seen_paths: list
     sizes_listed = True  # the listing gives each file's size when asked (`?blobs=true`)
     content_length = True  # an answer says its length; without, its end is the connection's
     padding: dict[str, bytes] = {}  # bytes sent after a file's own, by file name
     gzipped = False  # files sent gzipped, whatever the client accepts
 
     def do_GET(self):
+        self.seen_paths.append(self.path)
         self.seen_auth.append(self.headers.get("authorization"))
         self.seen_encoding.append(self.headers.get("accept-encoding"))
         path, _, query = self.path.partition("?")
@@ -823,7 +825,7 @@ def test_download_from_hub_file_api(tmp_path, tiny_model):
         "commits": {first: tiny_model, second: moved, third: notok, fourth: ait},
         "refs": {"main": first, "v2": second, "refs/pr/1": second, "notok": third,
                  "ait": fourth},
-        "seen_auth": [], "seen_encoding": []})
+        "seen_auth": [], "seen_encoding": [], "seen_paths": []})
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     try:
@@ -904,7 +906,7 @@ def hub_of(tmp_path):
 
     def start(commits: dict, refs: dict):
         handler = type("Hub", (FakeHub,), {"commits": commits, "refs": refs,
-                                           "seen_auth": [], "seen_encoding": []})
+                                           "seen_auth": [], "seen_encoding": [], "seen_paths": []})
         hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=hub.serve_forever, daemon=True).start()
         servers.append(hub)
@@ -941,6 +943,26 @@ def test_a_second_download_into_a_folder_waits_for_the_first(tmp_path, tiny_mode
     checkpoint.load(out)
 
 
+def test_a_download_writes_config_json_last_and_refuses_a_file_for_a_folder(
+        tmp_path, tiny_model, hub_of):
+    """A repository's scan takes a folder with config.json for a model: an interrupted
+    download's, weights missing, was one that failed to load. An --out under a file was
+    refused only once the files came (convert's after every tensor was read)."""
+    handler, env = hub_of({"a" * 40: tiny_model}, {"main": "a" * 40})
+    assert _cli_download(env, "org/tiny", "--out", str(tmp_path / "out")).returncode == 0
+    fetched = [p.rsplit("/", 1)[1] for p in handler.seen_paths if "/resolve/" in p]
+    assert fetched[-1] == "config.json" and "model.safetensors" in fetched
+    (tmp_path / "file").write_text("")
+    handler.seen_paths.clear()
+    for args in (["download", "org/tiny", "--out", str(tmp_path / "file" / "sub")],
+                 ["convert", str(tiny_model), "--out", str(tmp_path / "file")]):
+        run = subprocess.run([sys.executable, "-m", "gpt2serve.cli", *args], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert f"{tmp_path / 'file'} is a file, not a folder" in run.stderr, run.stderr
+    assert handler.seen_paths == []  # (said before the Hub was asked anything)
+
+
 def test_a_resumed_download_whose_commit_left_the_hub_says_so(tmp_path, tiny_model, hub_of):
     """A force-push took the commit a folder's download began at: the error said the
     repository was not found and that private ones need HF_TOKEN."""
@@ -970,7 +992,7 @@ def test_a_download_stops_at_the_size_the_listing_gives(tmp_path, tiny_model):
 
     handler = type("Hub", (FakeHub,), {"commits": {"a" * 40: tiny_model},
                                        "refs": {"main": "a" * 40},
-                                       "seen_auth": [], "seen_encoding": []})
+                                       "seen_auth": [], "seen_encoding": [], "seen_paths": []})
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     try:
@@ -1036,7 +1058,7 @@ def test_download_of_a_sharded_model_fetches_the_shards_its_index_names(tmp_path
     first, second = "a" * 40, "b" * 40
     handler = type("Hub", (FakeHub,), {"commits": {first: good, second: hostile},
                                        "refs": {"main": first, "hostile": second},
-                                       "seen_auth": [], "seen_encoding": []})
+                                       "seen_auth": [], "seen_encoding": [], "seen_paths": []})
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     try:

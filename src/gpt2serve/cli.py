@@ -114,6 +114,16 @@ def _folder_path(text: str) -> Path:
     return Path(_path(text))
 
 
+def _out_folder(text: str) -> Path:
+    """A folder to write: where it, or a folder above it, is a file, said before any work
+    (convert read every tensor first; both then said '[Errno 17] File exists')."""
+    out = _folder_path(text)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(f"{blocker} is a file, not a folder")
+    return out
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -237,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="fetch a GPT-2 model from the Hugging Face Hub "
                        "(honours HF_ENDPOINT and HF_TOKEN)", formatter_class=_Help)
     d.add_argument("repo_id", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or any repo id")
-    d.add_argument("--out", required=True, type=_folder_path,
+    d.add_argument("--out", required=True, type=_out_folder,
                    help="the folder to write (created; `serve --model_dir` reads it)")
     d.add_argument("--revision", default="main", help="a branch, tag or commit of the repo")
 
@@ -245,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "TensorFlow release) to fp16/bf16/fp32 safetensors + tokenizer.json",
                        formatter_class=_Help)
     c.add_argument("src", type=_folder_path, help="the model folder to read")
-    c.add_argument("--out", required=True, type=_folder_path,
+    c.add_argument("--out", required=True, type=_out_folder,
                    help="the folder to write (created; `serve --model_dir` reads it)")
     c.add_argument("--dtype", choices=list(checkpoint.DTYPES), default="float16",
                    help="the weights' dtype in the written file")

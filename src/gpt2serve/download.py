@@ -104,11 +104,14 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
                     {"repo": repo_id, "revision": revision, "sha": sha}) + "\n")
                 base = f"{endpoint}/{repo_id}/resolve/{quote(sha, safe='')}"
                 paths = [_fetch(client, base, out, name, sizes[name], progress)
-                         for name in chosen]
+                         for name in chosen if name != "config.json"]
                 if INDEX in chosen:
                     paths += [_fetch(client, base, out, name, sizes[name], progress)
                               for name in shards(out / INDEX, list(sizes))]
-                return paths
+                # config.json last, as convert writes it: a repository's scan takes a folder
+                # with one for a model, and an interrupted download's was one that failed
+                return paths + [_fetch(client, base, out, "config.json", sizes["config.json"],
+                                       progress)]
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise DownloadError(f"{endpoint}: {type(e).__name__}: {e}") from None
     except OSError as e:  # --out a file, a name too long for its filesystem, ...
