@@ -305,6 +305,26 @@ def test_the_top_k_draw_returns_a_token_for_rows_without_a_finite_logit():
     assert tokens.tolist()[0] == 0 and 0 <= tokens.tolist()[1] < V and tokens.tolist()[2] == 17
 
 
+def test_a_top_k_rows_top_p_keeps_the_same_tokens_whatever_its_neighbours():
+    """The torch path (CUDA; CPU without our kernels) cut a top-k row's top-p by rank: of the
+    tokens tied with the last one kept it kept those topk put first over the batch's width,
+    so a neighbour's wider k changed the row's draw. It keeps them all, as the C draw and
+    rows without top-k do (found in review)."""
+    logits = torch.zeros(40)
+    logits[22], logits[16], logits[[1, 11]] = 4.0, 3.0, 2.0
+    tied = [6, 12, 15, 18, 21, 24, 25, 27, 33]
+    logits[tied] = 1.0  # tied with the 5th: top-k keeps them all, top-p's cut falls in them
+    sampler = Sampler(40, eos_id=0, device=torch.device("cpu"))
+    row = SamplingParams.from_dict({"top_k": 5, "top_p": 0.8, "temperature": 1.0})
+    wide = SamplingParams.from_dict({"top_k": 25, "temperature": 1.0})
+    kept = []
+    for batch, params in ((logits[None], [row]), (torch.stack([logits, logits]), [row, wide])):
+        ids, probs = sampler.candidates(batch, params)
+        kept.append({i: p for i, p in zip(ids[0].tolist(), probs[0].tolist()) if p > 0})
+    assert kept[0] == kept[1]
+    assert sorted(kept[0]) == sorted([1, 11, 16, 22, *tied])
+
+
 @pytest.mark.parametrize("spec", [{"top_k": 5, "temperature": 1.0},
                                   {"top_k": 5, "top_p": 0.9, "temperature": 0.7}], ids=str)
 def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers(spec):

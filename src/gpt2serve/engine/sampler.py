@@ -284,12 +284,12 @@ class Sampler:
         total = values.masked_fill(~in_top_k, -math.inf).logsumexp(-1, keepdim=True)
         probs = (values - total).exp().masked_fill(~in_top_k, 0.0)
         top_p = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params],
-                             device=self.device)[:, None]
-        # transformers drops the low tail whose mass is <= 1 - top_p: in descending order, a
-        # token stays while the mass strictly above it is < top_p (the first always stays).
-        above = probs.cumsum(-1) - probs
-        rank = torch.arange(width, device=self.device)
-        probs = probs.masked_fill((above >= top_p) & (rank > 0), 0.0)
+                             dtype=torch.float64, device=self.device)
+        # top-p's threshold, as for rows without top-k and in C: a cut by rank kept some of
+        # the tokens tied with the last kept, and which ones followed topk's order of ties
+        # over the batch's width, so a row's draw depended on its neighbours' k
+        tau = nucleus_threshold(probs, top_p)
+        probs = probs.masked_fill(probs < tau[:, None], 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
         if ties_past is not None and bool(ties_past.any()):
             rows = ties_past.nonzero().flatten().tolist()
