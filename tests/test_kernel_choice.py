@@ -357,6 +357,11 @@ def test_gpt2serve_kernels_prints_the_machine_and_the_table(tmp_path, quantize):
     # int4's LM head stays int8 (quantize.py); the demo model's head is 256 x 4096
     weights = {line.split()[1].rstrip(":"): line.split()[0] for line in lines[2:]}
     assert weights.pop("256x4096") == "int8" and set(weights.values()) == {quantize}
+    # the table is the CPU's, for fp32 activations: it printed it for --device cuda too
+    for flag, value in (("--device", "cuda"), ("--dtype", "float16")):
+        other = subprocess.run([sys.executable, "-m", "gpt2serve.cli", "kernels", flag, value],
+                               capture_output=True, text=True, env=env, timeout=300)
+        assert other.returncode == 2 and "the kernel table is the CPU's" in other.stderr
 
 
 @pytest.mark.parametrize("flags, line", [

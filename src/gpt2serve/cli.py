@@ -298,6 +298,11 @@ def _flag_names(names: tuple[str, ...]):
 
 
 def kernels(args: argparse.Namespace) -> int:
+    if args.device == "cuda" or args.dtype not in ("auto", "float32"):
+        # (it printed the CPU's fp32 table for --device cuda, as if that were what ran there)
+        raise checkpoint.CheckpointError(
+            "the kernel table is the CPU's, for float32 activations: no --device cuda, "
+            f"--dtype {args.dtype}")
     config = checkpoint.read_config(Path(args.model_dir) if args.model_dir
                                     else checkpoint.DEMO_MODEL_DIR)
     threads = checkpoint.resolve_threads(args.threads)
