@@ -199,10 +199,12 @@ class Engine:
         task cancelled, error) cancels all of them: they leave the batch at the next step."""
         remaining = sum(r.params.n for r in requests)
         running = [r.params.n for r in requests]  # each request's unfinished sequences
+        failed = False
         try:
             while remaining:
                 index, item = await requests[0].events.get()
                 if isinstance(item, BaseException):
+                    failed = True
                     try:
                         raise item
                     finally:  # (this frame, in the error's traceback, would hold the error:
@@ -216,11 +218,14 @@ class Engine:
                 yield index, item
         finally:
             if remaining:
-                self.cancel(requests)
+                self.cancel(requests, failed)
 
-    def cancel(self, requests: list[Request]) -> None:
+    def cancel(self, requests: list[Request], failed: bool = False) -> None:
+        """The requests leave at the next step; counted as aborted (their client gone)
+        unless `failed`: the call ended on an error of one of them, which its client gets."""
         for request in requests:
-            request.cancelled = True
+            if not request.cancelled:
+                request.cancelled, request.failed_beside = True, failed
         self.scheduler.wake()
 
     async def complete(self, prompts: list[Prompt]) -> list[list[Completion]]:
@@ -260,7 +265,8 @@ class Engine:
                 sched.budget.observe(step, seconds)
                 if step.decode:  # (a step that only reads prompts has no decode batch)
                     self.metrics.batch_size.observe(len(step.decode))
-                    self.metrics.time_per_token.observe(seconds)
+                    # (the step's whole time: the prompts read during it held its streams)
+                    self.metrics.time_per_token.observe(seconds + newcomers.seconds)
                     if step.chunks:
                         self.metrics.prompt_tokens_beside_decode.observe(
                             sum(c.length for c in step.chunks))

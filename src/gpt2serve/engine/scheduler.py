@@ -421,18 +421,23 @@ class Scheduler:
 
     def drop_cancelled(self) -> None:
         """Cancelled requests leave: running sequences are marked to retire, queued and
-        prefilling ones go at once."""
+        prefilling ones go at once. Each sequence is counted as aborted, but those of a
+        call that failed on another of its requests (their client got that error)."""
+        def aborted(request: Request, sequences: int) -> None:
+            if not request.failed_beside:
+                self.metrics.aborted.inc(sequences)
         for seq in self.running:
             if seq.request.cancelled and not seq.finish_reason:
                 seq.finish_reason = "abort"
-                self.metrics.aborted.inc()
+                aborted(seq.request, 1)
         for request in [r for r in self.prefilling if r.cancelled]:
             self.drop_prefilling(request)
-            self.metrics.aborted.inc(request.params.n)
+            aborted(request, request.params.n)
         with self.cond:
             gone = [r for r in self.waiting if r.cancelled]
+            for request in gone:
+                aborted(request, request.params.n)
             if gone:
-                self.metrics.aborted.inc(sum(r.params.n for r in gone))
                 self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
                 self.metrics.queue_depth.set(len(self.waiting))
 

@@ -79,6 +79,7 @@ class Request:
         self.held: list[TokenEvent] = []
         self.arrival = time.monotonic()
         self.cancelled = False
+        self.failed_beside = False  # cancelled as its call failed, its client still there
         self.seqs: list[Sequence] = []
         self.blocks: list[int] = []  # the prompt's KV-cache blocks, once admitted
         self.prefilled = 0  # prompt tokens read so far
