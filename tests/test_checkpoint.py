@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,7 +325,55 @@ BROKEN = {
     "two tokens of one id": (lambda f: _slow_tokenizer(f, "{}", same_id=True),
                              r"tokenizer files cannot be read \(tokens '.*' and '.*' of the "
                              r"vocabulary have the same id, 0\)"),
+    # Found by fuzz helper 102: each took gigabytes, the descriptors, or seconds a prompt
+    "a tokenizer file whose size says 0": (
+        lambda f: _linked(f, "tokenizer.json", "/proc/self/pagemap"),
+        r"tokenizer.json: (cannot be read|more than \d+ bytes read, more than the 32 MiB)"),
+    "a config whose size says 0": (
+        lambda f: _linked(f, "config.json", "/proc/self/pagemap"),
+        r"config.json: (cannot be read|more than \d+ bytes read, more than the 1024 KiB)"),
+    "a pre-tokenizer run twice": (
+        lambda f: _tokenizer_part(f, "pre_tokenizer", {"type": "Sequence", "pretokenizers": [
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": True}] * 2}),
+        r"tokenizer.json: its pre_tokenizer runs ByteLevel more than once"),
+    "a normalizer run 1,000 times": (
+        lambda f: _tokenizer_part(f, "normalizer", {"type": "Sequence", "normalizers": [
+            {"type": "NFC"}] * 1000}),
+        r"tokenizer.json: its normalizer runs NFC more than once"),
+    "an index of 257 shards": (
+        lambda f: _index_to_each(f, [f"s{i}.safetensors" for i in range(257)]),
+        r"model.safetensors.index.json: names 257 shards, more than the 256"),
+    "bin a pickle of megabytes": (lambda f: _bin_pickle(f, b"(" + b"]" * (5 << 20) + b"e."),
+                                  r"its pickle .*data.pkl takes \d+ bytes, more than a state "
+                                  r"dict's 4 MiB"),
 }
+
+
+def _linked(folder, name, target):
+    if not Path(target).exists():
+        pytest.skip(f"no {target} here")
+    (folder / name).unlink()
+    (folder / name).symlink_to(target)
+
+
+def _tokenizer_part(folder, part, value):
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data[part] = value
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+
+
+def _bin_pickle(folder, pickle_bytes):
+    """pytorch_model.bin with its data.pkl replaced, stored as torch.save stores it."""
+    from safetensors.torch import load_file
+
+    _bin(folder, load_file(folder / "model.safetensors"))
+    path = folder / "pytorch_model.bin"
+    with zipfile.ZipFile(path) as stored:
+        entries = [(info.filename, stored.read(info)) for info in stored.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as rewritten:
+        for name, data in entries:
+            rewritten.writestr(name, pickle_bytes if name.endswith("data.pkl") else data)
 
 
 def _bin_tensor(folder, edit):
@@ -449,6 +498,12 @@ def _negative_shape(header):
     start = header[name]["data_offsets"][0]
     header[name]["data_offsets"] = [start, start + 16]
     return header
+
+
+def _index_to_each(folder, shards):
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {f"t{i}": shard for i, shard in enumerate(shards)}}))
 
 
 def _index_to(folder, shard):

@@ -45,6 +45,10 @@ SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN = (
 # weights could show they do not match.
 SIZE_LIMITS = {"vocab_size": 2**20, "n_positions": 2**17, "n_embd": 2**15, "n_layer": 2**10,
                "n_head": 2**10, "n_inner": 2**17}
+# A sharded model's files are held open as it loads (1.5B in 5 GB shards is 2; 1,000 shards
+# took every descriptor of a process with the usual limit of 1,024); a .bin's pickle names
+# each tensor in about 100 bytes.
+MAX_SHARDS, MAX_PICKLE_BYTES = 256, 4 << 20
 # HF buffers and the tied head, which carry nothing this network needs.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 
@@ -192,7 +196,10 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: missing")
         refuse_lfs_pointer(path)
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as e:  # (past the process's descriptors: EMFILE)
+            raise CheckpointError(f"{path}: cannot be opened ({e.strerror or e})") from None
         close = weakref.finalize(self, os.close, self.fd)
         try:
             self.version = self._version()
@@ -308,7 +315,11 @@ class Weights:
             self._add(SafetensorsFile(self.source))
         elif (folder / SAFETENSORS_INDEX).is_file():
             self.source = folder / SAFETENSORS_INDEX
-            for shard in jsonfile.shard_names(self.source, CheckpointError):
+            shards = jsonfile.shard_names(self.source, CheckpointError)
+            if len(shards) > MAX_SHARDS:  # (each is held open as its tensors are read)
+                raise CheckpointError(f"{self.source}: names {len(shards)} shards, more than "
+                                      f"the {MAX_SHARDS} a model may have")
+            for shard in shards:
                 # files of this folder, not paths out of it
                 if not shard or Path(shard).name != shard or shard in ("..", "."):
                     raise CheckpointError(f"{self.source}: a shard must be a file name in the "
@@ -401,16 +412,23 @@ def _plain(tensor: torch.Tensor) -> bool:
 
 def _refuse_compressed(path: Path) -> None:
     """torch.save stores a zip's entries as they are, so that torch.load can map them; a
-    compressed entry is inflated whole as it is read (3 MB of data.pkl took 6.4 GB)."""
+    compressed entry is inflated whole as it is read (3 MB of data.pkl took 6.4 GB). Its
+    pickle (data.pkl) names each tensor in about 100 bytes: one past MAX_PICKLE_BYTES builds
+    more than tensors (19 MB of empty lists took 1.6 GB and 29 s to unpickle)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            packed = [e.filename for e in archive.infolist()
-                      if e.compress_type != zipfile.ZIP_STORED]
+            entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable zip file ({e})") from None
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
     if packed:
         raise CheckpointError(f"{path}: its entry {packed[0]} is compressed, which torch.save "
                               f"never writes")
+    large = [e for e in entries if e.filename.endswith(".pkl") and e.file_size > MAX_PICKLE_BYTES]
+    if large:
+        raise CheckpointError(f"{path}: its pickle {large[0].filename} takes "
+                              f"{large[0].file_size} bytes, more than a state dict's "
+                              f"{MAX_PICKLE_BYTES >> 20} MiB")
 
 
 def _unpickler_cause(e: Exception) -> str:
