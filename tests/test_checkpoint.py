@@ -341,6 +341,8 @@ BROKEN = {
         lambda f: _tokenizer_part(f, "normalizer", {"type": "Sequence", "normalizers": [
             {"type": "NFC"}] * 1000}),
         r"tokenizer.json: its normalizer runs NFC more than once"),
+    "a tokenizer.json not UTF-8": (lambda f: (f / "tokenizer.json").write_bytes(b"\xff{}"),
+                                   r"tokenizer.json: not UTF-8"),
     "an index of 257 shards": (
         lambda f: _index_to_each(f, [f"s{i}.safetensors" for i in range(257)]),
         r"model.safetensors.index.json: names 257 shards, more than the 256"),

@@ -212,6 +212,10 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path):
                  ["serve", "--model_dir", ""]):
         run = cli(*args)
         assert run.returncode == 2 and "an empty path" in run.stderr, (args, run.stderr)
+    # a path the check itself cannot look at is an argument error too, not a traceback
+    run = cli("download", "gpt2", "--out", str(tmp_path / ("a" * 300) / "model"))
+    assert run.returncode == 2 and "File name too long" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -495,7 +495,7 @@ def test_a_key_a_header_cannot_carry_is_named_not_blamed_on_the_connection(page)
     server'."""
     type_into(page, "api_key", "sek\u2019rit")
     assert generate(page, "ROMEO:", max_tokens=3) == "error"
-    assert el(page, "error").text == "API key: \u2019 cannot be sent in a header"
+    assert el(page, "error").text == "API key: \u2019 cannot be sent from this page"
     type_into(page, "api_key", KEY)
 
 

@@ -18,6 +18,8 @@ import socket
 import sys
 from pathlib import Path
 
+import torch
+
 from . import checkpoint, kernel_choice
 from .download import DownloadError
 from .engine.config import EngineConfig
@@ -118,7 +120,10 @@ def _out_folder(text: str) -> Path:
     """A folder to write: where it, or a folder above it, is a file, said before any work
     (convert read every tensor first; both then said '[Errno 17] File exists')."""
     out = _folder_path(text)
-    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    try:
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    except OSError as e:  # (a name too long, a folder this user may not look into)
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror or e}") from None
     if blocker is not None:
         raise argparse.ArgumentTypeError(f"{blocker} is a file, not a folder")
     return out
@@ -298,11 +303,12 @@ def _flag_names(names: tuple[str, ...]):
 
 
 def kernels(args: argparse.Namespace) -> int:
-    if args.device == "cuda" or args.dtype not in ("auto", "float32"):
+    device, dtype = checkpoint.resolve_device(args.device, args.dtype)
+    if device.type == "cuda" or dtype != torch.float32:
         # (it printed the CPU's fp32 table for --device cuda, as if that were what ran there)
         raise checkpoint.CheckpointError(
-            "the kernel table is the CPU's, for float32 activations: no --device cuda, "
-            f"--dtype {args.dtype}")
+            f"the kernel table is the CPU's, for float32 activations, not {device.type} "
+            f"{str(dtype).removeprefix('torch.')} (--device, --dtype)")
     config = checkpoint.read_config(Path(args.model_dir) if args.model_dir
                                     else checkpoint.DEMO_MODEL_DIR)
     threads = checkpoint.resolve_threads(args.threads)
@@ -396,15 +402,16 @@ def _check_ports(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.enable_grpc and args.http_port and args.http_port == args.grpc_port:
         parser.error(f"--http_port and --grpc_port are both {args.http_port}")
     for flag, port in ports.items():
-        if port and (why := _taken(port)):
+        if port and (why := _taken(port, ipv6=flag == "--grpc_port")):
             parser.error(f"{flag} {port}: {why}")
 
 
-def _taken(port: int) -> str | None:
-    """Why `port` cannot be listened on, as uvicorn binds it (0.0.0.0) and gRPC ([::]); None
-    where it can. Only a port in use or not permitted says no: a pod whose IPv6 is off binds
-    no [::] at all, and serves on IPv4."""
-    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+def _taken(port: int, ipv6: bool) -> str | None:
+    """Why `port` cannot be listened on, as uvicorn binds it (0.0.0.0) and, with `ipv6`, as
+    gRPC does ([::] too); None where it can. Only a port in use or not permitted says no: a
+    pod whose IPv6 is off binds no [::] at all, and serves on IPv4."""
+    families = ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"))
+    for family, host in families if ipv6 else families[:1]:
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as they do)
@@ -429,7 +436,7 @@ def _api_key(parser: argparse.ArgumentParser, key: str | None) -> str | None:
             "the API key's leading or trailing whitespace is dropped: no header carries it")
     if key and not stripped:
         parser.error("--api_key ($GPT2SERVE_API_KEY) is whitespace alone")
-    if stripped and any(ord(c) < 32 or ord(c) == 127 for c in stripped):
+    if stripped and any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in stripped):
         parser.error("--api_key ($GPT2SERVE_API_KEY) holds a control character, which no "
                      "header carries")
     return stripped

@@ -100,8 +100,11 @@ def download(repo_id: str, out: Path, revision: str = "main", endpoint: str | No
                 if isinstance(began, str) and began != sha:
                     raise DownloadError(f"{out}: another download of {repo_id}@{revision} "
                                         f"began at commit {began}; run again to finish it")
-                (out / MARKER).write_text(json.dumps(
-                    {"repo": repo_id, "revision": revision, "sha": sha}) + "\n")
+                # whole or not at all: a run that reads it before taking the lock
+                part = out / f"{MARKER}.part"
+                part.write_text(json.dumps({"repo": repo_id, "revision": revision,
+                                            "sha": sha}) + "\n")
+                part.replace(out / MARKER)
                 base = f"{endpoint}/{repo_id}/resolve/{quote(sha, safe='')}"
                 paths = [_fetch(client, base, out, name, sizes[name], progress)
                          for name in chosen if name != "config.json"]
@@ -123,7 +126,8 @@ def _only_writer(out: Path, progress):
     """Held while this run writes into `out` (an exclusive flock of the folder itself): two
     runs into one folder took turns at the same .part file, and one renamed the other's
     truncated file into place, where every later run took it for complete. A second run
-    waits, then finds the first one's files done."""
+    waits, then finds the first one's files done. (On one machine: NFS does not pass a
+    folder's flock to other hosts.)"""
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:

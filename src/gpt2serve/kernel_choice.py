@@ -487,11 +487,14 @@ def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
         missing = []
         for (k, n), rows in classes.items():
             entry = known.get(_shape_key(dtype, k, n))
+            choice = None
             if (entry and set(map(int, entry["by_rows"])) == set(rows)
                     and set(entry["by_rows"].values()) <= runs_here):
-                result[(dtype, k, n)] = RowChoice(
-                    {int(m): name for m, name in entry["by_rows"].items()},
-                    {int(m): t for m, t in entry["timings"].items()})
+                choice = RowChoice({int(m): name for m, name in entry["by_rows"].items()},
+                                   {int(m): t for m, t in entry["timings"].items()})
+            # (a table cached before the bounds were checked is held to them too)
+            if choice is not None and not disturbed(choice):
+                result[(dtype, k, n)] = choice
                 cached += 1
             else:
                 missing.append((k, n, rows))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
-import tempfile
+import os
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -163,7 +163,11 @@ def _read(*paths: Path) -> HFTokenizer:
 
 def _build(paths: tuple[Path, ...], contents: list[bytes]) -> HFTokenizer:
     if len(paths) == 1:
-        tok = HFTokenizer.from_str(contents[0].decode("utf-8"))
+        try:
+            text = contents[0].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{paths[0].name}: not UTF-8 ({e})") from None
+        tok = HFTokenizer.from_str(text)
         _check_parts(tok, paths[0].name)
         # A tokenizer.json may carry padding and truncation, which `encode` would apply to
         # every prompt (padded to 200M tokens, one request took the server down); transformers
@@ -172,11 +176,13 @@ def _build(paths: tuple[Path, ...], contents: list[bytes]) -> HFTokenizer:
         tok.no_truncation()
         return tok
     vocab, merges = paths
-    with tempfile.TemporaryDirectory() as copies:  # (BPE reads files: these, as read)
-        for path, data in zip(paths, contents):
-            (Path(copies) / path.name).write_bytes(data)
-        tok = HFTokenizer(models.BPE.from_file(str(Path(copies) / vocab.name),
-                                               str(Path(copies) / merges.name)))
+    # BPE reads files: these, as read, in memory (no temporary folder: a read-only root)
+    copies = [_memory_file(path.name, data) for path, data in zip(paths, contents)]
+    try:
+        tok = HFTokenizer(models.BPE.from_file(*(f"/proc/self/fd/{fd}" for fd in copies)))
+    finally:
+        for fd in copies:
+            os.close(fd)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     if tok.token_to_id(EOS_TOKEN) is not None:
@@ -193,6 +199,15 @@ def _build(paths: tuple[Path, ...], contents: list[bytes]) -> HFTokenizer:
                              f"free one ({tok.get_vocab_size(with_added_tokens=True)})")
         (tok.add_special_tokens if special else tok.add_tokens)([content])
     return tok
+
+
+def _memory_file(name: str, data: bytes) -> int:
+    """A file descriptor of an anonymous file in memory holding `data`."""
+    fd = os.memfd_create(name)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
 
 
 def _check_parts(tok: HFTokenizer, name: str) -> None:

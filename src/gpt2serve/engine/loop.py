@@ -225,7 +225,9 @@ class Engine:
         unless `failed`: the call ended on an error of one of them, which its client gets."""
         for request in requests:
             if not request.cancelled:
-                request.cancelled, request.failed_beside = True, failed
+                # (failed_beside first: the step thread reads cancelled, then it)
+                request.failed_beside = failed
+                request.cancelled = True
         self.scheduler.wake()
 
     async def complete(self, prompts: list[Prompt]) -> list[list[Completion]]:
