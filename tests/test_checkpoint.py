@@ -367,15 +367,7 @@ def _tokenizer_part(folder, part, value):
 
 def _bin_pickle(folder, pickle_bytes):
     """pytorch_model.bin with its data.pkl replaced, stored as torch.save stores it."""
-    from safetensors.torch import load_file
-
-    _bin(folder, load_file(folder / "model.safetensors"))
-    path = folder / "pytorch_model.bin"
-    with zipfile.ZipFile(path) as stored:
-        entries = [(info.filename, stored.read(info)) for info in stored.infolist()]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as rewritten:
-        for name, data in entries:
-            rewritten.writestr(name, pickle_bytes if name.endswith("data.pkl") else data)
+    _bin_rewritten(folder, zipfile.ZIP_STORED, pickle_bytes)
 
 
 def _bin_tensor(folder, edit):
@@ -389,15 +381,22 @@ def _bin_tensor(folder, edit):
 
 def _bin_compressed(folder):
     """pytorch_model.bin with its entries deflated, which torch.save never does."""
+    _bin_rewritten(folder, zipfile.ZIP_DEFLATED)
+
+
+def _bin_rewritten(folder, compression, pickle_bytes=None):
+    """The weights as pytorch_model.bin, its zip written again with `compression`, and its
+    data.pkl replaced by `pickle_bytes` if given."""
     from safetensors.torch import load_file
 
     _bin(folder, load_file(folder / "model.safetensors"))
     path = folder / "pytorch_model.bin"
     with zipfile.ZipFile(path) as stored:
         entries = [(info.filename, stored.read(info)) for info in stored.infolist()]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as deflated:
+    with zipfile.ZipFile(path, "w", compression) as rewritten:
         for name, data in entries:
-            deflated.writestr(name, data)
+            replaced = pickle_bytes is not None and name.endswith("data.pkl")
+            rewritten.writestr(name, pickle_bytes if replaced else data)
 
 
 def _bin_bytes(folder, data: bytes):

@@ -118,16 +118,19 @@ def test_a_calls_error_is_freed_once_caught_without_a_full_collection():
         engine.stop()
 
 
+def stepped_demo_engine(**config) -> Engine:
+    """The demo model's engine, stepped by the test (threaded=False)."""
+    model, tokenizer = checkpoint.load(None)
+    return Engine(model, tokenizer, EngineConfig(**config), threaded=False)
+
+
 def test_a_call_that_fails_on_one_prompt_counts_no_other_as_aborted():
     """A queue timeout of a call's second prompt ended the call, and the first prompt's
     sequence, dropped with it while its client waited for that 503, was counted in
-    gpt2serve_aborted_sequences_total ("client went away"). A client that leaves still is.
-    And a step's time per output token holds the prompts read during it."""
+    gpt2serve_aborted_sequences_total ("client went away"). A client that leaves still is."""
     from gpt2serve.engine.scheduler import RequestTimeout
 
-    model, tokenizer = checkpoint.load(None)
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1, request_timeout=5),
-                    threaded=False)
+    engine = stepped_demo_engine(max_batch_size=1, request_timeout=5)
     params = SamplingParams.from_dict({"max_new_tokens": 20, "ignore_eos": True})
     aborted = engine.metrics.aborted
 
@@ -162,9 +165,7 @@ def test_a_steps_time_per_output_token_holds_the_prompts_read_during_it():
     that read out, 2.7 ms observed for a step of 37.9."""
     import time
 
-    model, tokenizer = checkpoint.load(None)
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=2, prefill_step_stretch=0),
-                    threaded=False)
+    engine = stepped_demo_engine(max_batch_size=2, prefill_step_stretch=0)
     params = SamplingParams.from_dict({"max_new_tokens": 8, "ignore_eos": True})
     per_token = engine.metrics.time_per_token
 
