@@ -512,8 +512,8 @@ def choose(dtype: str, shapes: list[tuple[int, int, bool]], mode: str = "auto",
                     for again in (False, True):
                         measured = measure(dtype, group, rows, model_bytes=model_bytes,
                                            fused=fused, pages=pages)
-                        busy = {shape: disturbed(c) for shape, c in measured.items()
-                                if disturbed(c)}
+                        busy = {shape: classes for shape, c in measured.items()
+                                if (classes := disturbed(c))}
                         if not busy or again:
                             break
                         log.info("kernel timings out of bounds (%s): measured again",

@@ -294,9 +294,8 @@ class GPT2Servicer(InferenceServicer):
         try:  # (the guard parsed KServe's message, whose field 1 alone it checks)
             triton = WIRE["RepositoryModelRequest"].FromString(request.SerializeToString())
         except DecodeError:  # Triton's fields 2 and 3 garbled, or a string not UTF-8
-            raise InvalidInput(f"malformed {type(request).__name__.removesuffix('Request')} "
-                               "request: not a valid protobuf message (string fields must "
-                               "be UTF-8)") from None
+            raise InvalidInput(malformed(type(request).__name__.removesuffix("Request"))
+                               ) from None
         is_triton = bool(triton.model_name or triton.parameters)
         self._repository_on(triton.repository_name if is_triton else "")
         name = request.model_name
@@ -385,6 +384,12 @@ async def _unauthenticated(raw, context):
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY)
 
 
+def malformed(method: str) -> str:
+    """What a request to `method` that protobuf cannot parse is told."""
+    return (f"malformed {method} request: not a valid protobuf message (string fields must "
+            "be UTF-8)")
+
+
 def _parsed(behaviour, deserialize, method: str):
     async def parse_then_call(raw: bytes, context):
         try:
@@ -394,8 +399,7 @@ def _parsed(behaviour, deserialize, method: str):
         if request is None:  # (aborted outside the except: its context would hold the bytes)
             raw = None  # (and so would this frame, in the abort's cycle: see below)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"malformed {method.rsplit('/', 1)[-1]} request: not a valid "
-                                "protobuf message (string fields must be UTF-8)")
+                                malformed(method.rsplit("/", 1)[-1]))
         try:
             return await behaviour(request, context)
         except aio.AbortError as e:
