@@ -279,6 +279,27 @@ LEDGER_FIELDS = ("date", "commit", "benchmark", "sampling", "cpu", "isa", "cap",
                  "bandwidth_gb_s", "engine", "batch", "tok_s")
 
 
+def commit_measured() -> str:
+    """The commit whose code a run measures, read as the run starts (a commit made during an
+    hour's run is not what it measured), "+dirty" where the engine's or the bench's tracked
+    files differ from it."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, text=True, capture_output=True)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("diff", "--quiet", "HEAD", "--", "src", "bench/*.py").returncode == 1
+    except OSError:
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+COMMIT = commit_measured()
+
+
 def machine_class(row: dict) -> str:
     """The class a ledger row was measured on: CPU model, ISA, and the cap if any."""
     cap = "" if row["cap"] in ("", "none", "native") else ", capped at AVX2"
@@ -290,7 +311,6 @@ def append_ledger(result: dict, ledger: Path = LEDGER) -> None:
     `levels` by server and concurrency, as batch); other benchmarks add none."""
     import csv
     import datetime
-    import subprocess
 
     if "tok_s" in result:
         figures = [(engine, int(batch), tok_s) for engine, by_batch in result["tok_s"].items()
@@ -300,11 +320,6 @@ def append_ledger(result: dict, ledger: Path = LEDGER) -> None:
                    for server, levels in result["levels"].items() for level in levels]
     else:
         return
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     m = result["machine"]
     # a serving run's workload: its rows compare with runs of as many new tokens a request
     workload = result.get("sampling") or (f"greedy, {result['new_tokens']} new tokens"
@@ -313,7 +328,7 @@ def append_ledger(result: dict, ledger: Path = LEDGER) -> None:
         workload += f", {result['prompt_tokens']}-token prompts"
     if result.get("shape", "124m") != "124m":
         workload += f", {SHAPE_NAMES[result['shape']]}"
-    run = {"date": datetime.date.today().isoformat(), "commit": commit,
+    run = {"date": datetime.date.today().isoformat(), "commit": COMMIT,
            "benchmark": result.get("benchmark", ""), "sampling": workload,
            "cpu": m["cpu"], "isa": m["isa"], "cap": result.get("isa_cap", m.get("cap", "")),
            "threads": m.get("threads", ""), "bandwidth_gb_s": m.get("read_bandwidth_gb_s", "")}

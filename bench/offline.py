@@ -92,6 +92,7 @@ def ours(folder: Path, mode: dict, quantize: str | None = None, kv_cache_dtype: 
 def hf_generate(folder: Path, mode: dict):
     from transformers import GPT2LMHeadModel
 
+    torch.set_num_threads(peer_threads())
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
     ISA_NOTE["transformers"] = torch_isa()
     VERSION["transformers"] = package_version("transformers")
@@ -268,7 +269,7 @@ def openvino_command(name: str, folder: Path, mode: dict, args) -> list[str]:
     cmd = [args.openvino_python, str(Path(__file__).with_name("openvino_runner.py")),
            "--hf-folder", str(folder), "--weights", weights,
            "--properties", json.dumps(properties), "--mode", json.dumps(mode),
-           "--threads", str(torch.get_num_threads()), "--repeats", str(args.repeats)]
+           "--threads", str(peer_threads()), "--repeats", str(args.repeats)]
     return cmd + (["--check-greedy"] if not mode.get("do_sample", True) else [])
 
 
@@ -432,10 +433,13 @@ def main() -> None:
                       f"(read bandwidth before it {before / 1e9:.1f} GB/s)", flush=True)
     results = {name: {b: statistics.median(m[b] for m in runs if b in m) for b in runs[0]}
                for name, runs in rounds.items()}
-    # each round's batch-1 bytes a second over the bandwidth measured just before it
+    # each round's batch-1 bytes a second over the bandwidth measured just before it: a
+    # decode figure, none where long prompts take the most of a run's time (and KV reads,
+    # not counted, grow with them)
+    decode_bound = args.prompt_tokens <= NEW_TOKENS // 4
     shares = {name: [WEIGHT_BYTES[name] * m[1] / bw
                      for m, bw in zip(runs, bandwidths[name]) if 1 in m]
-              for name, runs in rounds.items() if name in WEIGHT_BYTES}
+              for name, runs in rounds.items() if name in WEIGHT_BYTES and decode_bound}
     shares = {name: xs for name, xs in shares.items() if xs}
     bandwidth = statistics.median([bw for bws in bandwidths.values() for bw in bws] or
                                   [bandwidth])
@@ -471,6 +475,8 @@ def main() -> None:
         "shape": args.model,
         "prompt_tokens": args.prompt_tokens, "new_tokens": NEW_TOKENS, "repeats": args.repeats,
         "rounds": args.rounds, "tok_s": results,
+        # the engines that failed in a later round: the rounds their medians are of
+        "rounds_run": {n: len(runs) for n, runs in rounds.items() if len(runs) < args.rounds},
         "weight_bytes": {n: b for n, b in WEIGHT_BYTES.items() if n in results},
         "bandwidth_gb_s_before": {n: [round(bw / 1e9, 1) for bw in bws]
                                   for n, bws in bandwidths.items()},

@@ -67,7 +67,9 @@ class Level:
         return self.tokens / self.wall if self.wall else 0.0
 
     def row(self) -> dict:
-        q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]
+        # ("inclusive": the default extrapolates past the slowest of a few requests)
+        q = lambda xs, p: (statistics.quantiles(xs, n=100, method="inclusive")[p - 1]
+                           if len(xs) > 1 else xs[0])
         return {"concurrency": self.concurrency, "tok_s": round(self.throughput, 1),
                 "requests": len(self.latencies),
                 "p50_latency_s": round(q(self.latencies, 50), 3),
@@ -434,6 +436,7 @@ def main() -> None:
         "benchmark": "serving", "model": "GPT-2 124M, random weights, real vocabulary",
         "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.tokens, "duration_s": args.duration,
         "rounds": rounds, "isa_cap": args.isa, "levels": results, "ttft_under_load": ttft,
+        "rounds_run": {n: len(rows) for n, rows in runs.items() if len(rows) < rounds},
         "skipped": skipped, **({"offline_peers": offline} if offline else {})},
         machine(bandwidth, {**os.environ, **caps(args)}),
         {"vllm": vllm_version(args.vllm_python)} if "vllm" in results else None)
