@@ -148,6 +148,86 @@ def test_the_server_serves_after_hostile_input(demo):
     assert r.status_code == 200 and r.json()["predictions"][0].startswith("ROMEO:")
 
 
+# ---- CloudEvents on V1 :predict (KServe's SDK decodes them) -------------------------------
+
+EVENT = {"specversion": "1.0", "id": "e-1", "source": "tests", "type": "predict",
+         "data": {"instances": ["ROMEO:"], "parameters": {"max_new_tokens": 3,
+                                                           "do_sample": False}}}
+BINARY_HEADERS = {"ce-specversion": "1.0", "ce-id": "e-1", "ce-source": "tests",
+                  "ce-type": "predict"}
+STRUCTURED = {"content-type": "application/cloudevents+json"}
+
+
+def plain_prediction(demo) -> list[str]:
+    r = post(demo.url + PREDICT, EVENT["data"])
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"]
+
+
+@pytest.mark.parametrize("time", [True, False], ids=["with time", "without time"])
+def test_a_structured_cloudevent_is_answered_with_one(demo, time):
+    """`time` is optional in CloudEvents 1.0; the SDK took an event without it for a plain
+    body (a 400 asking for 'instances')."""
+    event = {**EVENT, **({"time": "2026-12-08T00:00:00Z"} if time else {})}
+    r = post(demo.url + PREDICT, event, headers=STRUCTURED)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/cloudevents+json"
+    assert r.json()["data"]["predictions"] == plain_prediction(demo)
+    assert r.json()["specversion"] == "1.0"
+
+
+def test_a_structured_cloudevent_with_binary_headers_too_is_read(demo):
+    """The content type makes it structured (its data came decoded, which the SDK's
+    decoding took for bytes: a 500)."""
+    r = post(demo.url + PREDICT, EVENT, headers={**BINARY_HEADERS, **STRUCTURED})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"] == plain_prediction(demo)
+    assert r.headers["ce-specversion"] == "1.0"
+
+
+def test_a_binary_cloudevent_is_answered_with_one(demo):
+    r = post(demo.url + PREDICT, EVENT["data"], headers=BINARY_HEADERS)
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"] == plain_prediction(demo)
+    assert r.headers["ce-type"] == "io.kserve.inference.response"
+
+
+@pytest.mark.parametrize("body,says", [(b"xx", "not the CloudEvent its headers say"),
+                                       (b'{"specversion": "1.0"', "not the CloudEvent"),
+                                       (b"\xff\xfe", "not valid UTF-8")])
+def test_a_cloudevent_body_that_is_not_json_is_a_400(demo, body, says):
+    r = post(demo.url + PREDICT, body, headers={**BINARY_HEADERS, **STRUCTURED})
+    assert r.status_code == 400, r.text
+    assert says in error_message(r)
+
+
+# ---- V1 and V2 fields ---------------------------------------------------------------------
+
+def test_a_null_prompt_beside_text_is_not_given(demo):
+    """null is "not given" on every route: {"text": null, "prompt": "Hi"} is a prompt, and
+    both null is no prompt (not "give one, not both")."""
+    r = post(demo.url + PREDICT, {"instances": [{"text": None, "prompt": "ROMEO:"}],
+                                  "parameters": EVENT["data"]["parameters"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"] == plain_prediction(demo)
+    r = post(demo.url + PREDICT, {"instances": [{"text": None, "prompt": None}]})
+    assert_400(r, "v1", r"instances\[0\]: 'prompt' must be a string")
+
+
+@pytest.mark.parametrize("value", [-1, -1.0, 0, 0.0])
+def test_max_new_tokens_below_one_is_told_the_same_however_written(demo, value):
+    r = post(demo.url + PREDICT, {"instances": ["Hi"], "parameters": {"max_new_tokens": value}})
+    assert_400(r, "v1", r"'max_new_tokens' must be at least 1 here")
+
+
+@pytest.mark.parametrize("given", ["", "req-7"])
+def test_v2_infer_echoes_the_id_as_given(demo, given):
+    r = post(demo.url + INFER, {"id": given, "parameters": {"max_new_tokens": 1},
+                                "inputs": [{"name": "text_input", "shape": [1],
+                                            "datatype": "BYTES", "data": ["Hi"]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == given
+
 # ---- an unexpected exception: "internal error", the traceback in the log only ---------------
 
 PLANT = '''"""Planted by tests/test_rest_protocol.py: a fault in the tokenizer for one prompt."""

@@ -24,6 +24,7 @@ import kserve
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from kserve.errors import InvalidInput
+from cloudevents.http import CloudEvent
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.v1_endpoints import V1Endpoints
@@ -46,6 +47,36 @@ V2_TENSOR_PARAMETERS = {"content_type", "binary_data_size"}
 V2_REQUEST_PARAMETERS = {"binary_data_output"}
 
 
+PROMPT = ("prompt", "text")  # a V1 instance's prompt, under either name (null: not given)
+# The attributes a structured CloudEvent must have (CloudEvents 1.0; `time` is optional)
+STRUCTURED_EVENT = {"specversion", "id", "source", "type", "data"}
+
+
+class V1DataPlane(DataPlane):
+    """KServe's data plane, with its CloudEvent decoding made to answer 400 and to follow
+    CloudEvents 1.0. The SDK raised (a 500) on a body its parser could not read as the event
+    the headers announced, and on a structured event (`application/cloudevents+json`) sent
+    with the binary mode's `ce-` headers too, whose data came already decoded; and it took a
+    structured event without `time`, which CloudEvents makes optional, for a plain body."""
+
+    @staticmethod
+    def get_binary_cloudevent(body, headers):
+        try:
+            return DataPlane.get_binary_cloudevent(body, headers)
+        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError: not the SDK's)
+            raise InvalidInput(f"request body is not the CloudEvent its headers say: {e}"
+                               ) from None
+
+    def decode_cloudevent(self, body):
+        if isinstance(body, CloudEvent) and not isinstance(body.get_data(), (bytes, type(None))):
+            return body.get_data(), dict(body.get_attributes())  # a structured event's
+        if isinstance(body, dict) and STRUCTURED_EVENT <= body.keys() and "time" not in body:
+            attributes = dict(body)
+            # (the SDK's CE_MERGE deletes the request's id and time to make its own)
+            return attributes.pop("data"), {**attributes, "time": None}
+        return super().decode_cloudevent(body)
+
+
 def v1_router(repository) -> APIRouter:
     """KServe's V1 `:predict`, `:explain` and readiness, with a model unloaded through the API (and
     for `:predict` one whose last load failed) seen to first, as on the other protocols.
@@ -57,7 +88,7 @@ def v1_router(repository) -> APIRouter:
     `/v1/models/{name}` took `name:predict` for a model's name (a 404 naming it), and its
     DELETE was told `Allow: GET`."""
     router = APIRouter(include_in_schema=False)
-    endpoints = V1Endpoints(DataPlane(model_registry=repository))
+    endpoints = V1Endpoints(V1DataPlane(model_registry=repository))
 
     @router.post("/v1/models/{model_name}:predict")
     async def predict(model_name: str, request: Request):
@@ -169,7 +200,7 @@ class GPT2Predictor(kserve.Model):
         if isinstance(instance, str):
             prompt, fields = instance, {}
         elif isinstance(instance, dict):
-            fields = dict(instance)
+            fields = {k: v for k, v in instance.items() if v is not None or k not in PROMPT}
             if "prompt" in fields and "text" in fields:
                 raise InvalidInput(f"instances[{i}]: give 'prompt' or 'text', not both")
             prompt = fields.pop("prompt", fields.pop("text", None))
@@ -221,7 +252,9 @@ class GPT2Predictor(kserve.Model):
                                        for i, p in enumerate(prompts)])
         texts = [t for texts in results for t in texts]
         output = InferOutput(V2_OUTPUT, shape=[len(texts)], datatype="BYTES", data=texts)
-        return InferResponse(request.id or str(uuid.uuid4()), self.name, [output],
+        # (an id given empty comes back empty, as /generate's does)
+        rid = request.id if request.id is not None else str(uuid.uuid4())
+        return InferResponse(rid, self.name, [output],
                              use_binary_outputs=_binary_output(request))
 
     async def generate(self, jobs: list[tuple[str, SamplingParams, str]]) -> list[list[str]]:
@@ -281,7 +314,8 @@ def to_params(fields: dict, where: str = "", max_n: int = MAX_N,
     try:
         # (before the shared check, whose bound, 0, is the OpenAI route's: -1 was told ">= 0")
         new = fields.get("max_new_tokens")
-        if isinstance(new, int) and not isinstance(new, bool) and new < 1:
+        if (isinstance(new, (int, float)) and not isinstance(new, bool) and new < 1
+                and float(new).is_integer()):  # (-1.0 is the integer -1, as elsewhere)
             raise SamplingError(AT_LEAST_ONE_TOKEN)
         params = SamplingParams.from_dict(fields, max_n=max_n, aliases=aliases)
         if params.logprobs is not None:
