@@ -104,10 +104,14 @@ async def openai_stream(client, url, prompt, tokens, model) -> tuple[float, floa
             if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # (a stream that fails after its 200 says so in an event)
+                raise RuntimeError(f"{url}: the stream failed: {chunk['error']}")
             if chunk.get("choices") and ttft is None:
                 ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 count = chunk["usage"]["completion_tokens"]
+    if count != tokens:  # (ignore_eos: every server makes them all, or the figure is wrong)
+        raise RuntimeError(f"{url}: a stream reported {count} tokens of {tokens}")
     return time.perf_counter() - t0, ttft, count
 
 
