@@ -830,6 +830,69 @@ def test_a_load_that_comes_in_while_an_unload_waits_overrules_it(repo):
     asyncio.run(scenario())
 
 
+def test_a_load_stopped_by_an_unload_and_wanted_again_is_no_failed_load(repo):
+    """Gamma's load waits for the repository; an unload comes in, so the load's task stops
+    where it is, unwanted; a second load comes in before the first caller hears of it. The
+    first caller was told 503 "cannot be loaded: not loaded" of a load that never failed; it
+    now waits for the second's load, as a load wanted again should."""
+    from gpt2serve.server.repository import Overruled
+
+    async def scenario():
+        repository = in_process(repo)
+        gamma = repository.entries["gamma"]
+        try:
+            async with repository._lock:  # another model's load or unload, in progress
+                first = asyncio.create_task(repository.load("gamma"))
+                while gamma.loading is None:
+                    await asyncio.sleep(0)
+                unload = asyncio.create_task(repository.unload("gamma"))
+                while not gamma.held:
+                    await asyncio.sleep(0)
+            # the repository free: the first load's task runs, finds gamma unwanted, stops
+            second = asyncio.create_task(repository.load("gamma"))
+            await asyncio.gather(first, second)
+            with pytest.raises(Overruled, match="loaded by a later call"):
+                await unload
+            assert gamma.state == "READY" and gamma.failed_at is None
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
+
+def test_a_model_named_twice_at_start_loads_once(repo):
+    """--load_models alpha,alpha built alpha twice: the first engine stayed on the step
+    thread, outside the budget's count, and no unload or shutdown stopped it."""
+    repository = in_process(repo)
+    try:
+        repository.start("alpha,alpha")
+        alpha = repository.entries["alpha"]
+        assert repository.loop.engines == [alpha.engine]
+        assert repository.used == alpha.nbytes
+    finally:
+        repository.stop(10)
+
+
+@pytest.mark.parametrize("vocab_size", [400, 401])
+def test_a_first_load_is_reckoned_at_no_less_than_it_holds(tmp_path, vocab_size):
+    """The size a load is let in by, before any load of the model measured it: the fp32
+    head's int8 screen was reckoned at a byte a weight, without its rows' scales, norms
+    and errors (12 bytes a token), so two first loads fitted a budget they passed."""
+    make_hf_model(tmp_path / "alpha", vocab_size=vocab_size)
+
+    async def scenario():
+        repository = in_process(tmp_path)
+        try:
+            alpha = repository.entries["alpha"]
+            await repository.load("alpha")
+            reckoned, held = alpha.measured
+            assert held == alpha.engine.memory_bytes
+            assert held <= reckoned <= held * 1.01, (reckoned, held)
+        finally:
+            repository.stop(10)
+
+    asyncio.run(scenario())
+
 def test_a_second_unload_of_a_deleted_folder_returns(repo, tmp_path):
     shutil.copytree(repo / "alpha", tmp_path / "alpha")
 

@@ -43,7 +43,7 @@ import torch
 from kserve.errors import ModelNotFound
 from kserve.model_repository import ModelRepository
 
-from .. import checkpoint, hardware, metrics
+from .. import checkpoint, hardware, kernels, metrics
 from ..engine import Engine, EngineConfig
 from ..engine.kv_cache import KVBudgetError, blocks_in, full_sequences_bytes, machine_budget
 from ..engine.step_loop import StepLoop
@@ -442,9 +442,13 @@ class Repository(ModelRepository):
                 if entry.loading is not None:
                     await asyncio.shield(entry.loading)
                     if entry.state == UNAVAILABLE and not entry.held:
-                        if self.shutting_down and entry.failed_at is None:  # (not tried)
+                        if entry.failed_at is not None:
+                            raise LoadFailed(name, entry.reason)  # (a load tries again)
+                        if self.shutting_down:
                             raise ModelUnavailable(DRAINING)
-                        raise LoadFailed(name, entry.reason)  # (a load tries again at once)
+                        # It stopped unwanted, an unload having come in, and a load since
+                        # wants it again: not a failure (a 503 "cannot be loaded" that named
+                        # none), a load to start anew.
                 else:
                     async with self._changed:
                         await self._changed.wait()
@@ -534,7 +538,8 @@ class Repository(ModelRepository):
             return list(self.entries)
         if load_models == "none":
             return []
-        names = [n.strip() for n in load_models.split(",") if n.strip()]
+        # (a name given twice loads once: twice, the first engine was left running, unseen)
+        names = list(dict.fromkeys(n.strip() for n in load_models.split(",") if n.strip()))
         unknown = [n for n in names if n not in self.entries]
         if unknown:
             where = self.models_dir or "the server"
@@ -707,8 +712,11 @@ class Repository(ModelRepository):
         quantized = {"int8": matmul, "int4": matmul * 9 // 16}.get(self.settings.quantize)
         weights = (quantized + 4 * other if quantized is not None
                    else (matmul + other) * size)
-        if self.settings.device.type == "cpu":
-            weights += cfg.vocab_size * d  # the LM head's int8 screen
+        if self.settings.device.type == "cpu" and quantized is None:
+            # the fp32 head's int8 screen (packing.HeadScreen.nbytes): its rows and their
+            # fp32 scales in panels of kernels.PANEL, and each row's norm and error in fp32
+            rows = -(-cfg.vocab_size // kernels.PANEL) * kernels.PANEL
+            weights += rows * (-(-d // 4) * 4 + 4) + 8 * cfg.vocab_size
         context = self.config.context(cfg.n_positions)
         cache_dtype = self.config.cache_dtype(self.settings.dtype, quantized is not None)
         block = self.config.block(context)
