@@ -36,6 +36,20 @@ def budget_server(long_model):
         yield srv
 
 
+def test_a_block_taken_past_every_reservation_is_an_error_not_a_held_block():
+    """A block asked for with none free was the first block, held by another sequence
+    (np.argmax of all False is 0): a wrong count of reservations would have let one
+    sequence write over another's keys and values, unseen."""
+    from gpt2serve.engine.kv_cache import BlockManager
+
+    blocks = BlockManager(2, 16)
+    held = [blocks.grow([]), blocks.grow([])]
+    assert sorted(held) == [0, 1]
+    with pytest.raises(RuntimeError, match="no KV-cache block is free"):
+        blocks.grow([])
+    blocks.release(held[:1])
+    assert blocks.grow([]) == held[0]
+
 def test_the_default_cache_holds_max_batch_size_full_sequences(long_model):
     """By default the cache holds --max_batch_size full-context sequences, each in whole
     blocks: 100 tokens take 7 blocks of 16, so 4 take 28 blocks (it held 25, the tokens'

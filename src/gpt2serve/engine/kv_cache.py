@@ -269,8 +269,10 @@ class BlockManager:
             elif self._idle:
                 block = next(iter(self._idle))
                 self._evict(block)
-            else:
+            elif self._free_count:
                 block = int(np.argmax(self._free))
+            else:  # (admission reserves every block a sequence takes: a bug of ours)
+                raise RuntimeError("no KV-cache block is free: more were taken than reserved")
         self._free[block] = self._kept[block] = False
         self._free_count -= 1
         self._refs[block] = 1
