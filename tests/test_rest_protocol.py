@@ -194,11 +194,24 @@ def test_a_binary_cloudevent_is_answered_with_one(demo):
 
 @pytest.mark.parametrize("body,says", [(b"xx", "not the CloudEvent its headers say"),
                                        (b'{"specversion": "1.0"', "not the CloudEvent"),
+                                       (b"[1]", "not the CloudEvent"),
+                                       (b"null", "not the CloudEvent"),
                                        (b"\xff\xfe", "not valid UTF-8")])
 def test_a_cloudevent_body_that_is_not_json_is_a_400(demo, body, says):
     r = post(demo.url + PREDICT, body, headers={**BINARY_HEADERS, **STRUCTURED})
     assert r.status_code == 400, r.text
     assert says in error_message(r)
+
+
+@pytest.mark.parametrize("headers,body", [
+    (BINARY_HEADERS, b""),
+    ({**BINARY_HEADERS, **STRUCTURED}, json.dumps({k: v for k, v in EVENT.items()
+                                                   if k != "data"}).encode())],
+    ids=["binary", "structured"])
+def test_a_cloudevent_without_data_is_a_400(demo, headers, body):
+    r = post(demo.url + PREDICT, body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert "no data" in error_message(r)
 
 
 # ---- V1 and V2 fields ---------------------------------------------------------------------

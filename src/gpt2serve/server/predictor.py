@@ -63,12 +63,18 @@ class V1DataPlane(DataPlane):
     def get_binary_cloudevent(body, headers):
         try:
             return DataPlane.get_binary_cloudevent(body, headers)
-        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError: not the SDK's)
+        except InvalidInput:
+            raise
+        # (JSONDecodeError, UnicodeDecodeError; AttributeError where a structured body is
+        # JSON but not an object: the parser's, which the SDK does not catch)
+        except (ValueError, AttributeError, TypeError) as e:
             raise InvalidInput(f"request body is not the CloudEvent its headers say: {e}"
                                ) from None
 
     def decode_cloudevent(self, body):
-        if isinstance(body, CloudEvent) and not isinstance(body.get_data(), (bytes, type(None))):
+        if isinstance(body, CloudEvent) and body.get_data() is None:  # (the SDK: a 500)
+            raise InvalidInput("the CloudEvent has no data: the request goes in its data")
+        if isinstance(body, CloudEvent) and not isinstance(body.get_data(), bytes):
             return body.get_data(), dict(body.get_attributes())  # a structured event's
         if isinstance(body, dict) and STRUCTURED_EVENT <= body.keys() and "time" not in body:
             attributes = dict(body)
