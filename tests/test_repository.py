@@ -771,6 +771,21 @@ def in_process(folder, budget: int | None = None):
                       make_predictor=GPT2Predictor)
 
 
+async def unload_while_load_waits(repository, name: str) -> tuple[asyncio.Task, asyncio.Task]:
+    """While the repository is held (another model's load or unload in progress), a load of
+    `name` waits and an unload of it comes in; the repository is then let go. The two
+    calls' tasks, neither finished."""
+    entry = repository.entries[name]
+    async with repository._lock:
+        load = asyncio.create_task(repository.load(name))
+        while entry.loading is None:
+            await asyncio.sleep(0)
+        unload = asyncio.create_task(repository.unload(name))
+        while not entry.held:
+            await asyncio.sleep(0)
+    return load, unload
+
+
 def test_an_unload_that_comes_in_while_a_load_waits_overrules_it(repo):
     """Over the Repository itself, its schedule fixed: while a load or unload of another
     model holds the repository, gamma's load waits, and an unload of gamma comes in. The
@@ -782,13 +797,7 @@ def test_an_unload_that_comes_in_while_a_load_waits_overrules_it(repo):
         repository = in_process(repo)
         gamma = repository.entries["gamma"]
         try:
-            async with repository._lock:  # another model's load or unload, in progress
-                load = asyncio.create_task(repository.load("gamma"))
-                while gamma.loading is None:
-                    await asyncio.sleep(0)
-                unload = asyncio.create_task(repository.unload("gamma"))
-                while not gamma.held:
-                    await asyncio.sleep(0)
+            load, unload = await unload_while_load_waits(repository, "gamma")
             with pytest.raises(Overruled, match="unloaded by a later call"):
                 await load
             await unload
@@ -841,13 +850,7 @@ def test_a_load_stopped_by_an_unload_and_wanted_again_is_no_failed_load(repo):
         repository = in_process(repo)
         gamma = repository.entries["gamma"]
         try:
-            async with repository._lock:  # another model's load or unload, in progress
-                first = asyncio.create_task(repository.load("gamma"))
-                while gamma.loading is None:
-                    await asyncio.sleep(0)
-                unload = asyncio.create_task(repository.unload("gamma"))
-                while not gamma.held:
-                    await asyncio.sleep(0)
+            first, unload = await unload_while_load_waits(repository, "gamma")
             # the repository free: the first load's task runs, finds gamma unwanted, stops
             second = asyncio.create_task(repository.load("gamma"))
             await asyncio.gather(first, second)
