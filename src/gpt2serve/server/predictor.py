@@ -21,10 +21,10 @@ import uuid
 from typing import Any
 
 import kserve
+from cloudevents.http import CloudEvent
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from kserve.errors import InvalidInput
-from cloudevents.http import CloudEvent
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.v1_endpoints import V1Endpoints
