@@ -114,12 +114,14 @@ def test_generate_takes_what_a_shell_gives_it():
     assert "argument --stop: not UTF-8 text (character 1 of 1)" in bad.stderr
     twenty = generate("JULIET:", "--max-new-tokens", "3", "-n", "20", "--seed", "4")
     assert twenty.count("JULIET:") == 20
-    # 128 sequences of 250 tokens on one thread: ~10 s of work on the AMX Xeon VM, interrupted
-    # once the engine has started. With 64 on two threads (~3 s) it once exited 0 there under
-    # `make test`, its text printed: the signal must land while it generates, on any machine.
+    # 64 sequences of 250 tokens: seconds of work, interrupted once the engine has started. As
+    # a terminal's foreground job gets Ctrl-C: with SIGINT's default action, which a job the
+    # shell started in the background (`make test &`, nohup) inherits as ignored, and Python
+    # keeps ignoring: the run went on to its end and exited 0.
     run = subprocess.Popen([*cli, "ROMEO:", "--max-new-tokens", "250", "--min-length", "250",
-                            "-n", "128", "--threads", "1", "--device", "cpu"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            "-n", "64", "--device", "cpu"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         said = ""
         for line in run.stderr:
@@ -130,7 +132,6 @@ def test_generate_takes_what_a_shell_gives_it():
         out, err = run.communicate(timeout=60)
     finally:
         run.kill()
-    assert out == "" or run.returncode != 0, "it finished before the signal came"
     assert run.returncode == -signal.SIGINT, said + err  # ended by the signal, for a shell
     assert err.strip().endswith("gpt2serve: interrupted") and "Traceback" not in err, err
     assert out == ""
