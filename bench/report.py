@@ -77,6 +77,14 @@ def skipped_line(r: dict) -> str:
     return "".join(f"\n{title}: {names}.\n" for title, names in lines if names)
 
 
+def engine_label(r: dict, name: str) -> str:
+    """An engine's or server's row name, with the rounds its medians are of where it failed
+    in a later one."""
+    partial = r.get("rounds_run") or {}
+    return LABEL.get(name, name) + (f" ({partial[name]} of {r['rounds']} rounds)"
+                                    if name in partial else "")
+
+
 def duration(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms"
 
@@ -104,12 +112,9 @@ def offline_table(r: dict) -> str:
     head = ["engine", *[f"batch {b} tok/s" for b in batches],
             *[f"ours / it, batch {b}" for b in batches]]
     rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
-    partial = r.get("rounds_run") or {}  # engines that failed in a later round
     for name, by in tok.items():
         ours = tok.get(counterpart(name), {})
-        label = LABEL.get(name, name) + (f" ({partial[name]} of {r['rounds']} rounds)"
-                                         if name in partial else "")
-        rows.append([label,
+        rows.append([engine_label(r, name),
                      *[f"{by[b]:.1f}" if b in by else "—" for b in batches],
                      *["" if name in OURS else ratio(ours.get(b), by.get(b)) for b in batches]])
     table = "\n".join("| " + " | ".join(c) + " |" for c in rows)
@@ -135,10 +140,8 @@ def serving_table(r: dict) -> str:
     rows = [head, ["---", "---:", "---:", "---:", "---:", "---:", "---:"]]
     rounds = (f", each figure the median of {r['rounds']} rounds" if r.get("rounds", 1) > 1
               else "")
-    partial = r.get("rounds_run") or {}  # servers that failed in a later round
     for name, levels in r["levels"].items():
-        label = LABEL.get(name, name) + (f" ({partial[name]} of {r['rounds']} rounds)"
-                                         if name in partial else "")
+        label = engine_label(r, name)
         for i, lv in enumerate(levels):
             rows.append([label if i == 0 else "", str(lv["concurrency"]),
                          f"{lv['tok_s']:.1f}", duration(lv["p50_ttft_s"]),

@@ -104,6 +104,14 @@ class HeadScreen:
     U = 2.0 ** -24  # fp32's unit roundoff
     REST_AFTER, REST_STEPS = 4, 256
 
+    @staticmethod
+    def nbytes_for(n: int, d: int) -> int:
+        """The `nbytes` of a screen of an n x d head, before one is built: its int8 rows and
+        their fp32 scales in panels of kernels.PANEL (kernels.pack_int8), and each row's norm
+        and error in fp32."""
+        rows = -(-n // kernels.PANEL) * kernels.PANEL
+        return rows * (-(-d // 4) * 4 + 4) + 8 * n
+
     @classmethod
     def of(cls, head: nn.Module) -> HeadScreen | None:
         """A screen of a PackedHead in our kernel's panels, where our int8 kernel runs and the

@@ -43,11 +43,12 @@ import torch
 from kserve.errors import ModelNotFound
 from kserve.model_repository import ModelRepository
 
-from .. import checkpoint, hardware, kernels, metrics
+from .. import checkpoint, hardware, metrics
 from ..engine import Engine, EngineConfig
 from ..engine.kv_cache import KVBudgetError, blocks_in, full_sequences_bytes, machine_budget
 from ..engine.step_loop import StepLoop
 from ..model import GPTConfig
+from ..packing import HeadScreen
 from ..sampling import MAX_N, quoted
 
 log = logging.getLogger("gpt2serve.server")
@@ -713,10 +714,7 @@ class Repository(ModelRepository):
         weights = (quantized + 4 * other if quantized is not None
                    else (matmul + other) * size)
         if self.settings.device.type == "cpu" and quantized is None:
-            # the fp32 head's int8 screen (packing.HeadScreen.nbytes): its rows and their
-            # fp32 scales in panels of kernels.PANEL, and each row's norm and error in fp32
-            rows = -(-cfg.vocab_size // kernels.PANEL) * kernels.PANEL
-            weights += rows * (-(-d // 4) * 4 + 4) + 8 * cfg.vocab_size
+            weights += HeadScreen.nbytes_for(cfg.vocab_size, d)  # the fp32 head's screen
         context = self.config.context(cfg.n_positions)
         cache_dtype = self.config.cache_dtype(self.settings.dtype, quantized is not None)
         block = self.config.block(context)
